@@ -1,0 +1,248 @@
+"""The ``framewire`` command: run | check | recv | send."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+import trio
+
+from . import protocols
+from ._version import __version__
+from .config import (
+    Config,
+    ConfigError,
+    default_config_text,
+    format_size,
+    load_config,
+    parse_address,
+    parse_config,
+)
+from .daemon import serve
+from .daemon.flow import receive_frames
+from .daemon.transport import Connection
+from .frame import Frame
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(path: str | None) -> tuple[Config, str]:
+    if path is None:
+        return parse_config(default_config_text(), "<embedded default>"), "<embedded default>"
+    return load_config(path), str(Path(path).resolve())
+
+
+def _summary(config: Config) -> list[str]:
+    lines = []
+    for name, endpoint in config.endpoints.items():
+        where = ""
+        if endpoint.kind == "server":
+            where = f" listen {endpoint.listen}, {endpoint.protocol}, stream {endpoint.stream!r}"
+        elif endpoint.kind == "receiver":
+            mode = f"listen {endpoint.listen}" if endpoint.listen else f"connect {endpoint.connect}"
+            where = f" {mode}, {endpoint.protocol}, stream {endpoint.stream!r}"
+        elif endpoint.kind == "generator":
+            where = (
+                f" {endpoint.rate:g} frames/s of {format_size(endpoint.size)} "
+                f"into stream {endpoint.stream!r}"
+            )
+        lines.append(f"  {name}: {endpoint.kind}{where}")
+    return lines
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config, source = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args.log_level or config.daemon.log_level)
+    if args.config is None:
+        print(
+            "framewire: running the embedded demo (a generator feeding a server).", file=sys.stderr
+        )
+        for name, endpoint in config.endpoints.items():
+            if endpoint.kind == "server":
+                print(
+                    f"framewire: {name}: connect with  framewire recv {endpoint.listen}",
+                    file=sys.stderr,
+                )
+    try:
+        trio.run(serve, config, source)
+    except OSError as exc:  # pragma: no cover - e.g. no signal support
+        print(f"framewire: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config, source = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    count = len(config.endpoints)
+    print(f"{source}: OK, {count} endpoint{'s' if count != 1 else ''}")
+    for line in _summary(config):
+        print(line)
+    return EXIT_OK
+
+
+def _describe(frame: Frame) -> str:
+    """One line per frame: kind, type, payload size in bytes, timestamp (ns since the epoch)."""
+    payload = frame.payload
+    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    return f"{frame.kind.name:<8} {frame.type:<16} {size:>10} {frame.timestamp}"
+
+
+async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) -> int:
+    address = parse_address(args.address)
+    assert address.host is not None
+    spec = protocols.get(args.protocol)
+    decoder = spec.make_decoder(args.max_frame_size)
+    encoder = spec.make_encoder()
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    received = 0
+
+    class Enough(Exception):
+        pass
+
+    async def take(frames: Sequence[Frame]) -> None:
+        nonlocal received
+        for frame in frames:
+            if sink is not None:
+                for buffer in encoder.encode(frame):
+                    sink.write(buffer)
+            else:
+                print(_describe(frame), file=out)
+            received += 1
+            if args.count and received >= args.count:
+                raise Enough
+        await trio.lowlevel.checkpoint()
+
+    async with stream:
+        with contextlib.suppress(Enough):
+            await receive_frames(Connection(stream), decoder, take)
+    if sink is not None:
+        sink.flush()
+    print(f"framewire recv: {received} frames", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_recv(args: argparse.Namespace) -> int:
+    try:
+        if args.output:
+            with open(args.output, "wb") as sink:
+                return trio.run(_recv, args, sys.stdout, sink)
+        return trio.run(_recv, args, sys.stdout, None)
+    except (OSError, ValueError, trio.BrokenResourceError) as exc:
+        print(f"framewire recv: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def _send(args: argparse.Namespace, source: BinaryIO) -> int:
+    address = parse_address(args.address)
+    assert address.host is not None
+    spec = protocols.get(args.protocol)
+    decoder = spec.make_decoder(args.max_frame_size)
+    encoder = spec.make_encoder()
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    connection = Connection(stream)
+    sent = 0
+    async with stream:
+        while True:
+            chunk = await trio.to_thread.run_sync(source.read, 1 << 20)
+            if not chunk:
+                decoder.end_of_input()
+                break
+            frames = decoder.feed(chunk)
+            if frames:
+                await connection.send(encoder.encode_batch(frames))
+                sent += len(frames)
+        marker = encoder.end_of_stream()
+        if marker:
+            await connection.send([marker])
+    print(f"framewire send: {sent} frames", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    try:
+        if args.file == "-":
+            return trio.run(_send, args, sys.stdin.buffer)
+        with open(args.file, "rb") as source:
+            return trio.run(_send, args, source)
+    except (OSError, ValueError, trio.BrokenResourceError) as exc:
+        print(f"framewire send: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _size(text: str) -> int:
+    from .config import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="framewire", description="Relay framed data streams between instruments and monitors."
+    )
+    parser.add_argument("--version", action="version", version=f"framewire {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon (the embedded demo without CONFIG)")
+    run.add_argument("config", nargs="?", metavar="CONFIG", help="TOML configuration file")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=cmd_run)
+
+    check = commands.add_parser("check", help="validate a configuration file")
+    check.add_argument("config", metavar="CONFIG")
+    check.set_defaults(func=cmd_check)
+
+    protocol_help = f"wire protocol ({', '.join(protocols.names())}; default native)"
+    recv = commands.add_parser("recv", help="connect to a server and print or save its frames")
+    recv.add_argument("address", metavar="ADDRESS", help="tcp://host:port")
+    recv.add_argument("--protocol", default="native", choices=protocols.names(), help=protocol_help)
+    recv.add_argument("--count", type=int, default=0, help="stop after N frames")
+    recv.add_argument("--output", metavar="FILE", help="write the frames to FILE instead")
+    recv.add_argument("--max-frame-size", type=_size, default=64 << 20, help="default 64MiB")
+    recv.set_defaults(func=cmd_recv)
+
+    send = commands.add_parser("send", help="send frames from a file (or stdin) to a receiver")
+    send.add_argument("address", metavar="ADDRESS", help="tcp://host:port")
+    send.add_argument("file", nargs="?", default="-", metavar="FILE", help="default: stdin")
+    send.add_argument("--protocol", default="native", choices=protocols.names(), help=protocol_help)
+    send.add_argument("--max-frame-size", type=_size, default=64 << 20, help="default 64MiB")
+    send.set_defaults(func=cmd_send)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code

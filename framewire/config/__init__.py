@@ -1,0 +1,22 @@
+"""Configuration: the attrs schema, TOML loading with a strict cattrs converter, the default.
+
+Load a file with :func:`load_config`; every error in it comes back together in one
+:class:`ConfigError`, each line naming the path of the bad value.
+"""
+
+from ._address import Address as Address
+from ._address import parse_address as parse_address
+from ._load import ConfigError as ConfigError
+from ._load import default_config_text as default_config_text
+from ._load import load_config as load_config
+from ._load import parse_config as parse_config
+from ._schema import BackoffConfig as BackoffConfig
+from ._schema import Config as Config
+from ._schema import DaemonConfig as DaemonConfig
+from ._schema import EndpointConfig as EndpointConfig
+from ._schema import GeneratorConfig as GeneratorConfig
+from ._schema import ReceiverConfig as ReceiverConfig
+from ._schema import ServerConfig as ServerConfig
+from ._units import format_size as format_size
+from ._units import parse_duration as parse_duration
+from ._units import parse_size as parse_size

@@ -1,0 +1,93 @@
+"""Transport addresses: ``tcp://host:port`` (``tcp://*:port`` for all interfaces)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Final
+
+import attrs
+
+__all__ = ["Address", "parse_address"]
+
+SCHEMES: Final = ("tcp",)
+
+
+@attrs.frozen
+class Address:
+    """A parsed transport address.
+
+    ``host`` is ``None`` for ``*`` (every interface). IPv6 literals are written in brackets:
+    ``tcp://[::1]:4536``.
+    """
+
+    scheme: str
+    host: str | None
+    port: int
+
+    @property
+    def bind_host(self) -> str | None:
+        return self.host
+
+    def __str__(self) -> str:
+        host = "*" if self.host is None else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def with_port(self, port: int) -> Address:
+        return attrs.evolve(self, port=port)
+
+
+def parse_address(text: object, *, listening: bool = False) -> Address:
+    """Parse ``tcp://host:port``. Raises ValueError saying what is wrong and what is expected.
+
+    With ``listening``, port 0 (pick a free port) and host ``*`` are allowed; to connect,
+    a concrete host and port are required.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f'expected an address such as "tcp://127.0.0.1:4536", got {text!r}')
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        raise ValueError(f'address {text!r} has no scheme: write "tcp://{text}"')
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"address {text!r}: unsupported scheme {scheme!r} (supported: {', '.join(SCHEMES)})"
+        )
+    if rest.startswith("["):
+        host, bracket, port_text = rest[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise ValueError(f"address {text!r}: expected [ipv6]:port")
+        port_text = port_text[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"address {text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = rest.rpartition(":")
+        if not colon or not host:
+            raise ValueError(f"address {text!r}: expected {scheme}://host:port")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"address {text!r}: port must be a number from 0 to 65535")
+    port = int(port_text)
+    if host == "*":
+        if not listening:
+            raise ValueError(f"address {text!r}: '*' (every interface) is only for listening")
+        return Address(scheme, None, port)
+    if port == 0 and not listening:
+        raise ValueError(f"address {text!r}: port 0 is only for listening")
+    if not _valid_host(host):
+        raise ValueError(f"address {text!r}: {host!r} is not a valid host name or IP address")
+    return Address(scheme, host, port)
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return all(
+        0 < len(label) <= 63 and label.replace("-", "").isalnum() and label[0] != "-"
+        for label in labels
+    )

@@ -1,0 +1,26 @@
+"""Endpoint kinds, one module each, found by the ``kind`` in config."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from ...config import EndpointConfig
+from ._base import ClientInfo as ClientInfo
+from ._base import Endpoint as Endpoint
+from ._base import EndpointContext as EndpointContext
+from ._base import EndpointStatus as EndpointStatus
+from ._base import Transports as Transports
+from .generator import GeneratorEndpoint as GeneratorEndpoint
+from .receiver import ReceiverEndpoint as ReceiverEndpoint
+from .server import ServerEndpoint as ServerEndpoint
+
+KINDS: Final[dict[str, type[Endpoint[Any]]]] = {
+    "server": ServerEndpoint,
+    "receiver": ReceiverEndpoint,
+    "generator": GeneratorEndpoint,
+}
+
+
+def make_endpoint(name: str, config: EndpointConfig, context: EndpointContext) -> Endpoint[Any]:
+    """The endpoint for ``config`` (by its ``kind``)."""
+    return KINDS[config.kind](name, config, context)

@@ -1,0 +1,102 @@
+"""What every endpoint shares: its context, its status record and its stop request."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import ClassVar, Generic, TypeVar
+
+import attrs
+import trio
+
+from ...config import Address, EndpointConfig
+from ..stream import StreamRegistry, Subscription
+from ..transport import Connector, open_listeners, tcp_connector
+
+__all__ = ["ClientInfo", "Endpoint", "EndpointContext", "EndpointStatus", "Transports"]
+
+ConfigT = TypeVar("ConfigT", bound=EndpointConfig)
+
+
+class Transports:
+    """Makes listeners and connectors from addresses. Tests substitute memory transports."""
+
+    async def listen(self, address: Address) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
+        return await open_listeners(address)
+
+    def connector(self, address: Address) -> Connector:
+        return tcp_connector(address)
+
+
+@attrs.define
+class EndpointContext:
+    """What the daemon hands every endpoint."""
+
+    streams: StreamRegistry
+    transports: Transports = attrs.field(factory=Transports)
+
+
+@attrs.define(eq=False)
+class ClientInfo:
+    """One connected peer of an endpoint, as shown in status."""
+
+    peer: str
+    connected_since: float = attrs.field(factory=time.time)
+    subscription: Subscription | None = None
+    frames_in: int = 0
+    bytes_in: int = 0
+
+
+@attrs.define
+class EndpointStatus:
+    """Live figures of one endpoint. Counters only grow; restarts survive restarts."""
+
+    kind: str
+    state: str = "starting"
+    address: list[str] = attrs.field(factory=list)
+    frames_in: int = 0
+    bytes_in: int = 0
+    frames_out: int = 0
+    bytes_out: int = 0
+    frames_dropped: int = 0
+    restarts: int = 0
+    last_error: str | None = None
+    clients: dict[int, ClientInfo] = attrs.field(factory=dict)
+    detail: dict[str, object] = attrs.field(factory=dict)
+
+
+class Endpoint(Generic[ConfigT]):
+    """Base class. Subclasses implement :meth:`run` and set :attr:`kind`.
+
+    ``run`` is started with ``nursery.start``: it calls ``task_status.started()`` once it is
+    bound (listening, or ready to connect) and then runs until it is cancelled, until
+    :meth:`request_stop` is honoured, or until its work is done. An exception escaping ``run``
+    is a crash; the supervisor logs it and restarts the endpoint.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str, config: ConfigT, context: EndpointContext) -> None:
+        self.name = name
+        self.config = config
+        self.context = context
+        self.log = logging.getLogger(f"framewire.endpoint.{name}")
+        self.status = EndpointStatus(kind=self.kind)
+        self._stop_requested = trio.Event()
+
+    def request_stop(self) -> None:
+        """Ask the endpoint to finish gracefully: stop accepting, let clients drain, return."""
+        self._stop_requested.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError
+
+    async def _until_stop_requested(self, cancel_scope: trio.CancelScope) -> None:
+        """Cancel ``cancel_scope`` once a stop is requested (run it in the scope's nursery)."""
+        await self._stop_requested.wait()
+        cancel_scope.cancel()

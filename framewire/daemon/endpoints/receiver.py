@@ -1,0 +1,194 @@
+"""``kind = "receiver"``: take frames from producers and publish them into a stream.
+
+Listen mode accepts up to ``max_clients`` producers at once. Connect mode keeps one
+connection to an upstream, reconnecting with exponential backoff and jitter whenever it is
+refused, times out, closes, breaks or sends bad bytes; the backoff starts over after a
+connection that stayed up for ``reconnect.stable_after``. Logs one line per change of state,
+not one per failed attempt.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+
+import trio
+
+from ... import protocols
+from ...config import ReceiverConfig
+from ...frame import Frame
+from ..backoff import Backoff
+from ..flow import receive_frames
+from ..transport import Connection, bound_addresses
+from ._base import ClientInfo, Endpoint, EndpointContext
+from .server import _ACCEPT_RETRY_ERRNOS
+
+__all__ = ["ReceiverEndpoint"]
+
+
+class ReceiverEndpoint(Endpoint[ReceiverConfig]):
+    kind = "receiver"
+
+    def __init__(
+        self,
+        name: str,
+        config: ReceiverConfig,
+        context: EndpointContext,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(name, config, context)
+        self.backoff = Backoff(config.reconnect, rng)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
+            if self.config.listen is not None:
+                await nursery.start(self._listen)
+            else:
+                await nursery.start(self._connect_forever)
+            task_status.started()
+
+    # -- listen mode ---------------------------------------------------------------------
+
+    async def _listen(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        assert self.config.listen is not None
+        listeners = await self.context.transports.listen(self.config.listen)
+        self.status.address = bound_addresses(listeners)
+        self.status.state = "listening"
+        self.log.info(
+            "receiving %s into stream %r on %s",
+            self.config.protocol,
+            self.config.stream,
+            ", ".join(self.status.address),
+        )
+        async with trio.open_nursery() as producers:
+            for listener in listeners:
+                producers.start_soon(self._accept, listener, producers)
+            task_status.started()
+
+    async def _accept(
+        self, listener: trio.abc.Listener[trio.abc.Stream], producers: trio.Nursery
+    ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                        self.log.warning("accept failed (%s); retrying in 100 ms", exc)
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                producers.start_soon(self._serve_producer, stream)
+
+    async def _serve_producer(self, stream: trio.abc.Stream) -> None:
+        connection = Connection(stream)
+        try:
+            if len(self.status.clients) >= self.config.max_clients:
+                self.log.warning(
+                    "refused producer %s: max_clients (%d) reached",
+                    connection.peer,
+                    self.config.max_clients,
+                )
+                return
+            self.log.info("producer %s connected", connection.peer)
+            outcome = await self._receive(connection)
+            self.log.info("producer %s: %s", connection.peer, outcome)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    # -- connect mode --------------------------------------------------------------------
+
+    async def _connect_forever(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        config = self.config
+        assert config.connect is not None
+        connector = self.context.transports.connector(config.connect)
+        self.status.address = [str(config.connect)]
+        task_status.started()
+        last_problem: str | None = None
+        while True:
+            self.status.state = "connecting"
+            try:
+                with trio.fail_after(config.connect_timeout):
+                    stream = await connector()
+            except (OSError, trio.TooSlowError) as exc:
+                problem = _describe_connect_error(exc, config.connect_timeout)
+                if problem != last_problem:
+                    self.log.warning(
+                        "cannot connect to %s: %s; retrying with backoff", config.connect, problem
+                    )
+                    last_problem = problem
+                self.status.last_error = problem
+            else:
+                last_problem = None
+                connected_at = trio.current_time()
+                connection = Connection(stream, peer=str(config.connect))
+                self.status.state = "connected"
+                self.log.info("connected to %s", config.connect)
+                try:
+                    outcome = await self._receive(connection)
+                finally:
+                    await trio.aclose_forcefully(stream)
+                self.log.warning("upstream %s: %s; reconnecting", config.connect, outcome)
+                if trio.current_time() - connected_at >= config.reconnect.stable_after:
+                    self.backoff.reset()
+            delay = self.backoff.next_delay()
+            self.status.state = "reconnecting"
+            self.status.detail["next_attempt_in"] = round(delay, 3)
+            await trio.sleep(delay)
+
+    # -- both ----------------------------------------------------------------------------
+
+    async def _receive(self, connection: Connection) -> str:
+        """Publish everything ``connection`` carries; return how it ended, for the log."""
+        config = self.config
+        stream = self.context.streams.get(config.stream)
+        decoder = protocols.get(config.protocol).make_decoder(config.max_frame_size)
+        status = self.status
+        client = ClientInfo(connection.peer, connected_since=time.time())
+        status.clients[id(client)] = client
+        idle = config.idle_timeout or math.inf
+
+        async def publish(frames: Sequence[Frame]) -> None:
+            nbytes = sum(frame.size for frame in frames)
+            client.frames_in += len(frames)
+            client.bytes_in += nbytes
+            status.frames_in += len(frames)
+            status.bytes_in += nbytes
+            await stream.publish(frames)
+
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + idle) as idle_scope:
+
+                def active() -> None:
+                    idle_scope.deadline = trio.current_time() + idle
+
+                await receive_frames(connection, decoder, publish, on_activity=active)
+                return (
+                    "ended its stream"
+                    if decoder.ended
+                    else f"closed the connection (after {client.frames_in} frames)"
+                )
+            return f"sent nothing for {idle:g}s; dropped the connection"
+        except protocols.ProtocolError as exc:
+            status.last_error = f"{connection.peer}: {exc}"
+            return f"closed: {exc}"
+        except trio.BrokenResourceError as exc:
+            return f"connection lost ({exc})"
+        finally:
+            del status.clients[id(client)]
+
+
+def _describe_connect_error(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)

@@ -1,0 +1,154 @@
+"""``kind = "server"``: listen, and fan one stream out to every client.
+
+Each client gets its own :class:`Subscription` (bounded in frames and bytes, lossy by default),
+preloaded with the stream's metadata cache, and its own writer task that drains the queue in
+batches. A slow client only ever fills its own queue.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import trio
+
+from ... import protocols
+from ...config import ServerConfig
+from ..flow import send_subscription
+from ..stream import Policy, QueueBounds
+from ..transport import Connection, bound_addresses
+from ._base import ClientInfo, Endpoint
+
+__all__ = ["ServerEndpoint"]
+
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class ServerEndpoint(Endpoint[ServerConfig]):
+    kind = "server"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        listeners = await self.context.transports.listen(config.listen)
+        self.status.address = bound_addresses(listeners)
+        self.log.info(
+            "serving stream %r as %s on %s",
+            config.stream,
+            config.protocol,
+            ", ".join(self.status.address),
+        )
+        async with trio.open_nursery() as clients:
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(self._accept, listener, clients)
+                accepting.start_soon(self._until_stop_requested, accepting.cancel_scope)
+                task_status.started()
+            # Stop requested: no more clients; let the connected ones drain and close.
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            for client in self.status.clients.values():
+                if client.subscription is not None:
+                    client.subscription.end("the server endpoint is stopping")
+
+    async def _accept(
+        self, listener: trio.abc.Listener[trio.abc.Stream], clients: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    self.log.warning("accept failed (%s); retrying in 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            clients.start_soon(self._serve, stream)
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        connection = Connection(stream)
+        config = self.config
+        status = self.status
+        try:
+            if len(status.clients) >= config.max_clients:
+                self.log.warning(
+                    "refused %s: max_clients (%d) reached", connection.peer, config.max_clients
+                )
+                return
+            subscription = self.context.streams.get(config.stream).subscribe(
+                bounds=QueueBounds(
+                    config.max_queue_frames,
+                    config.max_queue_bytes,
+                    config.max_metadata_frames,
+                    config.max_metadata_bytes,
+                ),
+                policy=Policy(config.policy),
+                decimate=config.decimate,
+                label=f"{self.name} {connection.peer}",
+            )
+            client = ClientInfo(connection.peer, subscription=subscription)
+            key = id(client)
+            status.clients[key] = client
+            self.log.info("client %s connected (%d now)", connection.peer, len(status.clients))
+            try:
+                reason = await self._feed_client(connection, client)
+            finally:
+                subscription.close("client gone")
+                del status.clients[key]
+                status.frames_dropped += subscription.frames_dropped
+            self.log.info(
+                "client %s disconnected: %s (sent %d frames, dropped %d)",
+                connection.peer,
+                reason,
+                subscription.frames_out,
+                subscription.frames_dropped,
+            )
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _feed_client(self, connection: Connection, client: ClientInfo) -> str:
+        subscription = client.subscription
+        assert subscription is not None
+        encoder = protocols.get(self.config.protocol).make_encoder()
+        reason = "the client closed the connection"
+
+        def sent(frames: int, nbytes: int) -> None:
+            self.status.frames_out += frames
+            self.status.bytes_out += nbytes
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_input, connection, nursery.cancel_scope)
+                closed = await send_subscription(
+                    connection,
+                    subscription,
+                    encoder,
+                    on_sent=sent,
+                    send_timeout=self.config.send_timeout,
+                )
+                reason = (
+                    closed.reason if closed.graceful else f"closed by the daemon: {closed.reason}"
+                )
+                nursery.cancel_scope.cancel()
+        except* trio.TooSlowError:
+            reason = f"send stalled for more than {self.config.send_timeout:g}s"
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            reason = f"connection lost ({_first(group)})"
+        except* ValueError as group:
+            reason = f"frame cannot be encoded as {self.config.protocol}: {_first(group)}"
+        return reason
+
+    async def _watch_input(self, connection: Connection, cancel_scope: trio.CancelScope) -> None:
+        """Clients of a server only listen; their EOF (or error) ends the connection."""
+        buffer = memoryview(bytearray(4096))
+        try:
+            while await connection.receive_into(buffer):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        cancel_scope.cancel()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> str:
+    exc = group.exceptions[0]
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__

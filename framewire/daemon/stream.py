@@ -1,0 +1,473 @@
+"""Streams and subscriptions: publish/subscribe inside the daemon.
+
+A :class:`Stream` is a named channel. Endpoints publish frames into it and subscribe to it.
+It keeps the latest METADATA frame of each type (its :class:`MetadataCache`) and replays those
+frames, in the order their types were first seen, to every new subscriber before live frames.
+
+Each :class:`Subscription` is one subscriber's bounded queue plus its policy:
+
+``lossy``
+    Publishing never waits. When the queue is at its bound (frames or bytes), the *oldest*
+    queued DATA frames are dropped to make room for the new one: a monitor wants the present,
+    not a backlog. METADATA frames are never dropped; if queued metadata alone passes the
+    subscription's hard cap the subscription is closed, with a reason, instead.
+``lossless``
+    The publisher waits until the queue has room (back-pressure). Nothing is dropped.
+
+Per-type decimation keeps every Nth DATA frame of a type (the Nth, 2Nth, ...) and drops the
+type entirely for N = 0. Metadata is never decimated.
+
+Memory is bounded by the sum of the subscriptions' bounds: frames are shared between
+subscribers, never copied, and nothing here grows with how slow a consumer is.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import attrs
+import trio
+
+from ..frame import Frame, FrameKind
+
+__all__ = [
+    "MetadataCache",
+    "Policy",
+    "QueueBounds",
+    "Stream",
+    "StreamRegistry",
+    "Subscription",
+    "SubscriptionClosed",
+]
+
+_DATA = FrameKind.DATA
+
+
+class Policy(enum.Enum):
+    """What a full subscription does: drop old data (``lossy``) or make the publisher wait."""
+
+    LOSSY = "lossy"
+    LOSSLESS = "lossless"
+
+
+@attrs.frozen
+class QueueBounds:
+    """Bounds of one subscription's queue.
+
+    ``max_frames``/``max_bytes`` bound the whole queue; a lossy queue drops data to stay
+    inside them. A single frame larger than ``max_bytes`` is still admitted into an otherwise
+    empty queue, so no frame is undeliverable. ``max_metadata_frames``/``max_metadata_bytes``
+    are the hard cap on queued metadata, which is never dropped: past it the subscription is
+    closed.
+    """
+
+    max_frames: int = 1024
+    max_bytes: int = 64 * 1024 * 1024
+    max_metadata_frames: int = 1024
+    max_metadata_bytes: int = 64 * 1024 * 1024
+
+    def __attrs_post_init__(self) -> None:
+        for field in attrs.fields(QueueBounds):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"{field.name} must be positive")
+
+
+class SubscriptionClosed(Exception):
+    """The subscription is over.
+
+    ``graceful`` is True when the stream ended it after every queued frame was delivered
+    (shutdown, end of stream); False when it was cut off (hard cap passed, unsubscribed).
+    """
+
+    def __init__(self, reason: str, *, graceful: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.graceful = graceful
+
+
+class Subscription:
+    """One subscriber's bounded queue. Made by :meth:`Stream.subscribe`.
+
+    The consumer calls :meth:`receive_batch` in a loop until it raises
+    :class:`SubscriptionClosed`, and calls :meth:`close` (or leaves the ``with`` block) when
+    it stops for its own reasons.
+    """
+
+    def __init__(
+        self,
+        stream: Stream,
+        *,
+        bounds: QueueBounds,
+        policy: Policy,
+        decimate: Mapping[str, int],
+        label: str,
+    ) -> None:
+        for type_tag, every in decimate.items():
+            if every < 0:
+                raise ValueError(f"decimate.{type_tag} must be 0 or more")
+        self.stream = stream
+        self.bounds = bounds
+        self.policy = policy
+        self.decimate = dict(decimate)
+        self.label = label
+        self._seen: dict[str, int] = dict.fromkeys(self.decimate, 0)
+        self._queue: deque[Frame] = deque()
+        self.queued_bytes = 0
+        self.queued_metadata = 0
+        self.queued_metadata_bytes = 0
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.frames_dropped = 0
+        self.bytes_dropped = 0
+        self.frames_decimated = 0
+        self._wake_consumer: trio.Event | None = None
+        self._wake_publisher: trio.Event | None = None
+        self._closed: SubscriptionClosed | None = None
+        self._ending: str | None = None
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def queued_frames(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    @property
+    def close_reason(self) -> str | None:
+        return None if self._closed is None else self._closed.reason
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close("unsubscribed", graceful=True)
+
+    # -- the publisher side ------------------------------------------------------------
+
+    def offer(self, frames: Iterable[Frame]) -> None:
+        """Queue ``frames`` without waiting (lossy policy). Drops data to stay in bounds."""
+        if self._closed is not None or self._ending is not None:
+            return
+        queue = self._queue
+        append = queue.append
+        bounds = self.bounds
+        max_frames, max_bytes = bounds.max_frames, bounds.max_bytes
+        decimate = self.decimate
+        added = False
+        for frame in frames:
+            size = frame.size
+            if frame.kind is _DATA:
+                if decimate and not self._keep(frame):
+                    continue
+                if len(queue) >= max_frames or self.queued_bytes + size > max_bytes:
+                    self._make_room(1, size)
+                    if queue and (len(queue) >= max_frames or self.queued_bytes + size > max_bytes):
+                        # Only metadata is queued and it fills the bounds: drop the newcomer.
+                        self.frames_dropped += 1
+                        self.bytes_dropped += size
+                        continue
+                append(frame)
+                self.queued_bytes += size
+            else:
+                append(frame)
+                self.queued_bytes += size
+                self.queued_metadata += 1
+                self.queued_metadata_bytes += size
+                if not self._within_metadata_cap():
+                    return
+                if len(queue) > max_frames or self.queued_bytes > max_bytes:
+                    self._make_room(0, 0)
+            added = True
+        if added and self._wake_consumer is not None:
+            self._wake_consumer.set()
+            self._wake_consumer = None
+
+    async def put(self, frames: Iterable[Frame]) -> None:
+        """Queue ``frames`` in order, waiting for room as needed (lossless policy).
+
+        Frames still unqueued when the subscription closes or ends are discarded. Always a
+        checkpoint; waits only while the queue is full.
+        """
+        queue = self._queue
+        bounds = self.bounds
+        decimate = self.decimate
+        for frame in frames:
+            if frame.kind is _DATA and decimate and not self._keep(frame):
+                continue
+            size = frame.size
+            while (
+                self._closed is None
+                and self._ending is None
+                and queue
+                and (len(queue) >= bounds.max_frames or self.queued_bytes + size > bounds.max_bytes)
+            ):
+                if self._wake_publisher is None:
+                    self._wake_publisher = trio.Event()
+                await self._wake_publisher.wait()
+            if self._closed is not None or self._ending is not None:
+                break
+            queue.append(frame)
+            self.queued_bytes += size
+            if frame.kind is not _DATA:
+                self.queued_metadata += 1
+                self.queued_metadata_bytes += size
+            if self._wake_consumer is not None:
+                self._wake_consumer.set()
+                self._wake_consumer = None
+        await trio.lowlevel.checkpoint()
+
+    def _keep(self, frame: Frame) -> bool:
+        every = self.decimate.get(frame.type)
+        if every is None:
+            return True
+        if every == 0:
+            self.frames_decimated += 1
+            return False
+        seen = self._seen[frame.type] = self._seen[frame.type] + 1
+        if seen % every:
+            self.frames_decimated += 1
+            return False
+        return True
+
+    def _make_room(self, frames: int, nbytes: int) -> None:
+        """Drop the oldest DATA frames until ``frames`` more frames of ``nbytes`` fit."""
+        queue = self._queue
+        bounds = self.bounds
+        limit_frames = bounds.max_frames - frames
+        while len(queue) > limit_frames or self.queued_bytes + nbytes > bounds.max_bytes:
+            victim = self._remove_oldest_data()
+            if victim is None:
+                return
+            self.frames_dropped += 1
+            self.bytes_dropped += victim.size
+
+    def _remove_oldest_data(self) -> Frame | None:
+        queue = self._queue
+        if queue and queue[0].kind is _DATA:
+            victim = queue.popleft()
+        else:
+            index = next((i for i, frame in enumerate(queue) if frame.kind is _DATA), None)
+            if index is None:
+                return None
+            victim = queue[index]
+            del queue[index]
+        self.queued_bytes -= victim.size
+        return victim
+
+    def _within_metadata_cap(self) -> bool:
+        bounds = self.bounds
+        if (
+            self.queued_metadata > bounds.max_metadata_frames
+            or self.queued_metadata_bytes > bounds.max_metadata_bytes
+        ):
+            self.close(
+                f"queued metadata ({self.queued_metadata} frames, "
+                f"{self.queued_metadata_bytes} bytes) passed the hard cap "
+                f"({bounds.max_metadata_frames} frames, {bounds.max_metadata_bytes} bytes): "
+                "the client is not keeping up with metadata",
+                graceful=False,
+            )
+            return False
+        return True
+
+    # -- the consumer side -------------------------------------------------------------
+
+    async def receive_batch(self, max_frames: int = 1024, max_bytes: int = 4 << 20) -> list[Frame]:
+        """Wait for frames; return up to ``max_frames`` of them, oldest first.
+
+        At least one frame is returned; a batch stops early once it holds ``max_bytes``.
+
+        Raises:
+            SubscriptionClosed: the subscription was closed, or ended and fully drained.
+        """
+        queue = self._queue
+        while not queue:
+            if self._closed is not None:
+                raise self._closed
+            if self._ending is not None:
+                self._closed = SubscriptionClosed(self._ending, graceful=True)
+                raise self._closed
+            if self._wake_consumer is None:
+                self._wake_consumer = trio.Event()
+            await self._wake_consumer.wait()
+        if self._closed is not None:
+            raise self._closed
+        batch: list[Frame] = []
+        append, popleft = batch.append, queue.popleft
+        taken_bytes = 0
+        metadata = 0
+        metadata_bytes = 0
+        while queue and len(batch) < max_frames and taken_bytes < max_bytes:
+            frame = popleft()
+            append(frame)
+            taken_bytes += frame.size
+            if frame.kind is not _DATA:
+                metadata += 1
+                metadata_bytes += frame.size
+        self.queued_bytes -= taken_bytes
+        self.queued_metadata -= metadata
+        self.queued_metadata_bytes -= metadata_bytes
+        self.frames_out += len(batch)
+        self.bytes_out += taken_bytes
+        if self._wake_publisher is not None:
+            self._wake_publisher.set()
+            self._wake_publisher = None
+        await trio.lowlevel.checkpoint()
+        return batch
+
+    def end(self, reason: str) -> None:
+        """End gracefully: the consumer gets what is queued, then :class:`SubscriptionClosed`."""
+        if self._closed is None and self._ending is None:
+            self._ending = reason
+            self._wake_all()
+        self.stream._forget(self)
+
+    def close(self, reason: str, *, graceful: bool = False) -> None:
+        """Close now: queued frames are discarded. Idempotent."""
+        if self._closed is None:
+            self._closed = SubscriptionClosed(reason, graceful=graceful)
+            self._queue.clear()
+            self.queued_bytes = self.queued_metadata = self.queued_metadata_bytes = 0
+            self._wake_all()
+        self.stream._forget(self)
+
+    def _wake_all(self) -> None:
+        for event in (self._wake_consumer, self._wake_publisher):
+            if event is not None:
+                event.set()
+        self._wake_consumer = self._wake_publisher = None
+
+
+class MetadataCache:
+    """The latest METADATA frame of each type, iterated in first-seen order of the types."""
+
+    def __init__(self) -> None:
+        self._frames: dict[str, Frame] = {}
+
+    def update(self, frame: Frame) -> None:
+        # Assigning to an existing key keeps its position: first-seen order.
+        self._frames[frame.type] = frame
+
+    def clear(self) -> None:
+        self._frames.clear()
+
+    def __iter__(self) -> Iterator[Frame]:
+        return iter(list(self._frames.values()))
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(frame.size for frame in self._frames.values())
+
+
+class Stream:
+    """A named channel with a metadata cache. See the module docstring."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.metadata = MetadataCache()
+        self._lossy: list[Subscription] = []
+        self._lossless: list[Subscription] = []
+        self.frames_in = 0
+        self.bytes_in = 0
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        return self._lossy + self._lossless
+
+    def subscribe(
+        self,
+        *,
+        bounds: QueueBounds | None = None,
+        policy: Policy = Policy.LOSSY,
+        decimate: Mapping[str, int] | None = None,
+        label: str = "",
+    ) -> Subscription:
+        """A new subscription, preloaded with the metadata cache (first-seen order).
+
+        If the cached metadata alone passes the hard cap the subscription comes back already
+        closed, with the reason, so the caller can log it and disconnect the client.
+        """
+        subscription = Subscription(
+            self,
+            bounds=bounds or QueueBounds(),
+            policy=policy,
+            decimate=decimate or {},
+            label=label,
+        )
+        replay = list(self.metadata)
+        if replay:
+            # Replay bypasses the ordinary bounds (it is all metadata) but not the hard cap.
+            subscription.offer(replay)
+        if not subscription.closed:
+            (self._lossy if policy is Policy.LOSSY else self._lossless).append(subscription)
+        return subscription
+
+    def _forget(self, subscription: Subscription) -> None:
+        for group in (self._lossy, self._lossless):
+            if subscription in group:
+                group.remove(subscription)
+
+    async def publish(self, frames: Sequence[Frame]) -> None:
+        """Publish ``frames`` in order to every subscriber.
+
+        Lossy subscribers get them at once; the call then waits, frame by frame, for room in
+        each lossless subscriber's queue. Always a checkpoint.
+        """
+        self._publish_to_lossy(frames)
+        if not self._lossless:
+            await trio.lowlevel.checkpoint()
+            return
+        for subscription in list(self._lossless):
+            await subscription.put(frames)
+
+    def publish_nowait(self, frames: Sequence[Frame]) -> None:
+        """Publish without waiting. Raises :class:`trio.WouldBlock` if a lossless subscriber
+        exists (use :meth:`publish` then)."""
+        if self._lossless:
+            raise trio.WouldBlock
+        self._publish_to_lossy(frames)
+
+    def _publish_to_lossy(self, frames: Sequence[Frame]) -> None:
+        cache = self.metadata
+        size = 0
+        for frame in frames:
+            size += frame.size
+            if frame.kind is not _DATA:
+                cache.update(frame)
+        self.frames_in += len(frames)
+        self.bytes_in += size
+        for subscription in self._lossy:
+            subscription.offer(frames)
+
+    def end_subscriptions(self, reason: str) -> None:
+        """End every subscription gracefully (each consumer drains what it has queued)."""
+        for subscription in self.subscriptions:
+            subscription.end(reason)
+
+
+class StreamRegistry:
+    """The daemon's streams by name, created on first use."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, Stream] = {}
+
+    def get(self, name: str) -> Stream:
+        stream = self._streams.get(name)
+        if stream is None:
+            stream = self._streams[name] = Stream(name)
+        return stream
+
+    def __iter__(self) -> Iterator[Stream]:
+        return iter(list(self._streams.values()))
+
+    def end_all(self, reason: str) -> None:
+        for stream in self:
+            stream.end_subscriptions(reason)

@@ -1,0 +1,136 @@
+"""The supervisor: hosts endpoints, restarts the ones that crash, stops them on request.
+
+Every endpoint runs in its own cancel scope inside the supervisor's nursery and is started
+with ``nursery.start``, so :meth:`Supervisor.start_endpoint` returns once the endpoint is
+bound (or its first attempt failed: it is then retried in the background). An exception from
+an endpoint is logged with its name, recorded in its status and answered with a restart after
+a backoff delay with jitter; it never reaches another endpoint. An endpoint whose ``run``
+returns normally is finished and stays down.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import attrs
+import trio
+
+from ..config import BackoffConfig
+from .backoff import Backoff
+from .endpoints import Endpoint
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("framewire.supervisor")
+
+
+@attrs.define(eq=False)
+class _Child:
+    endpoint: Endpoint[Any]
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+class Supervisor:
+    """Hosts named endpoints. Use :meth:`run` with ``nursery.start`` before anything else."""
+
+    def __init__(self, restart: BackoffConfig, *, rng: random.Random | None = None) -> None:
+        self.restart = restart
+        self._rng = rng
+        self._children: dict[str, _Child] = {}
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def endpoints(self) -> dict[str, Endpoint[Any]]:
+        return {name: child.endpoint for name, child in self._children.items()}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host endpoints until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def start_endpoint(self, endpoint: Endpoint[Any]) -> None:
+        """Start ``endpoint`` and return once its first attempt has bound or failed."""
+        if self._nursery is None:
+            raise RuntimeError("the supervisor is not running")
+        if endpoint.name in self._children:
+            raise ValueError(f"endpoint {endpoint.name!r} is already running")
+        child = _Child(endpoint)
+        self._children[endpoint.name] = child
+        await self._nursery.start(self._supervise, child)
+
+    async def stop_endpoint(self, name: str, grace: float) -> None:
+        """Ask ``name`` to stop gracefully; cancel it after ``grace`` seconds; wait for it."""
+        child = self._children.get(name)
+        if child is None:
+            return
+        child.endpoint.request_stop()
+        child.scope.deadline = min(child.scope.deadline, trio.current_time() + grace)
+        await child.done.wait()
+
+    async def stop_all(self, grace: float) -> None:
+        """Stop every endpoint at once, all within one ``grace`` period."""
+        async with trio.open_nursery() as nursery:
+            for name in list(self._children):
+                nursery.start_soon(self.stop_endpoint, name, grace)
+
+    async def _supervise(self, child: _Child, *, task_status: trio.TaskStatus[None]) -> None:
+        endpoint = child.endpoint
+        status = endpoint.status
+        backoff = Backoff(self.restart, self._rng)
+        reported = False
+        try:
+            with child.scope:
+                while not endpoint.stop_requested:
+                    began = trio.current_time()
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(endpoint.run)
+                            if status.state in ("starting", "restarting"):
+                                status.state = "running"
+                            if not reported:
+                                task_status.started()
+                                reported = True
+                    except Exception as exc:
+                        error = _unwrap(exc)
+                        status.last_error = f"{type(error).__name__}: {error}"
+                        status.restarts += 1
+                        log.error(
+                            "endpoint %s failed: %s",
+                            endpoint.name,
+                            status.last_error,
+                            exc_info=error if not isinstance(error, OSError) else None,
+                        )
+                    else:
+                        if not endpoint.stop_requested:
+                            status.state = "finished"
+                            log.info("endpoint %s finished", endpoint.name)
+                        break
+                    if not reported:
+                        task_status.started()
+                        reported = True
+                    if trio.current_time() - began >= self.restart.stable_after:
+                        backoff.reset()
+                    delay = backoff.next_delay()
+                    status.state = "restarting"
+                    status.detail["restart_in"] = round(delay, 3)
+                    log.info("restarting endpoint %s in %.1fs", endpoint.name, delay)
+                    await trio.sleep(delay)
+        finally:
+            if status.state != "finished":
+                status.state = "stopped"
+            self._children.pop(endpoint.name, None)
+            child.done.set()
+            if not reported:
+                task_status.started()
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single exception inside nested one-element groups, for a readable log line."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

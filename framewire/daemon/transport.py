@@ -1,0 +1,162 @@
+"""Where bytes flow: listeners, connectors and the :class:`Connection` endpoints talk through.
+
+Endpoints never open sockets themselves: they are given a listener (``trio.abc.Listener``)
+or a :data:`Connector` (an async callable returning a stream), so tests can hand them memory
+streams instead. This module makes the real ones from config addresses.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeAlias
+
+import trio
+
+from ..config import Address
+from ..frame import Buffer
+
+__all__ = [
+    "Connection",
+    "Connector",
+    "open_listeners",
+    "peer_name",
+    "tcp_connector",
+]
+
+#: Makes one outgoing connection. Raises OSError (or trio errors) when it cannot.
+Connector: TypeAlias = Callable[[], Awaitable[trio.abc.Stream]]
+
+#: Writes at most this big are joined into one buffer; bigger ones go out as a gather write.
+JOIN_LIMIT: Final = 256 * 1024
+
+
+def peer_name(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the remote end, or a description for non-socket streams."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
+            return "disconnected peer"
+        if isinstance(peer, tuple):
+            host, port = peer[0], peer[1]
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(peer) or "unix peer"
+    return type(stream).__name__
+
+
+class Connection:
+    """A byte stream with the fast paths the endpoints need.
+
+    * :meth:`receive_into` reads straight into a caller's buffer (``recv_into`` on sockets).
+    * :meth:`send` writes a list of buffers as one write: small ones joined, large ones as a
+      gather write, never one system call per frame.
+
+    It wraps any ``trio.abc.Stream``; sockets get the zero-copy paths, other streams (memory
+    streams in tests, TLS) the generic ones. Like ``send_all``, a cancelled :meth:`send`
+    leaves the connection unusable: close it.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, peer: str | None = None) -> None:
+        self.stream = stream
+        self.peer = peer if peer is not None else peer_name(stream)
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Read up to ``len(buffer)`` bytes into ``buffer``; 0 means the peer closed.
+
+        Raises trio.BrokenResourceError when the connection broke.
+        """
+        sock = self._socket
+        if sock is not None:
+            try:
+                n = await sock.recv_into(buffer)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+        else:
+            data = await self.stream.receive_some(len(buffer))
+            n = len(data)
+            buffer[:n] = data
+        self.bytes_received += n
+        return n
+
+    async def send(self, buffers: Sequence[Buffer]) -> None:
+        """Write every buffer, in order. Raises trio.BrokenResourceError if the peer is gone."""
+        if not buffers:
+            return
+        total = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers)
+        if len(buffers) == 1:
+            await self.stream.send_all(buffers[0])
+        elif total <= JOIN_LIMIT or self._socket is None:
+            if total <= JOIN_LIMIT:
+                await self.stream.send_all(b"".join(buffers))
+            else:
+                for buffer in buffers:
+                    await self.stream.send_all(buffer)
+        else:
+            await self._gather(buffers)
+        self.bytes_sent += total
+
+    async def _gather(self, buffers: Sequence[Buffer]) -> None:
+        sock = self._socket
+        assert sock is not None
+        pending = [memoryview(b).cast("B") for b in buffers]
+        while pending:
+            try:
+                sent = await sock.sendmsg(pending[:512])
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+            while sent:
+                head = pending[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    pending.pop(0)
+                else:
+                    pending[0] = head[sent:]
+                    sent = 0
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def tcp_connector(address: Address) -> Connector:
+    """A connector for ``tcp://host:port``."""
+    if address.host is None:
+        raise ValueError(f"cannot connect to {address}: no host")
+    host: str = address.host
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, address.port)
+
+    return connect
+
+
+async def open_listeners(address: Address, *, backlog: int = 128) -> list[trio.SocketListener]:
+    """Bind and listen on ``address`` (``tcp://*:port``: every interface, IPv4 and IPv6).
+
+    Raises OSError (e.g. address in use) with the address in the message.
+    """
+    try:
+        return await trio.open_tcp_listeners(address.port, host=address.host, backlog=backlog)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"cannot listen on {address}: address already in use") from exc
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}") from exc
+
+
+def bound_addresses(listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]) -> list[str]:
+    """``host:port`` of each listening socket, for logs and status."""
+    out = []
+    for listener in listeners:
+        if isinstance(listener, trio.SocketListener):
+            name = listener.socket.getsockname()
+            if listener.socket.family == socket.AF_INET6:
+                out.append(f"[{name[0]}]:{name[1]}")
+            else:
+                out.append(f"{name[0]}:{name[1]}")
+        else:
+            out.append(type(listener).__name__)
+    return out

@@ -1,0 +1,201 @@
+"""Buffer management shared by every length-delimited decoder.
+
+Decoders in framewire follow the buffered-protocol shape: the I/O layer asks for a writable
+buffer with :meth:`FrameDecoder.get_buffer`, reads into it (``recv_into``), and reports how
+many bytes arrived with :meth:`FrameDecoder.buffer_updated`, which returns the frames that are
+now complete. Tests and file readers can use :meth:`FrameDecoder.feed` instead. Nothing here
+touches a socket.
+
+Small frames are cut out of one reused receive buffer (one copy each, so a queued frame never
+pins the whole buffer). A frame larger than :data:`LARGE_FRAME` gets a buffer of its own, sized
+once its length is known and checked against the maximum, and the I/O layer reads straight
+into it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ..frame import Buffer, Frame
+from ._errors import FrameTooLarge, ProtocolError, TruncatedFrame
+
+__all__ = ["LARGE_FRAME", "RECEIVE_BUFFER_SIZE", "FrameDecoder"]
+
+#: Size of the reused receive buffer.
+RECEIVE_BUFFER_SIZE: Final = 256 * 1024
+#: Frames above this size are read into a buffer of their own instead of the shared one.
+LARGE_FRAME: Final = 64 * 1024
+
+
+class FrameDecoder:
+    """Base class: cuts a byte stream into frames using the subclass's :meth:`_measure`.
+
+    Subclasses implement two methods:
+
+    * ``_measure(view, start, end) -> int``: look at the bytes ``view[start:end]`` (the start
+      of a frame) and return how many bytes, counted from ``start``, are needed. If the result
+      is ``<= end - start`` the frame is complete and exactly that long; otherwise at least that
+      many bytes must arrive before measuring again. Raise :class:`ProtocolError` for bytes
+      that cannot start a frame. The result is checked against :attr:`max_frame_size` here.
+    * ``_make_frame(wire) -> Frame | None``: build the frame from its complete bytes (which it
+      may keep as ``Frame.wire``); return ``None`` for control frames it consumed.
+
+    After an error the decoder is poisoned: every later call raises the same error.
+    """
+
+    protocol: str = ""
+
+    def __init__(self, *, max_frame_size: int, buffer_size: int = RECEIVE_BUFFER_SIZE) -> None:
+        if max_frame_size <= 0:
+            raise ValueError("max_frame_size must be positive")
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray(max(buffer_size, 2 * LARGE_FRAME))
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        # A large frame being assembled in its own buffer: the buffer and the bytes filled.
+        self._large: bytearray | None = None
+        self._large_filled = 0
+        self._error: ProtocolError | None = None
+        #: Set once the peer announced the end of its stream (protocols that have one).
+        self.ended = False
+
+    # -- the I/O side -----------------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """A writable buffer for the next read. Its length is the most that should be read."""
+        if self._error is not None:
+            raise self._error
+        large = self._large
+        if large is not None:
+            return memoryview(large)[self._large_filled :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buffer) - self._end < LARGE_FRAME:
+            # Move the partial frame (smaller than LARGE_FRAME) to the front.
+            pending = self._end - self._start
+            self._view[:pending] = self._view[self._start : self._end]
+            self._start, self._end = 0, pending
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        """Account for ``nbytes`` written into the last :meth:`get_buffer` result.
+
+        Returns the frames completed by these bytes, oldest first.
+
+        Raises:
+            ProtocolError: the bytes are not valid for this protocol (or exceed the size limit).
+        """
+        if self._error is not None:
+            raise self._error
+        if self._large is not None:
+            self._large_filled += nbytes
+            if self._large_filled < len(self._large):
+                return []
+            frames: list[Frame] = []
+            if not self._finish_large(frames):
+                return frames
+        else:
+            self._end += nbytes
+            frames = []
+        try:
+            self._cut(frames)
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        return frames
+
+    def feed(self, data: Buffer) -> list[Frame]:
+        """Decode ``data`` (any chunk of the stream); return the frames it completed."""
+        frames: list[Frame] = []
+        source = memoryview(data).cast("B")
+        while source:
+            target = self.get_buffer()
+            n = min(len(target), len(source))
+            target[:n] = source[:n]
+            source = source[n:]
+            frames += self.buffer_updated(n)
+        return frames
+
+    def end_of_input(self) -> None:
+        """The input ended. Raises :class:`TruncatedFrame` if it ended inside a frame."""
+        if self._error is not None:
+            raise self._error
+        pending = self._large_filled if self._large is not None else self._end - self._start
+        if pending:
+            self._error = TruncatedFrame(f"stream ended {pending} bytes into a frame")
+            raise self._error
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet form a complete frame."""
+        return self._large_filled if self._large is not None else self._end - self._start
+
+    # -- the protocol side ------------------------------------------------------------------
+
+    def _measure(self, view: memoryview, start: int, end: int) -> int:
+        raise NotImplementedError
+
+    def _make_frame(self, wire: bytes | bytearray) -> Frame | None:
+        raise NotImplementedError
+
+    def _check_size(self, needed: int) -> int:
+        if needed > self.max_frame_size:
+            raise FrameTooLarge(
+                f"frame of at least {needed} bytes exceeds the maximum frame size "
+                f"of {self.max_frame_size} bytes"
+            )
+        return needed
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _finish_large(self, frames: list[Frame]) -> bool:
+        """The large buffer is full: complete its frame or grow it. True when complete."""
+        large = self._large
+        assert large is not None
+        try:
+            needed = self._check_size(self._measure(memoryview(large), 0, len(large)))
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        if needed > len(large):
+            grown = bytearray(needed)
+            grown[: len(large)] = large
+            self._large = grown
+            return False
+        if needed != len(large):  # pragma: no cover - a _measure contract violation
+            raise AssertionError("_measure shrank a frame it had already measured")
+        self._large = None
+        self._large_filled = 0
+        frame = self._make_frame(large)
+        if frame is not None:
+            frames.append(frame)
+        return True
+
+    def _cut(self, frames: list[Frame]) -> None:
+        view = self._view
+        start, end = self._start, self._end
+        measure, make, limit = self._measure, self._make_frame, self.max_frame_size
+        append = frames.append
+        try:
+            while start < end:
+                if self.ended:
+                    raise ProtocolError("bytes after end-of-stream")
+                available = end - start
+                needed = measure(view, start, end)
+                if needed > limit:
+                    self._check_size(needed)
+                if needed > available:
+                    if needed > LARGE_FRAME:
+                        large = bytearray(needed)
+                        large[:available] = view[start:end]
+                        self._large = large
+                        self._large_filled = available
+                        start = end
+                    break
+                frame = make(view[start : start + needed].tobytes())
+                start += needed
+                if frame is not None:
+                    append(frame)
+        finally:
+            self._start, self._end = start, end

@@ -1,0 +1,108 @@
+"""The registry of wire formats by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import attrs
+
+from ..frame import Buffer, Frame
+from ._errors import UnknownProtocol
+from .native import NativeDecoder, NativeEncoder
+from .raw import RawDecoder, RawEncoder
+
+__all__ = ["Decoder", "Encoder", "ProtocolSpec", "get", "names", "register"]
+
+
+class Decoder(Protocol):
+    """A sans-IO decoder: bytes in, frames out. See :class:`FrameDecoder` for the methods.
+
+    ``get_buffer``/``buffer_updated`` are the fast path (read straight into the decoder's
+    buffer); ``feed`` takes any bytes. All raise :class:`ProtocolError` on invalid input.
+    """
+
+    protocol: str
+    max_frame_size: int
+    ended: bool
+
+    def get_buffer(self) -> memoryview: ...
+    def buffer_updated(self, nbytes: int, /) -> list[Frame]: ...
+    def feed(self, data: Buffer, /) -> list[Frame]: ...
+    def end_of_input(self) -> None: ...
+    @property
+    def buffered(self) -> int: ...
+
+
+class Encoder(Protocol):
+    """A sans-IO encoder: frames in, buffers out (header and payload kept apart, no copy).
+
+    Frames whose ``wire_protocol`` is this protocol are written as their original bytes.
+    ``keepalive()``/``end_of_stream()`` return the control bytes, or ``b""`` if the protocol
+    has none. Raises ValueError for a frame the format cannot carry.
+    """
+
+    protocol: str
+
+    def encode(self, frame: Frame, /) -> list[Buffer]: ...
+    def encode_batch(self, frames: Iterable[Frame], /) -> list[Buffer]: ...
+    def encode_into(self, frame: Frame, out: list[Buffer], /) -> None: ...
+    def keepalive(self) -> bytes: ...
+    def end_of_stream(self) -> bytes: ...
+
+
+@attrs.frozen
+class ProtocolSpec:
+    """What framewire knows about one wire format."""
+
+    name: str
+    summary: str
+    make_decoder: Callable[[int], Decoder]
+    make_encoder: Callable[[], Encoder]
+    #: Type tags this protocol always treats as metadata, or None when the kind is carried
+    #: per frame (as in the native protocol).
+    metadata_types: frozenset[str] | None = None
+    has_keepalive: bool = False
+
+
+_REGISTRY: dict[str, ProtocolSpec] = {}
+
+
+def register(spec: ProtocolSpec) -> None:
+    """Add a protocol. Raises ValueError if the name is taken."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"protocol {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+
+
+def get(name: str) -> ProtocolSpec:
+    """The protocol called ``name``. Raises :class:`UnknownProtocol` naming the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UnknownProtocol(f"unknown protocol {name!r} (known: {known})") from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+register(
+    ProtocolSpec(
+        name="native",
+        summary="framewire's own framing: kind, type, timestamp, headers, payload",
+        make_decoder=lambda max_frame_size: NativeDecoder(max_frame_size=max_frame_size),
+        make_encoder=NativeEncoder,
+        has_keepalive=True,
+    )
+)
+register(
+    ProtocolSpec(
+        name="raw",
+        summary="payload bytes as they come, no framing (netcat-style)",
+        make_decoder=lambda max_frame_size: RawDecoder(max_frame_size=max_frame_size),
+        make_encoder=RawEncoder,
+        metadata_types=frozenset(),
+    )
+)

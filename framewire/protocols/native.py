@@ -1,0 +1,261 @@
+"""framewire's native wire format (``protocol = "native"``), specified in docs/protocol.md.
+
+Every frame is a 28-byte little-endian header, the type tag, the headers block and the
+payload::
+
+    offset size field
+    0      2    magic b"FW"
+    2      1    version (1)
+    3      1    kind: 0 DATA, 1 METADATA, 0x80 KEEPALIVE, 0x81 END_OF_STREAM
+    4      1    type length T (bytes of UTF-8)
+    5      1    flags (0 in version 1)
+    6      2    header count N
+    8      4    headers block length H
+    12     8    payload length P
+    20     8    timestamp, signed nanoseconds since the Unix epoch
+    28     T    type, UTF-8
+    28+T   H    N x (u8 key length, u16 value length, key UTF-8, value UTF-8)
+    28+T+H P    payload
+
+Control frames (KEEPALIVE, END_OF_STREAM) carry no type, headers or payload.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+from ..frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
+from ._errors import ProtocolError
+from ._framing import LARGE_FRAME, FrameDecoder
+
+__all__ = [
+    "HEADER",
+    "KIND_END_OF_STREAM",
+    "KIND_KEEPALIVE",
+    "MAGIC",
+    "VERSION",
+    "NativeDecoder",
+    "NativeEncoder",
+]
+
+PROTOCOL: Final = "native"
+MAGIC: Final = b"FW"
+VERSION: Final = 1
+HEADER: Final = struct.Struct("<2sBBBBHIQq")
+KIND_KEEPALIVE: Final = 0x80
+KIND_END_OF_STREAM: Final = 0x81
+_HEADER_ENTRY: Final = struct.Struct("<BH")
+_MAX_KEY: Final = 0xFF
+_MAX_VALUE: Final = 0xFFFF
+_MAX_HEADERS: Final = 0xFFFF
+_FRAME_KINDS: Final = (FrameKind.DATA, FrameKind.METADATA)
+
+
+def _control(kind: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, kind, 0, 0, 0, 0, 0, 0)
+
+
+KEEPALIVE: Final = _control(KIND_KEEPALIVE)
+END_OF_STREAM: Final = _control(KIND_END_OF_STREAM)
+
+
+class NativeDecoder(FrameDecoder):
+    """Decodes the native format. See :class:`FrameDecoder` for the calling convention.
+
+    Raises :class:`ProtocolError` on a bad magic, an unknown version, kind or flag, an
+    inconsistent headers block, non-UTF-8 text, or bytes after END_OF_STREAM;
+    :class:`FrameTooLarge` when a header announces more than ``max_frame_size`` bytes in all.
+    """
+
+    protocol = PROTOCOL
+
+    def __init__(self, *, max_frame_size: int, buffer_size: int | None = None) -> None:
+        if buffer_size is None:
+            super().__init__(max_frame_size=max_frame_size)
+        else:
+            super().__init__(max_frame_size=max_frame_size, buffer_size=buffer_size)
+        #: Keepalive frames seen (they are consumed, not returned).
+        self.keepalives = 0
+        self._types: dict[bytes, str] = {}
+
+    def _cut(self, frames: list[Frame]) -> None:
+        # The hot loop: ordinary DATA/METADATA frames without headers that fit the receive
+        # buffer are cut inline; anything else goes through the general path.
+        buffer, view = self._buffer, self._view
+        start, end = self._start, self._end
+        unpack, append, types = HEADER.unpack_from, frames.append, self._types
+        limit = min(self.max_frame_size, LARGE_FRAME)
+        kinds = _FRAME_KINDS
+        while end - start >= 28 and not self.ended:
+            magic, version, kind, type_len, flags, count, headers_len, payload_len, timestamp = (
+                unpack(buffer, start)
+            )
+            total = 28 + type_len + headers_len + payload_len
+            if magic != MAGIC or version != VERSION or flags or kind > 1 or count or total > limit:
+                break
+            if total > end - start:
+                break
+            wire = view[start : start + total].tobytes()
+            body = 28 + type_len
+            type_tag = types.get(wire[28:body])
+            if type_tag is None:
+                type_tag = self._type_tag(wire[28:body])
+            # A tiny payload is cheaper to copy than to view; larger ones are viewed.
+            payload = wire[body:] if payload_len <= 512 else memoryview(wire)[body:]
+            append(Frame(kinds[kind], type_tag, payload, timestamp, EMPTY_HEADERS, wire, PROTOCOL))
+            start += total
+        self._start = start
+        super()._cut(frames)
+
+    def _type_tag(self, raw: bytes) -> str:
+        try:
+            tag = raw.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("frame type is not valid UTF-8") from None
+        if len(self._types) < 1024:
+            self._types[raw] = tag
+        return tag
+
+    def _measure(self, view: memoryview, start: int, end: int) -> int:
+        if end - start < 28:
+            if view[start : min(end, start + 2)] != MAGIC[: min(end - start, 2)]:
+                raise ProtocolError(f"bad magic {bytes(view[start : start + 2])!r}, expected b'FW'")
+            return 28
+        magic, version, kind, type_len, flags, _, headers_len, payload_len, _ = HEADER.unpack_from(
+            view, start
+        )
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {magic!r}, expected b'FW'")
+        if version != VERSION:
+            raise ProtocolError(f"unsupported native protocol version {version} (speaks 1)")
+        if flags:
+            raise ProtocolError(f"unknown flags 0x{flags:02x}")
+        if kind > 1 and kind not in (KIND_KEEPALIVE, KIND_END_OF_STREAM):
+            raise ProtocolError(f"unknown frame kind 0x{kind:02x}")
+        total: int = 28 + type_len + headers_len + payload_len
+        return total
+
+    def _make_frame(self, wire: bytes | bytearray) -> Frame | None:
+        _, _, kind, type_len, _, count, headers_len, _, timestamp = HEADER.unpack_from(wire)
+        if kind > 1:
+            if len(wire) != 28 or count:
+                raise ProtocolError("a control frame must have no type, headers or payload")
+            if kind == KIND_KEEPALIVE:
+                self.keepalives += 1
+            else:
+                self.ended = True
+            return None
+        view = memoryview(wire)
+        body = 28 + type_len
+        type_tag = self._type_tag(bytes(view[28:body]))
+        headers = (
+            _decode_headers(view, body, body + headers_len, count)
+            if headers_len or count
+            else EMPTY_HEADERS
+        )
+        return Frame(
+            _FRAME_KINDS[kind],
+            type_tag,
+            view[body + headers_len :],
+            timestamp,
+            headers,
+            wire,
+            PROTOCOL,
+        )
+
+
+def _decode_headers(view: memoryview, start: int, end: int, count: int) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    position = start
+    try:
+        for _ in range(count):
+            if position + 3 > end:
+                raise ProtocolError("headers block shorter than its header count says")
+            key_len, value_len = _HEADER_ENTRY.unpack_from(view, position)
+            position += 3
+            if position + key_len + value_len > end:
+                raise ProtocolError("header entry runs past the headers block")
+            key = view[position : position + key_len].tobytes().decode()
+            position += key_len
+            headers[key] = view[position : position + value_len].tobytes().decode()
+            position += value_len
+    except UnicodeDecodeError:
+        raise ProtocolError("header key or value is not valid UTF-8") from None
+    if position != end:
+        raise ProtocolError("headers block longer than its entries")
+    if len(headers) != count:
+        raise ProtocolError("duplicate header key")
+    return headers
+
+
+def encode_headers(headers: Mapping[str, str]) -> bytes:
+    """The headers block for ``headers``. Raises ValueError for keys or values too long."""
+    if len(headers) > _MAX_HEADERS:
+        raise ValueError(f"too many headers ({len(headers)}, at most {_MAX_HEADERS})")
+    parts: list[bytes] = []
+    for key, value in headers.items():
+        k, v = key.encode(), value.encode()
+        if len(k) > _MAX_KEY or len(v) > _MAX_VALUE:
+            raise ValueError(f"header {key!r} too long (key <= 255, value <= 65535 bytes)")
+        parts += (_HEADER_ENTRY.pack(len(k), len(v)), k, v)
+    return b"".join(parts)
+
+
+class NativeEncoder:
+    """Encodes frames in the native format.
+
+    Frames that came off a native wire are forwarded as their original bytes. Raises
+    ValueError for a type tag over 255 bytes or headers that do not fit the format.
+    """
+
+    protocol = PROTOCOL
+
+    def encode(self, frame: Frame) -> list[Buffer]:
+        out: list[Buffer] = []
+        self.encode_into(frame, out)
+        return out
+
+    def encode_batch(self, frames: Iterable[Frame]) -> list[Buffer]:
+        out: list[Buffer] = []
+        encode_into = self.encode_into
+        for frame in frames:
+            encode_into(frame, out)
+        return out
+
+    def encode_into(self, frame: Frame, out: list[Buffer]) -> None:
+        wire = frame.wire
+        if wire is not None and frame.wire_protocol == PROTOCOL:
+            out.append(wire)
+            return
+        type_tag = frame.type.encode()
+        if len(type_tag) > 255:
+            raise ValueError(f"frame type {frame.type[:40]!r}... is over 255 bytes")
+        headers = frame.headers
+        block = encode_headers(headers) if headers else b""
+        payload = frame.payload
+        payload_len = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+        out.append(
+            HEADER.pack(
+                MAGIC,
+                VERSION,
+                int(frame.kind),
+                len(type_tag),
+                0,
+                len(headers),
+                len(block),
+                payload_len,
+                frame.timestamp,
+            )
+            + type_tag
+            + block
+        )
+        if payload_len:
+            out.append(payload)
+
+    def keepalive(self) -> bytes:
+        return KEEPALIVE
+
+    def end_of_stream(self) -> bytes:
+        return END_OF_STREAM

@@ -1,0 +1,76 @@
+"""``protocol = "raw"``: bytes as they come, netcat-style.
+
+Each read becomes one DATA frame of type ``"raw"`` holding exactly the bytes that arrived, so
+frame boundaries are wherever the transport happened to cut. Encoding writes the payload of
+every frame (of any kind) and nothing else. There is no metadata, keepalive or end-of-stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from ..frame import Buffer, Frame, FrameKind
+
+__all__ = ["RawDecoder", "RawEncoder"]
+
+PROTOCOL: Final = "raw"
+TYPE: Final = "raw"
+
+
+class RawDecoder:
+    """Turns each chunk of input into a DATA frame of at most ``max_frame_size`` bytes."""
+
+    protocol = PROTOCOL
+
+    def __init__(self, *, max_frame_size: int, buffer_size: int = 256 * 1024) -> None:
+        if max_frame_size <= 0:
+            raise ValueError("max_frame_size must be positive")
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray(min(buffer_size, max_frame_size))
+        self._view = memoryview(self._buffer)
+        self.ended = False
+
+    def get_buffer(self) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        if not nbytes:
+            return []
+        return [Frame(FrameKind.DATA, TYPE, self._view[:nbytes].tobytes())]
+
+    def feed(self, data: Buffer) -> list[Frame]:
+        source = memoryview(data).cast("B")
+        step = self.max_frame_size
+        return [
+            Frame(FrameKind.DATA, TYPE, source[i : i + step].tobytes())
+            for i in range(0, len(source), step)
+        ]
+
+    def end_of_input(self) -> None:
+        """Raw input can end anywhere."""
+
+    @property
+    def buffered(self) -> int:
+        return 0
+
+
+class RawEncoder:
+    """Writes each frame's payload bytes."""
+
+    protocol = PROTOCOL
+
+    def encode(self, frame: Frame) -> list[Buffer]:
+        return [frame.payload]
+
+    def encode_batch(self, frames: Iterable[Frame]) -> list[Buffer]:
+        return [frame.payload for frame in frames]
+
+    def encode_into(self, frame: Frame, out: list[Buffer]) -> None:
+        out.append(frame.payload)
+
+    def keepalive(self) -> bytes:
+        return b""
+
+    def end_of_stream(self) -> bytes:
+        return b""
