@@ -1,0 +1,56 @@
+"""Shared test helpers: native-protocol peers over real loopback sockets or memory streams."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from framewire import Frame
+from framewire.protocols.native import NativeDecoder, NativeEncoder
+
+ENCODER = NativeEncoder()
+
+
+def encode(frames: Sequence[Frame]) -> bytes:
+    return b"".join(bytes(b) for b in ENCODER.encode_batch(frames))
+
+
+def port_of(address: str) -> int:
+    """The port of a status address such as ``127.0.0.1:4536``."""
+    return int(address.rsplit(":", 1)[1])
+
+
+class NativePeer:
+    """A test peer that reads native frames from a stream, keeping the raw bytes too."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.decoder = NativeDecoder(max_frame_size=1 << 26)
+        self.frames: list[Frame] = []
+        self.raw = bytearray()
+
+    async def read(self, count: int) -> list[Frame]:
+        """Read until ``count`` frames in all have arrived; return them."""
+        while len(self.frames) < count:
+            data = await self.stream.receive_some(1 << 16)
+            if not data:
+                raise EOFError(f"stream closed after {len(self.frames)} of {count} frames")
+            self.raw += data
+            self.frames += self.decoder.feed(data)
+        return self.frames[:count]
+
+    async def read_to_end(self) -> list[Frame]:
+        """Read until the peer closes; return every frame."""
+        while data := await self.stream.receive_some(1 << 16):
+            self.raw += data
+            self.frames += self.decoder.feed(data)
+        self.decoder.end_of_input()
+        return self.frames
+
+    async def send(self, frames: Sequence[Frame]) -> None:
+        await self.stream.send_all(encode(frames))
+
+
+async def connect(port: int) -> NativePeer:
+    return NativePeer(await trio.open_tcp_stream("127.0.0.1", port))

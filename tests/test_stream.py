@@ -1,0 +1,218 @@
+"""Streams and subscriptions: replay, lossy and lossless policies, bounds, decimation."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from framewire import Frame, FrameKind
+from framewire.daemon.stream import (
+    Policy,
+    QueueBounds,
+    Stream,
+    StreamRegistry,
+    Subscription,
+    SubscriptionClosed,
+)
+
+DATA, META = FrameKind.DATA, FrameKind.METADATA
+
+
+def data(name: str, size: int = 10, type_: str = "d") -> Frame:
+    return Frame(DATA, type_, name.encode().ljust(size, b"."))
+
+
+def meta(type_: str, name: str, size: int = 10) -> Frame:
+    return Frame(META, type_, name.encode().ljust(size, b"."))
+
+
+def names(frames: list[Frame]) -> list[str]:
+    return [bytes(f.payload).rstrip(b".").decode() for f in frames]
+
+
+async def receive_all(subscription: Subscription) -> list[Frame]:
+    out: list[Frame] = []
+    while subscription.queued_frames:
+        out += await subscription.receive_batch()
+    return out
+
+
+async def test_replay_is_latest_metadata_in_first_seen_order() -> None:
+    stream = Stream("s")
+    await stream.publish(
+        [meta("O", "O1"), meta("W", "W"), meta("C", "C1"), data("S1"), meta("C", "C2")]
+    )
+    await stream.publish([meta("O", "O2"), data("S2"), meta("G", "G")])
+    late = stream.subscribe()
+    assert names(await receive_all(late)) == ["O2", "W", "C2", "G"]
+    await stream.publish([data("S3")])
+    assert names(await receive_all(late)) == ["S3"]
+
+
+async def test_lossy_drops_oldest_data_never_metadata_and_keeps_order() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=3))
+    await stream.publish([data("D1"), data("D2"), meta("C", "C1"), data("D3"), data("D4")])
+    # At the bound, the oldest data frames went first; metadata stayed in its place.
+    assert names(await receive_all(sub)) == ["C1", "D3", "D4"]
+    assert sub.frames_dropped == 2
+    await stream.publish([meta("C", "C2"), meta("H", "H1"), meta("W", "W1"), data("D5")])
+    # Metadata alone fills the queue: it is all kept (beyond the bound) and data is dropped.
+    assert names(await receive_all(sub)) == ["C2", "H1", "W1"]
+    assert sub.frames_dropped == 3
+
+
+async def test_lossy_byte_bound() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=100, max_bytes=100))
+    await stream.publish([data(f"D{i}", size=30) for i in range(5)])
+    assert sub.queued_bytes <= 100
+    assert names(await receive_all(sub)) == ["D2", "D3", "D4"]
+    # A frame bigger than the whole bound still gets through an empty queue.
+    await stream.publish([data("BIG", size=500)])
+    assert names(await receive_all(sub)) == ["BIG"]
+
+
+async def test_metadata_hard_cap_closes_the_subscription() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=4, max_metadata_frames=3))
+    await stream.publish([meta(f"T{i}", f"M{i}") for i in range(4)])
+    assert sub.closed
+    assert sub.close_reason is not None and "hard cap" in sub.close_reason
+    with pytest.raises(SubscriptionClosed) as info:
+        await sub.receive_batch()
+    assert not info.value.graceful
+    assert sub not in stream.subscriptions
+    # Other subscribers are unaffected.
+    other = stream.subscribe(bounds=QueueBounds(max_metadata_frames=10))
+    assert len(await receive_all(other)) == 4
+
+
+async def test_subscribe_with_a_cache_over_the_hard_cap_comes_back_closed() -> None:
+    stream = Stream("s")
+    await stream.publish([meta(f"T{i}", f"M{i}", size=100) for i in range(3)])
+    sub = stream.subscribe(bounds=QueueBounds(max_metadata_bytes=250))
+    assert sub.closed
+    assert sub not in stream.subscriptions
+
+
+async def test_lossless_publisher_waits_for_room() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=2), policy=Policy.LOSSLESS)
+    published = trio.Event()
+
+    async def publisher() -> None:
+        await stream.publish([data(f"D{i}") for i in range(5)])
+        published.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publisher)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not published.is_set()
+            assert sub.queued_frames == 2
+            received: list[Frame] = []
+            while len(received) < 5:
+                received += await sub.receive_batch(max_frames=1)
+                assert sub.queued_frames <= 2
+    assert published.is_set()
+    assert names(received) == [f"D{i}" for i in range(5)]
+    assert sub.frames_dropped == 0
+
+
+async def test_lossless_publisher_is_released_when_the_subscriber_leaves() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=1), policy=Policy.LOSSLESS)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.publish, [data("a"), data("b"), data("c")])
+            await trio.testing.wait_all_tasks_blocked()
+            sub.close("client gone")
+    assert stream.subscriptions == []
+
+
+async def test_lossy_subscribers_are_not_slowed_by_a_lossless_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stream = Stream("s")
+    lossy = stream.subscribe(bounds=QueueBounds(max_frames=100))
+    stream.subscribe(bounds=QueueBounds(max_frames=1), policy=Policy.LOSSLESS)
+    with trio.move_on_after(1):
+        await stream.publish([data(f"D{i}") for i in range(10)])
+    assert lossy.queued_frames == 10
+
+
+@pytest.mark.parametrize(
+    ("every", "expected"),
+    [(3, ["T3", "T6", "T9"]), (1, [f"T{i}" for i in range(1, 11)]), (0, [])],
+)
+async def test_decimation_keeps_every_nth(every: int, expected: list[str]) -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(decimate={"T": every})
+    frames = []
+    for i in range(1, 11):
+        frames += [data(f"T{i}", type_="T"), data(f"H{i}", type_="H")]
+    frames.append(meta("T", "meta-T"))  # metadata is never decimated, even of that type
+    await stream.publish(frames)
+    received = names(await receive_all(sub))
+    assert [n for n in received if n.startswith("T")] == expected
+    assert [n for n in received if n.startswith("H")] == [f"H{i}" for i in range(1, 11)]
+    assert received[-1] == "meta-T"
+    assert sub.frames_decimated == 10 - len(expected)
+
+
+async def test_lossless_decimation() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(policy=Policy.LOSSLESS, decimate={"T": 2})
+    await stream.publish([data(f"T{i}", type_="T") for i in range(1, 7)])
+    assert names(await receive_all(sub)) == ["T2", "T4", "T6"]
+
+
+async def test_end_drains_then_closes_gracefully() -> None:
+    registry = StreamRegistry()
+    stream = registry.get("s")
+    assert registry.get("s") is stream
+    sub = stream.subscribe()
+    await stream.publish([data("a"), data("b")])
+    registry.end_all("shutting down")
+    await stream.publish([data("c")])  # after the end: not delivered
+    assert names(await sub.receive_batch()) == ["a", "b"]
+    with pytest.raises(SubscriptionClosed) as info:
+        await sub.receive_batch()
+    assert info.value.graceful
+    assert info.value.reason == "shutting down"
+
+
+async def test_receive_batch_waits_for_frames_and_wakes_on_close() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def consumer() -> None:
+                assert names(await sub.receive_batch()) == ["x"]
+                with pytest.raises(SubscriptionClosed):
+                    await sub.receive_batch()
+
+            nursery.start_soon(consumer)
+            await trio.testing.wait_all_tasks_blocked()
+            stream.publish_nowait([data("x")])
+            await trio.testing.wait_all_tasks_blocked()
+            sub.close("bye")
+
+
+async def test_counters() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=2))
+    await stream.publish([data("a"), data("b"), data("c")])
+    await receive_all(sub)
+    assert (stream.frames_in, stream.bytes_in) == (3, 30)
+    assert (sub.frames_out, sub.bytes_out) == (2, 20)
+    assert (sub.frames_dropped, sub.bytes_dropped) == (1, 10)
+    assert (sub.queued_frames, sub.queued_bytes) == (0, 0)
+
+
+def test_bounds_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_frames"):
+        QueueBounds(max_frames=0)
