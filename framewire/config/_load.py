@@ -18,31 +18,21 @@ import cattrs
 from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.gen import make_mapping_structure_fn
 
-from ._address import Address, parse_address
+from ._address import Address
 from ._schema import (
     ENDPOINT_KINDS,
+    Check,
     Config,
-    Duration,
     EndpointConfig,
     FieldError,
-    ListenAddress,
-    Name,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveDuration,
-    PositiveFloat,
-    PositiveInt,
-    PositiveSize,
-    ProtocolName,
-    Size,
-    check_name,
-    check_protocol,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    describe,
 )
-from ._units import parse_duration, parse_size
 
 __all__ = ["ConfigError", "default_config_text", "load_config", "parse_config"]
-
-_TYPE_WORDS: Final = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 class ConfigError(ValueError):
@@ -61,27 +51,17 @@ class ConfigError(ValueError):
         )
 
 
-def _describe(value: object) -> str:
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return repr(value)
+def _check_of(t: Any) -> Check | None:
+    if typing.get_origin(t) is not typing.Annotated:
+        return None
+    return next((m for m in t.__metadata__ if isinstance(m, Check)), None)
 
 
-def _strict(expected: type) -> Callable[[object, object], object]:
-    def structure(value: object, _: object) -> object:
-        if expected is float and type(value) is int:
-            return float(value)
-        if type(value) is not expected:
-            raise ValueError(f"expected {_TYPE_WORDS[expected]}, got {_describe(value)}")
-        return value
-
-    return structure
-
-
-def _ignore_type(check: Callable[[object], object]) -> Callable[[object, object], object]:
-    return lambda value, _: check(value)
+def _checked_hook(t: Any) -> Callable[[object, object], object]:
+    check = _check_of(t)
+    assert check is not None
+    parse = check.parse
+    return lambda value, _: parse(value)
 
 
 def _is_literal(t: Any) -> bool:
@@ -94,7 +74,7 @@ def _literal_hook(t: Any) -> Callable[[object, object], object]:
     def structure(value: object, _: object) -> object:
         if value not in allowed or type(value) is not type(allowed[0]):
             choices = ", ".join(repr(a) for a in allowed)
-            raise ValueError(f"expected one of {choices}, got {_describe(value)}")
+            raise ValueError(f"expected one of {choices}, got {describe(value)}")
         return value
 
     return structure
@@ -106,47 +86,23 @@ def _is_str_dict(t: Any) -> bool:
 
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
-    for t in (int, float, bool, str):
-        converter.register_structure_hook(t, _strict(t))
-    strict_int, strict_float, strict_str = _strict(int), _strict(float), _strict(str)
-
-    def positive(value: Any) -> Any:
-        if value <= 0:
-            word = "integer" if type(value) is int else "number"
-            raise ValueError(f"expected a positive {word}, got {value!r}")
-        return value
-
-    def non_negative(value: Any) -> Any:
-        if value < 0:
-            raise ValueError(f"expected 0 or more, got {value!r}")
-        return value
-
-    checked: dict[Any, Callable[[object], object]] = {
-        PositiveInt: lambda v: positive(strict_int(v, int)),
-        NonNegativeInt: lambda v: non_negative(strict_int(v, int)),
-        PositiveFloat: lambda v: positive(strict_float(v, float)),
-        NonNegativeFloat: lambda v: non_negative(strict_float(v, float)),
-        PositiveSize: lambda v: positive(parse_size(v)),
-        PositiveDuration: lambda v: positive(parse_duration(v)),
-        Name: lambda v: check_name(typing.cast(str, strict_str(v, str))),
-        ProtocolName: lambda v: check_protocol(typing.cast(str, strict_str(v, str))),
-    }
-    for newtype, check in checked.items():
-        converter.register_structure_hook(newtype, _ignore_type(check))
+    # Plain types are strict too: no 9.7 -> 9, no "yes" -> True.
+    for plain, strict in (
+        (int, StrictInt),
+        (float, StrictFloat),
+        (bool, StrictBool),
+        (str, StrictStr),
+    ):
+        converter.register_structure_hook(plain, _checked_hook(strict))
+    converter.register_structure_hook_factory(lambda t: _check_of(t) is not None, _checked_hook)
     converter.register_structure_hook_factory(_is_literal, _literal_hook)
-    converter.register_structure_hook(Size, lambda value, _: Size(parse_size(value)))
-    converter.register_structure_hook(Duration, lambda value, _: Duration(parse_duration(value)))
-    converter.register_structure_hook(Address, lambda value, _: parse_address(value))
-    converter.register_structure_hook(
-        ListenAddress, lambda value, _: ListenAddress(parse_address(value, listening=True))
-    )
 
     def dict_hook_factory(t: Any) -> Callable[[object, object], object]:
         inner = make_mapping_structure_fn(t, converter)
 
         def structure(value: object, _: object) -> object:
             if not isinstance(value, dict):
-                raise ValueError(f"expected a table, got {_describe(value)}")
+                raise ValueError(f"expected a table, got {describe(value)}")
             return inner(value, t)
 
         return structure
@@ -155,7 +111,7 @@ def _make_converter() -> cattrs.Converter:
 
     def structure_endpoint(value: object, _: object) -> EndpointConfig:
         if not isinstance(value, dict):
-            raise ValueError(f"expected a table, got {_describe(value)}")
+            raise ValueError(f"expected a table, got {describe(value)}")
         kind = value.get("kind")
         if kind is None:
             raise FieldError("kind", f"missing; one of: {', '.join(ENDPOINT_KINDS)}")

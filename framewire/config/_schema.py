@@ -7,12 +7,14 @@ Validators raise :class:`FieldError`, which the loader turns into ``path: messag
 from __future__ import annotations
 
 import re
-from typing import Final, Literal, NewType, TypeAlias
+from collections.abc import Callable
+from typing import Annotated, Final, Literal, TypeAlias
 
 import attrs
 
 from .. import protocols
-from ._address import Address
+from ._address import Address, parse_address
+from ._units import parse_duration, parse_size
 
 __all__ = [
     "BackoffConfig",
@@ -28,13 +30,6 @@ __all__ = [
     "Size",
 ]
 
-#: Bytes, written as an integer or a string such as "256MiB".
-Size = NewType("Size", int)
-#: Seconds, written as a number or a string such as "5s" or "250ms".
-Duration = NewType("Duration", float)
-#: An address to listen on ("*" and port 0 allowed).
-ListenAddress = NewType("ListenAddress", Address)
-
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 Policy: TypeAlias = Literal["lossy", "lossless"]
@@ -48,32 +43,100 @@ class FieldError(ValueError):
         self.field = field
 
 
-#: Checked values: each NewType has a structuring hook in the loader that validates it, so
-#: every bad value in a file is reported in one pass.
-PositiveInt = NewType("PositiveInt", int)
-NonNegativeInt = NewType("NonNegativeInt", int)
-PositiveFloat = NewType("PositiveFloat", float)
-NonNegativeFloat = NewType("NonNegativeFloat", float)
-PositiveSize = NewType("PositiveSize", int)
-PositiveDuration = NewType("PositiveDuration", float)
-Name = NewType("Name", str)
-ProtocolName = NewType("ProtocolName", str)
+@attrs.frozen
+class Check:
+    """Marks an ``Annotated`` type with the function that parses and validates it.
+
+    The loader's converter runs ``parse`` on the raw TOML value; a ValueError it raises
+    becomes an error line naming the value's path. Code that builds configs directly just
+    passes the plain value.
+    """
+
+    parse: Callable[[object], object]
 
 
-def check_name(value: str) -> str:
-    if not _NAME.fullmatch(value):
+def _strict(expected: type) -> Callable[[object], object]:
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+    def parse(value: object) -> object:
+        if expected is float and type(value) is int:
+            return float(value)
+        if type(value) is not expected:
+            raise ValueError(f"expected {words[expected]}, got {describe(value)}")
+        return value
+
+    return parse
+
+
+def describe(value: object) -> str:
+    """A value as an error message shows it."""
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+def _positive(parse: Callable[[object], object]) -> Check:
+    def check(raw: object) -> object:
+        value = parse(raw)
+        if value <= 0:  # type: ignore[operator]
+            word = "integer" if type(value) is int else "number"
+            raise ValueError(f"expected a positive {word}, got {value!r}")
+        return value
+
+    return Check(check)
+
+
+def _non_negative(parse: Callable[[object], object]) -> Check:
+    def check(raw: object) -> object:
+        value = parse(raw)
+        if value < 0:  # type: ignore[operator]
+            raise ValueError(f"expected 0 or more, got {value!r}")
+        return value
+
+    return Check(check)
+
+
+def check_name(value: object) -> str:
+    text = _strict(str)(value)
+    assert isinstance(text, str)
+    if not _NAME.fullmatch(text):
         raise ValueError(
-            f"{value!r} is not a valid name (letters, digits, '_', '.', '-'; at most 64)"
+            f"{text!r} is not a valid name (letters, digits, '_', '.', '-'; at most 64)"
         )
-    return value
+    return text
 
 
-def check_protocol(value: str) -> str:
+def check_protocol(value: object) -> str:
+    text = _strict(str)(value)
+    assert isinstance(text, str)
     try:
-        protocols.get(value)
+        protocols.get(text)
     except protocols.UnknownProtocol as exc:
         raise ValueError(str(exc)) from None
-    return value
+    return text
+
+
+StrictInt = Annotated[int, Check(_strict(int))]
+StrictFloat = Annotated[float, Check(_strict(float))]
+StrictBool = Annotated[bool, Check(_strict(bool))]
+StrictStr = Annotated[str, Check(_strict(str))]
+PositiveInt = Annotated[int, _positive(_strict(int))]
+NonNegativeInt = Annotated[int, _non_negative(_strict(int))]
+PositiveFloat = Annotated[float, _positive(_strict(float))]
+NonNegativeFloat = Annotated[float, _non_negative(_strict(float))]
+#: Bytes, written as an integer or a string such as "256MiB".
+Size = Annotated[int, Check(parse_size)]
+PositiveSize = Annotated[int, _positive(parse_size)]
+#: Seconds, written as a number or a string such as "5s" or "250ms".
+Duration = Annotated[float, Check(parse_duration)]
+PositiveDuration = Annotated[float, _positive(parse_duration)]
+Name = Annotated[str, Check(check_name)]
+ProtocolName = Annotated[str, Check(check_protocol)]
+#: An address to connect to, and one to listen on ("*" and port 0 allowed).
+ConnectAddress = Annotated[Address, Check(parse_address)]
+ListenAddress = Annotated[Address, Check(lambda value: parse_address(value, listening=True))]
 
 
 @attrs.frozen
@@ -84,10 +147,10 @@ class BackoffConfig:
     ``initial`` after a connection that stayed up for ``stable_after``.
     """
 
-    initial: PositiveDuration = PositiveDuration(0.5)
-    maximum: PositiveDuration = PositiveDuration(30.0)
-    factor: PositiveFloat = PositiveFloat(2.0)
-    stable_after: Duration = Duration(10.0)
+    initial: PositiveDuration = 0.5
+    maximum: PositiveDuration = 30.0
+    factor: PositiveFloat = 2.0
+    stable_after: Duration = 10.0
 
     def __attrs_post_init__(self) -> None:
         if self.maximum < self.initial:
@@ -103,15 +166,15 @@ class ServerConfig:
     listen: ListenAddress
     stream: Name
     kind: Literal["server"] = "server"
-    protocol: ProtocolName = ProtocolName("native")
-    max_clients: PositiveInt = PositiveInt(64)
+    protocol: ProtocolName = "native"
+    max_clients: PositiveInt = 64
     policy: Policy = "lossy"
-    max_queue_frames: PositiveInt = PositiveInt(1024)
-    max_queue_bytes: PositiveSize = PositiveSize(64 << 20)
-    max_metadata_frames: PositiveInt = PositiveInt(1024)
-    max_metadata_bytes: PositiveSize = PositiveSize(64 << 20)
+    max_queue_frames: PositiveInt = 1024
+    max_queue_bytes: PositiveSize = 64 << 20
+    max_metadata_frames: PositiveInt = 1024
+    max_metadata_bytes: PositiveSize = 64 << 20
     decimate: dict[str, NonNegativeInt] = attrs.field(factory=dict)
-    send_timeout: PositiveDuration = PositiveDuration(30.0)
+    send_timeout: PositiveDuration = 30.0
 
     def __attrs_post_init__(self) -> None:
         spec = protocols.get(self.protocol)
@@ -131,13 +194,13 @@ class ReceiverConfig:
     stream: Name
     kind: Literal["receiver"] = "receiver"
     listen: ListenAddress | None = None
-    connect: Address | None = None
-    protocol: ProtocolName = ProtocolName("native")
-    max_frame_size: PositiveSize = PositiveSize(64 << 20)
-    max_clients: PositiveInt = PositiveInt(16)
+    connect: ConnectAddress | None = None
+    protocol: ProtocolName = "native"
+    max_frame_size: PositiveSize = 64 << 20
+    max_clients: PositiveInt = 16
     reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
-    connect_timeout: PositiveDuration = PositiveDuration(10.0)
-    idle_timeout: Duration = Duration(0.0)
+    connect_timeout: PositiveDuration = 10.0
+    idle_timeout: Duration = 0.0
 
     def __attrs_post_init__(self) -> None:
         if (self.listen is None) == (self.connect is None):
@@ -150,11 +213,11 @@ class GeneratorConfig:
 
     stream: Name
     kind: Literal["generator"] = "generator"
-    rate: NonNegativeFloat = NonNegativeFloat(10.0)
-    size: Size = Size(1024)
-    type: str = "synthetic"
-    metadata_type: str = "generator"
-    count: NonNegativeInt = NonNegativeInt(0)
+    rate: NonNegativeFloat = 10.0
+    size: Size = 1024
+    type: StrictStr = "synthetic"
+    metadata_type: StrictStr = "generator"
+    count: NonNegativeInt = 0
 
     def __attrs_post_init__(self) -> None:
         if self.type == self.metadata_type:
@@ -173,9 +236,9 @@ ENDPOINT_KINDS: Final[dict[str, type[EndpointConfig]]] = {
 class DaemonConfig:
     """``[daemon]``: process-wide settings."""
 
-    grace_period: Duration = Duration(5.0)
+    grace_period: Duration = 5.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    restart: BackoffConfig = attrs.field(factory=lambda: BackoffConfig(stable_after=Duration(60.0)))
+    restart: BackoffConfig = attrs.field(factory=lambda: BackoffConfig(stable_after=60.0))
 
 
 @attrs.frozen
