@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import sys
 from collections.abc import Sequence
@@ -126,28 +127,31 @@ async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) ->
 
     async def take(frames: Sequence[Frame]) -> None:
         nonlocal received
-        for frame in frames:
-            if sink is not None:
-                for buffer in encoder.encode(frame):
-                    sink.write(buffer)
-            else:
-                print(_describe(frame), file=out)
-            received += 1
-            if args.count and received >= args.count:
-                raise Enough
+        try:
+            for frame in frames:
+                if sink is not None:
+                    for buffer in encoder.encode(frame):
+                        sink.write(buffer)
+                else:
+                    print(_describe(frame), file=out)
+                received += 1
+                if args.count and received >= args.count:
+                    raise Enough
+        finally:
+            (out if sink is None else sink).flush()  # keep a pipe live
         await trio.lowlevel.checkpoint()
 
     async with stream:
         with contextlib.suppress(Enough):
             await receive_frames(Connection(stream), decoder, take)
-    if sink is not None:
-        sink.flush()
     print(f"framewire recv: {received} frames", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
     try:
+        if args.output == "-":
+            return trio.run(_recv, args, sys.stdout, sys.stdout.buffer)
         if args.output:
             with open(args.output, "wb") as sink:
                 return trio.run(_recv, args, sys.stdout, sink)
@@ -159,7 +163,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-async def _send(args: argparse.Namespace, source: BinaryIO) -> int:
+async def _send(args: argparse.Namespace, source: io.BufferedIOBase) -> int:
     address = parse_address(args.address)
     assert address.host is not None
     spec = protocols.get(args.protocol)
@@ -170,7 +174,8 @@ async def _send(args: argparse.Namespace, source: BinaryIO) -> int:
     sent = 0
     async with stream:
         while True:
-            chunk = await trio.to_thread.run_sync(source.read, 1 << 20)
+            # read1: whatever is available (up to 1 MiB), so a live pipe is not held back.
+            chunk = await trio.to_thread.run_sync(source.read1, 1 << 20)
             if not chunk:
                 decoder.end_of_input()
                 break
@@ -188,7 +193,9 @@ async def _send(args: argparse.Namespace, source: BinaryIO) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     try:
         if args.file == "-":
-            return trio.run(_send, args, sys.stdin.buffer)
+            stdin = sys.stdin.buffer
+            assert isinstance(stdin, io.BufferedIOBase)
+            return trio.run(_send, args, stdin)
         with open(args.file, "rb") as source:
             return trio.run(_send, args, source)
     except (OSError, ValueError, trio.BrokenResourceError) as exc:
@@ -226,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     recv.add_argument("address", metavar="ADDRESS", help="tcp://host:port")
     recv.add_argument("--protocol", default="native", choices=protocols.names(), help=protocol_help)
     recv.add_argument("--count", type=int, default=0, help="stop after N frames")
-    recv.add_argument("--output", metavar="FILE", help="write the frames to FILE instead")
+    recv.add_argument(
+        "--output", metavar="FILE", help="write the frames to FILE (- for stdout) instead"
+    )
     recv.add_argument("--max-frame-size", type=_size, default=64 << 20, help="default 64MiB")
     recv.set_defaults(func=cmd_recv)
 
