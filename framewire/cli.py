@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from . import protocols
 from ._version import __version__
@@ -47,7 +49,7 @@ def _setup_logging(level: str) -> None:
 def _load(path: str | None) -> tuple[Config, str]:
     if path is None:
         return parse_config(default_config_text(), "<embedded default>"), "<embedded default>"
-    return load_config(path), str(Path(path).resolve())
+    return load_config(path), str(Path(path).absolute())
 
 
 def _summary(config: Config) -> list[str]:
@@ -86,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
     try:
-        trio.run(serve, config, source)
+        trio.run(serve, config, source, Path(source) if args.config else None)
     except OSError as exc:  # pragma: no cover - e.g. no signal support
         print(f"framewire: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -203,6 +205,85 @@ def cmd_send(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def render_status(snapshot: dict[str, Any]) -> str:
+    """A status snapshot as a terminal table."""
+    daemon = snapshot["daemon"]
+    lines = [
+        f"framewire {daemon['version']}  pid {daemon['pid']}  {daemon['state']}  "
+        f"up {_age(daemon['uptime'])}  config {daemon['config']}"
+    ]
+    reload = daemon.get("last_reload")
+    if reload:
+        outcome = "ok" if reload["ok"] else f"FAILED: {reload['error'].splitlines()[-1].strip()}"
+        lines.append(f"last reload: {outcome}")
+    lines.append("")
+    header = (
+        f"{'endpoint':<18} {'kind':<9} {'state':<12} {'frames in':>11} {'frames out':>11} "
+        f"{'dropped':>9} {'restarts':>8}  address"
+    )
+    lines += [header, "-" * len(header)]
+    for name, endpoint in snapshot["endpoints"].items():
+        lines.append(
+            f"{name:<18} {endpoint['kind']:<9} {endpoint['state']:<12} "
+            f"{endpoint['frames_in']:>11} {endpoint['frames_out']:>11} "
+            f"{endpoint['frames_dropped']:>9} {endpoint['restarts']:>8}  "
+            f"{', '.join(endpoint['address'])}"
+        )
+        if endpoint["last_error"]:
+            lines.append(f"{'':<18} last error: {endpoint['last_error']}")
+        now = snapshot["time"]
+        for client in endpoint["clients"]:
+            if "queue_frames" in client:
+                figures = (
+                    f"queue {client['queue_frames']} frames/{format_size(client['queue_bytes'])}"
+                    f"  sent {client['frames_sent']}  dropped {client['frames_dropped']}"
+                )
+            else:
+                figures = f"received {client['frames_received']}"
+            lines.append(
+                f"{'':<18} client {client['peer']:<22} for {_age(now - client['connected_since'])}"
+                f"  {figures}"
+            )
+    return "\n".join(lines)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    headers = [(b"authorization", f"Bearer {args.token}".encode())] if args.token else None
+    async with open_websocket_url(
+        args.url, extra_headers=headers, connect_timeout=5, disconnect_timeout=1
+    ) as connection:
+        while True:
+            with trio.fail_after(30):
+                message = await connection.get_message()
+            text = render_status(json.loads(message))
+            if not args.watch:
+                print(text)
+                return EXIT_OK
+            print("\x1b[H\x1b[2J" + text, flush=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        return trio.run(_status, args)
+    except (OSError, trio.TooSlowError, HandshakeError, ConnectionClosed) as exc:
+        print(f"framewire status: cannot read status from {args.url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 def _size(text: str) -> int:
     from .config import parse_size
 
@@ -245,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--protocol", default="native", choices=protocols.names(), help=protocol_help)
     send.add_argument("--max-frame-size", type=_size, default=64 << 20, help="default 64MiB")
     send.set_defaults(func=cmd_send)
+
+    status = commands.add_parser("status", help="show a running daemon's status")
+    status.add_argument(
+        "url", nargs="?", default="ws://127.0.0.1:8765/", metavar="URL", help="default %(default)s"
+    )
+    status.add_argument("--watch", action="store_true", help="keep updating")
+    status.add_argument("--token", help="the [status] token, if one is set")
+    status.set_defaults(func=cmd_status)
     return parser
 
 

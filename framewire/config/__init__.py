@@ -17,6 +17,7 @@ from ._schema import EndpointConfig as EndpointConfig
 from ._schema import GeneratorConfig as GeneratorConfig
 from ._schema import ReceiverConfig as ReceiverConfig
 from ._schema import ServerConfig as ServerConfig
+from ._schema import StatusConfig as StatusConfig
 from ._units import format_size as format_size
 from ._units import parse_duration as parse_duration
 from ._units import parse_size as parse_size

@@ -28,6 +28,7 @@ __all__ = [
     "ReceiverConfig",
     "ServerConfig",
     "Size",
+    "StatusConfig",
 ]
 
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -139,6 +140,16 @@ ConnectAddress = Annotated[Address, Check(parse_address)]
 ListenAddress = Annotated[Address, Check(lambda value: parse_address(value, listening=True))]
 
 
+def _host_port(value: object) -> Address:
+    if isinstance(value, str) and "://" not in value:
+        value = f"tcp://{value}"
+    return parse_address(value, listening=True)
+
+
+#: ``host:port`` to listen on (a ``tcp://`` prefix is accepted too).
+HostPort = Annotated[Address, Check(_host_port)]
+
+
 @attrs.frozen
 class BackoffConfig:
     """Reconnect or restart backoff: ``min(initial * factor**n, maximum)`` with jitter.
@@ -241,9 +252,29 @@ class DaemonConfig:
     restart: BackoffConfig = attrs.field(factory=lambda: BackoffConfig(stable_after=60.0))
 
 
+DEFAULT_STATUS_ADDRESS: Final = Address("tcp", "127.0.0.1", 8765)
+
+
+@attrs.frozen
+class StatusConfig:
+    """``[status]``: the status websocket. Absent: no status server."""
+
+    listen: HostPort = DEFAULT_STATUS_ADDRESS
+    interval: PositiveDuration = 1.0
+    token: StrictStr | None = None
+    max_clients: PositiveInt = 32
+
+
 @attrs.frozen
 class Config:
     """A whole configuration file."""
 
     daemon: DaemonConfig = attrs.field(factory=DaemonConfig)
+    status: StatusConfig | None = None
     endpoints: dict[str, EndpointConfig] = attrs.field(factory=dict)
+
+    def required_descriptors(self) -> int:
+        """File descriptors the configured endpoints may need at their limits."""
+        clients = sum(getattr(endpoint, "max_clients", 0) for endpoint in self.endpoints.values())
+        status = self.status.max_clients if self.status else 0
+        return clients + status + 2 * len(self.endpoints) + 64

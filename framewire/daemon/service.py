@@ -1,21 +1,30 @@
-"""The daemon: streams, a supervisor full of endpoints, signals and graceful shutdown."""
+"""The daemon: streams, a supervisor full of endpoints, status, systemd, signals.
+
+:class:`Daemon` runs one configuration and can swap in another (:meth:`Daemon.reload`);
+:func:`serve` wires it to signals (SIGTERM/SIGINT: graceful shutdown; SIGHUP: reload the
+file), to systemd's notify socket and to the open-files limit.
+"""
 
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from .._version import __version__
-from ..config import Config
+from ..config import Config, ConfigError, StatusConfig, load_config
 from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint
+from .notify import SystemdNotifier
+from .status import StatusServer, build_snapshot
 from .stream import StreamRegistry
 from .supervisor import Supervisor
 
-__all__ = ["Daemon", "serve"]
+__all__ = ["Daemon", "raise_open_files_limit", "serve"]
 
 log = logging.getLogger("framewire.daemon")
 
@@ -24,9 +33,10 @@ class Daemon:
     """Runs one configuration until shutdown is requested.
 
     ``await nursery.start(daemon.run)`` returns once every endpoint is bound (or has failed
-    its first attempt and is being retried). :meth:`request_shutdown` starts a graceful
-    shutdown: endpoints stop accepting, clients get their queued frames within
-    ``daemon.grace_period``, then everything is closed and :meth:`run` returns.
+    its first attempt and is being retried in the background) and then tells systemd
+    ``READY=1``. :meth:`request_shutdown` starts a graceful shutdown: endpoints stop
+    accepting, clients get their queued frames within ``daemon.grace_period``, then
+    everything is closed and :meth:`run` returns.
     """
 
     def __init__(
@@ -34,15 +44,26 @@ class Daemon:
         config: Config,
         *,
         source: str = "<embedded default>",
+        config_path: Path | None = None,
         transports: Transports | None = None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.config = config
         self.source = source
+        self.config_path = config_path
         self.streams = StreamRegistry()
         self.context = EndpointContext(self.streams, transports or Transports())
         self.supervisor = Supervisor(config.daemon.restart)
+        self.notifier = notifier or SystemdNotifier(None)
         self.started_at = time.time()
+        self.state = "starting"
+        self.last_reload: dict[str, Any] | None = None
+        self.status_server: StatusServer | None = None
+        self._status_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
+        self._running = trio.Event()
+        self._reload_lock = trio.Lock()
 
     @property
     def endpoints(self) -> dict[str, Endpoint[Any]]:
@@ -51,49 +72,200 @@ class Daemon:
     def request_shutdown(self) -> None:
         self._shutdown.set()
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        endpoints = self.endpoints.values()
+        clients = sum(len(e.status.clients) for e in endpoints)
+        failing = sum(1 for e in endpoints if e.status.state == "restarting")
+        text = f"{len(endpoints)} endpoints, {clients} connections"
+        return f"{text}, {failing} restarting" if failing else text
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.supervisor.run)
             for name, endpoint_config in self.config.endpoints.items():
                 await self.supervisor.start_endpoint(
                     make_endpoint(name, endpoint_config, self.context)
                 )
+            await self._start_status(self.config.status)
+            if self.notifier.watchdog_interval is not None:
+                self.supervisor.start_task(self._watchdog, self.notifier.watchdog_interval)
+            self.state = "running"
             log.info(
                 "framewire %s running %d endpoints from %s",
                 __version__,
                 len(self.config.endpoints),
                 self.source,
             )
+            await self.notifier.ready(self.summary())
+            self._running.set()
             task_status.started()
             await self._shutdown.wait()
+            self.state = "stopping"
+            await self.notifier.stopping()
             grace = self.config.daemon.grace_period
             log.info("shutting down (grace period %gs)", grace)
             await self.supervisor.stop_all(grace)
             nursery.cancel_scope.cancel()
+        self.state = "stopped"
         log.info("stopped")
 
+    async def _watchdog(self, interval: float) -> None:
+        """``WATCHDOG=1`` every ``interval`` seconds while the supervisor runs.
 
-async def serve(config: Config, source: str) -> None:
+        It runs inside the supervisor's nursery, so a dead or wedged supervisor (or event
+        loop) stops the pings and systemd restarts the service.
+        """
+        while True:
+            await self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    async def _start_status(self, config: StatusConfig | None) -> None:
+        if self._status_scope is not None:
+            self._status_scope.cancel()
+            self._status_scope = self.status_server = None
+        if config is None or self._nursery is None:
+            return
+        server = StatusServer(
+            lambda: build_snapshot(self),
+            host=config.listen.host or "",
+            port=config.listen.port,
+            interval=config.interval,
+            token=config.token,
+            max_clients=config.max_clients,
+        )
+
+        async def run_status(*, task_status: trio.TaskStatus[int]) -> None:
+            with trio.CancelScope() as scope:
+                self._status_scope = scope
+                try:
+                    await server.run(task_status=task_status)
+                except OSError as exc:
+                    log.error("status websocket unavailable on %s: %s", config.listen, exc)
+                    task_status.started(0)
+
+        self.status_server = server
+        await self._nursery.start(run_status)
+
+    async def reload(self, config: Config) -> list[str]:
+        """Switch to ``config``; return what changed, one line per endpoint touched.
+
+        Endpoints whose configuration is unchanged keep running and keep their clients.
+        Changed ones are stopped (their clients get what is queued, within the grace
+        period) and started again; removed ones are stopped; new ones are started.
+        """
+        async with self._reload_lock:
+            old = self.config
+            changes: list[str] = []
+            grace = old.daemon.grace_period
+            for name, endpoint_config in old.endpoints.items():
+                new_config = config.endpoints.get(name)
+                if new_config != endpoint_config:
+                    await self.supervisor.stop_endpoint(name, grace)
+                    changes.append(f"{'removed' if new_config is None else 'changed'} {name}")
+            self.config = config
+            self.supervisor.restart = config.daemon.restart
+            for name, endpoint_config in config.endpoints.items():
+                if old.endpoints.get(name) != endpoint_config:
+                    await self.supervisor.start_endpoint(
+                        make_endpoint(name, endpoint_config, self.context)
+                    )
+                    if name not in old.endpoints:
+                        changes.append(f"added {name}")
+            if config.status != old.status:
+                await self._start_status(config.status)
+                changes.append("restarted status")
+            logging.getLogger("framewire").setLevel(config.daemon.log_level.upper())
+            return changes
+
+    async def reload_from_file(self) -> bool:
+        """Reload from :attr:`config_path` (SIGHUP). On any error keep the running config.
+
+        The outcome is logged and kept in :attr:`last_reload` for status. Returns success.
+        """
+        await self._running.wait()
+        if self.state != "running":
+            return False
+        await self.notifier.reloading()
+        self.state = "reloading"
+        started = time.time()
+        try:
+            if self.config_path is None:
+                raise ConfigError(self.source, ["nothing to reload: running the embedded default"])
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.last_reload = {"time": round(started, 3), "ok": False, "error": str(exc)}
+            log.error("reload failed; still running the previous configuration:\n%s", exc)
+            ok = False
+        else:
+            changes = await self.reload(config)
+            self.last_reload = {"time": round(started, 3), "ok": True, "changes": changes}
+            log.info("reloaded %s: %s", self.source, "; ".join(changes) or "nothing changed")
+            ok = True
+        self.state = "running"
+        await self.notifier.ready(
+            self.summary()
+            if ok
+            else f"reload failed, running the previous config; {self.summary()}"
+        )
+        return ok
+
+
+def raise_open_files_limit(needed: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; warn if it is below ``needed``.
+
+    Returns the (soft, hard) limits now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
+    if soft < needed:
+        log.warning(
+            "the open-files limit (%d) is below what the configured max_clients may need (%d); "
+            "raise LimitNOFILE (systemd) or ulimit -n",
+            soft,
+            needed,
+        )
+    return soft, hard
+
+
+async def serve(config: Config, source: str, config_path: Path | None = None) -> None:
     """Run ``config`` until SIGINT or SIGTERM, then shut down gracefully.
 
-    A second signal during the grace period stops at once.
+    SIGHUP reloads ``config_path``. A second SIGINT/SIGTERM during the grace period stops at
+    once. Talks to systemd when ``NOTIFY_SOCKET`` is set.
     """
-    daemon = Daemon(config, source=source)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+    raise_open_files_limit(config.required_descriptors())
+    notifier = SystemdNotifier.from_environment()
+    daemon = Daemon(config, source=source, config_path=config_path, notifier=notifier)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
 
-            async def watch_signals() -> None:
-                count = 0
-                async for signum in signals:
-                    count += 1
-                    name = signal.Signals(signum).name
-                    if count == 1:
-                        log.info("received %s", name)
-                        daemon.request_shutdown()
-                    else:
-                        log.warning("received %s again; stopping now", name)
-                        nursery.cancel_scope.cancel()
+                async def watch_signals() -> None:
+                    stopping = False
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if signum == signal.SIGHUP:
+                            if not stopping:
+                                log.info("received SIGHUP: reloading %s", source)
+                                nursery.start_soon(daemon.reload_from_file)
+                        elif not stopping:
+                            log.info("received %s", name)
+                            stopping = True
+                            daemon.request_shutdown()
+                        else:
+                            log.warning("received %s again; stopping now", name)
+                            nursery.cancel_scope.cancel()
 
-            nursery.start_soon(watch_signals)
-            await daemon.run()
-            nursery.cancel_scope.cancel()
+                nursery.start_soon(watch_signals)
+                await daemon.run()
+                nursery.cancel_scope.cancel()
+    finally:
+        notifier.close()

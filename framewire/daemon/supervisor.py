@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -52,6 +53,17 @@ class Supervisor:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    def cancel(self) -> None:
+        """Stop hosting at once: every endpoint and helper task is cancelled."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def start_task(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run a helper task (e.g. the watchdog) that lives and dies with the supervisor."""
+        if self._nursery is None:
+            raise RuntimeError("the supervisor is not running")
+        self._nursery.start_soon(function, *args)
 
     async def start_endpoint(self, endpoint: Endpoint[Any]) -> None:
         """Start ``endpoint`` and return once its first attempt has bound or failed."""

@@ -36,18 +36,23 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             config.protocol,
             ", ".join(self.status.address),
         )
-        async with trio.open_nursery() as clients:
-            async with trio.open_nursery() as accepting:
+        try:
+            async with trio.open_nursery() as clients:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept, listener, clients)
+                    accepting.start_soon(self._until_stop_requested, accepting.cancel_scope)
+                    task_status.started()
+                # Stop requested: no more clients; let the connected ones drain and close.
                 for listener in listeners:
-                    accepting.start_soon(self._accept, listener, clients)
-                accepting.start_soon(self._until_stop_requested, accepting.cancel_scope)
-                task_status.started()
-            # Stop requested: no more clients; let the connected ones drain and close.
+                    await trio.aclose_forcefully(listener)
+                for client in self.status.clients.values():
+                    if client.subscription is not None:
+                        client.subscription.end("the server endpoint is stopping")
+        finally:
             for listener in listeners:
-                await trio.aclose_forcefully(listener)
-            for client in self.status.clients.values():
-                if client.subscription is not None:
-                    client.subscription.end("the server endpoint is stopping")
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(listener)
 
     async def _accept(
         self, listener: trio.abc.Listener[trio.abc.Stream], clients: trio.Nursery
