@@ -128,9 +128,12 @@ class StatusServer:
         self._generation = 0
         self._changed = trio.Event()
 
+    def _encode(self) -> bytes:
+        return json.dumps(self._snapshot(), separators=(",", ":")).encode()
+
     def refresh(self) -> None:
         """Build a new snapshot now and wake every client."""
-        self._latest = json.dumps(self._snapshot(), separators=(",", ":")).encode()
+        self._latest = self._encode()
         self._generation += 1
         self._changed.set()
         self._changed = trio.Event()
@@ -191,7 +194,9 @@ class StatusServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._refuse_input, connection, nursery.cancel_scope)
-                sent = 0
+                sent = self._generation
+                with trio.fail_after(self.send_timeout):
+                    await connection.send_message(self._encode())  # a fresh one on connect
                 while True:
                     if sent == self._generation:
                         await self._changed.wait()

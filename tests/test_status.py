@@ -1,0 +1,199 @@
+"""The status websocket: figures match traffic; bad, junk and stuck clients are closed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from trio_websocket import open_websocket_url
+
+from framewire import Frame, FrameKind
+from framewire.cli import render_status
+from framewire.config import parse_config
+from framewire.daemon import Daemon
+from framewire.daemon.status import SCHEMA, StatusServer
+
+from .helpers import connect, port_of, wait_until
+
+CONFIG = """
+[status]
+listen = "127.0.0.1:0"
+interval = "50ms"
+{token}
+
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+max_queue_frames = 8
+max_queue_bytes = "1MiB"
+"""
+
+
+@asynccontextmanager
+async def running(token: str = "") -> AsyncIterator[tuple[Daemon, str]]:
+    daemon = Daemon(parse_config(CONFIG.format(token=f'token = "{token}"' if token else "")))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(daemon.run)
+        assert daemon.status_server is not None
+        yield daemon, f"ws://127.0.0.1:{daemon.status_server.port}/"
+        daemon.request_shutdown()
+
+
+async def snapshot_where(url: str, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Read snapshots until one satisfies ``predicate``."""
+    async with open_websocket_url(url, connect_timeout=5, disconnect_timeout=1) as ws:
+        with trio.fail_after(10):
+            while True:
+                snapshot: dict[str, Any] = json.loads(await ws.get_message())
+                if predicate(snapshot):
+                    return snapshot
+
+
+def data(i: int, size: int = 100) -> Frame:
+    return Frame(FrameKind.DATA, "d", bytes(size), timestamp=i)
+
+
+async def test_snapshot_on_connect_and_figures_match_traffic() -> None:
+    async with running() as (daemon, url):
+        first = await snapshot_where(url, lambda s: True)
+        assert first["schema"] == SCHEMA
+        assert first["daemon"]["state"] == "running"
+        assert set(first["endpoints"]) == {"in", "out"}
+        port_in = port_of(daemon.endpoints["in"].status.address[0])
+        port_out = port_of(daemon.endpoints["out"].status.address[0])
+        client = await connect(port_out)
+        producer = await connect(port_in)
+        await producer.send([Frame(FrameKind.METADATA, "m", b"{}")] + [data(i) for i in range(6)])
+        with trio.fail_after(10):
+            await client.read(7)
+
+        def settled(s: dict[str, Any]) -> bool:
+            clients = s["endpoints"]["out"]["clients"]
+            return bool(clients) and clients[0]["frames_sent"] == 7
+
+        snap = await snapshot_where(url, settled)
+        receiver, server = snap["endpoints"]["in"], snap["endpoints"]["out"]
+        wire = 7 * 28 + 1 + 2 + 6 * (1 + 100)
+        assert (receiver["frames_in"], receiver["bytes_in"]) == (7, wire)
+        assert receiver["clients"][0]["frames_received"] == 7
+        assert (server["frames_out"], server["bytes_out"]) == (7, wire)
+        assert server["frames_dropped"] == 0
+        (entry,) = server["clients"]
+        assert (entry["queue_frames"], entry["queue_bytes"]) == (0, 0)
+        assert snap["streams"]["s"] == {
+            "frames_in": 7,
+            "bytes_in": wire,
+            "subscribers": 1,
+            "metadata_cached": 1,
+        }
+        assert "out" in render_status(snap)
+        for peer in (client, producer):
+            await peer.stream.aclose()
+
+
+async def test_drops_of_a_stalled_client_are_counted() -> None:
+    async with running() as (daemon, url):
+        port_out = port_of(daemon.endpoints["out"].status.address[0])
+        stalled = await trio.open_tcp_stream("127.0.0.1", port_out)
+        stream = daemon.streams.get("s")
+        await wait_until(lambda: len(stream.subscriptions) == 1)
+        for i in range(400):  # 25 MiB, far beyond the socket buffers
+            await stream.publish([data(i, size=64 * 1024)])
+        snap = await snapshot_where(url, lambda s: s["endpoints"]["out"]["frames_dropped"] > 0)
+        (entry,) = snap["endpoints"]["out"]["clients"]
+        assert entry["frames_dropped"] == snap["endpoints"]["out"]["frames_dropped"]
+        assert entry["frames_dropped"] + entry["frames_sent"] + entry["queue_frames"] == 400
+        assert entry["queue_frames"] <= 8
+        assert entry["queue_bytes"] <= 1 << 20
+        await stalled.aclose()
+
+
+async def raw_handshake(port: int, path: str = "/") -> tuple[trio.SocketStream, bytes]:
+    """A websocket opening handshake by hand; returns the stream and the response head.
+
+    Used where the client must misbehave (never read) or be refused: a hand-made client
+    keeps the test independent of the client library's own handling of those cases.
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(1)
+            if not chunk:
+                break
+            head += chunk
+    return stream, head
+
+
+async def test_token_is_required_when_configured() -> None:
+    async with running(token="s3cret") as (daemon, url):
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        for path in ("/", "/?token=wrong"):
+            stream, head = await raw_handshake(port, path)
+            assert head.startswith(b"HTTP/1.1 401")
+            await stream.aclose()
+        stream, head = await raw_handshake(port, "/?token=s3cret")
+        assert head.startswith(b"HTTP/1.1 101")
+        await stream.aclose()
+        ok = await snapshot_where(url + "?token=s3cret", lambda s: True)
+        assert ok["schema"] == SCHEMA
+        header = [(b"authorization", b"Bearer s3cret")]
+        async with open_websocket_url(url, extra_headers=header, connect_timeout=5) as ws:
+            with trio.fail_after(5):
+                assert json.loads(await ws.get_message())["schema"] == SCHEMA
+
+
+async def test_a_client_that_sends_junk_is_closed() -> None:
+    async with running() as (daemon, _):
+        assert daemon.status_server is not None
+        stream, head = await raw_handshake(daemon.status_server.port)
+        assert head.startswith(b"HTTP/1.1 101")
+        # One masked text frame, as a client must send it (RFC 6455 section 5.3).
+        payload, mask = b"please do something", b"\x01\x02\x03\x04"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await stream.send_all(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+        received = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        # Snapshots, then a close frame with code 1008 (policy violation), then EOF.
+        close = received.rindex(b"\x88")
+        assert received[close + 2 : close + 4] == (1008).to_bytes(2, "big")
+        await stream.aclose()
+
+
+async def test_a_stuck_status_client_is_closed_and_stalls_no_one() -> None:
+    big = {"padding": "x" * (1 << 20)}  # 1 MiB snapshots fill socket buffers quickly
+    server = StatusServer(lambda: big, host="127.0.0.1", port=0, interval=0.02, send_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        url = f"ws://127.0.0.1:{port}/"
+        stuck, head = await raw_handshake(port)  # accepted, then never reads
+        assert head.startswith(b"HTTP/1.1 101")
+        await wait_until(lambda: server.clients == 1)
+        received = 0
+        async with open_websocket_url(url, connect_timeout=5, max_message_size=2 << 20) as ws:
+            with trio.fail_after(20):
+                # The reader keeps getting snapshots while the stuck one is dropped.
+                while server.clients == 2 or received < 5:
+                    await ws.get_message()
+                    received += 1
+        await wait_until(lambda: server.clients == 0)
+        await stuck.aclose()
+        nursery.cancel_scope.cancel()
