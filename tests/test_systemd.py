@@ -190,7 +190,7 @@ async def test_watchdog_stops_when_the_supervisor_is_gone(
     daemon = Daemon(parse_config(CONFIG.format(port=0)), notifier=notifier)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
-        await trio.sleep(5)
+        await trio.sleep(5.5)
         assert sum(f == ("WATCHDOG=1",) for _, f in notifier.messages) == 6  # 0, 1, ... 5 s
         daemon.supervisor.cancel()
         count = len(notifier.messages)

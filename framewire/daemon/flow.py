@@ -78,4 +78,4 @@ async def send_subscription(
         with trio.fail_after(send_timeout):
             await connection.send(buffers)
         if on_sent is not None:
-            on_sent(len(batch), sum(frame.size for frame in batch))
+            on_sent(len(batch), subscription.last_batch_bytes)

@@ -7,6 +7,7 @@ file), to systemd's notify socket and to the open-files limit.
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import signal
@@ -212,6 +213,18 @@ class Daemon:
         return ok
 
 
+def tune_garbage_collector() -> None:
+    """Make the cyclic garbage collector cheap for a process full of queued frames.
+
+    Every queued Frame is tracked by the collector, and with deep queues the default
+    thresholds spent a third of the relay's CPU walking them (30 ms full collections). Frames
+    form no reference cycles, so collecting rarely loses nothing: objects made at startup are
+    frozen out of its way, and a collection runs after 100,000 net allocations instead of 700.
+    """
+    gc.freeze()
+    gc.set_threshold(100_000, 20, 100)
+
+
 def raise_open_files_limit(needed: int) -> tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE to the hard limit; warn if it is below ``needed``.
 
@@ -242,6 +255,7 @@ async def serve(config: Config, source: str, config_path: Path | None = None) ->
     once. Talks to systemd when ``NOTIFY_SOCKET`` is set.
     """
     raise_open_files_limit(config.required_descriptors())
+    tune_garbage_collector()
     notifier = SystemdNotifier.from_environment()
     daemon = Daemon(config, source=source, config_path=config_path, notifier=notifier)
     try:

@@ -122,6 +122,8 @@ class Subscription:
         self.frames_dropped = 0
         self.bytes_dropped = 0
         self.frames_decimated = 0
+        #: Bytes in the batch :meth:`receive_batch` returned last.
+        self.last_batch_bytes = 0
         self._wake_consumer: trio.Event | None = None
         self._wake_publisher: trio.Event | None = None
         self._closed: SubscriptionClosed | None = None
@@ -187,7 +189,7 @@ class Subscription:
             self._wake_consumer.set()
             self._wake_consumer = None
 
-    async def put(self, frames: Iterable[Frame]) -> None:
+    async def put(self, frames: Sequence[Frame]) -> None:
         """Queue ``frames`` in order, waiting for room as needed (lossless policy).
 
         Frames still unqueued when the subscription closes or ends are discarded. Always a
@@ -196,6 +198,25 @@ class Subscription:
         queue = self._queue
         bounds = self.bounds
         decimate = self.decimate
+        if not decimate and self._closed is None and self._ending is None:
+            # Fast path: the whole batch fits; queue it with one wake-up.
+            sizes = [frame.size for frame in frames]
+            total = sum(sizes)
+            if (
+                len(queue) + len(sizes) <= bounds.max_frames
+                and self.queued_bytes + total <= bounds.max_bytes
+            ):
+                queue.extend(frames)
+                self.queued_bytes += total
+                for frame in frames:
+                    if frame.kind is not _DATA:
+                        self.queued_metadata += 1
+                        self.queued_metadata_bytes += frame.size
+                if self._wake_consumer is not None:
+                    self._wake_consumer.set()
+                    self._wake_consumer = None
+                await trio.lowlevel.checkpoint()
+                return
         for frame in frames:
             if frame.kind is _DATA and decimate and not self._keep(frame):
                 continue
@@ -309,6 +330,7 @@ class Subscription:
             if frame.kind is not _DATA:
                 metadata += 1
                 metadata_bytes += frame.size
+        self.last_batch_bytes = taken_bytes
         self.queued_bytes -= taken_bytes
         self.queued_metadata -= metadata
         self.queued_metadata_bytes -= metadata_bytes

@@ -30,6 +30,12 @@ Connector: TypeAlias = Callable[[], Awaitable[trio.abc.Stream]]
 
 #: Writes at most this big are joined into one buffer; bigger ones go out as a gather write.
 JOIN_LIMIT: Final = 256 * 1024
+#: Buffers per sendmsg() call (Linux's IOV_MAX is 1024).
+_IOV_MAX: Final = 1024
+
+
+def _nbytes(buffer: Buffer) -> int:
+    return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
 
 
 def peer_name(stream: trio.abc.Stream) -> str:
@@ -83,39 +89,43 @@ class Connection:
         self.bytes_received += n
         return n
 
-    async def send(self, buffers: Sequence[Buffer]) -> None:
-        """Write every buffer, in order. Raises trio.BrokenResourceError if the peer is gone."""
+    async def send(self, buffers: Sequence[Buffer], nbytes: int | None = None) -> None:
+        """Write every buffer, in order. ``nbytes`` is their total, when the caller knows it.
+
+        Raises trio.BrokenResourceError if the peer is gone.
+        """
         if not buffers:
             return
-        total = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers)
+        total = nbytes if nbytes is not None else sum(map(_nbytes, buffers))
         if len(buffers) == 1:
             await self.stream.send_all(buffers[0])
-        elif total <= JOIN_LIMIT or self._socket is None:
-            if total <= JOIN_LIMIT:
-                await self.stream.send_all(b"".join(buffers))
-            else:
-                for buffer in buffers:
-                    await self.stream.send_all(buffer)
-        else:
+        elif total <= JOIN_LIMIT:
+            await self.stream.send_all(b"".join(buffers))
+        elif self._socket is not None:
             await self._gather(buffers)
+        else:
+            for buffer in buffers:
+                await self.stream.send_all(buffer)
         self.bytes_sent += total
 
     async def _gather(self, buffers: Sequence[Buffer]) -> None:
+        """sendmsg() in slices of at most IOV_MAX buffers, resuming after partial sends."""
         sock = self._socket
         assert sock is not None
-        pending = [memoryview(b).cast("B") for b in buffers]
-        while pending:
+        pending: list[Buffer] = list(buffers)
+        index = 0
+        while index < len(pending):
             try:
-                sent = await sock.sendmsg(pending[:512])
+                sent = await sock.sendmsg(pending[index : index + _IOV_MAX])
             except OSError as exc:
                 raise trio.BrokenResourceError(f"send failed: {exc}") from exc
             while sent:
-                head = pending[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    pending.pop(0)
+                size = _nbytes(pending[index])
+                if sent >= size:
+                    sent -= size
+                    index += 1
                 else:
-                    pending[0] = head[sent:]
+                    pending[index] = memoryview(pending[index]).cast("B")[sent:]
                     sent = 0
 
     async def aclose(self) -> None:

@@ -167,7 +167,11 @@ class FrameDecoder:
             raise AssertionError("_measure shrank a frame it had already measured")
         self._large = None
         self._large_filled = 0
-        frame = self._make_frame(large)
+        try:
+            frame = self._make_frame(large)
+        except ProtocolError as exc:
+            self._error = exc
+            raise
         if frame is not None:
             frames.append(frame)
         return True

@@ -51,6 +51,8 @@ _MAX_KEY: Final = 0xFF
 _MAX_VALUE: Final = 0xFFFF
 _MAX_HEADERS: Final = 0xFFFF
 _FRAME_KINDS: Final = (FrameKind.DATA, FrameKind.METADATA)
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
 
 
 def _control(kind: int) -> bytes:
@@ -93,8 +95,16 @@ class NativeDecoder(FrameDecoder):
                 unpack(buffer, start)
             )
             total = 28 + type_len + headers_len + payload_len
-            if magic != MAGIC or version != VERSION or flags or kind > 1 or count or total > limit:
-                break
+            if (
+                magic != MAGIC
+                or version != VERSION
+                or flags
+                or kind > 1
+                or count
+                or headers_len
+                or total > limit
+            ):
+                break  # headers, control frames, large frames and errors: the general path
             if total > end - start:
                 break
             wire = view[start : start + total].tobytes()
@@ -236,6 +246,8 @@ class NativeEncoder:
         block = encode_headers(headers) if headers else b""
         payload = frame.payload
         payload_len = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+        if not _INT64_MIN <= frame.timestamp <= _INT64_MAX:
+            raise ValueError(f"timestamp {frame.timestamp} does not fit a signed 64-bit integer")
         out.append(
             HEADER.pack(
                 MAGIC,
