@@ -7,8 +7,10 @@ file), to systemd's notify socket and to the open-files limit.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
+import platform
 import resource
 import signal
 import time
@@ -225,6 +227,27 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(100_000, 20, 100)
 
 
+def tune_memory_allocator() -> bool:
+    """Let glibc's malloc keep and reuse large frame buffers instead of mapping each anew.
+
+    By default every buffer over 128 KiB is a fresh mmap: a 1 MiB frame cost about 45 page
+    faults and its pages zeroed by the kernel, then unmapped when the frame was delivered.
+    Serving buffers up to 32 MiB from the heap, and trimming the heap only when 128 MiB are
+    free at its top, cut the relay's CPU per 1 MiB frame by about a third (benchmarks/relay.py).
+    The cost: up to 128 MiB of freed memory may stay with the process. Only on glibc; returns
+    whether the settings took.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 128 << 20))
+
+
 def raise_open_files_limit(needed: int) -> tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE to the hard limit; warn if it is below ``needed``.
 
@@ -256,6 +279,7 @@ async def serve(config: Config, source: str, config_path: Path | None = None) ->
     """
     raise_open_files_limit(config.required_descriptors())
     tune_garbage_collector()
+    tune_memory_allocator()
     notifier = SystemdNotifier.from_environment()
     daemon = Daemon(config, source=source, config_path=config_path, notifier=notifier)
     try:
