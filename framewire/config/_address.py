@@ -66,7 +66,9 @@ def parse_address(text: object, *, listening: bool = False) -> Address:
         host, colon, port_text = rest.rpartition(":")
         if not colon or not host:
             raise ValueError(f"address {text!r}: expected {scheme}://host:port")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if ":" in host:
+            raise ValueError(f"address {text!r}: write an IPv6 address in brackets: [{host}]")
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"address {text!r}: port must be a number from 0 to 65535")
     port = int(port_text)
     if host == "*":
@@ -87,7 +89,13 @@ def _valid_host(host: str) -> bool:
     except ValueError:
         pass
     labels = host.rstrip(".").split(".")
-    return all(
-        0 < len(label) <= 63 and label.replace("-", "").isalnum() and label[0] != "-"
+    if all(label.isdigit() for label in labels):
+        return False  # digits and dots only, yet not an IPv4 address (e.g. 999.1.1.1)
+    return len(host) <= 253 and all(
+        0 < len(label) <= 63
+        and label.isascii()
+        and label.replace("-", "").isalnum()
+        and label[0] != "-"
+        and label[-1] != "-"
         for label in labels
     )

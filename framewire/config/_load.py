@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
+import attrs
 import cattrs
 from cattrs.errors import ForbiddenExtraKeysError
-from cattrs.gen import make_mapping_structure_fn
+from cattrs.gen import make_dict_structure_fn, make_mapping_structure_fn
 
 from ._address import Address
 from ._schema import (
@@ -109,6 +110,18 @@ def _make_converter() -> cattrs.Converter:
 
     converter.register_structure_hook_factory(_is_str_dict, dict_hook_factory)
 
+    def table_hook_factory(cls: Any) -> Callable[[object, object], object]:
+        inner = make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True)
+
+        def structure(value: object, _: object) -> object:
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a table, got {describe(value)}")
+            return inner(value, cls)
+
+        return structure
+
+    converter.register_structure_hook_factory(attrs.has, table_hook_factory)
+
     def structure_endpoint(value: object, _: object) -> EndpointConfig:
         if not isinstance(value, dict):
             raise ValueError(f"expected a table, got {describe(value)}")
@@ -161,15 +174,16 @@ def _join(path: str, key: str) -> str:
 def _cross_checks(config: Config) -> list[str]:
     errors = []
     bound: dict[Address, str] = {}
+    if config.status is not None and config.status.listen.port != 0:
+        bound[config.status.listen] = "[status]"
     for name, endpoint in config.endpoints.items():
         listen = getattr(endpoint, "listen", None)
         if listen is None or listen.port == 0:
             continue
         if listen in bound:
-            errors.append(
-                f"endpoints.{name}.listen: {listen} is also the address of endpoint "
-                f"{bound[listen]!r}"
-            )
+            other = bound[listen]
+            owner = other if other == "[status]" else f"endpoint {other!r}"
+            errors.append(f"endpoints.{name}.listen: {listen} is also the address of {owner}")
         bound[listen] = name
     return errors
 

@@ -134,6 +134,17 @@ PositiveSize = Annotated[int, _positive(parse_size)]
 Duration = Annotated[float, Check(parse_duration)]
 PositiveDuration = Annotated[float, _positive(parse_duration)]
 Name = Annotated[str, Check(check_name)]
+
+
+def _at_least_one(value: object) -> object:
+    number = _strict(float)(value)
+    if number < 1:  # type: ignore[operator]
+        raise ValueError(f"expected a number of 1 or more, got {number!r}")
+    return number
+
+
+#: A growth factor: a number >= 1.
+Growth = Annotated[float, Check(_at_least_one)]
 ProtocolName = Annotated[str, Check(check_protocol)]
 #: An address to connect to, and one to listen on ("*" and port 0 allowed).
 ConnectAddress = Annotated[Address, Check(parse_address)]
@@ -160,14 +171,12 @@ class BackoffConfig:
 
     initial: PositiveDuration = 0.5
     maximum: PositiveDuration = 30.0
-    factor: PositiveFloat = 2.0
+    factor: Growth = 2.0
     stable_after: Duration = 10.0
 
     def __attrs_post_init__(self) -> None:
         if self.maximum < self.initial:
             raise FieldError("maximum", f"must be at least initial ({self.initial}s)")
-        if self.factor < 1:
-            raise FieldError("factor", f"must be 1 or more, got {self.factor}")
 
 
 @attrs.frozen
@@ -271,7 +280,7 @@ class Config:
 
     daemon: DaemonConfig = attrs.field(factory=DaemonConfig)
     status: StatusConfig | None = None
-    endpoints: dict[str, EndpointConfig] = attrs.field(factory=dict)
+    endpoints: dict[Name, EndpointConfig] = attrs.field(factory=dict)
 
     def required_descriptors(self) -> int:
         """File descriptors the configured endpoints may need at their limits."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from typing import Final
 
 __all__ = ["format_size", "parse_duration", "parse_size"]
@@ -28,7 +29,8 @@ _DURATION_UNITS: Final = {
     "min": 60.0,
     "h": 3600.0,
 }
-_NUMBER_UNIT: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_MAX_SIZE: Final = 2**63 - 1
+_NUMBER_UNIT: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", re.ASCII)
 
 
 def parse_size(value: object) -> int:
@@ -42,14 +44,19 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"expected a size of 0 bytes or more, got {value}")
+        if value > _MAX_SIZE:
+            raise ValueError(f"size {value} is too large")
         return value
     if isinstance(value, str):
         match = _NUMBER_UNIT.fullmatch(value)
         if match and match.group(2).lower() in _SIZE_UNITS:
-            number = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-            if number == int(number):
-                return int(number)
-            raise ValueError(f"size {value!r} is not a whole number of bytes")
+            # Exact arithmetic: "4.1GB" is 4,100,000,000 bytes, not 4099999999.9999995.
+            number = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+            if number.denominator != 1:
+                raise ValueError(f"size {value!r} is not a whole number of bytes")
+            if number.numerator > _MAX_SIZE:
+                raise ValueError(f"size {value!r} is too large")
+            return number.numerator
     raise ValueError(
         f'expected a size such as "64MiB", "1.5GB" or a number of bytes, got {value!r}'
     )
@@ -69,7 +76,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         match = _NUMBER_UNIT.fullmatch(value)
         if match and match.group(2).lower() in _DURATION_UNITS:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+            if not math.isfinite(seconds):
+                raise ValueError(f"duration {value!r} is too large")
+            return seconds
     raise ValueError(f'expected a duration such as "5s", "250ms" or "2m", got {value!r}')
 
 

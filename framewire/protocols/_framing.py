@@ -107,6 +107,8 @@ class FrameDecoder:
 
     def feed(self, data: Buffer) -> list[Frame]:
         """Decode ``data`` (any chunk of the stream); return the frames it completed."""
+        if self._error is not None:
+            raise self._error
         frames: list[Frame] = []
         source = memoryview(data).cast("B")
         while source:

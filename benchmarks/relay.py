@@ -1,0 +1,600 @@
+"""Relay throughput: producer -> consumer directly, and through a framewire daemon.
+
+Run ``python benchmarks/relay.py`` (``--help`` for options). For each frame size (1 MiB and
+64-byte payloads) it measures, side by side:
+
+direct
+    a producer process writes native-protocol frames over loopback TCP straight to a
+    consumer process;
+relayed
+    the same producer writes to a framewire daemon (``python -m framewire run CONFIG``, its
+    own process) with a ``receiver`` endpoint publishing into the stream ``bench`` and a
+    lossless ``server`` endpoint serving it; the consumer connects to the server.
+
+The rate is what the consumer receives during a fixed window after a warm-up, counted from the
+first byte it receives. CPU use of every process during that window is read from /proc.
+
+The script runs itself as the producer and consumer processes (``--role``, not for direct
+use). Every process it starts is terminated on the way out, and every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Final
+
+from framewire import protocols
+from framewire.frame import Frame, FrameKind
+
+HOST: Final = "127.0.0.1"
+MIB: Final = 1 << 20
+FRAME_TYPE: Final = "bench"
+STREAM: Final = "bench"
+#: The producer sends a pre-encoded block of about this many bytes with each sendall().
+BLOCK_BYTES: Final = 4 * MIB
+#: The consumer reads into a reused buffer of this size.
+RECEIVE_BYTES: Final = 4 * MIB
+#: A socket operation that makes no progress for this long is an error.
+IO_TIMEOUT: Final = 10.0
+#: How long a process gets to start (print its ready line) or to exit after SIGTERM.
+START_TIMEOUT: Final = 15.0
+STOP_TIMEOUT: Final = 5.0
+#: How often the daemon's, producer's and consumer's CPU times are sampled.
+SAMPLE_INTERVAL: Final = 0.05
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+#: CPU use by other processes (share of one CPU) above which the summary warns.
+BUSY_MACHINE: Final = 0.2
+
+TARGET_RATIO_1MIB: Final = 0.4
+TARGET_FRAMES_64B: Final = 500_000
+
+DAEMON_CONFIG: Final = """\
+[daemon]
+grace_period = "1s"
+log_level = "info"
+
+[endpoints.bench-in]
+kind = "receiver"
+listen = "tcp://{host}:{receiver_port}"
+protocol = "native"
+stream = "{stream}"
+
+[endpoints.bench-out]
+kind = "server"
+listen = "tcp://{host}:{server_port}"
+protocol = "native"
+stream = "{stream}"
+policy = "lossless"
+max_queue_frames = {max_queue_frames}
+max_queue_bytes = {max_queue_bytes}
+"""
+
+
+# -- frames ---------------------------------------------------------------------------------
+
+
+def encode_frame(payload_size: int) -> bytes:
+    """One DATA frame with a ``payload_size``-byte payload and no headers, as wire bytes."""
+    pattern = bytes(range(256))
+    payload = (pattern * (payload_size // 256 + 1))[:payload_size]
+    frame = Frame(FrameKind.DATA, FRAME_TYPE, payload, timestamp=1_700_000_000_000_000_000)
+    encoder = protocols.get("native").make_encoder()
+    return b"".join(bytes(buffer) for buffer in encoder.encode(frame))
+
+
+# -- the producer and consumer processes ---------------------------------------------------
+
+
+class Stop(Exception):
+    """Raised by the producer's SIGTERM handler."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise Stop
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # so that every child is stopped on the way out
+
+
+def run_producer(port: int, payload_size: int, seconds: float) -> None:
+    """Send frames to ``port`` until SIGTERM (or ``seconds``, a safety limit).
+
+    A socket error (the peer went away early, a write stalled for IO_TIMEOUT) is raised: it
+    means the measurement is broken.
+    """
+    signal.signal(signal.SIGTERM, _raise_stop)
+    one = encode_frame(payload_size)
+    block = one * max(1, BLOCK_BYTES // len(one))
+    deadline = time.monotonic() + seconds
+    try:
+        with socket.create_connection((HOST, port), timeout=IO_TIMEOUT) as sock:
+            sendall = sock.sendall
+            while time.monotonic() < deadline:
+                sendall(block)
+    except Stop:
+        pass
+
+
+def run_consumer(port: int, payload_size: int, warmup: float, duration: float) -> None:
+    """Receive from ``port`` (or listen, for port 0), measure, print a JSON result line.
+
+    Prints ``ready PORT`` once connected (or listening), then the result once the window is
+    over; then stays connected, not reading, until it is terminated, so every process is
+    still alive when the orchestrator takes its last CPU sample.
+    """
+    expected = encode_frame(payload_size)
+    if port:
+        sock = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
+        print(f"ready {port}", flush=True)
+    else:
+        with socket.create_server((HOST, 0)) as listener:
+            print(f"ready {listener.getsockname()[1]}", flush=True)
+            listener.settimeout(START_TIMEOUT)
+            sock, _ = listener.accept()
+    sock.settimeout(IO_TIMEOUT)
+    view = memoryview(bytearray(max(RECEIVE_BYTES, 2 * len(expected))))
+    recv_into = sock.recv_into
+
+    # The first frame must be exactly what the producer encoded.
+    have = 0
+    while have < len(expected):
+        n = recv_into(view[have:])
+        if not n:
+            raise SystemExit("consumer: the connection closed before the first frame")
+        have += n
+    first_byte_at = time.monotonic()
+    if view[: len(expected)] != expected:
+        raise SystemExit("consumer: the first frame received differs from the one sent")
+
+    total = have
+    start_at = first_byte_at + warmup
+    end_at = start_at + duration
+    now = time.monotonic()
+    while now < start_at:
+        n = recv_into(view)
+        if not n:
+            raise SystemExit("consumer: the connection closed during the warm-up")
+        total += n
+        now = time.monotonic()
+    t0, bytes0 = now, total
+    while now < end_at:
+        n = recv_into(view)
+        if not n:
+            raise SystemExit("consumer: the connection closed during the measurement")
+        total += n
+        now = time.monotonic()
+    result = {"bytes": total - bytes0, "t0": t0, "t1": now}
+    print(json.dumps(result), flush=True)
+    time.sleep(START_TIMEOUT)
+
+
+# -- child processes ------------------------------------------------------------------------
+
+
+class ChildTimeout(RuntimeError):
+    """A child printed no line within the time allowed."""
+
+
+class Child:
+    """A child process whose stdout is read line by line, with timeouts."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, stderr: int | None = None) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
+        )
+        self._pending = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def readline(self, timeout: float) -> str:
+        """The next line of output.
+
+        Raises ChildTimeout if none comes within ``timeout`` seconds, RuntimeError if the
+        child exits first.
+        """
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChildTimeout(f"{self.name}: no output within {timeout:g}s")
+            readable, _, _ = select.select([fd], [], [], left)
+            if readable:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    code = self.proc.wait(STOP_TIMEOUT)
+                    raise RuntimeError(f"{self.name}: exited (status {code}) before answering")
+                self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode()
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@contextlib.contextmanager
+def started(child: Child) -> Iterator[Child]:
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+def role_argv(role: str, port: int, payload_size: int, args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        f"--role={role}",
+        f"--port={port}",
+        f"--payload-size={payload_size}",
+        f"--warmup={args.warmup}",
+        f"--duration={args.duration}",
+    ]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # Fields after "(comm)" start at field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time used on every CPU by anything, including time stolen by a hypervisor."""
+    with open("/proc/stat") as stat:
+        # cpu user nice system idle iowait irq softirq steal ...
+        ticks = [int(value) for value in stat.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
+@dataclass
+class CpuSamples:
+    """CPU times of some processes (and of the machine) sampled over time, to interpolate."""
+
+    pids: dict[str, int]
+    samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+
+    def take(self) -> None:
+        now = time.monotonic()
+        values = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        values["machine"] = machine_busy_seconds()
+        self.samples.append((now, {k: v for k, v in values.items() if v is not None}))
+
+    def at(self, name: str, when: float) -> float | None:
+        points = [(t, values[name]) for t, values in self.samples if name in values]
+        before = [p for p in points if p[0] <= when]
+        after = [p for p in points if p[0] >= when]
+        if not before or not after:
+            return None
+        (ta, va), (tb, vb) = before[-1], after[0]
+        return va if tb == ta else va + (vb - va) * (when - ta) / (tb - ta)
+
+    def used(self, name: str, t0: float, t1: float) -> float | None:
+        start, end = self.at(name, t0), self.at(name, t1)
+        return None if start is None or end is None else end - start
+
+
+# -- one measurement ------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    path: str  # "direct" or "relayed"
+    payload_size: int
+    frame_size: int
+    nbytes: int
+    seconds: float
+    cpu: dict[str, float | None]
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.nbytes / self.frame_size / self.seconds
+
+    @property
+    def payload_gbit_per_second(self) -> float:
+        return self.frames_per_second * self.payload_size * 8 / 1e9
+
+    @property
+    def daemon_us_per_frame(self) -> float | None:
+        """The daemon's CPU time per frame received by the consumer, in microseconds."""
+        used = self.cpu.get("daemon")
+        return None if used is None else used / (self.nbytes / self.frame_size) * 1e6
+
+
+def measure(payload_size: int, args: argparse.Namespace, daemon: Child | None) -> Result:
+    """One case: direct without a daemon, relayed through ``daemon``."""
+    consumer_port = 0 if daemon is None else args.server_port
+    consumer = Child("consumer", role_argv("consumer", consumer_port, payload_size, args))
+    with started(consumer):
+        ready = consumer.readline(START_TIMEOUT).split()
+        if len(ready) != 2 or ready[0] != "ready":
+            raise RuntimeError(f"consumer: unexpected output {' '.join(ready)!r}")
+        producer_port = int(ready[1]) if daemon is None else args.receiver_port
+        producer_seconds = args.warmup + args.duration + 2 * START_TIMEOUT
+        argv = role_argv("producer", producer_port, payload_size, args)
+        argv.append(f"--seconds={producer_seconds}")
+        producer = Child("producer", argv)
+        with started(producer):
+            pids = {"producer": producer.pid, "consumer": consumer.pid}
+            if daemon is not None:
+                pids["daemon"] = daemon.pid
+            cpu = CpuSamples(pids)
+            cpu.take()
+            deadline = time.monotonic() + args.warmup + args.duration + START_TIMEOUT
+            while True:
+                try:
+                    line = consumer.readline(SAMPLE_INTERVAL)
+                    break
+                except ChildTimeout:
+                    if time.monotonic() > deadline:
+                        raise
+                cpu.take()
+            cpu.take()  # after the window: every process is still running
+    report = json.loads(line)
+    t0, t1 = report["t0"], report["t1"]
+    used = {name: cpu.used(name, t0, t1) for name in ("daemon", "producer", "consumer")}
+    machine = cpu.used("machine", t0, t1)
+    ours = [value for value in used.values() if value is not None]
+    used["others"] = None if machine is None else max(0.0, machine - sum(ours))
+    return Result(
+        path="direct" if daemon is None else "relayed",
+        payload_size=payload_size,
+        frame_size=len(encode_frame(payload_size)),
+        nbytes=report["bytes"],
+        seconds=t1 - t0,
+        cpu=used,
+    )
+
+
+# -- the daemon -----------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports that were free a moment ago (for the daemon's config)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((HOST, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+def wait_for_port(port: int, daemon: Child, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with status {daemon.proc.returncode}")
+        try:
+            with socket.create_connection((HOST, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"daemon: port {port} not accepting after {timeout:g}s"
+                ) from None
+            time.sleep(0.05)
+
+
+def start_daemon(workdir: Path, args: argparse.Namespace) -> Child:
+    config = workdir / "relay.toml"
+    config.write_text(
+        DAEMON_CONFIG.format(
+            host=HOST,
+            receiver_port=args.receiver_port,
+            server_port=args.server_port,
+            stream=STREAM,
+            max_queue_frames=args.max_queue_frames,
+            max_queue_bytes=args.max_queue_bytes,
+        )
+    )
+    profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
+    argv = [sys.executable, *profile, "-m", "framewire", "run", str(config)]
+    log = open(workdir / "daemon.log", "wb")  # noqa: SIM115 - kept open for the child
+    try:
+        daemon = Child("daemon", argv, stderr=log.fileno())
+    finally:
+        log.close()
+    return daemon
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+
+def describe_size(payload_size: int) -> str:
+    return f"{payload_size // MIB} MiB" if payload_size % MIB == 0 else f"{payload_size} B"
+
+
+def rate_text(result: Result) -> str:
+    if result.payload_size >= MIB:
+        return f"{result.payload_gbit_per_second:8.2f} Gbit/s"
+    return f"{result.frames_per_second:>12,.0f} frames/s"
+
+
+def cpu_text(result: Result, name: str) -> str:
+    used = result.cpu.get(name)
+    if used is None:
+        return f"{'-':>12}"
+    return f"{used:5.2f}s {used / result.seconds:4.0%}"
+
+
+def print_row(result: Result) -> None:
+    others = result.cpu.get("others")
+    print(
+        f"{describe_size(result.payload_size):>8}  {result.path:<8} {rate_text(result):>20}"
+        f"  {cpu_text(result, 'daemon')}  {cpu_text(result, 'producer')}"
+        f"  {cpu_text(result, 'consumer')}"
+        f"  {'-' if others is None else f'{others / result.seconds:.0%}':>6}",
+        flush=True,
+    )
+
+
+def print_summary(results: dict[tuple[int, str], list[Result]]) -> None:
+    """The median of each case, the ratio, the target, and the daemon's CPU cost per frame."""
+    runs = len(next(iter(results.values())))
+    print(f"\nsummary (median of {runs} run{'s' if runs != 1 else ''} per case):")
+    for payload_size in sorted({size for size, _ in results}, reverse=True):
+        direct = results[(payload_size, "direct")]
+        relayed = results[(payload_size, "relayed")]
+        if payload_size >= MIB:
+            d = statistics.median(r.payload_gbit_per_second for r in direct)
+            r = statistics.median(r.payload_gbit_per_second for r in relayed)
+            figures = f"direct {d:.2f} Gbit/s, relayed {r:.2f} Gbit/s of payload"
+            met = r / d >= TARGET_RATIO_1MIB
+            target = f"target relayed/direct >= {TARGET_RATIO_1MIB}"
+        else:
+            d = statistics.median(r.frames_per_second for r in direct)
+            r = statistics.median(r.frames_per_second for r in relayed)
+            figures = f"direct {d:,.0f} frames/s, relayed {r:,.0f} frames/s"
+            met = r >= TARGET_FRAMES_64B
+            target = f"target relayed >= {TARGET_FRAMES_64B:,} frames/s"
+        costs = [c for c in (result.daemon_us_per_frame for result in relayed) if c is not None]
+        cost = f"{statistics.median(costs):,.2f} us" if costs else "unknown"
+        print(f"  {describe_size(payload_size)} payload: {figures}, relayed/direct {r / d:.3f}")
+        print(f"    {target}: {'met' if met else 'NOT met'}; daemon CPU per relayed frame {cost}")
+    busiest = max(
+        (r.cpu["others"] / r.seconds for rs in results.values() for r in rs if r.cpu["others"]),
+        default=0.0,
+    )
+    if busiest > BUSY_MACHINE:
+        print(
+            f"warning: other processes used up to {busiest:.0%} of a CPU during a measurement;"
+            " rates and ratios are unreliable, compare the daemon CPU per relayed frame"
+        )
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Measure framewire relay throughput against a direct loopback connection."
+    )
+    parser.add_argument(
+        "--duration", type=float, default=3.0, help="measured seconds per case (default 3)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=0.5, help="seconds before measuring (default 0.5)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run: --warmup 0.2 --duration 1"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each case (default 1)")
+    parser.add_argument(
+        "--sizes",
+        default=f"{MIB},64",
+        help="comma-separated payload sizes in bytes (default 1048576,64)",
+    )
+    parser.add_argument(
+        "--max-queue-frames",
+        type=int,
+        default=65536,
+        help="the server's max_queue_frames (default 65536)",
+    )
+    parser.add_argument(
+        "--max-queue-bytes",
+        type=int,
+        default=64 * MIB,
+        help="the server's max_queue_bytes (default 64 MiB)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run the daemon under cProfile and write its stats to FILE (slows it down)",
+    )
+    parser.add_argument("--keep-log", action="store_true", help="print the daemon's log at the end")
+    # Internal: how the script runs itself as the producer and the consumer.
+    parser.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--payload-size", type=int, default=64, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.duration = 0.2, 1.0
+    if args.duration <= 0 or args.warmup < 0 or args.repeat < 1:
+        parser.error("--duration must be positive, --warmup not negative, --repeat at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role == "producer":
+        run_producer(args.port, args.payload_size, args.seconds)
+        return 0
+    if args.role == "consumer":
+        run_consumer(args.port, args.payload_size, args.warmup, args.duration)
+        return 0
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    args.receiver_port, args.server_port = free_ports(2)
+    print(
+        f"framewire relay benchmark: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
+        f"Python {sys.version.split()[0]}, warm-up {args.warmup:g}s, {args.duration:g}s per case"
+        + (", daemon under cProfile" if args.profile else "")
+    )
+    print(
+        f"{'payload':>8}  {'path':<8} {'received rate':>20}  {'daemon CPU':>12}"
+        f"  {'producer CPU':>12}  {'consumer CPU':>12}  {'others':>6}"
+    )
+    results: dict[tuple[int, str], list[Result]] = {}
+    with tempfile.TemporaryDirectory(prefix="framewire-bench-") as tmp:
+        workdir = Path(tmp)
+        daemon = start_daemon(workdir, args)
+        try:
+            with started(daemon):
+                wait_for_port(args.receiver_port, daemon, START_TIMEOUT)
+                wait_for_port(args.server_port, daemon, START_TIMEOUT)
+                for _ in range(args.repeat):
+                    for size in sizes:
+                        for result in (measure(size, args, None), measure(size, args, daemon)):
+                            print_row(result)
+                            results.setdefault((size, result.path), []).append(result)
+        except Exception:
+            print("benchmark failed; the daemon's log:", file=sys.stderr)
+            print((workdir / "daemon.log").read_text(errors="replace"), file=sys.stderr)
+            raise
+        status = daemon.proc.returncode
+        if args.keep_log or status not in (0, -signal.SIGTERM):
+            print(f"\ndaemon exit status {status}; its log:")
+            print((workdir / "daemon.log").read_text(errors="replace"))
+    print_summary(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
