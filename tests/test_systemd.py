@@ -183,6 +183,22 @@ async def test_watchdog_cadence_is_half_of_watchdog_usec(
     assert kinds[-1] == "STOPPING=1"
 
 
+async def test_status_line_follows_changes(autojump_clock: trio.testing.MockClock) -> None:
+    notifier = RecordingNotifier()
+    daemon = Daemon(parse_config(CONFIG.format(port=0)), notifier=notifier)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        assert notifier.messages[0][1] == ("READY=1", "STATUS=1 endpoints, 0 connections")
+        await trio.sleep(30)
+        assert len(notifier.messages) == 1  # nothing changed: nothing sent
+        port = int(daemon.endpoints["out"].status.address[0].rsplit(":", 1)[1])
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        await trio.sleep(6)
+        assert notifier.messages[-1][1] == ("STATUS=1 endpoints, 1 connections",)
+        await client.aclose()
+        daemon.request_shutdown()
+
+
 async def test_watchdog_stops_when_the_supervisor_is_gone(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -31,6 +31,9 @@ __all__ = ["Daemon", "raise_open_files_limit", "serve"]
 
 log = logging.getLogger("framewire.daemon")
 
+#: Seconds between updates of systemd's STATUS= line.
+STATUS_INTERVAL = 5.0
+
 
 class Daemon:
     """Runs one configuration until shutdown is requested.
@@ -94,6 +97,8 @@ class Daemon:
             await self._start_status(self.config.status)
             if self.notifier.watchdog_interval is not None:
                 self.supervisor.start_task(self._watchdog, self.notifier.watchdog_interval)
+            if self.notifier.enabled:
+                self.supervisor.start_task(self._report_status)
             self.state = "running"
             log.info(
                 "framewire %s running %d endpoints from %s",
@@ -123,6 +128,16 @@ class Daemon:
         while True:
             await self.notifier.watchdog()
             await trio.sleep(interval)
+
+    async def _report_status(self) -> None:
+        """Keep systemd's STATUS= line (``systemctl status``) current, when it changes."""
+        last = self.summary()  # what READY=1 carries
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            summary = self.summary()
+            if summary != last and self.state == "running":
+                await self.notifier.status(summary)
+                last = summary
 
     async def _start_status(self, config: StatusConfig | None) -> None:
         if self._status_scope is not None:
