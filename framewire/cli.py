@@ -55,18 +55,18 @@ def _load(path: str | None) -> tuple[Config, str]:
 def _summary(config: Config) -> list[str]:
     lines = []
     for name, endpoint in config.endpoints.items():
-        where = ""
-        if endpoint.kind == "server":
-            where = f" listen {endpoint.listen}, {endpoint.protocol}, stream {endpoint.stream!r}"
-        elif endpoint.kind == "receiver":
-            mode = f"listen {endpoint.listen}" if endpoint.listen else f"connect {endpoint.connect}"
-            where = f" {mode}, {endpoint.protocol}, stream {endpoint.stream!r}"
-        elif endpoint.kind == "generator":
-            where = (
-                f" {endpoint.rate:g} frames/s of {format_size(endpoint.size)} "
-                f"into stream {endpoint.stream!r}"
-            )
-        lines.append(f"  {name}: {endpoint.kind}{where}")
+        parts = []
+        for key in ("listen", "connect", "path"):
+            value = getattr(endpoint, key, None)
+            if value is not None:
+                parts.append(f"{key} {value}")
+        if endpoint.kind == "generator":
+            parts.append(f"{endpoint.rate:g} frames/s of {format_size(endpoint.size)}")
+        protocol = getattr(endpoint, "protocol", None)
+        if protocol is not None:
+            parts.append(protocol)
+        parts.append(f"stream {endpoint.stream!r}")
+        lines.append(f"  {name}: {endpoint.kind} " + ", ".join(parts))
     return lines
 
 

@@ -29,8 +29,10 @@ from framewire.config import (
     load_config,
     parse_config,
 )
+from framewire.config._schema import ENDPOINT_KINDS
 
 KNOWN_PROTOCOLS = ", ".join(protocols.names())  # "native, raw" today
+KNOWN_KINDS = ", ".join(ENDPOINT_KINDS)
 
 COMPLETE = """
 [daemon]
@@ -119,6 +121,7 @@ EXPECTED: dict[str, Any] = {
             "reconnect": {"initial": 0.25, "maximum": 10.0, "factor": 1.5, "stable_after": 3600.0},
             "connect_timeout": 5.0,
             "idle_timeout": 120.0,
+            "verify_crc": False,
         },
         "upstream": {
             "kind": "receiver",
@@ -131,6 +134,7 @@ EXPECTED: dict[str, Any] = {
             "reconnect": {"initial": 0.5, "maximum": 30.0, "factor": 2.0, "stable_after": 10.0},
             "connect_timeout": 10.0,
             "idle_timeout": 0.0,
+            "verify_crc": False,
         },
         "g3-out": {
             "kind": "server",
@@ -145,6 +149,7 @@ EXPECTED: dict[str, Any] = {
             "max_metadata_bytes": 1_500_000,
             "decimate": {"Scan": 10, "Timepoint": 0},
             "send_timeout": 2.0,
+            "close_on_end": False,
         },
         "synthetic": {
             "kind": "generator",
@@ -389,15 +394,15 @@ ERROR_CASES: list[tuple[str, str]] = [
     # endpoint kinds
     (
         '[endpoints.x]\nstream = "s"',
-        "endpoints.x.kind: missing; one of: server, receiver, generator",
+        f"endpoints.x.kind: missing; one of: {KNOWN_KINDS}",
     ),
     (
         '[endpoints.x]\nkind = "relay"\nstream = "s"',
-        "endpoints.x.kind: unknown endpoint kind 'relay' (known: server, receiver, generator)",
+        f"endpoints.x.kind: unknown endpoint kind 'relay' (known: {KNOWN_KINDS})",
     ),
     (
         "[endpoints.x]\nkind = 3",
-        "endpoints.x.kind: unknown endpoint kind 3 (known: server, receiver, generator)",
+        f"endpoints.x.kind: unknown endpoint kind 3 (known: {KNOWN_KINDS})",
     ),
     ('[endpoints.x]\nkind = "server"\nstream = "s"', "endpoints.x.listen: required key missing"),
     # addresses
@@ -540,9 +545,8 @@ def test_all_errors_in_a_file_are_reported_together() -> None:
             "got 'never'",
             "endpoints.gen.stream: expected a string, got 1",
             "endpoints.gen.rate: expected a number, got 'fast'",
-            "endpoints.nokind.kind: missing; one of: server, receiver, generator",
-            "endpoints.weird.kind: unknown endpoint kind 'relay' (known: server, receiver, "
-            "generator)",
+            f"endpoints.nokind.kind: missing; one of: {KNOWN_KINDS}",
+            f"endpoints.weird.kind: unknown endpoint kind 'relay' (known: {KNOWN_KINDS})",
         ]
     )
     assert len(set(errors)) == len(errors)
@@ -620,7 +624,7 @@ def test_check_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "  g3-in: receiver listen tcp://*:4536, native, stream 'g3'",
         "  upstream: receiver connect tcp://[::1]:4600, raw, stream 'raw.feed'",
         "  g3-out: server listen tcp://127.0.0.1:4537, native, stream 'g3'",
-        "  synthetic: generator 100 frames/s of 4KiB into stream 'g3'",
+        "  synthetic: generator 100 frames/s of 4KiB, stream 'g3'",
     ]
     assert "Traceback" not in out + err
 

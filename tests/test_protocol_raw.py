@@ -184,7 +184,7 @@ def test_registry_native() -> None:
     spec = protocols.get("native")
     assert spec.name == "native"
     assert spec.has_keepalive
-    assert spec.metadata_types is None  # the kind is carried per frame
+    assert spec.data_types is None  # the kind is carried per frame
     dec = spec.make_decoder(1234)
     assert isinstance(dec, NativeDecoder)
     assert dec.max_frame_size == 1234
@@ -199,7 +199,7 @@ def test_registry_raw() -> None:
     spec = protocols.get("raw")
     assert spec.name == "raw"
     assert not spec.has_keepalive
-    assert spec.metadata_types == frozenset()
+    assert spec.data_types is None  # every raw frame is DATA
     dec = spec.make_decoder(99)
     assert isinstance(dec, RawDecoder)
     assert dec.max_frame_size == 99
@@ -214,7 +214,7 @@ def test_registry_names() -> None:
         assert protocols.get(name).name == name
 
 
-@pytest.mark.parametrize("name", ["zmq", "", "Native", "NATIVE", " native", "g3"])
+@pytest.mark.parametrize("name", ["zmq", "", "Native", "NATIVE", " native", "G3"])
 def test_unknown_protocol_names_the_known_ones(name: str) -> None:
     with pytest.raises(UnknownProtocol) as excinfo:
         protocols.get(name)

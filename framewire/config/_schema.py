@@ -6,6 +6,7 @@ Validators raise :class:`FieldError`, which the loader turns into ``path: messag
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable
 from typing import Annotated, Final, Literal, TypeAlias
@@ -26,6 +27,9 @@ __all__ = [
     "GeneratorConfig",
     "ListenAddress",
     "ReceiverConfig",
+    "FileConfig",
+    "RecorderConfig",
+    "SenderConfig",
     "ServerConfig",
     "Size",
     "StatusConfig",
@@ -143,6 +147,17 @@ def _at_least_one(value: object) -> object:
     return number
 
 
+def _file_path(value: object) -> str:
+    text = _strict(str)(value)
+    assert isinstance(text, str)
+    if not text.strip():
+        raise ValueError("expected a file path, got an empty string")
+    return text
+
+
+#: A file system path.
+FilePath = Annotated[str, Check(_file_path)]
+
 #: A growth factor: a number >= 1.
 Growth = Annotated[float, Check(_at_least_one)]
 ProtocolName = Annotated[str, Check(check_protocol)]
@@ -195,16 +210,41 @@ class ServerConfig:
     max_metadata_bytes: PositiveSize = 64 << 20
     decimate: dict[str, NonNegativeInt] = attrs.field(factory=dict)
     send_timeout: PositiveDuration = 30.0
+    close_on_end: StrictBool = False
 
     def __attrs_post_init__(self) -> None:
-        spec = protocols.get(self.protocol)
-        for type_tag in self.decimate:
-            if spec.metadata_types is not None and type_tag in spec.metadata_types:
-                raise FieldError(
-                    f"decimate.{type_tag}",
-                    f"{type_tag!r} is a metadata type in protocol {self.protocol!r}; "
-                    "metadata is never decimated",
-                )
+        check_decimation(self.protocol, self.decimate)
+
+
+def check_decimation(protocol: str, decimate: dict[str, int]) -> None:
+    """Decimated types must be data types of ``protocol``. Raises FieldError."""
+    spec = protocols.get(protocol)
+    for type_tag in decimate:
+        canonical = type_tag
+        if spec.canonical_type is not None:
+            try:
+                canonical = spec.canonical_type(type_tag)
+            except ValueError as exc:
+                raise FieldError(f"decimate.{type_tag}", str(exc)) from None
+        if spec.data_types is not None and canonical not in spec.data_types:
+            raise FieldError(
+                f"decimate.{type_tag}",
+                f"{canonical!r} is a metadata type in protocol {protocol!r} "
+                f"(only {', '.join(sorted(spec.data_types))} may be decimated): "
+                "metadata is never decimated",
+            )
+
+
+def check_crc(protocol: str, verify_crc: bool) -> None:
+    """``verify_crc`` needs a protocol with a CRC and the CRC package. Raises FieldError."""
+    if not verify_crc:
+        return
+    if not protocols.get(protocol).has_crc:
+        raise FieldError("verify_crc", f"protocol {protocol!r} has no CRC to verify")
+    if importlib.util.find_spec("google_crc32c") is None:
+        raise FieldError(
+            "verify_crc", "needs the google-crc32c package: pip install 'framewire[crc]'"
+        )
 
 
 @attrs.frozen
@@ -221,10 +261,59 @@ class ReceiverConfig:
     reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
     connect_timeout: PositiveDuration = 10.0
     idle_timeout: Duration = 0.0
+    verify_crc: StrictBool = False
 
     def __attrs_post_init__(self) -> None:
         if (self.listen is None) == (self.connect is None):
             raise FieldError("listen", "set exactly one of listen or connect")
+        check_crc(self.protocol, self.verify_crc)
+
+
+@attrs.frozen
+class SenderConfig:
+    """``kind = "sender"``: deliver a stream to a remote reader, losslessly, reconnecting."""
+
+    connect: ConnectAddress
+    stream: Name
+    kind: Literal["sender"] = "sender"
+    protocol: ProtocolName = "native"
+    max_queue_frames: PositiveInt = 1024
+    max_queue_bytes: PositiveSize = 64 << 20
+    reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
+    connect_timeout: PositiveDuration = 10.0
+    send_timeout: PositiveDuration = 30.0
+    close_on_end: StrictBool = False
+
+
+@attrs.frozen
+class FileConfig:
+    """``kind = "file"``: publish a recorded file (``.gz`` too) at a rate or flat out."""
+
+    path: FilePath
+    stream: Name
+    kind: Literal["file"] = "file"
+    protocol: ProtocolName = "native"
+    rate: NonNegativeFloat = 0.0
+    loop: StrictBool = False
+    max_frame_size: PositiveSize = 64 << 20
+    verify_crc: StrictBool = False
+
+    def __attrs_post_init__(self) -> None:
+        check_crc(self.protocol, self.verify_crc)
+
+
+@attrs.frozen
+class RecorderConfig:
+    """``kind = "recorder"``: write a stream to files (``.gz`` compresses), rotating by size."""
+
+    path: FilePath
+    stream: Name
+    kind: Literal["recorder"] = "recorder"
+    protocol: ProtocolName = "native"
+    max_file_size: Size = 0
+    policy: Policy = "lossless"
+    max_queue_frames: PositiveInt = 1024
+    max_queue_bytes: PositiveSize = 64 << 20
 
 
 @attrs.frozen
@@ -244,11 +333,16 @@ class GeneratorConfig:
             raise FieldError("metadata_type", "must differ from type")
 
 
-EndpointConfig: TypeAlias = ServerConfig | ReceiverConfig | GeneratorConfig
+EndpointConfig: TypeAlias = (
+    ServerConfig | ReceiverConfig | GeneratorConfig | SenderConfig | FileConfig | RecorderConfig
+)
 ENDPOINT_KINDS: Final[dict[str, type[EndpointConfig]]] = {
     "server": ServerConfig,
     "receiver": ReceiverConfig,
     "generator": GeneratorConfig,
+    "sender": SenderConfig,
+    "file": FileConfig,
+    "recorder": RecorderConfig,
 }
 
 

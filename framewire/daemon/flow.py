@@ -5,12 +5,14 @@ They join a :class:`Connection` to a codec and a stream; they never parse bytes 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from ..frame import Buffer, Frame
+from .. import protocols
 from ..protocols import Decoder, Encoder
 from .stream import Subscription, SubscriptionClosed
 from .transport import Connection
@@ -20,6 +22,50 @@ __all__ = ["receive_frames", "send_subscription"]
 #: The most frames and bytes one write gathers from a subscription queue.
 BATCH_FRAMES = 4096
 BATCH_BYTES = 4 << 20
+
+
+def make_decoder(protocol: str, max_frame_size: int, verify_crc: bool = False) -> Decoder:
+    """A decoder for ``protocol``; ``verify_crc`` only for protocols that have a CRC."""
+    spec = protocols.get(protocol)
+    if verify_crc:
+        return spec.make_decoder(max_frame_size, verify_crc=True)
+    return spec.make_decoder(max_frame_size)
+
+
+class UnencodableFrames:
+    """Counts frames a protocol cannot carry, and logs the first of each type once."""
+
+    def __init__(self, log: logging.Logger, protocol: str, detail: dict[str, object]) -> None:
+        self.log = log
+        self.protocol = protocol
+        self.count = 0
+        self._detail = detail
+        self._types: set[str] = set()
+
+    def __call__(self, frame: Frame, error: ValueError) -> None:
+        self.count += 1
+        self._detail["frames_unencodable"] = self.count
+        if frame.type not in self._types and len(self._types) < 1024:
+            self._types.add(frame.type)
+            self.log.warning("dropping %r frames: not %s (%s)", frame.type, self.protocol, error)
+
+
+def encode_frames(
+    encoder: Encoder,
+    frames: Sequence[Frame],
+    unencodable: Callable[[Frame, ValueError], None],
+) -> list[Buffer]:
+    """Encode ``frames``; a frame the protocol cannot carry is left out and reported."""
+    try:
+        return encoder.encode_batch(frames)
+    except ValueError:
+        out: list[Buffer] = []
+        for frame in frames:
+            try:
+                encoder.encode_into(frame, out)
+            except ValueError as exc:
+                unencodable(frame, exc)
+        return out
 
 
 async def receive_frames(
@@ -52,6 +98,7 @@ async def send_subscription(
     subscription: Subscription,
     encoder: Encoder,
     *,
+    unencodable: Callable[[Frame, ValueError], None],
     on_sent: Callable[[int, int], None] | None = None,
     send_timeout: float = math.inf,
 ) -> SubscriptionClosed:
@@ -63,7 +110,6 @@ async def send_subscription(
     longer than ``send_timeout`` (the connection is then unusable), ValueError if a frame
     cannot be encoded.
     """
-    encode_batch = encoder.encode_batch
     while True:
         try:
             batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
@@ -74,7 +120,7 @@ async def send_subscription(
                     with trio.fail_after(send_timeout):
                         await connection.send([marker])
             return closed
-        buffers: list[Buffer] = encode_batch(batch)
+        buffers = encode_frames(encoder, batch, unencodable)
         with trio.fail_after(send_timeout):
             await connection.send(buffers)
         if on_sent is not None:

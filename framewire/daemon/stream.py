@@ -103,6 +103,7 @@ class Subscription:
         policy: Policy,
         decimate: Mapping[str, int],
         label: str,
+        follows_end: bool = False,
     ) -> None:
         for type_tag, every in decimate.items():
             if every < 0:
@@ -112,6 +113,8 @@ class Subscription:
         self.policy = policy
         self.decimate = dict(decimate)
         self.label = label
+        #: Whether :meth:`Stream.end_of_stream` ends this subscription.
+        self.follows_end = follows_end
         self._seen: dict[str, int] = dict.fromkeys(self.decimate, 0)
         self._queue: deque[Frame] = deque()
         self.queued_bytes = 0
@@ -411,6 +414,7 @@ class Stream:
         policy: Policy = Policy.LOSSY,
         decimate: Mapping[str, int] | None = None,
         label: str = "",
+        follows_end: bool = False,
     ) -> Subscription:
         """A new subscription, preloaded with the metadata cache (first-seen order).
 
@@ -423,6 +427,7 @@ class Stream:
             policy=policy,
             decimate=decimate or {},
             label=label,
+            follows_end=follows_end,
         )
         replay = list(self.metadata)
         if replay:
@@ -468,6 +473,16 @@ class Stream:
         self.bytes_in += size
         for subscription in self._lossy:
             subscription.offer(frames)
+
+    def end_of_stream(self, reason: str) -> None:
+        """A producer ended its stream cleanly: end the subscriptions that follow the end.
+
+        Those consumers get what is queued for them, then are closed; other subscriptions
+        carry on (a new producer may continue the stream).
+        """
+        for subscription in self.subscriptions:
+            if subscription.follows_end:
+                subscription.end(reason)
 
     def end_subscriptions(self, reason: str) -> None:
         """End every subscription gracefully (each consumer drains what it has queued)."""

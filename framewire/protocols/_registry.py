@@ -9,6 +9,9 @@ import attrs
 
 from ..frame import Buffer, Frame
 from ._errors import UnknownProtocol
+from .g3 import DATA_TYPES as G3_DATA_TYPES
+from .g3 import G3Decoder, G3Encoder
+from .g3 import canonical_type as g3_canonical_type
 from .native import NativeDecoder, NativeEncoder
 from .raw import RawDecoder, RawEncoder
 
@@ -57,12 +60,17 @@ class ProtocolSpec:
 
     name: str
     summary: str
-    make_decoder: Callable[[int], Decoder]
+    #: ``make_decoder(max_frame_size)``; protocols with a CRC also take ``verify_crc=True``.
+    make_decoder: Callable[..., Decoder]
     make_encoder: Callable[[], Encoder]
-    #: Type tags this protocol always treats as metadata, or None when the kind is carried
-    #: per frame (as in the native protocol).
-    metadata_types: frozenset[str] | None = None
+    #: When set, the only types that are DATA (droppable, decimatable); every other type is
+    #: metadata. None when the kind travels with each frame (as in the native protocol).
+    data_types: frozenset[str] | None = None
+    #: Maps a type as written in config (a name or a code) to the type tag frames carry;
+    #: raises ValueError for an unknown type. None: any string is a type.
+    canonical_type: Callable[[str], str] | None = None
     has_keepalive: bool = False
+    has_crc: bool = False
 
 
 _REGISTRY: dict[str, ProtocolSpec] = {}
@@ -103,6 +111,18 @@ register(
         summary="payload bytes as they come, no framing (netcat-style)",
         make_decoder=lambda max_frame_size: RawDecoder(max_frame_size=max_frame_size),
         make_encoder=RawEncoder,
-        metadata_types=frozenset(),
+    )
+)
+register(
+    ProtocolSpec(
+        name="g3",
+        summary="spt3g G3 frames, as G3NetworkSender and G3Reader speak them",
+        make_decoder=lambda max_frame_size, verify_crc=False: G3Decoder(
+            max_frame_size=max_frame_size, verify_crc=verify_crc
+        ),
+        make_encoder=G3Encoder,
+        data_types=G3_DATA_TYPES,
+        canonical_type=g3_canonical_type,
+        has_crc=True,
     )
 )

@@ -10,14 +10,20 @@ from ._base import Endpoint as Endpoint
 from ._base import EndpointContext as EndpointContext
 from ._base import EndpointStatus as EndpointStatus
 from ._base import Transports as Transports
+from .file import FileEndpoint as FileEndpoint
 from .generator import GeneratorEndpoint as GeneratorEndpoint
 from .receiver import ReceiverEndpoint as ReceiverEndpoint
+from .recorder import RecorderEndpoint as RecorderEndpoint
+from .sender import SenderEndpoint as SenderEndpoint
 from .server import ServerEndpoint as ServerEndpoint
 
 KINDS: Final[dict[str, type[Endpoint[Any]]]] = {
     "server": ServerEndpoint,
     "receiver": ReceiverEndpoint,
     "generator": GeneratorEndpoint,
+    "sender": SenderEndpoint,
+    "file": FileEndpoint,
+    "recorder": RecorderEndpoint,
 }
 
 

@@ -20,7 +20,7 @@ from ... import protocols
 from ...config import ReceiverConfig
 from ...frame import Frame
 from ..backoff import Backoff
-from ..flow import receive_frames
+from ..flow import make_decoder, receive_frames
 from ..transport import Connection, bound_addresses
 from ._base import ClientInfo, Endpoint, EndpointContext
 from .server import _ACCEPT_RETRY_ERRNOS
@@ -150,7 +150,7 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         """Publish everything ``connection`` carries; return how it ended, for the log."""
         config = self.config
         stream = self.context.streams.get(config.stream)
-        decoder = protocols.get(config.protocol).make_decoder(config.max_frame_size)
+        decoder = make_decoder(config.protocol, config.max_frame_size, config.verify_crc)
         status = self.status
         client = ClientInfo(connection.peer, connected_since=time.time())
         status.clients[id(client)] = client
@@ -171,11 +171,13 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                     idle_scope.deadline = trio.current_time() + idle
 
                 await receive_frames(connection, decoder, publish, on_activity=active)
-                return (
+                outcome = (
                     "ended its stream"
                     if decoder.ended
                     else f"closed the connection (after {client.frames_in} frames)"
                 )
+                stream.end_of_stream(f"the producer {connection.peer} {outcome}")
+                return outcome
             return f"sent nothing for {idle:g}s; dropped the connection"
         except protocols.ProtocolError as exc:
             status.last_error = f"{connection.peer}: {exc}"

@@ -13,10 +13,10 @@ import trio
 
 from ... import protocols
 from ...config import ServerConfig
-from ..flow import send_subscription
+from ..flow import UnencodableFrames, send_subscription
 from ..stream import Policy, QueueBounds
 from ..transport import Connection, bound_addresses
-from ._base import ClientInfo, Endpoint
+from ._base import ClientInfo, Endpoint, EndpointContext
 
 __all__ = ["ServerEndpoint"]
 
@@ -25,6 +25,14 @@ _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 class ServerEndpoint(Endpoint[ServerConfig]):
     kind = "server"
+
+    def __init__(self, name: str, config: ServerConfig, context: EndpointContext) -> None:
+        super().__init__(name, config, context)
+        spec = protocols.get(config.protocol)
+        canonical = spec.canonical_type or (lambda type_tag: type_tag)
+        #: Decimation keyed by the type tags frames carry (config may use codes).
+        self._decimate = {canonical(key): every for key, every in config.decimate.items()}
+        self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -86,8 +94,9 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                     config.max_metadata_bytes,
                 ),
                 policy=Policy(config.policy),
-                decimate=config.decimate,
+                decimate=self._decimate,
                 label=f"{self.name} {connection.peer}",
+                follows_end=config.close_on_end,
             )
             client = ClientInfo(connection.peer, subscription=subscription)
             key = id(client)
@@ -126,6 +135,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                     connection,
                     subscription,
                     encoder,
+                    unencodable=self._unencodable,
                     on_sent=sent,
                     send_timeout=self.config.send_timeout,
                 )
@@ -137,8 +147,6 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             reason = f"send stalled for more than {self.config.send_timeout:g}s"
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
             reason = f"connection lost ({_first(group)})"
-        except* ValueError as group:
-            reason = f"frame cannot be encoded as {self.config.protocol}: {_first(group)}"
         return reason
 
     async def _watch_input(self, connection: Connection, cancel_scope: trio.CancelScope) -> None:

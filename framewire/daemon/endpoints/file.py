@@ -1,0 +1,86 @@
+"""``kind = "file"``: publish a recorded file into a stream.
+
+The file holds frames in ``protocol`` (a ``.g3`` file is ``protocol = "g3"``; a file written
+by ``framewire recv --output`` or a recorder is in that recorder's protocol). A name ending in
+``.gz`` is decompressed on the fly. Frames are published at ``rate`` frames per second, or as
+fast as the stream takes them with ``rate = 0`` (lossless subscribers set the pace). At the
+end of the file the stream's producer ends (servers with ``close_on_end`` close their
+clients), unless ``loop`` starts the file again. A corrupt or truncated file is a crash: it is
+logged with the position and the endpoint is restarted with backoff.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+
+import trio
+
+from ...config import FileConfig
+from ..flow import make_decoder
+from ._base import Endpoint
+
+__all__ = ["FileEndpoint"]
+
+#: Bytes read from the file at a time.
+READ_SIZE = 1 << 20
+
+
+def _open(path: Path) -> io.BufferedIOBase:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return open(path, "rb")  # noqa: SIM115 - closed by the caller, in a worker thread
+
+
+class FileEndpoint(Endpoint[FileConfig]):
+    kind = "file"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        path = Path(self.config.path)
+        # Fail at start, with the path, rather than at the first read.
+        handle = await trio.to_thread.run_sync(_open, path)
+        self.status.address = [str(path)]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
+            task_status.started()
+            while True:
+                try:
+                    await self._publish_file(handle)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(handle.close)
+                if not self.config.loop:
+                    break
+                handle = await trio.to_thread.run_sync(_open, path)
+            self.status.state = "finished"
+            self.context.streams.get(self.config.stream).end_of_stream(f"file {path} ended")
+            self.log.info("published %d frames from %s; finished", self.status.frames_out, path)
+            nursery.cancel_scope.cancel()
+
+    async def _publish_file(self, handle: io.BufferedIOBase) -> None:
+        config = self.config
+        stream = self.context.streams.get(config.stream)
+        decoder = make_decoder(config.protocol, config.max_frame_size, config.verify_crc)
+        status = self.status
+        status.state = "running"
+        interval = 1 / config.rate if config.rate > 0 else 0.0
+        next_at = trio.current_time()
+        while True:
+            chunk = await trio.to_thread.run_sync(handle.read, READ_SIZE)
+            if not chunk:
+                decoder.end_of_input()
+                return
+            status.bytes_in += len(chunk)
+            frames = decoder.feed(chunk)
+            if not interval:
+                await stream.publish(frames)
+                status.frames_out += len(frames)
+                status.bytes_out += sum(frame.size for frame in frames)
+                continue
+            for frame in frames:
+                await trio.sleep_until(next_at)
+                next_at = max(next_at + interval, trio.current_time() - interval)
+                await stream.publish([frame])
+                status.frames_out += 1
+                status.bytes_out += frame.size

@@ -1,0 +1,176 @@
+"""``kind = "sender"``: deliver a stream to a remote reader, losslessly, reconnecting.
+
+The sender subscribes once, with a lossless queue bounded in frames and bytes: when the
+queue is full the stream's publishers wait, so memory never grows with a slow or absent
+reader (G3NetworkSender's connect mode buffers without bound instead). It connects to
+``connect`` and keeps reconnecting with backoff and jitter. On every new connection it first
+sends the metadata that was current for the next frame to deliver (the latest frame of each
+metadata type it has delivered, or that the stream had when it subscribed), then the batch a
+broken connection interrupted, then the queue. Delivery is at least once for that
+interrupted batch: a reader that got part of it gets it again.
+
+With ``close_on_end`` the connection is closed at a frame boundary when the stream's
+producer ends its stream (a G3Reader then ends its pipeline cleanly); the sender then starts
+afresh with the next frames.
+"""
+
+from __future__ import annotations
+
+import random
+
+import trio
+
+from ... import protocols
+from ...config import SenderConfig
+from ...frame import Buffer, Frame
+from ..backoff import Backoff
+from ..flow import UnencodableFrames, encode_frames
+from ..stream import MetadataCache, Policy, QueueBounds, Subscription, SubscriptionClosed
+from ..transport import Connection, Connector
+from ._base import Endpoint, EndpointContext
+
+__all__ = ["SenderEndpoint"]
+
+
+class SenderEndpoint(Endpoint[SenderConfig]):
+    kind = "sender"
+
+    def __init__(
+        self,
+        name: str,
+        config: SenderConfig,
+        context: EndpointContext,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(name, config, context)
+        self.backoff = Backoff(config.reconnect, rng)
+        self._encoder = protocols.get(config.protocol).make_encoder()
+        # Metadata as of the next frame to deliver, and the batch a failure interrupted.
+        self._delivered = MetadataCache()
+        self._pending: list[Frame] = []
+        self._subscription: Subscription | None = None
+        self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
+
+    def _subscribe(self) -> Subscription:
+        config = self.config
+        subscription = self.context.streams.get(config.stream).subscribe(
+            bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
+            policy=Policy.LOSSLESS,
+            label=f"{self.name} -> {config.connect}",
+            follows_end=config.close_on_end,
+        )
+        self._delivered.clear()
+        self.status.clients.clear()
+        return subscription
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        connector = self.context.transports.connector(config.connect)
+        self.status.address = [str(config.connect)]
+        self._subscription = self._subscribe()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
+                task_status.started()
+                await self._deliver_forever(connector)
+        finally:
+            self._subscription.close("the sender stopped")
+
+    async def _deliver_forever(self, connector: Connector) -> None:
+        config = self.config
+        status = self.status
+        last_problem: str | None = None
+        while True:
+            status.state = "connecting"
+            try:
+                with trio.fail_after(config.connect_timeout):
+                    stream = await connector()
+            except (OSError, trio.TooSlowError) as exc:
+                problem = (
+                    f"no answer within {config.connect_timeout:g}s"
+                    if isinstance(exc, trio.TooSlowError)
+                    else exc.strerror or str(exc)
+                )
+                if problem != last_problem:
+                    self.log.warning(
+                        "cannot connect to %s: %s; retrying with backoff", config.connect, problem
+                    )
+                    last_problem = problem
+                status.last_error = problem
+            else:
+                last_problem = None
+                connected_at = trio.current_time()
+                connection = Connection(stream, peer=str(config.connect))
+                status.state = "connected"
+                self.log.info("connected to %s", config.connect)
+                try:
+                    outcome = await self._deliver(connection)
+                finally:
+                    await trio.aclose_forcefully(stream)
+                self.log.info("connection to %s ended: %s", config.connect, outcome)
+                if trio.current_time() - connected_at >= config.reconnect.stable_after:
+                    self.backoff.reset()
+            delay = self.backoff.next_delay()
+            status.state = "reconnecting"
+            status.detail["next_attempt_in"] = round(delay, 3)
+            await trio.sleep(delay)
+
+    async def _deliver(self, connection: Connection) -> str:
+        """Send until the connection fails or the stream ends; return why, for the log."""
+        outcome = "the reader closed the connection"
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_input, connection, nursery.cancel_scope)
+                outcome = await self._send_all(connection)
+                nursery.cancel_scope.cancel()
+        except* trio.TooSlowError:
+            outcome = f"a write stalled for more than {self.config.send_timeout:g}s"
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            outcome = f"connection lost ({_first(group)})"
+        return outcome
+
+    async def _send_all(self, connection: Connection) -> str:
+        subscription = self._subscription
+        assert subscription is not None
+        timeout = self.config.send_timeout
+        replay = list(self._delivered)
+        if replay:
+            with trio.fail_after(timeout):
+                await connection.send(self._encode(replay))
+        while True:
+            if not self._pending:
+                try:
+                    self._pending = await subscription.receive_batch()
+                except SubscriptionClosed as closed:
+                    self._subscription = self._subscribe()
+                    return f"the stream ended ({closed.reason})"
+            batch = self._pending
+            with trio.fail_after(timeout):
+                await connection.send(self._encode(batch))
+            for frame in batch:
+                if frame.is_metadata:
+                    self._delivered.update(frame)
+            self._pending = []
+            self.status.frames_out += len(batch)
+            self.status.bytes_out += sum(frame.size for frame in batch)
+
+    def _encode(self, frames: list[Frame]) -> list[Buffer]:
+        return encode_frames(self._encoder, frames, self._unencodable)
+
+    async def _watch_input(self, connection: Connection, cancel_scope: trio.CancelScope) -> None:
+        """Readers only listen; their EOF (or an error) ends the connection at once."""
+        buffer = memoryview(bytearray(4096))
+        try:
+            while await connection.receive_into(buffer):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        cancel_scope.cancel()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> str:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__
