@@ -1,0 +1,161 @@
+"""The G3 codec, on hand-built frames: no spt3g needed."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from framewire import Frame, FrameKind
+from framewire.protocols import FrameTooLarge, ProtocolError, TruncatedFrame
+from framewire.protocols.g3 import G3Decoder, G3Encoder, canonical_type, spt3g_crc
+from framewire.protocols.native import NativeDecoder, NativeEncoder
+
+from .g3frames import g3_frame, reference_crc
+
+# The 72-byte Housekeeping frame with a = G3Int(1) that spt3g 1.0.2 wrote (notes, section 2).
+REAL_HOUSEKEEPING = bytes.fromhex(
+    "01010000000100000048000000010000000000000061260000000000000001010000800500000000000000"
+    "4733496e740100008001000000010000000100000000000000365650f7"
+)
+
+STREAM = [
+    g3_frame("Observation", {b"source": b"RCW38"}),
+    g3_frame("Calibration", {b"gain": b"\x01" * 100, b"offset": b"\x02" * 7}),
+    g3_frame("Scan", {b"tod": bytes(range(256)) * 400}),  # > 64 KiB: the large-frame path
+    g3_frame("Timepoint"),
+    g3_frame("ABCD", {b"x": b"y"}),  # an ad-hoc type
+    g3_frame("Wiring", {b"w": b"z" * 10}, little_endian=False),
+    g3_frame("Scan", {b"tod": b"\x03" * 1000}),
+]
+TYPES = ["Observation", "Calibration", "Scan", "Timepoint", "ABCD", "Wiring", "Scan"]
+
+
+def decoder(**options: bool) -> G3Decoder:
+    return G3Decoder(max_frame_size=1 << 20, **options)
+
+
+def test_crc_matches_spt3g_and_the_reference() -> None:
+    assert spt3g_crc([b"123456789"]) == reference_crc(b"123456789") == 0x58E3FA20
+    assert spt3g_crc([b"a"]) == 0x93AD1061
+    assert spt3g_crc([]) == 0
+    assert spt3g_crc([b"1234", b"56789"]) == 0x58E3FA20  # chained over the pieces
+
+
+def test_a_real_frame_decodes_with_its_crc_checked() -> None:
+    (frame,) = decoder(verify_crc=True).feed(REAL_HOUSEKEEPING)
+    assert frame.type == "Housekeeping"
+    assert frame.kind is FrameKind.METADATA
+    assert frame.wire == REAL_HOUSEKEEPING
+    assert bytes(frame.payload) == REAL_HOUSEKEEPING
+    assert frame.wire_protocol == "g3"
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=70_000), max_size=40))
+def test_any_chunking_gives_the_same_frames(cuts: list[int]) -> None:
+    data = b"".join(STREAM)
+    points = sorted({c % len(data) for c in cuts} | {0, len(data)})
+    dec = decoder(verify_crc=True)
+    frames: list[Frame] = []
+    for start, end in zip(points, points[1:], strict=False):
+        frames += dec.feed(data[start:end])
+    dec.end_of_input()
+    assert [f.type for f in frames] == TYPES
+    assert [bytes(f.wire or b"") for f in frames] == STREAM
+    kinds = [f.kind for f in frames]
+    assert kinds == [
+        FrameKind.METADATA,
+        FrameKind.METADATA,
+        FrameKind.DATA,
+        FrameKind.DATA,
+        FrameKind.METADATA,
+        FrameKind.METADATA,
+        FrameKind.DATA,
+    ]
+
+
+def test_one_byte_at_a_time() -> None:
+    data = b"".join(STREAM[:2] + STREAM[3:])
+    dec = decoder()
+    frames = [f for i in range(len(data)) for f in dec.feed(data[i : i + 1])]
+    assert [bytes(f.wire or b"") for f in frames] == STREAM[:2] + STREAM[3:]
+
+
+def test_end_processing_is_swallowed() -> None:
+    dec = decoder()
+    frames = dec.feed(g3_frame("Timepoint") + g3_frame("EndProcessing") + g3_frame("Scan"))
+    assert [f.type for f in frames] == ["Timepoint", "Scan"]
+    assert dec.end_processing == 1
+    assert (
+        G3Encoder().encode(Frame(FrameKind.METADATA, "EndProcessing", g3_frame("EndProcessing")))
+        == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x02", "endian flag"),
+        (b"GET / HTTP/1.1\r\n", "endian flag"),
+        (b"\x01" + struct.pack("<IiI", 2, 0, 0x53) + bytes(4), "version 2"),
+        (b"\x01" + struct.pack("<IiI", 1, -1, 0x53), "key count"),
+        (b"\x01" + struct.pack("<IiI", 1, 1 << 30, 0x53), "key count"),
+    ],
+)
+def test_garbage_is_a_protocol_error(data: bytes, message: str) -> None:
+    dec = decoder()
+    with pytest.raises(ProtocolError, match=message):
+        dec.feed(data)
+    with pytest.raises(ProtocolError, match=message):
+        dec.feed(b"")  # the decoder stays failed
+
+
+def test_an_absurd_length_is_refused_before_allocating() -> None:
+    header = b"\x01" + struct.pack("<IiI", 1, 1, 0x53) + struct.pack("<Q", 1) + b"x"
+    with pytest.raises(FrameTooLarge):
+        decoder().feed(header + struct.pack("<Q", 2**63))
+    with pytest.raises(FrameTooLarge):
+        G3Decoder(max_frame_size=1000).feed(header + struct.pack("<Q", 2000))
+
+
+def test_crc_mismatch_is_an_error_only_when_checked() -> None:
+    bad = g3_frame("Calibration", {b"gain": b"1"}, crc=0xDEADBEEF)
+    assert [f.type for f in decoder().feed(bad)] == ["Calibration"]
+    with pytest.raises(ProtocolError, match="CRC mismatch"):
+        decoder(verify_crc=True).feed(bad)
+
+
+def test_truncated_stream() -> None:
+    dec = decoder()
+    dec.feed(STREAM[0][:-1])
+    with pytest.raises(TruncatedFrame):
+        dec.end_of_input()
+    clean = decoder()
+    clean.feed(STREAM[0])
+    clean.end_of_input()
+
+
+def test_type_names_and_codes() -> None:
+    assert canonical_type("T") == "Timepoint"
+    assert canonical_type("Scan") == "Scan"
+    with pytest.raises(ValueError, match="not a G3 frame type"):
+        canonical_type("Timepiont")
+
+
+def test_g3_through_native_and_back_is_byte_identical() -> None:
+    frames = decoder().feed(b"".join(STREAM))
+    native = b"".join(bytes(b) for b in NativeEncoder().encode_batch(frames))
+    relayed = NativeDecoder(max_frame_size=1 << 20).feed(native)
+    assert [f.type for f in relayed] == TYPES
+    again = b"".join(bytes(b) for b in G3Encoder().encode_batch(relayed))
+    assert again == b"".join(STREAM)
+
+
+def test_encoder_forwards_wire_and_refuses_non_g3() -> None:
+    frames = decoder().feed(STREAM[0])
+    assert G3Encoder().encode(frames[0])[0] is frames[0].wire
+    with pytest.raises(ValueError, match="does not carry a G3 frame"):
+        G3Encoder().encode(Frame(FrameKind.DATA, "Scan", b"just some bytes"))
