@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -60,7 +61,7 @@ def test_any_chunking_gives_the_same_frames(cuts: list[int]) -> None:
     points = sorted({c % len(data) for c in cuts} | {0, len(data)})
     dec = decoder(verify_crc=True)
     frames: list[Frame] = []
-    for start, end in zip(points, points[1:], strict=False):
+    for start, end in itertools.pairwise(points):
         frames += dec.feed(data[start:end])
     dec.end_of_input()
     assert [f.type for f in frames] == TYPES

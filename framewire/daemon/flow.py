@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from ..frame import Buffer, Frame
 from .. import protocols
+from ..frame import Buffer, Frame
 from ..protocols import Decoder, Encoder
 from .stream import Subscription, SubscriptionClosed
 from .transport import Connection

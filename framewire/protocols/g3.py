@@ -109,7 +109,7 @@ def spt3g_crc(pieces: Iterable[Buffer]) -> int:
     Needs the google-crc32c package (``pip install 'framewire[crc]'``); raises ImportError
     without it.
     """
-    import google_crc32c  # noqa: PLC0415 - optional, only for verify_crc
+    import google_crc32c
 
     # google_crc32c.extend(c, d) is the standard CRC-32C continued from c, so starting from
     # 0xFFFFFFFF and inverting at the end gives the variant with no inversions.
@@ -227,7 +227,7 @@ class G3Encoder:
         header = bytes(memoryview(payload)[:HEADER_SIZE])
         if len(header) < HEADER_SIZE or header[0] > 1:
             raise ValueError(f"frame of type {frame.type!r} does not carry a G3 frame")
-        _, version, nkeys, code = _HEADER[header[0]].unpack(header)
+        _, version, nkeys, _ = _HEADER[header[0]].unpack(header)
         if version != 1 or nkeys < 0:
             raise ValueError(f"frame of type {frame.type!r} does not carry a G3 frame")
         out.append(payload)

@@ -30,7 +30,7 @@ READ_SIZE = 1 << 20
 def _open(path: Path) -> io.BufferedIOBase:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
-    return open(path, "rb")  # noqa: SIM115 - closed by the caller, in a worker thread
+    return open(path, "rb")
 
 
 class FileEndpoint(Endpoint[FileConfig]):

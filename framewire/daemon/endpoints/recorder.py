@@ -53,7 +53,7 @@ def _create(path: Path) -> io.BufferedIOBase:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name.endswith(".gz"):
         return gzip.open(path, "xb")
-    return open(path, "xb")  # noqa: SIM115 - closed by the recorder, in a worker thread
+    return open(path, "xb")
 
 
 def _write(handle: io.BufferedIOBase, buffers: list[Buffer]) -> None:
