@@ -415,8 +415,11 @@ class Stream:
         decimate: Mapping[str, int] | None = None,
         label: str = "",
         follows_end: bool = False,
+        replay: bool = True,
     ) -> Subscription:
         """A new subscription, preloaded with the metadata cache (first-seen order).
+
+        With ``replay=False`` it starts with the next frame published instead.
 
         If the cached metadata alone passes the hard cap the subscription comes back already
         closed, with the reason, so the caller can log it and disconnect the client.
@@ -429,10 +432,10 @@ class Stream:
             label=label,
             follows_end=follows_end,
         )
-        replay = list(self.metadata)
-        if replay:
+        cached = list(self.metadata) if replay else []
+        if cached:
             # Replay bypasses the ordinary bounds (it is all metadata) but not the hard cap.
-            subscription.offer(replay)
+            subscription.offer(cached)
         if not subscription.closed:
             (self._lossy if policy is Policy.LOSSY else self._lossless).append(subscription)
         return subscription

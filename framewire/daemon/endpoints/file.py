@@ -41,6 +41,7 @@ class FileEndpoint(Endpoint[FileConfig]):
         # Fail at start, with the path, rather than at the first read.
         handle = await trio.to_thread.run_sync(_open, path)
         self.status.address = [str(path)]
+        self._next_at = trio.current_time()  # when the next frame is due (with a rate)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
             task_status.started()
@@ -65,7 +66,6 @@ class FileEndpoint(Endpoint[FileConfig]):
         status = self.status
         status.state = "running"
         interval = 1 / config.rate if config.rate > 0 else 0.0
-        next_at = trio.current_time()
         while True:
             chunk = await trio.to_thread.run_sync(handle.read, READ_SIZE)
             if not chunk:
@@ -79,8 +79,9 @@ class FileEndpoint(Endpoint[FileConfig]):
                 status.bytes_out += sum(frame.size for frame in frames)
                 continue
             for frame in frames:
-                await trio.sleep_until(next_at)
-                next_at = max(next_at + interval, trio.current_time() - interval)
+                await trio.sleep_until(self._next_at)
+                # Catch up after a stall, but by one frame at most: no bursts.
+                self._next_at = max(self._next_at + interval, trio.current_time() - interval)
                 await stream.publish([frame])
                 status.frames_out += 1
                 status.bytes_out += frame.size

@@ -4,8 +4,9 @@ Frames are written in ``protocol`` (``g3`` files open with spt3g's G3Reader; ``n
 replay with ``framewire send`` or a ``file`` endpoint). ``path = "/data/run.g3"`` writes
 ``/data/run-0001.g3``, ``/data/run-0002.g3``, …: numbering starts after the highest file
 already there, so nothing is ever overwritten. A new file starts when the current one would
-pass ``max_file_size`` (0: no limit) and when the stream's producer ends its stream. Every
-file begins with the latest frame of each metadata type, so each one stands alone. A path
+pass ``max_file_size`` (0: no limit) and with the first frame after the stream's producer
+ended its stream. Every file begins with the latest frame of each metadata type of its run,
+so each one stands alone. A path
 ending in ``.gz`` is compressed. Writing happens in a worker thread; with the default
 ``policy = "lossless"`` a slow disk holds the stream back instead of losing frames.
 """
@@ -56,6 +57,10 @@ def _create(path: Path) -> io.BufferedIOBase:
     return open(path, "xb")
 
 
+def _nbytes(buffer: Buffer) -> int:
+    return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
+
+
 def _write(handle: io.BufferedIOBase, buffers: list[Buffer]) -> None:
     handle.writelines(buffers)
     handle.flush()
@@ -78,19 +83,22 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
                 task_status.started()
+                replay = True
                 while True:
-                    await self._record_until_end(pattern)
+                    await self._record_until_end(pattern, replay=replay)
+                    # The ended run's metadata belongs to the files already written.
+                    replay = False
         finally:
-            with trio.CancelScope(shield=True):
-                await self._close_file()
+            await self._close_file()
 
-    async def _record_until_end(self, pattern: Path) -> None:
+    async def _record_until_end(self, pattern: Path, *, replay: bool) -> None:
         config = self.config
         subscription = self.context.streams.get(config.stream).subscribe(
             bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
             policy=Policy(config.policy),
             label=f"{self.name} -> {pattern}",
             follows_end=True,
+            replay=replay,
         )
         self.status.state = "recording"
         with subscription:
@@ -106,33 +114,47 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
                 self.status.frames_dropped = subscription.frames_dropped
 
     async def _write(self, pattern: Path, frames: list[Frame]) -> None:
-        config = self.config
-        buffers = encode_frames(self._encoder, frames, self._unencodable)
-        size = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers)
-        too_big = config.max_file_size and self._file_bytes + size > config.max_file_size
-        if self._handle is None or (too_big and self._file_bytes):
-            await self._close_file()
-            path = numbered_path(pattern, self._index)
-            self._index += 1
-            self._handle = await trio.to_thread.run_sync(_create, path)
-            self._file_bytes = 0
-            self.status.detail["file"] = str(path)
-            self.log.info("recording into %s", path)
-            # Each file stands alone: it starts with the metadata current at this point.
-            in_batch = {id(frame) for frame in frames}
-            replay = [frame for frame in self._written if id(frame) not in in_batch]
-            buffers = encode_frames(self._encoder, replay, self._unencodable) + buffers
-            size = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers)
-        handle = self._handle
-        await trio.to_thread.run_sync(_write, handle, buffers)
-        self._file_bytes += size
+        """Write ``frames``, starting a new file wherever the current one would get too big."""
+        limit = self.config.max_file_size
+        pending: list[Buffer] = []
+        pending_size = 0
         for frame in frames:
+            encoded = encode_frames(self._encoder, [frame], self._unencodable)
+            size = sum(_nbytes(buffer) for buffer in encoded)
+            full = limit and self._file_bytes + pending_size + size > limit
+            if self._handle is None or (full and self._file_bytes + pending_size):
+                await self._flush(pending, pending_size)
+                pending, pending_size = [], 0
+                await self._start_file(pattern)
+                replay = encode_frames(self._encoder, list(self._written), self._unencodable)
+                pending += replay
+                pending_size += sum(_nbytes(buffer) for buffer in replay)
+            pending += encoded
+            pending_size += size
             if frame.is_metadata:
                 self._written.update(frame)
+        await self._flush(pending, pending_size)
         self.status.frames_in += len(frames)
-        self.status.bytes_out += size
+
+    async def _flush(self, buffers: list[Buffer], size: int) -> None:
+        if buffers and self._handle is not None:
+            await trio.to_thread.run_sync(_write, self._handle, buffers)
+            self._file_bytes += size
+            self.status.bytes_out += size
+
+    async def _start_file(self, pattern: Path) -> None:
+        await self._close_file()
+        path = numbered_path(pattern, self._index)
+        self._index += 1
+        self._handle = await trio.to_thread.run_sync(_create, path)
+        self._file_bytes = 0
+        self.status.detail["file"] = str(path)
+        self.log.info("recording into %s", path)
 
     async def _close_file(self) -> None:
         handle, self._handle = self._handle, None
+        self.status.detail.pop("file", None)
         if handle is not None:
-            await trio.to_thread.run_sync(handle.close)
+            # A file must be closed (and flushed) even when the recorder is being cancelled.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(handle.close)
