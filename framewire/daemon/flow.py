@@ -125,3 +125,26 @@ async def send_subscription(
             await connection.send(buffers)
         if on_sent is not None:
             on_sent(len(batch), subscription.last_batch_bytes)
+
+
+async def close_when_peer_leaves(connection: Connection, cancel_scope: trio.CancelScope) -> None:
+    """For peers that only listen: read and discard; on their EOF (or an error) cancel.
+
+    Run it beside a writer, in the nursery whose ``cancel_scope`` this is, so a peer that
+    hangs up is noticed at once even when there is nothing to send.
+    """
+    buffer = memoryview(bytearray(4096))
+    try:
+        while await connection.receive_into(buffer):
+            pass
+    except trio.BrokenResourceError:
+        pass
+    cancel_scope.cancel()
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> str:
+    """The message of the first exception in ``group``, for a log line."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__

@@ -8,6 +8,7 @@ and frames in, buffers out. Look a codec up by the name used in config::
     encoder = spec.make_encoder()
 """
 
+from ._encoder import FrameEncoder as FrameEncoder
 from ._errors import FrameTooLarge as FrameTooLarge
 from ._errors import ProtocolError as ProtocolError
 from ._errors import TruncatedFrame as TruncatedFrame

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from ..frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
+from ._encoder import FrameEncoder
 from ._errors import ProtocolError
 from ._framing import FrameDecoder
 
@@ -193,7 +194,7 @@ class G3Decoder(FrameDecoder):
             )
 
 
-class G3Encoder:
+class G3Encoder(FrameEncoder):
     """Writes frames as a G3 stream.
 
     A frame that came off a G3 wire is written as its original bytes. Any other frame must
@@ -203,18 +204,6 @@ class G3Encoder:
     """
 
     protocol = PROTOCOL
-
-    def encode(self, frame: Frame) -> list[Buffer]:
-        out: list[Buffer] = []
-        self.encode_into(frame, out)
-        return out
-
-    def encode_batch(self, frames: Iterable[Frame]) -> list[Buffer]:
-        out: list[Buffer] = []
-        encode_into = self.encode_into
-        for frame in frames:
-            encode_into(frame, out)
-        return out
 
     def encode_into(self, frame: Frame, out: list[Buffer]) -> None:
         if frame.type == END_PROCESSING:
@@ -231,12 +220,6 @@ class G3Encoder:
         if version != 1 or nkeys < 0:
             raise ValueError(f"frame of type {frame.type!r} does not carry a G3 frame")
         out.append(payload)
-
-    def keepalive(self) -> bytes:
-        return b""
-
-    def end_of_stream(self) -> bytes:
-        return b""
 
 
 def frame_type_code(name: str) -> int:

@@ -23,10 +23,11 @@ Control frames (KEEPALIVE, END_OF_STREAM) carry no type, headers or payload.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Final
 
 from ..frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
+from ._encoder import FrameEncoder
 from ._errors import ProtocolError
 from ._framing import LARGE_FRAME, FrameDecoder
 
@@ -213,7 +214,7 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
     return b"".join(parts)
 
 
-class NativeEncoder:
+class NativeEncoder(FrameEncoder):
     """Encodes frames in the native format.
 
     Frames that came off a native wire are forwarded as their original bytes. Raises
@@ -221,18 +222,6 @@ class NativeEncoder:
     """
 
     protocol = PROTOCOL
-
-    def encode(self, frame: Frame) -> list[Buffer]:
-        out: list[Buffer] = []
-        self.encode_into(frame, out)
-        return out
-
-    def encode_batch(self, frames: Iterable[Frame]) -> list[Buffer]:
-        out: list[Buffer] = []
-        encode_into = self.encode_into
-        for frame in frames:
-            encode_into(frame, out)
-        return out
 
     def encode_into(self, frame: Frame, out: list[Buffer]) -> None:
         wire = frame.wire

@@ -7,10 +7,10 @@ every frame (of any kind) and nothing else. There is no metadata, keepalive or e
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Final
 
 from ..frame import Buffer, Frame, FrameKind
+from ._encoder import FrameEncoder
 
 __all__ = ["RawDecoder", "RawEncoder"]
 
@@ -55,22 +55,10 @@ class RawDecoder:
         return 0
 
 
-class RawEncoder:
+class RawEncoder(FrameEncoder):
     """Writes each frame's payload bytes."""
 
     protocol = PROTOCOL
 
-    def encode(self, frame: Frame) -> list[Buffer]:
-        return [frame.payload]
-
-    def encode_batch(self, frames: Iterable[Frame]) -> list[Buffer]:
-        return [frame.payload for frame in frames]
-
     def encode_into(self, frame: Frame, out: list[Buffer]) -> None:
         out.append(frame.payload)
-
-    def keepalive(self) -> bytes:
-        return b""
-
-    def end_of_stream(self) -> bytes:
-        return b""

@@ -21,6 +21,7 @@ from ...config import ReceiverConfig
 from ...frame import Frame
 from ..backoff import Backoff
 from ..flow import make_decoder, receive_frames
+from ..reconnect import keep_connected
 from ..transport import Connection, bound_addresses
 from ._base import ClientInfo, Endpoint, EndpointContext
 from .server import _ACCEPT_RETRY_ERRNOS
@@ -112,37 +113,15 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         connector = self.context.transports.connector(config.connect)
         self.status.address = [str(config.connect)]
         task_status.started()
-        last_problem: str | None = None
-        while True:
-            self.status.state = "connecting"
-            try:
-                with trio.fail_after(config.connect_timeout):
-                    stream = await connector()
-            except (OSError, trio.TooSlowError) as exc:
-                problem = _describe_connect_error(exc, config.connect_timeout)
-                if problem != last_problem:
-                    self.log.warning(
-                        "cannot connect to %s: %s; retrying with backoff", config.connect, problem
-                    )
-                    last_problem = problem
-                self.status.last_error = problem
-            else:
-                last_problem = None
-                connected_at = trio.current_time()
-                connection = Connection(stream, peer=str(config.connect))
-                self.status.state = "connected"
-                self.log.info("connected to %s", config.connect)
-                try:
-                    outcome = await self._receive(connection)
-                finally:
-                    await trio.aclose_forcefully(stream)
-                self.log.warning("upstream %s: %s; reconnecting", config.connect, outcome)
-                if trio.current_time() - connected_at >= config.reconnect.stable_after:
-                    self.backoff.reset()
-            delay = self.backoff.next_delay()
-            self.status.state = "reconnecting"
-            self.status.detail["next_attempt_in"] = round(delay, 3)
-            await trio.sleep(delay)
+        await keep_connected(
+            connector,
+            config.connect,
+            self._receive,
+            backoff=self.backoff,
+            connect_timeout=config.connect_timeout,
+            status=self.status,
+            log=self.log,
+        )
 
     # -- both ----------------------------------------------------------------------------
 
@@ -186,11 +165,3 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
             return f"connection lost ({exc})"
         finally:
             del status.clients[id(client)]
-
-
-def _describe_connect_error(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return f"no answer within {timeout:g}s"
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)

@@ -24,9 +24,10 @@ from ... import protocols
 from ...config import SenderConfig
 from ...frame import Buffer, Frame
 from ..backoff import Backoff
-from ..flow import UnencodableFrames, encode_frames
+from ..flow import UnencodableFrames, close_when_peer_leaves, encode_frames, first_error
+from ..reconnect import keep_connected
 from ..stream import MetadataCache, Policy, QueueBounds, Subscription, SubscriptionClosed
-from ..transport import Connection, Connector
+from ..transport import Connection
 from ._base import Endpoint, EndpointContext
 
 __all__ = ["SenderEndpoint"]
@@ -73,61 +74,30 @@ class SenderEndpoint(Endpoint[SenderConfig]):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
                 task_status.started()
-                await self._deliver_forever(connector)
+                await keep_connected(
+                    connector,
+                    config.connect,
+                    self._deliver,
+                    backoff=self.backoff,
+                    connect_timeout=config.connect_timeout,
+                    status=self.status,
+                    log=self.log,
+                )
         finally:
             self._subscription.close("the sender stopped")
-
-    async def _deliver_forever(self, connector: Connector) -> None:
-        config = self.config
-        status = self.status
-        last_problem: str | None = None
-        while True:
-            status.state = "connecting"
-            try:
-                with trio.fail_after(config.connect_timeout):
-                    stream = await connector()
-            except (OSError, trio.TooSlowError) as exc:
-                problem = (
-                    f"no answer within {config.connect_timeout:g}s"
-                    if isinstance(exc, trio.TooSlowError)
-                    else exc.strerror or str(exc)
-                )
-                if problem != last_problem:
-                    self.log.warning(
-                        "cannot connect to %s: %s; retrying with backoff", config.connect, problem
-                    )
-                    last_problem = problem
-                status.last_error = problem
-            else:
-                last_problem = None
-                connected_at = trio.current_time()
-                connection = Connection(stream, peer=str(config.connect))
-                status.state = "connected"
-                self.log.info("connected to %s", config.connect)
-                try:
-                    outcome = await self._deliver(connection)
-                finally:
-                    await trio.aclose_forcefully(stream)
-                self.log.info("connection to %s ended: %s", config.connect, outcome)
-                if trio.current_time() - connected_at >= config.reconnect.stable_after:
-                    self.backoff.reset()
-            delay = self.backoff.next_delay()
-            status.state = "reconnecting"
-            status.detail["next_attempt_in"] = round(delay, 3)
-            await trio.sleep(delay)
 
     async def _deliver(self, connection: Connection) -> str:
         """Send until the connection fails or the stream ends; return why, for the log."""
         outcome = "the reader closed the connection"
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_input, connection, nursery.cancel_scope)
+                nursery.start_soon(close_when_peer_leaves, connection, nursery.cancel_scope)
                 outcome = await self._send_all(connection)
                 nursery.cancel_scope.cancel()
         except* trio.TooSlowError:
             outcome = f"a write stalled for more than {self.config.send_timeout:g}s"
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
-            outcome = f"connection lost ({_first(group)})"
+            outcome = f"connection lost ({first_error(group)})"
         return outcome
 
     async def _send_all(self, connection: Connection) -> str:
@@ -157,20 +127,3 @@ class SenderEndpoint(Endpoint[SenderConfig]):
 
     def _encode(self, frames: list[Frame]) -> list[Buffer]:
         return encode_frames(self._encoder, frames, self._unencodable)
-
-    async def _watch_input(self, connection: Connection, cancel_scope: trio.CancelScope) -> None:
-        """Readers only listen; their EOF (or an error) ends the connection at once."""
-        buffer = memoryview(bytearray(4096))
-        try:
-            while await connection.receive_into(buffer):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        cancel_scope.cancel()
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> str:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return str(exc) or type(exc).__name__

@@ -13,7 +13,7 @@ import trio
 
 from ... import protocols
 from ...config import ServerConfig
-from ..flow import UnencodableFrames, send_subscription
+from ..flow import UnencodableFrames, close_when_peer_leaves, first_error, send_subscription
 from ..stream import Policy, QueueBounds
 from ..transport import Connection, bound_addresses
 from ._base import ClientInfo, Endpoint, EndpointContext
@@ -130,7 +130,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_input, connection, nursery.cancel_scope)
+                nursery.start_soon(close_when_peer_leaves, connection, nursery.cancel_scope)
                 closed = await send_subscription(
                     connection,
                     subscription,
@@ -146,22 +146,5 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         except* trio.TooSlowError:
             reason = f"send stalled for more than {self.config.send_timeout:g}s"
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
-            reason = f"connection lost ({_first(group)})"
+            reason = f"connection lost ({first_error(group)})"
         return reason
-
-    async def _watch_input(self, connection: Connection, cancel_scope: trio.CancelScope) -> None:
-        """Clients of a server only listen; their EOF (or error) ends the connection."""
-        buffer = memoryview(bytearray(4096))
-        try:
-            while await connection.receive_into(buffer):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        cancel_scope.cancel()
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> str:
-    exc = group.exceptions[0]
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return str(exc) or type(exc).__name__
