@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -228,3 +229,22 @@ async def test_graceful_shutdown_delivers_queued_frames() -> None:
     assert received == frames
     assert bytes(client.raw).endswith(END_OF_STREAM)
     await client.stream.aclose()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_clients_coming_and_going_leak_no_descriptors(daemon: Daemon) -> None:
+    _, port_out = ports(daemon)
+    stream = daemon.streams.get("camera")
+    await stream.publish([meta("config", b"v1")])
+    baseline = open_descriptors()
+    for _ in range(20):
+        client = await connect(port_out)
+        with trio.fail_after(10):
+            await client.read(1)
+        await client.stream.aclose()
+        await wait_until(lambda: not daemon.endpoints["out"].status.clients)
+    assert open_descriptors() == baseline

@@ -90,6 +90,8 @@ def main() -> None:
         if url.startswith("tcp://*"):
             print("listening", flush=True)
             reader = core.G3Reader(url)
+        elif not url.startswith("tcp://"):
+            reader = core.G3Reader(url)  # a file
         else:
             for _ in range(100):
                 try:

@@ -64,6 +64,10 @@ def free_port() -> int:
         return number
 
 
+def recordings(directory: Path) -> list[str]:
+    return sorted(str(path) for path in directory.glob("run-*.g3"))
+
+
 def latest_metadata(lines: list[str]) -> list[str]:
     """What the metadata cache holds after ``lines``: latest per type, first-seen order."""
     cache: dict[str, str] = {}
@@ -195,3 +199,39 @@ stream = "camera"
         await client.aclose()
     assert any(line.startswith("W") for line in frames)
     assert frames[0].startswith("O")
+
+
+async def test_recorder_writes_files_a_real_g3reader_opens(tmp_path: Path) -> None:
+    config = f"""
+[endpoints.g3-in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+protocol = "g3"
+stream = "camera"
+
+[endpoints.archive]
+kind = "recorder"
+path = "{tmp_path / "run.g3"}"
+protocol = "g3"
+stream = "camera"
+max_file_size = "1MB"
+"""
+    script = "O,W,C:100," + ",".join(["S:300000", "T"] * 6)
+    async with running(config) as daemon:
+        recorder = daemon.endpoints["archive"]
+        async with g3_peer("send", "127.0.0.1", str(port(daemon, "g3-in")), script) as sender:
+            sent = await sender.rest()
+            assert await sender.wait() == 0
+        # The upstream ended: the recorder closes its file; wait until it has.
+        await wait_until(lambda: recorder.status.frames_in == len(sent))
+        await wait_until(lambda: "file" not in recorder.status.detail)
+    files = recordings(tmp_path)
+    assert len(files) >= 2  # rotated at 1 MB
+    frames: list[str] = []
+    for file in files:
+        async with g3_peer("read", file) as reader:
+            lines = await reader.frames_until("end")
+        # Every file starts with the metadata of its run, so each one stands alone.
+        assert [line[0] for line in lines[:3]] == ["O", "W", "C"]
+        frames += [line for line in lines if line[0] in "ST"]
+    assert frames == [line for line in sent if line[0] in "ST"]
