@@ -65,7 +65,13 @@ def _summary(config: Config) -> list[str]:
         protocol = getattr(endpoint, "protocol", None)
         if protocol is not None:
             parts.append(protocol)
-        parts.append(f"stream {endpoint.stream!r}")
+        if endpoint.kind == "link":
+            for key in ("publish", "subscribe"):
+                value = getattr(endpoint, key)
+                if value is not None:
+                    parts.append(f"{key} {value!r}")
+        else:
+            parts.append(f"stream {endpoint.stream!r}")
         lines.append(f"  {name}: {endpoint.kind} " + ", ".join(parts))
     return lines
 

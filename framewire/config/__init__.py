@@ -16,6 +16,7 @@ from ._schema import DaemonConfig as DaemonConfig
 from ._schema import EndpointConfig as EndpointConfig
 from ._schema import FileConfig as FileConfig
 from ._schema import GeneratorConfig as GeneratorConfig
+from ._schema import LinkConfig as LinkConfig
 from ._schema import ReceiverConfig as ReceiverConfig
 from ._schema import RecorderConfig as RecorderConfig
 from ._schema import SenderConfig as SenderConfig

@@ -26,6 +26,7 @@ __all__ = [
     "FieldError",
     "FileConfig",
     "GeneratorConfig",
+    "LinkConfig",
     "ListenAddress",
     "ReceiverConfig",
     "RecorderConfig",
@@ -333,8 +334,61 @@ class GeneratorConfig:
             raise FieldError("metadata_type", "must differ from type")
 
 
+@attrs.frozen
+class LinkConfig:
+    """``kind = "link"``: a bidirectional link that keeps itself up (Datalink-style).
+
+    It publishes what the peer sends into ``publish`` and sends what ``subscribe`` carries;
+    at least one of the two, and not the same stream (the link would echo its peer).
+    """
+
+    kind: Literal["link"] = "link"
+    listen: ListenAddress | None = None
+    connect: ConnectAddress | None = None
+    protocol: ProtocolName = "native"
+    publish: Name | None = None
+    subscribe: Name | None = None
+    keepalive: PositiveDuration = 1.0
+    timeout: PositiveDuration = 5.0
+    reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
+    connect_timeout: PositiveDuration = 10.0
+    send_timeout: PositiveDuration = 30.0
+    policy: Policy = "lossless"
+    max_queue_frames: PositiveInt = 1024
+    max_queue_bytes: PositiveSize = 64 << 20
+    max_metadata_frames: PositiveInt = 1024
+    max_metadata_bytes: PositiveSize = 64 << 20
+    max_frame_size: PositiveSize = 64 << 20
+
+    def __attrs_post_init__(self) -> None:
+        if (self.listen is None) == (self.connect is None):
+            raise FieldError("listen", "set exactly one of listen or connect")
+        if not protocols.get(self.protocol).has_keepalive:
+            keepalive = ", ".join(n for n in protocols.names() if protocols.get(n).has_keepalive)
+            raise FieldError(
+                "protocol",
+                f"protocol {self.protocol!r} has no keepalive; a link needs one ({keepalive})",
+            )
+        if self.publish is None and self.subscribe is None:
+            raise FieldError("publish", "set publish, subscribe or both")
+        if self.publish is not None and self.publish == self.subscribe:
+            raise FieldError(
+                "subscribe", "must differ from publish (the link would send its peer's frames back)"
+            )
+        if self.keepalive >= self.timeout:
+            raise FieldError(
+                "keepalive", f"must be shorter than timeout ({self.timeout:g}s), or the peer dies"
+            )
+
+
 EndpointConfig: TypeAlias = (
-    ServerConfig | ReceiverConfig | GeneratorConfig | SenderConfig | FileConfig | RecorderConfig
+    ServerConfig
+    | ReceiverConfig
+    | GeneratorConfig
+    | SenderConfig
+    | FileConfig
+    | RecorderConfig
+    | LinkConfig
 )
 ENDPOINT_KINDS: Final[dict[str, type[EndpointConfig]]] = {
     "server": ServerConfig,
@@ -343,6 +397,7 @@ ENDPOINT_KINDS: Final[dict[str, type[EndpointConfig]]] = {
     "sender": SenderConfig,
     "file": FileConfig,
     "recorder": RecorderConfig,
+    "link": LinkConfig,
 }
 
 

@@ -19,6 +19,7 @@ from ..config import Address
 from ..frame import Buffer
 
 __all__ = [
+    "ACCEPT_RETRY_ERRNOS",
     "Connection",
     "Connector",
     "open_listeners",
@@ -31,6 +32,8 @@ Connector: TypeAlias = Callable[[], Awaitable[trio.abc.Stream]]
 
 #: Writes at most this big are joined into one buffer; bigger ones go out as a gather write.
 JOIN_LIMIT: Final = 256 * 1024
+#: accept() errors that mean "out of resources for now": wait a little and accept again.
+ACCEPT_RETRY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: TCP_NOTSENT_LOWAT for relay connections.
 NOTSENT_LOWAT: Final = 4 << 20
 #: Buffers per sendmsg() call (Linux's IOV_MAX is 1024).

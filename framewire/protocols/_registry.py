@@ -9,6 +9,7 @@ import attrs
 
 from ..frame import Buffer, Frame
 from ._errors import UnknownProtocol
+from .datalink import DatalinkDecoder, DatalinkEncoder
 from .g3 import DATA_TYPES as G3_DATA_TYPES
 from .g3 import G3Decoder, G3Encoder
 from .g3 import canonical_type as g3_canonical_type
@@ -102,6 +103,15 @@ register(
         summary="framewire's own framing: kind, type, timestamp, headers, payload",
         make_decoder=lambda max_frame_size: NativeDecoder(max_frame_size=max_frame_size),
         make_encoder=NativeEncoder,
+        has_keepalive=True,
+    )
+)
+register(
+    ProtocolSpec(
+        name="datalink",
+        summary="Datalink's framing: markers, size, timestamp, payload, footer; size 0 keepalive",
+        make_decoder=lambda max_frame_size: DatalinkDecoder(max_frame_size=max_frame_size),
+        make_encoder=DatalinkEncoder,
         has_keepalive=True,
     )
 )

@@ -12,6 +12,7 @@ from ._base import EndpointStatus as EndpointStatus
 from ._base import Transports as Transports
 from .file import FileEndpoint as FileEndpoint
 from .generator import GeneratorEndpoint as GeneratorEndpoint
+from .link import LinkEndpoint as LinkEndpoint
 from .receiver import ReceiverEndpoint as ReceiverEndpoint
 from .recorder import RecorderEndpoint as RecorderEndpoint
 from .sender import SenderEndpoint as SenderEndpoint
@@ -24,6 +25,7 @@ KINDS: Final[dict[str, type[Endpoint[Any]]]] = {
     "sender": SenderEndpoint,
     "file": FileEndpoint,
     "recorder": RecorderEndpoint,
+    "link": LinkEndpoint,
 }
 
 

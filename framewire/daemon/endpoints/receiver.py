@@ -22,9 +22,8 @@ from ...frame import Frame
 from ..backoff import Backoff
 from ..flow import make_decoder, receive_frames
 from ..reconnect import keep_connected
-from ..transport import Connection, bound_addresses
+from ..transport import ACCEPT_RETRY_ERRNOS, Connection, bound_addresses
 from ._base import ClientInfo, Endpoint, EndpointContext
-from .server import _ACCEPT_RETRY_ERRNOS
 
 __all__ = ["ReceiverEndpoint"]
 
@@ -80,7 +79,7 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
-                    if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    if exc.errno in ACCEPT_RETRY_ERRNOS:
                         self.log.warning("accept failed (%s); retrying in 100 ms", exc)
                         await trio.sleep(0.1)
                         continue

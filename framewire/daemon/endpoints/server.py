@@ -7,20 +7,16 @@ batches. A slow client only ever fills its own queue.
 
 from __future__ import annotations
 
-import errno
-
 import trio
 
 from ... import protocols
 from ...config import ServerConfig
 from ..flow import UnencodableFrames, close_when_peer_leaves, first_error, send_subscription
 from ..stream import Policy, QueueBounds
-from ..transport import Connection, bound_addresses
+from ..transport import ACCEPT_RETRY_ERRNOS, Connection, bound_addresses
 from ._base import ClientInfo, Endpoint, EndpointContext
 
 __all__ = ["ServerEndpoint"]
-
-_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 class ServerEndpoint(Endpoint[ServerConfig]):
@@ -69,7 +65,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                if exc.errno in ACCEPT_RETRY_ERRNOS:
                     self.log.warning("accept failed (%s); retrying in 100 ms", exc)
                     await trio.sleep(0.1)
                     continue

@@ -1,0 +1,422 @@
+"""A small client for application code: talk to a framewire ``link`` (or server, or receiver).
+
+Two flavours with the same methods:
+
+* trio: ``async with open_client("tcp://127.0.0.1:4550") as client:`` then
+  ``await client.send(frame)``, ``await client.receive()``, ``async for frame in client``;
+* blocking: ``with BlockingClient("tcp://127.0.0.1:4550") as client:`` then
+  ``client.send(frame)``, ``client.receive()``, ``for frame in client``; plain sockets,
+  every operation bounded by a timeout.
+
+Both speak ``protocol="native"`` (the default) or ``"datalink"`` (then only payload and
+timestamp travel). With ``keepalive`` set they send the protocol's keepalive whenever they
+have sent nothing for that many seconds, so a ``link`` endpoint (whose ``timeout`` is
+longer) keeps them connected: the trio client from a background task, the blocking one while
+it waits in :meth:`BlockingClient.receive` (call :meth:`BlockingClient.keepalive` if your
+code does neither for longer). Keepalives from the peer are consumed silently and count as
+signs of life. The clients do not reconnect: on a lost connection they raise and the caller
+decides.
+
+Arrays (numpy is an optional dependency: ``pip install 'framewire[numpy]'``):
+``send_array(array)`` sends the array's bytes in one frame whose headers carry its dtype and
+shape (``{"dtype": "<f8", "shape": "3,4"}``); ``receive_array()`` rebuilds it without the
+reader knowing the shape. :func:`frame_from_array` and :func:`array_from_frame` do the same
+for frames you move yourself. Datalink frames carry no headers, so arrays need ``native``.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import math
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from . import protocols
+from .config import parse_address
+from .daemon.keepalive import KeepaliveConnection, send_keepalives
+from .frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = [
+    "BlockingClient",
+    "Client",
+    "ConnectionClosed",
+    "array_from_frame",
+    "frame_from_array",
+    "open_client",
+]
+
+#: Default largest frame a client accepts.
+MAX_FRAME_SIZE: Final = 64 << 20
+#: Writes up to this size are joined into one system call by the blocking client.
+_JOIN_LIMIT: Final = 256 * 1024
+#: The frame type :meth:`Client.send_array` uses unless told otherwise.
+ARRAY_TYPE: Final = "ndarray"
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection. ``clean`` when it ended its stream properly (the
+    native END_OF_STREAM, or EOF at a frame boundary)."""
+
+    def __init__(self, message: str, *, clean: bool) -> None:
+        super().__init__(message)
+        self.clean = clean
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``tcp://host:port`` (or ``host:port``) as ``(host, port)``. Raises ValueError."""
+    text = address if "://" in address else f"tcp://{address}"
+    parsed = parse_address(text)
+    assert parsed.host is not None
+    return parsed.host, parsed.port
+
+
+# -- arrays -----------------------------------------------------------------------------
+
+
+def _require_numpy() -> None:
+    if importlib.util.find_spec("numpy") is None:
+        raise ImportError(
+            "array helpers need numpy: pip install 'framewire[numpy]' (or pip install numpy)"
+        )
+
+
+def frame_from_array(
+    array: npt.ArrayLike,
+    *,
+    type: str = ARRAY_TYPE,
+    timestamp: int | None = None,
+    headers: Mapping[str, str] = EMPTY_HEADERS,
+    kind: FrameKind = FrameKind.DATA,
+) -> Frame:
+    """A frame holding ``array``'s bytes (C order) with its dtype and shape in the headers.
+
+    ``timestamp`` defaults to now (ns since the epoch). The payload is a view of the array
+    (or of a C-ordered copy if it was not C-contiguous): do not modify the array until the
+    frame is sent. Raises ValueError for object or structured dtypes, which have no portable
+    byte form, and ImportError without numpy.
+    """
+    _require_numpy()
+    import numpy
+
+    value = numpy.asarray(array)
+    dtype = value.dtype
+    if dtype.hasobject or dtype.fields is not None:
+        raise ValueError(f"cannot send an array of dtype {dtype}: no portable byte form")
+    # ascontiguousarray copies only when needed (and makes a 0-d array 1-d: shape is kept).
+    payload = numpy.ascontiguousarray(value).reshape(-1).view(numpy.uint8).data
+    described = {
+        **headers,
+        "dtype": dtype.str,
+        "shape": ",".join(str(n) for n in value.shape),
+    }
+    return Frame(kind, type, payload, time.time_ns() if timestamp is None else timestamp, described)
+
+
+def array_from_frame(frame: Frame, *, copy: bool = False) -> npt.NDArray[Any]:
+    """The array a :func:`frame_from_array` frame holds.
+
+    Without ``copy`` the array is a read-only view of the frame's payload. Raises ValueError
+    if the frame has no ``dtype``/``shape`` headers (datalink frames never do) or they do not
+    match the payload, and ImportError without numpy.
+    """
+    _require_numpy()
+    import numpy
+
+    try:
+        dtype_text, shape_text = frame.headers["dtype"], frame.headers["shape"]
+    except KeyError:
+        raise ValueError(
+            f"frame of type {frame.type!r} has no dtype and shape headers: it was not sent "
+            "as an array (datalink frames carry no headers)"
+        ) from None
+    try:
+        dtype = numpy.dtype(dtype_text)
+        shape = tuple(int(n) for n in shape_text.split(",")) if shape_text else ()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad array headers dtype={dtype_text!r} shape={shape_text!r}") from exc
+    if dtype.hasobject:
+        raise ValueError(f"refusing an array of dtype {dtype}")
+    expected = math.prod(shape) * dtype.itemsize
+    payload = frame.payload
+    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    if size != expected or any(n < 0 for n in shape):
+        raise ValueError(
+            f"payload of {size} bytes does not hold an array of shape {shape} and dtype {dtype}"
+        )
+    array = numpy.frombuffer(payload, dtype=dtype).reshape(shape)
+    return array.copy() if copy else array
+
+
+# -- trio -------------------------------------------------------------------------------
+
+
+class Client:
+    """A trio connection speaking framewire frames. Made by :func:`open_client`.
+
+    One task may send while another receives. Like a trio stream, a cancelled :meth:`send`
+    leaves the connection unusable: close it.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        protocol: str = "native",
+        max_frame_size: int = MAX_FRAME_SIZE,
+        peer_timeout: float | None = None,
+    ) -> None:
+        spec = protocols.get(protocol)
+        self.protocol = protocol
+        self.connection = KeepaliveConnection(stream)
+        self.peer_timeout = peer_timeout
+        self._encoder = spec.make_encoder()
+        self._decoder = spec.make_decoder(max_frame_size)
+        self._received: collections.deque[Frame] = collections.deque()
+
+    async def send(self, frame: Frame) -> None:
+        """Send one frame. Raises trio.BrokenResourceError if the peer is gone, ValueError
+        if the protocol cannot carry the frame."""
+        await self.connection.send(self._encoder.encode(frame))
+
+    async def send_many(self, frames: list[Frame]) -> None:
+        """Send frames in one write (much faster than one :meth:`send` each for small ones)."""
+        await self.connection.send(self._encoder.encode_batch(frames))
+
+    async def send_keepalive(self) -> None:
+        await self.connection.send([self._encoder.keepalive()])
+
+    async def receive(self) -> Frame:
+        """The next frame.
+
+        Raises :class:`ConnectionClosed` when the peer closed or ended its stream,
+        :class:`~framewire.protocols.ProtocolError` for bad bytes, TimeoutError when
+        ``peer_timeout`` is set and nothing at all (not even a keepalive) arrived for that long,
+        trio.BrokenResourceError if the connection broke.
+        """
+        received, decoder = self._received, self._decoder
+        while not received:
+            if decoder.ended:
+                raise ConnectionClosed("the peer ended its stream", clean=True)
+            with trio.move_on_after(math.inf if self.peer_timeout is None else self.peer_timeout):
+                nbytes = await self.connection.receive_into(decoder.get_buffer())
+                if nbytes == 0:
+                    decoder.end_of_input()
+                    raise ConnectionClosed("the peer closed the connection", clean=True)
+                received.extend(decoder.buffer_updated(nbytes))
+                continue
+            raise TimeoutError(f"nothing from the peer for {self.peer_timeout:g}s")
+        return received.popleft()
+
+    def __aiter__(self) -> AsyncIterator[Frame]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[Frame]:
+        """Frames until the peer closes cleanly."""
+        while True:
+            try:
+                frame = await self.receive()
+            except ConnectionClosed:
+                return
+            yield frame
+
+    async def send_array(
+        self,
+        array: npt.ArrayLike,
+        *,
+        type: str = ARRAY_TYPE,
+        timestamp: int | None = None,
+        headers: Mapping[str, str] = EMPTY_HEADERS,
+    ) -> None:
+        """Send ``array`` with its dtype and shape (see :func:`frame_from_array`)."""
+        await self.send(frame_from_array(array, type=type, timestamp=timestamp, headers=headers))
+
+    async def receive_array(self, *, copy: bool = False) -> npt.NDArray[Any]:
+        """Receive the next frame as an array (see :func:`array_from_frame`)."""
+        return array_from_frame(await self.receive(), copy=copy)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.connection.stream)
+
+
+@asynccontextmanager
+async def open_client(
+    address: str,
+    *,
+    protocol: str = "native",
+    keepalive: float | None = 1.0,
+    peer_timeout: float | None = None,
+    connect_timeout: float = 10.0,
+    max_frame_size: int = MAX_FRAME_SIZE,
+) -> AsyncIterator[Client]:
+    """Connect to ``address`` (``tcp://host:port``) and yield a :class:`Client`.
+
+    With ``keepalive`` (seconds; None for none) a background task sends keepalives while the
+    client sends nothing. ``peer_timeout``: see :meth:`Client.receive`. Raises OSError when the
+    connection is refused, trio.TooSlowError when it takes longer than ``connect_timeout``,
+    ValueError for a bad address or protocol. The connection is closed on the way out.
+    """
+    host, port = _host_port(address)
+    protocols.get(protocol)
+    with trio.fail_after(connect_timeout):
+        stream = await trio.open_tcp_stream(host, port)
+    client = Client(
+        stream, protocol=protocol, max_frame_size=max_frame_size, peer_timeout=peer_timeout
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            if keepalive is not None:
+                nursery.start_soon(
+                    send_keepalives, client.connection, client._encoder.keepalive(), keepalive
+                )
+            yield client
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+# -- blocking ---------------------------------------------------------------------------
+
+
+class BlockingClient:
+    """A plain-socket connection speaking framewire frames, for code without trio.
+
+    ``timeout`` bounds every operation: a connect, a write that makes no progress, and a
+    :meth:`receive` during which nothing at all (not even a keepalive) arrives; each raises
+    TimeoutError (None: wait forever). With ``keepalive`` (seconds), :meth:`send` and
+    :meth:`receive` send a keepalive when nothing was sent for that long, including while
+    :meth:`receive` waits. Not thread-safe. Raises OSError when the connection is refused.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        protocol: str = "native",
+        keepalive: float | None = 1.0,
+        timeout: float | None = 10.0,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> None:
+        host, port = _host_port(address)
+        spec = protocols.get(protocol)
+        self.protocol = protocol
+        self.keepalive_interval = keepalive
+        self.timeout = timeout
+        self._encoder = spec.make_encoder()
+        self._decoder = spec.make_decoder(max_frame_size)
+        self._received: collections.deque[Frame] = collections.deque()
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._last_sent = -math.inf
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _write(self, buffers: list[Buffer]) -> None:
+        sock = self._sock
+        sock.settimeout(self.timeout)
+        total = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers)
+        if len(buffers) == 1:
+            sock.sendall(buffers[0])
+        elif total <= _JOIN_LIMIT:
+            sock.sendall(b"".join(buffers))
+        else:
+            for buffer in buffers:
+                sock.sendall(buffer)
+        self._last_sent = time.monotonic()
+
+    def send(self, frame: Frame) -> None:
+        """Send one frame. Raises OSError (BrokenPipeError, ...) if the peer is gone,
+        TimeoutError if a write stalls for ``timeout``, ValueError if the protocol cannot
+        carry the frame."""
+        self._write(self._encoder.encode(frame))
+
+    def send_many(self, frames: list[Frame]) -> None:
+        """Send frames with as few system calls as possible."""
+        self._write(self._encoder.encode_batch(frames))
+
+    def keepalive(self) -> None:
+        """Send a keepalive now."""
+        self._write([self._encoder.keepalive()])
+
+    def send_array(
+        self,
+        array: npt.ArrayLike,
+        *,
+        type: str = ARRAY_TYPE,
+        timestamp: int | None = None,
+        headers: Mapping[str, str] = EMPTY_HEADERS,
+    ) -> None:
+        """Send ``array`` with its dtype and shape (see :func:`frame_from_array`)."""
+        self.send(frame_from_array(array, type=type, timestamp=timestamp, headers=headers))
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def receive(self) -> Frame:
+        """The next frame.
+
+        Raises :class:`ConnectionClosed` when the peer closed or ended its stream,
+        :class:`~framewire.protocols.ProtocolError` for bad bytes, TimeoutError when nothing
+        arrived for ``timeout`` seconds, OSError if the connection broke.
+        """
+        received, decoder, sock = self._received, self._decoder, self._sock
+        quiet_since = time.monotonic()
+        while not received:
+            if decoder.ended:
+                raise ConnectionClosed("the peer ended its stream", clean=True)
+            now = time.monotonic()
+            wait = math.inf if self.timeout is None else quiet_since + self.timeout - now
+            if wait <= 0:
+                raise TimeoutError(f"nothing from the peer for {self.timeout:g}s")
+            interval = self.keepalive_interval
+            if interval is not None:
+                due = self._last_sent + interval - now
+                if due <= 0:
+                    self.keepalive()
+                    continue
+                wait = min(wait, due)
+            sock.settimeout(None if math.isinf(wait) else wait)
+            try:
+                nbytes = sock.recv_into(decoder.get_buffer())
+            except TimeoutError:
+                continue
+            if nbytes == 0:
+                decoder.end_of_input()
+                raise ConnectionClosed("the peer closed the connection", clean=True)
+            quiet_since = time.monotonic()
+            received.extend(decoder.buffer_updated(nbytes))
+        return received.popleft()
+
+    def __iter__(self) -> Iterator[Frame]:
+        """Frames until the peer closes cleanly."""
+        while True:
+            try:
+                yield self.receive()
+            except ConnectionClosed:
+                return
+
+    def receive_array(self, *, copy: bool = False) -> npt.NDArray[Any]:
+        """Receive the next frame as an array (see :func:`array_from_frame`)."""
+        return array_from_frame(self.receive(), copy=copy)

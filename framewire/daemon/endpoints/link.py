@@ -1,0 +1,563 @@
+"""``kind = "link"``: a bidirectional link that keeps itself up (Datalink's promise).
+
+One side listens, the other connects; frames flow both ways over one connection. The link
+publishes what the peer sends into the stream ``publish`` and sends the peer what the stream
+``subscribe`` carries. Two links joined through two streams make Datalink's Databridge.
+
+Liveness
+    Each side sends a keepalive when it has sent nothing for ``keepalive`` seconds (and one
+    as soon as it connects, so the peer hears it at once). The peer is dead when *nothing*,
+    data or keepalive, arrives for ``timeout`` seconds while the link is waiting to read;
+    time spent waiting for room in a lossless ``publish`` stream does not count (the peer is
+    not silent then, we are not listening). Sending never resets the timer: Datalink's flaw,
+    where a side that only sends drops a healthy link every timeout, cannot happen.
+Up and down
+    A connection counts as *up* once the peer has said something valid (a frame or a
+    keepalive). Connect mode retries with exponential backoff and jitter, capped at
+    ``reconnect.maximum``, starting over after a connection that stayed up for
+    ``reconnect.stable_after``. A refused or silent connection, bad markers or an absurd size
+    all end the connection and retry the same way. Log lines are written per change of state
+    (up, down, a new reason for being down), never per attempt.
+Listen mode
+    One peer at a time: a new connection **replaces** the current one (the newest wins, so a
+    peer that restarted does not wait out the timeout of its own dead connection). Listen
+    mode does not back off; pacing retries is the connecting side's job.
+The outgoing queue
+    The link subscribes to ``subscribe`` once, when it starts, so the queue outlives
+    connections: while the link is down frames wait there, bounded by ``max_queue_frames``
+    and ``max_queue_bytes``. ``lossless``: the stream's publishers wait for room. ``lossy``:
+    the oldest DATA frames are dropped, never metadata. A batch a broken connection
+    interrupted is sent again on the next one (at least once), after the metadata that was
+    current for it (native protocol only: datalink cannot tell metadata from data). Frames
+    are not acknowledged: what the kernel had accepted when a connection broke may be lost.
+Stopping
+    When the endpoint stops while up, it sends what is queued, then the protocol's
+    end-of-stream (native), then closes; while down, queued frames are discarded.
+
+The link's state is in ``status.state``: ``listening`` (listen mode, no peer), ``connecting``
+(connect mode, an attempt or an unproven connection), ``up``, ``reconnecting`` (waiting for
+the next attempt; ``detail.next_attempt_in`` / ``next_attempt_at``). ``detail.link`` is
+``"up"`` or ``"down"``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+
+from ... import protocols
+from ...config import LinkConfig
+from ...frame import Buffer, Frame, FrameKind
+from ...protocols import Decoder
+from ..backoff import Backoff
+from ..flow import (
+    BATCH_BYTES,
+    BATCH_FRAMES,
+    UnencodableFrames,
+    encode_frames,
+    first_error,
+    receive_frames,
+)
+from ..keepalive import KeepaliveConnection, send_keepalives
+from ..stream import MetadataCache, Policy, QueueBounds, Subscription, SubscriptionClosed
+from ..transport import ACCEPT_RETRY_ERRNOS, Connection, bound_addresses, peer_name
+from ._base import ClientInfo, Endpoint, EndpointContext
+
+__all__ = ["LinkEndpoint"]
+
+#: Seconds between refreshes of the queue figures in status.
+STATUS_REFRESH = 1.0
+_DATA = FrameKind.DATA
+
+
+class QueueClosed(RuntimeError):
+    """The outgoing subscription was cut off (metadata past its hard cap): restart the link."""
+
+
+@attrs.define
+class _Outcome:
+    """How one connection went."""
+
+    peer: str
+    heard: bool = False
+    reason: str | None = None
+    stopping: bool = False
+
+
+class _WatchedDecoder:
+    """A decoder that calls ``heard()`` once, on the first valid frame or keepalive."""
+
+    def __init__(self, inner: Decoder, heard: Callable[[], None]) -> None:
+        self.inner = inner
+        self.protocol = inner.protocol
+        self.max_frame_size = inner.max_frame_size
+        self._heard: Callable[[], None] | None = heard
+
+    @property
+    def ended(self) -> bool:
+        return self.inner.ended
+
+    @ended.setter
+    def ended(self, value: bool) -> None:
+        self.inner.ended = value
+
+    @property
+    def keepalives(self) -> int:
+        count: int = getattr(self.inner, "keepalives", 0)
+        return count
+
+    def get_buffer(self) -> memoryview:
+        return self.inner.get_buffer()
+
+    def buffer_updated(self, nbytes: int, /) -> list[Frame]:
+        frames = self.inner.buffer_updated(nbytes)
+        if self._heard is not None and (frames or self.keepalives):
+            heard, self._heard = self._heard, None
+            heard()
+        return frames
+
+    def feed(self, data: Buffer, /) -> list[Frame]:
+        return self.inner.feed(data)
+
+    def end_of_input(self) -> None:
+        self.inner.end_of_input()
+
+    @property
+    def buffered(self) -> int:
+        return self.inner.buffered
+
+
+class LinkEndpoint(Endpoint[LinkConfig]):
+    kind = "link"
+
+    def __init__(
+        self,
+        name: str,
+        config: LinkConfig,
+        context: EndpointContext,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(name, config, context)
+        self.backoff = Backoff(config.reconnect, rng)
+        self._spec = protocols.get(config.protocol)
+        self._encoder = self._spec.make_encoder()
+        self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
+        # Datalink cannot tell metadata from data: replaying metadata would duplicate data.
+        self._replay_metadata = config.protocol != "datalink"
+        self._subscription: Subscription | None = None
+        self._dropped_before = 0
+        # Metadata as of the next frame to send, and the batch a broken connection interrupted.
+        self._delivered = MetadataCache()
+        self._pending: list[Frame] = []
+        self._session_scope: trio.CancelScope | None = None
+        self._session_done: trio.Event | None = None
+        self._replaced_by: str | None = None
+        self._decoder: _WatchedDecoder | None = None
+        self._state_changed = trio.Event()
+        self.keepalives_sent = 0
+        self.keepalives_received = 0
+        #: Connections that came up (the peer said something valid).
+        self.connections = 0
+
+    # -- state -------------------------------------------------------------------------
+
+    def _set_state(self, state: str, **detail: object) -> None:
+        status = self.status
+        status.state = state
+        status.detail["link"] = "up" if state == "up" else "down"
+        if state != "reconnecting":
+            status.detail.pop("next_attempt_in", None)
+            status.detail.pop("next_attempt_at", None)
+        if state != "up":
+            status.detail.pop("connected_since", None)
+            status.detail.pop("peer", None)
+        status.detail.update(detail)
+        self._refresh_figures()
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    async def wait_for_state(self, *states: str) -> None:
+        """Wait until ``status.state`` is one of ``states`` (at once if it is already)."""
+        while self.status.state not in states:
+            await self._state_changed.wait()
+
+    def _refresh_figures(self) -> None:
+        status = self.status
+        subscription = self._subscription
+        if subscription is not None:
+            status.detail["queue_frames"] = subscription.queued_frames + len(self._pending)
+            status.detail["queue_bytes"] = subscription.queued_bytes
+            status.frames_dropped = self._dropped_before + subscription.frames_dropped
+        decoder = self._decoder
+        received = self.keepalives_received + (decoder.keepalives if decoder is not None else 0)
+        status.detail["keepalives_received"] = received
+        status.detail["keepalives_sent"] = self.keepalives_sent
+        status.detail["connections"] = self.connections
+
+    async def _refresh_status(self) -> None:
+        while True:
+            self._refresh_figures()
+            await trio.sleep(STATUS_REFRESH)
+
+    def _subscribe(self) -> Subscription:
+        config = self.config
+        assert config.subscribe is not None
+        if self._subscription is not None:
+            self._dropped_before += self._subscription.frames_dropped
+        self._delivered.clear()
+        return self.context.streams.get(config.subscribe).subscribe(
+            bounds=QueueBounds(
+                config.max_queue_frames,
+                config.max_queue_bytes,
+                config.max_metadata_frames,
+                config.max_metadata_bytes,
+            ),
+            policy=Policy(config.policy),
+            label=f"link {self.name}",
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        if config.subscribe is not None:
+            self._subscription = self._subscribe()
+        self._pending = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_requested, nursery.cancel_scope)
+                nursery.start_soon(self._refresh_status)
+                if config.listen is not None:
+                    await nursery.start(self._listen)
+                else:
+                    await nursery.start(self._connect_forever, nursery.cancel_scope)
+                task_status.started()
+        finally:
+            if self._subscription is not None:
+                self._subscription.close("the link stopped")
+            self._refresh_figures()
+
+    async def _stop_when_requested(self, cancel_scope: trio.CancelScope) -> None:
+        """On a stop request: if up, send what is queued and end the stream; then stop."""
+        await self._stop_requested.wait()
+        subscription = self._subscription
+        done = self._session_done
+        if subscription is not None and self.status.state == "up" and done is not None:
+            subscription.end("the link endpoint is stopping")
+            await done.wait()
+        cancel_scope.cancel()
+
+    # -- connect mode ------------------------------------------------------------------
+
+    async def _connect_forever(
+        self,
+        endpoint_scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        config = self.config
+        assert config.connect is not None
+        connector = self.context.transports.connector(config.connect)
+        peer = str(config.connect)
+        self.status.address = [peer]
+        self.log.info(
+            "link to %s (%s; publish %s, subscribe %s)",
+            peer,
+            config.protocol,
+            _stream_name(config.publish),
+            _stream_name(config.subscribe),
+        )
+        task_status.started()
+        last_problem: str | None = None
+        while True:
+            self._set_state("connecting")
+            problem: str | None
+            try:
+                with trio.fail_after(config.connect_timeout):
+                    stream = await connector()
+            except (OSError, trio.TooSlowError) as exc:
+                problem = "cannot connect: " + _describe_connect_error(exc, config.connect_timeout)
+            else:
+                connected_at = trio.current_time()
+                try:
+                    outcome = await self._session(stream, peer)
+                finally:
+                    await trio.aclose_forcefully(stream)
+                if outcome.stopping or self.stop_requested:
+                    return
+                problem = None if outcome.heard else outcome.reason
+                if outcome.heard:
+                    last_problem = None
+                    self.log.warning("link down: %s; reconnecting", outcome.reason)
+                    if trio.current_time() - connected_at >= config.reconnect.stable_after:
+                        self.backoff.reset()
+            if problem is not None:
+                self.status.last_error = problem
+                if problem != last_problem:
+                    self.log.warning("link to %s is down: %s; retrying with backoff", peer, problem)
+                    last_problem = problem
+            delay = self.backoff.next_delay()
+            self._set_state(
+                "reconnecting",
+                next_attempt_in=round(delay, 3),
+                next_attempt_at=round(time.time() + delay, 3),
+            )
+            await trio.sleep(delay)
+
+    # -- listen mode -------------------------------------------------------------------
+
+    async def _listen(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        config = self.config
+        assert config.listen is not None
+        listeners = await self.context.transports.listen(config.listen)
+        self.status.address = bound_addresses(listeners)
+        self._set_state("listening")
+        self.log.info(
+            "link listening on %s (%s; publish %s, subscribe %s)",
+            ", ".join(self.status.address),
+            config.protocol,
+            _stream_name(config.publish),
+            _stream_name(config.subscribe),
+        )
+        send_channel, receive_channel = trio.open_memory_channel[trio.abc.Stream](0)
+        async with trio.open_nursery() as nursery:
+            with send_channel:
+                for listener in listeners:
+                    nursery.start_soon(self._accept, listener, send_channel.clone())
+            nursery.start_soon(self._serve_peers, receive_channel)
+            task_status.started()
+
+    async def _accept(
+        self,
+        listener: trio.abc.Listener[trio.abc.Stream],
+        incoming: trio.MemorySendChannel[trio.abc.Stream],
+    ) -> None:
+        async with listener:
+            with incoming:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno in ACCEPT_RETRY_ERRNOS:
+                            self.log.warning("accept failed (%s); retrying in 100 ms", exc)
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                    if self._session_scope is not None:
+                        # One peer at a time: the newest connection replaces the current one.
+                        self._replaced_by = peer_name(stream)
+                        self._session_scope.cancel()
+                    handed = False
+                    try:
+                        await incoming.send(stream)
+                        handed = True
+                    finally:
+                        if not handed:
+                            with trio.CancelScope(shield=True):
+                                await trio.aclose_forcefully(stream)
+
+    async def _serve_peers(self, incoming: trio.MemoryReceiveChannel[trio.abc.Stream]) -> None:
+        last_problem: str | None = None
+        with incoming:
+            async for stream in incoming:
+                peer = peer_name(stream)
+                try:
+                    outcome = await self._session(stream, peer)
+                finally:
+                    await trio.aclose_forcefully(stream)
+                if outcome.stopping or self.stop_requested:
+                    return
+                if outcome.heard:
+                    last_problem = None
+                    self.log.warning("link down: %s: %s; listening", peer, outcome.reason)
+                elif outcome.reason is not None:
+                    self.status.last_error = f"{peer}: {outcome.reason}"
+                    if outcome.reason != last_problem:
+                        self.log.warning("peer %s dropped: %s", peer, outcome.reason)
+                        last_problem = outcome.reason
+                self._set_state("listening")
+
+    # -- one connection ----------------------------------------------------------------
+
+    async def _session(self, stream: trio.abc.Stream, peer: str) -> _Outcome:
+        """Run one connection until it fails, the peer goes quiet or ends, or we stop.
+
+        Returns how it ended. Raises :class:`QueueClosed` if the outgoing subscription was
+        cut off; every connection-level failure is an outcome, not an exception.
+        """
+        config = self.config
+        status = self.status
+        connection = KeepaliveConnection(stream, peer)
+        outcome = _Outcome(peer)
+        client = ClientInfo(peer, connected_since=time.time())
+        key = id(client)
+        status.clients[key] = client
+
+        def heard() -> None:
+            outcome.heard = True
+            self.connections += 1
+            self._set_state("up", connected_since=round(time.time(), 3), peer=peer)
+            self.log.info("link up: %s", peer)
+
+        decoder = _WatchedDecoder(self._spec.make_decoder(config.max_frame_size), heard)
+        self._decoder = decoder
+        self._replaced_by = None
+        self._session_done = done = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._session_scope = nursery.cancel_scope
+                nursery.start_soon(self._receive_side, connection, decoder, client, outcome)
+                nursery.start_soon(self._keepalive_side, connection)
+                if self._subscription is not None:
+                    nursery.start_soon(self._send_side, connection, outcome)
+        except* protocols.ProtocolError as group:
+            outcome.reason = f"bad bytes from the peer: {first_error(group)}"
+        except* trio.TooSlowError:
+            outcome.reason = f"a write stalled for more than {config.send_timeout:g}s"
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            outcome.reason = f"connection lost ({first_error(group)})"
+        finally:
+            self._session_scope = None
+            del status.clients[key]
+            self.keepalives_received += decoder.keepalives
+            self._decoder = None
+            done.set()
+        if outcome.reason is None:
+            outcome.reason = (
+                f"replaced by a new connection from {self._replaced_by}"
+                if self._replaced_by is not None
+                else "the connection ended"
+            )
+        if outcome.heard:
+            self._set_state("down" if config.listen is None else "listening")
+        self._refresh_figures()
+        return outcome
+
+    async def _receive_side(
+        self,
+        connection: Connection,
+        decoder: _WatchedDecoder,
+        client: ClientInfo,
+        outcome: _Outcome,
+    ) -> None:
+        """Publish what the peer sends; end the session when it closes or falls silent."""
+        config = self.config
+        status = self.status
+        timeout = config.timeout
+        stream = self.context.streams.get(config.publish) if config.publish is not None else None
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as alive:
+
+            def activity() -> None:
+                alive.deadline = trio.current_time() + timeout
+
+            async def publish(frames: Sequence[Frame]) -> None:
+                nbytes = sum(frame.size for frame in frames)
+                client.frames_in += len(frames)
+                client.bytes_in += nbytes
+                status.frames_in += len(frames)
+                status.bytes_in += nbytes
+                if stream is None:
+                    return
+                # Waiting for room in a lossless stream is not the peer's silence.
+                alive.deadline = math.inf
+                try:
+                    await stream.publish(frames)
+                finally:
+                    alive.deadline = trio.current_time() + timeout
+
+            await receive_frames(connection, decoder, publish, on_activity=activity)
+            if decoder.ended:
+                outcome.reason = "the peer ended its stream"
+                if stream is not None:
+                    stream.end_of_stream(f"the link peer {connection.peer} ended its stream")
+            else:
+                outcome.reason = "the peer closed the connection"
+        if alive.cancelled_caught:
+            outcome.reason = f"heard nothing from the peer for {timeout:g}s"
+        self._end_session()
+
+    async def _keepalive_side(self, connection: KeepaliveConnection) -> None:
+        """Send a keepalive whenever nothing was sent for ``keepalive`` seconds."""
+
+        def sent() -> None:
+            self.keepalives_sent += 1
+
+        config = self.config
+        await send_keepalives(
+            connection,
+            self._encoder.keepalive(),
+            config.keepalive,
+            send_timeout=config.send_timeout,
+            on_sent=sent,
+        )
+
+    async def _send_side(self, connection: Connection, outcome: _Outcome) -> None:
+        """Send the metadata replay, the interrupted batch, then the queue, until stopped."""
+        config = self.config
+        status = self.status
+        send_timeout = config.send_timeout
+        if self._replay_metadata:
+            replay = list(self._delivered)
+            if replay:
+                with trio.fail_after(send_timeout):
+                    await connection.send(self._encode(replay))
+        while True:
+            subscription = self._subscription
+            assert subscription is not None
+            if not self._pending:
+                try:
+                    self._pending = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
+                except SubscriptionClosed as closed:
+                    if not closed.graceful:
+                        raise QueueClosed(
+                            f"the outgoing queue was closed: {closed.reason}"
+                        ) from None
+                    if self.stop_requested:
+                        marker = self._encoder.end_of_stream()
+                        if marker:
+                            with trio.fail_after(send_timeout):
+                                await connection.send([marker])
+                        outcome.reason = "the link is stopping"
+                        outcome.stopping = True
+                        self._end_session()
+                        return
+                    self._subscription = self._subscribe()
+                    continue
+            batch = self._pending
+            with trio.fail_after(send_timeout):
+                await connection.send(self._encode(batch))
+            if self._replay_metadata:
+                delivered = self._delivered
+                for frame in batch:
+                    if frame.kind is not _DATA:
+                        delivered.update(frame)
+            self._pending = []
+            status.frames_out += len(batch)
+            status.bytes_out += sum(frame.size for frame in batch)
+
+    def _encode(self, frames: list[Frame]) -> list[Buffer]:
+        return encode_frames(self._encoder, frames, self._unencodable)
+
+    def _end_session(self) -> None:
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+
+
+def _stream_name(name: str | None) -> str:
+    return "nothing" if name is None else repr(name)
+
+
+def _describe_connect_error(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
