@@ -248,3 +248,31 @@ async def test_clients_coming_and_going_leak_no_descriptors(daemon: Daemon) -> N
         await client.stream.aclose()
         await wait_until(lambda: not daemon.endpoints["out"].status.clients)
     assert open_descriptors() == baseline
+
+
+async def test_stream_ends_with_its_last_producer_not_with_a_probe() -> None:
+    config = make_config() + "close_on_end = true\n"
+    async with running(config) as daemon:
+        port_in, port_out = ports(daemon)
+        client = await connect(port_out)
+        await wait_for_clients(daemon, 1)
+        first = await connect(port_in)
+        second = await connect(port_in)
+        await first.send([data(1)])
+        with trio.fail_after(10):
+            assert await client.read(1) == [data(1)]
+        # A port probe (connect, send nothing, close) ends nothing.
+        probe = await trio.open_tcp_stream("127.0.0.1", port_in)
+        await probe.aclose()
+        # One producer leaving while another is still connected ends nothing either.
+        await first.stream.aclose()
+        await wait_until(lambda: len(daemon.endpoints["in"].status.clients) == 1)
+        await second.send([data(2)])
+        with trio.fail_after(10):
+            assert await client.read(2) == [data(1), data(2)]
+        # The last producer leaves: the client gets a clean end of stream.
+        await second.stream.aclose()
+        with trio.fail_after(10):
+            assert await client.read_to_end() == [data(1), data(2)]
+        assert bytes(client.raw).endswith(END_OF_STREAM)
+        await client.stream.aclose()

@@ -25,6 +25,8 @@ __all__ = ["LARGE_FRAME", "RECEIVE_BUFFER_SIZE", "FrameDecoder"]
 RECEIVE_BUFFER_SIZE: Final = 256 * 1024
 #: Frames above this size are read into a buffer of their own instead of the shared one.
 LARGE_FRAME: Final = 64 * 1024
+#: How far a read into a large frame's buffer may go past the frame's known end.
+READ_AHEAD: Final = 64 * 1024
 
 
 class FrameDecoder:
@@ -56,6 +58,7 @@ class FrameDecoder:
         # A large frame being assembled in its own buffer: the buffer and the bytes filled.
         self._large: bytearray | None = None
         self._large_filled = 0
+        self._large_needed = 0
         self._error: ProtocolError | None = None
         #: Set once the peer announced the end of its stream (protocols that have one).
         self.ended = False
@@ -68,7 +71,9 @@ class FrameDecoder:
             raise self._error
         large = self._large
         if large is not None:
-            return memoryview(large)[self._large_filled :]
+            # Read what the frame still needs and at most READ_AHEAD more: the start of the
+            # next frame, so a stream of large frames does not take an extra read each.
+            return memoryview(large)[self._large_filled : self._large_needed + READ_AHEAD]
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._buffer) - self._end < LARGE_FRAME:
@@ -81,23 +86,27 @@ class FrameDecoder:
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         """Account for ``nbytes`` written into the last :meth:`get_buffer` result.
 
-        Returns the frames completed by these bytes, oldest first.
+        Returns the frames completed by these bytes, oldest first. The buffer returned by
+        :meth:`get_buffer` must no longer be in use.
 
         Raises:
             ProtocolError: the bytes are not valid for this protocol (or exceed the size limit).
         """
         if self._error is not None:
             raise self._error
+        frames: list[Frame] = []
         if self._large is not None:
             self._large_filled += nbytes
-            if self._large_filled < len(self._large):
-                return []
-            frames: list[Frame] = []
-            if not self._finish_large(frames):
+            if self._large_filled < self._large_needed:
                 return frames
+            try:
+                if not self._finish_large(frames):
+                    return frames
+            except ProtocolError as exc:
+                self._error = exc
+                raise
         else:
             self._end += nbytes
-            frames = []
         try:
             self._cut(frames)
         except ProtocolError as exc:
@@ -112,9 +121,9 @@ class FrameDecoder:
         frames: list[Frame] = []
         source = memoryview(data).cast("B")
         while source:
-            target = self.get_buffer()
-            n = min(len(target), len(source))
-            target[:n] = source[:n]
+            with self.get_buffer() as target:
+                n = min(len(target), len(source))
+                target[:n] = source[:n]
             source = source[n:]
             frames += self.buffer_updated(n)
         return frames
@@ -152,28 +161,39 @@ class FrameDecoder:
     # -- internals --------------------------------------------------------------------------
 
     def _finish_large(self, frames: list[Frame]) -> bool:
-        """The large buffer is full: complete its frame or grow it. True when complete."""
+        """The large frame has the bytes it needed so far: complete it, or ask for more.
+
+        True when the frame is complete; bytes read past its end are then moved to the
+        receive buffer for :meth:`_cut`.
+        """
         large = self._large
         assert large is not None
-        try:
-            needed = self._check_size(self._measure(memoryview(large), 0, len(large)))
-        except ProtocolError as exc:
-            self._error = exc
-            raise
-        if needed > len(large):
-            grown = bytearray(needed)
-            grown[: len(large)] = large
-            self._large = grown
+        filled = self._large_filled
+        needed = self._check_size(self._measure(memoryview(large), 0, filled))
+        if needed > filled:
+            self._large_needed = needed
+            if needed + READ_AHEAD > len(large):
+                # A frame measured in steps (G3: key by key) grows its buffer in place, so
+                # the bytes already read are not copied at every step.
+                extra = needed + READ_AHEAD - len(large)
+                try:
+                    large.extend(bytes(extra))
+                except BufferError:  # a caller still holds a view: grow into a new buffer
+                    grown = bytearray(len(large) + extra)
+                    grown[:filled] = memoryview(large)[:filled]
+                    self._large = grown
             return False
-        if needed != len(large):  # pragma: no cover - a _measure contract violation
-            raise AssertionError("_measure shrank a frame it had already measured")
+        surplus = filled - needed
+        self._view[:surplus] = memoryview(large)[needed:filled]
+        self._start, self._end = 0, surplus
         self._large = None
-        self._large_filled = 0
+        self._large_filled = self._large_needed = 0
+        wire: bytes | bytearray = large
         try:
-            frame = self._make_frame(large)
-        except ProtocolError as exc:
-            self._error = exc
-            raise
+            del large[needed:]  # the frame's exact bytes, without a copy
+        except BufferError:  # a caller still holds a view of the buffer: copy instead
+            wire = bytes(memoryview(large)[:needed])
+        frame = self._make_frame(wire)
         if frame is not None:
             frames.append(frame)
         return True
@@ -193,10 +213,11 @@ class FrameDecoder:
                     self._check_size(needed)
                 if needed > available:
                     if needed > LARGE_FRAME:
-                        large = bytearray(needed)
+                        large = bytearray(needed + READ_AHEAD)
                         large[:available] = view[start:end]
                         self._large = large
                         self._large_filled = available
+                        self._large_needed = needed
                         start = end
                     break
                 frame = make(view[start : start + needed].tobytes())

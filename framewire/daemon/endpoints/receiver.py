@@ -154,7 +154,10 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                     if decoder.ended
                     else f"closed the connection (after {client.frames_in} frames)"
                 )
-                stream.end_of_stream(f"the producer {connection.peer} {outcome}")
+                # The stream ends with its last producer, and only if that one sent something:
+                # a port probe or a health check must not end every reader's run.
+                if client.frames_in and len(status.clients) == 1:
+                    stream.end_of_stream(f"the producer {connection.peer} {outcome}")
                 return outcome
             return f"sent nothing for {idle:g}s; dropped the connection"
         except protocols.ProtocolError as exc:

@@ -1,0 +1,819 @@
+"""G3 fan-out: a real G3NetworkSender serving G3Readers itself, and through a framewire daemon.
+
+Run ``python benchmarks/g3_fanout.py`` (``--help`` for options). It measures, side by side,
+in one run:
+
+direct
+    a real spt3g ``G3NetworkSender`` in listen mode (``hostname='*'``, ``max_queue_size=0``),
+    its own process, fans 8 MB Scan frames out to ``--readers`` real ``G3Reader`` processes
+    (``tcp://127.0.0.1:PORT``);
+relayed
+    the same source, as a ``G3NetworkSender`` in connect mode, pushes into a framewire daemon
+    (``python -m framewire run CONFIG``, its own process) with a g3 ``receiver`` and a
+    lossless g3 ``server`` (``close_on_end = true``) that the same readers connect to.
+
+In both cases the source first sends a small Observation frame every 75 ms (a listen-mode
+sender accepts connections only while it processes a frame) until every reader has received
+one; then, on "go", a Calibration frame, ``--frames`` Scan frames, and EndProcessing. Each
+reader counts Scan frames, checks their sequence numbers, and reports the times of its first
+and last Scan. The measured phase runs from the first reader's first Scan to the last
+reader's last Scan; the CPU time of every process in it is read from /proc.
+
+The script runs itself as the source and reader processes (``--role``, not for direct use).
+Every process it starts is terminated on the way out (SIGTERM, then SIGKILL), and every wait
+has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+HOST: Final = "127.0.0.1"
+STREAM: Final = "bench"
+#: How often the source sends a warm-up Observation frame while waiting for "go".
+WARMUP_INTERVAL: Final = 0.075
+#: How long a process gets to start (print its first line) or to exit after SIGTERM.
+START_TIMEOUT: Final = 20.0
+STOP_TIMEOUT: Final = 5.0
+#: G3Reader's socket timeout (SO_RCVTIMEO): idle this long, a reader ends its stream.
+READER_TIMEOUT: Final = 60.0
+#: How often the CPU times of every process are sampled during a measurement.
+SAMPLE_INTERVAL: Final = 0.05
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+#: CPU use by other processes (share of one CPU) above which the summary warns.
+BUSY_MACHINE: Final = 0.2
+
+DAEMON_CONFIG: Final = """\
+[daemon]
+grace_period = "1s"
+log_level = "info"
+
+[endpoints.bench-in]
+kind = "receiver"
+listen = "tcp://{host}:0"
+protocol = "g3"
+stream = "{stream}"
+max_frame_size = "64MiB"
+
+[endpoints.bench-out]
+kind = "server"
+listen = "tcp://{host}:0"
+protocol = "g3"
+stream = "{stream}"
+policy = "lossless"
+max_queue_frames = {max_queue_frames}
+max_queue_bytes = "{max_queue_mib}MiB"
+max_clients = {max_clients}
+close_on_end = true
+"""
+RECEIVER_LINE: Final = re.compile(r"receiving g3 into stream '\w+' on [\d.]+:(\d+)")
+SERVER_LINE: Final = re.compile(r"serving stream '\w+' as g3 on [\d.]+:(\d+)")
+CLIENT_LINE: Final = re.compile(r"client \S+ connected \((\d+) now\)")
+DISCONNECT_LINE: Final = re.compile(
+    r"client \S+ disconnected: .*\(sent (\d+) frames, dropped (\d+)\)"
+)
+
+
+# -- the source and reader processes -------------------------------------------------------
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # so that every child is stopped on the way out
+
+
+class StdinLines:
+    """Lines from the orchestrator on stdin, read with a timeout (no buffering surprises)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def next(self, timeout: float) -> str | None:
+        """The next line, or None if none came within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            readable, _, _ = select.select([0], [], [], left)
+            if readable:
+                chunk = os.read(0, 4096)
+                if not chunk:
+                    raise SystemExit("source: stdin closed")
+                self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode().strip()
+
+
+def run_source(args: argparse.Namespace) -> None:
+    """A G3NetworkSender: listen mode (``--mode listen``) or connect mode (``--mode connect``).
+
+    Prints ``ready SCAN_WIRE_BYTES`` once listening or connected, sends warm-up Observation
+    frames until "go", then a Calibration, the Scan frames and EndProcessing, prints a JSON
+    line, and waits for "exit" (a listen-mode sender's clients see EOF only when it exits).
+    """
+    import numpy
+    from spt3g import core
+
+    per_key = [args.doubles // args.keys + (i < args.doubles % args.keys) for i in range(args.keys)]
+
+    def scan(seq: int) -> Any:
+        frame = core.G3Frame(core.G3FrameType.Scan)
+        for key, doubles in enumerate(per_key):
+            frame[f"data{key}"] = core.G3VectorDouble(numpy.zeros(doubles))
+        frame["seq"] = core.G3Int(seq)
+        return frame
+
+    scan_bytes = len(scan(0).__getstate__()[1])
+    if args.mode == "listen":
+        sender = core.G3NetworkSender(hostname="*", port=args.port, max_queue_size=0)
+    else:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                sender = core.G3NetworkSender(hostname=HOST, port=args.port, max_queue_size=0)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    print(f"ready {scan_bytes}", flush=True)
+
+    stdin = StdinLines()
+    deadline = time.monotonic() + args.seconds
+    warmups = 0
+    while True:
+        observation = core.G3Frame(core.G3FrameType.Observation)
+        observation["warmup"] = core.G3Int(warmups)
+        sender(observation)
+        warmups += 1
+        line = stdin.next(WARMUP_INTERVAL)
+        if line == "go":
+            break
+        if line is not None:
+            raise SystemExit(f"source: unexpected input {line!r}")
+        if time.monotonic() > deadline:
+            raise SystemExit("source: no 'go' in time")
+
+    go_at = time.monotonic()
+    calibration = core.G3Frame(core.G3FrameType.Calibration)
+    calibration["frames"] = core.G3Int(args.frames)
+    sender(calibration)
+    for seq in range(args.frames):
+        sender(scan(seq))
+    sender(core.G3Frame(core.G3FrameType.EndProcessing))  # waits until every queue is sent
+    if args.mode == "connect":
+        del sender  # closes the connection: the relay's end of stream
+    print(json.dumps({"go": go_at, "sent": time.monotonic(), "warmups": warmups}), flush=True)
+    line = stdin.next(args.seconds)
+    if line != "exit":
+        raise SystemExit(f"source: expected 'exit', got {line!r}")
+
+
+def run_reader(args: argparse.Namespace) -> None:
+    """A G3Reader on ``--url``. Prints ``connected``, ``ready`` (first frame of any type),
+    ``done {json}`` (``--frames`` Scans, or the end of the stream if it came first) and
+    ``end {json}`` at the end of the stream (to catch extra frames)."""
+    from spt3g import core
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            reader = core.G3Reader(args.url, timeout=READER_TIMEOUT)
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    print("connected", flush=True)
+    scan_type = core.G3FrameType.Scan
+    scans = others = out_of_order = 0
+    first = last = 0.0
+    ready = done = False
+
+    def report() -> str:
+        return json.dumps(
+            {
+                "scans": scans,
+                "others": others,
+                "out_of_order": out_of_order,
+                "first": first,
+                "last": last,
+            }
+        )
+
+    while True:
+        got = reader.Process(None)
+        now = time.monotonic()
+        if not got:
+            break
+        for frame in got:
+            if not ready:
+                print("ready", flush=True)
+                ready = True
+            if frame.type == scan_type:
+                if scans == 0:
+                    first = now
+                last = now
+                if int(frame["seq"]) != scans:
+                    out_of_order += 1
+                scans += 1
+                if scans == args.frames:
+                    print(f"done {report()}", flush=True)
+                    done = True
+            else:
+                others += 1
+    if not done:
+        print(f"done {report()}", flush=True)
+    print(f"end {report()}", flush=True)
+
+
+# -- child processes ------------------------------------------------------------------------
+
+
+class ChildTimeout(RuntimeError):
+    """A child printed no line within the time allowed."""
+
+
+class Child:
+    """A child process whose stdout is read line by line, with timeouts."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, stderr_path: Path) -> None:
+        self.name = name
+        self.stderr_path = stderr_path
+        with open(stderr_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
+            )
+        self._pending = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def fd(self) -> int:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.fileno()
+
+    def buffered_line(self) -> str | None:
+        """A complete line already read, if any."""
+        if b"\n" not in self._pending:
+            return None
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode()
+
+    def fill(self) -> None:
+        """Read what is available (call when select() says the fd is readable)."""
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            code = self.proc.wait(STOP_TIMEOUT)
+            tail = self.stderr_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.name}: exited (status {code}) early; stderr:\n{tail}")
+        self._pending += chunk
+
+    def readline(self, timeout: float) -> str:
+        """The next line; ChildTimeout if none comes in time, RuntimeError if it exits."""
+        return wait_lines([self], timeout)[self]
+
+    def send_line(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+def wait_lines(
+    children: Sequence[Child],
+    timeout: float,
+    *,
+    tick: Callable[[], None] | None = None,
+    prefix: str | None = None,
+) -> dict[Child, str]:
+    """The next line of each child (checked to start with ``prefix``), waiting for all.
+
+    ``tick`` is called at least every SAMPLE_INTERVAL while waiting. Raises ChildTimeout if
+    some child has not answered within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    lines: dict[Child, str] = {}
+    while True:
+        for child in children:
+            if child not in lines:
+                line = child.buffered_line()
+                if line is not None:
+                    if prefix is not None and not line.startswith(prefix):
+                        raise RuntimeError(f"{child.name}: expected {prefix!r}, got {line!r}")
+                    lines[child] = line
+        waiting = [child for child in children if child not in lines]
+        if not waiting:
+            return lines
+        left = deadline - time.monotonic()
+        if left <= 0:
+            names = ", ".join(child.name for child in waiting)
+            raise ChildTimeout(f"no {prefix or 'output'!r} within {timeout:g}s from {names}")
+        by_fd = {child.fd: child for child in waiting}
+        readable, _, _ = select.select(list(by_fd), [], [], min(left, SAMPLE_INTERVAL))
+        for fd in readable:
+            by_fd[fd].fill()
+        if tick is not None:
+            tick()
+
+
+def role_argv(role: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        f"--role={role}",
+        f"--frames={args.frames}",
+        f"--doubles={args.doubles}",
+        f"--keys={args.keys}",
+        *extra,
+    ]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for the listen-mode G3NetworkSender)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` (all its threads) from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # Fields after "(comm)" start at field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU time used on every CPU by anything, including time stolen by a hypervisor; and
+    the part of it spent in interrupts and softirqs (loopback TCP is largely softirq work,
+    charged to no process)."""
+    with open("/proc/stat") as stat:
+        # cpu user nice system idle iowait irq softirq steal ...
+        ticks = [int(value) for value in stat.readline().split()[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / CLOCK_TICKS, (ticks[5] + ticks[6]) / CLOCK_TICKS
+
+
+@dataclass
+class CpuSamples:
+    """CPU times of some processes (and of the machine) sampled over time, to interpolate."""
+
+    pids: dict[str, int]
+    samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+
+    def take(self) -> None:
+        now = time.monotonic()
+        values = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        values["machine"], values["irq"] = machine_busy_seconds()
+        self.samples.append((now, {k: v for k, v in values.items() if v is not None}))
+
+    def at(self, name: str, when: float) -> float | None:
+        points = [(t, values[name]) for t, values in self.samples if name in values]
+        before = [p for p in points if p[0] <= when]
+        after = [p for p in points if p[0] >= when]
+        if not before or not after:
+            return None
+        (ta, va), (tb, vb) = before[-1], after[0]
+        return va if tb == ta else va + (vb - va) * (when - ta) / (tb - ta)
+
+    def used(self, name: str, t0: float, t1: float) -> float | None:
+        start, end = self.at(name, t0), self.at(name, t1)
+        return None if start is None or end is None else end - start
+
+
+# -- the daemon -----------------------------------------------------------------------------
+
+
+def start_daemon(workdir: Path, args: argparse.Namespace, run: int) -> tuple[Child, Path]:
+    config = workdir / f"fanout-{run}.toml"
+    config.write_text(
+        DAEMON_CONFIG.format(
+            host=HOST,
+            stream=STREAM,
+            max_queue_frames=args.max_queue_frames,
+            max_queue_mib=args.max_queue_mib,
+            max_clients=max(args.readers, 10),
+        )
+    )
+    argv = [sys.executable, "-m", "framewire", "run", str(config)]
+    log = workdir / f"daemon-{run}.log"
+    return Child("daemon", argv, stderr_path=log), log
+
+
+def wait_for_log(
+    daemon: Child, log: Path, pattern: re.Pattern[str], timeout: float, count: int = 1
+) -> list[re.Match[str]]:
+    """Poll the daemon's log until ``pattern`` matched ``count`` lines; return the matches."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace")
+        matches = list(pattern.finditer(text))
+        if len(matches) >= count:
+            return matches
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with status {daemon.proc.returncode}:\n{text}")
+        if time.monotonic() > deadline:
+            raise ChildTimeout(
+                f"daemon: {len(matches)} of {count} log lines matching {pattern.pattern!r}"
+                f" after {timeout:g}s"
+            )
+        time.sleep(0.02)
+
+
+# -- one measurement ------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    path: str  # "direct" or "relayed"
+    readers: int
+    frames: int  # Scan frames sent
+    scan_bytes: int  # wire size of one Scan frame
+    delivered: list[int]  # Scan frames each reader received
+    extra: list[int]  # Scan frames a reader received after its "done" (should be 0)
+    out_of_order: int
+    seconds: float  # first reader's first Scan to last reader's last Scan
+    cpu: dict[str, float | None]
+    dropped: int | None = None  # relayed: as the daemon logged it
+
+    @property
+    def total(self) -> int:
+        return sum(self.delivered)
+
+    @property
+    def lossless(self) -> bool:
+        return (
+            all(count == self.frames for count in self.delivered)
+            and not any(self.extra)
+            and not self.out_of_order
+            and not self.dropped
+        )
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.total / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def gb_per_second(self) -> float:
+        return self.frames_per_second * self.scan_bytes / 1e9
+
+    @property
+    def serving_cpu(self) -> float | None:
+        return self.cpu["serving"]
+
+
+def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) -> Result:
+    """One case. Every process it starts is stopped before it returns or raises."""
+    path = "relayed" if relayed else "direct"
+    children: list[Child] = []
+
+    def start(name: str, argv: list[str], stderr: str | None = None) -> Child:
+        child = Child(name, argv, stderr_path=workdir / f"{stderr or name}-{path}-{run}.log")
+        children.append(child)
+        return child
+
+    daemon: Child | None = None
+    log: Path | None = None
+    try:
+        if relayed:
+            daemon, log = start_daemon(workdir, args, run)
+            children.append(daemon)
+            receiver = wait_for_log(daemon, log, RECEIVER_LINE, START_TIMEOUT)[0]
+            server = wait_for_log(daemon, log, SERVER_LINE, START_TIMEOUT)[0]
+            source_port, reader_port = int(receiver.group(1)), int(server.group(1))
+            source: Child | None = None
+        else:
+            source_port = reader_port = free_port()
+            source = start(
+                "source", role_argv("source", args, "--mode=listen", f"--port={source_port}")
+            )
+            scan_bytes = int(source.readline(START_TIMEOUT).split()[1])
+
+        url = f"--url=tcp://{HOST}:{reader_port}"
+        readers = [
+            start(f"reader {i}", role_argv("reader", args, url), f"reader{i}")
+            for i in range(args.readers)
+        ]
+        wait_lines(readers, START_TIMEOUT, prefix="connected")
+        if relayed:
+            assert daemon is not None
+            assert log is not None
+            wait_for_log(daemon, log, CLIENT_LINE, START_TIMEOUT, count=args.readers)
+            source = start(
+                "source", role_argv("source", args, "--mode=connect", f"--port={source_port}")
+            )
+            scan_bytes = int(source.readline(START_TIMEOUT).split()[1])
+        assert source is not None
+        # Every reader is connected (accepted, for the listen-mode sender) and has its first
+        # warm-up frame: start the measured phase.
+        wait_lines(readers, START_TIMEOUT, prefix="ready")
+
+        pids = {"source": source.pid, "harness": os.getpid()}
+        pids.update({reader.name: reader.pid for reader in readers})
+        if daemon is not None:
+            pids["daemon"] = daemon.pid
+        cpu = CpuSamples(pids)
+        cpu.take()
+        source.send_line("go")
+        run_timeout = START_TIMEOUT + args.frames * args.readers * args.doubles * 8 / 50e6
+        done = wait_lines(readers, run_timeout, tick=cpu.take, prefix="done ")
+        cpu.take()  # every process is still running: the listen-mode source waits for "exit"
+        sent = json.loads(source.readline(run_timeout))
+        source.send_line("exit")
+        ends = wait_lines(readers, START_TIMEOUT, prefix="end ")
+        dropped = None
+        if daemon is not None and log is not None:
+            lines = wait_for_log(daemon, log, DISCONNECT_LINE, START_TIMEOUT, count=args.readers)
+            dropped = sum(int(match.group(2)) for match in lines)
+    except Exception:
+        for child in children:
+            child.stop()
+        print(f"{path} case failed; logs:", file=sys.stderr)
+        for child in children:
+            text = child.stderr_path.read_text(errors="replace").strip()
+            if text:
+                print(f"--- {child.name}:\n{text[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        for child in children:
+            child.stop()
+    if daemon is not None and daemon.proc.returncode not in (0, -signal.SIGTERM):
+        assert log is not None
+        raise RuntimeError(
+            f"daemon exit status {daemon.proc.returncode}; its log:\n"
+            + log.read_text(errors="replace")
+        )
+
+    reports = [json.loads(done[reader].split(" ", 1)[1]) for reader in readers]
+    finals = [json.loads(ends[reader].split(" ", 1)[1]) for reader in readers]
+    firsts = [r["first"] for r in reports if r["scans"]]
+    lasts = [r["last"] for r in reports if r["scans"]]
+    t0, t1 = (min(firsts), max(lasts)) if firsts else (sent["go"], sent["sent"])
+    serving = "daemon" if relayed else "source"
+    used: dict[str, float | None] = {
+        "serving": cpu.used(serving, t0, t1),
+        "source": cpu.used("source", t0, t1) if relayed else None,
+    }
+    reader_cpu = [cpu.used(reader.name, t0, t1) for reader in readers]
+    used["readers"] = None if None in reader_cpu else sum(v for v in reader_cpu if v is not None)
+    machine = cpu.used("machine", t0, t1)
+    harness = cpu.used("harness", t0, t1)
+    ours = [v for v in (used["serving"], used["source"], used["readers"], harness) if v is not None]
+    irq = used["irq"] = cpu.used("irq", t0, t1)
+    if machine is None or irq is None:
+        used["others"] = None
+    else:
+        used["others"] = max(0.0, machine - irq - sum(ours))
+    return Result(
+        path=path,
+        readers=args.readers,
+        frames=args.frames,
+        scan_bytes=scan_bytes,
+        delivered=[r["scans"] for r in reports],
+        extra=[f["scans"] - r["scans"] for r, f in zip(reports, finals, strict=True)],
+        out_of_order=sum(f["out_of_order"] for f in finals),
+        seconds=t1 - t0,
+        cpu=used,
+        dropped=dropped,
+    )
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+
+def cpu_text(used: float | None, seconds: float) -> str:
+    if used is None:
+        return f"{'-':>11}"
+    return f"{used:5.2f}s {used / seconds:4.0%}" if seconds > 0 else f"{used:5.2f}s    -"
+
+
+HEADER: Final = (
+    f"{'path':<8} {'delivered':>11} {'window':>7} {'frames/s':>9} {'GB/s':>6}"
+    f"  {'serving CPU':>11}  {'source CPU':>11}  {'readers CPU':>11}  {'irq':>5}  {'others':>6}"
+    "  lossless"
+)
+
+
+def share(used: float | None, seconds: float) -> str:
+    return "-" if used is None or seconds <= 0 else f"{used / seconds:.0%}"
+
+
+def print_row(result: Result) -> None:
+    expected = result.frames * result.readers
+    others = result.cpu["others"]
+    verdict = "yes" if result.lossless else "NO"
+    details = []
+    if any(count != result.frames for count in result.delivered):
+        details.append("per reader " + ",".join(map(str, result.delivered)))
+    if any(result.extra):
+        details.append(f"extra {sum(result.extra)}")
+    if result.out_of_order:
+        details.append(f"out of order {result.out_of_order}")
+    if result.dropped:
+        details.append(f"daemon dropped {result.dropped}")
+    print(
+        f"{result.path:<8} {f'{result.total}/{expected}':>11} {result.seconds:6.2f}s"
+        f" {result.frames_per_second:9.1f} {result.gb_per_second:6.2f}"
+        f"  {cpu_text(result.serving_cpu, result.seconds)}"
+        f"  {cpu_text(result.cpu['source'], result.seconds)}"
+        f"  {cpu_text(result.cpu['readers'], result.seconds)}"
+        f"  {share(result.cpu['irq'], result.seconds):>5}"
+        f"  {share(others, result.seconds):>6}"
+        f"  {verdict}{' (' + '; '.join(details) + ')' if details else ''}",
+        flush=True,
+    )
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
+def print_summary(results: dict[str, list[Result]]) -> None:
+    direct, relayed = results["direct"], results["relayed"]
+    runs = len(direct)
+    print(f"\nsummary (median of {runs} run{'s' if runs != 1 else ''} per case):")
+    d_fps = statistics.median(r.frames_per_second for r in direct)
+    r_fps = statistics.median(r.frames_per_second for r in relayed)
+    d_gbs = statistics.median(r.gb_per_second for r in direct)
+    r_gbs = statistics.median(r.gb_per_second for r in relayed)
+    d_cpu = median([r.serving_cpu for r in direct])
+    r_cpu = median([r.serving_cpu for r in relayed])
+    s_cpu = median([r.cpu["source"] for r in relayed])
+    fps_ratio = r_fps / d_fps if d_fps else float("nan")
+    print(
+        f"  delivered frames/s: direct {d_fps:.1f} ({d_gbs:.2f} GB/s),"
+        f" relayed {r_fps:.1f} ({r_gbs:.2f} GB/s), relayed/direct {fps_ratio:.3f}"
+    )
+    cpu_ok = False
+    if d_cpu is not None and r_cpu is not None and d_cpu > 0:
+        cpu_ok = r_cpu <= d_cpu
+        per_frame = [
+            f"{cpu / r.total * 1e3:.2f} ms"
+            for cpu, r in ((d_cpu, direct[0]), (r_cpu, relayed[0]))
+            if r.total
+        ]
+        print(
+            f"  serving CPU in the measured phase: G3NetworkSender {d_cpu:.2f}s,"
+            f" framewire daemon {r_cpu:.2f}s, relayed/direct {r_cpu / d_cpu:.3f}"
+            f" (per delivered frame: {' vs '.join(per_frame)})"
+        )
+        if s_cpu is not None:
+            print(
+                f"  for information: the relayed case's source (connect-mode sender) used"
+                f" {s_cpu:.2f}s; source + daemon {s_cpu + r_cpu:.2f}s"
+            )
+    else:
+        print("  serving CPU: unknown (a process was gone before its last sample)")
+    lossless = all(r.lossless for rs in results.values() for r in rs)
+    print(
+        f"  every reader got every Scan frame, in order, in every run: "
+        f"{'yes' if lossless else 'NO'}"
+    )
+    met = fps_ratio >= 1.0 and cpu_ok and lossless
+    print(
+        "  target (framewire delivers at least as many frames/s as G3NetworkSender, losslessly,"
+        f" with no more CPU): {'met' if met else 'NOT met'}"
+    )
+    busiest = max(
+        (
+            r.cpu["others"] / r.seconds
+            for rs in results.values()
+            for r in rs
+            if r.cpu["others"] and r.seconds > 0
+        ),
+        default=0.0,
+    )
+    if busiest > BUSY_MACHINE:
+        print(
+            f"warning: other processes used up to {busiest:.0%} of a CPU during a measurement;"
+            " rates and ratios are unreliable"
+        )
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Fan G3 Scan frames out to G3Readers: G3NetworkSender against framewire."
+    )
+    parser.add_argument(
+        "--frames", type=int, default=100, help="Scan frames per case (default 100)"
+    )
+    parser.add_argument("--readers", type=int, default=10, help="G3Reader processes (default 10)")
+    parser.add_argument(
+        "--doubles",
+        type=int,
+        default=1_000_000,
+        help="doubles in each Scan frame's vector (default 1000000: an 8 MB frame)",
+    )
+    parser.add_argument(
+        "--keys",
+        type=int,
+        default=1,
+        help="split each Scan frame's doubles over this many vectors (keys) (default 1)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run: --frames 10 --repeat 1")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each case (default 3)")
+    parser.add_argument(
+        "--max-queue-frames",
+        type=int,
+        default=64,
+        help="the server's max_queue_frames (default 64)",
+    )
+    parser.add_argument(
+        "--max-queue-mib",
+        type=int,
+        default=1024,
+        help="the server's max_queue_bytes, in MiB (default 1024)",
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="print the daemon's log of each relayed run"
+    )
+    # Internal: how the script runs itself as the source and the readers.
+    parser.add_argument("--role", choices=["source", "reader"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["listen", "connect"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=300.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.frames, args.repeat = 10, 1
+    if min(args.frames, args.readers, args.doubles, args.keys, args.repeat) < 1:
+        parser.error("--frames, --readers, --doubles, --keys and --repeat must be at least 1")
+    if args.keys > args.doubles:
+        parser.error("--keys must not exceed --doubles")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role == "source":
+        run_source(args)
+        return 0
+    if args.role == "reader":
+        run_reader(args)
+        return 0
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    print(
+        f"framewire G3 fan-out benchmark: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f},"
+        f" Python {sys.version.split()[0]}, {args.frames} Scan frames of"
+        f" {args.doubles * 8 / 1e6:g} MB ({args.keys} key{'s' if args.keys != 1 else ''})"
+        f" to {args.readers} G3Readers per case"
+    )
+    print(HEADER)
+    results: dict[str, list[Result]] = {"direct": [], "relayed": []}
+    with tempfile.TemporaryDirectory(prefix="framewire-g3-bench-") as tmp:
+        workdir = Path(tmp)
+        for run in range(args.repeat):
+            # Alternate the order, so that a drift in what else the machine does is shared.
+            for relayed in (False, True) if run % 2 == 0 else (True, False):
+                result = measure(args, workdir, relayed, run)
+                print_row(result)
+                results[result.path].append(result)
+            if args.keep_logs:
+                print((workdir / f"daemon-{run}.log").read_text(errors="replace"))
+    print_summary(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
