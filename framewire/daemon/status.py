@@ -14,13 +14,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from .._version import __version__
+
+if TYPE_CHECKING:
+    from .service import Daemon
 
 __all__ = ["SCHEMA", "StatusServer", "build_snapshot"]
 
@@ -31,8 +34,8 @@ SCHEMA: Final = "framewire.status/1"
 _GOING_AWAY, _POLICY = 1001, 1008
 
 
-def build_snapshot(daemon: Any) -> dict[str, Any]:
-    """The status document for ``daemon`` (a :class:`~framewire.daemon.Daemon`)."""
+def build_snapshot(daemon: Daemon) -> dict[str, Any]:
+    """The status document for ``daemon``: see docs/status.md."""
     now = time.time()
     endpoints: dict[str, Any] = {}
     for name, endpoint in daemon.endpoints.items():
