@@ -28,7 +28,7 @@ from .config import (
 )
 from .daemon import serve
 from .daemon.flow import receive_frames
-from .daemon.transport import Connection
+from .daemon.transport import Connection, Connector, connector_for
 from .frame import Frame
 
 __all__ = ["main"]
@@ -65,7 +65,9 @@ def _summary(config: Config) -> list[str]:
         protocol = getattr(endpoint, "protocol", None)
         if protocol is not None:
             parts.append(protocol)
-        if endpoint.kind == "link":
+        if endpoint.kind == "bridge" or endpoint.kind == "pubsub":
+            parts.insert(0, f"{endpoint.role} {endpoint.address}")
+        if endpoint.kind == "link" or endpoint.kind == "bridge":
             for key in ("publish", "subscribe"):
                 value = getattr(endpoint, key)
                 if value is not None:
@@ -121,13 +123,20 @@ def _describe(frame: Frame) -> str:
     return f"{frame.kind.name:<8} {frame.type:<16} {size:>10} {frame.timestamp}"
 
 
+def _plain_connector(text: str) -> Connector:
+    """A connector for a ``tcp://`` or ``unix://`` address. Raises ValueError otherwise."""
+    address = parse_address(text)
+    if address.scheme == "tls":
+        raise ValueError(f"{address}: the command line tools do not speak TLS")
+    return connector_for(address)
+
+
 async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) -> int:
-    address = parse_address(args.address)
-    assert address.host is not None
+    connect = _plain_connector(args.address)
     spec = protocols.get(args.protocol)
     decoder = spec.make_decoder(args.max_frame_size)
     encoder = spec.make_encoder()
-    stream = await trio.open_tcp_stream(address.host, address.port)
+    stream = await connect()
     received = 0
 
     class Enough(Exception):
@@ -172,12 +181,11 @@ def cmd_recv(args: argparse.Namespace) -> int:
 
 
 async def _send(args: argparse.Namespace, source: io.BufferedIOBase) -> int:
-    address = parse_address(args.address)
-    assert address.host is not None
+    connect = _plain_connector(args.address)
     spec = protocols.get(args.protocol)
     decoder = spec.make_decoder(args.max_frame_size)
     encoder = spec.make_encoder()
-    stream = await trio.open_tcp_stream(address.host, address.port)
+    stream = await connect()
     connection = Connection(stream)
     sent = 0
     async with stream:

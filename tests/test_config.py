@@ -104,7 +104,7 @@ EXPECTED: dict[str, Any] = {
         "restart": {"initial": 0.1, "maximum": 60.0, "factor": 3.0, "stable_after": 30.0},
     },
     "status": {
-        "listen": {"scheme": "tcp", "host": "127.0.0.1", "port": 9000},
+        "listen": {"scheme": "tcp", "host": "127.0.0.1", "port": 9000, "path": None},
         "interval": 0.5,
         "token": "s3cret",
         "max_clients": 4,
@@ -112,7 +112,7 @@ EXPECTED: dict[str, Any] = {
     "endpoints": {
         "g3-in": {
             "kind": "receiver",
-            "listen": {"scheme": "tcp", "host": None, "port": 4536},
+            "listen": {"scheme": "tcp", "host": None, "port": 4536, "path": None},
             "connect": None,
             "protocol": "native",
             "stream": "g3",
@@ -122,11 +122,13 @@ EXPECTED: dict[str, Any] = {
             "connect_timeout": 5.0,
             "idle_timeout": 120.0,
             "verify_crc": False,
+            "tls": None,
+            "socket_mode": 0o660,
         },
         "upstream": {
             "kind": "receiver",
             "listen": None,
-            "connect": {"scheme": "tcp", "host": "::1", "port": 4600},
+            "connect": {"scheme": "tcp", "host": "::1", "port": 4600, "path": None},
             "protocol": "raw",
             "stream": "raw.feed",
             "max_frame_size": 64 << 20,
@@ -135,10 +137,12 @@ EXPECTED: dict[str, Any] = {
             "connect_timeout": 10.0,
             "idle_timeout": 0.0,
             "verify_crc": False,
+            "tls": None,
+            "socket_mode": 0o660,
         },
         "g3-out": {
             "kind": "server",
-            "listen": {"scheme": "tcp", "host": "127.0.0.1", "port": 4537},
+            "listen": {"scheme": "tcp", "host": "127.0.0.1", "port": 4537, "path": None},
             "protocol": "native",
             "stream": "g3",
             "max_clients": 10,
@@ -150,6 +154,8 @@ EXPECTED: dict[str, Any] = {
             "decimate": {"Scan": 10, "Timepoint": 0},
             "send_timeout": 2.0,
             "close_on_end": False,
+            "tls": None,
+            "socket_mode": 0o660,
         },
         "synthetic": {
             "kind": "generator",
@@ -421,7 +427,7 @@ ERROR_CASES: list[tuple[str, str]] = [
     (
         SERVER.replace("tcp://*:4537", "udp://*:4537"),
         "endpoints.g3-out.listen: address 'udp://*:4537': unsupported scheme 'udp' "
-        "(supported: tcp)",
+        "(supported: tcp, tls, unix)",
     ),
     (
         SERVER.replace('"tcp://*:4537"', "4537"),

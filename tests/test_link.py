@@ -35,7 +35,7 @@ from framewire.daemon.transport import Connector
 from framewire.protocols.datalink import KEEPALIVE as DATALINK_KEEPALIVE
 from framewire.protocols.native import END_OF_STREAM, KEEPALIVE, NativeDecoder
 
-from .helpers import encode, port_of
+from .helpers import encode, port_of, wait_until
 
 SERVER = Address("tcp", "192.0.2.1", 4550)  # never dialled: the transports are in memory
 BACKOFF = BackoffConfig(initial=0.5, maximum=16.0, factor=2.0, stable_after=10.0)
@@ -710,7 +710,10 @@ async def test_databridge_example_joins_two_datalink_peers() -> None:
             assert at_a.replace(DATALINK_KEEPALIVE, b"") == (
                 datalink_header(5, 2.5) + b"to-a!" + b'"' * 5
             )
-            # The status snapshot shows both links up, with their peers.
+            # The status snapshot shows both links up, with their peers. A link counts a frame
+            # as out once its write returned, which can be just after the peer read it.
+            links = [instance.endpoints[name].status for name in ("side-a", "side-b")]
+            await wait_until(lambda: all(status.frames_out == 1 for status in links))
             snapshot = json.loads(json.dumps(build_snapshot(instance)))
             for name in ("side-a", "side-b"):
                 endpoint = snapshot["endpoints"][name]

@@ -271,7 +271,7 @@ def test_listening_only_addresses_are_refused_for_connecting(text: str, message:
     [
         # scheme
         ("127.0.0.1:4536", 'has no scheme: write "tcp://127.0.0.1:4536"'),
-        ("udp://host:1", "unsupported scheme 'udp' \\(supported: tcp\\)"),
+        ("udp://host:1", "unsupported scheme 'udp' \\(supported: tcp, tls, unix\\)"),
         ("TCP://host:1", "unsupported scheme 'TCP'"),
         ("ws://host:1", "unsupported scheme 'ws'"),
         ("://host:1", "unsupported scheme ''"),

@@ -1,4 +1,5 @@
-"""Transport addresses: ``tcp://host:port`` (``tcp://*:port`` for all interfaces)."""
+"""Transport addresses: ``tcp://host:port`` (``tcp://*:port`` for all interfaces),
+``tls://host:port`` (TCP with TLS on top) and ``unix:///absolute/path`` (a UNIX socket)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import attrs
 
 __all__ = ["Address", "parse_address"]
 
-SCHEMES: Final = ("tcp",)
+SCHEMES: Final = ("tcp", "tls", "unix")
+#: Longest UNIX socket path, in bytes (``sun_path`` holds 108 with the terminating NUL).
+MAX_UNIX_PATH: Final = 107
 
 
 @attrs.frozen
@@ -17,18 +20,26 @@ class Address:
     """A parsed transport address.
 
     ``host`` is ``None`` for ``*`` (every interface). IPv6 literals are written in brackets:
-    ``tcp://[::1]:4536``.
+    ``tcp://[::1]:4536``. A ``unix`` address has no host and port 0, and its socket file in
+    ``path``; other addresses have no path.
     """
 
     scheme: str
     host: str | None
     port: int
+    path: str | None = None
 
     @property
     def bind_host(self) -> str | None:
         return self.host
 
+    @property
+    def is_unix(self) -> bool:
+        return self.scheme == "unix"
+
     def __str__(self) -> str:
+        if self.path is not None:
+            return f"{self.scheme}://{self.path}"
         host = "*" if self.host is None else self.host
         if ":" in host:
             host = f"[{host}]"
@@ -39,10 +50,11 @@ class Address:
 
 
 def parse_address(text: object, *, listening: bool = False) -> Address:
-    """Parse ``tcp://host:port``. Raises ValueError saying what is wrong and what is expected.
+    """Parse ``tcp://host:port``, ``tls://host:port`` or ``unix:///path``.
 
-    With ``listening``, port 0 (pick a free port) and host ``*`` are allowed; to connect,
-    a concrete host and port are required.
+    Raises ValueError saying what is wrong and what is expected. With ``listening``, port 0
+    (pick a free port) and host ``*`` are allowed; to connect, a concrete host and port are
+    required. A UNIX socket path must be absolute and at most 107 bytes long.
     """
     if not isinstance(text, str):
         raise ValueError(f'expected an address such as "tcp://127.0.0.1:4536", got {text!r}')
@@ -53,6 +65,8 @@ def parse_address(text: object, *, listening: bool = False) -> Address:
         raise ValueError(
             f"address {text!r}: unsupported scheme {scheme!r} (supported: {', '.join(SCHEMES)})"
         )
+    if scheme == "unix":
+        return _unix_address(text, rest)
     if rest.startswith("["):
         host, bracket, port_text = rest[1:].partition("]")
         if not bracket or not port_text.startswith(":"):
@@ -80,6 +94,22 @@ def parse_address(text: object, *, listening: bool = False) -> Address:
     if not _valid_host(host):
         raise ValueError(f"address {text!r}: {host!r} is not a valid host name or IP address")
     return Address(scheme, host, port)
+
+
+def _unix_address(text: str, path: str) -> Address:
+    if not path.startswith("/"):
+        raise ValueError(
+            f"address {text!r}: a UNIX socket path must be absolute: unix:///run/framewire/x.sock"
+        )
+    if "\0" in path or path.endswith("/"):
+        raise ValueError(f"address {text!r}: {path!r} is not a socket file path")
+    size = len(path.encode("utf-8", "surrogateescape"))
+    if size > MAX_UNIX_PATH:
+        raise ValueError(
+            f"address {text!r}: UNIX socket path is {size} bytes long; "
+            f"the most the system allows is {MAX_UNIX_PATH}"
+        )
+    return Address("unix", None, 0, path)
 
 
 def _valid_host(host: str) -> bool:

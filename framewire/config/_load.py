@@ -178,8 +178,10 @@ def _cross_checks(config: Config) -> list[str]:
         bound[config.status.listen] = "[status]"
     for name, endpoint in config.endpoints.items():
         listen = getattr(endpoint, "listen", None)
-        if listen is None or listen.port == 0:
+        if not isinstance(listen, Address) or (listen.port == 0 and not listen.is_unix):
             continue
+        if listen.scheme == "tls":  # the same port as tcp://
+            listen = attrs.evolve(listen, scheme="tcp")
         if listen in bound:
             other = bound[listen]
             owner = other if other == "[status]" else f"endpoint {other!r}"

@@ -16,9 +16,11 @@ import attrs
 from .. import protocols
 from ._address import Address, parse_address
 from ._units import parse_duration, parse_size
+from ._zmq_address import ZmqAddress, parse_zmq_address
 
 __all__ = [
     "BackoffConfig",
+    "BridgeConfig",
     "Config",
     "DaemonConfig",
     "Duration",
@@ -28,12 +30,14 @@ __all__ = [
     "GeneratorConfig",
     "LinkConfig",
     "ListenAddress",
+    "PubSubConfig",
     "ReceiverConfig",
     "RecorderConfig",
     "SenderConfig",
     "ServerConfig",
     "Size",
     "StatusConfig",
+    "TLSConfig",
 ]
 
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -170,7 +174,81 @@ ListenAddress = Annotated[Address, Check(lambda value: parse_address(value, list
 def _host_port(value: object) -> Address:
     if isinstance(value, str) and "://" not in value:
         value = f"tcp://{value}"
-    return parse_address(value, listening=True)
+    address = parse_address(value, listening=True)
+    if address.scheme != "tcp":
+        raise ValueError(f"address {value!r}: expected host:port (or tcp://host:port)")
+    return address
+
+
+def _socket_mode(value: object) -> int:
+    """A file mode: an integer (TOML ``0o660``) or a string of octal digits (``"660"``)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        if any(digit in "89" for digit in value):
+            raise ValueError(f"socket_mode {value!r} is not an octal number")
+        value = int(value, 8)
+    if type(value) is not int or not 0 <= value <= 0o777:
+        raise ValueError(
+            f'expected a file mode such as 0o660 or "660" (permission bits only), '
+            f"got {describe(value)}"
+        )
+    return value
+
+
+#: Permission bits of a UNIX socket file.
+SocketMode = Annotated[int, Check(_socket_mode)]
+#: The mode UNIX socket files are created with unless configured: owner and group.
+DEFAULT_SOCKET_MODE: Final = 0o660
+
+
+@attrs.frozen
+class TLSConfig:
+    """``[endpoints.<name>.tls]``: TLS for a ``tls://`` address.
+
+    Listening, ``certificate`` and ``key`` are required; ``require_client_cert`` demands a
+    client certificate signed by ``ca`` (mutual TLS). Connecting, the server's certificate is
+    verified against ``ca`` (the system's trust store without it) and the address's host, or
+    ``server_name``, unless ``verify = false``; ``certificate`` and ``key`` are presented as
+    the client certificate when set. Files are PEM and are read when the endpoint starts.
+    """
+
+    certificate: FilePath | None = None
+    key: FilePath | None = None
+    ca: FilePath | None = None
+    require_client_cert: StrictBool = False
+    #: dv-processing's peers speak only TLS 1.2, so 1.2 is the default.
+    minimum_version: Literal["1.2", "1.3"] = "1.2"
+    verify: StrictBool = True
+    server_name: StrictStr | None = None
+    handshake_timeout: PositiveDuration = 10.0
+
+    def __attrs_post_init__(self) -> None:
+        if (self.certificate is None) != (self.key is None):
+            raise FieldError("key", "set both certificate and key, or neither")
+        if self.require_client_cert and self.ca is None:
+            raise FieldError(
+                "ca", "require_client_cert needs ca (the CA client certificates are signed by)"
+            )
+
+
+def check_transport(
+    field: str, address: Address | None, tls: TLSConfig | None, *, listening: bool
+) -> None:
+    """``tls`` goes with a ``tls://`` address and the other way round. Raises FieldError."""
+    if address is None:
+        return
+    if address.scheme == "tls" and tls is None:
+        raise FieldError("tls", f"{field} = {str(address)!r} needs a [tls] table")
+    if tls is not None and address.scheme != "tls":
+        raise FieldError(
+            "tls", f"a [tls] table needs a tls:// address (this endpoint's {field} is {address})"
+        )
+    if tls is not None and listening:
+        if tls.certificate is None:
+            raise FieldError("tls.certificate", "required to listen with TLS (and key)")
+        if not tls.verify or tls.server_name is not None:
+            raise FieldError("tls", "verify and server_name apply to connecting endpoints only")
+    if tls is not None and not listening and tls.require_client_cert:
+        raise FieldError("tls.require_client_cert", "applies to listening endpoints only")
 
 
 #: ``host:port`` to listen on (a ``tcp://`` prefix is accepted too).
@@ -212,9 +290,12 @@ class ServerConfig:
     decimate: dict[str, NonNegativeInt] = attrs.field(factory=dict)
     send_timeout: PositiveDuration = 30.0
     close_on_end: StrictBool = False
+    tls: TLSConfig | None = None
+    socket_mode: SocketMode = DEFAULT_SOCKET_MODE
 
     def __attrs_post_init__(self) -> None:
         check_decimation(self.protocol, self.decimate)
+        check_transport("listen", self.listen, self.tls, listening=True)
 
 
 def check_decimation(protocol: str, decimate: dict[str, int]) -> None:
@@ -263,11 +344,15 @@ class ReceiverConfig:
     connect_timeout: PositiveDuration = 10.0
     idle_timeout: Duration = 0.0
     verify_crc: StrictBool = False
+    tls: TLSConfig | None = None
+    socket_mode: SocketMode = DEFAULT_SOCKET_MODE
 
     def __attrs_post_init__(self) -> None:
         if (self.listen is None) == (self.connect is None):
             raise FieldError("listen", "set exactly one of listen or connect")
         check_crc(self.protocol, self.verify_crc)
+        check_transport("listen", self.listen, self.tls, listening=True)
+        check_transport("connect", self.connect, self.tls, listening=False)
 
 
 @attrs.frozen
@@ -284,6 +369,10 @@ class SenderConfig:
     connect_timeout: PositiveDuration = 10.0
     send_timeout: PositiveDuration = 30.0
     close_on_end: StrictBool = False
+    tls: TLSConfig | None = None
+
+    def __attrs_post_init__(self) -> None:
+        check_transport("connect", self.connect, self.tls, listening=False)
 
 
 @attrs.frozen
@@ -359,10 +448,14 @@ class LinkConfig:
     max_metadata_frames: PositiveInt = 1024
     max_metadata_bytes: PositiveSize = 64 << 20
     max_frame_size: PositiveSize = 64 << 20
+    tls: TLSConfig | None = None
+    socket_mode: SocketMode = DEFAULT_SOCKET_MODE
 
     def __attrs_post_init__(self) -> None:
         if (self.listen is None) == (self.connect is None):
             raise FieldError("listen", "set exactly one of listen or connect")
+        check_transport("listen", self.listen, self.tls, listening=True)
+        check_transport("connect", self.connect, self.tls, listening=False)
         if not protocols.get(self.protocol).has_keepalive:
             keepalive = ", ".join(n for n in protocols.names() if protocols.get(n).has_keepalive)
             raise FieldError(
@@ -381,6 +474,106 @@ class LinkConfig:
             )
 
 
+def _zmq_bind_address(value: object) -> ZmqAddress:
+    return parse_zmq_address(value, binding=True)
+
+
+def _bridge_address(value: object) -> ZmqAddress:
+    address = parse_zmq_address(value, binding=True)
+    if address.transport != "tcp":
+        raise ValueError(
+            f"a Rogue bridge speaks tcp on two ports (P and P+1), got {str(address)!r}"
+        )
+    if not 1 <= address.port <= 65534:
+        raise ValueError(
+            f"port must be from 1 to 65534: a Rogue bridge uses port P and P+1 "
+            f"(so port 0, any free port, cannot be used), got {address.port}"
+        )
+    return address
+
+
+def _channels(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected an array of channel numbers, got {describe(value)}")
+    channels = []
+    for item in value:
+        if type(item) is not int or not 0 <= item <= 255:
+            raise ValueError(f"a Rogue channel is an integer from 0 to 255, got {describe(item)}")
+        channels.append(item)
+    return tuple(sorted(set(channels)))
+
+
+#: A ZeroMQ address an endpoint binds or connects (checked against its role).
+ZmqEndpointAddress = Annotated[ZmqAddress, Check(_zmq_bind_address)]
+BridgeAddress = Annotated[ZmqAddress, Check(_bridge_address)]
+RogueChannels = Annotated[tuple[int, ...], Check(_channels)]
+
+
+def _check_connectable(address: ZmqAddress, role: str) -> None:
+    if address.transport == "tcp" and (address.host is None or address.port == 0):
+        raise FieldError(
+            "address",
+            f"role {role!r} connects, so it needs a host and a port, got {str(address)!r}",
+        )
+
+
+@attrs.frozen
+class BridgeConfig:
+    """``kind = "bridge"``: Rogue's two-port stream bridge (TcpServer/TcpClient) over ZeroMQ.
+
+    Frames from the peer are published into ``publish``; frames of ``subscribe`` are sent to
+    the peer, losslessly by default (with no peer the publishers of ``subscribe`` wait).
+    """
+
+    role: Literal["server", "client"]
+    address: BridgeAddress
+    kind: Literal["bridge"] = "bridge"
+    protocol: Literal["rogue"] = "rogue"
+    publish: Name | None = None
+    subscribe: Name | None = None
+    metadata_channels: RogueChannels = ()
+    policy: Policy = "lossless"
+    max_queue_frames: PositiveInt = 1024
+    max_queue_bytes: PositiveSize = 64 << 20
+    max_frame_size: PositiveSize = 64 << 20
+
+    def __attrs_post_init__(self) -> None:
+        if self.role == "client":
+            _check_connectable(self.address, self.role)
+        if self.publish is None and self.subscribe is None:
+            raise FieldError("publish", "set publish, subscribe or both")
+        if self.publish is not None and self.publish == self.subscribe:
+            raise FieldError(
+                "subscribe",
+                "must differ from publish (the bridge would send its peer's frames back)",
+            )
+
+
+@attrs.frozen
+class PubSubConfig:
+    """``kind = "pubsub"``: a ZeroMQ publisher (XPUB, bound) or subscriber (SUB, connected),
+    as xdas's ZMQPublisher and ZMQSubscriber speak; messages are opaque payloads."""
+
+    role: Literal["publisher", "subscriber"]
+    address: ZmqEndpointAddress
+    stream: Name
+    kind: Literal["pubsub"] = "pubsub"
+    welcome: StrictStr = "xdas"
+    topic: StrictStr = ""
+    type: StrictStr = "zmq"
+    max_queue_frames: PositiveInt = 1024
+    max_queue_bytes: PositiveSize = 64 << 20
+    max_frame_size: PositiveSize = 64 << 20
+
+    def __attrs_post_init__(self) -> None:
+        if self.role == "subscriber":
+            _check_connectable(self.address, self.role)
+        elif self.topic:
+            raise FieldError("topic", "only a subscriber subscribes to a topic")
+        if not self.type:
+            raise FieldError("type", "must not be empty")
+
+
 EndpointConfig: TypeAlias = (
     ServerConfig
     | ReceiverConfig
@@ -389,6 +582,8 @@ EndpointConfig: TypeAlias = (
     | FileConfig
     | RecorderConfig
     | LinkConfig
+    | BridgeConfig
+    | PubSubConfig
 )
 ENDPOINT_KINDS: Final[dict[str, type[EndpointConfig]]] = {
     "server": ServerConfig,
@@ -398,6 +593,8 @@ ENDPOINT_KINDS: Final[dict[str, type[EndpointConfig]]] = {
     "file": FileConfig,
     "recorder": RecorderConfig,
     "link": LinkConfig,
+    "bridge": BridgeConfig,
+    "pubsub": PubSubConfig,
 }
 
 

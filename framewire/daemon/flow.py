@@ -127,16 +127,25 @@ async def send_subscription(
             on_sent(len(batch), subscription.last_batch_bytes)
 
 
-async def close_when_peer_leaves(connection: Connection, cancel_scope: trio.CancelScope) -> None:
+async def close_when_peer_leaves(
+    connection: Connection,
+    cancel_scope: trio.CancelScope,
+    *,
+    on_input: Callable[[int], None] | None = None,
+) -> None:
     """For peers that only listen: read and discard; on their EOF (or an error) cancel.
 
     Run it beside a writer, in the nursery whose ``cancel_scope`` this is, so a peer that
-    hangs up is noticed at once even when there is nothing to send.
+    hangs up is noticed at once even when there is nothing to send. With ``on_input`` the
+    peer may not send anything at all: the first bytes it sends are reported to
+    ``on_input(nbytes)`` and the scope is cancelled (the caller then closes the connection).
     """
     buffer = memoryview(bytearray(4096))
     try:
-        while await connection.receive_into(buffer):
-            pass
+        while nbytes := await connection.receive_into(buffer):
+            if on_input is not None:
+                on_input(nbytes)
+                break
     except trio.BrokenResourceError:
         pass
     cancel_scope.cancel()

@@ -104,6 +104,7 @@ class Subscription:
         decimate: Mapping[str, int],
         label: str,
         follows_end: bool = False,
+        session_types: frozenset[str] = frozenset(),
     ) -> None:
         for type_tag, every in decimate.items():
             if every < 0:
@@ -115,6 +116,11 @@ class Subscription:
         self.label = label
         #: Whether :meth:`Stream.end_of_stream` ends this subscription.
         self.follows_end = follows_end
+        #: Metadata types that open a session (``ProtocolSpec.session_metadata_types``): the
+        #: subscriber takes one of each, once. An identical repeat is not queued; a different
+        #: one ends the subscription (the consumer drains what it has, then is closed).
+        self.session_types = session_types
+        self._sessions: dict[str, Frame] = {}
         self._seen: dict[str, int] = dict.fromkeys(self.decimate, 0)
         self._queue: deque[Frame] = deque()
         self.queued_bytes = 0
@@ -179,6 +185,12 @@ class Subscription:
                 append(frame)
                 self.queued_bytes += size
             else:
+                if self.session_types:
+                    admit = self._admit_session(frame)
+                    if admit is None:
+                        break
+                    if not admit:
+                        continue
                 append(frame)
                 self.queued_bytes += size
                 self.queued_metadata += 1
@@ -201,7 +213,12 @@ class Subscription:
         queue = self._queue
         bounds = self.bounds
         decimate = self.decimate
-        if not decimate and self._closed is None and self._ending is None:
+        if (
+            not decimate
+            and not self.session_types
+            and self._closed is None
+            and self._ending is None
+        ):
             # Fast path: the whole batch fits; queue it with one wake-up.
             sizes = [frame.size for frame in frames]
             total = sum(sizes)
@@ -221,8 +238,15 @@ class Subscription:
                 await trio.lowlevel.checkpoint()
                 return
         for frame in frames:
-            if frame.kind is _DATA and decimate and not self._keep(frame):
-                continue
+            if frame.kind is _DATA:
+                if decimate and not self._keep(frame):
+                    continue
+            elif self.session_types:
+                admit = self._admit_session(frame)
+                if admit is None:
+                    break
+                if not admit:
+                    continue
             size = frame.size
             while (
                 self._closed is None
@@ -244,6 +268,25 @@ class Subscription:
                 self._wake_consumer.set()
                 self._wake_consumer = None
         await trio.lowlevel.checkpoint()
+
+    def _admit_session(self, frame: Frame) -> bool | None:
+        """Whether to queue the metadata ``frame``, given :attr:`session_types`.
+
+        True: queue it (not a session type, or the first of its type). False: skip it (the
+        same bytes as the one already given). None: it differs from the one already given,
+        so the subscription has been ended gracefully and nothing more may be queued; a
+        reader of such a protocol cannot take a second session header.
+        """
+        if frame.type not in self.session_types:
+            return True
+        current = self._sessions.get(frame.type)
+        if current is None:
+            self._sessions[frame.type] = frame
+            return True
+        if current is frame or memoryview(current.payload) == memoryview(frame.payload):
+            return False
+        self.end(f"the upstream's {frame.type} changed (a new session began)")
+        return None
 
     def _keep(self, frame: Frame) -> bool:
         every = self.decimate.get(frame.type)
@@ -416,10 +459,12 @@ class Stream:
         label: str = "",
         follows_end: bool = False,
         replay: bool = True,
+        session_types: frozenset[str] = frozenset(),
     ) -> Subscription:
         """A new subscription, preloaded with the metadata cache (first-seen order).
 
         With ``replay=False`` it starts with the next frame published instead.
+        ``session_types``: see :attr:`Subscription.session_types`.
 
         If the cached metadata alone passes the hard cap the subscription comes back already
         closed, with the reason, so the caller can log it and disconnect the client.
@@ -431,6 +476,7 @@ class Stream:
             decimate=decimate or {},
             label=label,
             follows_end=follows_end,
+            session_types=session_types,
         )
         cached = list(self.metadata) if replay else []
         if cached:
@@ -474,7 +520,8 @@ class Stream:
                 cache.update(frame)
         self.frames_in += len(frames)
         self.bytes_in += size
-        for subscription in self._lossy:
+        # A snapshot: offering may end or close a subscription, which removes it from the list.
+        for subscription in tuple(self._lossy):
             subscription.offer(frames)
 
     def end_of_stream(self, reason: str) -> None:

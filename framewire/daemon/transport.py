@@ -2,29 +2,51 @@
 
 Endpoints never open sockets themselves: they are given a listener (``trio.abc.Listener``)
 or a :data:`Connector` (an async callable returning a stream), so tests can hand them memory
-streams instead. This module makes the real ones from config addresses.
+streams instead. This module makes the real ones from config addresses: TCP
+(``tcp://``), UNIX sockets (``unix:///path``) and TLS on top of either transport
+(:class:`TLSListener`, :func:`tls_connector`; ``tls://`` is TCP with TLS).
+
+TLS handshakes are bounded in time. A connector finishes its handshake before it returns
+and raises ConnectionError when it fails. A :class:`TLSListener` hands out streams whose
+handshake has not happened yet, so a slow or hostile client never holds up ``accept()``:
+the endpoint calls :meth:`Connection.establish` in the client's own task, which runs the
+handshake under the listener's timeout and raises :class:`HandshakeFailed` with one line
+that says who and why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
+import ssl
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeAlias
 
 import trio
 
-from ..config import Address
+from ..config import Address, TLSConfig
 from ..frame import Buffer
 
 __all__ = [
     "ACCEPT_RETRY_ERRNOS",
+    "DEFAULT_SOCKET_MODE",
     "Connection",
     "Connector",
+    "HandshakeFailed",
+    "TLSListener",
+    "UnixSocketListener",
+    "client_tls_context",
+    "connector_for",
     "open_listeners",
+    "open_unix_listener",
     "peer_name",
+    "server_tls_context",
     "tcp_connector",
+    "tls_connector",
+    "unix_connector",
 ]
 
 #: Makes one outgoing connection. Raises OSError (or trio errors) when it cannot.
@@ -38,6 +60,13 @@ ACCEPT_RETRY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM
 NOTSENT_LOWAT: Final = 4 << 20
 #: Buffers per sendmsg() call (Linux's IOV_MAX is 1024).
 _IOV_MAX: Final = 1024
+#: Mode of a UNIX socket file unless configured: owner and group may connect.
+DEFAULT_SOCKET_MODE: Final = 0o660
+_TLS_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class HandshakeFailed(trio.BrokenResourceError):
+    """A TLS handshake failed or timed out. Its message is one log line: peer and reason."""
 
 
 def _nbytes(buffer: Buffer) -> int:
@@ -45,8 +74,15 @@ def _nbytes(buffer: Buffer) -> int:
 
 
 def peer_name(stream: trio.abc.Stream) -> str:
-    """``host:port`` of the remote end, or a description for non-socket streams."""
+    """``host:port`` of the remote end (``unix:PATH`` on a UNIX socket), or a description for
+    non-socket streams. A TLS stream is named by the transport under it."""
+    if isinstance(stream, trio.SSLStream):
+        return peer_name(stream.transport_stream)
     if isinstance(stream, trio.SocketStream):
+        if stream.socket.family == socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                return f"unix:{stream.socket.getsockname() or 'peer'}"
+            return "disconnected peer"
         try:
             peer = stream.socket.getpeername()
         except OSError:
@@ -70,8 +106,15 @@ class Connection:
     leaves the connection unusable: close it.
     """
 
-    def __init__(self, stream: trio.abc.Stream, peer: str | None = None) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        peer: str | None = None,
+        *,
+        handshake_timeout: float = 10.0,
+    ) -> None:
         self.stream = stream
+        self.handshake_timeout = handshake_timeout
         self.peer = peer if peer is not None else peer_name(stream)
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         if self._socket is not None and self._socket.family in (socket.AF_INET, socket.AF_INET6):
@@ -83,6 +126,29 @@ class Connection:
                 self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self.bytes_received = 0
         self.bytes_sent = 0
+
+    async def establish(self) -> None:
+        """Finish setting the connection up: the TLS handshake of an accepted TLS stream,
+        within :attr:`handshake_timeout`. Nothing to do for other streams.
+
+        Raises :class:`HandshakeFailed` (a trio.BrokenResourceError) naming the peer and
+        the reason; the connection is then unusable: close it.
+        """
+        stream = self.stream
+        if not isinstance(stream, trio.SSLStream):
+            return
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await stream.do_handshake()
+        except trio.TooSlowError:
+            raise HandshakeFailed(
+                f"TLS handshake with {self.peer} failed: no handshake within "
+                f"{self.handshake_timeout:g}s"
+            ) from None
+        except trio.BrokenResourceError as exc:
+            raise HandshakeFailed(
+                f"TLS handshake with {self.peer} failed: {_tls_reason(exc)}"
+            ) from None
 
     async def receive_into(self, buffer: memoryview) -> int:
         """Read up to ``len(buffer)`` bytes into ``buffer``; 0 means the peer closed.
@@ -146,7 +212,7 @@ class Connection:
 
 
 def tcp_connector(address: Address) -> Connector:
-    """A connector for ``tcp://host:port``."""
+    """A connector for ``tcp://host:port`` (or the TCP under ``tls://host:port``)."""
     if address.host is None:
         raise ValueError(f"cannot connect to {address}: no host")
     host: str = address.host
@@ -157,24 +223,282 @@ def tcp_connector(address: Address) -> Connector:
     return connect
 
 
-async def open_listeners(address: Address, *, backlog: int = 128) -> list[trio.SocketListener]:
-    """Bind and listen on ``address`` (``tcp://*:port``: every interface, IPv4 and IPv6).
+def unix_connector(address: Address) -> Connector:
+    """A connector for ``unix:///path``. Connecting raises OSError (e.g. no such file)."""
+    path = address.path
+    if path is None:
+        raise ValueError(f"cannot connect to {address}: not a UNIX socket address")
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_unix_socket(path)
+
+    return connect
+
+
+def connector_for(address: Address) -> Connector:
+    """The plain connector for ``address``: TCP for ``tcp://`` and ``tls://`` (TLS is added
+    by :func:`tls_connector`), a UNIX socket for ``unix://``."""
+    return unix_connector(address) if address.is_unix else tcp_connector(address)
+
+
+async def open_listeners(
+    address: Address, *, backlog: int = 128, socket_mode: int = DEFAULT_SOCKET_MODE
+) -> list[trio.abc.Listener[trio.abc.Stream]]:
+    """Bind and listen on ``address`` (``tcp://*:port``: every interface, IPv4 and IPv6;
+    ``unix:///path``: see :func:`open_unix_listener`, with ``socket_mode``).
 
     Raises OSError (e.g. address in use) with the address in the message.
     """
+    if address.is_unix:
+        return [await open_unix_listener(address, mode=socket_mode, backlog=backlog)]
     try:
-        return await trio.open_tcp_listeners(address.port, host=address.host, backlog=backlog)
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host, backlog=backlog)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise OSError(exc.errno, f"cannot listen on {address}: address already in use") from exc
         raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}") from exc
+    bound: list[trio.abc.Listener[trio.abc.Stream]] = [*listeners]
+    return bound
+
+
+class UnixSocketListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listening UNIX socket that removes its socket file when closed.
+
+    The file is removed only if it is still the one this listener made (same device and
+    inode), so a newer listener's file at the same path is left alone.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, path: str) -> None:
+        self.listener = trio.SocketListener(sock)
+        self.path = path
+        info = os.stat(path)
+        self._identity = (info.st_dev, info.st_ino)
+
+    async def accept(self) -> trio.abc.Stream:
+        return await self.listener.accept()
+
+    async def aclose(self) -> None:
+        try:
+            info = os.lstat(self.path)
+        except OSError:
+            pass
+        else:
+            if (info.st_dev, info.st_ino) == self._identity:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+        await self.listener.aclose()
+
+
+async def open_unix_listener(
+    address: Address, *, mode: int = DEFAULT_SOCKET_MODE, backlog: int = 128
+) -> UnixSocketListener:
+    """Listen on the UNIX socket ``address.path``, its file made with permission bits ``mode``.
+
+    A socket file left at the path by a process that is gone (nothing accepts on it) is
+    replaced. Raises OSError, naming the address: EADDRINUSE when something still listens
+    there, EEXIST when the path is a file that is not a socket (it is never removed), or
+    whatever bind() or chmod() raised (e.g. no such directory, permission denied).
+    """
+    path = address.path
+    if path is None:
+        raise ValueError(f"{address} is not a UNIX socket address")
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}") from exc
+    else:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise OSError(
+                errno.EEXIST,
+                f"cannot listen on {address}: {path} exists and is not a socket; "
+                "not removing it (move it away or choose another path)",
+            )
+        if await _unix_socket_is_live(path):
+            raise OSError(
+                errno.EADDRINUSE,
+                f"cannot listen on {address}: another process is listening on it",
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: left by a process that did not clean up
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        # Before listen(): nobody can connect until the mode is right.
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        return UnixSocketListener(sock, path)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"cannot listen on {address}: address already in use") from exc
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _unix_socket_is_live(path: str) -> bool:
+    """Whether something accepts connections on the UNIX socket at ``path``."""
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await probe.connect(path)
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def _load_chain(context: ssl.SSLContext, tls: TLSConfig) -> None:
+    if tls.certificate is None or tls.key is None:
+        return
+    try:
+        context.load_cert_chain(tls.certificate, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"tls: cannot load certificate {tls.certificate} with key {tls.key}: {exc}"
+        ) from None
+
+
+def _load_ca(context: ssl.SSLContext, ca: str) -> None:
+    try:
+        context.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"tls: cannot load CA file {ca}: {exc}") from None
+
+
+def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
+    """The context a TLS listener uses: its certificate, the minimum version and, with
+    ``require_client_cert``, mutual TLS against ``ca``.
+
+    Raises ValueError naming the file that cannot be read or used.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = _TLS_VERSIONS[tls.minimum_version]
+    if tls.certificate is None:
+        raise ValueError("tls: a listening endpoint needs certificate and key")
+    _load_chain(context, tls)
+    if tls.require_client_cert:
+        assert tls.ca is not None  # the config demands it
+        _load_ca(context, tls.ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def client_tls_context(tls: TLSConfig) -> ssl.SSLContext:
+    """The context a TLS connector uses: the server is verified against ``ca`` (or the
+    system's trust store) unless ``verify`` is off; the client certificate is presented
+    when configured.
+
+    Raises ValueError naming the file that cannot be read or used.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = _TLS_VERSIONS[tls.minimum_version]
+    if tls.verify:
+        if tls.ca is not None:
+            _load_ca(context, tls.ca)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    _load_chain(context, tls)
+    return context
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """The most specific reason in ``exc``'s chain (an SSL error's, when there is one)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {cause.verify_message}"
+        if isinstance(cause, ssl.SSLError):
+            return (cause.reason or str(cause)).lower().replace("_", " ")
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
+class TLSListener(trio.abc.Listener[trio.abc.Stream]):
+    """Wraps every stream a listener accepts in server-side TLS.
+
+    :meth:`accept` returns at once, before any handshake; the caller finishes it with
+    :meth:`Connection.establish` (a :class:`Connection` made with :attr:`handshake_timeout`).
+    """
+
+    def __init__(
+        self,
+        transport_listener: trio.abc.Listener[trio.abc.Stream],
+        context: ssl.SSLContext,
+        *,
+        handshake_timeout: float,
+    ) -> None:
+        self.transport_listener = transport_listener
+        self.context = context
+        self.handshake_timeout = handshake_timeout
+
+    async def accept(self) -> trio.abc.Stream:
+        stream = await self.transport_listener.accept()
+        return trio.SSLStream(stream, self.context, server_side=True)
+
+    async def aclose(self) -> None:
+        await self.transport_listener.aclose()
+
+
+def tls_connector(
+    connector: Connector,
+    context: ssl.SSLContext,
+    *,
+    address: Address,
+    server_name: str | None = None,
+    handshake_timeout: float = 10.0,
+) -> Connector:
+    """``connector``'s streams with TLS on top, the handshake done before it returns.
+
+    The server's certificate is checked against ``server_name``, or the address's host. A
+    failed or timed-out handshake raises ConnectionError (an OSError, so reconnecting
+    endpoints retry it with backoff) saying why, e.g. ``certificate verify failed``.
+    """
+    hostname = server_name or address.host or address.path
+
+    async def connect() -> trio.abc.Stream:
+        transport = await connector()
+        stream = trio.SSLStream(transport, context, server_hostname=hostname)
+        try:
+            with trio.fail_after(handshake_timeout):
+                await stream.do_handshake()
+        except trio.TooSlowError:
+            await trio.aclose_forcefully(transport)
+            raise ConnectionError(
+                f"TLS handshake with {address} failed: no handshake within {handshake_timeout:g}s"
+            ) from None
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(transport)
+            raise ConnectionError(
+                f"TLS handshake with {address} failed: {_tls_reason(exc)}"
+            ) from None
+        return stream
+
+    return connect
 
 
 def bound_addresses(listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]) -> list[str]:
     """``host:port`` of each listening socket, for logs and status."""
     out = []
     for listener in listeners:
-        if isinstance(listener, trio.SocketListener):
+        if isinstance(listener, TLSListener):
+            out += [f"tls {name}" for name in bound_addresses([listener.transport_listener])]
+        elif isinstance(listener, UnixSocketListener):
+            out.append(f"unix:{listener.path}")
+        elif isinstance(listener, trio.SocketListener):
             name = listener.socket.getsockname()
             if listener.socket.family == socket.AF_INET6:
                 out.append(f"[{name[0]}]:{name[1]}")

@@ -9,6 +9,9 @@ import attrs
 
 from ..frame import Buffer, Frame
 from ._errors import UnknownProtocol
+from .aedat4 import HEADER_TYPE as AEDAT4_HEADER_TYPE
+from .aedat4 import Aedat4Decoder, Aedat4Encoder
+from .aedat4 import canonical_type as aedat4_canonical_type
 from .datalink import DatalinkDecoder, DatalinkEncoder
 from .g3 import DATA_TYPES as G3_DATA_TYPES
 from .g3 import G3Decoder, G3Encoder
@@ -72,6 +75,13 @@ class ProtocolSpec:
     canonical_type: Callable[[str], str] | None = None
     has_keepalive: bool = False
     has_crc: bool = False
+    #: Metadata types that open a session: a reader takes exactly one, first (the aedat4
+    #: IOHeader). A subscriber that has one gets no identical repeat, and is ended when a
+    #: different one replaces it (see :class:`framewire.daemon.stream.Subscription`).
+    session_metadata_types: frozenset[str] = frozenset()
+    #: Clients of a server only ever listen: a byte from one is a protocol violation and
+    #: disconnects it (dv's NetworkWriter does the same).
+    listen_only_clients: bool = False
 
 
 _REGISTRY: dict[str, ProtocolSpec] = {}
@@ -134,5 +144,16 @@ register(
         data_types=G3_DATA_TYPES,
         canonical_type=g3_canonical_type,
         has_crc=True,
+    )
+)
+register(
+    ProtocolSpec(
+        name="aedat4",
+        summary="dv-processing's network stream: an IOHeader, then streamId/size/body packets",
+        make_decoder=lambda max_frame_size: Aedat4Decoder(max_frame_size=max_frame_size),
+        make_encoder=Aedat4Encoder,
+        canonical_type=aedat4_canonical_type,
+        session_metadata_types=frozenset({AEDAT4_HEADER_TYPE}),
+        listen_only_clients=True,
     )
 )

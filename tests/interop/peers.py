@@ -93,3 +93,34 @@ async def g3_peer(*args: str) -> AsyncIterator[Peer]:
 def describe(code: str, wire: bytes) -> str:
     """The same line g3_peer.py prints for a frame."""
     return f"{code} {hashlib.sha256(wire).hexdigest()}"
+
+
+DV_PEER = Path(__file__).with_name("dv_peer.py")
+
+
+@asynccontextmanager
+async def dv_peer(*args: str) -> AsyncIterator[Peer]:
+    """Run ``dv_peer.py ARGS`` (a real NetworkWriter or NetworkReader); kill it on the way
+    out if it is still running."""
+    async with _peer(DV_PEER, *args) as peer:
+        yield peer
+
+
+@asynccontextmanager
+async def _peer(script: Path, *args: str) -> AsyncIterator[Peer]:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(script), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        yield Peer(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.move_on_after(10):
+                await process.wait()
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                await pipe.aclose()

@@ -10,9 +10,11 @@ from ._base import Endpoint as Endpoint
 from ._base import EndpointContext as EndpointContext
 from ._base import EndpointStatus as EndpointStatus
 from ._base import Transports as Transports
+from .bridge import BridgeEndpoint as BridgeEndpoint
 from .file import FileEndpoint as FileEndpoint
 from .generator import GeneratorEndpoint as GeneratorEndpoint
 from .link import LinkEndpoint as LinkEndpoint
+from .pubsub import PubSubEndpoint as PubSubEndpoint
 from .receiver import ReceiverEndpoint as ReceiverEndpoint
 from .recorder import RecorderEndpoint as RecorderEndpoint
 from .sender import SenderEndpoint as SenderEndpoint
@@ -26,6 +28,8 @@ KINDS: Final[dict[str, type[Endpoint[Any]]]] = {
     "file": FileEndpoint,
     "recorder": RecorderEndpoint,
     "link": LinkEndpoint,
+    "bridge": BridgeEndpoint,
+    "pubsub": PubSubEndpoint,
 }
 
 

@@ -10,9 +10,20 @@ from typing import ClassVar, Generic, TypeVar
 import attrs
 import trio
 
-from ...config import Address, EndpointConfig
+from ...config import Address, EndpointConfig, TLSConfig
 from ..stream import StreamRegistry, Subscription
-from ..transport import Connector, open_listeners, tcp_connector
+from ..transport import (
+    DEFAULT_SOCKET_MODE,
+    Connection,
+    Connector,
+    HandshakeFailed,
+    TLSListener,
+    client_tls_context,
+    connector_for,
+    open_listeners,
+    server_tls_context,
+    tls_connector,
+)
 
 __all__ = ["ClientInfo", "Endpoint", "EndpointContext", "EndpointStatus", "Transports"]
 
@@ -20,13 +31,58 @@ ConfigT = TypeVar("ConfigT", bound=EndpointConfig)
 
 
 class Transports:
-    """Makes listeners and connectors from addresses. Tests substitute memory transports."""
+    """Makes listeners and connectors from addresses. Tests substitute memory transports.
+
+    Subclasses override :meth:`listen` and :meth:`connector` (the plain byte transport);
+    endpoints call :meth:`bind` and :meth:`dial`, which add TLS on top of those, so TLS can
+    be tested over memory streams too.
+    """
 
     async def listen(self, address: Address) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
         return await open_listeners(address)
 
     def connector(self, address: Address) -> Connector:
-        return tcp_connector(address)
+        return connector_for(address)
+
+    async def bind(
+        self,
+        address: Address,
+        *,
+        tls: TLSConfig | None = None,
+        socket_mode: int = DEFAULT_SOCKET_MODE,
+    ) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
+        """Listen on ``address``: a UNIX socket file gets ``socket_mode``; with ``tls`` every
+        accepted stream is a TLS server stream (finish it with ``Connection.establish``).
+
+        Raises OSError when it cannot listen, ValueError when a TLS file cannot be used.
+        """
+        context = server_tls_context(tls) if tls is not None else None
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]
+        if address.is_unix:
+            listeners = await open_listeners(address, socket_mode=socket_mode)
+        else:
+            listeners = await self.listen(address)
+        if tls is None or context is None:
+            return listeners
+        return [
+            TLSListener(listener, context, handshake_timeout=tls.handshake_timeout)
+            for listener in listeners
+        ]
+
+    def dial(self, address: Address, *, tls: TLSConfig | None = None) -> Connector:
+        """A connector for ``address``; with ``tls`` it returns streams whose TLS handshake
+        is done (a failed one raises ConnectionError). Raises ValueError when a TLS file
+        cannot be used."""
+        connector = self.connector(address)
+        if tls is None:
+            return connector
+        return tls_connector(
+            connector,
+            client_tls_context(tls),
+            address=address,
+            server_name=tls.server_name,
+            handshake_timeout=tls.handshake_timeout,
+        )
 
 
 @attrs.define
@@ -95,6 +151,20 @@ class Endpoint(Generic[ConfigT]):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         raise NotImplementedError
+
+    async def _establish(self, stream: trio.abc.Stream) -> Connection | None:
+        """A :class:`Connection` for an accepted ``stream``, its TLS handshake (if any)
+        done within the configured timeout; None, after one log line, if the handshake
+        failed (the caller closes ``stream``)."""
+        tls: TLSConfig | None = getattr(self.config, "tls", None)
+        timeout = tls.handshake_timeout if tls is not None else 10.0
+        connection = Connection(stream, handshake_timeout=timeout)
+        try:
+            await connection.establish()
+        except HandshakeFailed as exc:
+            self.log.warning("%s", exc)
+            return None
+        return connection
 
     async def _until_stop_requested(self, cancel_scope: trio.CancelScope) -> None:
         """Cancel ``cancel_scope`` once a stop is requested (run it in the scope's nursery)."""

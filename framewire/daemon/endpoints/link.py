@@ -263,7 +263,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
     ) -> None:
         config = self.config
         assert config.connect is not None
-        connector = self.context.transports.connector(config.connect)
+        connector = self.context.transports.dial(config.connect, tls=config.tls)
         peer = str(config.connect)
         self.status.address = [peer]
         self.log.info(
@@ -317,7 +317,9 @@ class LinkEndpoint(Endpoint[LinkConfig]):
     ) -> None:
         config = self.config
         assert config.listen is not None
-        listeners = await self.context.transports.listen(config.listen)
+        listeners = await self.context.transports.bind(
+            config.listen, tls=config.tls, socket_mode=config.socket_mode
+        )
         self.status.address = bound_addresses(listeners)
         self._set_state("listening")
         self.log.info(
@@ -370,6 +372,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             async for stream in incoming:
                 peer = peer_name(stream)
                 try:
+                    if await self._establish(stream) is None:  # a failed TLS handshake
+                        continue
                     outcome = await self._session(stream, peer)
                 finally:
                     await trio.aclose_forcefully(stream)

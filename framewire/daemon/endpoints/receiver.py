@@ -57,7 +57,9 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         assert self.config.listen is not None
-        listeners = await self.context.transports.listen(self.config.listen)
+        listeners = await self.context.transports.bind(
+            self.config.listen, tls=self.config.tls, socket_mode=self.config.socket_mode
+        )
         self.status.address = bound_addresses(listeners)
         self.status.state = "listening"
         self.log.info(
@@ -87,13 +89,23 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                 producers.start_soon(self._serve_producer, stream)
 
     async def _serve_producer(self, stream: trio.abc.Stream) -> None:
-        connection = Connection(stream)
         try:
+            connection = await self._establish(stream)
+            if connection is None:
+                return
             if len(self.status.clients) >= self.config.max_clients:
                 self.log.warning(
                     "refused producer %s: max_clients (%d) reached",
                     connection.peer,
                     self.config.max_clients,
+                )
+                return
+            if self.status.clients and protocols.get(self.config.protocol).session_metadata_types:
+                # Packets of two connections under one session header would break readers.
+                self.log.warning(
+                    "refused producer %s: a %s stream takes one producer at a time",
+                    connection.peer,
+                    self.config.protocol,
                 )
                 return
             self.log.info("producer %s connected", connection.peer)
@@ -109,7 +121,7 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
     ) -> None:
         config = self.config
         assert config.connect is not None
-        connector = self.context.transports.connector(config.connect)
+        connector = self.context.transports.dial(config.connect, tls=config.tls)
         self.status.address = [str(config.connect)]
         task_status.started()
         await keep_connected(

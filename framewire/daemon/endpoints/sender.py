@@ -60,6 +60,9 @@ class SenderEndpoint(Endpoint[SenderConfig]):
             policy=Policy.LOSSLESS,
             label=f"{self.name} -> {config.connect}",
             follows_end=config.close_on_end,
+            # A new session header (aedat4) ends the subscription, so the connection: the
+            # reader takes one header per connection; the next connection gets the new one.
+            session_types=protocols.get(config.protocol).session_metadata_types,
         )
         self._delivered.clear()
         self.status.clients.clear()
@@ -67,7 +70,7 @@ class SenderEndpoint(Endpoint[SenderConfig]):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
-        connector = self.context.transports.connector(config.connect)
+        connector = self.context.transports.dial(config.connect, tls=config.tls)
         self.status.address = [str(config.connect)]
         self._subscription = self._subscribe()
         try:

@@ -3,9 +3,18 @@
 Each client gets its own :class:`Subscription` (bounded in frames and bytes, lossy by default),
 preloaded with the stream's metadata cache, and its own writer task that drains the queue in
 batches. A slow client only ever fills its own queue.
+
+For protocols with session metadata (aedat4's IOHeader) a client gets exactly one header: an
+identical header from a reconnected upstream is not repeated, and a different one ends the
+client's connection once its queue is drained (new clients get the new header). For
+protocols whose clients only listen (aedat4), a client that sends a byte is disconnected.
+TLS handshakes run in each client's own task, within the configured timeout; a failed one
+is one log line.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import trio
 
@@ -24,7 +33,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
 
     def __init__(self, name: str, config: ServerConfig, context: EndpointContext) -> None:
         super().__init__(name, config, context)
-        spec = protocols.get(config.protocol)
+        spec = self._spec = protocols.get(config.protocol)
         canonical = spec.canonical_type or (lambda type_tag: type_tag)
         #: Decimation keyed by the type tags frames carry (config may use codes).
         self._decimate = {canonical(key): every for key, every in config.decimate.items()}
@@ -32,7 +41,9 @@ class ServerEndpoint(Endpoint[ServerConfig]):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
-        listeners = await self.context.transports.listen(config.listen)
+        listeners = await self.context.transports.bind(
+            config.listen, tls=config.tls, socket_mode=config.socket_mode
+        )
         self.status.address = bound_addresses(listeners)
         self.log.info(
             "serving stream %r as %s on %s",
@@ -73,10 +84,12 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             clients.start_soon(self._serve, stream)
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
-        connection = Connection(stream)
         config = self.config
         status = self.status
         try:
+            connection = await self._establish(stream)
+            if connection is None:
+                return
             if len(status.clients) >= config.max_clients:
                 self.log.warning(
                     "refused %s: max_clients (%d) reached", connection.peer, config.max_clients
@@ -93,6 +106,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 decimate=self._decimate,
                 label=f"{self.name} {connection.peer}",
                 follows_end=config.close_on_end,
+                session_types=self._spec.session_metadata_types,
             )
             client = ClientInfo(connection.peer, subscription=subscription)
             key = id(client)
@@ -124,9 +138,26 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             self.status.frames_out += frames
             self.status.bytes_out += nbytes
 
+        def refuse_input(nbytes: int) -> None:
+            nonlocal reason
+            reason = (
+                f"the client sent {nbytes} bytes; {self.config.protocol} clients only "
+                "listen, so it was disconnected"
+            )
+
+        # Clients of a one-way protocol (aedat4) may not write: the first byte disconnects
+        # them, as dv's NetworkWriter does. Others may, and what they send is discarded.
+        on_input = refuse_input if self._spec.listen_only_clients else None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(close_when_peer_leaves, connection, nursery.cancel_scope)
+                nursery.start_soon(
+                    partial(
+                        close_when_peer_leaves,
+                        connection,
+                        nursery.cancel_scope,
+                        on_input=on_input,
+                    )
+                )
                 closed = await send_subscription(
                     connection,
                     subscription,

@@ -1,0 +1,134 @@
+"""ZeroMQ addresses, as a ZeroMQ user writes them: ``tcp://host:port`` and ``ipc://path``.
+
+``tcp://*:port`` binds every interface (IPv4 and IPv6) and ``tcp://host:0`` binds a free
+port (the bound one is shown in status); both only where the endpoint binds. IPv6 literals go
+in brackets. ``ipc://`` takes a path (relative paths are relative to the daemon's working
+directory) or, on Linux, ``ipc://@name`` for the abstract namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Final, Literal
+
+import attrs
+
+__all__ = ["ZmqAddress", "parse_zmq_address"]
+
+TRANSPORTS: Final = ("tcp", "ipc")
+#: A UNIX socket path has room for 107 bytes and a terminating NUL (sun_path is 108).
+MAX_IPC_PATH: Final = 107
+
+
+@attrs.frozen
+class ZmqAddress:
+    """A parsed ZeroMQ address. ``str()`` gives the endpoint string ZeroMQ takes.
+
+    For ``tcp``, ``host`` is None for ``*`` and ``path`` is empty; for ``ipc``, ``path`` is
+    the socket path and ``host``/``port`` are None/0.
+    """
+
+    transport: Literal["tcp", "ipc"]
+    host: str | None = None
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_ipv6(self) -> bool:
+        return self.host is not None and ":" in self.host
+
+    def __str__(self) -> str:
+        if self.transport == "ipc":
+            return f"ipc://{self.path}"
+        host = "*" if self.host is None else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"tcp://{host}:{self.port}"
+
+    def with_port(self, port: int) -> ZmqAddress:
+        """The same tcp address with another port."""
+        return attrs.evolve(self, port=port)
+
+
+def parse_zmq_address(text: object, *, binding: bool = False) -> ZmqAddress:
+    """Parse a ZeroMQ address. Raises ValueError saying what is wrong and what is expected.
+
+    With ``binding``, ``*`` (every interface) and port 0 (a free port) are allowed; to
+    connect, a concrete host and port are required.
+    """
+    if not isinstance(text, str):
+        raise ValueError(
+            f'expected a ZeroMQ address such as "tcp://127.0.0.1:5555" or "ipc:///run/x.sock", '
+            f"got {text!r}"
+        )
+    transport, sep, rest = text.partition("://")
+    if not sep:
+        raise ValueError(f'address {text!r} has no transport: write "tcp://{text}"')
+    if transport == "ipc":
+        return _ipc(text, rest)
+    if transport != "tcp":
+        raise ValueError(
+            f"address {text!r}: unsupported transport {transport!r} "
+            f"(supported: {', '.join(TRANSPORTS)})"
+        )
+    if rest.startswith("["):
+        host, bracket, port_text = rest[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise ValueError(f"address {text!r}: expected tcp://[ipv6]:port")
+        port_text = port_text[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"address {text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = rest.rpartition(":")
+        if not colon or not host:
+            raise ValueError(f"address {text!r}: expected tcp://host:port")
+        if ":" in host:
+            raise ValueError(f"address {text!r}: write an IPv6 address in brackets: [{host}]")
+    if port_text == "*":
+        raise ValueError(f"address {text!r}: write port 0 for a free port")
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"address {text!r}: port must be a number from 0 to 65535")
+    port = int(port_text)
+    if port == 0 and not binding:
+        raise ValueError(f"address {text!r}: port 0 (a free port) is only for binding")
+    if host == "*":
+        if not binding:
+            raise ValueError(f"address {text!r}: '*' (every interface) is only for binding")
+        return ZmqAddress("tcp", None, port)
+    if not _valid_host(host):
+        raise ValueError(f"address {text!r}: {host!r} is not a valid host name or IP address")
+    return ZmqAddress("tcp", host, port)
+
+
+def _ipc(text: str, path: str) -> ZmqAddress:
+    if not path or path in ("@", "*"):
+        raise ValueError(f'address {text!r}: expected ipc://PATH, e.g. "ipc:///run/framewire.sock"')
+    if "\0" in path:
+        raise ValueError(f"address {text!r}: a path cannot contain NUL")
+    if len(path.encode()) > MAX_IPC_PATH:
+        raise ValueError(
+            f"address {text!r}: the path is {len(path.encode())} bytes; "
+            f"UNIX socket paths have room for {MAX_IPC_PATH}"
+        )
+    return ZmqAddress("ipc", path=path)
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if all(label.isdigit() for label in labels):
+        return False  # digits and dots only, yet not an IPv4 address (e.g. 999.1.1.1)
+    return len(host) <= 253 and all(
+        0 < len(label) <= 63
+        and label.isascii()
+        and label.replace("-", "").isalnum()
+        and label[0] != "-"
+        and label[-1] != "-"
+        for label in labels
+    )
