@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import trio
 
 from framewire import Frame
+from framewire.config import Config, parse_config
+from framewire.daemon import Daemon
 from framewire.protocols.native import NativeDecoder, NativeEncoder
 
 ENCODER = NativeEncoder()
@@ -65,3 +69,25 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(10):
         while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
             await trio.sleep(0.005)
+
+
+@asynccontextmanager
+async def running_daemon(
+    config: Config | str, *, source: str = "<test>", config_path: Path | None = None
+) -> AsyncIterator[Daemon]:
+    """A daemon running ``config`` (a Config or TOML text) in-process; shut down on exit."""
+    daemon = Daemon(
+        parse_config(config) if isinstance(config, str) else config,
+        source=source,
+        config_path=config_path,
+    )
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(daemon.run)
+        yield daemon
+        daemon.request_shutdown()
+
+
+def endpoint_port(daemon: Daemon, name: str) -> int:
+    """The port endpoint ``name`` is bound to (its first address)."""
+    return port_of(daemon.endpoints[name].status.address[0])

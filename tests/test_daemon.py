@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -18,7 +17,7 @@ from framewire.daemon.endpoints import ServerEndpoint
 from framewire.daemon.stream import Subscription
 from framewire.protocols.native import END_OF_STREAM
 
-from .helpers import connect, encode, port_of, wait_until
+from .helpers import connect, encode, port_of, running_daemon, wait_until
 
 CONFIG = """
 [daemon]
@@ -44,19 +43,9 @@ def make_config(queue: int = 1024, queue_bytes: str = "64MiB", max_clients: int 
     return CONFIG.format(queue=queue, queue_bytes=queue_bytes, max_clients=max_clients)
 
 
-@asynccontextmanager
-async def running(text: str) -> AsyncIterator[Daemon]:
-    instance = Daemon(parse_config(text))
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
-            await nursery.start(instance.run)
-        yield instance
-        instance.request_shutdown()
-
-
 @pytest.fixture
 async def daemon() -> AsyncIterator[Daemon]:
-    async with running(make_config()) as instance:
+    async with running_daemon(make_config()) as instance:
         yield instance
 
 
@@ -115,7 +104,7 @@ async def test_relay_with_late_joiner_gets_metadata_first_byte_identical(daemon:
 
 
 async def test_stalled_client_slows_no_one_and_stays_bounded() -> None:
-    async with running(make_config(queue=16, queue_bytes="1MiB")) as daemon:
+    async with running_daemon(make_config(queue=16, queue_bytes="1MiB")) as daemon:
         await check_stalled_client(daemon)
 
 
@@ -198,7 +187,7 @@ async def test_producer_vanishing_mid_frame_is_logged(
 
 
 async def test_max_clients() -> None:
-    async with running(make_config(max_clients=1)) as daemon:
+    async with running_daemon(make_config(max_clients=1)) as daemon:
         await check_max_clients(daemon)
 
 
@@ -252,7 +241,7 @@ async def test_clients_coming_and_going_leak_no_descriptors(daemon: Daemon) -> N
 
 async def test_stream_ends_with_its_last_producer_not_with_a_probe() -> None:
     config = make_config() + "close_on_end = true\n"
-    async with running(config) as daemon:
+    async with running_daemon(config) as daemon:
         port_in, port_out = ports(daemon)
         client = await connect(port_out)
         await wait_for_clients(daemon, 1)

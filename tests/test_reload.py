@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import trio
@@ -13,7 +12,7 @@ from framewire.config import load_config
 from framewire.daemon import Daemon
 from framewire.protocols.native import END_OF_STREAM
 
-from .helpers import connect, port_of, wait_until
+from .helpers import connect, port_of, running_daemon, wait_until
 
 BASE = """
 [daemon]
@@ -62,14 +61,8 @@ def frame(i: int) -> Frame:
     return Frame(FrameKind.DATA, "d", i.to_bytes(4, "big"), timestamp=i)
 
 
-@asynccontextmanager
-async def running(path: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(load_config(path), source=str(path), config_path=path)
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
-            await nursery.start(daemon.run)
-        yield daemon
-        daemon.request_shutdown()
+def running(path: Path) -> AbstractAsyncContextManager[Daemon]:
+    return running_daemon(load_config(path), source=str(path), config_path=path)
 
 
 def port(daemon: Daemon, name: str) -> int:

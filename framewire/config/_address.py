@@ -91,7 +91,7 @@ def parse_address(text: object, *, listening: bool = False) -> Address:
         return Address(scheme, None, port)
     if port == 0 and not listening:
         raise ValueError(f"address {text!r}: port 0 is only for listening")
-    if not _valid_host(host):
+    if not valid_host(host):
         raise ValueError(f"address {text!r}: {host!r} is not a valid host name or IP address")
     return Address(scheme, host, port)
 
@@ -112,7 +112,8 @@ def _unix_address(text: str, path: str) -> Address:
     return Address("unix", None, 0, path)
 
 
-def _valid_host(host: str) -> bool:
+def valid_host(host: str) -> bool:
+    """A host name or an IP address literal (IPv6 without brackets)."""
     try:
         ipaddress.ip_address(host)
         return True

@@ -13,6 +13,8 @@ from typing import Final, Literal
 
 import attrs
 
+from ._address import valid_host
+
 __all__ = ["ZmqAddress", "parse_zmq_address"]
 
 TRANSPORTS: Final = ("tcp", "ipc")
@@ -97,7 +99,7 @@ def parse_zmq_address(text: object, *, binding: bool = False) -> ZmqAddress:
         if not binding:
             raise ValueError(f"address {text!r}: '*' (every interface) is only for binding")
         return ZmqAddress("tcp", None, port)
-    if not _valid_host(host):
+    if not valid_host(host):
         raise ValueError(f"address {text!r}: {host!r} is not a valid host name or IP address")
     return ZmqAddress("tcp", host, port)
 
@@ -113,22 +115,3 @@ def _ipc(text: str, path: str) -> ZmqAddress:
             f"UNIX socket paths have room for {MAX_IPC_PATH}"
         )
     return ZmqAddress("ipc", path=path)
-
-
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    labels = host.rstrip(".").split(".")
-    if all(label.isdigit() for label in labels):
-        return False  # digits and dots only, yet not an IPv4 address (e.g. 999.1.1.1)
-    return len(host) <= 253 and all(
-        0 < len(label) <= 63
-        and label.isascii()
-        and label.replace("-", "").isalnum()
-        and label[0] != "-"
-        and label[-1] != "-"
-        for label in labels
-    )

@@ -45,10 +45,10 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable
 from typing import Final
 
 from ..frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
+from ._encoder import FrameEncoder
 from ._errors import ProtocolError
 from ._framing import LARGE_FRAME, FrameDecoder
 
@@ -186,7 +186,7 @@ class DatalinkDecoder(FrameDecoder):
         )
 
 
-class DatalinkEncoder:
+class DatalinkEncoder(FrameEncoder):
     """Encodes frames as Datalink messages: payload and timestamp only (see the module).
 
     Frames that came off a datalink wire are forwarded as their original bytes. Raises
@@ -194,18 +194,6 @@ class DatalinkEncoder:
     """
 
     protocol = PROTOCOL
-
-    def encode(self, frame: Frame) -> list[Buffer]:
-        out: list[Buffer] = []
-        self.encode_into(frame, out)
-        return out
-
-    def encode_batch(self, frames: Iterable[Frame]) -> list[Buffer]:
-        out: list[Buffer] = []
-        encode_into = self.encode_into
-        for frame in frames:
-            encode_into(frame, out)
-        return out
 
     def encode_into(self, frame: Frame, out: list[Buffer]) -> None:
         wire = frame.wire
@@ -224,7 +212,3 @@ class DatalinkEncoder:
 
     def keepalive(self) -> bytes:
         return KEEPALIVE
-
-    def end_of_stream(self) -> bytes:
-        """Datalink has no end-of-stream marker: ``b""``."""
-        return b""

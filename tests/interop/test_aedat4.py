@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import socket
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from framewire.config import parse_config
 from framewire.daemon import Daemon
 from framewire.frame import Frame
 from framewire.protocols.aedat4 import Aedat4Decoder
 
-from ..helpers import port_of
+from ..helpers import port_of, running_daemon
 from .peers import PATIENCE, Peer, dv_peer
 
 pytestmark = pytest.mark.interop
@@ -61,16 +58,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         number: int = s.getsockname()[1]
         return number
-
-
-@asynccontextmanager
-async def running(text: str) -> AsyncIterator[Daemon]:
-    daemon = Daemon(parse_config(text))
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
-            await nursery.start(daemon.run)
-        yield daemon
-        daemon.request_shutdown()
 
 
 class Setup:
@@ -164,7 +151,7 @@ async def test_writer_to_two_readers_the_late_one_decodes_the_same_events(
         compression = "CompressionType.LZ4" if transport == "lz4" else "CompressionType.NONE"
         async with dv_peer("write", setup.writer_address, *setup.writer_args) as writer:
             assert await writer.line() == "ready"
-            async with running(setup.config()) as daemon:
+            async with running_daemon(setup.config()) as daemon:
                 await header_cached(daemon)
                 address = setup.reader_address(daemon)
                 count = BATCHES * EVENTS
@@ -228,7 +215,7 @@ async def test_a_stalled_reader_does_not_slow_another_and_memory_stays_bounded()
         setup = Setup("tcp", Path(tmp))
         async with dv_peer("write", setup.writer_address) as writer:
             assert await writer.line() == "ready"
-            async with running(setup.config(queue_bytes="2MiB")) as daemon:
+            async with running_daemon(setup.config(queue_bytes="2MiB")) as daemon:
                 await header_cached(daemon)
                 address = setup.reader_address(daemon)
                 server = daemon.endpoints["dv-out"]

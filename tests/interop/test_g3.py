@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from framewire.config import parse_config
 from framewire.daemon import Daemon
 from framewire.protocols.g3 import G3Decoder
 
-from ..helpers import port_of, wait_until
+from ..helpers import port_of, running_daemon, wait_until
 from .peers import describe, g3_peer
 
 pytestmark = pytest.mark.interop
@@ -43,16 +40,6 @@ max_queue_frames = {queue}
 METADATA = set("OCWHPGN")
 
 
-@asynccontextmanager
-async def running(text: str) -> AsyncIterator[Daemon]:
-    daemon = Daemon(parse_config(text))
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
-            await nursery.start(daemon.run)
-        yield daemon
-        daemon.request_shutdown()
-
-
 def port(daemon: Daemon, name: str) -> int:
     return port_of(daemon.endpoints[name].status.address[0])
 
@@ -78,7 +65,7 @@ def latest_metadata(lines: list[str]) -> list[str]:
 
 
 async def test_sender_to_two_readers_the_late_one_gets_metadata_first() -> None:
-    async with running(RELAY.format(queue=1024)) as daemon:
+    async with running_daemon(RELAY.format(queue=1024)) as daemon:
         out = f"tcp://127.0.0.1:{port(daemon, 'g3-out')}"
         clients = daemon.endpoints["g3-out"].status.clients
         async with g3_peer("read", out) as early:
@@ -104,7 +91,7 @@ async def test_sender_to_two_readers_the_late_one_gets_metadata_first() -> None:
 
 
 async def test_a_stalled_reader_loses_only_scans_and_timepoints() -> None:
-    async with running(RELAY.format(queue=5)) as daemon:
+    async with running_daemon(RELAY.format(queue=5)) as daemon:
         out = f"tcp://127.0.0.1:{port(daemon, 'g3-out')}"
         clients = daemon.endpoints["g3-out"].status.clients
         async with g3_peer("read", out, "--delay", "4") as stalled:
@@ -154,7 +141,7 @@ stream = "replay"
 """
     async with g3_peer("read", f"tcp://*:{reader_port}") as reader:
         await reader.expect("listening")
-        async with running(config):
+        async with running_daemon(config):
             got = await reader.frames_until("end")
     assert got == written
 
@@ -176,7 +163,7 @@ protocol = "g3"
 stream = "camera"
 """
     frames: list[str] = []
-    async with running(config) as daemon:
+    async with running_daemon(config) as daemon:
         client = await trio.open_tcp_stream("127.0.0.1", port(daemon, "g3-out"))
         decoder = G3Decoder(max_frame_size=1 << 24)
 
@@ -217,7 +204,7 @@ stream = "camera"
 max_file_size = "1MB"
 """
     script = "O,W,C:100," + ",".join(["S:300000", "T"] * 6)
-    async with running(config) as daemon:
+    async with running_daemon(config) as daemon:
         recorder = daemon.endpoints["archive"]
         async with g3_peer("send", "127.0.0.1", str(port(daemon, "g3-in")), script) as sender:
             sent = await sender.rest()
