@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -130,8 +131,8 @@ async def header_cached(daemon: Daemon) -> None:
     await wait_until_patient(lambda: len(stream.metadata) == 1)
 
 
-async def wait_until_patient(predicate: object) -> None:
-    assert callable(predicate)
+async def wait_until_patient(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` (state with no event to wait on) for up to PATIENCE seconds."""
     with trio.fail_after(PATIENCE):
         while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
             await trio.sleep(0.01)
