@@ -285,9 +285,9 @@ def test_listening_only_addresses_are_refused_for_connecting(text: str, message:
         ("tcp://host:http", "port must be a number from 0 to 65535"),
         ("tcp://host:80/path", "port must be a number from 0 to 65535"),
         ("tcp://host: 80", "port must be a number from 0 to 65535"),
-        ("tcp://[::1]", "expected \\[ipv6\\]:port"),
+        ("tcp://[::1]", "expected tcp://\\[ipv6\\]:port"),
         ("tcp://[::1]:", "port must be a number"),
-        ("tcp://[::1]80", "expected \\[ipv6\\]:port"),
+        ("tcp://[::1]80", "expected tcp://\\[ipv6\\]:port"),
         # host
         ("tcp://:80", "expected tcp://host:port"),
         ("tcp://-bad:80", "'-bad' is not a valid host name"),

@@ -67,10 +67,28 @@ def parse_address(text: object, *, listening: bool = False) -> Address:
         )
     if scheme == "unix":
         return _unix_address(text, rest)
+    host, port = split_host_port(text, scheme, rest)
+    if host == "*":
+        if not listening:
+            raise ValueError(f"address {text!r}: '*' (every interface) is only for listening")
+        return Address(scheme, None, port)
+    if port == 0 and not listening:
+        raise ValueError(f"address {text!r}: port 0 is only for listening")
+    if not valid_host(host):
+        raise ValueError(f"address {text!r}: {host!r} is not a valid host name or IP address")
+    return Address(scheme, host, port)
+
+
+def split_host_port(text: str, scheme: str, rest: str) -> tuple[str, int]:
+    """``host:port`` or ``[ipv6]:port`` (``rest``, the part after ``scheme://`` of ``text``).
+
+    The host is returned unchecked (it may be ``*``); the port is 0 to 65535. Raises
+    ValueError naming ``text``.
+    """
     if rest.startswith("["):
         host, bracket, port_text = rest[1:].partition("]")
         if not bracket or not port_text.startswith(":"):
-            raise ValueError(f"address {text!r}: expected [ipv6]:port")
+            raise ValueError(f"address {text!r}: expected {scheme}://[ipv6]:port")
         port_text = port_text[1:]
         try:
             ipaddress.IPv6Address(host)
@@ -82,18 +100,11 @@ def parse_address(text: object, *, listening: bool = False) -> Address:
             raise ValueError(f"address {text!r}: expected {scheme}://host:port")
         if ":" in host:
             raise ValueError(f"address {text!r}: write an IPv6 address in brackets: [{host}]")
+    if port_text == "*":
+        raise ValueError(f"address {text!r}: write port 0 for a free port")
     if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"address {text!r}: port must be a number from 0 to 65535")
-    port = int(port_text)
-    if host == "*":
-        if not listening:
-            raise ValueError(f"address {text!r}: '*' (every interface) is only for listening")
-        return Address(scheme, None, port)
-    if port == 0 and not listening:
-        raise ValueError(f"address {text!r}: port 0 is only for listening")
-    if not valid_host(host):
-        raise ValueError(f"address {text!r}: {host!r} is not a valid host name or IP address")
-    return Address(scheme, host, port)
+    return host, int(port_text)
 
 
 def _unix_address(text: str, path: str) -> Address:

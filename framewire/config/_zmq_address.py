@@ -8,12 +8,11 @@ directory) or, on Linux, ``ipc://@name`` for the abstract namespace.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Final, Literal
 
 import attrs
 
-from ._address import valid_host
+from ._address import split_host_port, valid_host
 
 __all__ = ["ZmqAddress", "parse_zmq_address"]
 
@@ -73,26 +72,7 @@ def parse_zmq_address(text: object, *, binding: bool = False) -> ZmqAddress:
             f"address {text!r}: unsupported transport {transport!r} "
             f"(supported: {', '.join(TRANSPORTS)})"
         )
-    if rest.startswith("["):
-        host, bracket, port_text = rest[1:].partition("]")
-        if not bracket or not port_text.startswith(":"):
-            raise ValueError(f"address {text!r}: expected tcp://[ipv6]:port")
-        port_text = port_text[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"address {text!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, colon, port_text = rest.rpartition(":")
-        if not colon or not host:
-            raise ValueError(f"address {text!r}: expected tcp://host:port")
-        if ":" in host:
-            raise ValueError(f"address {text!r}: write an IPv6 address in brackets: [{host}]")
-    if port_text == "*":
-        raise ValueError(f"address {text!r}: write port 0 for a free port")
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"address {text!r}: port must be a number from 0 to 65535")
-    port = int(port_text)
+    host, port = split_host_port(text, "tcp", rest)
     if port == 0 and not binding:
         raise ValueError(f"address {text!r}: port 0 (a free port) is only for binding")
     if host == "*":
