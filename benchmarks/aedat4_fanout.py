@@ -27,32 +27,32 @@ process it starts is killed on the way out, and every wait has a timeout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import select
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from _harness import (
+    Child,
+    all_stopped,
+    cpu_seconds,
+    daemon_argv,
+    free_port,
+    script_argv,
+    wait_for_port,
+)
+
 PATIENCE = 60.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def cpu_of(child: Child) -> float:
+    """User + system CPU seconds of ``child`` (from /proc); it must still be running."""
+    seconds = cpu_seconds(child.pid)
+    if seconds is None:
+        raise RuntimeError(f"{child.name}: gone before its CPU time was read")
+    return seconds
 
 
 # -- roles (separate processes) ---------------------------------------------------------------
@@ -112,50 +112,8 @@ def run_reader(port: int) -> None:
 # -- the driver --------------------------------------------------------------------------------
 
 
-class Process:
-    def __init__(self, args: list[str], *, quiet: bool = False) -> None:
-        self.popen = subprocess.Popen(
-            args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL if quiet else None,
-            text=True,
-            bufsize=1,
-        )
-
-    def line(self) -> str:
-        assert self.popen.stdout is not None
-        ready, _, _ = select.select([self.popen.stdout], [], [], PATIENCE)
-        if not ready:
-            raise TimeoutError(f"no output from {self.popen.args!r} within {PATIENCE}s")
-        text = self.popen.stdout.readline()
-        if not text:
-            raise EOFError(f"{self.popen.args!r} exited")
-        return text.strip()
-
-    def tell(self, text: str) -> None:
-        assert self.popen.stdin is not None
-        self.popen.stdin.write(text + "\n")
-        self.popen.stdin.flush()
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(10)
-
-
-@contextlib.contextmanager
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.kill()
-
-
 def role(*args: object) -> list[str]:
-    return [sys.executable, __file__, "--role", *map(str, args)]
+    return script_argv(__file__, "--role", *args)
 
 
 RELAY = """
@@ -176,42 +134,36 @@ max_queue_bytes = "256MiB"
 
 
 def measure(relayed: bool, args: argparse.Namespace) -> dict[str, float]:
-    with processes() as started, tempfile.TemporaryDirectory() as tmp:
+    with all_stopped(kill=True) as started, tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         clients = 1 if relayed else args.readers
-        writer = Process(role("writer", port, clients, args.batches, args.events, args.rate))
+        writer_argv = role("writer", port, clients, args.batches, args.events, args.rate)
+        writer = Child("writer", writer_argv, stdin=subprocess.PIPE)
         started.append(writer)
-        assert writer.line() == "ready"
+        assert writer.readline(PATIENCE) == "ready"
         serving_port = port
-        relay: Process | None = None
+        relay: Child | None = None
         if relayed:
             serving_port = free_port()
             config = Path(tmp) / "relay.toml"
             config.write_text(RELAY.format(upstream=port, downstream=serving_port))
-            relay = Process([sys.executable, "-m", "framewire", "run", str(config)], quiet=True)
+            relay = Child("daemon", daemon_argv(config), stderr=subprocess.DEVNULL)
             started.append(relay)
-            deadline = time.monotonic() + PATIENCE
-            while time.monotonic() < deadline:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", serving_port)),
-                ):
-                    break
-                time.sleep(0.05)
+            wait_for_port(serving_port, PATIENCE, relay)
             time.sleep(0.5)  # the receiver connects and gets the header
-        readers = [Process(role("reader", serving_port)) for _ in range(args.readers)]
+        readers = [Child("reader", role("reader", serving_port)) for _ in range(args.readers)]
         started += readers
         for reader in readers:
-            assert reader.line() == "connected"
+            assert reader.readline(PATIENCE) == "connected"
         serving = relay if relay is not None else writer
-        cpu_before = cpu_seconds(serving.popen.pid)
-        writer_before = cpu_seconds(writer.popen.pid)
-        writer.tell("go")
-        assert writer.line() == "written"
-        results = [tuple(map(float, reader.line().split())) for reader in readers]
-        cpu = cpu_seconds(serving.popen.pid) - cpu_before
-        writer_cpu = cpu_seconds(writer.popen.pid) - writer_before
-        writer.tell("exit")
+        cpu_before = cpu_of(serving)
+        writer_before = cpu_of(writer)
+        writer.send_line("go")
+        assert writer.readline(PATIENCE) == "written"
+        results = [tuple(map(float, reader.readline(PATIENCE).split())) for reader in readers]
+        cpu = cpu_of(serving) - cpu_before
+        writer_cpu = cpu_of(writer) - writer_before
+        writer.send_line("exit")
         events = sum(r[0] for r in results)
         span = max(r[2] for r in results) - min(r[1] for r in results)
         expected = args.batches * args.events * args.readers

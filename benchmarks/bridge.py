@@ -28,12 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import select
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,16 +38,27 @@ from pathlib import Path
 from typing import IO, Final
 
 import zmq
+from _harness import (
+    HOST,
+    MIB,
+    Child,
+    add_case_options,
+    add_role_options,
+    all_stopped,
+    apply_quick,
+    daemon_argv,
+    exit_on_sigterm,
+    machine_text,
+    payload_of,
+    report,
+    report_rate,
+    script_argv,
+    size_label,
+    wait_for_port,
+)
 
-HOST: Final = "127.0.0.1"
-MIB: Final = 1 << 20
 START_TIMEOUT: Final = 20.0
-STOP_TIMEOUT: Final = 5.0
 FLAGS, CHANNEL, ERROR = 0x1234, 5, 0
-
-
-def payload_of(size: int) -> bytes:
-    return (bytes(range(256)) * (size // 256 + 1))[:size]
 
 
 def message(size: int) -> list[bytes]:
@@ -134,55 +141,16 @@ def receiver(port: int, bind: bool, size: int, hwm: int, warmup: float, duration
     finally:
         pull.close()
         context.term()
-    print(json.dumps({"messages": count, "bytes": count * size, "seconds": now - t0}))
+    report(count, count * size, now - t0)
 
 
 # -- orchestration ---------------------------------------------------------------------------
 
 
-class Child:
-    """A child process whose stdout is read line by line, with timeouts."""
-
-    def __init__(self, argv: Sequence[str], *, stderr: int | None = None) -> None:
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
-        )
-        self._pending = b""
-
-    def readline(self, timeout: float) -> str:
-        """The next line. Raises RuntimeError on timeout or if the child exits first."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{self.proc.args!r}: no output within {timeout:g}s")
-            if select.select([fd], [], [], left)[0]:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    code = self.proc.wait(STOP_TIMEOUT)
-                    raise RuntimeError(f"a child exited (status {code}) before answering")
-                self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 def role(name: str, args: argparse.Namespace, **options: object) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), f"--role={name}"]
-    argv += [f"--warmup={args.warmup}", f"--duration={args.duration}"]
-    return argv + [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
+    return script_argv(
+        __file__, f"--role={name}", warmup=args.warmup, duration=args.duration, **options
+    )
 
 
 DAEMON_CONFIG: Final = """
@@ -208,24 +176,15 @@ max_queue_bytes = "256MiB"
 """
 
 
-def wait_for_port(port: int, timeout: float) -> None:
-    """Wait until something listens on ``port`` (the daemon has bound its sockets)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout:g}s")
-
-
 def measure(path: str, size: int, hwm: int, args: argparse.Namespace) -> dict[str, float]:
     """One case; return the receiver's report."""
     seconds = args.warmup + args.duration + 2 * START_TIMEOUT
-    children: list[Child] = []
-    with tempfile.TemporaryFile() as log:
-        return _measure(path, size, hwm, args, seconds, children, log)
+    with (
+        tempfile.TemporaryDirectory(prefix="framewire-bridge-bench-") as workdir,
+        tempfile.TemporaryFile() as log,
+        all_stopped() as children,
+    ):
+        return _measure(path, size, hwm, args, seconds, children, log, Path(workdir))
 
 
 def _measure(
@@ -236,11 +195,14 @@ def _measure(
     seconds: float,
     children: list[Child],
     log: IO[bytes],
+    workdir: Path,
 ) -> dict[str, float]:
     try:
         if path == "direct":
             port = consecutive_free_ports()
-            sink = Child(role("receiver", args, port=port, bind=1, payload_size=size, hwm=hwm))
+            sink = Child(
+                "receiver", role("receiver", args, port=port, bind=1, payload_size=size, hwm=hwm)
+            )
             children.append(sink)
             if sink.readline(START_TIMEOUT) != "ready":
                 raise RuntimeError("receiver: unexpected output")
@@ -250,21 +212,23 @@ def _measure(
             q = consecutive_free_ports()
             while q in (p - 1, p, p + 1):
                 q = consecutive_free_ports()
-            config = Path(tempfile.mkdtemp(prefix="framewire-bridge-bench-")) / "bench.toml"
+            config = workdir / "bench.toml"
             config.write_text(DAEMON_CONFIG.format(host=HOST, p=p, q=q, hwm=hwm))
-            daemon = Child(
-                [sys.executable, "-m", "framewire", "run", str(config)], stderr=log.fileno()
-            )
+            daemon = Child("daemon", daemon_argv(config), stderr=log.fileno())
             children.append(daemon)
-            wait_for_port(q + 1, START_TIMEOUT)
-            sink = Child(role("receiver", args, port=q + 1, bind=0, payload_size=size, hwm=hwm))
+            wait_for_port(q + 1, START_TIMEOUT, daemon)
+            sink = Child(
+                "receiver",
+                role("receiver", args, port=q + 1, bind=0, payload_size=size, hwm=hwm),
+            )
             children.append(sink)
             if sink.readline(START_TIMEOUT) != "ready":
                 raise RuntimeError("receiver: unexpected output")
             source_port = p
         children.append(
             Child(
-                role("sender", args, port=source_port, payload_size=size, hwm=hwm, seconds=seconds)
+                "sender",
+                role("sender", args, port=source_port, payload_size=size, hwm=hwm, seconds=seconds),
             )
         )
         result: dict[str, float] = json.loads(sink.readline(seconds))
@@ -273,34 +237,16 @@ def _measure(
         log.seek(0)
         sys.stderr.write(log.read().decode(errors="replace"))
         raise
-    finally:
-        for child in reversed(children):
-            child.stop()
-
-
-def rate(result: dict[str, float], size: int) -> str:
-    if size >= MIB:
-        return f"{result['bytes'] * 8 / result['seconds'] / 1e9:8.2f} Gbit/s"
-    return f"{result['messages'] / result['seconds']:>12,.0f} msg/s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--duration", type=float, default=2.0, help="seconds measured per case")
-    parser.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
-    parser.add_argument("--quick", action="store_true", help="--warmup 0.2 --duration 0.8")
-    parser.add_argument(
-        "--sizes", default=f"{MIB},64", help="payload sizes in bytes (default 1048576,64)"
-    )
+    add_case_options(parser, duration=2.0, quick_duration=0.8)
     parser.add_argument("--hwm", type=int, default=0, help="high-water mark (default: by size)")
-    parser.add_argument("--role", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    add_role_options(parser)
     parser.add_argument("--bind", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--payload-size", type=int, default=64, help=argparse.SUPPRESS)
-    parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.warmup, args.duration = 0.2, 0.8
+    apply_quick(args, 0.8)
     if args.role == "sender":
         sender(args.port, args.payload_size, args.hwm, args.seconds)
         return 0
@@ -310,24 +256,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
     print(
-        f"framewire bridge benchmark: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
-        f"Python {sys.version.split()[0]}, pyzmq {zmq.__version__} (libzmq "
+        f"framewire bridge benchmark: {machine_text()}, pyzmq {zmq.__version__} (libzmq "
         f"{zmq.zmq_version()}), warm-up {args.warmup:g}s, {args.duration:g}s per case"
     )
     print(f"{'payload':>8}  {'path':<8} {'hwm':>5} {'received rate':>20}  {'bridged/direct':>14}")
     for size in (int(text) for text in args.sizes.split(",")):
-        label = f"{size // MIB} MiB" if size % MIB == 0 else f"{size} B"
+        label = size_label(size)
         hwm = args.hwm or default_hwm(size)
         direct = measure("direct", size, hwm, args)
-        print(f"{label:>8}  {'direct':<8} {hwm:>5} {rate(direct, size):>20}", flush=True)
+        print(f"{label:>8}  {'direct':<8} {hwm:>5} {report_rate(direct, size):>20}", flush=True)
         bridged = measure("bridged", size, hwm, args)
         ratio = (bridged["messages"] / bridged["seconds"]) / (
             direct["messages"] / direct["seconds"]
         )
         print(
-            f"{label:>8}  {'bridged':<8} {hwm:>5} {rate(bridged, size):>20}  {ratio:>14.3f}",
+            f"{label:>8}  {'bridged':<8} {hwm:>5} {report_rate(bridged, size):>20}  {ratio:>14.3f}",
             flush=True,
         )
     return 0

@@ -27,38 +27,44 @@ has a timeout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import select
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
-HOST: Final = "127.0.0.1"
+from _harness import (
+    HOST,
+    Child,
+    ChildTimeout,
+    CpuSamples,
+    cpu_text,
+    daemon_argv,
+    exit_on_sigterm,
+    free_port,
+    machine_text,
+    script_argv,
+    warn_if_busy,
+)
+
 STREAM: Final = "bench"
 #: How often the source sends a warm-up Observation frame while waiting for "go".
 WARMUP_INTERVAL: Final = 0.075
-#: How long a process gets to start (print its first line) or to exit after SIGTERM.
+#: How long a process gets to start (print its first line).
 START_TIMEOUT: Final = 20.0
-STOP_TIMEOUT: Final = 5.0
 #: G3Reader's socket timeout (SO_RCVTIMEO): idle this long, a reader ends its stream.
 READER_TIMEOUT: Final = 60.0
 #: How often the CPU times of every process are sampled during a measurement.
 SAMPLE_INTERVAL: Final = 0.05
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
-#: CPU use by other processes (share of one CPU) above which the summary warns.
-BUSY_MACHINE: Final = 0.2
 
 DAEMON_CONFIG: Final = """\
 [daemon]
@@ -92,10 +98,6 @@ DISCONNECT_LINE: Final = re.compile(
 
 
 # -- the source and reader processes -------------------------------------------------------
-
-
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # so that every child is stopped on the way out
 
 
 class StdinLines:
@@ -247,69 +249,9 @@ def run_reader(args: argparse.Namespace) -> None:
 # -- child processes ------------------------------------------------------------------------
 
 
-class ChildTimeout(RuntimeError):
-    """A child printed no line within the time allowed."""
-
-
-class Child:
-    """A child process whose stdout is read line by line, with timeouts."""
-
-    def __init__(self, name: str, argv: Sequence[str], *, stderr_path: Path) -> None:
-        self.name = name
-        self.stderr_path = stderr_path
-        with open(stderr_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
-            )
-        self._pending = b""
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def fd(self) -> int:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.fileno()
-
-    def buffered_line(self) -> str | None:
-        """A complete line already read, if any."""
-        if b"\n" not in self._pending:
-            return None
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode()
-
-    def fill(self) -> None:
-        """Read what is available (call when select() says the fd is readable)."""
-        chunk = os.read(self.fd, 65536)
-        if not chunk:
-            code = self.proc.wait(STOP_TIMEOUT)
-            tail = self.stderr_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name}: exited (status {code}) early; stderr:\n{tail}")
-        self._pending += chunk
-
-    def readline(self, timeout: float) -> str:
-        """The next line; ChildTimeout if none comes in time, RuntimeError if it exits."""
-        return wait_lines([self], timeout)[self]
-
-    def send_line(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+def start_child(name: str, argv: Sequence[str], stderr_path: Path) -> Child:
+    """A child with a pipe to its stdin, its stderr in ``stderr_path``."""
+    return Child(name, argv, stdin=subprocess.PIPE, stderr_path=stderr_path)
 
 
 def wait_lines(
@@ -350,71 +292,14 @@ def wait_lines(
 
 
 def role_argv(role: str, args: argparse.Namespace, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(Path(__file__).resolve()),
+    return script_argv(
+        __file__,
         f"--role={role}",
         f"--frames={args.frames}",
         f"--doubles={args.doubles}",
         f"--keys={args.keys}",
         *extra,
-    ]
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (for the listen-mode G3NetworkSender)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of ``pid`` (all its threads) from /proc, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # Fields after "(comm)" start at field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> tuple[float, float]:
-    """CPU time used on every CPU by anything, including time stolen by a hypervisor; and
-    the part of it spent in interrupts and softirqs (loopback TCP is largely softirq work,
-    charged to no process)."""
-    with open("/proc/stat") as stat:
-        # cpu user nice system idle iowait irq softirq steal ...
-        ticks = [int(value) for value in stat.readline().split()[1:9]]
-    busy = sum(ticks) - ticks[3] - ticks[4]
-    return busy / CLOCK_TICKS, (ticks[5] + ticks[6]) / CLOCK_TICKS
-
-
-@dataclass
-class CpuSamples:
-    """CPU times of some processes (and of the machine) sampled over time, to interpolate."""
-
-    pids: dict[str, int]
-    samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
-
-    def take(self) -> None:
-        now = time.monotonic()
-        values = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        values["machine"], values["irq"] = machine_busy_seconds()
-        self.samples.append((now, {k: v for k, v in values.items() if v is not None}))
-
-    def at(self, name: str, when: float) -> float | None:
-        points = [(t, values[name]) for t, values in self.samples if name in values]
-        before = [p for p in points if p[0] <= when]
-        after = [p for p in points if p[0] >= when]
-        if not before or not after:
-            return None
-        (ta, va), (tb, vb) = before[-1], after[0]
-        return va if tb == ta else va + (vb - va) * (when - ta) / (tb - ta)
-
-    def used(self, name: str, t0: float, t1: float) -> float | None:
-        start, end = self.at(name, t0), self.at(name, t1)
-        return None if start is None or end is None else end - start
+    )
 
 
 # -- the daemon -----------------------------------------------------------------------------
@@ -431,9 +316,8 @@ def start_daemon(workdir: Path, args: argparse.Namespace, run: int) -> tuple[Chi
             max_clients=max(args.readers, 10),
         )
     )
-    argv = [sys.executable, "-m", "framewire", "run", str(config)]
     log = workdir / f"daemon-{run}.log"
-    return Child("daemon", argv, stderr_path=log), log
+    return start_child("daemon", daemon_argv(config), log), log
 
 
 def wait_for_log(
@@ -504,7 +388,7 @@ def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) ->
     children: list[Child] = []
 
     def start(name: str, argv: list[str], stderr: str | None = None) -> Child:
-        child = Child(name, argv, stderr_path=workdir / f"{stderr or name}-{path}-{run}.log")
+        child = start_child(name, argv, workdir / f"{stderr or name}-{path}-{run}.log")
         children.append(child)
         return child
 
@@ -566,6 +450,7 @@ def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) ->
             child.stop()
         print(f"{path} case failed; logs:", file=sys.stderr)
         for child in children:
+            assert child.stderr_path is not None
             text = child.stderr_path.read_text(errors="replace").strip()
             if text:
                 print(f"--- {child.name}:\n{text[-3000:]}", file=sys.stderr)
@@ -615,12 +500,6 @@ def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) ->
 
 
 # -- reporting ------------------------------------------------------------------------------
-
-
-def cpu_text(used: float | None, seconds: float) -> str:
-    if used is None:
-        return f"{'-':>11}"
-    return f"{used:5.2f}s {used / seconds:4.0%}" if seconds > 0 else f"{used:5.2f}s    -"
 
 
 HEADER: Final = (
@@ -711,20 +590,15 @@ def print_summary(results: dict[str, list[Result]]) -> None:
         "  target (framewire delivers at least as many frames/s as G3NetworkSender, losslessly,"
         f" with no more CPU): {'met' if met else 'NOT met'}"
     )
-    busiest = max(
+    warn_if_busy(
         (
             r.cpu["others"] / r.seconds
             for rs in results.values()
             for r in rs
             if r.cpu["others"] and r.seconds > 0
         ),
-        default=0.0,
+        "rates and ratios are unreliable",
     )
-    if busiest > BUSY_MACHINE:
-        print(
-            f"warning: other processes used up to {busiest:.0%} of a CPU during a measurement;"
-            " rates and ratios are unreliable"
-        )
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -792,10 +666,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_reader(args)
         return 0
 
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    exit_on_sigterm()
     print(
-        f"framewire G3 fan-out benchmark: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f},"
-        f" Python {sys.version.split()[0]}, {args.frames} Scan frames of"
+        f"framewire G3 fan-out benchmark: {machine_text()}, {args.frames} Scan frames of"
         f" {args.doubles * 8 / 1e6:g} MB ({args.keys} key{'s' if args.keys != 1 else ''})"
         f" to {args.readers} G3Readers per case"
     )

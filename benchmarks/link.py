@@ -25,18 +25,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import select
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Final
 
 import trio
+from _harness import (
+    HOST,
+    MIB,
+    Child,
+    add_case_options,
+    add_role_options,
+    apply_quick,
+    exit_on_sigterm,
+    machine_text,
+    payload_of,
+    report,
+    report_rate,
+    script_argv,
+    size_label,
+)
 
 from framewire.config import Address, LinkConfig
 from framewire.daemon.endpoints import EndpointContext
@@ -45,20 +55,13 @@ from framewire.daemon.stream import Policy, QueueBounds, StreamRegistry
 from framewire.frame import Frame, FrameKind
 from framewire.protocols.datalink import DatalinkEncoder
 
-HOST: Final = "127.0.0.1"
-MIB: Final = 1 << 20
 #: Datalink's README: "~4.3 Gb/s in Python" with 1 MiB messages over local TCP.
 DATALINK_PYTHON_GBIT: Final = 4.3
 BLOCK_BYTES: Final = 4 * MIB
 IO_TIMEOUT: Final = 10.0
 START_TIMEOUT: Final = 15.0
-STOP_TIMEOUT: Final = 5.0
 QUEUE_FRAMES: Final = 65536
 QUEUE_BYTES: Final = 64 * MIB
-
-
-def payload_of(size: int) -> bytes:
-    return (bytes(range(256)) * (size // 256 + 1))[:size]
 
 
 def datalink_message(size: int) -> bytes:
@@ -107,7 +110,7 @@ def direct_receiver(payload_size: int, warmup: float, duration: float) -> None:
             if not n:
                 raise SystemExit("direct receiver: closed during the measurement")
             total += n
-    report(total / message_size, total / message_size * payload_size, t0, now)
+    report(total / message_size, total / message_size * payload_size, now - t0)
 
 
 # -- the link pair --------------------------------------------------------------------------
@@ -169,57 +172,16 @@ async def link_receiver(protocol: str, payload_size: int, warmup: float, duratio
             with trio.fail_after(IO_TIMEOUT):
                 frames += len(await received.receive_batch(QUEUE_FRAMES, QUEUE_BYTES))
         nursery.cancel_scope.cancel()
-    report(frames, frames * payload_size, t0, now)
-
-
-def report(messages: float, payload_bytes: float, t0: float, t1: float) -> None:
-    print(json.dumps({"messages": messages, "bytes": payload_bytes, "seconds": t1 - t0}))
+    report(frames, frames * payload_size, now - t0)
 
 
 # -- orchestration --------------------------------------------------------------------------
 
 
-class Child:
-    """A child process whose stdout is read line by line, with timeouts."""
-
-    def __init__(self, argv: Sequence[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        self._pending = b""
-
-    def readline(self, timeout: float) -> str:
-        """The next line. Raises RuntimeError on timeout or if the child exits first."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{self.proc.args!r}: no output within {timeout:g}s")
-            if select.select([fd], [], [], left)[0]:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    code = self.proc.wait(STOP_TIMEOUT)
-                    raise RuntimeError(f"a child exited (status {code}) before answering")
-                self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 def role(name: str, args: argparse.Namespace, **options: object) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), f"--role={name}"]
-    argv += [f"--warmup={args.warmup}", f"--duration={args.duration}"]
-    return argv + [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
+    return script_argv(
+        __file__, f"--role={name}", warmup=args.warmup, duration=args.duration, **options
+    )
 
 
 def measure(path: str, payload_size: int, args: argparse.Namespace) -> dict[str, float]:
@@ -227,58 +189,34 @@ def measure(path: str, payload_size: int, args: argparse.Namespace) -> dict[str,
     protocol = path.split()[-1].strip("()") if path != "direct" else "datalink"
     kind = "direct" if path == "direct" else "link"
     seconds = args.warmup + args.duration + 2 * START_TIMEOUT
-    receiver = Child(role(f"{kind}-receiver", args, payload_size=payload_size, protocol=protocol))
-    try:
-        ready = receiver.readline(START_TIMEOUT).split()
-        if len(ready) != 2 or ready[0] != "ready":
-            raise RuntimeError(f"receiver: unexpected output {' '.join(ready)!r}")
-        sender = Child(
-            role(
-                f"{kind}-sender",
-                args,
-                port=ready[1],
-                payload_size=payload_size,
-                protocol=protocol,
-                seconds=seconds,
-            )
+    receiver_argv = role(f"{kind}-receiver", args, payload_size=payload_size, protocol=protocol)
+    with Child("receiver", receiver_argv) as receiver:
+        port = receiver.ready_port(START_TIMEOUT)
+        sender_argv = role(
+            f"{kind}-sender",
+            args,
+            port=port,
+            payload_size=payload_size,
+            protocol=protocol,
+            seconds=seconds,
         )
-        try:
+        with Child("sender", sender_argv):
             result: dict[str, float] = json.loads(
                 receiver.readline(args.warmup + args.duration + 2 * START_TIMEOUT)
             )
-        finally:
-            sender.stop()
-    finally:
-        receiver.stop()
     return result
-
-
-def rate(result: dict[str, float], payload_size: int) -> str:
-    seconds = result["seconds"]
-    if payload_size >= MIB:
-        return f"{result['bytes'] * 8 / seconds / 1e9:8.2f} Gbit/s"
-    return f"{result['messages'] / seconds:>12,.0f} msg/s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--duration", type=float, default=2.0, help="seconds measured per case")
-    parser.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
-    parser.add_argument("--quick", action="store_true", help="--warmup 0.2 --duration 0.8")
-    parser.add_argument(
-        "--sizes", default=f"{MIB},64", help="payload sizes in bytes (default 1048576,64)"
-    )
+    add_case_options(parser, duration=2.0, quick_duration=0.8)
     parser.add_argument(
         "--protocols", default="datalink,native", help="link protocols (default both)"
     )
-    parser.add_argument("--role", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--payload-size", type=int, default=64, help=argparse.SUPPRESS)
+    add_role_options(parser)
     parser.add_argument("--protocol", default="datalink", help=argparse.SUPPRESS)
-    parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.warmup, args.duration = 0.2, 0.8
+    apply_quick(args, 0.8)
 
     # A child's link logs its peer leaving at the end; that is expected, not news.
     logging.getLogger("framewire").setLevel(logging.ERROR)
@@ -293,17 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role is not None:
         return 0
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
     sizes = [int(size) for size in args.sizes.split(",")]
     paths = ["direct"] + [f"link ({p})" for p in args.protocols.split(",")]
     print(
-        f"framewire link benchmark: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
-        f"Python {sys.version.split()[0]}, warm-up {args.warmup:g}s, {args.duration:g}s per case"
+        f"framewire link benchmark: {machine_text()}, "
+        f"warm-up {args.warmup:g}s, {args.duration:g}s per case"
     )
     print(f"{'payload':>8}  {'path':<16} {'received rate':>20}  {'link/direct':>11}")
     summary: list[str] = []
     for size in sizes:
-        label = f"{size // MIB} MiB" if size % MIB == 0 else f"{size} B"
+        label = size_label(size)
         direct: dict[str, float] | None = None
         for path in paths:
             result = measure(path, size, args)
@@ -322,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"  {label} {path}: {gbit:.2f} Gbit/s {verdict} Datalink's claimed "
                         f"{DATALINK_PYTHON_GBIT} Gbit/s from Python ({ratio_value:.2f} x direct)"
                     )
-            print(f"{label:>8}  {path:<16} {rate(result, size):>20}  {ratio:>11}", flush=True)
+            print(
+                f"{label:>8}  {path:<16} {report_rate(result, size):>20}  {ratio:>11}", flush=True
+            )
     if summary:
         print("\nsummary:")
         print("\n".join(summary))

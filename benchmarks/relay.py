@@ -21,28 +21,42 @@ use). Every process it starts is terminated on the way out, and every wait has a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import select
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Final
 
+from _harness import (
+    HOST,
+    MIB,
+    Child,
+    ChildTimeout,
+    CpuSamples,
+    add_role_options,
+    cpu_text,
+    daemon_argv,
+    exit_on_sigterm,
+    free_ports,
+    machine_text,
+    payload_of,
+    rate_text,
+    script_argv,
+    size_label,
+    wait_for_port,
+    warn_if_busy,
+)
+
 from framewire import protocols
 from framewire.frame import Frame, FrameKind
 
-HOST: Final = "127.0.0.1"
-MIB: Final = 1 << 20
 FRAME_TYPE: Final = "bench"
 STREAM: Final = "bench"
 #: The producer sends a pre-encoded block of about this many bytes with each sendall().
@@ -51,15 +65,10 @@ BLOCK_BYTES: Final = 4 * MIB
 RECEIVE_BYTES: Final = 4 * MIB
 #: A socket operation that makes no progress for this long is an error.
 IO_TIMEOUT: Final = 10.0
-#: How long a process gets to start (print its ready line) or to exit after SIGTERM.
+#: How long a process gets to start (print its ready line).
 START_TIMEOUT: Final = 15.0
-STOP_TIMEOUT: Final = 5.0
 #: How often the daemon's, producer's and consumer's CPU times are sampled.
 SAMPLE_INTERVAL: Final = 0.05
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
-
-#: CPU use by other processes (share of one CPU) above which the summary warns.
-BUSY_MACHINE: Final = 0.2
 
 TARGET_RATIO_1MIB: Final = 0.4
 TARGET_FRAMES_64B: Final = 500_000
@@ -91,9 +100,9 @@ max_queue_bytes = {max_queue_bytes}
 
 def encode_frame(payload_size: int) -> bytes:
     """One DATA frame with a ``payload_size``-byte payload and no headers, as wire bytes."""
-    pattern = bytes(range(256))
-    payload = (pattern * (payload_size // 256 + 1))[:payload_size]
-    frame = Frame(FrameKind.DATA, FRAME_TYPE, payload, timestamp=1_700_000_000_000_000_000)
+    frame = Frame(
+        FrameKind.DATA, FRAME_TYPE, payload_of(payload_size), timestamp=1_700_000_000_000_000_000
+    )
     encoder = protocols.get("native").make_encoder()
     return b"".join(bytes(buffer) for buffer in encoder.encode(frame))
 
@@ -107,10 +116,6 @@ class Stop(Exception):
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop
-
-
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # so that every child is stopped on the way out
 
 
 def run_producer(port: int, payload_size: int, seconds: float) -> None:
@@ -188,124 +193,15 @@ def run_consumer(port: int, payload_size: int, warmup: float, duration: float) -
 # -- child processes ------------------------------------------------------------------------
 
 
-class ChildTimeout(RuntimeError):
-    """A child printed no line within the time allowed."""
-
-
-class Child:
-    """A child process whose stdout is read line by line, with timeouts."""
-
-    def __init__(self, name: str, argv: Sequence[str], *, stderr: int | None = None) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
-        )
-        self._pending = b""
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def readline(self, timeout: float) -> str:
-        """The next line of output.
-
-        Raises ChildTimeout if none comes within ``timeout`` seconds, RuntimeError if the
-        child exits first.
-        """
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ChildTimeout(f"{self.name}: no output within {timeout:g}s")
-            readable, _, _ = select.select([fd], [], [], left)
-            if readable:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    code = self.proc.wait(STOP_TIMEOUT)
-                    raise RuntimeError(f"{self.name}: exited (status {code}) before answering")
-                self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode()
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-@contextlib.contextmanager
-def started(child: Child) -> Iterator[Child]:
-    try:
-        yield child
-    finally:
-        child.stop()
-
-
 def role_argv(role: str, port: int, payload_size: int, args: argparse.Namespace) -> list[str]:
-    return [
-        sys.executable,
-        str(Path(__file__).resolve()),
+    return script_argv(
+        __file__,
         f"--role={role}",
-        f"--port={port}",
-        f"--payload-size={payload_size}",
-        f"--warmup={args.warmup}",
-        f"--duration={args.duration}",
-    ]
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of ``pid`` from /proc, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # Fields after "(comm)" start at field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU time used on every CPU by anything, including time stolen by a hypervisor."""
-    with open("/proc/stat") as stat:
-        # cpu user nice system idle iowait irq softirq steal ...
-        ticks = [int(value) for value in stat.readline().split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
-
-
-@dataclass
-class CpuSamples:
-    """CPU times of some processes (and of the machine) sampled over time, to interpolate."""
-
-    pids: dict[str, int]
-    samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
-
-    def take(self) -> None:
-        now = time.monotonic()
-        values = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        values["machine"] = machine_busy_seconds()
-        self.samples.append((now, {k: v for k, v in values.items() if v is not None}))
-
-    def at(self, name: str, when: float) -> float | None:
-        points = [(t, values[name]) for t, values in self.samples if name in values]
-        before = [p for p in points if p[0] <= when]
-        after = [p for p in points if p[0] >= when]
-        if not before or not after:
-            return None
-        (ta, va), (tb, vb) = before[-1], after[0]
-        return va if tb == ta else va + (vb - va) * (when - ta) / (tb - ta)
-
-    def used(self, name: str, t0: float, t1: float) -> float | None:
-        start, end = self.at(name, t0), self.at(name, t1)
-        return None if start is None or end is None else end - start
+        port=port,
+        payload_size=payload_size,
+        warmup=args.warmup,
+        duration=args.duration,
+    )
 
 
 # -- one measurement ------------------------------------------------------------------------
@@ -339,16 +235,14 @@ def measure(payload_size: int, args: argparse.Namespace, daemon: Child | None) -
     """One case: direct without a daemon, relayed through ``daemon``."""
     consumer_port = 0 if daemon is None else args.server_port
     consumer = Child("consumer", role_argv("consumer", consumer_port, payload_size, args))
-    with started(consumer):
-        ready = consumer.readline(START_TIMEOUT).split()
-        if len(ready) != 2 or ready[0] != "ready":
-            raise RuntimeError(f"consumer: unexpected output {' '.join(ready)!r}")
-        producer_port = int(ready[1]) if daemon is None else args.receiver_port
+    with consumer:
+        ready_port = consumer.ready_port(START_TIMEOUT)
+        producer_port = ready_port if daemon is None else args.receiver_port
         producer_seconds = args.warmup + args.duration + 2 * START_TIMEOUT
         argv = role_argv("producer", producer_port, payload_size, args)
         argv.append(f"--seconds={producer_seconds}")
         producer = Child("producer", argv)
-        with started(producer):
+        with producer:
             pids = {"producer": producer.pid, "consumer": consumer.pid}
             if daemon is not None:
                 pids["daemon"] = daemon.pid
@@ -383,33 +277,6 @@ def measure(payload_size: int, args: argparse.Namespace, daemon: Child | None) -
 # -- the daemon -----------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free a moment ago (for the daemon's config)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((HOST, 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
-
-
-def wait_for_port(port: int, daemon: Child, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if daemon.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with status {daemon.proc.returncode}")
-        try:
-            with socket.create_connection((HOST, port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"daemon: port {port} not accepting after {timeout:g}s"
-                ) from None
-            time.sleep(0.05)
-
-
 def start_daemon(workdir: Path, args: argparse.Namespace) -> Child:
     config = workdir / "relay.toml"
     config.write_text(
@@ -423,41 +290,27 @@ def start_daemon(workdir: Path, args: argparse.Namespace) -> Child:
         )
     )
     profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
-    argv = [sys.executable, *profile, "-m", "framewire", "run", str(config)]
-    log = open(workdir / "daemon.log", "wb")  # noqa: SIM115 - kept open for the child
-    try:
-        daemon = Child("daemon", argv, stderr=log.fileno())
-    finally:
-        log.close()
-    return daemon
+    return Child("daemon", daemon_argv(config, *profile), stderr_path=workdir / "daemon.log")
 
 
 # -- reporting ------------------------------------------------------------------------------
 
 
-def describe_size(payload_size: int) -> str:
-    return f"{payload_size // MIB} MiB" if payload_size % MIB == 0 else f"{payload_size} B"
-
-
-def rate_text(result: Result) -> str:
-    if result.payload_size >= MIB:
-        return f"{result.payload_gbit_per_second:8.2f} Gbit/s"
-    return f"{result.frames_per_second:>12,.0f} frames/s"
-
-
-def cpu_text(result: Result, name: str) -> str:
-    used = result.cpu.get(name)
-    if used is None:
-        return f"{'-':>12}"
-    return f"{used:5.2f}s {used / result.seconds:4.0%}"
-
-
 def print_row(result: Result) -> None:
     others = result.cpu.get("others")
+    rate = rate_text(
+        result.payload_size,
+        result.payload_gbit_per_second,
+        result.frames_per_second,
+        "frames/s",
+    )
+    cpu = [
+        cpu_text(result.cpu.get(name), result.seconds, width=12)
+        for name in ("daemon", "producer", "consumer")
+    ]
     print(
-        f"{describe_size(result.payload_size):>8}  {result.path:<8} {rate_text(result):>20}"
-        f"  {cpu_text(result, 'daemon')}  {cpu_text(result, 'producer')}"
-        f"  {cpu_text(result, 'consumer')}"
+        f"{size_label(result.payload_size):>8}  {result.path:<8} {rate:>20}"
+        f"  {cpu[0]}  {cpu[1]}  {cpu[2]}"
         f"  {'-' if others is None else f'{others / result.seconds:.0%}':>6}",
         flush=True,
     )
@@ -484,17 +337,12 @@ def print_summary(results: dict[tuple[int, str], list[Result]]) -> None:
             target = f"target relayed >= {TARGET_FRAMES_64B:,} frames/s"
         costs = [c for c in (result.daemon_us_per_frame for result in relayed) if c is not None]
         cost = f"{statistics.median(costs):,.2f} us" if costs else "unknown"
-        print(f"  {describe_size(payload_size)} payload: {figures}, relayed/direct {r / d:.3f}")
+        print(f"  {size_label(payload_size)} payload: {figures}, relayed/direct {r / d:.3f}")
         print(f"    {target}: {'met' if met else 'NOT met'}; daemon CPU per relayed frame {cost}")
-    busiest = max(
+    warn_if_busy(
         (r.cpu["others"] / r.seconds for rs in results.values() for r in rs if r.cpu["others"]),
-        default=0.0,
+        "rates and ratios are unreliable, compare the daemon CPU per relayed frame",
     )
-    if busiest > BUSY_MACHINE:
-        print(
-            f"warning: other processes used up to {busiest:.0%} of a CPU during a measurement;"
-            " rates and ratios are unreliable, compare the daemon CPU per relayed frame"
-        )
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -538,10 +386,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep-log", action="store_true", help="print the daemon's log at the end")
     # Internal: how the script runs itself as the producer and the consumer.
-    parser.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--payload-size", type=int, default=64, help=argparse.SUPPRESS)
-    parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
+    add_role_options(parser, ["producer", "consumer"])
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.duration = 0.2, 1.0
@@ -559,12 +404,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_consumer(args.port, args.payload_size, args.warmup, args.duration)
         return 0
 
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    exit_on_sigterm()
     sizes = [int(size) for size in args.sizes.split(",")]
     args.receiver_port, args.server_port = free_ports(2)
     print(
-        f"framewire relay benchmark: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
-        f"Python {sys.version.split()[0]}, warm-up {args.warmup:g}s, {args.duration:g}s per case"
+        f"framewire relay benchmark: {machine_text()}, "
+        f"warm-up {args.warmup:g}s, {args.duration:g}s per case"
         + (", daemon under cProfile" if args.profile else "")
     )
     print(
@@ -576,9 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         daemon = start_daemon(workdir, args)
         try:
-            with started(daemon):
-                wait_for_port(args.receiver_port, daemon, START_TIMEOUT)
-                wait_for_port(args.server_port, daemon, START_TIMEOUT)
+            with daemon:
+                wait_for_port(args.receiver_port, START_TIMEOUT, daemon)
+                wait_for_port(args.server_port, START_TIMEOUT, daemon)
                 for _ in range(args.repeat):
                     for size in sizes:
                         for result in (measure(size, args, None), measure(size, args, daemon)):
