@@ -21,7 +21,7 @@ from framewire.protocols.g3 import G3Decoder
 from framewire.protocols.native import NativeDecoder
 
 from .g3frames import g3_frame
-from .helpers import encode, wait_until
+from .helpers import encode, running_daemon, wait_until
 
 FRAMES = [Frame(FrameKind.METADATA, "config", b"{}")] + [
     Frame(FrameKind.DATA, "d", bytes([i]) * 100, timestamp=i) for i in range(10)
@@ -158,3 +158,27 @@ async def test_recorder_gz_native(tmp_path: Path) -> None:
     (path,) = matching(tmp_path, "cam-*.fw.gz")
     assert path.name == "cam-0001.fw.gz"
     assert NativeDecoder(max_frame_size=1 << 20).feed(gzip.decompress(path.read_bytes())) == FRAMES
+
+
+async def test_sources_start_after_their_subscribers_whatever_the_file_order(
+    tmp_path: Path,
+) -> None:
+    recording = tmp_path / "in.fw"
+    recording.write_bytes(encode(FRAMES))
+    config = f"""
+[endpoints.replay]
+kind = "file"
+path = "{recording}"
+stream = "s"
+
+[endpoints.archive]
+kind = "recorder"
+path = "{tmp_path / "out.fw"}"
+stream = "s"
+"""
+    async with running_daemon(config) as daemon:
+        recorder = daemon.endpoints["archive"]
+        await wait_until(lambda: recorder.status.frames_in == len(FRAMES))
+        await wait_until(lambda: "file" not in recorder.status.detail)  # the file ended
+    (path,) = matching(tmp_path, "out-*.fw")
+    assert NativeDecoder(max_frame_size=1 << 20).feed(path.read_bytes()) == FRAMES

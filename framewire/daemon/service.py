@@ -21,7 +21,7 @@ import trio
 
 from .._version import __version__
 from ..config import Config, ConfigError, StatusConfig, load_config
-from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint
+from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, start_order
 from .notify import SystemdNotifier
 from .status import StatusServer, build_snapshot
 from .stream import StreamRegistry
@@ -90,7 +90,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.supervisor.run)
-            for name, endpoint_config in self.config.endpoints.items():
+            for name, endpoint_config in start_order(self.config.endpoints):
                 await self.supervisor.start_endpoint(
                     make_endpoint(name, endpoint_config, self.context)
                 )
@@ -184,7 +184,7 @@ class Daemon:
                     changes.append(f"{'removed' if new_config is None else 'changed'} {name}")
             self.config = config
             self.supervisor.restart = config.daemon.restart
-            for name, endpoint_config in config.endpoints.items():
+            for name, endpoint_config in start_order(config.endpoints):
                 if old.endpoints.get(name) != endpoint_config:
                     await self.supervisor.start_endpoint(
                         make_endpoint(name, endpoint_config, self.context)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 from ...config import EndpointConfig
@@ -31,6 +32,11 @@ KINDS: Final[dict[str, type[Endpoint[Any]]]] = {
     "bridge": BridgeEndpoint,
     "pubsub": PubSubEndpoint,
 }
+
+
+def start_order(endpoints: Mapping[str, EndpointConfig]) -> list[tuple[str, EndpointConfig]]:
+    """``endpoints`` in the order to start them: as listed, pure sources last."""
+    return sorted(endpoints.items(), key=lambda item: KINDS[item[1].kind].starts_last)
 
 
 def make_endpoint(name: str, config: EndpointConfig, context: EndpointContext) -> Endpoint[Any]:

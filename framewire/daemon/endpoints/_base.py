@@ -132,6 +132,10 @@ class Endpoint(Generic[ConfigT]):
     """
 
     kind: ClassVar[str]
+    #: Pure sources that publish as soon as they start (a file, a generator) start after
+    #: every other endpoint, so that the subscribers of their stream exist before the first
+    #: frame is published.
+    starts_last: ClassVar[bool] = False
 
     def __init__(self, name: str, config: ConfigT, context: EndpointContext) -> None:
         self.name = name

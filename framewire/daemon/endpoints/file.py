@@ -35,6 +35,7 @@ def _open(path: Path) -> io.BufferedIOBase:
 
 class FileEndpoint(Endpoint[FileConfig]):
     kind = "file"
+    starts_last = True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         path = Path(self.config.path)

@@ -26,6 +26,7 @@ MAX_BATCH = 256
 
 class GeneratorEndpoint(Endpoint[GeneratorConfig]):
     kind = "generator"
+    starts_last = True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
