@@ -72,22 +72,8 @@ class Peer:
 @asynccontextmanager
 async def g3_peer(*args: str) -> AsyncIterator[Peer]:
     """Run ``g3_peer.py ARGS``; kill it on the way out if it is still running."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, str(G3_PEER), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        yield Peer(process)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.move_on_after(10):
-                await process.wait()
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                await pipe.aclose()
+    async with run_peer(G3_PEER, *args) as peer:
+        yield peer
 
 
 def describe(code: str, wire: bytes) -> str:
@@ -102,16 +88,19 @@ DV_PEER = Path(__file__).with_name("dv_peer.py")
 async def dv_peer(*args: str) -> AsyncIterator[Peer]:
     """Run ``dv_peer.py ARGS`` (a real NetworkWriter or NetworkReader); kill it on the way
     out if it is still running."""
-    async with _peer(DV_PEER, *args) as peer:
+    async with run_peer(DV_PEER, *args) as peer:
         yield peer
 
 
 @asynccontextmanager
-async def _peer(script: Path, *args: str) -> AsyncIterator[Peer]:
+async def run_peer(script: Path, *args: str, cwd: Path | None = None) -> AsyncIterator[Peer]:
+    """Run the peer program ``script ARGS`` in its own process, stdin and stdout piped;
+    kill it on the way out if it is still running."""
     process = await trio.lowlevel.open_process(
         [sys.executable, str(script), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        cwd=None if cwd is None else str(cwd),
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:

@@ -6,9 +6,6 @@ a timeout (peers.PATIENCE).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,7 +18,7 @@ from framewire.daemon import Daemon
 from framewire.daemon.endpoints import PubSubEndpoint
 
 from ..helpers import wait_until
-from .peers import PATIENCE, Peer
+from .peers import PATIENCE, Peer, run_peer
 from .test_g3 import free_port
 
 pytestmark = pytest.mark.interop
@@ -48,24 +45,9 @@ stream = "das"
 @asynccontextmanager
 async def xdas_peer(*args: str) -> AsyncIterator[Peer]:
     """Run ``xdas_peer.py ARGS``; kill it on the way out if it is still running."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, str(XDAS_PEER), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        # Not from inside the xdas package: its signal.py would shadow the stdlib's.
-        cwd=str(XDAS_PEER.parent),
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        yield Peer(process)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.move_on_after(10):
-                await process.wait()
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                await pipe.aclose()
+    # Not from inside the xdas package: its signal.py would shadow the stdlib's.
+    async with run_peer(XDAS_PEER, *args, cwd=XDAS_PEER.parent) as peer:
+        yield peer
 
 
 async def lines(peer: Peer, count: int) -> list[str]:

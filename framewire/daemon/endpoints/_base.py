@@ -13,6 +13,7 @@ import trio
 from ...config import Address, EndpointConfig, TLSConfig
 from ..stream import StreamRegistry, Subscription
 from ..transport import (
+    ACCEPT_RETRY_ERRNOS,
     DEFAULT_SOCKET_MODE,
     Connection,
     Connector,
@@ -25,7 +26,14 @@ from ..transport import (
     tls_connector,
 )
 
-__all__ = ["ClientInfo", "Endpoint", "EndpointContext", "EndpointStatus", "Transports"]
+__all__ = [
+    "ClientInfo",
+    "Endpoint",
+    "EndpointContext",
+    "EndpointStatus",
+    "OutgoingQueue",
+    "Transports",
+]
 
 ConfigT = TypeVar("ConfigT", bound=EndpointConfig)
 
@@ -104,6 +112,37 @@ class ClientInfo:
     bytes_in: int = 0
 
 
+class OutgoingQueue:
+    """An endpoint's own outgoing subscription, which it may replace (after its stream ended,
+    or its metadata passed the hard cap), with drops counted across replacements.
+
+    :meth:`report` puts the figures in the endpoint's status: ``frames_dropped`` and
+    ``detail.queue_frames`` / ``detail.queue_bytes``.
+    """
+
+    def __init__(self, status: EndpointStatus) -> None:
+        self._status = status
+        self._dropped_before = 0
+        self.current: Subscription | None = None
+
+    def use(self, subscription: Subscription) -> Subscription:
+        """Make ``subscription`` the current one; return it."""
+        if self.current is not None:
+            self._dropped_before += self.current.frames_dropped
+        self.current = subscription
+        return subscription
+
+    def report(self, *, also_pending: int = 0) -> None:
+        """Update the status figures (``also_pending``: frames taken out but not yet sent)."""
+        subscription = self.current
+        if subscription is None:
+            return
+        status = self._status
+        status.frames_dropped = self._dropped_before + subscription.frames_dropped
+        status.detail["queue_frames"] = subscription.queued_frames + also_pending
+        status.detail["queue_bytes"] = subscription.queued_bytes
+
+
 @attrs.define
 class EndpointStatus:
     """Live figures of one endpoint. Counters only grow; restarts survive restarts."""
@@ -169,6 +208,22 @@ class Endpoint(Generic[ConfigT]):
             self.log.warning("%s", exc)
             return None
         return connection
+
+    async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream]) -> trio.abc.Stream:
+        """The next connection on ``listener``.
+
+        When the process is out of descriptors or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS)
+        it logs, waits 100 ms and tries again rather than failing the endpoint; other
+        errors propagate.
+        """
+        while True:
+            try:
+                return await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RETRY_ERRNOS:
+                    raise
+                self.log.warning("accept failed (%s); retrying in 100 ms", exc)
+                await trio.sleep(0.1)
 
     async def _until_stop_requested(self, cancel_scope: trio.CancelScope) -> None:
         """Cancel ``cancel_scope`` once a stop is requested (run it in the scope's nursery)."""

@@ -54,7 +54,7 @@ from ..flow import BATCH_BYTES, BATCH_FRAMES, UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
 from ..stream import Policy, QueueBounds, Subscription, SubscriptionClosed
 from ..zeromq import AsyncSocket, open_context, require_zmq
-from ._base import Endpoint, EndpointContext
+from ._base import Endpoint, EndpointContext, OutgoingQueue
 
 __all__ = ["BridgeEndpoint", "QueueClosed", "bind_or_connect"]
 
@@ -109,8 +109,7 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
             interval=log_interval,
         )
         self._unencodable = UnencodableFrames(self.log, "rogue", self.status.detail)
-        self._subscription: Subscription | None = None
-        self._dropped_before = 0
+        self._outgoing = OutgoingQueue(self.status)
         self.status.detail.update(send_blocked=False, messages_dropped=0)
 
     @property
@@ -129,13 +128,12 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
         config = self.config
         if config.subscribe is None:
             return None
-        if self._subscription is not None:
-            self._dropped_before += self._subscription.frames_dropped
-        return self.context.streams.get(config.subscribe).subscribe(
+        subscription = self.context.streams.get(config.subscribe).subscribe(
             bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
             policy=Policy(config.policy),
             label=f"bridge {self.name} -> {self.outbound}",
         )
+        return self._outgoing.use(subscription)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         zmq: Any = require_zmq()
@@ -162,19 +160,19 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
                     _stream_name(config.publish),
                     _stream_name(config.subscribe),
                 )
-                self._subscription = self._subscribe()
+                self._subscribe()
                 sent_all = trio.Event()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._stop_when_requested, nursery.cancel_scope, sent_all)
                     nursery.start_soon(self._receive, pull)
-                    if self._subscription is not None:
+                    if self._outgoing.current is not None:
                         nursery.start_soon(self._send, push, sent_all)
                     task_status.started()
                 linger = STOP_LINGER_MS if sent_all.is_set() else 0
             finally:
-                if self._subscription is not None:
-                    self._subscription.close("the bridge stopped")
-                self._refresh_figures()
+                if self._outgoing.current is not None:
+                    self._outgoing.current.close("the bridge stopped")
+                self._outgoing.report()
                 pull.close()
                 push.close(linger)
 
@@ -183,17 +181,10 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
     ) -> None:
         """On a stop request: send what is queued (while the grace period lasts), then stop."""
         await self._stop_requested.wait()
-        if self._subscription is not None:
-            self._subscription.end("the bridge is stopping")
+        if self._outgoing.current is not None:
+            self._outgoing.current.end("the bridge is stopping")
             await sent_all.wait()
         cancel_scope.cancel()
-
-    def _refresh_figures(self) -> None:
-        subscription = self._subscription
-        if subscription is not None:
-            self.status.frames_dropped = self._dropped_before + subscription.frames_dropped
-            self.status.detail["queue_frames"] = subscription.queued_frames
-            self.status.detail["queue_bytes"] = subscription.queued_bytes
 
     async def _receive(self, pull: AsyncSocket) -> None:
         """Decode what the peer sends and publish it; drop and count bad messages."""
@@ -227,9 +218,9 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
         encode = self._codec.encode
         unencodable = self._unencodable
         while True:
-            subscription = self._subscription
+            subscription = self._outgoing.current
             assert subscription is not None
-            self._refresh_figures()
+            self._outgoing.report()
             try:
                 batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
             except SubscriptionClosed as closed:
@@ -238,7 +229,7 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
                     return
                 if not closed.graceful:
                     raise QueueClosed(f"the outgoing queue was closed: {closed.reason}") from None
-                self._subscription = self._subscribe()
+                self._subscribe()
                 continue
             sent = sent_bytes = 0
             try:

@@ -65,8 +65,8 @@ from ..flow import (
 )
 from ..keepalive import KeepaliveConnection, send_keepalives
 from ..stream import MetadataCache, Policy, QueueBounds, Subscription, SubscriptionClosed
-from ..transport import ACCEPT_RETRY_ERRNOS, Connection, bound_addresses, peer_name
-from ._base import ClientInfo, Endpoint, EndpointContext
+from ..transport import Connection, bound_addresses, peer_name
+from ._base import ClientInfo, Endpoint, EndpointContext, OutgoingQueue
 
 __all__ = ["LinkEndpoint"]
 
@@ -150,8 +150,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
         # Datalink cannot tell metadata from data: replaying metadata would duplicate data.
         self._replay_metadata = config.protocol != "datalink"
-        self._subscription: Subscription | None = None
-        self._dropped_before = 0
+        self._outgoing = OutgoingQueue(self.status)
         # Metadata as of the next frame to send, and the batch a broken connection interrupted.
         self._delivered = MetadataCache()
         self._pending: list[Frame] = []
@@ -189,11 +188,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
 
     def _refresh_figures(self) -> None:
         status = self.status
-        subscription = self._subscription
-        if subscription is not None:
-            status.detail["queue_frames"] = subscription.queued_frames + len(self._pending)
-            status.detail["queue_bytes"] = subscription.queued_bytes
-            status.frames_dropped = self._dropped_before + subscription.frames_dropped
+        self._outgoing.report(also_pending=len(self._pending))
         decoder = self._decoder
         received = self.keepalives_received + (decoder.keepalives if decoder is not None else 0)
         status.detail["keepalives_received"] = received
@@ -208,10 +203,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
     def _subscribe(self) -> Subscription:
         config = self.config
         assert config.subscribe is not None
-        if self._subscription is not None:
-            self._dropped_before += self._subscription.frames_dropped
         self._delivered.clear()
-        return self.context.streams.get(config.subscribe).subscribe(
+        subscription = self.context.streams.get(config.subscribe).subscribe(
             bounds=QueueBounds(
                 config.max_queue_frames,
                 config.max_queue_bytes,
@@ -221,13 +214,14 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             policy=Policy(config.policy),
             label=f"link {self.name}",
         )
+        return self._outgoing.use(subscription)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         if config.subscribe is not None:
-            self._subscription = self._subscribe()
+            self._subscribe()
         self._pending = []
         try:
             async with trio.open_nursery() as nursery:
@@ -239,14 +233,14 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     await nursery.start(self._connect_forever, nursery.cancel_scope)
                 task_status.started()
         finally:
-            if self._subscription is not None:
-                self._subscription.close("the link stopped")
+            if self._outgoing.current is not None:
+                self._outgoing.current.close("the link stopped")
             self._refresh_figures()
 
     async def _stop_when_requested(self, cancel_scope: trio.CancelScope) -> None:
         """On a stop request: if up, send what is queued and end the stream; then stop."""
         await self._stop_requested.wait()
-        subscription = self._subscription
+        subscription = self._outgoing.current
         done = self._session_done
         if subscription is not None and self.status.state == "up" and done is not None:
             subscription.end("the link endpoint is stopping")
@@ -333,11 +327,11 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         async with trio.open_nursery() as nursery:
             with send_channel:
                 for listener in listeners:
-                    nursery.start_soon(self._accept, listener, send_channel.clone())
+                    nursery.start_soon(self._accept_peers, listener, send_channel.clone())
             nursery.start_soon(self._serve_peers, receive_channel)
             task_status.started()
 
-    async def _accept(
+    async def _accept_peers(
         self,
         listener: trio.abc.Listener[trio.abc.Stream],
         incoming: trio.MemorySendChannel[trio.abc.Stream],
@@ -345,14 +339,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         async with listener:
             with incoming:
                 while True:
-                    try:
-                        stream = await listener.accept()
-                    except OSError as exc:
-                        if exc.errno in ACCEPT_RETRY_ERRNOS:
-                            self.log.warning("accept failed (%s); retrying in 100 ms", exc)
-                            await trio.sleep(0.1)
-                            continue
-                        raise
+                    stream = await self._accept(listener)
                     if self._session_scope is not None:
                         # One peer at a time: the newest connection replaces the current one.
                         self._replaced_by = peer_name(stream)
@@ -420,7 +407,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 self._session_scope = nursery.cancel_scope
                 nursery.start_soon(self._receive_side, connection, decoder, client, outcome)
                 nursery.start_soon(self._keepalive_side, connection)
-                if self._subscription is not None:
+                if self._outgoing.current is not None:
                     nursery.start_soon(self._send_side, connection, outcome)
         except* protocols.ProtocolError as group:
             outcome.reason = f"bad bytes from the peer: {first_error(group)}"
@@ -514,7 +501,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 with trio.fail_after(send_timeout):
                     await connection.send(self._encode(replay))
         while True:
-            subscription = self._subscription
+            subscription = self._outgoing.current
             assert subscription is not None
             if not self._pending:
                 try:
@@ -533,7 +520,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                         outcome.stopping = True
                         self._end_session()
                         return
-                    self._subscription = self._subscribe()
+                    self._subscribe()
                     continue
             batch = self._pending
             with trio.fail_after(send_timeout):

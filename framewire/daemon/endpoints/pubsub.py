@@ -43,7 +43,7 @@ from ..flow import BATCH_BYTES, BATCH_FRAMES
 from ..lograte import INTERVAL, RateLimitedWarning
 from ..stream import Policy, QueueBounds, Subscription, SubscriptionClosed
 from ..zeromq import AsyncSocket, open_context, require_zmq
-from ._base import Endpoint, EndpointContext
+from ._base import Endpoint, EndpointContext, OutgoingQueue
 from .bridge import QueueClosed, bind_or_connect
 
 __all__ = ["PubSubEndpoint"]
@@ -70,8 +70,7 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
             key="messages_dropped",
             interval=log_interval,
         )
-        self._subscription: Subscription | None = None
-        self._dropped_before = 0
+        self._outgoing = OutgoingQueue(self.status)
         self._subscribers_changed = trio.Event()
         if config.role == "publisher":
             self.status.detail["subscribers"] = 0
@@ -118,35 +117,27 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
                         if publisher:
-                            self._subscription = self._subscribe()
+                            self._subscribe()
                             nursery.start_soon(self._count_subscribers, socket)
                             nursery.start_soon(self._publish, socket)
                         else:
                             nursery.start_soon(self._receive, socket)
                         task_status.started()
                 finally:
-                    if self._subscription is not None:
-                        self._refresh_figures()
-                        self._subscription.close("the publisher stopped")
+                    if self._outgoing.current is not None:
+                        self._outgoing.report()
+                        self._outgoing.current.close("the publisher stopped")
 
     # -- publisher ---------------------------------------------------------------------
 
     def _subscribe(self) -> Subscription:
         config = self.config
-        if self._subscription is not None:
-            self._dropped_before += self._subscription.frames_dropped
-        return self.context.streams.get(config.stream).subscribe(
+        subscription = self.context.streams.get(config.stream).subscribe(
             bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
             policy=Policy.LOSSY,
             label=f"pubsub {self.name} -> {config.address}",
         )
-
-    def _refresh_figures(self) -> None:
-        subscription = self._subscription
-        if subscription is not None:
-            self.status.frames_dropped = self._dropped_before + subscription.frames_dropped
-            self.status.detail["queue_frames"] = subscription.queued_frames
-            self.status.detail["queue_bytes"] = subscription.queued_bytes
+        return self._outgoing.use(subscription)
 
     async def _count_subscribers(self, socket: AsyncSocket) -> None:
         """Read the XPUB's subscription messages; keep ``detail.subscribers`` current."""
@@ -169,15 +160,15 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
         """Send every frame's payload as one message; XPUB never waits for subscribers."""
         status = self.status
         while True:
-            subscription = self._subscription
+            subscription = self._outgoing.current
             assert subscription is not None
-            self._refresh_figures()
+            self._outgoing.report()
             try:
                 batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
             except SubscriptionClosed as closed:
                 if not closed.graceful:
                     raise QueueClosed(f"the outgoing queue was closed: {closed.reason}") from None
-                self._subscription = self._subscribe()
+                self._subscribe()
                 continue
             sent = sent_bytes = 0
             try:

@@ -22,7 +22,7 @@ from ...frame import Frame
 from ..backoff import Backoff
 from ..flow import make_decoder, receive_frames
 from ..reconnect import keep_connected
-from ..transport import ACCEPT_RETRY_ERRNOS, Connection, bound_addresses
+from ..transport import Connection, bound_addresses
 from ._base import ClientInfo, Endpoint, EndpointContext
 
 __all__ = ["ReceiverEndpoint"]
@@ -70,23 +70,15 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         )
         async with trio.open_nursery() as producers:
             for listener in listeners:
-                producers.start_soon(self._accept, listener, producers)
+                producers.start_soon(self._accept_producers, listener, producers)
             task_status.started()
 
-    async def _accept(
+    async def _accept_producers(
         self, listener: trio.abc.Listener[trio.abc.Stream], producers: trio.Nursery
     ) -> None:
         async with listener:
             while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in ACCEPT_RETRY_ERRNOS:
-                        self.log.warning("accept failed (%s); retrying in 100 ms", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                producers.start_soon(self._serve_producer, stream)
+                producers.start_soon(self._serve_producer, await self._accept(listener))
 
     async def _serve_producer(self, stream: trio.abc.Stream) -> None:
         try:

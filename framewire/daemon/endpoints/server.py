@@ -22,7 +22,7 @@ from ... import protocols
 from ...config import ServerConfig
 from ..flow import UnencodableFrames, close_when_peer_leaves, first_error, send_subscription
 from ..stream import Policy, QueueBounds
-from ..transport import ACCEPT_RETRY_ERRNOS, Connection, bound_addresses
+from ..transport import Connection, bound_addresses
 from ._base import ClientInfo, Endpoint, EndpointContext
 
 __all__ = ["ServerEndpoint"]
@@ -55,7 +55,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             async with trio.open_nursery() as clients:
                 async with trio.open_nursery() as accepting:
                     for listener in listeners:
-                        accepting.start_soon(self._accept, listener, clients)
+                        accepting.start_soon(self._accept_clients, listener, clients)
                     accepting.start_soon(self._until_stop_requested, accepting.cancel_scope)
                     task_status.started()
                 # Stop requested: no more clients; let the connected ones drain and close.
@@ -69,19 +69,11 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(listener)
 
-    async def _accept(
+    async def _accept_clients(
         self, listener: trio.abc.Listener[trio.abc.Stream], clients: trio.Nursery
     ) -> None:
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in ACCEPT_RETRY_ERRNOS:
-                    self.log.warning("accept failed (%s); retrying in 100 ms", exc)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            clients.start_soon(self._serve, stream)
+            clients.start_soon(self._serve, await self._accept(listener))
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         config = self.config
