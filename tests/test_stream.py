@@ -7,7 +7,9 @@ import trio
 import trio.testing
 
 from framewire import Frame, FrameKind
+from framewire.config import StreamConfig
 from framewire.daemon.stream import (
+    MetadataLimitExceeded,
     Policy,
     QueueBounds,
     Stream,
@@ -75,9 +77,10 @@ async def test_lossy_byte_bound() -> None:
 
 
 async def test_metadata_hard_cap_closes_the_subscription() -> None:
-    stream = Stream("s")
+    stream = Stream("s", max_metadata_types=3)
     sub = stream.subscribe(bounds=QueueBounds(max_frames=4, max_metadata_frames=3))
-    await stream.publish([meta(f"T{i}", f"M{i}") for i in range(4)])
+    # Three types fill the cache (and the cap); a fourth metadata frame queued passes the cap.
+    await stream.publish([meta(f"T{i}", f"M{i}") for i in range(3)] + [meta("T0", "M0 again")])
     assert sub.closed
     assert "hard cap" in (sub.close_reason or "")
     with pytest.raises(SubscriptionClosed) as info:
@@ -86,15 +89,55 @@ async def test_metadata_hard_cap_closes_the_subscription() -> None:
     assert sub not in stream.subscriptions
     # Other subscribers are unaffected.
     other = stream.subscribe(bounds=QueueBounds(max_metadata_frames=10))
-    assert len(await receive_all(other)) == 4
+    assert len(await receive_all(other)) == 3
 
 
-async def test_subscribe_with_a_cache_over_the_hard_cap_comes_back_closed() -> None:
-    stream = Stream("s")
+async def test_a_full_metadata_cache_never_cuts_a_new_subscriber_off() -> None:
+    """The per-subscriber metadata cap is raised to the cache's bounds, whatever is configured."""
+    stream = Stream("s", max_metadata_types=3, max_metadata_bytes=300)
     await stream.publish([meta(f"T{i}", f"M{i}", size=100) for i in range(3)])
-    sub = stream.subscribe(bounds=QueueBounds(max_metadata_bytes=250))
-    assert sub.closed
-    assert sub not in stream.subscriptions
+    sub = stream.subscribe(bounds=QueueBounds(max_metadata_frames=1, max_metadata_bytes=250))
+    assert not sub.closed
+    assert [f.type for f in await receive_all(sub)] == ["T0", "T1", "T2"]
+
+
+async def test_metadata_cache_refuses_a_type_past_its_bound() -> None:
+    stream = Stream("s", max_metadata_types=2)
+    sub = stream.subscribe()
+    with pytest.raises(MetadataLimitExceeded, match=r"'s'.*'T2'.*bound of 2 metadata types"):
+        await stream.publish(
+            [meta("T0", "a"), data("D0"), meta("T1", "b"), meta("T2", "c"), data("D1")]
+        )
+    # What came before the refused frame was published; it and what followed were not.
+    assert names(await receive_all(sub)) == ["a", "D0", "b"]
+    assert stream.metadata_refused == 1
+    # Newer frames of known types still replace the cached ones; data still flows.
+    await stream.publish([meta("T0", "a2"), data("D2")])
+    assert names(list(stream.metadata)) == ["a2", "b"]
+    assert names(await receive_all(sub)) == ["a2", "D2"]
+
+
+async def test_metadata_cache_refuses_bytes_past_its_bound() -> None:
+    stream = Stream("s", max_metadata_bytes=250)
+    await stream.publish([meta("T0", "a", size=100), meta("T1", "b", size=100)])
+    with pytest.raises(MetadataLimitExceeded, match="250 bytes"):
+        await stream.publish([meta("T2", "c", size=100)])
+    # Replacing a type by a frame of the same size fits; a bigger one does not.
+    await stream.publish([meta("T1", "b2", size=100)])
+    with pytest.raises(MetadataLimitExceeded):
+        stream.publish_nowait([meta("T1", "b3", size=200)])
+    assert len(stream.metadata) == 2
+    assert stream.metadata.nbytes <= 250
+
+
+async def test_registry_applies_stream_settings() -> None:
+    registry = StreamRegistry()
+    registry.configure({"cam": StreamConfig(max_metadata_types=5, max_metadata_bytes=1000)})
+    assert registry.get("cam").metadata.max_types == 5
+    assert registry.get("other").metadata.max_types == StreamConfig().max_metadata_types
+    registry.configure({"other": StreamConfig(max_metadata_types=7)})
+    assert registry.get("other").metadata.max_types == 7
+    assert registry.get("cam").metadata.max_bytes == StreamConfig().max_metadata_bytes
 
 
 async def test_lossless_publisher_waits_for_room() -> None:
