@@ -18,6 +18,7 @@ import trio
 from framewire import Frame, FrameKind
 from framewire.daemon import Daemon, flow
 from framewire.daemon.endpoints import receiver as receiver_module
+from framewire.daemon.status import build_snapshot
 from framewire.protocols import Decoder, g3
 
 from .helpers import connect, port_of, running_daemon, wait_until
@@ -125,6 +126,9 @@ async def test_a_producer_passing_the_metadata_bound_is_refused_and_the_stream_s
         stream = daemon.streams.get("camera")
         assert len(stream.metadata) == 8
         assert stream.metadata_refused == 1
+        shown = build_snapshot(daemon)["streams"]["camera"]
+        assert (shown["metadata_cached"], shown["metadata_refused"]) == (8, 1)
+        assert shown["metadata_bytes"] == stream.metadata.nbytes <= 64 * 1024
         # A new client is not cut off by the full cache, and gets the metadata, then data.
         client = await connect(port_out)
         await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
