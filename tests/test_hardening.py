@@ -11,6 +11,7 @@ import logging
 import struct
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -236,3 +237,38 @@ async def test_refused_producer_logs_one_warning(caplog: pytest.LogCaptureFixtur
     assert len(warnings) == 1
     assert "bad magic" in warnings[0].getMessage()
     assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.usefixtures("gc_disabled")
+async def test_failed_tls_handshakes_free_their_state_without_a_collection(
+    tmp_path: Path,
+) -> None:
+    """trio.SSLStream holds itself in a cycle; framewire breaks it after the handshake."""
+    trustme = pytest.importorskip("trustme")
+    pem = tmp_path / "server.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    tls_config = f"""
+[endpoints.in]
+kind = "receiver"
+listen = "tls://127.0.0.1:0"
+stream = "s"
+
+[endpoints.in.tls]
+certificate = "{pem}"
+key = "{pem}"
+"""
+
+    def tls_streams() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, trio.SSLStream))
+
+    before = tls_streams()
+    async with running_daemon(tls_config) as daemon:
+        port = port_of(daemon.endpoints["in"].status.address[0].split()[-1])
+        for _ in range(20):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(b"\x16\x03\x01\x00\x05not-a-client-hello")
+                with trio.fail_after(10):
+                    while await stream.receive_some(100):
+                        pass
+        await wait_until(lambda: producers(daemon) == 0)
+        await wait_until(lambda: tls_streams() == before)

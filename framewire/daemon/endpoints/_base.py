@@ -205,7 +205,7 @@ class Endpoint(Generic[ConfigT]):
         try:
             await connection.establish()
         except HandshakeFailed as exc:
-            self.log.warning("%s", exc)
+            self.log.warning("%s", str(exc))  # a string: a kept record must not pin the stream
             return None
         return connection
 
