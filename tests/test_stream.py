@@ -175,7 +175,7 @@ async def test_lossless_publisher_is_released_when_the_subscriber_leaves() -> No
     assert stream.subscriptions == []
 
 
-async def test_lossy_subscribers_are_not_slowed_by_a_lossless_one(
+async def test_the_batch_being_published_reaches_lossy_subscribers_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     stream = Stream("s")
@@ -184,6 +184,37 @@ async def test_lossy_subscribers_are_not_slowed_by_a_lossless_one(
     with trio.move_on_after(1):
         await stream.publish([data(f"D{i}") for i in range(10)])
     assert lossy.queued_frames == 10
+
+
+async def test_a_full_lossless_subscriber_holds_back_lossy_subscribers_of_its_stream() -> None:
+    """The documented behaviour (docs/configuration.md, ``policy = "lossless"``): while a
+    lossless queue is full the publisher waits, so no later frame reaches anyone on the stream,
+    lossy subscribers included; once it drains, they get every frame again."""
+    stream = Stream("s")
+    lossy = stream.subscribe(bounds=QueueBounds(max_frames=100))
+    lossless = stream.subscribe(bounds=QueueBounds(max_frames=2), policy=Policy.LOSSLESS)
+    sent = [f"D{i}" for i in range(6)]
+
+    async def producer() -> None:
+        for name in sent:
+            await stream.publish([data(name)])
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            await trio.testing.wait_all_tasks_blocked()
+            # D0, D1 fill the lossless queue; the producer waits in publish(D2), which was
+            # offered to the lossy subscriber before the wait. Nothing after it arrives.
+            assert lossless.queued_frames == 2
+            assert names(await receive_all(lossy)) == ["D0", "D1", "D2"]
+            await trio.testing.wait_all_tasks_blocked()
+            assert lossy.queued_frames == 0
+            received: list[Frame] = []
+            while len(received) < len(sent):
+                received += await lossless.receive_batch()
+        assert names(received) == sent
+        assert names(await receive_all(lossy)) == ["D3", "D4", "D5"]
+    assert lossy.frames_dropped == 0
 
 
 @pytest.mark.parametrize(

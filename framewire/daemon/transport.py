@@ -44,6 +44,7 @@ __all__ = [
     "open_unix_listener",
     "peer_name",
     "server_tls_context",
+    "system_backlog",
     "tcp_connector",
     "tls_connector",
     "unix_connector",
@@ -62,6 +63,10 @@ NOTSENT_LOWAT: Final = 4 << 20
 _IOV_MAX: Final = 1024
 #: Mode of a UNIX socket file unless configured: owner and group may connect.
 DEFAULT_SOCKET_MODE: Final = 0o660
+#: Where Linux keeps the largest listen backlog it allows.
+_SOMAXCONN_PATH: Final = "/proc/sys/net/core/somaxconn"
+#: Linux and the BSDs keep the backlog in 16 bits.
+_MAX_BACKLOG: Final = 0xFFFF
 _TLS_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -264,11 +269,29 @@ def connector_for(address: Address) -> Connector:
     return unix_connector(address) if address.is_unix else tcp_connector(address)
 
 
+def system_backlog() -> int:
+    """The largest listen backlog the system allows: ``net.core.somaxconn`` on Linux
+    (``/proc/sys/net/core/somaxconn``), else ``socket.SOMAXCONN``; at most 65535.
+
+    Never fails: an unreadable or odd file means ``socket.SOMAXCONN``.
+    """
+    try:
+        with open(_SOMAXCONN_PATH, encoding="ascii") as file:
+            value = int(file.read().strip())
+    except (OSError, ValueError):
+        value = socket.SOMAXCONN
+    return max(1, min(value, _MAX_BACKLOG))
+
+
 async def open_listeners(
-    address: Address, *, backlog: int = 128, socket_mode: int = DEFAULT_SOCKET_MODE
+    address: Address, *, backlog: int | None = None, socket_mode: int = DEFAULT_SOCKET_MODE
 ) -> list[trio.abc.Listener[trio.abc.Stream]]:
     """Bind and listen on ``address`` (``tcp://*:port``: every interface, IPv4 and IPv6;
     ``unix:///path``: see :func:`open_unix_listener`, with ``socket_mode``).
+
+    ``backlog`` None (the default) is the largest the system allows, so a burst of connects
+    waits in the kernel's queue instead of losing SYNs (and waiting a second for the retry):
+    trio then asks for 65535 and the kernel caps it at ``net.core.somaxconn``.
 
     Raises OSError (e.g. address in use) with the address in the message.
     """
@@ -313,9 +336,10 @@ class UnixSocketListener(trio.abc.Listener[trio.abc.Stream]):
 
 
 async def open_unix_listener(
-    address: Address, *, mode: int = DEFAULT_SOCKET_MODE, backlog: int = 128
+    address: Address, *, mode: int = DEFAULT_SOCKET_MODE, backlog: int | None = None
 ) -> UnixSocketListener:
-    """Listen on the UNIX socket ``address.path``, its file made with permission bits ``mode``.
+    """Listen on the UNIX socket ``address.path``, its file made with permission bits ``mode``,
+    with a listen ``backlog`` of :func:`system_backlog` unless given.
 
     A socket file left at the path by a process that is gone (nothing accepts on it) is
     replaced. Raises OSError, naming the address: EADDRINUSE when something still listens
@@ -350,7 +374,7 @@ async def open_unix_listener(
         await sock.bind(path)
         # Before listen(): nobody can connect until the mode is right.
         os.chmod(path, mode)
-        sock.listen(backlog)
+        sock.listen(system_backlog() if backlog is None else backlog)
         return UnixSocketListener(sock, path)
     except OSError as exc:
         sock.close()
