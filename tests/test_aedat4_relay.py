@@ -206,6 +206,21 @@ async def test_a_second_producer_is_refused_while_one_is_connected(
         await first.send_all(HEADER_A)
         await wait_until(lambda: header_cached(daemon, HEADER_A))
         async with await trio.open_tcp_stream("127.0.0.1", producer_port) as second:
+            # Refused once it shows it is a producer (its header), not for connecting.
+            await second.send_all(HEADER_A)
             with trio.fail_after(10):
                 assert await second.receive_some(100) == b""
     assert any("takes one producer at a time" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_silent_connection_does_not_hold_the_stream_against_a_camera() -> None:
+    """A port probe (or a confused client) connected first never locks the camera out."""
+    async with (
+        relay() as (daemon, producer_port, _),
+        await trio.open_tcp_stream("127.0.0.1", producer_port) as _silent,
+        await trio.open_tcp_stream("127.0.0.1", producer_port) as _garbage,
+        await trio.open_tcp_stream("127.0.0.1", producer_port) as camera,
+    ):
+        await _garbage.send_all(b"GET / HTTP/1.1\r\n\r\n")
+        await camera.send_all(HEADER_A)
+        await wait_until(lambda: header_cached(daemon, HEADER_A))

@@ -45,6 +45,10 @@ maximum = "1m"
 factor = 3
 stable_after = 30
 
+[streams.camera]
+max_metadata_types = 32
+max_metadata_bytes = "8MiB"
+
 [status]
 listen = "127.0.0.1:9000"
 interval = "500ms"
@@ -109,6 +113,7 @@ EXPECTED: dict[str, Any] = {
         "token": "s3cret",
         "max_clients": 4,
     },
+    "streams": {"camera": {"max_metadata_types": 32, "max_metadata_bytes": 8 << 20}},
     "endpoints": {
         "g3-in": {
             "kind": "receiver",
@@ -391,6 +396,16 @@ ERROR_CASES: list[tuple[str, str]] = [
         f"endpoints.g3-out.protocol: unknown protocol 'zmq' (known: {KNOWN_PROTOCOLS})",
     ),
     ("[status]\ninterval = 0", "status.interval: expected a positive number, got 0.0"),
+    (
+        "[streams.cam]\nmax_metadata_types = 0",
+        "streams.cam.max_metadata_types: expected a positive integer, got 0",
+    ),
+    ("[streams.cam]\nmax_types = 5", "streams.cam.max_types: unknown key"),
+    (
+        '[endpoints.r]\nkind = "receiver"\nlisten = "tcp://127.0.0.1:1"\nstream = "s"\n'
+        'max_frame_size = "2TiB"',
+        "endpoints.r.max_frame_size: 2199023255552 bytes is over the ceiling for one frame (4GiB)",
+    ),
     ("[status]\ntoken = 5", "status.token: expected a string, got 5"),
     ("[status]\nmax_clients = 0", "status.max_clients: expected a positive integer, got 0"),
     (

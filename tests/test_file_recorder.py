@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,111 @@ stream = "s"
         await wait_until(lambda: "file" not in recorder.status.detail)  # the file ended
     (path,) = matching(tmp_path, "out-*.fw")
     assert NativeDecoder(max_frame_size=1 << 20).feed(path.read_bytes()) == FRAMES
+
+
+def g3_scans(first: int, count: int) -> list[bytes]:
+    return [g3_frame("Scan", {b"d": bytes([i]) * 100}) for i in range(first, first + count)]
+
+
+async def test_recorder_reopens_when_its_directory_is_removed(
+    tmp_path: Path, patient_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "runs"
+    streams = StreamRegistry()
+    stream = streams.get("s")
+    config = RecorderConfig(path=str(directory / "run.g3"), stream="s", protocol="g3")
+    endpoint = RecorderEndpoint("rec", config, EndpointContext(streams))
+    metadata = [g3_frame("Observation", {b"o": b"1"})]
+    before, after = metadata + g3_scans(0, 3), g3_scans(3, 4)
+    decoder = G3Decoder(max_frame_size=1 << 20)
+    with caplog.at_level(logging.WARNING, logger="framewire.endpoint.rec"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(endpoint.run)
+            await stream.publish(decoder.feed(b"".join(before)))
+            await wait_until(lambda: endpoint.status.frames_in == len(before))
+            shutil.rmtree(directory)
+            patient_clock.jump(1.0)  # the next write checks the file
+            for scan in after:  # one batch each: the loss is reported once
+                await stream.publish(decoder.feed(scan))
+                await wait_until(lambda: endpoint.status.detail.get("files_lost") == 1)
+            await wait_until(lambda: endpoint.status.frames_in == len(before) + len(after))
+            nursery.cancel_scope.cancel()
+    (reopened,) = matching(directory, "run-*.g3")
+    assert reopened.name == "run-0002.g3"
+    frames = G3Decoder(max_frame_size=1 << 20).feed(reopened.read_bytes())
+    assert [bytes(f.wire or b"") for f in frames] == metadata + after  # metadata first
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{directory / 'run-0001.g3'} was removed while recording; "
+        f"reopening as {directory / 'run-0002.g3'}"
+    ]
+    assert endpoint.status.detail["files_lost"] == 1
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gz"])
+async def test_recorder_notices_at_rotation_a_file_moved_away_and_replaced(
+    tmp_path: Path, compressed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check at rotation, before the once-a-second check came due: the file was renamed
+    and another put at its path."""
+    suffix = ".fw.gz" if compressed else ".fw"
+    streams = StreamRegistry()
+    stream = streams.get("s")
+    config = RecorderConfig(path=str(tmp_path / f"cam{suffix}"), stream="s", max_file_size=600)
+    endpoint = RecorderEndpoint("rec", config, EndpointContext(streams))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.run)
+        await stream.publish(FRAMES[:3])
+        await wait_until(lambda: endpoint.status.frames_in == 3)
+        first = tmp_path / f"cam-0001{suffix}"
+        first.rename(tmp_path / "moved")
+        first.write_bytes(b"someone else's file")
+        await stream.publish(FRAMES[3:])  # passes 600 bytes: rotation
+        await wait_until(lambda: endpoint.status.frames_in == len(FRAMES))
+        nursery.cancel_scope.cancel()
+    assert endpoint.status.detail["files_lost"] == 1
+    assert first.read_bytes() == b"someone else's file"
+    moved = (tmp_path / "moved").read_bytes()
+    kept = NativeDecoder(max_frame_size=1 << 20).feed(
+        gzip.decompress(moved) if compressed else moved
+    )
+    assert kept[:3] == FRAMES[:3]  # what went into the moved file stays there
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning == (
+        f"{first} was replaced by another file while recording; "
+        f"reopening as {tmp_path / f'cam-0002{suffix}'}"
+    )
+    second = (tmp_path / f"cam-0002{suffix}").read_bytes()
+    recorded = NativeDecoder(max_frame_size=1 << 20).feed(
+        gzip.decompress(second) if compressed else second
+    )
+    assert recorded[0] == FRAMES[0]  # metadata first
+
+
+async def test_a_recording_directory_that_cannot_be_recreated_fails_the_endpoint(
+    tmp_path: Path, patient_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "runs"
+    config = f"""
+[endpoints.archive]
+kind = "recorder"
+path = "{directory / "out.fw"}"
+stream = "s"
+"""
+    async with running_daemon(config) as daemon:
+        recorder = daemon.endpoints["archive"]
+        stream = daemon.streams.get("s")
+        await stream.publish(FRAMES[:2])
+        await wait_until(lambda: recorder.status.frames_in == 2)
+        shutil.rmtree(directory)
+        directory.write_bytes(b"a file where the directory was")
+        patient_clock.jump(1.0)
+        await stream.publish(FRAMES[2:])
+        await wait_until(lambda: recorder.status.restarts == 1)
+        assert recorder.status.detail["files_lost"] == 1
+        assert recorder.status.last_error is not None
+        assert recorder.status.last_error.endswith(
+            f"cannot create the recording directory {directory}: File exists"
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"endpoint archive failed: {recorder.status.last_error}"]

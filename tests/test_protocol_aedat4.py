@@ -117,7 +117,9 @@ def test_size_over_the_limit_fails_before_allocation() -> None:
     decoder.feed(ioheader())
     with pytest.raises(FrameTooLarge, match="exceeds the maximum frame size of 4096"):
         decoder.feed(struct.pack("<iI", 0, 0x7FFFFFFF))
-    assert decoder.buffered == 8
+    # Nothing was allocated for the frame, and the failed decoder let go of its buffers.
+    assert decoder.failed
+    assert decoder.buffered == 0
 
 
 def test_header_over_the_limit_is_too_large() -> None:

@@ -18,7 +18,11 @@ from hypothesis import strategies as st
 
 from framewire.frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
 from framewire.protocols import FrameTooLarge, ProtocolError, TruncatedFrame
-from framewire.protocols._framing import LARGE_FRAME, READ_AHEAD, RECEIVE_BUFFER_SIZE
+from framewire.protocols._framing import (
+    FIRST_LARGE_BUFFER,
+    LARGE_FRAME,
+    RECEIVE_BUFFER_SIZE,
+)
 from framewire.protocols.native import (
     END_OF_STREAM,
     HEADER,
@@ -379,23 +383,55 @@ def test_large_frame_is_read_into_a_buffer_of_its_own() -> None:
     wire = wire_of(frame)
     dec = decoder()
     assert dec.feed(wire[:100]) == []
-    # The rest of the frame (and a little read-ahead) is offered: a buffer of its own.
+    # A buffer of its own, sized by what has arrived (not by the 300 KiB announced).
     target = dec.get_buffer()
-    assert len(target) == len(wire) - 100 + READ_AHEAD
+    assert len(target) == FIRST_LARGE_BUFFER - 100
     assert dec.buffered == 100
     assert dec.buffer_updated(0) == []
     target[:1000] = wire[100:1100]
     assert dec.buffer_updated(1000) == []
     assert dec.buffered == 1100
-    rest = wire[1100:]
-    target = dec.get_buffer()
-    assert len(target) == len(rest) + READ_AHEAD
-    target[: len(rest)] = rest
-    [decoded] = dec.buffer_updated(len(rest))
-    check_decoded([decoded], [frame])
+    position = 1100
+    sizes = []
+    while position < len(wire):
+        target = dec.get_buffer()
+        sizes.append(position + len(target))
+        n = min(len(target), len(wire) - position)
+        target[:n] = wire[position : position + n]
+        position += n
+        decoded = dec.buffer_updated(n)
+    # The buffer doubled as it filled; the last read may go a sixteenth past the frame's end.
+    assert sizes == [FIRST_LARGE_BUFFER, 2 * FIRST_LARGE_BUFFER, len(wire) + len(wire) // 16]
+    check_decoded(decoded, [frame])
     # The decoder carries on with ordinary frames afterwards.
     assert dec.buffered == 0
     check_decoded(dec.feed(wire_of(EXAMPLE_FRAMES[0])), [EXAMPLE_FRAMES[0]])
+
+
+def test_announced_length_commits_no_memory() -> None:
+    """A header announcing a huge frame gets a buffer sized by the bytes that arrived."""
+    dec = decoder(max_frame_size=1 << 40)
+    wire = wire_of(Frame(FrameKind.DATA, "big", pattern(LARGE_FRAME * 4)))
+    header = bytearray(wire[: HEADER_SIZE + 3])
+    header[20:28] = (1 << 39).to_bytes(8, "little")  # payload_len: 512 GiB announced
+    assert dec.feed(bytes(header)) == []
+    assert len(dec.get_buffer()) < FIRST_LARGE_BUFFER
+
+
+def test_finished_large_frame_holds_no_more_than_a_sixteenth_extra() -> None:
+    """Queues count ``frame.size``: what a decoded frame's wire holds must be close to it."""
+    for size in (LARGE_FRAME + 1, 65_569 - HEADER_SIZE, 100_000, 129_000, 300_000, 1_000_000):
+        frame = Frame(FrameKind.DATA, "big", pattern(size))
+        wire = wire_of(frame) + wire_of(EXAMPLE_FRAMES[0])
+        for step in (len(wire), 4096, 65_536, 70_001):
+            dec = decoder()
+            chunks = [memoryview(wire)[i : i + step] for i in range(0, len(wire), step)]
+            decoded = feed_via_buffer(dec, chunks)
+            held = decoded[0].wire
+            assert held is not None
+            allocated = held.__alloc__() if isinstance(held, bytearray) else len(held)
+            assert decoded[0].size == size + HEADER_SIZE + 3
+            assert allocated <= decoded[0].size * 17 // 16 + 64, (size, step)
 
 
 def test_frames_at_and_around_the_large_frame_threshold() -> None:
@@ -513,20 +549,24 @@ def test_large_frame_after_end_of_stream_is_an_error() -> None:
 
 
 def assert_poisoned(dec: NativeDecoder, error: ProtocolError) -> None:
-    """Every later call raises the same error, even with valid input."""
+    """Every later call raises the same error, even with valid input: a new exception of the
+    same class and message (the decoder keeps no exception, so no traceback cycle), and the
+    decoder has let go of its buffers."""
     valid = wire_of(Frame(FrameKind.DATA, "ok", b"ok"))
-    with pytest.raises(ProtocolError) as excinfo:
-        dec.feed(valid)
-    assert excinfo.value is error
-    with pytest.raises(ProtocolError) as excinfo:
-        dec.get_buffer()
-    assert excinfo.value is error
-    with pytest.raises(ProtocolError) as excinfo:
-        dec.buffer_updated(0)
-    assert excinfo.value is error
-    with pytest.raises(ProtocolError) as excinfo:
-        dec.end_of_input()
-    assert excinfo.value is error
+    calls = [
+        lambda: dec.feed(valid),
+        dec.get_buffer,
+        lambda: dec.buffer_updated(0),
+        dec.end_of_input,
+    ]
+    for call in calls:
+        with pytest.raises(ProtocolError) as excinfo:
+            call()
+        assert type(excinfo.value) is type(error)
+        assert str(excinfo.value) == str(error)
+        assert excinfo.value is not error
+    assert dec.failed
+    assert dec.buffered == 0
 
 
 BAD_FRAMES: dict[str, tuple[bytes, str]] = {

@@ -95,6 +95,8 @@ async def test_snapshot_on_connect_and_figures_match_traffic() -> None:
             "bytes_in": wire,
             "subscribers": 1,
             "metadata_cached": 1,
+            "metadata_bytes": 28 + len("m") + len(b"{}"),  # the native frame's wire size
+            "metadata_refused": 0,
         }
         assert "out" in render_status(snap)
         for peer in (client, producer):

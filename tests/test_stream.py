@@ -7,7 +7,9 @@ import trio
 import trio.testing
 
 from framewire import Frame, FrameKind
+from framewire.config import StreamConfig
 from framewire.daemon.stream import (
+    MetadataLimitExceeded,
     Policy,
     QueueBounds,
     Stream,
@@ -75,9 +77,10 @@ async def test_lossy_byte_bound() -> None:
 
 
 async def test_metadata_hard_cap_closes_the_subscription() -> None:
-    stream = Stream("s")
+    stream = Stream("s", max_metadata_types=3)
     sub = stream.subscribe(bounds=QueueBounds(max_frames=4, max_metadata_frames=3))
-    await stream.publish([meta(f"T{i}", f"M{i}") for i in range(4)])
+    # Three types fill the cache (and the cap); a fourth metadata frame queued passes the cap.
+    await stream.publish([meta(f"T{i}", f"M{i}") for i in range(3)] + [meta("T0", "M0 again")])
     assert sub.closed
     assert "hard cap" in (sub.close_reason or "")
     with pytest.raises(SubscriptionClosed) as info:
@@ -86,15 +89,55 @@ async def test_metadata_hard_cap_closes_the_subscription() -> None:
     assert sub not in stream.subscriptions
     # Other subscribers are unaffected.
     other = stream.subscribe(bounds=QueueBounds(max_metadata_frames=10))
-    assert len(await receive_all(other)) == 4
+    assert len(await receive_all(other)) == 3
 
 
-async def test_subscribe_with_a_cache_over_the_hard_cap_comes_back_closed() -> None:
-    stream = Stream("s")
+async def test_a_full_metadata_cache_never_cuts_a_new_subscriber_off() -> None:
+    """The per-subscriber metadata cap is raised to the cache's bounds, whatever is configured."""
+    stream = Stream("s", max_metadata_types=3, max_metadata_bytes=300)
     await stream.publish([meta(f"T{i}", f"M{i}", size=100) for i in range(3)])
-    sub = stream.subscribe(bounds=QueueBounds(max_metadata_bytes=250))
-    assert sub.closed
-    assert sub not in stream.subscriptions
+    sub = stream.subscribe(bounds=QueueBounds(max_metadata_frames=1, max_metadata_bytes=250))
+    assert not sub.closed
+    assert [f.type for f in await receive_all(sub)] == ["T0", "T1", "T2"]
+
+
+async def test_metadata_cache_refuses_a_type_past_its_bound() -> None:
+    stream = Stream("s", max_metadata_types=2)
+    sub = stream.subscribe()
+    with pytest.raises(MetadataLimitExceeded, match=r"'s'.*'T2'.*bound of 2 metadata types"):
+        await stream.publish(
+            [meta("T0", "a"), data("D0"), meta("T1", "b"), meta("T2", "c"), data("D1")]
+        )
+    # What came before the refused frame was published; it and what followed were not.
+    assert names(await receive_all(sub)) == ["a", "D0", "b"]
+    assert stream.metadata_refused == 1
+    # Newer frames of known types still replace the cached ones; data still flows.
+    await stream.publish([meta("T0", "a2"), data("D2")])
+    assert names(list(stream.metadata)) == ["a2", "b"]
+    assert names(await receive_all(sub)) == ["a2", "D2"]
+
+
+async def test_metadata_cache_refuses_bytes_past_its_bound() -> None:
+    stream = Stream("s", max_metadata_bytes=250)
+    await stream.publish([meta("T0", "a", size=100), meta("T1", "b", size=100)])
+    with pytest.raises(MetadataLimitExceeded, match="250 bytes"):
+        await stream.publish([meta("T2", "c", size=100)])
+    # Replacing a type by a frame of the same size fits; a bigger one does not.
+    await stream.publish([meta("T1", "b2", size=100)])
+    with pytest.raises(MetadataLimitExceeded):
+        stream.publish_nowait([meta("T1", "b3", size=200)])
+    assert len(stream.metadata) == 2
+    assert stream.metadata.nbytes <= 250
+
+
+async def test_registry_applies_stream_settings() -> None:
+    registry = StreamRegistry()
+    registry.configure({"cam": StreamConfig(max_metadata_types=5, max_metadata_bytes=1000)})
+    assert registry.get("cam").metadata.max_types == 5
+    assert registry.get("other").metadata.max_types == StreamConfig().max_metadata_types
+    registry.configure({"other": StreamConfig(max_metadata_types=7)})
+    assert registry.get("other").metadata.max_types == 7
+    assert registry.get("cam").metadata.max_bytes == StreamConfig().max_metadata_bytes
 
 
 async def test_lossless_publisher_waits_for_room() -> None:
@@ -132,7 +175,7 @@ async def test_lossless_publisher_is_released_when_the_subscriber_leaves() -> No
     assert stream.subscriptions == []
 
 
-async def test_lossy_subscribers_are_not_slowed_by_a_lossless_one(
+async def test_the_batch_being_published_reaches_lossy_subscribers_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     stream = Stream("s")
@@ -141,6 +184,37 @@ async def test_lossy_subscribers_are_not_slowed_by_a_lossless_one(
     with trio.move_on_after(1):
         await stream.publish([data(f"D{i}") for i in range(10)])
     assert lossy.queued_frames == 10
+
+
+async def test_a_full_lossless_subscriber_holds_back_lossy_subscribers_of_its_stream() -> None:
+    """The documented behaviour (docs/configuration.md, ``policy = "lossless"``): while a
+    lossless queue is full the publisher waits, so no later frame reaches anyone on the stream,
+    lossy subscribers included; once it drains, they get every frame again."""
+    stream = Stream("s")
+    lossy = stream.subscribe(bounds=QueueBounds(max_frames=100))
+    lossless = stream.subscribe(bounds=QueueBounds(max_frames=2), policy=Policy.LOSSLESS)
+    sent = [f"D{i}" for i in range(6)]
+
+    async def producer() -> None:
+        for name in sent:
+            await stream.publish([data(name)])
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            await trio.testing.wait_all_tasks_blocked()
+            # D0, D1 fill the lossless queue; the producer waits in publish(D2), which was
+            # offered to the lossy subscriber before the wait. Nothing after it arrives.
+            assert lossless.queued_frames == 2
+            assert names(await receive_all(lossy)) == ["D0", "D1", "D2"]
+            await trio.testing.wait_all_tasks_blocked()
+            assert lossy.queued_frames == 0
+            received: list[Frame] = []
+            while len(received) < len(sent):
+                received += await lossless.receive_batch()
+        assert names(received) == sent
+        assert names(await receive_all(lossy)) == ["D3", "D4", "D5"]
+    assert lossy.frames_dropped == 0
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import attrs
 
 from .. import protocols
 from ._address import Address, parse_address
-from ._units import parse_duration, parse_size
+from ._units import format_size, parse_duration, parse_size
 from ._zmq_address import ZmqAddress, parse_zmq_address
 
 __all__ = [
@@ -141,6 +141,24 @@ Size = Annotated[int, Check(parse_size)]
 PositiveSize = Annotated[int, _positive(parse_size)]
 #: Seconds, written as a number or a string such as "5s" or "250ms".
 Duration = Annotated[float, Check(parse_duration)]
+#: The largest ``max_frame_size`` accepted: a frame is held whole in memory (once per
+#: connection receiving it, and shared by every queue it is in), so beyond this a single peer
+#: could ask for more memory than a machine running framewire should give one frame.
+MAX_FRAME_SIZE_CEILING: Final = 4 << 30
+
+
+def _frame_size(raw: object) -> object:
+    value = parse_size(raw)
+    if value <= 0:
+        raise ValueError(f"expected a positive size, got {value!r}")
+    if value > MAX_FRAME_SIZE_CEILING:
+        ceiling = format_size(MAX_FRAME_SIZE_CEILING)
+        raise ValueError(f"{value} bytes is over the ceiling for one frame ({ceiling})")
+    return value
+
+
+#: ``max_frame_size``: a positive size of at most :data:`MAX_FRAME_SIZE_CEILING`.
+FrameSize = Annotated[int, Check(_frame_size)]
 PositiveDuration = Annotated[float, _positive(parse_duration)]
 Name = Annotated[str, Check(check_name)]
 
@@ -338,7 +356,7 @@ class ReceiverConfig:
     listen: ListenAddress | None = None
     connect: ConnectAddress | None = None
     protocol: ProtocolName = "native"
-    max_frame_size: PositiveSize = 64 << 20
+    max_frame_size: FrameSize = 64 << 20
     max_clients: PositiveInt = 16
     reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
     connect_timeout: PositiveDuration = 10.0
@@ -385,7 +403,7 @@ class FileConfig:
     protocol: ProtocolName = "native"
     rate: NonNegativeFloat = 0.0
     loop: StrictBool = False
-    max_frame_size: PositiveSize = 64 << 20
+    max_frame_size: FrameSize = 64 << 20
     verify_crc: StrictBool = False
 
     def __attrs_post_init__(self) -> None:
@@ -447,7 +465,7 @@ class LinkConfig:
     max_queue_bytes: PositiveSize = 64 << 20
     max_metadata_frames: PositiveInt = 1024
     max_metadata_bytes: PositiveSize = 64 << 20
-    max_frame_size: PositiveSize = 64 << 20
+    max_frame_size: FrameSize = 64 << 20
     tls: TLSConfig | None = None
     socket_mode: SocketMode = DEFAULT_SOCKET_MODE
 
@@ -535,7 +553,7 @@ class BridgeConfig:
     policy: Policy = "lossless"
     max_queue_frames: PositiveInt = 1024
     max_queue_bytes: PositiveSize = 64 << 20
-    max_frame_size: PositiveSize = 64 << 20
+    max_frame_size: FrameSize = 64 << 20
 
     def __attrs_post_init__(self) -> None:
         if self.role == "client":
@@ -563,7 +581,7 @@ class PubSubConfig:
     type: StrictStr = "zmq"
     max_queue_frames: PositiveInt = 1024
     max_queue_bytes: PositiveSize = 64 << 20
-    max_frame_size: PositiveSize = 64 << 20
+    max_frame_size: FrameSize = 64 << 20
 
     def __attrs_post_init__(self) -> None:
         if self.role == "subscriber":
@@ -621,11 +639,21 @@ class StatusConfig:
 
 
 @attrs.frozen
+class StreamConfig:
+    """``[streams.NAME]``: bounds of one stream's metadata cache (streams not listed get the
+    defaults). A producer whose metadata would pass them is refused."""
+
+    max_metadata_types: PositiveInt = 256
+    max_metadata_bytes: PositiveSize = 64 << 20
+
+
+@attrs.frozen
 class Config:
     """A whole configuration file."""
 
     daemon: DaemonConfig = attrs.field(factory=DaemonConfig)
     status: StatusConfig | None = None
+    streams: dict[Name, StreamConfig] = attrs.field(factory=dict)
     endpoints: dict[Name, EndpointConfig] = attrs.field(factory=dict)
 
     def required_descriptors(self) -> int:

@@ -58,6 +58,7 @@ class Daemon:
         self.source = source
         self.config_path = config_path
         self.streams = StreamRegistry()
+        self.streams.configure(config.streams)
         self.context = EndpointContext(self.streams, transports or Transports())
         self.supervisor = Supervisor(config.daemon.restart)
         self.notifier = notifier or SystemdNotifier(None)
@@ -184,6 +185,9 @@ class Daemon:
                     changes.append(f"{'removed' if new_config is None else 'changed'} {name}")
             self.config = config
             self.supervisor.restart = config.daemon.restart
+            if config.streams != old.streams:
+                self.streams.configure(config.streams)
+                changes.append("stream settings")
             for name, endpoint_config in start_order(config.endpoints):
                 if old.endpoints.get(name) != endpoint_config:
                     await self.supervisor.start_endpoint(

@@ -81,6 +81,8 @@ def build_snapshot(daemon: Daemon) -> dict[str, Any]:
             "bytes_in": stream.bytes_in,
             "subscribers": len(stream.subscriptions),
             "metadata_cached": len(stream.metadata),
+            "metadata_bytes": stream.metadata.nbytes,
+            "metadata_refused": stream.metadata_refused,
         }
         for stream in daemon.streams
     }

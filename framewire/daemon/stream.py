@@ -26,14 +26,17 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Final
 
 import attrs
 import trio
 
+from ..config import StreamConfig
 from ..frame import Frame, FrameKind
 
 __all__ = [
     "MetadataCache",
+    "MetadataLimitExceeded",
     "Policy",
     "QueueBounds",
     "Stream",
@@ -43,6 +46,10 @@ __all__ = [
 ]
 
 _DATA = FrameKind.DATA
+#: A stream's metadata cache bounds unless configured (``[streams.NAME]``).
+_DEFAULT_STREAM: Final = StreamConfig()
+DEFAULT_METADATA_TYPES: Final = _DEFAULT_STREAM.max_metadata_types
+DEFAULT_METADATA_BYTES: Final = _DEFAULT_STREAM.max_metadata_bytes
 
 
 class Policy(enum.Enum):
@@ -411,18 +418,57 @@ class Subscription:
         self._wake_consumer = self._wake_publisher = None
 
 
+class MetadataLimitExceeded(Exception):
+    """A producer's metadata frame would pass its stream's metadata cache bound.
+
+    Raised by :meth:`Stream.publish` after the frames before it were published; the frame
+    and those after it were not. The publisher should refuse that producer (close its
+    connection) with :attr:`reason` in one log line; the stream keeps serving.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class MetadataCache:
-    """The latest METADATA frame of each type, iterated in first-seen order of the types."""
+    """The latest METADATA frame of each type, iterated in first-seen order of the types.
 
-    def __init__(self) -> None:
+    Bounded in types and bytes (None: unbounded, for caches that only ever hold frames a
+    bounded stream already took). :meth:`update` refuses a frame that would pass a bound.
+    """
+
+    def __init__(self, *, max_types: int | None = None, max_bytes: int | None = None) -> None:
+        self.max_types = max_types
+        self.max_bytes = max_bytes
         self._frames: dict[str, Frame] = {}
+        #: Bytes of the frames held.
+        self.nbytes = 0
 
-    def update(self, frame: Frame) -> None:
+    def update(self, frame: Frame) -> str | None:
+        """Keep ``frame`` as the latest of its type; or, if that would pass a bound, keep the
+        cache as it is and return why (None when it was kept)."""
+        frames = self._frames
+        old = frames.get(frame.type)
+        if old is None and self.max_types is not None and len(frames) >= self.max_types:
+            return (
+                f"a new metadata type {frame.type!r} would pass the bound of "
+                f"{self.max_types} metadata types"
+            )
+        nbytes = self.nbytes + frame.size - (0 if old is None else old.size)
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            return (
+                f"metadata frame {frame.type!r} of {frame.size} bytes would pass the bound of "
+                f"{self.max_bytes} bytes of metadata"
+            )
         # Assigning to an existing key keeps its position: first-seen order.
-        self._frames[frame.type] = frame
+        frames[frame.type] = frame
+        self.nbytes = nbytes
+        return None
 
     def clear(self) -> None:
         self._frames.clear()
+        self.nbytes = 0
 
     def __iter__(self) -> Iterator[Frame]:
         return iter(list(self._frames.values()))
@@ -430,17 +476,21 @@ class MetadataCache:
     def __len__(self) -> int:
         return len(self._frames)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(frame.size for frame in self._frames.values())
-
 
 class Stream:
     """A named channel with a metadata cache. See the module docstring."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_metadata_types: int = DEFAULT_METADATA_TYPES,
+        max_metadata_bytes: int = DEFAULT_METADATA_BYTES,
+    ) -> None:
         self.name = name
-        self.metadata = MetadataCache()
+        self.metadata = MetadataCache(max_types=max_metadata_types, max_bytes=max_metadata_bytes)
+        #: Metadata frames refused because they would pass the cache's bounds.
+        self.metadata_refused = 0
         self._lossy: list[Subscription] = []
         self._lossless: list[Subscription] = []
         self.frames_in = 0
@@ -469,16 +519,27 @@ class Stream:
         If the cached metadata alone passes the hard cap the subscription comes back already
         closed, with the reason, so the caller can log it and disconnect the client.
         """
+        bounds = bounds or QueueBounds()
+        cache = self.metadata
+        if (cache.max_types or 0) > bounds.max_metadata_frames or (
+            cache.max_bytes or 0
+        ) > bounds.max_metadata_bytes:
+            # The cache's own size must never cut a new subscriber off at its replay.
+            bounds = attrs.evolve(
+                bounds,
+                max_metadata_frames=max(bounds.max_metadata_frames, cache.max_types or 0),
+                max_metadata_bytes=max(bounds.max_metadata_bytes, cache.max_bytes or 0),
+            )
         subscription = Subscription(
             self,
-            bounds=bounds or QueueBounds(),
+            bounds=bounds,
             policy=policy,
             decimate=decimate or {},
             label=label,
             follows_end=follows_end,
             session_types=session_types,
         )
-        cached = list(self.metadata) if replay else []
+        cached = list(cache) if replay else []
         if cached:
             # Replay bypasses the ordinary bounds (it is all metadata) but not the hard cap.
             subscription.offer(cached)
@@ -496,33 +557,52 @@ class Stream:
 
         Lossy subscribers get them at once; the call then waits, frame by frame, for room in
         each lossless subscriber's queue. Always a checkpoint.
+
+        Raises :class:`MetadataLimitExceeded` when a metadata frame would pass the metadata
+        cache's bounds: the frames before it are published, it and the rest are not.
         """
-        self._publish_to_lossy(frames)
+        frames, refused = self._publish_to_lossy(frames)
         if not self._lossless:
             await trio.lowlevel.checkpoint()
-            return
-        for subscription in list(self._lossless):
-            await subscription.put(frames)
+        else:
+            for subscription in list(self._lossless):
+                await subscription.put(frames)
+        if refused is not None:
+            raise refused
 
     def publish_nowait(self, frames: Sequence[Frame]) -> None:
         """Publish without waiting. Raises :class:`trio.WouldBlock` if a lossless subscriber
-        exists (use :meth:`publish` then)."""
+        exists (use :meth:`publish` then), and :class:`MetadataLimitExceeded` as
+        :meth:`publish` does."""
         if self._lossless:
             raise trio.WouldBlock
-        self._publish_to_lossy(frames)
+        _, refused = self._publish_to_lossy(frames)
+        if refused is not None:
+            raise refused
 
-    def _publish_to_lossy(self, frames: Sequence[Frame]) -> None:
+    def _publish_to_lossy(
+        self, frames: Sequence[Frame]
+    ) -> tuple[Sequence[Frame], MetadataLimitExceeded | None]:
+        """Cache metadata and offer ``frames`` to the lossy subscribers; return the frames
+        published (all of them, unless a metadata frame was refused) and the refusal."""
         cache = self.metadata
+        refused: MetadataLimitExceeded | None = None
         size = 0
-        for frame in frames:
-            size += frame.size
+        for index, frame in enumerate(frames):
             if frame.kind is not _DATA:
-                cache.update(frame)
+                reason = cache.update(frame)
+                if reason is not None:
+                    self.metadata_refused += 1
+                    refused = MetadataLimitExceeded(f"stream {self.name!r}: {reason}")
+                    frames = frames[:index]
+                    break
+            size += frame.size
         self.frames_in += len(frames)
         self.bytes_in += size
         # A snapshot: offering may end or close a subscription, which removes it from the list.
         for subscription in tuple(self._lossy):
             subscription.offer(frames)
+        return frames, refused
 
     def end_of_stream(self, reason: str) -> None:
         """A producer ended its stream cleanly: end the subscriptions that follow the end.
@@ -541,15 +621,34 @@ class Stream:
 
 
 class StreamRegistry:
-    """The daemon's streams by name, created on first use."""
+    """The daemon's streams by name, created on first use with their configured bounds."""
 
     def __init__(self) -> None:
         self._streams: dict[str, Stream] = {}
+        self._configs: Mapping[str, StreamConfig] = {}
+
+    def configure(self, configs: Mapping[str, StreamConfig]) -> None:
+        """Each stream's settings (``[streams.NAME]``); streams not named get the defaults.
+        Applies to existing streams too: a metadata cache already past a lowered bound keeps
+        what it holds and refuses what would add to it."""
+        self._configs = dict(configs)
+        for stream in self._streams.values():
+            config = self._config_of(stream.name)
+            stream.metadata.max_types = config.max_metadata_types
+            stream.metadata.max_bytes = config.max_metadata_bytes
+
+    def _config_of(self, name: str) -> StreamConfig:
+        return self._configs.get(name) or _DEFAULT_STREAM
 
     def get(self, name: str) -> Stream:
         stream = self._streams.get(name)
         if stream is None:
-            stream = self._streams[name] = Stream(name)
+            config = self._config_of(name)
+            stream = self._streams[name] = Stream(
+                name,
+                max_metadata_types=config.max_metadata_types,
+                max_metadata_bytes=config.max_metadata_bytes,
+            )
         return stream
 
     def __iter__(self) -> Iterator[Stream]:

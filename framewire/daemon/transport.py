@@ -44,6 +44,7 @@ __all__ = [
     "open_unix_listener",
     "peer_name",
     "server_tls_context",
+    "system_backlog",
     "tcp_connector",
     "tls_connector",
     "unix_connector",
@@ -62,6 +63,10 @@ NOTSENT_LOWAT: Final = 4 << 20
 _IOV_MAX: Final = 1024
 #: Mode of a UNIX socket file unless configured: owner and group may connect.
 DEFAULT_SOCKET_MODE: Final = 0o660
+#: Where Linux keeps the largest listen backlog it allows.
+_SOMAXCONN_PATH: Final = "/proc/sys/net/core/somaxconn"
+#: Linux and the BSDs keep the backlog in 16 bits.
+_MAX_BACKLOG: Final = 0xFFFF
 _TLS_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -71,6 +76,26 @@ class HandshakeFailed(trio.BrokenResourceError):
 
 def _nbytes(buffer: Buffer) -> int:
     return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
+
+
+async def _handshake_already_done() -> None:
+    """Stands in for a finished TLS handshake's coroutine function (see below)."""
+
+
+def _release_handshake(stream: trio.SSLStream[trio.abc.Stream]) -> None:
+    """Break trio.SSLStream's reference cycle once its handshake has run.
+
+    An SSLStream keeps its handshake as a run-once helper holding a bound method of the stream
+    itself: a cycle that only the cyclic garbage collector frees, so every TLS connection's
+    OpenSSL state (tens of KiB) would outlive its close until a collection (4,475 failed
+    handshakes once held 300 MiB). After the handshake has started the helper never calls the
+    method again, so it is replaced by a function that holds nothing. If trio's internals
+    change this does nothing; tests/test_hardening.py notices.
+    """
+    once = getattr(stream, "_handshook", None)
+    if once is not None and getattr(once, "started", False):
+        with contextlib.suppress(AttributeError, TypeError):
+            once._afn = _handshake_already_done
 
 
 def peer_name(stream: trio.abc.Stream) -> str:
@@ -141,14 +166,17 @@ class Connection:
             with trio.fail_after(self.handshake_timeout):
                 await stream.do_handshake()
         except trio.TooSlowError:
+            _release_handshake(stream)
             raise HandshakeFailed(
                 f"TLS handshake with {self.peer} failed: no handshake within "
                 f"{self.handshake_timeout:g}s"
             ) from None
         except trio.BrokenResourceError as exc:
+            _release_handshake(stream)
             raise HandshakeFailed(
                 f"TLS handshake with {self.peer} failed: {_tls_reason(exc)}"
             ) from None
+        _release_handshake(stream)
 
     async def receive_into(self, buffer: memoryview) -> int:
         """Read up to ``len(buffer)`` bytes into ``buffer``; 0 means the peer closed.
@@ -241,11 +269,29 @@ def connector_for(address: Address) -> Connector:
     return unix_connector(address) if address.is_unix else tcp_connector(address)
 
 
+def system_backlog() -> int:
+    """The largest listen backlog the system allows: ``net.core.somaxconn`` on Linux
+    (``/proc/sys/net/core/somaxconn``), else ``socket.SOMAXCONN``; at most 65535.
+
+    Never fails: an unreadable or odd file means ``socket.SOMAXCONN``.
+    """
+    try:
+        with open(_SOMAXCONN_PATH, encoding="ascii") as file:
+            value = int(file.read().strip())
+    except (OSError, ValueError):
+        value = socket.SOMAXCONN
+    return max(1, min(value, _MAX_BACKLOG))
+
+
 async def open_listeners(
-    address: Address, *, backlog: int = 128, socket_mode: int = DEFAULT_SOCKET_MODE
+    address: Address, *, backlog: int | None = None, socket_mode: int = DEFAULT_SOCKET_MODE
 ) -> list[trio.abc.Listener[trio.abc.Stream]]:
     """Bind and listen on ``address`` (``tcp://*:port``: every interface, IPv4 and IPv6;
     ``unix:///path``: see :func:`open_unix_listener`, with ``socket_mode``).
+
+    ``backlog`` None (the default) is the largest the system allows, so a burst of connects
+    waits in the kernel's queue instead of losing SYNs (and waiting a second for the retry):
+    trio then asks for 65535 and the kernel caps it at ``net.core.somaxconn``.
 
     Raises OSError (e.g. address in use) with the address in the message.
     """
@@ -290,9 +336,10 @@ class UnixSocketListener(trio.abc.Listener[trio.abc.Stream]):
 
 
 async def open_unix_listener(
-    address: Address, *, mode: int = DEFAULT_SOCKET_MODE, backlog: int = 128
+    address: Address, *, mode: int = DEFAULT_SOCKET_MODE, backlog: int | None = None
 ) -> UnixSocketListener:
-    """Listen on the UNIX socket ``address.path``, its file made with permission bits ``mode``.
+    """Listen on the UNIX socket ``address.path``, its file made with permission bits ``mode``,
+    with a listen ``backlog`` of :func:`system_backlog` unless given.
 
     A socket file left at the path by a process that is gone (nothing accepts on it) is
     replaced. Raises OSError, naming the address: EADDRINUSE when something still listens
@@ -327,7 +374,7 @@ async def open_unix_listener(
         await sock.bind(path)
         # Before listen(): nobody can connect until the mode is right.
         os.chmod(path, mode)
-        sock.listen(backlog)
+        sock.listen(system_backlog() if backlog is None else backlog)
         return UnixSocketListener(sock, path)
     except OSError as exc:
         sock.close()
@@ -469,12 +516,19 @@ def tls_connector(
     """
     hostname = server_name or address.host or address.path
 
-    async def connect() -> trio.abc.Stream:
-        transport = await connector()
+    async def handshake(transport: trio.abc.Stream) -> trio.abc.Stream:
         stream = trio.SSLStream(transport, context, server_hostname=hostname)
         try:
             with trio.fail_after(handshake_timeout):
                 await stream.do_handshake()
+        finally:
+            _release_handshake(stream)
+        return stream
+
+    async def connect() -> trio.abc.Stream:
+        transport = await connector()
+        try:
+            return await handshake(transport)
         except trio.TooSlowError:
             await trio.aclose_forcefully(transport)
             raise ConnectionError(
@@ -485,7 +539,6 @@ def tls_connector(
             raise ConnectionError(
                 f"TLS handshake with {address} failed: {_tls_reason(exc)}"
             ) from None
-        return stream
 
     return connect
 

@@ -7,9 +7,19 @@ now complete. Tests and file readers can use :meth:`FrameDecoder.feed` instead. 
 touches a socket.
 
 Small frames are cut out of one reused receive buffer (one copy each, so a queued frame never
-pins the whole buffer). A frame larger than :data:`LARGE_FRAME` gets a buffer of its own, sized
-once its length is known and checked against the maximum, and the I/O layer reads straight
-into it.
+pins the whole buffer). A frame larger than :data:`LARGE_FRAME` gets a buffer of its own, and
+the I/O layer reads straight into it.
+
+Memory follows the bytes that arrived, never the length a peer announced: a large frame's
+buffer starts at :data:`FIRST_LARGE_BUFFER` (or twice what has arrived) and doubles as it
+fills, up to the frame's size. So a connection holds at most its receive buffer plus about
+twice what has arrived of its current frame, whatever its header claims. A finished frame's
+buffer is trimmed to the frame (any slack above 1/16 of it is copied away), so the size a
+queue counts for a frame is what the frame holds.
+
+A decoder that raised :class:`ProtocolError` keeps only the error's class and message and
+drops its buffers at once: no reference cycle through a traceback keeps a dead connection's
+memory alive until a garbage collection.
 """
 
 from __future__ import annotations
@@ -19,14 +29,21 @@ from typing import Final
 from ..frame import Buffer, Frame
 from ._errors import FrameTooLarge, ProtocolError, TruncatedFrame
 
-__all__ = ["LARGE_FRAME", "RECEIVE_BUFFER_SIZE", "FrameDecoder"]
+__all__ = ["FIRST_LARGE_BUFFER", "LARGE_FRAME", "RECEIVE_BUFFER_SIZE", "FrameDecoder"]
 
 #: Size of the reused receive buffer.
 RECEIVE_BUFFER_SIZE: Final = 256 * 1024
 #: Frames above this size are read into a buffer of their own instead of the shared one.
 LARGE_FRAME: Final = 64 * 1024
-#: How far a read into a large frame's buffer may go past the frame's known end.
+#: The least a large frame's own buffer starts with (it then doubles as bytes arrive).
+FIRST_LARGE_BUFFER: Final = 2 * LARGE_FRAME
+#: How far a read into a large frame's buffer may go past the frame's known end (at most a
+#: sixteenth of the frame, so the slack a finished frame keeps stays small).
 READ_AHEAD: Final = 64 * 1024
+
+
+def _read_ahead(needed: int) -> int:
+    return min(READ_AHEAD, needed >> 4)
 
 
 class FrameDecoder:
@@ -42,7 +59,8 @@ class FrameDecoder:
     * ``_make_frame(wire) -> Frame | None``: build the frame from its complete bytes (which it
       may keep as ``Frame.wire``); return ``None`` for control frames it consumed.
 
-    After an error the decoder is poisoned: every later call raises the same error.
+    After an error the decoder is poisoned: every later call raises an error of the same class
+    and message, and its buffers are released.
     """
 
     protocol: str = ""
@@ -55,25 +73,37 @@ class FrameDecoder:
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
-        # A large frame being assembled in its own buffer: the buffer and the bytes filled.
+        # A large frame being assembled in its own buffer: the buffer, the bytes filled and
+        # the bytes known to be needed so far (the whole frame, or the next step of it).
         self._large: bytearray | None = None
         self._large_filled = 0
         self._large_needed = 0
-        self._error: ProtocolError | None = None
+        # After an error: its class and message, never the exception itself (its traceback
+        # would point back here and keep the buffers alive in a reference cycle).
+        self._failure: tuple[type[ProtocolError], str] | None = None
         #: Set once the peer announced the end of its stream (protocols that have one).
         self.ended = False
 
     # -- the I/O side -----------------------------------------------------------------------
 
     def get_buffer(self) -> memoryview:
-        """A writable buffer for the next read. Its length is the most that should be read."""
-        if self._error is not None:
-            raise self._error
+        """A writable buffer for the next read. Its length is the most that should be read.
+
+        Raises the decoder's :class:`ProtocolError` again after a failure, and
+        :class:`FrameTooLarge` when memory for a growing frame cannot be had.
+        """
+        if self._failure is not None:
+            self._raise_failure()
         large = self._large
         if large is not None:
-            # Read what the frame still needs and at most READ_AHEAD more: the start of the
-            # next frame, so a stream of large frames does not take an extra read each.
-            return memoryview(large)[self._large_filled : self._large_needed + READ_AHEAD]
+            filled = self._large_filled
+            needed = self._large_needed
+            # Read what the frame still needs and a little more: the start of the next frame,
+            # so a stream of large frames does not take an extra read each.
+            limit = needed + _read_ahead(needed)
+            if filled >= len(large):
+                large = self._grow_large(min(limit, max(2 * filled, filled + LARGE_FRAME)))
+            return memoryview(large)[filled:limit]
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._buffer) - self._end < LARGE_FRAME:
@@ -91,33 +121,28 @@ class FrameDecoder:
 
         Raises:
             ProtocolError: the bytes are not valid for this protocol (or exceed the size limit).
+                The decoder is then poisoned: every later call raises the same error.
         """
-        if self._error is not None:
-            raise self._error
+        if self._failure is not None:
+            self._raise_failure()
         frames: list[Frame] = []
-        if self._large is not None:
-            self._large_filled += nbytes
-            if self._large_filled < self._large_needed:
-                return frames
-            try:
-                if not self._finish_large(frames):
-                    return frames
-            except ProtocolError as exc:
-                self._error = exc
-                raise
-        else:
-            self._end += nbytes
         try:
+            if self._large is not None:
+                self._large_filled += nbytes
+                if self._large_filled < self._large_needed or not self._finish_large(frames):
+                    return frames
+            else:
+                self._end += nbytes
             self._cut(frames)
         except ProtocolError as exc:
-            self._error = exc
+            self._fail(type(exc), str(exc))
             raise
         return frames
 
     def feed(self, data: Buffer) -> list[Frame]:
         """Decode ``data`` (any chunk of the stream); return the frames it completed."""
-        if self._error is not None:
-            raise self._error
+        if self._failure is not None:
+            self._raise_failure()
         frames: list[Frame] = []
         source = memoryview(data).cast("B")
         while source:
@@ -130,17 +155,22 @@ class FrameDecoder:
 
     def end_of_input(self) -> None:
         """The input ended. Raises :class:`TruncatedFrame` if it ended inside a frame."""
-        if self._error is not None:
-            raise self._error
+        if self._failure is not None:
+            self._raise_failure()
         pending = self._large_filled if self._large is not None else self._end - self._start
         if pending:
-            self._error = TruncatedFrame(f"stream ended {pending} bytes into a frame")
-            raise self._error
+            self._fail(TruncatedFrame, f"stream ended {pending} bytes into a frame")
+            self._raise_failure()
 
     @property
     def buffered(self) -> int:
         """Bytes received that do not yet form a complete frame."""
         return self._large_filled if self._large is not None else self._end - self._start
+
+    @property
+    def failed(self) -> bool:
+        """Whether the decoder has raised a :class:`ProtocolError` (and is now unusable)."""
+        return self._failure is not None
 
     # -- the protocol side ------------------------------------------------------------------
 
@@ -160,6 +190,39 @@ class FrameDecoder:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _fail(self, kind: type[ProtocolError], message: str) -> None:
+        """Poison the decoder and let go of its buffers."""
+        self._failure = (kind, message)
+        self._large = None
+        self._large_filled = self._large_needed = 0
+        self._buffer = bytearray()
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+
+    def _raise_failure(self) -> None:
+        assert self._failure is not None
+        kind, message = self._failure
+        raise kind(message)
+
+    def _grow_large(self, size: int) -> bytearray:
+        """Grow the large frame's buffer to ``size`` bytes (the bytes filled are kept)."""
+        large = self._large
+        assert large is not None
+        extra = size - len(large)
+        try:
+            try:
+                large += bytes(extra)
+            except BufferError:  # a caller still holds a view: grow into a new buffer
+                grown = bytearray(size)
+                grown[: self._large_filled] = memoryview(large)[: self._large_filled]
+                large = self._large = grown
+        except MemoryError:
+            raise FrameTooLarge(
+                f"cannot allocate {size} bytes for a frame of at least {self._large_needed} "
+                "bytes: out of memory"
+            ) from None
+        return large
+
     def _finish_large(self, frames: list[Frame]) -> bool:
         """The large frame has the bytes it needed so far: complete it, or ask for more.
 
@@ -171,17 +234,9 @@ class FrameDecoder:
         filled = self._large_filled
         needed = self._check_size(self._measure(memoryview(large), 0, filled))
         if needed > filled:
+            # A frame measured in steps (G3: key by key): wait for the next step. Its buffer
+            # grows in place, when it is full, so the bytes read are not copied at every step.
             self._large_needed = needed
-            if needed + READ_AHEAD > len(large):
-                # A frame measured in steps (G3: key by key) grows its buffer in place, so
-                # the bytes already read are not copied at every step.
-                extra = needed + READ_AHEAD - len(large)
-                try:
-                    large.extend(bytes(extra))
-                except BufferError:  # a caller still holds a view: grow into a new buffer
-                    grown = bytearray(len(large) + extra)
-                    grown[:filled] = memoryview(large)[:filled]
-                    self._large = grown
             return False
         surplus = filled - needed
         self._view[:surplus] = memoryview(large)[needed:filled]
@@ -193,6 +248,11 @@ class FrameDecoder:
             del large[needed:]  # the frame's exact bytes, without a copy
         except BufferError:  # a caller still holds a view of the buffer: copy instead
             wire = bytes(memoryview(large)[:needed])
+        else:
+            # CPython keeps a bytearray's allocation when it shrinks by less than half: copy a
+            # frame whose buffer holds much more than the frame, so queues count what is held.
+            if large.__alloc__() - needed > (needed >> 4) + 64:
+                wire = bytes(large)
         frame = self._make_frame(wire)
         if frame is not None:
             frames.append(frame)
@@ -213,7 +273,11 @@ class FrameDecoder:
                     self._check_size(needed)
                 if needed > available:
                     if needed > LARGE_FRAME:
-                        large = bytearray(needed + READ_AHEAD)
+                        # Sized by what has arrived, never by what the header announces.
+                        size = min(
+                            needed + _read_ahead(needed), max(2 * available, FIRST_LARGE_BUFFER)
+                        )
+                        large = bytearray(size)
                         large[:available] = view[start:end]
                         self._large = large
                         self._large_filled = available

@@ -138,6 +138,11 @@ class G3Decoder(FrameDecoder):
             spt3g_crc([])  # fail now, not at the first frame, if the CRC package is missing
         #: EndProcessing frames seen and swallowed.
         self.end_processing = 0
+        # How far the lengths of the frame being received have been walked: the offset of the
+        # next length field and the lengths read. Measuring resumes there, so a frame of many
+        # keys arriving in many reads is walked once, not once per read.
+        self._walked = HEADER_SIZE
+        self._lengths_read = 0
 
     def _measure(self, view: memoryview, start: int, end: int) -> int:
         available = end - start
@@ -153,19 +158,25 @@ class G3Decoder(FrameDecoder):
             raise ProtocolError(f"unsupported G3Frame version {version} (expected 1)")
         if not 0 <= nkeys <= MAX_KEYS:
             raise ProtocolError(f"implausible G3 key count {nkeys}")
-        length = _LENGTH[flag]
+        unpack = _LENGTH[flag].unpack_from
         limit = self.max_frame_size
-        position = HEADER_SIZE
-        for _ in range(2 * nkeys):
-            if position + 8 > available:
-                return position + 8
-            (size,) = length.unpack_from(view, start + position)
-            position += 8 + size
-            if position > limit:
-                return self._check_size(position)
+        position, read = self._walked, self._lengths_read
+        lengths = 2 * nkeys
+        try:
+            while read < lengths:
+                if position + 8 > available:
+                    return position + 8
+                (size,) = unpack(view, start + position)
+                position += 8 + size
+                read += 1
+                if position > limit:
+                    return self._check_size(position)
+        finally:
+            self._walked, self._lengths_read = position, read
         return position + 4
 
     def _make_frame(self, wire: bytes | bytearray) -> Frame | None:
+        self._walked, self._lengths_read = HEADER_SIZE, 0  # the next frame is walked afresh
         flag = wire[0]
         _, _, nkeys, code = _HEADER[flag].unpack_from(wire)
         type_name = _type_name(code)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import ClassVar, Generic, TypeVar
+from typing import ClassVar, Final, Generic, TypeVar
 
 import attrs
 import trio
 
 from ...config import Address, EndpointConfig, TLSConfig
+from ..lograte import RateLimitedWarning
 from ..stream import StreamRegistry, Subscription
 from ..transport import (
     ACCEPT_RETRY_ERRNOS,
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 ConfigT = TypeVar("ConfigT", bound=EndpointConfig)
+
+#: Seconds between two tries of an accept() that failed for lack of descriptors or memory.
+ACCEPT_RETRY_DELAY: Final = 0.1
 
 
 class Transports:
@@ -183,6 +187,12 @@ class Endpoint(Generic[ConfigT]):
         self.log = logging.getLogger(f"framewire.endpoint.{name}")
         self.status = EndpointStatus(kind=self.kind)
         self._stop_requested = trio.Event()
+        self._accept_failures = RateLimitedWarning(
+            self.log,
+            f"accept failed; retrying every {ACCEPT_RETRY_DELAY * 1000:.0f} ms",
+            detail=self.status.detail,
+            key="accept_failures",
+        )
 
     def request_stop(self) -> None:
         """Ask the endpoint to finish gracefully: stop accepting, let clients drain, return."""
@@ -205,7 +215,7 @@ class Endpoint(Generic[ConfigT]):
         try:
             await connection.establish()
         except HandshakeFailed as exc:
-            self.log.warning("%s", exc)
+            self.log.warning("%s", str(exc))  # a string: a kept record must not pin the stream
             return None
         return connection
 
@@ -213,8 +223,9 @@ class Endpoint(Generic[ConfigT]):
         """The next connection on ``listener``.
 
         When the process is out of descriptors or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS)
-        it logs, waits 100 ms and tries again rather than failing the endpoint; other
-        errors propagate.
+        it waits 100 ms and tries again rather than failing the endpoint, for as long as that
+        lasts; each failure is counted in ``detail.accept_failures`` and logged at most once
+        per 10 seconds (with counts). Other errors propagate.
         """
         while True:
             try:
@@ -222,8 +233,8 @@ class Endpoint(Generic[ConfigT]):
             except OSError as exc:
                 if exc.errno not in ACCEPT_RETRY_ERRNOS:
                     raise
-                self.log.warning("accept failed (%s); retrying in 100 ms", exc)
-                await trio.sleep(0.1)
+                self._accept_failures(str(exc))
+                await trio.sleep(ACCEPT_RETRY_DELAY)
 
     async def _until_stop_requested(self, cancel_scope: trio.CancelScope) -> None:
         """Cancel ``cancel_scope`` once a stop is requested (run it in the scope's nursery)."""

@@ -52,7 +52,7 @@ from ...protocols import ProtocolError
 from ...protocols.rogue import RogueCodec
 from ..flow import BATCH_BYTES, BATCH_FRAMES, UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
-from ..stream import Policy, QueueBounds, Subscription, SubscriptionClosed
+from ..stream import MetadataLimitExceeded, Policy, QueueBounds, Subscription, SubscriptionClosed
 from ..zeromq import AsyncSocket, open_context, require_zmq
 from ._base import Endpoint, EndpointContext, OutgoingQueue
 
@@ -205,7 +205,11 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
             status.frames_in += len(frames)
             status.bytes_in += sum(frame.size for frame in frames)
             if stream is not None:
-                await stream.publish(frames)
+                try:
+                    await stream.publish(frames)
+                except MetadataLimitExceeded as exc:
+                    # A ZeroMQ peer cannot be refused alone: drop what passes the bound.
+                    self._bad_messages(exc.reason)
             else:
                 discarded = status.detail.get("frames_discarded", 0)
                 assert isinstance(discarded, int)

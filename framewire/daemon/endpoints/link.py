@@ -64,7 +64,14 @@ from ..flow import (
     receive_frames,
 )
 from ..keepalive import KeepaliveConnection, send_keepalives
-from ..stream import MetadataCache, Policy, QueueBounds, Subscription, SubscriptionClosed
+from ..stream import (
+    MetadataCache,
+    MetadataLimitExceeded,
+    Policy,
+    QueueBounds,
+    Subscription,
+    SubscriptionClosed,
+)
 from ..transport import Connection, bound_addresses, peer_name
 from ._base import ClientInfo, Endpoint, EndpointContext, OutgoingQueue
 
@@ -411,6 +418,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     nursery.start_soon(self._send_side, connection, outcome)
         except* protocols.ProtocolError as group:
             outcome.reason = f"bad bytes from the peer: {first_error(group)}"
+        except* MetadataLimitExceeded as group:
+            outcome.reason = f"refused: {first_error(group)}"
         except* trio.TooSlowError:
             outcome.reason = f"a write stalled for more than {config.send_timeout:g}s"
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:

@@ -1,6 +1,14 @@
 """``kind = "receiver"``: take frames from producers and publish them into a stream.
 
-Listen mode accepts up to ``max_clients`` producers at once. Connect mode keeps one
+Listen mode holds up to ``max_clients`` connections at once. A connection is *proven* once it
+has delivered a valid frame. When every slot is taken, a newcomer takes the slot of the
+oldest connection that has not proven itself (a port probe, a scanner, a silent or confused
+client), which is closed with one log line; only when every connection is proven is the
+newcomer refused. A protocol that takes one producer at a time (aedat4) admits the first
+connection to prove itself; one that proves itself while another is producing is refused,
+so a silent or invalid connection never holds the stream against a real producer. Nothing
+is closed for being slow to start: a producer may connect and send its first frame minutes
+later, as a connect-mode G3NetworkSender does. Connect mode keeps one
 connection to an upstream, reconnecting with exponential backoff and jitter whenever it is
 refused, times out, closes, breaks or sends bad bytes; the backoff starts over after a
 connection that stayed up for ``reconnect.stable_after``. Logs one line per change of state,
@@ -9,6 +17,7 @@ not one per failed attempt.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -22,10 +31,28 @@ from ...frame import Frame
 from ..backoff import Backoff
 from ..flow import make_decoder, receive_frames
 from ..reconnect import keep_connected
+from ..stream import MetadataLimitExceeded
 from ..transport import Connection, bound_addresses
 from ._base import ClientInfo, Endpoint, EndpointContext
 
 __all__ = ["ReceiverEndpoint"]
+
+
+class _Refused(Exception):
+    """A connection that proved itself may not produce (another producer has the stream)."""
+
+
+class _Slot:
+    """One connection of a listening receiver, proven or not."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.proven = False
+        self.scope = trio.CancelScope()
+        #: Set when the slot was taken from it: the newcomer's name.
+        self.evicted_by: str | None = None
+        #: Whether the connection ended in a way worth a warning (bad bytes, refused).
+        self.failed = False
 
 
 class ReceiverEndpoint(Endpoint[ReceiverConfig]):
@@ -41,6 +68,11 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
     ) -> None:
         super().__init__(name, config, context)
         self.backoff = Backoff(config.reconnect, rng)
+        # Listen mode: connections in the order they came (oldest first), and how many of
+        # them have proven themselves.
+        self._slots: dict[int, _Slot] = {}
+        self._proven = 0
+        self._one_producer = bool(protocols.get(config.protocol).session_metadata_types)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -81,30 +113,54 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                 producers.start_soon(self._serve_producer, await self._accept(listener))
 
     async def _serve_producer(self, stream: trio.abc.Stream) -> None:
+        slot: _Slot | None = None
         try:
             connection = await self._establish(stream)
             if connection is None:
                 return
-            if len(self.status.clients) >= self.config.max_clients:
+            slot = self._take_slot(connection.peer)
+            if slot is None:
                 self.log.warning(
-                    "refused producer %s: max_clients (%d) reached",
+                    "refused producer %s: max_clients (%d) reached and every connection "
+                    "has delivered frames",
                     connection.peer,
                     self.config.max_clients,
                 )
                 return
-            if self.status.clients and protocols.get(self.config.protocol).session_metadata_types:
-                # Packets of two connections under one session header would break readers.
-                self.log.warning(
-                    "refused producer %s: a %s stream takes one producer at a time",
-                    connection.peer,
-                    self.config.protocol,
-                )
-                return
             self.log.info("producer %s connected", connection.peer)
-            outcome = await self._receive(connection)
-            self.log.info("producer %s: %s", connection.peer, outcome)
+            outcome = "closed"
+            with slot.scope:
+                outcome = await self._receive(connection, slot)
+            if slot.evicted_by is not None:
+                slot.failed = True
+                outcome = (
+                    f"closed to make room for {slot.evicted_by}: it had not sent a valid "
+                    f"frame and all {self.config.max_clients} slots were taken"
+                )
+            level = logging.WARNING if slot.failed else logging.INFO
+            self.log.log(level, "producer %s: %s", connection.peer, outcome)
         finally:
+            if slot is not None:
+                self._release_slot(slot)
             await trio.aclose_forcefully(stream)
+
+    def _take_slot(self, peer: str) -> _Slot | None:
+        """A slot for a new connection from ``peer``, taken from the oldest unproven
+        connection if all are in use; None if every connection is proven."""
+        if len(self._slots) >= self.config.max_clients:
+            victim = next((slot for slot in self._slots.values() if not slot.proven), None)
+            if victim is None:
+                return None
+            self._release_slot(victim)
+            victim.evicted_by = peer
+            victim.scope.cancel()
+        slot = _Slot(peer)
+        self._slots[id(slot)] = slot
+        return slot
+
+    def _release_slot(self, slot: _Slot) -> None:
+        if self._slots.pop(id(slot), None) is not None and slot.proven:
+            self._proven -= 1
 
     # -- connect mode --------------------------------------------------------------------
 
@@ -128,8 +184,13 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
 
     # -- both ----------------------------------------------------------------------------
 
-    async def _receive(self, connection: Connection) -> str:
-        """Publish everything ``connection`` carries; return how it ended, for the log."""
+    async def _receive(self, connection: Connection, slot: _Slot | None = None) -> str:
+        """Publish everything ``connection`` carries; return how it ended, for the log.
+
+        ``slot`` is the connection's slot in listen mode: it is marked proven with the first
+        valid frame (and, for a one-producer protocol, refused if another producer has the
+        stream).
+        """
         config = self.config
         stream = self.context.streams.get(config.stream)
         decoder = make_decoder(config.protocol, config.max_frame_size, config.verify_crc)
@@ -139,6 +200,14 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         idle = config.idle_timeout or math.inf
 
         async def publish(frames: Sequence[Frame]) -> None:
+            if slot is not None and not slot.proven:
+                if self._one_producer and self._proven:
+                    raise _Refused(
+                        f"a {config.protocol} stream takes one producer at a time, and "
+                        "another is producing"
+                    )
+                slot.proven = True
+                self._proven += 1
             nbytes = sum(frame.size for frame in frames)
             client.frames_in += len(frames)
             client.bytes_in += nbytes
@@ -166,8 +235,16 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
             return f"sent nothing for {idle:g}s; dropped the connection"
         except protocols.ProtocolError as exc:
             status.last_error = f"{connection.peer}: {exc}"
-            return f"closed: {exc}"
+            outcome = f"closed: {exc}"
+        except MetadataLimitExceeded as exc:
+            status.last_error = f"{connection.peer}: {exc.reason}"
+            outcome = f"refused: {exc.reason}"
+        except _Refused as exc:
+            outcome = f"refused: {exc}"
         except trio.BrokenResourceError as exc:
             return f"connection lost ({exc})"
         finally:
             del status.clients[id(client)]
+        if slot is not None:
+            slot.failed = True
+        return outcome

@@ -9,14 +9,23 @@ ended its stream. Every file begins with the latest frame of each metadata type 
 so each one stands alone. A path
 ending in ``.gz`` is compressed. Writing happens in a worker thread; with the default
 ``policy = "lossless"`` a slow disk holds the stream back instead of losing frames.
+
+At most once a second (by trio's clock), and whenever a file is closed, the recorder checks
+that the file it writes is still the one at its path. One that was removed (alone or with its
+directory), moved away or replaced is logged as a warning, counted in ``detail.files_lost``
+and followed by the next numbered file, its directory recreated and the run's metadata first;
+frames written into a removed file since the last check are lost with it. If the directory cannot
+be (re)created the endpoint fails with an OSError naming it, and the supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import os
 import re
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -28,6 +37,9 @@ from ..stream import MetadataCache, Policy, QueueBounds, SubscriptionClosed
 from ._base import Endpoint
 
 __all__ = ["RecorderEndpoint", "numbered_path"]
+
+#: Seconds between two checks that the file being written is still at its path.
+FILE_CHECK_INTERVAL: Final = 1.0
 
 
 def numbered_path(pattern: Path, index: int) -> Path:
@@ -50,11 +62,42 @@ def next_index(pattern: Path) -> int:
     return highest + 1
 
 
+def _make_directory(directory: Path) -> None:
+    """Create ``directory`` (and its parents) unless it exists. Raises OSError naming it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot create the recording directory {directory}: {exc.strerror or exc}"
+        ) from exc
+
+
 def _create(path: Path) -> io.BufferedIOBase:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "xb")
-    return open(path, "xb")
+    """A new file at ``path``, its directory created if need be. Raises OSError naming it."""
+    _make_directory(path.parent)
+    try:
+        if path.name.endswith(".gz"):
+            return gzip.open(path, "xb")
+        return open(path, "xb")
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create {path}: {exc.strerror or exc}") from exc
+
+
+def _vanished(handle: io.BufferedIOBase, path: Path) -> str | None:
+    """None if the file open in ``handle`` is still the one at ``path``; else what became of
+    it ("was removed", ...). A gzip file is checked through the file under it."""
+    opened = os.fstat(handle.fileno())
+    if opened.st_nlink == 0:
+        return "was removed"
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return "was moved away"
+    except OSError as exc:
+        return f"can no longer be reached ({exc.strerror or exc})"
+    if (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino):
+        return "was replaced by another file"
+    return None
 
 
 def _nbytes(buffer: Buffer) -> int:
@@ -77,8 +120,12 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
         self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
         self._written = MetadataCache()
         self._handle: io.BufferedIOBase | None = None
+        self._path = pattern
         self._file_bytes = 0
+        self._next_check = 0.0
         self.status.address = [str(pattern)]
+        # Fail now, not at the first frame, if the files cannot be made there.
+        await trio.to_thread.run_sync(_make_directory, pattern.parent)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
@@ -107,7 +154,8 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
                     batch = await subscription.receive_batch()
                 except SubscriptionClosed as closed:
                     self.log.info("stream %r ended (%s)", config.stream, closed.reason)
-                    await self._close_file()
+                    if await self._still_in_place(pattern, then="the stream has ended"):
+                        await self._close_file()
                     self._written.clear()
                     return
                 await self._write(pattern, batch)
@@ -116,6 +164,8 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
     async def _write(self, pattern: Path, frames: list[Frame]) -> None:
         """Write ``frames``, starting a new file wherever the current one would get too big."""
         limit = self.config.max_file_size
+        if self._handle is not None and trio.current_time() >= self._next_check:
+            await self._still_in_place(pattern)
         pending: list[Buffer] = []
         pending_size = 0
         for frame in frames:
@@ -125,6 +175,8 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
             if self._handle is None or (full and self._file_bytes + pending_size):
                 await self._flush(pending, pending_size)
                 pending, pending_size = [], 0
+                if self._handle is not None:
+                    await self._still_in_place(pattern)
                 await self._start_file(pattern)
                 replay = encode_frames(self._encoder, list(self._written), self._unencodable)
                 pending += replay
@@ -142,12 +194,39 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
             self._file_bytes += size
             self.status.bytes_out += size
 
+    async def _still_in_place(self, pattern: Path, *, then: str = "") -> bool:
+        """Whether the current file (if any) is still the one at its path.
+
+        If it is not: one warning line naming it and what happened, ``detail.files_lost``
+        counts it, the file is closed (the next frame starts a new one) and the result is
+        False. ``then`` says what happens next in the warning (default: the next file's name).
+        """
+        handle = self._handle
+        if handle is None:
+            return True
+        self._next_check = trio.current_time() + FILE_CHECK_INTERVAL
+        what = await trio.to_thread.run_sync(_vanished, handle, self._path)
+        if what is None:
+            return True
+        lost = self.status.detail.get("files_lost", 0)
+        self.status.detail["files_lost"] = (lost if isinstance(lost, int) else 0) + 1
+        then = then or f"reopening as {numbered_path(pattern, self._index)}"
+        self.log.warning("%s %s while recording; %s", self._path, what, then)
+        await self._close_file()
+        return False
+
     async def _start_file(self, pattern: Path) -> None:
+        """Close the current file and create the next numbered one.
+
+        Raises OSError (naming the file or directory) if it cannot be created.
+        """
         await self._close_file()
         path = numbered_path(pattern, self._index)
         self._index += 1
         self._handle = await trio.to_thread.run_sync(_create, path)
+        self._path = path
         self._file_bytes = 0
+        self._next_check = trio.current_time() + FILE_CHECK_INTERVAL
         self.status.detail["file"] = str(path)
         self.log.info("recording into %s", path)
 
