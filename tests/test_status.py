@@ -114,7 +114,13 @@ async def test_drops_of_a_stalled_client_are_counted() -> None:
         snap = await snapshot_where(url, lambda s: s["endpoints"]["out"]["frames_dropped"] > 0)
         (entry,) = snap["endpoints"]["out"]["clients"]
         assert entry["frames_dropped"] == snap["endpoints"]["out"]["frames_dropped"]
-        assert entry["frames_dropped"] + entry["frames_sent"] + entry["queue_frames"] == 400
+        # Every frame is accounted for once: dropped, written, queued, or being written.
+        in_flight = entry["frames_in_flight"]
+        assert (
+            entry["frames_dropped"] + entry["frames_sent"] + entry["queue_frames"] + in_flight
+            == 400
+        )
+        assert entry["bytes_sent"] == entry["frames_sent"] * (28 + 1 + 64 * 1024)
         assert entry["queue_frames"] <= 8
         assert entry["queue_bytes"] <= 1 << 20
         await stalled.aclose()

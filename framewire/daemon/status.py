@@ -42,6 +42,7 @@ def build_snapshot(daemon: Daemon) -> dict[str, Any]:
         status = endpoint.status
         clients = []
         dropped = status.frames_dropped
+        decimated = status.frames_decimated
         for client in list(status.clients.values()):
             entry: dict[str, Any] = {
                 "peer": client.peer,
@@ -50,13 +51,18 @@ def build_snapshot(daemon: Daemon) -> dict[str, Any]:
             subscription = client.subscription
             if subscription is not None:
                 dropped += subscription.frames_dropped
+                decimated += subscription.frames_decimated
                 entry.update(
                     queue_frames=subscription.queued_frames,
                     queue_bytes=subscription.queued_bytes,
-                    frames_sent=subscription.frames_out,
-                    bytes_sent=subscription.bytes_out,
+                    frames_sent=client.frames_sent,
+                    bytes_sent=client.bytes_sent,
                     frames_dropped=subscription.frames_dropped,
                     frames_decimated=subscription.frames_decimated,
+                    frames_unencodable=client.frames_unencodable,
+                    frames_in_flight=subscription.frames_out
+                    - client.frames_sent
+                    - client.frames_unencodable,
                 )
             else:
                 entry.update(frames_received=client.frames_in, bytes_received=client.bytes_in)
@@ -70,6 +76,7 @@ def build_snapshot(daemon: Daemon) -> dict[str, Any]:
             "frames_out": status.frames_out,
             "bytes_out": status.bytes_out,
             "frames_dropped": dropped,
+            "frames_decimated": decimated,
             "restarts": status.restarts,
             "last_error": status.last_error,
             "detail": dict(status.detail),

@@ -114,6 +114,11 @@ class ClientInfo:
     subscription: Subscription | None = None
     frames_in: int = 0
     bytes_in: int = 0
+    #: Frames and bytes written to the peer's socket (clients a server feeds).
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    #: Frames left out because the peer's protocol cannot carry them.
+    frames_unencodable: int = 0
 
 
 class OutgoingQueue:
@@ -159,6 +164,9 @@ class EndpointStatus:
     frames_out: int = 0
     bytes_out: int = 0
     frames_dropped: int = 0
+    #: Frames decimation left out for clients that have gone (live clients' are added in
+    #: status).
+    frames_decimated: int = 0
     restarts: int = 0
     last_error: str | None = None
     clients: dict[int, ClientInfo] = attrs.field(factory=dict)

@@ -62,6 +62,7 @@ from ..flow import (
     encode_frames,
     first_error,
     receive_frames,
+    send_frames,
 )
 from ..keepalive import KeepaliveConnection, send_keepalives
 from ..stream import (
@@ -532,16 +533,17 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     self._subscribe()
                     continue
             batch = self._pending
-            with trio.fail_after(send_timeout):
-                await connection.send(self._encode(batch))
+            frames, nbytes = await send_frames(
+                connection, self._encoder, batch, self._unencodable, send_timeout=send_timeout
+            )
             if self._replay_metadata:
                 delivered = self._delivered
                 for frame in batch:
                     if frame.kind is not _DATA:
                         delivered.update(frame)
             self._pending = []
-            status.frames_out += len(batch)
-            status.bytes_out += sum(frame.size for frame in batch)
+            status.frames_out += frames
+            status.bytes_out += nbytes
 
     def _encode(self, frames: list[Frame]) -> list[Buffer]:
         return encode_frames(self._encoder, frames, self._unencodable)
