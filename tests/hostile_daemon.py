@@ -413,6 +413,14 @@ class ControlPair:
         self._stop_reading()
         return self.received
 
+    def close(self) -> None:
+        """Stop both threads and close both sockets (safe to call again, or after finish)."""
+        self._stop.set()
+        with self._arrived:
+            self._arrived.notify_all()
+        self._writer.join(5)
+        self._stop_reading()
+
     def _stop_reading(self) -> None:
         close_abruptly(self._producer)
         with contextlib.suppress(OSError):
