@@ -155,9 +155,10 @@ CAMPAIGN_SETTINGS = settings(
 DATA_TARGETS = [t for t in TARGETS if t.role != "status"]
 STATUS = next(t for t in TARGETS if t.role == "status")
 STATUS_CRASH = (
-    "status port: a few bytes that are not HTTP, then a close, make trio-websocket's reader"
-    " raise ConnectionClosed out of serve_websocket; the status server dies and takes the"
-    " daemon down (fix pending on main)"
+    "status port: an invalid request (b'\\xff\\xfe\\r\\n\\r\\n') then an immediate RST:"
+    " trio-websocket's reader answers 400, that send raises ConnectionClosed out of"
+    " serve_websocket, and the status server's failure takes the whole daemon down, exit"
+    " status 1 (fix pending on main)"
 )
 
 

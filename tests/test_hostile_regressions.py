@@ -10,6 +10,7 @@ before judging; nothing asserts how long anything took.
 from __future__ import annotations
 
 import random
+import re
 import socket
 import struct
 import threading
@@ -194,11 +195,24 @@ METADATA_TYPES = 20_000
 METADATA_SIZE = 8 * 1024
 
 
+@pytest.mark.parametrize(
+    ("bounds", "bound_hit"),
+    [
+        ("", "the bound of 256 metadata types"),  # the documented default
+        (
+            '[streams.meta]\nmax_metadata_types = 1000\nmax_metadata_bytes = "4MiB"\n',
+            "the bound of 4194304 bytes of metadata",  # 512 frames of 8 KiB: bytes first
+        ),
+    ],
+    ids=["default-bounds", "configured-bounds"],
+)
 def test_a_flood_of_metadata_types_is_refused_and_the_stream_lives_on(
-    start_daemon: StartDaemon,
+    start_daemon: StartDaemon, bounds: str, bound_hit: str
 ) -> None:
-    # The default per-stream bounds must refuse 20,000 types of 8 KiB (160 MiB).
-    daemon = start_daemon(relay("meta", "native"), "meta-in", "meta-out")
+    """20,000 metadata types of 8 KiB (160 MiB) pass both the default bounds of a stream's
+    metadata cache and configured ones: the producer is refused with a log line naming the
+    stream, and a new client of the stream still gets live data."""
+    daemon = start_daemon(bounds + relay("meta", "native"), "meta-in", "meta-out")
     flooder = connect(daemon.addresses["meta-in"], timeout=30)
     closed_by_daemon = False
     try:
@@ -218,7 +232,7 @@ def test_a_flood_of_metadata_types_is_refused_and_the_stream_lives_on(
             closed_by_daemon = True
     close_abruptly(flooder)
     assert closed_by_daemon, "the daemon took 20,000 metadata types of 8 KiB"
-    daemon.wait_log(r"meta-in: .*'?meta'?.*metadata|meta-in: .*metadata.*'?meta'?")
+    daemon.wait_log(r"meta-in: producer \S+: .*stream 'meta'.*" + re.escape(bound_hit))
     # A new client of the stream connects and gets live data after whatever is replayed.
     client = connect(daemon.addresses["meta-out"], timeout=30)
     try:
@@ -399,3 +413,35 @@ def test_a_stalled_client_costs_at_most_its_queue_bound(start_daemon: StartDaemo
         f" {(peak - before) / MIB:.0f} MiB"
     )
     assert daemon.alive()
+
+
+# -- the status port -------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trio-websocket's reader answers a bad request with 400; when the peer has already"
+    " reset, that send raises ConnectionClosed out of serve_websocket and the daemon exits"
+    " (fix pending on main)",
+)
+def test_a_bad_status_request_and_a_reset_leave_the_daemon_running(
+    start_daemon: StartDaemon,
+) -> None:
+    daemon = start_daemon(
+        '[status]\nlisten = "127.0.0.1:0"\n' + relay("s", "native"), "status", "s-in"
+    )
+    for _ in range(3):
+        sock = connect(daemon.addresses["status"])
+        sock.sendall(b"\xff\xfe\r\n\r\n")  # not a request line
+        close_abruptly(sock)  # RST before the daemon can answer
+    # The status port still answers (a crash would close it, then end the daemon).
+    sock = connect(daemon.addresses["status"])
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert sock.recv(12).startswith(b"HTTP/1.1"), "the status port did not answer"
+    except OSError as exc:
+        pytest.fail(f"the status port is gone: {exc!r}")
+    finally:
+        close_abruptly(sock)
+    daemon.settle(lambda: not daemon.alive(), timeout=1.0)
+    assert daemon.alive(), daemon.log()[-3000:]
