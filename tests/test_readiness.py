@@ -17,6 +17,7 @@ import trio
 
 from framewire.config import parse_config
 from framewire.daemon import Daemon, DaemonStartFailed
+from framewire.daemon.reconnect import describe_connect_error
 from framewire.daemon.status import build_snapshot
 
 from .helpers import running_daemon, wait_until
@@ -155,3 +156,47 @@ rate = 0
         assert status.frames_out == 6  # its metadata frame, then the five
         shown = build_snapshot(daemon)["endpoints"]["burst"]
         assert (shown["state"], shown["frames_out"]) == ("finished", 6)
+
+
+async def test_connect_errors_say_why() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(OSError, match="all attempts") as refused:
+        await trio.open_tcp_stream("127.0.0.1", port)
+    assert describe_connect_error(refused.value, 10) == "connection refused (nothing listens there)"
+    assert describe_connect_error(trio.TooSlowError(), 2.5) == "no answer within 2.5s"
+    unresolvable = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert describe_connect_error(unresolvable, 10) == (
+        "cannot resolve the host name: Name or service not known"
+    )
+    with pytest.raises(FileNotFoundError) as missing:
+        await trio.open_unix_socket("/nonexistent/framewire.sock")
+    assert describe_connect_error(missing.value, 10) == "no such socket file"
+
+
+async def test_last_error_has_its_time_and_the_state_shows_recovery() -> None:
+    port = free_port()
+    config = f"""
+[endpoints.up]
+kind = "receiver"
+connect = "tcp://127.0.0.1:{port}"
+stream = "s"
+[endpoints.up.reconnect]
+initial = "10ms"
+maximum = "20ms"
+"""
+    async with running_daemon(config) as daemon:
+        status = daemon.endpoints["up"].status
+        await wait_until(lambda: status.last_error is not None)
+        assert status.last_error == "connection refused (nothing listens there)"
+        assert status.last_error_at is not None
+        shown = build_snapshot(daemon)["endpoints"]["up"]
+        assert shown["last_error_at"] == status.last_error_at
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        try:
+            await wait_until(lambda: status.state == "connected")
+            # Healthy again: the error is kept, with its time, as history.
+            assert status.last_error == "connection refused (nothing listens there)"
+        finally:
+            listener.close()

@@ -8,9 +8,11 @@ the delay before the next attempt.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import trio
 
@@ -19,7 +21,52 @@ from .backoff import Backoff
 from .endpoints._base import EndpointStatus
 from .transport import Connection, Connector
 
-__all__ = ["keep_connected"]
+__all__ = ["describe_connect_error", "keep_connected"]
+
+#: How a failed connect reads in a log line, by errno (others use the system's text).
+_REASONS: Final = {
+    errno.ECONNREFUSED: "connection refused (nothing listens there)",
+    errno.ETIMEDOUT: "timed out",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ENOENT: "no such socket file",
+    errno.EACCES: "permission denied",
+    errno.ECONNRESET: "connection reset by the peer",
+}
+
+
+def describe_connect_error(exc: BaseException, timeout: float) -> str:
+    """Why a connect failed, in words: refused, timed out, no such host, TLS verification
+    failed (the TLS connector's message), ... never just "all attempts failed".
+
+    trio.open_tcp_stream raises one OSError for all the addresses it tried, with each
+    attempt's error in an exception group as its cause: those are the reasons given.
+    """
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc.strerror or exc}"
+    reasons: list[str] = []
+    for leaf in _leaves(exc.__cause__) if isinstance(exc.__cause__, BaseExceptionGroup) else []:
+        reason = _reason(leaf)
+        if reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons) if reasons else _reason(exc)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return leaves
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno in _REASONS:
+        return _REASONS[exc.errno]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
 
 
 async def keep_connected(
@@ -46,15 +93,11 @@ async def keep_connected(
             with trio.fail_after(connect_timeout):
                 stream = await connector()
         except (OSError, trio.TooSlowError) as exc:
-            problem = (
-                f"no answer within {connect_timeout:g}s"
-                if isinstance(exc, trio.TooSlowError)
-                else exc.strerror or str(exc)
-            )
+            problem = describe_connect_error(exc, connect_timeout)
             if problem != last_problem:
                 log.warning("cannot connect to %s: %s; retrying with backoff", address, problem)
                 last_problem = problem
-            status.last_error = problem
+            status.record_error(problem)
         else:
             last_problem = None
             connected_at = trio.current_time()

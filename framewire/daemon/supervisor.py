@@ -145,13 +145,13 @@ class Supervisor:
                         error = _unwrap(exc)
                         if not reported and not retry_first:
                             status.state = "failed"
-                            status.last_error = _describe(error)
+                            status.record_error(_describe(error))
                             log.error(
                                 "endpoint %s cannot start: %s", endpoint.name, status.last_error
                             )
                             log.debug("endpoint %s start failure", endpoint.name, exc_info=error)
                             return
-                        status.last_error = f"{type(error).__name__}: {error}"
+                        status.record_error(f"{type(error).__name__}: {error}")
                         status.restarts += 1
                         log.error(
                             "endpoint %s failed: %s",

@@ -234,10 +234,10 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                 return outcome
             return f"sent nothing for {idle:g}s; dropped the connection"
         except protocols.ProtocolError as exc:
-            status.last_error = f"{connection.peer}: {exc}"
+            status.record_error(f"{connection.peer}: {exc}")
             outcome = f"closed: {exc}"
         except MetadataLimitExceeded as exc:
-            status.last_error = f"{connection.peer}: {exc.reason}"
+            status.record_error(f"{connection.peer}: {exc.reason}")
             outcome = f"refused: {exc.reason}"
         except _Refused as exc:
             outcome = f"refused: {exc}"
