@@ -151,14 +151,21 @@ class Supervisor:
                             )
                             log.debug("endpoint %s start failure", endpoint.name, exc_info=error)
                             return
-                        status.record_error(f"{type(error).__name__}: {error}")
                         status.restarts += 1
-                        log.error(
-                            "endpoint %s failed: %s",
-                            endpoint.name,
-                            status.last_error,
-                            exc_info=error if not isinstance(error, OSError) else None,
-                        )
+                        if isinstance(error, _OPERATIONAL):
+                            # Expected in operation (a resource gone, a port taken): one
+                            # line; the traceback only for debugging.
+                            status.record_error(_describe(error))
+                            log.error("endpoint %s failed: %s", endpoint.name, status.last_error)
+                            log.debug("endpoint %s failure", endpoint.name, exc_info=error)
+                        else:  # a bug: the traceback is what the report needs
+                            status.record_error(f"{type(error).__name__}: {error}")
+                            log.error(
+                                "endpoint %s failed: %s",
+                                endpoint.name,
+                                status.last_error,
+                                exc_info=error,
+                            )
                     else:
                         if not endpoint.stop_requested:
                             status.state = "finished"
@@ -183,6 +190,11 @@ class Supervisor:
             child.done.set()
             if not reported:
                 task_status.started()
+
+
+#: Failures that operating a daemon brings (resources, files, certificates, extras), logged
+#: as one line; anything else is a bug and is logged with its traceback.
+_OPERATIONAL = (OSError, ValueError, ImportError)
 
 
 def _describe(error: BaseException) -> str:
