@@ -5,6 +5,7 @@ The daemon runs as a real process under a datagram NOTIFY_SOCKET, as systemd run
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -15,12 +16,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from framewire import Frame, FrameKind
 from framewire.config import parse_config
 from framewire.daemon import Daemon, DaemonStartFailed
 from framewire.daemon.reconnect import describe_connect_error
 from framewire.daemon.status import build_snapshot
+from framewire.protocols.native import END_OF_STREAM
 
-from .helpers import running_daemon, wait_until
+from .helpers import encode, running_daemon, wait_until
 from .test_systemd import NotifySocket, free_port
 
 
@@ -200,3 +203,30 @@ maximum = "20ms"
             assert status.last_error == "connection refused (nothing listens there)"
         finally:
             listener.close()
+
+
+async def test_a_normal_end_of_the_upstream_stream_is_info_not_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="framewire")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    config = f"""
+[endpoints.up]
+kind = "receiver"
+connect = "tcp://127.0.0.1:{listener.getsockname()[1]}"
+stream = "s"
+"""
+    try:
+        async with running_daemon(config):
+            upstream, _ = await trio.to_thread.run_sync(listener.accept)
+            upstream.sendall(encode([Frame(FrameKind.DATA, "d", b"x")]) + END_OF_STREAM)
+            upstream.close()
+            await wait_until(
+                lambda: any("ended its stream" in r.getMessage() for r in caplog.records)
+            )
+    finally:
+        listener.close()
+    (ended,) = [r for r in caplog.records if "ended its stream" in r.getMessage()]
+    assert ended.levelno == logging.INFO

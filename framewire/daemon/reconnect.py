@@ -21,7 +21,15 @@ from .backoff import Backoff
 from .endpoints._base import EndpointStatus
 from .transport import Connection, Connector
 
-__all__ = ["describe_connect_error", "keep_connected"]
+__all__ = ["Ended", "describe_connect_error", "keep_connected"]
+
+
+class Ended(str):
+    """How a connection ended, when that was a normal end (the peer ended its stream, the
+    stream it was fed ended): :func:`keep_connected` logs it at INFO, not as a warning."""
+
+    __slots__ = ()
+
 
 #: How a failed connect reads in a log line, by errno (others use the system's text).
 _REASONS: Final = {
@@ -82,9 +90,11 @@ async def keep_connected(
     """Connect to ``address`` and run ``use(connection)``, again and again, until cancelled.
 
     ``use`` returns (or the connection closes with) a description of how the connection
-    ended, for the log. A connection that lasted ``backoff.config.stable_after`` resets the
-    backoff. Connection failures (OSError, or no answer within ``connect_timeout``) are
-    retried; any other exception from ``connector`` or ``use`` propagates.
+    ended, for the log: an :class:`Ended` for a normal end (logged at INFO), any other
+    string for a problem (a WARNING). A connection that lasted
+    ``backoff.config.stable_after`` resets the backoff. Connection failures (OSError, or no
+    answer within ``connect_timeout``) are retried; any other exception from ``connector``
+    or ``use`` propagates.
     """
     last_problem: str | None = None
     while True:
@@ -107,7 +117,8 @@ async def keep_connected(
                 outcome = await use(Connection(stream, peer=str(address)))
             finally:
                 await trio.aclose_forcefully(stream)
-            log.warning("connection to %s ended: %s; reconnecting", address, outcome)
+            level = logging.INFO if isinstance(outcome, Ended) else logging.WARNING
+            log.log(level, "connection to %s ended: %s; reconnecting", address, outcome)
             if trio.current_time() - connected_at >= backoff.config.stable_after:
                 backoff.reset()
         delay = backoff.next_delay()
