@@ -26,7 +26,7 @@ from .config import (
     parse_address,
     parse_config,
 )
-from .daemon import serve
+from .daemon import DaemonStartFailed, serve
 from .daemon.flow import receive_frames
 from .daemon.transport import Connection, Connector, connector_for
 from .frame import Frame
@@ -97,6 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 )
     try:
         trio.run(serve, config, source, Path(source) if args.config else None)
+    except DaemonStartFailed as exc:  # each failure was logged as one line
+        print(f"framewire: not started: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as exc:  # pragma: no cover - e.g. no signal support
         print(f"framewire: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -233,7 +233,7 @@ async def test_outage_backoff_schedule_and_recovery(
     # One log line per change of state, not one per attempt.
     lines = messages(caplog, "b")
     down = [line for line in lines if line.startswith("link down")]
-    refused = [line for line in lines if "Connection refused" in line]
+    refused = [line for line in lines if "connection refused" in line]
     up = [line for line in lines if line.startswith("link up")]
     assert len(down) == 1
     assert len(refused) == 1

@@ -25,9 +25,22 @@ from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, sta
 from .notify import SystemdNotifier
 from .status import StatusServer, build_snapshot
 from .stream import StreamRegistry
-from .supervisor import Supervisor
+from .supervisor import StartFailed, Supervisor
 
-__all__ = ["Daemon", "raise_open_files_limit", "serve"]
+__all__ = ["Daemon", "DaemonStartFailed", "raise_open_files_limit", "serve"]
+
+
+class DaemonStartFailed(Exception):
+    """Endpoints could not take their local resources at start: the daemon is not ready.
+
+    Each failure was logged as one line; ``failures`` has them, in start order.
+    """
+
+    def __init__(self, failures: list[StartFailed]) -> None:
+        names = ", ".join(failure.name for failure in failures)
+        super().__init__(f"{len(failures)} endpoint(s) cannot start: {names}")
+        self.failures = failures
+
 
 log = logging.getLogger("framewire.daemon")
 
@@ -88,37 +101,59 @@ class Daemon:
         return f"{text}, {failing} restarting" if failing else text
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every endpoint, say READY, run until :meth:`request_shutdown`, shut down.
+
+        Raises :class:`DaemonStartFailed` (before anything is reported ready) when endpoints
+        cannot take their local resources; those that did start are stopped again.
+        """
+        failures: list[StartFailed] = []
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.supervisor.run)
             for name, endpoint_config in start_order(self.config.endpoints):
-                await self.supervisor.start_endpoint(
-                    make_endpoint(name, endpoint_config, self.context)
-                )
-            await self._start_status(self.config.status)
-            if self.notifier.watchdog_interval is not None:
-                self.supervisor.start_task(self._watchdog, self.notifier.watchdog_interval)
-            if self.notifier.enabled:
-                self.supervisor.start_task(self._report_status)
-            self.state = "running"
-            log.info(
-                "framewire %s running %d endpoints from %s",
-                __version__,
-                len(self.config.endpoints),
-                self.source,
-            )
-            await self.notifier.ready(self.summary())
-            self._running.set()
-            task_status.started()
-            await self._shutdown.wait()
-            self.state = "stopping"
-            await self.notifier.stopping()
-            grace = self.config.daemon.grace_period
-            log.info("shutting down (grace period %gs)", grace)
-            await self.supervisor.stop_all(grace)
-            nursery.cancel_scope.cancel()
+                try:
+                    await self.supervisor.start_endpoint(
+                        make_endpoint(name, endpoint_config, self.context), retry_first=False
+                    )
+                except StartFailed as failure:
+                    failures.append(failure)
+            if failures:
+                # Not ready: say why, stop what did start; the caller exits non-zero.
+                self.state = "failed"
+                names = ", ".join(failure.name for failure in failures)
+                await self.notifier.status(f"cannot start: {names}")
+                await self.supervisor.stop_all(0)
+                nursery.cancel_scope.cancel()
+            else:
+                await self._serve(nursery, task_status)
+        if failures:
+            raise DaemonStartFailed(failures)
         self.state = "stopped"
         log.info("stopped")
+
+    async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
+        await self._start_status(self.config.status)
+        if self.notifier.watchdog_interval is not None:
+            self.supervisor.start_task(self._watchdog, self.notifier.watchdog_interval)
+        if self.notifier.enabled:
+            self.supervisor.start_task(self._report_status)
+        self.state = "running"
+        log.info(
+            "framewire %s running %d endpoints from %s",
+            __version__,
+            len(self.config.endpoints),
+            self.source,
+        )
+        await self.notifier.ready(self.summary())
+        self._running.set()
+        task_status.started()
+        await self._shutdown.wait()
+        self.state = "stopping"
+        await self.notifier.stopping()
+        grace = self.config.daemon.grace_period
+        log.info("shutting down (grace period %gs)", grace)
+        await self.supervisor.stop_all(grace)
+        nursery.cancel_scope.cancel()
 
     async def _watchdog(self, interval: float) -> None:
         """``WATCHDOG=1`` every ``interval`` seconds while the supervisor runs.
@@ -294,13 +329,15 @@ async def serve(config: Config, source: str, config_path: Path | None = None) ->
     """Run ``config`` until SIGINT or SIGTERM, then shut down gracefully.
 
     SIGHUP reloads ``config_path``. A second SIGINT/SIGTERM during the grace period stops at
-    once. Talks to systemd when ``NOTIFY_SOCKET`` is set.
+    once. Talks to systemd when ``NOTIFY_SOCKET`` is set. Raises :class:`DaemonStartFailed`,
+    without having said READY, when endpoints cannot take their local resources.
     """
     raise_open_files_limit(config.required_descriptors())
     tune_garbage_collector()
     tune_memory_allocator()
     notifier = SystemdNotifier.from_environment()
     daemon = Daemon(config, source=source, config_path=config_path, notifier=notifier)
+    failed: DaemonStartFailed | None = None
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -322,7 +359,12 @@ async def serve(config: Config, source: str, config_path: Path | None = None) ->
                             nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch_signals)
-                await daemon.run()
+                try:
+                    await daemon.run()
+                except DaemonStartFailed as exc:
+                    failed = exc
                 nursery.cancel_scope.cancel()
     finally:
         notifier.close()
+    if failed is not None:
+        raise failed

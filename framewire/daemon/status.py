@@ -79,6 +79,7 @@ def build_snapshot(daemon: Daemon) -> dict[str, Any]:
             "frames_decimated": decimated,
             "restarts": status.restarts,
             "last_error": status.last_error,
+            "last_error_at": status.last_error_at,
             "detail": dict(status.detail),
             "clients": clients,
         }

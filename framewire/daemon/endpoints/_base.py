@@ -168,9 +168,18 @@ class EndpointStatus:
     #: status).
     frames_decimated: int = 0
     restarts: int = 0
+    #: The last problem (a crash, a failed connect, a peer's bad bytes) and when it happened
+    #: (Unix time). Set them with :meth:`record_error`; ``state`` tells whether the endpoint
+    #: is healthy again.
     last_error: str | None = None
+    last_error_at: float | None = None
     clients: dict[int, ClientInfo] = attrs.field(factory=dict)
     detail: dict[str, object] = attrs.field(factory=dict)
+
+    def record_error(self, text: str) -> None:
+        """Remember ``text`` as the last problem, stamped with the time."""
+        self.last_error = text
+        self.last_error_at = time.time()
 
 
 class Endpoint(Generic[ConfigT]):

@@ -65,6 +65,7 @@ from ..flow import (
     send_frames,
 )
 from ..keepalive import KeepaliveConnection, send_keepalives
+from ..reconnect import describe_connect_error
 from ..stream import (
     MetadataCache,
     MetadataLimitExceeded,
@@ -284,7 +285,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 with trio.fail_after(config.connect_timeout):
                     stream = await connector()
             except (OSError, trio.TooSlowError) as exc:
-                problem = "cannot connect: " + _describe_connect_error(exc, config.connect_timeout)
+                problem = "cannot connect: " + describe_connect_error(exc, config.connect_timeout)
             else:
                 connected_at = trio.current_time()
                 try:
@@ -300,7 +301,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     if trio.current_time() - connected_at >= config.reconnect.stable_after:
                         self.backoff.reset()
             if problem is not None:
-                self.status.last_error = problem
+                self.status.record_error(problem)
                 if problem != last_problem:
                     self.log.warning("link to %s is down: %s; retrying with backoff", peer, problem)
                     last_problem = problem
@@ -378,7 +379,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     last_problem = None
                     self.log.warning("link down: %s: %s; listening", peer, outcome.reason)
                 elif outcome.reason is not None:
-                    self.status.last_error = f"{peer}: {outcome.reason}"
+                    self.status.record_error(f"{peer}: {outcome.reason}")
                     if outcome.reason != last_problem:
                         self.log.warning("peer %s dropped: %s", peer, outcome.reason)
                         last_problem = outcome.reason
@@ -555,11 +556,3 @@ class LinkEndpoint(Endpoint[LinkConfig]):
 
 def _stream_name(name: str | None) -> str:
     return "nothing" if name is None else repr(name)
-
-
-def _describe_connect_error(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return f"no answer within {timeout:g}s"
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)

@@ -31,7 +31,7 @@ from ..flow import (
     first_error,
     send_frames,
 )
-from ..reconnect import keep_connected
+from ..reconnect import Ended, keep_connected
 from ..stream import MetadataCache, Policy, QueueBounds, Subscription, SubscriptionClosed
 from ..transport import Connection
 from ._base import Endpoint, EndpointContext
@@ -123,7 +123,7 @@ class SenderEndpoint(Endpoint[SenderConfig]):
                     self._pending = await subscription.receive_batch()
                 except SubscriptionClosed as closed:
                     self._subscription = self._subscribe()
-                    return f"the stream ended ({closed.reason})"
+                    return Ended(f"the stream ended ({closed.reason})")
             batch = self._pending
             frames, nbytes = await send_frames(
                 connection, self._encoder, batch, self._unencodable, send_timeout=timeout
