@@ -103,7 +103,7 @@ class Campaign:
         ``deadline`` (monotonic) passes; refusals are counted, the first one described."""
         rng = random.Random(f"{self.seed}-{target.name}-{worker}")
         silent = SilentPeers(limit=2)
-        address = self.daemon.addresses[target.name]
+        address = self.daemon.addresses[target.address_key]
         tls = self.tls if target.transport == "tls" else None
         sent = 0
         last = "(none)"
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = DaemonProcess(
             hostile_config(directory, pem[1] if pem else None),
             directory,
-            expect=["ctl-in", "ctl-out", *(t.name for t in targets)],
+            expect=["ctl-in", "ctl-out", *(t.address_key for t in targets)],
         )
         try:
             return run(daemon, targets, args)

@@ -58,10 +58,20 @@ Role = Literal["producer", "client", "status"]
 
 @dataclass(frozen=True)
 class Target:
+    """One way in: ``name`` (the endpoint's, unless ``endpoint`` names another), the protocol
+    of the inputs, and how they are sent (``tls``: inside a TLS session; ``tcp`` to a TLS
+    endpoint: plaintext where a handshake should be)."""
+
     name: str
     protocol: str
     role: Role
     transport: Literal["tcp", "tls", "unix"] = "tcp"
+    endpoint: str = ""
+
+    @property
+    def address_key(self) -> str:
+        """The endpoint whose address the inputs go to."""
+        return self.endpoint or self.name
 
 
 TARGETS: Final = (
@@ -73,6 +83,7 @@ TARGETS: Final = (
     Target("link-native", "native", "producer"),
     Target("link-datalink", "datalink", "producer"),
     Target("in-tls", "native", "producer", "tls"),
+    Target("in-tls-plain", "native", "producer", "tcp", endpoint="in-tls"),
     Target("in-unix", "native", "producer", "unix"),
     Target("out-native", "native", "client"),
     Target("out-aedat4", "aedat4", "client"),

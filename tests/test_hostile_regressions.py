@@ -358,11 +358,13 @@ def test_a_g3_frame_of_a_million_empty_keys_does_not_stop_another_stream(
 # -- (g) a stalled client costs at most its queue bound --------------------------------------------
 
 QUEUE_BYTES = 64 * MIB
-#: Beyond the queue bound (+10 %), what a stalled client may legitimately cost: the frame being
-#: decoded and the receive buffer (256 KiB + up to 128 KiB), the writer's current gather-write
-#: batch (frames already out of the queue but not yet accepted by the kernel; kernel socket
-#: buffers themselves are not in RSS), per-frame bookkeeping (~1 KiB x ~1000 frames) and the
-#: allocator's slack for freed frames of varied sizes. 16 MiB covers all of that with room.
+#: Beyond the queue bound (+10 %, which covers the up to 1/16 of slack a decoded frame may
+#: hold), what a stalled client may legitimately cost: the receive buffer (256 KiB) and the
+#: frame being decoded (up to 128 KiB, plus its read-ahead); the writer's current gather-write
+#: batch (at most 4 MiB, out of the queue but not yet accepted by the kernel); about 200 bytes
+#: of bookkeeping per queued frame (~1,000 frames here); the allocator's slack for freed
+#: frames of varied sizes; Python objects created on first use. Kernel socket buffers are
+#: kernel memory, not in the daemon's RSS. 16 MiB covers all of that with room to spare.
 ALLOWANCE = 16 * MIB
 
 
