@@ -252,6 +252,18 @@ def test_zeromq_wildcards_take_both_families() -> None:
     ]
 
 
+def test_zeromq_may_bind_an_interface_by_name() -> None:
+    [interface, *_] = [name for _, name in socket.if_nameindex()]
+    publisher = (
+        '[endpoints.p]\nkind = "pubsub"\nrole = "publisher"\n'
+        f'address = "tcp://{interface}:5555"\nstream = "s"\n'
+    )
+    assert errors(generator("g", "s") + publisher) == []  # not resolved as a host name
+    assert errors(generator("g", "s") + publisher.replace(interface, "daq-typo")) == [
+        "endpoints.p.address: cannot resolve 'daq-typo': Name or service not known"
+    ]
+
+
 def test_unix_sockets_overlap_by_path(tmp: Path) -> None:
     (tmp / "sub").mkdir()
     publisher = (

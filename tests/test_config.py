@@ -433,6 +433,11 @@ ERROR_CASES: list[tuple[str, str]] = [
         f"endpoints.x.kind: unknown endpoint kind 'relay' (known: {KNOWN_KINDS})",
     ),
     (
+        '[endpoints.x]\nkind = "recever"\nstream = "s"',
+        f"endpoints.x.kind: unknown endpoint kind 'recever' (did you mean 'receiver'?) "
+        f"(known: {KNOWN_KINDS})",
+    ),
+    (
         "[endpoints.x]\nkind = 3",
         f"endpoints.x.kind: unknown endpoint kind 3 (known: {KNOWN_KINDS})",
     ),

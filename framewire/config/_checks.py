@@ -256,6 +256,13 @@ def _bound(listener: _Listener, resolve: Resolver) -> _Bound:
     return frozenset(bound)
 
 
+def _interface_names() -> set[str]:
+    try:
+        return {name for _, name in socket.if_nameindex()}
+    except OSError:  # pragma: no cover - no interface list on this system
+        return set()
+
+
 def _shared(a: _Bound, b: _Bound) -> str | None:
     """An address both bound sets take on their port, in words, or None if they are apart."""
     for version, ip in sorted(a, key=str):
@@ -285,6 +292,8 @@ def _overlapping_listeners(config: Config, resolve: Resolver) -> list[str]:
             continue
         if listener.port == 0:
             continue  # a free port, picked when it starts
+        if listener.dual_stack and listener.host in _interface_names():
+            continue  # ZeroMQ binds a network interface by name; its addresses are not known
         try:
             bound = _bound(listener, resolve)
         except OSError as exc:

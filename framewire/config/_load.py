@@ -131,8 +131,10 @@ def _make_converter() -> cattrs.Converter:
             raise FieldError("kind", f"missing; one of: {', '.join(ENDPOINT_KINDS)}")
         cls = ENDPOINT_KINDS.get(kind) if isinstance(kind, str) else None
         if cls is None:
+            hint = _suggestion(kind, list(ENDPOINT_KINDS)) if isinstance(kind, str) else ""
             raise FieldError(
-                "kind", f"unknown endpoint kind {kind!r} (known: {', '.join(ENDPOINT_KINDS)})"
+                "kind",
+                f"unknown endpoint kind {kind!r}{hint} (known: {', '.join(ENDPOINT_KINDS)})",
             )
         return converter.structure(value, cls)
 
