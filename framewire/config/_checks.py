@@ -15,8 +15,9 @@ Errors (``framewire check`` exits with status 2, every one listed):
 - a UNIX socket (or ZeroMQ ``ipc://``) listening path whose directory does not exist or is not
   writable, or that is taken by a file that is not a socket;
 - listeners that overlap: TCP by port and interface (``*``, ``0.0.0.0`` and ``::`` cover every
-  address of their family on the port, ``*`` both families; host names are resolved and
-  overlap when they share an address; a Rogue bridge in the server role binds P and P+1),
+  address of their family on the port, ``*`` both families, and ZeroMQ binds ``::``
+  dual-stack; host names are resolved and overlap when they share an address; a Rogue bridge
+  in the server role binds P and P+1; a ZeroMQ bind naming a network interface is left out),
   UNIX sockets by path; and a listening host name that does not resolve.
 
 Warnings (printed; the file is still usable): a stream with publishers but no subscribers, or
