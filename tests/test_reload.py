@@ -132,6 +132,11 @@ async def test_broken_file_keeps_the_running_config(tmp_path: Path) -> None:
         with trio.fail_after(10):
             assert not await daemon.reload_from_file()
         assert "cannot read the file" in daemon.last_reload["error"]
+        path.write_bytes(b"")  # a zero-byte file would otherwise remove every endpoint
+        with trio.fail_after(10):
+            assert not await daemon.reload_from_file()
+        assert "no endpoints configured" in daemon.last_reload["error"]
+        assert daemon.endpoints == endpoints
         await wait_until(lambda: len(stream.subscriptions) == 1)
         await stream.publish([frame(7)])
         with trio.fail_after(10):
