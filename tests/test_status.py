@@ -16,7 +16,7 @@ from framewire.config import parse_config
 from framewire.daemon import Daemon
 from framewire.daemon.status import SCHEMA, StatusServer
 
-from .helpers import connect, port_of, wait_until
+from .helpers import connect, endpoint_port, port_of, wait_until
 
 CONFIG = """
 [status]
@@ -197,3 +197,66 @@ async def test_a_stuck_status_client_is_closed_and_stalls_no_one() -> None:
         await wait_until(lambda: server.clients == 0)
         await stuck.aclose()
         nursery.cancel_scope.cancel()
+
+
+UPGRADE = (
+    b"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def upgrade_request(path: bytes = b"/", host: bytes = b"127.0.0.1") -> bytes:
+    return UPGRADE.replace(b"{path}", path).replace(b"{host}", host)
+
+
+async def send_and_read_to_end(port: int, request: bytes) -> bytes:
+    """Send ``request`` to the status port; return everything the server says until it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = b""
+    with trio.fail_after(10):
+        try:
+            await stream.send_all(request)
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        except trio.BrokenResourceError:
+            pass  # reset by the server: as good as a close
+    await stream.aclose()
+    return received
+
+
+async def still_serving(daemon: Daemon, url: str) -> None:
+    """The daemon is running, a status client gets snapshots and ``in`` still relays to ``out``."""
+    assert daemon.state == "running"
+    first = await snapshot_where(url, lambda s: True)
+    assert first["daemon"]["state"] == "running"
+    client = await connect(endpoint_port(daemon, "out"))
+    stream = daemon.streams.get("s")
+    await wait_until(lambda: len(stream.subscriptions) == 1)
+    producer = await connect(endpoint_port(daemon, "in"))
+    await producer.send([data(1), data(2)])
+    with trio.fail_after(10):
+        assert [f.timestamp for f in await client.read(2)] == [1, 2]
+    for peer in (client, producer):
+        await peer.stream.aclose()
+
+
+async def test_a_non_ascii_host_header_does_not_kill_the_daemon() -> None:
+    async with running() as (daemon, url):
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        await send_and_read_to_end(port, upgrade_request(host=b"\xff"))
+        await still_serving(daemon, url)
+
+
+async def test_a_path_urlsplit_rejects_is_judged_by_its_token_alone() -> None:
+    # urlsplit("//[x/?token=a") raises ValueError("Invalid IPv6 URL"); that once killed
+    # the daemon. The query is read without it: the right token is let in, a wrong one not.
+    async with running(token="a") as (daemon, url):
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        refused = await send_and_read_to_end(port, upgrade_request(path=b"//[x/?token=b"))
+        assert refused.startswith(b"HTTP/1.1 401")
+        stream, head = await raw_handshake(port, "//[x/?token=a")
+        assert head.startswith(b"HTTP/1.1 101")
+        await stream.aclose()
+        await still_serving(daemon, url + "?token=a")

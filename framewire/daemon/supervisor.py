@@ -22,7 +22,7 @@ from ..config import BackoffConfig
 from .backoff import Backoff
 from .endpoints import Endpoint
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "unwrap_error"]
 
 log = logging.getLogger("framewire.supervisor")
 
@@ -108,7 +108,7 @@ class Supervisor:
                                 task_status.started()
                                 reported = True
                     except Exception as exc:
-                        error = _unwrap(exc)
+                        error = unwrap_error(exc)
                         status.last_error = f"{type(error).__name__}: {error}"
                         status.restarts += 1
                         log.error(
@@ -141,7 +141,7 @@ class Supervisor:
                 task_status.started()
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def unwrap_error(exc: BaseException) -> BaseException:
     """The single exception inside nested one-element groups, for a readable log line."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
