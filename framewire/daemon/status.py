@@ -298,9 +298,16 @@ class StatusServer:
         """The websocket handshake on ``stream``, then snapshots until the client goes away."""
         connection: WebSocketConnection | None = None
         with trio.move_on_after(self.handshake_timeout) as handshake:
-            connection = await self._handshake(stream, peer, nursery)
+            # trio-websocket waits for a request even after its reader task has given up on
+            # the connection; the watch ends that wait at once.
+            watched = _HandshakeWatch(stream, handshake.cancel)
+            connection = await self._handshake(watched, peer, nursery)
         if connection is None:
-            if handshake.cancelled_caught:
+            if watched.ended == "closed":
+                self._dropped(f"{peer}: not a websocket handshake (answered with HTTP 400)")
+            elif watched.ended:
+                log.debug("status client %s %s before its handshake", peer, watched.ended)
+            elif handshake.cancelled_caught:
                 log.info(
                     "status client %s closed: no handshake within %gs", peer, self.handshake_timeout
                 )
@@ -344,7 +351,7 @@ class StatusServer:
         goes away, sends something, or does not take a snapshot within ``send_timeout``."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._refuse_input, connection, nursery.cancel_scope)
+                nursery.start_soon(self._refuse_input, connection, peer, nursery.cancel_scope)
                 sent = self._generation
                 with trio.fail_after(self.send_timeout):
                     await connection.send_message(self._encode())  # a fresh one on connect
@@ -360,7 +367,7 @@ class StatusServer:
             pass  # the client went away: nothing to report
 
     async def _refuse_input(
-        self, connection: WebSocketConnection, cancel_scope: trio.CancelScope
+        self, connection: WebSocketConnection, peer: str, cancel_scope: trio.CancelScope
     ) -> None:
         """Status is push-only: any message from the client closes it."""
         try:
@@ -368,7 +375,7 @@ class StatusServer:
         except ConnectionClosed:
             cancel_scope.cancel()
             return
-        log.info("status client %s closed: sent a message", connection.remote)
+        log.info("status client %s closed: sent a message", peer)
         with trio.move_on_after(1):
             await connection.aclose(_POLICY, "status is read-only")
         cancel_scope.cancel()
@@ -391,6 +398,43 @@ class StatusServer:
         except Exception as exc:
             log.debug("status request not understood, so not authorised: %r", exc)
             return False
+
+
+class _HandshakeWatch(trio.abc.Stream):
+    """A connection's stream as trio-websocket sees it, which calls ``on_end`` when the
+    connection ends: the peer hangs up (``ended`` is "hung up"), the stream breaks
+    ("broke"), or trio-websocket closes it, as it does after answering a bad request with
+    HTTP 400 ("closed"). Everything else passes straight through."""
+
+    def __init__(self, stream: trio.abc.Stream, on_end: Callable[[], None]) -> None:
+        self._stream = stream
+        self._on_end = on_end
+        self.ended: str | None = None
+
+    def _end(self, how: str) -> None:
+        if self.ended is None:
+            self.ended = how
+            self._on_end()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._end("broke")
+            raise
+        if not data:
+            self._end("hung up")
+        return data
+
+    async def aclose(self) -> None:
+        self._end("closed")
+        await self._stream.aclose()
 
 
 def _query_token(target: str) -> str:
