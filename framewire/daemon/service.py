@@ -184,7 +184,6 @@ class Daemon:
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(server.run)
-                        server.state = "running"
                         if not reported:
                             task_status.started()
                             reported = True

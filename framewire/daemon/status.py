@@ -168,8 +168,10 @@ class StatusServer:
     ``send_timeout`` is closed.
 
     ``listen`` opens the listeners (by default TCP on ``host``:``port``); tests pass their
-    own. :attr:`state`, :attr:`restarts` and :attr:`last_error` are kept by whoever runs and
-    restarts the server (the daemon) and shown in the snapshot.
+    own. :attr:`state` becomes "running" once :meth:`run` listens; whoever restarts the
+    server (the daemon) keeps :attr:`restarts`, :attr:`last_error` and the other states.
+    The snapshot shows all three. Refusals and dropped connections are logged at most once
+    per 10 s each, with counts.
     """
 
     def __init__(
@@ -204,6 +206,7 @@ class StatusServer:
         self._generation = 0
         self._changed = trio.Event()
         self._dropped = RateLimitedWarning(log, "status connection dropped")
+        self._refused = RateLimitedWarning(log, "status client refused")
         self._accept_failed = RateLimitedWarning(log, "status websocket cannot accept")
 
     def _encode(self) -> bytes:
@@ -236,6 +239,7 @@ class StatusServer:
                 if listeners and isinstance(listeners[0], trio.SocketListener):
                     self.port = listeners[0].socket.getsockname()[1]
                 log.info("status websocket on ws://%s:%d/", self.host, self.port)
+                self.state = "running"
                 task_status.started(self.port)
                 while True:
                     await trio.sleep(self.interval)
@@ -266,10 +270,12 @@ class StatusServer:
                 self._dropped(f"{peer_name(stream)}: too many connections in their handshake")
                 await trio.aclose_forcefully(stream)
                 continue
+            self.connections += 1  # here, not in the task, so a burst cannot overshoot
             connections.start_soon(self._serve_connection, stream)
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
-        """Serve one accepted connection; never raises an Exception.
+        """Serve one accepted connection (counted in :attr:`connections` by the accept
+        loop); never raises an Exception.
 
         This is the boundary for everything the peer's bytes can cause: any Exception from
         the handshake, wsproto or our own code (from this task or from trio-websocket's
@@ -278,7 +284,6 @@ class StatusServer:
         Cancellation passes through.
         """
         peer = peer_name(stream)
-        self.connections += 1
         try:
             async with trio.open_nursery() as nursery:
                 # Plain HTTP requests (pages on the same port) would be told apart here,
@@ -332,11 +337,11 @@ class StatusServer:
             nursery, stream, max_message_size=_MAX_CLIENT_MESSAGE, receive_buffer_size=None
         )
         if not self._authorised(request):
-            log.warning("status client %s refused: bad or missing token", peer)
+            self._refused(f"{peer}: bad or missing token (HTTP 401)")
             await request.reject(401, body=b"a valid token is required\n")
             return None
         if self.clients >= self.max_clients:
-            log.warning("status client %s refused: too many status clients", peer)
+            self._refused(f"{peer}: too many status clients (HTTP 503)")
             await request.reject(503, body=b"too many status clients\n")
             return None
         self.clients += 1  # counted before accept() awaits, so max_clients holds
