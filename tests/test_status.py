@@ -506,3 +506,17 @@ async def test_hostile_bytes_never_stop_the_status_server(
             await stream.aclose()
         await wait_until(lambda: server.connections == 0)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_that_changes_status_restarts_it_with_the_new_settings() -> None:
+    async with running() as (daemon, _):
+        old = daemon.status_server
+        assert old is not None
+        changes = await daemon.reload(parse_config(CONFIG.format(token='token = "t"')))
+        assert changes == ["restarted status"]
+        new = daemon.status_server
+        assert new is not None
+        assert new is not old
+        response = await send_and_read_to_end(new.port, upgrade_request())
+        assert response.startswith(b"HTTP/1.1 401")
+        await still_serving(daemon, f"ws://127.0.0.1:{new.port}/?token=t")
