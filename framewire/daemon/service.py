@@ -21,11 +21,12 @@ import trio
 
 from .._version import __version__
 from ..config import Address, Config, ConfigError, StatusConfig, check_config, load_config
+from .backoff import Backoff
 from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, start_order
 from .notify import SystemdNotifier
 from .status import StatusServer, build_snapshot
 from .stream import StreamRegistry
-from .supervisor import StartFailed, Supervisor
+from .supervisor import StartFailed, Supervisor, unwrap_error
 from .transport import open_listeners
 
 __all__ = ["Daemon", "DaemonStartFailed", "ReloadRefused", "raise_open_files_limit", "serve"]
@@ -118,7 +119,11 @@ class Daemon:
         clients = sum(len(e.status.clients) for e in endpoints)
         failing = sum(1 for e in endpoints if e.status.state == "restarting")
         text = f"{len(endpoints)} endpoints, {clients} connections"
-        return f"{text}, {failing} restarting" if failing else text
+        if failing:
+            text += f", {failing} restarting"
+        if self.status_server is not None and self.status_server.state == "restarting":
+            text += ", status websocket restarting"
+        return text
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start every endpoint, say READY, run until :meth:`request_shutdown`, shut down.
@@ -196,6 +201,8 @@ class Daemon:
                 last = summary
 
     async def _start_status(self, config: StatusConfig | None) -> None:
+        """(Re)start the status server for ``config`` (None: stop it) and return once it
+        listens, or has failed to (logged; the daemon runs on without status)."""
         if self._status_scope is not None:
             self._status_scope.cancel()
             self._status_scope = self.status_server = None
@@ -209,18 +216,53 @@ class Daemon:
             token=config.token,
             max_clients=config.max_clients,
         )
-
-        async def run_status(*, task_status: trio.TaskStatus[int]) -> None:
-            with trio.CancelScope() as scope:
-                self._status_scope = scope
-                try:
-                    await server.run(task_status=task_status)
-                except OSError as exc:
-                    log.error("status websocket unavailable on %s: %s", config.listen, exc)
-                    task_status.started(0)
-
         self.status_server = server
-        await self._nursery.start(run_status)
+        self._status_scope = trio.CancelScope()
+        await self._nursery.start(self._supervise_status, server, config, self._status_scope)
+
+    async def _supervise_status(
+        self,
+        server: StatusServer,
+        config: StatusConfig,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        """Run ``server`` in ``scope`` like an endpoint: if it fails after it started (its
+        listener broke), log one line, show it in status, and start it again after a backoff
+        delay with jitter (``daemon.restart``). A failure to listen at the first start is
+        logged and the daemon runs on without status. Nothing reaches the daemon's nursery."""
+        backoff = Backoff(self.config.daemon.restart)
+        reported = False
+        with scope:
+            while True:
+                began = trio.current_time()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(server.run)
+                        if not reported:
+                            task_status.started()
+                            reported = True
+                except Exception as exc:
+                    if not reported:
+                        log.error("status websocket unavailable on %s: %s", config.listen, exc)
+                        server.state = "stopped"
+                        task_status.started()
+                        return
+                    error = unwrap_error(exc)
+                    server.last_error = f"{type(error).__name__}: {error}"
+                    server.restarts += 1
+                    if trio.current_time() - began >= self.config.daemon.restart.stable_after:
+                        backoff.reset()
+                    delay = backoff.next_delay()
+                    server.state = "restarting"
+                    log.error(
+                        "status websocket failed: %s; restarting in %.1fs", server.last_error, delay
+                    )
+                    log.debug("status websocket failure", exc_info=exc)
+                    await trio.sleep(delay)
+                else:
+                    return  # run() only returns when cancelled
 
     async def reload(self, config: Config) -> list[str]:
         """Switch to ``config``; return what changed, one line per endpoint touched.
@@ -273,6 +315,7 @@ class Daemon:
             for line in report.errors
             if line.startswith(prefixes) or not line.startswith("endpoints.")
         ]
+
         def bound_to(address: Address) -> tuple[str | None, int]:
             return (address.path, 0) if address.is_unix else (address.host, address.port)
 
