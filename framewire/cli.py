@@ -20,6 +20,7 @@ from ._version import __version__
 from .config import (
     Config,
     ConfigError,
+    check_config,
     default_config_text,
     format_size,
     load_config,
@@ -111,6 +112,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         config, source = _load(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    report = check_config(config)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if report.errors:
+        print(ConfigError(source, list(report.errors)), file=sys.stderr)
         return EXIT_USAGE
     count = len(config.endpoints)
     print(f"{source}: OK, {count} endpoint{'s' if count != 1 else ''}")

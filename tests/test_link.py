@@ -57,6 +57,7 @@ class MemoryNetwork(Transports):
     """Listeners and connectors over memory streams, with outages on demand."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.listeners: dict[Address, MemoryListener] = {}
         self.refusing = False
         self.attempts: list[float] = []
@@ -267,6 +268,7 @@ class SilentAfterHello(Transports):
     """Connects to a scripted peer that sends one keepalive, then nothing, never closing."""
 
     def __init__(self, hello: bytes = KEEPALIVE) -> None:
+        super().__init__()
         self.hello = hello
         self.attempts: list[float] = []
         self.peers: list[trio.abc.Stream] = []
@@ -351,6 +353,7 @@ class GarbagePeer(Transports):
     """Every connection gets the same bytes from the peer, which then stays open."""
 
     def __init__(self, garbage: bytes) -> None:
+        super().__init__()
         self.garbage = garbage
         self.attempts: list[float] = []
         self.peers: list[trio.abc.Stream] = []

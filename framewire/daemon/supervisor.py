@@ -27,7 +27,7 @@ from ..config import BackoffConfig
 from .backoff import Backoff
 from .endpoints import Endpoint
 
-__all__ = ["StartFailed", "Supervisor"]
+__all__ = ["StartFailed", "Supervisor", "unwrap_error"]
 
 log = logging.getLogger("framewire.supervisor")
 
@@ -142,7 +142,7 @@ class Supervisor:
                                 task_status.started()
                                 reported = True
                     except Exception as exc:
-                        error = _unwrap(exc)
+                        error = unwrap_error(exc)
                         if not reported and not retry_first:
                             status.state = "failed"
                             status.record_error(_describe(error))
@@ -208,7 +208,7 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def unwrap_error(exc: BaseException) -> BaseException:
     """The single exception inside nested one-element groups, for a readable log line."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
