@@ -158,12 +158,6 @@ CAMPAIGN_SETTINGS = settings(
 
 DATA_TARGETS = [t for t in TARGETS if t.role != "status"]
 STATUS = next(t for t in TARGETS if t.role == "status")
-STATUS_CRASH = (
-    "status port: an invalid request (b'\\xff\\xfe\\r\\n\\r\\n') then an immediate RST:"
-    " trio-websocket's reader answers 400, that send raises ConnectionClosed out of"
-    " serve_websocket, and the status server's failure takes the whole daemon down, exit"
-    " status 1 (fix pending on main)"
-)
 
 
 @pytest.mark.parametrize("target", DATA_TARGETS, ids=[t.name for t in DATA_TARGETS])
@@ -224,7 +218,6 @@ def test_after_the_campaign_memory_is_back(campaign: Campaign) -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason=STATUS_CRASH)
 @CAMPAIGN_SETTINGS
 @given(rng=st.randoms(use_true_random=False))
 def test_status_port_takes_hostile_requests(campaign: Campaign, rng: random.Random) -> None:
@@ -233,7 +226,6 @@ def test_status_port_takes_hostile_requests(campaign: Campaign, rng: random.Rand
     fuzz(STATUS, campaign, rng)
 
 
-@pytest.mark.xfail(strict=True, reason=STATUS_CRASH)
 def test_after_the_status_campaign_the_daemon_is_alive(campaign: Campaign) -> None:
     daemon = campaign.daemon
     daemon.settle(lambda: not daemon.alive(), timeout=2.0)  # a crash takes a moment
