@@ -320,3 +320,43 @@ protocol = "g3"
         assert (entry["frames_unencodable"], entry["frames_in_flight"]) == (4, 0)
         await producer.stream.aclose()
         await client.aclose()
+
+
+async def test_a_bug_in_one_producers_handling_costs_only_that_producer(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defence in depth: an exception no handler expected closes its connection alone."""
+    make_decoder = flow.make_decoder
+
+    class Broken:
+        def __getattr__(self, name: str) -> object:
+            raise RuntimeError("a bug in a decoder")
+
+    created = 0
+
+    def second_is_broken(*args: object, **kwargs: object) -> object:
+        nonlocal created
+        created += 1
+        return Broken() if created == 2 else make_decoder(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(receiver_module, "make_decoder", second_is_broken)
+    async with running_daemon(config()) as daemon:
+        port_in, port_out = ports(daemon)
+        client = await connect(port_out)
+        await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+        good = await connect(port_in)
+        await good.send([data(1)])
+        with trio.fail_after(10):
+            assert await client.read(1) == [data(1)]
+        bad = await connect(port_in)
+        await bad.send([data(99)])
+        with trio.fail_after(10):
+            assert await bad.stream.receive_some(10) == b""
+        # The good producer is still connected and still relayed.
+        await good.send([data(2)])
+        with trio.fail_after(10):
+            assert await client.read(2) == [data(1), data(2)]
+        assert daemon.endpoints["in"].status.restarts == 0
+        assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
+        for peer in (good, bad, client):
+            await peer.stream.aclose()

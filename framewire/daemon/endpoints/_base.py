@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import ClassVar, Final, Generic, TypeVar
 
 import attrs
@@ -23,6 +23,7 @@ from ..transport import (
     client_tls_context,
     connector_for,
     open_listeners,
+    peer_name,
     server_tls_context,
     tls_connector,
 )
@@ -322,6 +323,24 @@ class Endpoint(Generic[ConfigT]):
             self.log.warning("%s", str(exc))  # a string: a kept record must not pin the stream
             return None
         return connection
+
+    async def _serve_one(
+        self, serve: Callable[[trio.abc.Stream], Awaitable[None]], stream: trio.abc.Stream
+    ) -> None:
+        """Run ``serve(stream)`` for one peer as the boundary of that peer's task.
+
+        Handlers turn everything a peer can cause into an outcome; an exception that still
+        escapes is a bug, and it must cost only that peer: it is logged with its traceback,
+        the connection is closed, and the endpoint's other peers carry on.
+        """
+        try:
+            await serve(stream)
+        except Exception:
+            self.log.exception(
+                "connection from %s failed unexpectedly and was closed; others carry on",
+                peer_name(stream),
+            )
+            await trio.aclose_forcefully(stream)
 
     async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream]) -> trio.abc.Stream:
         """The next connection on ``listener``.

@@ -110,7 +110,9 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
     ) -> None:
         async with listener:
             while True:
-                producers.start_soon(self._serve_producer, await self._accept(listener))
+                producers.start_soon(
+                    self._serve_one, self._serve_producer, await self._accept(listener)
+                )
 
     async def _serve_producer(self, stream: trio.abc.Stream) -> None:
         slot: _Slot | None = None

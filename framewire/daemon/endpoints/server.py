@@ -74,7 +74,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         self, listener: trio.abc.Listener[trio.abc.Stream], clients: trio.Nursery
     ) -> None:
         while True:
-            clients.start_soon(self._serve, await self._accept(listener))
+            clients.start_soon(self._serve_one, self._serve, await self._accept(listener))
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         config = self.config
