@@ -78,6 +78,7 @@ TARGETS: Final = (
     Target("in-native", "native", "producer"),
     Target("in-raw", "raw", "producer"),
     Target("in-g3", "g3", "producer"),
+    Target("in-g3-crc", "g3", "producer"),
     Target("in-aedat4", "aedat4", "producer"),
     Target("in-datalink", "datalink", "producer"),
     Target("link-native", "native", "producer"),
@@ -118,6 +119,10 @@ def hostile_config(directory: Path, cert_pem: Path | None) -> str:
         ("in-datalink", "datalink"),
     ):
         sections.append(_endpoint(name, "receiver", "tcp://127.0.0.1:0", name, protocol))
+    sections.append(
+        _endpoint("in-g3-crc", "receiver", "tcp://127.0.0.1:0", "in-g3-crc", "g3")
+        + "verify_crc = true\n"
+    )
     for name, protocol in (("link-native", "native"), ("link-datalink", "datalink")):
         sections.append(
             f'[endpoints.{name}]\nkind = "link"\nlisten = "tcp://127.0.0.1:0"\n'
