@@ -309,12 +309,6 @@ def test_an_idle_connection_does_not_lock_a_camera_out(
         close_abruptly(client)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a listening link lets any new connection replace its current peer at once, even"
-    " one that never says anything valid: one stray connection drops a healthy link (pending"
-    " a decision on main: replace only once the newcomer has sent a valid frame or keepalive)",
-)
 @pytest.mark.parametrize("stranger_says", [b"", b"XX"], ids=["silent", "garbage"])
 def test_a_stray_connection_does_not_take_a_link_from_its_peer(
     start_daemon: StartDaemon, stranger_says: bytes

@@ -550,6 +550,44 @@ async def test_a_new_connection_replaces_the_current_one(
     assert any("replaced by a new connection" in m for m in messages(caplog, "link"))
 
 
+async def test_a_stray_connection_takes_nothing_from_a_connected_peer(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newcomer that sends nothing valid is closed with one line; the peer keeps the link."""
+    caplog.set_level(logging.INFO, logger="framewire")
+    network = MemoryNetwork()
+    streams = StreamRegistry()
+    endpoint = link(network, streams, listen=SERVER, publish="in")
+    received = streams.get("in").subscribe()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.run)
+        connect = network.connector(SERVER)
+        peer = await connect()
+        await peer.send_all(KEEPALIVE)
+        with trio.fail_after(5):
+            await endpoint.wait_for_state("up")
+        silent, garbage = await connect(), await connect()
+        await garbage.send_all(b"XX")
+        with trio.fail_after(5):  # garbage: closed at once
+            while await garbage.receive_some(1 << 16):
+                pass
+        # The silent one is vetted for `timeout` (5 s); the peer keeps talking meanwhile.
+        for i in range(8):
+            await peer.send_all(encode([data(i)]))
+            await trio.sleep(1)
+        with trio.fail_after(1):
+            while await silent.receive_some(1 << 16):
+                pass
+        assert await frames_of(received, 8) == [data(i) for i in range(8)]
+        assert endpoint.status.state == "up"
+        nursery.cancel_scope.cancel()
+    lines = [m for m in messages(caplog, "link") if "the link stays with its peer" in m]
+    assert len(lines) == 2
+    assert any("bad bytes" in line for line in lines)
+    assert any("nothing valid within 5s" in line for line in lines)
+    assert not any("replaced by a new connection" in m for m in messages(caplog, "link"))
+
+
 # -- stopping ---------------------------------------------------------------------------
 
 

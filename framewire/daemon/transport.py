@@ -151,6 +151,12 @@ class Connection:
                 self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self.bytes_received = 0
         self.bytes_sent = 0
+        self._already_read = b""
+
+    def give_back(self, data: bytes) -> None:
+        """Bytes already read from the stream (by whoever vetted it): :meth:`receive_into`
+        returns them first."""
+        self._already_read = data + self._already_read
 
     async def establish(self) -> None:
         """Finish setting the connection up: the TLS handshake of an accepted TLS stream,
@@ -183,6 +189,13 @@ class Connection:
 
         Raises trio.BrokenResourceError when the connection broke.
         """
+        if self._already_read:
+            n = min(len(buffer), len(self._already_read))
+            buffer[:n] = self._already_read[:n]
+            self._already_read = self._already_read[n:]
+            self.bytes_received += n
+            await trio.lowlevel.checkpoint()
+            return n
         sock = self._socket
         if sock is not None:
             try:

@@ -19,9 +19,14 @@ Up and down
     all end the connection and retry the same way. Log lines are written per change of state
     (up, down, a new reason for being down), never per attempt.
 Listen mode
-    One peer at a time: a new connection **replaces** the current one (the newest wins, so a
-    peer that restarted does not wait out the timeout of its own dead connection). Listen
-    mode does not back off; pacing retries is the connecting side's job.
+    One peer at a time. With no peer connected, a new connection takes the link at once.
+    While a peer is connected, a newcomer must first prove it is a peer: it **replaces** the
+    current one once it has sent a valid frame or keepalive (or, for a large first frame,
+    :data:`PROVEN_AFTER` bytes the decoder accepts) within ``timeout``, so a peer that
+    restarted does not wait out the timeout of its own dead connection, while a port probe,
+    a scanner or a client sending garbage is closed with one log line and takes nothing
+    from the link. At most :data:`MAX_CHALLENGERS` newcomers are vetted at once (the oldest
+    gives way). Listen mode does not back off; pacing retries is the connecting side's job.
 The outgoing queue
     The link subscribes to ``subscribe`` once, when it starts, so the queue outlives
     connections: while the link is down frames wait there, bounded by ``max_queue_frames``
@@ -46,6 +51,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from typing import Final
 
 import attrs
 import trio
@@ -77,6 +83,12 @@ from ..stream import (
 from ..transport import Connection, bound_addresses, peer_name
 from ._base import ClientInfo, Endpoint, EndpointContext, OutgoingQueue
 
+#: Bytes a newcomer may send, all accepted by the decoder, before it counts as a peer even
+#: without a complete frame (its first frame is large).
+PROVEN_AFTER: Final = 64 * 1024
+#: Newcomers vetted at once while a peer is connected; a further one ends the oldest.
+MAX_CHALLENGERS: Final = 8
+
 __all__ = ["LinkEndpoint"]
 
 #: Seconds between refreshes of the queue figures in status.
@@ -96,6 +108,14 @@ class _Outcome:
     heard: bool = False
     reason: str | None = None
     stopping: bool = False
+
+
+@attrs.frozen
+class _Newcomer:
+    """A connection given the link, with the bytes already read from it while vetting it."""
+
+    stream: trio.abc.Stream
+    already_read: bytes
 
 
 class _WatchedDecoder:
@@ -166,6 +186,11 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         self._session_scope: trio.CancelScope | None = None
         self._session_done: trio.Event | None = None
         self._replaced_by: str | None = None
+        # Listen mode: whether a connection has the link (or was just given it), and the
+        # cancel scopes of the newcomers being vetted, oldest first.
+        self._serving = False
+        self._handing_over = 0
+        self._challengers: list[trio.CancelScope] = []
         self._decoder: _WatchedDecoder | None = None
         self._state_changed = trio.Event()
         self.keepalives_sent = 0
@@ -332,47 +357,125 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             _stream_name(config.publish),
             _stream_name(config.subscribe),
         )
-        send_channel, receive_channel = trio.open_memory_channel[trio.abc.Stream](0)
+        send_channel, receive_channel = trio.open_memory_channel[_Newcomer](0)
         async with trio.open_nursery() as nursery:
             with send_channel:
                 for listener in listeners:
-                    nursery.start_soon(self._accept_peers, listener, send_channel.clone())
+                    nursery.start_soon(self._accept_peers, listener, send_channel.clone(), nursery)
             nursery.start_soon(self._serve_peers, receive_channel)
             task_status.started()
 
     async def _accept_peers(
         self,
         listener: trio.abc.Listener[trio.abc.Stream],
-        incoming: trio.MemorySendChannel[trio.abc.Stream],
+        incoming: trio.MemorySendChannel[_Newcomer],
+        nursery: trio.Nursery,
     ) -> None:
         async with listener:
             with incoming:
                 while True:
                     stream = await self._accept(listener)
-                    if self._session_scope is not None:
-                        # One peer at a time: the newest connection replaces the current one.
-                        self._replaced_by = peer_name(stream)
-                        self._session_scope.cancel()
-                    handed = False
-                    try:
-                        await incoming.send(stream)
-                        handed = True
-                    finally:
-                        if not handed:
-                            with trio.CancelScope(shield=True):
-                                await trio.aclose_forcefully(stream)
+                    if not (self._serving or self._handing_over):
+                        await self._hand_over(_Newcomer(stream, b""), incoming)
+                    else:
+                        nursery.start_soon(self._vet, stream, incoming.clone())
 
-    async def _serve_peers(self, incoming: trio.MemoryReceiveChannel[trio.abc.Stream]) -> None:
+    async def _hand_over(
+        self, newcomer: _Newcomer, incoming: trio.MemorySendChannel[_Newcomer]
+    ) -> None:
+        """Give ``newcomer`` the link: end the current session, if any, and queue it."""
+        if self._session_scope is not None:
+            self._replaced_by = peer_name(newcomer.stream)
+            self._session_scope.cancel()
+        handed = False
+        self._handing_over += 1
+        try:
+            await incoming.send(newcomer)
+            handed = True
+        finally:
+            self._handing_over -= 1
+            if not handed:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(newcomer.stream)
+
+    async def _vet(
+        self, stream: trio.abc.Stream, incoming: trio.MemorySendChannel[_Newcomer]
+    ) -> None:
+        """A newcomer while the link is taken: hand it the link once it has shown it is a
+        peer (see the module docstring); otherwise close it with one log line."""
+        peer = peer_name(stream)
+        timeout = self.config.timeout
+        scope = trio.CancelScope()
+        self._challengers.append(scope)
+        if len(self._challengers) > MAX_CHALLENGERS:
+            self._challengers.pop(0).cancel()
+        verdict: str | None = None
+        handed = False
+        try:
+            with incoming, scope:
+                connection = await self._establish(stream)
+                if connection is None:  # a failed TLS handshake, already logged
+                    return
+                already_read: bytes | None = None
+                with trio.move_on_after(timeout):
+                    already_read = await self._hears_a_peer(connection)
+                    if already_read is None:
+                        verdict = "it closed without sending a valid frame or keepalive"
+                if already_read is not None:
+                    self.log.info("new connection from %s takes over the link", peer)
+                    handed = True
+                    await self._hand_over(_Newcomer(stream, already_read), incoming)
+                    return
+                verdict = verdict or f"it sent nothing valid within {timeout:g}s"
+            if scope.cancelled_caught:
+                verdict = "more new connections arrived than are vetted at once"
+        except protocols.ProtocolError as exc:
+            verdict = f"it sent bad bytes ({exc})"
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            verdict = f"its connection broke ({exc})"
+        finally:
+            if scope in self._challengers:
+                self._challengers.remove(scope)
+            if not handed:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+        if verdict is not None:
+            self.log.warning(
+                "new connection from %s closed; the link stays with its peer: %s", peer, verdict
+            )
+
+    async def _hears_a_peer(self, connection: Connection) -> bytes | None:
+        """Read ``connection`` until it has sent a valid frame or keepalive (or
+        :data:`PROVEN_AFTER` valid bytes); return every byte read. None if it closed first.
+        Raises ProtocolError for bytes that are not this link's protocol."""
+        decoder = self._spec.make_decoder(self.config.max_frame_size)
+        received = bytearray()
+        buffer = memoryview(bytearray(16 * 1024))
+        while True:
+            nbytes = await connection.receive_into(buffer)
+            if not nbytes:
+                return None
+            received += buffer[:nbytes]
+            frames = decoder.feed(buffer[:nbytes])
+            keepalives: int = getattr(decoder, "keepalives", 0)
+            if frames or keepalives or len(received) >= PROVEN_AFTER:
+                return bytes(received)
+
+    async def _serve_peers(self, incoming: trio.MemoryReceiveChannel[_Newcomer]) -> None:
         last_problem: str | None = None
         with incoming:
-            async for stream in incoming:
+            async for newcomer in incoming:
+                self._serving = True
+                stream = newcomer.stream
                 peer = peer_name(stream)
                 try:
                     if await self._establish(stream) is None:  # a failed TLS handshake
+                        self._serving = False
                         continue
-                    outcome = await self._session(stream, peer)
+                    outcome = await self._session(stream, peer, newcomer.already_read)
                 finally:
                     await trio.aclose_forcefully(stream)
+                self._serving = False
                 if outcome.stopping or self.stop_requested:
                     return
                 if outcome.heard:
@@ -387,7 +490,9 @@ class LinkEndpoint(Endpoint[LinkConfig]):
 
     # -- one connection ----------------------------------------------------------------
 
-    async def _session(self, stream: trio.abc.Stream, peer: str) -> _Outcome:
+    async def _session(
+        self, stream: trio.abc.Stream, peer: str, already_read: bytes = b""
+    ) -> _Outcome:
         """Run one connection until it fails, the peer goes quiet or ends, or we stop.
 
         Returns how it ended. Raises :class:`QueueClosed` if the outgoing subscription was
@@ -396,6 +501,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         config = self.config
         status = self.status
         connection = KeepaliveConnection(stream, peer)
+        connection.give_back(already_read)
         outcome = _Outcome(peer)
         client = ClientInfo(peer, connected_since=time.time())
         key = id(client)
