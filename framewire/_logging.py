@@ -8,12 +8,13 @@ Three renderings of the same records, chosen by :func:`setup_logging`:
   debug) and carries no timestamp of its own, so ``journalctl -p err`` finds the errors and
   the journal's own timestamp is the only one;
 * ``json``: one JSON object per line with ``time``, ``level``, ``logger``, ``message`` and,
-  when the record carries one, ``exception`` (the formatted traceback).
+  when the record carries one, ``exception``.
 
 An exception attached to a record (``exc_info``) is an operational failure the message
-already names: in ``text`` form its traceback is rendered only when the record's logger is
-enabled for DEBUG; otherwise the line stays one line, with the exception's type and message
-appended when the message does not already contain them.
+already names: its traceback is rendered only when the record's logger is enabled for
+DEBUG. Otherwise a text line stays one line, with the exception's type and message appended
+when the message does not already contain them, and ``exception`` in JSON is that
+``Type: message``.
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line: ``time`` (ISO 8601 with milliseconds and
-    the UTC offset), ``level``, ``logger``, ``message``, and ``exception`` (the formatted
-    traceback) when the record carries one."""
+    the UTC offset), ``level``, ``logger``, ``message``, and ``exception`` when the record
+    carries one: ``Type: message``, or the whole traceback when the record's logger is
+    enabled for DEBUG."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
@@ -132,7 +134,10 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         if record.exc_info and record.exc_info[1] is not None:
-            entry["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            if logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                entry["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            else:
+                entry["exception"] = _exception_summary(record)
         return json.dumps(entry, ensure_ascii=False)
 
 
