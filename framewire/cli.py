@@ -326,8 +326,8 @@ async def _connect(args: argparse.Namespace, address: Address, hint: str) -> tri
 
 
 async def _accept_one(args: argparse.Namespace, address: Address) -> Connection:
-    """Listen on ``address``, say where on stderr, accept one connection, stop listening.
-    Raises :class:`Failure` when it cannot listen or the TLS handshake fails."""
+    """Listen on ``address``, say where on stderr, accept one sender, stop listening.
+    Raises :class:`Failure` when it cannot listen (or load the certificate)."""
     tls = _tls_config(args, address, listening=True)
     context: ssl.SSLContext | None = None
     if tls is not None:
@@ -347,7 +347,20 @@ async def _accept_one(args: argparse.Namespace, address: Address) -> Connection:
     try:
         where = ", ".join(bound_addresses(listeners))
         print(f"framewire recv: listening on {where}", file=sys.stderr, flush=True)
-        accepted: list[trio.abc.Stream] = []
+        return await _first_sender(listeners, where)
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+
+
+async def _first_sender(
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]], where: str
+) -> Connection:
+    """The first connection on any of ``listeners`` whose TLS handshake (if any) succeeds.
+    A failed handshake is one line on stderr, and the wait goes on."""
+    accepted: list[trio.abc.Stream] = []
+    while True:
+        accepted.clear()
         async with trio.open_nursery() as nursery:
 
             async def accept(listener: trio.abc.Listener[trio.abc.Stream]) -> None:
@@ -360,19 +373,17 @@ async def _accept_one(args: argparse.Namespace, address: Address) -> Connection:
 
             for listener in listeners:
                 nursery.start_soon(accept, listener)
-    finally:
-        for listener in listeners:
-            await trio.aclose_forcefully(listener)
-    for extra in accepted[1:]:
-        await trio.aclose_forcefully(extra)
-    connection = Connection(accepted[0], handshake_timeout=CONNECT_TIMEOUT)
-    try:
-        await connection.establish()
-    except trio.BrokenResourceError as exc:
-        await trio.aclose_forcefully(connection.stream)
-        raise Failure(str(exc)) from None
-    print(f"framewire recv: sender {connection.peer} connected", file=sys.stderr, flush=True)
-    return connection
+        for extra in accepted[1:]:
+            await trio.aclose_forcefully(extra)
+        connection = Connection(accepted[0], handshake_timeout=CONNECT_TIMEOUT)
+        try:
+            await connection.establish()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(connection.stream)
+            print(f"framewire recv: {exc}; still listening", file=sys.stderr, flush=True)
+            continue
+        print(f"framewire recv: sender {connection.peer} connected", file=sys.stderr, flush=True)
+        return connection
 
 
 async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) -> int:
@@ -494,6 +505,11 @@ async def _send(args: argparse.Namespace, source: io.BufferedIOBase) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    if "://" not in args.address and "://" in args.file:
+        raise Failure(
+            f"the address comes first: framewire send {args.file} {args.address}", EXIT_USAGE
+        )
+    _address(args.address)  # a bad address before anything is read
     if args.file == "-":
         stdin = sys.stdin.buffer
         assert isinstance(stdin, io.BufferedIOBase)
