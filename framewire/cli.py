@@ -211,8 +211,9 @@ def _load_or_fail(path: str | None) -> tuple[Config, str]:
         return _load(path)
     except ConfigError as exc:
         # One problem: one line. Several: a count, then one indented line each.
-        message = f"{exc.source}: {exc.errors[0]}" if len(exc.errors) == 1 else str(exc)
-        raise Failure(message, EXIT_USAGE, prefixed=False) from None
+        if len(exc.errors) == 1:
+            raise Failure(f"{exc.source}: {exc.errors[0]}", EXIT_USAGE) from None
+        raise Failure(str(exc), EXIT_USAGE, prefixed=False) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
