@@ -14,6 +14,7 @@ import contextlib
 import errno
 import io
 import json
+import logging
 import os
 import ssl
 import sys
@@ -221,15 +222,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_format: LogFormat = args.log_format
     setup_logging(args.log_level or config.daemon.log_level, log_format)
     if args.config is None:
-        print(
-            "framewire: running the embedded demo (a generator feeding a server).", file=sys.stderr
-        )
+        lines = ["running the embedded demo (a generator feeding a server)."]
         for name, endpoint in config.endpoints.items():
             if endpoint.kind == "server":
-                print(
-                    f"framewire: {name}: connect with  framewire recv {endpoint.listen}",
-                    file=sys.stderr,
-                )
+                lines.append(f"{name}: connect with  framewire recv {endpoint.listen}")
+        for line in lines:
+            if log_format == "json":  # every line of stderr stays a JSON object
+                logging.getLogger("framewire.cli").info("%s", line)
+            else:
+                print(f"framewire: {line}", file=sys.stderr)
     try:
         trio.run(serve, config, source, Path(source) if args.config else None)
     except OSError as exc:  # pragma: no cover - e.g. no signal support
