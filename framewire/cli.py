@@ -34,7 +34,7 @@ from trio_websocket import (
 )
 
 from . import protocols
-from ._logging import LOG_FORMATS, LogFormat, setup_logging
+from ._logging import LOG_FORMATS, LogFormat, setup_logging, stderr_is_journal
 from ._version import __version__
 from .config import (
     Address,
@@ -42,13 +42,14 @@ from .config import (
     Config,
     ConfigError,
     TLSConfig,
+    check_config,
     default_config_text,
     format_size,
     load_config,
     parse_address,
     parse_config,
 )
-from .daemon import serve
+from .daemon import DaemonStartFailed, serve
 from .daemon.backoff import Backoff
 from .daemon.flow import receive_frames
 from .daemon.transport import (
@@ -211,10 +212,14 @@ def _load_or_fail(path: str | None) -> tuple[Config, str]:
     try:
         return _load(path)
     except ConfigError as exc:
-        # One problem: one line. Several: a count, then one indented line each.
-        if len(exc.errors) == 1:
-            raise Failure(f"{exc.source}: {exc.errors[0]}", EXIT_USAGE) from None
-        raise Failure(str(exc), EXIT_USAGE, prefixed=False) from None
+        raise _config_failure(exc) from None
+
+
+def _config_failure(error: ConfigError) -> Failure:
+    """One problem: one line. Several: a count, then one indented line each."""
+    if len(error.errors) == 1:
+        return Failure(f"{error.source}: {error.errors[0]}", EXIT_USAGE)
+    return Failure(str(error), EXIT_USAGE, prefixed=False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -233,6 +238,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"framewire: {line}", file=sys.stderr)
     try:
         trio.run(serve, config, source, Path(source) if args.config else None)
+    except DaemonStartFailed as exc:  # each failure was logged as one line
+        if log_format == "json":  # every line of stderr stays a JSON object
+            logging.getLogger("framewire.cli").error("not started: %s", exc)
+        else:  # under the journal, at priority 3 like the failures before it
+            priority = "<3>" if stderr_is_journal() else ""
+            print(f"{priority}framewire: not started: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as exc:  # pragma: no cover - e.g. no signal support
         raise Failure(_reason(exc)) from None
     return EXIT_OK
@@ -240,6 +252,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config, source = _load_or_fail(args.config)
+    report = check_config(config)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if report.errors:
+        raise _config_failure(ConfigError(source, list(report.errors)))
     count = len(config.endpoints)
     print(f"{source}: OK, {count} endpoint{'s' if count != 1 else ''}")
     for line in _summary(config):

@@ -229,6 +229,8 @@ async def test_status_watch_reconnects_when_the_daemon_restarts(tmp_path: Path) 
             first_pid = re.findall(rb"pid (\d+)", out)[0]
             daemon.process.send_signal(signal.SIGTERM)
             await read_until(rb"status server gone; reconnecting\n", stderr=True)
+            with trio.fail_after(20):
+                await daemon.process.wait()  # its port is free again
             async with status_daemon(tmp_path, port):
                 await read_until(rb"pid (?!" + first_pid + rb"\b)\d+")
             watch.send_signal(signal.SIGINT)

@@ -29,6 +29,7 @@ from framewire.config import (
     load_config,
     parse_config,
 )
+from framewire.config._load import NO_ENDPOINTS
 from framewire.config._schema import ENDPOINT_KINDS
 
 KNOWN_PROTOCOLS = ", ".join(protocols.names())  # "native, raw" today
@@ -175,6 +176,12 @@ EXPECTED: dict[str, Any] = {
 }
 
 
+SERVER = '[endpoints.g3-out]\nkind = "server"\nlisten = "tcp://*:4537"\nstream = "g3"\n'
+RECEIVER = '[endpoints.in]\nkind = "receiver"\nstream = "g3"\nlisten = "tcp://*:4536"\n'
+CONNECTOR = '[endpoints.in]\nkind = "receiver"\nstream = "g3"\nconnect = "tcp://host:4536"\n'
+GENERATOR = '[endpoints.gen]\nkind = "generator"\nstream = "g3"\n'
+
+
 def errors_of(text: str) -> list[str]:
     with pytest.raises(ConfigError) as excinfo:
         parse_config(text)
@@ -205,11 +212,12 @@ def test_embedded_default_parses() -> None:
     )
 
 
-def test_empty_file_is_all_defaults() -> None:
-    assert parse_config("") == Config()
-    assert parse_config("") == Config(daemon=DaemonConfig(), status=None, endpoints={})
+def test_a_file_with_only_endpoints_takes_every_other_default() -> None:
+    config = parse_config(GENERATOR)
+    assert config == Config(endpoints=config.endpoints)
+    assert config == Config(daemon=DaemonConfig(), status=None, endpoints=config.endpoints)
     # An empty [status] table turns the status server on with its defaults.
-    assert parse_config("[status]").status == StatusConfig()
+    assert parse_config(GENERATOR + "[status]").status == StatusConfig()
     assert StatusConfig().listen == Address("tcp", "127.0.0.1", 8765)
 
 
@@ -253,8 +261,8 @@ def test_configs_compare_by_value() -> None:
 @pytest.mark.parametrize(
     ("toml", "path", "value"),
     [
-        ("[daemon]\ngrace_period = 5", ("daemon", "grace_period"), 5.0),
-        ("[daemon.restart]\nfactor = 2", ("daemon", "restart", "factor"), 2.0),
+        (GENERATOR + "[daemon]\ngrace_period = 5", ("daemon", "grace_period"), 5.0),
+        (GENERATOR + "[daemon.restart]\nfactor = 2", ("daemon", "restart", "factor"), 2.0),
         ('[endpoints.g]\nkind = "generator"\nstream = "s"\nrate = 0', ("g", "rate"), 0.0),
         ('[endpoints.g]\nkind = "generator"\nstream = "s"\nsize = 0', ("g", "size"), 0),
         ('[endpoints.g]\nkind = "generator"\nstream = "s"\nsize = "1.5 KB"', ("g", "size"), 1500),
@@ -281,10 +289,6 @@ def test_listening_on_port_zero_twice_is_not_a_duplicate() -> None:
 
 # -- errors: one per line, path and value ----------------------------------------------------
 
-SERVER = '[endpoints.g3-out]\nkind = "server"\nlisten = "tcp://*:4537"\nstream = "g3"\n'
-RECEIVER = '[endpoints.in]\nkind = "receiver"\nstream = "g3"\nlisten = "tcp://*:4536"\n'
-CONNECTOR = '[endpoints.in]\nkind = "receiver"\nstream = "g3"\nconnect = "tcp://host:4536"\n'
-GENERATOR = '[endpoints.gen]\nkind = "generator"\nstream = "g3"\n'
 
 ERROR_CASES: list[tuple[str, str]] = [
     # unknown keys, at every level
@@ -292,6 +296,10 @@ ERROR_CASES: list[tuple[str, str]] = [
     ("[daemon]\nbogus = 1", "daemon.bogus: unknown key"),
     ("[daemon.restart]\nbogus = 1", "daemon.restart.bogus: unknown key"),
     (SERVER + "bogus = 2", "endpoints.g3-out.bogus: unknown key"),
+    # ... and a near miss names the key it looks like
+    (SERVER + "polcy = 'lossy'", "endpoints.g3-out.polcy: unknown key (did you mean 'policy'?)"),
+    ("[endpoint.a]\nkind = 'generator'", "endpoint: unknown key (did you mean 'endpoints'?)"),
+    ("[daemon]\nlog_lvl = 'info'", "daemon.log_lvl: unknown key (did you mean 'log_level'?)"),
     (RECEIVER + "[endpoints.in.reconnect]\nbogus = 2", "endpoints.in.reconnect.bogus: unknown key"),
     (GENERATOR + "listen = 'tcp://*:1'", "endpoints.gen.listen: unknown key"),
     ("[status]\nbogus = 1", "status.bogus: unknown key"),
@@ -400,7 +408,10 @@ ERROR_CASES: list[tuple[str, str]] = [
         "[streams.cam]\nmax_metadata_types = 0",
         "streams.cam.max_metadata_types: expected a positive integer, got 0",
     ),
-    ("[streams.cam]\nmax_types = 5", "streams.cam.max_types: unknown key"),
+    (
+        "[streams.cam]\nmax_types = 5",
+        "streams.cam.max_types: unknown key (did you mean 'max_metadata_types'?)",
+    ),
     (
         '[endpoints.r]\nkind = "receiver"\nlisten = "tcp://127.0.0.1:1"\nstream = "s"\n'
         'max_frame_size = "2TiB"',
@@ -420,6 +431,11 @@ ERROR_CASES: list[tuple[str, str]] = [
     (
         '[endpoints.x]\nkind = "relay"\nstream = "s"',
         f"endpoints.x.kind: unknown endpoint kind 'relay' (known: {KNOWN_KINDS})",
+    ),
+    (
+        '[endpoints.x]\nkind = "recever"\nstream = "s"',
+        f"endpoints.x.kind: unknown endpoint kind 'recever' (did you mean 'receiver'?) "
+        f"(known: {KNOWN_KINDS})",
     ),
     (
         "[endpoints.x]\nkind = 3",
@@ -582,6 +598,28 @@ def test_single_value_rule_is_reported_alongside_other_errors() -> None:
         "daemon.restart.factor: expected a number of 1 or more, got 0.5",
         "daemon.restart.initial: expected a duration of 0 or more seconds, got -1",
     ]
+
+
+@pytest.mark.parametrize(
+    "text", ["", "# nothing yet\n", "[daemon]\ngrace_period = 1", "[endpoints]"]
+)
+def test_a_configuration_without_endpoints_is_refused(text: str) -> None:
+    assert errors_of(text) == [NO_ENDPOINTS]
+    assert NO_ENDPOINTS.startswith("no endpoints configured; ")
+
+
+def test_no_endpoints_is_reported_with_the_cross_checks() -> None:
+    errors = errors_of("[status]\nlisten = '127.0.0.1:8765'\n[endpoints]\n")
+    assert errors == [NO_ENDPOINTS]
+
+
+def test_an_empty_file_is_refused_by_the_loader(tmp_path: Path) -> None:
+    path = tmp_path / "empty.toml"
+    path.write_bytes(b"")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    assert excinfo.value.errors == [NO_ENDPOINTS]
+    assert Config().endpoints == {}  # only the loader refuses; code may build an empty Config
 
 
 def test_config_error_message_format() -> None:

@@ -22,6 +22,7 @@ from framewire.daemon.endpoints import receiver as receiver_module
 from framewire.daemon.status import build_snapshot
 from framewire.protocols import Decoder, g3
 
+from .g3frames import g3_frame
 from .helpers import connect, port_of, running_daemon, wait_until
 
 CONFIG = """
@@ -272,3 +273,90 @@ key = "{pem}"
                         pass
         await wait_until(lambda: producers(daemon) == 0)
         await wait_until(lambda: tls_streams() == before)
+
+
+# -- counters count what happened -------------------------------------------------------------
+
+
+async def test_a_g3_server_fed_native_frames_counts_only_what_it_wrote() -> None:
+    """Frames a g3 client cannot take are unencodable, not sent (they used to count as sent)."""
+    g3_config = """
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+protocol = "g3"
+"""
+    carried = [g3_frame("Scan", {b"k": bytes([i]) * 100}) for i in range(3)]
+    async with running_daemon(g3_config) as daemon:
+        port_in, port_out = ports(daemon)
+        client = await trio.open_tcp_stream("127.0.0.1", port_out)
+        await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+        producer = await connect(port_in)
+        frames = [Frame(FrameKind.DATA, "Scan", payload) for payload in carried]
+        frames[1:1] = [data(i) for i in range(4)]  # native frames that are not G3
+        await producer.send(frames)
+        received = b""
+        with trio.fail_after(10):
+            while len(received) < sum(map(len, carried)):
+                received += await client.receive_some(1 << 16)
+        assert received == b"".join(carried)
+
+        def settled() -> bool:
+            shown = build_snapshot(daemon)["endpoints"]["out"]
+            return bool(shown["frames_out"] == 3 and shown["detail"] == {"frames_unencodable": 4})
+
+        # The counters move once the write returns, which may be after the bytes arrived.
+        await wait_until(settled)
+        snap = build_snapshot(daemon)["endpoints"]["out"]
+        assert (snap["frames_out"], snap["bytes_out"]) == (3, len(received))
+        (entry,) = snap["clients"]
+        assert (entry["frames_sent"], entry["bytes_sent"]) == (3, len(received))
+        assert (entry["frames_unencodable"], entry["frames_in_flight"]) == (4, 0)
+        await producer.stream.aclose()
+        await client.aclose()
+
+
+async def test_a_bug_in_one_producers_handling_costs_only_that_producer(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defence in depth: an exception no handler expected closes its connection alone."""
+    make_decoder = flow.make_decoder
+
+    class Broken:
+        def __getattr__(self, name: str) -> object:
+            raise RuntimeError("a bug in a decoder")
+
+    created = 0
+
+    def second_is_broken(*args: object, **kwargs: object) -> object:
+        nonlocal created
+        created += 1
+        return Broken() if created == 2 else make_decoder(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(receiver_module, "make_decoder", second_is_broken)
+    async with running_daemon(config()) as daemon:
+        port_in, port_out = ports(daemon)
+        client = await connect(port_out)
+        await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+        good = await connect(port_in)
+        await good.send([data(1)])
+        with trio.fail_after(10):
+            assert await client.read(1) == [data(1)]
+        bad = await connect(port_in)
+        await bad.send([data(99)])
+        with trio.fail_after(10):
+            assert await bad.stream.receive_some(10) == b""
+        # The good producer is still connected and still relayed.
+        await good.send([data(2)])
+        with trio.fail_after(10):
+            assert await client.read(2) == [data(1), data(2)]
+        assert daemon.endpoints["in"].status.restarts == 0
+        assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
+        for peer in (good, bad, client):
+            await peer.stream.aclose()

@@ -57,6 +57,7 @@ class MemoryNetwork(Transports):
     """Listeners and connectors over memory streams, with outages on demand."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.listeners: dict[Address, MemoryListener] = {}
         self.refusing = False
         self.attempts: list[float] = []
@@ -233,7 +234,7 @@ async def test_outage_backoff_schedule_and_recovery(
     # One log line per change of state, not one per attempt.
     lines = messages(caplog, "b")
     down = [line for line in lines if line.startswith("link down")]
-    refused = [line for line in lines if "Connection refused" in line]
+    refused = [line for line in lines if "connection refused" in line]
     up = [line for line in lines if line.startswith("link up")]
     assert len(down) == 1
     assert len(refused) == 1
@@ -267,6 +268,7 @@ class SilentAfterHello(Transports):
     """Connects to a scripted peer that sends one keepalive, then nothing, never closing."""
 
     def __init__(self, hello: bytes = KEEPALIVE) -> None:
+        super().__init__()
         self.hello = hello
         self.attempts: list[float] = []
         self.peers: list[trio.abc.Stream] = []
@@ -351,6 +353,7 @@ class GarbagePeer(Transports):
     """Every connection gets the same bytes from the peer, which then stays open."""
 
     def __init__(self, garbage: bytes) -> None:
+        super().__init__()
         self.garbage = garbage
         self.attempts: list[float] = []
         self.peers: list[trio.abc.Stream] = []

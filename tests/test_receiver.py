@@ -29,6 +29,7 @@ class ScriptedUpstream(Transports):
     """A connector that refuses ``refusals`` times, then hands out memory streams."""
 
     def __init__(self, refusals: int) -> None:
+        super().__init__()
         self.refusals = refusals
         self.attempts: list[float] = []
         self.accepted: trio.MemorySendChannel[trio.abc.Stream]

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 
 from framewire import Frame, FrameKind
-from framewire.config import load_config
+from framewire.config import Address, load_config
 from framewire.daemon import Daemon
+from framewire.daemon.endpoints import Endpoint, Transports
 from framewire.protocols.native import END_OF_STREAM
 
-from .helpers import connect, port_of, running_daemon, wait_until
+from .helpers import NativePeer, connect, port_of, running_daemon, wait_until
 
 BASE = """
 [daemon]
@@ -132,8 +138,164 @@ async def test_broken_file_keeps_the_running_config(tmp_path: Path) -> None:
         with trio.fail_after(10):
             assert not await daemon.reload_from_file()
         assert "cannot read the file" in daemon.last_reload["error"]
+        path.write_bytes(b"")  # a zero-byte file would otherwise remove every endpoint
+        with trio.fail_after(10):
+            assert not await daemon.reload_from_file()
+        assert "no endpoints configured" in daemon.last_reload["error"]
+        assert daemon.endpoints == endpoints
         await wait_until(lambda: len(stream.subscriptions) == 1)
         await stream.publish([frame(7)])
         with trio.fail_after(10):
             assert await client.read(1) == [frame(7)]
+        await client.stream.aclose()
+
+
+# -- a reload is applied whole, or not at all ------------------------------------------------
+
+
+def server(name: str, port: int, extra: str = "") -> str:
+    return f"""
+[endpoints.{name}]
+kind = "server"
+listen = "tcp://127.0.0.1:{port}"
+stream = "s"
+{extra}
+"""
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_a_reload_onto_a_taken_port_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "fw.toml"
+    base = server("a", free_tcp_port())
+    path.write_text(base)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        async with running(path) as daemon:
+            stream = daemon.streams.get("s")
+            client = await connect(port(daemon, "a"))
+            await wait_until(lambda: len(daemon.endpoints["a"].status.clients) == 1)
+            path.write_text(base + server("b", taken.getsockname()[1]))
+            assert not await daemon.reload_from_file()
+            assert set(daemon.endpoints) == {"a"}
+            assert daemon.last_reload is not None
+            assert daemon.last_reload["ok"] is False
+            error = str(daemon.last_reload["error"])
+            assert "untouched" in error
+            assert (
+                f"endpoints.b.listen: cannot listen on tcp://127.0.0.1:{taken.getsockname()[1]}"
+                in error
+            )
+            assert "address already in use" in error
+            # The old endpoint's client never noticed.
+            await stream.publish([frame(1)])
+            with trio.fail_after(10):
+                assert await client.read(1) == [frame(1)]
+            await client.stream.aclose()
+    finally:
+        taken.close()
+
+
+async def test_a_reload_with_a_missing_certificate_keeps_the_changed_endpoint_serving(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "fw.toml"
+    port_a = free_tcp_port()
+    path.write_text(server("a", port_a))
+    async with running(path) as daemon:
+        stream = daemon.streams.get("s")
+        client = await connect(port_a)
+        await wait_until(lambda: len(daemon.endpoints["a"].status.clients) == 1)
+        missing = tmp_path / "missing.pem"
+        path.write_text(
+            server("a", port_a).replace("tcp://", "tls://")
+            + f'[endpoints.a.tls]\ncertificate = "{missing}"\nkey = "{missing}"\n'
+        )
+        assert not await daemon.reload_from_file()
+        assert "endpoints.a.tls.certificate" in str(
+            daemon.last_reload and daemon.last_reload["error"]
+        )
+        await stream.publish([frame(2)])
+        with trio.fail_after(10):
+            assert await client.read(1) == [frame(2)]
+        await client.stream.aclose()
+
+
+class FailsToBindOnce(Transports):
+    """Refuses the first bind of one port after a reload begins (a race the checks miss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse: int | None = None
+
+    async def listen(self, address: Address) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
+        if address.port == self.refuse:
+            self.refuse = None
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {address}: address already in use")
+        return await super().listen(address)
+
+
+async def test_a_start_that_fails_after_the_checks_restores_the_previous_configuration(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "fw.toml"
+    port_a, port_b = free_tcp_port(), free_tcp_port()
+    path.write_text(server("a", port_a))
+    transports = FailsToBindOnce()
+    daemon = Daemon(load_config(path), source=str(path), config_path=path, transports=transports)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(daemon.run)
+        path.write_text(server("a", port_a, "max_queue_frames = 7") + server("b", port_b))
+        transports.refuse = port_b
+        assert not await daemon.reload_from_file()
+        assert daemon.last_reload is not None
+        assert "restored" in str(daemon.last_reload["error"])
+        assert set(daemon.endpoints) == {"a"}
+        assert daemon.endpoints["a"].config.max_queue_frames == 1024  # the previous one
+        client = await connect(port_a)  # and it serves on its address
+        await wait_until(lambda: len(daemon.endpoints["a"].status.clients) == 1)
+        await daemon.streams.get("s").publish([frame(3)])
+        with trio.fail_after(10):
+            assert await client.read(1) == [frame(3)]
+        await client.stream.aclose()
+        daemon.request_shutdown()
+
+
+async def test_a_changed_endpoint_hands_its_listening_socket_to_its_successor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The address never stops accepting: a client connecting after the old endpoint stopped
+    and before its successor started waits in the socket's backlog and is served."""
+    path = tmp_path / "fw.toml"
+    port_a = free_tcp_port()
+    path.write_text(server("a", port_a))
+    async with running(path) as daemon:
+        before = daemon.endpoints["a"]
+        real_start = daemon.supervisor.start_endpoint
+        between: list[NativePeer] = []
+
+        async def start_after_a_connect(endpoint: Endpoint[Any], **kwargs: bool) -> None:
+            if endpoint.name == "a":
+                assert "a" not in daemon.endpoints  # the old one is gone...
+                between.append(await connect(port_a))  # ...yet the port accepts
+            await real_start(endpoint, **kwargs)
+
+        monkeypatch.setattr(daemon.supervisor, "start_endpoint", start_after_a_connect)
+        path.write_text(server("a", port_a, "max_queue_frames = 7"))
+        assert await daemon.reload_from_file()
+        after = daemon.endpoints["a"]
+        assert after is not before
+        assert after.config.max_queue_frames == 7
+        (client,) = between
+        await wait_until(lambda: len(after.status.clients) == 1)
+        await daemon.streams.get("s").publish([frame(4)])
+        with trio.fail_after(10):
+            assert await client.read(1) == [frame(4)]
         await client.stream.aclose()

@@ -26,6 +26,7 @@ class Readers(Transports):
     """Refuses while ``down``; otherwise hands out memory streams to the test."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.down = True
         self.attempts = 0
         self.accepted, self.connections = trio.open_memory_channel[trio.abc.Stream](10)

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import json
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
-from trio_websocket import open_websocket_url
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from trio_websocket import open_websocket_url, wrap_client_stream
 
 from framewire import Frame, FrameKind
 from framewire.cli import render_status
 from framewire.config import parse_config
 from framewire.daemon import Daemon
-from framewire.daemon.status import SCHEMA, StatusServer
+from framewire.daemon.status import HANDSHAKE_SLOTS, SCHEMA, StatusServer
 
-from .helpers import connect, port_of, wait_until
+from .helpers import connect, endpoint_port, port_of, wait_until
 
 CONFIG = """
 [status]
@@ -114,7 +120,13 @@ async def test_drops_of_a_stalled_client_are_counted() -> None:
         snap = await snapshot_where(url, lambda s: s["endpoints"]["out"]["frames_dropped"] > 0)
         (entry,) = snap["endpoints"]["out"]["clients"]
         assert entry["frames_dropped"] == snap["endpoints"]["out"]["frames_dropped"]
-        assert entry["frames_dropped"] + entry["frames_sent"] + entry["queue_frames"] == 400
+        # Every frame is accounted for once: dropped, written, queued, or being written.
+        in_flight = entry["frames_in_flight"]
+        assert (
+            entry["frames_dropped"] + entry["frames_sent"] + entry["queue_frames"] + in_flight
+            == 400
+        )
+        assert entry["bytes_sent"] == entry["frames_sent"] * (28 + 1 + 64 * 1024)
         assert entry["queue_frames"] <= 8
         assert entry["queue_bytes"] <= 1 << 20
         await stalled.aclose()
@@ -199,3 +211,320 @@ async def test_a_stuck_status_client_is_closed_and_stalls_no_one() -> None:
         await wait_until(lambda: server.clients == 0)
         await stuck.aclose()
         nursery.cancel_scope.cancel()
+
+
+UPGRADE = (
+    b"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def upgrade_request(path: bytes = b"/", host: bytes = b"127.0.0.1") -> bytes:
+    return UPGRADE.replace(b"{path}", path).replace(b"{host}", host)
+
+
+async def send_and_read_to_end(port: int, request: bytes) -> bytes:
+    """Send ``request`` to the status port; return everything the server says until it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = b""
+    with trio.fail_after(10):
+        try:
+            await stream.send_all(request)
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        except trio.BrokenResourceError:
+            pass  # reset by the server: as good as a close
+    await stream.aclose()
+    return received
+
+
+async def still_serving(daemon: Daemon, url: str) -> None:
+    """The daemon is running, a status client gets snapshots and ``in`` still relays to ``out``."""
+    assert daemon.state == "running"
+    first = await snapshot_where(url, lambda s: True)
+    assert first["daemon"]["state"] == "running"
+    client = await connect(endpoint_port(daemon, "out"))
+    stream = daemon.streams.get("s")
+    await wait_until(lambda: len(stream.subscriptions) == 1)
+    producer = await connect(endpoint_port(daemon, "in"))
+    await producer.send([data(1), data(2)])
+    with trio.fail_after(10):
+        assert [f.timestamp for f in await client.read(2)] == [1, 2]
+    for peer in (client, producer):
+        await peer.stream.aclose()
+
+
+async def test_a_non_ascii_host_header_does_not_kill_the_daemon(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # wsproto raises UnicodeDecodeError in trio-websocket's reader task; that once ended
+    # the daemon. Now it ends that connection, with one line naming the peer and why.
+    caplog.set_level(logging.INFO, "framewire.status")
+    async with running() as (daemon, url):
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        await send_and_read_to_end(port, upgrade_request(host=b"\xff"))
+        await still_serving(daemon, url)
+    (line,) = [r for r in caplog.records if "UnicodeDecodeError" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert "status connection dropped: 127.0.0.1:" in line.getMessage()
+    assert line.exc_info is None  # the traceback only at DEBUG
+
+
+async def test_a_path_urlsplit_rejects_is_judged_by_its_token_alone() -> None:
+    # urlsplit("//[x/?token=a") raises ValueError("Invalid IPv6 URL"); that once killed
+    # the daemon. The query is read without it: the right token is let in, a wrong one not.
+    async with running(token="a") as (daemon, url):
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        refused = await send_and_read_to_end(port, upgrade_request(path=b"//[x/?token=b"))
+        assert refused.startswith(b"HTTP/1.1 401")
+        stream, head = await raw_handshake(port, "//[x/?token=a")
+        assert head.startswith(b"HTTP/1.1 101")
+        await stream.aclose()
+        await still_serving(daemon, url + "?token=a")
+
+
+class ScriptedListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listener whose accept() hands out, in order, what the test puts in: a stream to
+    return or an exception to raise."""
+
+    def __init__(self) -> None:
+        self.send, self._receive = trio.open_memory_channel[trio.abc.Stream | Exception](16)
+
+    async def accept(self) -> trio.abc.Stream:
+        item = await self._receive.receive()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        self._receive.close()
+        await trio.lowlevel.checkpoint()
+
+
+def scripted_server(listener: ScriptedListener, **options: Any) -> StatusServer:
+    async def listen() -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
+        return [listener]
+
+    return StatusServer(
+        lambda: {"schema": SCHEMA}, host="memory", port=0, interval=1.0, listen=listen, **options
+    )
+
+
+async def memory_client_snapshot(listener: ScriptedListener) -> dict[str, Any]:
+    """Connect a websocket client through ``listener`` over a memory stream; its first
+    snapshot."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await listener.send.send(server_stream)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            # Typed for sockets, but any trio Stream works.
+            ws = await wrap_client_stream(nursery, client_stream, "127.0.0.1", "/")  # type: ignore[arg-type]
+            snapshot: dict[str, Any] = json.loads(await ws.get_message())
+            await ws.aclose()
+    return snapshot
+
+
+async def test_accept_waits_out_running_out_of_descriptors(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "framewire.status")
+    listener = ScriptedListener()
+    server = scripted_server(listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        for code in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS) * 3:
+            await listener.send.send(OSError(code, "out of resources"))
+        assert (await memory_client_snapshot(listener))["schema"] == SCHEMA
+        nursery.cancel_scope.cancel()
+    lines = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(lines) == 1  # twelve failures in 1.2 s: one line, the rest counted
+    assert "out of resources" in lines[0].getMessage()
+
+
+async def test_any_other_accept_error_ends_run() -> None:
+    listener = ScriptedListener()
+    server = scripted_server(listener)
+    with pytest.RaisesGroup(OSError, flatten_subgroups=True), trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            await listener.send.send(OSError(errno.EBADF, "Bad file descriptor"))
+
+
+async def test_a_silent_connection_is_closed_after_the_handshake_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    listener = ScriptedListener()
+    server = scripted_server(listener, handshake_timeout=5.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        client, server_side = trio.testing.memory_stream_pair()
+        await listener.send.send(server_side)
+        with trio.fail_after(60):
+            assert await client.receive_some() == b""  # closed by the server
+        assert trio.current_time() >= 5.0
+        await wait_until(lambda: server.connections == 0)
+        nursery.cancel_scope.cancel()
+
+
+async def raw_status_server(nursery: trio.Nursery, **options: Any) -> tuple[StatusServer, int]:
+    server = StatusServer(
+        lambda: {"schema": SCHEMA}, host="127.0.0.1", port=0, interval=0.05, **options
+    )
+    port: int = await nursery.start(server.run)
+    return server, port
+
+
+async def test_a_bad_request_or_a_hang_up_ends_the_connection_at_once() -> None:
+    # The handshake timeout is far away: only the server noticing ends these connections.
+    async with trio.open_nursery() as nursery:
+        server, port = await raw_status_server(nursery, handshake_timeout=3600)
+        response = await send_and_read_to_end(port, b"NOT HTTP AT ALL\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 400")
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(upgrade_request()[:30])
+        await stream.send_eof()
+        with trio.fail_after(10):
+            assert await stream.receive_some() == b""
+        await stream.aclose()
+        await wait_until(lambda: server.connections == 0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_clients_beyond_max_clients_are_refused_and_silent_connections_capped() -> None:
+    async with trio.open_nursery() as nursery:
+        server, port = await raw_status_server(nursery, max_clients=1)
+        first, head = await raw_handshake(port)
+        assert head.startswith(b"HTTP/1.1 101")
+        second, head = await raw_handshake(port)
+        assert head.startswith(b"HTTP/1.1 503")
+        await second.aclose()
+        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(HANDSHAKE_SLOTS)]
+        await wait_until(lambda: server.connections == 1 + HANDSHAKE_SLOTS)
+        one_too_many = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(10):
+            assert await one_too_many.receive_some() == b""
+        for stream in [first, one_too_many, *silent]:
+            await stream.aclose()
+        await wait_until(lambda: server.connections == 0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_status_server_is_restarted_when_its_listener_fails(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first listener breaks (EBADF) after the daemon started; the status server is
+    started again on a fresh one and says so, while the endpoints relay on."""
+    caplog.set_level(logging.INFO)
+    real_listen = StatusServer._open_tcp_listeners
+    first = ScriptedListener()
+    opened: list[int] = []
+
+    async def listen(self: StatusServer) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
+        opened.append(1)
+        return [first] if len(opened) == 1 else await real_listen(self)
+
+    monkeypatch.setattr(StatusServer, "_open_tcp_listeners", listen)
+    async with running() as (daemon, _):
+        server = daemon.status_server
+        assert server is not None
+        assert server.state == "running"
+        await first.send.send(OSError(errno.EBADF, "Bad file descriptor"))
+        await wait_until(lambda: server.restarts == 1 and server.state == "running")
+        assert daemon.state == "running"
+        assert len(opened) == 2
+        url = f"ws://127.0.0.1:{server.port}/"
+        snapshot = await snapshot_where(url, lambda s: True)
+        health = snapshot["daemon"]["status_server"]
+        assert health["restarts"] == 1
+        assert "Bad file descriptor" in health["last_error"]
+        await still_serving(daemon, url)
+    failures = [r for r in caplog.records if "status websocket failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].levelno == logging.ERROR
+
+
+def hostile_request() -> st.SearchStrategy[bytes]:
+    """Bytes a hostile or broken client might send to the status port."""
+    request = upgrade_request(path=b"/?token=t")
+    header_bytes = st.binary(min_size=1, max_size=64).filter(lambda b: b"\r\n" not in b)
+    return st.one_of(
+        st.binary(max_size=2048),
+        st.builds(lambda host: upgrade_request(path=b"/?token=t", host=host), header_bytes),
+        st.builds(lambda path: upgrade_request(path=path), header_bytes),
+        st.builds(
+            lambda name, value: request.replace(
+                b"\r\n\r\n", b"\r\n" + name + b": " + value + b"\r\n\r\n"
+            ),
+            header_bytes,
+            header_bytes,
+        ),
+        st.builds(
+            lambda size: request[:-2] + b"X-Pad: " + b"a" * size + b"\r\n\r\n",
+            st.integers(0, 100_000),
+        ),
+        st.builds(lambda cut: request[:cut], st.integers(0, len(request))),
+        st.builds(lambda junk: request + junk, st.binary(max_size=512)),
+        st.builds(
+            lambda at, byte: request[:at] + bytes([byte]) + request[at + 1 :],
+            st.integers(0, len(request) - 1),
+            st.integers(0, 255),
+        ),
+    )
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    st.lists(st.tuples(hostile_request(), st.booleans()), min_size=1, max_size=4),
+)
+async def test_hostile_bytes_never_stop_the_status_server(
+    requests: list[tuple[bytes, bool]],
+) -> None:
+    """Whatever comes in (each request either followed by EOF or left hanging, slowloris
+    style), the server stays up and a proper client still gets its snapshot."""
+    async with trio.open_nursery() as nursery:
+        server, port = await raw_status_server(nursery, token="t")
+        hanging = []
+        for payload, hang in requests:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            try:
+                await stream.send_all(payload)
+                if not hang:
+                    await stream.send_eof()
+                    with trio.fail_after(10):
+                        while await stream.receive_some():
+                            pass
+            except trio.BrokenResourceError:
+                pass  # reset by the server
+            if hang:
+                hanging.append(stream)
+            else:
+                await stream.aclose()
+        snapshot = await snapshot_where(f"ws://127.0.0.1:{port}/?token=t", lambda s: True)
+        assert snapshot["schema"] == SCHEMA
+        for stream in hanging:
+            await stream.aclose()
+        await wait_until(lambda: server.connections == 0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_that_changes_status_restarts_it_with_the_new_settings() -> None:
+    async with running() as (daemon, _):
+        old = daemon.status_server
+        assert old is not None
+        changes = await daemon.reload(parse_config(CONFIG.format(token='token = "t"')))
+        assert changes == ["restarted status"]
+        new = daemon.status_server
+        assert new is not None
+        assert new is not old
+        response = await send_and_read_to_end(new.port, upgrade_request())
+        assert response.startswith(b"HTTP/1.1 401")
+        await still_serving(daemon, f"ws://127.0.0.1:{new.port}/?token=t")

@@ -116,3 +116,54 @@ async def test_finished_endpoint_is_not_restarted(autojump_clock: trio.testing.M
         assert generator.status.restarts == 0
         nursery.cancel_scope.cancel()
     assert received.queued_frames == 11  # the metadata frame, then ten data frames
+
+
+class CrashesWith(Endpoint[GeneratorConfig]):
+    """Binds, then fails once with ``error``; then runs quietly."""
+
+    kind = "crashing"
+
+    def __init__(self, name: str, context: EndpointContext, error: Exception) -> None:
+        super().__init__(name, GeneratorConfig(stream="unused"), context)
+        self.error: Exception | None = error
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.lowlevel.checkpoint()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        await self._stop_requested.wait()
+
+
+@pytest.mark.parametrize(
+    ("error", "traceback"),
+    [
+        (ValueError("tls: cannot load certificate /x.pem with key /x.key: no such file"), False),
+        (ImportError("the bridge endpoint needs pyzmq: pip install 'framewire[zmq]'"), False),
+        (OSError(98, "cannot listen on tcp://127.0.0.1:1: address already in use"), False),
+        (RuntimeError("a bug"), True),
+    ],
+)
+async def test_operational_failures_are_one_line_bugs_keep_their_traceback(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    traceback: bool,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="framewire")
+    supervisor = Supervisor(RESTART, rng=random.Random(3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        endpoint = CrashesWith("e", EndpointContext(StreamRegistry()), error)
+        await supervisor.start_endpoint(endpoint)
+        with trio.fail_after(30):
+            while endpoint.status.restarts == 0 or endpoint.status.state != "running":  # noqa: ASYNC110 - state only
+                await trio.sleep(0.1)
+        supervisor.cancel()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert (errors[0].exc_info is not None) is traceback
+    assert str(error.args[-1]) in errors[0].getMessage()
+    if not traceback:  # the traceback is there for debugging, at DEBUG
+        assert any(r.exc_info for r in caplog.records if r.levelno == logging.DEBUG)

@@ -34,6 +34,22 @@ def test_units_exist() -> None:
             assert line in text
         assert re.search(r"^WatchdogSec=\d+", text, re.M)
         assert int(re.search(r"^LimitNOFILE=(\d+)", text, re.M).group(1)) >= 65536  # type: ignore[union-attr]
+        # A dynamic user on a read-only system may write only these: recordings, sockets.
+        instance = "/%i" if "@" in unit.name else ""
+        assert f"StateDirectory=framewire{instance}\n" in text
+        assert f"RuntimeDirectory=framewire{instance}\n" in text
+
+
+def test_shipped_configs_fit_the_units() -> None:
+    """What the README installs as the service config has status; recordings go where the
+    service may write."""
+    configs = Path(__file__).parent.parent / "config"
+    assert parse_config((configs / "relay.toml").read_text()).status is not None
+    for path in configs.glob("*.toml"):
+        for endpoint in parse_config(path.read_text()).endpoints.values():
+            recording = getattr(endpoint, "path", None)
+            if endpoint.kind == "recorder" and recording is not None:
+                assert recording.startswith("/var/lib/framewire/"), path.name
 
 
 def installed_copy(unit: Path, tmp_path: Path) -> Path:

@@ -23,7 +23,12 @@ from framewire.daemon import transport
 from framewire.daemon.endpoints import EndpointContext, Transports
 from framewire.daemon.endpoints.server import ServerEndpoint
 from framewire.daemon.stream import StreamRegistry
-from framewire.daemon.transport import open_listeners, open_unix_listener, system_backlog
+from framewire.daemon.transport import (
+    bound_addresses,
+    open_listeners,
+    open_unix_listener,
+    system_backlog,
+)
 
 from .helpers import NativePeer, wait_until
 
@@ -146,6 +151,7 @@ class ExhaustedListener(trio.abc.Listener[trio.abc.Stream]):
 
 class Exhausted(Transports):
     def __init__(self, listener: ExhaustedListener) -> None:
+        super().__init__()
         self.listener = listener
 
     async def listen(self, address: Address) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
@@ -178,3 +184,41 @@ async def test_a_shortage_of_descriptors_is_retried_and_logged_at_most_every_10_
     assert "Too many open files" in lines[0]
     assert "(1 in all)" in lines[0]
     assert "100 more since the last report" in lines[1]  # 10 s of failures, 100 ms apart
+
+
+async def test_a_held_listener_is_parked_for_its_successor_not_closed() -> None:
+    transports = Transports()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fixed = Address("tcp", "127.0.0.1", port)
+    (first,) = await transports.bind(fixed)
+    assert bound_addresses([first]) == [f"127.0.0.1:{port}"]
+    transports.hold(fixed)
+    woken: list[type[BaseException]] = []
+
+    async def acceptor() -> None:
+        try:
+            await first.accept()
+        except trio.ClosedResourceError as exc:
+            woken.append(type(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acceptor)
+        await trio.testing.wait_all_tasks_blocked()
+        await first.aclose()  # parked: the waiting acceptor is told it is closed...
+    assert woken == [trio.ClosedResourceError]
+    # ...but the socket still accepts: a client connects before the successor binds.
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    (second,) = await transports.bind(fixed)
+    with trio.fail_after(10):
+        accepted = await second.accept()
+    await client.send_all(b"x")
+    assert await accepted.receive_some(1) == b"x"
+    for stream in (client, accepted):
+        await stream.aclose()
+    await second.aclose()
+    # Nobody took it this time: release closes it.
+    await transports.release()
+    with pytest.raises(OSError, match="all attempts"):
+        await trio.open_tcp_stream("127.0.0.1", port)

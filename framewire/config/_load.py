@@ -7,6 +7,7 @@ Strict means: unknown keys are errors, and no silent coercion (``9.7`` is not an
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import tomllib
 import typing
@@ -130,8 +131,10 @@ def _make_converter() -> cattrs.Converter:
             raise FieldError("kind", f"missing; one of: {', '.join(ENDPOINT_KINDS)}")
         cls = ENDPOINT_KINDS.get(kind) if isinstance(kind, str) else None
         if cls is None:
+            hint = _suggestion(kind, list(ENDPOINT_KINDS)) if isinstance(kind, str) else ""
             raise FieldError(
-                "kind", f"unknown endpoint kind {kind!r} (known: {', '.join(ENDPOINT_KINDS)})"
+                "kind",
+                f"unknown endpoint kind {kind!r}{hint} (known: {', '.join(ENDPOINT_KINDS)})",
             )
         return converter.structure(value, cls)
 
@@ -150,8 +153,9 @@ def _errors(exc: BaseException, path: str) -> Iterator[str]:
         elif isinstance(note, cattrs.IterableValidationNote):
             path = _join(path, str(note.index))
     if isinstance(exc, ForbiddenExtraKeysError):
+        known = [field.name for field in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
         for key in sorted(exc.extra_fields):
-            yield f"{_join(path, key)}: unknown key"
+            yield f"{_join(path, key)}: unknown key{_suggestion(key, known)}"
         return
     if isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
@@ -165,6 +169,12 @@ def _errors(exc: BaseException, path: str) -> Iterator[str]:
         yield f"{path or '(top level)'}: {exc}"
     else:  # pragma: no cover - a converter bug, reported rather than hidden
         yield f"{path or '(top level)'}: {type(exc).__name__}: {exc}"
+
+
+def _suggestion(key: str, known: list[str]) -> str:
+    """`` (did you mean 'policy'?)`` when ``key`` looks like a typo of a known key, else ``""``."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _join(path: str, key: str) -> str:
@@ -190,8 +200,22 @@ def _cross_checks(config: Config) -> list[str]:
     return errors
 
 
+#: The error for a file without endpoints: it would run nothing, and on a reload it would stop
+#: every endpoint (an empty file saved by mistake, a truncated copy).
+NO_ENDPOINTS: Final = (
+    "no endpoints configured; a configuration needs at least one [endpoints.NAME] table "
+    "(to stop every endpoint, stop the daemon)"
+)
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse TOML text into a :class:`Config`. Raises :class:`ConfigError` listing every error."""
+    """Parse TOML text into a :class:`Config`. Raises :class:`ConfigError` listing every error.
+
+    Text with no endpoints (an empty file included) is an error, reported once the rest of the
+    text is well formed:
+    ``framewire check``, ``framewire run FILE`` and a reload all refuse it. Code that builds a
+    :class:`Config` directly may leave ``endpoints`` empty.
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -200,7 +224,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         config = _CONVERTER.structure(data, Config)
     except Exception as exc:
         raise ConfigError(source, list(dict.fromkeys(_errors(exc, "")))) from None
-    problems = _cross_checks(config)
+    problems = ([] if config.endpoints else [NO_ENDPOINTS]) + _cross_checks(config)
     if problems:
         raise ConfigError(source, problems)
     return config

@@ -7,6 +7,7 @@ from .endpoints import Endpoint as Endpoint
 from .endpoints import EndpointContext as EndpointContext
 from .endpoints import Transports as Transports
 from .service import Daemon as Daemon
+from .service import DaemonStartFailed as DaemonStartFailed
 from .service import serve as serve
 from .stream import Policy as Policy
 from .stream import QueueBounds as QueueBounds

@@ -17,7 +17,7 @@ from ..protocols import Decoder, Encoder
 from .stream import Subscription, SubscriptionClosed
 from .transport import Connection
 
-__all__ = ["receive_frames", "send_subscription"]
+__all__ = ["receive_frames", "send_frames", "send_subscription"]
 
 #: The most frames and bytes one write gathers from a subscription queue.
 BATCH_FRAMES = 4096
@@ -68,6 +68,36 @@ def encode_frames(
         return out
 
 
+async def send_frames(
+    connection: Connection,
+    encoder: Encoder,
+    frames: Sequence[Frame],
+    unencodable: Callable[[Frame, ValueError], None],
+    *,
+    send_timeout: float = math.inf,
+) -> tuple[int, int]:
+    """Encode ``frames`` and write them with one (gather) write.
+
+    Returns the frames and bytes actually written: a frame the protocol cannot carry is left
+    out, reported to ``unencodable`` and not counted. Raises trio.BrokenResourceError if the
+    peer is gone and trio.TooSlowError if the write takes longer than ``send_timeout`` (the
+    connection is then unusable).
+    """
+    skipped = 0
+
+    def skip(frame: Frame, error: ValueError) -> None:
+        nonlocal skipped
+        skipped += 1
+        unencodable(frame, error)
+
+    buffers = encode_frames(encoder, frames, skip)
+    before = connection.bytes_sent
+    if buffers:
+        with trio.fail_after(send_timeout):
+            await connection.send(buffers)
+    return len(frames) - skipped, connection.bytes_sent - before
+
+
 async def receive_frames(
     connection: Connection,
     decoder: Decoder,
@@ -104,8 +134,10 @@ async def send_subscription(
 ) -> SubscriptionClosed:
     """Send everything ``subscription`` yields until it closes; return why it closed.
 
-    Frames are drained in batches and written with one (gather) write per batch. When the
-    subscription ends gracefully the protocol's end-of-stream marker is sent. Raises
+    Frames are drained in batches and written with one (gather) write per batch; after each
+    write ``on_sent(frames, nbytes)`` gets what was written (frames the protocol cannot carry
+    are not). When the subscription ends gracefully the protocol's end-of-stream marker is
+    sent. Raises
     trio.BrokenResourceError if the peer goes away, trio.TooSlowError if one write takes
     longer than ``send_timeout`` (the connection is then unusable), ValueError if a frame
     cannot be encoded.
@@ -120,11 +152,11 @@ async def send_subscription(
                     with trio.fail_after(send_timeout):
                         await connection.send([marker])
             return closed
-        buffers = encode_frames(encoder, batch, unencodable)
-        with trio.fail_after(send_timeout):
-            await connection.send(buffers)
+        frames, nbytes = await send_frames(
+            connection, encoder, batch, unencodable, send_timeout=send_timeout
+        )
         if on_sent is not None:
-            on_sent(len(batch), subscription.last_batch_bytes)
+            on_sent(frames, nbytes)
 
 
 async def close_when_peer_leaves(

@@ -8,9 +8,11 @@ the delay before the next attempt.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import trio
 
@@ -19,7 +21,60 @@ from .backoff import Backoff
 from .endpoints._base import EndpointStatus
 from .transport import Connection, Connector
 
-__all__ = ["keep_connected"]
+__all__ = ["Ended", "describe_connect_error", "keep_connected"]
+
+
+class Ended(str):
+    """How a connection ended, when that was a normal end (the peer ended its stream, the
+    stream it was fed ended): :func:`keep_connected` logs it at INFO, not as a warning."""
+
+    __slots__ = ()
+
+
+#: How a failed connect reads in a log line, by errno (others use the system's text).
+_REASONS: Final = {
+    errno.ECONNREFUSED: "connection refused (nothing listens there)",
+    errno.ETIMEDOUT: "timed out",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ENOENT: "no such socket file",
+    errno.EACCES: "permission denied",
+    errno.ECONNRESET: "connection reset by the peer",
+}
+
+
+def describe_connect_error(exc: BaseException, timeout: float) -> str:
+    """Why a connect failed, in words: refused, timed out, no such host, TLS verification
+    failed (the TLS connector's message), ... never just "all attempts failed".
+
+    trio.open_tcp_stream raises one OSError for all the addresses it tried, with each
+    attempt's error in an exception group as its cause: those are the reasons given.
+    """
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc.strerror or exc}"
+    reasons: list[str] = []
+    for leaf in _leaves(exc.__cause__) if isinstance(exc.__cause__, BaseExceptionGroup) else []:
+        reason = _reason(leaf)
+        if reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons) if reasons else _reason(exc)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return leaves
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno in _REASONS:
+        return _REASONS[exc.errno]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
 
 
 async def keep_connected(
@@ -35,9 +90,11 @@ async def keep_connected(
     """Connect to ``address`` and run ``use(connection)``, again and again, until cancelled.
 
     ``use`` returns (or the connection closes with) a description of how the connection
-    ended, for the log. A connection that lasted ``backoff.config.stable_after`` resets the
-    backoff. Connection failures (OSError, or no answer within ``connect_timeout``) are
-    retried; any other exception from ``connector`` or ``use`` propagates.
+    ended, for the log: an :class:`Ended` for a normal end (logged at INFO), any other
+    string for a problem (a WARNING). A connection that lasted
+    ``backoff.config.stable_after`` resets the backoff. Connection failures (OSError, or no
+    answer within ``connect_timeout``) are retried; any other exception from ``connector``
+    or ``use`` propagates.
     """
     last_problem: str | None = None
     while True:
@@ -46,15 +103,11 @@ async def keep_connected(
             with trio.fail_after(connect_timeout):
                 stream = await connector()
         except (OSError, trio.TooSlowError) as exc:
-            problem = (
-                f"no answer within {connect_timeout:g}s"
-                if isinstance(exc, trio.TooSlowError)
-                else exc.strerror or str(exc)
-            )
+            problem = describe_connect_error(exc, connect_timeout)
             if problem != last_problem:
                 log.warning("cannot connect to %s: %s; retrying with backoff", address, problem)
                 last_problem = problem
-            status.last_error = problem
+            status.record_error(problem)
         else:
             last_problem = None
             connected_at = trio.current_time()
@@ -64,7 +117,8 @@ async def keep_connected(
                 outcome = await use(Connection(stream, peer=str(address)))
             finally:
                 await trio.aclose_forcefully(stream)
-            log.warning("connection to %s ended: %s; reconnecting", address, outcome)
+            level = logging.INFO if isinstance(outcome, Ended) else logging.WARNING
+            log.log(level, "connection to %s ended: %s; reconnecting", address, outcome)
             if trio.current_time() - connected_at >= backoff.config.stable_after:
                 backoff.reset()
         delay = backoff.next_delay()

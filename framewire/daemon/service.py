@@ -20,14 +20,48 @@ from typing import Any
 import trio
 
 from .._version import __version__
-from ..config import Config, ConfigError, StatusConfig, load_config
+from ..config import Address, Config, ConfigError, StatusConfig, check_config, load_config
+from .backoff import Backoff
 from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, start_order
 from .notify import SystemdNotifier
 from .status import StatusServer, build_snapshot
 from .stream import StreamRegistry
-from .supervisor import Supervisor
+from .supervisor import StartFailed, Supervisor, unwrap_error
+from .transport import open_listeners
 
-__all__ = ["Daemon", "raise_open_files_limit", "serve"]
+__all__ = ["Daemon", "DaemonStartFailed", "ReloadRefused", "raise_open_files_limit", "serve"]
+
+
+class ReloadRefused(Exception):
+    """A reload was not applied: new or changed endpoints could not take their resources.
+
+    ``problems`` has one ``path: reason`` line each. With ``restored`` the new configuration
+    had begun and the previous one was restored (clients of the changed endpoints were
+    disconnected); otherwise nothing was touched.
+    """
+
+    def __init__(self, problems: list[str], *, restored: bool = False) -> None:
+        what = (
+            "reload failed; the previous configuration was restored"
+            if restored
+            else "reload refused; still running the previous configuration, untouched"
+        )
+        super().__init__("\n  ".join([f"{what}:", *problems]))
+        self.problems = problems
+        self.restored = restored
+
+
+class DaemonStartFailed(Exception):
+    """Endpoints could not take their local resources at start: the daemon is not ready.
+
+    Each failure was logged as one line; ``failures`` has them, in start order.
+    """
+
+    def __init__(self, failures: list[StartFailed]) -> None:
+        names = ", ".join(failure.name for failure in failures)
+        super().__init__(f"{len(failures)} endpoint(s) cannot start: {names}")
+        self.failures = failures
+
 
 log = logging.getLogger("framewire.daemon")
 
@@ -85,40 +119,66 @@ class Daemon:
         clients = sum(len(e.status.clients) for e in endpoints)
         failing = sum(1 for e in endpoints if e.status.state == "restarting")
         text = f"{len(endpoints)} endpoints, {clients} connections"
-        return f"{text}, {failing} restarting" if failing else text
+        if failing:
+            text += f", {failing} restarting"
+        if self.status_server is not None and self.status_server.state == "restarting":
+            text += ", status websocket restarting"
+        return text
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every endpoint, say READY, run until :meth:`request_shutdown`, shut down.
+
+        Raises :class:`DaemonStartFailed` (before anything is reported ready) when endpoints
+        cannot take their local resources; those that did start are stopped again.
+        """
+        failures: list[StartFailed] = []
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.supervisor.run)
             for name, endpoint_config in start_order(self.config.endpoints):
-                await self.supervisor.start_endpoint(
-                    make_endpoint(name, endpoint_config, self.context)
-                )
-            await self._start_status(self.config.status)
-            if self.notifier.watchdog_interval is not None:
-                self.supervisor.start_task(self._watchdog, self.notifier.watchdog_interval)
-            if self.notifier.enabled:
-                self.supervisor.start_task(self._report_status)
-            self.state = "running"
-            log.info(
-                "framewire %s running %d endpoints from %s",
-                __version__,
-                len(self.config.endpoints),
-                self.source,
-            )
-            await self.notifier.ready(self.summary())
-            self._running.set()
-            task_status.started()
-            await self._shutdown.wait()
-            self.state = "stopping"
-            await self.notifier.stopping()
-            grace = self.config.daemon.grace_period
-            log.info("shutting down (grace period %gs)", grace)
-            await self.supervisor.stop_all(grace)
-            nursery.cancel_scope.cancel()
+                try:
+                    await self.supervisor.start_endpoint(
+                        make_endpoint(name, endpoint_config, self.context), retry_first=False
+                    )
+                except StartFailed as failure:
+                    failures.append(failure)
+            if failures:
+                # Not ready: say why, stop what did start; the caller exits non-zero.
+                self.state = "failed"
+                names = ", ".join(failure.name for failure in failures)
+                await self.notifier.status(f"cannot start: {names}")
+                await self.supervisor.stop_all(0)
+                nursery.cancel_scope.cancel()
+            else:
+                await self._serve(nursery, task_status)
+        if failures:
+            raise DaemonStartFailed(failures)
         self.state = "stopped"
         log.info("stopped")
+
+    async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
+        await self._start_status(self.config.status)
+        if self.notifier.watchdog_interval is not None:
+            self.supervisor.start_task(self._watchdog, self.notifier.watchdog_interval)
+        if self.notifier.enabled:
+            self.supervisor.start_task(self._report_status)
+        self.state = "running"
+        log.info(
+            "framewire %s running %d endpoints from %s",
+            __version__,
+            len(self.config.endpoints),
+            self.source,
+        )
+        await self.notifier.ready(self.summary())
+        self._running.set()
+        task_status.started()
+        await self._shutdown.wait()
+        self.state = "stopping"
+        await self.notifier.stopping()
+        grace = self.config.daemon.grace_period
+        log.info("shutting down (grace period %gs)", grace)
+        await self.supervisor.stop_all(grace)
+        nursery.cancel_scope.cancel()
 
     async def _watchdog(self, interval: float) -> None:
         """``WATCHDOG=1`` every ``interval`` seconds while the supervisor runs.
@@ -141,6 +201,8 @@ class Daemon:
                 last = summary
 
     async def _start_status(self, config: StatusConfig | None) -> None:
+        """(Re)start the status server for ``config`` (None: stop it) and return once it
+        listens, or has failed to (logged; the daemon runs on without status)."""
         if self._status_scope is not None:
             self._status_scope.cancel()
             self._status_scope = self.status_server = None
@@ -154,52 +216,175 @@ class Daemon:
             token=config.token,
             max_clients=config.max_clients,
         )
-
-        async def run_status(*, task_status: trio.TaskStatus[int]) -> None:
-            with trio.CancelScope() as scope:
-                self._status_scope = scope
-                try:
-                    await server.run(task_status=task_status)
-                except OSError as exc:
-                    log.error("status websocket unavailable on %s: %s", config.listen, exc)
-                    task_status.started(0)
-
         self.status_server = server
-        await self._nursery.start(run_status)
+        self._status_scope = trio.CancelScope()
+        await self._nursery.start(self._supervise_status, server, config, self._status_scope)
+
+    async def _supervise_status(
+        self,
+        server: StatusServer,
+        config: StatusConfig,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        """Run ``server`` in ``scope`` like an endpoint: if it fails after it started (its
+        listener broke), log one line, show it in status, and start it again after a backoff
+        delay with jitter (``daemon.restart``). A failure to listen at the first start is
+        logged and the daemon runs on without status. Nothing reaches the daemon's nursery."""
+        backoff = Backoff(self.config.daemon.restart)
+        reported = False
+        with scope:
+            while True:
+                began = trio.current_time()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(server.run)
+                        if not reported:
+                            task_status.started()
+                            reported = True
+                except Exception as exc:
+                    if not reported:
+                        log.error("status websocket unavailable on %s: %s", config.listen, exc)
+                        server.state = "stopped"
+                        task_status.started()
+                        return
+                    error = unwrap_error(exc)
+                    server.last_error = f"{type(error).__name__}: {error}"
+                    server.restarts += 1
+                    if trio.current_time() - began >= self.config.daemon.restart.stable_after:
+                        backoff.reset()
+                    delay = backoff.next_delay()
+                    server.state = "restarting"
+                    log.error(
+                        "status websocket failed: %s; restarting in %.1fs", server.last_error, delay
+                    )
+                    log.debug("status websocket failure", exc_info=exc)
+                    await trio.sleep(delay)
+                else:
+                    return  # run() only returns when cancelled
 
     async def reload(self, config: Config) -> list[str]:
         """Switch to ``config``; return what changed, one line per endpoint touched.
 
-        Endpoints whose configuration is unchanged keep running and keep their clients.
-        Changed ones are stopped (their clients get what is queued, within the grace
-        period) and started again; removed ones are stopped; new ones are started.
+        As nginx does it: the reload is applied only if every new or changed endpoint can
+        take its local resources. First they are checked (certificates, files, directories,
+        overlapping listeners, and a trial bind of every address no running endpoint holds);
+        if any cannot, :class:`ReloadRefused` is raised and nothing was touched. Then
+        endpoints whose configuration is unchanged keep running and keep their clients;
+        changed and removed ones are stopped (their clients get what is queued, within the
+        grace period); changed and new ones are started. A changed endpoint on the same
+        address hands its listening socket to its successor, so the address never stops
+        accepting. Should a start still fail, the previous configuration is restored and
+        :class:`ReloadRefused` says why.
         """
         async with self._reload_lock:
             old = self.config
-            changes: list[str] = []
-            grace = old.daemon.grace_period
-            for name, endpoint_config in old.endpoints.items():
-                new_config = config.endpoints.get(name)
-                if new_config != endpoint_config:
-                    await self.supervisor.stop_endpoint(name, grace)
-                    changes.append(f"{'removed' if new_config is None else 'changed'} {name}")
-            self.config = config
-            self.supervisor.restart = config.daemon.restart
-            if config.streams != old.streams:
-                self.streams.configure(config.streams)
-                changes.append("stream settings")
-            for name, endpoint_config in start_order(config.endpoints):
-                if old.endpoints.get(name) != endpoint_config:
+            touched = [
+                name
+                for name, endpoint_config in config.endpoints.items()
+                if old.endpoints.get(name) != endpoint_config
+            ]
+            leaving = [
+                name
+                for name, endpoint_config in old.endpoints.items()
+                if config.endpoints.get(name) != endpoint_config
+            ]
+            problems = await self._preflight(config, touched, leaving)
+            if problems:
+                raise ReloadRefused(problems)
+            transports = self.context.transports
+            for name in leaving:
+                address = getattr(old.endpoints[name], "listen", None)
+                if isinstance(address, Address):
+                    transports.hold(address)
+            try:
+                changes = await self._apply(old, config, touched, leaving)
+            finally:
+                await transports.release()
+            return changes
+
+    async def _preflight(self, config: Config, touched: list[str], leaving: list[str]) -> list[str]:
+        """What would stop the new or changed endpoints from starting, one line each."""
+        if not touched:
+            return []
+        report = await trio.to_thread.run_sync(check_config, config)
+        prefixes = tuple(f"endpoints.{name}." for name in touched)
+        problems = [
+            line
+            for line in report.errors
+            if line.startswith(prefixes) or not line.startswith("endpoints.")
+        ]
+
+        def bound_to(address: Address) -> tuple[str | None, int]:
+            return (address.path, 0) if address.is_unix else (address.host, address.port)
+
+        held = {
+            bound_to(address)
+            for name in leaving
+            if isinstance(address := getattr(self.config.endpoints[name], "listen", None), Address)
+        }
+        for name in touched:
+            address = getattr(config.endpoints[name], "listen", None)
+            if not isinstance(address, Address) or bound_to(address) in held:
+                continue
+            if not address.is_unix and address.port == 0:
+                continue
+            try:
+                for listener in await open_listeners(address):
+                    await listener.aclose()
+            except OSError as exc:
+                problems.append(f"endpoints.{name}.listen: {exc.strerror or exc}")
+        return problems
+
+    async def _apply(
+        self, old: Config, config: Config, touched: list[str], leaving: list[str]
+    ) -> list[str]:
+        grace = old.daemon.grace_period
+        changes: list[str] = []
+        for name in leaving:
+            await self.supervisor.stop_endpoint(name, grace)
+            changes.append(f"{'removed' if name not in config.endpoints else 'changed'} {name}")
+        self.config = config
+        self.supervisor.restart = config.daemon.restart
+        failures: list[StartFailed] = []
+        started: list[str] = []
+        for name, endpoint_config in start_order(config.endpoints):
+            if name not in touched:
+                continue
+            try:
+                await self.supervisor.start_endpoint(
+                    make_endpoint(name, endpoint_config, self.context), retry_first=False
+                )
+            except StartFailed as failure:
+                failures.append(failure)
+                continue
+            started.append(name)
+            if name not in old.endpoints:
+                changes.append(f"added {name}")
+        if failures:
+            # Back to the previous configuration: what started goes, what left comes back.
+            for name in started:
+                await self.supervisor.stop_endpoint(name, 0)
+            self.config = old
+            self.supervisor.restart = old.daemon.restart
+            for name, endpoint_config in start_order(old.endpoints):
+                if name in leaving:
                     await self.supervisor.start_endpoint(
                         make_endpoint(name, endpoint_config, self.context)
                     )
-                    if name not in old.endpoints:
-                        changes.append(f"added {name}")
-            if config.status != old.status:
-                await self._start_status(config.status)
-                changes.append("restarted status")
-            logging.getLogger("framewire").setLevel(config.daemon.log_level.upper())
-            return changes
+            raise ReloadRefused(
+                [f"endpoints.{failure.name}: {failure.reason}" for failure in failures],
+                restored=True,
+            )
+        if config.streams != old.streams:
+            self.streams.configure(config.streams)
+            changes.append("stream settings")
+        if config.status != old.status:
+            await self._start_status(config.status)
+            changes.append("restarted status")
+        logging.getLogger("framewire").setLevel(config.daemon.log_level.upper())
+        return changes
 
     async def reload_from_file(self) -> bool:
         """Reload from :attr:`config_path` (SIGHUP). On any error keep the running config.
@@ -221,10 +406,16 @@ class Daemon:
             log.error("reload failed; still running the previous configuration:\n%s", exc)
             ok = False
         else:
-            changes = await self.reload(config)
-            self.last_reload = {"time": round(started, 3), "ok": True, "changes": changes}
-            log.info("reloaded %s: %s", self.source, "; ".join(changes) or "nothing changed")
-            ok = True
+            try:
+                changes = await self.reload(config)
+            except ReloadRefused as refused:
+                self.last_reload = {"time": round(started, 3), "ok": False, "error": str(refused)}
+                log.error("%s", refused)
+                ok = False
+            else:
+                self.last_reload = {"time": round(started, 3), "ok": True, "changes": changes}
+                log.info("reloaded %s: %s", self.source, "; ".join(changes) or "nothing changed")
+                ok = True
         self.state = "running"
         await self.notifier.ready(
             self.summary()
@@ -294,13 +485,15 @@ async def serve(config: Config, source: str, config_path: Path | None = None) ->
     """Run ``config`` until SIGINT or SIGTERM, then shut down gracefully.
 
     SIGHUP reloads ``config_path``. A second SIGINT/SIGTERM during the grace period stops at
-    once. Talks to systemd when ``NOTIFY_SOCKET`` is set.
+    once. Talks to systemd when ``NOTIFY_SOCKET`` is set. Raises :class:`DaemonStartFailed`,
+    without having said READY, when endpoints cannot take their local resources.
     """
     raise_open_files_limit(config.required_descriptors())
     tune_garbage_collector()
     tune_memory_allocator()
     notifier = SystemdNotifier.from_environment()
     daemon = Daemon(config, source=source, config_path=config_path, notifier=notifier)
+    failed: DaemonStartFailed | None = None
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -322,7 +515,12 @@ async def serve(config: Config, source: str, config_path: Path | None = None) ->
                             nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch_signals)
-                await daemon.run()
+                try:
+                    await daemon.run()
+                except DaemonStartFailed as exc:
+                    failed = exc
                 nursery.cancel_scope.cancel()
     finally:
         notifier.close()
+    if failed is not None:
+        raise failed

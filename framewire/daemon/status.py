@@ -4,6 +4,18 @@ The schema is documented, with its version, in docs/status.md. One task builds a
 each snapshot once; every client handler sends the newest one it has not sent yet, so a slow
 client skips snapshots instead of queueing them, and a client that does not take a snapshot
 within ``send_timeout`` is closed. Nothing a status client does can stall the daemon.
+
+Nothing a status client sends can take the daemon down either. :class:`StatusServer` runs its
+own accept loop (as hypercorn's trio worker does) rather than trio-websocket's
+``serve_websocket``: every accepted connection is served by :meth:`StatusServer._serve_connection`
+in a task of its own with a nursery of its own, which also hosts trio-websocket's reader
+task for that connection. Whatever that connection's bytes make go wrong (a malformed
+handshake that wsproto chokes on, a request our own code cannot parse) ends there, with one
+log line naming the peer and the reason, and the connection closed. Only a broken listener
+makes :meth:`StatusServer.run` fail; the daemon restarts it (see ``service.py``).
+
+This module does not know the daemon: :func:`build_snapshot` reads anything shaped like
+:class:`DaemonView`.
 """
 
 from __future__ import annotations
@@ -13,28 +25,66 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol, TypeAlias
+from urllib.parse import parse_qs
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_server_stream,
+)
 
 from .._version import __version__
+from .endpoints import Endpoint
+from .lograte import RateLimitedWarning
+from .stream import Stream
+from .transport import ACCEPT_RETRY_ERRNOS, peer_name
 
-if TYPE_CHECKING:
-    from .service import Daemon
-
-__all__ = ["SCHEMA", "StatusServer", "build_snapshot"]
+__all__ = ["SCHEMA", "DaemonView", "ListenerFactory", "StatusServer", "build_snapshot"]
 
 log = logging.getLogger("framewire.status")
 
 SCHEMA: Final = "framewire.status/1"
 #: Close codes (RFC 6455): going away, policy violation.
 _GOING_AWAY, _POLICY = 1001, 1008
+#: Seconds a client has, from its connection, to finish the opening handshake.
+HANDSHAKE_TIMEOUT: Final = 5.0
+#: Connections still in their handshake, beyond the connected clients, that the server keeps
+#: open at once; further ones are closed at once (a client that opens many connections and
+#: sends nothing must not use up the daemon's file descriptors).
+HANDSHAKE_SLOTS: Final = 32
+#: Seconds to wait before accepting again after EMFILE, ENFILE, ENOMEM or ENOBUFS.
+ACCEPT_RETRY_DELAY: Final = 0.1
+#: Largest message a status client may send; any message closes it anyway.
+_MAX_CLIENT_MESSAGE: Final = 4096
+
+#: Opens the status server's listeners. Raises OSError when it cannot.
+ListenerFactory: TypeAlias = Callable[[], Awaitable[Sequence[trio.abc.Listener[trio.abc.Stream]]]]
 
 
-def build_snapshot(daemon: Daemon) -> dict[str, Any]:
+class DaemonView(Protocol):
+    """What :func:`build_snapshot` reads from the daemon."""
+
+    @property
+    def endpoints(self) -> Mapping[str, Endpoint[Any]]: ...
+    @property
+    def streams(self) -> Iterable[Stream]: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def last_reload(self) -> dict[str, Any] | None: ...
+    @property
+    def status_server(self) -> StatusServer | None: ...
+
+
+def build_snapshot(daemon: DaemonView) -> dict[str, Any]:
     """The status document for ``daemon``: see docs/status.md."""
     now = time.time()
     endpoints: dict[str, Any] = {}
@@ -42,6 +92,7 @@ def build_snapshot(daemon: Daemon) -> dict[str, Any]:
         status = endpoint.status
         clients = []
         dropped = status.frames_dropped
+        decimated = status.frames_decimated
         for client in list(status.clients.values()):
             entry: dict[str, Any] = {
                 "peer": client.peer,
@@ -50,13 +101,18 @@ def build_snapshot(daemon: Daemon) -> dict[str, Any]:
             subscription = client.subscription
             if subscription is not None:
                 dropped += subscription.frames_dropped
+                decimated += subscription.frames_decimated
                 entry.update(
                     queue_frames=subscription.queued_frames,
                     queue_bytes=subscription.queued_bytes,
-                    frames_sent=subscription.frames_out,
-                    bytes_sent=subscription.bytes_out,
+                    frames_sent=client.frames_sent,
+                    bytes_sent=client.bytes_sent,
                     frames_dropped=subscription.frames_dropped,
                     frames_decimated=subscription.frames_decimated,
+                    frames_unencodable=client.frames_unencodable,
+                    frames_in_flight=subscription.frames_out
+                    - client.frames_sent
+                    - client.frames_unencodable,
                 )
             else:
                 entry.update(frames_received=client.frames_in, bytes_received=client.bytes_in)
@@ -70,8 +126,10 @@ def build_snapshot(daemon: Daemon) -> dict[str, Any]:
             "frames_out": status.frames_out,
             "bytes_out": status.bytes_out,
             "frames_dropped": dropped,
+            "frames_decimated": decimated,
             "restarts": status.restarts,
             "last_error": status.last_error,
+            "last_error_at": status.last_error_at,
             "detail": dict(status.detail),
             "clients": clients,
         }
@@ -97,18 +155,33 @@ def build_snapshot(daemon: Daemon) -> dict[str, Any]:
             "uptime": round(now - daemon.started_at, 3),
             "config": daemon.source,
             "last_reload": daemon.last_reload,
+            "status_server": _server_health(daemon.status_server),
         },
         "endpoints": endpoints,
         "streams": streams,
     }
 
 
+def _server_health(server: StatusServer | None) -> dict[str, Any] | None:
+    if server is None:
+        return None
+    return {"state": server.state, "restarts": server.restarts, "last_error": server.last_error}
+
+
 class StatusServer:
     """Serves snapshots from ``snapshot()`` every ``interval`` seconds to websocket clients.
 
     With ``token`` set, a client must send ``Authorization: Bearer <token>`` or put
-    ``?token=<token>`` in the URL; others are refused with HTTP 401. A client that sends any
-    message, or does not take a snapshot within ``send_timeout``, is closed.
+    ``?token=<token>`` in the URL; others are refused with HTTP 401. Beyond ``max_clients``
+    clients are refused with HTTP 503. A client that does not finish its handshake within
+    ``handshake_timeout``, sends any message, or does not take a snapshot within
+    ``send_timeout`` is closed.
+
+    ``listen`` opens the listeners (by default TCP on ``host``:``port``); tests pass their
+    own. :attr:`state` becomes "running" once :meth:`run` listens; whoever restarts the
+    server (the daemon) keeps :attr:`restarts`, :attr:`last_error` and the other states.
+    The snapshot shows all three. Refusals and dropped connections are logged at most once
+    per 10 s each, with counts.
     """
 
     def __init__(
@@ -121,6 +194,8 @@ class StatusServer:
         token: str | None = None,
         max_clients: int = 32,
         send_timeout: float = 10.0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        listen: ListenerFactory | None = None,
     ) -> None:
         self._snapshot = snapshot
         self.host, self.port = host, port
@@ -128,10 +203,21 @@ class StatusServer:
         self.token = token
         self.max_clients = max_clients
         self.send_timeout = send_timeout
+        self.handshake_timeout = handshake_timeout
+        self._listen = listen or self._open_tcp_listeners
+        #: Connected clients (handshake accepted, or being accepted).
         self.clients = 0
+        #: Open connections: clients plus connections still in their handshake.
+        self.connections = 0
+        self.state = "starting"
+        self.restarts = 0
+        self.last_error: str | None = None
         self._latest = b""
         self._generation = 0
         self._changed = trio.Event()
+        self._dropped = RateLimitedWarning(log, "status connection dropped")
+        self._refused = RateLimitedWarning(log, "status client refused")
+        self._accept_failed = RateLimitedWarning(log, "status websocket cannot accept")
 
     def _encode(self) -> bytes:
         return json.dumps(self._snapshot(), separators=(",", ":")).encode()
@@ -143,62 +229,144 @@ class StatusServer:
         self._changed.set()
         self._changed = trio.Event()
 
+    async def _open_tcp_listeners(self) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
+        # backlog=None: trio asks for the largest backlog; the kernel caps it at somaxconn.
+        return await trio.open_tcp_listeners(self.port, host=self.host or None, backlog=None)
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; ``task_status.started`` gets the bound port."""
-        self.refresh()
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: serve_websocket(
-                    self._handle,
-                    self.host,
-                    self.port,
-                    None,
-                    handler_nursery=nursery,
-                    connect_timeout=5,
-                    disconnect_timeout=2,
-                    receive_buffer_size=None,
-                    task_status=task_status,
-                )
-            )
-            self.port = server.port
-            log.info("status websocket on ws://%s:%d/", self.host, self.port)
-            task_status.started(self.port)
-            while True:
-                await trio.sleep(self.interval)
-                self.refresh()
+        """Serve until cancelled; ``task_status.started`` gets the bound port.
 
-    def _authorised(self, request: WebSocketRequest) -> bool:
-        if self.token is None:
-            return True
-        expected = self.token.encode()
-        for name, value in request.headers:
-            if (
-                name.lower() == b"authorization"
-                and value.startswith(b"Bearer ")
-                and hmac.compare_digest(value[7:].strip(), expected)
-            ):
-                return True
-        offered = parse_qs(urlsplit(request.path).query).get("token", [""])[0]
-        return hmac.compare_digest(offered.encode(), expected)
-
-    async def _handle(self, request: WebSocketRequest) -> None:
-        peer = str(request.remote)
+        Raises OSError if it cannot listen. After it started, it raises only if a listener
+        fails (an accept error other than running out of descriptors or memory, which are
+        waited out); every connection's own failures stay inside that connection.
+        """
+        listeners = await self._listen()
         try:
-            if not self._authorised(request):
-                log.warning("status client %s refused: bad or missing token", peer)
-                await request.reject(401, body=b"a valid token is required\n")
-                return
-            if self.clients >= self.max_clients:
-                log.warning("status client %s refused: too many status clients", peer)
-                await request.reject(503, body=b"too many status clients\n")
-                return
-            connection = await request.accept()
-        except (ConnectionClosed, trio.BrokenResourceError, OSError):
-            return
-        self.clients += 1
+            self.refresh()
+            async with trio.open_nursery() as connections, trio.open_nursery() as server:
+                for listener in listeners:
+                    server.start_soon(self._accept_loop, listener, connections)
+                if listeners and isinstance(listeners[0], trio.SocketListener):
+                    self.port = listeners[0].socket.getsockname()[1]
+                log.info("status websocket on ws://%s:%d/", self.host, self.port)
+                self.state = "running"
+                task_status.started(self.port)
+                while True:
+                    await trio.sleep(self.interval)
+                    self.refresh()
+        finally:
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(listener)
+
+    async def _accept_loop(
+        self, listener: trio.abc.Listener[trio.abc.Stream], connections: trio.Nursery
+    ) -> None:
+        """Accept connections and serve each in its own task in ``connections``.
+
+        EMFILE, ENFILE, ENOMEM and ENOBUFS are waited out (one rate-limited log line);
+        any other accept error propagates and ends :meth:`run`.
+        """
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RETRY_ERRNOS:
+                    raise
+                self._accept_failed(f"{exc}; retrying every {ACCEPT_RETRY_DELAY * 1000:.0f} ms")
+                await trio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            if self.connections >= self.max_clients + HANDSHAKE_SLOTS:
+                self._dropped(f"{peer_name(stream)}: too many connections in their handshake")
+                await trio.aclose_forcefully(stream)
+                continue
+            self.connections += 1  # here, not in the task, so a burst cannot overshoot
+            connections.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted connection (counted in :attr:`connections` by the accept
+        loop); never raises an Exception.
+
+        This is the boundary for everything the peer's bytes can cause: any Exception from
+        the handshake, wsproto or our own code (from this task or from trio-websocket's
+        reader task, which runs in this connection's nursery) is logged as one line naming
+        the peer and the reason (with a traceback at DEBUG), and the connection is closed.
+        Cancellation passes through.
+        """
+        peer = peer_name(stream)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._refuse_input, connection, nursery.cancel_scope)
+                # Plain HTTP requests (pages on the same port) would be told apart here,
+                # before the websocket handshake.
+                await self._serve_websocket(stream, peer, nursery)
+                nursery.cancel_scope.cancel()  # trio-websocket's reader task
+        except* Exception as group:
+            self._dropped(f"{peer}: {_reason(group)}")
+            log.debug("status connection %s failed", peer, exc_info=group)
+        finally:
+            self.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_websocket(
+        self, stream: trio.abc.Stream, peer: str, nursery: trio.Nursery
+    ) -> None:
+        """The websocket handshake on ``stream``, then snapshots until the client goes away."""
+        connection: WebSocketConnection | None = None
+        with trio.move_on_after(self.handshake_timeout) as handshake:
+            # trio-websocket waits for a request even after its reader task has given up on
+            # the connection; the watch ends that wait at once.
+            watched = _HandshakeWatch(stream, handshake.cancel)
+            connection = await self._handshake(watched, peer, nursery)
+        if connection is None:
+            if watched.ended == "closed":
+                self._dropped(f"{peer}: not a websocket handshake (answered with HTTP 400)")
+            elif watched.ended:
+                log.debug("status client %s %s before its handshake", peer, watched.ended)
+            elif handshake.cancelled_caught:
+                log.info(
+                    "status client %s closed: no handshake within %gs", peer, self.handshake_timeout
+                )
+            return
+        try:
+            await self._push(connection, peer)
+        finally:
+            self.clients -= 1
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await connection.aclose(_GOING_AWAY)
+
+    async def _handshake(
+        self, stream: trio.abc.Stream, peer: str, nursery: trio.Nursery
+    ) -> WebSocketConnection | None:
+        """Read the opening handshake and accept it, counting one more client; or refuse it
+        (HTTP 401 without the token, 503 when full) and return None.
+
+        trio-websocket's reader task for ``stream`` starts in ``nursery``; what it raises
+        (wsproto on a malformed request) arrives through that nursery.
+        """
+        request = await wrap_server_stream(
+            nursery, stream, max_message_size=_MAX_CLIENT_MESSAGE, receive_buffer_size=None
+        )
+        if not self._authorised(request):
+            self._refused(f"{peer}: bad or missing token (HTTP 401)")
+            await request.reject(401, body=b"a valid token is required\n")
+            return None
+        if self.clients >= self.max_clients:
+            self._refused(f"{peer}: too many status clients (HTTP 503)")
+            await request.reject(503, body=b"too many status clients\n")
+            return None
+        self.clients += 1  # counted before accept() awaits, so max_clients holds
+        try:
+            return await request.accept()
+        except BaseException:
+            self.clients -= 1
+            raise
+
+    async def _push(self, connection: WebSocketConnection, peer: str) -> None:
+        """A fresh snapshot, then the newest one whenever there is one, until the client
+        goes away, sends something, or does not take a snapshot within ``send_timeout``."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._refuse_input, connection, peer, nursery.cancel_scope)
                 sent = self._generation
                 with trio.fail_after(self.send_timeout):
                     await connection.send_message(self._encode())  # a fresh one on connect
@@ -210,21 +378,93 @@ class StatusServer:
                         await connection.send_message(self._latest)
         except* trio.TooSlowError:
             log.info("status client %s closed: not reading", peer)
-        except* (ConnectionClosed, trio.BrokenResourceError, OSError):
-            pass
-        finally:
-            self.clients -= 1
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await connection.aclose(_GOING_AWAY)
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: nothing to report
 
-    async def _refuse_input(self, connection: Any, cancel_scope: trio.CancelScope) -> None:
+    async def _refuse_input(
+        self, connection: WebSocketConnection, peer: str, cancel_scope: trio.CancelScope
+    ) -> None:
         """Status is push-only: any message from the client closes it."""
         try:
             await connection.get_message()
         except ConnectionClosed:
             cancel_scope.cancel()
             return
-        log.info("status client %s closed: sent a message", connection.remote)
+        log.info("status client %s closed: sent a message", peer)
         with trio.move_on_after(1):
             await connection.aclose(_POLICY, "status is read-only")
         cancel_scope.cancel()
+
+    def _authorised(self, request: WebSocketRequest) -> bool:
+        """Whether ``request`` carries the token (always, with no token set). Never raises:
+        a request that cannot be understood is not authorised."""
+        if self.token is None:
+            return True
+        expected = self.token.encode()
+        try:
+            for name, value in request.headers:
+                if (
+                    name.lower() == b"authorization"
+                    and value.startswith(b"Bearer ")
+                    and hmac.compare_digest(value[7:].strip(), expected)
+                ):
+                    return True
+            return hmac.compare_digest(_query_token(request.path).encode(), expected)
+        except Exception as exc:
+            log.debug("status request not understood, so not authorised: %r", exc)
+            return False
+
+
+class _HandshakeWatch(trio.abc.Stream):
+    """A connection's stream as trio-websocket sees it, which calls ``on_end`` when the
+    connection ends: the peer hangs up (``ended`` is "hung up"), the stream breaks
+    ("broke"), or trio-websocket closes it, as it does after answering a bad request with
+    HTTP 400 ("closed"). Everything else passes straight through."""
+
+    def __init__(self, stream: trio.abc.Stream, on_end: Callable[[], None]) -> None:
+        self._stream = stream
+        self._on_end = on_end
+        self.ended: str | None = None
+
+    def _end(self, how: str) -> None:
+        if self.ended is None:
+            self.ended = how
+            self._on_end()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._end("broke")
+            raise
+        if not data:
+            self._end("hung up")
+        return data
+
+    async def aclose(self) -> None:
+        self._end("closed")
+        await self._stream.aclose()
+
+
+def _query_token(target: str) -> str:
+    """The ``token`` query parameter of a request target such as ``/?token=x``, or "".
+
+    The target is split by hand, not with ``urlsplit``, which rejects targets whose
+    authority looks malformed (``//[x/``) and says nothing about their query.
+    """
+    query = target.partition("?")[2].partition("#")[0]
+    return parse_qs(query).get("token", [""])[0]
+
+
+def _reason(error: BaseException) -> str:
+    """One line for a connection's failure: the exceptions inside nested groups, by type."""
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(_reason(inner) for inner in error.exceptions)
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -2,10 +2,15 @@
 
 Every endpoint runs in its own cancel scope inside the supervisor's nursery and is started
 with ``nursery.start``, so :meth:`Supervisor.start_endpoint` returns once the endpoint is
-bound (or its first attempt failed: it is then retried in the background). An exception from
-an endpoint is logged with its name, recorded in its status and answered with a restart after
-a backoff delay with jitter; it never reaches another endpoint. An endpoint whose ``run``
-returns normally is finished and stays down.
+bound. If its first attempt fails before it is bound, it is retried in the background, or,
+with ``retry_first=False`` (the daemon's start), given up with :class:`StartFailed`: an
+endpoint that cannot take its local resources (bind, open a file, load certificates, import
+its extra) is a start-up failure, not something to retry forever while claiming to run. After
+it has started, an exception from an endpoint is logged with its name, recorded in its status
+and answered with a restart after a backoff delay with jitter; it never reaches another
+endpoint. An endpoint whose ``run`` returns normally is finished: it stays down, and stays in
+:attr:`Supervisor.endpoints` (state ``finished``, final counters) until it is stopped or
+replaced.
 """
 
 from __future__ import annotations
@@ -22,9 +27,22 @@ from ..config import BackoffConfig
 from .backoff import Backoff
 from .endpoints import Endpoint
 
-__all__ = ["Supervisor"]
+__all__ = ["StartFailed", "Supervisor", "unwrap_error"]
 
 log = logging.getLogger("framewire.supervisor")
+
+
+class StartFailed(Exception):
+    """An endpoint could not start (its first attempt failed before it was bound).
+
+    ``reason`` names the resource and the OS reason, e.g. ``cannot listen on
+    tcp://127.0.0.1:4536: address already in use``.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"endpoint {name} cannot start: {reason}")
+        self.name = name
+        self.reason = reason
 
 
 @attrs.define(eq=False)
@@ -41,11 +59,17 @@ class Supervisor:
         self.restart = restart
         self._rng = rng
         self._children: dict[str, _Child] = {}
+        # Endpoints whose run returned (a generator with a count, a file without loop): shown
+        # until they are stopped or replaced.
+        self._finished: dict[str, Endpoint[Any]] = {}
         self._nursery: trio.Nursery | None = None
 
     @property
     def endpoints(self) -> dict[str, Endpoint[Any]]:
-        return {name: child.endpoint for name, child in self._children.items()}
+        """Every endpoint hosted: running, restarting or finished."""
+        hosted = dict(self._finished)
+        hosted.update((name, child.endpoint) for name, child in self._children.items())
+        return hosted
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host endpoints until cancelled."""
@@ -65,18 +89,26 @@ class Supervisor:
             raise RuntimeError("the supervisor is not running")
         self._nursery.start_soon(function, *args)
 
-    async def start_endpoint(self, endpoint: Endpoint[Any]) -> None:
-        """Start ``endpoint`` and return once its first attempt has bound or failed."""
+    async def start_endpoint(self, endpoint: Endpoint[Any], *, retry_first: bool = True) -> None:
+        """Start ``endpoint`` and return once its first attempt has bound or failed.
+
+        A failed first attempt is retried in the background, or with ``retry_first=False``
+        raises :class:`StartFailed` (after one log line); the endpoint is then not hosted.
+        """
         if self._nursery is None:
             raise RuntimeError("the supervisor is not running")
         if endpoint.name in self._children:
             raise ValueError(f"endpoint {endpoint.name!r} is already running")
+        self._finished.pop(endpoint.name, None)
         child = _Child(endpoint)
         self._children[endpoint.name] = child
-        await self._nursery.start(self._supervise, child)
+        await self._nursery.start(self._supervise, child, retry_first)
+        if endpoint.status.state == "failed":
+            raise StartFailed(endpoint.name, endpoint.status.last_error or "unknown error")
 
     async def stop_endpoint(self, name: str, grace: float) -> None:
         """Ask ``name`` to stop gracefully; cancel it after ``grace`` seconds; wait for it."""
+        self._finished.pop(name, None)
         child = self._children.get(name)
         if child is None:
             return
@@ -90,7 +122,9 @@ class Supervisor:
             for name in list(self._children):
                 nursery.start_soon(self.stop_endpoint, name, grace)
 
-    async def _supervise(self, child: _Child, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _supervise(
+        self, child: _Child, retry_first: bool, *, task_status: trio.TaskStatus[None]
+    ) -> None:
         endpoint = child.endpoint
         status = endpoint.status
         backoff = Backoff(self.restart, self._rng)
@@ -108,15 +142,30 @@ class Supervisor:
                                 task_status.started()
                                 reported = True
                     except Exception as exc:
-                        error = _unwrap(exc)
-                        status.last_error = f"{type(error).__name__}: {error}"
+                        error = unwrap_error(exc)
+                        if not reported and not retry_first:
+                            status.state = "failed"
+                            status.record_error(_describe(error))
+                            log.error(
+                                "endpoint %s cannot start: %s", endpoint.name, status.last_error
+                            )
+                            log.debug("endpoint %s start failure", endpoint.name, exc_info=error)
+                            return
                         status.restarts += 1
-                        log.error(
-                            "endpoint %s failed: %s",
-                            endpoint.name,
-                            status.last_error,
-                            exc_info=error if not isinstance(error, OSError) else None,
-                        )
+                        if isinstance(error, _OPERATIONAL):
+                            # Expected in operation (a resource gone, a port taken): one
+                            # line; the traceback only for debugging.
+                            status.record_error(_describe(error))
+                            log.error("endpoint %s failed: %s", endpoint.name, status.last_error)
+                            log.debug("endpoint %s failure", endpoint.name, exc_info=error)
+                        else:  # a bug: the traceback is what the report needs
+                            status.record_error(f"{type(error).__name__}: {error}")
+                            log.error(
+                                "endpoint %s failed: %s",
+                                endpoint.name,
+                                status.last_error,
+                                exc_info=error,
+                            )
                     else:
                         if not endpoint.stop_requested:
                             status.state = "finished"
@@ -133,7 +182,9 @@ class Supervisor:
                     log.info("restarting endpoint %s in %.1fs", endpoint.name, delay)
                     await trio.sleep(delay)
         finally:
-            if status.state != "finished":
+            if status.state == "finished":
+                self._finished[endpoint.name] = endpoint
+            elif status.state != "failed":
                 status.state = "stopped"
             self._children.pop(endpoint.name, None)
             child.done.set()
@@ -141,7 +192,23 @@ class Supervisor:
                 task_status.started()
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+#: Failures that operating a daemon brings (resources, files, certificates, extras), logged
+#: as one line; anything else is a bug and is logged with its traceback.
+_OPERATIONAL = (OSError, ValueError, ImportError)
+
+
+def _describe(error: BaseException) -> str:
+    """One line for a start-up failure: the resource and the reason, without a class name
+    where the message already says it all (OSError and ValueError messages name the
+    address or file)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror if error.filename is None else f"{error.filename}: {error.strerror}"
+    if isinstance(error, (OSError, ValueError, ImportError)) and str(error):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def unwrap_error(exc: BaseException) -> BaseException:
     """The single exception inside nested one-element groups, for a readable log line."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]

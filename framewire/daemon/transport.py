@@ -547,6 +547,9 @@ def bound_addresses(listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]) -> 
     """``host:port`` of each listening socket, for logs and status."""
     out = []
     for listener in listeners:
+        inner = getattr(listener, "listener", None)  # a listener that may be handed over
+        if isinstance(inner, trio.abc.Listener) and not isinstance(listener, UnixSocketListener):
+            listener = inner
         if isinstance(listener, TLSListener):
             out += [f"tls {name}" for name in bound_addresses([listener.transport_listener])]
         elif isinstance(listener, UnixSocketListener):

@@ -23,6 +23,7 @@ closing the connection at a frame boundary.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Iterable
 from typing import Final
 
@@ -143,6 +144,15 @@ class G3Decoder(FrameDecoder):
         # keys arriving in many reads is walked once, not once per read.
         self._walked = HEADER_SIZE
         self._lengths_read = 0
+        # With verify_crc the CRC is computed as the bytes arrive (so no frame costs one long
+        # pass when it completes): the names and blobs walked whose bytes are not all summed
+        # yet, as (start, end) offsets, and the register so far.
+        self._unsummed: deque[tuple[int, int]] = deque()
+        self._crc = 0xFFFFFFFF
+        if verify_crc:
+            import google_crc32c
+
+            self._extend = google_crc32c.extend
 
     def _measure(self, view: memoryview, start: int, end: int) -> int:
         available = end - start
@@ -162,47 +172,58 @@ class G3Decoder(FrameDecoder):
         limit = self.max_frame_size
         position, read = self._walked, self._lengths_read
         lengths = 2 * nkeys
+        unsummed = self._unsummed if self.verify_crc else None
         try:
             while read < lengths:
                 if position + 8 > available:
                     return position + 8
                 (size,) = unpack(view, start + position)
+                if unsummed is not None and size:
+                    unsummed.append((position + 8, position + 8 + size))
                 position += 8 + size
                 read += 1
                 if position > limit:
                     return self._check_size(position)
         finally:
             self._walked, self._lengths_read = position, read
+            if unsummed:
+                self._sum(view, start, available)
         return position + 4
+
+    def _sum(self, view: memoryview, start: int, available: int) -> None:
+        """Extend the CRC over the walked names and blobs, as far as their bytes arrived."""
+        unsummed, extend, crc = self._unsummed, self._extend, self._crc
+        while unsummed:
+            first, end = unsummed[0]
+            if first >= available:
+                break
+            if end > available:
+                crc = extend(crc, bytes(view[start + first : start + available]))
+                unsummed[0] = (available, end)
+                break
+            crc = extend(crc, bytes(view[start + first : start + end]))
+            unsummed.popleft()
+        self._crc = crc
 
     def _make_frame(self, wire: bytes | bytearray) -> Frame | None:
         self._walked, self._lengths_read = HEADER_SIZE, 0  # the next frame is walked afresh
         flag = wire[0]
-        _, _, nkeys, code = _HEADER[flag].unpack_from(wire)
+        code = _HEADER[flag].unpack_from(wire)[3]
         type_name = _type_name(code)
         if self.verify_crc:
-            self._check_crc(wire, flag, nkeys)
+            self._sum(memoryview(wire), 0, len(wire))
+            calculated, self._crc = self._crc ^ 0xFFFFFFFF, 0xFFFFFFFF
+            recorded = int.from_bytes(wire[-4:], "little" if flag else "big")
+            if recorded != calculated:
+                raise ProtocolError(
+                    f"G3 frame CRC mismatch: recorded 0x{recorded:08x}, "
+                    f"calculated 0x{calculated:08x}"
+                )
         if type_name == END_PROCESSING:
             self.end_processing += 1
             return None
         kind = FrameKind.DATA if type_name in DATA_TYPES else FrameKind.METADATA
         return Frame(kind, type_name, wire, 0, EMPTY_HEADERS, wire, PROTOCOL)
-
-    def _check_crc(self, wire: bytes | bytearray, flag: int, nkeys: int) -> None:
-        length = _LENGTH[flag]
-        view = memoryview(wire)
-        pieces = []
-        position = HEADER_SIZE
-        for _ in range(2 * nkeys):
-            (size,) = length.unpack_from(view, position)
-            pieces.append(view[position + 8 : position + 8 + size])
-            position += 8 + size
-        recorded = int.from_bytes(view[position : position + 4], "little" if flag else "big")
-        calculated = spt3g_crc(pieces)
-        if recorded != calculated:
-            raise ProtocolError(
-                f"G3 frame CRC mismatch: recorded 0x{recorded:08x}, calculated 0x{calculated:08x}"
-            )
 
 
 class G3Encoder(FrameEncoder):

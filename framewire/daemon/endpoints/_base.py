@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import ClassVar, Final, Generic, TypeVar
 
 import attrs
@@ -23,6 +23,7 @@ from ..transport import (
     client_tls_context,
     connector_for,
     open_listeners,
+    peer_name,
     server_tls_context,
     tls_connector,
 )
@@ -42,13 +43,94 @@ ConfigT = TypeVar("ConfigT", bound=EndpointConfig)
 ACCEPT_RETRY_DELAY: Final = 0.1
 
 
+def _listening_key(address: Address) -> tuple[str, str | None, int]:
+    """What a listening socket is bound to: a TLS and a plain address on one port share it."""
+    if address.is_unix:
+        return ("unix", address.path, 0)
+    return ("tcp", address.host, address.port)
+
+
+class _HandedOver(trio.abc.Listener[trio.abc.Stream]):
+    """A plain listener that :class:`Transports` may keep open when its endpoint closes it,
+    for the endpoint's successor (a reload), instead of closing it."""
+
+    def __init__(
+        self,
+        transports: Transports,
+        key: tuple[str, str | None, int],
+        listener: trio.abc.Listener[trio.abc.Stream],
+    ) -> None:
+        self.transports = transports
+        self.key = key
+        self.listener = listener
+        self._closed = False
+        self._accepting: set[trio.CancelScope] = set()
+
+    async def accept(self) -> trio.abc.Stream:
+        """The next connection. Raises trio.ClosedResourceError once this listener is
+        closed, also in a task waiting here when it is: a parked socket is not closed, so
+        its waiting acceptors are cancelled instead and no connection goes to the old
+        endpoint."""
+        if self._closed:
+            raise trio.ClosedResourceError("the listener was closed")
+        with trio.CancelScope() as scope:
+            self._accepting.add(scope)
+            try:
+                return await self.listener.accept()
+            finally:
+                self._accepting.discard(scope)
+        raise trio.ClosedResourceError("the listener was closed")
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        for scope in self._accepting:
+            scope.cancel()
+        if self.key in self.transports._holding:
+            self.transports._parked.setdefault(self.key, []).append(self.listener)
+            await trio.lowlevel.checkpoint()
+        else:
+            await self.listener.aclose()
+
+
 class Transports:
     """Makes listeners and connectors from addresses. Tests substitute memory transports.
 
     Subclasses override :meth:`listen` and :meth:`connector` (the plain byte transport);
     endpoints call :meth:`bind` and :meth:`dial`, which add TLS on top of those, so TLS can
     be tested over memory streams too.
+
+    Listening sockets can be handed from an endpoint to its successor: while an address is
+    held (:meth:`hold`), an endpoint closing its listener on it leaves the socket open and
+    parked, and the next :meth:`bind` of that address takes it. Connections arriving in
+    between wait in the socket's backlog instead of being refused. :meth:`release` closes
+    whatever no successor took.
     """
+
+    def __init__(self) -> None:
+        self._holding: set[tuple[str, str | None, int]] = set()
+        self._parked: dict[tuple[str, str | None, int], list[trio.abc.Listener[trio.abc.Stream]]]
+        self._parked = {}
+
+    def hold(self, address: Address) -> None:
+        """Keep listeners on ``address`` open when their endpoint closes them, for the next
+        :meth:`bind` of it (port 0 is never held: a successor gets a new port anyway)."""
+        if address.is_unix or address.port:
+            self._holding.add(_listening_key(address))
+
+    def holds(self, address: Address) -> bool:
+        """Whether ``address`` is held (a :meth:`bind` of it will take the parked sockets)."""
+        return _listening_key(address) in self._holding
+
+    async def release(self) -> None:
+        """Stop holding; close the parked listeners nobody took."""
+        self._holding.clear()
+        parked, self._parked = self._parked, {}
+        for listeners in parked.values():
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
 
     async def listen(self, address: Address) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
         return await open_listeners(address)
@@ -64,16 +146,22 @@ class Transports:
         socket_mode: int = DEFAULT_SOCKET_MODE,
     ) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
         """Listen on ``address``: a UNIX socket file gets ``socket_mode``; with ``tls`` every
-        accepted stream is a TLS server stream (finish it with ``Connection.establish``).
+        accepted stream is a TLS server stream (finish it with ``Connection.establish``). A
+        listener parked for ``address`` (see :meth:`hold`) is taken instead of binding anew.
 
         Raises OSError when it cannot listen, ValueError when a TLS file cannot be used.
         """
         context = server_tls_context(tls) if tls is not None else None
-        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]
-        if address.is_unix:
-            listeners = await open_listeners(address, socket_mode=socket_mode)
-        else:
-            listeners = await self.listen(address)
+        key = _listening_key(address)
+        plain: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = self._parked.pop(key, None)
+        if plain is None:
+            if address.is_unix:
+                plain = await open_listeners(address, socket_mode=socket_mode)
+            else:
+                plain = await self.listen(address)
+        listeners: list[trio.abc.Listener[trio.abc.Stream]] = [
+            _HandedOver(self, key, listener) for listener in plain
+        ]
         if tls is None or context is None:
             return listeners
         return [
@@ -114,6 +202,11 @@ class ClientInfo:
     subscription: Subscription | None = None
     frames_in: int = 0
     bytes_in: int = 0
+    #: Frames and bytes written to the peer's socket (clients a server feeds).
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    #: Frames left out because the peer's protocol cannot carry them.
+    frames_unencodable: int = 0
 
 
 class OutgoingQueue:
@@ -159,10 +252,22 @@ class EndpointStatus:
     frames_out: int = 0
     bytes_out: int = 0
     frames_dropped: int = 0
+    #: Frames decimation left out for clients that have gone (live clients' are added in
+    #: status).
+    frames_decimated: int = 0
     restarts: int = 0
+    #: The last problem (a crash, a failed connect, a peer's bad bytes) and when it happened
+    #: (Unix time). Set them with :meth:`record_error`; ``state`` tells whether the endpoint
+    #: is healthy again.
     last_error: str | None = None
+    last_error_at: float | None = None
     clients: dict[int, ClientInfo] = attrs.field(factory=dict)
     detail: dict[str, object] = attrs.field(factory=dict)
+
+    def record_error(self, text: str) -> None:
+        """Remember ``text`` as the last problem, stamped with the time."""
+        self.last_error = text
+        self.last_error_at = time.time()
 
 
 class Endpoint(Generic[ConfigT]):
@@ -218,6 +323,24 @@ class Endpoint(Generic[ConfigT]):
             self.log.warning("%s", str(exc))  # a string: a kept record must not pin the stream
             return None
         return connection
+
+    async def _serve_one(
+        self, serve: Callable[[trio.abc.Stream], Awaitable[None]], stream: trio.abc.Stream
+    ) -> None:
+        """Run ``serve(stream)`` for one peer as the boundary of that peer's task.
+
+        Handlers turn everything a peer can cause into an outcome; an exception that still
+        escapes is a bug, and it must cost only that peer: it is logged with its traceback,
+        the connection is closed, and the endpoint's other peers carry on.
+        """
+        try:
+            await serve(stream)
+        except Exception:
+            self.log.exception(
+                "connection from %s failed unexpectedly and was closed; others carry on",
+                peer_name(stream),
+            )
+            await trio.aclose_forcefully(stream)
 
     async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream]) -> trio.abc.Stream:
         """The next connection on ``listener``.

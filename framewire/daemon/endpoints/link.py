@@ -62,8 +62,10 @@ from ..flow import (
     encode_frames,
     first_error,
     receive_frames,
+    send_frames,
 )
 from ..keepalive import KeepaliveConnection, send_keepalives
+from ..reconnect import describe_connect_error
 from ..stream import (
     MetadataCache,
     MetadataLimitExceeded,
@@ -283,7 +285,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 with trio.fail_after(config.connect_timeout):
                     stream = await connector()
             except (OSError, trio.TooSlowError) as exc:
-                problem = "cannot connect: " + _describe_connect_error(exc, config.connect_timeout)
+                problem = "cannot connect: " + describe_connect_error(exc, config.connect_timeout)
             else:
                 connected_at = trio.current_time()
                 try:
@@ -299,7 +301,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     if trio.current_time() - connected_at >= config.reconnect.stable_after:
                         self.backoff.reset()
             if problem is not None:
-                self.status.last_error = problem
+                self.status.record_error(problem)
                 if problem != last_problem:
                     self.log.warning("link to %s is down: %s; retrying with backoff", peer, problem)
                     last_problem = problem
@@ -377,7 +379,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     last_problem = None
                     self.log.warning("link down: %s: %s; listening", peer, outcome.reason)
                 elif outcome.reason is not None:
-                    self.status.last_error = f"{peer}: {outcome.reason}"
+                    self.status.record_error(f"{peer}: {outcome.reason}")
                     if outcome.reason != last_problem:
                         self.log.warning("peer %s dropped: %s", peer, outcome.reason)
                         last_problem = outcome.reason
@@ -532,16 +534,17 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     self._subscribe()
                     continue
             batch = self._pending
-            with trio.fail_after(send_timeout):
-                await connection.send(self._encode(batch))
+            frames, nbytes = await send_frames(
+                connection, self._encoder, batch, self._unencodable, send_timeout=send_timeout
+            )
             if self._replay_metadata:
                 delivered = self._delivered
                 for frame in batch:
                     if frame.kind is not _DATA:
                         delivered.update(frame)
             self._pending = []
-            status.frames_out += len(batch)
-            status.bytes_out += sum(frame.size for frame in batch)
+            status.frames_out += frames
+            status.bytes_out += nbytes
 
     def _encode(self, frames: list[Frame]) -> list[Buffer]:
         return encode_frames(self._encoder, frames, self._unencodable)
@@ -553,11 +556,3 @@ class LinkEndpoint(Endpoint[LinkConfig]):
 
 def _stream_name(name: str | None) -> str:
     return "nothing" if name is None else repr(name)
-
-
-def _describe_connect_error(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return f"no answer within {timeout:g}s"
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)

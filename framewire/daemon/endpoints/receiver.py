@@ -30,7 +30,7 @@ from ...config import ReceiverConfig
 from ...frame import Frame
 from ..backoff import Backoff
 from ..flow import make_decoder, receive_frames
-from ..reconnect import keep_connected
+from ..reconnect import Ended, keep_connected
 from ..stream import MetadataLimitExceeded
 from ..transport import Connection, bound_addresses
 from ._base import ClientInfo, Endpoint, EndpointContext
@@ -110,7 +110,9 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
     ) -> None:
         async with listener:
             while True:
-                producers.start_soon(self._serve_producer, await self._accept(listener))
+                producers.start_soon(
+                    self._serve_one, self._serve_producer, await self._accept(listener)
+                )
 
     async def _serve_producer(self, stream: trio.abc.Stream) -> None:
         slot: _Slot | None = None
@@ -222,7 +224,7 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                     idle_scope.deadline = trio.current_time() + idle
 
                 await receive_frames(connection, decoder, publish, on_activity=active)
-                outcome = (
+                ended = Ended(
                     "ended its stream"
                     if decoder.ended
                     else f"closed the connection (after {client.frames_in} frames)"
@@ -230,14 +232,14 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                 # The stream ends with its last producer, and only if that one sent something:
                 # a port probe or a health check must not end every reader's run.
                 if client.frames_in and len(status.clients) == 1:
-                    stream.end_of_stream(f"the producer {connection.peer} {outcome}")
-                return outcome
+                    stream.end_of_stream(f"the producer {connection.peer} {ended}")
+                return ended
             return f"sent nothing for {idle:g}s; dropped the connection"
         except protocols.ProtocolError as exc:
-            status.last_error = f"{connection.peer}: {exc}"
+            status.record_error(f"{connection.peer}: {exc}")
             outcome = f"closed: {exc}"
         except MetadataLimitExceeded as exc:
-            status.last_error = f"{connection.peer}: {exc.reason}"
+            status.record_error(f"{connection.peer}: {exc.reason}")
             outcome = f"refused: {exc.reason}"
         except _Refused as exc:
             outcome = f"refused: {exc}"

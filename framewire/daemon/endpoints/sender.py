@@ -24,8 +24,14 @@ from ... import protocols
 from ...config import SenderConfig
 from ...frame import Buffer, Frame
 from ..backoff import Backoff
-from ..flow import UnencodableFrames, close_when_peer_leaves, encode_frames, first_error
-from ..reconnect import keep_connected
+from ..flow import (
+    UnencodableFrames,
+    close_when_peer_leaves,
+    encode_frames,
+    first_error,
+    send_frames,
+)
+from ..reconnect import Ended, keep_connected
 from ..stream import MetadataCache, Policy, QueueBounds, Subscription, SubscriptionClosed
 from ..transport import Connection
 from ._base import Endpoint, EndpointContext
@@ -117,16 +123,17 @@ class SenderEndpoint(Endpoint[SenderConfig]):
                     self._pending = await subscription.receive_batch()
                 except SubscriptionClosed as closed:
                     self._subscription = self._subscribe()
-                    return f"the stream ended ({closed.reason})"
+                    return Ended(f"the stream ended ({closed.reason})")
             batch = self._pending
-            with trio.fail_after(timeout):
-                await connection.send(self._encode(batch))
+            frames, nbytes = await send_frames(
+                connection, self._encoder, batch, self._unencodable, send_timeout=timeout
+            )
             for frame in batch:
                 if frame.is_metadata:
                     self._delivered.update(frame)
             self._pending = []
-            self.status.frames_out += len(batch)
-            self.status.bytes_out += sum(frame.size for frame in batch)
+            self.status.frames_out += frames
+            self.status.bytes_out += nbytes
 
     def _encode(self, frames: list[Frame]) -> list[Buffer]:
         return encode_frames(self._encoder, frames, self._unencodable)

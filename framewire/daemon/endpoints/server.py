@@ -20,6 +20,7 @@ import trio
 
 from ... import protocols
 from ...config import ServerConfig
+from ...frame import Frame
 from ..flow import UnencodableFrames, close_when_peer_leaves, first_error, send_subscription
 from ..stream import Policy, QueueBounds
 from ..transport import Connection, bound_addresses
@@ -73,7 +74,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         self, listener: trio.abc.Listener[trio.abc.Stream], clients: trio.Nursery
     ) -> None:
         while True:
-            clients.start_soon(self._serve, await self._accept(listener))
+            clients.start_soon(self._serve_one, self._serve, await self._accept(listener))
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         config = self.config
@@ -110,12 +111,23 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 subscription.close("client gone")
                 del status.clients[key]
                 status.frames_dropped += subscription.frames_dropped
+                status.frames_decimated += subscription.frames_decimated
+            left_out = [
+                f"{count} {what}"
+                for count, what in (
+                    (subscription.frames_decimated, "decimated"),
+                    (client.frames_unencodable, f"not {config.protocol}"),
+                )
+                if count
+            ]
             self.log.info(
-                "client %s disconnected: %s (sent %d frames, dropped %d)",
+                "client %s disconnected: %s (sent %d frames, %d bytes; dropped %d%s)",
                 connection.peer,
                 reason,
-                subscription.frames_out,
+                client.frames_sent,
+                client.bytes_sent,
                 subscription.frames_dropped,
+                "".join(f"; {text}" for text in left_out),
             )
         finally:
             await trio.aclose_forcefully(stream)
@@ -129,6 +141,12 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         def sent(frames: int, nbytes: int) -> None:
             self.status.frames_out += frames
             self.status.bytes_out += nbytes
+            client.frames_sent += frames
+            client.bytes_sent += nbytes
+
+        def unencodable(frame: Frame, error: ValueError) -> None:
+            client.frames_unencodable += 1
+            self._unencodable(frame, error)
 
         def refuse_input(nbytes: int) -> None:
             nonlocal reason
@@ -154,7 +172,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                     connection,
                     subscription,
                     encoder,
-                    unencodable=self._unencodable,
+                    unencodable=unencodable,
                     on_sent=sent,
                     send_timeout=self.config.send_timeout,
                 )

@@ -1,0 +1,389 @@
+"""What ``framewire check`` verifies beyond the schema: the files, directories and addresses a
+loaded configuration refers to, and how its endpoints meet in streams.
+
+The loader (:func:`~framewire.config.load_config`) checks the file alone, so it gives the same
+answer anywhere. :func:`check_config` looks at this machine as the daemon would see it when
+started from the current directory:
+
+Errors (``framewire check`` exits with status 2, every one listed):
+
+- a TLS certificate, key or CA file that cannot be read, or that the daemon's own TLS set-up
+  (:func:`framewire.daemon.transport.server_tls_context` / ``client_tls_context``) refuses;
+- a ``file`` endpoint's input that cannot be opened (or a ``.gz`` one that is not gzip);
+- a ``recorder`` directory that is not writable, or cannot be created (its nearest existing
+  parent is not a writable directory);
+- a UNIX socket (or ZeroMQ ``ipc://``) listening path whose directory does not exist or is not
+  writable, or that is taken by a file that is not a socket;
+- listeners that overlap: TCP by port and interface (``*``, ``0.0.0.0`` and ``::`` cover every
+  address of their family on the port, ``*`` both families, and ZeroMQ binds ``::``
+  dual-stack; host names are resolved and overlap when they share an address; a Rogue bridge
+  in the server role binds P and P+1; a ZeroMQ bind naming a network interface is left out),
+  UNIX sockets by path; and a listening host name that does not resolve.
+
+Warnings (printed; the file is still usable): a stream with publishers but no subscribers, or
+subscribers but no publishers, and a ``[streams.NAME]`` table no endpoint uses, each with the
+nearest stream name when one looks like a typo.
+
+Not verified: remote peers (connect addresses are neither resolved nor tried), whether a
+listening port is free right now (a running daemon holds its own ports, so probing them before
+a reload would only report those), and anything that changes after the check.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+from ._address import Address
+from ._schema import (
+    BridgeConfig,
+    Config,
+    EndpointConfig,
+    FileConfig,
+    LinkConfig,
+    PubSubConfig,
+    RecorderConfig,
+    TLSConfig,
+)
+from ._zmq_address import ZmqAddress
+
+__all__ = ["CheckReport", "Resolver", "check_config", "resolve_host"]
+
+#: Resolves a host name to listen on into IP address strings; raises OSError if it cannot.
+Resolver = Callable[[str], list[str]]
+
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+
+
+@attrs.frozen
+class CheckReport:
+    """What :func:`check_config` found: ``errors`` make the file unusable here, ``warnings``
+    are likely mistakes. Each is one ``path: message`` line."""
+
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def resolve_host(host: str) -> list[str]:
+    """The addresses a listener on ``host`` binds, as trio and ZeroMQ look them up.
+
+    Raises OSError (``socket.gaierror``) with the resolver's reason when the name does not
+    resolve.
+    """
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def check_config(config: Config, *, resolve: Resolver = resolve_host) -> CheckReport:
+    """Check ``config`` against this machine. Never raises for a problem it finds: every one
+    is a line of the report. ``resolve`` looks up listening host names (tests pass their own)."""
+    errors: list[str] = []
+    for name, endpoint in config.endpoints.items():
+        errors += _endpoint_files(f"endpoints.{name}", endpoint)
+    errors += _overlapping_listeners(config, resolve)
+    return CheckReport(tuple(errors), tuple(_stream_warnings(config)))
+
+
+# -- files and directories ------------------------------------------------------------------
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be opened for reading, or None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return f"cannot read {path}: {_reason(exc)}"
+
+
+def _endpoint_files(prefix: str, endpoint: EndpointConfig) -> list[str]:
+    errors: list[str] = []
+    tls: TLSConfig | None = getattr(endpoint, "tls", None)
+    listen: Address | None = getattr(endpoint, "listen", None)
+    if tls is not None:
+        errors += _tls_files(f"{prefix}.tls", tls, listening=listen is not None)
+    if listen is not None and listen.path is not None:
+        errors += _socket_path(f"{prefix}.listen", listen.path)
+    if isinstance(endpoint, FileConfig):
+        problem = _input_file(endpoint.path)
+        if problem:
+            errors.append(f"{prefix}.path: {problem}")
+    elif isinstance(endpoint, RecorderConfig):
+        problem = _writable_directory(Path(endpoint.path).parent)
+        if problem:
+            errors.append(f"{prefix}.path: {problem}")
+    elif isinstance(endpoint, PubSubConfig) and endpoint.role == "publisher":
+        address = endpoint.address
+        if address.transport == "ipc" and not address.path.startswith("@"):
+            errors += _socket_path(f"{prefix}.address", address.path)
+    return errors
+
+
+def _tls_files(prefix: str, tls: TLSConfig, *, listening: bool) -> list[str]:
+    """Each named file readable, then the daemon's own TLS set-up, which loads them all."""
+    errors = []
+    for field in ("certificate", "key", "ca"):
+        path: str | None = getattr(tls, field)
+        if path is not None:
+            problem = _unreadable(path)
+            if problem:
+                errors.append(f"{prefix}.{field}: {problem}")
+    if errors:
+        return errors
+    # Imported here: the daemon imports the config package.
+    from ..daemon.transport import client_tls_context, server_tls_context
+
+    try:
+        (server_tls_context if listening else client_tls_context)(tls)
+    except ValueError as exc:
+        return [f"{prefix}: {str(exc).removeprefix('tls: ')}"]
+    return []
+
+
+def _input_file(path: str) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(len(_GZIP_MAGIC))
+    except OSError as exc:
+        return f"cannot read {path}: {_reason(exc)}"
+    if path.endswith(".gz") and start and start != _GZIP_MAGIC:
+        return f"{path} is not gzip-compressed (a path ending in .gz is read as gzip)"
+    return None
+
+
+def _writable_directory(directory: Path) -> str | None:
+    """Why files cannot be created in ``directory`` (made first if missing), or None."""
+    existing = directory
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create files in {directory}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == directory:
+            return f"cannot create files in {directory}: permission denied"
+        return f"cannot create {directory}: {existing} is not writable"
+    return None
+
+
+def _socket_path(prefix: str, path: str) -> list[str]:
+    directory = Path(path).parent
+    if not directory.is_dir():
+        return [f"{prefix}: cannot listen on {path}: no directory {directory}"]
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return [f"{prefix}: cannot listen on {path}: {directory} is not writable"]
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return []
+    if not stat.S_ISSOCK(mode):
+        return [f"{prefix}: cannot listen on {path}: it exists and is not a socket"]
+    return []
+
+
+# -- listeners ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Listener:
+    """One bound port (or socket path) and who binds it, for the overlap check."""
+
+    path: str  # of the configured value, e.g. endpoints.a.listen
+    owner: str  # [status] or endpoint 'a'
+    shown: str  # the address as written, e.g. tcp://localhost:4536
+    host: str | None = None  # None: every interface
+    port: int = 0
+    dual_stack: bool = False  # ZeroMQ: an IPv6 wildcard takes IPv4 too
+    socket_path: str | None = None
+
+
+def _listeners(config: Config) -> Iterable[_Listener]:
+    if config.status is not None:
+        yield _tcp("status.listen", "[status]", config.status.listen)
+    for name, endpoint in config.endpoints.items():
+        path, owner = f"endpoints.{name}", f"endpoint {name!r}"
+        listen: Address | None = getattr(endpoint, "listen", None)
+        if listen is not None:
+            yield _tcp(f"{path}.listen", owner, listen)
+        if isinstance(endpoint, BridgeConfig) and endpoint.role == "server":
+            address = endpoint.address
+            yield _zmq(f"{path}.address", owner, address)
+            second = _zmq(f"{path}.address", owner, address.with_port(address.port + 1))
+            yield attrs.evolve(second, shown=f"{second.shown} (the bridge's second port)")
+        elif isinstance(endpoint, PubSubConfig) and endpoint.role == "publisher":
+            yield _zmq(f"{path}.address", owner, endpoint.address)
+
+
+def _tcp(path: str, owner: str, address: Address) -> _Listener:
+    if address.path is not None:
+        return _Listener(path, owner, str(address), socket_path=os.path.abspath(address.path))
+    return _Listener(path, owner, str(address), address.host, address.port)
+
+
+def _zmq(path: str, owner: str, address: ZmqAddress) -> _Listener:
+    if address.transport == "ipc":
+        ipc = address.path if address.path.startswith("@") else os.path.abspath(address.path)
+        return _Listener(path, owner, str(address), socket_path=ipc)
+    return _Listener(path, owner, str(address), address.host, address.port, dual_stack=True)
+
+
+_Bound = frozenset[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]]
+_ANY4: Final = ipaddress.IPv4Address("0.0.0.0")
+_ANY6: Final = ipaddress.IPv6Address("::")
+
+
+def _bound(listener: _Listener, resolve: Resolver) -> _Bound:
+    """The (IP version, address) pairs ``listener`` binds. Raises OSError from ``resolve``."""
+    if listener.host is None:
+        return frozenset({(4, _ANY4), (6, _ANY6)})
+    try:
+        ips = [ipaddress.ip_address(listener.host)]
+    except ValueError:
+        ips = [ipaddress.ip_address(ip.partition("%")[0]) for ip in resolve(listener.host)]
+    bound = {(ip.version, ip) for ip in ips}
+    if listener.dual_stack and _ANY6 in ips:
+        bound.add((4, _ANY4))
+    return frozenset(bound)
+
+
+def _interface_names() -> set[str]:
+    try:
+        return {name for _, name in socket.if_nameindex()}
+    except OSError:  # pragma: no cover - no interface list on this system
+        return set()
+
+
+def _shared(a: _Bound, b: _Bound) -> str | None:
+    """An address both bound sets take on their port, in words, or None if they are apart."""
+    for version, ip in sorted(a, key=str):
+        for other_version, other in sorted(b, key=str):
+            if version != other_version or not (
+                ip == other or ip.is_unspecified or other.is_unspecified
+            ):
+                continue
+            specific = other if ip.is_unspecified else ip
+            if specific.is_unspecified:
+                return f"every IPv{version} interface"
+            return str(specific)
+    return None
+
+
+def _overlapping_listeners(config: Config, resolve: Resolver) -> list[str]:
+    errors = []
+    seen: list[tuple[_Listener, _Bound]] = []
+    for listener in _listeners(config):
+        if listener.socket_path is not None:
+            same = next((o for o, _ in seen if o.socket_path == listener.socket_path), None)
+            if same is not None:
+                errors.append(
+                    f"{listener.path}: {listener.shown} is the socket {same.shown} of {same.owner}"
+                )
+            seen.append((listener, frozenset()))
+            continue
+        if listener.port == 0:
+            continue  # a free port, picked when it starts
+        if listener.dual_stack and listener.host in _interface_names():
+            continue  # ZeroMQ binds a network interface by name; its addresses are not known
+        try:
+            bound = _bound(listener, resolve)
+        except OSError as exc:
+            errors.append(f"{listener.path}: cannot resolve {listener.host!r}: {_reason(exc)}")
+            continue
+        for other, other_bound in seen:
+            if other.socket_path is not None or other.port != listener.port:
+                continue
+            shared = _shared(bound, other_bound)
+            if shared is not None:  # the first one it overlaps: one line per listener
+                errors.append(
+                    f"{listener.path}: {listener.shown} overlaps {other.shown} of {other.owner} "
+                    f"(both take {shared}, port {listener.port})"
+                )
+                break
+        seen.append((listener, bound))
+    return errors
+
+
+# -- streams --------------------------------------------------------------------------------
+
+
+def _stream_ends(
+    config: Config,
+) -> tuple[dict[str, list[tuple[str, str]]], dict[str, list[tuple[str, str]]]]:
+    """Streams to their publishers and their subscribers: (path of the value, endpoint name)."""
+    publishers: dict[str, list[tuple[str, str]]] = {}
+    subscribers: dict[str, list[tuple[str, str]]] = {}
+    for name, endpoint in config.endpoints.items():
+        path = f"endpoints.{name}"
+        ends: list[tuple[dict[str, list[tuple[str, str]]], str, str | None]] = []
+        if isinstance(endpoint, LinkConfig | BridgeConfig):
+            ends += [(publishers, "publish", endpoint.publish)]
+            ends += [(subscribers, "subscribe", endpoint.subscribe)]
+        elif isinstance(endpoint, PubSubConfig):
+            side = subscribers if endpoint.role == "publisher" else publishers
+            ends.append((side, "stream", endpoint.stream))
+        elif endpoint.kind in ("receiver", "file", "generator"):
+            ends.append((publishers, "stream", endpoint.stream))
+        else:  # server, sender, recorder
+            ends.append((subscribers, "stream", endpoint.stream))
+        for side, key, stream in ends:
+            if stream is not None:
+                side.setdefault(stream, []).append((f"{path}.{key}", name))
+    return publishers, subscribers
+
+
+def _did_you_mean(
+    stream: str, candidates: dict[str, list[tuple[str, str]]], ends: list[tuple[str, str]]
+) -> str:
+    """`` (did you mean 'x'?)`` for the candidate stream ``stream`` looks like a typo of.
+
+    A stream of the same endpoints is no candidate: a link's ``publish`` is not a typo of its
+    ``subscribe``.
+    """
+    owners = {name for _, name in ends}
+    names = [
+        name
+        for name, their_ends in candidates.items()
+        if name != stream and not owners & {owner for _, owner in their_ends}
+    ]
+    close = difflib.get_close_matches(stream, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _names(ends: list[tuple[str, str]]) -> str:
+    return ", ".join(repr(name) for _, name in ends)
+
+
+def _stream_warnings(config: Config) -> list[str]:
+    publishers, subscribers = _stream_ends(config)
+    warnings = []
+    for stream, ends in publishers.items():
+        if stream not in subscribers:
+            warnings.append(
+                f"{ends[0][0]}: stream {stream!r} has no subscribers (published by "
+                f"{_names(ends)}): its frames go nowhere{_did_you_mean(stream, subscribers, ends)}"
+            )
+    for stream, ends in subscribers.items():
+        if stream not in publishers:
+            warnings.append(
+                f"{ends[0][0]}: stream {stream!r} has no publishers (read by {_names(ends)}): "
+                f"nothing will arrive{_did_you_mean(stream, publishers, ends)}"
+            )
+    used = {**publishers, **subscribers}
+    for stream in config.streams:
+        if stream not in used:
+            warnings.append(
+                f"streams.{stream}: no endpoint uses stream {stream!r}"
+                f"{_did_you_mean(stream, used, [])}"
+            )
+    return warnings

@@ -1,0 +1,401 @@
+"""``framewire check``: the files, directories and listeners a configuration names, and how its
+endpoints meet in streams (framewire/config/_checks.py; docs/configuration.md)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from framewire.cli import main
+from framewire.config import CheckReport, check_config, parse_config
+from framewire.config._checks import resolve_host
+
+FRAMEWIRE = [sys.executable, "-m", "framewire"]
+HOSTS = {"localhost": ["127.0.0.1", "::1"], "daq": ["10.0.0.5"], "v6only": ["::1"]}
+
+
+def resolve(host: str) -> list[str]:
+    """A resolver that needs no network: the names in HOSTS, and nothing else."""
+    if host in HOSTS:
+        return HOSTS[host]
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+def check(text: str) -> CheckReport:
+    return check_config(parse_config(text), resolve=resolve)
+
+
+def errors(text: str) -> list[str]:
+    return list(check(text).errors)
+
+
+def warnings(text: str) -> list[str]:
+    return list(check(text).warnings)
+
+
+def server(name: str, listen: str, stream: str = "s", extra: str = "") -> str:
+    return f'[endpoints.{name}]\nkind = "server"\nlisten = "{listen}"\nstream = "{stream}"\n{extra}'
+
+
+def receiver(name: str, listen: str, stream: str = "s") -> str:
+    return f'[endpoints.{name}]\nkind = "receiver"\nlisten = "{listen}"\nstream = "{stream}"\n'
+
+
+def generator(name: str, stream: str) -> str:
+    return f'[endpoints.{name}]\nkind = "generator"\nstream = "{stream}"\n'
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    # Short paths: a UNIX socket path has at most 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="fw-") as directory:
+        yield Path(directory)
+
+
+# -- a clean file ---------------------------------------------------------------------------
+
+
+def test_a_clean_configuration_has_nothing_to_report(tmp: Path) -> None:
+    recording = tmp / "in.fw"
+    recording.write_bytes(b"")
+    text = (
+        receiver("in", "tcp://127.0.0.1:4536", "g3")
+        + server("out", "tcp://[::1]:4536", "g3")  # another address family: no overlap
+        + server("local", f"unix://{tmp}/out.sock", "g3")
+        + f'[endpoints.rec]\nkind = "recorder"\npath = "{tmp}/new/day/run.fw"\nstream = "g3"\n'
+        + f'[endpoints.replay]\nkind = "file"\npath = "{recording}"\nstream = "g3"\n'
+        + '[status]\nlisten = "127.0.0.1:8765"\n'
+    )
+    assert check(text) == CheckReport()
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def test_missing_tls_files_are_named_by_their_path() -> None:
+    tls = '[endpoints.out.tls]\ncertificate = "/nonexistent/x.pem"\nkey = "/nonexistent/x.key"\n'
+    assert errors(server("out", "tls://127.0.0.1:4536", extra=tls) + generator("g", "s")) == [
+        "endpoints.out.tls.certificate: cannot read /nonexistent/x.pem: No such file or directory",
+        "endpoints.out.tls.key: cannot read /nonexistent/x.key: No such file or directory",
+    ]
+
+
+def test_tls_files_are_loaded_as_the_daemon_loads_them(tmp: Path) -> None:
+    garbage = tmp / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    tls = f'[endpoints.out.tls]\ncertificate = "{garbage}"\nkey = "{garbage}"\n'
+    [line] = errors(server("out", "tls://127.0.0.1:4536", extra=tls) + generator("g", "s"))
+    assert line.startswith(f"endpoints.out.tls: cannot load certificate {garbage} with key ")
+    # Connecting: the CA file is loaded too.
+    text = (
+        f'[endpoints.up]\nkind = "receiver"\nconnect = "tls://127.0.0.1:4536"\nstream = "s"\n'
+        f'[endpoints.up.tls]\nca = "{garbage}"\n' + server("out", "tcp://127.0.0.1:4537")
+    )
+    [line] = errors(text)
+    assert line.startswith(f"endpoints.up.tls: cannot load CA file {garbage}: ")
+
+
+def test_good_tls_files_pass(tmp: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    chain = tmp / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(chain))
+    tls = f'[endpoints.out.tls]\ncertificate = "{chain}"\nkey = "{chain}"\n'
+    assert errors(server("out", "tls://127.0.0.1:4536", extra=tls) + generator("g", "s")) == []
+
+
+def test_file_endpoint_input_must_be_readable(tmp: Path) -> None:
+    def file_endpoint(path: Path) -> str:
+        return f'[endpoints.f]\nkind = "file"\npath = "{path}"\nstream = "s"\n' + server(
+            "out", "tcp://127.0.0.1:4536"
+        )
+
+    missing = tmp / "missing.fw"
+    assert errors(file_endpoint(missing)) == [
+        f"endpoints.f.path: cannot read {missing}: No such file or directory"
+    ]
+    assert errors(file_endpoint(tmp)) == [f"endpoints.f.path: cannot read {tmp}: Is a directory"]
+    plain = tmp / "run.fw.gz"
+    plain.write_bytes(b"FW not compressed")
+    assert errors(file_endpoint(plain)) == [
+        f"endpoints.f.path: {plain} is not gzip-compressed (a path ending in .gz is read as gzip)"
+    ]
+    plain.write_bytes(gzip.compress(b"frames"))
+    assert errors(file_endpoint(plain)) == []
+
+
+def test_recorder_directory_must_be_creatable(tmp: Path) -> None:
+    def recorder(path: Path) -> str:
+        return f'[endpoints.r]\nkind = "recorder"\npath = "{path}"\nstream = "s"\n' + generator(
+            "g", "s"
+        )
+
+    blocker = tmp / "blocker"
+    blocker.write_text("a file where a directory should be")
+    assert errors(recorder(blocker / "day" / "run.fw")) == [
+        f"endpoints.r.path: cannot create files in {blocker / 'day'}: {blocker} is not a directory"
+    ]
+    assert errors(recorder(tmp / "run.fw")) == []
+    assert errors(recorder(tmp / "a" / "b" / "run.fw")) == []  # created when it starts
+    assert not (tmp / "a").exists()  # ... but not by the check
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_recorder_directory_must_be_writable(tmp: Path) -> None:
+    locked = tmp / "locked"
+    locked.mkdir(mode=0o500)
+    text = f'[endpoints.r]\nkind = "recorder"\npath = "{locked}/x/run.fw"\nstream = "s"\n'
+    assert errors(text + generator("g", "s")) == [
+        f"endpoints.r.path: cannot create {locked}/x: {locked} is not writable"
+    ]
+
+
+def test_unix_socket_directory_must_exist(tmp: Path) -> None:
+    assert errors(server("out", f"unix://{tmp}/nodir/out.sock") + generator("g", "s")) == [
+        f"endpoints.out.listen: cannot listen on {tmp}/nodir/out.sock: no directory {tmp}/nodir"
+    ]
+    (tmp / "taken").write_text("")
+    assert errors(server("out", f"unix://{tmp}/taken") + generator("g", "s")) == [
+        f"endpoints.out.listen: cannot listen on {tmp}/taken: it exists and is not a socket"
+    ]
+
+
+# -- listeners ------------------------------------------------------------------------------
+
+
+def test_three_listeners_on_one_port() -> None:
+    text = (
+        receiver("a", "tcp://127.0.0.1:4536")
+        + receiver("b", "tcp://*:4536")
+        + server("c", "tcp://localhost:4536")
+    )
+    assert errors(text) == [
+        "endpoints.b.listen: tcp://*:4536 overlaps tcp://127.0.0.1:4536 of endpoint 'a' "
+        "(both take 127.0.0.1, port 4536)",
+        "endpoints.c.listen: tcp://localhost:4536 overlaps tcp://127.0.0.1:4536 of endpoint 'a' "
+        "(both take 127.0.0.1, port 4536)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        ("tcp://0.0.0.0:4536", "tcp://127.0.0.1:4536", "127.0.0.1"),
+        ("tcp://[::]:4536", "tcp://[::1]:4536", "::1"),
+        ("tcp://*:4536", "tcp://[::1]:4536", "::1"),
+        ("tcp://*:4536", "tcp://0.0.0.0:4536", "every IPv4 interface"),
+        ("tcp://daq:4536", "tcp://10.0.0.5:4536", "10.0.0.5"),
+        ("tcp://localhost:4536", "tcp://v6only:4536", "::1"),
+    ],
+)
+def test_overlapping_tcp_listeners(first: str, second: str, shared: str) -> None:
+    [line] = errors(receiver("a", first) + server("b", second))
+    assert line == (
+        f"endpoints.b.listen: {second} overlaps {first} of "
+        f"endpoint 'a' (both take {shared}, port 4536)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("tcp://127.0.0.1:4536", "tcp://127.0.0.1:4537"),  # other port
+        ("tcp://127.0.0.1:4536", "tcp://127.0.0.2:4536"),  # other address
+        ("tcp://127.0.0.1:4536", "tcp://[::1]:4536"),  # other family
+        ("tcp://127.0.0.1:4536", "tcp://[::]:4536"),  # trio binds :: for IPv6 only
+        ("tcp://0.0.0.0:4536", "tcp://[::1]:4536"),
+        ("tcp://127.0.0.1:0", "tcp://*:0"),  # free ports, picked at start
+        ("tcp://daq:4536", "tcp://localhost:4536"),
+    ],
+)
+def test_listeners_that_do_not_overlap(first: str, second: str) -> None:
+    assert errors(receiver("a", first) + server("b", second)) == []
+
+
+def test_status_listener_overlaps_too() -> None:
+    text = server("out", "tcp://*:8765") + generator("g", "s") + "[status]\n"
+    assert errors(text) == [
+        "endpoints.out.listen: tcp://*:8765 overlaps tcp://127.0.0.1:8765 of [status] "
+        "(both take 127.0.0.1, port 8765)"
+    ]
+
+
+def test_a_bridge_server_binds_two_ports() -> None:
+    bridge = (
+        '[endpoints.b]\nkind = "bridge"\nrole = "server"\naddress = "tcp://*:9000"\npublish = "s"\n'
+    )
+    assert errors(server("out", "tcp://127.0.0.1:9001") + bridge) == [
+        "endpoints.b.address: tcp://*:9001 (the bridge's second port) overlaps "
+        "tcp://127.0.0.1:9001 of endpoint 'out' (both take 127.0.0.1, port 9001)"
+    ]
+    assert errors(server("out", "tcp://127.0.0.1:9002") + bridge) == []
+    client = bridge.replace('"server"', '"client"').replace("*", "127.0.0.1")
+    assert errors(server("out", "tcp://127.0.0.1:9001") + client) == []  # it connects
+
+
+def test_zeromq_wildcards_take_both_families() -> None:
+    publisher = (
+        '[endpoints.p]\nkind = "pubsub"\nrole = "publisher"\naddress = "tcp://[::]:5555"\n'
+        'stream = "s"\n'
+    )
+    assert errors(receiver("in", "tcp://127.0.0.1:5555") + publisher) == [
+        "endpoints.p.address: tcp://[::]:5555 overlaps tcp://127.0.0.1:5555 of endpoint 'in' "
+        "(both take 127.0.0.1, port 5555)"
+    ]
+
+
+def test_zeromq_may_bind_an_interface_by_name() -> None:
+    [interface, *_] = [name for _, name in socket.if_nameindex()]
+    publisher = (
+        '[endpoints.p]\nkind = "pubsub"\nrole = "publisher"\n'
+        f'address = "tcp://{interface}:5555"\nstream = "s"\n'
+    )
+    assert errors(generator("g", "s") + publisher) == []  # not resolved as a host name
+    assert errors(generator("g", "s") + publisher.replace(interface, "daq-typo")) == [
+        "endpoints.p.address: cannot resolve 'daq-typo': Name or service not known"
+    ]
+
+
+def test_unix_sockets_overlap_by_path(tmp: Path) -> None:
+    (tmp / "sub").mkdir()
+    publisher = (
+        '[endpoints.p]\nkind = "pubsub"\nrole = "publisher"\n'
+        f'address = "ipc://{tmp}/sub/../fw.sock"\nstream = "s"\n'
+    )
+    assert errors(receiver("in", f"unix://{tmp}/fw.sock") + publisher) == [
+        f"endpoints.p.address: ipc://{tmp}/sub/../fw.sock is the socket unix://{tmp}/fw.sock "
+        "of endpoint 'in'"
+    ]
+
+
+def test_a_listening_name_that_does_not_resolve() -> None:
+    assert errors(
+        receiver("in", "tcp://daq-typo:4536") + server("out", "tcp://127.0.0.1:4537")
+    ) == ["endpoints.in.listen: cannot resolve 'daq-typo': Name or service not known"]
+
+
+def test_the_real_resolver_answers_for_numeric_addresses_and_localhost() -> None:
+    assert resolve_host("127.0.0.1") == ["127.0.0.1"]
+    assert "127.0.0.1" in resolve_host("localhost")  # from /etc/hosts: no DNS
+
+
+# -- streams --------------------------------------------------------------------------------
+
+
+def test_a_stream_name_typo_is_a_warning_with_a_suggestion() -> None:
+    text = generator("gen", "camera") + server("out", "tcp://127.0.0.1:4536", "camrea")
+    report = check(text)
+    assert report.errors == ()
+    assert list(report.warnings) == [
+        "endpoints.gen.stream: stream 'camera' has no subscribers (published by 'gen'): "
+        "its frames go nowhere (did you mean 'camrea'?)",
+        "endpoints.out.stream: stream 'camrea' has no publishers (read by 'out'): "
+        "nothing will arrive (did you mean 'camera'?)",
+    ]
+
+
+def test_which_endpoints_publish_and_subscribe() -> None:
+    text = (
+        '[endpoints.l]\nkind = "link"\nconnect = "tcp://127.0.0.1:4600"\nprotocol = "datalink"\n'
+        'publish = "from-peer"\nsubscribe = "to-peer"\n'
+        '[endpoints.sub]\nkind = "pubsub"\nrole = "subscriber"\naddress = "tcp://127.0.0.1:5555"\n'
+        'stream = "xdas"\n'
+        '[endpoints.rec]\nkind = "recorder"\npath = "/tmp/run.fw"\nstream = "from-peer"\n'
+        '[endpoints.snd]\nkind = "sender"\nconnect = "tcp://127.0.0.1:4601"\nstream = "xdas"\n'
+    )
+    assert warnings(text) == [
+        "endpoints.l.subscribe: stream 'to-peer' has no publishers (read by 'l'): "
+        "nothing will arrive"
+    ]
+
+
+def test_a_streams_table_no_endpoint_uses() -> None:
+    text = generator("g", "camera") + server("out", "tcp://127.0.0.1:4536", "camera")
+    assert warnings(text + "[streams.camrea]\n") == [
+        "streams.camrea: no endpoint uses stream 'camrea' (did you mean 'camera'?)"
+    ]
+
+
+def test_several_publishers_are_named_once() -> None:
+    text = receiver("a", "tcp://127.0.0.1:4536", "s") + generator("b", "s")
+    assert warnings(text) == [
+        "endpoints.a.stream: stream 's' has no subscribers (published by 'a', 'b'): "
+        "its frames go nowhere"
+    ]
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def test_check_prints_warnings_and_still_succeeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text(generator("gen", "camera") + server("out", "tcp://127.0.0.1:0", "camrea"))
+    assert main(["check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{path.resolve()}: OK, 2 endpoints\n")
+    assert err.splitlines() == [
+        "warning: endpoints.gen.stream: stream 'camera' has no subscribers (published by 'gen'): "
+        "its frames go nowhere (did you mean 'camrea'?)",
+        "warning: endpoints.out.stream: stream 'camrea' has no publishers (read by 'out'): "
+        "nothing will arrive (did you mean 'camera'?)",
+    ]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FRAMEWIRE, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_an_empty_file_is_refused_by_check_and_run(tmp_path: Path) -> None:
+    path = tmp_path / "empty.toml"
+    path.write_bytes(b"")
+    for command in ("check", "run"):
+        result = run_cli(command, str(path))
+        assert result.returncode == 2, command
+        assert result.stdout == ""
+        # One problem: one line (framewire/cli.py); several are listed under a count.
+        assert result.stderr.splitlines() == [
+            f"framewire {command}: {path}: no endpoints configured; a configuration needs at "
+            "least one [endpoints.NAME] table (to stop every endpoint, stop the daemon)",
+        ]
+
+
+def test_check_reports_every_problem_of_a_file_together(tmp: Path) -> None:
+    path = tmp / "bad.toml"
+    path.write_text(
+        server(
+            "out",
+            "tls://127.0.0.1:4536",
+            "camera",
+            f'[endpoints.out.tls]\ncertificate = "{tmp}/x.pem"\nkey = "{tmp}/x.pem"\n',
+        )
+        + receiver("any", "tcp://*:4536", "camrea")
+        + f'[endpoints.replay]\nkind = "file"\npath = "{tmp}/none.fw"\nstream = "camrea"\n'
+        + server("sock", f"unix://{tmp}/no/fw.sock", "camrea")
+    )
+    result = run_cli("check", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: endpoints.out.stream: stream 'camera' has no publishers (read by 'out'): "
+        "nothing will arrive (did you mean 'camrea'?)",
+        f"{path}: 5 errors in the configuration",
+        f"  endpoints.out.tls.certificate: cannot read {tmp}/x.pem: No such file or directory",
+        f"  endpoints.out.tls.key: cannot read {tmp}/x.pem: No such file or directory",
+        f"  endpoints.replay.path: cannot read {tmp}/none.fw: No such file or directory",
+        f"  endpoints.sock.listen: cannot listen on {tmp}/no/fw.sock: no directory {tmp}/no",
+        "  endpoints.any.listen: tcp://*:4536 overlaps tls://127.0.0.1:4536 of endpoint 'out' "
+        "(both take 127.0.0.1, port 4536)",
+    ]
