@@ -8,13 +8,13 @@ Three renderings of the same records, chosen by :func:`setup_logging`:
   debug) and carries no timestamp of its own, so ``journalctl -p err`` finds the errors and
   the journal's own timestamp is the only one;
 * ``json``: one JSON object per line with ``time``, ``level``, ``logger``, ``message`` and,
-  when the record carries one, ``exception``.
+  when the record carries one, ``exception`` (the formatted traceback).
 
-An exception attached to a record (``exc_info``) is an operational failure the message
-already names: its traceback is rendered only when the record's logger is enabled for
-DEBUG. Otherwise a text line stays one line, with the exception's type and message appended
-when the message does not already contain them, and ``exception`` in JSON is that
-``Type: message``.
+Whether a record carries a traceback is the caller's decision: the daemon logs an expected
+operational failure as one line (its traceback in a separate DEBUG record) and attaches the
+traceback only to what is a bug (framewire/daemon/supervisor.py). Under the journal every
+line of a multi-line record carries the priority prefix, so a traceback stays at its
+record's priority.
 """
 
 from __future__ import annotations
@@ -79,21 +79,11 @@ def stderr_is_journal(stream: TextIO | None = None) -> bool:
         return False
 
 
-def _exception_summary(record: logging.LogRecord) -> str | None:
-    """``Type: message`` of the record's exception, or None without one."""
-    if not record.exc_info or record.exc_info[1] is None:
-        return None
-    exc = record.exc_info[1]
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class TextFormatter(logging.Formatter):
     """``TIME LEVEL LOGGER: message``, or ``<PRIORITY>LEVEL LOGGER: message`` for the journal.
 
     With ``journal``, every line of a multi-line message (or traceback) carries the priority
-    prefix, since the journal makes each line its own entry. A traceback is rendered only
-    when the record's logger is enabled for DEBUG (see the module docstring).
+    prefix, since the journal makes each line its own entry.
     """
 
     def __init__(self, *, journal: bool = False) -> None:
@@ -104,12 +94,7 @@ class TextFormatter(logging.Formatter):
         message = record.getMessage()
         body = f"{record.levelname:<7} {record.name}: {message}"
         if record.exc_info and record.exc_info[1] is not None:
-            if logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
-                body += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            else:
-                summary = _exception_summary(record)
-                if summary is not None and str(record.exc_info[1]) not in message:
-                    body += f" ({summary})"
+            body += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
         if record.stack_info:
             body += "\n" + record.stack_info.rstrip()
         if self.journal:
@@ -120,9 +105,8 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line: ``time`` (ISO 8601 with milliseconds and
-    the UTC offset), ``level``, ``logger``, ``message``, and ``exception`` when the record
-    carries one: ``Type: message``, or the whole traceback when the record's logger is
-    enabled for DEBUG."""
+    the UTC offset), ``level``, ``logger``, ``message``, and ``exception`` (the formatted
+    traceback) when the record carries one."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
@@ -134,10 +118,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         if record.exc_info and record.exc_info[1] is not None:
-            if logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
-                entry["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            else:
-                entry["exception"] = _exception_summary(record)
+            entry["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         return json.dumps(entry, ensure_ascii=False)
 
 
