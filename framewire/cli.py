@@ -853,7 +853,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except Failure as failure:
         prefix = f"framewire {args.command}: " if failure.prefixed else ""
-        print(f"{prefix}{failure}", file=sys.stderr)
+        text = f"{prefix}{failure}"
+        if stderr_is_journal():  # e.g. ExecStartPre=framewire check: findable with -p err
+            text = "\n".join(f"<3>{line}" for line in text.split("\n"))
+        print(text, file=sys.stderr)
         return failure.code
     except _OutputClosed:
         # Quietly, like other filters; and no second complaint when Python flushes stdout.

@@ -143,6 +143,15 @@ async def test_json_log_is_one_object_per_line(config: Path) -> None:
     assert any(r.get("exception", "").startswith("Traceback") for r in debug)
 
 
+async def test_a_bad_configuration_under_journald_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[endpoints.x]\nkind = "nope"\n')
+    code, text = await run_daemon(config, journal=True)
+    assert code == 2
+    assert text.startswith(f"<3>framewire run: {config}: endpoints.x.kind: unknown endpoint kind")
+    assert text.count("\n") == 1
+
+
 async def test_a_bad_log_format_is_a_usage_error() -> None:
     with trio.fail_after(30):
         result = await trio.run_process(
