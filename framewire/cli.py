@@ -93,30 +93,30 @@ class Failure(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line and whose subcommands take their
-    options and positional arguments in any order."""
-
-    _intermixing = False
+    """An argument parser whose usage errors are one line on stderr (exit status 2)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
+
+class _CommandParser(_Parser):
+    """A subcommand's parser: options and positional arguments in any order
+    (``framewire send ADDRESS --protocol raw FILE``)."""
+
+    _intermixing = False
+
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        # The subcommand parsers are called through parse_known_args by the top-level
-        # parser; parse_known_intermixed_args calls it again (then plainly) for each pass.
-        if self._subcommand and not self._intermixing:
-            self._intermixing = True
-            try:
-                return self.parse_known_intermixed_args(args, namespace)
-            finally:
-                self._intermixing = False
-        return super().parse_known_args(args, namespace)
-
-    @property
-    def _subcommand(self) -> bool:
-        return " " in self.prog
+        # The top-level parser hands a subcommand its arguments through parse_known_args;
+        # parse_known_intermixed_args calls it again, plainly, for each of its two passes.
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _reason(exc: BaseException) -> str:
@@ -775,7 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="framewire", description="Relay framed data streams between instruments and monitors."
     )
     parser.add_argument("--version", action="version", version=f"framewire {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     run = commands.add_parser("run", help="run the daemon (the embedded demo without CONFIG)")
     run.add_argument("config", nargs="?", metavar="CONFIG", help="TOML configuration file")
