@@ -1,25 +1,47 @@
-"""The ``framewire`` command: run | check | recv | send."""
+"""The ``framewire`` command: run | check | recv | send | status.
+
+Options and positional arguments may come in any order (``framewire send ADDRESS --protocol
+raw FILE``). Every failure a user can cause or meet (a bad flag or address, a missing file,
+nothing listening, a refused token, a failed TLS handshake) ends the command with ONE line on
+stderr saying what failed, why and what to try, and a non-zero exit status: 2 for bad usage
+or a bad configuration, 1 for the rest. A traceback means a bug.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import logging
+import os
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, Final, NoReturn, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    DisconnectionTimeout,
+    HandshakeError,
+    open_websocket_url,
+)
 
 from . import protocols
+from ._logging import LOG_FORMATS, LogFormat, setup_logging, stderr_is_journal
 from ._version import __version__
 from .config import (
+    Address,
+    BackoffConfig,
     Config,
     ConfigError,
+    TLSConfig,
     check_config,
     default_config_text,
     format_size,
@@ -28,23 +50,130 @@ from .config import (
     parse_config,
 )
 from .daemon import DaemonStartFailed, serve
+from .daemon.backoff import Backoff
 from .daemon.flow import receive_frames
-from .daemon.transport import Connection, Connector, connector_for
+from .daemon.transport import (
+    Connection,
+    Connector,
+    TLSListener,
+    bound_addresses,
+    client_tls_context,
+    connector_for,
+    open_listeners,
+    server_tls_context,
+    tls_connector,
+)
 from .frame import Frame
 
-__all__ = ["main"]
+__all__ = ["Failure", "build_parser", "main", "render_status", "status_url"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+#: Connecting (and a TLS handshake) gives up after this many seconds.
+CONNECT_TIMEOUT: Final = 10.0
+#: The status server sends a snapshot at least this often, or it is considered gone.
+STATUS_SILENCE: Final = 30.0
+#: The environment variable ``framewire status`` takes the token from.
+TOKEN_VARIABLE: Final = "FRAMEWIRE_STATUS_TOKEN"
+#: ``status --watch`` waits between reconnect attempts: 0.5 s doubling up to 5 s, jittered.
+WATCH_BACKOFF: Final = BackoffConfig(initial=0.5, maximum=5.0, factor=2.0, stable_after=0.0)
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+
+class Failure(Exception):
+    """A failure the command reports as one line on stderr, exiting with ``code``; the line
+    starts with ``framewire COMMAND:`` unless ``prefixed`` is False (the message then names
+    its subject first, as a configuration error names its file)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE, *, prefixed: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.prefixed = prefixed
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _CommandParser(_Parser):
+    """A subcommand's parser: options and positional arguments in any order
+    (``framewire send ADDRESS --protocol raw FILE``)."""
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # The top-level parser hands a subcommand its arguments through parse_known_args;
+        # parse_known_intermixed_args calls it again, plainly, for each of its two passes.
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _reason(exc: BaseException) -> str:
+    """The most telling short reason in ``exc``, its causes and (for exception groups) their
+    members: ``connection refused`` for an OSError with an errno, else the first message."""
+    queue: list[BaseException] = [exc]
+    seen: set[int] = set()
+    fallback = ""
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {current.verify_message}"
+        if isinstance(current, OSError) and current.errno in errno.errorcode:
+            text = os.strerror(current.errno or 0)
+            return text[:1].lower() + text[1:]
+        if not fallback and str(current):
+            fallback = str(current)
+        if isinstance(current, BaseExceptionGroup):
+            queue.extend(current.exceptions)
+        if current.__cause__ is not None:
+            queue.append(current.__cause__)
+        elif current.__context__ is not None and not current.__suppress_context__:
+            queue.append(current.__context__)
+    return fallback or type(exc).__name__
+
+
+class _OutputClosed(Exception):
+    """Whoever read our standard output stopped reading (``framewire status | head``)."""
+
+
+def _show(text: str, *, flush: bool = False) -> None:
+    """Print ``text`` on stdout; raise :class:`_OutputClosed` if stdout is a closed pipe."""
+    try:
+        print(text, flush=flush)
+    except BrokenPipeError:
+        raise _OutputClosed from None
+
+
+def _run(function: Callable[..., Awaitable[int]], *args: Any) -> int:
+    """``trio.run(function, *args)``, with a :class:`Failure` raised inside a nursery
+    unwrapped from its exception group."""
+    try:
+        return trio.run(function, *args)
+    except BaseExceptionGroup as group:
+        failures, _ = group.split((Failure, _OutputClosed))
+        if failures is not None:
+            first: BaseException = failures
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+        raise
+
+
+# -- run, check ---------------------------------------------------------------------------
 
 
 def _load(path: str | None) -> tuple[Config, str]:
@@ -79,51 +208,63 @@ def _summary(config: Config) -> list[str]:
     return lines
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _load_or_fail(path: str | None) -> tuple[Config, str]:
     try:
-        config, source = _load(args.config)
+        return _load(path)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
-    _setup_logging(args.log_level or config.daemon.log_level)
+        raise _config_failure(exc) from None
+
+
+def _config_failure(error: ConfigError) -> Failure:
+    """One problem: one line. Several: a count, then one indented line each."""
+    if len(error.errors) == 1:
+        return Failure(f"{error.source}: {error.errors[0]}", EXIT_USAGE)
+    return Failure(str(error), EXIT_USAGE, prefixed=False)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config, source = _load_or_fail(args.config)
+    log_format: LogFormat = args.log_format
+    setup_logging(args.log_level or config.daemon.log_level, log_format)
     if args.config is None:
-        print(
-            "framewire: running the embedded demo (a generator feeding a server).", file=sys.stderr
-        )
+        lines = ["running the embedded demo (a generator feeding a server)."]
         for name, endpoint in config.endpoints.items():
             if endpoint.kind == "server":
-                print(
-                    f"framewire: {name}: connect with  framewire recv {endpoint.listen}",
-                    file=sys.stderr,
-                )
+                lines.append(f"{name}: connect with  framewire recv {endpoint.listen}")
+        for line in lines:
+            if log_format == "json":  # every line of stderr stays a JSON object
+                logging.getLogger("framewire.cli").info("%s", line)
+            else:
+                print(f"framewire: {line}", file=sys.stderr)
     try:
         trio.run(serve, config, source, Path(source) if args.config else None)
     except DaemonStartFailed as exc:  # each failure was logged as one line
-        print(f"framewire: not started: {exc}", file=sys.stderr)
+        if log_format == "json":  # every line of stderr stays a JSON object
+            logging.getLogger("framewire.cli").error("not started: %s", exc)
+        else:  # under the journal, at priority 3 like the failures before it
+            priority = "<3>" if stderr_is_journal() else ""
+            print(f"{priority}framewire: not started: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:  # pragma: no cover - e.g. no signal support
-        print(f"framewire: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        raise Failure(_reason(exc)) from None
     return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        config, source = _load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
+    config, source = _load_or_fail(args.config)
     report = check_config(config)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.errors:
-        print(ConfigError(source, list(report.errors)), file=sys.stderr)
-        return EXIT_USAGE
+        raise _config_failure(ConfigError(source, list(report.errors)))
     count = len(config.endpoints)
     print(f"{source}: OK, {count} endpoint{'s' if count != 1 else ''}")
     for line in _summary(config):
         print(line)
     return EXIT_OK
+
+
+# -- recv, send ---------------------------------------------------------------------------
 
 
 def _describe(frame: Frame) -> str:
@@ -133,20 +274,147 @@ def _describe(frame: Frame) -> str:
     return f"{frame.kind.name:<8} {frame.type:<16} {size:>10} {frame.timestamp}"
 
 
-def _plain_connector(text: str) -> Connector:
-    """A connector for a ``tcp://`` or ``unix://`` address. Raises ValueError otherwise."""
-    address = parse_address(text)
-    if address.scheme == "tls":
-        raise ValueError(f"{address}: the command line tools do not speak TLS")
-    return connector_for(address)
+def _address(text: str, *, listening: bool = False) -> Address:
+    try:
+        return parse_address(text, listening=listening)
+    except ValueError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+
+
+def _tls_config(args: argparse.Namespace, address: Address, *, listening: bool) -> TLSConfig | None:
+    """The TLS settings ``--ca``, ``--cert``, ``--key`` and ``--server-name`` make for
+    ``address``: None unless it is ``tls://``. Raises :class:`Failure` for flags that do not
+    fit the address."""
+    flags = {"--ca": args.ca, "--cert": args.cert, "--key": args.key}
+    flags["--server-name"] = args.server_name
+    if address.scheme != "tls":
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise Failure(
+                f"{', '.join(given)}: only for a tls:// address, not {address}", EXIT_USAGE
+            )
+        return None
+    if (args.cert is None) != (args.key is None):
+        raise Failure(
+            "give both --cert and --key (a certificate and its key), or neither", EXIT_USAGE
+        )
+    if listening and args.cert is None:
+        raise Failure(
+            f"listening on {address} needs --cert and --key (the certificate senders verify)",
+            EXIT_USAGE,
+        )
+    if listening and args.server_name is not None:
+        raise Failure("--server-name: only for connecting", EXIT_USAGE)
+    return TLSConfig(
+        certificate=args.cert,
+        key=args.key,
+        ca=args.ca,
+        require_client_cert=listening and args.ca is not None,
+        server_name=args.server_name,
+    )
+
+
+async def _connect(args: argparse.Namespace, address: Address, hint: str) -> trio.abc.Stream:
+    """Connect to ``address`` (TLS for ``tls://``, verified against ``--ca`` or the system's
+    trust store). Raises :class:`Failure` saying why not."""
+    tls = _tls_config(args, address, listening=False)
+    connect: Connector = connector_for(address)
+    if tls is not None:
+        try:
+            context = client_tls_context(tls)
+        except ValueError as exc:
+            raise Failure(str(exc)) from None
+        connect = tls_connector(
+            connect,
+            context,
+            address=address,
+            server_name=tls.server_name,
+            handshake_timeout=CONNECT_TIMEOUT,
+        )
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            return await connect()
+    except trio.TooSlowError:
+        raise Failure(
+            f"cannot connect to {address}: no answer within {CONNECT_TIMEOUT:g}s; {hint}"
+        ) from None
+    except OSError as exc:
+        if str(exc).startswith("TLS handshake"):
+            raise Failure(f"{exc}; check --ca and --server-name") from None
+        raise Failure(f"cannot connect to {address}: {_reason(exc)}; {hint}") from None
+
+
+async def _accept_one(args: argparse.Namespace, address: Address) -> Connection:
+    """Listen on ``address``, say where on stderr, accept one sender, stop listening.
+    Raises :class:`Failure` when it cannot listen (or load the certificate)."""
+    tls = _tls_config(args, address, listening=True)
+    context: ssl.SSLContext | None = None
+    if tls is not None:
+        try:
+            context = server_tls_context(tls)
+        except ValueError as exc:
+            raise Failure(str(exc)) from None
+    try:
+        listeners = await open_listeners(address)
+    except OSError as exc:
+        raise Failure(f"{exc.strerror or exc}") from None
+    if context is not None:
+        listeners = [
+            TLSListener(listener, context, handshake_timeout=CONNECT_TIMEOUT)
+            for listener in listeners
+        ]
+    try:
+        where = ", ".join(bound_addresses(listeners))
+        print(f"framewire recv: listening on {where}", file=sys.stderr, flush=True)
+        return await _first_sender(listeners, where)
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+
+
+async def _first_sender(
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]], where: str
+) -> Connection:
+    """The first connection on any of ``listeners`` whose TLS handshake (if any) succeeds.
+    A failed handshake is one line on stderr, and the wait goes on."""
+    accepted: list[trio.abc.Stream] = []
+    while True:
+        accepted.clear()
+        async with trio.open_nursery() as nursery:
+
+            async def accept(listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    raise Failure(f"cannot accept on {where}: {_reason(exc)}") from None
+                accepted.append(stream)
+                nursery.cancel_scope.cancel()
+
+            for listener in listeners:
+                nursery.start_soon(accept, listener)
+        for extra in accepted[1:]:
+            await trio.aclose_forcefully(extra)
+        connection = Connection(accepted[0], handshake_timeout=CONNECT_TIMEOUT)
+        try:
+            await connection.establish()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(connection.stream)
+            print(f"framewire recv: {exc}; still listening", file=sys.stderr, flush=True)
+            continue
+        print(f"framewire recv: sender {connection.peer} connected", file=sys.stderr, flush=True)
+        return connection
 
 
 async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) -> int:
-    connect = _plain_connector(args.address)
     spec = protocols.get(args.protocol)
     decoder = spec.make_decoder(args.max_frame_size)
     encoder = spec.make_encoder()
-    stream = await connect()
+    if args.listen is not None:
+        connection = await _accept_one(args, _address(args.listen, listening=True))
+    else:
+        address = _address(args.address)
+        stream = await _connect(args, address, "is a framewire server listening there?")
+        connection = Connection(stream, peer=str(address))
     received = 0
 
     class Enough(Exception):
@@ -155,78 +423,125 @@ async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) ->
     async def take(frames: Sequence[Frame]) -> None:
         nonlocal received
         try:
-            for frame in frames:
-                if sink is not None:
-                    for buffer in encoder.encode(frame):
-                        sink.write(buffer)
-                else:
-                    print(_describe(frame), file=out)
-                received += 1
-                if args.count and received >= args.count:
-                    raise Enough
-        finally:
-            (out if sink is None else sink).flush()  # keep a pipe live
+            try:
+                for frame in frames:
+                    if sink is not None:
+                        for buffer in encoder.encode(frame):
+                            sink.write(buffer)
+                    else:
+                        print(_describe(frame), file=out)
+                    received += 1
+                    if args.count and received >= args.count:
+                        raise Enough
+            finally:
+                (out if sink is None else sink).flush()  # keep a pipe live
+        except BrokenPipeError:
+            raise _OutputClosed from None
         await trio.lowlevel.checkpoint()
 
-    async with stream:
-        with contextlib.suppress(Enough):
-            await receive_frames(Connection(stream), decoder, take)
+    async with connection.stream:
+        try:
+            with contextlib.suppress(Enough):
+                await receive_frames(connection, decoder, take)
+        except protocols.ProtocolError as exc:
+            raise Failure(
+                f"bad {args.protocol} data from {connection.peer} after {received} frames: "
+                f"{exc}; is --protocol right?"
+            ) from None
+        except trio.BrokenResourceError as exc:
+            raise Failure(
+                f"connection to {connection.peer} broke after {received} frames: {_reason(exc)}"
+            ) from None
     print(f"framewire recv: {received} frames", file=sys.stderr)
     return EXIT_OK
 
 
+def _check_recv_args(args: argparse.Namespace) -> None:
+    if (args.address is None) == (args.listen is None):
+        raise Failure(
+            "give an ADDRESS to connect to, or --listen ADDRESS to wait for a sender (not both)",
+            EXIT_USAGE,
+        )
+    if args.count < 0:
+        raise Failure("--count: expected 0 (no limit) or a positive number", EXIT_USAGE)
+
+
 def cmd_recv(args: argparse.Namespace) -> int:
+    _check_recv_args(args)
     try:
         if args.output == "-":
-            return trio.run(_recv, args, sys.stdout, sys.stdout.buffer)
+            return _run(_recv, args, sys.stdout, sys.stdout.buffer)
         if args.output:
-            with open(args.output, "wb") as sink:
-                return trio.run(_recv, args, sys.stdout, sink)
-        return trio.run(_recv, args, sys.stdout, None)
-    except (OSError, ValueError, trio.BrokenResourceError) as exc:
-        print(f"framewire recv: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+            try:
+                sink = open(args.output, "wb")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                raise Failure(f"cannot write {args.output}: {_reason(exc)}") from None
+            with sink:
+                return _run(_recv, args, sys.stdout, sink)
+        return _run(_recv, args, sys.stdout, None)
+    except OSError as exc:  # e.g. stdout is a closed pipe
+        raise Failure(_reason(exc)) from None
     except KeyboardInterrupt:
         return EXIT_OK
 
 
 async def _send(args: argparse.Namespace, source: io.BufferedIOBase) -> int:
-    connect = _plain_connector(args.address)
     spec = protocols.get(args.protocol)
     decoder = spec.make_decoder(args.max_frame_size)
     encoder = spec.make_encoder()
-    stream = await connect()
-    connection = Connection(stream)
+    address = _address(args.address)
+    stream = await _connect(args, address, "is a framewire receiver listening there?")
+    connection = Connection(stream, peer=str(address))
     sent = 0
     async with stream:
-        while True:
-            # read1: whatever is available (up to 1 MiB), so a live pipe is not held back.
-            chunk = await trio.to_thread.run_sync(source.read1, 1 << 20)
-            if not chunk:
-                decoder.end_of_input()
-                break
-            frames = decoder.feed(chunk)
-            if frames:
-                await connection.send(encoder.encode_batch(frames))
-                sent += len(frames)
-        marker = encoder.end_of_stream()
-        if marker:
-            await connection.send([marker])
+        try:
+            while True:
+                # read1: whatever is available (up to 1 MiB), so a live pipe is not held back.
+                chunk = await trio.to_thread.run_sync(source.read1, 1 << 20)
+                if not chunk:
+                    decoder.end_of_input()
+                    break
+                frames = decoder.feed(chunk)
+                if frames:
+                    await connection.send(encoder.encode_batch(frames))
+                    sent += len(frames)
+            marker = encoder.end_of_stream()
+            if marker:
+                await connection.send([marker])
+        except protocols.ProtocolError as exc:
+            raise Failure(
+                f"{args.file} is not {args.protocol} data after {sent} frames: {exc}; "
+                "is --protocol right?"
+            ) from None
+        except trio.BrokenResourceError as exc:
+            raise Failure(
+                f"connection to {address} broke after {sent} frames: {_reason(exc)}"
+            ) from None
+        except OSError as exc:
+            raise Failure(f"cannot read {args.file}: {_reason(exc)}") from None
     print(f"framewire send: {sent} frames", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    if "://" not in args.address and "://" in args.file:
+        raise Failure(
+            f"the address comes first: framewire send {args.file} {args.address}", EXIT_USAGE
+        )
+    _address(args.address)  # a bad address before anything is read
+    if args.file == "-":
+        stdin = sys.stdin.buffer
+        assert isinstance(stdin, io.BufferedIOBase)
+        return _run(_send, args, stdin)
     try:
-        if args.file == "-":
-            stdin = sys.stdin.buffer
-            assert isinstance(stdin, io.BufferedIOBase)
-            return trio.run(_send, args, stdin)
-        with open(args.file, "rb") as source:
-            return trio.run(_send, args, source)
-    except (OSError, ValueError, trio.BrokenResourceError) as exc:
-        print(f"framewire send: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        source = open(args.file, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise Failure(f"cannot read {args.file}: {_reason(exc)}") from None
+    with source:
+        return _run(_send, args, source)
+
+
+# -- status -------------------------------------------------------------------------------
 
 
 def _age(seconds: float) -> str:
@@ -283,29 +598,148 @@ def render_status(snapshot: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def _status(args: argparse.Namespace) -> int:
-    headers = [(b"authorization", f"Bearer {args.token}".encode())] if args.token else None
-    async with open_websocket_url(
-        args.url, extra_headers=headers, connect_timeout=5, disconnect_timeout=1
-    ) as connection:
-        while True:
-            with trio.fail_after(30):
-                message = await connection.get_message()
-            text = render_status(json.loads(message))
-            if not args.watch:
-                print(text)
-                return EXIT_OK
-            print("\x1b[H\x1b[2J" + text, flush=True)
+_SCHEMES: Final = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+
+
+def status_url(text: str) -> str:
+    """The websocket URL for ``host:port``, ``ws://``, ``wss://``, ``http://`` (ws) or
+    ``https://`` (wss). Raises :class:`Failure` for anything else."""
+    url = text if "://" in text else f"ws://{text}"
+    parts = urlsplit(url)
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    expected = "expected host:port or a ws://, wss://, http:// or https:// URL"
+    if scheme is None:
+        raise Failure(f"{text!r}: unsupported scheme {parts.scheme!r}; {expected}", EXIT_USAGE)
+    try:
+        port = parts.port
+    except ValueError:
+        raise Failure(f"{text!r}: bad port; {expected}", EXIT_USAGE) from None
+    if not parts.hostname or (port is None and "://" not in text):
+        raise Failure(f"{text!r}: no host or port; {expected}", EXIT_USAGE)
+    return urlunsplit((scheme, parts.netloc, parts.path or "/", parts.query, ""))
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The status token: ``--token``, else ``--token-file``, else $FRAMEWIRE_STATUS_TOKEN."""
+    if args.token is not None:
+        return str(args.token)
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Failure(f"cannot read the token file {args.token_file}: {_reason(exc)}") from None
+        if not token:
+            raise Failure(f"the token file {args.token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_VARIABLE) or None
+
+
+def _status_failure(url: str, exc: BaseException, token: str | None) -> Failure:
+    """One line for why reading ``url`` failed. Its ``code`` is EXIT_USAGE for failures
+    that retrying cannot cure (a refused token, not a status server)."""
+    if isinstance(exc, ConnectionRejected):
+        body = (exc.body or b"").decode("utf-8", "replace").strip()
+        if exc.status_code in (401, 403):
+            if token is None:
+                return Failure(
+                    f"the status server at {url} requires a token; give it with --token-file "
+                    f"PATH or ${TOKEN_VARIABLE} (or --token, which ps shows)",
+                    EXIT_USAGE,
+                )
+            return Failure(
+                f"the status server at {url} refused the token (HTTP {exc.status_code}); "
+                "is it the [status] token of this daemon's configuration?",
+                EXIT_USAGE,
+            )
+        if exc.status_code == 503:
+            return Failure(f"the status server at {url} is busy: {body or 'HTTP 503'}")
+        return Failure(
+            f"{url} answered HTTP {exc.status_code}{': ' + body if body else ''}; "
+            "is it a framewire status server?",
+            EXIT_USAGE,
+        )
+    if isinstance(exc, ConnectionTimeout):
+        return Failure(f"cannot reach the status server at {url}: no answer within 5s")
+    if isinstance(exc, (HandshakeError, OSError)):
+        return Failure(
+            f"cannot reach the status server at {url}: {_reason(exc)}; "
+            "is the daemon running with a [status] table?"
+        )
+    if isinstance(exc, trio.TooSlowError):
+        return Failure(f"the status server at {url} sent nothing for {STATUS_SILENCE:g}s")
+    if isinstance(exc, ConnectionClosed):
+        reason = exc.reason
+        why = f"{reason.name} ({reason.code})" if reason is not None else "closed"
+        if reason is not None and reason.reason:
+            why += f": {reason.reason}"
+        return Failure(f"the status server at {url} closed the connection: {why}")
+    return Failure(f"the status server at {url}: {_reason(exc)}")
+
+
+def _render(url: str, message: str | bytes) -> str:
+    try:
+        return render_status(json.loads(message))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise Failure(
+            f"{url} sent a document this framewire cannot show ({type(exc).__name__}: {exc}); "
+            "is it a framewire status server of the same version?"
+        ) from None
+
+
+async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+    context: ssl.SSLContext | None = None
+    if url.startswith("wss:"):
+        try:
+            context = ssl.create_default_context(cafile=args.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise Failure(f"cannot load the CA file {args.ca}: {_reason(exc)}") from None
+    elif args.ca is not None:
+        raise Failure("--ca: only for a wss:// or https:// URL", EXIT_USAGE)
+    backoff = Backoff(WATCH_BACKOFF)
+    shown = False  # at least one snapshot: from then on --watch reconnects
+    gone = False
+    while True:
+        try:
+            async with open_websocket_url(
+                url, context, extra_headers=headers, connect_timeout=5, disconnect_timeout=1
+            ) as connection:
+                while True:
+                    with trio.fail_after(STATUS_SILENCE):
+                        message = await connection.get_message()
+                    text = _render(url, message)
+                    if not args.watch:
+                        _show(text)
+                        return EXIT_OK
+                    _show("\x1b[H\x1b[2J" + text, flush=True)
+                    shown, gone = True, False
+                    backoff.reset()
+        except (
+            HandshakeError,
+            ConnectionClosed,
+            DisconnectionTimeout,
+            OSError,
+            trio.TooSlowError,
+        ) as exc:
+            failure = _status_failure(url, exc, token)
+            if not (args.watch and shown) or failure.code == EXIT_USAGE:
+                raise failure from None
+        if not gone:
+            print("framewire status: status server gone; reconnecting", file=sys.stderr, flush=True)
+            gone = True
+        await trio.sleep(backoff.next_delay())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    url = status_url(args.url)
+    token = _token(args)
     try:
-        return trio.run(_status, args)
-    except (OSError, trio.TooSlowError, HandshakeError, ConnectionClosed) as exc:
-        print(f"framewire status: cannot read status from {args.url}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _run(_status, args, url, token)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+# -- the parser ---------------------------------------------------------------------------
 
 
 def _size(text: str) -> int:
@@ -317,16 +751,43 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_tls_flags(parser: argparse.ArgumentParser, *, listening: bool) -> None:
+    group = parser.add_argument_group("TLS (tls:// addresses)")
+    if listening:
+        ca_help = (
+            "connecting: verify the server against this CA file (default: the system's trust "
+            "store); listening: require a client certificate signed by it"
+        )
+    else:
+        ca_help = "verify the server against this CA file (default: the system's trust store)"
+    group.add_argument("--ca", metavar="FILE", help=ca_help)
+    group.add_argument("--cert", metavar="FILE", help="certificate to present (PEM)")
+    group.add_argument("--key", metavar="FILE", help="its private key (PEM)")
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name to verify the server's certificate against (default: the address's host)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="framewire", description="Relay framed data streams between instruments and monitors."
     )
     parser.add_argument("--version", action="version", version=f"framewire {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     run = commands.add_parser("run", help="run the daemon (the embedded demo without CONFIG)")
     run.add_argument("config", nargs="?", metavar="CONFIG", help="TOML configuration file")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default; syslog priorities under journald) or json (one object per line)",
+    )
     run.set_defaults(func=cmd_run)
 
     check = commands.add_parser("check", help="validate a configuration file")
@@ -334,37 +795,76 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     protocol_help = f"wire protocol ({', '.join(protocols.names())}; default native)"
-    recv = commands.add_parser("recv", help="connect to a server and print or save its frames")
-    recv.add_argument("address", metavar="ADDRESS", help="tcp://host:port")
+    address_help = "tcp://host:port, tls://host:port or unix:///path"
+    recv = commands.add_parser(
+        "recv", help="connect to a server (or wait for a sender) and print or save its frames"
+    )
+    recv.add_argument("address", nargs="?", metavar="ADDRESS", help=address_help)
+    recv.add_argument("--listen", metavar="ADDRESS", help="instead: wait for one sender on ADDRESS")
     recv.add_argument("--protocol", default="native", choices=protocols.names(), help=protocol_help)
     recv.add_argument("--count", type=int, default=0, help="stop after N frames")
     recv.add_argument(
         "--output", metavar="FILE", help="write the frames to FILE (- for stdout) instead"
     )
     recv.add_argument("--max-frame-size", type=_size, default=64 << 20, help="default 64MiB")
+    _add_tls_flags(recv, listening=True)
     recv.set_defaults(func=cmd_recv)
 
     send = commands.add_parser("send", help="send frames from a file (or stdin) to a receiver")
-    send.add_argument("address", metavar="ADDRESS", help="tcp://host:port")
+    send.add_argument("address", metavar="ADDRESS", help=address_help)
     send.add_argument("file", nargs="?", default="-", metavar="FILE", help="default: stdin")
     send.add_argument("--protocol", default="native", choices=protocols.names(), help=protocol_help)
     send.add_argument("--max-frame-size", type=_size, default=64 << 20, help="default 64MiB")
+    _add_tls_flags(send, listening=False)
     send.set_defaults(func=cmd_send)
 
     status = commands.add_parser("status", help="show a running daemon's status")
     status.add_argument(
-        "url", nargs="?", default="ws://127.0.0.1:8765/", metavar="URL", help="default %(default)s"
+        "url",
+        nargs="?",
+        default="ws://127.0.0.1:8765/",
+        metavar="URL",
+        help="host:port, ws://, wss://, http:// or https:// (default %(default)s)",
     )
-    status.add_argument("--watch", action="store_true", help="keep updating")
-    status.add_argument("--token", help="the [status] token, if one is set")
+    status.add_argument(
+        "--watch", action="store_true", help="keep updating; reconnect if the daemon goes away"
+    )
+    status.add_argument("--token-file", metavar="PATH", help="read the [status] token from PATH")
+    status.add_argument(
+        "--token",
+        help=f"the [status] token (visible to other users in ps: prefer --token-file or "
+        f"${TOKEN_VARIABLE})",
+    )
+    status.add_argument("--ca", metavar="FILE", help="for wss://: verify against this CA file")
     status.set_defaults(func=cmd_status)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Reported by the subcommand (the top-level parser would name only "framewire").
+        prog = f"framewire {args.command}"
+        print(
+            f"{prog}: unrecognized arguments: {' '.join(extra)} (see {prog} --help)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         code: int = args.func(args)
+    except Failure as failure:
+        prefix = f"framewire {args.command}: " if failure.prefixed else ""
+        text = f"{prefix}{failure}"
+        if stderr_is_journal():  # e.g. ExecStartPre=framewire check: findable with -p err
+            text = "\n".join(f"<3>{line}" for line in text.split("\n"))
+        print(text, file=sys.stderr)
+        return failure.code
+    except _OutputClosed:
+        # Quietly, like other filters; and no second complaint when Python flushes stdout.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         return 130
     return code

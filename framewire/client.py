@@ -8,6 +8,11 @@ Two flavours with the same methods:
   ``client.send(frame)``, ``client.receive()``, ``for frame in client``; plain sockets,
   every operation bounded by a timeout.
 
+Both connect to ``tcp://host:port``, ``unix:///path`` or ``tls://host:port``. TLS verifies
+the server against the system's trust store unless given an ``ssl_context`` (e.g.
+``ssl.create_default_context(cafile="ca.pem")``); the blocking client does TLS with the ssl
+module, never plain TCP to a ``tls://`` address.
+
 Both speak ``protocol="native"`` (the default) or ``"datalink"`` (then only payload and
 timestamp travel). With ``keepalive`` set they send the protocol's keepalive whenever they
 have sent nothing for that many seconds, so a ``link`` endpoint (whose ``timeout`` is
@@ -30,6 +35,7 @@ import collections
 import importlib.util
 import math
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -39,8 +45,9 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from . import protocols
-from .config import parse_address
+from .config import Address, parse_address
 from .daemon.keepalive import KeepaliveConnection, send_keepalives
+from .daemon.transport import connector_for, tls_connector
 from .frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
 
 if TYPE_CHECKING:
@@ -72,12 +79,31 @@ class ConnectionClosed(ConnectionError):
         self.clean = clean
 
 
-def _host_port(address: str) -> tuple[str, int]:
-    """``tcp://host:port`` (or ``host:port``) as ``(host, port)``. Raises ValueError."""
-    text = address if "://" in address else f"tcp://{address}"
-    parsed = parse_address(text)
-    assert parsed.host is not None
-    return parsed.host, parsed.port
+def _parse(
+    address: str, ssl_context: ssl.SSLContext | None, server_name: str | None
+) -> tuple[Address, ssl.SSLContext | None]:
+    """``address`` (``tcp://host:port``, ``host:port``, ``tls://host:port`` or
+    ``unix:///path``) and the TLS context to use with it: ``ssl_context``, or for ``tls://``
+    without one a default context that verifies the server against the system's trust
+    store. Raises ValueError for a bad address, or TLS settings given for an address that is
+    not ``tls://``."""
+    parsed = parse_address(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme != "tls":
+        if ssl_context is not None or server_name is not None:
+            raise ValueError(f"{parsed}: ssl_context and server_name are for tls:// addresses only")
+        return parsed, None
+    return parsed, ssl_context if ssl_context is not None else ssl.create_default_context()
+
+
+def _tls_failure(address: Address, exc: BaseException) -> ConnectionError:
+    """A failed handshake as the ConnectionError the clients raise, saying why."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = f"certificate verify failed: {exc.verify_message}"
+    elif isinstance(exc, ssl.SSLError):
+        why = (exc.reason or str(exc)).lower().replace("_", " ")
+    else:
+        why = str(exc) or type(exc).__name__
+    return ConnectionError(f"TLS handshake with {address} failed: {why}")
 
 
 # -- arrays -----------------------------------------------------------------------------
@@ -257,18 +283,37 @@ async def open_client(
     peer_timeout: float | None = None,
     connect_timeout: float = 10.0,
     max_frame_size: int = MAX_FRAME_SIZE,
+    ssl_context: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> AsyncIterator[Client]:
-    """Connect to ``address`` (``tcp://host:port``) and yield a :class:`Client`.
+    """Connect to ``address`` and yield a :class:`Client`.
+
+    ``address`` is ``tcp://host:port`` (or ``host:port``), ``unix:///path`` or
+    ``tls://host:port``. TLS uses ``ssl_context`` (e.g.
+    ``ssl.create_default_context(cafile="ca.pem")``, with ``load_cert_chain`` for a client
+    certificate), by default one that verifies the server against the system's trust store;
+    the certificate must name ``server_name`` (default: the address's host).
 
     With ``keepalive`` (seconds; None for none) a background task sends keepalives while the
     client sends nothing. ``peer_timeout``: see :meth:`Client.receive`. Raises OSError when the
-    connection is refused, trio.TooSlowError when it takes longer than ``connect_timeout``,
-    ValueError for a bad address or protocol. The connection is closed on the way out.
+    connection is refused (ConnectionError, saying why, when the TLS handshake fails),
+    trio.TooSlowError when connecting (handshake included) takes longer than
+    ``connect_timeout``, ValueError for a bad address or protocol, or TLS settings for an
+    address that is not ``tls://``. The connection is closed on the way out.
     """
-    host, port = _host_port(address)
+    parsed, context = _parse(address, ssl_context, server_name)
     protocols.get(protocol)
+    connect = connector_for(parsed)
+    if context is not None:
+        connect = tls_connector(
+            connect,
+            context,
+            address=parsed,
+            server_name=server_name,
+            handshake_timeout=connect_timeout,
+        )
     with trio.fail_after(connect_timeout):
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await connect()
     client = Client(
         stream, protocol=protocol, max_frame_size=max_frame_size, peer_timeout=peer_timeout
     )
@@ -290,11 +335,18 @@ async def open_client(
 class BlockingClient:
     """A plain-socket connection speaking framewire frames, for code without trio.
 
-    ``timeout`` bounds every operation: a connect, a write that makes no progress, and a
-    :meth:`receive` during which nothing at all (not even a keepalive) arrives; each raises
-    TimeoutError (None: wait forever). With ``keepalive`` (seconds), :meth:`send` and
-    :meth:`receive` send a keepalive when nothing was sent for that long, including while
-    :meth:`receive` waits. Not thread-safe. Raises OSError when the connection is refused.
+    ``address`` is ``tcp://host:port`` (or ``host:port``), ``unix:///path`` or
+    ``tls://host:port``; TLS is the ssl module's, with ``ssl_context`` and ``server_name``
+    as for :func:`open_client` (by default the server is verified against the system's
+    trust store).
+
+    ``timeout`` bounds every operation: a connect (and TLS handshake), a write that makes no
+    progress, and a :meth:`receive` during which nothing at all (not even a keepalive)
+    arrives; each raises TimeoutError (None: wait forever). With ``keepalive`` (seconds),
+    :meth:`send` and :meth:`receive` send a keepalive when nothing was sent for that long,
+    including while :meth:`receive` waits. Not thread-safe. Raises OSError when the
+    connection is refused or the socket file is missing, ConnectionError saying why when
+    the TLS handshake fails, ValueError for a bad address or protocol.
     """
 
     def __init__(
@@ -305,8 +357,10 @@ class BlockingClient:
         keepalive: float | None = 1.0,
         timeout: float | None = 10.0,
         max_frame_size: int = MAX_FRAME_SIZE,
+        ssl_context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
-        host, port = _host_port(address)
+        parsed, context = _parse(address, ssl_context, server_name)
         spec = protocols.get(protocol)
         self.protocol = protocol
         self.keepalive_interval = keepalive
@@ -314,9 +368,14 @@ class BlockingClient:
         self._encoder = spec.make_encoder()
         self._decoder = spec.make_decoder(max_frame_size)
         self._received: collections.deque[Frame] = collections.deque()
-        self._sock = socket.create_connection((host, port), timeout=timeout)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = _connect_blocking(parsed, context, server_name, timeout)
         self._last_sent = -math.inf
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version in use (``"TLSv1.3"``), None on a plain connection."""
+        sock = self._sock
+        return sock.version() if isinstance(sock, ssl.SSLSocket) else None
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -420,3 +479,39 @@ class BlockingClient:
     def receive_array(self, *, copy: bool = False) -> npt.NDArray[Any]:
         """Receive the next frame as an array (see :func:`array_from_frame`)."""
         return array_from_frame(self.receive(), copy=copy)
+
+
+def _connect_blocking(
+    address: Address,
+    context: ssl.SSLContext | None,
+    server_name: str | None,
+    timeout: float | None,
+) -> socket.socket:
+    """A connected socket for ``address`` (TLS done when ``context`` is given)."""
+    if address.is_unix:
+        assert address.path is not None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    assert address.host is not None
+    sock = socket.create_connection((address.host, address.port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if context is None:
+        return sock
+    try:
+        # The handshake happens here, bounded by the socket's timeout.
+        return context.wrap_socket(sock, server_hostname=server_name or address.host)
+    except TimeoutError:
+        sock.close()
+        raise
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        raise _tls_failure(address, exc) from None
+    except BaseException:
+        sock.close()
+        raise
