@@ -230,3 +230,30 @@ stream = "s"
         listener.close()
     (ended,) = [r for r in caplog.records if "ended its stream" in r.getMessage()]
     assert ended.levelno == logging.INFO
+
+
+async def test_a_status_port_in_use_is_a_start_failure() -> None:
+    """The status websocket is a configured resource too: no status, no READY."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        config = parse_config(
+            f"""
+[status]
+listen = "127.0.0.1:{taken.getsockname()[1]}"
+
+[endpoints.ok]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+"""
+        )
+        daemon = Daemon(config)
+        with pytest.raises(DaemonStartFailed) as info, trio.fail_after(10):
+            await daemon.run()
+        (failure,) = info.value.failures
+        assert failure.name == "status"
+        assert failure.reason.lower().endswith("address already in use")
+    finally:
+        taken.close()

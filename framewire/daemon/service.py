@@ -142,6 +142,10 @@ class Daemon:
                     )
                 except StartFailed as failure:
                     failures.append(failure)
+            try:
+                await self._start_status(self.config.status)
+            except StartFailed as failure:
+                failures.append(failure)
             if failures:
                 # Not ready: say why, stop what did start; the caller exits non-zero.
                 self.state = "failed"
@@ -157,7 +161,6 @@ class Daemon:
         log.info("stopped")
 
     async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
-        await self._start_status(self.config.status)
         if self.notifier.watchdog_interval is not None:
             self.supervisor.start_task(self._watchdog, self.notifier.watchdog_interval)
         if self.notifier.enabled:
@@ -202,7 +205,7 @@ class Daemon:
 
     async def _start_status(self, config: StatusConfig | None) -> None:
         """(Re)start the status server for ``config`` (None: stop it) and return once it
-        listens, or has failed to (logged; the daemon runs on without status)."""
+        listens. Raises :class:`StartFailed` (after one log line) if it cannot listen."""
         if self._status_scope is not None:
             self._status_scope.cancel()
             self._status_scope = self.status_server = None
@@ -219,6 +222,8 @@ class Daemon:
         self.status_server = server
         self._status_scope = trio.CancelScope()
         await self._nursery.start(self._supervise_status, server, config, self._status_scope)
+        if server.state == "stopped" and server.last_error is not None:
+            raise StartFailed("status", server.last_error)
 
     async def _supervise_status(
         self,
@@ -245,7 +250,10 @@ class Daemon:
                             reported = True
                 except Exception as exc:
                     if not reported:
-                        log.error("status websocket unavailable on %s: %s", config.listen, exc)
+                        error = unwrap_error(exc)
+                        reason = error.strerror if isinstance(error, OSError) else None
+                        server.last_error = f"cannot listen on {config.listen}: {reason or error}"
+                        log.error("status websocket unavailable: %s", server.last_error)
                         server.state = "stopped"
                         task_status.started()
                         return
@@ -306,15 +314,26 @@ class Daemon:
 
     async def _preflight(self, config: Config, touched: list[str], leaving: list[str]) -> list[str]:
         """What would stop the new or changed endpoints from starting, one line each."""
-        if not touched:
-            return []
+        problems: list[str] = []
+        if touched:
+            problems += await self._check_endpoints(config, touched)
+        return problems + await self._trial_binds(config, touched, leaving)
+
+    async def _check_endpoints(self, config: Config, touched: list[str]) -> list[str]:
         report = await trio.to_thread.run_sync(check_config, config)
         prefixes = tuple(f"endpoints.{name}." for name in touched)
-        problems = [
+        return [
             line
             for line in report.errors
             if line.startswith(prefixes) or not line.startswith("endpoints.")
         ]
+
+    async def _trial_binds(
+        self, config: Config, touched: list[str], leaving: list[str]
+    ) -> list[str]:
+        """Bind every new address nothing of ours holds, and let go at once: a port another
+        program holds is found before anything is touched."""
+        problems: list[str] = []
 
         def bound_to(address: Address) -> tuple[str | None, int]:
             return (address.path, 0) if address.is_unix else (address.host, address.port)
@@ -324,6 +343,17 @@ class Daemon:
             for name in leaving
             if isinstance(address := getattr(self.config.endpoints[name], "listen", None), Address)
         }
+        old_status, new_status = self.config.status, config.status
+        if (
+            new_status is not None
+            and new_status.listen.port
+            and (old_status is None or old_status.listen != new_status.listen)
+        ):
+            try:
+                for listener in await open_listeners(new_status.listen):
+                    await listener.aclose()
+            except OSError as exc:
+                problems.append(f"status.listen: {exc.strerror or exc}")
         for name in touched:
             address = getattr(config.endpoints[name], "listen", None)
             if not isinstance(address, Address) or bound_to(address) in held:
@@ -381,8 +411,12 @@ class Daemon:
             self.streams.configure(config.streams)
             changes.append("stream settings")
         if config.status != old.status:
-            await self._start_status(config.status)
-            changes.append("restarted status")
+            try:
+                await self._start_status(config.status)
+            except StartFailed as failure:  # a race the trial bind could not see; logged
+                changes.append(f"status unavailable: {failure.reason}")
+            else:
+                changes.append("restarted status")
         logging.getLogger("framewire").setLevel(config.daemon.log_level.upper())
         return changes
 

@@ -47,6 +47,7 @@ the next attempt; ``detail.next_attempt_in`` / ``next_attempt_at``). ``detail.li
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -108,6 +109,8 @@ class _Outcome:
     heard: bool = False
     reason: str | None = None
     stopping: bool = False
+    #: The peer ended its stream cleanly: a normal end, logged at INFO.
+    ended: bool = False
 
 
 @attrs.frozen
@@ -322,7 +325,11 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 problem = None if outcome.heard else outcome.reason
                 if outcome.heard:
                     last_problem = None
-                    self.log.warning("link down: %s; reconnecting", outcome.reason)
+                    self.log.log(
+                        logging.INFO if outcome.ended else logging.WARNING,
+                        "link down: %s; reconnecting",
+                        outcome.reason,
+                    )
                     if trio.current_time() - connected_at >= config.reconnect.stable_after:
                         self.backoff.reset()
             if problem is not None:
@@ -480,7 +487,12 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     return
                 if outcome.heard:
                     last_problem = None
-                    self.log.warning("link down: %s: %s; listening", peer, outcome.reason)
+                    self.log.log(
+                        logging.INFO if outcome.ended else logging.WARNING,
+                        "link down: %s: %s; listening",
+                        peer,
+                        outcome.reason,
+                    )
                 elif outcome.reason is not None:
                     self.status.record_error(f"{peer}: {outcome.reason}")
                     if outcome.reason != last_problem:
@@ -584,6 +596,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             await receive_frames(connection, decoder, publish, on_activity=activity)
             if decoder.ended:
                 outcome.reason = "the peer ended its stream"
+                outcome.ended = True
                 if stream is not None:
                     stream.end_of_stream(f"the link peer {connection.peer} ended its stream")
             else:
