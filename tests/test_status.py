@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -528,3 +529,32 @@ async def test_a_reload_that_changes_status_restarts_it_with_the_new_settings() 
         response = await send_and_read_to_end(new.port, upgrade_request())
         assert response.startswith(b"HTTP/1.1 401")
         await still_serving(daemon, f"ws://127.0.0.1:{new.port}/?token=t")
+
+
+async def test_bad_requests_free_their_connections_without_a_collection() -> None:
+    """h11 leaves each parse error in a reference cycle holding the whole connection; the
+    status server breaks it, so bad requests cost nothing once closed, whatever the GC."""
+
+    def sockets() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, trio.SocketStream))
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with trio.open_nursery() as nursery:
+            server, port = await raw_status_server(nursery)
+            before = sockets()
+            for request in (
+                b"NOT HTTP AT ALL\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: \xff\r\n\r\n",
+                b"GET //[x/?token=a HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+            ) * 5:
+                response = await send_and_read_to_end(port, request)
+                assert response.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431"))
+            await wait_until(lambda: server.connections == 0)
+            # At most the last one stays referenced (the accept loop's variable), not 20.
+            await wait_until(lambda: sockets() <= before + 1)
+            nursery.cancel_scope.cancel()
+    finally:
+        gc.enable()

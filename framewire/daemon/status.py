@@ -20,6 +20,7 @@ This module does not know the daemon: :func:`build_snapshot` reads anything shap
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -29,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, TypeAlias
 from urllib.parse import parse_qs
 
+import h11
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -60,6 +62,8 @@ HANDSHAKE_SLOTS: Final = 32
 ACCEPT_RETRY_DELAY: Final = 0.1
 #: Largest message a status client may send; any message closes it anyway.
 _MAX_CLIENT_MESSAGE: Final = 4096
+#: Largest request head (request line and headers) a status client may send (HTTP 431).
+MAX_REQUEST_HEAD: Final = 16 * 1024
 
 #: Opens the status server's listeners. Raises OSError when it cannot.
 ListenerFactory: TypeAlias = Callable[[], Awaitable[Sequence[trio.abc.Listener[trio.abc.Stream]]]]
@@ -295,10 +299,26 @@ class StatusServer:
         """
         peer = peer_name(stream)
         try:
+            with trio.move_on_after(self.handshake_timeout) as reading:
+                head = await _read_request_head(stream)
+            if reading.cancelled_caught:
+                log.info(
+                    "status client %s closed: no request within %gs", peer, self.handshake_timeout
+                )
+                return
+            if head is None:
+                log.debug("status client %s hung up before its request", peer)
+                return
+            problem = _check_request_head(head)
+            if problem is not None:
+                status, reason = problem
+                self._dropped(f"{peer}: {reason} (answered with HTTP {status})")
+                await _answer(stream, status, reason)
+                return
+            # Plain HTTP requests (pages on the same port) would be told apart here: every
+            # request reaching this point is a well-formed websocket upgrade.
             async with trio.open_nursery() as nursery:
-                # Plain HTTP requests (pages on the same port) would be told apart here,
-                # before the websocket handshake.
-                await self._serve_websocket(stream, peer, nursery)
+                await self._serve_websocket(_Replayed(stream, head), peer, nursery)
                 nursery.cancel_scope.cancel()  # trio-websocket's reader task
         except* Exception as group:
             self._dropped(f"{peer}: {_reason(group)}")
@@ -450,6 +470,91 @@ class _HandshakeWatch(trio.abc.Stream):
     async def aclose(self) -> None:
         self._end("closed")
         await self._stream.aclose()
+
+
+class _Replayed(trio.abc.Stream):
+    """``stream`` with bytes already read from it put back in front."""
+
+    def __init__(self, stream: trio.abc.Stream, already_read: bytes) -> None:
+        self._stream = stream
+        self._pending = already_read
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._pending:
+            size = len(self._pending) if max_bytes is None else max_bytes
+            data, self._pending = self._pending[:size], self._pending[size:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _read_request_head(stream: trio.abc.Stream) -> bytes | None:
+    """Every byte up to the end of the request head (``\r\n\r\n``), and any that came
+    with it; at most a little over :data:`MAX_REQUEST_HEAD` (the check refuses more). None
+    if the peer hung up first."""
+    received = b""
+    while b"\r\n\r\n" not in received and len(received) <= MAX_REQUEST_HEAD:
+        try:
+            data = await stream.receive_some(MAX_REQUEST_HEAD)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        if not data:
+            return None
+        received += data
+    return received
+
+
+def _check_request_head(head: bytes) -> tuple[int, str] | None:
+    """Why the request head in ``head`` cannot be served, as (HTTP status, reason), or None
+    for a well-formed websocket upgrade.
+
+    It is parsed with h11 here, before trio-websocket (whose wsproto parses it with h11 again,
+    then sure to succeed). h11 raises its parse errors from a method of the exception itself,
+    which leaves each in a reference cycle through its traceback that holds the whole
+    connection until the garbage collector runs; here the cycle is broken at once.
+    """
+    end = head.find(b"\r\n\r\n")
+    if end < 0 or end + 4 > MAX_REQUEST_HEAD:
+        return 431, f"request head over {MAX_REQUEST_HEAD} bytes"
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    parser.receive_data(head[: end + 4])
+    try:
+        event = parser.next_event()
+    except h11.RemoteProtocolError as exc:
+        reason = f"bad HTTP request: {exc}"
+        exc.__traceback__ = None  # the cycle h11 made: exception -> traceback -> itself
+        exc.__context__ = exc.__cause__ = None
+        return 400, reason
+    if not isinstance(event, h11.Request):
+        return 400, "bad HTTP request"
+    headers = {name.lower(): value.lower() for name, value in event.headers}
+    if event.method != b"GET" or b"websocket" not in headers.get(b"upgrade", b""):
+        return 400, "not a websocket handshake; this port serves the status websocket"
+    return None
+
+
+async def _answer(stream: trio.abc.Stream, status: int, reason: str) -> None:
+    """A minimal HTTP error response, then the connection closes."""
+    phrase = {400: "Bad Request", 431: "Request Header Fields Too Large"}[status]
+    body = f"{reason}\n".encode("ascii", "replace")
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    with (
+        trio.move_on_after(1),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(head + body)
 
 
 def _query_token(target: str) -> str:
