@@ -556,6 +556,10 @@ def _age(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+#: Endpoint states in which its last error is current, not history.
+_TROUBLED: Final = frozenset({"restarting", "reconnecting", "connecting", "failed", "stopped"})
+
+
 def render_status(snapshot: dict[str, Any]) -> str:
     """A status snapshot as a terminal table."""
     daemon = snapshot["daemon"]
@@ -580,15 +584,21 @@ def render_status(snapshot: dict[str, Any]) -> str:
             f"{endpoint['frames_dropped']:>9} {endpoint['restarts']:>8}  "
             f"{', '.join(endpoint['address'])}"
         )
-        if endpoint["last_error"]:
-            lines.append(f"{'':<18} last error: {endpoint['last_error']}")
         now = snapshot["time"]
+        if endpoint["last_error"]:
+            when = endpoint.get("last_error_at")
+            age = f" {_age(now - when)} ago" if when else ""
+            # Kept as history: say whether the endpoint is still in trouble.
+            past = "" if endpoint["state"] in _TROUBLED else ", healthy since"
+            lines.append(f"{'':<18} last error{age}{past}: {endpoint['last_error']}")
         for client in endpoint["clients"]:
             if "queue_frames" in client:
                 figures = (
                     f"queue {client['queue_frames']} frames/{format_size(client['queue_bytes'])}"
                     f"  sent {client['frames_sent']}  dropped {client['frames_dropped']}"
                 )
+                if client.get("frames_unencodable"):
+                    figures += f"  unencodable {client['frames_unencodable']}"
             else:
                 figures = f"received {client['frames_received']}"
             lines.append(

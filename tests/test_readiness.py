@@ -257,3 +257,33 @@ stream = "s"
         assert failure.reason.lower().endswith("address already in use")
     finally:
         taken.close()
+
+
+def test_the_status_table_shows_a_past_error_as_past() -> None:
+    from framewire.cli import render_status
+
+    endpoint = {
+        "kind": "receiver",
+        "address": ["tcp://127.0.0.1:9"],
+        "frames_in": 0,
+        "frames_out": 0,
+        "frames_dropped": 0,
+        "restarts": 0,
+        "last_error": "connection refused (nothing listens there)",
+        "last_error_at": 1000.0,
+        "clients": [],
+    }
+    snapshot = {
+        "time": 1200.0,
+        "daemon": {"version": "x", "pid": 1, "state": "running", "uptime": 200.0, "config": "c"},
+        "endpoints": {
+            "down": {**endpoint, "state": "reconnecting"},
+            "up": {**endpoint, "state": "connected"},
+        },
+    }
+    lines = render_status(snapshot).splitlines()
+    errors = [line.strip() for line in lines if "last error" in line]
+    assert errors == [
+        "last error 3m20s ago: connection refused (nothing listens there)",
+        "last error 3m20s ago, healthy since: connection refused (nothing listens there)",
+    ]
