@@ -21,6 +21,7 @@ from framewire.config import parse_config
 from framewire.daemon import Daemon, DaemonStartFailed
 from framewire.daemon.reconnect import describe_connect_error
 from framewire.daemon.status import build_snapshot
+from framewire.daemon.supervisor import StartFailed
 from framewire.protocols.native import END_OF_STREAM
 
 from .helpers import encode, running_daemon, wait_until
@@ -118,6 +119,14 @@ stream = "s"
         notify.close()
 
 
+async def only_start_failure(daemon: Daemon) -> StartFailed:
+    """Run ``daemon``, which must fail to start for exactly one reason; that reason."""
+    with pytest.raises(DaemonStartFailed) as info, trio.fail_after(10):
+        await daemon.run()
+    (failure,) = info.value.failures
+    return failure
+
+
 async def test_start_failure_in_process_names_each_endpoint(tmp_path: Path) -> None:
     config = parse_config(
         f"""
@@ -137,9 +146,7 @@ stream = "s"
 """
     )
     daemon = Daemon(config)
-    with pytest.raises(DaemonStartFailed) as info, trio.fail_after(10):
-        await daemon.run()
-    (failure,) = info.value.failures
+    failure = await only_start_failure(daemon)
     assert failure.name == "cert"
     assert "no-cert.pem" in failure.reason
     assert daemon.state == "failed"
@@ -249,10 +256,7 @@ listen = "tcp://127.0.0.1:0"
 stream = "s"
 """
         )
-        daemon = Daemon(config)
-        with pytest.raises(DaemonStartFailed) as info, trio.fail_after(10):
-            await daemon.run()
-        (failure,) = info.value.failures
+        failure = await only_start_failure(Daemon(config))
         assert failure.name == "status"
         assert failure.reason.lower().endswith("address already in use")
     finally:
