@@ -128,7 +128,9 @@ def test_no_end_of_stream_and_registered() -> None:
     [
         (0.0, 0),
         (1.0, 1_000_000_000),
-        (-2.5, -2_500_000_000),
+        (-2.5, 0),  # below 0: Datalink's "no timestamp"
+        (-1.0, 0),  # what Datalink's Python write(bytes) writes by default
+        (-0.0, 0),
         (1_700_000_000.25, 1_700_000_000_250_000_000),
         (math.nan, 0),
         (math.inf, 0),
@@ -141,6 +143,26 @@ def test_timestamp_seconds_become_nanoseconds(seconds: float, ns: int) -> None:
     assert frame.timestamp == ns
     (frame,) = decoder().feed(message(b"t" * 1000, seconds))  # the general path too
     assert frame.timestamp == ns
+
+
+@pytest.mark.parametrize("size", [5, 1000, 3 * LARGE_FRAME])  # inline, general, large paths
+def test_a_negative_timestamp_is_neither_forwarded_nor_kept_on_the_wire(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    (frame,) = decoder().feed(message(payload, -1.0))
+    assert frame == data(payload, 0)
+    # A datalink-to-datalink relay forwards the message with 0.0 in place of -1.0: a real
+    # Datalink drops every message below 0.
+    assert encoded(frame) == message(payload, 0.0)
+
+
+@pytest.mark.parametrize("ns", [0, -1, -2_500_000_000, -(2**62)])
+def test_no_negative_timestamp_is_ever_written(ns: int) -> None:
+    """A frame without a timestamp, or from before 1970, goes out as 0.0, which a real
+    Datalink accepts and framewire reads back as "no timestamp"."""
+    wire = encoded(data(b"old", ns))
+    assert wire == message(b"old", 0.0)
+    assert struct.unpack_from("<d", wire, 13)[0] >= 0.0
+    assert decoder().feed(wire) == [data(b"old", 0)]
 
 
 def test_present_day_timestamps_survive_within_a_microsecond() -> None:
@@ -156,7 +178,7 @@ payloads = st.one_of(
     st.binary(min_size=1, max_size=600),
     st.integers(min_value=LARGE_FRAME - 40, max_value=LARGE_FRAME + 40).map(lambda n: b"z" * n),
 )
-timestamps = st.floats(min_value=-1e9, max_value=4e9, allow_nan=False)
+timestamps = st.floats(min_value=-1e9, max_value=4e9, allow_nan=False)  # negatives read as 0
 
 
 @FAST

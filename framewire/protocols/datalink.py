@@ -28,8 +28,14 @@ Mapping to frames:
   **seconds since the Unix epoch** (what ``time.time()`` gives) and stores nanoseconds
   (:func:`seconds_to_ns`: whole seconds and fraction apart, so no precision is lost). A NaN,
   infinite or out-of-range value (beyond about 292 years from 1970) becomes 0, "unknown".
+  A **negative** value is Datalink's "no timestamp" (its error value is -1, and its Python
+  ``write(bytes)`` writes -1.0 by default; a real Datalink drops every message below 0): it
+  becomes 0 as well, and the message's kept ``wire`` bytes carry 0.0 in its place, so a
+  datalink-to-datalink relay never forwards a negative timestamp.
   Writing, nanoseconds become seconds (:func:`ns_to_seconds`); a double holds a present-day
-  epoch time to about 0.24 us, so nanoseconds below that are lost.
+  epoch time to about 0.24 us, so nanoseconds below that are lost. A frame without a
+  timestamp (0) or from before 1970 (negative) is written with 0.0, which a real Datalink
+  accepts and framewire reads back as "no timestamp"; a negative double is never written.
 * Sending a framewire frame over datalink keeps only its payload and timestamp: its kind
   (METADATA arrives as DATA), type tag and headers are lost. A frame with an empty payload
   cannot be sent at all (it would be a keepalive): :meth:`DatalinkEncoder.encode_into`
@@ -75,24 +81,38 @@ KEEPALIVE: Final = HEADER.pack(START, 0, 1.0, HEADER_END) + FOOTER
 _DATA: Final = FrameKind.DATA
 #: Seconds beyond which nanoseconds no longer fit a signed 64-bit integer.
 _MAX_SECONDS: Final = 9.2e9
+#: The timestamp field: where it is in a message, and the value written for "no timestamp".
+_TIMESTAMP: Final = struct.Struct("<d")
+_TIMESTAMP_AT: Final = 13
+_NO_TIMESTAMP: Final = _TIMESTAMP.pack(0.0)
 
 
 def seconds_to_ns(seconds: float) -> int:
-    """Datalink's timestamp (seconds) as nanoseconds; 0 for NaN, infinities and overflow.
+    """Datalink's timestamp (seconds) as nanoseconds; 0 ("no timestamp") for a negative
+    value (Datalink's error value), NaN, infinities and overflow.
 
     Whole seconds and the fraction are converted apart, so no precision is lost to the
     product (``1700000000.25`` gives exactly ``1700000000250000000``).
     """
-    if -_MAX_SECONDS < seconds < _MAX_SECONDS:  # False for NaN
+    if 0.0 <= seconds < _MAX_SECONDS:  # False for NaN
         whole = math.floor(seconds)
         return whole * 1_000_000_000 + round((seconds - whole) * 1e9)
     return 0
 
 
 def ns_to_seconds(ns: int) -> float:
-    """Nanoseconds as Datalink's seconds (a double: about 0.24 us resolution today)."""
+    """Nanoseconds as Datalink's seconds (a double: about 0.24 us resolution today); 0.0
+    for a time before 1970, so a negative timestamp, which a real Datalink drops with its
+    message, is never written."""
+    if ns <= 0:
+        return 0.0
     whole, fraction = divmod(ns, 1_000_000_000)
     return whole + fraction / 1e9
+
+
+def _without_timestamp(wire: bytes) -> bytes:
+    """A copy of ``wire`` (one whole message) with 0.0 in its timestamp field."""
+    return wire[:_TIMESTAMP_AT] + _NO_TIMESTAMP + wire[_TIMESTAMP_AT + _TIMESTAMP.size :]
 
 
 class DatalinkDecoder(FrameDecoder):
@@ -135,6 +155,8 @@ class DatalinkDecoder(FrameDecoder):
             wire = view[start : start + total].tobytes()
             if wire[-5:] != FOOTER:
                 break  # the general path reports it
+            if seconds < 0.0:
+                wire = _without_timestamp(wire)
             timestamp = seconds_to_ns(seconds)
             payload = wire[26:-5] if size <= 512 else memoryview(wire)[26:-5]
             append(Frame(_DATA, TYPE, payload, timestamp, EMPTY_HEADERS, wire, PROTOCOL))
@@ -175,6 +197,11 @@ class DatalinkDecoder(FrameDecoder):
         if size == 0:
             self.keepalives += 1
             return None
+        if seconds < 0.0:
+            if isinstance(wire, bytearray):  # a large message in its own buffer: in place
+                _TIMESTAMP.pack_into(wire, _TIMESTAMP_AT, 0.0)
+            else:
+                wire = _without_timestamp(wire)
         return Frame(
             _DATA,
             TYPE,
