@@ -441,12 +441,21 @@ class GeneratorConfig:
             raise FieldError("metadata_type", "must differ from type")
 
 
+#: The shortest ``dead_host_timeout``: TCP's keepalive timers count whole seconds.
+MIN_DEAD_HOST_TIMEOUT: Final = 3.0
+
+
 @attrs.frozen
 class LinkConfig:
     """``kind = "link"``: a bidirectional link that keeps itself up (Datalink-style).
 
     It publishes what the peer sends into ``publish`` and sends what ``subscribe`` carries;
     at least one of the two, and not the same stream (the link would echo its peer).
+
+    ``peer_keepalives`` says whether the peer sends keepalives, and so whether a peer silent
+    for ``timeout`` is dead: unset, true for ``native`` (the peer is framewire) and false for
+    ``datalink`` (Datalink sends one only when its application calls ``write_keep_alive``).
+    ``native`` with ``peer_keepalives = false`` is refused.
     """
 
     kind: Literal["link"] = "link"
@@ -457,6 +466,8 @@ class LinkConfig:
     subscribe: Name | None = None
     keepalive: PositiveDuration = 1.0
     timeout: PositiveDuration = 5.0
+    peer_keepalives: StrictBool | None = None
+    dead_host_timeout: PositiveDuration = 30.0
     reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
     connect_timeout: PositiveDuration = 10.0
     send_timeout: PositiveDuration = 30.0
@@ -486,10 +497,30 @@ class LinkConfig:
             raise FieldError(
                 "subscribe", "must differ from publish (the link would send its peer's frames back)"
             )
-        if self.keepalive >= self.timeout:
+        if self.peer_keepalives is False and self.protocol == "native":
+            raise FieldError(
+                "peer_keepalives",
+                "a native link's peer is framewire, which always sends keepalives: "
+                'peer_keepalives = false is for protocol = "datalink" only',
+            )
+        if self.expects_peer_keepalives and self.keepalive >= self.timeout:
             raise FieldError(
                 "keepalive", f"must be shorter than timeout ({self.timeout:g}s), or the peer dies"
             )
+        if self.dead_host_timeout < MIN_DEAD_HOST_TIMEOUT:
+            raise FieldError(
+                "dead_host_timeout",
+                f"must be at least {MIN_DEAD_HOST_TIMEOUT:g}s (TCP keepalive counts whole "
+                f"seconds), got {self.dead_host_timeout:g}s",
+            )
+
+    @property
+    def expects_peer_keepalives(self) -> bool:
+        """Whether the peer sends keepalives: then a peer silent for ``timeout`` is dead, and
+        the link counts as up once it has heard the peer rather than on connecting."""
+        if self.peer_keepalives is not None:
+            return self.peer_keepalives
+        return self.protocol != "datalink"
 
 
 def _zmq_bind_address(value: object) -> ZmqAddress:

@@ -40,12 +40,14 @@ __all__ = [
     "UnixSocketListener",
     "client_tls_context",
     "connector_for",
+    "enable_tcp_keepalive",
     "open_listeners",
     "open_unix_listener",
     "peer_name",
     "server_tls_context",
     "system_backlog",
     "tcp_connector",
+    "tcp_socket_of",
     "tls_connector",
     "unix_connector",
 ]
@@ -250,6 +252,60 @@ class Connection:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+#: TCP keepalive probes sent before the kernel gives up on a silent host.
+TCP_KEEPALIVE_PROBES: Final = 3
+
+
+def tcp_socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under ``stream`` (under its TLS, if any); None for UNIX sockets and
+    streams that are not sockets (memory streams in tests)."""
+    if isinstance(stream, trio.SSLStream):
+        return tcp_socket_of(stream.transport_stream)
+    if isinstance(stream, trio.SocketStream) and stream.socket.family in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        return stream.socket
+    return None
+
+
+def enable_tcp_keepalive(stream: trio.abc.Stream, dead_host_timeout: float) -> bool:
+    """Make the kernel notice, within about ``dead_host_timeout`` seconds, that the host at
+    the other end of ``stream`` vanished, even when neither side has anything to say.
+
+    Sets SO_KEEPALIVE with TCP_KEEPIDLE, TCP_KEEPINTVL and :data:`TCP_KEEPALIVE_PROBES`
+    probes adding up to ``dead_host_timeout`` (whole seconds, at least 1 each), and
+    TCP_USER_TIMEOUT to ``dead_host_timeout``, so written bytes that stay unacknowledged that
+    long break the connection too (keepalive probes are not sent while data is in flight).
+    A connection that then dies reads or writes as broken (trio.BrokenResourceError).
+
+    Returns False, changing nothing, for a stream without a TCP socket; options the platform
+    lacks are skipped. Never raises: a socket option that cannot be set is not a reason to
+    drop a connection.
+    """
+    sock = tcp_socket_of(stream)
+    if sock is None:
+        return False
+    interval = max(1, round(dead_host_timeout / (2 * TCP_KEEPALIVE_PROBES)))
+    idle = max(1, round(dead_host_timeout) - TCP_KEEPALIVE_PROBES * interval)
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), TCP_KEEPALIVE_PROBES),
+        (
+            socket.IPPROTO_TCP,
+            getattr(socket, "TCP_USER_TIMEOUT", None),
+            round(dead_host_timeout * 1000),
+        ),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
+    return True
 
 
 def tcp_connector(address: Address) -> Connector:

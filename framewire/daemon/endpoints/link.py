@@ -6,27 +6,40 @@ publishes what the peer sends into the stream ``publish`` and sends the peer wha
 
 Liveness
     Each side sends a keepalive when it has sent nothing for ``keepalive`` seconds (and one
-    as soon as it connects, so the peer hears it at once). The peer is dead when *nothing*,
-    data or keepalive, arrives for ``timeout`` seconds while the link is waiting to read;
-    time spent waiting for room in a lossless ``publish`` stream does not count (the peer is
-    not silent then, we are not listening). Sending never resets the timer: Datalink's flaw,
-    where a side that only sends drops a healthy link every timeout, cannot happen.
+    as soon as it connects, so the peer hears it at once). When the peer sends keepalives too
+    (``config.expects_peer_keepalives``: native links, and datalink links with
+    ``peer_keepalives = true``) it is dead when *nothing*, data or keepalive, arrives for
+    ``timeout`` seconds while the link is waiting to read; time spent waiting for room in a
+    lossless ``publish`` stream does not count (the peer is not silent then, we are not
+    listening). Sending never resets the timer: Datalink's flaw, where a side that only
+    sends drops a healthy link every timeout, cannot happen. A Datalink peer sends a
+    keepalive only when its application asks, so by default a datalink link has no
+    dead-peer timeout: it never hangs up on a silent peer (a Datalink server reads the
+    hang-up as "no data" and may never accept again), and TCP finds a dead one: failed
+    writes, ``send_timeout``, and TCP keepalive with TCP_USER_TIMEOUT set to
+    ``dead_host_timeout`` on every link socket (:func:`enable_tcp_keepalive`).
 Up and down
     A connection counts as *up* once the peer has said something valid (a frame or a
-    keepalive). Connect mode retries with exponential backoff and jitter, capped at
-    ``reconnect.maximum``, starting over after a connection that stayed up for
-    ``reconnect.stable_after``. A refused or silent connection, bad markers or an absurd size
-    all end the connection and retry the same way. Log lines are written per change of state
-    (up, down, a new reason for being down), never per attempt.
+    keepalive), or, without the peer's keepalives, as soon as it is connected. Connect mode
+    retries with exponential backoff and jitter, capped at ``reconnect.maximum``, starting
+    over after a connection that stayed up for ``reconnect.stable_after``; every connection
+    is closed cleanly before the delay, so attempts never pile up in a peer's backlog. A
+    refused or silent connection, bad markers or an absurd size all end the connection and
+    retry the same way. Log lines are written per change of state (up, down, a new reason
+    for being down), never per attempt (a datalink connection that keeps failing before the
+    peer says anything valid is logged once).
 Listen mode
     One peer at a time. With no peer connected, a new connection takes the link at once.
     While a peer is connected, a newcomer must first prove it is a peer: it **replaces** the
     current one once it has sent a valid frame or keepalive (or, for a large first frame,
     :data:`PROVEN_AFTER` bytes the decoder accepts) within ``timeout``, so a peer that
-    restarted does not wait out the timeout of its own dead connection, while a port probe,
-    a scanner or a client sending garbage is closed with one log line and takes nothing
-    from the link. At most :data:`MAX_CHALLENGERS` newcomers are vetted at once (the oldest
-    gives way). Listen mode does not back off; pacing retries is the connecting side's job.
+    restarted does not wait out its own dead connection, while a port probe, a scanner or a
+    client sending garbage is closed with one log line (naming the peer that keeps the link,
+    and why) and takes nothing from the link. If the peer's connection ends while newcomers
+    are vetted, the newest takes over at once, silent or not (a Datalink client that
+    reconnected speaks only when its application writes). At most :data:`MAX_CHALLENGERS`
+    newcomers are vetted at once (the oldest gives way). Listen mode does not back off:
+    pacing retries is the connecting side's job.
 The outgoing queue
     The link subscribes to ``subscribe`` once, when it starts, so the queue outlives
     connections: while the link is down frames wait there, bounded by ``max_queue_frames``
@@ -81,7 +94,7 @@ from ..stream import (
     Subscription,
     SubscriptionClosed,
 )
-from ..transport import Connection, bound_addresses, peer_name
+from ..transport import Connection, bound_addresses, enable_tcp_keepalive, peer_name
 from ._base import ClientInfo, Endpoint, EndpointContext, OutgoingQueue
 
 #: Bytes a newcomer may send, all accepted by the decoder, before it counts as a peer even
@@ -111,6 +124,20 @@ class _Outcome:
     stopping: bool = False
     #: The peer ended its stream cleanly: a normal end, logged at INFO.
     ended: bool = False
+    #: Listen mode: the newcomer that took the link over.
+    replaced_by: str | None = None
+    #: The peer sent a valid frame or keepalive on this connection.
+    proven: bool = False
+
+
+@attrs.define(eq=False)
+class _Challenger:
+    """A newcomer being vetted while a peer has the link."""
+
+    peer: str
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Set when the peer's connection ends while this one is vetted: it takes over.
+    promoted: trio.Event = attrs.field(factory=trio.Event)
 
 
 @attrs.frozen
@@ -193,9 +220,13 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         # cancel scopes of the newcomers being vetted, oldest first.
         self._serving = False
         self._handing_over = 0
-        self._challengers: list[trio.CancelScope] = []
+        self._challengers: list[_Challenger] = []
+        #: The peer of the current session (listen mode: the one newcomers are vetted against).
+        self._peer: str | None = None
         self._decoder: _WatchedDecoder | None = None
         self._state_changed = trio.Event()
+        #: Whether the next connection to come up is logged (not while one keeps failing).
+        self._announce_up = True
         self.keepalives_sent = 0
         self.keepalives_received = 0
         #: Connections that came up (the peer said something valid).
@@ -306,6 +337,9 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         )
         task_status.started()
         last_problem: str | None = None
+        # Why the last connection ended if it came up on connecting (datalink) and failed
+        # before the peer said anything valid: a series of those is logged once.
+        flapping: str | None = None
         while True:
             self._set_state("connecting")
             problem: str | None
@@ -316,22 +350,32 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 problem = "cannot connect: " + describe_connect_error(exc, config.connect_timeout)
             else:
                 connected_at = trio.current_time()
+                self._announce_up = flapping is None
                 try:
                     outcome = await self._session(stream, peer)
                 finally:
+                    # A clean close (FIN), then the backoff delay below: attempts never pile
+                    # up in a peer's listen backlog.
                     await trio.aclose_forcefully(stream)
                 if outcome.stopping or self.stop_requested:
                     return
                 problem = None if outcome.heard else outcome.reason
                 if outcome.heard:
                     last_problem = None
-                    self.log.log(
-                        logging.INFO if outcome.ended else logging.WARNING,
-                        "link down: %s; reconnecting",
-                        outcome.reason,
-                    )
-                    if trio.current_time() - connected_at >= config.reconnect.stable_after:
+                    stable = trio.current_time() - connected_at >= config.reconnect.stable_after
+                    if stable:
                         self.backoff.reset()
+                    if stable or outcome.reason != flapping:
+                        self.log.log(
+                            logging.INFO if outcome.ended else logging.WARNING,
+                            "link down: %s; reconnecting",
+                            outcome.reason,
+                        )
+                    # Up on connecting, then dropped before the peer said anything valid.
+                    unproven_failure = not (stable or outcome.ended or outcome.proven)
+                    flapping = outcome.reason if unproven_failure else None
+                    if flapping is not None:
+                        self.status.record_error(flapping)
             if problem is not None:
                 self.status.record_error(problem)
                 if problem != last_problem:
@@ -409,54 +453,81 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         self, stream: trio.abc.Stream, incoming: trio.MemorySendChannel[_Newcomer]
     ) -> None:
         """A newcomer while the link is taken: hand it the link once it has shown it is a
-        peer (see the module docstring); otherwise close it with one log line."""
+        peer, or once the current peer's connection ends, within ``timeout`` (see the module
+        docstring); otherwise close it with one log line saying which peer kept the link."""
         peer = peer_name(stream)
         timeout = self.config.timeout
-        scope = trio.CancelScope()
-        self._challengers.append(scope)
+        challenger = _Challenger(peer)
+        self._challengers.append(challenger)
         if len(self._challengers) > MAX_CHALLENGERS:
-            self._challengers.pop(0).cancel()
+            self._challengers.pop(0).scope.cancel()
+        incumbent = self._peer or "the previous peer"
         verdict: str | None = None
+        proof: str | None = None
+        received = bytearray()
         handed = False
         try:
-            with incoming, scope:
+            with incoming, challenger.scope:
                 connection = await self._establish(stream)
                 if connection is None:  # a failed TLS handshake, already logged
                     return
-                already_read: bytes | None = None
                 with trio.move_on_after(timeout):
-                    already_read = await self._hears_a_peer(connection)
-                    if already_read is None:
-                        verdict = "it closed without sending a valid frame or keepalive"
-                if already_read is not None:
-                    self.log.info("new connection from %s takes over the link", peer)
+                    async with trio.open_nursery() as race:
+
+                        async def listen_to_it() -> None:
+                            nonlocal proof, verdict
+                            try:
+                                proof = await self._hears_a_peer(connection, received)
+                            except protocols.ProtocolError as exc:
+                                verdict = f"it sent bad bytes ({exc})"
+                            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                                verdict = f"its connection broke ({exc})"
+                            else:
+                                if proof is None:
+                                    verdict = "it closed without sending a valid frame or keepalive"
+                            race.cancel_scope.cancel()
+
+                        async def outlive_the_peer() -> None:
+                            nonlocal proof
+                            await challenger.promoted.wait()
+                            proof = f"the connection of {incumbent} ended"
+                            race.cancel_scope.cancel()
+
+                        race.start_soon(listen_to_it)
+                        race.start_soon(outlive_the_peer)
+                if proof is not None:
+                    self.log.info(
+                        "new connection from %s takes over the link from %s: %s",
+                        peer,
+                        incumbent,
+                        proof,
+                    )
                     handed = True
-                    await self._hand_over(_Newcomer(stream, already_read), incoming)
+                    await self._hand_over(_Newcomer(stream, bytes(received)), incoming)
                     return
                 verdict = verdict or f"it sent nothing valid within {timeout:g}s"
-            if scope.cancelled_caught:
+            if challenger.scope.cancelled_caught:
                 verdict = "more new connections arrived than are vetted at once"
-        except protocols.ProtocolError as exc:
-            verdict = f"it sent bad bytes ({exc})"
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            verdict = f"its connection broke ({exc})"
         finally:
-            if scope in self._challengers:
-                self._challengers.remove(scope)
+            if challenger in self._challengers:
+                self._challengers.remove(challenger)
             if not handed:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
         if verdict is not None:
             self.log.warning(
-                "new connection from %s closed; the link stays with its peer: %s", peer, verdict
+                "new connection from %s closed; the link stays with its peer %s: %s",
+                peer,
+                self._peer or incumbent,
+                verdict,
             )
 
-    async def _hears_a_peer(self, connection: Connection) -> bytes | None:
-        """Read ``connection`` until it has sent a valid frame or keepalive (or
-        :data:`PROVEN_AFTER` valid bytes); return every byte read. None if it closed first.
-        Raises ProtocolError for bytes that are not this link's protocol."""
+    async def _hears_a_peer(self, connection: Connection, received: bytearray) -> str | None:
+        """Read ``connection`` into ``received`` until it has sent a valid frame or
+        keepalive (or :data:`PROVEN_AFTER` valid bytes); return what it sent, as a reason to
+        give it the link. None if it closed first. Raises ProtocolError for bytes that are
+        not this link's protocol."""
         decoder = self._spec.make_decoder(self.config.max_frame_size)
-        received = bytearray()
         buffer = memoryview(bytearray(16 * 1024))
         while True:
             nbytes = await connection.receive_into(buffer)
@@ -465,8 +536,17 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             received += buffer[:nbytes]
             frames = decoder.feed(buffer[:nbytes])
             keepalives: int = getattr(decoder, "keepalives", 0)
-            if frames or keepalives or len(received) >= PROVEN_AFTER:
-                return bytes(received)
+            if frames:
+                return "it sent a valid frame"
+            if keepalives:
+                return "it sent a valid keepalive"
+            if len(received) >= PROVEN_AFTER:
+                return f"it sent {len(received)} bytes of a valid frame"
+
+    def _promote_a_challenger(self) -> None:
+        """The peer's connection ended: the newest newcomer being vetted takes over."""
+        if self._challengers:
+            self._challengers.pop().promoted.set()
 
     async def _serve_peers(self, incoming: trio.MemoryReceiveChannel[_Newcomer]) -> None:
         last_problem: str | None = None
@@ -485,6 +565,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 self._serving = False
                 if outcome.stopping or self.stop_requested:
                     return
+                if outcome.replaced_by is None:
+                    self._promote_a_challenger()
                 if outcome.heard:
                     last_problem = None
                     self.log.log(
@@ -512,22 +594,33 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         """
         config = self.config
         status = self.status
+        enable_tcp_keepalive(stream, config.dead_host_timeout)
         connection = KeepaliveConnection(stream, peer)
         connection.give_back(already_read)
         outcome = _Outcome(peer)
         client = ClientInfo(peer, connected_since=time.time())
         key = id(client)
         status.clients[key] = client
+        self._peer = peer
 
-        def heard() -> None:
+        def came_up() -> None:
+            if outcome.heard:
+                return
             outcome.heard = True
             self.connections += 1
             self._set_state("up", connected_since=round(time.time(), 3), peer=peer)
-            self.log.info("link up: %s", peer)
+            if self._announce_up:
+                self.log.info("link up: %s", peer)
+
+        def heard() -> None:
+            outcome.proven = True
+            came_up()
 
         decoder = _WatchedDecoder(self._spec.make_decoder(config.max_frame_size), heard)
         self._decoder = decoder
         self._replaced_by = None
+        if not config.expects_peer_keepalives:
+            came_up()  # a silent peer is a healthy one: up means connected
         self._session_done = done = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
@@ -546,10 +639,12 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             outcome.reason = f"connection lost ({first_error(group)})"
         finally:
             self._session_scope = None
+            self._peer = None
             del status.clients[key]
             self.keepalives_received += decoder.keepalives
             self._decoder = None
             done.set()
+        outcome.replaced_by = self._replaced_by
         if outcome.reason is None:
             outcome.reason = (
                 f"replaced by a new connection from {self._replaced_by}"
@@ -571,7 +666,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         """Publish what the peer sends; end the session when it closes or falls silent."""
         config = self.config
         status = self.status
-        timeout = config.timeout
+        # Without the peer's keepalives silence proves nothing: TCP finds a dead peer.
+        timeout = config.timeout if config.expects_peer_keepalives else math.inf
         stream = self.context.streams.get(config.publish) if config.publish is not None else None
         with trio.CancelScope(deadline=trio.current_time() + timeout) as alive:
 
