@@ -345,6 +345,59 @@ async def test_a_broken_connection_to_a_wedged_server_does_not_pile_up_in_its_ba
     assert arrived.payload == b"after the re-accept"
 
 
+class WrongThenRight(Transports):
+    """The first connections reach something that is not Datalink (it answers garbage at
+    once); later ones reach a silent Datalink server."""
+
+    def __init__(self, nursery: trio.Nursery, wrong: int) -> None:
+        super().__init__()
+        self.nursery = nursery
+        self.wrong = wrong
+        self.apps: list[DatalinkApp] = []
+
+    async def listen(self, address: Address) -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
+        raise AssertionError("the link connects")
+
+    def connector(self, address: Address) -> Connector:
+        async def connect() -> trio.abc.Stream:
+            ours, theirs = trio.testing.memory_stream_pair()
+            if self.wrong:
+                self.wrong -= 1
+                await theirs.send_all(b"SSH-2.0-OpenSSH_9.6\r\n")
+            else:
+                app = DatalinkApp(theirs)
+                self.apps.append(app)
+                self.nursery.start_soon(app.read_loop)
+            return ours
+
+        return connect
+
+
+async def test_a_series_of_failed_connections_is_logged_once_and_the_recovery_too(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A datalink link is up on connecting, so a peer that is not Datalink makes it go up
+    and down at every attempt: the log says so once, then says "up" again when a peer
+    proves to be one."""
+    caplog.set_level(logging.INFO, logger="framewire")
+    streams = StreamRegistry()
+    received = streams.get("in").subscribe(policy=Policy.LOSSLESS)
+    async with trio.open_nursery() as nursery:
+        network = WrongThenRight(nursery, wrong=4)
+        endpoint = datalink_link(network, streams, connect=SERVER)
+        await nursery.start(endpoint.run)
+        await trio.sleep(HOUR)  # four backoff delays, then an hour of a silent peer
+        assert len(network.apps) == 1
+        assert endpoint.status.state == "up"
+        assert await network.apps[0].write(b"at last", 1.0)
+        await frames_of(received, 1)
+        nursery.cancel_scope.cancel()
+    lines = messages(caplog)
+    assert len([m for m in lines if m.startswith("link down")]) == 1
+    assert len([m for m in lines if m.startswith("link up")]) == 2
+    assert endpoint.connections == 5
+
+
 # -- timestamps -------------------------------------------------------------------------
 
 

@@ -603,7 +603,10 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         status.clients[key] = client
         self._peer = peer
 
+        announced = False
+
         def came_up() -> None:
+            nonlocal announced
             if outcome.heard:
                 return
             outcome.heard = True
@@ -611,10 +614,15 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             self._set_state("up", connected_since=round(time.time(), 3), peer=peer)
             if self._announce_up:
                 self.log.info("link up: %s", peer)
+                announced = True
 
         def heard() -> None:
+            nonlocal announced
             outcome.proven = True
             came_up()
+            if not announced:  # after a series of failures logged once: this one works
+                self.log.info("link up: %s", peer)
+                announced = True
 
         decoder = _WatchedDecoder(self._spec.make_decoder(config.max_frame_size), heard)
         self._decoder = decoder
