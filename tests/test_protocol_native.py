@@ -925,3 +925,17 @@ def test_encoder_limits_on_type_and_headers() -> None:
 def test_encoder_rejects_out_of_range_timestamp_with_value_error(timestamp: int) -> None:
     with pytest.raises(ValueError, match="timestamp"):
         NativeEncoder().encode(Frame(FrameKind.DATA, "t", b"", timestamp))
+
+
+def test_a_stream_of_large_frames_starts_each_buffer_at_the_last_frames_size() -> None:
+    """A connection that delivered a large frame whole may start the next one at that size
+    (no regrowing, so no copies); a fresh one starts small whatever it announces."""
+    frame = Frame(FrameKind.DATA, "big", pattern(300 * 1024))
+    wire = wire_of(frame)
+    dec = decoder()
+    check_decoded(dec.feed(wire), [frame])
+    assert dec.feed(wire[:100]) == []
+    assert 100 + len(dec.get_buffer()) >= len(wire)
+    fresh = decoder()
+    assert fresh.feed(wire[:100]) == []
+    assert 100 + len(fresh.get_buffer()) == FIRST_LARGE_BUFFER

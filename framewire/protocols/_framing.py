@@ -11,11 +11,12 @@ pins the whole buffer). A frame larger than :data:`LARGE_FRAME` gets a buffer of
 the I/O layer reads straight into it.
 
 Memory follows the bytes that arrived, never the length a peer announced: a large frame's
-buffer starts at :data:`FIRST_LARGE_BUFFER` (or twice what has arrived) and doubles as it
-fills, up to the frame's size. So a connection holds at most its receive buffer plus about
-twice what has arrived of its current frame, whatever its header claims. A finished frame's
-buffer is trimmed to the frame (any slack above 1/16 of it is copied away), so the size a
-queue counts for a frame is what the frame holds.
+buffer starts at :data:`FIRST_LARGE_BUFFER`, twice what has arrived of it, or the size of
+the last large frame the connection delivered whole (whichever is largest), and doubles as
+it fills, up to the frame's size. So a connection holds at most its receive buffer plus
+twice what has arrived of its current frame or its last frame, whatever its header claims.
+A finished frame's buffer is trimmed to the frame (any slack above 1/16 of it is copied
+away), so the size a queue counts for a frame is what the frame holds.
 
 A decoder that raised :class:`ProtocolError` keeps only the error's class and message and
 drops its buffers at once: no reference cycle through a traceback keeps a dead connection's
@@ -78,6 +79,8 @@ class FrameDecoder:
         self._large: bytearray | None = None
         self._large_filled = 0
         self._large_needed = 0
+        # The size of the last large frame completed: what the next one may start with.
+        self._last_large = 0
         # After an error: its class and message, never the exception itself (its traceback
         # would point back here and keep the buffers alive in a reference cycle).
         self._failure: tuple[type[ProtocolError], str] | None = None
@@ -239,6 +242,7 @@ class FrameDecoder:
             self._large_needed = needed
             return False
         surplus = filled - needed
+        self._last_large = needed
         self._view[:surplus] = memoryview(large)[needed:filled]
         self._start, self._end = 0, surplus
         self._large = None
@@ -273,10 +277,12 @@ class FrameDecoder:
                     self._check_size(needed)
                 if needed > available:
                     if needed > LARGE_FRAME:
-                        # Sized by what has arrived, never by what the header announces.
-                        size = min(
-                            needed + _read_ahead(needed), max(2 * available, FIRST_LARGE_BUFFER)
-                        )
+                        # Sized by what has arrived, never by what the header announces: twice
+                        # this frame's bytes so far, or the size of the last large frame this
+                        # connection delivered whole (a steady stream of large frames then
+                        # needs no regrowing).
+                        floor = max(2 * available, FIRST_LARGE_BUFFER, self._last_large)
+                        size = min(needed + _read_ahead(needed), floor)
                         large = bytearray(size)
                         large[:available] = view[start:end]
                         self._large = large
