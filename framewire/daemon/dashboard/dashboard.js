@@ -64,7 +64,9 @@
     for (const key of ["in", "out"]) {
       const line = document.createElementNS(SVG, "polyline");
       line.setAttribute("class", key);
-      const step = width / (HISTORY - 1);
+      // A page opened a moment ago spreads its few points over the width; from 60 on they
+      // close up, until HISTORY of them fill it.
+      const step = width / (Math.max(points.length, 60) - 1);
       const x0 = width - step * (points.length - 1);
       line.setAttribute("points", points.map((p, i) =>
         (x0 + i * step).toFixed(1) + "," + (height - 1 - (p[key] / top) * (height - 2)).toFixed(1)
