@@ -257,17 +257,28 @@ async def test_the_token_guards_every_path() -> None:
         assert status == 404
 
 
-async def test_methods_other_than_get_are_refused() -> None:
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = b""
+    with trio.fail_after(10):
+        await stream.send_all(request)
+        while chunk := await stream.receive_some():
+            received += chunk
+    await stream.aclose()
+    return received
+
+
+async def test_head_is_answered_without_a_body_and_other_methods_are_refused() -> None:
     async with running(config()) as (_, port):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        with trio.fail_after(10):
-            await stream.send_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-            received = b""
-            while chunk := await stream.receive_some():
-                received += chunk
-        await stream.aclose()
-        assert received.startswith(b"HTTP/1.1 405")
-        assert b"allow: GET, HEAD" in received
+        refused = await raw_exchange(
+            port, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        assert refused.startswith(b"HTTP/1.1 405")
+        assert b"allow: GET, HEAD" in refused
+        head = await raw_exchange(port, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert head.endswith(b"\r\n\r\n")  # the head only
+        assert b"content-length: 0" not in head
 
 
 def fake_endpoints(status: EndpointStatus) -> dict[str, Endpoint[Any]]:
