@@ -573,14 +573,17 @@ def render_status(snapshot: dict[str, Any]) -> str:
         lines.append(f"last reload: {outcome}")
     lines.append("")
     header = (
-        f"{'endpoint':<18} {'kind':<9} {'state':<12} {'frames in':>11} {'frames out':>11} "
+        f"{'endpoint':<18} {'kind':<9} {'state':<12} "
+        f"{'frames in':>11} {'/s':>8} {'bytes in':>9} {'/s':>9} "
+        f"{'frames out':>11} {'/s':>8} {'bytes out':>9} {'/s':>9} "
         f"{'dropped':>9} {'restarts':>8}  address"
     )
     lines += [header, "-" * len(header)]
     for name, endpoint in snapshot["endpoints"].items():
+        rates = endpoint.get("rates", {})
         lines.append(
             f"{name:<18} {endpoint['kind']:<9} {endpoint['state']:<12} "
-            f"{endpoint['frames_in']:>11} {endpoint['frames_out']:>11} "
+            f"{_figures(endpoint, rates, 'in')} {_figures(endpoint, rates, 'out')} "
             f"{endpoint['frames_dropped']:>9} {endpoint['restarts']:>8}  "
             f"{', '.join(endpoint['address'])}"
         )
@@ -592,20 +595,45 @@ def render_status(snapshot: dict[str, Any]) -> str:
             past = "" if endpoint["state"] in _TROUBLED else ", healthy since"
             lines.append(f"{'':<18} last error{age}{past}: {endpoint['last_error']}")
         for client in endpoint["clients"]:
+            rates = client.get("rates", {})
             if "queue_frames" in client:
+                sent = _flow(client, rates, "sent")
                 figures = (
                     f"queue {client['queue_frames']} frames/{format_size(client['queue_bytes'])}"
-                    f"  sent {client['frames_sent']}  dropped {client['frames_dropped']}"
+                    f"  sent {sent}  dropped {client['frames_dropped']}"
                 )
                 if client.get("frames_unencodable"):
                     figures += f"  unencodable {client['frames_unencodable']}"
             else:
-                figures = f"received {client['frames_received']}"
+                figures = f"received {_flow(client, rates, 'received')}"
             lines.append(
                 f"{'':<18} client {client['peer']:<22} for {_age(now - client['connected_since'])}"
                 f"  {figures}"
             )
     return "\n".join(lines)
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:.0f}" if per_second >= 100 else f"{per_second:.1f}"
+
+
+def _figures(endpoint: dict[str, Any], rates: dict[str, float], direction: str) -> str:
+    """Frames, frames/s, bytes, bytes/s of one direction, in the table's columns."""
+    frames, nbytes = f"frames_{direction}", f"bytes_{direction}"
+    return (
+        f"{endpoint[frames]:>11} {_rate(rates.get(frames, 0.0)):>8} "
+        f"{format_size(endpoint.get(nbytes, 0)):>9} "
+        f"{format_size(int(rates.get(nbytes, 0.0))) + '/s':>9}"
+    )
+
+
+def _flow(client: dict[str, Any], rates: dict[str, float], what: str) -> str:
+    """``12345 (10.0/s, 1.2MiB, 12KiB/s)``: a client's frames and bytes sent or received."""
+    frames, nbytes = f"frames_{what}", f"bytes_{what}"
+    return (
+        f"{client[frames]} ({_rate(rates.get(frames, 0.0))}/s, "
+        f"{format_size(client.get(nbytes, 0))}, {format_size(int(rates.get(nbytes, 0.0)))}/s)"
+    )
 
 
 _SCHEMES: Final = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
@@ -686,8 +714,13 @@ def _status_failure(url: str, exc: BaseException, token: str | None) -> Failure:
     return Failure(f"the status server at {url}: {_reason(exc)}")
 
 
-def _render(url: str, message: str | bytes) -> str:
+def _render(url: str, message: str | bytes, *, as_json: bool = False) -> str:
     try:
+        if as_json:
+            document = json.loads(message)
+            if not isinstance(document, dict) or "schema" not in document:
+                raise ValueError("not a status snapshot")
+            return json.dumps(document, separators=(",", ":"))
         return render_status(json.loads(message))
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise Failure(
@@ -717,11 +750,11 @@ async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
                 while True:
                     with trio.fail_after(STATUS_SILENCE):
                         message = await connection.get_message()
-                    text = _render(url, message)
+                    text = _render(url, message, as_json=args.json)
                     if not args.watch:
                         _show(text)
                         return EXIT_OK
-                    _show("\x1b[H\x1b[2J" + text, flush=True)
+                    _show(text if args.json else "\x1b[H\x1b[2J" + text, flush=True)
                     shown, gone = True, False
                     backoff.reset()
         except (
@@ -838,6 +871,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument(
         "--watch", action="store_true", help="keep updating; reconnect if the daemon goes away"
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the snapshot as JSON on one line (with --watch: one line per snapshot)",
     )
     status.add_argument("--token-file", metavar="PATH", help="read the [status] token from PATH")
     status.add_argument(

@@ -4,6 +4,7 @@ across a daemon restart, tokens kept out of ps, recv and send over TLS and UNIX 
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -184,6 +185,13 @@ async def test_status_url_forms_and_tokens(tmp_path: Path) -> None:
         assert from_file.returncode == 0, from_file.stderr
         # --token on the command line still works (and the option comes after the URL).
         assert (await run_status(f"127.0.0.1:{port}", "--token", "sesame")).returncode == 0
+        # --json: one snapshot, on one line, for scripts.
+        as_json = await run_status(f"127.0.0.1:{port}", "--json", token="sesame")
+        assert as_json.returncode == 0, as_json.stderr
+        (line,) = as_json.stdout.decode().splitlines()
+        snapshot = json.loads(line)
+        assert snapshot["schema"] == "framewire.status/1"
+        assert "rates" in snapshot["endpoints"]["out"]
 
         wrong = await run_status(f"127.0.0.1:{port}", token="open-sesame")
         none = await run_status(f"127.0.0.1:{port}")

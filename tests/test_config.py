@@ -55,6 +55,7 @@ listen = "127.0.0.1:9000"
 interval = "500ms"
 token = "s3cret"
 max_clients = 4
+metrics_max_clients = 20
 
 [endpoints.g3-in]
 kind = "receiver"
@@ -113,6 +114,7 @@ EXPECTED: dict[str, Any] = {
         "interval": 0.5,
         "token": "s3cret",
         "max_clients": 4,
+        "metrics_max_clients": 20,
     },
     "streams": {"camera": {"max_metadata_types": 32, "max_metadata_bytes": 8 << 20}},
     "endpoints": {

@@ -667,6 +667,8 @@ class StatusConfig:
     interval: PositiveDuration = 1.0
     token: StrictStr | None = None
     max_clients: PositiveInt = 32
+    #: Clients (of all endpoints) with series of their own in /metrics; the rest are summed.
+    metrics_max_clients: PositiveInt = 100
 
 
 @attrs.frozen

@@ -24,7 +24,9 @@ from .._version import __version__
 from ..config import Address, Config, ConfigError, StatusConfig, check_config, load_config
 from .backoff import Backoff
 from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, start_order
+from .metrics import DaemonMetrics
 from .notify import SystemdNotifier
+from .rates import RateMeter
 from .status import StatusServer, build_snapshot
 from .stream import StreamRegistry
 from .supervisor import StartFailed, Supervisor, unwrap_error
@@ -100,6 +102,10 @@ class Daemon:
         self.started_at = time.time()
         self.state = "starting"
         self.last_reload: dict[str, Any] | None = None
+        #: Reloads from the file (SIGHUP) so far, by outcome: "ok", "failed".
+        self.reloads: dict[str, int] = {"ok": 0, "failed": 0}
+        self.rates = RateMeter()
+        self.metrics = DaemonMetrics(self, self._metrics_max_clients)
         self.status_server: StatusServer | None = None
         self._status_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -110,6 +116,10 @@ class Daemon:
     @property
     def endpoints(self) -> dict[str, Endpoint[Any]]:
         return self.supervisor.endpoints
+
+    def _metrics_max_clients(self) -> int:
+        status = self.config.status
+        return status.metrics_max_clients if status is not None else 0
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -222,12 +232,14 @@ class Daemon:
         if config is None or self._nursery is None:
             return
         server = StatusServer(
-            lambda: build_snapshot(self),
+            lambda: build_snapshot(self, self.rates),
             host=config.listen.host or "",
             port=config.listen.port,
             interval=config.interval,
             token=config.token,
             max_clients=config.max_clients,
+            tick=lambda: self.rates.sample(self.endpoints, time.time()),
+            metrics=self.metrics.exposition,
         )
         self.status_server = server
         self._status_scope = trio.CancelScope()
@@ -383,7 +395,7 @@ class Daemon:
         grace = old.daemon.grace_period
         changes: list[str] = []
         for name in leaving:
-            await self.supervisor.stop_endpoint(name, grace)
+            await self._retire(name, grace)
             changes.append(f"{'removed' if name not in config.endpoints else 'changed'} {name}")
         self.config = config
         self.supervisor.restart = config.daemon.restart
@@ -405,7 +417,7 @@ class Daemon:
         if failures:
             # Back to the previous configuration: what started goes, what left comes back.
             for name in started:
-                await self.supervisor.stop_endpoint(name, 0)
+                await self._retire(name, 0)
             self.config = old
             self.supervisor.restart = old.daemon.restart
             for name, endpoint_config in start_order(old.endpoints):
@@ -429,6 +441,14 @@ class Daemon:
                 changes.append("restarted status")
         logging.getLogger("framewire").setLevel(config.daemon.log_level.upper())
         return changes
+
+    async def _retire(self, name: str, grace: float) -> None:
+        """Stop endpoint ``name`` for good (a reload changed or removed it); its final
+        counters go on in /metrics under its name."""
+        endpoint = self.endpoints.get(name)
+        await self.supervisor.stop_endpoint(name, grace)
+        if endpoint is not None:
+            self.metrics.retire(name, endpoint)
 
     async def reload_from_file(self) -> bool:
         """Reload from :attr:`config_path` (SIGHUP). On any error keep the running config.
@@ -460,6 +480,7 @@ class Daemon:
                 self.last_reload = {"time": round(started, 3), "ok": True, "changes": changes}
                 log.info("reloaded %s: %s", self.source, "; ".join(changes) or "nothing changed")
                 ok = True
+        self.reloads["ok" if ok else "failed"] += 1
         self.state = "running"
         await self.notifier.ready(
             self.summary()

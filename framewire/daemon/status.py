@@ -1,4 +1,6 @@
-"""The status websocket: a JSON snapshot on connect, then one per interval.
+"""The status port: the status websocket (a JSON snapshot on connect, then one per
+interval), and plain HTTP on the same listener: ``GET /`` the dashboard page, ``/metrics``
+Prometheus metrics, ``/status.json`` one snapshot, 404 for anything else (see docs/status.md).
 
 The schema is documented, with its version, in docs/status.md. One task builds and encodes
 each snapshot once; every client handler sends the newest one it has not sent yet, so a slow
@@ -14,8 +16,13 @@ handshake that wsproto chokes on, a request our own code cannot parse) ends ther
 log line naming the peer and the reason, and the connection closed. Only a broken listener
 makes :meth:`StatusServer.run` fail; the daemon restarts it (see ``service.py``).
 
+Each connection's request head is read and parsed (with h11) first; a websocket upgrade is
+handed on to trio-websocket with those bytes replayed, any other request is answered here in
+one response and closed.
+
 This module does not know the daemon: :func:`build_snapshot` reads anything shaped like
-:class:`DaemonView`.
+:class:`DaemonView`, and the metrics come from a callable (``service.py`` passes
+:meth:`framewire.daemon.metrics.DaemonMetrics.exposition`).
 """
 
 from __future__ import annotations
@@ -40,8 +47,11 @@ from trio_websocket import (
 )
 
 from .._version import __version__
+from .dashboard import DASHBOARD
 from .endpoints import Endpoint
 from .lograte import RateLimitedWarning
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .rates import RateMeter
 from .stream import Stream
 from .transport import ACCEPT_RETRY_ERRNOS, peer_name
 
@@ -88,9 +98,11 @@ class DaemonView(Protocol):
     def status_server(self) -> StatusServer | None: ...
 
 
-def build_snapshot(daemon: DaemonView) -> dict[str, Any]:
-    """The status document for ``daemon``: see docs/status.md."""
+def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[str, Any]:
+    """The status document for ``daemon``, with the rates ``rates`` last measured (zeros
+    without it): see docs/status.md."""
     now = time.time()
+    rates = rates or RateMeter()
     endpoints: dict[str, Any] = {}
     for name, endpoint in daemon.endpoints.items():
         status = endpoint.status
@@ -101,6 +113,7 @@ def build_snapshot(daemon: DaemonView) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "peer": client.peer,
                 "connected_since": round(client.connected_since, 3),
+                "rates": rates.client(client),
             }
             subscription = client.subscription
             if subscription is not None:
@@ -109,6 +122,8 @@ def build_snapshot(daemon: DaemonView) -> dict[str, Any]:
                 entry.update(
                     queue_frames=subscription.queued_frames,
                     queue_bytes=subscription.queued_bytes,
+                    queue_max_frames=subscription.bounds.max_frames,
+                    queue_max_bytes=subscription.bounds.max_bytes,
                     frames_sent=client.frames_sent,
                     bytes_sent=client.bytes_sent,
                     frames_dropped=subscription.frames_dropped,
@@ -129,6 +144,7 @@ def build_snapshot(daemon: DaemonView) -> dict[str, Any]:
             "bytes_in": status.bytes_in,
             "frames_out": status.frames_out,
             "bytes_out": status.bytes_out,
+            "rates": rates.endpoint(name),
             "frames_dropped": dropped,
             "frames_decimated": decimated,
             "restarts": status.restarts,
@@ -145,12 +161,14 @@ def build_snapshot(daemon: DaemonView) -> dict[str, Any]:
             "metadata_cached": len(stream.metadata),
             "metadata_bytes": stream.metadata.nbytes,
             "metadata_refused": stream.metadata_refused,
+            "metadata_types": list(dict.fromkeys(frame.type for frame in stream.metadata)),
         }
         for stream in daemon.streams
     }
     return {
         "schema": SCHEMA,
         "time": round(now, 3),
+        "rate_interval": None if rates.interval is None else round(rates.interval, 3),
         "daemon": {
             "version": __version__,
             "pid": os.getpid(),
@@ -200,8 +218,12 @@ class StatusServer:
         send_timeout: float = 10.0,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         listen: ListenerFactory | None = None,
+        tick: Callable[[], None] | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._tick = tick
+        self._metrics = metrics
         self.host, self.port = host, port
         self.interval = interval
         self.token = token
@@ -227,7 +249,10 @@ class StatusServer:
         return json.dumps(self._snapshot(), separators=(",", ":")).encode()
 
     def refresh(self) -> None:
-        """Build a new snapshot now and wake every client."""
+        """Take the interval's readings (``tick``), build a new snapshot now and wake every
+        client."""
+        if self._tick is not None:
+            self._tick()
         self._latest = self._encode()
         self._generation += 1
         self._changed.set()
@@ -252,7 +277,14 @@ class StatusServer:
                     server.start_soon(self._accept_loop, listener, connections)
                 if listeners and isinstance(listeners[0], trio.SocketListener):
                     self.port = listeners[0].socket.getsockname()[1]
-                log.info("status websocket on ws://%s:%d/", self.host, self.port)
+                log.info(
+                    "status websocket on ws://%s:%d/ (and http://%s:%d/: page, /metrics, "
+                    "/status.json)",
+                    self.host,
+                    self.port,
+                    self.host,
+                    self.port,
+                )
                 self.state = "running"
                 task_status.started(self.port)
                 while True:
@@ -309,14 +341,15 @@ class StatusServer:
             if head is None:
                 log.debug("status client %s hung up before its request", peer)
                 return
-            problem = _check_request_head(head)
-            if problem is not None:
-                status, reason = problem
+            request = _check_request_head(head)
+            if isinstance(request, tuple):
+                status, reason = request
                 self._dropped(f"{peer}: {reason} (answered with HTTP {status})")
                 await _answer(stream, status, reason)
                 return
-            # Plain HTTP requests (pages on the same port) would be told apart here: every
-            # request reaching this point is a well-formed websocket upgrade.
+            if not _is_upgrade(request):
+                await self._serve_http(stream, request, peer)
+                return
             async with trio.open_nursery() as nursery:
                 await self._serve_websocket(_Replayed(stream, head), peer, nursery)
                 nursery.cancel_scope.cancel()  # trio-websocket's reader task
@@ -418,21 +451,54 @@ class StatusServer:
     def _authorised(self, request: WebSocketRequest) -> bool:
         """Whether ``request`` carries the token (always, with no token set). Never raises:
         a request that cannot be understood is not authorised."""
+        return self._has_token(request.headers, request.path)
+
+    def _has_token(self, headers: Iterable[tuple[bytes, bytes]], target: str) -> bool:
+        """Whether ``headers`` (``Authorization: Bearer``) or the request target ``target``
+        (``?token=``) carry the token (always, with no token set). Never raises."""
         if self.token is None:
             return True
         expected = self.token.encode()
         try:
-            for name, value in request.headers:
+            for name, value in headers:
                 if (
                     name.lower() == b"authorization"
                     and value.startswith(b"Bearer ")
                     and hmac.compare_digest(value[7:].strip(), expected)
                 ):
                     return True
-            return hmac.compare_digest(_query_token(request.path).encode(), expected)
+            return hmac.compare_digest(_query_token(target).encode(), expected)
         except Exception as exc:
             log.debug("status request not understood, so not authorised: %r", exc)
             return False
+
+    async def _serve_http(self, stream: trio.abc.Stream, request: h11.Request, peer: str) -> None:
+        """Answer one plain HTTP request, then close: ``GET /`` (the dashboard page),
+        ``/metrics`` (Prometheus), ``/status.json`` (one snapshot); 404 for any other path,
+        405 for other methods, 401 without the token. A response the client does not take
+        within ``send_timeout`` is abandoned (one log line)."""
+        target = request.target.decode("ascii", "replace")
+        path = target.partition("?")[0].partition("#")[0]
+        head_only = request.method == b"HEAD"
+        response: tuple[int, bytes, str, Sequence[tuple[str, str]]]
+        if request.method not in (b"GET", b"HEAD"):
+            response = 405, b"only GET and HEAD are served here\n", _TEXT, [("allow", "GET, HEAD")]
+        elif not self._has_token(request.headers, target):
+            self._refused(f"{peer}: bad or missing token (HTTP 401)")
+            response = 401, b"a valid token is required\n", _TEXT, []
+        elif path == "/":
+            response = 200, DASHBOARD.page, "text/html; charset=utf-8", DASHBOARD.headers
+        elif path == "/metrics" and self._metrics is not None:
+            response = 200, self._metrics(), METRICS_CONTENT_TYPE, []
+        elif path == "/status.json":
+            response = 200, self._encode(), "application/json", []
+        else:
+            response = 404, _NOT_FOUND, _TEXT, []
+        status, body, content_type, headers = response
+        with trio.move_on_after(self.send_timeout) as sending:
+            await _respond(stream, status, body, content_type, headers, head_only=head_only)
+        if sending.cancelled_caught:
+            log.info("status client %s closed: not reading its response", peer)
 
 
 class _HandshakeWatch(trio.abc.Stream):
@@ -513,9 +579,8 @@ async def _read_request_head(stream: trio.abc.Stream) -> bytes | None:
     return received
 
 
-def _check_request_head(head: bytes) -> tuple[int, str] | None:
-    """Why the request head in ``head`` cannot be served, as (HTTP status, reason), or None
-    for a well-formed websocket upgrade.
+def _check_request_head(head: bytes) -> h11.Request | tuple[int, str]:
+    """The request in ``head``, or why it cannot be served, as (HTTP status, reason).
 
     It is parsed with h11 here, before trio-websocket (whose wsproto parses it with h11 again,
     then sure to succeed). h11 raises its parse errors from a method of the exception itself,
@@ -536,25 +601,57 @@ def _check_request_head(head: bytes) -> tuple[int, str] | None:
         return 400, reason
     if not isinstance(event, h11.Request):
         return 400, "bad HTTP request"
-    headers = {name.lower(): value.lower() for name, value in event.headers}
-    if event.method != b"GET" or b"websocket" not in headers.get(b"upgrade", b""):
-        return 400, "not a websocket handshake; this port serves the status websocket"
-    return None
+    return event
+
+
+def _is_upgrade(request: h11.Request) -> bool:
+    """Whether ``request`` asks for a websocket (the rest is plain HTTP)."""
+    return request.method == b"GET" and any(
+        name == b"upgrade" and b"websocket" in value.lower() for name, value in request.headers
+    )
+
+
+_TEXT: Final = "text/plain; charset=utf-8"
+_NOT_FOUND: Final = b"not found: this port serves /, /metrics, /status.json and the websocket\n"
+_PHRASES: Final = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+}
+
+
+async def _respond(
+    stream: trio.abc.Stream,
+    status: int,
+    body: bytes,
+    content_type: str,
+    headers: Iterable[tuple[str, str]] = (),
+    *,
+    head_only: bool = False,
+) -> None:
+    """One HTTP/1.1 response with ``connection: close`` (the caller closes the stream). A
+    peer that went away is not an error."""
+    lines = [
+        f"HTTP/1.1 {status} {_PHRASES[status]}",
+        f"content-type: {content_type}",
+        f"content-length: {len(body)}",
+        "cache-control: no-store",
+        "x-content-type-options: nosniff",
+        "connection: close",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    response = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(response if head_only else response + body)
 
 
 async def _answer(stream: trio.abc.Stream, status: int, reason: str) -> None:
-    """A minimal HTTP error response, then the connection closes."""
-    phrase = {400: "Bad Request", 431: "Request Header Fields Too Large"}[status]
-    body = f"{reason}\n".encode("ascii", "replace")
-    head = (
-        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    ).encode()
-    with (
-        trio.move_on_after(1),
-        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-    ):
-        await stream.send_all(head + body)
+    """A minimal HTTP error response (within 1 s), then the connection closes."""
+    with trio.move_on_after(1):
+        await _respond(stream, status, f"{reason}\n".encode("ascii", "replace"), "text/plain")
 
 
 def _query_token(target: str) -> str:

@@ -1,0 +1,281 @@
+// The framewire dashboard: draws each status snapshot from the status websocket.
+// Everything in a snapshot came from the network (peer names, frame types, error messages):
+// it is only ever put in the page as text (textContent, attribute properties), never as HTML.
+"use strict";
+(function () {
+  const HISTORY = 300; // snapshots kept per endpoint for its sparkline
+  const MAX_CLIENT_ROWS = 200; // per endpoint; the rest are counted, not drawn
+  const HEALTHY = new Set(["running", "listening", "connected", "up", "recording", "finished"]);
+  const SVG = "http://www.w3.org/2000/svg";
+  const token = new URLSearchParams(location.search).get("token");
+  const history = new Map(); // endpoint name -> [{in, out}] frames/s, oldest first
+  const unfolded = new Set(); // endpoints whose clients are shown
+  const table = document.getElementById("endpoints");
+  const badge = document.getElementById("connection");
+
+  function el(tag, text, cls) {
+    const node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (cls) node.className = cls;
+    return node;
+  }
+  function num(x) {
+    return typeof x === "number" && isFinite(x) ? x : 0;
+  }
+  function count(x) {
+    return num(x).toLocaleString("en-US");
+  }
+  function rate(x) {
+    const v = num(x);
+    return v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2);
+  }
+  function megabytes(x) {
+    return (num(x) / 1e6).toFixed(2);
+  }
+  function age(seconds) {
+    let s = Math.max(0, Math.floor(num(seconds)));
+    const d = Math.floor(s / 86400); s -= d * 86400;
+    const h = Math.floor(s / 3600); s -= h * 3600;
+    const m = Math.floor(s / 60); s -= m * 60;
+    if (d) return d + "d" + String(h).padStart(2, "0") + "h";
+    if (h) return h + "h" + String(m).padStart(2, "0") + "m";
+    return m ? m + "m" + String(s).padStart(2, "0") + "s" : s + "s";
+  }
+  function clock(unix) {
+    return new Date(num(unix) * 1000).toLocaleTimeString();
+  }
+  function cell(row, text, cls) {
+    const td = el("td", text, cls);
+    row.appendChild(td);
+    return td;
+  }
+  function stateBadge(state) {
+    const cls = HEALTHY.has(state) ? "ok" : state === "restarting" || state === "failed" ? "bad" : "warn";
+    return el("span", state, "badge " + cls);
+  }
+
+  function sparkline(points) {
+    const width = 120, height = 24;
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("class", "spark");
+    svg.setAttribute("width", String(width));
+    svg.setAttribute("height", String(height));
+    const top = Math.max(1, ...points.map((p) => Math.max(p.in, p.out)));
+    for (const key of ["in", "out"]) {
+      const line = document.createElementNS(SVG, "polyline");
+      line.setAttribute("class", key);
+      // A page opened a moment ago spreads its few points over the width; from 60 on they
+      // close up, until HISTORY of them fill it.
+      const step = width / (Math.max(points.length, 60) - 1);
+      const x0 = width - step * (points.length - 1);
+      line.setAttribute("points", points.map((p, i) =>
+        (x0 + i * step).toFixed(1) + "," + (height - 1 - (p[key] / top) * (height - 2)).toFixed(1)
+      ).join(" "));
+      svg.appendChild(line);
+    }
+    const title = document.createElementNS(SVG, "title");
+    title.textContent = "frames/s in (blue) and out (violet), last " + points.length + " snapshots";
+    svg.appendChild(title);
+    return svg;
+  }
+
+  function renderDaemon(snap) {
+    const daemon = snap.daemon || {};
+    const list = document.getElementById("daemon");
+    const items = [
+      ["version", daemon.version],
+      ["state", daemon.state],
+      ["pid", daemon.pid],
+      ["up", age(daemon.uptime)],
+      ["config", daemon.config],
+    ];
+    const reload = daemon.last_reload;
+    if (reload) {
+      const outcome = reload.ok
+        ? "ok" + (reload.changes && reload.changes.length ? ": " + reload.changes.join("; ") : "")
+        : "FAILED: " + String(reload.error || "").trim().split("\n").pop().trim();
+      items.push(["last reload", clock(reload.time) + " " + outcome]);
+    } else {
+      items.push(["last reload", "none"]);
+    }
+    items.push(["snapshot", clock(snap.time)]);
+    list.replaceChildren(...items.map(([name, value]) => {
+      const pair = el("div");
+      pair.append(el("dt", name), el("dd", value));
+      return pair;
+    }));
+    document.title = "framewire " + (daemon.state || "");
+  }
+
+  function queueBar(client) {
+    const frames = num(client.queue_frames) / Math.max(1, num(client.queue_max_frames));
+    const bytes = num(client.queue_bytes) / Math.max(1, num(client.queue_max_bytes));
+    const fill = Math.min(1, Math.max(frames, bytes));
+    const bar = el("span", null, "bar");
+    const inner = el("span", null, fill > 0.9 ? "bad" : fill > 0.5 ? "warn" : "");
+    inner.style.width = (fill * 100).toFixed(1) + "%";
+    bar.appendChild(inner);
+    bar.title = count(client.queue_frames) + " of " + count(client.queue_max_frames) + " frames, " +
+      megabytes(client.queue_bytes) + " of " + megabytes(client.queue_max_bytes) + " MB";
+    return [bar, fill];
+  }
+
+  function renderClients(endpoint, now) {
+    const clients = (endpoint.clients || []).slice();
+    const served = clients.some((c) => "queue_frames" in c);
+    const list = el("table", null, "clients");
+    const head = el("tr");
+    const names = served
+      ? ["peer", "connected", "queue", "", "sent", "frames/s", "MB/s", "dropped"]
+      : ["peer", "connected", "received", "frames/s", "MB/s"];
+    for (const name of names) head.appendChild(el("th", name));
+    list.appendChild(el("thead")).appendChild(head);
+    const body = list.appendChild(el("tbody"));
+    const rows = clients.map((c) => ({ c, bar: served ? queueBar(c) : null }));
+    if (served) rows.sort((a, b) => b.bar[1] - a.bar[1]); // the ones falling behind first
+    for (const { c, bar } of rows.slice(0, MAX_CLIENT_ROWS)) {
+      const row = body.appendChild(el("tr"));
+      cell(row, c.peer, "peer");
+      cell(row, age(now - num(c.connected_since)) + " (since " + clock(c.connected_since) + ")");
+      const r = c.rates || {};
+      if (served) {
+        cell(row).appendChild(bar[0]);
+        cell(row, count(c.queue_frames) + " frames, " + megabytes(c.queue_bytes) + " MB", "num");
+        cell(row, count(c.frames_sent), "num");
+        cell(row, rate(r.frames_sent), "num");
+        cell(row, megabytes(r.bytes_sent), "num");
+        cell(row, count(c.frames_dropped), num(c.frames_dropped) ? "num dropped" : "num");
+      } else {
+        cell(row, count(c.frames_received), "num");
+        cell(row, rate(r.frames_received), "num");
+        cell(row, megabytes(r.bytes_received), "num");
+      }
+    }
+    if (rows.length > MAX_CLIENT_ROWS) {
+      const more = body.appendChild(el("tr"));
+      const note = cell(more, (rows.length - MAX_CLIENT_ROWS) + " more clients not shown " +
+        "(shown: the " + MAX_CLIENT_ROWS + " with the fullest queues)", "more");
+      note.colSpan = names.length;
+    }
+    return list;
+  }
+
+  function renderEndpoint(name, endpoint, now) {
+    const body = el("tbody");
+    body.dataset.endpoint = name;
+    const row = body.appendChild(el("tr", null, "endpoint"));
+    const rates = endpoint.rates || {};
+    const points = history.get(name) || [];
+    cell(row, name, "name");
+    cell(row, endpoint.kind, "kind");
+    cell(row, null, "state").appendChild(stateBadge(String(endpoint.state)));
+    cell(row, (endpoint.address || []).join(", "), "address");
+    cell(row, rate(rates.frames_in), "num frames_in_rate");
+    cell(row, megabytes(rates.bytes_in), "num bytes_in_rate");
+    cell(row, rate(rates.frames_out), "num frames_out_rate");
+    cell(row, megabytes(rates.bytes_out), "num bytes_out_rate");
+    cell(row, null, "spark").appendChild(sparkline(points));
+    cell(row, count(endpoint.frames_in), "num frames_in");
+    cell(row, count(endpoint.frames_out), "num frames_out");
+    cell(row, count(endpoint.frames_dropped), num(endpoint.frames_dropped) ? "num dropped" : "num");
+    cell(row, count(endpoint.restarts), "num restarts");
+    const error = cell(row, null, "error");
+    if (endpoint.last_error) {
+      const healthy = HEALTHY.has(endpoint.state);
+      const when = endpoint.last_error_at
+        ? age(now - num(endpoint.last_error_at)) + " ago (" + clock(endpoint.last_error_at) + ")"
+        : "";
+      error.textContent = (healthy ? "past, " : "") + when + ": " + String(endpoint.last_error);
+      error.title = healthy ? "healthy since; kept as history" : "current";
+      if (healthy) error.classList.add("past");
+    }
+    const clients = endpoint.clients || [];
+    if (clients.length) {
+      const fold = body.appendChild(el("tr", null, "clients"));
+      const holder = cell(fold);
+      holder.colSpan = 14;
+      const details = holder.appendChild(el("details"));
+      details.open = unfolded.has(name);
+      const behind = clients.filter((c) => num(c.frames_dropped) > 0).length;
+      details.appendChild(el("summary", clients.length + (clients.length === 1 ? " client" : " clients") +
+        (behind ? ", " + behind + " dropping" : "")));
+      if (details.open) details.appendChild(renderClients(endpoint, now));
+      details.addEventListener("toggle", () => {
+        if (details.open) {
+          unfolded.add(name);
+          if (details.childElementCount === 1) details.appendChild(renderClients(endpoint, now));
+        } else {
+          unfolded.delete(name);
+        }
+      });
+    }
+    return body;
+  }
+
+  function renderStreams(snap) {
+    const body = document.querySelector("#streams tbody");
+    const rows = [];
+    for (const [name, stream] of Object.entries(snap.streams || {})) {
+      const row = el("tr");
+      cell(row, name, "name");
+      cell(row, count(stream.frames_in), "num");
+      cell(row, megabytes(stream.bytes_in), "num");
+      cell(row, count(stream.subscribers), "num");
+      cell(row, count(stream.metadata_cached), "num");
+      cell(row, (stream.metadata_types || []).join(", "), "types");
+      rows.push(row);
+    }
+    body.replaceChildren(...rows);
+  }
+
+  function render(snap) {
+    const now = num(snap.time);
+    const endpoints = snap.endpoints || {};
+    renderDaemon(snap);
+    const bodies = [];
+    for (const [name, endpoint] of Object.entries(endpoints)) {
+      const rates = endpoint.rates || {};
+      const points = history.get(name) || [];
+      points.push({ in: num(rates.frames_in), out: num(rates.frames_out) });
+      if (points.length > HISTORY) points.shift();
+      history.set(name, points);
+      bodies.push(renderEndpoint(name, endpoint, now));
+    }
+    for (const name of history.keys()) if (!(name in endpoints)) history.delete(name);
+    table.querySelectorAll("tbody").forEach((body) => body.remove());
+    table.append(...bodies);
+    document.getElementById("empty").hidden = bodies.length > 0;
+    renderStreams(snap);
+  }
+
+  const decoder = new TextDecoder();
+  let delay = 500;
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const url = scheme + "//" + location.host + "/" + (token ? "?token=" + encodeURIComponent(token) : "");
+    const socket = new WebSocket(url);
+    socket.binaryType = "arraybuffer"; // the daemon sends each snapshot as UTF-8 bytes
+    socket.onopen = () => {
+      delay = 500;
+      badge.textContent = "live";
+      badge.className = "badge ok";
+    };
+    socket.onmessage = (event) => {
+      let snap;
+      try {
+        const text = typeof event.data === "string" ? event.data : decoder.decode(event.data);
+        snap = JSON.parse(text);
+      } catch (error) {
+        return;
+      }
+      render(snap);
+    };
+    socket.onclose = () => {
+      badge.textContent = "disconnected; retrying";
+      badge.className = "badge bad";
+      setTimeout(connect, delay);
+      delay = Math.min(delay * 2, 10000);
+    };
+  }
+  connect();
+})();

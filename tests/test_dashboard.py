@@ -1,0 +1,218 @@
+"""The dashboard page in a real headless Chromium, driven over the DevTools protocol.
+
+Skipped, with the reason shown, where no Chromium is installed (CI installs Debian's
+``chromium`` first: see .ci/run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from framewire import Frame, FrameKind
+
+from .helpers import connect, endpoint_port, running_daemon, wait_until
+
+CHROMIUM = next(
+    (path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None
+)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on PATH: the dashboard's browser test needs Debian's chromium package "
+    "(apt-get install chromium; .ci/run installs it)",
+)
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+TOKEN = "page-token"
+
+CONFIG = f"""
+[status]
+listen = "127.0.0.1:0"
+interval = "100ms"
+token = "{TOKEN}"
+
+[endpoints.source]
+kind = "generator"
+stream = "demo"
+rate = 50.0
+size = "1KiB"
+
+[endpoints.demo-out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "demo"
+max_clients = 300
+
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "hostile"
+"""
+
+
+class DevTools:
+    """One page of a browser, over the Chrome DevTools protocol (flat sessions)."""
+
+    def __init__(self, connection: WebSocketConnection) -> None:
+        self._connection = connection
+        self._ids = itertools.count(1)
+        self.session: str | None = None
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send one command; its result. Events arriving meanwhile are skipped."""
+        number = next(self._ids)
+        message: dict[str, Any] = {"id": number, "method": method, "params": params}
+        if self.session is not None and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        await self._connection.send_message(json.dumps(message))
+        with trio.fail_after(20):
+            while True:
+                reply = json.loads(await self._connection.get_message())
+                if reply.get("id") == number:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    result: dict[str, Any] = reply["result"]
+                    return result
+
+    async def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page."""
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+
+@asynccontextmanager
+async def browser(profile: Path) -> AsyncIterator[DevTools]:
+    """A headless Chromium with a fresh profile; its DevTools connection."""
+    assert CHROMIUM is not None
+    process = await trio.lowlevel.open_process(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",  # tests run as root in CI containers
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        said = b""
+        with trio.fail_after(60):
+            while (found := re.search(rb"DevTools listening on (ws://\S+)", said)) is None:
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, f"chromium exited: {said.decode(errors='replace')}"
+                said += chunk
+        async with trio.open_nursery() as nursery:
+            # Keep reading its stderr so that chromium never blocks on a full pipe.
+            nursery.start_soon(_drain, process.stderr)
+            async with open_websocket_url(
+                found.group(1).decode(), connect_timeout=20, max_message_size=16 << 20
+            ) as connection:
+                yield DevTools(connection)
+            nursery.cancel_scope.cancel()
+    finally:
+        process.kill()
+        with trio.move_on_after(20):
+            await process.wait()
+        await process.stderr.aclose()
+
+
+async def _drain(stream: trio.abc.ReceiveStream) -> None:
+    while await stream.receive_some(65536):
+        pass
+
+
+async def open_page(tools: DevTools, url: str) -> None:
+    target = await tools.call("Target.createTarget", url=url)
+    attached = await tools.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)
+    tools.session = attached["sessionId"]
+    await tools.call("Runtime.enable")
+
+
+async def page_where(tools: DevTools, expression: str, accept: Any) -> Any:
+    """Evaluate ``expression`` until ``accept(value)`` holds; that value."""
+    with trio.fail_after(30):
+        while True:
+            value = await tools.evaluate(expression)
+            if accept(value):
+                return value
+            await trio.sleep(0.1)
+
+
+ENDPOINT_ROWS = """JSON.stringify(Object.fromEntries([...document.querySelectorAll(
+  "tbody[data-endpoint]")].map((body) => [body.dataset.endpoint, {
+    frames_out: body.querySelector(".frames_out").textContent,
+    error: body.querySelector(".error").textContent,
+    state: body.querySelector(".state").textContent}])))"""
+
+
+async def test_the_page_shows_every_endpoint_live_and_hostile_text_as_text(
+    tmp_path: Path,
+) -> None:
+    async with running_daemon(CONFIG) as daemon:
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        # A frame type and an error message that would be markup, were they treated as HTML.
+        producer = await connect(endpoint_port(daemon, "in"))
+        await producer.send([Frame(FrameKind.METADATA, HOSTILE, b"{}")])
+        await wait_until(lambda: daemon.endpoints["in"].status.frames_in == 1)
+        daemon.endpoints["in"].status.record_error(f"bad bytes: {HOSTILE}")
+        async with browser(tmp_path / "profile") as tools:
+            await open_page(tools, f"http://127.0.0.1:{port}/?token={TOKEN}")
+
+            def every_endpoint(text: str | None) -> bool:
+                return text is not None and set(json.loads(text)) == {"source", "demo-out", "in"}
+
+            first = json.loads(await page_where(tools, ENDPOINT_ROWS, every_endpoint))
+            counted = int(first["source"]["frames_out"].replace(",", ""))
+
+            def counted_more(text: str) -> bool:
+                frames = json.loads(text)["source"]["frames_out"]
+                return int(frames.replace(",", "")) > counted
+
+            # The generator runs: the page's frame counter goes up by itself (the websocket).
+            later = json.loads(await page_where(tools, ENDPOINT_ROWS, counted_more))
+            assert later["source"]["state"] == "running"
+            assert HOSTILE in later["in"]["error"]
+            assert await tools.evaluate("document.querySelectorAll('img').length") == 0
+            types = await tools.evaluate("document.querySelector('#streams tbody').textContent")
+            assert HOSTILE in types
+            assert await tools.evaluate("document.getElementById('connection').textContent") == (
+                "live"
+            )
+
+            # Many clients fold away under their endpoint; unfolded, the page draws at most
+            # 200 of them and counts the rest.
+            clients = [await connect(endpoint_port(daemon, "demo-out")) for _ in range(205)]
+            summary = "document.querySelector('tbody[data-endpoint=\"demo-out\"] summary')"
+            await page_where(tools, f"{summary}?.textContent", lambda text: text == "205 clients")
+            assert await tools.evaluate("document.querySelectorAll('table.clients').length") == 0
+            await tools.evaluate(f"{summary}.click()")
+            rows = "document.querySelectorAll('table.clients tbody tr')"
+            shown = await page_where(tools, f"{rows}.length", lambda count: count == 201)
+            assert shown == 201
+            more = await tools.evaluate(f"[...{rows}].pop().textContent")
+            assert more.startswith("5 more clients not shown")
+            for client in clients:
+                await client.stream.aclose()
+        await producer.stream.aclose()

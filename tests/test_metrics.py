@@ -1,0 +1,358 @@
+"""Plain HTTP on the status port: /metrics (Prometheus), /status.json, 404, the token; and
+the rates in the snapshot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+from typing import Any, cast
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from framewire import Frame, FrameKind
+from framewire.config import parse_config
+from framewire.daemon import Daemon
+from framewire.daemon.endpoints import ClientInfo, Endpoint, EndpointStatus
+from framewire.daemon.rates import RateMeter
+from framewire.daemon.status import SCHEMA
+
+from .helpers import connect, endpoint_port, wait_until
+
+CONFIG = """
+[status]
+listen = "127.0.0.1:0"
+interval = "50ms"
+metrics_max_clients = {max_clients}
+{token}
+
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+{receiver_extra}
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+max_queue_frames = 8
+max_queue_bytes = "1MiB"
+"""
+
+
+def config(*, token: str = "", max_clients: int = 100, receiver_extra: str = "") -> str:
+    return CONFIG.format(
+        token=f'token = "{token}"' if token else "",
+        max_clients=max_clients,
+        receiver_extra=receiver_extra,
+    )
+
+
+@asynccontextmanager
+async def running(text: str) -> AsyncIterator[tuple[Daemon, int]]:
+    daemon = Daemon(parse_config(text))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(daemon.run)
+        assert daemon.status_server is not None
+        yield daemon, daemon.status_server.port
+        daemon.request_shutdown()
+
+
+async def http_get(port: int, target: str, *headers: str) -> tuple[int, dict[str, str], bytes]:
+    """GET ``target`` from the status port: (status, headers, body)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    extra = "".join(f"{header}\r\n" for header in headers)
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}\r\n"
+    received = b""
+    with trio.fail_after(10):
+        await stream.send_all(request.encode())
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    await stream.aclose()
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines)
+    assert int(fields["content-length"]) == len(body)
+    return int(status_line.split()[1]), fields, body
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(port: int, *headers: str) -> Samples:
+    """/metrics, parsed by prometheus_client's own parser: value by (name, labels)."""
+    status, fields, body = await http_get(port, "/metrics", *headers)
+    assert status == 200
+    assert fields["content-type"].startswith("text/plain; version=0.0.4")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def data(i: int, size: int = 100) -> Frame:
+    return Frame(FrameKind.DATA, "d", bytes(size), timestamp=i)
+
+
+#: The native wire size of one metadata frame "m" with payload "{}" and of data(i).
+METADATA_WIRE = 28 + 1 + 2
+DATA_WIRE = 28 + 1 + 100
+
+
+async def test_metrics_count_exactly_the_traffic_sent() -> None:
+    async with running(config()) as (daemon, port):
+        client = await connect(endpoint_port(daemon, "out"))
+        producer = await connect(endpoint_port(daemon, "in"))
+        await wait_until(lambda: len(daemon.streams.get("s").subscriptions) == 1)
+        await producer.send([Frame(FrameKind.METADATA, "m", b"{}")] + [data(i) for i in range(6)])
+        with trio.fail_after(10):
+            await client.read(7)
+        wire = METADATA_WIRE + 6 * DATA_WIRE
+        await wait_until(lambda: daemon.endpoints["out"].status.frames_out == 7)
+        samples = await scrape(port)
+        frames, nbytes = "framewire_endpoint_frames_total", "framewire_endpoint_bytes_total"
+        assert value(samples, frames, endpoint="in", direction="in") == 7
+        assert value(samples, nbytes, endpoint="in", direction="in") == wire
+        assert value(samples, frames, endpoint="out", direction="out") == 7
+        assert value(samples, nbytes, endpoint="out", direction="out") == wire
+        assert value(samples, "framewire_frames_dropped_total", endpoint="out") == 0
+        assert value(samples, "framewire_endpoint_up", endpoint="out") == 1
+        assert value(samples, "framewire_endpoint_state", endpoint="out", state="running") == 1
+        assert value(samples, "framewire_endpoint_state", endpoint="out", state="stopped") == 0
+        assert value(samples, "framewire_endpoint_info", endpoint="out", kind="server") == 1
+        assert value(samples, "framewire_clients", endpoint="out") == 1
+        assert value(samples, "framewire_clients", endpoint="in") == 1
+        assert value(samples, "framewire_stream_frames_total", stream="s") == 7
+        assert value(samples, "framewire_reloads_total", outcome="ok") == 0
+        assert value(samples, "framewire_info", version=daemon_version()) == 1
+        # the standard process metrics, on the daemon's own registry
+        assert value(samples, "process_resident_memory_bytes") > 0
+        assert any(name == "python_info" for name, _ in samples)
+        for peer in (client, producer):
+            await peer.stream.aclose()
+
+
+def daemon_version() -> str:
+    from framewire import __version__
+
+    return __version__
+
+
+async def test_metrics_count_the_drops_of_a_stalled_client() -> None:
+    async with running(config()) as (daemon, port):
+        stalled = await trio.open_tcp_stream("127.0.0.1", endpoint_port(daemon, "out"))
+        stream = daemon.streams.get("s")
+        await wait_until(lambda: len(stream.subscriptions) == 1)
+        for i in range(400):  # 25 MiB, far beyond the socket buffers
+            await stream.publish([data(i, size=64 * 1024)])
+        (subscription,) = stream.subscriptions
+        samples = await scrape(port)
+        dropped = value(samples, "framewire_frames_dropped_total", endpoint="out")
+        assert dropped == subscription.frames_dropped > 0
+        (client,) = daemon.endpoints["out"].status.clients.values()
+        queued = value(samples, "framewire_client_queue_frames", endpoint="out", client=client.peer)
+        assert queued == subscription.queued_frames <= 8
+        assert (
+            value(samples, "framewire_client_queue_bytes", endpoint="out", client=client.peer)
+            == subscription.queued_bytes
+        )
+        await stalled.aclose()
+        # The client is gone; its drops stay counted.
+        await wait_until(lambda: not daemon.endpoints["out"].status.clients)
+        after = await scrape(port)
+        assert value(after, "framewire_frames_dropped_total", endpoint="out") == dropped
+
+
+async def test_counters_never_go_backwards_across_a_reload_that_changes_an_endpoint() -> None:
+    async with running(config()) as (daemon, port):
+        producer = await connect(endpoint_port(daemon, "in"))
+        await producer.send([data(i) for i in range(5)])
+        await wait_until(lambda: daemon.endpoints["in"].status.frames_in == 5)
+        await producer.stream.aclose()
+        old = daemon.endpoints["in"]
+        before = await scrape(port)
+        frames = "framewire_endpoint_frames_total"
+        assert value(before, frames, endpoint="in", direction="in") == 5
+        changes = await daemon.reload(
+            parse_config(config(receiver_extra='max_frame_size = "1MiB"'))
+        )
+        assert changes == ["changed in"]
+        assert daemon.endpoints["in"] is not old
+        assert daemon.endpoints["in"].status.frames_in == 0  # a new object starts at 0
+        after = await scrape(port)
+        assert value(after, frames, endpoint="in", direction="in") == 5
+        assert value(after, "framewire_endpoint_bytes_total", endpoint="in", direction="in") == (
+            5 * DATA_WIRE
+        )
+        producer = await connect(endpoint_port(daemon, "in"))
+        await producer.send([data(i) for i in range(3)])
+        await wait_until(lambda: daemon.endpoints["in"].status.frames_in == 3)
+        later = await scrape(port)
+        assert value(later, frames, endpoint="in", direction="in") == 8
+        await producer.stream.aclose()
+
+
+async def test_per_client_series_are_bounded() -> None:
+    async with running(config(max_clients=1)) as (daemon, port):
+        peers = [await connect(endpoint_port(daemon, "out")) for _ in range(3)]
+        status = daemon.endpoints["out"].status
+        await wait_until(lambda: len(status.clients) == 3)
+        samples = await scrape(port)
+        series = [labels for name, labels in samples if name == "framewire_client_queue_frames"]
+        clients = sorted(dict(labels)["client"] for labels in series)
+        first = next(iter(status.clients.values())).peer
+        assert clients == sorted([first, "other"])
+        for peer in peers:
+            await peer.stream.aclose()
+
+
+async def test_status_json_is_one_snapshot_and_other_paths_are_404() -> None:
+    async with running(config()) as (_, port):
+        status, fields, body = await http_get(port, "/status.json")
+        assert status == 200
+        assert fields["content-type"] == "application/json"
+        snapshot = json.loads(body)
+        assert snapshot["schema"] == SCHEMA
+        assert set(snapshot["endpoints"]) == {"in", "out"}
+        assert snapshot["endpoints"]["in"]["rates"] == {
+            "frames_in": 0.0,
+            "bytes_in": 0.0,
+            "frames_out": 0.0,
+            "bytes_out": 0.0,
+        }
+        for target in ("/status", "/../../etc/passwd", "/metrics/x", "/index.html"):
+            status, _, body = await http_get(port, target)
+            assert status == 404
+            assert body.count(b"\n") == 1
+            assert b"etc" not in body  # the path is not echoed
+        status, fields, body = await http_get(port, "/")
+        assert status == 200
+        assert fields["content-type"] == "text/html; charset=utf-8"
+        assert "script-src 'sha256-" in fields["content-security-policy"]
+        assert b"<title>framewire</title>" in body
+
+
+async def test_the_token_guards_every_path() -> None:
+    async with running(config(token="s3cret")) as (_, port):
+        for target in ("/", "/metrics", "/status.json", "/nothing"):
+            status, _, body = await http_get(port, target)
+            assert (status, body) == (401, b"a valid token is required\n")
+            status, _, _ = await http_get(port, target + "?token=wrong")
+            assert status == 401
+        for target in ("/", "/status.json"):
+            status, _, _ = await http_get(port, target + "?token=s3cret")
+            assert status == 200
+        samples = await scrape(port, "Authorization: Bearer s3cret")
+        assert ("framewire_clients", frozenset({("endpoint", "out")})) in samples
+        status, _, _ = await http_get(port, "/nothing?token=s3cret")
+        assert status == 404
+
+
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = b""
+    with trio.fail_after(10):
+        await stream.send_all(request)
+        while chunk := await stream.receive_some():
+            received += chunk
+    await stream.aclose()
+    return received
+
+
+async def test_head_is_answered_without_a_body_and_other_methods_are_refused() -> None:
+    async with running(config()) as (_, port):
+        refused = await raw_exchange(
+            port, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        assert refused.startswith(b"HTTP/1.1 405")
+        assert b"allow: GET, HEAD" in refused
+        head = await raw_exchange(port, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert head.endswith(b"\r\n\r\n")  # the head only
+        assert b"content-length: 0" not in head
+
+
+def fake_endpoints(status: EndpointStatus) -> dict[str, Endpoint[Any]]:
+    return {"e": cast("Endpoint[Any]", SimpleNamespace(status=status))}
+
+
+def test_rates_are_per_second_over_the_last_interval() -> None:
+    meter = RateMeter()
+    status = EndpointStatus(kind="server")
+    client = ClientInfo("peer:1", subscription=cast(Any, object()))
+    status.clients[1] = client
+    endpoints = fake_endpoints(status)
+    meter.sample(endpoints, 100.0)
+    assert meter.endpoint("e")["frames_out"] == 0.0  # one reading: no rate yet
+    first_interval = meter.interval
+    assert first_interval is None
+    status.frames_out, status.bytes_out = 50, 5000
+    client.frames_sent, client.bytes_sent = 50, 5000
+    meter.sample(endpoints, 102.0)
+    assert meter.interval == 2.0
+    assert meter.endpoint("e") == {
+        "frames_in": 0.0,
+        "bytes_in": 0.0,
+        "frames_out": 25.0,
+        "bytes_out": 2500.0,
+    }
+    assert meter.client(client) == {"frames_sent": 25.0, "bytes_sent": 2500.0}
+    # A replaced endpoint (a reload) starts again from zero instead of going negative.
+    fresh = EndpointStatus(kind="server")
+    meter.sample(fake_endpoints(fresh), 103.0)
+    assert meter.endpoint("e")["frames_out"] == 0.0
+    # A producer's rates are named like its counters.
+    producer = ClientInfo("peer:2", frames_in=4, bytes_in=40)
+    fresh.clients[2] = producer
+    meter.sample(fake_endpoints(fresh), 104.0)
+    producer.frames_in = 14
+    meter.sample(fake_endpoints(fresh), 105.0)
+    assert meter.client(producer) == {"frames_received": 10.0, "bytes_received": 0.0}
+
+
+def test_the_status_table_shows_rates_and_bytes_beside_totals() -> None:
+    from framewire.cli import render_status
+
+    client = {
+        "peer": "127.0.0.1:5000",
+        "connected_since": 1000.0,
+        "queue_frames": 2,
+        "queue_bytes": 2048,
+        "frames_sent": 600,
+        "bytes_sent": 3 << 20,
+        "frames_dropped": 1,
+        "rates": {"frames_sent": 12.5, "bytes_sent": 64 * 1024.0},
+    }
+    endpoint = {
+        "kind": "server",
+        "state": "running",
+        "address": ["127.0.0.1:4540"],
+        "frames_in": 0,
+        "bytes_in": 0,
+        "frames_out": 600,
+        "bytes_out": 3 << 20,
+        "rates": {"frames_in": 0.0, "bytes_in": 0.0, "frames_out": 12.5, "bytes_out": 65536.0},
+        "frames_dropped": 1,
+        "restarts": 0,
+        "last_error": None,
+        "clients": [client],
+    }
+    snapshot = {
+        "time": 1060.0,
+        "daemon": {"version": "x", "pid": 1, "state": "running", "uptime": 60.0, "config": "c"},
+        "endpoints": {"out": endpoint},
+    }
+    lines = render_status(snapshot).splitlines()
+    row = next(line for line in lines if line.startswith("out "))
+    assert row.split()[3:11] == ["0", "0.0", "0B", "0B/s", "600", "12.5", "3MiB", "64KiB/s"]
+    (client_line,) = [line for line in lines if "client" in line]
+    assert "sent 600 (12.5/s, 3MiB, 64KiB/s)  dropped 1" in client_line
