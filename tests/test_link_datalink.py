@@ -2,8 +2,9 @@
 
 The real Datalink is a C++ library with a ctypes binding, built from its source; it is not
 on PyPI (the packages named "datalink" there are unrelated), so these tests cannot run it.
-The peers here emulate it: they play a Datalink ``TCPLink`` exactly as shared/notes/rogue-datalink-zmq.md
-("What the real Datalink does, run against framewire") describes it:
+The peers here emulate it: they play a Datalink ``TCPLink`` exactly as
+shared/notes/rogue-datalink-zmq.md ("What the real Datalink does, run against framewire")
+describes it:
 
 * it never sends a keepalive (its application never calls ``write_keep_alive``), and with
   its default timeout (-1) it never times out;
