@@ -283,7 +283,13 @@ class FrameDecoder:
                         # needs no regrowing).
                         floor = max(2 * available, FIRST_LARGE_BUFFER, self._last_large)
                         size = min(needed + _read_ahead(needed), floor)
-                        large = bytearray(size)
+                        try:
+                            large = bytearray(size)
+                        except MemoryError:
+                            raise FrameTooLarge(
+                                f"cannot allocate {size} bytes for a frame of at least "
+                                f"{needed} bytes: out of memory"
+                            ) from None
                         large[:available] = view[start:end]
                         self._large = large
                         self._large_filled = available
