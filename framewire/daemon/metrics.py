@@ -94,19 +94,14 @@ class MetricsView(Protocol):
 
 def _totals(status: EndpointStatus) -> dict[str, int]:
     """An endpoint's counters now: its own, plus those of its live clients' queues."""
-    dropped, decimated = status.frames_dropped, status.frames_decimated
-    for client in list(status.clients.values()):
-        if client.subscription is not None:
-            dropped += client.subscription.frames_dropped
-            decimated += client.subscription.frames_decimated
     unencodable = status.detail.get("frames_unencodable", 0)
     return {
         "frames_in": status.frames_in,
         "bytes_in": status.bytes_in,
         "frames_out": status.frames_out,
         "bytes_out": status.bytes_out,
-        "dropped": dropped,
-        "decimated": decimated,
+        "dropped": status.dropped_total,
+        "decimated": status.decimated_total,
         "unencodable": unencodable if isinstance(unencodable, int) else 0,
         "restarts": status.restarts,
     }

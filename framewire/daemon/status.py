@@ -107,8 +107,6 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
     for name, endpoint in daemon.endpoints.items():
         status = endpoint.status
         clients = []
-        dropped = status.frames_dropped
-        decimated = status.frames_decimated
         for client in list(status.clients.values()):
             entry: dict[str, Any] = {
                 "peer": client.peer,
@@ -117,8 +115,6 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
             }
             subscription = client.subscription
             if subscription is not None:
-                dropped += subscription.frames_dropped
-                decimated += subscription.frames_decimated
                 entry.update(
                     queue_frames=subscription.queued_frames,
                     queue_bytes=subscription.queued_bytes,
@@ -145,8 +141,8 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
             "frames_out": status.frames_out,
             "bytes_out": status.bytes_out,
             "rates": rates.endpoint(name),
-            "frames_dropped": dropped,
-            "frames_decimated": decimated,
+            "frames_dropped": status.dropped_total,
+            "frames_decimated": status.decimated_total,
             "restarts": status.restarts,
             "last_error": status.last_error,
             "last_error_at": status.last_error_at,

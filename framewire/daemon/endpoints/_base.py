@@ -264,6 +264,24 @@ class EndpointStatus:
     clients: dict[int, ClientInfo] = attrs.field(factory=dict)
     detail: dict[str, object] = attrs.field(factory=dict)
 
+    @property
+    def dropped_total(self) -> int:
+        """Data frames dropped: by clients already gone, and by the live clients' queues."""
+        return self.frames_dropped + sum(
+            client.subscription.frames_dropped
+            for client in list(self.clients.values())
+            if client.subscription is not None
+        )
+
+    @property
+    def decimated_total(self) -> int:
+        """Frames decimation left out: for clients already gone, and for the live ones."""
+        return self.frames_decimated + sum(
+            client.subscription.frames_decimated
+            for client in list(self.clients.values())
+            if client.subscription is not None
+        )
+
     def record_error(self, text: str) -> None:
         """Remember ``text`` as the last problem, stamped with the time."""
         self.last_error = text
