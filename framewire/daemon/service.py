@@ -320,26 +320,27 @@ class Daemon:
                 for name, endpoint_config in old.endpoints.items()
                 if config.endpoints.get(name) != endpoint_config
             ]
-            problems = await self._preflight(config, touched, leaving)
-            if problems:
-                raise ReloadRefused(problems)
+            # The addresses of endpoints about to stop are held for their successors (and
+            # so need no trial bind: they are ours).
             transports = self.context.transports
             for name in leaving:
                 address = getattr(old.endpoints[name], "listen", None)
                 if isinstance(address, Address):
                     transports.hold(address)
             try:
-                changes = await self._apply(old, config, touched, leaving)
+                problems = await self._preflight(config, touched)
+                if problems:
+                    raise ReloadRefused(problems)
+                return await self._apply(old, config, touched, leaving)
             finally:
                 await transports.release()
-            return changes
 
-    async def _preflight(self, config: Config, touched: list[str], leaving: list[str]) -> list[str]:
+    async def _preflight(self, config: Config, touched: list[str]) -> list[str]:
         """What would stop the new or changed endpoints from starting, one line each."""
         problems: list[str] = []
         if touched:
             problems += await self._check_endpoints(config, touched)
-        return problems + await self._trial_binds(config, touched, leaving)
+        return problems + await self._trial_binds(config, touched)
 
     async def _check_endpoints(self, config: Config, touched: list[str]) -> list[str]:
         report = await trio.to_thread.run_sync(check_config, config)
@@ -350,43 +351,29 @@ class Daemon:
             if line.startswith(prefixes) or not line.startswith("endpoints.")
         ]
 
-    async def _trial_binds(
-        self, config: Config, touched: list[str], leaving: list[str]
-    ) -> list[str]:
+    async def _trial_binds(self, config: Config, touched: list[str]) -> list[str]:
         """Bind every new address nothing of ours holds, and let go at once: a port another
         program holds is found before anything is touched."""
         problems: list[str] = []
-
-        def bound_to(address: Address) -> tuple[str | None, int]:
-            return (address.path, 0) if address.is_unix else (address.host, address.port)
-
-        held = {
-            bound_to(address)
-            for name in leaving
-            if isinstance(address := getattr(self.config.endpoints[name], "listen", None), Address)
-        }
+        transports = self.context.transports
         old_status, new_status = self.config.status, config.status
         if (
             new_status is not None
             and new_status.listen.port
             and (old_status is None or old_status.listen != new_status.listen)
         ):
-            try:
-                for listener in await open_listeners(new_status.listen):
-                    await listener.aclose()
-            except OSError as exc:
-                problems.append(f"status.listen: {exc.strerror or exc}")
+            problem = await _cannot_bind(new_status.listen)
+            if problem is not None:
+                problems.append(f"status.listen: {problem}")
         for name in touched:
             address = getattr(config.endpoints[name], "listen", None)
-            if not isinstance(address, Address) or bound_to(address) in held:
+            if not isinstance(address, Address) or transports.holds(address):
                 continue
             if not address.is_unix and address.port == 0:
                 continue
-            try:
-                for listener in await open_listeners(address):
-                    await listener.aclose()
-            except OSError as exc:
-                problems.append(f"endpoints.{name}.listen: {exc.strerror or exc}")
+            problem = await _cannot_bind(address)
+            if problem is not None:
+                problems.append(f"endpoints.{name}.listen: {problem}")
         return problems
 
     async def _apply(
@@ -488,6 +475,16 @@ class Daemon:
             else f"reload failed, running the previous config; {self.summary()}"
         )
         return ok
+
+
+async def _cannot_bind(address: Address) -> str | None:
+    """Why listening on ``address`` fails right now (a trial bind, let go at once), or None."""
+    try:
+        for listener in await open_listeners(address):
+            await listener.aclose()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def tune_garbage_collector() -> None:
