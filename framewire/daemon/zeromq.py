@@ -32,10 +32,11 @@ import functools
 import importlib
 from collections.abc import AsyncIterator, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import trio
 
+from ..config import ZmqAddress
 from ..frame import Buffer
 
 if TYPE_CHECKING:
@@ -126,6 +127,27 @@ class AsyncSocket:
         self._waiters = 0
         self._closed = False
         self._zero_copy = False
+
+    def bind_or_connect(self, address: ZmqAddress, *, bind: bool) -> str:
+        """Bind or connect to ``address``; return the address as status shows it.
+
+        Raises OSError naming the address when ZeroMQ refuses (address in use, no such
+        interface, a host name it cannot resolve when binding).
+        """
+        zmq: Any = self._zmq
+        if address.host is None or address.is_ipv6:
+            self.socket.setsockopt(zmq.IPV6, 1)
+        endpoint = str(address)
+        try:
+            if bind:
+                self.socket.bind(endpoint)
+                bound: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+                return bound
+            self.socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            verb = "bind" if bind else "connect to"
+            raise OSError(exc.errno, f"cannot {verb} {endpoint}: {exc.strerror}") from None
+        return endpoint
 
     @classmethod
     def make(

@@ -34,7 +34,9 @@ __all__ = [
     "EndpointContext",
     "EndpointStatus",
     "OutgoingQueue",
+    "QueueClosed",
     "Transports",
+    "stream_label",
 ]
 
 ConfigT = TypeVar("ConfigT", bound=EndpointConfig)
@@ -381,3 +383,15 @@ class Endpoint(Generic[ConfigT]):
         """Cancel ``cancel_scope`` once a stop is requested (run it in the scope's nursery)."""
         await self._stop_requested.wait()
         cancel_scope.cancel()
+
+
+class QueueClosed(RuntimeError):
+    """An endpoint's outgoing subscription was cut off (its metadata passed the hard cap).
+
+    Raised out of an endpoint's run so the supervisor restarts it with a fresh subscription.
+    """
+
+
+def stream_label(name: str | None) -> str:
+    """A configured stream name for a log line: quoted, or ``nothing`` when not configured."""
+    return "nothing" if name is None else repr(name)

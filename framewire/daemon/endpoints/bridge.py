@@ -54,38 +54,12 @@ from ..flow import BATCH_BYTES, BATCH_FRAMES, UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
 from ..stream import MetadataLimitExceeded, Policy, QueueBounds, Subscription, SubscriptionClosed
 from ..zeromq import AsyncSocket, open_context, require_zmq
-from ._base import Endpoint, EndpointContext, OutgoingQueue
+from ._base import Endpoint, EndpointContext, OutgoingQueue, QueueClosed, stream_label
 
-__all__ = ["BridgeEndpoint", "QueueClosed", "bind_or_connect"]
+__all__ = ["BridgeEndpoint"]
 
 #: LINGER (ms) of the outbound socket when the bridge stops after sending what was queued.
 STOP_LINGER_MS: Final = 1000
-
-
-class QueueClosed(RuntimeError):
-    """The outgoing subscription was cut off (metadata past its hard cap): restart."""
-
-
-def bind_or_connect(socket: AsyncSocket, address: ZmqAddress, *, bind: bool) -> str:
-    """Bind or connect ``socket``; return the address as status shows it.
-
-    Raises OSError naming the address when ZeroMQ refuses (address in use, no such
-    interface, a host name it cannot resolve when binding).
-    """
-    zmq: Any = require_zmq()
-    if address.host is None or address.is_ipv6:
-        socket.socket.setsockopt(zmq.IPV6, 1)
-    endpoint = str(address)
-    try:
-        if bind:
-            socket.socket.bind(endpoint)
-            bound: str = socket.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-            return bound
-        socket.socket.connect(endpoint)
-    except zmq.ZMQError as exc:
-        verb = "bind" if bind else "connect to"
-        raise OSError(exc.errno, f"cannot {verb} {endpoint}: {exc.strerror}") from None
-    return endpoint
 
 
 class BridgeEndpoint(Endpoint[BridgeConfig]):
@@ -149,16 +123,16 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
                 # As Rogue: queue nothing for a peer that is not there; the send waits.
                 push.socket.setsockopt(zmq.IMMEDIATE, 1)
                 self.status.address = [
-                    bind_or_connect(pull, self.inbound, bind=bind),
-                    bind_or_connect(push, self.outbound, bind=bind),
+                    pull.bind_or_connect(self.inbound, bind=bind),
+                    push.bind_or_connect(self.outbound, bind=bind),
                 ]
                 self.log.info(
                     "Rogue bridge (%s) in %s, out %s (publish %s, subscribe %s)",
                     config.role,
                     self.status.address[0],
                     self.status.address[1],
-                    _stream_name(config.publish),
-                    _stream_name(config.subscribe),
+                    stream_label(config.publish),
+                    stream_label(config.subscribe),
                 )
                 self._subscribe()
                 sent_all = trio.Event()
@@ -254,7 +228,3 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
             finally:
                 status.frames_out += sent
                 status.bytes_out += sent_bytes
-
-
-def _stream_name(name: str | None) -> str:
-    return "nothing" if name is None else repr(name)

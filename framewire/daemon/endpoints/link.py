@@ -95,7 +95,7 @@ from ..stream import (
     SubscriptionClosed,
 )
 from ..transport import Connection, bound_addresses, enable_tcp_keepalive, peer_name
-from ._base import ClientInfo, Endpoint, EndpointContext, OutgoingQueue
+from ._base import ClientInfo, Endpoint, EndpointContext, OutgoingQueue, QueueClosed, stream_label
 
 #: Bytes a newcomer may send, all accepted by the decoder, before it counts as a peer even
 #: without a complete frame (its first frame is large).
@@ -108,10 +108,6 @@ __all__ = ["LinkEndpoint"]
 #: Seconds between refreshes of the queue figures in status.
 STATUS_REFRESH = 1.0
 _DATA = FrameKind.DATA
-
-
-class QueueClosed(RuntimeError):
-    """The outgoing subscription was cut off (metadata past its hard cap): restart the link."""
 
 
 @attrs.define
@@ -332,8 +328,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             "link to %s (%s; publish %s, subscribe %s)",
             peer,
             config.protocol,
-            _stream_name(config.publish),
-            _stream_name(config.subscribe),
+            stream_label(config.publish),
+            stream_label(config.subscribe),
         )
         task_status.started()
         last_problem: str | None = None
@@ -405,8 +401,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             "link listening on %s (%s; publish %s, subscribe %s)",
             ", ".join(self.status.address),
             config.protocol,
-            _stream_name(config.publish),
-            _stream_name(config.subscribe),
+            stream_label(config.publish),
+            stream_label(config.subscribe),
         )
         send_channel, receive_channel = trio.open_memory_channel[_Newcomer](0)
         async with trio.open_nursery() as nursery:
@@ -775,7 +771,3 @@ class LinkEndpoint(Endpoint[LinkConfig]):
     def _end_session(self) -> None:
         if self._session_scope is not None:
             self._session_scope.cancel()
-
-
-def _stream_name(name: str | None) -> str:
-    return "nothing" if name is None else repr(name)

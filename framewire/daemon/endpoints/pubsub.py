@@ -43,8 +43,7 @@ from ..flow import BATCH_BYTES, BATCH_FRAMES
 from ..lograte import INTERVAL, RateLimitedWarning
 from ..stream import Policy, QueueBounds, Subscription, SubscriptionClosed
 from ..zeromq import AsyncSocket, open_context, require_zmq
-from ._base import Endpoint, EndpointContext, OutgoingQueue
-from .bridge import QueueClosed, bind_or_connect
+from ._base import Endpoint, EndpointContext, OutgoingQueue, QueueClosed
 
 __all__ = ["PubSubEndpoint"]
 
@@ -106,7 +105,7 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
                 else:
                     socket.socket.setsockopt(zmq.MAXMSGSIZE, config.max_frame_size)
                     socket.socket.setsockopt(zmq.SUBSCRIBE, config.topic.encode())
-                self.status.address = [bind_or_connect(socket, config.address, bind=publisher)]
+                self.status.address = [socket.bind_or_connect(config.address, bind=publisher)]
                 self.log.info(
                     "%s on %s, stream %r",
                     "publishing" if publisher else "subscribed",
