@@ -11,8 +11,10 @@ import attrs
 import trio
 
 from ...config import Address, EndpointConfig, TLSConfig
+from ...frame import Frame
+from ..flow import BATCH_BYTES, BATCH_FRAMES
 from ..lograte import RateLimitedWarning
-from ..stream import StreamRegistry, Subscription
+from ..stream import StreamRegistry, Subscription, SubscriptionClosed
 from ..transport import (
     ACCEPT_RETRY_ERRNOS,
     DEFAULT_SOCKET_MODE,
@@ -240,6 +242,25 @@ class OutgoingQueue:
         status.frames_dropped = self._dropped_before + subscription.frames_dropped
         status.detail["queue_frames"] = subscription.queued_frames + also_pending
         status.detail["queue_bytes"] = subscription.queued_bytes
+
+    async def receive_batch(
+        self, max_frames: int = BATCH_FRAMES, max_bytes: int = BATCH_BYTES
+    ) -> list[Frame] | None:
+        """Report the figures, then wait for the next batch of the current subscription.
+
+        Returns None when the subscription ended gracefully (its stream ended, or the endpoint
+        ended it to stop): the caller then stops, or subscribes again and calls this again.
+        Raises :class:`QueueClosed` when it was cut off (its metadata passed the hard cap).
+        """
+        subscription = self.current
+        assert subscription is not None, "receive_batch() before use()"
+        self.report()
+        try:
+            return await subscription.receive_batch(max_frames, max_bytes)
+        except SubscriptionClosed as closed:
+            if not closed.graceful:
+                raise QueueClosed(f"the outgoing queue was closed: {closed.reason}") from None
+            return None
 
 
 @attrs.define

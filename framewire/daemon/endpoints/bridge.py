@@ -50,11 +50,11 @@ from ...config import BridgeConfig, ZmqAddress
 from ...frame import Frame
 from ...protocols import ProtocolError
 from ...protocols.rogue import RogueCodec
-from ..flow import BATCH_BYTES, BATCH_FRAMES, UnencodableFrames
+from ..flow import UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
-from ..stream import MetadataLimitExceeded, Policy, QueueBounds, Subscription, SubscriptionClosed
+from ..stream import MetadataLimitExceeded, Policy, QueueBounds, Subscription
 from ..zeromq import AsyncSocket, open_context, require_zmq
-from ._base import Endpoint, EndpointContext, OutgoingQueue, QueueClosed, stream_label
+from ._base import Endpoint, EndpointContext, OutgoingQueue, stream_label
 
 __all__ = ["BridgeEndpoint"]
 
@@ -196,17 +196,11 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
         encode = self._codec.encode
         unencodable = self._unencodable
         while True:
-            subscription = self._outgoing.current
-            assert subscription is not None
-            self._outgoing.report()
-            try:
-                batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
-            except SubscriptionClosed as closed:
-                if closed.graceful and self.stop_requested:
+            batch = await self._outgoing.receive_batch()
+            if batch is None:
+                if self.stop_requested:
                     sent_all.set()
                     return
-                if not closed.graceful:
-                    raise QueueClosed(f"the outgoing queue was closed: {closed.reason}") from None
                 self._subscribe()
                 continue
             sent = sent_bytes = 0

@@ -76,8 +76,6 @@ from ...frame import Buffer, Frame, FrameKind
 from ...protocols import Decoder
 from ..backoff import Backoff
 from ..flow import (
-    BATCH_BYTES,
-    BATCH_FRAMES,
     UnencodableFrames,
     encode_frames,
     first_error,
@@ -92,10 +90,9 @@ from ..stream import (
     Policy,
     QueueBounds,
     Subscription,
-    SubscriptionClosed,
 )
 from ..transport import Connection, bound_addresses, enable_tcp_keepalive, peer_name
-from ._base import ClientInfo, Endpoint, EndpointContext, OutgoingQueue, QueueClosed, stream_label
+from ._base import ClientInfo, Endpoint, EndpointContext, OutgoingQueue, stream_label
 
 #: Bytes a newcomer may send, all accepted by the decoder, before it counts as a peer even
 #: without a complete frame (its first frame is large).
@@ -731,16 +728,9 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 with trio.fail_after(send_timeout):
                     await connection.send(self._encode(replay))
         while True:
-            subscription = self._outgoing.current
-            assert subscription is not None
             if not self._pending:
-                try:
-                    self._pending = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
-                except SubscriptionClosed as closed:
-                    if not closed.graceful:
-                        raise QueueClosed(
-                            f"the outgoing queue was closed: {closed.reason}"
-                        ) from None
+                batch = await self._outgoing.receive_batch()
+                if batch is None:
                     if self.stop_requested:
                         marker = self._encoder.end_of_stream()
                         if marker:
@@ -752,6 +742,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                         return
                     self._subscribe()
                     continue
+                self._pending = batch
             batch = self._pending
             frames, nbytes = await send_frames(
                 connection, self._encoder, batch, self._unencodable, send_timeout=send_timeout

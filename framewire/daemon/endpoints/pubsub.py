@@ -39,11 +39,10 @@ import trio
 
 from ...config import PubSubConfig
 from ...frame import Frame, FrameKind
-from ..flow import BATCH_BYTES, BATCH_FRAMES
 from ..lograte import INTERVAL, RateLimitedWarning
-from ..stream import Policy, QueueBounds, Subscription, SubscriptionClosed
+from ..stream import Policy, QueueBounds, Subscription
 from ..zeromq import AsyncSocket, open_context, require_zmq
-from ._base import Endpoint, EndpointContext, OutgoingQueue, QueueClosed
+from ._base import Endpoint, EndpointContext, OutgoingQueue
 
 __all__ = ["PubSubEndpoint"]
 
@@ -159,14 +158,8 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
         """Send every frame's payload as one message; XPUB never waits for subscribers."""
         status = self.status
         while True:
-            subscription = self._outgoing.current
-            assert subscription is not None
-            self._outgoing.report()
-            try:
-                batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
-            except SubscriptionClosed as closed:
-                if not closed.graceful:
-                    raise QueueClosed(f"the outgoing queue was closed: {closed.reason}") from None
+            batch = await self._outgoing.receive_batch()
+            if batch is None:
                 self._subscribe()
                 continue
             sent = sent_bytes = 0
