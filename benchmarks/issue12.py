@@ -415,6 +415,15 @@ def relay_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
     def med(path: str, value: Callable[[relay.Result], float | None]) -> float | None:
         return median([value(r) for r in results.get(path, [])])
 
+    def ratio(path: str, base: str, value: Callable[[relay.Result], float | None]) -> float:
+        """The median over runs of ``value`` of ``path`` / that of ``base`` in the same run."""
+        pairs = zip(results.get(path, []), results.get(base, []), strict=True)
+        values = [(value(a), value(b)) for a, b in pairs]
+        found = median([a / b for a, b in values if a is not None and b])
+        if found is None:
+            raise RuntimeError(f"no {path} / {base} ratio measured")
+        return found
+
     def busy(*paths: str) -> float | None:
         return worst([others_share(r) for p in paths for r in results.get(p, [])])
 
@@ -433,9 +442,9 @@ def relay_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
             "1 MiB native frames relayed, Gbit/s",
             f"{framewire:.2f}",
             f"direct socket pair {direct:.2f}",
-            f"{framewire / direct:.2f}",
+            f"{(ratio_1m := ratio('1 MiB framewire', '1 MiB direct', gbit)):.2f}",
             ">= 0.5",
-            framewire / direct >= 0.5,
+            ratio_1m >= 0.5,
             busy("1 MiB direct", "1 MiB framewire"),
         )
     )
@@ -463,9 +472,10 @@ def relay_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
                 "1 MiB, relay CPU per GB" + ("" if name == "nginx" else " (socat)"),
                 f"{fw_cost:.3f} s",
                 f"{label}: {cost:.3f} s",
-                f"{fw_cost / cost:.2f}x the CPU",
+                f"{(cost_ratio := ratio('1 MiB framewire', f'1 MiB {name}', cpu_per_gb)):.2f}x"
+                " the CPU",
                 "<= 1.0x" if name == "nginx" else "- (for information)",
-                fw_cost <= cost if name == "nginx" else None,
+                cost_ratio <= 1.0 if name == "nginx" else None,
                 busy("1 MiB framewire", f"1 MiB {name}"),
             )
         )
@@ -476,9 +486,9 @@ def relay_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
             "1 MiB raw bytes relayed",
             f"{raw_rate:.2f} Gbit/s, {raw_cost or 0:.3f} s CPU/GB",
             f"direct pair {direct:.2f} Gbit/s",
-            f"{raw_rate / direct:.2f}",
+            f"{(raw_ratio := ratio('1 MiB raw', '1 MiB direct', gbit)):.2f}",
             ">= 0.45",
-            raw_rate / direct >= 0.45,
+            raw_ratio >= 0.45,
             busy("1 MiB direct", "1 MiB raw"),
         )
     )
@@ -505,21 +515,21 @@ def relay_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
                 "64 B frames relayed, frames/s",
                 figure,
                 f"pyzmq PUSH/PULL point to point {zmq_direct:,.0f}/s",
-                f"{small / zmq_direct:.2f}",
+                f"{(small_ratio := ratio('64 B framewire', 'zmq direct', fps)):.2f}",
                 ">= 1.0",
-                small / zmq_direct >= 1.0,
+                small_ratio >= 1.0,
                 busy("64 B framewire", "zmq direct"),
             )
         )
-        cpu_ratio = None if small_cost is None or not proxy_cost else small_cost / proxy_cost
+        cpu_ratio = ratio("64 B framewire", "zmq proxy", us_per_frame)
         rows.append(
             Row(
                 "64 B frames relayed, vs a zmq proxy",
                 figure,
                 f"PUSH -> zmq proxy -> PULL {zmq_proxy:,.0f}/s ({proxy_cost or 0:.2f} us CPU each)",
-                f"{small / zmq_proxy:.2f} (CPU/frame {cpu_ratio or 0:.2f}x)",
+                f"{ratio('64 B framewire', 'zmq proxy', fps):.2f} (CPU/frame {cpu_ratio:.2f}x)",
                 "CPU/frame <= 1.0x the proxy's",
-                None if cpu_ratio is None else cpu_ratio <= 1.0,
+                cpu_ratio <= 1.0,
                 busy("64 B framewire", "zmq proxy"),
             )
         )
@@ -530,9 +540,9 @@ def relay_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
                 "64 KiB frames, CPU per GB",
                 f"{mid_cost:.3f} s",
                 f"the same daemon at 1 MiB: {fw_cost:.3f} s",
-                f"{mid_cost / fw_cost:.2f}x",
+                f"{(mid_ratio := ratio('64 KiB framewire', '1 MiB framewire', cpu_per_gb)):.2f}x",
                 "<= 1.3x",
-                mid_cost / fw_cost <= 1.3,
+                mid_ratio <= 1.3,
                 busy("64 KiB framewire", "1 MiB framewire"),
             )
         )
@@ -709,54 +719,127 @@ class IdleResult:
     rss_before: int
     last_ms: list[float]  # per frame: publish to the last client's receipt
     others: float | None
+    plain_ms: list[float]  # the same, from a plain-Python loop of sends to the same clients
+    plain_others: float | None
+
+
+def time_frames(
+    group: list[Child], frames: int, publish: Callable[[], int], cpu: CpuSamples
+) -> tuple[list[float], float | None]:
+    """Publish ``frames`` frames one at a time (``publish`` returns when it started, in
+    perf_counter_ns) and time each to its arrival at the last client of ``group``, in ms;
+    and the share of one CPU that processes other than ``cpu``'s used meanwhile."""
+    times = []
+    cpu.take()
+    t_start = time.monotonic()
+    for number in range(1, frames + 1):
+        sent = publish()
+        lasts = []
+        for child in group:
+            words = child.readline(START_TIMEOUT).split()
+            if words[:2] != ["frame", str(number)]:
+                raise RuntimeError(f"{child.name}: unexpected {' '.join(words)!r}")
+            lasts.append(int(words[2]))
+        times.append((max(lasts) - sent) / 1e6)
+        cpu.take()
+        time.sleep(0.2)
+    t_end = time.monotonic()
+    cpu.take()
+    machine = cpu.used("machine", t_start, t_end)
+    ours = [cpu.used(name, t_start, t_end) for name in cpu.pids]
+    if machine is None or None in ours:
+        return times, None
+    return times, max(0.0, machine - sum(v for v in ours if v is not None)) / (t_end - t_start)
 
 
 def idle_measure(args: argparse.Namespace, workdir: Path) -> IdleResult:
     """``--idle-clients`` idle clients: the daemon's RSS, then ``--idle-frames`` 64-byte
     frames published one at a time, each timed to its arrival at the last client."""
     clients = args.idle_clients
-    processes = max(1, min(4, clients // 500))
     frame = relay.encode_frame(64)
     with fanout_daemon(workdir, clients, "lossy") as (daemon, log, receiver_port, server_port):
         time.sleep(0.5)
         before = rss_bytes(daemon.pid)
         with all_stopped() as children:
-            group = start_clients(children, server_port, clients, processes, len(frame), 600)
+            group = start_clients(
+                children, server_port, clients, client_processes(clients), len(frame), 600
+            )
             wait_connected(daemon, log, clients, START_TIMEOUT + clients / 100)
             time.sleep(1.0)
             rss = rss_bytes(daemon.pid)
             pids = {"daemon": daemon.pid, "harness": os.getpid()}
             pids.update({child.name: child.pid for child in group})
-            cpu = CpuSamples(pids)
-            times = []
             with socket.create_connection((HOST, receiver_port), timeout=IO_TIMEOUT) as producer:
                 time.sleep(0.5)  # the receiver has accepted the producer
-                cpu.take()
-                t_start = time.monotonic()
-                for number in range(1, args.idle_frames + 1):
+
+                def publish() -> int:
                     sent = time.perf_counter_ns()
                     producer.sendall(frame)
-                    lasts = []
-                    for child in group:
-                        words = child.readline(START_TIMEOUT).split()
-                        if words[:2] != ["frame", str(number)]:
-                            raise RuntimeError(f"{child.name}: unexpected {' '.join(words)!r}")
-                        lasts.append(int(words[2]))
-                    times.append((max(lasts) - sent) / 1e6)
-                    cpu.take()
-                    time.sleep(0.2)
-                t_end = time.monotonic()
-                cpu.take()
-            machine = cpu.used("machine", t_start, t_end)
-            ours = [cpu.used(name, t_start, t_end) for name in pids]
-            others = (
-                None
-                if machine is None or None in ours
-                else max(0.0, machine - sum(v for v in ours if v is not None)) / (t_end - t_start)
-            )
+                    return sent
+
+                times, others = time_frames(group, args.idle_frames, publish, CpuSamples(pids))
             for child in group:
                 child.send_line("exit")
-    return IdleResult(rss=rss, rss_before=before, last_ms=times, others=others)
+    plain, plain_others = plain_fanout_measure(args)
+    return IdleResult(rss, before, times, others, plain, plain_others)
+
+
+def client_processes(clients: int) -> int:
+    """How many processes hold ``clients`` idle clients: up to 4, at least 500 each."""
+    return max(1, min(4, clients // 500))
+
+
+def run_plain_server(args: argparse.Namespace) -> None:
+    """The plain-Python fan-out baseline: listen (``ready PORT``), accept ``--count``
+    clients (``accepted N``), then for each ``send`` line on stdin, send one
+    ``--payload-size`` native frame to every client in a loop of blocking ``send`` calls and
+    print ``sent NS`` (perf_counter_ns before the loop)."""
+    raise_open_files()
+    frame = relay.encode_frame(args.payload_size)
+    with socket.create_server((HOST, 0), backlog=4096) as listener:
+        print(f"ready {listener.getsockname()[1]}", flush=True)
+        listener.settimeout(START_TIMEOUT)
+        sockets = [listener.accept()[0] for _ in range(args.count)]
+    print(f"accepted {len(sockets)}", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "send":
+            break
+        sent = time.perf_counter_ns()
+        for sock in sockets:
+            sock.send(frame)
+        print(f"sent {sent}", flush=True)
+
+
+def plain_fanout_measure(args: argparse.Namespace) -> tuple[list[float], float | None]:
+    """The same clients and frames as idle_measure, served by run_plain_server."""
+    clients = args.idle_clients
+    frame_size = len(relay.encode_frame(64))
+    with all_stopped() as children:
+        server = Child(
+            "plain server",
+            script_argv(__file__, "--role=plain-server", count=clients, payload_size=64),
+            stdin=subprocess.PIPE,
+        )
+        children.append(server)
+        port = server.ready_port(START_TIMEOUT)
+        group = start_clients(children, port, clients, client_processes(clients), frame_size, 600)
+        words = server.readline(START_TIMEOUT + clients / 100).split()
+        if words != ["accepted", str(clients)]:
+            raise RuntimeError(f"plain server: unexpected {' '.join(words)!r}")
+        pids = {"plain server": server.pid, "harness": os.getpid()}
+        pids.update({child.name: child.pid for child in group})
+
+        def publish() -> int:
+            server.send_line("send")
+            words = server.readline(START_TIMEOUT).split()
+            if len(words) != 2 or words[0] != "sent":
+                raise RuntimeError(f"plain server: unexpected {' '.join(words)!r}")
+            return int(words[1])
+
+        times, others = time_frames(group, args.idle_frames, publish, CpuSamples(pids))
+        for child in group:
+            child.send_line("exit")
+    return times, others
 
 
 @dataclass
@@ -835,6 +918,16 @@ def scale_measure(args: argparse.Namespace, workdir: Path, clients: int) -> Scal
     return ScaleResult(clients, delivered, t1 - t0, used, others)
 
 
+def scale_ratio(scale: dict[int, list[ScaleResult]], first: int, most: int) -> float:
+    """The median over runs of the CPU per delivered GB at ``most`` clients over that at
+    ``first`` in the same run."""
+    ratios = []
+    for low, high in zip(scale[first], scale[most], strict=True):
+        if low.cpu_per_gb and high.cpu_per_gb:
+            ratios.append(high.cpu_per_gb / low.cpu_per_gb)
+    return statistics.median(ratios) if ratios else float("nan")
+
+
 def fanout_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
     idle: list[IdleResult] = []
     scale: dict[int, list[ScaleResult]] = {}
@@ -847,6 +940,12 @@ def fanout_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
             f" ({result.rss_before / MIB:.1f} MiB before they connected); one frame to all:"
             f" {', '.join(f'{t:.1f}' for t in result.last_ms)} ms"
             + (f"; others {result.others:.0%}" if result.others is not None else ""),
+            flush=True,
+        )
+        print(
+            f"  the same clients served by a plain-Python loop of sends:"
+            f" {', '.join(f'{t:.1f}' for t in result.plain_ms)} ms"
+            + (f"; others {result.plain_others:.0%}" if result.plain_others is not None else ""),
             flush=True,
         )
         for clients in args.fanout_clients:
@@ -863,7 +962,9 @@ def fanout_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
     rss = statistics.median(r.rss for r in idle)
     per_client = statistics.median((r.rss - r.rss_before) / n for r in idle)
     last = statistics.median(statistics.median(r.last_ms) for r in idle)
-    idle_others = worst([r.others for r in idle])
+    plain = statistics.median(statistics.median(r.plain_ms) for r in idle)
+    per_run = [statistics.median(r.last_ms) / statistics.median(r.plain_ms) for r in idle]
+    idle_others = worst([r.others for r in idle] + [r.plain_others for r in idle])
     rows = [
         Row(
             f"{n:,} idle clients, daemon RSS",
@@ -877,8 +978,8 @@ def fanout_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
         Row(
             f"one frame reaching all {n:,} clients",
             f"{last:.1f} ms ({last * 1000 / n:.1f} us per client)",
-            "-",
-            "-",
+            f"a plain-Python loop of send() to the same clients: {plain:.1f} ms",
+            f"{statistics.median(per_run):.1f}",
             "< 100 ms",
             last < 100,
             idle_others,
@@ -895,9 +996,9 @@ def fanout_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
                 f" clients, {args.fanout_size // 1024} KiB frames",
                 f"{figure} s",
                 f"{first:,} client{'s' if first != 1 else ''}: {low:.3f} s",
-                f"{high / low:.2f}x at {most:,}",
+                f"{(cost_ratio := scale_ratio(scale, first, most)):.2f}x at {most:,}",
                 "<= 1.0x",
-                high <= low,
+                cost_ratio <= 1.0,
                 worst([r.others for rs in scale.values() for r in rs]),
             )
         )
@@ -1045,6 +1146,7 @@ def latency_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
                     + (f"; others {busy:.0%}" if busy is not None else ""),
                     flush=True,
                 )
+    pairs = list(zip(relayed, direct, strict=True))
     d = [statistics.median(f[i] for f in direct) for i in range(3)]
     r = [statistics.median(f[i] for f in relayed) for i in range(3)]
     return [
@@ -1053,7 +1155,7 @@ def latency_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
             " latency p50/p99/p99.9",
             "/".join(f"{v:.0f}" for v in r) + " us",
             "direct pair " + "/".join(f"{v:.0f}" for v in d) + " us",
-            "/".join(f"{a / b:.1f}" for a, b in zip(r, d, strict=True)),
+            "/".join(f"{statistics.median(a[i] / b[i] for a, b in pairs):.1f}" for i in range(3)),
             "p99 < 500 us, p99.9 < 1000 us",
             r[1] < 500 and r[2] < 1000,
             worst(others),
@@ -1094,7 +1196,17 @@ def g3_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
     pd, pr = per["direct"], per["relayed"]
     assert d is not None
     assert r is not None
-    cpu_ratio = None if pd is None or pr is None else pr / pd
+    assert pd is not None
+    assert pr is not None
+    pairs = list(zip(results["relayed"], results["direct"], strict=True))
+    rate_ratio = statistics.median(a.frames_per_second / b.frames_per_second for a, b in pairs)
+    cpu_ratio = median(
+        [
+            (a.serving_cpu / a.total) / (b.serving_cpu / b.total)
+            for a, b in pairs
+            if a.serving_cpu is not None and b.serving_cpu
+        ]
+    )
     others = worst(
         [
             None if r.cpu["others"] is None else r.cpu["others"] / r.seconds
@@ -1105,12 +1217,12 @@ def g3_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
     return [
         Row(
             "G3 fan-out, 8 MB Scans to 10 real G3Readers",
-            f"{r:.1f} frames/s, serving CPU {cpu_ratio or 0:.2f}x"
+            f"{r:.1f} frames/s, serving CPU {pr * 1e3:.2f} ms/frame"
             + ("" if lossless else " (LOSSY)"),
-            f"G3NetworkSender serving directly {d:.1f} frames/s",
-            f"{r / d:.2f}",
+            f"G3NetworkSender serving directly {d:.1f} frames/s, {pd * 1e3:.2f} ms/frame",
+            f"{rate_ratio:.2f} (CPU/frame {cpu_ratio or 0:.2f}x)",
             "frames/s >= 0.95, CPU/frame <= 0.8x",
-            lossless and r / d >= 0.95 and cpu_ratio is not None and cpu_ratio <= 0.8,
+            lossless and rate_ratio >= 0.95 and cpu_ratio is not None and cpu_ratio <= 0.8,
             others,
         )
     ]
@@ -1145,8 +1257,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="per case")
     parser.add_argument("--g3-frames", type=int, default=100, help="Scan frames per G3 case")
     # Internal: how the script runs itself as its helper processes.
-    roles = ["zmq-pull", "zmq-push", "zmq-proxy", "clients", "latency-producer", "latency-consumer"]
-    parser.add_argument("--role", choices=roles, help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--payload-size", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
@@ -1176,6 +1287,7 @@ ROLES: Final[dict[str, Callable[[argparse.Namespace], None]]] = {
     "clients": run_clients,
     "latency-producer": run_latency_producer,
     "latency-consumer": run_latency_consumer,
+    "plain-server": run_plain_server,
 }
 
 SECTIONS: Final[dict[str, Callable[[argparse.Namespace, Path], list[Row]]]] = {
