@@ -44,6 +44,7 @@ from _harness import (
     ChildTimeout,
     CpuSamples,
     all_stopped,
+    cpu_seconds,
     daemon_argv,
     exit_on_sigterm,
     free_port,
@@ -58,6 +59,8 @@ GB: Final = 1e9
 START_TIMEOUT: Final = 20.0
 IO_TIMEOUT: Final = 10.0
 SAMPLE_INTERVAL: Final = 0.05
+#: How long the daemon's CPU is measured with every idle client connected.
+IDLE_WINDOW: Final = 2.0
 NGINX_STREAM_MODULE: Final = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 ROWS: Final = ("relay", "fanout", "latency", "g3")
 
@@ -720,18 +723,22 @@ def rss_bytes(pid: int) -> int:
 class IdleResult:
     rss: int
     rss_before: int
+    idle_cpu: float | None  # the daemon's CPU share with every client connected and idle
     last_ms: list[float]  # per frame: publish to the last client's receipt
     others: float | None
     plain_ms: list[float]  # the same, from a plain-Python loop of sends to the same clients
     plain_loop_ms: list[float]  # that loop alone
+    daemon_cpu_ms: float | None  # the daemon's CPU per frame delivered to every client
+    plain_cpu_ms: float | None  # the plain server's
     plain_others: float | None
 
 
 def time_frames(
-    group: list[Child], frames: int, publish: Callable[[], int], cpu: CpuSamples
-) -> tuple[list[float], float | None]:
+    group: list[Child], frames: int, publish: Callable[[], int], cpu: CpuSamples, serving: str
+) -> tuple[list[float], float | None, float | None]:
     """Publish ``frames`` frames one at a time (``publish`` returns when it started, in
     perf_counter_ns) and time each to its arrival at the last client of ``group``, in ms;
+    the CPU of ``cpu``'s process ``serving`` per frame, in ms (it is idle between frames);
     and the share of one CPU that processes other than ``cpu``'s used meanwhile."""
     times = []
     cpu.take()
@@ -749,11 +756,14 @@ def time_frames(
         time.sleep(0.2)
     t_end = time.monotonic()
     cpu.take()
+    served = cpu.used(serving, t_start, t_end)
+    per_frame = None if served is None else served / frames * 1e3
     machine = cpu.used("machine", t_start, t_end)
     ours = [cpu.used(name, t_start, t_end) for name in cpu.pids]
     if machine is None or None in ours:
-        return times, None
-    return times, max(0.0, machine - sum(v for v in ours if v is not None)) / (t_end - t_start)
+        return times, per_frame, None
+    others = max(0.0, machine - sum(v for v in ours if v is not None)) / (t_end - t_start)
+    return times, per_frame, others
 
 
 def idle_measure(args: argparse.Namespace, workdir: Path) -> IdleResult:
@@ -771,6 +781,14 @@ def idle_measure(args: argparse.Namespace, workdir: Path) -> IdleResult:
             wait_connected(daemon, log, clients, START_TIMEOUT + clients / 100)
             time.sleep(1.0)
             rss = rss_bytes(daemon.pid)
+            idle_before, idle_start = cpu_seconds(daemon.pid), time.monotonic()
+            time.sleep(IDLE_WINDOW)
+            idle_after, idle_end = cpu_seconds(daemon.pid), time.monotonic()
+            idle_cpu = (
+                None
+                if idle_before is None or idle_after is None
+                else (idle_after - idle_before) / (idle_end - idle_start)
+            )
             pids = {"daemon": daemon.pid, "harness": os.getpid()}
             pids.update({child.name: child.pid for child in group})
             with socket.create_connection((HOST, receiver_port), timeout=IO_TIMEOUT) as producer:
@@ -781,11 +799,24 @@ def idle_measure(args: argparse.Namespace, workdir: Path) -> IdleResult:
                     producer.sendall(frame)
                     return sent
 
-                times, others = time_frames(group, args.idle_frames, publish, CpuSamples(pids))
+                times, daemon_ms, others = time_frames(
+                    group, args.idle_frames, publish, CpuSamples(pids), "daemon"
+                )
             for child in group:
                 child.send_line("exit")
-    plain, loops, plain_others = plain_fanout_measure(args)
-    return IdleResult(rss, before, times, others, plain, loops, plain_others)
+    plain, loops, plain_cpu, plain_others = plain_fanout_measure(args)
+    return IdleResult(
+        rss=rss,
+        rss_before=before,
+        idle_cpu=idle_cpu,
+        last_ms=times,
+        others=others,
+        plain_ms=plain,
+        plain_loop_ms=loops,
+        daemon_cpu_ms=daemon_ms,
+        plain_cpu_ms=plain_cpu,
+        plain_others=plain_others,
+    )
 
 
 def client_processes(clients: int) -> int:
@@ -816,10 +847,10 @@ def run_plain_server(args: argparse.Namespace) -> None:
 
 def plain_fanout_measure(
     args: argparse.Namespace,
-) -> tuple[list[float], list[float], float | None]:
+) -> tuple[list[float], list[float], float | None, float | None]:
     """The same clients and frames as idle_measure, served by run_plain_server: the times
-    to the last client, the times of the server's loops of sends alone (ms), the others'
-    CPU share."""
+    to the last client, the times of the server's loops of sends alone, the server's CPU
+    per frame (all in ms), the others' CPU share."""
     clients = args.idle_clients
     frame_size = len(relay.encode_frame(64))
     with all_stopped() as children:
@@ -846,10 +877,12 @@ def plain_fanout_measure(
             loops.append((int(words[2]) - int(words[1])) / 1e6)
             return int(words[1])
 
-        times, others = time_frames(group, args.idle_frames, publish, CpuSamples(pids))
+        times, server_ms, others = time_frames(
+            group, args.idle_frames, publish, CpuSamples(pids), "plain server"
+        )
         for child in group:
             child.send_line("exit")
-    return times, loops, others
+    return times, loops, server_ms, others
 
 
 @dataclass
@@ -947,8 +980,10 @@ def fanout_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
         idle.append(result)
         print(
             f"  {args.idle_clients:,} idle clients: daemon RSS {result.rss / MIB:.1f} MiB"
-            f" ({result.rss_before / MIB:.1f} MiB before they connected); one frame to all:"
+            f" ({result.rss_before / MIB:.1f} MiB before they connected), daemon CPU while"
+            f" idle {result.idle_cpu or 0:.0%}; one frame to all:"
             f" {', '.join(f'{t:.1f}' for t in result.last_ms)} ms"
+            f", daemon CPU {result.daemon_cpu_ms or 0:.1f} ms per frame"
             + (f"; others {result.others:.0%}" if result.others is not None else ""),
             flush=True,
         )
@@ -956,6 +991,7 @@ def fanout_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
             f"  the same clients served by a plain-Python loop of sends:"
             f" {', '.join(f'{t:.1f}' for t in result.plain_ms)} ms (its loops of sends:"
             f" {', '.join(f'{t:.1f}' for t in result.plain_loop_ms)} ms)"
+            f", its CPU {result.plain_cpu_ms or 0:.1f} ms per frame"
             + (f"; others {result.plain_others:.0%}" if result.plain_others is not None else ""),
             flush=True,
         )
@@ -979,7 +1015,8 @@ def fanout_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
     rows = [
         Row(
             f"{n:,} idle clients, daemon RSS",
-            f"{rss / MIB:.1f} MiB ({per_client / 1024:.1f} KiB per client)",
+            f"{rss / MIB:.1f} MiB ({per_client / 1024:.1f} KiB per client; daemon CPU while"
+            f" idle {median([r.idle_cpu for r in idle]) or 0:.0%})",
             "-",
             "-",
             "< 100 MiB",
@@ -988,8 +1025,10 @@ def fanout_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
         ),
         Row(
             f"one frame reaching all {n:,} clients",
-            f"{last:.1f} ms ({last * 1000 / n:.1f} us per client)",
-            f"a plain-Python loop of send() to the same clients: {plain:.1f} ms",
+            f"{last:.1f} ms ({last * 1000 / n:.1f} us per client; daemon CPU"
+            f" {median([r.daemon_cpu_ms for r in idle]) or 0:.1f} ms)",
+            f"a plain-Python loop of send() to the same clients: {plain:.1f} ms (its CPU"
+            f" {median([r.plain_cpu_ms for r in idle]) or 0:.1f} ms)",
             f"{statistics.median(per_run):.1f}",
             "< 100 ms",
             last < 100,
