@@ -93,7 +93,7 @@ RECEIVER_LINE: Final = re.compile(r"receiving g3 into stream '\w+' on [\d.]+:(\d
 SERVER_LINE: Final = re.compile(r"serving stream '\w+' as g3 on [\d.]+:(\d+)")
 CLIENT_LINE: Final = re.compile(r"client \S+ connected \((\d+) now\)")
 DISCONNECT_LINE: Final = re.compile(
-    r"client \S+ disconnected: .*\(sent (\d+) frames, dropped (\d+)\)"
+    r"client \S+ disconnected: .*\(sent (\d+) frames, (?:\d+ bytes; )?dropped (\d+)\b"
 )
 
 

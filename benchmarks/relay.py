@@ -21,6 +21,7 @@ use). Every process it starts is terminated on the way out, and every wait has a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import socket
@@ -28,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -81,13 +82,13 @@ log_level = "info"
 [endpoints.bench-in]
 kind = "receiver"
 listen = "tcp://{host}:{receiver_port}"
-protocol = "native"
+protocol = "{protocol}"
 stream = "{stream}"
 
 [endpoints.bench-out]
 kind = "server"
 listen = "tcp://{host}:{server_port}"
-protocol = "native"
+protocol = "{protocol}"
 stream = "{stream}"
 policy = "lossless"
 max_queue_frames = {max_queue_frames}
@@ -98,8 +99,13 @@ max_queue_bytes = {max_queue_bytes}
 # -- frames ---------------------------------------------------------------------------------
 
 
-def encode_frame(payload_size: int) -> bytes:
-    """One DATA frame with a ``payload_size``-byte payload and no headers, as wire bytes."""
+def encode_frame(payload_size: int, protocol: str = "native") -> bytes:
+    """One DATA frame with a ``payload_size``-byte payload and no headers, as wire bytes.
+
+    For ``protocol = "raw"`` that is the payload itself: raw bytes have no framing.
+    """
+    if protocol == "raw":
+        return payload_of(payload_size)
     frame = Frame(
         FrameKind.DATA, FRAME_TYPE, payload_of(payload_size), timestamp=1_700_000_000_000_000_000
     )
@@ -118,14 +124,14 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop
 
 
-def run_producer(port: int, payload_size: int, seconds: float) -> None:
+def run_producer(port: int, payload_size: int, seconds: float, protocol: str = "native") -> None:
     """Send frames to ``port`` until SIGTERM (or ``seconds``, a safety limit).
 
     A socket error (the peer went away early, a write stalled for IO_TIMEOUT) is raised: it
     means the measurement is broken.
     """
     signal.signal(signal.SIGTERM, _raise_stop)
-    one = encode_frame(payload_size)
+    one = encode_frame(payload_size, protocol)
     block = one * max(1, BLOCK_BYTES // len(one))
     deadline = time.monotonic() + seconds
     try:
@@ -137,14 +143,16 @@ def run_producer(port: int, payload_size: int, seconds: float) -> None:
         pass
 
 
-def run_consumer(port: int, payload_size: int, warmup: float, duration: float) -> None:
+def run_consumer(
+    port: int, payload_size: int, warmup: float, duration: float, protocol: str = "native"
+) -> None:
     """Receive from ``port`` (or listen, for port 0), measure, print a JSON result line.
 
     Prints ``ready PORT`` once connected (or listening), then the result once the window is
     over; then stays connected, not reading, until it is terminated, so every process is
     still alive when the orchestrator takes its last CPU sample.
     """
-    expected = encode_frame(payload_size)
+    expected = encode_frame(payload_size, protocol)
     if port:
         sock = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
         print(f"ready {port}", flush=True)
@@ -193,7 +201,9 @@ def run_consumer(port: int, payload_size: int, warmup: float, duration: float) -
 # -- child processes ------------------------------------------------------------------------
 
 
-def role_argv(role: str, port: int, payload_size: int, args: argparse.Namespace) -> list[str]:
+def role_argv(
+    role: str, port: int, payload_size: int, args: argparse.Namespace, protocol: str = "native"
+) -> list[str]:
     return script_argv(
         __file__,
         f"--role={role}",
@@ -201,6 +211,7 @@ def role_argv(role: str, port: int, payload_size: int, args: argparse.Namespace)
         payload_size=payload_size,
         warmup=args.warmup,
         duration=args.duration,
+        protocol=protocol,
     )
 
 
@@ -231,21 +242,44 @@ class Result:
         return None if used is None else used / (self.nbytes / self.frame_size) * 1e6
 
 
-def measure(payload_size: int, args: argparse.Namespace, daemon: Child | None) -> Result:
-    """One case: direct without a daemon, relayed through ``daemon``."""
-    consumer_port = 0 if daemon is None else args.server_port
-    consumer = Child("consumer", role_argv("consumer", consumer_port, payload_size, args))
-    with consumer:
+#: Starts a relay to a listening consumer's port; yields the port the producer connects to
+#: and the relay's pid, whose CPU is counted as the daemon's; stops the relay on the way out.
+Proxy = Callable[[int], contextlib.AbstractContextManager[tuple[int, int]]]
+
+
+def measure(
+    payload_size: int,
+    args: argparse.Namespace,
+    daemon: Child | None,
+    *,
+    protocol: str = "native",
+    ports: tuple[int, int] | None = None,
+    proxy: Proxy | None = None,
+    path: str | None = None,
+) -> Result:
+    """One case: direct without a daemon, relayed through ``daemon`` (whose receiver and server
+    listen on ``ports``, by default ``args.receiver_port`` and ``args.server_port``), or
+    through what ``proxy`` starts (then ``daemon`` must be None). ``path`` names the case.
+
+    Raises ChildTimeout or RuntimeError if a process fails to start or to report in time.
+    """
+    receiver_port, server_port = ports or (args.receiver_port, args.server_port)
+    consumer_port = 0 if daemon is None else server_port
+    consumer = Child("consumer", role_argv("consumer", consumer_port, payload_size, args, protocol))
+    with consumer, contextlib.ExitStack() as relay:
         ready_port = consumer.ready_port(START_TIMEOUT)
-        producer_port = ready_port if daemon is None else args.receiver_port
+        producer_port = ready_port if daemon is None else receiver_port
+        relay_pid = None if daemon is None else daemon.pid
+        if proxy is not None:
+            producer_port, relay_pid = relay.enter_context(proxy(ready_port))
         producer_seconds = args.warmup + args.duration + 2 * START_TIMEOUT
-        argv = role_argv("producer", producer_port, payload_size, args)
+        argv = role_argv("producer", producer_port, payload_size, args, protocol)
         argv.append(f"--seconds={producer_seconds}")
         producer = Child("producer", argv)
         with producer:
             pids = {"producer": producer.pid, "consumer": consumer.pid}
-            if daemon is not None:
-                pids["daemon"] = daemon.pid
+            if relay_pid is not None:
+                pids["daemon"] = relay_pid
             cpu = CpuSamples(pids)
             cpu.take()
             deadline = time.monotonic() + args.warmup + args.duration + START_TIMEOUT
@@ -265,9 +299,9 @@ def measure(payload_size: int, args: argparse.Namespace, daemon: Child | None) -
     ours = [value for value in used.values() if value is not None]
     used["others"] = None if machine is None else max(0.0, machine - sum(ours))
     return Result(
-        path="direct" if daemon is None else "relayed",
+        path=path or ("direct" if daemon is None else "relayed"),
         payload_size=payload_size,
-        frame_size=len(encode_frame(payload_size)),
+        frame_size=len(encode_frame(payload_size, protocol)),
         nbytes=report["bytes"],
         seconds=t1 - t0,
         cpu=used,
@@ -277,20 +311,32 @@ def measure(payload_size: int, args: argparse.Namespace, daemon: Child | None) -
 # -- the daemon -----------------------------------------------------------------------------
 
 
-def start_daemon(workdir: Path, args: argparse.Namespace) -> Child:
-    config = workdir / "relay.toml"
+def start_daemon(
+    workdir: Path,
+    args: argparse.Namespace,
+    *,
+    protocol: str = "native",
+    ports: tuple[int, int] | None = None,
+) -> Child:
+    """A daemon relaying ``protocol`` from a receiver to a lossless server listening on
+    ``ports`` (default ``args.receiver_port``, ``args.server_port``); its log goes to
+    ``workdir/daemon-PROTOCOL.log``."""
+    receiver_port, server_port = ports or (args.receiver_port, args.server_port)
+    config = workdir / f"relay-{protocol}.toml"
     config.write_text(
         DAEMON_CONFIG.format(
             host=HOST,
-            receiver_port=args.receiver_port,
-            server_port=args.server_port,
+            receiver_port=receiver_port,
+            server_port=server_port,
             stream=STREAM,
+            protocol=protocol,
             max_queue_frames=args.max_queue_frames,
             max_queue_bytes=args.max_queue_bytes,
         )
     )
     profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
-    return Child("daemon", daemon_argv(config, *profile), stderr_path=workdir / "daemon.log")
+    log = workdir / f"daemon-{protocol}.log"
+    return Child("daemon", daemon_argv(config, *profile), stderr_path=log)
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -387,6 +433,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-log", action="store_true", help="print the daemon's log at the end")
     # Internal: how the script runs itself as the producer and the consumer.
     add_role_options(parser, ["producer", "consumer"])
+    parser.add_argument("--protocol", default="native", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.duration = 0.2, 1.0
@@ -398,10 +445,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role == "producer":
-        run_producer(args.port, args.payload_size, args.seconds)
+        run_producer(args.port, args.payload_size, args.seconds, args.protocol)
         return 0
     if args.role == "consumer":
-        run_consumer(args.port, args.payload_size, args.warmup, args.duration)
+        run_consumer(args.port, args.payload_size, args.warmup, args.duration, args.protocol)
         return 0
 
     exit_on_sigterm()
@@ -431,12 +478,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             results.setdefault((size, result.path), []).append(result)
         except Exception:
             print("benchmark failed; the daemon's log:", file=sys.stderr)
-            print((workdir / "daemon.log").read_text(errors="replace"), file=sys.stderr)
+            print((workdir / "daemon-native.log").read_text(errors="replace"), file=sys.stderr)
             raise
         status = daemon.proc.returncode
         if args.keep_log or status not in (0, -signal.SIGTERM):
             print(f"\ndaemon exit status {status}; its log:")
-            print((workdir / "daemon.log").read_text(errors="replace"))
+            print((workdir / "daemon-native.log").read_text(errors="replace"))
     print_summary(results)
     return 0
 
