@@ -93,8 +93,11 @@ async def send_frames(
     buffers = encode_frames(encoder, frames, skip)
     before = connection.bytes_sent
     if buffers:
-        with trio.fail_after(send_timeout):
+        if send_timeout == math.inf:  # no cancel scope per write where none is needed
             await connection.send(buffers)
+        else:
+            with trio.fail_after(send_timeout):
+                await connection.send(buffers)
     return len(frames) - skipped, connection.bytes_sent - before
 
 
