@@ -62,6 +62,8 @@ SMALL_PAYLOAD: Final = 64
 SCALING_PAYLOAD: Final = 64 * 1024
 TARGET_IDLE_MIB: Final = 100.0
 TARGET_ONE_FRAME_MS: Final = 100.0
+#: The ``tree`` that stands for the plain fan-out loop (the floor) instead of a daemon.
+FLOOR: Final = "floor"
 
 
 def wire_of(payload_size: int, count: int = 1) -> bytes:
@@ -102,17 +104,25 @@ max_clients = {clients + 16}
 
 
 class Daemon:
+    """A framewire daemon (``tree`` None: this checkout's; a path: that checkout's), or
+    with ``tree`` :data:`FLOOR`, the plain fan-out loop of :func:`run_floor`."""
+
     def __init__(self, workdir: Path, tree: str | None, clients: int) -> None:
         config, self.receiver_port, self.server_port = write_config(workdir, clients)
         env = dict(os.environ)
-        if tree is not None:
+        if tree is not None and tree != FLOOR:
             env["PYTHONPATH"] = tree
         log = open(workdir / "daemon.log", "wb")  # noqa: SIM115 - closed in stop()
         self._log = log
+        argv = daemon_argv(config)
+        if tree == FLOOR:
+            argv = script_argv(
+                __file__, role="floor", port=self.receiver_port, server_port=self.server_port
+            )
         # Run in workdir: ``python -m`` puts the working directory first on sys.path, and
         # the baseline's framewire must win over a checkout there.
         self.proc = subprocess.Popen(
-            daemon_argv(config), stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=workdir
+            argv, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=workdir
         )
         self.pid = self.proc.pid
         wait_for_port(self.server_port, 30.0)
@@ -294,6 +304,41 @@ def scaling(workdir: Path, tree: str | None, clients: int, duration: float) -> d
         daemon.stop()
 
 
+def run_floor(args: argparse.Namespace) -> None:
+    """The floor: a plain Python loop that accepts clients and writes whatever the producer
+    sends to each of them in turn (no framing, queues, tasks or hang-up handling). Runs
+    until it is terminated."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1:] * 2)
+    listener = socket.create_server((HOST, args.server_port), backlog=65535)
+    source = socket.create_server((HOST, args.port))
+    poller = select.epoll()
+    poller.register(listener.fileno(), select.EPOLLIN)
+    poller.register(source.fileno(), select.EPOLLIN)
+    clients: list[socket.socket] = []
+    producer: socket.socket | None = None
+    while True:
+        for fd, _ in poller.poll():
+            if fd == listener.fileno():
+                client, _ = listener.accept()
+                client.setblocking(False)
+                clients.append(client)
+            elif fd == source.fileno():
+                producer, _ = source.accept()
+                poller.register(producer.fileno(), select.EPOLLIN)
+            elif producer is not None and fd == producer.fileno():
+                data = producer.recv(1 << 16)
+                if not data:  # e.g. a probe of the port: wait for the next producer
+                    poller.unregister(producer.fileno())
+                    producer.close()
+                    producer = None
+                    continue
+                for client in clients:
+                    try:  # noqa: SIM105 - the cheapest form in the loop being measured
+                        os.write(client.fileno(), data)
+                    except OSError:
+                        pass
+
+
 def run_producer(args: argparse.Namespace) -> None:
     block = wire_of(SCALING_PAYLOAD, 16)
     sock = socket.create_connection((HOST, args.port))
@@ -318,10 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="cases to skip: idle,scaling")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--server-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "producer":
         run_producer(args)
+        return 0
+    if args.role == "floor":
+        run_floor(args)
         return 0
     exit_on_sigterm()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -330,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hard < args.clients + 100:
         print(f"open-files limit {hard} is too low for {args.clients} clients: raise ulimit -n")
         return 2
-    trees: list[tuple[str, str | None]] = []
+    trees: list[tuple[str, str | None]] = [("plain loop (floor)", FLOOR)]
     if args.baseline:
         trees.append((f"baseline ({args.baseline})", str(Path(args.baseline).resolve())))
     trees.append(("this tree", None))
@@ -377,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" {'CPU per GB':>11} {'vs 1 client':>11} {'others':>7}"
             )
             for label, tree in trees:
+                if tree == FLOOR:
+                    continue  # it forwards bytes without back-pressure: not comparable
                 one: float | None = None
                 for count in counts:
                     runs = [

@@ -138,6 +138,19 @@ class Connection:
     leaves the connection unusable: close it.
     """
 
+    __slots__ = (
+        "_already_read",
+        "_sending",
+        "_socket",
+        "bytes_received",
+        "bytes_sent",
+        "handshake_timeout",
+        "peer",
+        "send_timeout",
+        "stream",
+        "yield_on_send",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -361,17 +374,17 @@ class HangupWatch:
     about 6 KiB less each.
 
     :meth:`run` is that task. :meth:`add` registers a connection until :meth:`remove`: on
-    the peer's EOF or a broken connection its cancel scope is cancelled; on input, bytes are
-    read and discarded, or with ``on_input`` given, reported to ``on_input(nbytes)`` and the
-    scope cancelled. Only plain sockets can be watched so; :meth:`add` refuses other
-    streams (TLS, memory streams) and works only where ``select.epoll`` exists, and the
-    caller then reads the connection itself.
+    the peer's EOF or a broken connection ``on_gone()`` is called; on input, bytes are read
+    and discarded, or with ``on_input`` given, reported to ``on_input(nbytes)`` and then
+    ``on_gone()`` called. Either way the connection is no longer watched. Only plain
+    sockets can be watched so: :meth:`add` refuses other streams (TLS, memory streams) and
+    works only where ``select.epoll`` exists; the caller then reads the connection itself.
     """
 
     def __init__(self) -> None:
         epoll = getattr(select, "epoll", None)
         self._epoll: select.epoll | None = epoll() if epoll is not None else None
-        self._watched: dict[int, tuple[trio.CancelScope, Callable[[int], None] | None]] = {}
+        self._watched: dict[int, tuple[Callable[[], None], Callable[[int], None] | None]] = {}
         self._discard = bytearray(_DISCARD_SIZE)
 
     def close(self) -> None:
@@ -382,7 +395,7 @@ class HangupWatch:
     def add(
         self,
         connection: Connection,
-        cancel_scope: trio.CancelScope,
+        on_gone: Callable[[], None],
         on_input: Callable[[int], None] | None = None,
     ) -> int | None:
         """Watch ``connection``; return the key to :meth:`remove` it with, or None when it
@@ -393,7 +406,7 @@ class HangupWatch:
         if fd is None or epoll is None or fd in self._watched:
             return None
         epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
-        self._watched[fd] = (cancel_scope, on_input)
+        self._watched[fd] = (on_gone, on_input)
         return fd
 
     def remove(self, key: int) -> None:
@@ -420,7 +433,7 @@ class HangupWatch:
                     self._peer_ready(fd, *watched)
 
     def _peer_ready(
-        self, fd: int, cancel_scope: trio.CancelScope, on_input: Callable[[int], None] | None
+        self, fd: int, on_gone: Callable[[], None], on_input: Callable[[int], None] | None
     ) -> None:
         try:
             nbytes = os.readv(fd, [self._discard])
@@ -435,7 +448,7 @@ class HangupWatch:
         # Gone, or it sent what it may not: stop watching at once, so a peer that keeps
         # its end open costs no further wake-ups while its connection is taken down.
         self.remove(fd)
-        cancel_scope.cancel()
+        on_gone()
 
 
 #: TCP keepalive probes sent before the kernel gives up on a silent host.

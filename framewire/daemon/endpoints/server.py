@@ -151,18 +151,21 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         connection.yield_on_send = False
         connection.send_timeout = self.config.send_timeout
         encoder = self._spec.make_encoder()
-        peer_left = trio.CancelScope()
-        # Plain sockets are watched by the endpoint's one hang-up watch, which cancels
-        # peer_left when the client leaves; others get a reading task of their own.
-        watched = self._hangups.add(connection, peer_left, on_input)
+        # Plain sockets are watched by the endpoint's one hang-up watch, which closes the
+        # client's subscription when it leaves (its writer then returns); others get a
+        # reading task of their own.
+        watched = self._hangups.add(connection, feed.peer_left, on_input)
         try:
             if watched is not None:
-                with peer_left:
-                    closed = await send_subscription(
-                        connection, subscription, encoder, unencodable=feed.unencodable,
+                feed.closed(
+                    await send_subscription(
+                        connection,
+                        subscription,
+                        encoder,
+                        unencodable=feed.unencodable,
                         on_sent=feed.sent,
-                    )  # fmt: skip
-                    feed.closed(closed)
+                    )
+                )
             else:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(
@@ -173,16 +176,21 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                             on_input=on_input,
                         )
                     )
-                    closed = await send_subscription(
-                        connection, subscription, encoder, unencodable=feed.unencodable,
-                        on_sent=feed.sent,
-                    )  # fmt: skip
-                    feed.closed(closed)
+                    feed.closed(
+                        await send_subscription(
+                            connection,
+                            subscription,
+                            encoder,
+                            unencodable=feed.unencodable,
+                            on_sent=feed.sent,
+                        )
+                    )
                     nursery.cancel_scope.cancel()
         except* trio.TooSlowError:
             feed.reason = f"send stalled for more than {self.config.send_timeout:g}s"
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
-            feed.reason = f"connection lost ({first_error(group)})"
+            if not feed.left:  # else its hang-up broke the write: that is the reason
+                feed.reason = f"connection lost ({first_error(group)})"
         finally:
             if watched is not None:
                 self._hangups.remove(watched)
@@ -196,12 +204,21 @@ class _ClientFeed:
     (10,000 idle clients are a target).
     """
 
-    __slots__ = ("client", "endpoint", "reason")
+    __slots__ = ("client", "endpoint", "left", "reason")
 
     def __init__(self, endpoint: ServerEndpoint, client: ClientInfo) -> None:
         self.endpoint = endpoint
         self.client = client
         self.reason = "the client closed the connection"
+        #: Whether the hang-up watch saw the client leave (or refused its input).
+        self.left = False
+
+    def peer_left(self) -> None:
+        """The client hung up (or sent what it may not): end its writer."""
+        self.left = True
+        subscription = self.client.subscription
+        if subscription is not None:
+            subscription.close(self.reason)
 
     def sent(self, frames: int, nbytes: int) -> None:
         status = self.endpoint.status
@@ -222,4 +239,6 @@ class _ClientFeed:
         )
 
     def closed(self, closed: SubscriptionClosed) -> None:
+        if self.left:
+            return  # peer_left closed the subscription; self.reason says why
         self.reason = closed.reason if closed.graceful else f"closed by the daemon: {closed.reason}"
