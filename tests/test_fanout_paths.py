@@ -45,6 +45,7 @@ async def read_exactly(peer: socket.socket, nbytes: int) -> bytes:
         [b"small ", b"ones ", b"joined"],
         [bytes([n]) * (200 * 1024) for n in range(40)],  # 8 MB: gathered, partly waited for
         [memoryview(bytes(range(256)) * 40000)],  # one buffer larger than the socket's
+        [bytes([n]) * (64 * 1024) for n in range(3)],  # few large ones: gathered, not joined
     ],
 )
 async def test_send_delivers_every_byte_in_order_whether_or_not_it_waits(

@@ -60,6 +60,9 @@ Connector: TypeAlias = Callable[[], Awaitable[trio.abc.Stream]]
 
 #: Writes at most this big are joined into one buffer; bigger ones go out as a gather write.
 JOIN_LIMIT: Final = 256 * 1024
+#: ... and only when their buffers average at most this: a few large frames (a writer
+#: catching up on 64 KiB frames) go out as a gather write rather than be copied together.
+JOIN_AVERAGE: Final = 4096
 #: accept() errors that mean "out of resources for now": wait a little and accept again.
 ACCEPT_RETRY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: TCP_NOTSENT_LOWAT for relay connections.
@@ -300,7 +303,7 @@ class Connection:
                 if written == total:
                     return ()
                 return [memoryview(first).cast("B")[written:]]
-            if total <= JOIN_LIMIT:
+            if total <= JOIN_LIMIT and total <= JOIN_AVERAGE * len(buffers):
                 joined = b"".join(buffers)
                 written = os.write(fd, joined)
                 return () if written == total else [memoryview(joined)[written:]]
@@ -322,7 +325,9 @@ class Connection:
         """Write ``buffers`` through the stream, waiting for the peer as needed."""
         if len(buffers) == 1:
             await self.stream.send_all(buffers[0])
-        elif sum(map(_nbytes, buffers)) <= JOIN_LIMIT:
+        elif (total := sum(map(_nbytes, buffers))) <= JOIN_LIMIT and (
+            total <= JOIN_AVERAGE * len(buffers) or self._socket is None
+        ):
             await self.stream.send_all(b"".join(buffers))
         elif self._socket is not None:
             await self._gather(buffers)
