@@ -177,3 +177,28 @@ def test_backoff_ceilings_and_reset() -> None:
     assert ceilings == [0.5, 1, 2, 4, 8, 16, 16, 16]
     backoff.reset()
     assert backoff.ceiling() == 0.5
+
+
+async def test_idle_timeout_counts_from_the_last_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Frames every 20 s keep a connection with a 30 s idle timeout up; it is dropped 30 s
+    after the last one (the endpoint's idle watch, not a deadline moved per read)."""
+    upstream = ScriptedUpstream(refusals=0)
+    streams = StreamRegistry()
+    config = ReceiverConfig(stream="s", connect=UPSTREAM, reconnect=BACKOFF, idle_timeout=30.0)
+    endpoint = ReceiverEndpoint("upstream", config, EndpointContext(streams, upstream))
+    frame = Frame(FrameKind.DATA, "x", b"tick")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.run)
+        with trio.fail_after(300):
+            producer = await upstream.connections.receive()
+            for _ in range(5):
+                await producer.send_all(encode([frame]))
+                await trio.sleep(20)
+            last = trio.current_time() - 20
+            await upstream.connections.receive()  # dropped, then reconnected
+        assert len(upstream.attempts) == 2
+        assert 30 <= upstream.attempts[1] - last <= 30 + BACKOFF.initial
+        assert endpoint.status.frames_in == 5
+        nursery.cancel_scope.cancel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
 
 import trio
 
@@ -19,6 +20,8 @@ from .transport import Connection
 
 __all__ = ["receive_frames", "send_frames", "send_subscription"]
 
+#: Where close_when_peer_leaves reads what listening peers send, for all of them at once.
+_DISCARDED: Final = memoryview(bytearray(4096))
 #: The most frames and bytes one write gathers from a subscription queue.
 BATCH_FRAMES = 4096
 BATCH_BYTES = 4 << 20
@@ -93,8 +96,11 @@ async def send_frames(
     buffers = encode_frames(encoder, frames, skip)
     before = connection.bytes_sent
     if buffers:
-        with trio.fail_after(send_timeout):
+        if send_timeout == math.inf:  # no cancel scope per write where none is needed
             await connection.send(buffers)
+        else:
+            with trio.fail_after(send_timeout):
+                await connection.send(buffers)
     return len(frames) - skipped, connection.bytes_sent - before
 
 
@@ -172,7 +178,7 @@ async def close_when_peer_leaves(
     peer may not send anything at all: the first bytes it sends are reported to
     ``on_input(nbytes)`` and the scope is cancelled (the caller then closes the connection).
     """
-    buffer = memoryview(bytearray(4096))
+    buffer = _DISCARDED  # shared: what listeners send is never looked at
     try:
         while nbytes := await connection.receive_into(buffer):
             if on_input is not None:
