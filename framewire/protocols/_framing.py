@@ -64,13 +64,14 @@ class FrameDecoder:
     and message, and its buffers are released.
     """
 
-    protocol: str = ""
     #: True for protocols whose ``_measure`` can only say what the next step of a frame needs
     #: until the frame is complete (G3 walks its length fields one by one). Such a frame's
     #: own buffer then starts at what has arrived and the last large frame's size (the
     #: steps say nothing about its size) and doubles as it fills, instead of growing one
     #: step at a time, with one read per step.
     stepwise: bool = False
+
+    protocol: str = ""
 
     def __init__(self, *, max_frame_size: int, buffer_size: int = RECEIVE_BUFFER_SIZE) -> None:
         if max_frame_size <= 0:
