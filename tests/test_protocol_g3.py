@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from framewire import Frame, FrameKind
 from framewire.protocols import FrameTooLarge, ProtocolError, TruncatedFrame
+from framewire.protocols._framing import FIRST_LARGE_BUFFER, LARGE_FRAME
 from framewire.protocols.g3 import G3Decoder, G3Encoder, canonical_type, spt3g_crc
 from framewire.protocols.native import NativeDecoder, NativeEncoder
 
@@ -208,3 +209,44 @@ def test_crc_work_per_read_is_bounded_by_the_bytes_read() -> None:
     assert len(decoded) == 1
     assert max(summed) <= step
     assert sum(summed) == 4 * nkeys  # every name, once
+
+
+def test_a_frame_of_many_keys_takes_few_reads_and_its_buffer_doubles() -> None:
+    """G3 measures a frame key by key. Its own buffer used to grow one key at a time and
+    each read stopped at the next key: a 2 MiB frame of 256 keys took 38 reads (an 8 MB
+    Scan of 100 keys, 100 reads and 2.6 ms of decoding). Now the buffer doubles, never
+    beyond twice what has arrived; reads go on past the next key, as far as the receive
+    buffer could take back; and the next frame starts with a buffer the size of the last."""
+    nkeys = 256
+    frame = g3_frame("Scan", {i.to_bytes(4, "big"): bytes([i]) * 8192 for i in range(nkeys)})
+    stream = frame * 2
+    dec = G3Decoder(max_frame_size=4 << 20)
+    decoded: list[Frame] = []
+    reads: list[int] = [0]
+    growths: list[int] = [0]
+    position = 0
+    while position < len(stream):
+        before = len(decoded)
+        size = len(dec._large) if dec._large is not None else None
+        target = dec.get_buffer()
+        large = dec._large
+        if large is not None:
+            filled = dec.buffered
+            assert len(large) <= max(
+                2 * filled, filled + LARGE_FRAME, FIRST_LARGE_BUFFER, len(frame)
+            )
+            if size is not None and len(large) != size:
+                growths[-1] += 1
+        n = min(len(target), len(stream) - position)
+        target[:n] = stream[position : position + n]
+        del target
+        position += n
+        reads[-1] += 1
+        decoded += dec.buffer_updated(n)
+        if len(decoded) > before:
+            reads.append(0)
+            growths.append(0)
+    assert [bytes(f.wire or b"") for f in decoded] == [frame, frame]
+    assert reads[0] <= len(frame) // (128 * 1024)
+    assert growths[0] <= 5  # 128 KiB, doubling to 2 MiB
+    assert growths[1] == 0  # the second frame starts at the first one's size

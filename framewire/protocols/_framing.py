@@ -64,6 +64,13 @@ class FrameDecoder:
     and message, and its buffers are released.
     """
 
+    #: True for protocols whose ``_measure`` can only say what the next step of a frame needs
+    #: until the frame is complete (G3 walks its length fields one by one). Such a frame's
+    #: own buffer then starts at what has arrived and the last large frame's size (the
+    #: steps say nothing about its size) and doubles as it fills, instead of growing one
+    #: step at a time, with one read per step.
+    stepwise: bool = False
+
     protocol: str = ""
 
     def __init__(self, *, max_frame_size: int, buffer_size: int = RECEIVE_BUFFER_SIZE) -> None:
@@ -102,10 +109,20 @@ class FrameDecoder:
             filled = self._large_filled
             needed = self._large_needed
             # Read what the frame still needs and a little more: the start of the next frame,
-            # so a stream of large frames does not take an extra read each.
-            limit = needed + _read_ahead(needed)
+            # so a stream of large frames does not take an extra read each. A stepwise frame
+            # reads on past its next step, within its buffer, as far as the receive buffer
+            # could take back if the frame ends sooner (not one read per step).
+            if self.stepwise:
+                limit = needed + len(self._buffer)
+            else:
+                limit = needed + _read_ahead(needed)
             if filled >= len(large):
-                large = self._grow_large(min(limit, max(2 * filled, filled + LARGE_FRAME)))
+                grown = max(2 * filled, filled + LARGE_FRAME)
+                if self.stepwise:  # twice what has arrived, within the largest frame allowed
+                    grown = min(grown, self.max_frame_size + READ_AHEAD)
+                else:  # the frame's size is known: up to it
+                    grown = min(grown, limit)
+                large = self._grow_large(grown)
             return memoryview(large)[filled:limit]
         if self._start == self._end:
             self._start = self._end = 0
@@ -282,7 +299,7 @@ class FrameDecoder:
                         # connection delivered whole (a steady stream of large frames then
                         # needs no regrowing).
                         floor = max(2 * available, FIRST_LARGE_BUFFER, self._last_large)
-                        size = min(needed + _read_ahead(needed), floor)
+                        size = floor if self.stepwise else min(needed + _read_ahead(needed), floor)
                         try:
                             large = bytearray(size)
                         except MemoryError:

@@ -131,6 +131,7 @@ class G3Decoder(FrameDecoder):
     """
 
     protocol = PROTOCOL
+    stepwise = True  # _measure walks the length fields: it knows a frame's size only at its end
 
     def __init__(self, *, max_frame_size: int, verify_crc: bool = False) -> None:
         super().__init__(max_frame_size=max_frame_size)
