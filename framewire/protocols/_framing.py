@@ -65,6 +65,11 @@ class FrameDecoder:
     """
 
     protocol: str = ""
+    #: Whether :meth:`buffer_updated` may return a :class:`~framewire.frame.FrameBlock` for
+    #: frames that arrived back to back (decoders that cannot cut blocks ignore it). Off by
+    #: default: only a caller that counts ``nframes`` (and publishes into a stream, which
+    #: splits blocks for subscribers that cannot take them) should turn it on.
+    blocks: bool = False
 
     def __init__(self, *, max_frame_size: int, buffer_size: int = RECEIVE_BUFFER_SIZE) -> None:
         if max_frame_size <= 0:
