@@ -35,9 +35,12 @@ __all__ = ["FIRST_LARGE_BUFFER", "LARGE_FRAME", "RECEIVE_BUFFER_SIZE", "FrameDec
 #: Size of the reused receive buffer.
 RECEIVE_BUFFER_SIZE: Final = 256 * 1024
 #: Frames above this size are read into a buffer of their own instead of the shared one.
-LARGE_FRAME: Final = 64 * 1024
+#: Frames up to it are cut out of the receive buffer (which holds at least two of them), so
+#: one read takes several of them: a 64 KiB frame costs a copy out of the receive buffer
+#: instead of a zero-filled buffer of its own, a read and a write of its own.
+LARGE_FRAME: Final = 128 * 1024
 #: The least a large frame's own buffer starts with (it then doubles as bytes arrive).
-FIRST_LARGE_BUFFER: Final = 2 * LARGE_FRAME
+FIRST_LARGE_BUFFER: Final = 128 * 1024
 #: How far a read into a large frame's buffer may go past the frame's known end (at most a
 #: sixteenth of the frame, so the slack a finished frame keeps stays small).
 READ_AHEAD: Final = 64 * 1024
