@@ -8,7 +8,11 @@ touches a socket.
 
 Small frames are cut out of one reused receive buffer (one copy each, so a queued frame never
 pins the whole buffer). A frame larger than :data:`LARGE_FRAME` gets a buffer of its own, and
-the I/O layer reads straight into it.
+the I/O layer reads straight into it. The receive buffer starts at
+:data:`RECEIVE_BUFFER_SIZE` and doubles, up to :data:`MAX_RECEIVE_BUFFER`, each time a read
+fills all the room it was given with frames it holds: a peer that keeps it full with a bulk
+stream of small frames is read in larger gulps, with fewer system calls per byte; a quiet or
+trickling peer, or one sending large frames, never grows it.
 
 Memory follows the bytes that arrived, never the length a peer announced: a large frame's
 buffer starts at :data:`FIRST_LARGE_BUFFER`, twice what has arrived of it, or the size of
@@ -30,10 +34,18 @@ from typing import Final
 from ..frame import Buffer, Frame
 from ._errors import FrameTooLarge, ProtocolError, TruncatedFrame
 
-__all__ = ["FIRST_LARGE_BUFFER", "LARGE_FRAME", "RECEIVE_BUFFER_SIZE", "FrameDecoder"]
+__all__ = [
+    "FIRST_LARGE_BUFFER",
+    "LARGE_FRAME",
+    "MAX_RECEIVE_BUFFER",
+    "RECEIVE_BUFFER_SIZE",
+    "FrameDecoder",
+]
 
-#: Size of the reused receive buffer.
+#: Size of the reused receive buffer when a connection starts.
 RECEIVE_BUFFER_SIZE: Final = 256 * 1024
+#: The most the receive buffer grows to while reads keep filling it.
+MAX_RECEIVE_BUFFER: Final = 1024 * 1024
 #: Frames above this size are read into a buffer of their own instead of the shared one.
 #: Frames up to it are cut out of the receive buffer (which holds at least two of them), so
 #: one read takes several of them: a 64 KiB frame costs a copy out of the receive buffer
@@ -82,6 +94,11 @@ class FrameDecoder:
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
+        # The receive buffer's growth: its largest size, the room the last get_buffer()
+        # offered in it, and whether the last read filled that room.
+        self._max_buffer = max(len(self._buffer), MAX_RECEIVE_BUFFER)
+        self._offered = 0
+        self._filled = False
         # A large frame being assembled in its own buffer: the buffer, the bytes filled and
         # the bytes known to be needed so far (the whole frame, or the next step of it).
         self._large: bytearray | None = None
@@ -117,12 +134,16 @@ class FrameDecoder:
             return memoryview(large)[filled:limit]
         if self._start == self._end:
             self._start = self._end = 0
+        if self._filled and len(self._buffer) < self._max_buffer:
+            self._grow_receive_buffer()
         elif len(self._buffer) - self._end < LARGE_FRAME:
             # Move the partial frame (smaller than LARGE_FRAME) to the front.
             pending = self._end - self._start
             self._view[:pending] = self._view[self._start : self._end]
             self._start, self._end = 0, pending
-        return self._view[self._end :]
+        view = self._view[self._end :]
+        self._offered = len(view)
+        return view
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         """Account for ``nbytes`` written into the last :meth:`get_buffer` result.
@@ -144,7 +165,12 @@ class FrameDecoder:
                     return frames
             else:
                 self._end += nbytes
+                self._filled = nbytes >= self._offered
             self._cut(frames)
+            if self._large is not None:
+                # Grow for a bulk stream of frames the receive buffer holds, not for one of
+                # large frames (a larger gulp of one would only be copied into its own buffer).
+                self._filled = False
         except ProtocolError as exc:
             self._fail(type(exc), str(exc))
             raise
@@ -209,11 +235,27 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._view = memoryview(self._buffer)
         self._start = self._end = 0
+        self._max_buffer = 0
 
     def _raise_failure(self) -> None:
         assert self._failure is not None
         kind, message = self._failure
         raise kind(message)
+
+    def _grow_receive_buffer(self) -> None:
+        """Double the receive buffer (up to its largest size), keeping the pending bytes.
+        Frames already cut hold copies, never views, so the old buffer is simply let go; if
+        the memory cannot be had the buffer stays as it is, for good."""
+        self._filled = False
+        try:
+            grown = bytearray(min(2 * len(self._buffer), self._max_buffer))
+        except MemoryError:
+            self._max_buffer = len(self._buffer)
+            return
+        pending = self._end - self._start
+        grown[:pending] = self._view[self._start : self._end]
+        self._buffer, self._view = grown, memoryview(grown)
+        self._start, self._end = 0, pending
 
     def _grow_large(self, size: int) -> bytearray:
         """Grow the large frame's buffer to ``size`` bytes (the bytes filled are kept)."""

@@ -29,7 +29,7 @@ from typing import Final
 from ..frame import EMPTY_HEADERS, Buffer, Frame, FrameBlock, FrameKind
 from ._encoder import FrameEncoder
 from ._errors import ProtocolError
-from ._framing import LARGE_FRAME, FrameDecoder
+from ._framing import LARGE_FRAME, MAX_RECEIVE_BUFFER, FrameDecoder
 
 __all__ = [
     "HEADER",
@@ -67,7 +67,7 @@ _FIXED_HEADER: Final = 20
 #: The most frames and bytes one :class:`NativeBlock` holds, so that a lossy queue drops at
 #: most this much at once and a block is small beside any queue that takes it whole.
 MAX_BLOCK_FRAMES: Final = 128
-MAX_BLOCK_BYTES: Final = 64 * 1024
+MAX_BLOCK_BYTES: Final = MAX_RECEIVE_BUFFER
 #: Frames checked at once before a uniform run is checked to its full length.
 _FIRST_RUN: Final = 8
 
