@@ -110,6 +110,23 @@ def test_a_bad_frame_after_a_run_is_still_refused(offset: int) -> None:
         decode(bytes(wire), 1 << 20, blocks=True)
 
 
+@pytest.mark.parametrize("step", [1 << 20, 1000])
+def test_a_stream_without_runs_is_decoded_frame_by_frame_then_runs_are_blocks_again(
+    step: int,
+) -> None:
+    alternating = [sample(i, type_=("a", "b")[i % 2]) for i in range(500)]
+    pairs = [sample(i, type_=("a", "b")[i // 2 % 2]) for i in range(100)]
+    run = [sample(i) for i in range(300)]
+    frames = alternating + pairs + run + alternating
+    cut = decode(encode(frames), step, blocks=True)
+    assert flatten(cut) == frames
+    # Runs too short to pay for a block are single frames; the long run is blocks again
+    # (after the tries that failed during the alternation, it is found within 64 frames).
+    blocks = [frame for frame in cut if isinstance(frame, FrameBlock)]
+    assert all(block.type == "sample" for block in blocks)
+    assert frame_count(blocks) >= 300 - 64
+
+
 def test_block_decoding_is_off_by_default() -> None:
     cut = decode(encode([sample(i) for i in range(50)]), 1 << 20, blocks=False)
     assert not any(isinstance(frame, FrameBlock) for frame in cut)

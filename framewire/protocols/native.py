@@ -68,7 +68,12 @@ _FIXED_HEADER: Final = 20
 #: most this much at once and a block is small beside any queue that takes it whole.
 MAX_BLOCK_FRAMES: Final = 128
 MAX_BLOCK_BYTES: Final = MAX_RECEIVE_BUFFER
-#: Frames checked at once before a uniform run is checked to its full length.
+#: The fewest frames worth a block (a shorter run is decoded frame by frame).
+_FEWEST_BLOCK_FRAMES: Final = 4
+#: The most frames decoded one by one between two tries to cut a block.
+_MOST_BLOCK_BACKOFF: Final = 63
+#: Frames alike (but for their timestamps) checked one by one before the rest of their run
+#: is checked column by column.
 _FIRST_RUN: Final = 8
 
 
@@ -98,6 +103,10 @@ class NativeDecoder(FrameDecoder):
         #: Keepalive frames seen (they are consumed, not returned).
         self.keepalives = 0
         self._types: dict[bytes, str] = {}
+        # Block cutting: frames to decode one by one before the next try, and the current
+        # step between tries (it doubles while tries fail).
+        self._block_wait = 0
+        self._block_backoff = 0
 
     def _cut(self, frames: list[Frame]) -> None:
         # The hot loop: ordinary DATA/METADATA frames without headers that fit the receive
@@ -108,7 +117,7 @@ class NativeDecoder(FrameDecoder):
         unpack, append, types = HEADER.unpack_from, frames.append, self._types
         limit = min(self.max_frame_size, LARGE_FRAME)
         kinds = _FRAME_KINDS
-        blocks = self.blocks
+        blocks, wait, backoff = self.blocks, self._block_wait, self._block_backoff
         while end - start >= 28 and not self.ended:
             magic, version, kind, type_len, flags, count, headers_len, payload_len, timestamp = (
                 unpack(buffer, start)
@@ -128,16 +137,24 @@ class NativeDecoder(FrameDecoder):
                 break
             body = 28 + type_len
             if blocks and not kind and end - start - total >= 28:
-                type_raw = view[start + 28 : start + body].tobytes()
-                type_tag = types.get(type_raw)
-                if type_tag is None:
-                    type_tag = self._type_tag(type_raw)
-                stop, count = self._block_end(start, end, total, type_raw, limit)
-                if count > 1:
-                    wire_block = view[start:stop].tobytes()
-                    append(NativeBlock(type_tag, wire_block, count, timestamp))
-                    start = stop
-                    continue
+                if wait:
+                    wait -= 1
+                else:
+                    type_raw = view[start + 28 : start + body].tobytes()
+                    type_tag = types.get(type_raw)
+                    if type_tag is None:
+                        type_tag = self._type_tag(type_raw)
+                    stop, count = self._block_end(start, end, total, type_raw, limit)
+                    if count >= _FEWEST_BLOCK_FRAMES:
+                        wire_block = view[start:stop].tobytes()
+                        append(NativeBlock(type_tag, wire_block, count, timestamp))
+                        start = stop
+                        backoff = 0
+                        continue
+                    # No block here (or too short a one to pay for itself): try again after
+                    # 1, 3, 7, ... frames, so a stream whose frames seldom come in runs pays
+                    # almost nothing for trying.
+                    wait = backoff = min(2 * backoff + 1, _MOST_BLOCK_BACKOFF)
             wire = view[start : start + total].tobytes()
             type_tag = types.get(wire[28:body])
             if type_tag is None:
@@ -147,6 +164,7 @@ class NativeDecoder(FrameDecoder):
             append(Frame(kinds[kind], type_tag, payload, timestamp, EMPTY_HEADERS, wire, PROTOCOL))
             start += total
         self._start = start
+        self._block_wait, self._block_backoff = wait, backoff
         super()._cut(frames)
 
     def _block_end(
@@ -157,24 +175,25 @@ class NativeDecoder(FrameDecoder):
         the same type, without headers or flags, within ``limit`` bytes each and within
         :data:`MAX_BLOCK_FRAMES` / :data:`MAX_BLOCK_BYTES` in all.
 
-        Frames of the same length as the first are checked a header byte at a time across
-        the whole run (one strided slice per byte, no Python step per frame); frames of other
-        lengths one by one. A frame that fails a check ends the block; the ordinary path then
-        decodes it (and raises for it if it is bad).
+        Frames are checked one by one; once :data:`_FIRST_RUN` frames in a row are alike but
+        for their timestamps, the rest of that run is checked a header byte at a time across
+        all of it (one strided slice per byte, no Python step per frame). A frame that fails
+        a check ends the block; the ordinary path then decodes it (and refuses it if bad).
         """
         buffer = self._buffer
-        window = min(end - start, MAX_BLOCK_BYTES)
-        most = min(window // first, MAX_BLOCK_FRAMES)
-        count = 1
-        if most > 1:
-            count = _uniform_run(buffer, start, first, min(most, _FIRST_RUN), 28 + len(type_raw))
-            if count == _FIRST_RUN < most:
-                count = _uniform_run(buffer, start, first, most, 28 + len(type_raw))
-        position = start + count * first
         stop = min(end, start + MAX_BLOCK_BYTES)
         type_len = len(type_raw)
         unpack = _BLOCK_HEAD.unpack_from
+        position = start + first
+        count = 1
+        alike = True  # every frame so far is ``first`` bytes long (and so alike)
         while count < MAX_BLOCK_FRAMES and stop - position >= 28:
+            if alike and count == _FIRST_RUN:
+                most = min((stop - start) // first, MAX_BLOCK_FRAMES)
+                count = _uniform_run(buffer, start, first, most, 28 + type_len)
+                position = start + count * first
+                alike = False
+                continue
             prefix, length, extras, payload_len = unpack(buffer, position)
             if (
                 prefix != _DATA_PREFIX
@@ -186,6 +205,7 @@ class NativeDecoder(FrameDecoder):
             total = 28 + type_len + payload_len
             if total > limit or total > stop - position:
                 break
+            alike = alike and total == first
             position += total
             count += 1
         return position, count
