@@ -123,3 +123,36 @@ def test_raw_reads_that_do_not_fill_the_buffer_never_grow_it() -> None:
         target[:100] = b"x" * 100
         del target
         assert decoder.buffer_updated(100)[0].payload == b"x" * 100
+
+
+def test_equal_large_frames_take_one_read_each_with_the_next_ones_start() -> None:
+    """After the first, each large frame's buffer has room for its read-ahead: one read
+    completes a frame and brings the start of the next (at most 1/16 of the frame more)."""
+    frames = frames_of(1 << 20, 6)
+    wire = encode(frames)
+    frame_size = len(wire) // len(frames)
+    decoder = NativeDecoder(max_frame_size=1 << 24)
+    reads_per_frame: list[int] = []
+    reads = 0
+    got: list[Frame] = []
+    position = 0
+    while position < len(wire):
+        target = decoder.get_buffer()
+        assert len(target) <= frame_size + frame_size // 16
+        n = min(len(target), len(wire) - position)
+        target[:n] = wire[position : position + n]
+        del target
+        position += n
+        reads += 1
+        done = decoder.buffer_updated(n)
+        if done:
+            reads_per_frame.append(reads)
+            reads = 0
+        got += done
+    assert got == frames
+    assert reads_per_frame[2:] == [1] * (len(frames) - 2)
+    for frame in got[1:]:
+        held = frame.wire
+        assert isinstance(held, bytearray)  # the buffer it was read into: no copy
+        # The read-ahead was its slack: at most a sixteenth of it, so queues count it fairly.
+        assert held.__alloc__() <= frame.size * 17 // 16 + 64

@@ -16,9 +16,10 @@ trickling peer, or one sending large frames, never grows it.
 
 Memory follows the bytes that arrived, never the length a peer announced: a large frame's
 buffer starts at :data:`FIRST_LARGE_BUFFER`, twice what has arrived of it, or the size of
-the last large frame the connection delivered whole (whichever is largest), and doubles as
-it fills, up to the frame's size. So a connection holds at most its receive buffer plus
-twice what has arrived of its current frame or its last frame, whatever its header claims.
+the last large frame the connection delivered whole with its read-ahead (whichever is
+largest), and doubles as it fills, up to the frame's size and its read-ahead. So a
+connection holds at most its receive buffer plus twice what has arrived of its current frame
+or its last frame, whatever its header claims.
 A finished frame's buffer is trimmed to the frame (any slack above 1/16 of it is copied
 away), so the size a queue counts for a frame is what the frame holds.
 
@@ -292,7 +293,9 @@ class FrameDecoder:
             self._large_needed = needed
             return False
         surplus = filled - needed
-        self._last_large = needed
+        # The next large frame may start with this one's size and read-ahead: a stream of
+        # equal frames then reads each frame and the start of the next in one go.
+        self._last_large = needed + _read_ahead(needed)
         self._view[:surplus] = memoryview(large)[needed:filled]
         self._start, self._end = 0, surplus
         self._large = None
