@@ -8,12 +8,12 @@ stream, so memory is paid once per frame however many clients receive it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Final, TypeAlias
 
 _type_of = type  # `type` is shadowed by the parameter of that name below
 
-__all__ = ["EMPTY_HEADERS", "Buffer", "Frame", "FrameKind"]
+__all__ = ["EMPTY_HEADERS", "Buffer", "Frame", "FrameBlock", "FrameKind", "frame_count"]
 
 #: Anything a frame's bytes may live in. ``memoryview`` slices of a larger buffer are fine.
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -73,6 +73,9 @@ class Frame:
     #: Bytes this frame holds in memory: its wire size when it has one, else its payload size.
     #: Queue byte bounds are counted in this unit.
     size: int
+    #: How many frames this object stands for: 1, or more for a :class:`FrameBlock`. (A class
+    #: attribute, so that ordinary frames pay nothing for it.)
+    nframes: int = 1
 
     def __init__(
         self,
@@ -118,6 +121,56 @@ class Frame:
             f"Frame({self.kind.name}, {self.type!r}, {_nbytes(self.payload)} bytes, "
             f"timestamp={self.timestamp}{headers})"
         )
+
+
+class FrameBlock(Frame):
+    """Consecutive DATA frames of one type, held as their wire bytes, moving as one object.
+
+    A decoder cuts a block when it is asked to (``FrameDecoder.blocks``) and frames arrive
+    back to back: the block's :attr:`wire` is the frames' bytes exactly as received (one copy
+    out of the receive buffer, never a view on it), :attr:`nframes` how many frames they
+    are, :attr:`type` their common type tag, :attr:`timestamp` the first one's. Its
+    :attr:`payload` is empty: a block has no payload of its own.
+
+    A block is never METADATA (metadata travels as single frames, so it reaches the metadata
+    cache and is never dropped). Streams hand blocks only to subscribers that write
+    :attr:`wire_protocol` as it is and take them whole; every other subscriber gets the frames
+    of :meth:`frames`. Counters count :attr:`nframes` frames for a block.
+    """
+
+    __slots__ = ("nframes",)
+
+    def __init__(
+        self, type: str, wire: bytes, nframes: int, protocol: str, timestamp: int = 0
+    ) -> None:
+        super().__init__(FrameKind.DATA, type, b"", timestamp, EMPTY_HEADERS, wire, protocol)
+        self.nframes = nframes
+
+    def frames(self) -> list[Frame]:
+        """The block's frames, each with its own copy of its bytes (so a frame kept in a
+        queue holds only itself, not the block)."""
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FrameBlock):
+            return NotImplemented
+        return (
+            self.type == other.type
+            and self.nframes == other.nframes
+            and self.wire_protocol == other.wire_protocol
+            and memoryview(self.wire or b"") == memoryview(other.wire or b"")
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.nframes} {self.type!r} frames, {self.size} bytes "
+            f"of {self.wire_protocol})"
+        )
+
+
+def frame_count(frames: Iterable[Frame]) -> int:
+    """How many frames ``frames`` stand for (a :class:`FrameBlock` counts its frames)."""
+    return sum(frame.nframes for frame in frames)
 
 
 def _nbytes(buffer: Buffer) -> int:

@@ -13,7 +13,7 @@ from typing import Final
 import trio
 
 from .. import protocols
-from ..frame import Buffer, Frame
+from ..frame import Buffer, Frame, frame_count
 from ..protocols import Decoder, Encoder
 from .stream import Subscription, SubscriptionClosed
 from .transport import Connection
@@ -27,12 +27,22 @@ BATCH_FRAMES = 4096
 BATCH_BYTES = 4 << 20
 
 
-def make_decoder(protocol: str, max_frame_size: int, verify_crc: bool = False) -> Decoder:
-    """A decoder for ``protocol``; ``verify_crc`` only for protocols that have a CRC."""
+def make_decoder(
+    protocol: str, max_frame_size: int, verify_crc: bool = False, *, blocks: bool = False
+) -> Decoder:
+    """A decoder for ``protocol``; ``verify_crc`` only for protocols that have a CRC.
+
+    With ``blocks`` a decoder that can cut :class:`~framewire.frame.FrameBlock` objects does
+    (the caller must count ``nframes``: :func:`framewire.frame.frame_count`).
+    """
     spec = protocols.get(protocol)
     if verify_crc:
-        return spec.make_decoder(max_frame_size, verify_crc=True)
-    return spec.make_decoder(max_frame_size)
+        decoder = spec.make_decoder(max_frame_size, verify_crc=True)
+    else:
+        decoder = spec.make_decoder(max_frame_size)
+    if blocks and isinstance(decoder, protocols.FrameDecoder):
+        decoder.blocks = True
+    return decoder
 
 
 class UnencodableFrames:
@@ -78,13 +88,15 @@ async def send_frames(
     unencodable: Callable[[Frame, ValueError], None],
     *,
     send_timeout: float = math.inf,
+    nframes: int | None = None,
 ) -> tuple[int, int]:
-    """Encode ``frames`` and write them with one (gather) write.
+    """Encode ``frames`` and write them with one (gather) write. ``nframes``: how many frames
+    ``frames`` stand for, when the caller knows (else counted here).
 
-    Returns the frames and bytes actually written: a frame the protocol cannot carry is left
-    out, reported to ``unencodable`` and not counted. Raises trio.BrokenResourceError if the
-    peer is gone and trio.TooSlowError if the write takes longer than ``send_timeout`` (the
-    connection is then unusable).
+    Returns the frames and bytes actually written (a block counts its frames): a frame the
+    protocol cannot carry is left out, reported to ``unencodable`` and not counted. Raises
+    trio.BrokenResourceError if the peer is gone and trio.TooSlowError if the write takes
+    longer than ``send_timeout`` (the connection is then unusable).
     """
     skipped = 0
 
@@ -101,7 +113,9 @@ async def send_frames(
         else:
             with trio.fail_after(send_timeout):
                 await connection.send(buffers)
-    return len(frames) - skipped, connection.bytes_sent - before
+    if nframes is None:
+        nframes = frame_count(frames)
+    return nframes - skipped, connection.bytes_sent - before
 
 
 async def receive_frames(
@@ -159,7 +173,12 @@ async def send_subscription(
                         await connection.send([marker])
             return closed
         frames, nbytes = await send_frames(
-            connection, encoder, batch, unencodable, send_timeout=send_timeout
+            connection,
+            encoder,
+            batch,
+            unencodable,
+            send_timeout=send_timeout,
+            nframes=subscription.last_batch_frames,
         )
         if on_sent is not None:
             on_sent(frames, nbytes)

@@ -17,6 +17,14 @@ Each :class:`Subscription` is one subscriber's bounded queue plus its policy:
 Per-type decimation keeps every Nth DATA frame of a type (the Nth, 2Nth, ...) and drops the
 type entirely for N = 0. Metadata is never decimated.
 
+A publisher may publish :class:`~framewire.frame.FrameBlock` objects: DATA frames of one type
+that arrived back to back, held as their wire bytes. A subscription takes a block whole only
+if it writes the block's protocol as it is (``blocks_of``), does not decimate the block's
+type, and the block is at most an eighth of its bounds; every other subscriber gets the
+block's frames, split once per publish and shared. A queue is bounded in frames (a block
+counts its frames) and bytes; a lossy queue drops a whole block when it drops one (every
+frame in it counted as dropped). Blocks are never metadata.
+
 Memory is bounded by the sum of the subscriptions' bounds: frames are shared between
 subscribers, never copied, and nothing here grows with how slow a consumer is.
 """
@@ -32,7 +40,7 @@ import attrs
 import trio
 
 from ..config import StreamConfig
-from ..frame import Frame, FrameKind
+from ..frame import Frame, FrameBlock, FrameKind
 
 __all__ = [
     "MetadataCache",
@@ -112,6 +120,7 @@ class Subscription:
         label: str,
         follows_end: bool = False,
         session_types: frozenset[str] = frozenset(),
+        blocks_of: str | None = None,
     ) -> None:
         for type_tag, every in decimate.items():
             if every < 0:
@@ -129,7 +138,14 @@ class Subscription:
         self.session_types = session_types
         self._sessions: dict[str, Frame] = {}
         self._seen: dict[str, int] = dict.fromkeys(self.decimate, 0)
+        #: The protocol whose :class:`FrameBlock` objects this subscriber writes as they are
+        #: (its encoder forwards their wire bytes), or None: blocks are split for it.
+        self.blocks_of = blocks_of
+        self._block_frames = bounds.max_frames // 8
+        self._block_bytes = bounds.max_bytes // 8
         self._queue: deque[Frame] = deque()
+        #: Frames queued (a block counts its frames; ``len(self._queue)`` counts entries).
+        self._queued_frames = 0
         self.queued_bytes = 0
         self.queued_metadata = 0
         self.queued_metadata_bytes = 0
@@ -138,7 +154,8 @@ class Subscription:
         self.frames_dropped = 0
         self.bytes_dropped = 0
         self.frames_decimated = 0
-        #: Bytes in the batch :meth:`receive_batch` returned last.
+        #: Frames and bytes in the batch :meth:`receive_batch` returned last.
+        self.last_batch_frames = 0
         self.last_batch_bytes = 0
         #: The consumer's task while it waits in :meth:`receive_batch` (woken directly: a
         #: trio.Event per wait cost each of 10,000 idle clients about 1 KiB and each
@@ -152,7 +169,7 @@ class Subscription:
 
     @property
     def queued_frames(self) -> int:
-        return len(self._queue)
+        return self._queued_frames
 
     @property
     def closed(self) -> bool:
@@ -183,16 +200,25 @@ class Subscription:
         for frame in frames:
             size = frame.size
             if frame.kind is _DATA:
+                count = frame.nframes
+                if count != 1 and not self.takes_whole(frame):
+                    assert isinstance(frame, FrameBlock)
+                    self.offer(frame.frames())
+                    continue
                 if decimate and not self._keep(frame):
                     continue
-                if len(queue) >= max_frames or self.queued_bytes + size > max_bytes:
-                    self._make_room(1, size)
-                    if queue and (len(queue) >= max_frames or self.queued_bytes + size > max_bytes):
+                if self._queued_frames + count > max_frames or self.queued_bytes + size > max_bytes:
+                    self._make_room(count, size)
+                    if queue and (
+                        self._queued_frames + count > max_frames
+                        or self.queued_bytes + size > max_bytes
+                    ):
                         # Only metadata is queued and it fills the bounds: drop the newcomer.
-                        self.frames_dropped += 1
+                        self.frames_dropped += count
                         self.bytes_dropped += size
                         continue
                 append(frame)
+                self._queued_frames += count
                 self.queued_bytes += size
             else:
                 if self.session_types:
@@ -202,12 +228,13 @@ class Subscription:
                     if not admit:
                         continue
                 append(frame)
+                self._queued_frames += 1
                 self.queued_bytes += size
                 self.queued_metadata += 1
                 self.queued_metadata_bytes += size
                 if not self._within_metadata_cap():
                     return
-                if len(queue) > max_frames or self.queued_bytes > max_bytes:
+                if self._queued_frames > max_frames or self.queued_bytes > max_bytes:
                     self._make_room(0, 0)
             added = True
         if added and self._consumer is not None:
@@ -228,14 +255,23 @@ class Subscription:
             and self._closed is None
             and self._ending is None
         ):
-            # Fast path: the whole batch fits; queue it with one wake-up.
-            sizes = [frame.size for frame in frames]
-            total = sum(sizes)
+            # Fast path: the whole batch fits (blocks and all); queue it with one wake-up.
+            total = count = 0
+            takes_whole = True
+            for frame in frames:
+                total += frame.size
+                if frame.nframes != 1:
+                    count += frame.nframes
+                    takes_whole = takes_whole and self.takes_whole(frame)
+                else:
+                    count += 1
             if (
-                len(queue) + len(sizes) <= bounds.max_frames
+                takes_whole
+                and self._queued_frames + count <= bounds.max_frames
                 and self.queued_bytes + total <= bounds.max_bytes
             ):
                 queue.extend(frames)
+                self._queued_frames += count
                 self.queued_bytes += total
                 for frame in frames:
                     if frame.kind is not _DATA:
@@ -245,7 +281,7 @@ class Subscription:
                     self._wake_consumer()
                 await trio.lowlevel.checkpoint()
                 return
-        for frame in frames:
+        for frame in self._split_blocks(frames):
             if frame.kind is _DATA:
                 if decimate and not self._keep(frame):
                     continue
@@ -256,11 +292,15 @@ class Subscription:
                 if not admit:
                     continue
             size = frame.size
+            count = frame.nframes
             while (
                 self._closed is None
                 and self._ending is None
                 and queue
-                and (len(queue) >= bounds.max_frames or self.queued_bytes + size > bounds.max_bytes)
+                and (
+                    self._queued_frames + count > bounds.max_frames
+                    or self.queued_bytes + size > bounds.max_bytes
+                )
             ):
                 if self._wake_publisher is None:
                     self._wake_publisher = trio.Event()
@@ -268,6 +308,7 @@ class Subscription:
             if self._closed is not None or self._ending is not None:
                 break
             queue.append(frame)
+            self._queued_frames += count
             self.queued_bytes += size
             if frame.kind is not _DATA:
                 self.queued_metadata += 1
@@ -275,6 +316,26 @@ class Subscription:
             if self._consumer is not None:
                 self._wake_consumer()
         await trio.lowlevel.checkpoint()
+
+    def takes_whole(self, block: Frame) -> bool:
+        """Whether this subscription queues the :class:`FrameBlock` ``block`` as it is
+        (else it queues the block's frames): it writes the block's protocol as it is, does
+        not decimate its type, and the block is at most an eighth of its bounds."""
+        return (
+            block.wire_protocol == self.blocks_of
+            and block.nframes <= self._block_frames
+            and block.size <= self._block_bytes
+            and block.type not in self.decimate
+        )
+
+    def _split_blocks(self, frames: Sequence[Frame]) -> Iterator[Frame]:
+        """``frames``, with each block this subscription does not take whole split."""
+        for frame in frames:
+            if frame.nframes != 1 and not self.takes_whole(frame):
+                assert isinstance(frame, FrameBlock)
+                yield from frame.frames()
+            else:
+                yield frame
 
     def _admit_session(self, frame: Frame) -> bool | None:
         """Whether to queue the metadata ``frame``, given :attr:`session_types`.
@@ -310,14 +371,13 @@ class Subscription:
 
     def _make_room(self, frames: int, nbytes: int) -> None:
         """Drop the oldest DATA frames until ``frames`` more frames of ``nbytes`` fit."""
-        queue = self._queue
         bounds = self.bounds
         limit_frames = bounds.max_frames - frames
-        while len(queue) > limit_frames or self.queued_bytes + nbytes > bounds.max_bytes:
+        while self._queued_frames > limit_frames or self.queued_bytes + nbytes > bounds.max_bytes:
             victim = self._remove_oldest_data()
             if victim is None:
                 return
-            self.frames_dropped += 1
+            self.frames_dropped += victim.nframes
             self.bytes_dropped += victim.size
 
     def _remove_oldest_data(self) -> Frame | None:
@@ -330,6 +390,7 @@ class Subscription:
                 return None
             victim = queue[index]
             del queue[index]
+        self._queued_frames -= victim.nframes
         self.queued_bytes -= victim.size
         return victim
 
@@ -354,7 +415,10 @@ class Subscription:
     async def receive_batch(self, max_frames: int = 1024, max_bytes: int = 4 << 20) -> list[Frame]:
         """Wait for frames; return up to ``max_frames`` of them, oldest first.
 
-        At least one frame is returned; a batch stops early once it holds ``max_bytes``.
+        At least one frame is returned; a batch stops early once it holds ``max_bytes``. A
+        :class:`FrameBlock` counts as its frames (a block that would pass ``max_frames`` waits
+        for the next batch, unless it is the batch's first); :attr:`last_batch_frames` and
+        :attr:`last_batch_bytes` say how many frames and bytes the batch holds.
 
         Raises:
             SubscriptionClosed: the subscription was closed, or ended and fully drained.
@@ -376,21 +440,28 @@ class Subscription:
             raise self._closed
         batch: list[Frame] = []
         append, popleft = batch.append, queue.popleft
+        taken_frames = 0
         taken_bytes = 0
         metadata = 0
         metadata_bytes = 0
-        while queue and len(batch) < max_frames and taken_bytes < max_bytes:
+        while queue and taken_frames < max_frames and taken_bytes < max_bytes:
+            count = queue[0].nframes
+            if count != 1 and taken_frames and taken_frames + count > max_frames:
+                break
             frame = popleft()
             append(frame)
+            taken_frames += count
             taken_bytes += frame.size
             if frame.kind is not _DATA:
                 metadata += 1
                 metadata_bytes += frame.size
+        self.last_batch_frames = taken_frames
         self.last_batch_bytes = taken_bytes
+        self._queued_frames -= taken_frames
         self.queued_bytes -= taken_bytes
         self.queued_metadata -= metadata
         self.queued_metadata_bytes -= metadata_bytes
-        self.frames_out += len(batch)
+        self.frames_out += taken_frames
         self.bytes_out += taken_bytes
         if self._wake_publisher is not None:
             self._wake_publisher.set()
@@ -411,6 +482,7 @@ class Subscription:
         if self._closed is None:
             self._closed = SubscriptionClosed(reason, graceful=graceful)
             self._queue.clear()
+            self._queued_frames = 0
             self.queued_bytes = self.queued_metadata = self.queued_metadata_bytes = 0
             self._wake_all()
         self.stream._forget(self)
@@ -524,11 +596,14 @@ class Stream:
         follows_end: bool = False,
         replay: bool = True,
         session_types: frozenset[str] = frozenset(),
+        blocks_of: str | None = None,
     ) -> Subscription:
         """A new subscription, preloaded with the metadata cache (first-seen order).
 
         With ``replay=False`` it starts with the next frame published instead.
-        ``session_types``: see :attr:`Subscription.session_types`.
+        ``session_types``: see :attr:`Subscription.session_types`; ``blocks_of``: see
+        :attr:`Subscription.blocks_of` (a subscriber whose encoder forwards the wire bytes of
+        that protocol's frames may take that protocol's blocks whole).
 
         If the cached metadata alone passes the hard cap the subscription comes back already
         closed, with the reason, so the caller can log it and disconnect the client.
@@ -552,6 +627,7 @@ class Stream:
             label=label,
             follows_end=follows_end,
             session_types=session_types,
+            blocks_of=blocks_of,
         )
         cached = list(cache) if replay else []
         if cached:
@@ -575,12 +651,12 @@ class Stream:
         Raises :class:`MetadataLimitExceeded` when a metadata frame would pass the metadata
         cache's bounds: the frames before it are published, it and the rest are not.
         """
-        frames, refused = self._publish_to_lossy(frames)
+        frames, split, refused = self._publish_to_lossy(frames)
         if not self._lossless:
             await trio.lowlevel.checkpoint()
         else:
             for subscription in list(self._lossless):
-                await subscription.put(frames)
+                await subscription.put(frames if subscription.blocks_of is not None else split)
         if refused is not None:
             raise refused
 
@@ -590,18 +666,19 @@ class Stream:
         :meth:`publish` does."""
         if self._lossless:
             raise trio.WouldBlock
-        _, refused = self._publish_to_lossy(frames)
+        _, _, refused = self._publish_to_lossy(frames)
         if refused is not None:
             raise refused
 
     def _publish_to_lossy(
         self, frames: Sequence[Frame]
-    ) -> tuple[Sequence[Frame], MetadataLimitExceeded | None]:
+    ) -> tuple[Sequence[Frame], Sequence[Frame], MetadataLimitExceeded | None]:
         """Cache metadata and offer ``frames`` to the lossy subscribers; return the frames
-        published (all of them, unless a metadata frame was refused) and the refusal."""
+        published (all of them, unless a metadata frame was refused), the same with every
+        block split (for subscribers that take no blocks), and the refusal."""
         cache = self.metadata
         refused: MetadataLimitExceeded | None = None
-        size = 0
+        size = count = 0
         for index, frame in enumerate(frames):
             if frame.kind is not _DATA:
                 reason = cache.update(frame)
@@ -611,12 +688,21 @@ class Stream:
                     frames = frames[:index]
                     break
             size += frame.size
-        self.frames_in += len(frames)
+            count += frame.nframes
+        self.frames_in += count
         self.bytes_in += size
+        split: Sequence[Frame] | None = frames if count == len(frames) else None
         # A snapshot: offering may end or close a subscription, which removes it from the list.
         for subscription in tuple(self._lossy):
-            subscription.offer(frames)
-        return frames, refused
+            if subscription.blocks_of is not None:
+                subscription.offer(frames)
+            else:
+                if split is None:
+                    split = _split(frames)
+                subscription.offer(split)
+        if split is None and any(sub.blocks_of is None for sub in self._lossless):
+            split = _split(frames)
+        return frames, frames if split is None else split, refused
 
     def end_of_stream(self, reason: str) -> None:
         """A producer ended its stream cleanly: end the subscriptions that follow the end.
@@ -632,6 +718,17 @@ class Stream:
         """End every subscription gracefully (each consumer drains what it has queued)."""
         for subscription in self.subscriptions:
             subscription.end(reason)
+
+
+def _split(frames: Sequence[Frame]) -> list[Frame]:
+    """``frames`` with every :class:`FrameBlock` replaced by its frames."""
+    out: list[Frame] = []
+    for frame in frames:
+        if isinstance(frame, FrameBlock):
+            out += frame.frames()
+        else:
+            out.append(frame)
+    return out
 
 
 class StreamRegistry:

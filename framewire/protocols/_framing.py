@@ -8,13 +8,18 @@ touches a socket.
 
 Small frames are cut out of one reused receive buffer (one copy each, so a queued frame never
 pins the whole buffer). A frame larger than :data:`LARGE_FRAME` gets a buffer of its own, and
-the I/O layer reads straight into it.
+the I/O layer reads straight into it. The receive buffer starts at
+:data:`RECEIVE_BUFFER_SIZE` and doubles, up to :data:`MAX_RECEIVE_BUFFER`, each time a read
+fills all the room it was given with frames it holds: a peer that keeps it full with a bulk
+stream of small frames is read in larger gulps, with fewer system calls per byte; a quiet or
+trickling peer, or one sending large frames, never grows it.
 
 Memory follows the bytes that arrived, never the length a peer announced: a large frame's
 buffer starts at :data:`FIRST_LARGE_BUFFER`, twice what has arrived of it, or the size of
-the last large frame the connection delivered whole (whichever is largest), and doubles as
-it fills, up to the frame's size. So a connection holds at most its receive buffer plus
-twice what has arrived of its current frame or its last frame, whatever its header claims.
+the last large frame the connection delivered whole with its read-ahead (whichever is
+largest), and doubles as it fills, up to the frame's size and its read-ahead. So a
+connection holds at most its receive buffer plus twice what has arrived of its current frame
+or its last frame, whatever its header claims.
 A finished frame's buffer is trimmed to the frame (any slack above 1/16 of it is copied
 away), so the size a queue counts for a frame is what the frame holds.
 
@@ -30,14 +35,25 @@ from typing import Final
 from ..frame import Buffer, Frame
 from ._errors import FrameTooLarge, ProtocolError, TruncatedFrame
 
-__all__ = ["FIRST_LARGE_BUFFER", "LARGE_FRAME", "RECEIVE_BUFFER_SIZE", "FrameDecoder"]
+__all__ = [
+    "FIRST_LARGE_BUFFER",
+    "LARGE_FRAME",
+    "MAX_RECEIVE_BUFFER",
+    "RECEIVE_BUFFER_SIZE",
+    "FrameDecoder",
+]
 
-#: Size of the reused receive buffer.
+#: Size of the reused receive buffer when a connection starts.
 RECEIVE_BUFFER_SIZE: Final = 256 * 1024
+#: The most the receive buffer grows to while reads keep filling it.
+MAX_RECEIVE_BUFFER: Final = 1024 * 1024
 #: Frames above this size are read into a buffer of their own instead of the shared one.
-LARGE_FRAME: Final = 64 * 1024
+#: Frames up to it are cut out of the receive buffer (which holds at least two of them), so
+#: one read takes several of them: a 64 KiB frame costs a copy out of the receive buffer
+#: instead of a zero-filled buffer of its own, a read and a write of its own.
+LARGE_FRAME: Final = 128 * 1024
 #: The least a large frame's own buffer starts with (it then doubles as bytes arrive).
-FIRST_LARGE_BUFFER: Final = 2 * LARGE_FRAME
+FIRST_LARGE_BUFFER: Final = 128 * 1024
 #: How far a read into a large frame's buffer may go past the frame's known end (at most a
 #: sixteenth of the frame, so the slack a finished frame keeps stays small).
 READ_AHEAD: Final = 64 * 1024
@@ -72,6 +88,11 @@ class FrameDecoder:
     stepwise: bool = False
 
     protocol: str = ""
+    #: Whether :meth:`buffer_updated` may return a :class:`~framewire.frame.FrameBlock` for
+    #: frames that arrived back to back (decoders that cannot cut blocks ignore it). Off by
+    #: default: only a caller that counts ``nframes`` (and publishes into a stream, which
+    #: splits blocks for subscribers that cannot take them) should turn it on.
+    blocks: bool = False
 
     def __init__(self, *, max_frame_size: int, buffer_size: int = RECEIVE_BUFFER_SIZE) -> None:
         if max_frame_size <= 0:
@@ -81,6 +102,11 @@ class FrameDecoder:
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
+        # The receive buffer's growth: its largest size, the room the last get_buffer()
+        # offered in it, and whether the last read filled that room.
+        self._max_buffer = max(len(self._buffer), MAX_RECEIVE_BUFFER)
+        self._offered = 0
+        self._filled = False
         # A large frame being assembled in its own buffer: the buffer, the bytes filled and
         # the bytes known to be needed so far (the whole frame, or the next step of it).
         self._large: bytearray | None = None
@@ -126,12 +152,16 @@ class FrameDecoder:
             return memoryview(large)[filled:limit]
         if self._start == self._end:
             self._start = self._end = 0
+        if self._filled and len(self._buffer) < self._max_buffer:
+            self._grow_receive_buffer()
         elif len(self._buffer) - self._end < LARGE_FRAME:
             # Move the partial frame (smaller than LARGE_FRAME) to the front.
             pending = self._end - self._start
             self._view[:pending] = self._view[self._start : self._end]
             self._start, self._end = 0, pending
-        return self._view[self._end :]
+        view = self._view[self._end :]
+        self._offered = len(view)
+        return view
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         """Account for ``nbytes`` written into the last :meth:`get_buffer` result.
@@ -153,7 +183,12 @@ class FrameDecoder:
                     return frames
             else:
                 self._end += nbytes
+                self._filled = nbytes >= self._offered
             self._cut(frames)
+            if self._large is not None:
+                # Grow for a bulk stream of frames the receive buffer holds, not for one of
+                # large frames (a larger gulp of one would only be copied into its own buffer).
+                self._filled = False
         except ProtocolError as exc:
             self._fail(type(exc), str(exc))
             raise
@@ -218,11 +253,27 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._view = memoryview(self._buffer)
         self._start = self._end = 0
+        self._max_buffer = 0
 
     def _raise_failure(self) -> None:
         assert self._failure is not None
         kind, message = self._failure
         raise kind(message)
+
+    def _grow_receive_buffer(self) -> None:
+        """Double the receive buffer (up to its largest size), keeping the pending bytes.
+        Frames already cut hold copies, never views, so the old buffer is simply let go; if
+        the memory cannot be had the buffer stays as it is, for good."""
+        self._filled = False
+        try:
+            grown = bytearray(min(2 * len(self._buffer), self._max_buffer))
+        except MemoryError:
+            self._max_buffer = len(self._buffer)
+            return
+        pending = self._end - self._start
+        grown[:pending] = self._view[self._start : self._end]
+        self._buffer, self._view = grown, memoryview(grown)
+        self._start, self._end = 0, pending
 
     def _grow_large(self, size: int) -> bytearray:
         """Grow the large frame's buffer to ``size`` bytes (the bytes filled are kept)."""
@@ -259,7 +310,9 @@ class FrameDecoder:
             self._large_needed = needed
             return False
         surplus = filled - needed
-        self._last_large = needed
+        # The next large frame may start with this one's size and read-ahead: a stream of
+        # equal frames then reads each frame and the start of the next in one go.
+        self._last_large = needed + _read_ahead(needed)
         self._view[:surplus] = memoryview(large)[needed:filled]
         self._start, self._end = 0, surplus
         self._large = None

@@ -1,7 +1,9 @@
 """``protocol = "raw"``: bytes as they come, netcat-style.
 
 Each read becomes one DATA frame of type ``"raw"`` holding exactly the bytes that arrived, so
-frame boundaries are wherever the transport happened to cut. Encoding writes the payload of
+frame boundaries are wherever the transport happened to cut. Reads start at 256 KiB; each read
+that fills the buffer doubles it, up to 1 MiB (and ``max_frame_size``), so a bulk stream is
+read in larger gulps. Encoding writes the payload of
 every frame (of any kind) and nothing else. There is no metadata, keepalive or end-of-stream.
 """
 
@@ -11,6 +13,7 @@ from typing import Final
 
 from ..frame import Buffer, Frame, FrameKind
 from ._encoder import FrameEncoder
+from ._framing import MAX_RECEIVE_BUFFER
 
 __all__ = ["RawDecoder", "RawEncoder"]
 
@@ -19,7 +22,11 @@ TYPE: Final = "raw"
 
 
 class RawDecoder:
-    """Turns each chunk of input into a DATA frame of at most ``max_frame_size`` bytes."""
+    """Turns each chunk of input into a DATA frame of at most ``max_frame_size`` bytes.
+
+    Each frame holds a copy of its bytes (never a view on the reused buffer), so a queue
+    counts what a frame holds.
+    """
 
     protocol = PROTOCOL
 
@@ -29,6 +36,7 @@ class RawDecoder:
         self.max_frame_size = max_frame_size
         self._buffer = bytearray(min(buffer_size, max_frame_size))
         self._view = memoryview(self._buffer)
+        self._max_buffer = max(len(self._buffer), min(MAX_RECEIVE_BUFFER, max_frame_size))
         self.ended = False
 
     def get_buffer(self) -> memoryview:
@@ -37,7 +45,17 @@ class RawDecoder:
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         if not nbytes:
             return []
-        return [Frame(FrameKind.DATA, TYPE, self._view[:nbytes].tobytes())]
+        view = self._view
+        frame = Frame(FrameKind.DATA, TYPE, view[:nbytes].tobytes())
+        if nbytes == len(view) and nbytes < self._max_buffer:
+            # The read filled the buffer: the peer has more. Read more at once next time.
+            try:
+                self._buffer = bytearray(min(2 * nbytes, self._max_buffer))
+            except MemoryError:
+                self._max_buffer = nbytes
+            else:
+                self._view = memoryview(self._buffer)
+        return [frame]
 
     def feed(self, data: Buffer) -> list[Frame]:
         source = memoryview(data).cast("B")

@@ -107,6 +107,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 label=f"{self.name} {connection.peer}",
                 follows_end=config.close_on_end,
                 session_types=self._spec.session_metadata_types,
+                blocks_of=config.protocol,
             )
             client = ClientInfo(connection.peer, subscription=subscription)
             key = id(client)
