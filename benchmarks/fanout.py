@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import select
 import socket
 import statistics
@@ -569,6 +570,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     exit_on_sigterm()
     raise_open_files()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard < args.clients + 100:
+        print(f"open-files limit {hard} is too low for {args.clients} clients: raise ulimit -n")
+        return 2
     trees: list[tuple[str, str | None]] = []
     if args.baseline:
         trees.append((f"baseline ({args.baseline})", args.baseline))
