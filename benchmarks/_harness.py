@@ -10,9 +10,11 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import select
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +26,13 @@ from typing import IO, Final
 
 HOST: Final = "127.0.0.1"
 MIB: Final = 1 << 20
+GB: Final = 1e9
+#: How long a child gets to start (print its first line, listen, connect its clients).
+START_TIMEOUT: Final = 20.0
+#: How long a read from a child or a socket may wait once things run.
+IO_TIMEOUT: Final = 10.0
+#: How often CpuSamples are taken while a measurement runs.
+SAMPLE_INTERVAL: Final = 0.05
 #: How long a process gets to exit after SIGTERM (then SIGKILL), or after SIGKILL.
 STOP_TIMEOUT: Final = 5.0
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
@@ -44,7 +53,8 @@ class Child:
     ``stdin`` is ``subprocess.DEVNULL`` unless given (``subprocess.PIPE`` for
     :meth:`send_line`). Its stderr goes to ``stderr`` (inherited if None), or to the file
     ``stderr_path``, whose end is then quoted if the child exits early. Used as a context
-    manager, it is stopped on the way out.
+    manager, it is stopped on the way out. ``env`` and ``cwd`` are Popen's (see
+    :func:`tree_env` for a daemon from another checkout).
     """
 
     def __init__(
@@ -55,14 +65,17 @@ class Child:
         stdin: int = subprocess.DEVNULL,
         stderr: int | IO[bytes] | None = None,
         stderr_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.stderr_path = stderr_path
-        if stderr_path is not None:
-            with open(stderr_path, "wb") as log:
-                self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=log)
-        else:
-            self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr)
+        with contextlib.ExitStack() as stack:
+            if stderr_path is not None:
+                stderr = stack.enter_context(open(stderr_path, "wb"))
+            self.proc = subprocess.Popen(
+                argv, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd
+            )
         self._pending = b""
 
     @property
@@ -177,6 +190,23 @@ def daemon_argv(config: Path, *python_options: str) -> list[str]:
     return [sys.executable, *python_options, "-m", "framewire", "run", str(config)]
 
 
+def tree_env(tree: str | None) -> dict[str, str] | None:
+    """The environment in which ``python -m framewire`` runs the framewire of the checkout
+    ``tree`` (None: this one's, the environment unchanged). Run that child with its working
+    directory elsewhere (``cwd``): ``python -m`` puts the working directory first on
+    ``sys.path``, and a checkout there would win over ``tree``."""
+    if tree is None:
+        return None
+    return {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+
+
+def raise_open_files() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (many clients in one process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # so that every child is stopped on the way out
 
@@ -224,7 +254,27 @@ def wait_for_port(port: int, timeout: float, child: Child | None = None) -> None
             time.sleep(0.05)
 
 
-# -- CPU time from /proc --------------------------------------------------------------------
+def wait_for_listen(port: int, child: Child) -> None:
+    """Wait until ``port`` is in LISTEN state (from /proc/net/tcp) without connecting to it:
+    a proxy would relay the probe to the consumer, which accepts exactly one connection, and
+    a server would count it as a client. RuntimeError after START_TIMEOUT or if ``child``
+    exits first."""
+    needle = f"{socket.htonl(0x7F000001):08X}:{port:04X}"
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with status {child.proc.returncode}")
+        with open("/proc/net/tcp") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 3 and fields[1] == needle and fields[3] == "0A":
+                    return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name}: not listening on {port} after {START_TIMEOUT:g}s")
+        time.sleep(0.02)
+
+
+# -- CPU time and memory from /proc -------------------------------------------------------
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -236,6 +286,15 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     # Fields after "(comm)" start at field 3 (state); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory (``VmRSS``) of ``pid``; RuntimeError if /proc has none."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def machine_busy_seconds() -> tuple[float, float]:
@@ -275,6 +334,37 @@ class CpuSamples:
     def used(self, name: str, t0: float, t1: float) -> float | None:
         start, end = self.at(name, t0), self.at(name, t1)
         return None if start is None or end is None else end - start
+
+
+def others_during(cpu: CpuSamples, t0: float, t1: float) -> float | None:
+    """The share of one CPU that processes other than ``cpu``'s used from ``t0`` to ``t1``
+    (the machine's busy time minus theirs); None if a figure is missing."""
+    machine = cpu.used("machine", t0, t1)
+    ours = [cpu.used(name, t0, t1) for name in cpu.pids]
+    if machine is None or t1 <= t0:
+        return None
+    known = [value for value in ours if value is not None]
+    if len(known) < len(ours):
+        return None
+    return max(0.0, machine - sum(known)) / (t1 - t0)
+
+
+def sample_until_line(child: Child, pids: dict[str, int], timeout: float) -> tuple[str, CpuSamples]:
+    """Sample the CPU of ``pids`` (and of the machine) every SAMPLE_INTERVAL until ``child``
+    prints a line; ChildTimeout after ``timeout`` seconds."""
+    cpu = CpuSamples(pids)
+    cpu.take()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = child.readline(SAMPLE_INTERVAL)
+            break
+        except ChildTimeout:
+            if time.monotonic() > deadline:
+                raise
+        cpu.take()
+    cpu.take()
+    return line, cpu
 
 
 # -- payloads, reports, output --------------------------------------------------------------
@@ -362,3 +452,47 @@ def apply_quick(args: argparse.Namespace, duration: float) -> None:
     """With --quick: a 0.2 s warm-up and ``duration`` seconds per case."""
     if args.quick:
         args.warmup, args.duration = 0.2, duration
+
+
+# -- issue 12's table -----------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of issue 12's table (issue12.py prints them), and its verdict."""
+
+    case: str
+    figure: str
+    baseline: str
+    ratio: str
+    target: str
+    met: bool | None  # None: no target, or not measured
+    others: float | None  # the largest share of one CPU other processes used meanwhile
+
+
+TABLE_HEAD: Final = (
+    "| case | framewire | baseline in the same run | ratio | target | met? | others |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def print_row(row: Row) -> None:
+    met = "-" if row.met is None else ("met" if row.met else "NOT met")
+    others = "-" if row.others is None else f"{row.others:.0%}"
+    print(
+        f"| {row.case} | {row.figure} | {row.baseline} | {row.ratio} | {row.target} | {met}"
+        f" | {others} |",
+        flush=True,
+    )
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the known values, or None if there is none."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def worst(values: Iterable[float | None]) -> float | None:
+    """The largest of the known values, or None if there is none."""
+    known = [v for v in values if v is not None]
+    return max(known) if known else None

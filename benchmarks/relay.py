@@ -39,8 +39,6 @@ from _harness import (
     HOST,
     MIB,
     Child,
-    ChildTimeout,
-    CpuSamples,
     add_role_options,
     cpu_text,
     daemon_argv,
@@ -49,6 +47,7 @@ from _harness import (
     machine_text,
     payload_of,
     rate_text,
+    sample_until_line,
     script_argv,
     size_label,
     wait_for_port,
@@ -68,8 +67,6 @@ RECEIVE_BYTES: Final = 4 * MIB
 IO_TIMEOUT: Final = 10.0
 #: How long a process gets to start (print its ready line).
 START_TIMEOUT: Final = 15.0
-#: How often the daemon's, producer's and consumer's CPU times are sampled.
-SAMPLE_INTERVAL: Final = 0.05
 
 TARGET_RATIO_1MIB: Final = 0.4
 TARGET_FRAMES_64B: Final = 500_000
@@ -280,18 +277,10 @@ def measure(
             pids = {"producer": producer.pid, "consumer": consumer.pid}
             if relay_pid is not None:
                 pids["daemon"] = relay_pid
-            cpu = CpuSamples(pids)
-            cpu.take()
-            deadline = time.monotonic() + args.warmup + args.duration + START_TIMEOUT
-            while True:
-                try:
-                    line = consumer.readline(SAMPLE_INTERVAL)
-                    break
-                except ChildTimeout:
-                    if time.monotonic() > deadline:
-                        raise
-                cpu.take()
-            cpu.take()  # after the window: every process is still running
+            # The last sample is taken after the window: every process is still running.
+            line, cpu = sample_until_line(
+                consumer, pids, args.warmup + args.duration + START_TIMEOUT
+            )
     report = json.loads(line)
     t0, t1 = report["t0"], report["t1"]
     used = {name: cpu.used(name, t0, t1) for name in ("daemon", "producer", "consumer")}
