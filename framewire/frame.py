@@ -148,8 +148,10 @@ class FrameBlock(Frame):
 
     def frames(self) -> list[Frame]:
         """The block's frames, each with its own copy of its bytes (so a frame kept in a
-        queue holds only itself, not the block)."""
-        raise NotImplementedError
+        queue holds only itself, not the block). Each protocol that cuts blocks implements
+        it in its own subclass (:class:`framewire.protocols.native.NativeBlock`): only that
+        protocol knows where its frames' boundaries are."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to split itself")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FrameBlock):
