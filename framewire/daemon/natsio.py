@@ -545,27 +545,34 @@ async def ensure_streams(js: Any, layout: StreamLayout) -> list[str]:
     return done
 
 
-async def read_last_metadata(js: Any, layout: StreamLayout) -> list[Any]:
-    """The latest metadata message of each type from the layout's last-value stream (nats-py
-    RawStreamMsg objects, in no particular order); empty when it does not exist.
+async def read_last_metadata(js: Any, layout: StreamLayout) -> list[tuple[int | None, Any]]:
+    """The latest metadata message of each type (nats-py RawStreamMsg objects, in no
+    particular order), each with the sequence it has in the frames' stream (None when that is
+    not known: core mode). Empty when neither stream exists.
 
-    Waits (until cancelled) for the stream to have copied everything its source holds.
+    JetStream mode reads the frames' stream first (exact, and not subject to the last-value
+    stream's copying lag), then the last-value stream for the types the frames' stream no
+    longer holds (its limits dropped them).
     """
     errors = importlib.import_module("nats.js.errors")
-    try:
-        info = await js.stream_info(layout.meta_stream, subjects_filter=">")
-        while info.sources and any(source.lag for source in info.sources):
-            await asyncio.sleep(0.02)
-            info = await js.stream_info(layout.meta_stream, subjects_filter=">")
-    except errors.NotFoundError:
-        return []
-    messages = []
-    for subject in info.state.subjects or {}:
+    found: dict[str, tuple[int | None, Any]] = {}
+    meta_subjects = f"{layout.subject}.meta.>"
+    sources = [layout.meta_stream] if layout.mode == "core" else [layout.stream, layout.meta_stream]
+    for name in sources:
         try:
-            messages.append(await js.get_last_msg(layout.meta_stream, subject))
+            info = await js.stream_info(name, subjects_filter=meta_subjects)
         except errors.NotFoundError:
             continue
-    return messages
+        for subject in info.state.subjects or {}:
+            if subject in found:
+                continue
+            try:
+                message = await js.get_last_msg(name, subject)
+            except errors.NotFoundError:
+                continue
+            origin = message.seq if name == layout.stream else source_sequence(message.headers)
+            found[subject] = (origin, message)
+    return list(found.values())
 
 
 def source_sequence(headers: dict[str, str] | None) -> int | None:

@@ -75,7 +75,6 @@ from ..natsio import (
     ensure_streams,
     read_last_metadata,
     require_nats,
-    source_sequence,
 )
 from ..natslayout import (
     HEADER_KIND,
@@ -137,6 +136,11 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._state_changed = trio.Event()
         self._logged_problem: str | None = None
         self._client: Any = None
+        self._closing = False
+        #: The wait for the next JetStream batch, which a stop request cancels.
+        self._fetching: trio.CancelScope | None = None
+        self._ever_connected = False
+        self._lost_reason: str | None = None
         self._thread: NatsThread | None = None
         self._max_payload = 1 << 20
         self._assembler = FrameAssembler(config.max_frame_size)
@@ -199,36 +203,51 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._state_changed.set()
         self._state_changed = trio.Event()
 
+    def _count(self, key: str, increment: int = 1) -> None:
+        detail = self.status.detail
+        value = detail.get(key, 0)
+        detail[key] = (value if isinstance(value, int) else 0) + increment
+
     def _on_connected(self, url: str, max_payload: int) -> None:
-        first = not self._connected.is_set()
         self._max_payload = max_payload
         self.status.detail["server"] = url
         self.status.state = "connected"
         self._connected.set()
-        if first:
+        if not self._ever_connected:
+            self._ever_connected = True
             self.log.info("connected to NATS at %s (max_payload %d)", url, max_payload)
             self._set_state("connected")
         else:
-            self.status.detail["reconnects"] = int(self.status.detail["reconnects"]) + 1  # type: ignore[call-overload]
+            self._count("reconnects")
             self.log.info("reconnected to NATS at %s", url)
             self._set_state("connected")
             self._reconnected.set()
             self._reconnected = trio.Event()
 
     def _on_disconnected(self) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._closing:
             self._connected = trio.Event()
             self.status.state = "reconnecting"
-            self.log.warning("disconnected from NATS at %s", self.status.detail["server"])
-            self._set_state("disconnected")
+            reason = f": {self._lost_reason}" if self._lost_reason else ""
+            problem = f"disconnected from NATS at {self.status.detail['server']}{reason}"
+            self._lost_reason = None
+            self._set_state("disconnected", problem)
 
     def _on_error(self, text: str, slow_consumer: bool, refused: bool) -> None:
         detail = self.status.detail
         if slow_consumer:
-            detail["slow_consumer_events"] = int(detail["slow_consumer_events"]) + 1  # type: ignore[call-overload]
+            self._count("slow_consumer_events")
             self._set_state(str(detail["state"]), f"NATS: slow consumer ({text})")
             return
-        state = "unauthorized" if refused else ("unreachable" if not self.connected else "error")
+        if self.connected and not refused:
+            # The connection is going: the disconnect's one line gives the reason.
+            self._lost_reason = text
+            return
+        if not refused and detail["state"] == "unauthorized" and _is_connection_loss(text):
+            # A server that refused the credentials then drops the connection: that is not
+            # news, and the refusal stays the reason.
+            return
+        state = "unauthorized" if refused else "unreachable"
         where = ", ".join(self.config.servers)
         self._set_state(state, f"NATS at {where}: {text}")
 
@@ -267,11 +286,16 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             self.status.detail["state"] = "closed"
 
     async def _stop_when_requested(self, cancel_scope: trio.CancelScope) -> None:
-        """A stop request ends the outgoing queue (publish: drain it, then return) or stops
-        the reading at the next batch boundary (subscribe)."""
+        """A stop request ends the outgoing queue (publish: drain it, then return), or stops
+        the endpoint at once when nothing can be delivered (never connected; subscribe, whose
+        batch in hand is acknowledged on the way out)."""
         await self._stop_requested.wait()
-        if self._outgoing.current is not None:
+        if self._outgoing.current is not None and self._ever_connected:
+            # What is queued goes out while the grace period lasts.
             self._outgoing.current.end("the NATS endpoint is stopping")
+        elif self._fetching is not None:
+            # The batch in hand is published and acknowledged; no new one is fetched.
+            self._fetching.cancel()
         else:
             cancel_scope.cancel()
 
@@ -352,6 +376,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         client = self._client
         if client is None:
             return
+        self._closing = True
 
         async def close() -> None:
             if client.is_connected:
@@ -610,9 +635,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             )
             return []
         entries = []
-        for message in raw:
+        for origin, message in raw:
             headers: dict[str, str] | None = message.headers
-            origin = source_sequence(headers)
             if before is not None and origin is not None and origin >= before:
                 continue
             rank_text = (headers or {}).get(HEADER_RANK, "")
@@ -719,11 +743,15 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             want = max(
                 1, min(MAX_FETCH, config.max_queue_frames, config.max_queue_bytes // average)
             )
+            if self.stop_requested:
+                return
+            batch = []
             try:
-                batch = await thread.call(
-                    functools.partial(pull.fetch, want, timeout=FETCH_WAIT),
-                    within=FETCH_WAIT + config.ack_timeout,
-                )
+                with trio.CancelScope() as self._fetching:
+                    batch = await thread.call(
+                        functools.partial(pull.fetch, want, timeout=FETCH_WAIT),
+                        within=FETCH_WAIT + config.ack_timeout,
+                    )
             except TimeoutError:
                 continue
             except Exception as exc:
@@ -746,7 +774,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                     continue
                 last_sequence = sequence
                 fresh.append((msg.subject, msg.headers, msg.data))
-            detail["redeliveries_dropped"] = int(detail["redeliveries_dropped"]) + redelivered  # type: ignore[call-overload]
+            self._count("redeliveries_dropped", redelivered)
             average = max(1024, total // max(1, len(batch)))
             frames = self._decode(fresh)
             if not self._assembler.assembling:
@@ -772,6 +800,11 @@ def _before_partial(batch: Sequence[Any]) -> Any:
         if chunk.startswith("1/"):
             return batch[index - 1] if index > 0 else None
     return None
+
+
+def _is_connection_loss(text: str) -> bool:
+    lowered = text.lower()
+    return "reset" in lowered or "eof" in lowered or "broken pipe" in lowered
 
 
 def _is_fetch_timeout(error: BaseException) -> bool:
