@@ -542,3 +542,54 @@ async def test_an_unreachable_server_is_a_clear_error_not_ready(
     assert writer.status.last_error is not None
     assert "connection refused" in writer.status.last_error
     assert writer.status.frames_out == 0
+
+
+def test_check_knows_the_nats_kind(tmp_path: Path) -> None:
+    from framewire.config import check_config
+
+    text = publisher_toml("nats://127.0.0.1:4222") + subscriber_toml(
+        "nats://127.0.0.1:4222", extra=f'creds = "{tmp_path}/none.creds"'
+    ).replace("[endpoints.out]", "[endpoints.out2]").replace(
+        'stream = "camera"', 'stream = "other"'
+    )
+    report = check_config(parse_config(text))
+    assert list(report.errors) == [
+        f"endpoints.from-nats.creds: cannot read {tmp_path}/none.creds: No such file or directory"
+    ]
+    # The publishing endpoint reads stream camera, the subscribing one feeds stream other.
+    assert list(report.warnings) == []
+
+
+async def test_jetstream_full_stream_is_a_clear_state_and_loses_nothing(
+    nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="framewire")
+    url = nats_server.url
+    path = tmp_path / "archive" / "run.fw"
+    limited = 'max_bytes = "4KiB"\ndiscard = "new"\nack_timeout = "1s"'
+    sent = frames_of(60)
+
+    async def raise_the_limit() -> None:
+        client = await nats.connect(url)
+        js = client.jetstream()
+        info = await js.stream_info("FW_camera")
+        info.config.max_bytes = -1
+        await js.update_stream(info.config)
+        await client.close()
+
+    async with running_daemon(publisher_toml(url, mode="jetstream", extra=limited)) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        async with producer(a) as source:
+            await source.send(sent)
+            await wait_state(writer, "stream_full")
+            assert writer.status.frames_out < len(sent)
+            await trio.sleep(0.3)  # refused again and again: still one log line
+            # The operator makes room; what was refused is stored, once.
+            await trio.to_thread.run_sync(asyncio.run, raise_the_limit())
+            await wait_until(lambda: writer.status.frames_out == len(sent))
+    await archive_until(url, path, len(sent))
+    assert read_archive(path.parent) == [sent]
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1
+    assert "retrying with the same message id" in lines[0]

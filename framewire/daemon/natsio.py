@@ -59,6 +59,7 @@ __all__ = [
     "ensure_streams",
     "parse_ack",
     "read_last_metadata",
+    "refusal_kind",
     "require_nats",
     "source_sequence",
 ]
@@ -360,9 +361,27 @@ class AckOutcome:
 
 
 #: JetStream's error code for a message over its size limit.
-ERR_MESSAGE_TOO_LARGE: Final = 10077
-#: JetStream's error codes for a stream that is full (discard = "new"), or storage exhausted.
-ERR_STREAM_FULL: Final = frozenset({10047, 10027, 10028, 10054})
+ERR_STORE_FAILED: Final = 10077
+
+
+def refusal_kind(outcome: AckOutcome) -> str:
+    """What a refused publish means: ``too_large``, ``stream_full``, ``throttled`` (429),
+    ``unavailable`` (503: no stream, no leader), ``no_ack`` or ``refused``.
+
+    JetStream reports a full stream (``discard = "new"``: "maximum bytes/messages exceeded")
+    and a message over a limit ("message too large", "message size exceeds maximum allowed")
+    under one error code, 10077 (store failed), so the description decides.
+    """
+    text = outcome.description.lower()
+    if "too large" in text or "size exceeds" in text:
+        return "too_large"
+    if "exceeded" in text or "insufficient resources" in text or "storage" in text:
+        return "stream_full"
+    if outcome.code == 429:
+        return "throttled"
+    if outcome.code == 503:
+        return "unavailable"
+    return "refused" if outcome.code or outcome.err_code else "no_ack"
 
 
 def parse_ack(msg: Msg) -> AckOutcome:

@@ -63,8 +63,6 @@ from ..backoff import Backoff
 from ..flow import BATCH_BYTES, BATCH_FRAMES, UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
 from ..natsio import (
-    ERR_MESSAGE_TOO_LARGE,
-    ERR_STREAM_FULL,
     AckOutcome,
     AckTracker,
     Inbox,
@@ -74,6 +72,7 @@ from ..natsio import (
     describe_nats_error,
     ensure_streams,
     read_last_metadata,
+    refusal_kind,
     require_nats,
 )
 from ..natslayout import (
@@ -822,20 +821,25 @@ def _describe_refusal(
     outcome: AckOutcome, config: NatsConfig, message: NatsMessage
 ) -> tuple[str, str]:
     """The state and the log line for a refused JetStream publish."""
+    kind = refusal_kind(outcome)
     what = f"JetStream publish to {message.subject}"
     code = f" ({outcome.code}" + (f"/{outcome.err_code}" if outcome.err_code else "") + ")"
+    if not outcome.code:
+        code = ""
     retry = "; retrying with the same message id"
-    if outcome.err_code == ERR_MESSAGE_TOO_LARGE:
+    if kind == "too_large":
         return "refused", (
-            f"{what} refused: message of {message.size} bytes too large{code}; lower chunk_size "
-            f"(now {config.chunk_size}) or raise the stream's max_msg_size{retry}"
+            f"{what} refused: {outcome.description}{code} for a message of {message.size} "
+            f"bytes; lower chunk_size (now {config.chunk_size}) or raise the stream's "
+            f"max_msg_size{retry}"
         )
-    if outcome.err_code in ERR_STREAM_FULL:
-        return "stream_full", f"{what} refused: {outcome.description}{code}{retry}"
-    if outcome.code == 429:
+    if kind == "stream_full":
+        return "stream_full", (
+            f"{what} refused, the stream is full: {outcome.description}{code} (discard = "
+            f'"{config.discard}"; make room or raise max_bytes){retry}'
+        )
+    if kind == "throttled":
         return "throttled", f"{what} refused: too many requests{code}{retry}"
-    if outcome.code == 503:
-        return "refused", f"{what} refused: {outcome.description}{code}{retry}"
-    if outcome.code:
-        return "refused", f"{what} refused: {outcome.description}{code}{retry}"
-    return "no_ack", f"{what}: {outcome.description}{retry}"
+    if kind == "no_ack":
+        return "no_ack", f"{what}: {outcome.description}{retry}"
+    return "refused", f"{what} refused: {outcome.description}{code}{retry}"
