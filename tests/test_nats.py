@@ -593,3 +593,59 @@ async def test_jetstream_full_stream_is_a_clear_state_and_loses_nothing(
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 1
     assert "retrying with the same message id" in lines[0]
+
+
+async def test_the_inbox_drops_the_oldest_data_never_metadata_and_wakes_trio_per_batch() -> None:
+    from framewire.daemon.natsio import Inbox, NatsThread
+
+    thread = NatsThread("test")
+    thread.start()
+    try:
+        inbox: Inbox[str] = Inbox(thread, max_items=3, max_bytes=1000)
+        wakes = 0
+        original = inbox._wake
+
+        def counting_wake() -> None:
+            nonlocal wakes
+            wakes += 1
+            original()
+
+        inbox._wake = counting_wake  # type: ignore[method-assign]
+
+        async def put_all() -> None:
+            for item, droppable in [("m1", False), ("d1", True), ("d2", True), ("m2", False)]:
+                inbox.put(item, 10, droppable=droppable)
+            inbox.put("d3", 10, droppable=True)
+
+        await thread.call(put_all, within=PATIENCE)
+        with trio.fail_after(PATIENCE):
+            got = await inbox.take()
+        assert got == ["m1", "m2", "d3"]
+        assert inbox.dropped == 2
+        assert wakes == 1  # five messages, one wake-up
+    finally:
+        await thread.stop()
+
+
+async def test_core_reconnect_publishes_the_metadata_again(nats_server: NatsServer) -> None:
+    url = nats_server.url
+    async with running_daemon(publisher_toml(url)) as a, running_daemon(subscriber_toml(url)) as b:
+        writer = nats_endpoint(a, "to-nats")
+        reader = nats_endpoint(b, "from-nats")
+        await wait_state(writer, "publishing")
+        await wait_state(reader, "subscribed")
+        client = await connect(endpoint_port(b, "out"))
+        async with producer(a) as source:
+            await source.send([*METADATA, *frames_of(5)])
+            assert await read(client, 7) == [*METADATA, *frames_of(5)]
+            await trio.to_thread.run_sync(nats_server.stop)
+            await trio.to_thread.run_sync(nats_server.start)
+            await wait_until(lambda: reader.status.detail["reconnects"] == 1)
+            # The subscriber reads the last-value stream again: the metadata comes first...
+            await wait_until(lambda: reader.status.frames_in == 7 + len(METADATA))
+            await wait_until(lambda: writer.status.detail["reconnects"] == 1)
+            await source.send(frames_of(5, start=5))
+            # ...and the publisher says its metadata again before the next frames.
+            got = await read(client, 7 + 2 * len(METADATA) + 5)
+        await client.stream.aclose()
+    assert got[7:] == [*METADATA, *METADATA, *frames_of(5, start=5)]

@@ -136,6 +136,9 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._logged_problem: str | None = None
         self._client: Any = None
         self._closing = False
+        self._connect_failure: str | None = None
+        #: Data frames nats-py could not take (core, while disconnected), dropped.
+        self._unsent = 0
         #: The wait for the next JetStream batch, which a stop request cancels.
         self._fetching: trio.CancelScope | None = None
         self._ever_connected = False
@@ -276,7 +279,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 nursery.cancel_scope.cancel()
         finally:
             if self._outgoing.current is not None:
-                self._outgoing.report()
+                self._report_queue()
                 self._outgoing.current.close("the NATS endpoint stopped")
             with trio.CancelScope(shield=True):
                 await self._close_client(thread)
@@ -367,7 +370,11 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             )
             to_trio(self._on_connected, _url(client), client.max_payload)
 
-        thread.submit(connect())
+        def connect_ended(future: Any) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                to_trio(self._on_connect_failed, describe_nats_error(future.exception()))
+
+        thread.submit(connect()).add_done_callback(connect_ended)
         await trio.lowlevel.checkpoint()
 
     async def _close_client(self, thread: NatsThread) -> None:
@@ -391,8 +398,18 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         except Exception as exc:
             self.log.debug("closing the NATS client: %s", exc)
 
+    def _on_connect_failed(self, text: str) -> None:
+        self._connect_failure = text
+        self._set_state("error", f"cannot connect to NATS: {text}")
+        self._connected.set()  # wakes the waiters, who raise
+
     async def _wait_connected(self) -> None:
+        """Wait for the connection. Raises ConnectionError when nats-py gave up connecting
+        (not for an unreachable server: it tries again forever), so the supervisor restarts
+        the endpoint."""
         await self._connected.wait()
+        if self._connect_failure is not None:
+            raise ConnectionError(f"cannot connect to NATS: {self._connect_failure}")
 
     async def _ensure_streams(self, thread: NatsThread, *, required: bool) -> bool:
         """Create or check the JetStream streams, retrying with backoff while it fails when
@@ -435,6 +452,11 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         )
         return self._outgoing.use(subscription)
 
+    def _report_queue(self) -> None:
+        """Queue figures in status; ``frames_dropped`` adds what nats-py could not take."""
+        self._outgoing.report()
+        self.status.frames_dropped += self._unsent
+
     def _message_limit(self) -> int:
         """The largest message (headers and payload) to publish."""
         limit = min(self._max_payload - PAYLOAD_MARGIN, self.config.chunk_size)
@@ -460,7 +482,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         while True:
             subscription = self._outgoing.current
             assert subscription is not None
-            self._outgoing.report()
+            self._report_queue()
             try:
                 batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
             except SubscriptionClosed as closed:
@@ -500,10 +522,13 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         while start < len(frames):
             todo = frames[start:]
 
-            async def publish(todo: list[tuple[Frame, list[NatsMessage]]] = todo) -> int:
-                """Publish; return how many frames were handled before a metadata frame
-                could not be published (len(todo) when all were)."""
-                for index, (frame, messages) in enumerate(todo):
+            async def publish(
+                todo: list[tuple[Frame, list[NatsMessage]]] = todo,
+            ) -> list[bool]:
+                """Publish; return whether each frame went, stopping before a metadata
+                frame that could not go."""
+                went = []
+                for frame, messages in todo:
                     try:
                         for message in messages:
                             await client.publish(
@@ -513,15 +538,20 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                             )
                     except Exception:
                         if frame.kind is not FrameKind.DATA:
-                            return index
-                        status.frames_dropped += 1
+                            break
+                        went.append(False)
                         continue
+                    went.append(True)
+                return went
+
+            went = await thread.call(publish, within=self.config.ack_timeout)
+            for (frame, _), sent in zip(todo, went, strict=False):
+                if sent:
                     status.frames_out += 1
                     status.bytes_out += frame.size
-                return len(todo)
-
-            handled = await thread.call(publish, within=self.config.ack_timeout)
-            start += handled
+                else:
+                    self._unsent += 1
+            start += len(went)
             if start < len(frames):
                 # A metadata frame could not go: wait for the connection, then go on.
                 await self._wait_connected()
