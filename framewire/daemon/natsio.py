@@ -465,8 +465,13 @@ class AckTracker:
                 self._futures.pop(reply, None)
                 future.set_result(AckOutcome(False, description=describe_nats_error(exc)))
         futures = [future for _, future in waiting if not future.done()]
-        if futures:
-            await asyncio.wait(futures, timeout=ack_timeout)
+        try:
+            if futures:
+                await asyncio.wait(futures, timeout=ack_timeout)
+        except BaseException:
+            for reply, _ in waiting:
+                self._futures.pop(reply, None)
+            raise
         outcomes = []
         for reply, future in waiting:
             if future.done():

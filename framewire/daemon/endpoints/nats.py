@@ -544,7 +544,17 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                     went.append(True)
                 return went
 
-            went = await thread.call(publish, within=self.config.ack_timeout)
+            try:
+                went = await thread.call(publish, within=self.config.ack_timeout)
+            except TimeoutError as exc:
+                # nats-py could not take the batch in time (its buffer full, the server
+                # gone): the data is lost as for a lossy queue, metadata is said again.
+                self._set_state("error", f"NATS publish: {exc}")
+                self._unsent += sum(1 for frame, _ in todo if frame.kind is FrameKind.DATA)
+                frames = [item for item in todo if item[0].kind is not FrameKind.DATA]
+                start = 0
+                await self._wait_connected()
+                continue
             for (frame, _), sent in zip(todo, went, strict=False):
                 if sent:
                     status.frames_out += 1
