@@ -136,6 +136,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._logged_problem: str | None = None
         self._client: Any = None
         self._closing = False
+        #: Core publish: bytes published since the last flush (a PING/PONG round trip).
+        self._unflushed = [0]
         self._connect_failure: str | None = None
         #: Data frames nats-py could not take (core, while disconnected), dropped.
         self._unsent = 0
@@ -514,10 +516,14 @@ class NatsEndpoint(Endpoint[NatsConfig]):
     async def _publish_core(
         self, thread: NatsThread, frames: list[tuple[Frame, list[NatsMessage]]]
     ) -> None:
-        """Publish without acks. Data that nats-py cannot take (disconnected, its buffer
-        full) is dropped and counted; metadata waits for the connection and is tried again."""
+        """Publish without acks, paced by a flush (a round trip to the server) every
+        ``max_inflight_bytes``. Data that nats-py cannot take (disconnected, its buffer full)
+        is dropped and counted; metadata waits for the connection and is tried again."""
         status = self.status
         client = self._client
+        unflushed = self._unflushed  # touched on the asyncio thread only
+        pace = self.config.max_inflight_bytes
+        flush_timeout = self.config.ack_timeout
         start = 0
         while start < len(frames):
             todo = frames[start:]
@@ -536,6 +542,12 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                                 message.payload,
                                 headers=message.headers,
                             )
+                            unflushed[0] += message.size
+                        if unflushed[0] >= pace and client.is_connected:
+                            # Paced: at most max_inflight_bytes ahead of the server, so a
+                            # fast publisher does not get subscribers cut off as slow.
+                            unflushed[0] = 0
+                            await client.flush(timeout=flush_timeout)
                     except Exception:
                         if frame.kind is not FrameKind.DATA:
                             break
