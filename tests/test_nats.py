@@ -185,6 +185,12 @@ def nats_endpoint(daemon: Daemon, name: str) -> NatsEndpoint:
     return endpoint
 
 
+def count(endpoint: NatsEndpoint, key: str) -> int:
+    value = endpoint.status.detail[key]
+    assert isinstance(value, int)
+    return value
+
+
 async def wait_state(endpoint: NatsEndpoint, *states: str) -> None:
     with trio.fail_after(PATIENCE):
         await endpoint.wait_for_state(*states)
@@ -515,7 +521,8 @@ async def test_bad_credentials_are_a_clear_error_not_ready(
         async with running_daemon(toml) as b:
             reader = nats_endpoint(b, "from-nats")
             await wait_state(reader, "unauthorized")
-            await trio.sleep(0.3)  # several more refused attempts: still one log line
+            # Several more refused attempts: still one log line.
+            await wait_until(lambda: count(reader, "connect_errors") >= 4)
             assert reader.status.state == "connecting"
             assert reader.status.state not in HEALTHY_STATES
     finally:
@@ -584,7 +591,8 @@ async def test_jetstream_full_stream_is_a_clear_state_and_loses_nothing(
             await source.send(sent)
             await wait_state(writer, "stream_full")
             assert writer.status.frames_out < len(sent)
-            await trio.sleep(0.3)  # refused again and again: still one log line
+            # Refused again and again: still one log line.
+            await wait_until(lambda: count(writer, "publishes_refused") >= 3)
             # The operator makes room; what was refused is stored, once.
             await trio.to_thread.run_sync(asyncio.run, raise_the_limit())
             await wait_until(lambda: writer.status.frames_out == len(sent))

@@ -175,6 +175,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             frames_incomplete=0,
             messages_rejected=0,
             redeliveries_dropped=0,
+            connect_errors=0,
+            publishes_refused=0,
             last_error=None,
         )
 
@@ -243,6 +245,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             self._count("slow_consumer_events")
             self._set_state(str(detail["state"]), f"NATS: slow consumer ({text})")
             return
+        self._count("connect_errors")
         if self.connected and not refused:
             # The connection is going: the disconnect's one line gives the reason.
             self._lost_reason = text
@@ -635,6 +638,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 backoff.reset()
                 continue
             failed = outcomes[good]
+            self._count("publishes_refused")
             state, problem = _describe_refusal(failed, config, window[good])
             self._set_state(state, problem)
             await trio.sleep(backoff.next_delay())
