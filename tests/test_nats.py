@@ -702,3 +702,29 @@ async def test_tls_servers_with_the_endpoint_tls_table(tmp_path: Path) -> None:
     assert got == frames_of(3)
     assert refused.status.last_error is not None
     assert "certificate verify failed" in refused.status.last_error.lower()
+
+
+async def test_a_required_stream_that_is_missing_is_waited_for(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="framewire")
+    url = nats_server.url
+
+    async def make_the_streams() -> None:
+        client = await nats.connect(url)
+        js = client.jetstream()
+        await js.add_stream(name="FW_camera", subjects=["fw.camera.>"])
+        await js.add_stream(name="FW_camera_META", subjects=["unused.meta.>"])
+        await client.close()
+
+    toml = publisher_toml(url, mode="jetstream", extra="create = false")
+    async with running_daemon(toml) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "stream_missing")
+        assert writer.status.state == "connected"  # connected, but not publishing
+        await trio.to_thread.run_sync(asyncio.run, make_the_streams())
+        await wait_state(writer, "publishing")
+    lines = [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
+    assert lines == [
+        "JetStream stream FW_camera does not exist (create = false: make it, or set create = true)"
+    ]
