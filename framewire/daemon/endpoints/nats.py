@@ -723,21 +723,31 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             )
 
         await thread.call(subscribe, within=config.connect_timeout)
-        self._set_state("subscribed")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._bootstrap_core, thread, inbox)
+            await nursery.start(self._bootstrap_core, thread, inbox)
+            self._set_state("subscribed")
             while True:
                 messages = await inbox.take()
                 self.status.frames_dropped = inbox.dropped
                 await self._publish_frames(self._decode(messages))
 
-    async def _bootstrap_core(self, thread: NatsThread, inbox: Inbox[_Message]) -> None:
-        """Put the latest metadata before the live messages, now and after every reconnect."""
+    async def _bootstrap_core(
+        self,
+        thread: NatsThread,
+        inbox: Inbox[_Message],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Put the latest metadata before the live messages, now (started once done) and
+        after every reconnect. A stored message the same as one that arrived live meanwhile
+        is left out: it would only repeat it."""
         while True:
             reconnected = self._reconnected
             inbox.hold()
             metadata = await self._last_metadata(thread)
-            inbox.release((message, len(message[2])) for message in metadata)
+            inbox.release(((message, len(message[2])) for message in metadata), same=_same_frame)
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
             await reconnected.wait()
 
     async def _jetstream_subscribe_loop(self, thread: NatsThread) -> None:
@@ -792,11 +802,13 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         )
         await self._publish_frames(self._decode(await self._last_metadata(thread, start)))
         last_sequence = start - 1
-        average = 1024
+        # Messages asked for per fetch: max_queue_bytes over the largest message of the last
+        # fetch (at first, the largest a message can be), at most max_queue_frames.
+        largest = self._message_limit()
         detail = self.status.detail
         while True:
             want = max(
-                1, min(MAX_FETCH, config.max_queue_frames, config.max_queue_bytes // average)
+                1, min(MAX_FETCH, config.max_queue_frames, config.max_queue_bytes // largest)
             )
             if self.stop_requested:
                 return
@@ -819,18 +831,17 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 self._set_state("subscribed")
             backoff.reset()
             fresh: list[_Message] = []
-            total = 0
+            largest = 1024
             redelivered = 0
             for msg in batch:
                 sequence = msg.metadata.sequence.stream
-                total += len(msg.data)
+                largest = max(largest, len(msg.data))
                 if sequence <= last_sequence:
                     redelivered += 1
                     continue
                 last_sequence = sequence
                 fresh.append((msg.subject, msg.headers, msg.data))
             self._count("redeliveries_dropped", redelivered)
-            average = max(1024, total // max(1, len(batch)))
             frames = self._decode(fresh)
             if not self._assembler.assembling:
                 ack_upto = batch[-1] if batch else None
@@ -845,6 +856,17 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                         await thread.call(ack_upto.ack, within=config.ack_timeout)
                     except Exception as exc:
                         self.log.debug("ack failed (it will be redelivered): %s", exc)
+
+
+def _same_frame(a: _Message, b: _Message) -> bool:
+    """Whether two messages carry the same frame (their ``Fw-*`` headers and payload)."""
+    if a[0] != b[0] or bytes(a[2]) != bytes(b[2]):
+        return False
+    return _fw_headers(a[1]) == _fw_headers(b[1])
+
+
+def _fw_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    return {key: value for key, value in (headers or {}).items() if key.startswith("Fw-")}
 
 
 def _before_partial(batch: Sequence[Any]) -> Any:
