@@ -356,3 +356,84 @@ def test_framewire_check_looks_at_the_embedded_server(tmp_path: Path) -> None:
     assert f"nats.store_dir: cannot create files in {blocker / 'js'}" in errors
     assert f"nats.config_file: cannot read {tmp_path / 'missing.conf'}" in errors
     assert check_config(parse_config(embedded_config(tmp_path / "js"))).errors == ()
+
+
+def test_a_nats_endpoint_needs_servers_or_the_embedded_server() -> None:
+    endpoint = """
+[endpoints.to-nats]
+kind = "nats"
+direction = "publish"
+stream = "camera"
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(endpoint)
+    assert info.value.errors == [
+        "endpoints.to-nats.servers: required key missing (or set [nats] embedded = true to "
+        "use a nats-server framewire runs itself)"
+    ]
+    config = parse_config(endpoint + "\n[nats]\nembedded = true\n")
+    assert config.endpoints["to-nats"].servers == ()  # type: ignore[union-attr]
+
+
+async def test_nats_endpoints_without_servers_use_the_embedded_server(tmp_path: Path) -> None:
+    pytest.importorskip("nats")
+    from framewire import Frame, FrameKind
+    from framewire.daemon.endpoints.nats import NatsEndpoint
+
+    from .helpers import connect, endpoint_port
+
+    config = parse_config(
+        embedded_config(tmp_path / "js")
+        + """
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "camera"
+
+[endpoints.to-nats]
+kind = "nats"
+direction = "publish"
+stream = "camera"
+mode = "jetstream"
+
+[endpoints.from-nats]
+kind = "nats"
+direction = "subscribe"
+stream = "copy"
+subject = "fw.camera"
+jetstream_stream = "FW_camera"
+mode = "jetstream"
+durable = "reader"
+start = "all"
+
+[endpoints.copy-out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "copy"
+policy = "lossless"
+"""
+    )
+    daemon = Daemon(config)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(daemon.run)
+        server = daemon.nats_server
+        assert server is not None
+        for name in ("to-nats", "from-nats"):
+            endpoint = daemon.endpoints[name]
+            assert isinstance(endpoint, NatsEndpoint)
+            assert endpoint.config.servers == (server.url,)
+            assert endpoint.status.address == [server.url]
+        client = await connect(endpoint_port(daemon, "copy-out"))
+        source = await connect(endpoint_port(daemon, "in"))
+        sent = [
+            Frame(FrameKind.METADATA, "observation", b"obs-1", timestamp=1),
+            *(Frame(FrameKind.DATA, "sample", bytes([i]) * 1000, timestamp=i) for i in range(50)),
+        ]
+        await source.send(sent)
+        with trio.fail_after(20):
+            got = await client.read(len(sent))
+        assert got == sent
+        await source.stream.aclose()
+        await client.stream.aclose()
+        daemon.request_shutdown()

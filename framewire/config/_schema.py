@@ -30,6 +30,7 @@ __all__ = [
     "GeneratorConfig",
     "LinkConfig",
     "ListenAddress",
+    "NatsConfig",
     "NatsServerConfig",
     "PubSubConfig",
     "ReceiverConfig",
@@ -624,6 +625,201 @@ class PubSubConfig:
             raise FieldError("type", "must not be empty")
 
 
+_NATS_SCHEMES: Final = ("nats", "tls")
+#: A subject token framewire accepts in a prefix: no wildcards, no white space, no dots.
+_SUBJECT_TOKEN: Final = re.compile(r"[^\s.*>]+")
+#: A JetStream stream or consumer name: no dots, wildcards, white space or path separators.
+_JETSTREAM_NAME: Final = re.compile(r"[^\s.*>/\\]{1,200}")
+#: The largest chunk: JetStream refuses messages of 32 MiB or more (headers included).
+MAX_NATS_CHUNK: Final = (32 << 20) - (64 << 10)
+
+
+def _nats_server(value: object) -> str:
+    text = _strict(str)(value)
+    assert isinstance(text, str)
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in _NATS_SCHEMES:
+        raise ValueError(f"{text!r}: expected nats://host:port or tls://host:port")
+    if "@" in rest:
+        raise ValueError(
+            f"{text!r}: put credentials in user/password, token, nkey_seed or creds, "
+            "not in the address"
+        )
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not colon:
+        host, port = rest.rstrip("/"), "4222"
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: expected nats://host:port or tls://host:port")
+    return f"{scheme}://{host}:{int(port)}"
+
+
+def _nats_servers(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected an array of server addresses, got {describe(value)}")
+    servers = tuple(_nats_server(item) for item in value)
+    if len({server.partition("://")[0] for server in servers}) > 1:
+        raise ValueError("mix of nats:// and tls:// servers: use one scheme for all")
+    return servers
+
+
+def _nats_subject(value: object) -> str:
+    text = _strict(str)(value)
+    assert isinstance(text, str)
+    if not all(_SUBJECT_TOKEN.fullmatch(token) for token in text.split(".")):
+        raise ValueError(
+            f"{text!r} is not a NATS subject prefix (dot-separated tokens, without "
+            "wildcards * and > or white space)"
+        )
+    return text
+
+
+def _jetstream_name(value: object) -> str:
+    text = _strict(str)(value)
+    assert isinstance(text, str)
+    if not _JETSTREAM_NAME.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not a JetStream name (no dots, *, >, slashes or white space)"
+        )
+    return text
+
+
+def _optional_jetstream_name(value: object) -> str:
+    text = _strict(str)(value)
+    assert isinstance(text, str)
+    return _jetstream_name(text) if text else text
+
+
+def _nats_chunk(raw: object) -> object:
+    value = parse_size(raw)
+    if not 1024 <= value <= MAX_NATS_CHUNK:
+        raise ValueError(
+            f"expected a size from 1KiB to {format_size(MAX_NATS_CHUNK)} (JetStream refuses "
+            f"messages of 32 MiB or more), got {value!r}"
+        )
+    return value
+
+
+def _replicas(raw: object) -> object:
+    value = _strict(int)(raw)
+    if not 1 <= value <= 5:  # type: ignore[operator]
+        raise ValueError(f"expected 1 to 5 replicas, got {value!r}")
+    return value
+
+
+NatsServers = Annotated[tuple[str, ...], Check(_nats_servers)]
+NatsSubject = Annotated[str, Check(_nats_subject)]
+JetStreamName = Annotated[str, Check(_jetstream_name)]
+OptionalJetStreamName = Annotated[str, Check(_optional_jetstream_name)]
+NatsChunk = Annotated[int, Check(_nats_chunk)]
+Replicas = Annotated[int, Check(_replicas)]
+
+
+@attrs.frozen
+class NatsConfig:
+    """``kind = "nats"``: publish a stream to NATS, or subscribe from NATS into a stream.
+
+    ``mode = "core"``: live and lossy, no acks; ``mode = "jetstream"``: durable, acked, read
+    back through a durable pull consumer. See docs/configuration.md for every key.
+    """
+
+    direction: Literal["publish", "subscribe"]
+    stream: Name
+    #: Empty: the embedded nats-server of ``[nats] embedded = true`` (the loader requires
+    #: one or the other).
+    servers: NatsServers = ()
+    kind: Literal["nats"] = "nats"
+    mode: Literal["core", "jetstream"] = "core"
+    subject: NatsSubject | None = None
+    jetstream_stream: JetStreamName | None = None
+    create: StrictBool = True
+    replicas: Replicas = 1
+    storage: Literal["file", "memory"] = "file"
+    max_bytes: Size = 0
+    max_age: Duration = 0.0
+    discard: Literal["old", "new"] = "old"
+    duplicate_window: PositiveDuration = 120.0
+    durable: OptionalJetStreamName = ""
+    start: Literal["new", "all"] = "new"
+    policy: Policy | None = None
+    max_queue_frames: PositiveInt = 1024
+    max_queue_bytes: PositiveSize = 64 << 20
+    max_inflight_bytes: PositiveSize = 32 << 20
+    chunk_size: NatsChunk = 8 << 20
+    max_frame_size: FrameSize = 64 << 20
+    ack_timeout: PositiveDuration = 10.0
+    connect_timeout: PositiveDuration = 10.0
+    user: StrictStr | None = None
+    password: StrictStr | None = None
+    token: StrictStr | None = None
+    nkey_seed: FilePath | None = None
+    creds: FilePath | None = None
+    tls: TLSConfig | None = None
+    reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
+
+    def __attrs_post_init__(self) -> None:
+        tls_servers = bool(self.servers) and self.servers[0].startswith("tls://")
+        if tls_servers and self.tls is None:
+            raise FieldError("tls", f"servers {self.servers[0]!r} needs a [tls] table")
+        if self.tls is not None:
+            if not tls_servers:
+                raise FieldError("tls", "a [tls] table needs tls:// servers")
+            if self.tls.require_client_cert:
+                raise FieldError("tls.require_client_cert", "applies to listening endpoints only")
+        methods = [
+            name
+            for name, value in (
+                ("user", self.user),
+                ("token", self.token),
+                ("nkey_seed", self.nkey_seed),
+                ("creds", self.creds),
+            )
+            if value is not None
+        ]
+        if len(methods) > 1:
+            raise FieldError(
+                methods[1], f"set one way to authenticate, not {' and '.join(methods)}"
+            )
+        if self.password is not None and self.user is None:
+            raise FieldError("password", "needs user")
+        subscribing = self.direction == "subscribe"
+        if self.policy is not None and subscribing:
+            raise FieldError("policy", 'applies to direction = "publish" (the queue to NATS) only')
+        if self.durable and not (subscribing and self.mode == "jetstream"):
+            raise FieldError(
+                "durable", 'applies to direction = "subscribe" with mode = "jetstream" only'
+            )
+
+    @property
+    def subject_prefix(self) -> str:
+        """Subjects are ``PREFIX.data.TYPE`` and ``PREFIX.meta.TYPE``."""
+        return self.subject if self.subject is not None else f"fw.{self.stream}"
+
+    @property
+    def stream_name(self) -> str:
+        """The JetStream stream of the frames: by default ``FW_`` and the prefix, without a
+        leading ``fw.`` and with ``_`` for dots (``fw.camera`` -> ``FW_camera``)."""
+        if self.jetstream_stream is not None:
+            return self.jetstream_stream
+        prefix = self.subject_prefix
+        name = "FW_" + prefix.removeprefix("fw.").replace(".", "_")
+        return name[:200]
+
+    @property
+    def meta_stream_name(self) -> str:
+        """The last-value store of the metadata: the stream name and ``_META``."""
+        return f"{self.stream_name}_META"
+
+    @property
+    def queue_policy(self) -> Policy:
+        """The publishing queue's policy: as configured, else lossy for core, lossless for
+        JetStream."""
+        if self.policy is not None:
+            return self.policy
+        return "lossy" if self.mode == "core" else "lossless"
+
+
 EndpointConfig: TypeAlias = (
     ServerConfig
     | ReceiverConfig
@@ -634,6 +830,7 @@ EndpointConfig: TypeAlias = (
     | LinkConfig
     | BridgeConfig
     | PubSubConfig
+    | NatsConfig
 )
 ENDPOINT_KINDS: Final[dict[str, type[EndpointConfig]]] = {
     "server": ServerConfig,
@@ -645,6 +842,7 @@ ENDPOINT_KINDS: Final[dict[str, type[EndpointConfig]]] = {
     "link": LinkConfig,
     "bridge": BridgeConfig,
     "pubsub": PubSubConfig,
+    "nats": NatsConfig,
 }
 
 

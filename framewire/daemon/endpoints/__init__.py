@@ -15,6 +15,7 @@ from .bridge import BridgeEndpoint as BridgeEndpoint
 from .file import FileEndpoint as FileEndpoint
 from .generator import GeneratorEndpoint as GeneratorEndpoint
 from .link import LinkEndpoint as LinkEndpoint
+from .nats import NatsEndpoint as NatsEndpoint
 from .pubsub import PubSubEndpoint as PubSubEndpoint
 from .receiver import ReceiverEndpoint as ReceiverEndpoint
 from .recorder import RecorderEndpoint as RecorderEndpoint
@@ -31,6 +32,7 @@ KINDS: Final[dict[str, type[Endpoint[Any]]]] = {
     "link": LinkEndpoint,
     "bridge": BridgeEndpoint,
     "pubsub": PubSubEndpoint,
+    "nats": NatsEndpoint,
 }
 
 

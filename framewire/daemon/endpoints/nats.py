@@ -1,0 +1,808 @@
+"""``kind = "nats"``: a framewire stream to NATS, or NATS into a framewire stream.
+
+One endpoint per direction (``direction = "publish"`` or ``"subscribe"``), in one of two
+modes. Frames travel one per NATS message, laid out as :mod:`..natslayout` says (subjects
+``SUBJECT.data.TYPE`` / ``SUBJECT.meta.TYPE``, ``Fw-*`` headers, chunks above the chunk
+limit), so any NATS client can read them.
+
+``mode = "core"`` (live, lossy)
+    Publishing takes frames from a subscription to ``stream`` (lossy by default: the oldest
+    data frames go when NATS cannot keep up, never metadata) and publishes them without acks.
+    While the connection is down, nats-py buffers up to its pending size and data beyond that
+    is dropped (counted in ``frames_dropped``); a metadata frame waits for the connection
+    instead, and after every reconnect the metadata sent so far is published again. If the
+    server has JetStream, a last-value stream ``FW_x_META`` keeps the latest metadata of each
+    type for late joiners (made when ``create = true``).
+    Subscribing drains nats-py at once into the endpoint's own queue (``max_queue_frames`` /
+    ``max_queue_bytes``, dropping the oldest data, never metadata), so neither nats-py nor the
+    server ever cuts the subscriber off for being slow. Before the first live frame, and again
+    after every reconnect, it publishes the latest metadata of each type from ``FW_x_META`` (in
+    the publisher's first-seen order, ``Fw-Rank``); live frames that arrive meanwhile wait.
+``mode = "jetstream"`` (durable)
+    Publishing takes frames from a lossless subscription (the stream's publishers wait when
+    NATS cannot keep up) and publishes them to the JetStream stream ``FW_x`` with acks, at most
+    ``max_inflight_bytes`` unacknowledged. A message that is refused (429, 503 no leader or no
+    stream, a full stream with ``discard = "new"``, a timeout) is published again, after a
+    backoff, with the same ``Nats-Msg-Id``, so the server stores it once; nothing is dropped.
+    Each refusal is one log line and a ``detail.state``. If a message was refused but a later
+    one of the same window stored, the retry stores the refused one after it: order then
+    differs from the framewire stream's by that message.
+    Subscribing reads ``FW_x`` through a pull consumer (``durable`` names it so it resumes
+    where it stopped; unnamed, it starts anew each time): it fetches a batch, publishes it into
+    ``stream``, then acknowledges it. Delivery from JetStream is at least once; redeliveries
+    (sequence not above the last one published) are dropped, so the stream sees each frame once
+    while the endpoint runs. On every start it first publishes the latest metadata of each type
+    from ``FW_x_META`` that precedes where the consumer resumes (``Fw-Rank`` order).
+
+Messages that are not framewire frames (missing headers, bad chunk numbers, over
+``max_frame_size``) are counted in ``detail.messages_rejected`` and dropped, with a log line
+at most every 10 seconds. Connection problems (unreachable server, refused credentials) are
+one log line each time the reason changes, ``status.state`` ``connecting`` or
+``reconnecting`` and ``detail.state`` saying why; the endpoint keeps trying, with the
+``reconnect`` backoff, forever.
+
+nats-py runs on a thread of its own with its own asyncio loop (:mod:`..natsio`); trio and that
+loop cross once per batch. nats-py is needed (``pip install 'framewire[nats]'``): without it
+the endpoint fails at start, saying so.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import ssl
+from collections.abc import Sequence
+from typing import Any, Final
+
+import trio
+
+from ...config import NatsConfig
+from ...frame import Frame, FrameKind
+from ..backoff import Backoff
+from ..flow import BATCH_BYTES, BATCH_FRAMES, UnencodableFrames
+from ..lograte import INTERVAL, RateLimitedWarning
+from ..natsio import (
+    ERR_MESSAGE_TOO_LARGE,
+    ERR_STREAM_FULL,
+    AckOutcome,
+    AckTracker,
+    Inbox,
+    MissingStream,
+    NatsThread,
+    StreamLayout,
+    describe_nats_error,
+    ensure_streams,
+    read_last_metadata,
+    require_nats,
+    source_sequence,
+)
+from ..natslayout import (
+    HEADER_KIND,
+    HEADER_RANK,
+    FrameAssembler,
+    FrameLayout,
+    NatsMessage,
+    NotAFrame,
+)
+from ..stream import (
+    MetadataCache,
+    MetadataLimitExceeded,
+    Policy,
+    QueueBounds,
+    Subscription,
+    SubscriptionClosed,
+)
+from ..transport import client_tls_context
+from ._base import Endpoint, EndpointContext, OutgoingQueue
+
+__all__ = ["NatsEndpoint"]
+
+#: Seconds one pull (fetch) waits for messages before asking again.
+FETCH_WAIT: Final = 1.0
+#: Seconds the client may take to drain and close when the endpoint stops.
+DRAIN_TIMEOUT: Final = 2.0
+#: Bytes kept free of the server's max_payload for headers beyond the layout's own.
+PAYLOAD_MARGIN: Final = 1024
+#: Messages one pull asks for at most.
+MAX_FETCH: Final = 1024
+
+_Message = tuple[str, "dict[str, str] | None", bytes]
+
+
+class NatsEndpoint(Endpoint[NatsConfig]):
+    kind = "nats"
+
+    def __init__(
+        self,
+        name: str,
+        config: NatsConfig,
+        context: EndpointContext,
+        *,
+        log_interval: float = INTERVAL,
+    ) -> None:
+        super().__init__(name, config, context)
+        self._rejected = RateLimitedWarning(
+            self.log,
+            "dropped NATS messages that are not framewire frames",
+            detail=self.status.detail,
+            key="messages_rejected",
+            interval=log_interval,
+        )
+        self._unencodable = UnencodableFrames(self.log, "one NATS message", self.status.detail)
+        self._outgoing = OutgoingQueue(self.status)
+        self._backoff = Backoff(config.reconnect)
+        self._connected = trio.Event()
+        self._reconnected = trio.Event()
+        self._state_changed = trio.Event()
+        self._logged_problem: str | None = None
+        self._client: Any = None
+        self._thread: NatsThread | None = None
+        self._max_payload = 1 << 20
+        self._assembler = FrameAssembler(config.max_frame_size)
+        self._sent_metadata = MetadataCache()
+        self._layout = StreamLayout(
+            subject=config.subject_prefix,
+            stream=config.stream_name,
+            meta_stream=config.meta_stream_name,
+            mode=config.mode,
+            create=config.create,
+            replicas=config.replicas,
+            storage=config.storage,
+            max_bytes=config.max_bytes,
+            max_age=config.max_age,
+            discard=config.discard,
+            duplicate_window=config.duplicate_window,
+        )
+        self.status.address = list(config.servers)
+        self.status.detail.update(
+            server=None,
+            state="connecting",
+            reconnects=0,
+            slow_consumer_events=0,
+            inflight_bytes=0,
+            acks_pending=0,
+            consumer_pending=0,
+            chunks_reassembled=0,
+            frames_incomplete=0,
+            messages_rejected=0,
+            redeliveries_dropped=0,
+            last_error=None,
+        )
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_for_state(self, *states: str) -> None:
+        """Wait until ``detail.state`` is one of ``states`` (at once if it is already)."""
+        while self.status.detail["state"] not in states:
+            await self._state_changed.wait()
+
+    def _set_state(self, state: str, problem: str | None = None) -> None:
+        """Record the NATS state; log a problem once per change of reason."""
+        status = self.status
+        detail = status.detail
+        detail["state"] = state
+        if problem is not None:
+            detail["last_error"] = problem
+            status.record_error(problem)
+            if problem != self._logged_problem:
+                self._logged_problem = problem
+                self.log.warning("%s", problem)
+        elif state in ("connected", "publishing", "subscribed"):
+            if self._logged_problem is not None:
+                self.log.info("NATS %s again", state)
+            self._logged_problem = None
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    def _on_connected(self, url: str, max_payload: int) -> None:
+        first = not self._connected.is_set()
+        self._max_payload = max_payload
+        self.status.detail["server"] = url
+        self.status.state = "connected"
+        self._connected.set()
+        if first:
+            self.log.info("connected to NATS at %s (max_payload %d)", url, max_payload)
+            self._set_state("connected")
+        else:
+            self.status.detail["reconnects"] = int(self.status.detail["reconnects"]) + 1  # type: ignore[call-overload]
+            self.log.info("reconnected to NATS at %s", url)
+            self._set_state("connected")
+            self._reconnected.set()
+            self._reconnected = trio.Event()
+
+    def _on_disconnected(self) -> None:
+        if self._connected.is_set():
+            self._connected = trio.Event()
+            self.status.state = "reconnecting"
+            self.log.warning("disconnected from NATS at %s", self.status.detail["server"])
+            self._set_state("disconnected")
+
+    def _on_error(self, text: str, slow_consumer: bool, refused: bool) -> None:
+        detail = self.status.detail
+        if slow_consumer:
+            detail["slow_consumer_events"] = int(detail["slow_consumer_events"]) + 1  # type: ignore[call-overload]
+            self._set_state(str(detail["state"]), f"NATS: slow consumer ({text})")
+            return
+        state = "unauthorized" if refused else ("unreachable" if not self.connected else "error")
+        where = ", ".join(self.config.servers)
+        self._set_state(state, f"NATS at {where}: {text}")
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        require_nats()
+        options = self._connect_options()
+        thread = self._thread = NatsThread(self.name)
+        thread.start()
+        try:
+            self.status.state = "connecting"
+            self._set_state("connecting")
+            await self._start_client(thread, options)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_requested, nursery.cancel_scope)
+                if self.config.direction == "publish":
+                    self._subscribe_outgoing()
+                    task_status.started()
+                    await self._publish_loop(thread)
+                else:
+                    task_status.started()
+                    if self.config.mode == "core":
+                        await self._core_subscribe_loop(thread)
+                    else:
+                        await self._jetstream_subscribe_loop(thread)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self._outgoing.current is not None:
+                self._outgoing.report()
+                self._outgoing.current.close("the NATS endpoint stopped")
+            with trio.CancelScope(shield=True):
+                await self._close_client(thread)
+                await thread.stop()
+            self._connected = trio.Event()
+            self.status.detail["state"] = "closed"
+
+    async def _stop_when_requested(self, cancel_scope: trio.CancelScope) -> None:
+        """A stop request ends the outgoing queue (publish: drain it, then return) or stops
+        the reading at the next batch boundary (subscribe)."""
+        await self._stop_requested.wait()
+        if self._outgoing.current is not None:
+            self._outgoing.current.end("the NATS endpoint is stopping")
+        else:
+            cancel_scope.cancel()
+
+    def _connect_options(self) -> dict[str, Any]:
+        """nats-py's connect options. Raises ValueError/OSError for TLS or credential files
+        that cannot be used (a start failure)."""
+        config = self.config
+        options: dict[str, Any] = {
+            "servers": list(config.servers),
+            "name": f"framewire {self.name}",
+            "connect_timeout": config.connect_timeout,
+            "reconnect_time_wait": config.reconnect.initial,
+            "max_reconnect_attempts": -1,
+            "allow_reconnect": True,
+            "drain_timeout": DRAIN_TIMEOUT,
+            "pending_size": max(2 << 20, config.chunk_size + (1 << 20)),
+        }
+        if config.tls is not None:
+            context: ssl.SSLContext = client_tls_context(config.tls)
+            options["tls"] = context
+            if config.tls.server_name is not None:
+                options["tls_hostname"] = config.tls.server_name
+        if config.user is not None:
+            options["user"] = config.user
+            options["password"] = config.password or ""
+        if config.token is not None:
+            options["token"] = config.token
+        for path in (config.nkey_seed, config.creds):
+            if path is not None and not os.access(path, os.R_OK):
+                raise OSError(f"cannot read {path}")
+        if config.nkey_seed is not None:
+            options["nkeys_seed"] = config.nkey_seed
+        if config.creds is not None:
+            options["user_credentials"] = config.creds
+        return options
+
+    async def _start_client(self, thread: NatsThread, options: dict[str, Any]) -> None:
+        """Make the client and start connecting in the background (forever, with backoff);
+        the callbacks report to trio."""
+        nats = require_nats()
+        errors = nats.errors
+        client = self._client = nats.aio.client.Client()
+        backoff = Backoff(self.config.reconnect)
+        to_trio = thread.to_trio
+
+        async def error_cb(error: Exception) -> None:
+            slow = isinstance(error, errors.SlowConsumerError)
+            refused = (
+                isinstance(error, errors.AuthorizationError) or "authoriz" in str(error).lower()
+            )
+            to_trio(self._on_error, describe_nats_error(error), slow, refused)
+
+        async def disconnected_cb() -> None:
+            to_trio(self._on_disconnected)
+
+        async def reconnected_cb() -> None:
+            backoff.reset()
+            to_trio(self._on_connected, _url(client), client.max_payload)
+
+        def next_server(servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
+            return None, backoff.next_delay()
+
+        async def connect() -> None:
+            await client.connect(
+                error_cb=error_cb,
+                disconnected_cb=disconnected_cb,
+                reconnected_cb=reconnected_cb,
+                reconnect_to_server_handler=next_server,
+                **options,
+            )
+            to_trio(self._on_connected, _url(client), client.max_payload)
+
+        thread.submit(connect())
+        await trio.lowlevel.checkpoint()
+
+    async def _close_client(self, thread: NatsThread) -> None:
+        """Drain and close the client, within :data:`DRAIN_TIMEOUT` (shielded by the caller)."""
+        client = self._client
+        if client is None:
+            return
+
+        async def close() -> None:
+            if client.is_connected:
+                try:
+                    await client.drain()
+                except Exception:
+                    await client.close()
+            elif not client.is_closed:
+                await client.close()
+
+        try:
+            await thread.call(close, within=DRAIN_TIMEOUT)
+        except Exception as exc:
+            self.log.debug("closing the NATS client: %s", exc)
+
+    async def _wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def _ensure_streams(self, thread: NatsThread, *, required: bool) -> bool:
+        """Create or check the JetStream streams, retrying with backoff while it fails when
+        ``required``; without it (core mode) a failure is logged and False returned."""
+        backoff = Backoff(self.config.reconnect)
+        while True:
+            await self._wait_connected()
+            try:
+                done = await thread.call(
+                    functools.partial(ensure_streams, self._client.jetstream(), self._layout),
+                    within=self.config.connect_timeout,
+                )
+            except MissingStream as exc:
+                problem = str(exc)
+                state = "stream_missing"
+            except Exception as exc:
+                problem = f"JetStream streams {self._layout.stream}: {describe_nats_error(exc)}"
+                state = "jetstream_unavailable"
+            else:
+                for line in done:
+                    self.log.info("%s", line)
+                return True
+            if not required:
+                self.log.info(
+                    "%s: late joiners on other machines get metadata only as it is published",
+                    problem,
+                )
+                return False
+            self._set_state(state, problem)
+            await trio.sleep(backoff.next_delay())
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _subscribe_outgoing(self) -> Subscription:
+        config = self.config
+        subscription = self.context.streams.get(config.stream).subscribe(
+            bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
+            policy=Policy(config.queue_policy),
+            label=f"nats {self.name} -> {config.subject_prefix}",
+        )
+        return self._outgoing.use(subscription)
+
+    def _message_limit(self) -> int:
+        """The largest message (headers and payload) to publish."""
+        limit = min(self._max_payload - PAYLOAD_MARGIN, self.config.chunk_size)
+        return max(limit, 4096)
+
+    async def _publish_loop(self, thread: NatsThread) -> None:
+        config = self.config
+        jetstream = config.mode == "jetstream"
+        await self._wait_connected()
+        tracker: AckTracker | None = None
+        if jetstream:
+            await self._ensure_streams(thread, required=True)
+            client = self._client
+            tracker = await thread.call(
+                lambda: AckTracker.open(client), within=config.connect_timeout
+            )
+        elif config.create:
+            await self._ensure_streams(thread, required=False)
+        self._set_state("publishing")
+        layout = FrameLayout(config.subject_prefix, secrets.token_hex(6), msg_ids=jetstream)
+        status = self.status
+        reconnected = self._reconnected
+        while True:
+            subscription = self._outgoing.current
+            assert subscription is not None
+            self._outgoing.report()
+            try:
+                batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
+            except SubscriptionClosed as closed:
+                if closed.graceful:
+                    return
+                self.log.warning("the outgoing queue was closed: %s", closed.reason)
+                self._subscribe_outgoing()
+                continue
+            if not jetstream and reconnected.is_set():
+                # Core NATS keeps nothing: after a reconnect, say the metadata again first.
+                reconnected = self._reconnected
+                batch = [*self._sent_metadata, *batch]
+            frames: list[tuple[Frame, list[NatsMessage]]] = []
+            limit = self._message_limit()
+            for frame in batch:
+                try:
+                    frames.append((frame, layout.messages(frame, limit)))
+                except NotAFrame as exc:
+                    self._unencodable(frame, exc)
+            if tracker is not None:
+                await self._publish_acked(thread, tracker, frames)
+            else:
+                await self._publish_core(thread, frames)
+            for frame, _ in frames:
+                if frame.kind is not FrameKind.DATA:
+                    self._sent_metadata.update(frame)
+            status.detail["queue_frames"] = subscription.queued_frames
+
+    async def _publish_core(
+        self, thread: NatsThread, frames: list[tuple[Frame, list[NatsMessage]]]
+    ) -> None:
+        """Publish without acks. Data that nats-py cannot take (disconnected, its buffer
+        full) is dropped and counted; metadata waits for the connection and is tried again."""
+        status = self.status
+        client = self._client
+        start = 0
+        while start < len(frames):
+            todo = frames[start:]
+
+            async def publish(todo: list[tuple[Frame, list[NatsMessage]]] = todo) -> int:
+                """Publish; return how many frames were handled before a metadata frame
+                could not be published (len(todo) when all were)."""
+                for index, (frame, messages) in enumerate(todo):
+                    try:
+                        for message in messages:
+                            await client.publish(
+                                message.subject,
+                                message.payload,
+                                headers=message.headers,
+                            )
+                    except Exception:
+                        if frame.kind is not FrameKind.DATA:
+                            return index
+                        status.frames_dropped += 1
+                        continue
+                    status.frames_out += 1
+                    status.bytes_out += frame.size
+                return len(todo)
+
+            handled = await thread.call(publish, within=self.config.ack_timeout)
+            start += handled
+            if start < len(frames):
+                # A metadata frame could not go: wait for the connection, then go on.
+                await self._wait_connected()
+                await trio.sleep(0.01)
+
+    async def _publish_acked(
+        self,
+        thread: NatsThread,
+        tracker: AckTracker,
+        frames: list[tuple[Frame, list[NatsMessage]]],
+    ) -> None:
+        """Publish with acks, at most ``max_inflight_bytes`` unacknowledged; retry refused
+        messages (same ids) after a backoff until every one is stored."""
+        config = self.config
+        status = self.status
+        detail = status.detail
+        messages = [message for _, messages in frames for message in messages]
+        # The last message index of each frame, to count frames as their last part is stored.
+        ends: list[int] = []
+        for _, parts in frames:
+            ends.append((ends[-1] if ends else 0) + len(parts))
+        stored = 0
+        backoff = Backoff(config.reconnect)
+        frame_index = 0
+        while stored < len(messages):
+            window: list[NatsMessage] = []
+            window_bytes = 0
+            for message in messages[stored:]:
+                if window and window_bytes + message.size > config.max_inflight_bytes:
+                    break
+                window.append(message)
+                window_bytes += message.size
+            detail["inflight_bytes"] = window_bytes
+            detail["acks_pending"] = len(window)
+            try:
+                outcomes = await thread.call(
+                    functools.partial(tracker.publish, window, config.ack_timeout),
+                    within=config.ack_timeout + len(window) * 0.01 + 1,
+                )
+            except TimeoutError:
+                outcomes = [AckOutcome(False, description="no ack in time")]
+            finally:
+                detail["inflight_bytes"] = 0
+                detail["acks_pending"] = 0
+            good = 0
+            for outcome in outcomes:
+                if not outcome.ok:
+                    break
+                good += 1
+            stored += good
+            while frame_index < len(frames) and ends[frame_index] <= stored:
+                frame = frames[frame_index][0]
+                status.frames_out += 1
+                status.bytes_out += frame.size
+                frame_index += 1
+            if good == len(window):
+                if detail["state"] != "publishing":
+                    self._set_state("publishing")
+                backoff.reset()
+                continue
+            failed = outcomes[good]
+            state, problem = _describe_refusal(failed, config, window[good])
+            self._set_state(state, problem)
+            await trio.sleep(backoff.next_delay())
+            await self._wait_connected()
+
+    # -- subscribing -----------------------------------------------------------------------
+
+    def _decode(self, messages: Sequence[_Message]) -> list[Frame]:
+        """Frames from messages (chunks reassembled); bad messages counted and dropped."""
+        frames = []
+        assembler = self._assembler
+        for subject, headers, payload in messages:
+            try:
+                frame = assembler.feed(subject, headers, payload)
+            except NotAFrame as exc:
+                self._rejected(str(exc))
+                continue
+            if frame is not None:
+                frames.append(frame)
+        detail = self.status.detail
+        detail["chunks_reassembled"] = assembler.chunks_reassembled
+        detail["frames_incomplete"] = assembler.frames_incomplete
+        return frames
+
+    async def _publish_frames(self, frames: list[Frame]) -> None:
+        if not frames:
+            return
+        status = self.status
+        status.frames_in += len(frames)
+        status.bytes_in += sum(frame.size for frame in frames)
+        try:
+            await self.context.streams.get(self.config.stream).publish(frames)
+        except MetadataLimitExceeded as exc:
+            self._rejected(exc.reason)
+
+    async def _last_metadata(self, thread: NatsThread, before: int | None = None) -> list[_Message]:
+        """The latest metadata of each type from the last-value stream, in first-seen order
+        (``Fw-Rank``); with ``before``, only what was stored before that stream sequence.
+        Empty (after a log line) when it cannot be read."""
+        client = self._client
+        try:
+            raw = await thread.call(
+                lambda: read_last_metadata(client.jetstream(), self._layout),
+                within=self.config.connect_timeout,
+            )
+        except Exception as exc:
+            self.log.info(
+                "no metadata from %s: %s", self._layout.meta_stream, describe_nats_error(exc)
+            )
+            return []
+        entries = []
+        for message in raw:
+            headers: dict[str, str] | None = message.headers
+            origin = source_sequence(headers)
+            if before is not None and origin is not None and origin >= before:
+                continue
+            rank_text = (headers or {}).get(HEADER_RANK, "")
+            rank = int(rank_text) if rank_text.isdigit() else 1 << 30
+            entries.append((rank, origin or 0, (message.subject, headers, message.data or b"")))
+        entries.sort(key=lambda entry: (entry[0], entry[1]))
+        return [message for _, _, message in entries]
+
+    async def _core_subscribe_loop(self, thread: NatsThread) -> None:
+        config = self.config
+        inbox: Inbox[_Message] = Inbox(
+            thread, max_items=config.max_queue_frames, max_bytes=config.max_queue_bytes
+        )
+        await self._wait_connected()
+        client = self._client
+
+        async def on_message(msg: Any) -> None:
+            headers = msg.headers
+            metadata = bool(headers) and headers.get(HEADER_KIND) == "metadata"
+            inbox.put((msg.subject, headers, msg.data), len(msg.data), droppable=not metadata)
+
+        async def subscribe() -> None:
+            inbox.hold()
+            await client.subscribe(
+                f"{config.subject_prefix}.>",
+                cb=on_message,
+                pending_msgs_limit=1 << 20,
+                pending_bytes_limit=max(256 << 20, 4 * config.max_queue_bytes),
+            )
+
+        await thread.call(subscribe, within=config.connect_timeout)
+        self._set_state("subscribed")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._bootstrap_core, thread, inbox)
+            while True:
+                messages = await inbox.take()
+                self.status.frames_dropped = inbox.dropped
+                await self._publish_frames(self._decode(messages))
+
+    async def _bootstrap_core(self, thread: NatsThread, inbox: Inbox[_Message]) -> None:
+        """Put the latest metadata before the live messages, now and after every reconnect."""
+        while True:
+            reconnected = self._reconnected
+            inbox.hold()
+            metadata = await self._last_metadata(thread)
+            inbox.release((message, len(message[2])) for message in metadata)
+            await reconnected.wait()
+
+    async def _jetstream_subscribe_loop(self, thread: NatsThread) -> None:
+        config = self.config
+        nats = require_nats()
+        api = nats.js.api
+        await self._ensure_streams(thread, required=True)
+        client = self._client
+        consumer = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.ALL,
+            deliver_policy=api.DeliverPolicy.NEW
+            if config.start == "new"
+            else api.DeliverPolicy.ALL,
+            max_ack_pending=max(4 * config.max_queue_frames, 4 * MAX_FETCH),
+            ack_wait=max(30.0, 3 * config.ack_timeout),
+        )
+        if not config.durable:
+            consumer.inactive_threshold = 60.0
+
+        async def open_consumer() -> tuple[Any, int]:
+            js = client.jetstream()
+            subscription = await js.pull_subscribe(
+                f"{config.subject_prefix}.>",
+                durable=config.durable or None,
+                stream=self._layout.stream,
+                config=consumer,
+                pending_bytes_limit=max(256 << 20, 4 * config.chunk_size),
+            )
+            info = await subscription.consumer_info()
+            stream_info = await js.stream_info(self._layout.stream)
+            start = max(info.ack_floor.stream_seq + 1, stream_info.state.first_seq)
+            return subscription, start
+
+        backoff = Backoff(config.reconnect)
+        while True:
+            try:
+                pull, start = await thread.call(open_consumer, within=config.connect_timeout)
+                break
+            except Exception as exc:
+                self._set_state(
+                    "consumer_unavailable",
+                    f"JetStream consumer on {self._layout.stream}: {describe_nats_error(exc)}",
+                )
+                await trio.sleep(backoff.next_delay())
+                await self._wait_connected()
+        self._set_state("subscribed")
+        self.log.info(
+            "reading JetStream stream %s from sequence %d%s",
+            self._layout.stream,
+            start,
+            f" (durable consumer {config.durable})" if config.durable else "",
+        )
+        await self._publish_frames(self._decode(await self._last_metadata(thread, start)))
+        last_sequence = start - 1
+        average = 1024
+        detail = self.status.detail
+        while True:
+            want = max(
+                1, min(MAX_FETCH, config.max_queue_frames, config.max_queue_bytes // average)
+            )
+            try:
+                batch = await thread.call(
+                    functools.partial(pull.fetch, want, timeout=FETCH_WAIT),
+                    within=FETCH_WAIT + config.ack_timeout,
+                )
+            except TimeoutError:
+                continue
+            except Exception as exc:
+                if not _is_fetch_timeout(exc):
+                    self._set_state("error", f"JetStream fetch: {describe_nats_error(exc)}")
+                    await trio.sleep(backoff.next_delay())
+                    await self._wait_connected()
+                continue
+            if detail["state"] != "subscribed":
+                self._set_state("subscribed")
+            backoff.reset()
+            fresh: list[_Message] = []
+            total = 0
+            redelivered = 0
+            for msg in batch:
+                sequence = msg.metadata.sequence.stream
+                total += len(msg.data)
+                if sequence <= last_sequence:
+                    redelivered += 1
+                    continue
+                last_sequence = sequence
+                fresh.append((msg.subject, msg.headers, msg.data))
+            detail["redeliveries_dropped"] = int(detail["redeliveries_dropped"]) + redelivered  # type: ignore[call-overload]
+            average = max(1024, total // max(1, len(batch)))
+            frames = self._decode(fresh)
+            if not self._assembler.assembling:
+                ack_upto = batch[-1] if batch else None
+            else:
+                # Acknowledge up to the message before the frame still being assembled.
+                ack_upto = _before_partial(batch)
+            detail["consumer_pending"] = batch[-1].metadata.num_pending if batch else 0
+            await self._publish_frames(frames)
+            if ack_upto is not None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await thread.call(ack_upto.ack, within=config.ack_timeout)
+                    except Exception as exc:
+                        self.log.debug("ack failed (it will be redelivered): %s", exc)
+
+
+def _before_partial(batch: Sequence[Any]) -> Any:
+    """The last message of ``batch`` before the first chunk of the frame still being
+    assembled (None if that chunk is the batch's first)."""
+    for index in range(len(batch) - 1, -1, -1):
+        chunk = (batch[index].headers or {}).get("Fw-Chunk", "")
+        if chunk.startswith("1/"):
+            return batch[index - 1] if index > 0 else None
+    return None
+
+
+def _is_fetch_timeout(error: BaseException) -> bool:
+    return "timeout" in type(error).__name__.lower()
+
+
+def _url(client: Any) -> str:
+    url = client.connected_url
+    if url is None:
+        return "?"
+    return f"{url.scheme}://{url.hostname}:{url.port}"
+
+
+def _describe_refusal(
+    outcome: AckOutcome, config: NatsConfig, message: NatsMessage
+) -> tuple[str, str]:
+    """The state and the log line for a refused JetStream publish."""
+    what = f"JetStream publish to {message.subject}"
+    code = f" ({outcome.code}" + (f"/{outcome.err_code}" if outcome.err_code else "") + ")"
+    retry = "; retrying with the same message id"
+    if outcome.err_code == ERR_MESSAGE_TOO_LARGE:
+        return "refused", (
+            f"{what} refused: message of {message.size} bytes too large{code}; lower chunk_size "
+            f"(now {config.chunk_size}) or raise the stream's max_msg_size{retry}"
+        )
+    if outcome.err_code in ERR_STREAM_FULL:
+        return "stream_full", f"{what} refused: {outcome.description}{code}{retry}"
+    if outcome.code == 429:
+        return "throttled", f"{what} refused: too many requests{code}{retry}"
+    if outcome.code == 503:
+        return "refused", f"{what} refused: {outcome.description}{code}{retry}"
+    if outcome.code:
+        return "refused", f"{what} refused: {outcome.description}{code}{retry}"
+    return "no_ack", f"{what}: {outcome.description}{retry}"

@@ -1,0 +1,580 @@
+"""nats-py driven from trio: one client on its own thread and asyncio loop, crossed in batches.
+
+nats-py is asyncio-only and optional (``pip install 'framewire[nats]'``): it is imported only
+when a NATS endpoint starts, through :func:`require_nats`, which raises
+:class:`NatsUnavailable` naming the extra when it is missing.
+
+How the two loops meet (see ``docs/configuration.md`` and the notes in ``shared/notes/nats.md``
+for the measurements behind it): each endpoint owns one :class:`NatsThread`, a thread running
+its own asyncio event loop. trio hands work over a whole batch at a time with
+:meth:`NatsThread.call` (a coroutine run on the loop; trio waits without blocking, and is woken
+by ``TrioToken.run_sync_soon`` when it is done), and messages received by nats-py are put in an
+:class:`Inbox` that wakes trio once per batch, not once per message. Crossing once per frame
+costs 25-30 times more.
+
+Every wait on NATS has a timeout: :meth:`NatsThread.call` takes one and cancels the coroutine
+on the loop when it passes (raising :class:`TimeoutError` in trio), and a trio cancellation
+cancels it too. :meth:`NatsThread.stop` stops the loop and joins the thread in a worker thread,
+so trio never blocks on it.
+
+JetStream publish acks are tracked here (:class:`AckTracker`) rather than with nats-py's
+``publish_async``: nats-py 2.16 never resolves a ``publish_async`` future whose ack carries an
+error (a 429, for instance), so ``publish_async_completed()`` can hang forever. Each message is
+published with its own reply subject under one inbox subscription; the acks are parsed here,
+and every wait for them has ``ack_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import json
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import Future
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
+
+import attrs
+import trio
+
+from .natslayout import NatsMessage
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+
+__all__ = [
+    "AckOutcome",
+    "AckTracker",
+    "Inbox",
+    "MissingStream",
+    "NatsThread",
+    "NatsUnavailable",
+    "StreamLayout",
+    "describe_nats_error",
+    "ensure_streams",
+    "parse_ack",
+    "read_last_metadata",
+    "require_nats",
+    "source_sequence",
+]
+
+T = TypeVar("T")
+ItemT = TypeVar("ItemT")
+
+#: Seconds :meth:`NatsThread.stop` waits for the thread to end after its loop was told to stop.
+JOIN_TIMEOUT: Final = 5.0
+#: The oldest nats-py release with the API used here.
+MINIMUM_VERSION: Final = (2, 16)
+
+_nats: ModuleType | None = None
+
+
+class NatsUnavailable(ImportError):
+    """nats-py is not installed, or is too old. The message says how to install it."""
+
+
+def require_nats() -> ModuleType:
+    """The ``nats`` package (with ``nats.js`` loaded). Raises :class:`NatsUnavailable`
+    naming the extra to install."""
+    global _nats
+    if _nats is None:
+        try:
+            module = importlib.import_module("nats")
+            importlib.import_module("nats.js")
+            importlib.import_module("nats.js.api")
+            importlib.import_module("nats.errors")
+            version = importlib.import_module("importlib.metadata").version("nats-py")
+        except ImportError:
+            raise NatsUnavailable(
+                "the NATS endpoint needs nats-py: pip install 'framewire[nats]'"
+            ) from None
+        parts = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+        if parts < MINIMUM_VERSION:
+            raise NatsUnavailable(
+                f"the NATS endpoint needs nats-py 2.16 or newer (found {version}): "
+                "pip install -U 'framewire[nats]'"
+            )
+        _nats = module
+    return _nats
+
+
+def describe_nats_error(error: BaseException) -> str:
+    """One line for an error from nats-py or the server, without the class name when the
+    message already says what happened."""
+    text = str(error).strip()
+    if text.startswith("nats: "):
+        text = text[len("nats: ") :]
+    name = type(error).__name__
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return text or "no answer in time"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (no NATS server listens there)"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    if not text:
+        return name
+    lowered = text.lower()
+    if "authorization violation" in lowered or "authentication" in lowered:
+        return f"authorization violation: the server refused the credentials ({text})"
+    return text
+
+
+class NatsThread:
+    """A thread running an asyncio loop, for one nats-py client. Start it with :meth:`start`
+    (from trio), stop it with :meth:`stop`.
+
+    Raises RuntimeError from :meth:`call` once stopped.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the NATS thread is not running")
+        return self._loop
+
+    @property
+    def token(self) -> trio.lowlevel.TrioToken:
+        if self._token is None:
+            raise RuntimeError("the NATS thread is not running")
+        return self._token
+
+    def start(self) -> None:
+        """Start the thread and its loop (call from trio; returns once the loop runs)."""
+        self._token = trio.lowlevel.current_trio_token()
+        loop = asyncio.new_event_loop()
+        running = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(running.set)
+            try:
+                loop.run_forever()
+            finally:
+                with contextlib.suppress(Exception):
+                    _cancel_all(loop)
+                loop.close()
+
+        self._thread = threading.Thread(target=main, name=f"nats {self.name}", daemon=True)
+        self._thread.start()
+        running.wait(JOIN_TIMEOUT)
+        self._loop = loop
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        """Run ``coroutine`` on the loop; its concurrent future."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def call_soon(self, function: Callable[..., object], *args: object) -> None:
+        """Run ``function(*args)`` on the loop soon (from any thread)."""
+        self.loop.call_soon_threadsafe(function, *args)
+
+    def to_trio(self, function: Callable[..., object], *args: object) -> None:
+        """Run ``function(*args)`` in trio soon; nothing happens if trio has finished.
+
+        For the asyncio side: never blocks, never raises.
+        """
+        with contextlib.suppress(trio.RunFinishedError):
+            self.token.run_sync_soon(function, *args)
+
+    async def call(self, make: Callable[[], Awaitable[T]], *, within: float) -> T:
+        """Run ``make()`` on the loop and return its result; wait in trio without blocking.
+
+        Raises what the coroutine raised; TimeoutError (after cancelling it) when it takes
+        longer than ``within`` seconds. A trio cancellation cancels the coroutine too.
+        """
+
+        async def bounded() -> T:
+            return await asyncio.wait_for(make(), within)
+
+        done = trio.Event()
+        future = self.submit(bounded())
+        future.add_done_callback(lambda _: self.to_trio(done.set))
+        try:
+            # The loop enforces the timeout; this one is a backstop should the loop stall.
+            with trio.fail_after(within + JOIN_TIMEOUT):
+                await done.wait()
+        except BaseException:
+            future.cancel()
+            raise
+        try:
+            return future.result()
+        except TimeoutError:
+            raise TimeoutError(f"no answer from NATS within {within:g}s") from None
+
+    async def stop(self) -> None:
+        """Stop the loop (its tasks are cancelled) and join the thread, in a worker thread so
+        trio is not blocked; gives up waiting after :data:`JOIN_TIMEOUT` seconds (the thread is
+        a daemon thread: it cannot keep the process alive)."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._loop = None
+        with contextlib.suppress(RuntimeError):  # already closed
+            loop.call_soon_threadsafe(loop.stop)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(
+                functools.partial(thread.join, JOIN_TIMEOUT), abandon_on_cancel=True
+            )
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+
+@attrs.define
+class _Slot(Generic[ItemT]):
+    item: ItemT
+    nbytes: int
+    droppable: bool
+
+
+class Inbox(Generic[ItemT]):
+    """Messages handed from the asyncio loop to trio, bounded, waking trio once per batch.
+
+    :meth:`put` (asyncio side) never waits: past ``max_items`` or ``max_bytes`` the oldest
+    droppable item (a DATA message) goes, counted in :attr:`dropped`; items that are not
+    droppable (metadata) are never dropped, so the bound can be passed by them alone.
+    :meth:`take` (trio side) waits for items and takes all of them at once.
+
+    :meth:`hold` keeps trio from taking anything (items still queue, within the bounds) until
+    :meth:`release`, which can put items in front of what queued meanwhile (a metadata
+    bootstrap goes before the live messages that arrived while it was read).
+    """
+
+    def __init__(self, nats_thread: NatsThread, *, max_items: int, max_bytes: int) -> None:
+        self._thread = nats_thread
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._slots: deque[_Slot[ItemT]] = deque()
+        self._bytes = 0
+        self._held = False
+        self._wake_scheduled = False
+        self._ready = trio.Event()
+        #: Items dropped to stay within the bounds.
+        self.dropped = 0
+        self.dropped_bytes = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._slots)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    # -- asyncio side ----------------------------------------------------------------------
+
+    def put(self, item: ItemT, nbytes: int, *, droppable: bool) -> None:
+        with self._lock:
+            slots = self._slots
+            slots.append(_Slot(item, nbytes, droppable))
+            self._bytes += nbytes
+            while len(slots) > self.max_items or self._bytes > self.max_bytes:
+                if not self._drop_oldest():
+                    break
+            wake = not self._held and not self._wake_scheduled
+            if wake:
+                self._wake_scheduled = True
+        if wake:
+            self._thread.to_trio(self._wake)
+
+    def _drop_oldest(self) -> bool:
+        slots = self._slots
+        for index, slot in enumerate(slots):
+            if slot.droppable and index < len(slots) - 1:
+                del slots[index]
+                self._bytes -= slot.nbytes
+                self.dropped += 1
+                self.dropped_bytes += slot.nbytes
+                return True
+        return False
+
+    def hold(self) -> None:
+        with self._lock:
+            self._held = True
+
+    def release(self, front: Iterable[tuple[ItemT, int]] = ()) -> None:
+        """Stop holding; put ``front`` (items and their sizes, never dropped) first."""
+        with self._lock:
+            self._slots.extendleft(reversed([_Slot(item, nbytes, False) for item, nbytes in front]))
+            self._bytes = sum(slot.nbytes for slot in self._slots)
+            self._held = False
+            wake = bool(self._slots) and not self._wake_scheduled
+            if wake:
+                self._wake_scheduled = True
+        if wake:
+            self._thread.to_trio(self._wake)
+
+    # -- trio side -------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._ready.set()
+
+    async def take(self) -> list[ItemT]:
+        """Wait until items are queued (and not held); return all of them, oldest first."""
+        while True:
+            with self._lock:
+                self._wake_scheduled = False
+                if self._slots and not self._held:
+                    slots, self._slots = self._slots, deque()
+                    self._bytes = 0
+                    break
+            await self._ready.wait()
+            self._ready = trio.Event()
+        await trio.lowlevel.checkpoint()
+        return [slot.item for slot in slots]
+
+
+@attrs.frozen
+class AckOutcome:
+    """What became of one JetStream publish.
+
+    ``ok``: stored (``duplicate``: it had been stored before, by an earlier try with the same
+    ``Nats-Msg-Id``). Otherwise ``code`` is the server's (429 too many requests, 503 no
+    responders, no stream leader or message too large, ...) or 0 for a timeout or a client
+    error, ``err_code`` JetStream's own code (10077: message too large) and ``description``
+    one line.
+    """
+
+    ok: bool
+    sequence: int = 0
+    duplicate: bool = False
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+#: JetStream's error code for a message over its size limit.
+ERR_MESSAGE_TOO_LARGE: Final = 10077
+#: JetStream's error codes for a stream that is full (discard = "new"), or storage exhausted.
+ERR_STREAM_FULL: Final = frozenset({10047, 10027, 10028, 10054})
+
+
+def parse_ack(msg: Msg) -> AckOutcome:
+    """The outcome a JetStream ack message (or a no-responders status) reports."""
+    headers = msg.headers or {}
+    status = headers.get("Status")
+    if status and not msg.data:
+        code = int(status) if status.isdigit() else 0
+        description = headers.get("Description") or (
+            "no responders: no JetStream stream captures this subject" if code == 503 else ""
+        )
+        return AckOutcome(False, code=code, description=description or f"status {status}")
+    try:
+        reply = json.loads(msg.data)
+    except ValueError:
+        return AckOutcome(False, description="an ack that is not JSON")
+    if not isinstance(reply, dict):
+        return AckOutcome(False, description="an ack that is not a JSON object")
+    error = reply.get("error")
+    if isinstance(error, dict):
+        return AckOutcome(
+            False,
+            code=int(error.get("code") or 0),
+            err_code=int(error.get("err_code") or 0),
+            description=str(error.get("description") or "refused"),
+        )
+    sequence = reply.get("seq")
+    if not isinstance(sequence, int):
+        return AckOutcome(False, description="an ack without a stream sequence")
+    return AckOutcome(True, sequence=sequence, duplicate=bool(reply.get("duplicate")))
+
+
+class AckTracker:
+    """JetStream publishes with their own acks, on the asyncio loop (see the module docstring).
+
+    Make it with :meth:`open` (on the loop, once connected); :meth:`publish` publishes a
+    window of messages in order and waits (at most ``ack_timeout``) for every ack.
+    """
+
+    def __init__(self, client: NatsClient) -> None:
+        self._client = client
+        self._prefix = ""
+        self._futures: dict[str, asyncio.Future[AckOutcome]] = {}
+        self._next = 0
+
+    @classmethod
+    async def open(cls, client: NatsClient) -> AckTracker:
+        tracker = cls(client)
+        tracker._prefix = client.new_inbox()
+        await client.subscribe(f"{tracker._prefix}.*", cb=tracker._on_ack)
+        return tracker
+
+    @property
+    def pending(self) -> int:
+        """Acks awaited now."""
+        return len(self._futures)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._futures.pop(msg.subject, None)
+        if future is not None and not future.done():
+            future.set_result(parse_ack(msg))
+
+    async def publish(
+        self, messages: Sequence[NatsMessage], ack_timeout: float
+    ) -> list[AckOutcome]:
+        """Publish ``messages`` in order; return each one's outcome (a timeout is one)."""
+        loop = asyncio.get_running_loop()
+        client = self._client
+        waiting: list[tuple[str, asyncio.Future[AckOutcome]]] = []
+        for message in messages:
+            reply = f"{self._prefix}.{self._next}"
+            self._next += 1
+            future: asyncio.Future[AckOutcome] = loop.create_future()
+            self._futures[reply] = future
+            waiting.append((reply, future))
+            try:
+                # A memoryview works: nats-py concatenates the payload to the command.
+                payload = cast("bytes", message.payload)
+                await client.publish(message.subject, payload, reply=reply, headers=message.headers)
+            except Exception as exc:
+                self._futures.pop(reply, None)
+                future.set_result(AckOutcome(False, description=describe_nats_error(exc)))
+        futures = [future for _, future in waiting if not future.done()]
+        if futures:
+            await asyncio.wait(futures, timeout=ack_timeout)
+        outcomes = []
+        for reply, future in waiting:
+            if future.done():
+                outcomes.append(future.result())
+            else:
+                self._futures.pop(reply, None)
+                future.cancel()
+                outcomes.append(AckOutcome(False, description=f"no ack within {ack_timeout:g}s"))
+        return outcomes
+
+
+class MissingStream(LookupError):
+    """A JetStream stream the configuration requires (``create = false``) does not exist."""
+
+
+@attrs.frozen
+class StreamLayout:
+    """Where a framewire stream lives in JetStream (see ``docs/protocol.md``).
+
+    ``mode = "jetstream"``: ``stream`` captures ``SUBJECT.>`` (data and metadata, one order)
+    and ``meta_stream`` sources ``SUBJECT.meta.>`` from it, keeping one message per subject:
+    the latest metadata of each type, which outlives ``stream``'s limits. ``mode = "core"``:
+    only ``meta_stream``, capturing ``SUBJECT.meta.>`` itself (core publishes land in it).
+    """
+
+    subject: str
+    stream: str
+    meta_stream: str
+    mode: str
+    create: bool
+    replicas: int = 1
+    storage: str = "file"
+    max_bytes: int = 0
+    max_age: float = 0.0
+    discard: str = "old"
+    duplicate_window: float = 120.0
+
+    def configs(self) -> list[Any]:
+        """The nats-py StreamConfig of each stream, the frames' stream first."""
+        api = importlib.import_module("nats.js.api")
+        common: dict[str, Any] = {
+            "storage": api.StorageType(self.storage),
+            "num_replicas": self.replicas,
+        }
+        meta_subjects = f"{self.subject}.meta.>"
+        if self.mode == "core":
+            return [
+                api.StreamConfig(
+                    name=self.meta_stream,
+                    subjects=[meta_subjects],
+                    max_msgs_per_subject=1,
+                    **common,
+                )
+            ]
+        frames = api.StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.subject}.>"],
+            max_bytes=self.max_bytes or -1,
+            max_age=self.max_age or None,
+            discard=api.DiscardPolicy(self.discard),
+            duplicate_window=self.duplicate_window,
+            **common,
+        )
+        meta = api.StreamConfig(
+            name=self.meta_stream,
+            sources=[api.StreamSource(name=self.stream, filter_subject=meta_subjects)],
+            max_msgs_per_subject=1,
+            **common,
+        )
+        return [frames, meta]
+
+
+async def ensure_streams(js: Any, layout: StreamLayout) -> list[str]:
+    """Create the layout's streams (or update them to the configuration), or with
+    ``create = false`` check that they exist. Returns what was done, one line each.
+
+    Raises MissingStream, and nats-py's errors (an APIError says what the server refused).
+    """
+    errors = importlib.import_module("nats.js.errors")
+    done = []
+    for config in layout.configs():
+        try:
+            await js.stream_info(config.name)
+        except errors.NotFoundError:
+            if not layout.create:
+                raise MissingStream(
+                    f"JetStream stream {config.name} does not exist (create = false: make it, "
+                    "or set create = true)"
+                ) from None
+            await js.add_stream(config)
+            done.append(f"created JetStream stream {config.name}")
+            continue
+        if layout.create:
+            await js.update_stream(config)
+    return done
+
+
+async def read_last_metadata(js: Any, layout: StreamLayout) -> list[Any]:
+    """The latest metadata message of each type from the layout's last-value stream (nats-py
+    RawStreamMsg objects, in no particular order); empty when it does not exist.
+
+    Waits (until cancelled) for the stream to have copied everything its source holds.
+    """
+    errors = importlib.import_module("nats.js.errors")
+    try:
+        info = await js.stream_info(layout.meta_stream, subjects_filter=">")
+        while info.sources and any(source.lag for source in info.sources):
+            await asyncio.sleep(0.02)
+            info = await js.stream_info(layout.meta_stream, subjects_filter=">")
+    except errors.NotFoundError:
+        return []
+    messages = []
+    for subject in info.state.subjects or {}:
+        try:
+            messages.append(await js.get_last_msg(layout.meta_stream, subject))
+        except errors.NotFoundError:
+            continue
+    return messages
+
+
+def source_sequence(headers: dict[str, str] | None) -> int | None:
+    """The origin stream sequence a sourced message carries (``Nats-Stream-Source``), or
+    None for a message stored directly."""
+    source = (headers or {}).get("Nats-Stream-Source")
+    if not source:
+        return None
+    parts = source.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    return int(parts[1])
