@@ -243,6 +243,7 @@ def test_the_generated_configuration(tmp_path: Path) -> None:
         max_store=5 << 30,
         server_name="site-a",
         config_file=str(extra),
+        sync_always=True,
     )
     store = tmp_path / "state" / "nats"
     text = server_config_text(config, store, 4222)
@@ -251,6 +252,8 @@ def test_the_generated_configuration(tmp_path: Path) -> None:
     assert f"max_file_store: {5 << 30}" in text
     assert f'store_dir: "{store}"' in text
     assert 'server_name: "site-a"' in text
+    assert "sync_interval: always" in text
+    assert "sync_interval" not in server_config_text(NatsServerConfig(), store, 4222)
     # nats-server resolves include paths against the including file's directory.
     assert 'include "../../etc/auth.conf"' in text
 

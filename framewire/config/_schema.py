@@ -924,6 +924,11 @@ class NatsServerConfig:
     #: JetStream memory storage bound (``max_memory_store``), for ``storage = "memory"``.
     max_memory_store: PositiveSize = 256 << 20
     max_payload: MaxPayload = 8 << 20
+    #: JetStream writes every message to disk before acknowledging it (``sync_interval:
+    #: always``): a power loss then loses nothing acknowledged, at a cost in speed. Without
+    #: it, the last up to 2 minutes may sit in the page cache (a crash of the server alone
+    #: loses nothing).
+    sync_always: StrictBool = False
     server_name: ServerName | None = None
     config_file: FilePath | None = None
     #: The nats-server program; default: beside the Python running framewire, then $PATH.

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -153,6 +154,7 @@ def server_config_text(config: NatsServerConfig, store_dir: Path, port: int) -> 
         f"  store_dir: {_quote(str(store_dir))}",
         f"  max_file_store: {config.max_store}",
         f"  max_memory_store: {config.max_memory_store}",
+        *(["  sync_interval: always"] if config.sync_always else []),
         "}",
     ]
     if config.server_name is not None:
@@ -382,10 +384,11 @@ class EmbeddedNatsServer:
             self._done.set()
 
     def _last_words(self) -> str:
-        """The server's last error line, to say why it exited: ``: <line>`` or ``""``."""
+        """The server's fatal error, to say why it exited: ``: <line>`` or ``""``. (Its other
+        errors, such as a client's failed TLS handshake, say nothing about an exit.)"""
         for line in reversed(self._tail):
             match = _LINE.match(line)
-            if match and match.group(2) in ("FTL", "ERR"):
+            if match and match.group(2) == "FTL":
                 return f": {match.group(3)}"
         return ""
 
@@ -555,7 +558,21 @@ async def _probe(host: str, port: int) -> dict[str, Any]:
         info = json.loads(head[5:])
         if not isinstance(info, dict):
             raise ValueError("INFO is not an object")
+        if info.get("tls_required") or info.get("tls_available"):
+            await _finish_tls_handshake(stream)
         return info
+
+
+async def _finish_tls_handshake(stream: trio.SocketStream) -> None:
+    """Complete the TLS handshake a server with TLS waits for after INFO, so that the probe
+    does not show in its log as a failed handshake. Nothing is verified or sent: the probe
+    only needed INFO. A failure (the server wants a client certificate) is ignored."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    tls = trio.SSLStream(stream, context)
+    with contextlib.suppress(trio.BrokenResourceError, ssl.SSLError, OSError):
+        await tls.do_handshake()
 
 
 def _remove_quietly(path: Path) -> None:
