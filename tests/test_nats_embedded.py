@@ -440,3 +440,18 @@ policy = "lossless"
         await source.stream.aclose()
         await client.stream.aclose()
         daemon.request_shutdown()
+
+
+async def test_a_server_that_exits_while_starting_says_why(tmp_path: Path) -> None:
+    extra = tmp_path / "extra.conf"
+    extra.write_text("max_pending: 1KB\n")  # below max_payload: nats-server refuses it
+    daemon = Daemon(
+        parse_config(embedded_config(tmp_path / "js", extra=f'config_file = "{extra}"'))
+    )
+    with pytest.raises(DaemonStartFailed) as info, trio.fail_after(20):
+        await daemon.run()
+    (failure,) = info.value.failures
+    assert failure.reason == (
+        f"{NAME} exited with status 1 while starting: "
+        "max_payload (8388608) cannot be higher than max_pending (1024)"
+    )

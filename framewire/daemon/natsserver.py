@@ -11,10 +11,12 @@ What it does:
   the program on it, in its own process group (a Ctrl-C in a terminal reaches framewire only,
   which stops the server last) and with ``PR_SET_PDEATHSIG`` so that it gets SIGTERM should
   framewire die without stopping it.
-- Is ready once the server wrote its ports file (after it bound its port) and answered a
-  connection with its ``INFO`` line, JetStream enabled. The daemon says ``READY=1`` only after
-  that. A server that exits first (its port taken: nats-server says "address already in use")
-  or is not ready within ``start_timeout`` is a start failure naming the reason.
+- Is ready once the server answers a connection on its port with its ``INFO`` line, JetStream
+  enabled (a port picked by the server itself is read from its ports file first). A port
+  that is taken is found by a trial bind before the server is started. The daemon says
+  ``READY=1`` only after that. A server that exits first (it prints why: a fatal log line, or
+  an error in its configuration) or is not ready within ``start_timeout`` is a start failure
+  naming the reason.
 - Copies the server's output into framewire's log (logger ``framewire.nats-server``): its
   warnings and errors as such, its informational lines at debug level.
 - Restarts it, after a backoff delay with jitter (``[daemon.restart]``), whenever it exits; a
@@ -34,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -384,11 +387,14 @@ class EmbeddedNatsServer:
             self._done.set()
 
     def _last_words(self) -> str:
-        """The server's fatal error, to say why it exited: ``: <line>`` or ``""``. (Its other
+        """The server's fatal error (a fatal log line, or a configuration error it printed
+        before logging began), to say why it exited: ``: <line>`` or ``""``. (Its other
         errors, such as a client's failed TLS handshake, say nothing about an exit.)"""
         for line in reversed(self._tail):
             match = _LINE.match(line)
-            if match and match.group(2) == "FTL":
+            if match is None:  # before logging starts: "nats-server: <config error>"
+                return f": {line.removeprefix(f'{PROGRAM}: ')}"
+            if match.group(2) == "FTL":
                 return f": {match.group(3)}"
         return ""
 
@@ -399,6 +405,10 @@ class EmbeddedNatsServer:
         wait until it exits; return its exit status. Raises NatsServerFailed if it cannot
         start or does not get ready. Cancelled, it stops the process before returning."""
         binary = find_binary(self.config.binary, executable=self._executable)
+        if self.port is not None:
+            problem = _cannot_bind(self.config.listen.host, self.port)
+            if problem is not None:
+                raise NatsServerFailed(problem)
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
             conf = self.store_dir / "nats-server.conf"
@@ -456,7 +466,9 @@ class EmbeddedNatsServer:
     async def _wait_ready(self, process: _Process, ports_file: Path, exited: trio.Event) -> int:
         """The port, once the server bound it (its ports file) and answers with INFO."""
         deadline = trio.current_time() + self.config.start_timeout
-        port: int | None = None
+        # A port known beforehand is probed as it is: the ports file lists no port when the
+        # server cannot enumerate interfaces for "*" (no AF_NETLINK in a systemd sandbox).
+        port: int | None = self.port
         problem = "no answer"
         while trio.current_time() < deadline:
             if exited.is_set():
@@ -528,6 +540,23 @@ class EmbeddedNatsServer:
             return
         level = _LEVELS.get(match.group(2), logging.INFO)
         log.log(level, "[%s] %s", match.group(1), match.group(3))
+
+
+def _cannot_bind(host: str | None, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` right now (a trial bind, let go at
+    once, with SO_REUSEADDR as nats-server binds), or None. Checked before starting it, so
+    that a port another program holds is never mistaken for our server being up."""
+    bind_host = host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            trial.bind((bind_host, port))
+            trial.listen()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        return f"cannot listen on {bind_host}:{port}: {reason[:1].lower()}{reason[1:]}"
+    return None
 
 
 def _read_port(ports_file: Path) -> int | None:
