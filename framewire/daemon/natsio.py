@@ -59,6 +59,7 @@ __all__ = [
     "ensure_streams",
     "parse_ack",
     "read_last_metadata",
+    "refusal_kind",
     "require_nats",
     "source_sequence",
 ]
@@ -360,9 +361,27 @@ class AckOutcome:
 
 
 #: JetStream's error code for a message over its size limit.
-ERR_MESSAGE_TOO_LARGE: Final = 10077
-#: JetStream's error codes for a stream that is full (discard = "new"), or storage exhausted.
-ERR_STREAM_FULL: Final = frozenset({10047, 10027, 10028, 10054})
+ERR_STORE_FAILED: Final = 10077
+
+
+def refusal_kind(outcome: AckOutcome) -> str:
+    """What a refused publish means: ``too_large``, ``stream_full``, ``throttled`` (429),
+    ``unavailable`` (503: no stream, no leader), ``no_ack`` or ``refused``.
+
+    JetStream reports a full stream (``discard = "new"``: "maximum bytes/messages exceeded")
+    and a message over a limit ("message too large", "message size exceeds maximum allowed")
+    under one error code, 10077 (store failed), so the description decides.
+    """
+    text = outcome.description.lower()
+    if "too large" in text or "size exceeds" in text:
+        return "too_large"
+    if "exceeded" in text or "insufficient resources" in text or "storage" in text:
+        return "stream_full"
+    if outcome.code == 429:
+        return "throttled"
+    if outcome.code == 503:
+        return "unavailable"
+    return "refused" if outcome.code or outcome.err_code else "no_ack"
 
 
 def parse_ack(msg: Msg) -> AckOutcome:
@@ -446,8 +465,13 @@ class AckTracker:
                 self._futures.pop(reply, None)
                 future.set_result(AckOutcome(False, description=describe_nats_error(exc)))
         futures = [future for _, future in waiting if not future.done()]
-        if futures:
-            await asyncio.wait(futures, timeout=ack_timeout)
+        try:
+            if futures:
+                await asyncio.wait(futures, timeout=ack_timeout)
+        except BaseException:
+            for reply, _ in waiting:
+                self._futures.pop(reply, None)
+            raise
         outcomes = []
         for reply, future in waiting:
             if future.done():
@@ -545,27 +569,34 @@ async def ensure_streams(js: Any, layout: StreamLayout) -> list[str]:
     return done
 
 
-async def read_last_metadata(js: Any, layout: StreamLayout) -> list[Any]:
-    """The latest metadata message of each type from the layout's last-value stream (nats-py
-    RawStreamMsg objects, in no particular order); empty when it does not exist.
+async def read_last_metadata(js: Any, layout: StreamLayout) -> list[tuple[int | None, Any]]:
+    """The latest metadata message of each type (nats-py RawStreamMsg objects, in no
+    particular order), each with the sequence it has in the frames' stream (None when that is
+    not known: core mode). Empty when neither stream exists.
 
-    Waits (until cancelled) for the stream to have copied everything its source holds.
+    JetStream mode reads the frames' stream first (exact, and not subject to the last-value
+    stream's copying lag), then the last-value stream for the types the frames' stream no
+    longer holds (its limits dropped them).
     """
     errors = importlib.import_module("nats.js.errors")
-    try:
-        info = await js.stream_info(layout.meta_stream, subjects_filter=">")
-        while info.sources and any(source.lag for source in info.sources):
-            await asyncio.sleep(0.02)
-            info = await js.stream_info(layout.meta_stream, subjects_filter=">")
-    except errors.NotFoundError:
-        return []
-    messages = []
-    for subject in info.state.subjects or {}:
+    found: dict[str, tuple[int | None, Any]] = {}
+    meta_subjects = f"{layout.subject}.meta.>"
+    sources = [layout.meta_stream] if layout.mode == "core" else [layout.stream, layout.meta_stream]
+    for name in sources:
         try:
-            messages.append(await js.get_last_msg(layout.meta_stream, subject))
+            info = await js.stream_info(name, subjects_filter=meta_subjects)
         except errors.NotFoundError:
             continue
-    return messages
+        for subject in info.state.subjects or {}:
+            if subject in found:
+                continue
+            try:
+                message = await js.get_last_msg(name, subject)
+            except errors.NotFoundError:
+                continue
+            origin = message.seq if name == layout.stream else source_sequence(message.headers)
+            found[subject] = (origin, message)
+    return list(found.values())
 
 
 def source_sequence(headers: dict[str, str] | None) -> int | None:

@@ -63,8 +63,6 @@ from ..backoff import Backoff
 from ..flow import BATCH_BYTES, BATCH_FRAMES, UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
 from ..natsio import (
-    ERR_MESSAGE_TOO_LARGE,
-    ERR_STREAM_FULL,
     AckOutcome,
     AckTracker,
     Inbox,
@@ -74,8 +72,8 @@ from ..natsio import (
     describe_nats_error,
     ensure_streams,
     read_last_metadata,
+    refusal_kind,
     require_nats,
-    source_sequence,
 )
 from ..natslayout import (
     HEADER_KIND,
@@ -137,6 +135,14 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._state_changed = trio.Event()
         self._logged_problem: str | None = None
         self._client: Any = None
+        self._closing = False
+        self._connect_failure: str | None = None
+        #: Data frames nats-py could not take (core, while disconnected), dropped.
+        self._unsent = 0
+        #: The wait for the next JetStream batch, which a stop request cancels.
+        self._fetching: trio.CancelScope | None = None
+        self._ever_connected = False
+        self._lost_reason: str | None = None
         self._thread: NatsThread | None = None
         self._max_payload = 1 << 20
         self._assembler = FrameAssembler(config.max_frame_size)
@@ -199,36 +205,51 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._state_changed.set()
         self._state_changed = trio.Event()
 
+    def _count(self, key: str, increment: int = 1) -> None:
+        detail = self.status.detail
+        value = detail.get(key, 0)
+        detail[key] = (value if isinstance(value, int) else 0) + increment
+
     def _on_connected(self, url: str, max_payload: int) -> None:
-        first = not self._connected.is_set()
         self._max_payload = max_payload
         self.status.detail["server"] = url
         self.status.state = "connected"
         self._connected.set()
-        if first:
+        if not self._ever_connected:
+            self._ever_connected = True
             self.log.info("connected to NATS at %s (max_payload %d)", url, max_payload)
             self._set_state("connected")
         else:
-            self.status.detail["reconnects"] = int(self.status.detail["reconnects"]) + 1  # type: ignore[call-overload]
+            self._count("reconnects")
             self.log.info("reconnected to NATS at %s", url)
             self._set_state("connected")
             self._reconnected.set()
             self._reconnected = trio.Event()
 
     def _on_disconnected(self) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._closing:
             self._connected = trio.Event()
             self.status.state = "reconnecting"
-            self.log.warning("disconnected from NATS at %s", self.status.detail["server"])
-            self._set_state("disconnected")
+            reason = f": {self._lost_reason}" if self._lost_reason else ""
+            problem = f"disconnected from NATS at {self.status.detail['server']}{reason}"
+            self._lost_reason = None
+            self._set_state("disconnected", problem)
 
     def _on_error(self, text: str, slow_consumer: bool, refused: bool) -> None:
         detail = self.status.detail
         if slow_consumer:
-            detail["slow_consumer_events"] = int(detail["slow_consumer_events"]) + 1  # type: ignore[call-overload]
+            self._count("slow_consumer_events")
             self._set_state(str(detail["state"]), f"NATS: slow consumer ({text})")
             return
-        state = "unauthorized" if refused else ("unreachable" if not self.connected else "error")
+        if self.connected and not refused:
+            # The connection is going: the disconnect's one line gives the reason.
+            self._lost_reason = text
+            return
+        if not refused and detail["state"] == "unauthorized" and _is_connection_loss(text):
+            # A server that refused the credentials then drops the connection: that is not
+            # news, and the refusal stays the reason.
+            return
+        state = "unauthorized" if refused else "unreachable"
         where = ", ".join(self.config.servers)
         self._set_state(state, f"NATS at {where}: {text}")
 
@@ -258,7 +279,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 nursery.cancel_scope.cancel()
         finally:
             if self._outgoing.current is not None:
-                self._outgoing.report()
+                self._report_queue()
                 self._outgoing.current.close("the NATS endpoint stopped")
             with trio.CancelScope(shield=True):
                 await self._close_client(thread)
@@ -267,11 +288,16 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             self.status.detail["state"] = "closed"
 
     async def _stop_when_requested(self, cancel_scope: trio.CancelScope) -> None:
-        """A stop request ends the outgoing queue (publish: drain it, then return) or stops
-        the reading at the next batch boundary (subscribe)."""
+        """A stop request ends the outgoing queue (publish: drain it, then return), or stops
+        the endpoint at once when nothing can be delivered (never connected; subscribe, whose
+        batch in hand is acknowledged on the way out)."""
         await self._stop_requested.wait()
-        if self._outgoing.current is not None:
+        if self._outgoing.current is not None and self._ever_connected:
+            # What is queued goes out while the grace period lasts.
             self._outgoing.current.end("the NATS endpoint is stopping")
+        elif self._fetching is not None:
+            # The batch in hand is published and acknowledged; no new one is fetched.
+            self._fetching.cancel()
         else:
             cancel_scope.cancel()
 
@@ -344,7 +370,11 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             )
             to_trio(self._on_connected, _url(client), client.max_payload)
 
-        thread.submit(connect())
+        def connect_ended(future: Any) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                to_trio(self._on_connect_failed, describe_nats_error(future.exception()))
+
+        thread.submit(connect()).add_done_callback(connect_ended)
         await trio.lowlevel.checkpoint()
 
     async def _close_client(self, thread: NatsThread) -> None:
@@ -352,6 +382,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         client = self._client
         if client is None:
             return
+        self._closing = True
 
         async def close() -> None:
             if client.is_connected:
@@ -367,8 +398,18 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         except Exception as exc:
             self.log.debug("closing the NATS client: %s", exc)
 
+    def _on_connect_failed(self, text: str) -> None:
+        self._connect_failure = text
+        self._set_state("error", f"cannot connect to NATS: {text}")
+        self._connected.set()  # wakes the waiters, who raise
+
     async def _wait_connected(self) -> None:
+        """Wait for the connection. Raises ConnectionError when nats-py gave up connecting
+        (not for an unreachable server: it tries again forever), so the supervisor restarts
+        the endpoint."""
         await self._connected.wait()
+        if self._connect_failure is not None:
+            raise ConnectionError(f"cannot connect to NATS: {self._connect_failure}")
 
     async def _ensure_streams(self, thread: NatsThread, *, required: bool) -> bool:
         """Create or check the JetStream streams, retrying with backoff while it fails when
@@ -411,6 +452,11 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         )
         return self._outgoing.use(subscription)
 
+    def _report_queue(self) -> None:
+        """Queue figures in status; ``frames_dropped`` adds what nats-py could not take."""
+        self._outgoing.report()
+        self.status.frames_dropped += self._unsent
+
     def _message_limit(self) -> int:
         """The largest message (headers and payload) to publish."""
         limit = min(self._max_payload - PAYLOAD_MARGIN, self.config.chunk_size)
@@ -436,7 +482,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         while True:
             subscription = self._outgoing.current
             assert subscription is not None
-            self._outgoing.report()
+            self._report_queue()
             try:
                 batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
             except SubscriptionClosed as closed:
@@ -476,10 +522,13 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         while start < len(frames):
             todo = frames[start:]
 
-            async def publish(todo: list[tuple[Frame, list[NatsMessage]]] = todo) -> int:
-                """Publish; return how many frames were handled before a metadata frame
-                could not be published (len(todo) when all were)."""
-                for index, (frame, messages) in enumerate(todo):
+            async def publish(
+                todo: list[tuple[Frame, list[NatsMessage]]] = todo,
+            ) -> list[bool]:
+                """Publish; return whether each frame went, stopping before a metadata
+                frame that could not go."""
+                went = []
+                for frame, messages in todo:
                     try:
                         for message in messages:
                             await client.publish(
@@ -489,15 +538,30 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                             )
                     except Exception:
                         if frame.kind is not FrameKind.DATA:
-                            return index
-                        status.frames_dropped += 1
+                            break
+                        went.append(False)
                         continue
+                    went.append(True)
+                return went
+
+            try:
+                went = await thread.call(publish, within=self.config.ack_timeout)
+            except TimeoutError as exc:
+                # nats-py could not take the batch in time (its buffer full, the server
+                # gone): the data is lost as for a lossy queue, metadata is said again.
+                self._set_state("error", f"NATS publish: {exc}")
+                self._unsent += sum(1 for frame, _ in todo if frame.kind is FrameKind.DATA)
+                frames = [item for item in todo if item[0].kind is not FrameKind.DATA]
+                start = 0
+                await self._wait_connected()
+                continue
+            for (frame, _), sent in zip(todo, went, strict=False):
+                if sent:
                     status.frames_out += 1
                     status.bytes_out += frame.size
-                return len(todo)
-
-            handled = await thread.call(publish, within=self.config.ack_timeout)
-            start += handled
+                else:
+                    self._unsent += 1
+            start += len(went)
             if start < len(frames):
                 # A metadata frame could not go: wait for the connection, then go on.
                 await self._wait_connected()
@@ -610,9 +674,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             )
             return []
         entries = []
-        for message in raw:
+        for origin, message in raw:
             headers: dict[str, str] | None = message.headers
-            origin = source_sequence(headers)
             if before is not None and origin is not None and origin >= before:
                 continue
             rank_text = (headers or {}).get(HEADER_RANK, "")
@@ -719,11 +782,15 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             want = max(
                 1, min(MAX_FETCH, config.max_queue_frames, config.max_queue_bytes // average)
             )
+            if self.stop_requested:
+                return
+            batch = []
             try:
-                batch = await thread.call(
-                    functools.partial(pull.fetch, want, timeout=FETCH_WAIT),
-                    within=FETCH_WAIT + config.ack_timeout,
-                )
+                with trio.CancelScope() as self._fetching:
+                    batch = await thread.call(
+                        functools.partial(pull.fetch, want, timeout=FETCH_WAIT),
+                        within=FETCH_WAIT + config.ack_timeout,
+                    )
             except TimeoutError:
                 continue
             except Exception as exc:
@@ -746,7 +813,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                     continue
                 last_sequence = sequence
                 fresh.append((msg.subject, msg.headers, msg.data))
-            detail["redeliveries_dropped"] = int(detail["redeliveries_dropped"]) + redelivered  # type: ignore[call-overload]
+            self._count("redeliveries_dropped", redelivered)
             average = max(1024, total // max(1, len(batch)))
             frames = self._decode(fresh)
             if not self._assembler.assembling:
@@ -774,6 +841,11 @@ def _before_partial(batch: Sequence[Any]) -> Any:
     return None
 
 
+def _is_connection_loss(text: str) -> bool:
+    lowered = text.lower()
+    return "reset" in lowered or "eof" in lowered or "broken pipe" in lowered
+
+
 def _is_fetch_timeout(error: BaseException) -> bool:
     return "timeout" in type(error).__name__.lower()
 
@@ -789,20 +861,25 @@ def _describe_refusal(
     outcome: AckOutcome, config: NatsConfig, message: NatsMessage
 ) -> tuple[str, str]:
     """The state and the log line for a refused JetStream publish."""
+    kind = refusal_kind(outcome)
     what = f"JetStream publish to {message.subject}"
     code = f" ({outcome.code}" + (f"/{outcome.err_code}" if outcome.err_code else "") + ")"
+    if not outcome.code:
+        code = ""
     retry = "; retrying with the same message id"
-    if outcome.err_code == ERR_MESSAGE_TOO_LARGE:
+    if kind == "too_large":
         return "refused", (
-            f"{what} refused: message of {message.size} bytes too large{code}; lower chunk_size "
-            f"(now {config.chunk_size}) or raise the stream's max_msg_size{retry}"
+            f"{what} refused: {outcome.description}{code} for a message of {message.size} "
+            f"bytes; lower chunk_size (now {config.chunk_size}) or raise the stream's "
+            f"max_msg_size{retry}"
         )
-    if outcome.err_code in ERR_STREAM_FULL:
-        return "stream_full", f"{what} refused: {outcome.description}{code}{retry}"
-    if outcome.code == 429:
+    if kind == "stream_full":
+        return "stream_full", (
+            f"{what} refused, the stream is full: {outcome.description}{code} (discard = "
+            f'"{config.discard}"; make room or raise max_bytes){retry}'
+        )
+    if kind == "throttled":
         return "throttled", f"{what} refused: too many requests{code}{retry}"
-    if outcome.code == 503:
-        return "refused", f"{what} refused: {outcome.description}{code}{retry}"
-    if outcome.code:
-        return "refused", f"{what} refused: {outcome.description}{code}{retry}"
-    return "no_ack", f"{what}: {outcome.description}{retry}"
+    if kind == "no_ack":
+        return "no_ack", f"{what}: {outcome.description}{retry}"
+    return "refused", f"{what} refused: {outcome.description}{code}{retry}"
