@@ -137,6 +137,7 @@ stream = "{stream}"
 mode = "{mode}"
 policy = "lossless"
 max_bytes = {max_bytes}
+{extra}
 """
 
 DAEMON_B: Final = """\
@@ -496,7 +497,12 @@ def measure_framewire(workdir: Path, mode: str, size: int, args: argparse.Namesp
     common = {"host": HOST, "url": url, "stream": STREAM, "mode": mode}
     config_a, config_b = workdir / "a.toml", workdir / "b.toml"
     config_a.write_text(
-        DAEMON_A.format(**common, receiver_port=receiver_port, max_bytes=JS_MAX_BYTES)
+        DAEMON_A.format(
+            **common,
+            receiver_port=receiver_port,
+            max_bytes=JS_MAX_BYTES,
+            extra=f"chunk_size = {args.chunk_size}" if args.chunk_size else "",
+        )
     )
     durable = 'durable = "bench-b"\n' if mode == "jetstream" else ""
     config_b.write_text(DAEMON_B.format(**common, server_port=server_port, durable=durable))
@@ -579,6 +585,13 @@ def print_summary(results: dict[tuple[int, str, str], list[Result]]) -> None:
             alone = statistics.median(r.per_second for r in results[(size, mode, "nats-py")])
             ours = statistics.median(r.per_second for r in results[(size, mode, "framewire")])
             ratio = ours / alone if alone else 0.0
+            cpu = [
+                statistics.median(c for r in results[(size, mode, path)] if (c := r.cpu_per_gb))
+                if any(r.cpu_per_gb for r in results[(size, mode, path)])
+                else None
+                for path in ("nats-py", "framewire")
+            ]
+            cost = "; CPU s/GB " + " / ".join("-" if c is None else f"{c:.2f}" for c in cpu)
             if size >= 64 * KIB:
                 target, met = f">= {TARGET_RATIO} x nats-py", ratio >= TARGET_RATIO
             else:
@@ -586,7 +599,7 @@ def print_summary(results: dict[tuple[int, str, str], list[Result]]) -> None:
             print(
                 f"  {mode:<9} {size_text(size):>7}: nats-py {alone:,.1f} msgs/s, framewire"
                 f" {ours:,.1f} msgs/s, framewire/nats-py {ratio:.2f}"
-                f"  (target {target}: {'met' if met else 'NOT met'})"
+                f"  (target {target}: {'met' if met else 'NOT met'}){cost}"
             )
     warn_if_busy(
         (r.cpu["others"] / r.seconds for rs in results.values() for r in rs if r.cpu["others"]),
@@ -612,6 +625,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--modes", default=",".join(MODES), help="core, jetstream or both (default both)"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=0,
+        help="daemon A's chunk_size in bytes (default: the endpoint's, 8 MiB)",
     )
     parser.add_argument(
         "--keep", metavar="DIR", help="work in DIR and keep the logs (default: a temporary one)"
