@@ -455,3 +455,34 @@ async def test_a_server_that_exits_while_starting_says_why(tmp_path: Path) -> No
         f"{NAME} exited with status 1 while starting: "
         "max_payload (8388608) cannot be higher than max_pending (1024)"
     )
+
+
+async def test_a_reload_keeps_nats_endpoints_on_the_embedded_server_running(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("nats")
+    text = (
+        embedded_config(tmp_path / "js")
+        + """
+[endpoints.to-nats]
+kind = "nats"
+direction = "publish"
+stream = "s"
+"""
+    )
+    daemon = Daemon(parse_config(text))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(daemon.run)
+        endpoint = daemon.endpoints["to-nats"]
+        with trio.fail_after(20):
+            changes = await daemon.reload(
+                parse_config(
+                    text
+                    + '[endpoints.more]\nkind = "server"\nstream = "t"\n'
+                    + 'listen = "tcp://127.0.0.1:0"\n'
+                )
+            )
+        assert changes == ["added more"]
+        assert daemon.endpoints["to-nats"] is endpoint  # not restarted: its servers resolved alike
+        daemon.request_shutdown()
