@@ -181,7 +181,7 @@ def daemon_toml(urls: list[str], direction: str) -> str:
 [daemon]
 grace_period = "2s"
 
-[endpoints.nats]
+[endpoints.{"to-nats" if direction == "publish" else "from-nats"}]
 kind = "nats"
 direction = "{direction}"
 servers = [{servers}]
@@ -217,6 +217,22 @@ max_queue_bytes = "1GiB"
     )
 
 
+def describe(daemons: dict[str, Any], cluster: dict[str, ClusterNode]) -> str:
+    """What each NATS endpoint and node was doing, for a failure message."""
+    lines = []
+    for label, daemon in daemons.items():
+        for name, endpoint in daemon.endpoints.items():
+            if endpoint.status.kind == "nats":
+                status = endpoint.status
+                lines.append(
+                    f"{label} {name}: {status.state}, frames in {status.frames_in} out "
+                    f"{status.frames_out}, detail {status.detail}"
+                )
+    for node in cluster.values():
+        lines.append(f"--- {node.name} log tail:\n{node.log.read_text(errors='replace')[-1500:]}")
+    return "\n".join(lines)
+
+
 async def test_publishing_survives_a_sigkill_of_the_stream_leader(
     cluster: dict[str, ClusterNode],
 ) -> None:
@@ -230,40 +246,48 @@ async def test_publishing_survives_a_sigkill_of_the_stream_leader(
     ):
         client = await connect(endpoint_port(b, "out"))
         source = await connect(endpoint_port(a, "in"))
-        await source.send([METADATA, *before])
-        with trio.fail_after(PATIENCE):
-            got = await client.read(1 + len(before))
-        assert got == [METADATA, *before]
+        try:
+            await source.send([METADATA, *before])
+            with trio.fail_after(PATIENCE):
+                got = await client.read(1 + len(before))
+            assert got == [METADATA, *before]
 
-        with trio.fail_after(PATIENCE):
-            leader, replicas = await trio.to_thread.run_sync(stream_leader, urls, "FW_camera")
-        assert leader in cluster
-        assert sorted([leader, *replicas]) == sorted(NODES)
-        cluster[leader].stop(signal.SIGKILL)
+            with trio.fail_after(PATIENCE):
+                leader, replicas = await trio.to_thread.run_sync(stream_leader, urls, "FW_camera")
+            assert leader in cluster
+            assert sorted([leader, *replicas]) == sorted(NODES)
+            cluster[leader].stop(signal.SIGKILL)
 
-        # Publishing goes on: frames sent now wait in A (retried with their message ids)
-        # until the two survivors have elected a new leader.
-        for start in range(0, len(after), 20):
-            await source.send(after[start : start + 20])
-            await trio.sleep(0.05)
-        with trio.fail_after(PATIENCE):
-            got = await client.read(1 + len(before) + len(after))
-        publisher = a.endpoints["nats"]
-        reader = b.endpoints["nats"]
-        # Everything arrived; nothing more does (no duplicate is on its way).
-        await wait_until(lambda: publisher.status.frames_out >= 1 + len(before) + len(after))
-        with trio.move_on_after(2):
-            extra = await client.read(len(got) + 1)
-            pytest.fail(f"a frame arrived twice: {extra[-1]}")
-        await source.stream.aclose()
-        await client.stream.aclose()
+            # Publishing goes on: frames sent now wait in A (retried with their message ids)
+            # until the two survivors have elected a new leader.
+            for start in range(0, len(after), 20):
+                await source.send(after[start : start + 20])
+                await trio.sleep(0.05)
+            try:
+                with trio.fail_after(PATIENCE):
+                    got = await client.read(1 + len(before) + len(after))
+            except trio.TooSlowError:
+                state = describe({"A": a, "B": b}, cluster)
+                pytest.fail(
+                    f"{len(client.frames)} of {1 + len(before) + len(after)} frames arrived "
+                    f"after the leader ({leader}) was killed:\n{state}"
+                )
+            publisher = a.endpoints["to-nats"]
+            reader = b.endpoints["from-nats"]
+            # Everything arrived; nothing more does (no duplicate is on its way).
+            await wait_until(lambda: publisher.status.frames_out >= 1 + len(before) + len(after))
+            with trio.move_on_after(2):
+                extra = await client.read(len(got) + 1)
+                pytest.fail(f"a frame arrived twice: {extra[-1]}")
+        finally:
+            await source.stream.aclose()
+            await client.stream.aclose()
 
     data = got[1:]
     sequence_numbers = [int(frame.headers["seq"]) for frame in data]
     assert len(sequence_numbers) == len(before) + len(after)
-    assert sorted(sequence_numbers) == list(
-        range(len(before) + len(after))
-    )  # none lost, none twice
+    # None lost, none twice:
+    assert sorted(sequence_numbers) == list(range(len(before) + len(after)))
     assert sorted(data, key=lambda frame: int(frame.headers["seq"])) == before + after
     assert reader.status.frames_in == len(got)
     assert reader.status.frames_dropped == 0
