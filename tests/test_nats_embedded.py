@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from framewire.cli import render_status
 from framewire.config import ConfigError, NatsServerConfig, parse_config
 from framewire.daemon import Daemon, DaemonStartFailed
 from framewire.daemon.natsserver import (
@@ -122,6 +123,10 @@ async def test_it_runs_jetstream_before_the_daemon_is_ready(tmp_path: Path) -> N
         assert shown["port"] == server.port
         assert shown["store_dir"] == str(tmp_path / "js")
         assert shown["last_error"] is None
+        rendered = render_status(build_snapshot(daemon)).splitlines()
+        assert (
+            f"embedded nats-server: running  pid {server.pid}  {server.url}  restarts 0" in rendered
+        )
         daemon.request_shutdown()
 
 

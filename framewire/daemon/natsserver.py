@@ -43,12 +43,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import attrs
 import trio
 
-from ..config import BackoffConfig, Config, NatsServerConfig
+from ..config import BackoffConfig, Config, EndpointConfig, NatsConfig, NatsServerConfig
 from .backoff import Backoff
 from .supervisor import StartFailed, unwrap_error
 
@@ -181,13 +181,12 @@ def client_url(config: NatsServerConfig, port: int) -> str:
 
 def with_embedded_servers(config: Config, url: str) -> Config:
     """``config`` with ``url`` as the ``servers`` of every ``nats`` endpoint that gives none."""
-    endpoints = dict(config.endpoints)
+    endpoints: dict[str, EndpointConfig] = dict(config.endpoints)
     changed = False
     for name, endpoint in config.endpoints.items():
-        if getattr(endpoint, "kind", None) != "nats" or getattr(endpoint, "servers", None):
-            continue
-        endpoints[name] = attrs.evolve(cast(Any, endpoint), servers=(url,))
-        changed = True
+        if isinstance(endpoint, NatsConfig) and not endpoint.servers:
+            endpoints[name] = attrs.evolve(endpoint, servers=(url,))
+            changed = True
     return attrs.evolve(config, endpoints=endpoints) if changed else config
 
 
