@@ -185,6 +185,12 @@ def nats_endpoint(daemon: Daemon, name: str) -> NatsEndpoint:
     return endpoint
 
 
+def count(endpoint: NatsEndpoint, key: str) -> int:
+    value = endpoint.status.detail[key]
+    assert isinstance(value, int)
+    return value
+
+
 async def wait_state(endpoint: NatsEndpoint, *states: str) -> None:
     with trio.fail_after(PATIENCE):
         await endpoint.wait_for_state(*states)
@@ -515,7 +521,8 @@ async def test_bad_credentials_are_a_clear_error_not_ready(
         async with running_daemon(toml) as b:
             reader = nats_endpoint(b, "from-nats")
             await wait_state(reader, "unauthorized")
-            await trio.sleep(0.3)  # several more refused attempts: still one log line
+            # Several more refused attempts: still one log line.
+            await wait_until(lambda: count(reader, "connect_errors") >= 4)
             assert reader.status.state == "connecting"
             assert reader.status.state not in HEALTHY_STATES
     finally:
@@ -584,7 +591,8 @@ async def test_jetstream_full_stream_is_a_clear_state_and_loses_nothing(
             await source.send(sent)
             await wait_state(writer, "stream_full")
             assert writer.status.frames_out < len(sent)
-            await trio.sleep(0.3)  # refused again and again: still one log line
+            # Refused again and again: still one log line.
+            await wait_until(lambda: count(writer, "publishes_refused") >= 3)
             # The operator makes room; what was refused is stored, once.
             await trio.to_thread.run_sync(asyncio.run, raise_the_limit())
             await wait_until(lambda: writer.status.frames_out == len(sent))
@@ -694,3 +702,31 @@ async def test_tls_servers_with_the_endpoint_tls_table(tmp_path: Path) -> None:
     assert got == frames_of(3)
     assert refused.status.last_error is not None
     assert "certificate verify failed" in refused.status.last_error.lower()
+
+
+async def test_a_required_stream_that_is_missing_is_waited_for(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="framewire")
+    url = nats_server.url
+
+    async def make_the_streams() -> None:
+        client = await nats.connect(url)
+        js = client.jetstream()
+        await js.add_stream(name="FW_camera", subjects=["fw.camera.>"])
+        await js.add_stream(name="FW_camera_META", subjects=["unused.meta.>"])
+        await client.close()
+
+    toml = publisher_toml(url, mode="jetstream", extra="create = false")
+    async with running_daemon(toml) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "stream_missing")
+        assert writer.status.state == "connected"  # connected, but not publishing
+        await trio.to_thread.run_sync(asyncio.run, make_the_streams())
+        await wait_state(writer, "publishing")
+    lines = [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
+    # One line; a second one if it looked between the test's making of the two streams.
+    assert lines[0] == (
+        "JetStream stream FW_camera does not exist (create = false: make it, or set create = true)"
+    )
+    assert lines[1:] in ([], [lines[0].replace("FW_camera", "FW_camera_META")])

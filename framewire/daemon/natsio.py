@@ -309,9 +309,23 @@ class Inbox(Generic[ItemT]):
         with self._lock:
             self._held = True
 
-    def release(self, front: Iterable[tuple[ItemT, int]] = ()) -> None:
-        """Stop holding; put ``front`` (items and their sizes, never dropped) first."""
+    def release(
+        self,
+        front: Iterable[tuple[ItemT, int]] = (),
+        *,
+        same: Callable[[ItemT, ItemT], bool] | None = None,
+    ) -> None:
+        """Stop holding; put ``front`` (items and their sizes, never dropped) first, leaving
+        out those ``same`` finds already queued."""
+        front = list(front)
         with self._lock:
+            if same is not None:
+                queued = [slot.item for slot in self._slots]
+                front = [
+                    (item, nbytes)
+                    for item, nbytes in front
+                    if not any(same(item, other) for other in queued)
+                ]
             self._slots.extendleft(reversed([_Slot(item, nbytes, False) for item, nbytes in front]))
             self._bytes = sum(slot.nbytes for slot in self._slots)
             self._held = False

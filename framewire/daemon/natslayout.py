@@ -38,7 +38,7 @@ from urllib.parse import quote, unquote
 
 import attrs
 
-from ..frame import Buffer, Frame, FrameKind
+from ..frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
 
 __all__ = [
     "HEADER_CHUNK",
@@ -78,6 +78,8 @@ _KEY_SAFE: Final = ""
 _VALUE_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _CHUNK: Final = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,8})")
 _DIGITS: Final = re.compile(r"[0-9]{1,20}")
+#: Kinds and types whose subject and fixed headers a layout remembers.
+_TYPE_CACHE: Final = 1024
 #: Bytes a message's header block takes besides its lines (``NATS/1.0\r\n`` ... ``\r\n``).
 _HEADER_FRAMING: Final = 12
 
@@ -142,20 +144,31 @@ class FrameLayout:
         self.msg_ids = msg_ids
         self._next_id = 0
         self._ranks: dict[str, int] = {}
+        self._types: dict[tuple[FrameKind, str], tuple[str, dict[str, str]]] = {}
 
     def subject_of(self, frame: Frame) -> str:
-        part = "data" if frame.kind is FrameKind.DATA else "meta"
-        return f"{self.subject}.{part}.{escape_token(frame.type)}"
+        return self._of_type(frame)[0]
+
+    def _of_type(self, frame: Frame) -> tuple[str, dict[str, str]]:
+        """The subject and the headers every frame of this kind and type has (cached)."""
+        key = (frame.kind, frame.type)
+        known = self._types.get(key)
+        if known is None:
+            if len(self._types) >= _TYPE_CACHE:
+                self._types.clear()
+            part = "data" if frame.kind is FrameKind.DATA else "meta"
+            headers = {HEADER_KIND: _KIND_NAMES[frame.kind], HEADER_TYPE: _value(frame.type)}
+            if frame.kind is not FrameKind.DATA:
+                rank = self._ranks.setdefault(frame.type, len(self._ranks))
+                headers[HEADER_RANK] = str(rank)
+            known = self._types[key] = (
+                f"{self.subject}.{part}.{escape_token(frame.type)}",
+                headers,
+            )
+        return known
 
     def headers_of(self, frame: Frame) -> dict[str, str]:
-        headers = {
-            HEADER_KIND: _KIND_NAMES[frame.kind],
-            HEADER_TYPE: _value(frame.type),
-            HEADER_TS: str(frame.timestamp),
-        }
-        if frame.kind is not FrameKind.DATA:
-            rank = self._ranks.setdefault(frame.type, len(self._ranks))
-            headers[HEADER_RANK] = str(rank)
+        headers = {**self._of_type(frame)[1], HEADER_TS: str(frame.timestamp)}
         for key, value in frame.headers.items():
             headers[HEADER_PREFIX + quote(key, safe=_KEY_SAFE)] = _value(value)
         return headers
@@ -229,7 +242,7 @@ def _frame_of(subject: str, headers: Mapping[str, str] | None, payload: Buffer) 
         }
     except UnicodeDecodeError:
         raise NotAFrame(f"a message on {subject!r} with badly encoded headers") from None
-    return Frame(kind, type_tag, payload, int(timestamp), frame_headers or {})
+    return Frame(kind, type_tag, payload, int(timestamp), frame_headers or EMPTY_HEADERS)
 
 
 @attrs.define

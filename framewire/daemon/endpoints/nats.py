@@ -136,6 +136,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._logged_problem: str | None = None
         self._client: Any = None
         self._closing = False
+        #: Core publish: bytes published since the last flush (a PING/PONG round trip).
+        self._unflushed = [0]
         self._connect_failure: str | None = None
         #: Data frames nats-py could not take (core, while disconnected), dropped.
         self._unsent = 0
@@ -173,6 +175,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             frames_incomplete=0,
             messages_rejected=0,
             redeliveries_dropped=0,
+            connect_errors=0,
+            publishes_refused=0,
             last_error=None,
         )
 
@@ -241,6 +245,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             self._count("slow_consumer_events")
             self._set_state(str(detail["state"]), f"NATS: slow consumer ({text})")
             return
+        self._count("connect_errors")
         if self.connected and not refused:
             # The connection is going: the disconnect's one line gives the reason.
             self._lost_reason = text
@@ -517,10 +522,14 @@ class NatsEndpoint(Endpoint[NatsConfig]):
     async def _publish_core(
         self, thread: NatsThread, frames: list[tuple[Frame, list[NatsMessage]]]
     ) -> None:
-        """Publish without acks. Data that nats-py cannot take (disconnected, its buffer
-        full) is dropped and counted; metadata waits for the connection and is tried again."""
+        """Publish without acks, paced by a flush (a round trip to the server) every
+        ``max_inflight_bytes``. Data that nats-py cannot take (disconnected, its buffer full)
+        is dropped and counted; metadata waits for the connection and is tried again."""
         status = self.status
         client = self._client
+        unflushed = self._unflushed  # touched on the asyncio thread only
+        pace = self.config.max_inflight_bytes
+        flush_timeout = self.config.ack_timeout
         start = 0
         while start < len(frames):
             todo = frames[start:]
@@ -539,6 +548,12 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                                 message.payload,
                                 headers=message.headers,
                             )
+                            unflushed[0] += message.size
+                        if unflushed[0] >= pace and client.is_connected:
+                            # Paced: at most max_inflight_bytes ahead of the server, so a
+                            # fast publisher does not get subscribers cut off as slow.
+                            unflushed[0] = 0
+                            await client.flush(timeout=flush_timeout)
                     except Exception:
                         if frame.kind is not FrameKind.DATA:
                             break
@@ -626,6 +641,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 backoff.reset()
                 continue
             failed = outcomes[good]
+            self._count("publishes_refused")
             state, problem = _describe_refusal(failed, config, window[good])
             self._set_state(state, problem)
             await trio.sleep(backoff.next_delay())
@@ -710,21 +726,31 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             )
 
         await thread.call(subscribe, within=config.connect_timeout)
-        self._set_state("subscribed")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._bootstrap_core, thread, inbox)
+            await nursery.start(self._bootstrap_core, thread, inbox)
+            self._set_state("subscribed")
             while True:
                 messages = await inbox.take()
                 self.status.frames_dropped = inbox.dropped
                 await self._publish_frames(self._decode(messages))
 
-    async def _bootstrap_core(self, thread: NatsThread, inbox: Inbox[_Message]) -> None:
-        """Put the latest metadata before the live messages, now and after every reconnect."""
+    async def _bootstrap_core(
+        self,
+        thread: NatsThread,
+        inbox: Inbox[_Message],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Put the latest metadata before the live messages, now (started once done) and
+        after every reconnect. A stored message the same as one that arrived live meanwhile
+        is left out: it would only repeat it."""
         while True:
             reconnected = self._reconnected
             inbox.hold()
             metadata = await self._last_metadata(thread)
-            inbox.release((message, len(message[2])) for message in metadata)
+            inbox.release(((message, len(message[2])) for message in metadata), same=_same_frame)
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
             await reconnected.wait()
 
     async def _jetstream_subscribe_loop(self, thread: NatsThread) -> None:
@@ -779,11 +805,13 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         )
         await self._publish_frames(self._decode(await self._last_metadata(thread, start)))
         last_sequence = start - 1
-        average = 1024
+        # Messages asked for per fetch: max_queue_bytes over the largest message of the last
+        # fetch (at first, the largest a message can be), at most max_queue_frames.
+        largest = self._message_limit()
         detail = self.status.detail
         while True:
             want = max(
-                1, min(MAX_FETCH, config.max_queue_frames, config.max_queue_bytes // average)
+                1, min(MAX_FETCH, config.max_queue_frames, config.max_queue_bytes // largest)
             )
             if self.stop_requested:
                 return
@@ -806,18 +834,17 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 self._set_state("subscribed")
             backoff.reset()
             fresh: list[_Message] = []
-            total = 0
+            largest = 1024
             redelivered = 0
             for msg in batch:
                 sequence = msg.metadata.sequence.stream
-                total += len(msg.data)
+                largest = max(largest, len(msg.data))
                 if sequence <= last_sequence:
                     redelivered += 1
                     continue
                 last_sequence = sequence
                 fresh.append((msg.subject, msg.headers, msg.data))
             self._count("redeliveries_dropped", redelivered)
-            average = max(1024, total // max(1, len(batch)))
             frames = self._decode(fresh)
             if not self._assembler.assembling:
                 ack_upto = batch[-1] if batch else None
@@ -832,6 +859,17 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                         await thread.call(ack_upto.ack, within=config.ack_timeout)
                     except Exception as exc:
                         self.log.debug("ack failed (it will be redelivered): %s", exc)
+
+
+def _same_frame(a: _Message, b: _Message) -> bool:
+    """Whether two messages carry the same frame (their ``Fw-*`` headers and payload)."""
+    if a[0] != b[0] or bytes(a[2]) != bytes(b[2]):
+        return False
+    return _fw_headers(a[1]) == _fw_headers(b[1])
+
+
+def _fw_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    return {key: value for key, value in (headers or {}).items() if key.startswith("Fw-")}
 
 
 def _before_partial(batch: Sequence[Any]) -> Any:
