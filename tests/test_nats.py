@@ -730,3 +730,18 @@ async def test_a_required_stream_that_is_missing_is_waited_for(
         "JetStream stream FW_camera does not exist (create = false: make it, or set create = true)"
     )
     assert lines[1:] in ([], [lines[0].replace("FW_camera", "FW_camera_META")])
+
+
+async def test_without_nats_py_the_endpoint_fails_at_start_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from framewire.daemon import DaemonStartFailed, natsio
+
+    monkeypatch.setattr(natsio, "_nats", None)
+    monkeypatch.setitem(sys.modules, "nats", None)  # import nats raises ImportError
+    daemon = Daemon(parse_config(subscriber_toml("nats://127.0.0.1:4222")))
+    with pytest.raises(DaemonStartFailed) as caught, trio.fail_after(PATIENCE):
+        await daemon.run()
+    (failure,) = caught.value.failures
+    assert failure.name == "from-nats"
+    assert failure.reason == "the NATS endpoint needs nats-py: pip install 'framewire[nats]'"
