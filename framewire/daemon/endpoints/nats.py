@@ -98,8 +98,11 @@ __all__ = ["NatsEndpoint"]
 
 #: Seconds one pull (fetch) waits for messages before asking again.
 FETCH_WAIT: Final = 1.0
-#: Seconds the client may take to drain and close when the endpoint stops.
+#: Seconds the client may take to drain its subscriptions when the endpoint stops.
 DRAIN_TIMEOUT: Final = 2.0
+#: Seconds allowed beyond DRAIN_TIMEOUT for nats-py to flush and close its connection: a
+#: client that is not closed leaves its asyncio transport open when the loop stops.
+CLOSE_TIMEOUT: Final = 2.0
 #: Bytes kept free of the server's max_payload for headers beyond the layout's own.
 PAYLOAD_MARGIN: Final = 1024
 #: Messages one pull asks for at most.
@@ -386,7 +389,9 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         await trio.lowlevel.checkpoint()
 
     async def _close_client(self, thread: NatsThread) -> None:
-        """Drain and close the client, within :data:`DRAIN_TIMEOUT` (shielded by the caller)."""
+        """Drain and close the client: nats-py gives up draining after :data:`DRAIN_TIMEOUT`
+        and then closes; if that does not finish, it is closed outright (shielded by the
+        caller, so this takes at most DRAIN_TIMEOUT + 2 * CLOSE_TIMEOUT seconds)."""
         client = self._client
         if client is None:
             return
@@ -402,9 +407,14 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 await client.close()
 
         try:
-            await thread.call(close, within=DRAIN_TIMEOUT)
+            await thread.call(close, within=DRAIN_TIMEOUT + CLOSE_TIMEOUT)
         except Exception as exc:
-            self.log.debug("closing the NATS client: %s", exc)
+            self.log.debug("draining the NATS client: %s", exc)
+            if not client.is_closed:
+                try:
+                    await thread.call(client.close, within=CLOSE_TIMEOUT)
+                except Exception as again:
+                    self.log.debug("closing the NATS client: %s", again)
 
     def _on_connect_failed(self, text: str) -> None:
         self._connect_failure = text
