@@ -476,8 +476,9 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self.status.frames_dropped += self._unsent
 
     def _message_limit(self) -> int:
-        """The largest message (headers and payload) to publish."""
-        limit = min(self._max_payload - PAYLOAD_MARGIN, self.config.chunk_size)
+        """The largest message (headers and payload) to publish: a frame whose payload is at
+        most ``chunk_size`` goes whole (its headers ride in the margin), as the docs say."""
+        limit = min(self._max_payload - PAYLOAD_MARGIN, self.config.chunk_size + PAYLOAD_MARGIN)
         return max(limit, 4096)
 
     async def _publish_loop(self, thread: NatsThread) -> None:
