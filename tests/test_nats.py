@@ -603,6 +603,94 @@ async def test_jetstream_full_stream_is_a_clear_state_and_loses_nothing(
     assert "retrying with the same message id" in lines[0]
 
 
+async def set_max_msg_size(url: str, limit: int) -> None:
+    """Set FW_camera's max_msg_size (-1: none), as an operator would."""
+    client = await nats.connect(url)
+    js = client.jetstream()
+    info = await js.stream_info("FW_camera")
+    info.config.max_msg_size = limit
+    await js.update_stream(info.config)
+    await client.close()
+
+
+async def stored_payloads(url: str, stream: str) -> list[bytes]:
+    """The payloads a JetStream stream holds, in stream order."""
+    client = await nats.connect(url)
+    js = client.jetstream()
+    info = await js.stream_info(stream)
+    payloads = [
+        (await js.get_msg(stream, seq)).data or b""
+        for seq in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
+    await client.close()
+    return payloads
+
+
+async def test_jetstream_keeps_order_when_a_window_is_partly_refused(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.url
+    # One window: the big frame is refused (over the stream's max_msg_size), the small ones
+    # after it would fit, but each names its predecessor and is refused too.
+    sent = [*frames_of(2), *frames_of(1, start=2, size=3000), *frames_of(3, start=3)]
+    async with running_daemon(
+        publisher_toml(url, mode="jetstream", extra='ack_timeout = "1s"')
+    ) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        await trio.to_thread.run_sync(asyncio.run, set_max_msg_size(url, 2000))
+        async with producer(a) as source:
+            await source.send(sent)
+            await wait_state(writer, "refused")
+            await wait_until(lambda: count(writer, "publishes_refused") >= 2)
+            assert writer.status.frames_out == 2
+            await trio.to_thread.run_sync(asyncio.run, set_max_msg_size(url, -1))
+            await wait_until(lambda: writer.status.frames_out == len(sent))
+    stored = await trio.to_thread.run_sync(asyncio.run, stored_payloads(url, "FW_camera"))
+    assert stored == [frame.payload for frame in sent]  # in order, each once
+
+
+async def test_a_jetstream_retry_of_a_stored_message_is_a_duplicate_and_order_is_enforced(
+    nats_server: NatsServer,
+) -> None:
+    from framewire.daemon.natsio import AckTracker, refusal_kind
+    from framewire.daemon.natslayout import NatsMessage
+
+    async def publish() -> list[list[tuple[bool, int, bool, str]]]:
+        client = await nats.connect(nats_server.url)
+        js = client.jetstream()
+        await js.add_stream(name="S", subjects=["s.>"], max_msg_size=2000)
+        tracker = await AckTracker.open(client)
+
+        def message(n: int, size: int = 1, after: int | None = None) -> NatsMessage:
+            headers = {"Nats-Msg-Id": f"p-{n}"}
+            if after is not None:
+                headers["Nats-Expected-Last-Msg-Id"] = f"p-{after}"
+            return NatsMessage("s.x", headers, bytes(size))
+
+        windows = [
+            [message(1), message(2, after=1), message(3, 3000, after=2), message(4, after=3)],
+            [message(1), message(2, after=1)],  # stored before: duplicates, whatever they expect
+        ]
+        results = []
+        for window in windows:
+            outcomes = await tracker.publish(window, PATIENCE)
+            results.append(
+                [(o.ok, o.sequence, o.duplicate, "" if o.ok else refusal_kind(o)) for o in outcomes]
+            )
+        await client.close()
+        return results
+
+    first, again = await trio.to_thread.run_sync(asyncio.run, publish())
+    assert first == [
+        (True, 1, False, ""),
+        (True, 2, False, ""),
+        (False, 0, False, "too_large"),
+        (False, 0, False, "out_of_order"),
+    ]
+    assert again == [(True, 1, True, ""), (True, 2, True, "")]
+
+
 async def test_the_inbox_drops_the_oldest_data_never_metadata_and_wakes_trio_per_batch() -> None:
     from framewire.daemon.natsio import Inbox, NatsThread
 

@@ -17,7 +17,10 @@ Headers
     each frame header. Header values (and ``Fw-Type``) are percent-encoded where they hold
     ``%``, spaces, control or non-ASCII characters, so NATS's trimming of header values cannot
     change them; header keys are percent-encoded outside ``[A-Za-z0-9_.-]``. JetStream
-    publishes add ``Nats-Msg-Id`` (``PRODUCER-N``, the same on every retry).
+    publishes add ``Nats-Msg-Id`` (``PRODUCER-N``, the same on every retry) and, on every
+    message but the first of an in-flight window, ``Nats-Expected-Last-Msg-Id`` (the id of
+    the message before it), so the server refuses a message whose predecessor was refused:
+    the stream keeps the publisher's order.
 Chunks
     A frame whose payload is over the chunk limit goes as consecutive messages on the same
     subject, each with every header above plus ``Fw-Chunk: I/N`` (1-based) and ``Fw-Size``
@@ -42,6 +45,7 @@ from ..frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
 
 __all__ = [
     "HEADER_CHUNK",
+    "HEADER_EXPECTED_LAST_MSG_ID",
     "HEADER_KIND",
     "HEADER_MSG_ID",
     "HEADER_RANK",
@@ -65,6 +69,7 @@ HEADER_CHUNK: Final = "Fw-Chunk"
 HEADER_SIZE: Final = "Fw-Size"
 HEADER_PREFIX: Final = "Fw-H-"
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
+HEADER_EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
 
 _KINDS: Final = {"data": FrameKind.DATA, "metadata": FrameKind.METADATA}
 _KIND_NAMES: Final = {FrameKind.DATA: "data", FrameKind.METADATA: "metadata"}
@@ -213,8 +218,10 @@ class FrameLayout:
         return messages
 
     def _id_bytes(self) -> int:
-        # Nats-Msg-Id: PRODUCER-N, N up to 20 digits.
-        return len(HEADER_MSG_ID) + len(self.producer) + 25 if self.msg_ids else 0
+        # Nats-Msg-Id: PRODUCER-N and Nats-Expected-Last-Msg-Id: PRODUCER-N, N up to 20 digits.
+        if not self.msg_ids:
+            return 0
+        return len(HEADER_MSG_ID) + len(HEADER_EXPECTED_LAST_MSG_ID) + 2 * len(self.producer) + 50
 
     def _with_id(self, headers: dict[str, str]) -> dict[str, str]:
         if self.msg_ids:

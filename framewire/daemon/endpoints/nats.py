@@ -24,9 +24,10 @@ limit), so any NATS client can read them.
     ``max_inflight_bytes`` unacknowledged. A message that is refused (429, 503 no leader or no
     stream, a full stream with ``discard = "new"``, a timeout) is published again, after a
     backoff, with the same ``Nats-Msg-Id``, so the server stores it once; nothing is dropped.
-    Each refusal is one log line and a ``detail.state``. If a message was refused but a later
-    one of the same window stored, the retry stores the refused one after it: order then
-    differs from the framewire stream's by that message.
+    Each refusal is one log line and a ``detail.state``. Order is kept: each message of a
+    window names its predecessor (``Nats-Expected-Last-Msg-Id``), so the server refuses the
+    messages after a refused one instead of storing them ahead of it, and after a refusal
+    the retries go one message at a time until one is stored.
     Subscribing reads ``FW_x`` through a pull consumer (``durable`` names it so it resumes
     where it stopped; unnamed, it starts anew each time): it fetches a batch, publishes it into
     ``stream``, then acknowledges it. Delivery from JetStream is at least once; redeliveries
@@ -76,7 +77,9 @@ from ..natsio import (
     require_nats,
 )
 from ..natslayout import (
+    HEADER_EXPECTED_LAST_MSG_ID,
     HEADER_KIND,
+    HEADER_MSG_ID,
     HEADER_RANK,
     FrameAssembler,
     FrameLayout,
@@ -175,6 +178,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             frames_incomplete=0,
             messages_rejected=0,
             redeliveries_dropped=0,
+            order_retries=0,
             connect_errors=0,
             publishes_refused=0,
             last_error=None,
@@ -589,7 +593,15 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         frames: list[tuple[Frame, list[NatsMessage]]],
     ) -> None:
         """Publish with acks, at most ``max_inflight_bytes`` unacknowledged; retry refused
-        messages (same ids) after a backoff until every one is stored."""
+        messages (same ids) after a backoff until every one is stored, in order.
+
+        Every message of a window but its first names the one before it in
+        ``Nats-Expected-Last-Msg-Id``, so when one is refused the server refuses those after
+        it too (instead of storing them ahead of it). After a refusal the next windows hold
+        one message until one is stored. A message stored although its ack was lost is
+        stored once: its retry carries the same ``Nats-Msg-Id`` and the server answers
+        "duplicate", which it does before it looks at the expected last id.
+        """
         config = self.config
         status = self.status
         detail = status.detail
@@ -601,12 +613,22 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         stored = 0
         backoff = Backoff(config.reconnect)
         frame_index = 0
+        one_at_a_time = False
         while stored < len(messages):
             window: list[NatsMessage] = []
             window_bytes = 0
+            previous_id: str | None = None
             for message in messages[stored:]:
-                if window and window_bytes + message.size > config.max_inflight_bytes:
+                if window and (
+                    one_at_a_time or window_bytes + message.size > config.max_inflight_bytes
+                ):
                     break
+                headers = message.headers
+                if previous_id is None:
+                    headers.pop(HEADER_EXPECTED_LAST_MSG_ID, None)
+                else:
+                    headers[HEADER_EXPECTED_LAST_MSG_ID] = previous_id
+                previous_id = headers.get(HEADER_MSG_ID)
                 window.append(message)
                 window_bytes += message.size
             detail["inflight_bytes"] = window_bytes
@@ -636,11 +658,18 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 if detail["state"] != "publishing":
                     self._set_state("publishing")
                 backoff.reset()
+                one_at_a_time = False
                 continue
             failed = outcomes[good]
+            if refusal_kind(failed) == "out_of_order":
+                # Its predecessor was stored, yet is not the stream's last message: another
+                # publisher's message came between. Try again at once, as a window's first.
+                self._count("order_retries")
+                continue
             self._count("publishes_refused")
             state, problem = _describe_refusal(failed, config, window[good])
             self._set_state(state, problem)
+            one_at_a_time = True
             await trio.sleep(backoff.next_delay())
             await self._wait_connected()
 
