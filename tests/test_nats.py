@@ -249,6 +249,17 @@ def test_chunks_reassemble_and_a_missing_chunk_drops_only_its_frame() -> None:
     assert assembler.frames_incomplete == 1
 
 
+def test_a_frame_before_1970_keeps_its_negative_timestamp() -> None:
+    layout = FrameLayout("fw.s", "p", msg_ids=False)
+    early = [Frame(FrameKind.DATA, "d", b"x", timestamp=-5), Frame(FrameKind.DATA, "d", b"y")]
+    assembler = FrameAssembler(1 << 20)
+    (message,) = layout.messages(early[0], 2048)
+    assert assembler.feed(message.subject, message.headers, message.payload) == early[0]
+    (unit,) = FramePacker(layout, max_frames=2, max_bytes=4096).units(early, 2048, print)
+    (pack,) = unit.messages
+    assert assembler.feed_all(pack.subject, pack.headers, bytes(pack.payload)) == early
+
+
 def test_metadata_is_never_chunked() -> None:
     layout = FrameLayout("fw.s", "p", msg_ids=False)
     with pytest.raises(NotAFrame, match="never chunked"):
@@ -779,6 +790,45 @@ async def test_jetstream_keeps_order_when_a_window_is_partly_refused(
             await wait_until(lambda: writer.status.frames_out == len(sent))
     stored = await trio.to_thread.run_sync(asyncio.run, stored_payloads(url, "FW_camera"))
     assert stored == [frame.payload for frame in sent]  # in order, each once
+
+
+async def test_two_jetstream_publishers_into_one_stream_each_keep_order(
+    nats_server: NatsServer,
+) -> None:
+    # Their windows interleave now and then (detail.order_retries): each is retried at once
+    # and nothing is lost, stored twice or reordered.
+    url = nats_server.url
+    mine = frames_of(2000, size=10)
+    theirs = [
+        Frame(FrameKind.DATA, "other", frame.payload, frame.timestamp, frame.headers)
+        for frame in frames_of(2000, size=10)
+    ]
+    toml = publisher_toml(url, mode="jetstream", extra="max_queue_frames = 50")
+    async with running_daemon(toml) as a, running_daemon(toml) as b:
+        writers = [nats_endpoint(a, "to-nats"), nats_endpoint(b, "to-nats")]
+        for writer in writers:
+            await wait_state(writer, "publishing")
+        async with producer(a) as first, producer(b) as second:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first.send, mine)
+                nursery.start_soon(second.send, theirs)
+            await wait_until(lambda: all(w.status.frames_out == 2000 for w in writers))
+
+    async def stored_types() -> list[tuple[str, str]]:
+        client = await nats.connect(url)
+        js = client.jetstream()
+        info = await js.stream_info("FW_camera")
+        found = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            headers = (await js.get_msg("FW_camera", seq)).headers or {}
+            found.append((headers["Fw-Type"], headers["Fw-H-seq"]))
+        await client.close()
+        return found
+
+    stored = await trio.to_thread.run_sync(asyncio.run, stored_types())
+    for type_tag in ("sample", "other"):
+        assert [seq for t, seq in stored if t == type_tag] == [str(n) for n in range(2000)]
+    assert len(stored) == 4000
 
 
 async def test_a_jetstream_retry_of_a_stored_message_is_a_duplicate_and_order_is_enforced(

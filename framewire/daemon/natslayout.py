@@ -100,6 +100,8 @@ _KEY_SAFE: Final = ""
 _VALUE_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _CHUNK: Final = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,8})")
 _DIGITS: Final = re.compile(r"[0-9]{1,20}")
+#: A timestamp: signed, as framewire's (and the native format's) are.
+_TIMESTAMP: Final = re.compile(r"-?[0-9]{1,20}")
 #: Kinds and types whose subject and fixed headers a layout remembers.
 _TYPE_CACHE: Final = 1024
 #: Bytes a message's header block takes besides its lines (``NATS/1.0\r\n`` ... ``\r\n``).
@@ -366,7 +368,7 @@ def _frame_of(subject: str, headers: Mapping[str, str] | None, payload: Buffer) 
         raise NotAFrame(f"a message on {subject!r} without a valid {HEADER_KIND} header")
     type_text = headers.get(HEADER_TYPE)
     timestamp = headers.get(HEADER_TS, "")
-    if type_text is None or not _DIGITS.fullmatch(timestamp):
+    if type_text is None or not _TIMESTAMP.fullmatch(timestamp):
         raise NotAFrame(f"a message on {subject!r} without valid {HEADER_TYPE}/{HEADER_TS}")
     try:
         type_tag = unquote(type_text, errors="strict")
