@@ -571,6 +571,15 @@ def render_status(snapshot: dict[str, Any]) -> str:
     if reload:
         outcome = "ok" if reload["ok"] else f"FAILED: {reload['error'].splitlines()[-1].strip()}"
         lines.append(f"last reload: {outcome}")
+    nats = daemon.get("nats_server")
+    if nats:
+        line = (
+            f"embedded nats-server: {nats['state']}  pid {nats['pid'] or '-'}  {nats['url']}"
+            f"  restarts {nats['restarts']}"
+        )
+        if nats["last_error"]:
+            line += f"  last error: {nats['last_error']}"
+        lines.append(line)
     lines.append("")
     header = (
         f"{'endpoint':<18} {'kind':<9} {'state':<12} "

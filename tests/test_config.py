@@ -175,6 +175,7 @@ EXPECTED: dict[str, Any] = {
             "count": 1000,
         },
     },
+    "nats": None,
 }
 
 

@@ -21,6 +21,7 @@ from ._schema import FileConfig as FileConfig
 from ._schema import GeneratorConfig as GeneratorConfig
 from ._schema import LinkConfig as LinkConfig
 from ._schema import NatsConfig as NatsConfig
+from ._schema import NatsServerConfig as NatsServerConfig
 from ._schema import PubSubConfig as PubSubConfig
 from ._schema import ReceiverConfig as ReceiverConfig
 from ._schema import RecorderConfig as RecorderConfig

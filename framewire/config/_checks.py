@@ -13,6 +13,8 @@ Errors (``framewire check`` exits with status 2, every one listed):
 - a ``nats`` endpoint's ``nkey_seed`` or ``creds`` file that cannot be read;
 - a ``recorder`` directory that is not writable, or cannot be created (its nearest existing
   parent is not a writable directory);
+- with ``[nats] embedded = true``: no nats-server program to run, a ``store_dir`` that cannot
+  be created or written, a ``config_file`` that cannot be read;
 - a UNIX socket (or ZeroMQ ``ipc://``) listening path whose directory does not exist or is not
   writable, or that is taken by a file that is not a socket;
 - listeners that overlap: TCP by port and interface (``*``, ``0.0.0.0`` and ``::`` cover every
@@ -52,6 +54,7 @@ from ._schema import (
     FileConfig,
     LinkConfig,
     NatsConfig,
+    NatsServerConfig,
     PubSubConfig,
     RecorderConfig,
     TLSConfig,
@@ -91,8 +94,31 @@ def check_config(config: Config, *, resolve: Resolver = resolve_host) -> CheckRe
     errors: list[str] = []
     for name, endpoint in config.endpoints.items():
         errors += _endpoint_files(f"endpoints.{name}", endpoint)
+    if config.nats is not None and config.nats.embedded:
+        errors += _embedded_nats(config.nats)
     errors += _overlapping_listeners(config, resolve)
     return CheckReport(tuple(errors), tuple(_stream_warnings(config)))
+
+
+def _embedded_nats(nats: NatsServerConfig) -> list[str]:
+    """The embedded nats-server's program, store directory and extra configuration file."""
+    # Imported here: the daemon imports the config package.
+    from ..daemon.natsserver import NatsServerFailed, default_store_dir, find_binary
+
+    errors: list[str] = []
+    try:
+        find_binary(nats.binary)
+    except NatsServerFailed as exc:
+        errors.append(f"nats.binary: {exc}")
+    store = Path(nats.store_dir) if nats.store_dir is not None else default_store_dir()
+    problem = _writable_directory(store)
+    if problem:
+        errors.append(f"nats.store_dir: {problem}")
+    if nats.config_file is not None:
+        problem = _unreadable(nats.config_file)
+        if problem:
+            errors.append(f"nats.config_file: {problem}")
+    return errors
 
 
 # -- files and directories ------------------------------------------------------------------

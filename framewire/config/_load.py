@@ -27,6 +27,7 @@ from ._schema import (
     Config,
     EndpointConfig,
     FieldError,
+    NatsConfig,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -186,6 +187,13 @@ def _cross_checks(config: Config) -> list[str]:
     bound: dict[Address, str] = {}
     if config.status is not None and config.status.listen.port != 0:
         bound[config.status.listen] = "[status]"
+    embedded_nats = config.nats is not None and config.nats.embedded
+    for name, endpoint in config.endpoints.items():
+        if isinstance(endpoint, NatsConfig) and not endpoint.servers and not embedded_nats:
+            errors.append(
+                f"endpoints.{name}.servers: required key missing (or set [nats] embedded = "
+                "true to use a nats-server framewire runs itself)"
+            )
     for name, endpoint in config.endpoints.items():
         listen = getattr(endpoint, "listen", None)
         if not isinstance(listen, Address) or (listen.port == 0 and not listen.is_unix):

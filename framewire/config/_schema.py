@@ -31,6 +31,7 @@ __all__ = [
     "LinkConfig",
     "ListenAddress",
     "NatsConfig",
+    "NatsServerConfig",
     "PubSubConfig",
     "ReceiverConfig",
     "RecorderConfig",
@@ -733,9 +734,11 @@ class NatsConfig:
     back through a durable pull consumer. See docs/configuration.md for every key.
     """
 
-    servers: NatsServers
     direction: Literal["publish", "subscribe"]
     stream: Name
+    #: Empty: the embedded nats-server of ``[nats] embedded = true`` (the loader requires
+    #: one or the other).
+    servers: NatsServers = ()
     kind: Literal["nats"] = "nats"
     mode: Literal["core", "jetstream"] = "core"
     subject: NatsSubject | None = None
@@ -768,7 +771,7 @@ class NatsConfig:
     reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
 
     def __attrs_post_init__(self) -> None:
-        tls_servers = self.servers[0].startswith("tls://")
+        tls_servers = bool(self.servers) and self.servers[0].startswith("tls://")
         if tls_servers and self.tls is None:
             raise FieldError("tls", f"servers {self.servers[0]!r} needs a [tls] table")
         if self.tls is not None:
@@ -888,6 +891,75 @@ class StatusConfig:
     metrics_max_clients: PositiveInt = 100
 
 
+#: Where the embedded server listens unless configured: NATS's own default port, loopback.
+DEFAULT_NATS_LISTEN: Final = Address("tcp", "127.0.0.1", 4222)
+#: The largest ``max_payload``: NATS itself refuses more than 64 MiB unless ``max_pending``
+#: is raised too, and advises 8 MiB at most.
+MAX_PAYLOAD_CEILING: Final = 64 << 20
+MAX_PAYLOAD_FLOOR: Final = 1 << 10
+
+
+def _payload(raw: object) -> object:
+    value = parse_size(raw)
+    if not MAX_PAYLOAD_FLOOR <= value <= MAX_PAYLOAD_CEILING:
+        raise ValueError(
+            f"expected a size from {format_size(MAX_PAYLOAD_FLOOR)} to "
+            f"{format_size(MAX_PAYLOAD_CEILING)}, got {value}"
+        )
+    return value
+
+
+def _server_name(raw: object) -> object:
+    if type(raw) is not str:
+        raise ValueError(f"expected a string, got {raw!r}")
+    if not raw or any(c.isspace() or c in "\"'{}#" for c in raw):
+        raise ValueError(f"{raw!r} is not a server name (no spaces, quotes, braces or '#')")
+    return raw
+
+
+#: A nats-server ``server_name``: one word.
+ServerName = Annotated[str, Check(_server_name)]
+#: ``max_payload``: 1 KiB to 64 MiB.
+MaxPayload = Annotated[int, Check(_payload)]
+
+
+@attrs.frozen
+class NatsServerConfig:
+    """``[nats]``: with ``embedded = true``, ``framewire run`` starts a local nats-server with
+    JetStream and supervises it like an endpoint (see framewire/daemon/natsserver.py).
+
+    ``nats`` endpoints without ``servers`` connect to it. ``store_dir`` defaults to
+    ``$STATE_DIRECTORY/nats`` (systemd's StateDirectory=), else
+    ``$XDG_STATE_HOME/framewire/nats`` (``~/.local/state/framewire/nats``). ``config_file``
+    names a nats-server configuration file whose settings are added to the generated ones
+    (authorization, TLS, leaf node remotes, cluster routes), in nats-server's own syntax.
+    """
+
+    embedded: StrictBool = False
+    #: host:port (``*:port``: every interface); port 0 picks a free port at the first start
+    #: and keeps it across restarts.
+    listen: HostPort = DEFAULT_NATS_LISTEN
+    store_dir: FilePath | None = None
+    #: JetStream file storage bound (nats-server ``max_file_store``).
+    max_store: PositiveSize = 10 << 30
+    #: JetStream memory storage bound (``max_memory_store``), for ``storage = "memory"``.
+    max_memory_store: PositiveSize = 256 << 20
+    max_payload: MaxPayload = 8 << 20
+    #: JetStream writes every message to disk before acknowledging it (``sync_interval:
+    #: always``): a power loss then loses nothing acknowledged, at a cost in speed. Without
+    #: it, the last up to 2 minutes may sit in the page cache (a crash of the server alone
+    #: loses nothing).
+    sync_always: StrictBool = False
+    server_name: ServerName | None = None
+    config_file: FilePath | None = None
+    #: The nats-server program; default: beside the Python running framewire, then $PATH.
+    binary: FilePath | None = None
+    #: How long a start may take until the server accepts connections.
+    start_timeout: PositiveDuration = 10.0
+    #: After SIGTERM, how long the server may take to exit before SIGKILL.
+    stop_timeout: PositiveDuration = 10.0
+
+
 @attrs.frozen
 class StreamConfig:
     """``[streams.NAME]``: bounds of one stream's metadata cache (streams not listed get the
@@ -905,6 +977,7 @@ class Config:
     status: StatusConfig | None = None
     streams: dict[Name, StreamConfig] = attrs.field(factory=dict)
     endpoints: dict[Name, EndpointConfig] = attrs.field(factory=dict)
+    nats: NatsServerConfig | None = None
 
     def required_descriptors(self) -> int:
         """File descriptors the configured endpoints may need at their limits."""

@@ -25,6 +25,7 @@ from ..config import Address, Config, ConfigError, StatusConfig, check_config, l
 from .backoff import Backoff
 from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, start_order
 from .metrics import DaemonMetrics
+from .natsserver import EmbeddedNatsServer, with_embedded_servers
 from .notify import SystemdNotifier
 from .rates import RateMeter
 from .status import StatusServer, build_snapshot
@@ -107,6 +108,10 @@ class Daemon:
         self.rates = RateMeter()
         self.metrics = DaemonMetrics(self, self._metrics_max_clients)
         self.status_server: StatusServer | None = None
+        #: The nats-server started for ``[nats] embedded = true``, else None.
+        self.nats_server: EmbeddedNatsServer | None = None
+        if config.nats is not None and config.nats.embedded:
+            self.nats_server = EmbeddedNatsServer(config.nats, config.daemon.restart)
         self._status_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
@@ -146,6 +151,13 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.supervisor.run)
+            if self.nats_server is not None:
+                # First, so that nats endpoints find it; READY=1 waits for it like the rest.
+                try:
+                    await nursery.start(self.nats_server.run)
+                except StartFailed as failure:
+                    failures.append(failure)
+                self.config = self._with_embedded_nats(self.config)
             for name, endpoint_config in start_order(self.config.endpoints):
                 try:
                     await self.supervisor.start_endpoint(
@@ -163,6 +175,7 @@ class Daemon:
                 names = ", ".join(failure.name for failure in failures)
                 await self.notifier.status(f"cannot start: {names}")
                 await self.supervisor.stop_all(0)
+                await self._stop_nats_server()
                 nursery.cancel_scope.cancel()
             else:
                 await self._serve(nursery, task_status)
@@ -195,7 +208,21 @@ class Daemon:
         grace = self.config.daemon.grace_period
         log.info("shutting down (grace period %gs)", grace)
         await self.supervisor.stop_all(grace)
+        # Last: the nats endpoints have drained into it by now.
+        await self._stop_nats_server()
         nursery.cancel_scope.cancel()
+
+    def _with_embedded_nats(self, config: Config) -> Config:
+        """``config`` with the embedded server as the ``servers`` of nats endpoints giving
+        none (unchanged without an embedded server, or before its port is known)."""
+        server = self.nats_server
+        if server is None or server.url is None:
+            return config
+        return with_embedded_servers(config, server.url)
+
+    async def _stop_nats_server(self) -> None:
+        if self.nats_server is not None:
+            await self.nats_server.stop()
 
     async def _trim_heap(self, trim: Callable[[], object]) -> None:
         """Return the heap's free memory to the system every :data:`HEAP_TRIM_INTERVAL`."""
@@ -310,6 +337,14 @@ class Daemon:
         """
         async with self._reload_lock:
             old = self.config
+            if config.nats != old.nats:
+                raise ReloadRefused(
+                    [
+                        "nats: changes to [nats] (the embedded nats-server) take effect when "
+                        "framewire restarts (restart the service)"
+                    ]
+                )
+            config = self._with_embedded_nats(config)
             touched = [
                 name
                 for name, endpoint_config in config.endpoints.items()

@@ -51,6 +51,7 @@ from .dashboard import DASHBOARD
 from .endpoints import Endpoint
 from .lograte import RateLimitedWarning
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .natsserver import EmbeddedNatsServer
 from .rates import RateMeter
 from .stream import Stream
 from .transport import ACCEPT_RETRY_ERRNOS, peer_name
@@ -96,6 +97,8 @@ class DaemonView(Protocol):
     def last_reload(self) -> dict[str, Any] | None: ...
     @property
     def status_server(self) -> StatusServer | None: ...
+    @property
+    def nats_server(self) -> EmbeddedNatsServer | None: ...
 
 
 def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[str, Any]:
@@ -174,6 +177,7 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
             "config": daemon.source,
             "last_reload": daemon.last_reload,
             "status_server": _server_health(daemon.status_server),
+            "nats_server": None if daemon.nats_server is None else daemon.nats_server.snapshot(),
         },
         "endpoints": endpoints,
         "streams": streams,

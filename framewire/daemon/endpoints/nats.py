@@ -373,7 +373,10 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             to_trio(self._on_connected, _url(client), client.max_payload)
 
         def next_server(servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
-            return None, backoff.next_delay()
+            # Given None, nats-py takes the first server of its pool every time: with a
+            # cluster whose first seed is down the client never tried the others. The
+            # server tried least often goes next, so every one gets its turn.
+            return min(servers, key=lambda server: server.reconnects), backoff.next_delay()
 
         async def connect() -> None:
             await client.connect(
