@@ -31,6 +31,7 @@ from framewire.daemon.metrics import HEALTHY_STATES
 from framewire.daemon.natslayout import (
     FrameAssembler,
     FrameLayout,
+    FramePacker,
     NotAFrame,
     escape_token,
     unescape_token,
@@ -248,6 +249,17 @@ def test_chunks_reassemble_and_a_missing_chunk_drops_only_its_frame() -> None:
     assert assembler.frames_incomplete == 1
 
 
+def test_a_frame_before_1970_keeps_its_negative_timestamp() -> None:
+    layout = FrameLayout("fw.s", "p", msg_ids=False)
+    early = [Frame(FrameKind.DATA, "d", b"x", timestamp=-5), Frame(FrameKind.DATA, "d", b"y")]
+    assembler = FrameAssembler(1 << 20)
+    (message,) = layout.messages(early[0], 2048)
+    assert assembler.feed(message.subject, message.headers, message.payload) == early[0]
+    (unit,) = FramePacker(layout, max_frames=2, max_bytes=4096).units(early, 2048, print)
+    (pack,) = unit.messages
+    assert assembler.feed_all(pack.subject, pack.headers, bytes(pack.payload)) == early
+
+
 def test_metadata_is_never_chunked() -> None:
     layout = FrameLayout("fw.s", "p", msg_ids=False)
     with pytest.raises(NotAFrame, match="never chunked"):
@@ -261,6 +273,79 @@ def test_a_frame_over_max_frame_size_is_refused_before_it_is_held() -> None:
     with pytest.raises(NotAFrame, match="max_frame_size"):
         assembler.feed(chunks[0].subject, chunks[0].headers, chunks[0].payload)
     assert not assembler.assembling
+
+
+def mixed_batch() -> list[Frame]:
+    """Metadata, runs of two data types, a frame too big for a pack, a run of one."""
+    other = Frame(FrameKind.DATA, "other", b"o", timestamp=9, headers={"k": "v"})
+    big = Frame(FrameKind.DATA, "sample", bytes(5000), timestamp=10)
+    return [METADATA[0], *frames_of(5), other, *frames_of(3, start=5), big, *frames_of(1, start=8)]
+
+
+def test_packs_hold_consecutive_data_frames_of_one_type_and_come_apart_whole() -> None:
+    layout = FrameLayout("fw.s", "p", msg_ids=True)
+    packer = FramePacker(layout, max_frames=4, max_bytes=4096)
+    refused: list[Frame] = []
+    batch = mixed_batch()
+    units = packer.units(batch, 1 << 20, lambda frame, _: refused.append(frame))
+    assert not refused
+    assert [len(unit.frames) for unit in units] == [1, 4, 1, 1, 3, 1, 1]
+    assert [frame for unit in units for frame in unit.frames] == batch
+    assert packer.packs == 2
+    pack = units[1].messages[0]
+    assert pack.subject == "fw.s.data.sample"
+    assert pack.headers["Fw-Pack"] == "4"
+    assert pack.headers["Fw-Ts"] == str(batch[1].timestamp)
+    assert len(units[1].messages) == 1
+    assert "Nats-Msg-Id" in pack.headers
+    # The payload is the frames in the native wire format, back to back.
+    assert bytes(pack.payload) == encode(batch[1:5])
+    assert all(
+        "Fw-Pack" not in message.headers
+        for u in units
+        if len(u.frames) == 1
+        for message in u.messages
+    )
+    assembler = FrameAssembler(1 << 20)
+    got = [
+        frame
+        for unit in units
+        for message in unit.messages
+        for frame in assembler.feed_all(message.subject, message.headers, bytes(message.payload))
+    ]
+    assert got == batch
+    assert assembler.packs_unpacked == 2
+    # Off by default: one frame, one message.
+    plain = FramePacker(layout, max_frames=0, max_bytes=4096).units(batch, 1 << 20, print)
+    assert [len(unit.frames) for unit in plain] == [1] * len(batch)
+
+
+def test_a_malformed_pack_is_refused_whole_and_the_next_one_comes_apart() -> None:
+    layout = FrameLayout("fw.s", "p", msg_ids=False)
+    frames = frames_of(3)
+    good = FramePacker(layout, max_frames=8, max_bytes=4096).units(frames, 1 << 20, print)
+    (message,) = good[0].messages
+    payload = bytes(message.payload)
+    metadata_inside = encode([frames[0], METADATA[0], frames[1]])
+    big = encode(frames_of(2, size=3000))
+    bad = [
+        ({"Fw-Pack": "x"}, payload, "bad Fw-Pack"),
+        ({"Fw-Pack": "1"}, payload, "bad Fw-Pack"),
+        ({"Fw-Pack": "4"}, payload, "of 3 frames says 4"),
+        ({}, payload[:-10], "ends inside a frame"),
+        ({}, b"not native frames at all, no", "not native frames"),
+        ({}, metadata_inside, "not DATA of type"),
+        ({"Fw-Kind": "metadata"}, payload, "says it holds metadata"),
+        ({"Fw-Chunk": "1/2", "Fw-Size": "9"}, payload, "never chunked"),
+        ({}, big, "not native frames"),  # each frame over max_frame_size
+    ]
+    assembler = FrameAssembler(2048)
+    for changes, body, reason in bad:
+        headers = {**message.headers, **changes}
+        with pytest.raises(NotAFrame, match=reason):
+            assembler.feed_all(message.subject, headers, body)
+        assert assembler.feed_all(message.subject, message.headers, payload) == frames
+    assert assembler.packs_unpacked == len(bad)
 
 
 def test_nats_config_from_toml() -> None:
@@ -308,6 +393,42 @@ async def test_core_round_trip_late_joiner_gets_metadata_first(nats_server: Nats
     assert got == METADATA + sent
     assert client.raw == encode(METADATA + sent)  # byte-identical on the wire
     assert subscriber.status.detail["messages_rejected"] == 0
+
+
+async def test_core_packs_small_frames_and_metadata_still_comes_first(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.url
+    pack = 'pack_frames = 64\npack_bytes = "4KiB"'
+    sent = frames_of(500)
+
+    async def publish_a_bad_pack() -> None:
+        client = await nats.connect(url)
+        headers = {"Fw-Kind": "data", "Fw-Type": "sample", "Fw-Ts": "1", "Fw-Pack": "2"}
+        await client.publish("fw.camera.data.sample", b"FW\x01garbage", headers=headers)
+        await client.flush()
+        await client.close()
+
+    async with running_daemon(publisher_toml(url, extra=pack)) as a:
+        publisher = nats_endpoint(a, "to-nats")
+        await wait_state(publisher, "publishing")
+        async with producer(a) as source:
+            await source.send(METADATA)
+            await wait_until(lambda: publisher.status.frames_out == len(METADATA))
+            async with running_daemon(subscriber_toml(url)) as b:
+                subscriber = nats_endpoint(b, "from-nats")
+                await wait_state(subscriber, "subscribed")
+                await wait_until(lambda: subscriber.status.frames_in >= len(METADATA))
+                client = await connect(endpoint_port(b, "out"))
+                await trio.to_thread.run_sync(asyncio.run, publish_a_bad_pack())
+                await source.send(sent)
+                got = await read(client, len(METADATA) + len(sent))
+                await client.stream.aclose()
+    assert got == METADATA + sent
+    assert client.raw == encode(METADATA + sent)
+    assert count(publisher, "packs_published") >= len(sent) // 64
+    assert count(subscriber, "packs_unpacked") == count(publisher, "packs_published")
+    assert count(subscriber, "messages_rejected") == 1
 
 
 # -- JetStream ---------------------------------------------------------------------------------
@@ -381,6 +502,27 @@ async def test_jetstream_survives_restarts_of_both_daemons(
     await archive_until(url, path, 1 + 50 + 1 + 50)
     runs = read_archive(path.parent)
     assert runs == [[METADATA[0], *first], [METADATA[0], *second, METADATA[1], *third]]
+
+
+async def test_jetstream_pack_is_one_message_with_one_id(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    path = tmp_path / "archive" / "run.fw"
+    sent = [METADATA[0], *frames_of(300)]
+    toml = publisher_toml(url, mode="jetstream", extra="pack_frames = 100")
+    async with running_daemon(toml) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        async with producer(a) as source:
+            await source.send(sent)
+            await wait_until(lambda: writer.status.frames_out == len(sent))
+    packs = count(writer, "packs_published")
+    assert packs >= 3
+    stored = await trio.to_thread.run_sync(asyncio.run, stored_payloads(url, "FW_camera"))
+    assert len(stored) < len(sent)  # packs went as one message each (and a few alone)
+    await archive_until(url, path, len(sent))
+    assert read_archive(path.parent) == [sent]
 
 
 async def test_jetstream_loses_nothing_across_a_sigkill_of_the_server(
@@ -601,6 +743,133 @@ async def test_jetstream_full_stream_is_a_clear_state_and_loses_nothing(
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 1
     assert "retrying with the same message id" in lines[0]
+
+
+async def set_max_msg_size(url: str, limit: int) -> None:
+    """Set FW_camera's max_msg_size (-1: none), as an operator would."""
+    client = await nats.connect(url)
+    js = client.jetstream()
+    info = await js.stream_info("FW_camera")
+    info.config.max_msg_size = limit
+    await js.update_stream(info.config)
+    await client.close()
+
+
+async def stored_payloads(url: str, stream: str) -> list[bytes]:
+    """The payloads a JetStream stream holds, in stream order."""
+    client = await nats.connect(url)
+    js = client.jetstream()
+    info = await js.stream_info(stream)
+    payloads = [
+        (await js.get_msg(stream, seq)).data or b""
+        for seq in range(info.state.first_seq, info.state.last_seq + 1)
+    ]
+    await client.close()
+    return payloads
+
+
+async def test_jetstream_keeps_order_when_a_window_is_partly_refused(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.url
+    # One window: the big frame is refused (over the stream's max_msg_size), the small ones
+    # after it would fit, but each names its predecessor and is refused too.
+    sent = [*frames_of(2), *frames_of(1, start=2, size=3000), *frames_of(3, start=3)]
+    async with running_daemon(
+        publisher_toml(url, mode="jetstream", extra='ack_timeout = "1s"')
+    ) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        await trio.to_thread.run_sync(asyncio.run, set_max_msg_size(url, 2000))
+        async with producer(a) as source:
+            await source.send(sent)
+            await wait_state(writer, "refused")
+            await wait_until(lambda: count(writer, "publishes_refused") >= 2)
+            assert writer.status.frames_out == 2
+            await trio.to_thread.run_sync(asyncio.run, set_max_msg_size(url, -1))
+            await wait_until(lambda: writer.status.frames_out == len(sent))
+    stored = await trio.to_thread.run_sync(asyncio.run, stored_payloads(url, "FW_camera"))
+    assert stored == [frame.payload for frame in sent]  # in order, each once
+
+
+async def test_two_jetstream_publishers_into_one_stream_each_keep_order(
+    nats_server: NatsServer,
+) -> None:
+    # Their windows interleave now and then (detail.order_retries): each is retried at once
+    # and nothing is lost, stored twice or reordered.
+    url = nats_server.url
+    mine = frames_of(2000, size=10)
+    theirs = [
+        Frame(FrameKind.DATA, "other", frame.payload, frame.timestamp, frame.headers)
+        for frame in frames_of(2000, size=10)
+    ]
+    toml = publisher_toml(url, mode="jetstream", extra="max_queue_frames = 50")
+    async with running_daemon(toml) as a, running_daemon(toml) as b:
+        writers = [nats_endpoint(a, "to-nats"), nats_endpoint(b, "to-nats")]
+        for writer in writers:
+            await wait_state(writer, "publishing")
+        async with producer(a) as first, producer(b) as second:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first.send, mine)
+                nursery.start_soon(second.send, theirs)
+            await wait_until(lambda: all(w.status.frames_out == 2000 for w in writers))
+
+    async def stored_types() -> list[tuple[str, str]]:
+        client = await nats.connect(url)
+        js = client.jetstream()
+        info = await js.stream_info("FW_camera")
+        found = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            headers = (await js.get_msg("FW_camera", seq)).headers or {}
+            found.append((headers["Fw-Type"], headers["Fw-H-seq"]))
+        await client.close()
+        return found
+
+    stored = await trio.to_thread.run_sync(asyncio.run, stored_types())
+    for type_tag in ("sample", "other"):
+        assert [seq for t, seq in stored if t == type_tag] == [str(n) for n in range(2000)]
+    assert len(stored) == 4000
+
+
+async def test_a_jetstream_retry_of_a_stored_message_is_a_duplicate_and_order_is_enforced(
+    nats_server: NatsServer,
+) -> None:
+    from framewire.daemon.natsio import AckTracker, refusal_kind
+    from framewire.daemon.natslayout import NatsMessage
+
+    async def publish() -> list[list[tuple[bool, int, bool, str]]]:
+        client = await nats.connect(nats_server.url)
+        js = client.jetstream()
+        await js.add_stream(name="S", subjects=["s.>"], max_msg_size=2000)
+        tracker = await AckTracker.open(client)
+
+        def message(n: int, size: int = 1, after: int | None = None) -> NatsMessage:
+            headers = {"Nats-Msg-Id": f"p-{n}"}
+            if after is not None:
+                headers["Nats-Expected-Last-Msg-Id"] = f"p-{after}"
+            return NatsMessage("s.x", headers, bytes(size))
+
+        windows = [
+            [message(1), message(2, after=1), message(3, 3000, after=2), message(4, after=3)],
+            [message(1), message(2, after=1)],  # stored before: duplicates, whatever they expect
+        ]
+        results = []
+        for window in windows:
+            outcomes = await tracker.publish(window, PATIENCE)
+            results.append(
+                [(o.ok, o.sequence, o.duplicate, "" if o.ok else refusal_kind(o)) for o in outcomes]
+            )
+        await client.close()
+        return results
+
+    first, again = await trio.to_thread.run_sync(asyncio.run, publish())
+    assert first == [
+        (True, 1, False, ""),
+        (True, 2, False, ""),
+        (False, 0, False, "too_large"),
+        (False, 0, False, "out_of_order"),
+    ]
+    assert again == [(True, 1, True, ""), (True, 2, True, "")]
 
 
 async def test_the_inbox_drops_the_oldest_data_never_metadata_and_wakes_trio_per_batch() -> None:

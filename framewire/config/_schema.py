@@ -701,6 +701,15 @@ def _nats_chunk(raw: object) -> object:
     return value
 
 
+def _nats_pack(raw: object) -> object:
+    value = parse_size(raw)
+    if not 1024 <= value <= MAX_NATS_CHUNK:
+        raise ValueError(
+            f"expected a size from 1KiB to {format_size(MAX_NATS_CHUNK)}, got {value!r}"
+        )
+    return value
+
+
 def _replicas(raw: object) -> object:
     value = _strict(int)(raw)
     if not 1 <= value <= 5:  # type: ignore[operator]
@@ -713,6 +722,7 @@ NatsSubject = Annotated[str, Check(_nats_subject)]
 JetStreamName = Annotated[str, Check(_jetstream_name)]
 OptionalJetStreamName = Annotated[str, Check(_optional_jetstream_name)]
 NatsChunk = Annotated[int, Check(_nats_chunk)]
+NatsPack = Annotated[int, Check(_nats_pack)]
 Replicas = Annotated[int, Check(_replicas)]
 
 
@@ -747,6 +757,8 @@ class NatsConfig:
     max_queue_bytes: PositiveSize = 64 << 20
     max_inflight_bytes: PositiveSize = 32 << 20
     chunk_size: NatsChunk = 8 << 20
+    pack_frames: NonNegativeInt = 0
+    pack_bytes: NatsPack = 64 << 10
     max_frame_size: FrameSize = 64 << 20
     ack_timeout: PositiveDuration = 10.0
     connect_timeout: PositiveDuration = 10.0
@@ -786,6 +798,15 @@ class NatsConfig:
         subscribing = self.direction == "subscribe"
         if self.policy is not None and subscribing:
             raise FieldError("policy", 'applies to direction = "publish" (the queue to NATS) only')
+        if self.pack_frames and subscribing:
+            raise FieldError(
+                "pack_frames",
+                'applies to direction = "publish" only (a subscriber takes packs apart anyway)',
+            )
+        if self.pack_frames == 1 or self.pack_frames > 65536:
+            raise FieldError(
+                "pack_frames", f"expected 0 (no packing) or 2 to 65536, got {self.pack_frames}"
+            )
         if self.durable and not (subscribing and self.mode == "jetstream"):
             raise FieldError(
                 "durable", 'applies to direction = "subscribe" with mode = "jetstream" only'

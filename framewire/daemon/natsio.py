@@ -376,17 +376,24 @@ class AckOutcome:
 
 #: JetStream's error code for a message over its size limit.
 ERR_STORE_FAILED: Final = 10077
+#: JetStream's error code for a message whose ``Nats-Expected-Last-Msg-Id`` is not the id of
+#: the stream's last message: the message before it in its window was not stored (or another
+#: publisher's message came between them).
+ERR_WRONG_LAST_MSG_ID: Final = 10070
 
 
 def refusal_kind(outcome: AckOutcome) -> str:
     """What a refused publish means: ``too_large``, ``stream_full``, ``throttled`` (429),
-    ``unavailable`` (503: no stream, no leader), ``no_ack`` or ``refused``.
+    ``unavailable`` (503: no stream, no leader), ``out_of_order`` (the message before it was
+    not the stream's last: see :data:`ERR_WRONG_LAST_MSG_ID`), ``no_ack`` or ``refused``.
 
     JetStream reports a full stream (``discard = "new"``: "maximum bytes/messages exceeded")
     and a message over a limit ("message too large", "message size exceeds maximum allowed")
     under one error code, 10077 (store failed), so the description decides.
     """
     text = outcome.description.lower()
+    if outcome.err_code == ERR_WRONG_LAST_MSG_ID:
+        return "out_of_order"
     if "too large" in text or "size exceeds" in text:
         return "too_large"
     if "exceeded" in text or "insufficient resources" in text or "storage" in text:

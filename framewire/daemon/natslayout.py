@@ -17,12 +17,22 @@ Headers
     each frame header. Header values (and ``Fw-Type``) are percent-encoded where they hold
     ``%``, spaces, control or non-ASCII characters, so NATS's trimming of header values cannot
     change them; header keys are percent-encoded outside ``[A-Za-z0-9_.-]``. JetStream
-    publishes add ``Nats-Msg-Id`` (``PRODUCER-N``, the same on every retry).
+    publishes add ``Nats-Msg-Id`` (``PRODUCER-N``, the same on every retry) and, on every
+    message but the first of an in-flight window, ``Nats-Expected-Last-Msg-Id`` (the id of
+    the message before it), so the server refuses a message whose predecessor was refused:
+    the stream keeps the publisher's order.
 Chunks
     A frame whose payload is over the chunk limit goes as consecutive messages on the same
     subject, each with every header above plus ``Fw-Chunk: I/N`` (1-based) and ``Fw-Size``
     (the whole payload's length). Only DATA frames are chunked: a metadata frame lives in a
     last-value store that keeps one message per subject, so it must fit one message.
+
+Packs (opt-in, ``pack_frames``)
+    Consecutive DATA frames of one type may go as one message on that type's subject, with
+    ``Fw-Kind``, ``Fw-Type``, ``Fw-Ts`` (the first frame's) and ``Fw-Pack: N`` (2 or more
+    frames); the payload is the N frames in framewire's native wire format
+    (``docs/protocol.md``), back to back, each with its own type, timestamp, headers and
+    payload. A pack is never chunked and never holds metadata.
 
 Decoding refuses (:class:`NotAFrame`) a message that lacks ``Fw-Kind``/``Fw-Type``/``Fw-Ts``,
 has values out of range, or chunks that are out of order; the assembler then drops only the
@@ -32,26 +42,33 @@ frame the bad chunk belonged to.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 from urllib.parse import quote, unquote
 
 import attrs
 
 from ..frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
+from ..protocols import ProtocolError
+from ..protocols.native import NativeDecoder, NativeEncoder
 
 __all__ = [
     "HEADER_CHUNK",
+    "HEADER_EXPECTED_LAST_MSG_ID",
     "HEADER_KIND",
     "HEADER_MSG_ID",
+    "HEADER_PACK",
     "HEADER_RANK",
     "HEADER_SIZE",
     "HEADER_TS",
     "HEADER_TYPE",
+    "MAX_PACK_FRAMES",
     "FrameAssembler",
     "FrameLayout",
+    "FramePacker",
     "NatsMessage",
     "NotAFrame",
+    "PublishUnit",
     "escape_token",
     "header_bytes",
     "unescape_token",
@@ -65,6 +82,11 @@ HEADER_CHUNK: Final = "Fw-Chunk"
 HEADER_SIZE: Final = "Fw-Size"
 HEADER_PREFIX: Final = "Fw-H-"
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
+HEADER_EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
+HEADER_PACK: Final = "Fw-Pack"
+#: The most frames one pack may hold.
+MAX_PACK_FRAMES: Final = 65536
+_PACK_COUNT: Final = re.compile(r"[1-9][0-9]{0,5}")
 
 _KINDS: Final = {"data": FrameKind.DATA, "metadata": FrameKind.METADATA}
 _KIND_NAMES: Final = {FrameKind.DATA: "data", FrameKind.METADATA: "metadata"}
@@ -78,6 +100,8 @@ _KEY_SAFE: Final = ""
 _VALUE_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _CHUNK: Final = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,8})")
 _DIGITS: Final = re.compile(r"[0-9]{1,20}")
+#: A timestamp: signed, as framewire's (and the native format's) are.
+_TIMESTAMP: Final = re.compile(r"-?[0-9]{1,20}")
 #: Kinds and types whose subject and fixed headers a layout remembers.
 _TYPE_CACHE: Final = 1024
 #: Bytes a message's header block takes besides its lines (``NATS/1.0\r\n`` ... ``\r\n``).
@@ -212,15 +236,128 @@ class FrameLayout:
             messages.append(NatsMessage(subject, self._with_id(chunk_headers), piece))
         return messages
 
+    def pack(self, frames: Sequence[Frame], payload: Buffer) -> NatsMessage:
+        """One message carrying ``frames`` (two or more consecutive DATA frames of one type),
+        whose native encodings back to back are ``payload`` (see :class:`FramePacker`)."""
+        first = frames[0]
+        subject, fixed = self._of_type(first)
+        headers = {**fixed, HEADER_TS: str(first.timestamp), HEADER_PACK: str(len(frames))}
+        return NatsMessage(subject, self._with_id(headers), payload)
+
+    def pack_room(self, frame: Frame, limit: int) -> int:
+        """Payload bytes a pack of ``frame``'s type may hold in a message of ``limit`` bytes."""
+        fixed = self._of_type(frame)[1]
+        widest = {**fixed, HEADER_TS: "-" * 20, HEADER_PACK: str(MAX_PACK_FRAMES)}
+        return limit - header_bytes(widest) - self._id_bytes()
+
     def _id_bytes(self) -> int:
-        # Nats-Msg-Id: PRODUCER-N, N up to 20 digits.
-        return len(HEADER_MSG_ID) + len(self.producer) + 25 if self.msg_ids else 0
+        # Nats-Msg-Id: PRODUCER-N and Nats-Expected-Last-Msg-Id: PRODUCER-N, N up to 20 digits.
+        if not self.msg_ids:
+            return 0
+        return len(HEADER_MSG_ID) + len(HEADER_EXPECTED_LAST_MSG_ID) + 2 * len(self.producer) + 50
 
     def _with_id(self, headers: dict[str, str]) -> dict[str, str]:
         if self.msg_ids:
             headers[HEADER_MSG_ID] = f"{self.producer}-{self._next_id}"
             self._next_id += 1
         return headers
+
+
+def _nbytes(buffer: Buffer) -> int:
+    return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
+
+
+@attrs.define(slots=True)
+class PublishUnit:
+    """Frames and the messages that carry them: one frame in one message or in chunks, or
+    a pack of frames in one message. Counted as stored or sent once all its messages are."""
+
+    frames: list[Frame]
+    messages: list[NatsMessage]
+
+    @property
+    def kind(self) -> FrameKind:
+        return self.frames[0].kind
+
+    @property
+    def nbytes(self) -> int:
+        return sum(frame.size for frame in self.frames)
+
+
+class FramePacker:
+    """Batches of frames to :class:`PublishUnit` objects for one publisher's ``layout``.
+
+    With ``max_frames`` under 2 every frame goes alone (:meth:`FrameLayout.messages`). Else
+    runs of consecutive DATA frames of one type in a batch go as packs of at most
+    ``max_frames`` frames and ``max_bytes`` bytes of native encoding (and what one message
+    can hold); a run of one frame, a frame bigger than a pack may be, metadata, and a frame
+    the native format cannot carry go alone. A pack holds what the batch it is given holds:
+    it never waits for more frames.
+    """
+
+    def __init__(self, layout: FrameLayout, *, max_frames: int, max_bytes: int) -> None:
+        self.layout = layout
+        self.max_frames = min(max_frames, MAX_PACK_FRAMES)
+        self.max_bytes = max_bytes
+        self._encoder = NativeEncoder()
+        #: Packs made.
+        self.packs = 0
+
+    def units(
+        self,
+        batch: Iterable[Frame],
+        limit: int,
+        unencodable: Callable[[Frame, NotAFrame], None],
+    ) -> list[PublishUnit]:
+        """The units for ``batch``, in order, each message at most ``limit`` bytes; a frame
+        that fits no message is given to ``unencodable`` and left out."""
+        layout = self.layout
+        units: list[PublishUnit] = []
+        run: list[Frame] = []
+        parts: list[Buffer] = []
+        run_bytes = 0
+        room = 0
+
+        def alone(frame: Frame) -> None:
+            try:
+                units.append(PublishUnit([frame], layout.messages(frame, limit)))
+            except NotAFrame as exc:
+                unencodable(frame, exc)
+
+        def close_run() -> None:
+            nonlocal run, parts, run_bytes
+            if len(run) == 1:
+                alone(run[0])
+            elif run:
+                units.append(PublishUnit(run, [layout.pack(run, b"".join(parts))]))
+                self.packs += 1
+            run, parts, run_bytes = [], [], 0
+
+        packing = self.max_frames >= 2
+        encode_into = self._encoder.encode_into
+        for frame in batch:
+            if packing and frame.kind is FrameKind.DATA:
+                if run and (frame.type != run[0].type or len(run) >= self.max_frames):
+                    close_run()
+                if not run:
+                    room = min(self.max_bytes, layout.pack_room(frame, limit))
+                encoded: list[Buffer] = []
+                try:
+                    encode_into(frame, encoded)
+                except ValueError:
+                    encoded = []  # not in the native format: it goes alone
+                size = sum(_nbytes(part) for part in encoded)
+                if encoded and size <= room:
+                    if run_bytes + size > room:
+                        close_run()
+                    run.append(frame)
+                    parts += encoded
+                    run_bytes += size
+                    continue
+            close_run()
+            alone(frame)
+        close_run()
+        return units
 
 
 def _frame_of(subject: str, headers: Mapping[str, str] | None, payload: Buffer) -> Frame:
@@ -231,7 +368,7 @@ def _frame_of(subject: str, headers: Mapping[str, str] | None, payload: Buffer) 
         raise NotAFrame(f"a message on {subject!r} without a valid {HEADER_KIND} header")
     type_text = headers.get(HEADER_TYPE)
     timestamp = headers.get(HEADER_TS, "")
-    if type_text is None or not _DIGITS.fullmatch(timestamp):
+    if type_text is None or not _TIMESTAMP.fullmatch(timestamp):
         raise NotAFrame(f"a message on {subject!r} without valid {HEADER_TYPE}/{HEADER_TS}")
     try:
         type_tag = unquote(type_text, errors="strict")
@@ -271,6 +408,9 @@ class FrameAssembler:
         self.chunks_reassembled = 0
         #: Frames dropped because a chunk was missing or out of order.
         self.frames_incomplete = 0
+        #: Packs taken apart.
+        self.packs_unpacked = 0
+        self._pack_decoder: NativeDecoder | None = None
 
     @property
     def assembling(self) -> bool:
@@ -282,6 +422,50 @@ class FrameAssembler:
         if self._partial is not None:
             self.frames_incomplete += 1
             self._partial = None
+
+    def feed_all(
+        self, subject: str, headers: Mapping[str, str] | None, payload: Buffer
+    ) -> list[Frame]:
+        """The frames ``payload`` completes: a pack's frames, one frame, or none (a chunk of a
+        frame still incomplete).
+
+        Raises NotAFrame as :meth:`feed` does, and for a pack (``Fw-Pack``) that is not
+        exactly its count of DATA frames of its ``Fw-Type`` in the native format, each within
+        ``max_frame_size``: the whole pack is dropped. A pack interrupts a chunked frame.
+        """
+        if not headers or HEADER_PACK not in headers:
+            frame = self.feed(subject, headers, payload)
+            return [] if frame is None else [frame]
+        self.reset()
+        count_text = headers[HEADER_PACK]
+        if not _PACK_COUNT.fullmatch(count_text) or not 2 <= int(count_text) <= MAX_PACK_FRAMES:
+            raise NotAFrame(f"a pack on {subject!r} with a bad {HEADER_PACK}: {count_text[:20]!r}")
+        if HEADER_CHUNK in headers:
+            raise NotAFrame(f"a pack on {subject!r} with {HEADER_CHUNK} (packs are never chunked)")
+        first = _frame_of(subject, headers, b"")
+        if first.kind is not FrameKind.DATA:
+            raise NotAFrame(f"a pack on {subject!r} that says it holds metadata")
+        decoder = self._pack_decoder
+        if decoder is None:
+            decoder = self._pack_decoder = NativeDecoder(max_frame_size=self.max_frame_size)
+        try:
+            frames = decoder.feed(payload)
+        except ProtocolError as exc:
+            self._pack_decoder = None  # it failed: a new one for the next pack
+            raise NotAFrame(f"a pack on {subject!r} that is not native frames: {exc}") from None
+        if decoder.buffered:
+            self._pack_decoder = None
+            raise NotAFrame(f"a pack on {subject!r} that ends inside a frame")
+        count = int(count_text)
+        if len(frames) != count:
+            raise NotAFrame(f"a pack on {subject!r} of {len(frames)} frames says {count}")
+        for frame in frames:
+            if frame.kind is not FrameKind.DATA or frame.type != first.type:
+                raise NotAFrame(
+                    f"a pack on {subject!r} holds a frame that is not DATA of type {first.type!r}"
+                )
+        self.packs_unpacked += 1
+        return frames
 
     def feed(
         self, subject: str, headers: Mapping[str, str] | None, payload: Buffer

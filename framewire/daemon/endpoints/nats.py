@@ -3,7 +3,9 @@
 One endpoint per direction (``direction = "publish"`` or ``"subscribe"``), in one of two
 modes. Frames travel one per NATS message, laid out as :mod:`..natslayout` says (subjects
 ``SUBJECT.data.TYPE`` / ``SUBJECT.meta.TYPE``, ``Fw-*`` headers, chunks above the chunk
-limit), so any NATS client can read them.
+limit), so any NATS client can read them. With ``pack_frames`` (opt-in) a publisher packs
+consecutive DATA frames of one type from one batch into one message (``Fw-Pack``), which a
+subscriber takes apart; metadata always goes alone.
 
 ``mode = "core"`` (live, lossy)
     Publishing takes frames from a subscription to ``stream`` (lossy by default: the oldest
@@ -24,9 +26,10 @@ limit), so any NATS client can read them.
     ``max_inflight_bytes`` unacknowledged. A message that is refused (429, 503 no leader or no
     stream, a full stream with ``discard = "new"``, a timeout) is published again, after a
     backoff, with the same ``Nats-Msg-Id``, so the server stores it once; nothing is dropped.
-    Each refusal is one log line and a ``detail.state``. If a message was refused but a later
-    one of the same window stored, the retry stores the refused one after it: order then
-    differs from the framewire stream's by that message.
+    Each refusal is one log line and a ``detail.state``. Order is kept: each message of a
+    window names its predecessor (``Nats-Expected-Last-Msg-Id``), so the server refuses the
+    messages after a refused one instead of storing them ahead of it, and after a refusal
+    the retries go one message at a time until one is stored.
     Subscribing reads ``FW_x`` through a pull consumer (``durable`` names it so it resumes
     where it stopped; unnamed, it starts anew each time): it fetches a batch, publishes it into
     ``stream``, then acknowledges it. Delivery from JetStream is at least once; redeliveries
@@ -76,12 +79,16 @@ from ..natsio import (
     require_nats,
 )
 from ..natslayout import (
+    HEADER_EXPECTED_LAST_MSG_ID,
     HEADER_KIND,
+    HEADER_MSG_ID,
     HEADER_RANK,
     FrameAssembler,
     FrameLayout,
+    FramePacker,
     NatsMessage,
     NotAFrame,
+    PublishUnit,
 )
 from ..stream import (
     MetadataCache,
@@ -175,9 +182,12 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             acks_pending=0,
             consumer_pending=0,
             chunks_reassembled=0,
+            packs_published=0,
+            packs_unpacked=0,
             frames_incomplete=0,
             messages_rejected=0,
             redeliveries_dropped=0,
+            order_retries=0,
             connect_errors=0,
             publishes_refused=0,
             last_error=None,
@@ -496,6 +506,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             await self._ensure_streams(thread, required=False)
         self._set_state("publishing")
         layout = FrameLayout(config.subject_prefix, secrets.token_hex(6), msg_ids=jetstream)
+        packer = FramePacker(layout, max_frames=config.pack_frames, max_bytes=config.pack_bytes)
         status = self.status
         reconnected = self._reconnected
         while True:
@@ -514,25 +525,18 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 # Core NATS keeps nothing: after a reconnect, say the metadata again first.
                 reconnected = self._reconnected
                 batch = [*self._sent_metadata, *batch]
-            frames: list[tuple[Frame, list[NatsMessage]]] = []
-            limit = self._message_limit()
-            for frame in batch:
-                try:
-                    frames.append((frame, layout.messages(frame, limit)))
-                except NotAFrame as exc:
-                    self._unencodable(frame, exc)
+            units = packer.units(batch, self._message_limit(), self._unencodable)
             if tracker is not None:
-                await self._publish_acked(thread, tracker, frames)
+                await self._publish_acked(thread, tracker, units)
             else:
-                await self._publish_core(thread, frames)
-            for frame, _ in frames:
-                if frame.kind is not FrameKind.DATA:
-                    self._sent_metadata.update(frame)
+                await self._publish_core(thread, units)
+            status.detail["packs_published"] = packer.packs
+            for unit in units:
+                if unit.kind is not FrameKind.DATA:
+                    self._sent_metadata.update(unit.frames[0])
             status.detail["queue_frames"] = subscription.queued_frames
 
-    async def _publish_core(
-        self, thread: NatsThread, frames: list[tuple[Frame, list[NatsMessage]]]
-    ) -> None:
+    async def _publish_core(self, thread: NatsThread, frames: list[PublishUnit]) -> None:
         """Publish without acks, paced by a flush (a round trip to the server) every
         ``max_inflight_bytes``. Data that nats-py cannot take (disconnected, its buffer full)
         is dropped and counted; metadata waits for the connection and is tried again."""
@@ -546,14 +550,14 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             todo = frames[start:]
 
             async def publish(
-                todo: list[tuple[Frame, list[NatsMessage]]] = todo,
+                todo: list[PublishUnit] = todo,
             ) -> list[bool]:
-                """Publish; return whether each frame went, stopping before a metadata
+                """Publish; return whether each unit went, stopping before a metadata
                 frame that could not go."""
                 went = []
-                for frame, messages in todo:
+                for unit in todo:
                     try:
-                        for message in messages:
+                        for message in unit.messages:
                             await client.publish(
                                 message.subject,
                                 message.payload,
@@ -566,7 +570,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                             unflushed[0] = 0
                             await client.flush(timeout=flush_timeout)
                     except Exception:
-                        if frame.kind is not FrameKind.DATA:
+                        if unit.kind is not FrameKind.DATA:
                             break
                         went.append(False)
                         continue
@@ -579,17 +583,17 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 # nats-py could not take the batch in time (its buffer full, the server
                 # gone): the data is lost as for a lossy queue, metadata is said again.
                 self._set_state("error", f"NATS publish: {exc}")
-                self._unsent += sum(1 for frame, _ in todo if frame.kind is FrameKind.DATA)
-                frames = [item for item in todo if item[0].kind is not FrameKind.DATA]
+                self._unsent += sum(len(u.frames) for u in todo if u.kind is FrameKind.DATA)
+                frames = [unit for unit in todo if unit.kind is not FrameKind.DATA]
                 start = 0
                 await self._wait_connected()
                 continue
-            for (frame, _), sent in zip(todo, went, strict=False):
+            for unit, sent in zip(todo, went, strict=False):
                 if sent:
-                    status.frames_out += 1
-                    status.bytes_out += frame.size
+                    status.frames_out += len(unit.frames)
+                    status.bytes_out += unit.nbytes
                 else:
-                    self._unsent += 1
+                    self._unsent += len(unit.frames)
             start += len(went)
             if start < len(frames):
                 # A metadata frame could not go: wait for the connection, then go on.
@@ -600,27 +604,45 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self,
         thread: NatsThread,
         tracker: AckTracker,
-        frames: list[tuple[Frame, list[NatsMessage]]],
+        frames: list[PublishUnit],
     ) -> None:
         """Publish with acks, at most ``max_inflight_bytes`` unacknowledged; retry refused
-        messages (same ids) after a backoff until every one is stored."""
+        messages (same ids) after a backoff until every one is stored, in order.
+
+        Every message of a window but its first names the one before it in
+        ``Nats-Expected-Last-Msg-Id``, so when one is refused the server refuses those after
+        it too (instead of storing them ahead of it). After a refusal the next windows hold
+        one message until one is stored. A message stored although its ack was lost is
+        stored once: its retry carries the same ``Nats-Msg-Id`` and the server answers
+        "duplicate", which it does before it looks at the expected last id.
+        """
         config = self.config
         status = self.status
         detail = status.detail
-        messages = [message for _, messages in frames for message in messages]
-        # The last message index of each frame, to count frames as their last part is stored.
+        messages = [message for unit in frames for message in unit.messages]
+        # The last message index of each unit, to count frames as its last part is stored.
         ends: list[int] = []
-        for _, parts in frames:
-            ends.append((ends[-1] if ends else 0) + len(parts))
+        for unit in frames:
+            ends.append((ends[-1] if ends else 0) + len(unit.messages))
         stored = 0
         backoff = Backoff(config.reconnect)
         frame_index = 0
+        one_at_a_time = False
         while stored < len(messages):
             window: list[NatsMessage] = []
             window_bytes = 0
+            previous_id: str | None = None
             for message in messages[stored:]:
-                if window and window_bytes + message.size > config.max_inflight_bytes:
+                if window and (
+                    one_at_a_time or window_bytes + message.size > config.max_inflight_bytes
+                ):
                     break
+                headers = message.headers
+                if previous_id is None:
+                    headers.pop(HEADER_EXPECTED_LAST_MSG_ID, None)
+                else:
+                    headers[HEADER_EXPECTED_LAST_MSG_ID] = previous_id
+                previous_id = headers.get(HEADER_MSG_ID)
                 window.append(message)
                 window_bytes += message.size
             detail["inflight_bytes"] = window_bytes
@@ -642,19 +664,26 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 good += 1
             stored += good
             while frame_index < len(frames) and ends[frame_index] <= stored:
-                frame = frames[frame_index][0]
-                status.frames_out += 1
-                status.bytes_out += frame.size
+                done = frames[frame_index]
+                status.frames_out += len(done.frames)
+                status.bytes_out += done.nbytes
                 frame_index += 1
             if good == len(window):
                 if detail["state"] != "publishing":
                     self._set_state("publishing")
                 backoff.reset()
+                one_at_a_time = False
                 continue
             failed = outcomes[good]
+            if refusal_kind(failed) == "out_of_order":
+                # Its predecessor was stored, yet is not the stream's last message: another
+                # publisher's message came between. Try again at once, as a window's first.
+                self._count("order_retries")
+                continue
             self._count("publishes_refused")
             state, problem = _describe_refusal(failed, config, window[good])
             self._set_state(state, problem)
+            one_at_a_time = True
             await trio.sleep(backoff.next_delay())
             await self._wait_connected()
 
@@ -666,13 +695,11 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         assembler = self._assembler
         for subject, headers, payload in messages:
             try:
-                frame = assembler.feed(subject, headers, payload)
+                frames += assembler.feed_all(subject, headers, payload)
             except NotAFrame as exc:
                 self._rejected(str(exc))
-                continue
-            if frame is not None:
-                frames.append(frame)
         detail = self.status.detail
+        detail["packs_unpacked"] = assembler.packs_unpacked
         detail["chunks_reassembled"] = assembler.chunks_reassembled
         detail["frames_incomplete"] = assembler.frames_incomplete
         return frames
