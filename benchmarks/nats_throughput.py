@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -52,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -81,6 +82,8 @@ from framewire.frame import Frame, FrameKind
 
 KIB: Final = 1 << 10
 SIZES: Final = (64, 64 * KIB, MIB, 8 * MIB)
+#: Sizes at most this are also measured with packing (--pack-frames).
+PACKED_SIZE: Final = 4 * KIB
 MODES: Final = ("core", "jetstream")
 FRAME_TYPE: Final = "bench"
 STREAM: Final = "bench"
@@ -491,7 +494,11 @@ def measure_nats_py(workdir: Path, mode: str, size: int, args: argparse.Namespac
     return result_of("nats-py", mode, size, report, cpu, list(pids))
 
 
-def measure_framewire(workdir: Path, mode: str, size: int, args: argparse.Namespace) -> Result:
+def measure_framewire(
+    workdir: Path, mode: str, size: int, args: argparse.Namespace, *, pack: int = 0
+) -> Result:
+    """Daemon A (receiver -> nats publish) -> nats-server -> daemon B (nats subscribe ->
+    server) -> a consumer; ``pack``: daemon A's ``pack_frames`` (0: one frame per message)."""
     server, url = start_nats_server(workdir)
     receiver_port, server_port = free_ports(2)
     common = {"host": HOST, "url": url, "stream": STREAM, "mode": mode}
@@ -501,7 +508,14 @@ def measure_framewire(workdir: Path, mode: str, size: int, args: argparse.Namesp
             **common,
             receiver_port=receiver_port,
             max_bytes=JS_MAX_BYTES,
-            extra=f"chunk_size = {args.chunk_size}" if args.chunk_size else "",
+            extra="\n".join(
+                line
+                for line, wanted in (
+                    (f"chunk_size = {args.chunk_size}", args.chunk_size),
+                    (f"pack_frames = {pack}", pack),
+                )
+                if wanted
+            ),
         )
     )
     durable = 'durable = "bench-b"\n' if mode == "jetstream" else ""
@@ -538,7 +552,8 @@ def measure_framewire(workdir: Path, mode: str, size: int, args: argparse.Namesp
                     report, cpu = run_window(consumer, pids, args)
     finally:
         stop_process(server)
-    return result_of("framewire", mode, size, report, cpu, list(pids))
+    path = f"framewire, pack {pack}" if pack else "framewire"
+    return result_of(path, mode, size, report, cpu, list(pids))
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -554,7 +569,7 @@ def size_text(size: int) -> str:
 
 def print_header() -> None:
     print(
-        f"{'payload':>8}  {'mode':<9} {'path':<9} {'msgs/s':>10} {'Gbit/s':>7} {'CPU s/GB':>9}"
+        f"{'payload':>8}  {'mode':<9} {'path':<19} {'per s':>10} {'Gbit/s':>7} {'CPU s/GB':>9}"
         f"  {'nats-server':>11}  {'pub/daemon A':>12}  {'sub/daemon B':>12}  {'others':>6}"
     )
 
@@ -566,7 +581,7 @@ def print_row(result: Result) -> None:
     per_gb = result.cpu_per_gb
     others = cpu.get("others")
     print(
-        f"{size_text(result.payload_size):>8}  {result.mode:<9} {result.path:<9}"
+        f"{size_text(result.payload_size):>8}  {result.mode:<9} {result.path:<19}"
         f" {result.per_second:>10,.0f} {result.gbit:>7.3f}"
         f" {'-' if per_gb is None else f'{per_gb:9.2f}':>9}"
         f"  {cpu_text(cpu.get('nats-server'), result.seconds)}"
@@ -583,24 +598,28 @@ def print_summary(results: dict[tuple[int, str, str], list[Result]]) -> None:
     for mode in MODES:
         for size in sorted({s for s, m, _ in results if m == mode}):
             alone = statistics.median(r.per_second for r in results[(size, mode, "nats-py")])
-            ours = statistics.median(r.per_second for r in results[(size, mode, "framewire")])
-            ratio = ours / alone if alone else 0.0
-            cpu = [
-                statistics.median(c for r in results[(size, mode, path)] if (c := r.cpu_per_gb))
-                if any(r.cpu_per_gb for r in results[(size, mode, path)])
-                else None
-                for path in ("nats-py", "framewire")
-            ]
-            cost = "; CPU s/GB " + " / ".join("-" if c is None else f"{c:.2f}" for c in cpu)
-            if size >= 64 * KIB:
-                target, met = f">= {TARGET_RATIO} x nats-py", ratio >= TARGET_RATIO
-            else:
-                target, met = ">= nats-py's msgs/s", ratio >= 1.0
-            print(
-                f"  {mode:<9} {size_text(size):>7}: nats-py {alone:,.1f} msgs/s, framewire"
-                f" {ours:,.1f} msgs/s, framewire/nats-py {ratio:.2f}"
-                f"  (target {target}: {'met' if met else 'NOT met'}){cost}"
+            ours_paths = sorted(
+                p for s, m, p in results if (s, m) == (size, mode) and p != "nats-py"
             )
+            for ours_path in ours_paths:
+                ours = statistics.median(r.per_second for r in results[(size, mode, ours_path)])
+                ratio = ours / alone if alone else 0.0
+                cpu = [
+                    statistics.median(c for r in results[(size, mode, path)] if (c := r.cpu_per_gb))
+                    if any(r.cpu_per_gb for r in results[(size, mode, path)])
+                    else None
+                    for path in ("nats-py", ours_path)
+                ]
+                cost = "; CPU s/GB " + " / ".join("-" if c is None else f"{c:.2f}" for c in cpu)
+                if size >= 64 * KIB:
+                    target, met = f">= {TARGET_RATIO} x nats-py", ratio >= TARGET_RATIO
+                else:
+                    target, met = ">= nats-py's msgs/s", ratio >= 1.0
+                print(
+                    f"  {mode:<9} {size_text(size):>7}: nats-py {alone:,.1f} msgs/s,"
+                    f" {ours_path} {ours:,.1f} frames/s, ratio {ratio:.2f}"
+                    f"  (target {target}: {'met' if met else 'NOT met'}){cost}"
+                )
     warn_if_busy(
         (r.cpu["others"] / r.seconds for rs in results.values() for r in rs if r.cpu["others"]),
         "rates and ratios are unreliable; compare CPU s/GB, and repeat (--repeat)",
@@ -631,6 +650,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         help="daemon A's chunk_size in bytes (default: the endpoint's, 8 MiB)",
+    )
+    parser.add_argument(
+        "--pack-frames",
+        type=int,
+        default=256,
+        help="also measure frames of at most 4 KiB with daemon A's pack_frames set to this"
+        " (0: not; default 256)",
     )
     parser.add_argument(
         "--keep", metavar="DIR", help="work in DIR and keep the logs (default: a temporary one)"
@@ -677,10 +703,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(args.repeat):
             for mode in args.modes.split(","):
                 for size in sizes:
-                    for path, measure in (
+                    paths: list[tuple[str, Callable[..., Result]]] = [
                         ("nats-py", measure_nats_py),
                         ("framewire", measure_framewire),
-                    ):
+                    ]
+                    if args.pack_frames and size <= PACKED_SIZE:
+                        paths.append(
+                            (
+                                f"framewire, pack {args.pack_frames}",
+                                functools.partial(measure_framewire, pack=args.pack_frames),
+                            )
+                        )
+                    for path, measure in paths:
                         case += 1
                         workdir = root / f"{case:02d}-{mode}-{size}-{path}"
                         workdir.mkdir(parents=True)
