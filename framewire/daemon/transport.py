@@ -67,6 +67,12 @@ JOIN_AVERAGE: Final = 4096
 ACCEPT_RETRY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: TCP_NOTSENT_LOWAT for relay connections.
 NOTSENT_LOWAT: Final = 4 << 20
+#: :meth:`Connection.receive_into` reads what is already there without a trip through the
+#: scheduler, but yields to it (lets other tasks run) after at most this many reads ...
+RECEIVE_YIELD_READS: Final = 16
+#: ... or this many bytes, whichever comes first, so a connection whose peer floods it
+#: cannot starve the daemon's other tasks.
+RECEIVE_YIELD_BYTES: Final = 4 << 20
 #: Buffers per sendmsg() call (Linux's IOV_MAX is 1024).
 _IOV_MAX: Final = 1024
 #: Mode of a UNIX socket file unless configured: owner and group may connect.
@@ -131,6 +137,9 @@ class Connection:
     """A byte stream with the fast paths the endpoints need.
 
     * :meth:`receive_into` reads straight into a caller's buffer (``recv_into`` on sockets).
+      On a plain socket it reads what the kernel already holds without a trip through
+      trio's scheduler, and yields to the scheduler at least every
+      :data:`RECEIVE_YIELD_READS` reads or :data:`RECEIVE_YIELD_BYTES` bytes.
     * :meth:`send` writes a list of buffers as one write: small ones joined, large ones as a
       gather write, never one system call per frame. On a plain socket it first writes
       what the kernel takes at once, without a trip through trio's scheduler, and waits
@@ -143,6 +152,8 @@ class Connection:
 
     __slots__ = (
         "_already_read",
+        "_read_credit",
+        "_read_credit_bytes",
         "_sending",
         "_socket",
         "bytes_received",
@@ -175,6 +186,9 @@ class Connection:
         self.bytes_received = 0
         self.bytes_sent = 0
         self._already_read = b""
+        # Reads and bytes receive_into may still take before it must yield.
+        self._read_credit = RECEIVE_YIELD_READS
+        self._read_credit_bytes = RECEIVE_YIELD_BYTES
         #: The longest one :meth:`send` may wait for the peer to take its bytes; then it
         #: raises trio.TooSlowError (and the connection is unusable). Only time spent
         #: waiting counts: a write the kernel takes at once never times out.
@@ -241,15 +255,44 @@ class Connection:
             return n
         sock = self._socket
         if sock is not None:
-            try:
-                n = await sock.recv_into(buffer)
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+            n = await self._receive_socket(sock, buffer)
         else:
             data = await self.stream.receive_some(len(buffer))
             n = len(data)
             buffer[:n] = data
         self.bytes_received += n
+        return n
+
+    async def _receive_socket(self, sock: trio.socket.SocketType, buffer: memoryview) -> int:
+        """recv_into on a plain socket: at once when the kernel holds data and the read
+        credit lasts (a cancellation is still noticed), else through trio, which waits for
+        data and yields to the scheduler; either way at most ``len(buffer)`` bytes.
+
+        Raises trio.BrokenResourceError when the connection broke (or was closed here).
+        """
+        if self._read_credit > 0:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            fd = sock.fileno()
+            try:
+                n = os.readv(fd, (buffer,)) if fd >= 0 else -1
+            except BlockingIOError:
+                n = -1  # nothing there yet: wait for it below
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+            if n >= 0:
+                self._read_credit -= 1
+                self._read_credit_bytes -= n
+                if self._read_credit_bytes <= 0:
+                    self._read_credit = 0
+                return n
+        # Waiting (or out of credit): trio's recv_into yields to the scheduler, always; that
+        # read is the first of the next RECEIVE_YIELD_READS.
+        try:
+            n = await sock.recv_into(buffer)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+        self._read_credit = RECEIVE_YIELD_READS - 1
+        self._read_credit_bytes = RECEIVE_YIELD_BYTES - n
         return n
 
     async def send(self, buffers: Sequence[Buffer], nbytes: int | None = None) -> None:
