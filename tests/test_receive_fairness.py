@@ -1,6 +1,8 @@
 """Connection.receive_into reads what a socket already holds without a trip through trio's
 scheduler, yet a peer that floods its connection cannot starve the daemon's other tasks:
-the reader yields at least every RECEIVE_YIELD_READS reads or RECEIVE_YIELD_BYTES bytes."""
+the reader yields at least every RECEIVE_YIELD_READS reads or RECEIVE_YIELD_BYTES bytes.
+When a read or write has to wait it waits for readiness itself (not through trio's socket
+methods), and a close or a peer that leaves still ends it as before."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from framewire.daemon import transport
 from framewire.daemon.transport import RECEIVE_YIELD_READS, Connection
@@ -116,3 +119,43 @@ async def test_the_fast_path_still_sees_the_end_and_waits_for_data() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+async def test_a_reader_waiting_when_its_connection_is_closed_gets_closed_resource() -> None:
+    ours, theirs = socket.socketpair()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    connection = Connection(stream, "peer")
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def close_soon() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    await stream.aclose()
+
+                nursery.start_soon(close_soon)
+                with pytest.raises(trio.ClosedResourceError):
+                    await connection.receive_into(memoryview(bytearray(8)))
+        # ... and reading it afterwards is a broken connection, as before.
+        with pytest.raises(trio.BrokenResourceError):
+            await connection.receive_into(memoryview(bytearray(8)))
+    finally:
+        theirs.close()
+
+
+async def test_a_write_waiting_for_a_peer_that_leaves_is_a_broken_resource() -> None:
+    ours, theirs = socket.socketpair()
+    connection = Connection(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), "peer")
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def leave_soon() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    theirs.close()
+
+                nursery.start_soon(leave_soon)
+                with pytest.raises(trio.BrokenResourceError):
+                    await connection.send([bytes(16 << 20)])
+    finally:
+        ours.close()

@@ -73,7 +73,7 @@ RECEIVE_YIELD_READS: Final = 16
 #: ... or this many bytes, whichever comes first, so a connection whose peer floods it
 #: cannot starve the daemon's other tasks.
 RECEIVE_YIELD_BYTES: Final = 4 << 20
-#: Buffers per sendmsg() call (Linux's IOV_MAX is 1024).
+#: Buffers per writev() call (Linux's IOV_MAX is 1024).
 _IOV_MAX: Final = 1024
 #: Mode of a UNIX socket file unless configured: owner and group may connect.
 DEFAULT_SOCKET_MODE: Final = 0o660
@@ -264,36 +264,38 @@ class Connection:
         return n
 
     async def _receive_socket(self, sock: trio.socket.SocketType, buffer: memoryview) -> int:
-        """recv_into on a plain socket: at once when the kernel holds data and the read
-        credit lasts (a cancellation is still noticed), else through trio, which waits for
-        data and yields to the scheduler; either way at most ``len(buffer)`` bytes.
+        """recv_into on a plain socket, at most ``len(buffer)`` bytes: at once when the
+        kernel holds data and the read credit lasts (a cancellation is still noticed);
+        after :data:`RECEIVE_YIELD_READS` reads or :data:`RECEIVE_YIELD_BYTES` bytes it
+        first yields to the scheduler; when nothing is there it waits for the socket to be
+        readable (a schedule point too) and reads then.
 
-        Raises trio.BrokenResourceError when the connection broke (or was closed here).
+        Raises trio.BrokenResourceError when the connection broke (or was closed here),
+        trio.ClosedResourceError when another task closed it while this one waited.
         """
         if self._read_credit > 0:
             await trio.lowlevel.checkpoint_if_cancelled()
-            fd = sock.fileno()
+        else:
+            await trio.lowlevel.checkpoint()
+            self._read_credit = RECEIVE_YIELD_READS
+            self._read_credit_bytes = RECEIVE_YIELD_BYTES
+        while True:
             try:
-                n = os.readv(fd, (buffer,)) if fd >= 0 else -1
+                n = os.readv(sock.fileno(), (buffer,))  # a closed socket's -1: EBADF
             except BlockingIOError:
-                n = -1  # nothing there yet: wait for it below
+                # Nothing there: wait in trio (the reader lets others run meanwhile, so
+                # its credit starts afresh) and read it ourselves, without a second try.
+                await trio.lowlevel.wait_readable(sock)
+                self._read_credit = RECEIVE_YIELD_READS
+                self._read_credit_bytes = RECEIVE_YIELD_BYTES
+                continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-            if n >= 0:
-                self._read_credit -= 1
-                self._read_credit_bytes -= n
-                if self._read_credit_bytes <= 0:
-                    self._read_credit = 0
-                return n
-        # Waiting (or out of credit): trio's recv_into yields to the scheduler, always; that
-        # read is the first of the next RECEIVE_YIELD_READS.
-        try:
-            n = await sock.recv_into(buffer)
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-        self._read_credit = RECEIVE_YIELD_READS - 1
-        self._read_credit_bytes = RECEIVE_YIELD_BYTES - n
-        return n
+            self._read_credit -= 1
+            self._read_credit_bytes -= n
+            if self._read_credit_bytes <= 0:
+                self._read_credit = 0
+            return n
 
     async def send(self, buffers: Sequence[Buffer], nbytes: int | None = None) -> None:
         """Write every buffer, in order. ``nbytes`` is their total, when the caller knows it.
@@ -365,31 +367,25 @@ class Connection:
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
 
     async def _send_waiting(self, buffers: Sequence[Buffer]) -> None:
-        """Write ``buffers`` through the stream, waiting for the peer as needed."""
+        """Write ``buffers`` through the stream, waiting for the peer as needed.
+
+        On a plain socket: wait until it is writable, write what it takes, again until
+        all is written (one scheduler trip per wait, none after a write).
+        """
+        sock = self._socket
+        if sock is not None:
+            rest = buffers
+            while rest:
+                await trio.lowlevel.wait_writable(sock)
+                rest = self._write_now(rest, sum(map(_nbytes, rest)))
+            return
         if len(buffers) == 1:
             await self.stream.send_all(buffers[0])
-        elif (total := sum(map(_nbytes, buffers))) <= JOIN_LIMIT and (
-            total <= JOIN_AVERAGE * len(buffers) or self._socket is None
-        ):
+        elif sum(map(_nbytes, buffers)) <= JOIN_LIMIT:
             await self.stream.send_all(b"".join(buffers))
-        elif self._socket is not None:
-            await self._gather(buffers)
         else:
             for buffer in buffers:
                 await self.stream.send_all(buffer)
-
-    async def _gather(self, buffers: Sequence[Buffer]) -> None:
-        """sendmsg() in slices of at most IOV_MAX buffers, resuming after partial sends."""
-        sock = self._socket
-        assert sock is not None
-        pending: list[Buffer] = list(buffers)
-        index = 0
-        while index < len(pending):
-            try:
-                sent = await sock.sendmsg(pending[index : index + _IOV_MAX])
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            index = _advance(pending, index, sent)
 
     async def aclose(self) -> None:
         await self.stream.aclose()
