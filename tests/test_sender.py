@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import logging
 import random
 from collections.abc import Sequence
 
+import pytest
 import trio
 import trio.testing
 
@@ -15,8 +17,10 @@ from framewire.daemon.endpoints import EndpointContext, Transports
 from framewire.daemon.endpoints.sender import SenderEndpoint
 from framewire.daemon.stream import StreamRegistry
 from framewire.daemon.transport import Connector
+from framewire.frame import FrameBlock
+from framewire.protocols.native import NativeDecoder
 
-from .helpers import NativePeer, wait_until
+from .helpers import NativePeer, encode, wait_until
 
 READER = Address("tcp", "192.0.2.7", 4536)  # never dialled: the connector is injected
 BACKOFF = BackoffConfig(initial=1.0, maximum=4.0, factor=2.0, stable_after=60.0)
@@ -61,8 +65,7 @@ def sender(readers: Readers, **options: object) -> tuple[SenderEndpoint, StreamR
         connect=READER,
         stream="s",
         reconnect=BACKOFF,
-        max_queue_frames=8,
-        **options,  # type: ignore[arg-type]
+        **{"max_queue_frames": 8, **options},  # type: ignore[arg-type]
     )
     endpoint = SenderEndpoint(
         "out", config, EndpointContext(streams, readers), rng=random.Random(1)
@@ -148,4 +151,62 @@ async def test_close_on_end_closes_at_a_boundary_and_starts_afresh(
             await stream.publish([data(3)])
             second = NativePeer(await readers.connections.receive())
             assert await second.read(2) == [meta("config", b"v1"), data(3)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_blocks_of_native_frames_are_sent_whole_and_counted_as_their_frames(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    readers = Readers()
+    readers.down = False
+    endpoint, streams = sender(readers, max_queue_frames=4096)
+    stream = streams.get("s")
+    frames = [data(i) for i in range(200)]
+    frames[100:100] = [meta("config", b"v1")]
+    decoder = NativeDecoder(max_frame_size=1 << 20)
+    decoder.blocks = True
+    cut = decoder.feed(encode(frames))
+    assert any(isinstance(frame, FrameBlock) for frame in cut)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.run)
+        (subscription,) = stream.subscriptions
+        assert subscription.blocks_of == "native"
+        await stream.publish(cut)
+        with trio.fail_after(60):
+            peer = NativePeer(await readers.connections.receive())
+            assert await peer.read(len(frames)) == frames
+        # The blocks went out as the bytes that came in, and count as their frames.
+        assert bytes(peer.raw) == encode(frames)
+        await wait_until(lambda: endpoint.status.frames_out == len(frames))
+        assert endpoint.status.bytes_out == len(peer.raw)
+        nursery.cancel_scope.cancel()
+
+
+class StalledReaders(Readers):
+    """Hands out streams whose reader never reads: a write waits until it times out."""
+
+    def connector(self, address: Address) -> Connector:
+        async def connect() -> trio.abc.Stream:
+            self.attempts += 1
+            await trio.lowlevel.checkpoint()
+            ours, theirs = trio.testing.lockstep_stream_pair()
+            self.accepted.send_nowait(theirs)
+            return ours
+
+        return connect
+
+
+async def test_a_write_the_reader_never_takes_ends_the_connection_after_send_timeout(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    readers = StalledReaders()
+    endpoint, streams = sender(readers, send_timeout=5.0)
+    caplog.set_level(logging.WARNING)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.run)
+        await streams.get("s").publish([data(1)])
+        with trio.fail_after(60):
+            await readers.connections.receive()
+            await wait_until(lambda: readers.attempts >= 2)
+        assert "a write stalled for more than 5s" in caplog.text
         nursery.cancel_scope.cancel()

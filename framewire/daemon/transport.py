@@ -67,7 +67,13 @@ JOIN_AVERAGE: Final = 4096
 ACCEPT_RETRY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: TCP_NOTSENT_LOWAT for relay connections.
 NOTSENT_LOWAT: Final = 4 << 20
-#: Buffers per sendmsg() call (Linux's IOV_MAX is 1024).
+#: :meth:`Connection.receive_into` reads what is already there without a trip through the
+#: scheduler, but yields to it (lets other tasks run) after at most this many reads ...
+RECEIVE_YIELD_READS: Final = 16
+#: ... or this many bytes, whichever comes first, so a connection whose peer floods it
+#: cannot starve the daemon's other tasks.
+RECEIVE_YIELD_BYTES: Final = 4 << 20
+#: Buffers per writev() call (Linux's IOV_MAX is 1024).
 _IOV_MAX: Final = 1024
 #: Mode of a UNIX socket file unless configured: owner and group may connect.
 DEFAULT_SOCKET_MODE: Final = 0o660
@@ -131,6 +137,9 @@ class Connection:
     """A byte stream with the fast paths the endpoints need.
 
     * :meth:`receive_into` reads straight into a caller's buffer (``recv_into`` on sockets).
+      On a plain socket it reads what the kernel already holds without a trip through
+      trio's scheduler, and yields to the scheduler at least every
+      :data:`RECEIVE_YIELD_READS` reads or :data:`RECEIVE_YIELD_BYTES` bytes.
     * :meth:`send` writes a list of buffers as one write: small ones joined, large ones as a
       gather write, never one system call per frame. On a plain socket it first writes
       what the kernel takes at once, without a trip through trio's scheduler, and waits
@@ -143,6 +152,8 @@ class Connection:
 
     __slots__ = (
         "_already_read",
+        "_read_credit",
+        "_read_credit_bytes",
         "_sending",
         "_socket",
         "bytes_received",
@@ -175,6 +186,9 @@ class Connection:
         self.bytes_received = 0
         self.bytes_sent = 0
         self._already_read = b""
+        # Reads and bytes receive_into may still take before it must yield.
+        self._read_credit = RECEIVE_YIELD_READS
+        self._read_credit_bytes = RECEIVE_YIELD_BYTES
         #: The longest one :meth:`send` may wait for the peer to take its bytes; then it
         #: raises trio.TooSlowError (and the connection is unusable). Only time spent
         #: waiting counts: a write the kernel takes at once never times out.
@@ -241,16 +255,47 @@ class Connection:
             return n
         sock = self._socket
         if sock is not None:
-            try:
-                n = await sock.recv_into(buffer)
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+            n = await self._receive_socket(sock, buffer)
         else:
             data = await self.stream.receive_some(len(buffer))
             n = len(data)
             buffer[:n] = data
         self.bytes_received += n
         return n
+
+    async def _receive_socket(self, sock: trio.socket.SocketType, buffer: memoryview) -> int:
+        """recv_into on a plain socket, at most ``len(buffer)`` bytes: at once when the
+        kernel holds data and the read credit lasts (a cancellation is still noticed);
+        after :data:`RECEIVE_YIELD_READS` reads or :data:`RECEIVE_YIELD_BYTES` bytes it
+        first yields to the scheduler; when nothing is there it waits for the socket to be
+        readable (a schedule point too) and reads then.
+
+        Raises trio.BrokenResourceError when the connection broke (or was closed here),
+        trio.ClosedResourceError when another task closed it while this one waited.
+        """
+        if self._read_credit > 0:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            await trio.lowlevel.checkpoint()
+            self._read_credit = RECEIVE_YIELD_READS
+            self._read_credit_bytes = RECEIVE_YIELD_BYTES
+        while True:
+            try:
+                n = os.readv(sock.fileno(), (buffer,))  # a closed socket's -1: EBADF
+            except BlockingIOError:
+                # Nothing there: wait in trio (the reader lets others run meanwhile, so
+                # its credit starts afresh) and read it ourselves, without a second try.
+                await trio.lowlevel.wait_readable(sock)
+                self._read_credit = RECEIVE_YIELD_READS
+                self._read_credit_bytes = RECEIVE_YIELD_BYTES
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+            self._read_credit -= 1
+            self._read_credit_bytes -= n
+            if self._read_credit_bytes <= 0:
+                self._read_credit = 0
+            return n
 
     async def send(self, buffers: Sequence[Buffer], nbytes: int | None = None) -> None:
         """Write every buffer, in order. ``nbytes`` is their total, when the caller knows it.
@@ -322,31 +367,25 @@ class Connection:
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
 
     async def _send_waiting(self, buffers: Sequence[Buffer]) -> None:
-        """Write ``buffers`` through the stream, waiting for the peer as needed."""
+        """Write ``buffers`` through the stream, waiting for the peer as needed.
+
+        On a plain socket: wait until it is writable, write what it takes, again until
+        all is written (one scheduler trip per wait, none after a write).
+        """
+        sock = self._socket
+        if sock is not None:
+            rest = buffers
+            while rest:
+                await trio.lowlevel.wait_writable(sock)
+                rest = self._write_now(rest, sum(map(_nbytes, rest)))
+            return
         if len(buffers) == 1:
             await self.stream.send_all(buffers[0])
-        elif (total := sum(map(_nbytes, buffers))) <= JOIN_LIMIT and (
-            total <= JOIN_AVERAGE * len(buffers) or self._socket is None
-        ):
+        elif sum(map(_nbytes, buffers)) <= JOIN_LIMIT:
             await self.stream.send_all(b"".join(buffers))
-        elif self._socket is not None:
-            await self._gather(buffers)
         else:
             for buffer in buffers:
                 await self.stream.send_all(buffer)
-
-    async def _gather(self, buffers: Sequence[Buffer]) -> None:
-        """sendmsg() in slices of at most IOV_MAX buffers, resuming after partial sends."""
-        sock = self._socket
-        assert sock is not None
-        pending: list[Buffer] = list(buffers)
-        index = 0
-        while index < len(pending):
-            try:
-                sent = await sock.sendmsg(pending[index : index + _IOV_MAX])
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            index = _advance(pending, index, sent)
 
     async def aclose(self) -> None:
         await self.stream.aclose()

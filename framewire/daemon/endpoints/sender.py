@@ -56,6 +56,7 @@ class SenderEndpoint(Endpoint[SenderConfig]):
         # Metadata as of the next frame to deliver, and the batch a failure interrupted.
         self._delivered = MetadataCache()
         self._pending: list[Frame] = []
+        self._pending_frames = 0  # how many frames _pending stands for (a block counts its)
         self._subscription: Subscription | None = None
         self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
 
@@ -69,6 +70,8 @@ class SenderEndpoint(Endpoint[SenderConfig]):
             # A new session header (aedat4) ends the subscription, so the connection: the
             # reader takes one header per connection; the next connection gets the new one.
             session_types=protocols.get(config.protocol).session_metadata_types,
+            # Blocks of frames received in this protocol are written as they came, whole.
+            blocks_of=config.protocol,
         )
         self._delivered.clear()
         self.status.clients.clear()
@@ -112,11 +115,14 @@ class SenderEndpoint(Endpoint[SenderConfig]):
     async def _send_all(self, connection: Connection) -> str:
         subscription = self._subscription
         assert subscription is not None
-        timeout = self.config.send_timeout
+        # The connection's own deadline bounds each write's wait for the reader (no cancel
+        # scope per batch); the loop waits on the subscription between writes, which yields,
+        # so a write the kernel takes at once need not.
+        connection.send_timeout = self.config.send_timeout
+        connection.yield_on_send = False
         replay = list(self._delivered)
         if replay:
-            with trio.fail_after(timeout):
-                await connection.send(self._encode(replay))
+            await connection.send(self._encode(replay))
         while True:
             if not self._pending:
                 try:
@@ -124,12 +130,17 @@ class SenderEndpoint(Endpoint[SenderConfig]):
                 except SubscriptionClosed as closed:
                     self._subscription = self._subscribe()
                     return Ended(f"the stream ended ({closed.reason})")
+                self._pending_frames = subscription.last_batch_frames
             batch = self._pending
             frames, nbytes = await send_frames(
-                connection, self._encoder, batch, self._unencodable, send_timeout=timeout
+                connection,
+                self._encoder,
+                batch,
+                self._unencodable,
+                nframes=self._pending_frames,
             )
             for frame in batch:
-                if frame.is_metadata:
+                if frame.is_metadata:  # never a block: blocks hold only DATA frames
                     self._delivered.update(frame)
             self._pending = []
             self.status.frames_out += frames
