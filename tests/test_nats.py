@@ -28,7 +28,7 @@ from framewire.config import ConfigError, parse_config
 from framewire.daemon import Daemon
 from framewire.daemon.endpoints.nats import NatsEndpoint
 from framewire.daemon.metrics import HEALTHY_STATES
-from framewire.daemon.natslayout import (
+from framewire.protocols.nats import (
     FrameAssembler,
     FrameLayout,
     FramePacker,
@@ -835,7 +835,7 @@ async def test_a_jetstream_retry_of_a_stored_message_is_a_duplicate_and_order_is
     nats_server: NatsServer,
 ) -> None:
     from framewire.daemon.natsio import AckTracker, refusal_kind
-    from framewire.daemon.natslayout import NatsMessage
+    from framewire.protocols.nats import NatsMessage
 
     async def publish() -> list[list[tuple[bool, int, bool, str]]]:
         client = await nats.connect(nats_server.url)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 import attrs
 import trio
 
-from .natslayout import NatsMessage
+from ..protocols.nats import NatsMessage
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient

@@ -1,10 +1,10 @@
 """``kind = "nats"``: a framewire stream to NATS, or NATS into a framewire stream.
 
 One endpoint per direction (``direction = "publish"`` or ``"subscribe"``), in one of two
-modes. Frames travel one per NATS message, laid out as :mod:`..natslayout` says (subjects
-``SUBJECT.data.TYPE`` / ``SUBJECT.meta.TYPE``, ``Fw-*`` headers, chunks above the chunk
-limit), so any NATS client can read them. With ``pack_frames`` (opt-in) a publisher packs
-consecutive DATA frames of one type from one batch into one message (``Fw-Pack``), which a
+modes. Frames travel one per NATS message, laid out as :mod:`framewire.protocols.nats` says
+(subjects ``SUBJECT.data.TYPE`` / ``SUBJECT.meta.TYPE``, ``Fw-*`` headers, chunks above the
+chunk limit), so any NATS client can read them. With ``pack_frames`` (opt-in) a publisher
+packs consecutive DATA frames of one type from one batch into one message (``Fw-Pack``), which a
 subscriber takes apart; metadata always goes alone.
 
 ``mode = "core"`` (live, lossy)
@@ -62,6 +62,18 @@ import trio
 
 from ...config import NatsConfig
 from ...frame import Frame, FrameKind
+from ...protocols.nats import (
+    HEADER_EXPECTED_LAST_MSG_ID,
+    HEADER_KIND,
+    HEADER_MSG_ID,
+    HEADER_RANK,
+    FrameAssembler,
+    FrameLayout,
+    FramePacker,
+    NatsMessage,
+    NotAFrame,
+    PublishUnit,
+)
 from ..backoff import Backoff
 from ..flow import BATCH_BYTES, BATCH_FRAMES, UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
@@ -77,18 +89,6 @@ from ..natsio import (
     read_last_metadata,
     refusal_kind,
     require_nats,
-)
-from ..natslayout import (
-    HEADER_EXPECTED_LAST_MSG_ID,
-    HEADER_KIND,
-    HEADER_MSG_ID,
-    HEADER_RANK,
-    FrameAssembler,
-    FrameLayout,
-    FramePacker,
-    NatsMessage,
-    NotAFrame,
-    PublishUnit,
 )
 from ..stream import (
     MetadataCache,

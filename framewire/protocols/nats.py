@@ -1,9 +1,10 @@
 """How framewire frames are laid out as NATS messages: subjects, headers, chunks.
 
-Pure code: no trio, no asyncio, no nats-py. The NATS endpoint (:mod:`.endpoints.nats`) maps
-frames to :class:`NatsMessage` with :class:`FrameLayout` and back with :class:`FrameAssembler`.
-The layout is documented for other NATS clients in ``docs/protocol.md`` ("framewire over
-NATS"); in short:
+Pure code: no trio, no asyncio, no nats-py. The NATS endpoint
+(:mod:`framewire.daemon.endpoints.nats`) maps frames to :class:`NatsMessage` with
+:class:`FrameLayout` and back with :class:`FrameAssembler`. The layout is documented for
+other NATS clients in ``docs/protocol.md`` ("framewire over NATS"); in
+short:
 
 Subjects
     ``SUBJECT.data.TYPE`` for DATA frames and ``SUBJECT.meta.TYPE`` for METADATA frames,
@@ -49,8 +50,8 @@ from urllib.parse import quote, unquote
 import attrs
 
 from ..frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
-from ..protocols import ProtocolError
-from ..protocols.native import NativeDecoder, NativeEncoder
+from ._errors import ProtocolError
+from .native import NativeDecoder, NativeEncoder
 
 __all__ = [
     "HEADER_CHUNK",
