@@ -206,6 +206,10 @@ async def test_status_url_forms_and_tokens(tmp_path: Path) -> None:
             assert "Traceback" not in err
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_status_watch_reconnects_when_the_daemon_restarts(tmp_path: Path) -> None:
     env = {**ENV, "FRAMEWIRE_STATUS_TOKEN": "sesame"}
     async with status_daemon(tmp_path) as (daemon, port):
@@ -214,6 +218,10 @@ async def test_status_watch_reconnects_when_the_daemon_restarts(tmp_path: Path) 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
+            # Ctrl-C is what this test sends: give the child SIGINT's default even when the
+            # test runner inherited it ignored (a shell runs background jobs that way, and an
+            # ignored SIGINT stays ignored across exec).
+            preexec_fn=_default_sigint,
         )
         assert watch.stdout is not None
         assert watch.stderr is not None
