@@ -63,7 +63,6 @@ from _harness import (
     HOST,
     MIB,
     Child,
-    ChildTimeout,
     CpuSamples,
     add_role_options,
     cpu_text,
@@ -72,6 +71,7 @@ from _harness import (
     free_ports,
     machine_text,
     payload_of,
+    sample_until_line,
     script_argv,
     wait_for_port,
     warn_if_busy,
@@ -440,18 +440,8 @@ def run_window(
     last: Child, pids: dict[str, int], args: argparse.Namespace
 ) -> tuple[dict[str, Any], CpuSamples]:
     """Sample CPU until ``last`` prints its result line; the result and the samples."""
-    cpu = CpuSamples(pids)
-    cpu.take()
-    deadline = time.monotonic() + args.warmup + args.duration + 2 * START_TIMEOUT
-    while True:
-        try:
-            line = last.readline(SAMPLE_INTERVAL)
-            break
-        except ChildTimeout:
-            if time.monotonic() > deadline:
-                raise
-        cpu.take()
-    cpu.take()
+    timeout = args.warmup + args.duration + 2 * START_TIMEOUT
+    line, cpu = sample_until_line(last, pids, timeout)
     return json.loads(line), cpu
 
 

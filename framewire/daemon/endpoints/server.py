@@ -156,17 +156,17 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         # client's subscription when it leaves (its writer then returns); others get a
         # reading task of their own.
         watched = self._hangups.add(connection, feed.peer_left, on_input)
+        feed_client = partial(
+            send_subscription,
+            connection,
+            subscription,
+            encoder,
+            unencodable=feed.unencodable,
+            on_sent=feed.sent,
+        )
         try:
             if watched is not None:
-                feed.closed(
-                    await send_subscription(
-                        connection,
-                        subscription,
-                        encoder,
-                        unencodable=feed.unencodable,
-                        on_sent=feed.sent,
-                    )
-                )
+                feed.closed(await feed_client())
             else:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(
@@ -177,15 +177,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                             on_input=on_input,
                         )
                     )
-                    feed.closed(
-                        await send_subscription(
-                            connection,
-                            subscription,
-                            encoder,
-                            unencodable=feed.unencodable,
-                            on_sent=feed.sent,
-                        )
-                    )
+                    feed.closed(await feed_client())
                     nursery.cancel_scope.cancel()
         except* trio.TooSlowError:
             feed.reason = f"send stalled for more than {self.config.send_timeout:g}s"
