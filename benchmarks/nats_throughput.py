@@ -47,7 +47,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,9 +55,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
+import relay
 from _harness import (
     HOST,
     MIB,
@@ -76,9 +75,6 @@ from _harness import (
     wait_for_port,
     warn_if_busy,
 )
-
-from framewire import protocols
-from framewire.frame import Frame, FrameKind
 
 KIB: Final = 1 << 10
 SIZES: Final = (64, 64 * KIB, MIB, 8 * MIB)
@@ -105,8 +101,6 @@ FETCH_BYTES: Final = 32 * MIB
 #: Every wait on NATS (an ack, a fetch, a flush) is an error after this long.
 NATS_TIMEOUT: Final = 10
 #: The producer sends a pre-encoded block of about this many bytes per sendall().
-BLOCK_BYTES: Final = 4 * MIB
-RECEIVE_BYTES: Final = 4 * MIB
 IO_TIMEOUT: Final = 20.0
 START_TIMEOUT: Final = 20.0
 SAMPLE_INTERVAL: Final = 0.05
@@ -168,23 +162,6 @@ max_queue_bytes = "256MiB"
 # -- frames ---------------------------------------------------------------------------------
 
 
-def encode_frame(payload_size: int) -> bytes:
-    """One native DATA frame with a ``payload_size``-byte payload, no headers, as wire bytes."""
-    frame = Frame(
-        FrameKind.DATA, FRAME_TYPE, payload_of(payload_size), timestamp=1_700_000_000_000_000_000
-    )
-    encoder = protocols.get("native").make_encoder()
-    return b"".join(bytes(buffer) for buffer in encoder.encode(frame))
-
-
-class Stop(Exception):
-    """Raised by a child's SIGTERM handler."""
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise Stop
-
-
 # -- the nats-py processes ------------------------------------------------------------------
 
 
@@ -224,8 +201,8 @@ def run_nats_publisher(url: str, mode: str, payload_size: int, seconds: float) -
         finally:
             await nc.close()
 
-    signal.signal(signal.SIGTERM, _raise_stop)
-    with contextlib.suppress(Stop):
+    signal.signal(signal.SIGTERM, relay.raise_stop)
+    with contextlib.suppress(relay.Stop):
         asyncio.run(publish())
 
 
@@ -293,61 +270,6 @@ def run_nats_subscriber(url: str, mode: str, warmup: float, duration: float) -> 
         }
 
     result = asyncio.run(subscribe())
-    print(json.dumps(result), flush=True)
-    time.sleep(START_TIMEOUT)
-
-
-# -- the framewire producer and consumer processes -----------------------------------------
-
-
-def run_producer(port: int, payload_size: int, seconds: float) -> None:
-    """Send native frames to ``port`` until SIGTERM (or ``seconds``)."""
-    signal.signal(signal.SIGTERM, _raise_stop)
-    one = encode_frame(payload_size)
-    block = one * max(1, BLOCK_BYTES // len(one))
-    deadline = time.monotonic() + seconds
-    try:
-        with socket.create_connection((HOST, port), timeout=IO_TIMEOUT) as sock:
-            while time.monotonic() < deadline:
-                sock.sendall(block)
-    except Stop:
-        pass
-
-
-def run_consumer(port: int, payload_size: int, warmup: float, duration: float) -> None:
-    """Read native frames from ``port``; print ``ready PORT``, then the result as JSON."""
-    expected = encode_frame(payload_size)
-    sock = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
-    print(f"ready {port}", flush=True)
-    sock.settimeout(START_TIMEOUT + IO_TIMEOUT)
-    view = memoryview(bytearray(max(RECEIVE_BYTES, 2 * len(expected))))
-    have = 0
-    while have < len(expected):
-        n = sock.recv_into(view[have:])
-        if not n:
-            raise SystemExit("consumer: the connection closed before the first frame")
-        have += n
-    if view[: len(expected)] != expected:
-        raise SystemExit("consumer: the first frame received differs from the one sent")
-    sock.settimeout(IO_TIMEOUT)
-    total = have
-    start_at = time.monotonic() + warmup
-    now = time.monotonic()
-    while now < start_at:
-        n = sock.recv_into(view)
-        if not n:
-            raise SystemExit("consumer: the connection closed during the warm-up")
-        total += n
-        now = time.monotonic()
-    t0, bytes0, end_at = now, total, now + duration
-    while now < end_at:
-        n = sock.recv_into(view)
-        if not n:
-            raise SystemExit("consumer: the connection closed during the measurement")
-        total += n
-        now = time.monotonic()
-    frames = (total - bytes0) / len(expected)
-    result = {"messages": frames, "bytes": frames * payload_size, "t0": t0, "t1": now}
     print(json.dumps(result), flush=True)
     time.sleep(START_TIMEOUT)
 
@@ -542,6 +464,9 @@ def measure_framewire(
                     report, cpu = run_window(consumer, pids, args)
     finally:
         stop_process(server)
+    # The consumer counts wire bytes: frames, and the payload bytes they carried.
+    frames = report["bytes"] / len(relay.encode_frame(size))
+    report.update(messages=frames, bytes=frames * size)
     path = f"framewire, pack {pack}" if pack else "framewire"
     return result_of(path, mode, size, report, cpu, list(pids))
 
@@ -672,10 +597,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_nats_subscriber(args.url, args.mode, args.warmup, args.duration)
         return 0
     if args.role == "producer":
-        run_producer(args.port, args.payload_size, args.seconds)
+        relay.run_producer(args.port, args.payload_size, args.seconds, io_timeout=IO_TIMEOUT)
         return 0
     if args.role == "consumer":
-        run_consumer(args.port, args.payload_size, args.warmup, args.duration)
+        relay.run_consumer(
+            args.port,
+            args.payload_size,
+            args.warmup,
+            args.duration,
+            io_timeout=IO_TIMEOUT,
+            first_frame_timeout=START_TIMEOUT + IO_TIMEOUT,
+        )
         return 0
 
     exit_on_sigterm()

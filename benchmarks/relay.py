@@ -117,22 +117,29 @@ class Stop(Exception):
     """Raised by the producer's SIGTERM handler."""
 
 
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
+def raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop
 
 
-def run_producer(port: int, payload_size: int, seconds: float, protocol: str = "native") -> None:
+def run_producer(
+    port: int,
+    payload_size: int,
+    seconds: float,
+    protocol: str = "native",
+    *,
+    io_timeout: float = IO_TIMEOUT,
+) -> None:
     """Send frames to ``port`` until SIGTERM (or ``seconds``, a safety limit).
 
-    A socket error (the peer went away early, a write stalled for IO_TIMEOUT) is raised: it
-    means the measurement is broken.
+    A socket error (the peer went away early, a write stalled for ``io_timeout``) is raised:
+    it means the measurement is broken.
     """
-    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGTERM, raise_stop)
     one = encode_frame(payload_size, protocol)
     block = one * max(1, BLOCK_BYTES // len(one))
     deadline = time.monotonic() + seconds
     try:
-        with socket.create_connection((HOST, port), timeout=IO_TIMEOUT) as sock:
+        with socket.create_connection((HOST, port), timeout=io_timeout) as sock:
             sendall = sock.sendall
             while time.monotonic() < deadline:
                 sendall(block)
@@ -141,24 +148,33 @@ def run_producer(port: int, payload_size: int, seconds: float, protocol: str = "
 
 
 def run_consumer(
-    port: int, payload_size: int, warmup: float, duration: float, protocol: str = "native"
+    port: int,
+    payload_size: int,
+    warmup: float,
+    duration: float,
+    protocol: str = "native",
+    *,
+    io_timeout: float = IO_TIMEOUT,
+    first_frame_timeout: float = IO_TIMEOUT,
 ) -> None:
-    """Receive from ``port`` (or listen, for port 0), measure, print a JSON result line.
+    """Receive from ``port`` (or listen, for port 0), measure, print a JSON result line:
+    ``bytes`` (wire bytes in the window), ``t0``, ``t1``.
 
     Prints ``ready PORT`` once connected (or listening), then the result once the window is
     over; then stays connected, not reading, until it is terminated, so every process is
-    still alive when the orchestrator takes its last CPU sample.
+    still alive when the orchestrator takes its last CPU sample. The first frame may take
+    ``first_frame_timeout`` to arrive, every later read ``io_timeout``.
     """
     expected = encode_frame(payload_size, protocol)
     if port:
-        sock = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
+        sock = socket.create_connection((HOST, port), timeout=io_timeout)
         print(f"ready {port}", flush=True)
     else:
         with socket.create_server((HOST, 0)) as listener:
             print(f"ready {listener.getsockname()[1]}", flush=True)
             listener.settimeout(START_TIMEOUT)
             sock, _ = listener.accept()
-    sock.settimeout(IO_TIMEOUT)
+    sock.settimeout(first_frame_timeout)
     view = memoryview(bytearray(max(RECEIVE_BYTES, 2 * len(expected))))
     recv_into = sock.recv_into
 
@@ -172,6 +188,7 @@ def run_consumer(
     first_byte_at = time.monotonic()
     if view[: len(expected)] != expected:
         raise SystemExit("consumer: the first frame received differs from the one sent")
+    sock.settimeout(io_timeout)
 
     total = have
     start_at = first_byte_at + warmup
