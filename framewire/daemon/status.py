@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, Protocol, TypeAlias
 from urllib.parse import parse_qs
 
@@ -48,12 +48,11 @@ from trio_websocket import (
 
 from .._version import __version__
 from .dashboard import DASHBOARD
-from .endpoints import Endpoint
 from .lograte import RateLimitedWarning
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import MetricsView
 from .natsserver import EmbeddedNatsServer
 from .rates import RateMeter
-from .stream import Stream
 from .transport import ACCEPT_RETRY_ERRNOS, peer_name
 
 __all__ = ["SCHEMA", "DaemonView", "ListenerFactory", "StatusServer", "build_snapshot"]
@@ -80,21 +79,11 @@ MAX_REQUEST_HEAD: Final = 16 * 1024
 ListenerFactory: TypeAlias = Callable[[], Awaitable[Sequence[trio.abc.Listener[trio.abc.Stream]]]]
 
 
-class DaemonView(Protocol):
-    """What :func:`build_snapshot` reads from the daemon."""
+class DaemonView(MetricsView, Protocol):
+    """What :func:`build_snapshot` reads from the daemon: what /metrics reads, and more."""
 
     @property
-    def endpoints(self) -> Mapping[str, Endpoint[Any]]: ...
-    @property
-    def streams(self) -> Iterable[Stream]: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def started_at(self) -> float: ...
-    @property
     def source(self) -> str: ...
-    @property
-    def last_reload(self) -> dict[str, Any] | None: ...
     @property
     def status_server(self) -> StatusServer | None: ...
     @property
