@@ -51,11 +51,13 @@ the endpoint fails at start, saying so.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
 import ssl
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any, Final
 
 import trio
@@ -145,6 +147,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._state_changed = trio.Event()
         self._logged_problem: str | None = None
         self._client: Any = None
+        #: nats-py's first connect (which retries an unreachable server for ever).
+        self._connecting: Future[None] | None = None
         self._closing = False
         #: Core publish: bytes published since the last flush (a PING/PONG round trip).
         self._unflushed = [0]
@@ -395,7 +399,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             if not future.cancelled() and future.exception() is not None:
                 to_trio(self._on_connect_failed, describe_nats_error(future.exception()))
 
-        thread.submit(connect()).add_done_callback(connect_ended)
+        self._connecting = thread.submit(connect())
+        self._connecting.add_done_callback(connect_ended)
         await trio.lowlevel.checkpoint()
 
     async def _close_client(self, thread: NatsThread) -> None:
@@ -407,14 +412,20 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             return
         self._closing = True
 
+        if self._connecting is not None:
+            self._connecting.cancel()  # still trying to connect: stop trying
+
         async def close() -> None:
-            if client.is_connected:
-                try:
-                    await client.drain()
-                except Exception:
+            try:
+                if client.is_connected:
+                    try:
+                        await client.drain()
+                    except Exception:
+                        await client.close()
+                elif not client.is_closed:
                     await client.close()
-            elif not client.is_closed:
-                await client.close()
+            finally:
+                _close_socket(client)
 
         try:
             await thread.call(close, within=DRAIN_TIMEOUT + CLOSE_TIMEOUT)
@@ -425,6 +436,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                     await thread.call(client.close, within=CLOSE_TIMEOUT)
                 except Exception as again:
                     self.log.debug("closing the NATS client: %s", again)
+            thread.call_soon(_close_socket, client)
 
     def _on_connect_failed(self, text: str) -> None:
         self._connect_failure = text
@@ -897,6 +909,17 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                         await thread.call(ack_upto.ack, within=config.ack_timeout)
                     except Exception as exc:
                         self.log.debug("ack failed (it will be redelivered): %s", exc)
+
+
+def _close_socket(client: Any) -> None:
+    """Close nats-py's socket if it is still open: a client whose connect was cancelled
+    half-way, or whose close did not finish, would otherwise leave an asyncio transport open
+    when its loop stops (a ResourceWarning when it is collected). Runs on the client's loop.
+    """
+    transport = getattr(client, "_transport", None)  # nats-py keeps no public handle on it
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
 
 
 def _same_frame(a: _Message, b: _Message) -> bool:
