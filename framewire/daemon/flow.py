@@ -93,8 +93,10 @@ async def send_frames(
     """Encode ``frames`` and write them with one (gather) write. ``nframes``: how many frames
     ``frames`` stand for, when the caller knows (else counted here).
 
-    Returns the frames and bytes actually written (a block counts its frames): a frame the
-    protocol cannot carry is left out, reported to ``unencodable`` and not counted. Raises
+    Bytes a direct write left unsent (:meth:`Connection.write_nowait`) go first, and count
+    among the bytes returned. Returns the frames and bytes actually written (a block counts
+    its frames): a frame the protocol cannot carry is left out, reported to ``unencodable``
+    and not counted. Raises
     trio.BrokenResourceError if the peer is gone and trio.TooSlowError if the write takes
     longer than ``send_timeout`` (the connection is then unusable).
     """
@@ -107,7 +109,7 @@ async def send_frames(
 
     buffers = encode_frames(encoder, frames, skip)
     before = connection.bytes_sent
-    if buffers:
+    if buffers or connection.has_unsent:
         if send_timeout == math.inf:  # no cancel scope per write where none is needed
             await connection.send(buffers)
         else:
@@ -156,8 +158,10 @@ async def send_subscription(
 
     Frames are drained in batches and written with one (gather) write per batch; after each
     write ``on_sent(frames, nbytes)`` gets what was written (frames the protocol cannot carry
-    are not). When the subscription ends gracefully the protocol's end-of-stream marker is
-    sent. Raises
+    are not). An empty batch (the subscription's direct writer left part of a write to this
+    task: see :class:`~framewire.daemon.stream.DirectWrite`) finishes that write, reported
+    as ``on_sent(0, nbytes)``: its frames were counted when it began. When the subscription
+    ends gracefully the protocol's end-of-stream marker is sent. Raises
     trio.BrokenResourceError if the peer goes away, trio.TooSlowError if one write takes
     longer than ``send_timeout`` (the connection is then unusable), ValueError if a frame
     cannot be encoded.
@@ -172,6 +176,16 @@ async def send_subscription(
                     with trio.fail_after(send_timeout):
                         await connection.send([marker])
             return closed
+        if not batch:
+            before = connection.bytes_sent
+            if send_timeout == math.inf:
+                await connection.send(())
+            else:
+                with trio.fail_after(send_timeout):
+                    await connection.send(())
+            if on_sent is not None:
+                on_sent(0, connection.bytes_sent - before)
+            continue
         frames, nbytes = await send_frames(
             connection,
             encoder,

@@ -27,22 +27,35 @@ frame in it counted as dropped). Blocks are never metadata.
 
 Memory is bounded by the sum of the subscriptions' bounds: frames are shared between
 subscribers, never copied, and nothing here grows with how slow a consumer is.
+
+A subscription may have a *direct writer* (:attr:`Subscription.direct`, set by its
+consumer): when frames are offered to a lossy subscription whose queue is empty and whose
+consumer waits in :meth:`Subscription.receive_batch`, and which neither decimates nor would
+split a block or judge a session header, the frames are handed to the direct writer instead
+of being queued, and the consumer is not woken (waking 10,000 parked writers one by one was
+most of what one frame reaching 10,000 clients cost). The writer answers with a
+:class:`DirectWrite`: refused (the frames are queued as usual), written whole, or started
+(the consumer is woken with an empty batch and finishes the write before anything else).
+This module knows nothing of how it writes; the server endpoint's writer is in
+``endpoints/server.py``.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
 import attrs
+import outcome
 import trio
 
 from ..config import StreamConfig
 from ..frame import Frame, FrameBlock, FrameKind
 
 __all__ = [
+    "DirectWrite",
     "MetadataCache",
     "MetadataLimitExceeded",
     "Policy",
@@ -58,6 +71,20 @@ _DATA = FrameKind.DATA
 _DEFAULT_STREAM: Final = StreamConfig()
 DEFAULT_METADATA_TYPES: Final = _DEFAULT_STREAM.max_metadata_types
 DEFAULT_METADATA_BYTES: Final = _DEFAULT_STREAM.max_metadata_bytes
+
+
+class DirectWrite(enum.Enum):
+    """What a subscription's direct writer did with the frames it was offered."""
+
+    #: Nothing was written and nothing taken: the frames are queued as usual (the consumer's
+    #: connection was busy or full, the frames were too large or cannot be shared, or the
+    #: writer closed the subscription because the connection broke).
+    REFUSED = "refused"
+    #: Every byte was written; the frames count as delivered and the consumer stays parked.
+    WRITTEN = "written"
+    #: Part was written and the writer holds the rest: the frames count as delivered and the
+    #: consumer is woken with an empty batch so that it finishes that write first.
+    STARTED = "started"
 
 
 class Policy(enum.Enum):
@@ -164,6 +191,10 @@ class Subscription:
         self._wake_publisher: trio.Event | None = None
         self._closed: SubscriptionClosed | None = None
         self._ending: str | None = None
+        #: The consumer's direct writer, or None (see the module docstring): called with
+        #: the frames of one publish while the queue is empty and the consumer parked; it
+        #: must not raise, and must close the subscription itself if its connection broke.
+        self.direct: Callable[[Sequence[Frame]], DirectWrite] | None = None
 
     # -- state -------------------------------------------------------------------------
 
@@ -187,10 +218,57 @@ class Subscription:
 
     # -- the publisher side ------------------------------------------------------------
 
-    def offer(self, frames: Iterable[Frame]) -> None:
-        """Queue ``frames`` without waiting (lossy policy). Drops data to stay in bounds."""
+    def offer(self, frames: Sequence[Frame]) -> None:
+        """Queue ``frames`` without waiting (lossy policy). Drops data to stay in bounds.
+
+        When the queue is empty, the consumer parked and the subscription has a
+        :attr:`direct` writer, the frames go to the writer first (see the module docstring).
+        """
         if self._closed is not None or self._ending is not None:
             return
+        direct = self.direct
+        if (
+            direct is not None
+            and self._consumer is not None
+            and not self._queue
+            and (self._write_direct(direct, frames) or self._closed is not None)
+        ):
+            return
+        self._enqueue(frames)
+
+    def _write_direct(
+        self, direct: Callable[[Sequence[Frame]], DirectWrite], frames: Sequence[Frame]
+    ) -> bool:
+        """Hand ``frames`` to ``direct`` if this subscription may skip its queue for them:
+        it decimates nothing, takes each block whole, and has no session header to judge
+        among them. Returns whether the writer took them (then they count as delivered)."""
+        if self.decimate:
+            return False
+        count = size = 0
+        for frame in frames:
+            if frame.nframes != 1 and not self.takes_whole(frame):
+                return False
+            if self.session_types and frame.kind is not _DATA:
+                return False
+            count += frame.nframes
+            size += frame.size
+        if not count:
+            return True
+        done = direct(frames)
+        if done is DirectWrite.REFUSED:
+            return False
+        self.frames_out += count
+        self.bytes_out += size
+        if done is DirectWrite.STARTED:
+            task = self._consumer
+            if task is not None:
+                self._consumer = None
+                # Woken with True: "finish the write" (an outcome is used once: a new one).
+                trio.lowlevel.reschedule(task, outcome.Value(True))
+        return True
+
+    def _enqueue(self, frames: Iterable[Frame]) -> None:
+        """Queue ``frames``, dropping data to stay in bounds (see :meth:`offer`)."""
         queue = self._queue
         append = queue.append
         bounds = self.bounds
@@ -203,7 +281,7 @@ class Subscription:
                 count = frame.nframes
                 if count != 1 and not self.takes_whole(frame):
                     assert isinstance(frame, FrameBlock)
-                    self.offer(frame.frames())
+                    self._enqueue(frame.frames())
                     continue
                 if decimate and not self._keep(frame):
                     continue
@@ -415,7 +493,10 @@ class Subscription:
     async def receive_batch(self, max_frames: int = 1024, max_bytes: int = 4 << 20) -> list[Frame]:
         """Wait for frames; return up to ``max_frames`` of them, oldest first.
 
-        At least one frame is returned; a batch stops early once it holds ``max_bytes``. A
+        At least one frame is returned, except to a consumer with a :attr:`direct` writer
+        whose write is unfinished (:attr:`DirectWrite.STARTED`): it gets an empty batch, and
+        finishes that write before it asks again. A batch stops early once it holds
+        ``max_bytes``. A
         :class:`FrameBlock` counts as its frames (a block that would pass ``max_frames`` waits
         for the next batch, unless it is the batch's first); :attr:`last_batch_frames` and
         :attr:`last_batch_bytes` say how many frames and bytes the batch holds.
@@ -434,8 +515,11 @@ class Subscription:
             if self._consumer is not None:
                 raise trio.BusyResourceError("another task is receiving from this subscription")
             self._consumer = trio.lowlevel.current_task()
-            await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+            woken = await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
             waited = True  # that was a checkpoint: no second trip through the scheduler
+            if woken is True and not queue and self._closed is None:
+                self.last_batch_frames = self.last_batch_bytes = 0
+                return []  # a direct write to finish (see _write_direct)
         if self._closed is not None:
             raise self._closed
         batch: list[Frame] = []
@@ -581,6 +665,9 @@ class Stream:
         self._lossless: list[Subscription] = []
         self.frames_in = 0
         self.bytes_in = 0
+        #: Publishes so far: every subscriber of one publish is offered the same frames
+        #: while this number stays the same (a direct writer shares their encoding by it).
+        self.publishes = 0
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -691,6 +778,7 @@ class Stream:
             count += frame.nframes
         self.frames_in += count
         self.bytes_in += size
+        self.publishes += 1
         split: Sequence[Frame] | None = frames if count == len(frames) else None
         # A snapshot: offering may end or close a subscription, which removes it from the list.
         for subscription in tuple(self._lossy):

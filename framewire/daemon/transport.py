@@ -144,6 +144,9 @@ class Connection:
       gather write, never one system call per frame. On a plain socket it first writes
       what the kernel takes at once, without a trip through trio's scheduler, and waits
       (within :attr:`send_timeout`) only for the rest.
+    * :meth:`write_nowait` writes one buffer at once, from any task, while no send is in
+      progress: what the kernel does not take is kept and goes out first with the next
+      :meth:`send` (or :meth:`send` of nothing), so a frame's bytes are never interleaved.
 
     It wraps any ``trio.abc.Stream``; sockets get the zero-copy paths, other streams (memory
     streams in tests, TLS) the generic ones. Like ``send_all``, a cancelled :meth:`send`
@@ -156,6 +159,7 @@ class Connection:
         "_read_credit_bytes",
         "_sending",
         "_socket",
+        "_unsent",
         "bytes_received",
         "bytes_sent",
         "handshake_timeout",
@@ -199,6 +203,8 @@ class Connection:
         #: one of the three a fanned-out frame used to cost each client.
         self.yield_on_send = True
         self._sending = False
+        #: What :meth:`write_nowait` could not write; :meth:`send` writes it first.
+        self._unsent: memoryview | None = None
 
     def give_back(self, data: bytes) -> None:
         """Bytes already read from the stream (by whoever vetted it): :meth:`receive_into`
@@ -297,20 +303,59 @@ class Connection:
                 self._read_credit = 0
             return n
 
+    @property
+    def has_unsent(self) -> bool:
+        """Whether bytes :meth:`write_nowait` left are waiting for the next :meth:`send`."""
+        return self._unsent is not None
+
+    def write_nowait(self, data: bytes) -> int:
+        """Write ``data`` at once, without waiting and without a checkpoint, if this is an
+        idle plain socket: no :meth:`send` in progress and nothing left by an earlier call.
+
+        Returns how many bytes the kernel took (counted in :attr:`bytes_sent`). 0: nothing
+        was written, nothing is kept (busy, full, closed, or not a plain socket); the
+        caller still has all of ``data``. All of it: done. Fewer: the rest is kept and goes
+        out first with the next :meth:`send` (which may be a send of nothing), so the
+        caller must make sure one follows. Raises trio.BrokenResourceError if the peer is
+        gone; the connection is then unusable: close it.
+        """
+        sock = self._socket
+        if sock is None or self._sending or self._unsent is not None:
+            return 0
+        fd = sock.fileno()
+        if fd < 0:
+            return 0  # closed
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+        self.bytes_sent += written
+        if written < len(data):
+            self._unsent = memoryview(data)[written:]
+        return written
+
     async def send(self, buffers: Sequence[Buffer], nbytes: int | None = None) -> None:
-        """Write every buffer, in order. ``nbytes`` is their total, when the caller knows it.
+        """Write every buffer, in order, after what :meth:`write_nowait` left unsent (with
+        no buffers, only that). ``nbytes`` is their total, when the caller knows it.
 
         Raises trio.BrokenResourceError if the peer is gone, trio.TooSlowError if the peer
         took none of the rest for :attr:`send_timeout` seconds, trio.BusyResourceError if
         another task is sending on this connection. After any of them (or a cancellation)
         the connection is unusable: close it.
         """
-        if not buffers:
+        unsent = self._unsent
+        if not buffers and unsent is None:
             await trio.lowlevel.checkpoint()
             return
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this connection")
         total = nbytes if nbytes is not None else sum(map(_nbytes, buffers))
+        if unsent is not None:
+            self._unsent = None
+            total += unsent.nbytes
+            buffers = [unsent, *buffers]
         self._sending = True
         try:
             rest: Sequence[Buffer] = buffers
