@@ -44,6 +44,7 @@ __all__ = [
     "client_tls_context",
     "connector_for",
     "enable_tcp_keepalive",
+    "nbytes_of",
     "open_listeners",
     "open_unix_listener",
     "peer_name",
@@ -88,8 +89,12 @@ class HandshakeFailed(trio.BrokenResourceError):
     """A TLS handshake failed or timed out. Its message is one log line: peer and reason."""
 
 
-def _nbytes(buffer: Buffer) -> int:
+def nbytes_of(buffer: Buffer) -> int:
+    """How many bytes ``buffer`` holds (a memoryview's ``len`` counts items)."""
     return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
+
+
+_nbytes = nbytes_of
 
 
 async def _handshake_already_done() -> None:
@@ -159,7 +164,6 @@ class Connection:
         "_read_credit_bytes",
         "_sending",
         "_socket",
-        "_unsent",
         "bytes_received",
         "bytes_sent",
         "handshake_timeout",
@@ -202,9 +206,10 @@ class Connection:
         #: off: a write the kernel takes at once then costs no trip through the scheduler,
         #: one of the three a fanned-out frame used to cost each client.
         self.yield_on_send = True
-        self._sending = False
-        #: What :meth:`write_nowait` could not write; :meth:`send` writes it first.
-        self._unsent: memoryview | None = None
+        #: True while :meth:`send` runs; what :meth:`write_nowait` could not write (which
+        #: :meth:`send` writes first) while it waits; else False. (One slot for both: 10,000
+        #: idle clients each hold a Connection.)
+        self._sending: bool | memoryview = False
 
     def give_back(self, data: bytes) -> None:
         """Bytes already read from the stream (by whoever vetted it): :meth:`receive_into`
@@ -306,9 +311,9 @@ class Connection:
     @property
     def has_unsent(self) -> bool:
         """Whether bytes :meth:`write_nowait` left are waiting for the next :meth:`send`."""
-        return self._unsent is not None
+        return self._sending is not True and self._sending is not False
 
-    def write_nowait(self, data: bytes) -> int:
+    def write_nowait(self, data: Buffer) -> int:
         """Write ``data`` at once, without waiting and without a checkpoint, if this is an
         idle plain socket: no :meth:`send` in progress and nothing left by an earlier call.
 
@@ -320,7 +325,7 @@ class Connection:
         gone; the connection is then unusable: close it.
         """
         sock = self._socket
-        if sock is None or self._sending or self._unsent is not None:
+        if sock is None or self._sending is not False:
             return 0
         fd = sock.fileno()
         if fd < 0:
@@ -332,8 +337,8 @@ class Connection:
         except OSError as exc:
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
         self.bytes_sent += written
-        if written < len(data):
-            self._unsent = memoryview(data)[written:]
+        if written < _nbytes(data):
+            self._sending = memoryview(data).cast("B")[written:]
         return written
 
     async def send(self, buffers: Sequence[Buffer], nbytes: int | None = None) -> None:
@@ -345,15 +350,14 @@ class Connection:
         another task is sending on this connection. After any of them (or a cancellation)
         the connection is unusable: close it.
         """
-        unsent = self._unsent
-        if not buffers and unsent is None:
+        unsent = self._sending
+        if not buffers and unsent is False:
             await trio.lowlevel.checkpoint()
             return
-        if self._sending:
+        if unsent is True:
             raise trio.BusyResourceError("another task is sending on this connection")
         total = nbytes if nbytes is not None else sum(map(_nbytes, buffers))
-        if unsent is not None:
-            self._unsent = None
+        if unsent is not False:
             total += unsent.nbytes
             buffers = [unsent, *buffers]
         self._sending = True

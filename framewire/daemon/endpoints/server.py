@@ -41,16 +41,16 @@ import trio
 
 from ... import protocols
 from ...config import ServerConfig
-from ...frame import Frame, frame_count
+from ...frame import Buffer, Frame, frame_count
 from ..flow import UnencodableFrames, close_when_peer_leaves, first_error, send_subscription
 from ..stream import DirectWrite, Policy, QueueBounds, Stream, SubscriptionClosed
-from ..transport import Connection, HangupWatch, bound_addresses
+from ..transport import Connection, HangupWatch, bound_addresses, nbytes_of
 from ._base import ClientInfo, Endpoint, EndpointContext
 
 __all__ = ["DIRECT_MAX_BYTES", "ServerEndpoint"]
 
 #: The largest encoded publish written straight to idle clients (see the module docstring).
-DIRECT_MAX_BYTES: Final = 64 * 1024
+DIRECT_MAX_BYTES: Final = 128 * 1024
 
 
 class ServerEndpoint(Endpoint[ServerConfig]):
@@ -72,7 +72,8 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         self._direct_encoder = spec.make_encoder()
         self._direct_publish = -1
         self._direct_id = 0
-        self._direct_data: bytes | None = None
+        self._direct_data: Buffer | None = None
+        self._direct_size = 0
         self._direct_frames = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -239,9 +240,12 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             buffers = self._direct_encoder.encode_batch(frames)
         except ValueError:
             return
-        data = b"".join(buffers)
-        if 0 < len(data) <= DIRECT_MAX_BYTES:
-            self._direct_data = data
+        size = sum(map(nbytes_of, buffers))
+        if 0 < size <= DIRECT_MAX_BYTES:
+            # One buffer (a frame's or a block's wire bytes) is shared as it is; several
+            # are joined once, not gathered once per client.
+            self._direct_data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+            self._direct_size = size
             self._direct_frames = frame_count(frames)
 
 
@@ -300,7 +304,7 @@ class _ClientFeed:
         status.bytes_out += written
         client.frames_sent += frames_sent
         client.bytes_sent += written
-        return DirectWrite.WRITTEN if written == len(data) else DirectWrite.STARTED
+        return DirectWrite.WRITTEN if written == endpoint._direct_size else DirectWrite.STARTED
 
     def peer_left(self) -> None:
         """The client hung up (or sent what it may not): end its writer."""
