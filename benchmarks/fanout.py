@@ -14,7 +14,9 @@ before and after come from one machine state. A framewire daemon (its own proces
   ``--rounds`` times, 0.2 s apart; each time, the wall time from the write until the last
   client has the whole frame, and the daemon's CPU per frame (the robust figure on a busy
   machine). The floor: the same clients served by a plain-Python process that sends the
-  frame to every socket in a loop of blocking ``send`` calls, timed the same way.
+  frame to every socket in a loop of blocking ``send`` calls, timed the same way; with
+  ``--floor-threads N`` also that loop split over N threads (``send`` releases the GIL:
+  does a second core help?).
 - **scaling**: for 1, 10, 100, 1,000 clients (``--scaling``) of a lossless server,
   relay.py's producer writes 64 KiB frames flat out for ``--duration`` seconds; the
   daemon's CPU per GB of payload delivered to all clients together, and its ratio to that
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -356,7 +359,9 @@ def run_plain_server(args: argparse.Namespace) -> None:
     """The plain-Python fan-out floor: listen (``ready PORT``), accept ``--count``
     clients (``accepted N``), then for each ``send`` line on stdin, send one
     ``--payload-size`` native frame to every client in a loop of blocking ``send`` calls and
-    print ``sent START END`` (perf_counter_ns before and after the loop)."""
+    print ``sent START END`` (perf_counter_ns before and after the loop). With ``--threads``
+    N > 1 the clients are split into N equal shares, each sent to by its own thread
+    (``send`` releases the GIL), and the loop ends when every thread is done."""
     raise_open_files()
     frame = relay.encode_frame(args.payload_size)
     with socket.create_server((HOST, 0), backlog=4096) as listener:
@@ -364,24 +369,36 @@ def run_plain_server(args: argparse.Namespace) -> None:
         listener.settimeout(START_TIMEOUT)
         sockets = [listener.accept()[0] for _ in range(args.count)]
     print(f"accepted {len(sockets)}", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "send":
-            break
-        sent = time.perf_counter_ns()
-        for sock in sockets:
+    shares = [sockets[index :: args.threads] for index in range(args.threads)]
+
+    def send_to(share: list[socket.socket]) -> None:
+        for sock in share:
             sock.send(frame)
-        print(f"sent {sent} {time.perf_counter_ns()}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.threads) as pool:
+        for line in sys.stdin:
+            if line.strip() != "send":
+                break
+            sent = time.perf_counter_ns()
+            if args.threads == 1:
+                send_to(sockets)
+            else:
+                for done in [pool.submit(send_to, share) for share in shares]:
+                    done.result(IO_TIMEOUT)
+            print(f"sent {sent} {time.perf_counter_ns()}", flush=True)
 
 
-def plain_measure(clients: int, frames: int) -> OneFrameResult:
+def plain_measure(clients: int, frames: int, threads: int = 1) -> OneFrameResult:
     """The same clients and frames as :func:`idle_measure`, served by
-    :func:`run_plain_server`: its RSS and idle CPU, the times to the last client, its loops
-    of sends alone, its CPU per frame."""
+    :func:`run_plain_server` (sending from ``threads`` threads): its RSS and idle CPU, the
+    times to the last client, its loops of sends alone, its CPU per frame."""
     frame_size = len(relay.encode_frame(SMALL_PAYLOAD))
     with all_stopped() as children:
         server = Child(
             "plain server",
-            script_argv(__file__, "--role=plain-server", count=clients, payload_size=64),
+            script_argv(
+                __file__, "--role=plain-server", count=clients, payload_size=64, threads=threads
+            ),
             stdin=subprocess.PIPE,
         )
         children.append(server)
@@ -543,6 +560,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--baseline", help="checkout whose framewire runs as the baseline")
     parser.add_argument("--skip", default="", help="cases to skip: idle,scaling")
+    parser.add_argument(
+        "--floor-threads",
+        type=int,
+        default=1,
+        help="also measure the floor's loop of sends split over this many threads",
+    )
     # Internal: how the script runs itself as its helper processes.
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -550,6 +573,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--frame-size", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--payload-size", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.scaling = sorted(int(count) for count in args.scaling.split(","))
     if args.repeat < 1 or args.rounds < 1 or min(args.scaling, default=0) < 1:
@@ -596,6 +620,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             floor = [plain_measure(args.clients, args.rounds) for _ in range(args.repeat)]
             others += [r.others for r in floor]
             print_one_frame("plain loop of sends (floor)", floor, args.clients)
+            if args.floor_threads > 1:
+                split = [
+                    plain_measure(args.clients, args.rounds, args.floor_threads)
+                    for _ in range(args.repeat)
+                ]
+                others += [r.others for r in split]
+                print_one_frame(f"the same, {args.floor_threads} threads", split, args.clients)
             for label, tree in trees:
                 runs = [
                     idle_measure(workdir, tree, args.clients, args.rounds)

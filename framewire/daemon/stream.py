@@ -230,7 +230,7 @@ class Subscription:
         if (
             direct is not None
             and self._consumer is not None
-            and not self._queue
+            and not self._queued_frames
             and (self._write_direct(direct, frames) or self._closed is not None)
         ):
             return
@@ -242,18 +242,21 @@ class Subscription:
         """Hand ``frames`` to ``direct`` if this subscription may skip its queue for them:
         it decimates nothing, takes each block whole, and has no session header to judge
         among them. Returns whether the writer took them (then they count as delivered)."""
-        if self.decimate:
-            return False
         count = size = 0
         for frame in frames:
-            if frame.nframes != 1 and not self.takes_whole(frame):
+            if frame.nframes != 1:
+                if not self.takes_whole(frame):
+                    return False
+                count += frame.nframes
+            elif frame.kind is not _DATA and self.session_types:
                 return False
-            if self.session_types and frame.kind is not _DATA:
-                return False
-            count += frame.nframes
+            else:
+                count += 1
             size += frame.size
         if not count:
             return True
+        if self.decimate:
+            return False
         done = direct(frames)
         if done is DirectWrite.REFUSED:
             return False

@@ -313,11 +313,12 @@ class Connection:
         """Whether bytes :meth:`write_nowait` left are waiting for the next :meth:`send`."""
         return self._sending is not True and self._sending is not False
 
-    def write_nowait(self, data: Buffer) -> int:
+    def write_nowait(self, data: Buffer, nbytes: int | None = None) -> int:
         """Write ``data`` at once, without waiting and without a checkpoint, if this is an
         idle plain socket: no :meth:`send` in progress and nothing left by an earlier call.
 
-        Returns how many bytes the kernel took (counted in :attr:`bytes_sent`). 0: nothing
+        ``nbytes`` is its size, when the caller knows it. Returns how many bytes the kernel
+        took (counted in :attr:`bytes_sent`). 0: nothing
         was written, nothing is kept (busy, full, closed, or not a plain socket); the
         caller still has all of ``data``. All of it: done. Fewer: the rest is kept and goes
         out first with the next :meth:`send` (which may be a send of nothing), so the
@@ -337,7 +338,7 @@ class Connection:
         except OSError as exc:
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
         self.bytes_sent += written
-        if written < _nbytes(data):
+        if written < (_nbytes(data) if nbytes is None else nbytes):
             self._sending = memoryview(data).cast("B")[written:]
         return written
 

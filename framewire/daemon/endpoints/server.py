@@ -26,9 +26,12 @@ Fairness: the writes happen inside the publisher's call, one non-blocking send p
 client, so a publish to 10,000 clients holds the trio loop for about as long as 10,000
 sends take (~90 ms on the benchmark VM). Waking 10,000 writer tasks held it for longer
 (~200 ms: trio runs the whole batch of woken tasks before it looks at I/O again), so this is
-no worse for other tasks; only publishes whose encoding is at most
-:data:`DIRECT_MAX_BYTES` go direct, so a large frame (whose copy into each socket would
-dominate) still goes through each client's task and its batching.
+no worse for other tasks. Only publishes whose encoding is at most
+:data:`DIRECT_MAX_BYTES` (128 KiB: a 64 KiB frame still saves its one client a wake-up) go
+direct; a larger one, whose copy into each socket costs more than a wake-up, goes through
+each client's task and its batching, as before. No bound on the number of direct writes per
+publish: leaving the rest of the clients to their tasks would only add their wake-ups to
+the same stall (and to the time until the last client has the frame).
 """
 
 from __future__ import annotations
@@ -289,8 +292,9 @@ class _ClientFeed:
         data = endpoint._direct_data
         if data is None:
             return DirectWrite.REFUSED
+        size = endpoint._direct_size
         try:
-            written = connection.write_nowait(data)
+            written = connection.write_nowait(data, size)
         except trio.BrokenResourceError as exc:
             self.left = True
             self.reason = f"connection lost ({exc})"
@@ -304,7 +308,7 @@ class _ClientFeed:
         status.bytes_out += written
         client.frames_sent += frames_sent
         client.bytes_sent += written
-        return DirectWrite.WRITTEN if written == endpoint._direct_size else DirectWrite.STARTED
+        return DirectWrite.WRITTEN if written == size else DirectWrite.STARTED
 
     def peer_left(self) -> None:
         """The client hung up (or sent what it may not): end its writer."""
