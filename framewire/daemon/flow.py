@@ -120,6 +120,18 @@ async def send_frames(
     return nframes - skipped, connection.bytes_sent - before
 
 
+async def _finish_write(connection: Connection, send_timeout: float) -> int:
+    """Write what a direct write left unsent on ``connection``; return how many bytes.
+    (A function of its own: every parked writer's frame would hold its locals.)"""
+    before = connection.bytes_sent
+    if send_timeout == math.inf:
+        await connection.send(())
+    else:
+        with trio.fail_after(send_timeout):
+            await connection.send(())
+    return connection.bytes_sent - before
+
+
 async def receive_frames(
     connection: Connection,
     decoder: Decoder,
@@ -177,14 +189,9 @@ async def send_subscription(
                         await connection.send([marker])
             return closed
         if not batch:
-            before = connection.bytes_sent
-            if send_timeout == math.inf:
-                await connection.send(())
-            else:
-                with trio.fail_after(send_timeout):
-                    await connection.send(())
+            nbytes = await _finish_write(connection, send_timeout)
             if on_sent is not None:
-                on_sent(0, connection.bytes_sent - before)
+                on_sent(0, nbytes)
             continue
         frames, nbytes = await send_frames(
             connection,

@@ -518,11 +518,16 @@ class Subscription:
             if self._consumer is not None:
                 raise trio.BusyResourceError("another task is receiving from this subscription")
             self._consumer = trio.lowlevel.current_task()
-            woken = await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
-            waited = True  # that was a checkpoint: no second trip through the scheduler
-            if woken is True and not queue and self._closed is None:
+            # Woken with True: a direct write to finish (see _write_direct). No local for
+            # it: each parked consumer's frame would hold one more slot.
+            if (
+                await trio.lowlevel.wait_task_rescheduled(self._abort_wait) is True
+                and not queue
+                and self._closed is None
+            ):
                 self.last_batch_frames = self.last_batch_bytes = 0
-                return []  # a direct write to finish (see _write_direct)
+                return []
+            waited = True  # that was a checkpoint: no second trip through the scheduler
         if self._closed is not None:
             raise self._closed
         batch: list[Frame] = []

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Final
+from typing import ClassVar, Final
 
 import trio
 
@@ -73,6 +73,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         #: which stays theirs while the publish lasts).
         self._direct = config.policy == Policy.LOSSY.value and not self._decimate
         self._direct_encoder = spec.make_encoder()
+        self._feed_type = _ClientFeed.of(self)
         self._direct_publish = -1
         self._direct_id = 0
         self._direct_data: Buffer | None = None
@@ -180,7 +181,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
     async def _feed_client(self, connection: Connection, client: ClientInfo) -> str:
         subscription = client.subscription
         assert subscription is not None
-        feed = _ClientFeed(self, client)
+        feed = self._feed_type(client)
         # Clients of a one-way protocol (aedat4) may not write: the first byte disconnects
         # them, as dv's NetworkWriter does. Others may, and what they send is discarded.
         on_input = feed.refuse_input if self._spec.listen_only_clients else None
@@ -259,10 +260,19 @@ class _ClientFeed:
     (10,000 idle clients are a target).
     """
 
-    __slots__ = ("client", "connection", "endpoint", "left", "reason")
+    __slots__ = ("client", "connection", "left", "reason")
 
-    def __init__(self, endpoint: ServerEndpoint, client: ClientInfo) -> None:
-        self.endpoint = endpoint
+    #: The endpoint: a class attribute of the subclass :meth:`of` makes for each endpoint,
+    #: so that a client's feed holds one reference less (and the direct writer's
+    #: connection costs no memory per client).
+    endpoint: ClassVar[ServerEndpoint]
+
+    @classmethod
+    def of(cls, endpoint: ServerEndpoint) -> type[_ClientFeed]:
+        """The class of ``endpoint``'s feeds."""
+        return type(cls.__name__, (cls,), {"__slots__": (), "endpoint": endpoint})
+
+    def __init__(self, client: ClientInfo) -> None:
         self.client = client
         self.reason = "the client closed the connection"
         #: Whether the hang-up watch saw the client leave (or refused its input), or a
