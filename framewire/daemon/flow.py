@@ -93,8 +93,8 @@ async def send_frames(
     """Encode ``frames`` and write them with one (gather) write. ``nframes``: how many frames
     ``frames`` stand for, when the caller knows (else counted here).
 
-    Bytes a direct write left unsent (:meth:`Connection.write_nowait`) go first, and count
-    among the bytes returned. Returns the frames and bytes actually written (a block counts
+    Bytes a direct write left unsent (:meth:`Connection.write_nowait`) go first (they were
+    counted when it began). Returns the frames and bytes actually written (a block counts
     its frames): a frame the protocol cannot carry is left out, reported to ``unencodable``
     and not counted. Raises
     trio.BrokenResourceError if the peer is gone and trio.TooSlowError if the write takes
@@ -120,16 +120,13 @@ async def send_frames(
     return nframes - skipped, connection.bytes_sent - before
 
 
-async def _finish_write(connection: Connection, send_timeout: float) -> int:
-    """Write what a direct write left unsent on ``connection``; return how many bytes.
-    (A function of its own: every parked writer's frame would hold its locals.)"""
-    before = connection.bytes_sent
+async def _finish_write(connection: Connection, send_timeout: float) -> None:
+    """Write what a direct write left unsent on ``connection`` (already counted)."""
     if send_timeout == math.inf:
         await connection.send(())
     else:
         with trio.fail_after(send_timeout):
             await connection.send(())
-    return connection.bytes_sent - before
 
 
 async def receive_frames(
@@ -171,8 +168,8 @@ async def send_subscription(
     Frames are drained in batches and written with one (gather) write per batch; after each
     write ``on_sent(frames, nbytes)`` gets what was written (frames the protocol cannot carry
     are not). An empty batch (the subscription's direct writer left part of a write to this
-    task: see :class:`~framewire.daemon.stream.DirectWrite`) finishes that write, reported
-    as ``on_sent(0, nbytes)``: its frames were counted when it began. When the subscription
+    task: see :class:`~framewire.daemon.stream.DirectWrite`) finishes that write; its frames
+    and bytes were counted when it began. When the subscription
     ends gracefully the protocol's end-of-stream marker is sent. Raises
     trio.BrokenResourceError if the peer goes away, trio.TooSlowError if one write takes
     longer than ``send_timeout`` (the connection is then unusable), ValueError if a frame
@@ -189,9 +186,7 @@ async def send_subscription(
                         await connection.send([marker])
             return closed
         if not batch:
-            nbytes = await _finish_write(connection, send_timeout)
-            if on_sent is not None:
-                on_sent(0, nbytes)
+            await _finish_write(connection, send_timeout)
             continue
         frames, nbytes = await send_frames(
             connection,

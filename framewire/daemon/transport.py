@@ -318,12 +318,14 @@ class Connection:
         idle plain socket: no :meth:`send` in progress and nothing left by an earlier call.
 
         ``nbytes`` is its size, when the caller knows it. Returns how many bytes the kernel
-        took (counted in :attr:`bytes_sent`). 0: nothing
-        was written, nothing is kept (busy, full, closed, or not a plain socket); the
-        caller still has all of ``data``. All of it: done. Fewer: the rest is kept and goes
-        out first with the next :meth:`send` (which may be a send of nothing), so the
-        caller must make sure one follows. Raises trio.BrokenResourceError if the peer is
-        gone; the connection is then unusable: close it.
+        took. 0: nothing was written, nothing is kept (busy, full, closed, or not a plain
+        socket); the caller still has all of ``data``. All of it: done. Fewer: the rest is
+        kept and goes out first with the next :meth:`send` (which may be a send of
+        nothing), so the caller must make sure one follows. Either way all of ``data``
+        counts in :attr:`bytes_sent` at once (the rest is the connection's to write), so a
+        caller counting what it handed over counts whole frames. Raises
+        trio.BrokenResourceError if the peer is gone; the connection is then unusable:
+        close it.
         """
         sock = self._socket
         if sock is None or self._sending is not False:
@@ -337,8 +339,9 @@ class Connection:
             return 0
         except OSError as exc:
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-        self.bytes_sent += written
-        if written < (_nbytes(data) if nbytes is None else nbytes):
+        size = _nbytes(data) if nbytes is None else nbytes
+        self.bytes_sent += size
+        if written < size:
             self._sending = memoryview(data).cast("B")[written:]
         return written
 
@@ -357,16 +360,18 @@ class Connection:
             return
         if unsent is True:
             raise trio.BusyResourceError("another task is sending on this connection")
-        total = nbytes if nbytes is not None else sum(map(_nbytes, buffers))
+        # ``total`` is what this call adds to bytes_sent: a direct write's rest was counted
+        # when it began. ``size`` is what it writes.
+        total = size = nbytes if nbytes is not None else sum(map(_nbytes, buffers))
         if unsent is not False:
-            total += unsent.nbytes
             buffers = [unsent, *buffers]
+            size += unsent.nbytes
         self._sending = True
         try:
             rest: Sequence[Buffer] = buffers
             if self._socket is not None:
                 await trio.lowlevel.checkpoint_if_cancelled()
-                rest = self._write_now(buffers, total)
+                rest = self._write_now(buffers, size)
                 if not rest:
                     if self.yield_on_send:
                         await trio.lowlevel.cancel_shielded_checkpoint()

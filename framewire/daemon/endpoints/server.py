@@ -312,12 +312,13 @@ class _ClientFeed:
             return DirectWrite.REFUSED
         if not written:
             return DirectWrite.REFUSED
+        # Counted whole, the rest too: the connection writes it before anything else.
         status = endpoint.status
         frames_sent = endpoint._direct_frames
         status.frames_out += frames_sent
-        status.bytes_out += written
+        status.bytes_out += size
         client.frames_sent += frames_sent
-        client.bytes_sent += written
+        client.bytes_sent += size
         return DirectWrite.WRITTEN if written == size else DirectWrite.STARTED
 
     def peer_left(self) -> None:
