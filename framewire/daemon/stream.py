@@ -673,8 +673,8 @@ class Stream:
         self._lossless: list[Subscription] = []
         self.frames_in = 0
         self.bytes_in = 0
-        #: Publishes so far: every subscriber of one publish is offered the same frames
-        #: while this number stays the same (a direct writer shares their encoding by it).
+        #: Publishes so far. A direct writer keys the encoding it shares among its clients
+        #: by it and the identity of the frames it is offered (alive while the publish is).
         self.publishes = 0
 
     @property
