@@ -26,7 +26,9 @@ counts its frames) and bytes; a lossy queue drops a whole block when it drops on
 frame in it counted as dropped). Blocks are never metadata.
 
 Memory is bounded by the sum of the subscriptions' bounds: frames are shared between
-subscribers, never copied, and nothing here grows with how slow a consumer is.
+subscribers, never copied, and nothing here grows with how slow a consumer is. An idle
+subscription is small (slots, and no deque while nothing is queued: about 0.7 KiB): every
+client of a server has one.
 
 A subscription may have a *direct writer* (:attr:`Subscription.direct`, set by its
 consumer): when frames are offered to a lossy subscription whose queue is empty and whose
@@ -71,6 +73,11 @@ _DATA = FrameKind.DATA
 _DEFAULT_STREAM: Final = StreamConfig()
 DEFAULT_METADATA_TYPES: Final = _DEFAULT_STREAM.max_metadata_types
 DEFAULT_METADATA_BYTES: Final = _DEFAULT_STREAM.max_metadata_bytes
+
+
+#: A subscription's queue while nothing is queued: no deque at all (an empty deque still holds
+#: a block of 64 slots, about 600 bytes, and every idle client of a server had one).
+_EMPTY: Final[tuple[()]] = ()
 
 
 class DirectWrite(enum.Enum):
@@ -137,6 +144,39 @@ class Subscription:
     it stops for its own reasons.
     """
 
+    # Slots: every client of a server holds one (10,000 idle clients are a target).
+    __slots__ = (
+        "_block_bytes",
+        "_block_frames",
+        "_closed",
+        "_consumer",
+        "_ending",
+        "_queue",
+        "_queued_frames",
+        "_seen",
+        "_sessions",
+        "_wake_publisher",
+        "blocks_of",
+        "bounds",
+        "bytes_dropped",
+        "bytes_out",
+        "decimate",
+        "direct",
+        "follows_end",
+        "frames_decimated",
+        "frames_dropped",
+        "frames_out",
+        "label",
+        "last_batch_bytes",
+        "last_batch_frames",
+        "policy",
+        "queued_bytes",
+        "queued_metadata",
+        "queued_metadata_bytes",
+        "session_types",
+        "stream",
+    )
+
     def __init__(
         self,
         stream: Stream,
@@ -170,7 +210,8 @@ class Subscription:
         self.blocks_of = blocks_of
         self._block_frames = bounds.max_frames // 8
         self._block_bytes = bounds.max_bytes // 8
-        self._queue: deque[Frame] = deque()
+        #: The queue: a deque while it holds frames, else :data:`_EMPTY` (see there).
+        self._queue: deque[Frame] | tuple[()] = _EMPTY
         #: Frames queued (a block counts its frames; ``len(self._queue)`` counts entries).
         self._queued_frames = 0
         self.queued_bytes = 0
@@ -270,9 +311,19 @@ class Subscription:
                 trio.lowlevel.reschedule(task, outcome.Value(True))
         return True
 
+    def _deque(self) -> deque[Frame]:
+        """The queue as a deque to add to (made if nothing is queued). Never keep it across
+        a wait: the consumer lets go of it once it has taken every frame."""
+        queue = self._queue
+        if isinstance(queue, deque):
+            return queue
+        made: deque[Frame] = deque()
+        self._queue = made
+        return made
+
     def _enqueue(self, frames: Iterable[Frame]) -> None:
         """Queue ``frames``, dropping data to stay in bounds (see :meth:`offer`)."""
-        queue = self._queue
+        queue = self._deque()
         append = queue.append
         bounds = self.bounds
         max_frames, max_bytes = bounds.max_frames, bounds.max_bytes
@@ -327,7 +378,6 @@ class Subscription:
         Frames still unqueued when the subscription closes or ends are discarded. Always a
         checkpoint; waits only while the queue is full.
         """
-        queue = self._queue
         bounds = self.bounds
         decimate = self.decimate
         if (
@@ -351,7 +401,7 @@ class Subscription:
                 and self._queued_frames + count <= bounds.max_frames
                 and self.queued_bytes + total <= bounds.max_bytes
             ):
-                queue.extend(frames)
+                self._deque().extend(frames)
                 self._queued_frames += count
                 self.queued_bytes += total
                 for frame in frames:
@@ -377,7 +427,7 @@ class Subscription:
             while (
                 self._closed is None
                 and self._ending is None
-                and queue
+                and self._queue
                 and (
                     self._queued_frames + count > bounds.max_frames
                     or self.queued_bytes + size > bounds.max_bytes
@@ -388,7 +438,7 @@ class Subscription:
                 await self._wake_publisher.wait()
             if self._closed is not None or self._ending is not None:
                 break
-            queue.append(frame)
+            self._deque().append(frame)
             self._queued_frames += count
             self.queued_bytes += size
             if frame.kind is not _DATA:
@@ -463,6 +513,8 @@ class Subscription:
 
     def _remove_oldest_data(self) -> Frame | None:
         queue = self._queue
+        if not isinstance(queue, deque):
+            return None  # nothing queued
         if queue and queue[0].kind is _DATA:
             victim = queue.popleft()
         else:
@@ -522,14 +574,16 @@ class Subscription:
             # it: each parked consumer's frame would hold one more slot.
             if (
                 await trio.lowlevel.wait_task_rescheduled(self._abort_wait) is True
-                and not queue
+                and not self._queue
                 and self._closed is None
             ):
                 self.last_batch_frames = self.last_batch_bytes = 0
                 return []
             waited = True  # that was a checkpoint: no second trip through the scheduler
+            queue = self._queue  # a publisher may have made it
         if self._closed is not None:
             raise self._closed
+        assert isinstance(queue, deque)  # it holds frames
         batch: list[Frame] = []
         append, popleft = batch.append, queue.popleft
         taken_frames = 0
@@ -547,6 +601,8 @@ class Subscription:
             if frame.kind is not _DATA:
                 metadata += 1
                 metadata_bytes += frame.size
+        if not queue:
+            self._queue = _EMPTY  # an idle subscription holds no deque
         self.last_batch_frames = taken_frames
         self.last_batch_bytes = taken_bytes
         self._queued_frames -= taken_frames
@@ -573,7 +629,7 @@ class Subscription:
         """Close now: queued frames are discarded. Idempotent."""
         if self._closed is None:
             self._closed = SubscriptionClosed(reason, graceful=graceful)
-            self._queue.clear()
+            self._queue = _EMPTY
             self._queued_frames = 0
             self.queued_bytes = self.queued_metadata = self.queued_metadata_bytes = 0
             self._wake_all()
