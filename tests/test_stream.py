@@ -164,6 +164,31 @@ async def test_lossless_publisher_waits_for_room() -> None:
     assert sub.frames_dropped == 0
 
 
+async def test_a_waiting_publisher_queues_after_the_consumer_emptied_the_queue() -> None:
+    """The consumer takes everything (an empty subscription lets go of its queue's storage)
+    while the publisher waits for room: what it queues next still arrives, in order."""
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=2), policy=Policy.LOSSLESS)
+    received: list[Frame] = []
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.publish, [data(f"D{i}") for i in range(7)])
+            while len(received) < 7:
+                await trio.testing.wait_all_tasks_blocked()
+                received += await sub.receive_batch()  # all that is queued
+                assert sub.queued_frames == 0 or len(received) < 7
+    assert names(received) == [f"D{i}" for i in range(7)]
+    # And the lossy path after an emptied queue, metadata first as ever.
+    stream = Stream("lossy")
+    lossy = stream.subscribe()
+    stream.publish_nowait([meta("m", "M1"), data("A")])
+    assert names(await lossy.receive_batch()) == ["M1", "A"]
+    stream.publish_nowait([data("B")])
+    assert names(await lossy.receive_batch()) == ["B"]
+    lossy.close("done")
+    assert lossy.queued_frames == 0
+
+
 async def test_lossless_publisher_is_released_when_the_subscriber_leaves() -> None:
     stream = Stream("s")
     sub = stream.subscribe(bounds=QueueBounds(max_frames=1), policy=Policy.LOSSLESS)
