@@ -428,3 +428,22 @@ async def test_large_publishes_go_through_the_writer_task() -> None:
         assert recording.answers == [DirectWrite.REFUSED]
         assert daemon.endpoints["out"].status.frames_out == 1
         await peer.stream.aclose()
+
+
+@pytest.mark.parametrize(
+    "setting", ['policy = "lossless"', "decimate = { sample = 2 }"], ids=["lossless", "decimate"]
+)
+async def test_lossless_and_decimating_servers_keep_the_writer_task_path(setting: str) -> None:
+    config = CONFIG.replace("max_clients = 8", f"max_clients = 8\n{setting}")
+    async with running_daemon(config) as daemon:
+        out = daemon.endpoints["out"]
+        port = int(out.status.address[0].rsplit(":", 1)[1])
+        peer = await connect(port)
+        await wait_until(lambda: len(out.status.clients) == 1)
+        (client,) = out.status.clients.values()
+        assert client.subscription is not None
+        assert client.subscription.direct is None
+        with trio.fail_after(10):
+            await daemon.streams.get("camera").publish([data(1), data(2)])
+            assert await peer.read(1) == [data(2) if "decimate" in setting else data(1)]
+        await peer.stream.aclose()
