@@ -54,11 +54,13 @@ __all__ = [
     "MissingStream",
     "NatsThread",
     "NatsUnavailable",
+    "PendingCall",
     "StreamLayout",
     "describe_nats_error",
     "ensure_streams",
     "parse_ack",
     "read_last_metadata",
+    "read_stream_range",
     "refusal_kind",
     "require_nats",
     "source_sequence",
@@ -193,24 +195,18 @@ class NatsThread:
         Raises what the coroutine raised; TimeoutError (after cancelling it) when it takes
         longer than ``within`` seconds. A trio cancellation cancels the coroutine too.
         """
+        return await self.begin(make, within=within).result()
+
+    def begin(self, make: Callable[[], Awaitable[T]], *, within: float) -> PendingCall[T]:
+        """Start ``make()`` on the loop now and return at once; trio collects the result
+        later with :meth:`PendingCall.result` (so the loop works while trio does something
+        else: a window of publishes awaiting its acks, the next fetch). ``within`` bounds it
+        as for :meth:`call`, counted from now."""
 
         async def bounded() -> T:
             return await asyncio.wait_for(make(), within)
 
-        done = trio.Event()
-        future = self.submit(bounded())
-        future.add_done_callback(lambda _: self.to_trio(done.set))
-        try:
-            # The loop enforces the timeout; this one is a backstop should the loop stall.
-            with trio.fail_after(within + JOIN_TIMEOUT):
-                await done.wait()
-        except BaseException:
-            future.cancel()
-            raise
-        try:
-            return future.result()
-        except TimeoutError:
-            raise TimeoutError(f"no answer from NATS within {within:g}s") from None
+        return PendingCall(self, self.submit(bounded()), within)
 
     async def stop(self) -> None:
         """Stop the loop (its tasks are cancelled) and join the thread, in a worker thread so
@@ -226,6 +222,47 @@ class NatsThread:
             await trio.to_thread.run_sync(
                 functools.partial(thread.join, JOIN_TIMEOUT), abandon_on_cancel=True
             )
+
+
+class PendingCall(Generic[T]):
+    """A coroutine running on a :class:`NatsThread`'s loop, started by
+    :meth:`NatsThread.begin`, whose result trio has not collected yet.
+
+    :meth:`result` waits for it (at most its ``within`` plus :data:`JOIN_TIMEOUT`, counted
+    from its start: the loop enforces ``within``, this is a backstop should the loop stall)
+    and raises what it raised, TimeoutError when it took too long; a trio cancellation of
+    that wait cancels the coroutine. :meth:`cancel` cancels it without waiting.
+    """
+
+    def __init__(self, nats_thread: NatsThread, future: Future[T], within: float) -> None:
+        self._future = future
+        self._within = within
+        self._deadline = trio.current_time() + within + JOIN_TIMEOUT
+        self._done = trio.Event()
+        future.add_done_callback(lambda _: nats_thread.to_trio(self._done.set))
+
+    @property
+    def done(self) -> bool:
+        """Whether the coroutine has finished (and trio has heard of it)."""
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self._future.cancel()
+
+    async def result(self) -> T:
+        try:
+            with trio.fail_at(self._deadline):
+                await self._done.wait()
+        except trio.TooSlowError:
+            self._future.cancel()
+            raise TimeoutError(f"the NATS thread did not answer within {self._within:g}s") from None
+        except BaseException:
+            self._future.cancel()
+            raise
+        try:
+            return self._future.result()
+        except TimeoutError:
+            raise TimeoutError(f"no answer from NATS within {self._within:g}s") from None
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
@@ -618,6 +655,27 @@ async def read_last_metadata(js: Any, layout: StreamLayout) -> list[tuple[int | 
             origin = message.seq if name == layout.stream else source_sequence(message.headers)
             found[subject] = (origin, message)
     return list(found.values())
+
+
+async def read_stream_range(
+    js: Any, stream: str, subject: str, first: int, count: int
+) -> list[tuple[str, dict[str, str] | None, bytes]]:
+    """Messages ``first`` to ``first + count - 1`` of ``stream`` on ``SUBJECT.>`` (subject,
+    headers, payload), in order, read one by one; those the stream no longer holds, and those
+    on other subjects, are left out.
+
+    Raises nats-py's errors but NotFoundError."""
+    errors = importlib.import_module("nats.js.errors")
+    prefix = f"{subject}."
+    found = []
+    for sequence in range(first, first + count):
+        try:
+            message = await js.get_msg(stream, sequence)
+        except errors.NotFoundError:
+            continue
+        if message.subject.startswith(prefix):
+            found.append((message.subject, message.headers, message.data or b""))
+    return found
 
 
 def source_sequence(headers: dict[str, str] | None) -> int | None:
