@@ -982,6 +982,22 @@ async def test_a_jetstream_retry_of_a_stored_message_is_a_duplicate_and_order_is
     assert again == [(True, 1, True, ""), (True, 2, True, "")]
 
 
+def test_nats_py_reads_a_mebibyte_at_a_time_never_less_than_it_would() -> None:
+    import types
+
+    from framewire.daemon.natsio import READ_SIZE, raise_read_size, require_nats
+
+    require_nats()
+    assert nats.aio.client.DEFAULT_BUFFER_SIZE == READ_SIZE
+    small, large = types.ModuleType("small"), types.ModuleType("large")
+    small.DEFAULT_BUFFER_SIZE = 32768  # type: ignore[attr-defined]
+    large.DEFAULT_BUFFER_SIZE = 4 * READ_SIZE  # type: ignore[attr-defined]
+    raise_read_size(small)
+    raise_read_size(large)
+    assert small.DEFAULT_BUFFER_SIZE == READ_SIZE
+    assert large.DEFAULT_BUFFER_SIZE == 4 * READ_SIZE
+
+
 async def test_the_inbox_drops_the_oldest_data_never_metadata_and_wakes_trio_per_batch() -> None:
     from framewire.daemon.natsio import Inbox, NatsThread
 
