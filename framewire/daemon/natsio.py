@@ -227,7 +227,11 @@ class NatsThread:
         as for :meth:`call`, counted from now."""
 
         async def bounded() -> T:
-            return await asyncio.wait_for(make(), within)
+            task = asyncio.ensure_future(make())
+            # Cancelled, a nats-py coroutine may end with an error of its own instead (a
+            # fetch: "connection closed"), which nobody would retrieve.
+            task.add_done_callback(_retrieve)
+            return await asyncio.wait_for(task, within)
 
         return PendingCall(self, self.submit(bounded()), within)
 
@@ -286,6 +290,12 @@ class PendingCall(Generic[T]):
             return self._future.result()
         except TimeoutError:
             raise TimeoutError(f"no answer from NATS within {self._within:g}s") from None
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark the outcome of ``task`` as seen (asyncio logs exceptions nobody retrieved)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:

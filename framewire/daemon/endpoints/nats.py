@@ -168,8 +168,9 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._connect_failure: str | None = None
         #: Data frames nats-py could not take (core, while disconnected), dropped.
         self._unsent = 0
-        #: The JetStream reader's wait for a fetch, which a stop request cancels.
-        self._fetch_wait: trio.CancelScope | None = None
+        #: The JetStream reader holds a batch it has not yet published and acknowledged: a
+        #: stop request lets it finish (it then returns) instead of cancelling it.
+        self._batch_in_hand = False
         self._ever_connected = False
         self._lost_reason: str | None = None
         self._thread: NatsThread | None = None
@@ -327,15 +328,15 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         """A stop request ends the outgoing queue (publish: drain it, then return), lets a
         JetStream reader finish the batch in hand (published and acknowledged; the fetch asked
         for meanwhile is given up, and what it was sent is read again on the next start, see
-        :meth:`_fill_gap`), or stops the endpoint at once (never connected; core subscribe)."""
+        :meth:`_fill_gap`), or stops the endpoint at once (never connected; core subscribe; a
+        reader waiting for a fetch, the connection or a backoff)."""
         await self._stop_requested.wait()
         if self._outgoing.current is not None and self._ever_connected:
             # What is queued goes out while the grace period lasts.
             self._outgoing.current.end("the NATS endpoint is stopping")
-        elif self.config.direction == "subscribe" and self.config.mode == "jetstream":
+        elif self._batch_in_hand:
             # The batch in hand is published and acknowledged; no new one is waited for.
-            if self._fetch_wait is not None:
-                self._fetch_wait.cancel()
+            pass
         else:
             cancel_scope.cancel()
 
@@ -831,10 +832,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                     return
                 if ahead is None:
                     ahead = fetch()
-                batch: list[Any] | None = None
                 try:
-                    with trio.CancelScope() as self._fetch_wait:
-                        batch = await ahead.result()
+                    batch = await ahead.result()
                 except Exception as exc:
                     if not isinstance(exc, TimeoutError) and not _is_fetch_timeout(exc):
                         self._set_state("error", f"JetStream fetch: {describe_nats_error(exc)}")
@@ -843,10 +842,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                     continue
                 finally:
                     ahead = None
-                    self._fetch_wait = None
-                if batch is None:
-                    return  # a stop request cancelled the wait: what the fetch was sent
-                    # comes again on the next start
+                self._batch_in_hand = True
                 if detail["state"] != "subscribed":
                     self._set_state("subscribed")
                 backoff.reset()
@@ -888,7 +884,9 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                             await thread.call(ack_upto.ack, within=config.ack_timeout)
                         except Exception as exc:
                             self.log.debug("ack failed (it will be redelivered): %s", exc)
+                self._batch_in_hand = False
         finally:
+            self._batch_in_hand = False
             if ahead is not None:
                 ahead.cancel()
 
