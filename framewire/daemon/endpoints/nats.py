@@ -23,7 +23,7 @@ subscriber takes apart; metadata always goes alone.
 ``mode = "jetstream"`` (durable)
     Publishing takes frames from a lossless subscription (the stream's publishers wait when
     NATS cannot keep up) and publishes them to the JetStream stream ``FW_x`` with acks, in
-    windows that go out back to back (:class:`_AckedPublisher`), at most
+    windows that go out back to back while a backlog lasts (:class:`_AckedPublisher`), at most
     ``max_inflight_bytes`` unacknowledged. A message that is refused (429, 503 no leader or no
     stream, a full stream with ``discard = "new"``, a timeout) is published again, after a
     backoff, with the same ``Nats-Msg-Id``, so the server stores it once; nothing is dropped.
@@ -33,7 +33,8 @@ subscriber takes apart; metadata always goes alone.
     the retries go one message at a time until one is stored.
     Subscribing reads ``FW_x`` through a pull consumer (``durable`` names it so it resumes
     where it stopped; unnamed, it starts anew each time): it fetches a batch, publishes it into
-    ``stream``, then acknowledges it, while the next batch is fetched. Delivery from JetStream
+    ``stream``, then acknowledges it (after a full batch, while the next one is fetched).
+    Delivery from JetStream
     is at least once; redeliveries (sequence not above the last one published) are dropped, so
     the stream sees each frame once while the endpoint runs. Messages the consumer skips
     (sent before, to an earlier run or a fetch given up on, and never acknowledged) are read
@@ -543,8 +544,10 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             subscription = self._outgoing.current
             assert subscription is not None
             self._report_queue()
-            if acked is not None and acked.windows and not subscription.queued_frames:
-                # Nothing new to publish: collect the acks of the oldest window meanwhile.
+            if acked is not None and acked.windows and not _backlog(subscription, config):
+                # Less than a batch queued: collect the acks of the oldest window first (and
+                # let the queue gather a batch meanwhile) rather than publish a small window
+                # now; windows go out back to back only while a backlog lasts.
                 await acked.settle_oldest()
                 continue
             try:
@@ -811,8 +814,11 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         largest = self._message_limit()
         detail = self.status.detail
 
+        asked = 0
+
         def fetch() -> PendingCall[list[Any]]:
-            want = max(
+            nonlocal asked
+            want = asked = max(
                 1,
                 min(
                     MAX_FETCH,
@@ -860,8 +866,11 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                         gap = (last_sequence + 1, sequence - 1)
                     last_sequence = sequence
                     fresh.append((msg.subject, msg.headers, msg.data))
-                # The next batch comes while this one is published and acknowledged.
-                ahead = fetch()
+                if len(batch) >= asked:
+                    # A full batch: a backlog. The next one comes while this one is
+                    # published and acknowledged. (Otherwise it is asked for after that,
+                    # when more has gathered: small batches cost more per frame.)
+                    ahead = fetch()
                 self._count("redeliveries_dropped", redelivered)
                 if gap is not None:
                     first, last = gap
@@ -1127,6 +1136,14 @@ class _AckedPublisher:
         detail = self.endpoint.status.detail
         detail["inflight_bytes"] = self.inflight_bytes
         detail["acks_pending"] = self.inflight_messages
+
+
+def _backlog(subscription: Subscription, config: NatsConfig) -> bool:
+    """Whether ``subscription`` holds a full batch (as much as one receive takes), or half
+    of what its bounds let it hold."""
+    return subscription.queued_frames >= min(
+        BATCH_FRAMES, config.max_queue_frames // 2
+    ) or subscription.queued_bytes >= min(BATCH_BYTES, config.max_queue_bytes // 2)
 
 
 def _stored_prefix(outcomes: Sequence[AckOutcome]) -> int:
