@@ -852,41 +852,41 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 if detail["state"] != "subscribed":
                     self._set_state("subscribed")
                 backoff.reset()
-                fresh: list[_Message] = []
+                # The batch's messages in runs, each after the gap before it (if any).
+                runs: list[tuple[tuple[int, int] | None, list[_Message]]] = [(None, [])]
                 largest = 1024
                 redelivered = 0
-                gap: tuple[int, int] | None = None
                 for msg in batch:
                     sequence = msg.metadata.sequence.stream
                     largest = max(largest, len(msg.data))
                     if sequence <= last_sequence:
                         redelivered += 1
                         continue
-                    if sequence > last_sequence + 1 and gap is None and not fresh:
-                        gap = (last_sequence + 1, sequence - 1)
+                    if sequence > last_sequence + 1:
+                        runs.append(((last_sequence + 1, sequence - 1), []))
                     last_sequence = sequence
-                    fresh.append((msg.subject, msg.headers, msg.data))
+                    runs[-1][1].append((msg.subject, msg.headers, msg.data))
                 if len(batch) >= asked:
                     # A full batch: a backlog. The next one comes while this one is
                     # published and acknowledged. (Otherwise it is asked for after that,
                     # when more has gathered: small batches cost more per frame.)
                     ahead = fetch()
                 self._count("redeliveries_dropped", redelivered)
-                if gap is not None:
-                    first, last = gap
-                    # The consumer cannot have more than max_ack_pending messages sent and not
-                    # acknowledged: anything before those was removed from the stream.
-                    await self._fill_gap(
-                        thread, max(first, last - self._max_ack_pending() + 1), last
-                    )
-                frames = self._decode(fresh)
+                for gap, messages in runs:
+                    if gap is not None:
+                        first, last = gap
+                        # The consumer cannot have more than max_ack_pending messages sent
+                        # and not acknowledged: anything before those left the stream.
+                        await self._fill_gap(
+                            thread, max(first, last - self._max_ack_pending() + 1), last
+                        )
+                    await self._publish_frames(self._decode(messages))
                 if not self._assembler.assembling:
                     ack_upto = batch[-1] if batch else None
                 else:
                     # Acknowledge up to the message before the frame still being assembled.
                     ack_upto = _before_partial(batch)
                 detail["consumer_pending"] = batch[-1].metadata.num_pending if batch else 0
-                await self._publish_frames(frames)
                 if ack_upto is not None:
                     with trio.CancelScope(shield=True):
                         try:
@@ -908,7 +908,9 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         which the consumer skipped: it sent them before (to an earlier run of this endpoint
         that stopped or died before acknowledging them, or to a fetch given up on) and would
         only send them again after ``ack_wait``, after later ones, whose acknowledgement
-        would cover them. Messages the stream no longer holds (its limits) are passed over.
+        would cover them. Messages the stream no longer holds (its limits) are passed over,
+        and so are messages on subjects the consumer does not read (a stream made elsewhere,
+        ``create = false``, that captures more than ``SUBJECT.>``: each costs a read).
 
         Raises what reading the stream raises (the fetch loop is left; the supervisor starts
         the endpoint again, which resumes from the acknowledged floor).
