@@ -550,6 +550,102 @@ async def test_jetstream_loses_nothing_across_a_sigkill_of_the_server(
     assert reader.status.detail["reconnects"] == 1
 
 
+async def store_in_jetstream(url: str, frames: list[Frame], *, extra: str = "") -> None:
+    """Publish ``frames`` to FW_camera through a daemon; return once all are stored."""
+    async with running_daemon(publisher_toml(url, mode="jetstream", extra=extra)) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        async with producer(a) as source:
+            await source.send(frames)
+            with trio.move_on_after(60):  # a loaded machine stores a long backlog slowly
+                while writer.status.frames_out < len(frames):  # noqa: ASYNC110 - a counter
+                    await trio.sleep(0.02)
+        assert writer.status.frames_out == len(frames)
+
+
+async def recorded_at_least(daemon: Daemon, count: int) -> None:
+    """Wait until the recorder ``archive`` has ``count`` frames, at most a minute (a loaded
+    machine reads a long backlog slowly); the caller checks what was recorded."""
+    recorder = daemon.endpoints["archive"]
+    with trio.move_on_after(60):
+        while recorder.status.frames_in < count:  # noqa: ASYNC110 - a counter, no event
+            await trio.sleep(0.02)
+
+
+def complete_frames(path: Path) -> list[Frame]:
+    """The whole frames a recorder file holds (a daemon killed while writing it may have
+    left a partial frame at its end)."""
+    from framewire.protocols.native import NativeDecoder
+
+    return NativeDecoder(max_frame_size=1 << 27).feed(path.read_bytes())
+
+
+async def test_jetstream_reader_stopped_with_a_fetch_outstanding_resumes_exactly(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # Daemon B holds a batch while the next one is fetched: stopped part-way through a long
+    # backlog, it publishes and acknowledges what it fetched or asked for before it goes, so
+    # the next run starts right after it: nothing lost, nothing twice.
+    url = nats_server.url
+    path = tmp_path / "archive" / "run.fw"
+    sent = [METADATA[0], *frames_of(2000, size=1000)]
+    await store_in_jetstream(url, sent)
+    await archive_until(url, path, 500)
+    first = read_archive(path.parent)[0]
+    assert 500 <= len(first) < len(sent)
+    async with running_daemon(archive_toml(url, path)) as b:
+        await recorded_at_least(b, 1 + len(sent) - len(first))
+    runs = read_archive(path.parent)
+    assert runs[0] == first
+    assert runs[1] == [METADATA[0], *sent[len(first) :]]
+
+
+async def test_jetstream_reader_killed_with_a_fetch_outstanding_redelivers_from_its_ack_floor(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # SIGKILL of daemon B while it holds a batch and has asked for the next: messages it was
+    # sent but never acknowledged come again on the next start, before any later ones (at
+    # least once: some frames it had recorded may come twice, none is missing).
+    from .hostile_daemon import DaemonProcess
+
+    url = nats_server.url
+    sent = [METADATA[0], *frames_of(3000, size=1000)]
+    await store_in_jetstream(url, sent)
+    killed_dir = tmp_path / "killed"
+    killed_dir.mkdir()
+    killed_path = killed_dir / "archive" / "run.fw"
+    daemon = DaemonProcess(archive_toml(url, killed_path), killed_dir, expect=[])
+    try:
+
+        def recorded() -> int:
+            return sum(file.stat().st_size for file in killed_path.parent.glob("run-*.fw"))
+
+        with trio.fail_after(PATIENCE):
+            while recorded() < 500_000:
+                assert daemon.alive()
+                await trio.sleep(0.01)
+        os.kill(daemon.pid, signal.SIGKILL)
+    finally:
+        daemon.stop()
+    (killed_file,) = killed_path.parent.glob("run-*.fw")
+    before = complete_frames(killed_file)
+    assert 0 < len(before) < len(sent)
+    assert before == sent[: len(before)]
+    path = tmp_path / "archive" / "run.fw"
+    async with running_daemon(archive_toml(url, path)) as b:
+        recorder = b.endpoints["archive"]
+        reader = nats_endpoint(b, "from-nats")
+        await wait_until(lambda: reader.status.frames_in >= 2)
+        # The first frame after the metadata says where the reader resumed.
+        await wait_until(lambda: recorder.status.frames_in >= 2)
+        (after,) = read_archive(path.parent)
+        resumed = sent.index(after[1])
+        assert resumed <= len(before)
+        await recorded_at_least(b, 1 + len(sent) - resumed)
+    (after,) = read_archive(path.parent)
+    assert after == [METADATA[0], *sent[resumed:]]
+
+
 async def test_jetstream_chunks_40_mib_frames(nats_server: NatsServer, tmp_path: Path) -> None:
     url = nats_server.url
     big = [
@@ -792,6 +888,33 @@ async def test_jetstream_keeps_order_when_a_window_is_partly_refused(
     assert stored == [frame.payload for frame in sent]  # in order, each once
 
 
+async def test_jetstream_windows_in_flight_behind_a_refused_one_are_retried_in_order(
+    nats_server: NatsServer,
+) -> None:
+    # max_inflight_bytes 4 KiB: windows of about 1 KiB, several awaiting acks at once. The
+    # big frame is refused (over max_msg_size); the windows published behind it name their
+    # predecessors and are refused too, whatever order their acks come back in; all of them
+    # are published again, in order, once the stream takes the big frame.
+    url = nats_server.url
+    sent = [*frames_of(40), *frames_of(1, start=40, size=1700), *frames_of(40, start=41)]
+    extra = 'ack_timeout = "1s"\nmax_inflight_bytes = "4KiB"'
+    async with running_daemon(publisher_toml(url, mode="jetstream", extra=extra)) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        await trio.to_thread.run_sync(asyncio.run, set_max_msg_size(url, 1500))
+        async with producer(a) as source:
+            await source.send(sent)
+            await wait_state(writer, "refused")
+            await wait_until(lambda: count(writer, "publishes_refused") >= 2)
+            assert writer.status.frames_out == 40
+            assert count(writer, "inflight_bytes") <= 4096
+            await trio.to_thread.run_sync(asyncio.run, set_max_msg_size(url, -1))
+            await wait_until(lambda: writer.status.frames_out == len(sent))
+        assert count(writer, "inflight_bytes") == 0
+    stored = await trio.to_thread.run_sync(asyncio.run, stored_payloads(url, "FW_camera"))
+    assert stored == [frame.payload for frame in sent]  # in order, each once
+
+
 async def test_two_jetstream_publishers_into_one_stream_each_keep_order(
     nats_server: NatsServer,
 ) -> None:
@@ -870,6 +993,22 @@ async def test_a_jetstream_retry_of_a_stored_message_is_a_duplicate_and_order_is
         (False, 0, False, "out_of_order"),
     ]
     assert again == [(True, 1, True, ""), (True, 2, True, "")]
+
+
+def test_nats_py_reads_a_mebibyte_at_a_time_never_less_than_it_would() -> None:
+    import types
+
+    from framewire.daemon.natsio import READ_SIZE, raise_read_size, require_nats
+
+    require_nats()
+    assert nats.aio.client.DEFAULT_BUFFER_SIZE == READ_SIZE
+    small, large = types.ModuleType("small"), types.ModuleType("large")
+    small.DEFAULT_BUFFER_SIZE = 32768  # type: ignore[attr-defined]
+    large.DEFAULT_BUFFER_SIZE = 4 * READ_SIZE  # type: ignore[attr-defined]
+    raise_read_size(small)
+    raise_read_size(large)
+    assert small.DEFAULT_BUFFER_SIZE == READ_SIZE
+    assert large.DEFAULT_BUFFER_SIZE == 4 * READ_SIZE
 
 
 async def test_the_inbox_drops_the_oldest_data_never_metadata_and_wakes_trio_per_batch() -> None:

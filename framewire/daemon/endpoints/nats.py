@@ -22,19 +22,24 @@ subscriber takes apart; metadata always goes alone.
     the publisher's first-seen order, ``Fw-Rank``); live frames that arrive meanwhile wait.
 ``mode = "jetstream"`` (durable)
     Publishing takes frames from a lossless subscription (the stream's publishers wait when
-    NATS cannot keep up) and publishes them to the JetStream stream ``FW_x`` with acks, at most
+    NATS cannot keep up) and publishes them to the JetStream stream ``FW_x`` with acks, in
+    windows that go out back to back while a backlog lasts (:class:`_AckedPublisher`), at most
     ``max_inflight_bytes`` unacknowledged. A message that is refused (429, 503 no leader or no
     stream, a full stream with ``discard = "new"``, a timeout) is published again, after a
     backoff, with the same ``Nats-Msg-Id``, so the server stores it once; nothing is dropped.
-    Each refusal is one log line and a ``detail.state``. Order is kept: each message of a
-    window names its predecessor (``Nats-Expected-Last-Msg-Id``), so the server refuses the
+    Each refusal is one log line and a ``detail.state``. Order is kept: each message in
+    flight names its predecessor (``Nats-Expected-Last-Msg-Id``), so the server refuses the
     messages after a refused one instead of storing them ahead of it, and after a refusal
     the retries go one message at a time until one is stored.
     Subscribing reads ``FW_x`` through a pull consumer (``durable`` names it so it resumes
     where it stopped; unnamed, it starts anew each time): it fetches a batch, publishes it into
-    ``stream``, then acknowledges it. Delivery from JetStream is at least once; redeliveries
-    (sequence not above the last one published) are dropped, so the stream sees each frame once
-    while the endpoint runs. On every start it first publishes the latest metadata of each type
+    ``stream``, then acknowledges it (after a full batch, while the next one is fetched).
+    Delivery from JetStream
+    is at least once; redeliveries (sequence not above the last one published) are dropped, so
+    the stream sees each frame once while the endpoint runs. Messages the consumer skips
+    (sent before, to an earlier run or a fetch given up on, and never acknowledged) are read
+    from the stream directly, in order, before the ones after them (:meth:`_fill_gap`).
+    On every start it first publishes the latest metadata of each type
     from ``FW_x_META`` that precedes where the consumer resumes (``Fw-Rank`` order).
 
 Messages that are not framewire frames (missing headers, bad chunk numbers, over
@@ -56,10 +61,12 @@ import functools
 import os
 import secrets
 import ssl
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, Final
 
+import attrs
 import trio
 
 from ...config import NatsConfig
@@ -85,10 +92,12 @@ from ..natsio import (
     Inbox,
     MissingStream,
     NatsThread,
+    PendingCall,
     StreamLayout,
     describe_nats_error,
     ensure_streams,
     read_last_metadata,
+    read_stream_range,
     refusal_kind,
     require_nats,
 )
@@ -116,6 +125,11 @@ CLOSE_TIMEOUT: Final = 2.0
 PAYLOAD_MARGIN: Final = 1024
 #: Messages one pull asks for at most.
 MAX_FETCH: Final = 1024
+#: JetStream publishes awaiting their acks at most (besides ``max_inflight_bytes``).
+MAX_INFLIGHT_MESSAGES: Final = 8192
+#: A JetStream publish window holds at most ``max_inflight_bytes`` over this (or one
+#: message), so that several are in flight and acks come back while later ones go out.
+WINDOWS_IN_FLIGHT: Final = 4
 
 _Message = tuple[str, "dict[str, str] | None", bytes]
 
@@ -155,8 +169,9 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._connect_failure: str | None = None
         #: Data frames nats-py could not take (core, while disconnected), dropped.
         self._unsent = 0
-        #: The wait for the next JetStream batch, which a stop request cancels.
-        self._fetching: trio.CancelScope | None = None
+        #: The JetStream reader holds a batch it has not yet published and acknowledged: a
+        #: stop request lets it finish (it then returns) instead of cancelling it.
+        self._batch_in_hand = False
         self._ever_connected = False
         self._lost_reason: str | None = None
         self._thread: NatsThread | None = None
@@ -191,6 +206,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             frames_incomplete=0,
             messages_rejected=0,
             redeliveries_dropped=0,
+            gap_messages_read=0,
             order_retries=0,
             connect_errors=0,
             publishes_refused=0,
@@ -310,16 +326,18 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             self.status.detail["state"] = "closed"
 
     async def _stop_when_requested(self, cancel_scope: trio.CancelScope) -> None:
-        """A stop request ends the outgoing queue (publish: drain it, then return), or stops
-        the endpoint at once when nothing can be delivered (never connected; subscribe, whose
-        batch in hand is acknowledged on the way out)."""
+        """A stop request ends the outgoing queue (publish: drain it, then return), lets a
+        JetStream reader finish the batch in hand (published and acknowledged; the fetch asked
+        for meanwhile is given up, and what it was sent is read again on the next start, see
+        :meth:`_fill_gap`), or stops the endpoint at once (never connected; core subscribe; a
+        reader waiting for a fetch, the connection or a backoff)."""
         await self._stop_requested.wait()
         if self._outgoing.current is not None and self._ever_connected:
             # What is queued goes out while the grace period lasts.
             self._outgoing.current.end("the NATS endpoint is stopping")
-        elif self._fetching is not None:
-            # The batch in hand is published and acknowledged; no new one is fetched.
-            self._fetching.cancel()
+        elif self._batch_in_hand:
+            # The batch in hand is published and acknowledged; no new one is waited for.
+            pass
         else:
             cancel_scope.cancel()
 
@@ -507,13 +525,14 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         config = self.config
         jetstream = config.mode == "jetstream"
         await self._wait_connected()
-        tracker: AckTracker | None = None
+        acked: _AckedPublisher | None = None
         if jetstream:
             await self._ensure_streams(thread, required=True)
             client = self._client
             tracker = await thread.call(
                 lambda: AckTracker.open(client), within=config.connect_timeout
             )
+            acked = _AckedPublisher(self, thread, tracker)
         elif config.create:
             await self._ensure_streams(thread, required=False)
         self._set_state("publishing")
@@ -525,10 +544,18 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             subscription = self._outgoing.current
             assert subscription is not None
             self._report_queue()
+            if acked is not None and acked.windows and not _backlog(subscription, config):
+                # Less than a batch queued: collect the acks of the oldest window first (and
+                # let the queue gather a batch meanwhile) rather than publish a small window
+                # now; windows go out back to back only while a backlog lasts.
+                await acked.settle_oldest()
+                continue
             try:
                 batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
             except SubscriptionClosed as closed:
                 if closed.graceful:
+                    if acked is not None:
+                        await acked.settle_all()
                     return
                 self.log.warning("the outgoing queue was closed: %s", closed.reason)
                 self._subscribe_outgoing()
@@ -538,8 +565,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 reconnected = self._reconnected
                 batch = [*self._sent_metadata, *batch]
             units = packer.units(batch, self._message_limit(), self._unencodable)
-            if tracker is not None:
-                await self._publish_acked(thread, tracker, units)
+            if acked is not None:
+                await acked.submit(units)
             else:
                 await self._publish_core(thread, units)
             status.detail["packs_published"] = packer.packs
@@ -612,92 +639,17 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 await self._wait_connected()
                 await trio.sleep(0.01)
 
-    async def _publish_acked(
-        self,
-        thread: NatsThread,
-        tracker: AckTracker,
-        frames: list[PublishUnit],
-    ) -> None:
-        """Publish with acks, at most ``max_inflight_bytes`` unacknowledged; retry refused
-        messages (same ids) after a backoff until every one is stored, in order.
-
-        Every message of a window but its first names the one before it in
-        ``Nats-Expected-Last-Msg-Id``, so when one is refused the server refuses those after
-        it too (instead of storing them ahead of it). After a refusal the next windows hold
-        one message until one is stored. A message stored although its ack was lost is
-        stored once: its retry carries the same ``Nats-Msg-Id`` and the server answers
-        "duplicate", which it does before it looks at the expected last id.
-        """
-        config = self.config
-        status = self.status
-        detail = status.detail
-        messages = [message for unit in frames for message in unit.messages]
-        # The last message index of each unit, to count frames as its last part is stored.
-        ends: list[int] = []
-        for unit in frames:
-            ends.append((ends[-1] if ends else 0) + len(unit.messages))
-        stored = 0
-        backoff = Backoff(config.reconnect)
-        frame_index = 0
-        one_at_a_time = False
-        while stored < len(messages):
-            window: list[NatsMessage] = []
-            window_bytes = 0
-            previous_id: str | None = None
-            for message in messages[stored:]:
-                if window and (
-                    one_at_a_time or window_bytes + message.size > config.max_inflight_bytes
-                ):
-                    break
-                headers = message.headers
-                if previous_id is None:
-                    headers.pop(HEADER_EXPECTED_LAST_MSG_ID, None)
-                else:
-                    headers[HEADER_EXPECTED_LAST_MSG_ID] = previous_id
-                previous_id = headers.get(HEADER_MSG_ID)
-                window.append(message)
-                window_bytes += message.size
-            detail["inflight_bytes"] = window_bytes
-            detail["acks_pending"] = len(window)
-            try:
-                outcomes = await thread.call(
-                    functools.partial(tracker.publish, window, config.ack_timeout),
-                    within=config.ack_timeout + len(window) * 0.01 + 1,
-                )
-            except TimeoutError:
-                outcomes = [AckOutcome(False, description="no ack in time")]
-            finally:
-                detail["inflight_bytes"] = 0
-                detail["acks_pending"] = 0
-            good = 0
-            for outcome in outcomes:
-                if not outcome.ok:
-                    break
-                good += 1
-            stored += good
-            while frame_index < len(frames) and ends[frame_index] <= stored:
-                done = frames[frame_index]
-                status.frames_out += len(done.frames)
-                status.bytes_out += done.nbytes
-                frame_index += 1
-            if good == len(window):
-                if detail["state"] != "publishing":
-                    self._set_state("publishing")
-                backoff.reset()
-                one_at_a_time = False
-                continue
-            failed = outcomes[good]
-            if refusal_kind(failed) == "out_of_order":
-                # Its predecessor was stored, yet is not the stream's last message: another
-                # publisher's message came between. Try again at once, as a window's first.
-                self._count("order_retries")
-                continue
-            self._count("publishes_refused")
-            state, problem = _describe_refusal(failed, config, window[good])
-            self._set_state(state, problem)
-            one_at_a_time = True
-            await trio.sleep(backoff.next_delay())
-            await self._wait_connected()
+    def _refused(self, failed: AckOutcome, message: NatsMessage) -> bool:
+        """Record a refused JetStream publish; whether to back off before trying again (an
+        ``out_of_order`` refusal is retried at once: its predecessor was stored, yet is not
+        the stream's last message, because another publisher's message came between)."""
+        if refusal_kind(failed) == "out_of_order":
+            self._count("order_retries")
+            return False
+        self._count("publishes_refused")
+        state, problem = _describe_refusal(failed, self.config, message)
+        self._set_state(state, problem)
+        return True
 
     # -- subscribing -----------------------------------------------------------------------
 
@@ -814,7 +766,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             deliver_policy=api.DeliverPolicy.NEW
             if config.start == "new"
             else api.DeliverPolicy.ALL,
-            max_ack_pending=max(4 * config.max_queue_frames, 4 * MAX_FETCH),
+            max_ack_pending=self._max_ack_pending(),
             ack_wait=max(30.0, 3 * config.ack_timeout),
         )
         if not config.durable:
@@ -855,60 +807,355 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         )
         await self._publish_frames(self._decode(await self._last_metadata(thread, start)))
         last_sequence = start - 1
-        # Messages asked for per fetch: max_queue_bytes over the largest message of the last
-        # fetch (at first, the largest a message can be), at most max_queue_frames.
+        # Messages asked for per fetch: half of max_queue_bytes over the largest message of
+        # the last fetch (at first, the largest a message can be), at most half of
+        # max_queue_frames: two batches are held at once, the one being published and the
+        # next one, fetched meanwhile.
         largest = self._message_limit()
         detail = self.status.detail
-        while True:
-            want = max(
-                1, min(MAX_FETCH, config.max_queue_frames, config.max_queue_bytes // largest)
+
+        asked = 0
+
+        def fetch() -> PendingCall[list[Any]]:
+            nonlocal asked
+            want = asked = max(
+                1,
+                min(
+                    MAX_FETCH,
+                    config.max_queue_frames // 2,
+                    config.max_queue_bytes // 2 // largest,
+                ),
             )
-            if self.stop_requested:
-                return
-            batch = []
-            try:
-                with trio.CancelScope() as self._fetching:
-                    batch = await thread.call(
-                        functools.partial(pull.fetch, want, timeout=FETCH_WAIT),
-                        within=FETCH_WAIT + config.ack_timeout,
-                    )
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                if not _is_fetch_timeout(exc):
-                    self._set_state("error", f"JetStream fetch: {describe_nats_error(exc)}")
-                    await trio.sleep(backoff.next_delay())
-                    await self._wait_connected()
-                continue
-            if detail["state"] != "subscribed":
-                self._set_state("subscribed")
-            backoff.reset()
-            fresh: list[_Message] = []
-            largest = 1024
-            redelivered = 0
-            for msg in batch:
-                sequence = msg.metadata.sequence.stream
-                largest = max(largest, len(msg.data))
-                if sequence <= last_sequence:
-                    redelivered += 1
+            return thread.begin(
+                functools.partial(pull.fetch, want, timeout=FETCH_WAIT),
+                within=FETCH_WAIT + config.ack_timeout,
+            )
+
+        ahead: PendingCall[list[Any]] | None = None
+        try:
+            while True:
+                if self.stop_requested:
+                    return
+                if ahead is None:
+                    ahead = fetch()
+                try:
+                    batch = await ahead.result()
+                except Exception as exc:
+                    if not isinstance(exc, TimeoutError) and not _is_fetch_timeout(exc):
+                        self._set_state("error", f"JetStream fetch: {describe_nats_error(exc)}")
+                        await trio.sleep(backoff.next_delay())
+                        await self._wait_connected()
                     continue
-                last_sequence = sequence
-                fresh.append((msg.subject, msg.headers, msg.data))
-            self._count("redeliveries_dropped", redelivered)
-            frames = self._decode(fresh)
-            if not self._assembler.assembling:
-                ack_upto = batch[-1] if batch else None
+                finally:
+                    ahead = None
+                self._batch_in_hand = True
+                if detail["state"] != "subscribed":
+                    self._set_state("subscribed")
+                backoff.reset()
+                # The batch's messages in runs, each after the gap before it (if any).
+                runs: list[tuple[tuple[int, int] | None, list[_Message]]] = [(None, [])]
+                largest = 1024
+                redelivered = 0
+                for msg in batch:
+                    sequence = msg.metadata.sequence.stream
+                    largest = max(largest, len(msg.data))
+                    if sequence <= last_sequence:
+                        redelivered += 1
+                        continue
+                    if sequence > last_sequence + 1:
+                        runs.append(((last_sequence + 1, sequence - 1), []))
+                    last_sequence = sequence
+                    runs[-1][1].append((msg.subject, msg.headers, msg.data))
+                if len(batch) >= asked:
+                    # A full batch: a backlog. The next one comes while this one is
+                    # published and acknowledged. (Otherwise it is asked for after that,
+                    # when more has gathered: small batches cost more per frame.)
+                    ahead = fetch()
+                self._count("redeliveries_dropped", redelivered)
+                for gap, messages in runs:
+                    if gap is not None:
+                        first, last = gap
+                        # The consumer cannot have more than max_ack_pending messages sent
+                        # and not acknowledged: anything before those left the stream.
+                        await self._fill_gap(
+                            thread, max(first, last - self._max_ack_pending() + 1), last
+                        )
+                    await self._publish_frames(self._decode(messages))
+                if not self._assembler.assembling:
+                    ack_upto = batch[-1] if batch else None
+                else:
+                    # Acknowledge up to the message before the frame still being assembled.
+                    ack_upto = _before_partial(batch)
+                detail["consumer_pending"] = batch[-1].metadata.num_pending if batch else 0
+                if ack_upto is not None:
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await thread.call(ack_upto.ack, within=config.ack_timeout)
+                        except Exception as exc:
+                            self.log.debug("ack failed (it will be redelivered): %s", exc)
+                self._batch_in_hand = False
+        finally:
+            self._batch_in_hand = False
+            if ahead is not None:
+                ahead.cancel()
+
+    def _max_ack_pending(self) -> int:
+        """The consumer's max_ack_pending: what it may have sent and not had acknowledged."""
+        return max(4 * self.config.max_queue_frames, 4 * MAX_FETCH)
+
+    async def _fill_gap(self, thread: NatsThread, first: int, last: int) -> None:
+        """Publish the stream's messages ``first`` to ``last`` (read from the stream directly),
+        which the consumer skipped: it sent them before (to an earlier run of this endpoint
+        that stopped or died before acknowledging them, or to a fetch given up on) and would
+        only send them again after ``ack_wait``, after later ones, whose acknowledgement
+        would cover them. Messages the stream no longer holds (its limits) are passed over,
+        and so are messages on subjects the consumer does not read (a stream made elsewhere,
+        ``create = false``, that captures more than ``SUBJECT.>``: each costs a read).
+
+        Raises what reading the stream raises (the fetch loop is left; the supervisor starts
+        the endpoint again, which resumes from the acknowledged floor).
+        """
+        config = self.config
+        client = self._client
+        found = 0
+        sequence = first
+        while sequence <= last:
+            count = min(last - sequence + 1, MAX_FETCH)
+            messages = await thread.call(
+                functools.partial(
+                    read_stream_range,
+                    client.jetstream(),
+                    self._layout.stream,
+                    config.subject_prefix,
+                    sequence,
+                    count,
+                ),
+                within=config.ack_timeout + count * 0.01,
+            )
+            found += len(messages)
+            self._count("gap_messages_read", len(messages))
+            await self._publish_frames(self._decode(messages))
+            sequence += count
+        if found:
+            self.log.info(
+                "read %d messages of %s (sequences %d to %d) from the stream: the consumer had "
+                "sent them before and they were never acknowledged",
+                found,
+                self._layout.stream,
+                first,
+                last,
+            )
+
+
+@attrs.define
+class _Window:
+    """Messages published together whose acks are awaited together."""
+
+    messages: list[NatsMessage]
+    nbytes: int
+    acks: PendingCall[list[AckOutcome]]
+
+
+@attrs.define
+class _Unconfirmed:
+    """A unit some of whose messages are not known to be stored yet."""
+
+    unit: PublishUnit
+    messages_left: int
+
+
+class _AckedPublisher:
+    """JetStream publishing with acks, pipelined: windows of messages (each at most a
+    :data:`WINDOWS_IN_FLIGHT` th of ``max_inflight_bytes``, or one message) are published one
+    after another without waiting for the acks of those before, as long as the windows
+    awaiting acks hold at most ``max_inflight_bytes`` (and :data:`MAX_INFLIGHT_MESSAGES`
+    messages); the acks are collected in order, oldest window first.
+
+    Order and exactly-once storage hold as without pipelining: every message names the one
+    published before it in ``Nats-Expected-Last-Msg-Id`` (the first after a moment with
+    nothing awaiting acks names none), so when one is refused the server refuses every one
+    after it, in its window and in the windows after it, instead of storing them ahead of
+    it. On a refusal (or a missing ack) every window still awaiting acks is collected, and
+    the messages from the first one not stored onwards are published again with the same
+    ``Nats-Msg-Id`` (a message that was stored after all is answered "duplicate"), one at a
+    time after a backoff until one is stored, then in windows again, before anything new.
+
+    Frames count as sent (``frames_out``) when the last message of their unit is stored.
+    Messages awaiting acks are the frames' own payloads: ``detail.inflight_bytes`` is the
+    bytes they hold.
+    """
+
+    def __init__(self, endpoint: NatsEndpoint, thread: NatsThread, tracker: AckTracker) -> None:
+        self.endpoint = endpoint
+        self.thread = thread
+        self.tracker = tracker
+        self.config = endpoint.config
+        self.windows: deque[_Window] = deque()
+        self.inflight_bytes = 0
+        self.inflight_messages = 0
+        self._unconfirmed: deque[_Unconfirmed] = deque()
+        self._last_id: str | None = None
+        self._backoff = Backoff(self.config.reconnect)
+
+    async def submit(self, units: Sequence[PublishUnit]) -> None:
+        """Publish the messages of ``units`` after those submitted before, waiting for acks
+        of earlier windows as far as the bounds need (retrying refused messages there)."""
+        for unit in units:
+            self._unconfirmed.append(_Unconfirmed(unit, len(unit.messages)))
+        pending = deque(message for unit in units for message in unit.messages)
+        limit = self.config.max_inflight_bytes
+        window_limit = limit // WINDOWS_IN_FLIGHT
+        while pending:
+            window: list[NatsMessage] = []
+            nbytes = 0
+            while pending:
+                size = pending[0].size
+                if window and nbytes + size > window_limit:
+                    break
+                if (window or self.windows) and (
+                    self.inflight_bytes + nbytes + size > limit
+                    or self.inflight_messages + len(window) >= MAX_INFLIGHT_MESSAGES
+                ):
+                    break
+                window.append(pending.popleft())
+                nbytes += size
+            if window:
+                self._start(window, nbytes)
             else:
-                # Acknowledge up to the message before the frame still being assembled.
-                ack_upto = _before_partial(batch)
-            detail["consumer_pending"] = batch[-1].metadata.num_pending if batch else 0
-            await self._publish_frames(frames)
-            if ack_upto is not None:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await thread.call(ack_upto.ack, within=config.ack_timeout)
-                    except Exception as exc:
-                        self.log.debug("ack failed (it will be redelivered): %s", exc)
+                await self.settle_oldest()
+
+    def _start(self, messages: list[NatsMessage], nbytes: int) -> None:
+        """Publish a window now (chained to what awaits acks); its acks are collected later."""
+        previous = self._last_id if self.windows else None
+        for message in messages:
+            headers = message.headers
+            if previous is None:
+                headers.pop(HEADER_EXPECTED_LAST_MSG_ID, None)
+            else:
+                headers[HEADER_EXPECTED_LAST_MSG_ID] = previous
+            previous = headers.get(HEADER_MSG_ID)
+        self._last_id = previous
+        config = self.config
+        acks = self.thread.begin(
+            functools.partial(self.tracker.publish, messages, config.ack_timeout),
+            within=config.ack_timeout + len(messages) * 0.01 + 1,
+        )
+        self.windows.append(_Window(messages, nbytes, acks))
+        self.inflight_bytes += nbytes
+        self.inflight_messages += len(messages)
+        self._report()
+
+    async def _outcomes(self, window: _Window) -> list[AckOutcome]:
+        try:
+            return await window.acks.result()
+        except TimeoutError:
+            return [AckOutcome(False, description="no ack in time")]
+        finally:
+            self.windows.popleft()
+            self.inflight_bytes -= window.nbytes
+            self.inflight_messages -= len(window.messages)
+            self._report()
+
+    async def settle_all(self) -> None:
+        """Collect every window's acks (retrying what was not stored)."""
+        while self.windows:
+            await self.settle_oldest()
+
+    async def settle_oldest(self) -> None:
+        """Wait for the acks of the oldest window; if one of its messages was not stored,
+        collect the later windows too and publish again, in order, everything from that
+        message on, until all of it is stored."""
+        window = self.windows[0]
+        outcomes = await self._outcomes(window)
+        good = _stored_prefix(outcomes)
+        self._confirm(good)
+        if good == len(window.messages):
+            endpoint = self.endpoint
+            if endpoint.status.detail["state"] != "publishing":
+                endpoint._set_state("publishing")
+            self._backoff.reset()
+            return
+        failed = outcomes[good] if good < len(outcomes) else AckOutcome(False)
+        retry = window.messages[good:]
+        while self.windows:
+            # Refused after the failed one (their predecessor was not stored), or stored
+            # after all: published again either way, the second time answered "duplicate".
+            later = self.windows[0]
+            await self._outcomes(later)
+            retry += later.messages
+        await self._retry(retry, failed)
+
+    async def _retry(self, messages: list[NatsMessage], failed: AckOutcome) -> None:
+        """Publish ``messages`` (the first of which got ``failed``) until all are stored,
+        in order: after a refusal one at a time, with a backoff, until one is stored."""
+        endpoint = self.endpoint
+        config = self.config
+        detail = endpoint.status.detail
+        stored = 0
+        one_at_a_time = False
+        refusal: AckOutcome | None = failed
+        while stored < len(messages):
+            if refusal is not None and endpoint._refused(refusal, messages[stored]):
+                one_at_a_time = True
+                await trio.sleep(self._backoff.next_delay())
+                await endpoint._wait_connected()
+            refusal = None
+            window: list[NatsMessage] = []
+            nbytes = 0
+            for message in messages[stored:]:
+                if window and (one_at_a_time or nbytes + message.size > config.max_inflight_bytes):
+                    break
+                window.append(message)
+                nbytes += message.size
+            self._start(window, nbytes)
+            outcomes = await self._outcomes(self.windows[0])
+            good = _stored_prefix(outcomes)
+            stored += good
+            self._confirm(good)
+            if good == len(window):
+                one_at_a_time = False
+            else:
+                refusal = outcomes[good] if good < len(outcomes) else AckOutcome(False)
+        if detail["state"] != "publishing":
+            endpoint._set_state("publishing")
+        self._backoff.reset()
+
+    def _confirm(self, count: int) -> None:
+        """``count`` more messages are stored, in order: count the units they complete."""
+        status = self.endpoint.status
+        unconfirmed = self._unconfirmed
+        while count:
+            first = unconfirmed[0]
+            taken = min(count, first.messages_left)
+            first.messages_left -= taken
+            count -= taken
+            if not first.messages_left:
+                unconfirmed.popleft()
+                status.frames_out += len(first.unit.frames)
+                status.bytes_out += first.unit.nbytes
+
+    def _report(self) -> None:
+        detail = self.endpoint.status.detail
+        detail["inflight_bytes"] = self.inflight_bytes
+        detail["acks_pending"] = self.inflight_messages
+
+
+def _backlog(subscription: Subscription, config: NatsConfig) -> bool:
+    """Whether ``subscription`` holds a full batch (as much as one receive takes), or half
+    of what its bounds let it hold."""
+    return subscription.queued_frames >= min(
+        BATCH_FRAMES, config.max_queue_frames // 2
+    ) or subscription.queued_bytes >= min(BATCH_BYTES, config.max_queue_bytes // 2)
+
+
+def _stored_prefix(outcomes: Sequence[AckOutcome]) -> int:
+    """How many outcomes, from the first, say stored."""
+    good = 0
+    for outcome in outcomes:
+        if not outcome.ok:
+            break
+        good += 1
+    return good
 
 
 def _close_socket(client: Any) -> None:
