@@ -30,13 +30,15 @@ from typing import Final, TypeAlias
 import trio
 
 from ..config import Address, TLSConfig
-from ..frame import Buffer
+from ..frame import Buffer, Frame
+from ..protocols import Decoder, WholeReadDecoder
 
 __all__ = [
     "ACCEPT_RETRY_ERRNOS",
     "DEFAULT_SOCKET_MODE",
     "Connection",
     "Connector",
+    "FrameReader",
     "HandshakeFailed",
     "HangupWatch",
     "TLSListener",
@@ -57,6 +59,9 @@ __all__ = [
 
 #: Makes one outgoing connection. Raises OSError (or trio errors) when it cannot.
 Connector: TypeAlias = Callable[[], Awaitable[trio.abc.Stream]]
+#: Reads once into a decoder: returns the bytes read (0: the peer closed) and the frames
+#: they completed. See :meth:`Connection.frame_reader`.
+FrameReader: TypeAlias = Callable[[], Awaitable[tuple[int, list[Frame]]]]
 
 #: Writes at most this big are joined into one buffer; bigger ones go out as a gather write.
 JOIN_LIMIT: Final = 256 * 1024
@@ -140,6 +145,8 @@ class Connection:
       On a plain socket it reads what the kernel already holds without a trip through
       trio's scheduler, and yields to the scheduler at least every
       :data:`RECEIVE_YIELD_READS` reads or :data:`RECEIVE_YIELD_BYTES` bytes.
+      :meth:`receive_bytes` does the same into a new bytes object, and
+      :meth:`frame_reader` chooses between the two for a decoder.
     * :meth:`send` writes a list of buffers as one write: small ones joined, large ones as a
       gather write, never one system call per frame. On a plain socket it first writes
       what the kernel takes at once, without a trip through trio's scheduler, and waits
@@ -263,6 +270,98 @@ class Connection:
         self.bytes_received += n
         return n
 
+    async def receive_bytes(self, max_bytes: int) -> bytes:
+        """Read up to ``max_bytes`` bytes (at least 1) into a new bytes object; ``b""``
+        means the peer closed.
+
+        On a plain socket this is ``read(2)`` into a bytes object that is allocated, not
+        zero-filled, and shrunk to what arrived: it holds only the bytes received. It
+        reads, waits and yields as :meth:`receive_into` does. Other streams use
+        ``receive_some`` (a bytearray it returns is copied into bytes). Raises
+        trio.BrokenResourceError when the connection broke, trio.ClosedResourceError when
+        another task closed it while this one waited.
+        """
+        if self._already_read:
+            data = self._already_read[:max_bytes]
+            self._already_read = self._already_read[max_bytes:]
+            self.bytes_received += len(data)
+            await trio.lowlevel.checkpoint()
+            return data
+        sock = self._socket
+        if sock is not None:
+            await self._take_read_turn()
+            while True:
+                try:
+                    data = os.read(sock.fileno(), max_bytes)  # a closed socket's -1: EBADF
+                except BlockingIOError:
+                    await self._wait_readable(sock)
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+                break
+            self._spend_read_credit(len(data))
+        else:
+            some = await self.stream.receive_some(max_bytes)
+            data = some if type(some) is bytes else bytes(some)
+        self.bytes_received += len(data)
+        return data
+
+    def frame_reader(self, decoder: Decoder) -> FrameReader:
+        """An async function that reads once from this connection into ``decoder`` and
+        returns the bytes read (0: the peer closed; the decoder is then not told) and the
+        frames they completed.
+
+        On a plain socket, with a decoder that takes whole reads
+        (:class:`~framewire.protocols.WholeReadDecoder`: the length-delimited ones and raw),
+        it turns the decoder's ``whole_reads`` on and reads with :meth:`receive_bytes`
+        whenever the decoder asks for a read of its own (a large frame expected whole, a
+        raw chunk), else with :meth:`receive_into` into ``get_buffer()``. Other streams and
+        decoders always read into ``get_buffer()``. Raises what those reads raise, and the
+        decoder's :class:`~framewire.protocols.ProtocolError`.
+        """
+        if self._socket is not None and isinstance(decoder, WholeReadDecoder):
+            whole: WholeReadDecoder = decoder
+            whole.whole_reads = True
+
+            async def read_whole() -> tuple[int, list[Frame]]:
+                size = whole.whole_read_size()
+                if size:
+                    data = await self.receive_bytes(size)
+                    return len(data), (whole.bytes_received(data) if data else [])
+                n = await self.receive_into(whole.get_buffer())
+                return n, (whole.buffer_updated(n) if n else [])
+
+            return read_whole
+
+        async def read_into() -> tuple[int, list[Frame]]:
+            n = await self.receive_into(decoder.get_buffer())
+            return n, (decoder.buffer_updated(n) if n else [])
+
+        return read_into
+
+    async def _take_read_turn(self) -> None:
+        """Before a socket read: a cancellation point, and a schedule point once the read
+        credit is spent (which then starts afresh)."""
+        if self._read_credit > 0:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            await trio.lowlevel.checkpoint()
+            self._read_credit = RECEIVE_YIELD_READS
+            self._read_credit_bytes = RECEIVE_YIELD_BYTES
+
+    async def _wait_readable(self, sock: trio.socket.SocketType) -> None:
+        """Nothing to read: wait in trio (the reader lets others run meanwhile, so its
+        credit starts afresh)."""
+        await trio.lowlevel.wait_readable(sock)
+        self._read_credit = RECEIVE_YIELD_READS
+        self._read_credit_bytes = RECEIVE_YIELD_BYTES
+
+    def _spend_read_credit(self, nbytes: int) -> None:
+        self._read_credit -= 1
+        self._read_credit_bytes -= nbytes
+        if self._read_credit_bytes <= 0:
+            self._read_credit = 0
+
     async def _receive_socket(self, sock: trio.socket.SocketType, buffer: memoryview) -> int:
         """recv_into on a plain socket, at most ``len(buffer)`` bytes: at once when the
         kernel holds data and the read credit lasts (a cancellation is still noticed);
@@ -273,28 +372,17 @@ class Connection:
         Raises trio.BrokenResourceError when the connection broke (or was closed here),
         trio.ClosedResourceError when another task closed it while this one waited.
         """
-        if self._read_credit > 0:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        else:
-            await trio.lowlevel.checkpoint()
-            self._read_credit = RECEIVE_YIELD_READS
-            self._read_credit_bytes = RECEIVE_YIELD_BYTES
+        await self._take_read_turn()
         while True:
             try:
                 n = os.readv(sock.fileno(), (buffer,))  # a closed socket's -1: EBADF
             except BlockingIOError:
-                # Nothing there: wait in trio (the reader lets others run meanwhile, so
-                # its credit starts afresh) and read it ourselves, without a second try.
-                await trio.lowlevel.wait_readable(sock)
-                self._read_credit = RECEIVE_YIELD_READS
-                self._read_credit_bytes = RECEIVE_YIELD_BYTES
+                # Nothing there: wait, then read it ourselves, without a second try.
+                await self._wait_readable(sock)
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-            self._read_credit -= 1
-            self._read_credit_bytes -= n
-            if self._read_credit_bytes <= 0:
-                self._read_credit = 0
+            self._spend_read_credit(n)
             return n
 
     async def send(self, buffers: Sequence[Buffer], nbytes: int | None = None) -> None:
