@@ -453,3 +453,22 @@ async def test_receive_bytes_yields_to_other_tasks_like_receive_into(
                 assert len(await connection.receive_bytes(1024)) == 1024
             nursery.cancel_scope.cancel()
     assert turns >= 48 // 8
+
+
+async def test_when_memory_for_a_whole_read_cannot_be_had_it_reads_into_the_buffer(
+    socket_pair: tuple[Connection, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connection, theirs = socket_pair
+    frames = frames_of(SIZE, 3)
+    theirs.sendall(encode(frames))
+    theirs.shutdown(socket.SHUT_WR)
+
+    async def no_memory(self: Connection, max_bytes: int) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(Connection, "receive_bytes", no_memory)
+    decoder = NativeDecoder(max_frame_size=1 << 24)
+    got = await collect(connection, decoder)
+    assert got == frames
+    # Each whole read asked for failed before reading anything; its frame came as before.
+    assert all(type(frame.wire) is bytearray for frame in got)

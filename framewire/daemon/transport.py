@@ -315,9 +315,10 @@ class Connection:
         (:class:`~framewire.protocols.WholeReadDecoder`: the length-delimited ones and raw),
         it turns the decoder's ``whole_reads`` on and reads with :meth:`receive_bytes`
         whenever the decoder asks for a read of its own (a large frame expected whole, a
-        raw chunk), else with :meth:`receive_into` into ``get_buffer()``. Other streams and
-        decoders always read into ``get_buffer()``. Raises what those reads raise, and the
-        decoder's :class:`~framewire.protocols.ProtocolError`.
+        raw chunk), else with :meth:`receive_into` into ``get_buffer()``, as it does when
+        the memory for a new bytes object cannot be had. Other streams and decoders always
+        read into ``get_buffer()``. Raises what those reads raise, and the decoder's
+        :class:`~framewire.protocols.ProtocolError`.
         """
         if self._socket is not None and isinstance(decoder, WholeReadDecoder):
             whole: WholeReadDecoder = decoder
@@ -326,8 +327,12 @@ class Connection:
             async def read_whole() -> tuple[int, list[Frame]]:
                 size = whole.whole_read_size()
                 if size:
-                    data = await self.receive_bytes(size)
-                    return len(data), (whole.bytes_received(data) if data else [])
+                    try:
+                        data = await self.receive_bytes(size)
+                    except MemoryError:
+                        pass  # nothing was read: read into the decoder's buffer instead
+                    else:
+                        return len(data), (whole.bytes_received(data) if data else [])
                 n = await self.receive_into(whole.get_buffer())
                 return n, (whole.buffer_updated(n) if n else [])
 
