@@ -20,7 +20,7 @@ import trio.testing
 from framewire import Frame, FrameKind
 from framewire.daemon import transport
 from framewire.daemon.flow import receive_frames
-from framewire.daemon.transport import RECEIVE_YIELD_READS, Connection
+from framewire.daemon.transport import RECEIVE_YIELD_READS, WHOLE_READ_HEAD, Connection
 from framewire.protocols import FrameTooLarge, ProtocolError, TruncatedFrame, WholeReadDecoder
 from framewire.protocols._framing import LARGE_FRAME, RECEIVE_BUFFER_SIZE
 from framewire.protocols.g3 import G3Decoder
@@ -326,6 +326,48 @@ async def test_a_frame_that_arrives_in_pieces_is_put_together(
     assert got == frames
 
 
+async def test_a_frame_the_socket_holds_only_part_of_is_read_from_its_start(
+    socket_pair: tuple[Connection, socket.socket],
+) -> None:
+    """A whole read that finds only part of the frame takes its start, not all that is
+    there: the rest goes straight into the frame's own buffer, nothing is copied twice."""
+    connection, theirs = socket_pair
+    frames = frames_of(SIZE, 2)
+    wire = encode(frames)
+    frame_size = len(wire) // 2
+    arrived = frame_size + 4 * WHOLE_READ_HEAD  # all of the first, most of the second
+    theirs.sendall(wire[:arrived])
+    decoder = NativeDecoder(max_frame_size=1 << 24)
+    read = connection.frame_reader(decoder)
+    got: list[Frame] = []
+    with trio.fail_after(10):
+        while not got:
+            got += (await read())[1]
+        assert decoder.whole_read_size() == frame_size
+        n, done = await read()
+        assert done == []
+        assert n == WHOLE_READ_HEAD == decoder.buffered
+        n, done = await read()  # the rest of what arrived: into the frame's buffer
+        assert n == arrived - frame_size - WHOLE_READ_HEAD
+        theirs.sendall(wire[arrived:])
+        while len(got) < 2:
+            got += (await read())[1]
+    assert got == frames
+    assert type(got[1].wire) is bytearray
+
+
+async def test_a_raw_read_takes_all_the_socket_holds(
+    socket_pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, theirs = socket_pair
+    theirs.sendall(bytes(3 * WHOLE_READ_HEAD))
+    decoder = RawDecoder(max_frame_size=1 << 20)
+    read = connection.frame_reader(decoder)
+    with trio.fail_after(10):
+        n, (frame,) = await read()
+    assert n == frame.size == 3 * WHOLE_READ_HEAD
+
+
 async def test_a_peer_that_closes_inside_a_frame_read_whole_is_a_truncated_frame(
     socket_pair: tuple[Connection, socket.socket],
 ) -> None:
@@ -463,7 +505,7 @@ async def test_when_memory_for_a_whole_read_cannot_be_had_it_reads_into_the_buff
     theirs.sendall(encode(frames))
     theirs.shutdown(socket.SHUT_WR)
 
-    async def no_memory(self: Connection, max_bytes: int) -> bytes:
+    async def no_memory(self: Connection, max_bytes: int, *, whole: bool = False) -> bytes:
         raise MemoryError
 
     monkeypatch.setattr(Connection, "receive_bytes", no_memory)

@@ -16,14 +16,17 @@ that says who and why.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import fcntl
 import math
 import os
 import select
 import socket
 import ssl
 import stat
+import termios
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeAlias
 
@@ -78,6 +81,13 @@ RECEIVE_YIELD_READS: Final = 16
 #: ... or this many bytes, whichever comes first, so a connection whose peer floods it
 #: cannot starve the daemon's other tasks.
 RECEIVE_YIELD_BYTES: Final = 4 << 20
+#: A read into a new bytes object for a large frame (see :meth:`Connection.frame_reader`)
+#: that finds fewer bytes in the socket than the frame needs takes at most this many: the
+#: frame's start, so the bytes that arrived early are not copied again into the buffer its
+#: rest is read into.
+WHOLE_READ_HEAD: Final = 64 * 1024
+#: Where FIONREAD puts how many bytes a socket holds (one task reads it at a time).
+_INQ: Final = array.array("i", [0])
 #: Buffers per writev() call (Linux's IOV_MAX is 1024).
 _IOV_MAX: Final = 1024
 #: Mode of a UNIX socket file unless configured: owner and group may connect.
@@ -270,16 +280,18 @@ class Connection:
         self.bytes_received += n
         return n
 
-    async def receive_bytes(self, max_bytes: int) -> bytes:
+    async def receive_bytes(self, max_bytes: int, *, whole: bool = False) -> bytes:
         """Read up to ``max_bytes`` bytes (at least 1) into a new bytes object; ``b""``
         means the peer closed.
 
         On a plain socket this is ``read(2)`` into a bytes object that is allocated, not
         zero-filled, and shrunk to what arrived: it holds only the bytes received. It
-        reads, waits and yields as :meth:`receive_into` does. Other streams use
-        ``receive_some`` (a bytearray it returns is copied into bytes). Raises
-        trio.BrokenResourceError when the connection broke, trio.ClosedResourceError when
-        another task closed it while this one waited.
+        reads, waits and yields as :meth:`receive_into` does. With ``whole``, a socket
+        that holds some but fewer than ``max_bytes`` bytes gives at most
+        :data:`WHOLE_READ_HEAD` of them. Other streams use ``receive_some`` (a bytearray
+        it returns is copied into bytes). Raises trio.BrokenResourceError when the
+        connection broke, trio.ClosedResourceError when another task closed it while this
+        one waited.
         """
         if self._already_read:
             data = self._already_read[:max_bytes]
@@ -291,8 +303,15 @@ class Connection:
         if sock is not None:
             await self._take_read_turn()
             while True:
+                fd = sock.fileno()  # a closed socket's -1: EBADF
+                size = max_bytes
+                if whole:
+                    with contextlib.suppress(OSError):  # the read says why
+                        fcntl.ioctl(fd, termios.FIONREAD, _INQ)
+                        if 0 < _INQ[0] < size:
+                            size = min(_INQ[0], WHOLE_READ_HEAD)
                 try:
-                    data = os.read(sock.fileno(), max_bytes)  # a closed socket's -1: EBADF
+                    data = os.read(fd, size)
                 except BlockingIOError:
                     await self._wait_readable(sock)
                     continue
@@ -315,7 +334,8 @@ class Connection:
         (:class:`~framewire.protocols.WholeReadDecoder`: the length-delimited ones and raw),
         it turns the decoder's ``whole_reads`` on and reads with :meth:`receive_bytes`
         whenever the decoder asks for a read of its own (a large frame expected whole, a
-        raw chunk), else with :meth:`receive_into` into ``get_buffer()``, as it does when
+        raw chunk; for a frame that the socket does not hold whole yet, only its start:
+        ``wants_whole``), else with :meth:`receive_into` into ``get_buffer()``, as it does when
         the memory for a new bytes object cannot be had. Other streams and decoders always
         read into ``get_buffer()``. Raises what those reads raise, and the decoder's
         :class:`~framewire.protocols.ProtocolError`.
@@ -328,7 +348,7 @@ class Connection:
                 size = whole.whole_read_size()
                 if size:
                     try:
-                        data = await self.receive_bytes(size)
+                        data = await self.receive_bytes(size, whole=whole.wants_whole)
                     except MemoryError:
                         pass  # nothing was read: read into the decoder's buffer instead
                     else:

@@ -108,6 +108,9 @@ class FrameDecoder:
     #: when asked to (set it before the first read; see the module docstring). Off by
     #: default: large frames are then read with a read-ahead into their own buffers.
     whole_reads: bool = False
+    #: A whole read is worth making only whole: when the input holds less so far, the I/O
+    #: side reads only the frame's start, and the rest into its own buffer.
+    wants_whole: bool = True
 
     def __init__(self, *, max_frame_size: int, buffer_size: int = RECEIVE_BUFFER_SIZE) -> None:
         if max_frame_size <= 0:

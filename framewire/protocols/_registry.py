@@ -50,6 +50,10 @@ class WholeReadDecoder(Decoder, Protocol):
     :class:`FrameDecoder` and :class:`~framewire.protocols.raw.RawDecoder`."""
 
     whole_reads: bool
+    #: Whether such a read is worth making only whole (a frame): when the input holds less
+    #: than ``whole_read_size()`` so far, the I/O side should read just its start and let
+    #: the rest come through ``get_buffer()``. False: take whatever is there (raw).
+    wants_whole: bool
 
     def whole_read_size(self) -> int: ...
     def bytes_received(self, data: bytes, /) -> list[Frame]: ...

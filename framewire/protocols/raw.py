@@ -35,6 +35,8 @@ class RawDecoder:
     #: Whether the I/O side reads through :meth:`whole_read_size` / :meth:`bytes_received`
     #: (set it before the first read). The reused buffer is then never allocated.
     whole_reads: bool = False
+    #: A whole read takes whatever the input holds (each read is a frame).
+    wants_whole: bool = False
 
     def __init__(self, *, max_frame_size: int, buffer_size: int = 256 * 1024) -> None:
         if max_frame_size <= 0:
