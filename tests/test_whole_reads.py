@@ -27,6 +27,7 @@ from framewire.protocols.g3 import G3Decoder
 from framewire.protocols.native import HEADER, MAGIC, VERSION, NativeDecoder
 from framewire.protocols.raw import RawDecoder
 
+from .g3frames import g3_frame
 from .helpers import encode
 
 #: A large frame's payload: above LARGE_FRAME, so it gets a buffer (or a read) of its own,
@@ -127,15 +128,12 @@ def test_with_whole_reads_a_large_frame_is_never_read_past_its_end() -> None:
     assert offered[-1] == frame_size - sum(offered[:-1])
 
 
-def test_whole_reads_are_off_unless_asked_for_and_for_stepwise_protocols() -> None:
+def test_whole_reads_are_off_unless_asked_for() -> None:
     wire = encode(frames_of(SIZE, 3))
     plain = NativeDecoder(max_frame_size=1 << 24)
     got, reads = read_like_a_socket(plain, wire)
     assert len(got) == 3
     assert set(reads) == {"into"}
-    g3 = G3Decoder(max_frame_size=1 << 24)
-    g3.whole_reads = True
-    assert g3.whole_read_size() == 0
 
 
 @pytest.mark.parametrize("cut", [1, 27, 28, 40, LARGE_FRAME, SIZE])
@@ -251,7 +249,9 @@ def socket_pair() -> Iterator[tuple[Connection, socket.socket]]:
         theirs.close()
 
 
-async def collect(connection: Connection, decoder: NativeDecoder | RawDecoder) -> list[Frame]:
+async def collect(
+    connection: Connection, decoder: NativeDecoder | RawDecoder | G3Decoder
+) -> list[Frame]:
     """Every frame until the peer closes, through flow.receive_frames."""
     got: list[Frame] = []
 
@@ -514,3 +514,77 @@ async def test_when_memory_for_a_whole_read_cannot_be_had_it_reads_into_the_buff
     assert got == frames
     # Each whole read asked for failed before reading anything; its frame came as before.
     assert all(type(frame.wire) is bytearray for frame in got)
+
+
+# -- stepwise protocols (G3) -------------------------------------------------------------------
+
+
+def g3_scans(sizes: Sequence[int]) -> list[bytes]:
+    return [
+        g3_frame("Scan", {b"index": bytes([i]) * 8, b"samples": bytes([i % 251]) * size})
+        for i, size in enumerate(sizes)
+    ]
+
+
+@pytest.mark.parametrize("verify_crc", [False, True])
+@pytest.mark.parametrize(
+    "sizes",
+    [[SIZE] * 6, [SIZE, SIZE, SIZE - 5000, SIZE - 5000, SIZE + 7000, SIZE], [SIZE, 100, SIZE]],
+)
+async def test_g3_frames_over_a_socket_with_whole_reads(
+    socket_pair: tuple[Connection, socket.socket], verify_crc: bool, sizes: list[int]
+) -> None:
+    """G3's decoder measures a frame step by step (and sums its CRC as bytes arrive): whole
+    reads, and the reads that bring only part of a frame or more than one, keep both right."""
+    connection, theirs = socket_pair
+    wires = g3_scans(sizes)
+    theirs.sendall(b"".join(wires))
+    theirs.shutdown(socket.SHUT_WR)
+    decoder = G3Decoder(max_frame_size=1 << 24, verify_crc=verify_crc)
+    got = await collect(connection, decoder)
+    assert [bytes(frame.wire or b"") for frame in got] == wires
+    if sizes == [SIZE] * 6:
+        # Once a frame's own buffer (sized by the frame before it) ended a read, the equal
+        # frames after it came whole, each read straight into its wire bytes.
+        assert [type(frame.wire) for frame in got[2:]] == [bytearray, bytes, bytes, bytes]
+
+
+async def test_g3_frames_arriving_in_pieces_over_a_socket(
+    socket_pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, theirs = socket_pair
+    wires = g3_scans([SIZE] * 4)
+    wire = b"".join(wires)
+    decoder = G3Decoder(max_frame_size=1 << 24, verify_crc=True)
+    got: list[Frame] = []
+
+    async def publish(batch: Sequence[Frame]) -> None:
+        got.extend(batch)
+        await trio.lowlevel.checkpoint()
+
+    async def write_in_pieces() -> None:
+        step = len(wires[0]) // 5 + 3
+        for start in range(0, len(wire), step):
+            await trio.testing.wait_all_tasks_blocked()
+            theirs.sendall(wire[start : start + step])
+        theirs.shutdown(socket.SHUT_WR)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_in_pieces)
+            await receive_frames(connection, decoder, publish)
+    assert [bytes(frame.wire or b"") for frame in got] == wires
+
+
+async def test_a_g3_crc_mismatch_in_a_whole_read_is_refused(
+    socket_pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, theirs = socket_pair
+    good = g3_scans([SIZE] * 3)
+    bad = bytearray(good[2])
+    bad[len(bad) // 2] ^= 0xFF
+    theirs.sendall(good[0] + good[1] + bytes(bad))
+    theirs.shutdown(socket.SHUT_WR)
+    decoder = G3Decoder(max_frame_size=1 << 24, verify_crc=True)
+    with pytest.raises(ProtocolError, match="CRC mismatch"):
+        await collect(connection, decoder)

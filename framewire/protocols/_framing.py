@@ -25,7 +25,8 @@ away), so the size a queue counts for a frame is what the frame holds.
 
 Whole reads: an I/O layer that can read into a new ``bytes`` object (``recv(n)`` on a socket
 allocates it without zero-filling it) sets :attr:`FrameDecoder.whole_reads`. A large frame's
-buffer then ends at the frame (no read-ahead), so after it the stream is at a frame
+buffer then ends at the frame (no read-ahead; a stepwise frame's buffer, sized by the frame
+before it, ends there when the two are as large), so after it the stream is at a frame
 boundary with nothing buffered, and :meth:`FrameDecoder.whole_read_size` asks for the
 size of that frame: a stream of equal large frames is then read a frame per read, each
 straight into the bytes object that becomes its ``wire``, with no buffer of its own to
@@ -381,8 +382,10 @@ class FrameDecoder:
             self._large_needed = needed
             return False
         surplus = filled - needed
-        if self.whole_reads and not self.stepwise:
-            # Read up to this frame's end and no further: the next one may be read whole.
+        if self.whole_reads:
+            # Read up to this frame's end and no further (a stepwise frame's buffer, sized
+            # by this frame, ends there too if the next is as large): the next frame may
+            # then be read whole.
             self._last_large = needed
             self._whole_size = 0 if surplus else needed
         else:
