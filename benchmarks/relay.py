@@ -14,6 +14,12 @@ relayed
 The rate is what the consumer receives during a fixed window after a warm-up, counted from the
 first byte it receives. CPU use of every process during that window is read from /proc.
 
+``--protocols native,raw`` relays raw bytes too (a second daemon, ``protocol = "raw"``);
+``--baseline PATH`` runs every relayed case a second time, interleaved, through a daemon
+running the framewire of the checkout at PATH (e.g. the main branch), so a change is compared
+with what it changes in the same run: the summary gives each daemon's ratio to the direct
+pair and CPU per frame, and this checkout's rate and CPU over the baseline's.
+
 The script runs itself as the producer and consumer processes (``--role``, not for direct
 use). Every process it starts is terminated on the way out, and every wait has a timeout.
 """
@@ -50,6 +56,7 @@ from _harness import (
     sample_until_line,
     script_argv,
     size_label,
+    tree_env,
     wait_for_port,
     warn_if_busy,
 )
@@ -323,12 +330,13 @@ def start_daemon(
     *,
     protocol: str = "native",
     ports: tuple[int, int] | None = None,
+    tree: str | None = None,
 ) -> Child:
     """A daemon relaying ``protocol`` from a receiver to a lossless server listening on
-    ``ports`` (default ``args.receiver_port``, ``args.server_port``); its log goes to
-    ``workdir/daemon-PROTOCOL.log``."""
+    ``ports`` (default ``args.receiver_port``, ``args.server_port``), running the framewire
+    of the checkout ``tree`` (None: this one's); its log goes to :func:`daemon_log`."""
     receiver_port, server_port = ports or (args.receiver_port, args.server_port)
-    config = workdir / f"relay-{protocol}.toml"
+    config = workdir / f"relay-{protocol}{'-baseline' if tree else ''}.toml"
     config.write_text(
         DAEMON_CONFIG.format(
             host=HOST,
@@ -341,8 +349,16 @@ def start_daemon(
         )
     )
     profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
-    log = workdir / f"daemon-{protocol}.log"
-    return Child("daemon", daemon_argv(config, *profile), stderr_path=log)
+    argv = daemon_argv(config, *profile)
+    log = daemon_log(workdir, protocol, tree)
+    if tree is None:
+        return Child("daemon", argv, stderr_path=log)
+    return Child("daemon", argv, stderr_path=log, env=tree_env(tree), cwd=workdir)
+
+
+def daemon_log(workdir: Path, protocol: str = "native", tree: str | None = None) -> Path:
+    """Where :func:`start_daemon` puts the log of a daemon."""
+    return workdir / f"daemon-{protocol}{'-baseline' if tree else ''}.log"
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -361,7 +377,7 @@ def print_row(result: Result) -> None:
         for name in ("daemon", "producer", "consumer")
     ]
     print(
-        f"{size_label(result.payload_size):>8}  {result.path:<8} {rate:>20}"
+        f"{size_label(result.payload_size):>8}  {result.path:<12} {rate:>20}"
         f"  {cpu[0]}  {cpu[1]}  {cpu[2]}"
         f"  {'-' if others is None else f'{others / result.seconds:.0%}':>6}",
         flush=True,
@@ -369,32 +385,52 @@ def print_row(result: Result) -> None:
 
 
 def print_summary(results: dict[tuple[int, str], list[Result]]) -> None:
-    """The median of each case, the ratio, the target, and the daemon's CPU cost per frame."""
+    """The median of each case, its ratio to the direct pair, the target, and the daemon's
+    CPU cost per frame; with a baseline, this checkout's figures over the baseline's."""
     runs = len(next(iter(results.values())))
     print(f"\nsummary (median of {runs} run{'s' if runs != 1 else ''} per case):")
     for payload_size in sorted({size for size, _ in results}, reverse=True):
         direct = results[(payload_size, "direct")]
-        relayed = results[(payload_size, "relayed")]
-        if payload_size >= MIB:
-            d = statistics.median(r.payload_gbit_per_second for r in direct)
-            r = statistics.median(r.payload_gbit_per_second for r in relayed)
-            figures = f"direct {d:.2f} Gbit/s, relayed {r:.2f} Gbit/s of payload"
-            met = r / d >= TARGET_RATIO_1MIB
-            target = f"target relayed/direct >= {TARGET_RATIO_1MIB}"
-        else:
-            d = statistics.median(r.frames_per_second for r in direct)
-            r = statistics.median(r.frames_per_second for r in relayed)
-            figures = f"direct {d:,.0f} frames/s, relayed {r:,.0f} frames/s"
-            met = r >= TARGET_FRAMES_64B
-            target = f"target relayed >= {TARGET_FRAMES_64B:,} frames/s"
-        costs = [c for c in (result.daemon_us_per_frame for result in relayed) if c is not None]
-        cost = f"{statistics.median(costs):,.2f} us" if costs else "unknown"
-        print(f"  {size_label(payload_size)} payload: {figures}, relayed/direct {r / d:.3f}")
-        print(f"    {target}: {'met' if met else 'NOT met'}; daemon CPU per relayed frame {cost}")
+        large = payload_size >= MIB
+        for path in [p for size, p in results if size == payload_size and p != "direct"]:
+            relayed = results[(payload_size, path)]
+            if large:
+                d = statistics.median(r.payload_gbit_per_second for r in direct)
+                r = statistics.median(r.payload_gbit_per_second for r in relayed)
+                figures = f"direct {d:.2f} Gbit/s, {path} {r:.2f} Gbit/s of payload"
+                met = r / d >= TARGET_RATIO_1MIB
+                target = f"target relayed/direct >= {TARGET_RATIO_1MIB}"
+            else:
+                d = statistics.median(r.frames_per_second for r in direct)
+                r = statistics.median(r.frames_per_second for r in relayed)
+                figures = f"direct {d:,.0f} frames/s, {path} {r:,.0f} frames/s"
+                met = r >= TARGET_FRAMES_64B
+                target = f"target relayed >= {TARGET_FRAMES_64B:,} frames/s"
+            costs = [c for c in (result.daemon_us_per_frame for result in relayed) if c]
+            cost = f"{statistics.median(costs):,.2f} us" if costs else "unknown"
+            print(f"  {size_label(payload_size)} payload: {figures}, {path}/direct {r / d:.3f}")
+            print(f"    {target}: {'met' if met else 'NOT met'}; daemon CPU per frame {cost}")
+            if path.endswith("baseline"):
+                ours = results.get((payload_size, path.replace("baseline", "relayed")), [])
+                _print_against_baseline(ours, relayed)
     warn_if_busy(
         (r.cpu["others"] / r.seconds for rs in results.values() for r in rs if r.cpu["others"]),
         "rates and ratios are unreliable, compare the daemon CPU per relayed frame",
     )
+
+
+def _print_against_baseline(ours: list[Result], baseline: list[Result]) -> None:
+    """Medians over runs of this checkout's rate and CPU per frame over the baseline's,
+    each run's pair measured one after the other."""
+    rates = [a.frames_per_second / b.frames_per_second for a, b in zip(ours, baseline, strict=True)]
+    costs = [
+        a.daemon_us_per_frame / b.daemon_us_per_frame
+        for a, b in zip(ours, baseline, strict=True)
+        if a.daemon_us_per_frame and b.daemon_us_per_frame
+    ]
+    if rates:
+        cost = f", CPU per frame {statistics.median(costs):.3f}x" if costs else ""
+        print(f"    this checkout against the baseline: rate {statistics.median(rates):.3f}x{cost}")
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -436,6 +472,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="FILE",
         help="run the daemon under cProfile and write its stats to FILE (slows it down)",
     )
+    parser.add_argument(
+        "--protocols",
+        default="native",
+        help="comma-separated protocols to relay, of native and raw (default native)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="a checkout whose framewire relays every case too, in the same run",
+    )
     parser.add_argument("--keep-log", action="store_true", help="print the daemon's log at the end")
     # Internal: how the script runs itself as the producer and the consumer.
     add_role_options(parser, ["producer", "consumer"])
@@ -445,6 +491,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.warmup, args.duration = 0.2, 1.0
     if args.duration <= 0 or args.warmup < 0 or args.repeat < 1:
         parser.error("--duration must be positive, --warmup not negative, --repeat at least 1")
+    args.protocols = [name for name in args.protocols.split(",") if name]
+    if not args.protocols or set(args.protocols) - {"native", "raw"}:
+        parser.error("--protocols takes native and/or raw")
     return args
 
 
@@ -464,32 +513,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"framewire relay benchmark: {machine_text()}, "
         f"warm-up {args.warmup:g}s, {args.duration:g}s per case"
         + (", daemon under cProfile" if args.profile else "")
+        + (f", baseline {args.baseline}" if args.baseline else "")
     )
     print(
-        f"{'payload':>8}  {'path':<8} {'received rate':>20}  {'daemon CPU':>12}"
+        f"{'payload':>8}  {'path':<12} {'received rate':>20}  {'daemon CPU':>12}"
         f"  {'producer CPU':>12}  {'consumer CPU':>12}  {'others':>6}"
     )
+    trees: list[tuple[str, str | None]] = [("relayed", None)]
+    if args.baseline:
+        trees.append(("baseline", args.baseline))
     results: dict[tuple[int, str], list[Result]] = {}
     with tempfile.TemporaryDirectory(prefix="framewire-bench-") as tmp:
         workdir = Path(tmp)
-        daemon = start_daemon(workdir, args)
+        # Each (protocol, tree): its daemon, its ports and the name of its results.
+        daemons: list[tuple[str, str | None, str, tuple[int, int]]] = []
+        for protocol in args.protocols:
+            for name, tree in trees:
+                first, second = (
+                    (args.receiver_port, args.server_port) if not daemons else free_ports(2)
+                )
+                ports = (first, second)
+                path = name if protocol == "native" else f"{protocol} {name}"
+                daemons.append((protocol, tree, path, ports))
+        children: list[Child] = []
         try:
-            with daemon:
-                wait_for_port(args.receiver_port, START_TIMEOUT, daemon)
-                wait_for_port(args.server_port, START_TIMEOUT, daemon)
+            with contextlib.ExitStack() as stack:
+                for protocol, tree, _, ports in daemons:
+                    child = stack.enter_context(
+                        start_daemon(workdir, args, protocol=protocol, ports=ports, tree=tree)
+                    )
+                    for port in ports:
+                        wait_for_port(port, START_TIMEOUT, child)
+                    children.append(child)
                 for _ in range(args.repeat):
                     for size in sizes:
-                        for result in (measure(size, args, None), measure(size, args, daemon)):
-                            print_row(result)
+                        cases = [measure(size, args, None)]
+                        print_row(cases[0])
+                        for child, (protocol, _, path, ports) in zip(
+                            children, daemons, strict=True
+                        ):
+                            cases.append(
+                                measure(
+                                    size, args, child, protocol=protocol, ports=ports, path=path
+                                )
+                            )
+                            print_row(cases[-1])
+                        for result in cases:
                             results.setdefault((size, result.path), []).append(result)
         except Exception:
-            print("benchmark failed; the daemon's log:", file=sys.stderr)
-            print((workdir / "daemon-native.log").read_text(errors="replace"), file=sys.stderr)
+            for protocol, tree, _, _ in daemons:
+                print(f"benchmark failed; the log of the {protocol} daemon ({tree or 'this'}):")
+                print(daemon_log(workdir, protocol, tree).read_text(errors="replace"))
             raise
-        status = daemon.proc.returncode
-        if args.keep_log or status not in (0, -signal.SIGTERM):
-            print(f"\ndaemon exit status {status}; its log:")
-            print((workdir / "daemon-native.log").read_text(errors="replace"))
+        for child, (protocol, tree, _, _) in zip(children, daemons, strict=True):
+            status = child.proc.returncode
+            if args.keep_log or status not in (None, 0, -signal.SIGTERM):
+                print(f"\n{protocol} daemon ({tree or 'this checkout'}) exit status {status}; log:")
+                print(daemon_log(workdir, protocol, tree).read_text(errors="replace"))
     print_summary(results)
     return 0
 

@@ -142,14 +142,14 @@ async def receive_frames(
     end-of-stream). Raises :class:`ProtocolError` for bad bytes (including EOF inside a
     frame) and trio.BrokenResourceError when the connection breaks.
     """
+    read = connection.frame_reader(decoder)
     while not decoder.ended:
-        nbytes = await connection.receive_into(decoder.get_buffer())
+        nbytes, frames = await read()
         if on_activity is not None:
             on_activity()
         if nbytes == 0:
             decoder.end_of_input()
             return
-        frames = decoder.buffer_updated(nbytes)
         if frames:
             await publish(frames)
 

@@ -16,27 +16,32 @@ that says who and why.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import fcntl
 import math
 import os
 import select
 import socket
 import ssl
 import stat
+import termios
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeAlias
 
 import trio
 
 from ..config import Address, TLSConfig
-from ..frame import Buffer
+from ..frame import Buffer, Frame
+from ..protocols import Decoder, WholeReadDecoder
 
 __all__ = [
     "ACCEPT_RETRY_ERRNOS",
     "DEFAULT_SOCKET_MODE",
     "Connection",
     "Connector",
+    "FrameReader",
     "HandshakeFailed",
     "HangupWatch",
     "TLSListener",
@@ -58,6 +63,9 @@ __all__ = [
 
 #: Makes one outgoing connection. Raises OSError (or trio errors) when it cannot.
 Connector: TypeAlias = Callable[[], Awaitable[trio.abc.Stream]]
+#: Reads once into a decoder: returns the bytes read (0: the peer closed) and the frames
+#: they completed. See :meth:`Connection.frame_reader`.
+FrameReader: TypeAlias = Callable[[], Awaitable[tuple[int, list[Frame]]]]
 
 #: Writes at most this big are joined into one buffer; bigger ones go out as a gather write.
 JOIN_LIMIT: Final = 256 * 1024
@@ -74,6 +82,13 @@ RECEIVE_YIELD_READS: Final = 16
 #: ... or this many bytes, whichever comes first, so a connection whose peer floods it
 #: cannot starve the daemon's other tasks.
 RECEIVE_YIELD_BYTES: Final = 4 << 20
+#: A read into a new bytes object for a large frame (see :meth:`Connection.frame_reader`)
+#: that finds fewer bytes in the socket than the frame needs takes at most this many: the
+#: frame's start, so the bytes that arrived early are not copied again into the buffer its
+#: rest is read into.
+WHOLE_READ_HEAD: Final = 64 * 1024
+#: Where FIONREAD puts how many bytes a socket holds (one task reads it at a time).
+_INQ: Final = array.array("i", [0])
 #: Buffers per writev() call (Linux's IOV_MAX is 1024).
 _IOV_MAX: Final = 1024
 #: Mode of a UNIX socket file unless configured: owner and group may connect.
@@ -145,6 +160,8 @@ class Connection:
       On a plain socket it reads what the kernel already holds without a trip through
       trio's scheduler, and yields to the scheduler at least every
       :data:`RECEIVE_YIELD_READS` reads or :data:`RECEIVE_YIELD_BYTES` bytes.
+      :meth:`receive_bytes` does the same into a new bytes object, and
+      :meth:`frame_reader` chooses between the two for a decoder.
     * :meth:`send` writes a list of buffers as one write: small ones joined, large ones as a
       gather write, never one system call per frame. On a plain socket it first writes
       what the kernel takes at once, without a trip through trio's scheduler, and waits
@@ -274,6 +291,113 @@ class Connection:
         self.bytes_received += n
         return n
 
+    async def receive_bytes(self, max_bytes: int, *, whole: bool = False) -> bytes:
+        """Read up to ``max_bytes`` bytes (at least 1) into a new bytes object; ``b""``
+        means the peer closed.
+
+        On a plain socket this is ``read(2)`` into a bytes object that is allocated, not
+        zero-filled, and shrunk to what arrived: it holds only the bytes received. It
+        reads, waits and yields as :meth:`receive_into` does. With ``whole``, a socket
+        that holds some but fewer than ``max_bytes`` bytes gives at most
+        :data:`WHOLE_READ_HEAD` of them. Other streams use ``receive_some`` (a bytearray
+        it returns is copied into bytes). Raises trio.BrokenResourceError when the
+        connection broke, trio.ClosedResourceError when another task closed it while this
+        one waited.
+        """
+        if self._already_read:
+            data = self._already_read[:max_bytes]
+            self._already_read = self._already_read[max_bytes:]
+            self.bytes_received += len(data)
+            await trio.lowlevel.checkpoint()
+            return data
+        sock = self._socket
+        if sock is not None:
+            await self._take_read_turn()
+            while True:
+                fd = sock.fileno()  # a closed socket's -1: EBADF
+                size = max_bytes
+                if whole:
+                    with contextlib.suppress(OSError):  # the read says why
+                        fcntl.ioctl(fd, termios.FIONREAD, _INQ)
+                        if 0 < _INQ[0] < size:
+                            size = min(_INQ[0], WHOLE_READ_HEAD)
+                try:
+                    data = os.read(fd, size)
+                except BlockingIOError:
+                    await self._wait_readable(sock)
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+                break
+            self._spend_read_credit(len(data))
+        else:
+            some = await self.stream.receive_some(max_bytes)
+            data = some if type(some) is bytes else bytes(some)
+        self.bytes_received += len(data)
+        return data
+
+    def frame_reader(self, decoder: Decoder) -> FrameReader:
+        """An async function that reads once from this connection into ``decoder`` and
+        returns the bytes read (0: the peer closed; the decoder is then not told) and the
+        frames they completed.
+
+        On a plain socket, with a decoder that takes whole reads
+        (:class:`~framewire.protocols.WholeReadDecoder`: the length-delimited ones and raw),
+        it turns the decoder's ``whole_reads`` on and reads with :meth:`receive_bytes`
+        whenever the decoder asks for a read of its own (a large frame expected whole, a
+        raw chunk; for a frame that the socket does not hold whole yet, only its start:
+        ``wants_whole``), else with :meth:`receive_into` into ``get_buffer()``, as it does when
+        the memory for a new bytes object cannot be had. Other streams and decoders always
+        read into ``get_buffer()``. Raises what those reads raise, and the decoder's
+        :class:`~framewire.protocols.ProtocolError`.
+        """
+        if self._socket is not None and isinstance(decoder, WholeReadDecoder):
+            whole: WholeReadDecoder = decoder
+            whole.whole_reads = True
+
+            async def read_whole() -> tuple[int, list[Frame]]:
+                size = whole.whole_read_size()
+                if size:
+                    try:
+                        data = await self.receive_bytes(size, whole=whole.wants_whole)
+                    except MemoryError:
+                        pass  # nothing was read: read into the decoder's buffer instead
+                    else:
+                        return len(data), (whole.bytes_received(data) if data else [])
+                n = await self.receive_into(whole.get_buffer())
+                return n, (whole.buffer_updated(n) if n else [])
+
+            return read_whole
+
+        async def read_into() -> tuple[int, list[Frame]]:
+            n = await self.receive_into(decoder.get_buffer())
+            return n, (decoder.buffer_updated(n) if n else [])
+
+        return read_into
+
+    async def _take_read_turn(self) -> None:
+        """Before a socket read: a cancellation point, and a schedule point once the read
+        credit is spent (which then starts afresh)."""
+        if self._read_credit > 0:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            await trio.lowlevel.checkpoint()
+            self._read_credit = RECEIVE_YIELD_READS
+            self._read_credit_bytes = RECEIVE_YIELD_BYTES
+
+    async def _wait_readable(self, sock: trio.socket.SocketType) -> None:
+        """Nothing to read: wait in trio (the reader lets others run meanwhile, so its
+        credit starts afresh)."""
+        await trio.lowlevel.wait_readable(sock)
+        self._read_credit = RECEIVE_YIELD_READS
+        self._read_credit_bytes = RECEIVE_YIELD_BYTES
+
+    def _spend_read_credit(self, nbytes: int) -> None:
+        self._read_credit -= 1
+        self._read_credit_bytes -= nbytes
+        if self._read_credit_bytes <= 0:
+            self._read_credit = 0
+
     async def _receive_socket(self, sock: trio.socket.SocketType, buffer: memoryview) -> int:
         """recv_into on a plain socket, at most ``len(buffer)`` bytes: at once when the
         kernel holds data and the read credit lasts (a cancellation is still noticed);
@@ -284,28 +408,17 @@ class Connection:
         Raises trio.BrokenResourceError when the connection broke (or was closed here),
         trio.ClosedResourceError when another task closed it while this one waited.
         """
-        if self._read_credit > 0:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        else:
-            await trio.lowlevel.checkpoint()
-            self._read_credit = RECEIVE_YIELD_READS
-            self._read_credit_bytes = RECEIVE_YIELD_BYTES
+        await self._take_read_turn()
         while True:
             try:
                 n = os.readv(sock.fileno(), (buffer,))  # a closed socket's -1: EBADF
             except BlockingIOError:
-                # Nothing there: wait in trio (the reader lets others run meanwhile, so
-                # its credit starts afresh) and read it ourselves, without a second try.
-                await trio.lowlevel.wait_readable(sock)
-                self._read_credit = RECEIVE_YIELD_READS
-                self._read_credit_bytes = RECEIVE_YIELD_BYTES
+                # Nothing there: wait, then read it ourselves, without a second try.
+                await self._wait_readable(sock)
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-            self._read_credit -= 1
-            self._read_credit_bytes -= n
-            if self._read_credit_bytes <= 0:
-                self._read_credit = 0
+            self._spend_read_credit(n)
             return n
 
     @property

@@ -17,6 +17,7 @@ from ._framing import FrameDecoder as FrameDecoder
 from ._registry import Decoder as Decoder
 from ._registry import Encoder as Encoder
 from ._registry import ProtocolSpec as ProtocolSpec
+from ._registry import WholeReadDecoder as WholeReadDecoder
 from ._registry import get as get
 from ._registry import names as names
 from ._registry import register as register

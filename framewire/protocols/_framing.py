@@ -23,6 +23,18 @@ or its last frame, whatever its header claims.
 A finished frame's buffer is trimmed to the frame (any slack above 1/16 of it is copied
 away), so the size a queue counts for a frame is what the frame holds.
 
+Whole reads: an I/O layer that can read into a new ``bytes`` object (``recv(n)`` on a socket
+allocates it without zero-filling it) sets :attr:`FrameDecoder.whole_reads`. A large frame's
+buffer then ends at the frame (no read-ahead; a stepwise frame's buffer, sized by the frame
+before it, ends there when the two are as large), so after it the stream is at a frame
+boundary with nothing buffered, and :meth:`FrameDecoder.whole_read_size` asks for the
+size of that frame: a stream of equal large frames is then read a frame per read, each
+straight into the bytes object that becomes its ``wire``, with no buffer of its own to
+zero-fill and no copy. The I/O layer hands such reads to :meth:`FrameDecoder.bytes_received`.
+A read that brings anything else (a shorter read, a different frame size, small frames) is
+taken as an ordinary read would be. What is asked for is bounded by a frame that already
+arrived whole, and the bytes object holds only what arrived.
+
 A decoder that raised :class:`ProtocolError` keeps only the error's class and message and
 drops its buffers at once: no reference cycle through a traceback keeps a dead connection's
 memory alive until a garbage collection.
@@ -93,6 +105,13 @@ class FrameDecoder:
     #: default: only a caller that counts ``nframes`` (and publishes into a stream, which
     #: splits blocks for subscribers that cannot take them) should turn it on.
     blocks: bool = False
+    #: Whether the I/O side reads with :meth:`whole_read_size` / :meth:`bytes_received`
+    #: when asked to (set it before the first read; see the module docstring). Off by
+    #: default: large frames are then read with a read-ahead into their own buffers.
+    whole_reads: bool = False
+    #: A whole read is worth making only whole: when the input holds less so far, the I/O
+    #: side reads only the frame's start, and the rest into its own buffer.
+    wants_whole: bool = True
 
     def __init__(self, *, max_frame_size: int, buffer_size: int = RECEIVE_BUFFER_SIZE) -> None:
         if max_frame_size <= 0:
@@ -114,6 +133,9 @@ class FrameDecoder:
         self._large_needed = 0
         # The size of the last large frame completed: what the next one may start with.
         self._last_large = 0
+        # With whole reads: the size of the last large frame, when the stream is right
+        # after it (nothing buffered), else 0: what whole_read_size() asks for.
+        self._whole_size = 0
         # After an error: its class and message, never the exception itself (its traceback
         # would point back here and keep the buffers alive in a reference cycle).
         self._failure: tuple[type[ProtocolError], str] | None = None
@@ -140,6 +162,8 @@ class FrameDecoder:
             # could take back if the frame ends sooner (not one read per step).
             if self.stepwise:
                 limit = needed + len(self._buffer)
+            elif self.whole_reads:  # end at the frame: the next one may come whole
+                limit = needed
             else:
                 limit = needed + _read_ahead(needed)
             if filled >= len(large):
@@ -176,6 +200,7 @@ class FrameDecoder:
         if self._failure is not None:
             self._raise_failure()
         frames: list[Frame] = []
+        self._whole_size = 0
         try:
             if self._large is not None:
                 self._large_filled += nbytes
@@ -206,6 +231,52 @@ class FrameDecoder:
                 target[:n] = source[:n]
             source = source[n:]
             frames += self.buffer_updated(n)
+        return frames
+
+    def whole_read_size(self) -> int:
+        """How many bytes the next read should take into a new bytes object of its own
+        (then passed to :meth:`bytes_received`), or 0: read into :meth:`get_buffer`.
+
+        Nonzero only with :attr:`whole_reads` on, right after a large frame that ended a
+        read (nothing buffered): it is that frame's size, so the next one, if it is as
+        large, arrives whole in one read. Never more than ``max_frame_size``.
+        """
+        return self._whole_size
+
+    def bytes_received(self, data: bytes) -> list[Frame]:
+        """Decode ``data``, read as :meth:`whole_read_size` asked (any length, not empty).
+
+        Returns the frames it completed. When ``data`` is exactly one frame it becomes the
+        frame's wire bytes, uncopied; otherwise it is taken as an ordinary read (copied into
+        the decoder's buffers). Raises :class:`ProtocolError` as :meth:`buffer_updated`
+        does, and poisons the decoder the same way.
+        """
+        if self._failure is not None:
+            self._raise_failure()
+        self._whole_size = 0
+        if self._large is not None or self._start != self._end:
+            return self.feed(data)
+        frames: list[Frame] = []
+        try:
+            if self.ended:
+                raise ProtocolError("bytes after end-of-stream")
+            available = len(data)
+            needed = self._check_size(self._measure(memoryview(data), 0, available))
+            if needed != available:
+                if needed > available and needed > LARGE_FRAME:
+                    # The start of a large frame: into a buffer of its own, as a read would.
+                    self._start_large(memoryview(data), 0, available, needed)
+                    return frames
+                return self.feed(data)
+            frame = self._make_frame(data)
+            if frame is not None:
+                frames.append(frame)
+            if needed > LARGE_FRAME:
+                self._whole_size = needed
+                self._last_large = needed
+        except ProtocolError as exc:
+            self._fail(type(exc), str(exc))
+            raise
         return frames
 
     def end_of_input(self) -> None:
@@ -248,6 +319,7 @@ class FrameDecoder:
     def _fail(self, kind: type[ProtocolError], message: str) -> None:
         """Poison the decoder and let go of its buffers."""
         self._failure = (kind, message)
+        self._whole_size = 0
         self._large = None
         self._large_filled = self._large_needed = 0
         self._buffer = bytearray()
@@ -310,9 +382,16 @@ class FrameDecoder:
             self._large_needed = needed
             return False
         surplus = filled - needed
-        # The next large frame may start with this one's size and read-ahead: a stream of
-        # equal frames then reads each frame and the start of the next in one go.
-        self._last_large = needed + _read_ahead(needed)
+        if self.whole_reads:
+            # Read up to this frame's end and no further (a stepwise frame's buffer, sized
+            # by this frame, ends there too if the next is as large): the next frame may
+            # then be read whole.
+            self._last_large = needed
+            self._whole_size = 0 if surplus else needed
+        else:
+            # The next large frame may start with this one's size and read-ahead: a stream
+            # of equal frames then reads each frame and the start of the next in one go.
+            self._last_large = needed + _read_ahead(needed)
         self._view[:surplus] = memoryview(large)[needed:filled]
         self._start, self._end = 0, surplus
         self._large = None
@@ -332,6 +411,32 @@ class FrameDecoder:
             frames.append(frame)
         return True
 
+    def _start_large(self, view: memoryview, start: int, end: int, needed: int) -> None:
+        """Move the start of a large frame, ``view[start:end]``, into a buffer of its own.
+
+        The buffer is sized by what has arrived, never by what the header announces: twice
+        this frame's bytes so far, or the size of the last large frame this connection
+        delivered whole (a steady stream of large frames then needs no regrowing). Raises
+        :class:`FrameTooLarge` when the memory cannot be had.
+        """
+        available = end - start
+        floor = max(2 * available, FIRST_LARGE_BUFFER, self._last_large)
+        if self.stepwise:
+            size = floor
+        else:
+            size = min(needed if self.whole_reads else needed + _read_ahead(needed), floor)
+        try:
+            large = bytearray(size)
+        except MemoryError:
+            raise FrameTooLarge(
+                f"cannot allocate {size} bytes for a frame of at least "
+                f"{needed} bytes: out of memory"
+            ) from None
+        large[:available] = view[start:end]
+        self._large = large
+        self._large_filled = available
+        self._large_needed = needed
+
     def _cut(self, frames: list[Frame]) -> None:
         view = self._view
         start, end = self._start, self._end
@@ -347,23 +452,7 @@ class FrameDecoder:
                     self._check_size(needed)
                 if needed > available:
                     if needed > LARGE_FRAME:
-                        # Sized by what has arrived, never by what the header announces: twice
-                        # this frame's bytes so far, or the size of the last large frame this
-                        # connection delivered whole (a steady stream of large frames then
-                        # needs no regrowing).
-                        floor = max(2 * available, FIRST_LARGE_BUFFER, self._last_large)
-                        size = floor if self.stepwise else min(needed + _read_ahead(needed), floor)
-                        try:
-                            large = bytearray(size)
-                        except MemoryError:
-                            raise FrameTooLarge(
-                                f"cannot allocate {size} bytes for a frame of at least "
-                                f"{needed} bytes: out of memory"
-                            ) from None
-                        large[:available] = view[start:end]
-                        self._large = large
-                        self._large_filled = available
-                        self._large_needed = needed
+                        self._start_large(view, start, end, needed)
                         start = end
                     break
                 frame = make(view[start : start + needed].tobytes())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -19,7 +19,7 @@ from .g3 import canonical_type as g3_canonical_type
 from .native import NativeDecoder, NativeEncoder
 from .raw import RawDecoder, RawEncoder
 
-__all__ = ["Decoder", "Encoder", "ProtocolSpec", "get", "names", "register"]
+__all__ = ["Decoder", "Encoder", "ProtocolSpec", "WholeReadDecoder", "get", "names", "register"]
 
 
 class Decoder(Protocol):
@@ -39,6 +39,24 @@ class Decoder(Protocol):
     def end_of_input(self) -> None: ...
     @property
     def buffered(self) -> int: ...
+
+
+@runtime_checkable
+class WholeReadDecoder(Decoder, Protocol):
+    """A decoder that can also take reads made into new bytes objects (``recv(n)``), so a
+    frame's bytes need no buffer of their own and no copy: the I/O side sets
+    ``whole_reads``, reads ``whole_read_size()`` bytes when that is not 0 and passes them to
+    ``bytes_received`` (else it reads into ``get_buffer()`` as usual). See
+    :class:`FrameDecoder` and :class:`~framewire.protocols.raw.RawDecoder`."""
+
+    whole_reads: bool
+    #: Whether such a read is worth making only whole (a frame): when the input holds less
+    #: than ``whole_read_size()`` so far, the I/O side should read just its start and let
+    #: the rest come through ``get_buffer()``. False: take whatever is there (raw).
+    wants_whole: bool
+
+    def whole_read_size(self) -> int: ...
+    def bytes_received(self, data: bytes, /) -> list[Frame]: ...
 
 
 class Encoder(Protocol):
