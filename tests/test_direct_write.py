@@ -125,6 +125,31 @@ async def test_the_writer_is_not_asked_for_frames_the_queue_must_judge(case: str
     assert batches  # the consumer was woken with the frames the queue kept
 
 
+async def test_a_block_goes_direct_whole_or_split_and_counts_its_frames() -> None:
+    """The stream works out a publish's count and size once: a subscriber that takes the
+    block whole and one that gets it split are both handed it directly and count 4 frames."""
+    stream = Stream("s")
+    whole = stream.subscribe(blocks_of="native")
+    split = stream.subscribe()
+    block = NativeBlock("sample", encode([data(n) for n in range(4)]), 4)
+    whole_writer = whole.direct = Writer(DirectWrite.WRITTEN)
+    split_writer = split.direct = Writer(DirectWrite.WRITTEN)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            batches = await parked(whole, nursery)
+            batches += await parked(split, nursery)
+            stream.publish_nowait([block])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert batches == []
+    assert whole_writer.calls == [[block]]
+    assert split_writer.calls == [list(block.frames())]
+    for subscription in (whole, split):
+        assert subscription.frames_out == 4
+        assert subscription.bytes_out == block.size
+    assert stream.frames_in == 4
+
+
 async def test_a_started_write_wakes_the_consumer_with_an_empty_batch_then_frames_queue() -> None:
     stream = Stream("s")
     subscription = stream.subscribe()

@@ -45,6 +45,7 @@ This module knows nothing of how it writes; the server endpoint's writer is in
 from __future__ import annotations
 
 import enum
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final
@@ -74,6 +75,9 @@ _DEFAULT_STREAM: Final = StreamConfig()
 DEFAULT_METADATA_TYPES: Final = _DEFAULT_STREAM.max_metadata_types
 DEFAULT_METADATA_BYTES: Final = _DEFAULT_STREAM.max_metadata_bytes
 
+
+#: The decimation of a subscription that decimates nothing (see Subscription.decimate).
+_NO_DECIMATION: Final[Mapping[str, int]] = types.MappingProxyType({})
 
 #: A subscription's queue while nothing is queued: no deque at all (an empty deque still holds
 #: a block of 64 slots, about 600 bytes, and every idle client of a server had one).
@@ -195,7 +199,10 @@ class Subscription:
         self.stream = stream
         self.bounds = bounds
         self.policy = policy
-        self.decimate = dict(decimate)
+        #: Every Nth DATA frame kept, by type. Shared and empty for a subscription that
+        #: decimates nothing (most do not): an idle one holds no dict of its own, and a
+        #: publish reads one object fewer per subscriber.
+        self.decimate: Mapping[str, int] = dict(decimate) if decimate else _NO_DECIMATION
         self.label = label
         #: Whether :meth:`Stream.end_of_stream` ends this subscription.
         self.follows_end = follows_end
@@ -204,7 +211,8 @@ class Subscription:
         #: one ends the subscription (the consumer drains what it has, then is closed).
         self.session_types = session_types
         self._sessions: dict[str, Frame] = {}
-        self._seen: dict[str, int] = dict.fromkeys(self.decimate, 0)
+        #: DATA frames seen of each decimated type; None while nothing is decimated.
+        self._seen: dict[str, int] | None = dict.fromkeys(decimate, 0) if decimate else None
         #: The protocol whose :class:`FrameBlock` objects this subscriber writes as they are
         #: (its encoder forwards their wire bytes), or None: blocks are split for it.
         self.blocks_of = blocks_of
@@ -265,6 +273,29 @@ class Subscription:
         When the queue is empty, the consumer parked and the subscription has a
         :attr:`direct` writer, the frames go to the writer first (see the module docstring).
         """
+        count = size = 0
+        metadata = blocks = False
+        for frame in frames:
+            if frame.nframes != 1:
+                blocks = True
+            elif frame.kind is not _DATA:
+                metadata = True
+            count += frame.nframes
+            size += frame.size
+        self._offer(frames, count, size, metadata, blocks)
+
+    def _offer(
+        self, frames: Sequence[Frame], count: int, size: int, metadata: bool, blocks: bool
+    ) -> None:
+        """:meth:`offer` of ``frames`` whose facts the caller knows (the stream works them out
+        once per publish, not once per subscriber): ``count`` frames (a block counts its
+        frames) of ``size`` bytes, whether any is metadata, whether any is a block.
+
+        The direct writer is asked only if this subscription may skip its queue for them: it
+        decimates nothing, has no session header to judge among them, and takes each block
+        whole. What it takes counts as delivered; what it refuses is queued, unless it
+        closed the subscription (its connection broke).
+        """
         if self._closed is not None or self._ending is not None:
             return
         direct = self.direct
@@ -272,44 +303,30 @@ class Subscription:
             direct is not None
             and self._consumer is not None
             and not self._queued_frames
-            and (self._write_direct(direct, frames) or self._closed is not None)
+            and not self.decimate
+            and not (metadata and self.session_types)
+            and not (blocks and not self._takes_all_whole(frames))
         ):
-            return
+            if not count:
+                return
+            done = direct(frames)
+            if done is not DirectWrite.REFUSED:
+                self.frames_out += count
+                self.bytes_out += size
+                if done is DirectWrite.STARTED:
+                    task = self._consumer
+                    if task is not None:
+                        self._consumer = None
+                        # Woken with True: "finish the write" (an outcome is used once).
+                        trio.lowlevel.reschedule(task, outcome.Value(True))
+                return
+            if self.closed:  # the writer closed it: its connection broke
+                return
         self._enqueue(frames)
 
-    def _write_direct(
-        self, direct: Callable[[Sequence[Frame]], DirectWrite], frames: Sequence[Frame]
-    ) -> bool:
-        """Hand ``frames`` to ``direct`` if this subscription may skip its queue for them:
-        it decimates nothing, takes each block whole, and has no session header to judge
-        among them. Returns whether the writer took them (then they count as delivered)."""
-        count = size = 0
-        for frame in frames:
-            if frame.nframes != 1:
-                if not self.takes_whole(frame):
-                    return False
-                count += frame.nframes
-            elif frame.kind is not _DATA and self.session_types:
-                return False
-            else:
-                count += 1
-            size += frame.size
-        if not count:
-            return True
-        if self.decimate:
-            return False
-        done = direct(frames)
-        if done is DirectWrite.REFUSED:
-            return False
-        self.frames_out += count
-        self.bytes_out += size
-        if done is DirectWrite.STARTED:
-            task = self._consumer
-            if task is not None:
-                self._consumer = None
-                # Woken with True: "finish the write" (an outcome is used once: a new one).
-                trio.lowlevel.reschedule(task, outcome.Value(True))
-        return True
+    def _takes_all_whole(self, frames: Sequence[Frame]) -> bool:
+        """Whether this subscription takes every block among ``frames`` whole."""
+        return all(frame.nframes == 1 or self.takes_whole(frame) for frame in frames)
 
     def _deque(self) -> deque[Frame]:
         """The queue as a deque to add to (made if nothing is queued). Never keep it across
@@ -494,7 +511,9 @@ class Subscription:
         if every == 0:
             self.frames_decimated += 1
             return False
-        seen = self._seen[frame.type] = self._seen[frame.type] + 1
+        counts = self._seen
+        assert counts is not None  # made with every decimated type
+        seen = counts[frame.type] = counts[frame.type] + 1
         if seen % every:
             self.frames_decimated += 1
             return False
@@ -570,7 +589,7 @@ class Subscription:
             if self._consumer is not None:
                 raise trio.BusyResourceError("another task is receiving from this subscription")
             self._consumer = trio.lowlevel.current_task()
-            # Woken with True: a direct write to finish (see _write_direct). No local for
+            # Woken with True: a direct write to finish (see _offer). No local for
             # it: each parked consumer's frame would hold one more slot.
             if (
                 await trio.lowlevel.wait_task_rescheduled(self._abort_wait) is True
@@ -830,6 +849,7 @@ class Stream:
         cache = self.metadata
         refused: MetadataLimitExceeded | None = None
         size = count = 0
+        metadata = False
         for index, frame in enumerate(frames):
             if frame.kind is not _DATA:
                 reason = cache.update(frame)
@@ -838,20 +858,23 @@ class Stream:
                     refused = MetadataLimitExceeded(f"stream {self.name!r}: {reason}")
                     frames = frames[:index]
                     break
+                metadata = True
             size += frame.size
             count += frame.nframes
         self.frames_in += count
         self.bytes_in += size
         self.publishes += 1
-        split: Sequence[Frame] | None = frames if count == len(frames) else None
+        blocks = count != len(frames)
+        split: Sequence[Frame] | None = None if blocks else frames
         # A snapshot: offering may end or close a subscription, which removes it from the list.
+        # The publish's facts are worked out once above, not once per subscriber.
         for subscription in tuple(self._lossy):
             if subscription.blocks_of is not None:
-                subscription.offer(frames)
+                subscription._offer(frames, count, size, metadata, blocks)
             else:
                 if split is None:
                     split = _split(frames)
-                subscription.offer(split)
+                subscription._offer(split, count, size, metadata, False)
         if split is None and any(sub.blocks_of is None for sub in self._lossless):
             split = _split(frames)
         return frames, frames if split is None else split, refused

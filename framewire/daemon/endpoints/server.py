@@ -74,6 +74,9 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         self._direct = config.policy == Policy.LOSSY.value and not self._decimate
         self._direct_encoder = spec.make_encoder()
         self._feed_type = _ClientFeed.of(self)
+        #: The stream served, set when the first client comes (direct writes key the shared
+        #: encoding by its publish count).
+        self._stream: Stream
         self._direct_publish = -1
         self._direct_id = 0
         self._direct_data: Buffer | None = None
@@ -133,7 +136,9 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                     "refused %s: max_clients (%d) reached", connection.peer, config.max_clients
                 )
                 return
-            subscription = self.context.streams.get(config.stream).subscribe(
+            # The endpoint's one stream (a registry never replaces a stream it made).
+            served = self._stream = self.context.streams.get(config.stream)
+            subscription = served.subscribe(
                 bounds=QueueBounds(
                     config.max_queue_frames,
                     config.max_queue_bytes,
@@ -232,12 +237,12 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 self._hangups.remove(watched)
         return feed.reason
 
-    def _encode_shared(self, stream: Stream, frames: Sequence[Frame]) -> None:
+    def _encode_shared(self, frames: Sequence[Frame]) -> None:
         """Encode the publish ``frames`` once for every direct-written client: the bytes in
         :attr:`_direct_data`, or None when they may not go direct (a frame this protocol
         cannot carry, which each client's writer then reports, or more than
         :data:`DIRECT_MAX_BYTES`)."""
-        self._direct_publish = stream.publishes
+        self._direct_publish = self._stream.publishes
         self._direct_id = id(frames)
         self._direct_data = None
         try:
@@ -291,14 +296,13 @@ class _ClientFeed:
         (Called once per idle client per publish: kept lean.)
         """
         connection = self.connection
-        client = self.client
-        subscription = client.subscription
-        if connection is None or subscription is None:
+        if connection is None:
             return DirectWrite.REFUSED
         endpoint = self.endpoint
-        stream = subscription.stream
-        if stream.publishes != endpoint._direct_publish or id(frames) != endpoint._direct_id:
-            endpoint._encode_shared(stream, frames)
+        if id(frames) != endpoint._direct_id or endpoint._direct_publish != (
+            endpoint._stream.publishes
+        ):
+            endpoint._encode_shared(frames)
         data = endpoint._direct_data
         if data is None:
             return DirectWrite.REFUSED
@@ -308,12 +312,15 @@ class _ClientFeed:
         except trio.BrokenResourceError as exc:
             self.left = True
             self.reason = f"connection lost ({exc})"
-            subscription.close(self.reason)
+            subscription = self.client.subscription
+            if subscription is not None:
+                subscription.close(self.reason)
             return DirectWrite.REFUSED
         if not written:
             return DirectWrite.REFUSED
         # Counted whole, the rest too: the connection writes it before anything else.
         status = endpoint.status
+        client = self.client
         frames_sent = endpoint._direct_frames
         status.frames_out += frames_sent
         status.bytes_out += size
