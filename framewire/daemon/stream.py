@@ -27,8 +27,8 @@ frame in it counted as dropped). Blocks are never metadata.
 
 Memory is bounded by the sum of the subscriptions' bounds: frames are shared between
 subscribers, never copied, and nothing here grows with how slow a consumer is. An idle
-subscription is small (slots, and no deque while nothing is queued: about 0.7 KiB): every
-client of a server has one.
+subscription is small (slots; no deque while nothing is queued, no dicts while it decimates
+nothing and has taken no session header: about 0.3 KiB): every client of a server has one.
 
 A subscription may have a *direct writer* (:attr:`Subscription.direct`, set by its
 consumer): when frames are offered to a lossy subscription whose queue is empty and whose
@@ -210,7 +210,8 @@ class Subscription:
         #: subscriber takes one of each, once. An identical repeat is not queued; a different
         #: one ends the subscription (the consumer drains what it has, then is closed).
         self.session_types = session_types
-        self._sessions: dict[str, Frame] = {}
+        #: The session header given, by type; made with the first (most take none).
+        self._sessions: dict[str, Frame] | None = None
         #: DATA frames seen of each decimated type; None while nothing is decimated.
         self._seen: dict[str, int] | None = dict.fromkeys(decimate, 0) if decimate else None
         #: The protocol whose :class:`FrameBlock` objects this subscriber writes as they are
@@ -495,9 +496,12 @@ class Subscription:
         """
         if frame.type not in self.session_types:
             return True
-        current = self._sessions.get(frame.type)
+        sessions = self._sessions
+        if sessions is None:
+            sessions = self._sessions = {}
+        current = sessions.get(frame.type)
         if current is None:
-            self._sessions[frame.type] = frame
+            sessions[frame.type] = frame
             return True
         if current is frame or memoryview(current.payload) == memoryview(frame.payload):
             return False

@@ -66,6 +66,13 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         #: Decimation keyed by the type tags frames carry (config may use codes).
         self._decimate = {canonical(key): every for key, every in config.decimate.items()}
         self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
+        #: Each client's queue bounds: one object shared by every client (it is frozen).
+        self._bounds = QueueBounds(
+            config.max_queue_frames,
+            config.max_queue_bytes,
+            config.max_metadata_frames,
+            config.max_metadata_bytes,
+        )
         #: Notices clients hanging up; a new one each time :meth:`run` starts.
         self._hangups: HangupWatch
         #: Direct writes: whether clients get them, and the shared encoding of the publish
@@ -139,12 +146,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             # The endpoint's one stream (a registry never replaces a stream it made).
             served = self._stream = self.context.streams.get(config.stream)
             subscription = served.subscribe(
-                bounds=QueueBounds(
-                    config.max_queue_frames,
-                    config.max_queue_bytes,
-                    config.max_metadata_frames,
-                    config.max_metadata_bytes,
-                ),
+                bounds=self._bounds,
                 policy=Policy(config.policy),
                 decimate=self._decimate,
                 label=f"{self.name} {connection.peer}",
