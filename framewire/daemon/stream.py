@@ -98,6 +98,12 @@ class DirectWrite(enum.Enum):
     STARTED = "started"
 
 
+#: The answers as module constants: looking a member up on an enum class costs ~50 ns, and a
+#: publish to 10,000 idle clients looks up a few per client.
+_REFUSED: Final = DirectWrite.REFUSED
+_STARTED: Final = DirectWrite.STARTED
+
+
 class Policy(enum.Enum):
     """What a full subscription does: drop old data (``lossy``) or make the publisher wait."""
 
@@ -311,10 +317,10 @@ class Subscription:
             if not count:
                 return
             done = direct(frames)
-            if done is not DirectWrite.REFUSED:
+            if done is not _REFUSED:
                 self.frames_out += count
                 self.bytes_out += size
-                if done is DirectWrite.STARTED:
+                if done is _STARTED:
                     task = self._consumer
                     if task is not None:
                         self._consumer = None

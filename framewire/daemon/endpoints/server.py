@@ -55,6 +55,12 @@ __all__ = ["DIRECT_MAX_BYTES", "ServerEndpoint"]
 #: The largest encoded publish written straight to idle clients (see the module docstring).
 DIRECT_MAX_BYTES: Final = 128 * 1024
 
+#: A direct writer's answers as module constants (an enum member looked up on its class
+#: costs ~50 ns; the writer answers once per idle client per publish).
+_REFUSED: Final = DirectWrite.REFUSED
+_WRITTEN: Final = DirectWrite.WRITTEN
+_STARTED: Final = DirectWrite.STARTED
+
 
 class ServerEndpoint(Endpoint[ServerConfig]):
     kind = "server"
@@ -299,7 +305,7 @@ class _ClientFeed:
         """
         connection = self.connection
         if connection is None:
-            return DirectWrite.REFUSED
+            return _REFUSED
         endpoint = self.endpoint
         if id(frames) != endpoint._direct_id or endpoint._direct_publish != (
             endpoint._stream.publishes
@@ -307,7 +313,7 @@ class _ClientFeed:
             endpoint._encode_shared(frames)
         data = endpoint._direct_data
         if data is None:
-            return DirectWrite.REFUSED
+            return _REFUSED
         size = endpoint._direct_size
         try:
             written = connection.write_nowait(data, size)
@@ -317,9 +323,9 @@ class _ClientFeed:
             subscription = self.client.subscription
             if subscription is not None:
                 subscription.close(self.reason)
-            return DirectWrite.REFUSED
+            return _REFUSED
         if not written:
-            return DirectWrite.REFUSED
+            return _REFUSED
         # Counted whole, the rest too: the connection writes it before anything else.
         status = endpoint.status
         client = self.client
@@ -328,7 +334,7 @@ class _ClientFeed:
         status.bytes_out += size
         client.frames_sent += frames_sent
         client.bytes_sent += size
-        return DirectWrite.WRITTEN if written == size else DirectWrite.STARTED
+        return _WRITTEN if written == size else _STARTED
 
     def peer_left(self) -> None:
         """The client hung up (or sent what it may not): end its writer."""
