@@ -207,7 +207,7 @@ class Subscription:
         self.policy = policy
         #: Every Nth DATA frame kept, by type. Shared and empty for a subscription that
         #: decimates nothing (most do not): an idle one holds no dict of its own, and a
-        #: publish reads one object fewer per subscriber.
+        #: publish reads one shared object, not one per subscriber.
         self.decimate: Mapping[str, int] = dict(decimate) if decimate else _NO_DECIMATION
         self.label = label
         #: Whether :meth:`Stream.end_of_stream` ends this subscription.
