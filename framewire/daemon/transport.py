@@ -109,9 +109,6 @@ def nbytes_of(buffer: Buffer) -> int:
     return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
 
 
-_nbytes = nbytes_of
-
-
 async def _handshake_already_done() -> None:
     """Stands in for a finished TLS handshake's coroutine function (see below)."""
 
@@ -452,7 +449,7 @@ class Connection:
             return 0
         except OSError as exc:
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-        size = _nbytes(data) if nbytes is None else nbytes
+        size = nbytes_of(data) if nbytes is None else nbytes
         self.bytes_sent += size
         if written < size:
             self._sending = memoryview(data).cast("B")[written:]
@@ -475,7 +472,7 @@ class Connection:
             raise trio.BusyResourceError("another task is sending on this connection")
         # ``total`` is what this call adds to bytes_sent: a direct write's rest was counted
         # when it began. ``size`` is what it writes.
-        total = size = nbytes if nbytes is not None else sum(map(_nbytes, buffers))
+        total = size = nbytes if nbytes is not None else sum(map(nbytes_of, buffers))
         if unsent is not False:
             buffers = [unsent, *buffers]
             size += unsent.nbytes
@@ -526,7 +523,7 @@ class Connection:
                 chunk = pending[index : index + _IOV_MAX]
                 written = os.writev(fd, chunk)
                 index = _advance(pending, index, written)
-                if index < len(pending) and written < sum(map(_nbytes, chunk)):
+                if index < len(pending) and written < sum(map(nbytes_of, chunk)):
                     break  # the kernel's buffer is full
             return pending[index:]
         except BlockingIOError:
@@ -545,11 +542,11 @@ class Connection:
             rest = buffers
             while rest:
                 await trio.lowlevel.wait_writable(sock)
-                rest = self._write_now(rest, sum(map(_nbytes, rest)))
+                rest = self._write_now(rest, sum(map(nbytes_of, rest)))
             return
         if len(buffers) == 1:
             await self.stream.send_all(buffers[0])
-        elif sum(map(_nbytes, buffers)) <= JOIN_LIMIT:
+        elif sum(map(nbytes_of, buffers)) <= JOIN_LIMIT:
             await self.stream.send_all(b"".join(buffers))
         else:
             for buffer in buffers:
@@ -563,7 +560,7 @@ def _advance(pending: list[Buffer], index: int, sent: int) -> int:
     """After ``sent`` bytes of ``pending[index:]`` went out: the index of the first buffer
     not fully sent, its sent part cut off in place."""
     while sent:
-        size = _nbytes(pending[index])
+        size = nbytes_of(pending[index])
         if sent >= size:
             sent -= size
             index += 1

@@ -34,6 +34,7 @@ from ...config import RecorderConfig
 from ...frame import Buffer, Frame
 from ..flow import UnencodableFrames, encode_frames
 from ..stream import MetadataCache, Policy, QueueBounds, SubscriptionClosed
+from ..transport import nbytes_of
 from ._base import Endpoint
 
 __all__ = ["RecorderEndpoint", "numbered_path"]
@@ -98,10 +99,6 @@ def _vanished(handle: io.BufferedIOBase, path: Path) -> str | None:
     if (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino):
         return "was replaced by another file"
     return None
-
-
-def _nbytes(buffer: Buffer) -> int:
-    return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
 
 
 def _write(handle: io.BufferedIOBase, buffers: list[Buffer]) -> None:
@@ -170,7 +167,7 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
         pending_size = 0
         for frame in frames:
             encoded = encode_frames(self._encoder, [frame], self._unencodable)
-            size = sum(_nbytes(buffer) for buffer in encoded)
+            size = sum(nbytes_of(buffer) for buffer in encoded)
             full = limit and self._file_bytes + pending_size + size > limit
             if self._handle is None or (full and self._file_bytes + pending_size):
                 await self._flush(pending, pending_size)
@@ -180,7 +177,7 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
                 await self._start_file(pattern)
                 replay = encode_frames(self._encoder, list(self._written), self._unencodable)
                 pending += replay
-                pending_size += sum(_nbytes(buffer) for buffer in replay)
+                pending_size += sum(nbytes_of(buffer) for buffer in replay)
             pending += encoded
             pending_size += size
             if frame.is_metadata:
