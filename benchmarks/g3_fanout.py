@@ -380,44 +380,43 @@ class FloorFrames:
 
 def floor_threads(source: FloorFrames, readers: list[socket.socket], seconds: float) -> int:
     """One thread per reader, each ``sendall``-ing every frame; the main thread receives the
-    next frames meanwhile, into FLOOR_SLOTS reused buffers. Returns the frames relayed."""
+    next frames meanwhile, into FLOOR_SLOTS reused buffers. Returns the frames relayed.
+
+    Each reader's thread has two semaphores: ``go`` (released once per frame received, so it
+    counts the frames that thread may send) and ``done`` (released once per frame it sent).
+    Before reusing a slot, the main thread takes one ``done`` of every reader: each thread
+    sends in order, so that is every reader having sent the slot's previous frame. A thread
+    blocks only on its own semaphore, so a frame costs a few futex calls, not a wake-up of
+    every thread (as one shared Condition would).
+    """
     slots: list[tuple[bytearray, int]] = [(bytearray(1 << 20), 0) for _ in range(FLOOR_SLOTS)]
-    ready = threading.Condition()
-    received = 0  # frames in slots, in order: frame k is in slots[k % FLOOR_SLOTS]
-    sent = [0] * len(readers)  # frames each reader's thread has written
-    finished = False
+    go = [threading.Semaphore(0) for _ in readers]
+    done = [threading.Semaphore(0) for _ in readers]
+    received = [0]  # frames in slots, in order: frame k is in slots[k % FLOOR_SLOTS]
     failures: list[BaseException] = []
 
-    def wait_for(condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + seconds
-        while not condition():
-            if failures:
-                raise RuntimeError("floor: a reader's thread failed") from failures[0]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"floor: no progress in {seconds:g}s")
-            ready.wait(min(1.0, left))
+    def acquire(semaphore: threading.Semaphore) -> None:
+        if not semaphore.acquire(timeout=seconds):
+            raise TimeoutError(f"floor: no progress in {seconds:g}s")
+        if failures:
+            raise RuntimeError("floor: a reader's thread failed") from failures[0]
 
     def send_to(index: int, sock: socket.socket) -> None:
+        frame = 0
         try:
             while True:
-                with ready:
-                    wait_for(lambda: sent[index] < received or finished)
-                    if sent[index] == received:
-                        return
-                    buffer, length = slots[sent[index] % FLOOR_SLOTS]
+                acquire(go[index])
+                if frame == received[0]:  # the one release after the last frame: the end
+                    return
+                buffer, length = slots[frame % FLOOR_SLOTS]
                 with memoryview(buffer) as view:
                     sock.sendall(view[:length])
-                with ready:
-                    sent[index] += 1
-                    ready.notify_all()
+                frame += 1
+                done[index].release()
         except BaseException as error:
-            with ready:
-                failures.append(error)
-                ready.notify_all()
-
-    def slot_free() -> bool:
-        return min(sent) > received - FLOOR_SLOTS
+            failures.append(error)
+            for semaphore in done:  # wake the main thread, wherever it waits
+                semaphore.release()
 
     threads = [
         threading.Thread(target=send_to, args=(index, sock), daemon=True)
@@ -427,31 +426,30 @@ def floor_threads(source: FloorFrames, readers: list[socket.socket], seconds: fl
         thread.start()
     try:
         while True:
-            with ready:
-                # Frame `received` goes into the slot of frame received - FLOOR_SLOTS.
-                wait_for(slot_free)
-            slot = received % FLOOR_SLOTS
-            frame = source.receive(slots[slot][0])
+            if received[0] >= FLOOR_SLOTS:
+                for semaphore in done:
+                    acquire(semaphore)  # every reader has sent frame received - FLOOR_SLOTS
+            slot = received[0] % FLOOR_SLOTS
+            while True:
+                frame = source.receive(slots[slot][0])
+                if frame is None or frame[2] != _END_PROCESSING:
+                    break
             if frame is None:
                 break
-            buffer, length, code = frame
-            if code == _END_PROCESSING:
-                continue
-            with ready:
-                slots[slot] = (buffer, length)
-                received += 1
-                ready.notify_all()
+            slots[slot] = frame[:2]
+            received[0] += 1
+            for semaphore in go:
+                semaphore.release()
     finally:
-        with ready:
-            finished = True
-            ready.notify_all()
+        for semaphore in go:  # one more than the frames: the end, after the last frame
+            semaphore.release()
     for thread in threads:
         thread.join(seconds)
         if thread.is_alive():
             raise TimeoutError(f"floor: a reader's thread still sending after {seconds:g}s")
     if failures:
         raise RuntimeError("floor: a reader's thread failed") from failures[0]
-    return received
+    return received[0]
 
 
 def floor_loop(source: FloorFrames, readers: list[socket.socket]) -> int:
