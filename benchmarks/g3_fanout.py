@@ -10,16 +10,25 @@ direct
 relayed
     the same source, as a ``G3NetworkSender`` in connect mode, pushes into a framewire daemon
     (``python -m framewire run CONFIG``, its own process) with a g3 ``receiver`` and a
-    lossless g3 ``server`` (``close_on_end = true``) that the same readers connect to.
+    lossless g3 ``server`` (``close_on_end = true``) that the same readers connect to;
+floor-threads, floor-loop (``--floors``)
+    the same source and readers through the simplest copying relay there is, this script as
+    a plain process (``--role floor``): it receives each frame whole into a reused buffer
+    (finding its end from the G3 length fields, nothing else), and writes it to every reader
+    with blocking ``sendall`` calls, from one thread per reader (``threads``: the next
+    frames are received meanwhile, into FLOOR_SLOTS buffers) or from one thread, one reader
+    after another (``loop``). No queues, no framing, no event loop: what a copying relay
+    costs on this machine with no machinery of its own.
 
-In both cases the source first sends a small Observation frame every 75 ms (a listen-mode
+In every case the source first sends a small Observation frame every 75 ms (a listen-mode
 sender accepts connections only while it processes a frame) until every reader has received
 one; then, on "go", a Calibration frame, ``--frames`` Scan frames, and EndProcessing. Each
 reader counts Scan frames, checks their sequence numbers, and reports the times of its first
 and last Scan. The measured phase runs from the first reader's first Scan to the last
 reader's last Scan; the CPU time of every process in it is read from /proc.
 
-The script runs itself as the source and reader processes (``--role``, not for direct use).
+The script runs itself as the source, reader and floor processes (``--role``, not for direct
+use).
 Every process it starts is terminated on the way out (SIGTERM, then SIGKILL), and every wait
 has a timeout.
 """
@@ -27,15 +36,19 @@ has a timeout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import select
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -277,6 +290,222 @@ def run_reader(args: argparse.Namespace) -> None:
     print(f"end {report()}", flush=True)
 
 
+# -- the floor: the simplest copying relay --------------------------------------------------
+
+#: A name or blob longer than this makes the floor give up (it relays benchmark frames only).
+FLOOR_MAX_LENGTH: Final = 1 << 30
+#: Frames the threaded floor may hold: it receives frame k while its threads still send
+#: frames k-FLOOR_SLOTS+1 ... k-1.
+FLOOR_SLOTS: Final = 3
+FLOOR_MODES: Final = ("threads", "loop")
+_G3_HEADER: Final = {1: struct.Struct("<BIiI"), 0: struct.Struct(">BIiI")}
+_G3_LENGTH: Final = {1: struct.Struct("<Q"), 0: struct.Struct(">Q")}
+_END_PROCESSING: Final = ord("Z")
+
+
+def socket_timeouts(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO and SO_SNDTIMEO: a blocking call that waits longer raises (EAGAIN), and
+    the socket stays in blocking mode, so a ``send`` of a whole frame is one system call (as
+    G3NetworkSender's ``write``) rather than Python's poll-then-send loop."""
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+class FloorFrames:
+    """Receives G3 frames whole from a blocking socket, each into a reusable buffer.
+
+    Finds each frame's end the only way G3 allows: it reads the 13-byte header, then each
+    name and blob's u64 length and the bytes it announces (one ``recv`` of the blob and the
+    next length field, or of the last blob and the CRC), so an 8 MB frame costs a handful of
+    system calls and one copy. No CRC check, no object per frame. Raises RuntimeError on bytes
+    that are not G3, or a stream that ends inside a frame; ``BlockingIOError`` if the sender
+    stays silent longer than the socket's SO_RCVTIMEO.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def _fill(self, buffer: bytearray, start: int, end: int, *, at_boundary: bool = False) -> bool:
+        """Receive bytes ``start:end`` of ``buffer``; False on EOF before the first byte of a
+        frame (``at_boundary``)."""
+        view = memoryview(buffer)
+        try:
+            while start < end:
+                got = self.sock.recv_into(view[start:end], end - start, socket.MSG_WAITALL)
+                if not got:
+                    if at_boundary:
+                        return False
+                    raise RuntimeError("floor: the source's stream ended inside a frame")
+                start += got
+                at_boundary = False
+        finally:
+            view.release()
+        return True
+
+    def receive(self, buffer: bytearray) -> tuple[bytearray, int, int] | None:
+        """The next frame: (the buffer holding it, its length, its type code); the buffer is
+        ``buffer`` or, if the frame did not fit, a larger copy of it. None at the end of the
+        stream."""
+        if not self._fill(buffer, 0, 13, at_boundary=True):
+            return None
+        flag = buffer[0]
+        if flag > 1:
+            raise RuntimeError(f"floor: bad G3 endian flag {flag}")
+        _, version, nkeys, code = _G3_HEADER[flag].unpack_from(buffer)
+        if version != 1 or nkeys < 0:
+            raise RuntimeError(f"floor: not a G3 frame (version {version}, {nkeys} keys)")
+        unpack = _G3_LENGTH[flag].unpack_from
+        position = 13
+        if nkeys:
+            self._fill(buffer, position, position + 8)
+        for field_number in range(2 * nkeys):
+            (length,) = unpack(buffer, position)
+            if length > FLOOR_MAX_LENGTH:
+                raise RuntimeError(f"floor: implausible G3 length {length}")
+            # This name or blob, then the next length field, or the CRC after the last blob.
+            end = position + 8 + length + (8 if field_number < 2 * nkeys - 1 else 4)
+            if end > len(buffer):
+                bigger = bytearray(max(end, 2 * len(buffer)))
+                bigger[: position + 8] = memoryview(buffer)[: position + 8]
+                buffer = bigger
+            self._fill(buffer, position + 8, end)
+            position += 8 + length
+        if not nkeys:
+            self._fill(buffer, 13, 17)
+            return buffer, 17, code
+        return buffer, position + 4, code
+
+
+def floor_threads(source: FloorFrames, readers: list[socket.socket], seconds: float) -> int:
+    """One thread per reader, each ``sendall``-ing every frame; the main thread receives the
+    next frames meanwhile, into FLOOR_SLOTS reused buffers. Returns the frames relayed.
+
+    Each reader's thread has two semaphores: ``go`` (released once per frame received, so it
+    counts the frames that thread may send) and ``done`` (released once per frame it sent).
+    Before reusing a slot, the main thread takes one ``done`` of every reader: each thread
+    sends in order, so that is every reader having sent the slot's previous frame. A thread
+    blocks only on its own semaphore, so a frame costs a few futex calls, not a wake-up of
+    every thread (as one shared Condition would).
+    """
+    slots: list[tuple[bytearray, int]] = [(bytearray(1 << 20), 0) for _ in range(FLOOR_SLOTS)]
+    go = [threading.Semaphore(0) for _ in readers]
+    done = [threading.Semaphore(0) for _ in readers]
+    received = [0]  # frames in slots, in order: frame k is in slots[k % FLOOR_SLOTS]
+    failures: list[BaseException] = []
+
+    def acquire(semaphore: threading.Semaphore) -> None:
+        if not semaphore.acquire(timeout=seconds):
+            raise TimeoutError(f"floor: no progress in {seconds:g}s")
+        if failures:
+            raise RuntimeError("floor: a reader's thread failed") from failures[0]
+
+    def send_to(index: int, sock: socket.socket) -> None:
+        frame = 0
+        try:
+            while True:
+                acquire(go[index])
+                if frame == received[0]:  # the one release after the last frame: the end
+                    return
+                buffer, length = slots[frame % FLOOR_SLOTS]
+                with memoryview(buffer) as view:
+                    sock.sendall(view[:length])
+                frame += 1
+                done[index].release()
+        except BaseException as error:
+            failures.append(error)
+            for semaphore in done:  # wake the main thread, wherever it waits
+                semaphore.release()
+
+    threads = [
+        threading.Thread(target=send_to, args=(index, sock), daemon=True)
+        for index, sock in enumerate(readers)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        while True:
+            if received[0] >= FLOOR_SLOTS:
+                for semaphore in done:
+                    acquire(semaphore)  # every reader has sent frame received - FLOOR_SLOTS
+            slot = received[0] % FLOOR_SLOTS
+            while True:
+                frame = source.receive(slots[slot][0])
+                if frame is None or frame[2] != _END_PROCESSING:
+                    break
+            if frame is None:
+                break
+            slots[slot] = frame[:2]
+            received[0] += 1
+            for semaphore in go:
+                semaphore.release()
+    finally:
+        for semaphore in go:  # one more than the frames: the end, after the last frame
+            semaphore.release()
+    for thread in threads:
+        thread.join(seconds)
+        if thread.is_alive():
+            raise TimeoutError(f"floor: a reader's thread still sending after {seconds:g}s")
+    if failures:
+        raise RuntimeError("floor: a reader's thread failed") from failures[0]
+    return received[0]
+
+
+def floor_loop(source: FloorFrames, readers: list[socket.socket]) -> int:
+    """One thread: receive a frame, ``sendall`` it to each reader in turn, repeat. Returns
+    the frames relayed."""
+    buffer = bytearray(1 << 20)
+    relayed = 0
+    while (frame := source.receive(buffer)) is not None:
+        buffer, length, code = frame
+        if code == _END_PROCESSING:
+            continue
+        with memoryview(buffer) as view:
+            for sock in readers:
+                sock.sendall(view[:length])
+        relayed += 1
+    return relayed
+
+
+def run_floor(args: argparse.Namespace) -> None:
+    """The floor relay: listens for ``--readers`` readers, then for one connect-mode source,
+    relays every frame to every reader (``--floor-mode``), closes the readers' sockets when
+    the source's stream ends, and exits. Prints ``ready SOURCE_PORT READER_PORT``,
+    ``accepted`` once every reader is connected, and a JSON line at the end."""
+    with contextlib.ExitStack() as stack:
+        listeners = []
+        for _ in range(2):
+            listener = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            listener.bind((HOST, 0))
+            listener.listen(max(args.readers, 16))
+            listener.settimeout(START_TIMEOUT)
+            listeners.append(listener)
+        source_listener, reader_listener = listeners
+        print(
+            f"ready {source_listener.getsockname()[1]} {reader_listener.getsockname()[1]}",
+            flush=True,
+        )
+        readers = []
+        for _ in range(args.readers):
+            sock = stack.enter_context(reader_listener.accept()[0])
+            sock.setblocking(True)
+            socket_timeouts(sock, READER_TIMEOUT)
+            if args.floor_sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args.floor_sndbuf)
+            readers.append(sock)
+        print("accepted", flush=True)
+        source_sock = stack.enter_context(source_listener.accept()[0])
+        source_sock.setblocking(True)
+        socket_timeouts(source_sock, args.seconds)
+        source = FloorFrames(source_sock)
+        if args.floor_mode == "threads":
+            relayed = floor_threads(source, readers, args.seconds)
+        else:
+            relayed = floor_loop(source, readers)
+    print(json.dumps({"relayed": relayed}), flush=True)
+
+
 # -- child processes ------------------------------------------------------------------------
 
 
@@ -376,7 +605,7 @@ def wait_for_log(
 
 @dataclass
 class Result:
-    path: str  # "direct" or "relayed"
+    path: str  # "direct", "relayed" (the daemon) or "floor-MODE" (the floor relay)
     readers: int
     frames: int  # Scan frames sent
     scan_bytes: int  # wire size of one Scan frame
@@ -417,7 +646,7 @@ class Result:
         """The serving CPU without building and serialising the frames: G3NetworkSender's
         send threads (direct; its process minus its main thread), the daemon (relayed; the
         relayed source builds and serialises the frames itself)."""
-        if self.path == "relayed":
+        if self.path != "direct":
             return self.serving_cpu
         serving, main = self.serving_cpu, self.cpu["source main"]
         return None if serving is None or main is None else serving - main
@@ -426,14 +655,18 @@ class Result:
     def path_cpu(self) -> float | None:
         """CPU of everything on the frames' path: source, daemon (relayed), readers, irq."""
         parts = [self.serving_cpu, self.cpu["readers"], self.cpu["irq"]]
-        if self.path == "relayed":
+        if self.path != "direct":
             parts.append(self.cpu["source"])
         return None if None in parts else sum(part for part in parts if part is not None)
 
 
-def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) -> Result:
-    """One case. Every process it starts is stopped before it returns or raises."""
-    path = "relayed" if relayed else "direct"
+def measure(
+    args: argparse.Namespace, workdir: Path, relayed: bool, run: int, *, floor: str | None = None
+) -> Result:
+    """One case: direct (``relayed`` false), through the daemon (``relayed``), or through the
+    floor relay (``floor``: a FLOOR_MODES entry). Every process it starts is stopped before it
+    returns or raises."""
+    path = f"floor-{floor}" if floor else "relayed" if relayed else "direct"
     children: list[Child] = []
 
     def start(name: str, argv: list[str], stderr: str | None = None) -> Child:
@@ -442,15 +675,33 @@ def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) ->
         return child
 
     daemon: Child | None = None
+    relay: Child | None = None  # the daemon or the floor: what serves the readers
     log: Path | None = None
     try:
-        if relayed:
-            daemon, log = start_daemon(workdir, args, run)
+        source: Child | None = None
+        if floor:
+            relay = start(
+                "floor",
+                role_argv(
+                    "floor",
+                    args,
+                    f"--floor-mode={floor}",
+                    f"--readers={args.readers}",
+                    f"--floor-sndbuf={args.floor_sndbuf}",
+                ),
+            )
+            ready = relay.readline(START_TIMEOUT).split()
+            if len(ready) != 3 or ready[0] != "ready":
+                raise RuntimeError(f"floor: unexpected output {' '.join(ready)!r}")
+            source_port, reader_port = int(ready[1]), int(ready[2])
+        elif relayed:
+            relay = daemon = start_daemon(workdir, args, run)[0]
+            log = daemon.stderr_path
+            assert log is not None
             children.append(daemon)
             receiver = wait_for_log(daemon, log, RECEIVER_LINE, START_TIMEOUT)[0]
             server = wait_for_log(daemon, log, SERVER_LINE, START_TIMEOUT)[0]
             source_port, reader_port = int(receiver.group(1)), int(server.group(1))
-            source: Child | None = None
         else:
             source_port = reader_port = free_port()
             source = start(
@@ -464,10 +715,14 @@ def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) ->
             for i in range(args.readers)
         ]
         wait_lines(readers, START_TIMEOUT, prefix="connected")
-        if relayed:
-            assert daemon is not None
-            assert log is not None
-            wait_for_log(daemon, log, CLIENT_LINE, START_TIMEOUT, count=args.readers)
+        if relay is not None:
+            if daemon is not None:
+                assert log is not None
+                wait_for_log(daemon, log, CLIENT_LINE, START_TIMEOUT, count=args.readers)
+            else:
+                accepted = relay.readline(START_TIMEOUT)
+                if accepted != "accepted":
+                    raise RuntimeError(f"floor: unexpected output {accepted!r}")
             source = start(
                 "source", role_argv("source", args, "--mode=connect", f"--port={source_port}")
             )
@@ -479,8 +734,8 @@ def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) ->
 
         pids = {"source": source.pid, "harness": os.getpid()}
         pids.update({reader.name: reader.pid for reader in readers})
-        if daemon is not None:
-            pids["daemon"] = daemon.pid
+        if relay is not None:
+            pids["relay"] = relay.pid
         cpu = SourceCpuSamples(pids, source_pid=source.pid)
         cpu.take()
         source.send_line("go")
@@ -494,6 +749,8 @@ def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) ->
         if daemon is not None and log is not None:
             lines = wait_for_log(daemon, log, DISCONNECT_LINE, START_TIMEOUT, count=args.readers)
             dropped = sum(int(match.group(2)) for match in lines)
+        if floor and relay is not None:
+            relay.readline(START_TIMEOUT)  # its JSON line: it relayed the whole stream
     except Exception:
         for child in children:
             child.stop()
@@ -519,10 +776,10 @@ def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) ->
     firsts = [r["first"] for r in reports if r["scans"]]
     lasts = [r["last"] for r in reports if r["scans"]]
     t0, t1 = (min(firsts), max(lasts)) if firsts else (sent["go"], sent["sent"])
-    serving = "daemon" if relayed else "source"
+    serving = "source" if relay is None else "relay"
     used: dict[str, float | None] = {
         "serving": cpu.used(serving, t0, t1),
-        "source": cpu.used("source", t0, t1) if relayed else None,
+        "source": None if relay is None else cpu.used("source", t0, t1),
         "source main": cpu.used("source main", t0, t1),
     }
     reader_cpu = [cpu.used(reader.name, t0, t1) for reader in readers]
@@ -554,7 +811,7 @@ def measure(args: argparse.Namespace, workdir: Path, relayed: bool, run: int) ->
 
 
 HEADER: Final = (
-    f"{'path':<8} {'delivered':>11} {'window':>7} {'frames/s':>9} {'GB/s':>6}"
+    f"{'path':<13} {'delivered':>11} {'window':>7} {'frames/s':>9} {'GB/s':>6}"
     f"  {'serving CPU':>11}  {'source CPU':>11}  {'readers CPU':>11}  {'irq':>5}  {'others':>6}"
     "  lossless"
 )
@@ -578,7 +835,7 @@ def print_row(result: Result) -> None:
     if result.dropped:
         details.append(f"daemon dropped {result.dropped}")
     print(
-        f"{result.path:<8} {f'{result.total}/{expected}':>11} {result.seconds:6.2f}s"
+        f"{result.path:<13} {f'{result.total}/{expected}':>11} {result.seconds:6.2f}s"
         f" {result.frames_per_second:9.1f} {result.gb_per_second:6.2f}"
         f"  {cpu_text(result.serving_cpu, result.seconds)}"
         f"  {cpu_text(result.cpu['source'], result.seconds)}"
@@ -601,11 +858,15 @@ def per_frame(result: Result, used: float | None) -> float | None:
 
 
 def paired_ratio(
-    results: dict[str, list[Result]], value: Callable[[Result], float | None]
+    results: dict[str, list[Result]],
+    value: Callable[[Result], float | None],
+    case: str = "relayed",
+    baseline: str = "direct",
 ) -> float | None:
-    """Median over runs of relayed/direct ``value``, each run's cases paired."""
+    """Median over runs of ``case``/``baseline`` ``value`` (default relayed/direct), each
+    run's cases paired."""
     ratios = []
-    for relayed, direct in zip(results["relayed"], results["direct"], strict=True):
+    for relayed, direct in zip(results[case], results[baseline], strict=True):
         a, b = value(relayed), value(direct)
         if a is not None and b:
             ratios.append(a / b)
@@ -716,6 +977,9 @@ def print_summary(results: dict[str, list[Result]]) -> None:
                 " the CPU of everything on the path (and of other processes), so the frames/s"
                 " ratio is near the direct/relayed figure above"
             )
+    for path in results:
+        if path.startswith("floor-"):
+            print_floor_summary(results, path, median_per_frame)
     lossless = all(r.lossless for rs in results.values() for r in rs)
     print(
         f"  every reader got every Scan frame, in order, in every run: "
@@ -741,6 +1005,45 @@ def print_summary(results: dict[str, list[Result]]) -> None:
             if r.cpu["others"] and r.seconds > 0
         ),
         "rates and ratios are unreliable",
+    )
+
+
+def print_floor_summary(
+    results: dict[str, list[Result]],
+    path: str,
+    median_per_frame: Callable[[list[Result], Callable[[Result], float | None]], float | None],
+) -> None:
+    """The floor relay ``path`` against G3NetworkSender, and the daemon against it."""
+    floor = results[path]
+
+    def serving(r: Result) -> float | None:
+        return per_frame(r, r.serving_cpu)
+
+    def on_path(r: Result) -> float | None:
+        return per_frame(r, r.path_cpu)
+
+    def rate(r: Result) -> float:
+        return r.frames_per_second
+
+    fps_ratio = paired_ratio(results, rate, path)
+    cpu_ratio = paired_ratio(results, serving, path)
+    path_ratio = paired_ratio(results, on_path, path)
+    print(
+        f"  {path} (a floor: a plain relay, blocking sendall of each frame to each reader):"
+        f" {statistics.median(rate(r) for r in floor):.1f} frames/s, floor/direct"
+        f" {ratio_text(fps_ratio)}; its CPU per delivered frame"
+        f" {ms(median_per_frame(floor, lambda r: r.serving_cpu))}, floor/direct"
+        f" {ratio_text(cpu_ratio)}; everything on the path"
+        f" {ms(median_per_frame(floor, lambda r: r.path_cpu))}, direct/floor"
+        f" {ratio_text(None if path_ratio is None else 1 / path_ratio)}"
+    )
+    reachable = fps_ratio is not None and fps_ratio >= TARGET_RATE
+    reachable = reachable and cpu_ratio is not None and cpu_ratio <= TARGET_CPU
+    print(
+        f"    issue 12's targets (>= {TARGET_RATE}x frames/s, <= {TARGET_CPU}x CPU) met by this"
+        f" floor: {'yes' if reachable else 'no'}; the daemon against it: frames/s"
+        f" {ratio_text(paired_ratio(results, rate, 'relayed', path))}, CPU per frame"
+        f" {ratio_text(paired_ratio(results, serving, 'relayed', path))}"
     )
 
 
@@ -784,8 +1087,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-logs", action="store_true", help="print the daemon's log of each relayed run"
     )
-    # Internal: how the script runs itself as the source and the readers.
-    parser.add_argument("--role", choices=["source", "reader"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--floors",
+        default="threads,loop",
+        help="floor relays to measure too, comma-separated: threads (one sending thread per"
+        " reader), loop (one thread, one reader after another), or none (default both)",
+    )
+    parser.add_argument(
+        "--floor-sndbuf",
+        type=int,
+        default=0,
+        help="SO_SNDBUF the floor sets on readers' sockets, in bytes (default 0: the kernel's"
+        " autotuning)",
+    )
+    # Internal: how the script runs itself as the source, the readers and the floor.
+    parser.add_argument("--role", choices=["source", "reader", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--floor-mode", choices=FLOOR_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["listen", "connect"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -797,6 +1114,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--frames, --readers, --doubles, --keys and --repeat must be at least 1")
     if args.keys > args.doubles:
         parser.error("--keys must not exceed --doubles")
+    args.floors = [] if args.floors == "none" else args.floors.split(",")
+    if any(mode not in FLOOR_MODES for mode in args.floors):
+        parser.error(f"--floors: each of {', '.join(FLOOR_MODES)}, or none")
     return args
 
 
@@ -808,6 +1128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role == "reader":
         run_reader(args)
         return 0
+    if args.role == "floor":
+        run_floor(args)
+        return 0
 
     exit_on_sigterm()
     print(
@@ -816,15 +1139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" to {args.readers} G3Readers per case"
     )
     print(HEADER)
-    results: dict[str, list[Result]] = {"direct": [], "relayed": []}
+    cases: list[tuple[bool, str | None]] = [(False, None), (True, None)]
+    cases += [(False, mode) for mode in args.floors]
+    results: dict[str, list[Result]] = {}
     with tempfile.TemporaryDirectory(prefix="framewire-g3-bench-") as tmp:
         workdir = Path(tmp)
         for run in range(args.repeat):
             # Alternate the order, so that a drift in what else the machine does is shared.
-            for relayed in (False, True) if run % 2 == 0 else (True, False):
-                result = measure(args, workdir, relayed, run)
+            for relayed, floor in cases if run % 2 == 0 else reversed(cases):
+                result = measure(args, workdir, relayed, run, floor=floor)
                 print_row(result)
-                results[result.path].append(result)
+                results.setdefault(result.path, []).append(result)
             if args.keep_logs:
                 print((workdir / f"daemon-{run}.log").read_text(errors="replace"))
     print_summary(results)
