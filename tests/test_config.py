@@ -162,6 +162,7 @@ EXPECTED: dict[str, Any] = {
             "decimate": {"Scan": 10, "Timepoint": 0},
             "send_timeout": 2.0,
             "close_on_end": False,
+            "send_buffer": None,
             "tls": None,
             "socket_mode": 0o660,
         },
@@ -487,6 +488,15 @@ ERROR_CASES: list[tuple[str, str]] = [
     (
         GENERATOR + "type = 'x'\nmetadata_type = 'x'",
         "endpoints.gen.metadata_type: must differ from type",
+    ),
+    (
+        SERVER + 'send_buffer = "2GiB"',
+        "endpoints.g3-out.send_buffer: at most 1024MiB (the kernel doubles it, into a C int), "
+        "got 2147483648",
+    ),
+    (
+        SERVER + "send_buffer = 0",
+        "endpoints.g3-out.send_buffer: expected a positive integer, got 0",
     ),
 ]
 

@@ -293,6 +293,10 @@ class BackoffConfig:
             raise FieldError("maximum", f"must be at least initial ({self.initial}s)")
 
 
+#: The largest ``send_buffer``: SO_SNDBUF is a C int, and Linux doubles what it is given.
+MAX_SEND_BUFFER: Final = 1 << 30
+
+
 @attrs.frozen
 class ServerConfig:
     """``kind = "server"``: listen and fan a stream out to every client."""
@@ -310,12 +314,20 @@ class ServerConfig:
     decimate: dict[str, NonNegativeInt] = attrs.field(factory=dict)
     send_timeout: PositiveDuration = 30.0
     close_on_end: StrictBool = False
+    #: SO_SNDBUF for each client's socket; None: the kernel's own autotuning.
+    send_buffer: PositiveSize | None = None
     tls: TLSConfig | None = None
     socket_mode: SocketMode = DEFAULT_SOCKET_MODE
 
     def __attrs_post_init__(self) -> None:
         check_decimation(self.protocol, self.decimate)
         check_transport("listen", self.listen, self.tls, listening=True)
+        if self.send_buffer is not None and self.send_buffer > MAX_SEND_BUFFER:
+            raise FieldError(
+                "send_buffer",
+                f"at most {MAX_SEND_BUFFER >> 20}MiB (the kernel doubles it, into a C int), "
+                f"got {self.send_buffer}",
+            )
 
 
 def check_decimation(protocol: str, decimate: dict[str, int]) -> None:

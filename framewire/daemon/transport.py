@@ -677,6 +677,29 @@ def tcp_socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return None
 
 
+def set_send_buffer(stream: trio.abc.Stream, size: int) -> int | None:
+    """Ask the kernel for a send buffer of ``size`` bytes (SO_SNDBUF) on the socket under
+    ``stream`` (under its TLS, if any; TCP or UNIX). This turns the kernel's autotuning of
+    that buffer off, and the kernel caps it at ``net.core.wmem_max``.
+
+    Returns the buffer the kernel actually gave, as it reports it (Linux doubles the size
+    asked, for its own bookkeeping, so an uncapped request reads back as ``2 * size``);
+    None for a stream without a socket, or when the option cannot be set (the connection
+    keeps its old buffer). Never raises.
+    """
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    sock = stream.socket
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        given: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except OSError:
+        return None
+    return given
+
+
 def enable_tcp_keepalive(stream: trio.abc.Stream, dead_host_timeout: float) -> bool:
     """Make the kernel notice, within about ``dead_host_timeout`` seconds, that the host at
     the other end of ``stream`` vanished, even when neither side has anything to say.

@@ -36,6 +36,7 @@ the same stall (and to the time until the last client has the frame).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from functools import partial
 from typing import ClassVar, Final
@@ -47,7 +48,7 @@ from ...config import ServerConfig
 from ...frame import Buffer, Frame, frame_count
 from ..flow import UnencodableFrames, close_when_peer_leaves, first_error, send_subscription
 from ..stream import DirectWrite, Policy, QueueBounds, Stream, SubscriptionClosed
-from ..transport import Connection, HangupWatch, bound_addresses, nbytes_of
+from ..transport import Connection, HangupWatch, bound_addresses, nbytes_of, set_send_buffer
 from ._base import ClientInfo, Endpoint, EndpointContext
 
 __all__ = ["DIRECT_MAX_BYTES", "ServerEndpoint"]
@@ -149,6 +150,8 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                     "refused %s: max_clients (%d) reached", connection.peer, config.max_clients
                 )
                 return
+            if config.send_buffer is not None:
+                self._size_send_buffer(connection, config.send_buffer)
             # The endpoint's one stream (a registry never replaces a stream it made).
             served = self._stream = self.context.streams.get(config.stream)
             subscription = served.subscribe(
@@ -244,6 +247,34 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             if watched is not None:
                 self._hangups.remove(watched)
         return feed.reason
+
+    def _size_send_buffer(self, connection: Connection, size: int) -> None:
+        """Give the client's socket the configured ``send_buffer``. What the kernel gave is
+        ``detail.send_buffer`` (as it reports it: Linux doubles the size asked); a kernel
+        that gives less than asked (``net.core.wmem_max`` caps it), or a socket that takes no
+        size at all, is one warning line, repeated only when what the kernel gives changes.
+        Never raises: the client is served with the buffer it has."""
+        given = set_send_buffer(connection.stream, size)
+        detail = self.status.detail
+        doubled = sys.platform.startswith("linux")
+        if given is not None and given >= (2 * size if doubled else size):
+            detail["send_buffer"] = given
+            return
+        if detail.get("send_buffer") != given:
+            detail["send_buffer"] = given
+            if given is None:
+                self.log.warning(
+                    "send_buffer %d bytes: %s's socket takes no size; it keeps its own",
+                    size,
+                    connection.peer,
+                )
+            else:
+                self.log.warning(
+                    "send_buffer %d bytes is more than the kernel allows "
+                    "(net.core.wmem_max): clients get %d",
+                    size,
+                    given // 2 if doubled else given,
+                )
 
     def _encode_shared(self, frames: Sequence[Frame]) -> None:
         """Encode the publish ``frames`` once for every direct-written client: the bytes in
