@@ -102,7 +102,7 @@ max_queue_frames = {max_queue_frames}
 max_queue_bytes = "{max_queue_mib}MiB"
 max_clients = {max_clients}
 close_on_end = true
-"""
+{send_buffer}"""
 RECEIVER_LINE: Final = re.compile(r"receiving g3 into stream '\w+' on [\d.]+:(\d+)")
 SERVER_LINE: Final = re.compile(r"serving stream '\w+' as g3 on [\d.]+:(\d+)")
 CLIENT_LINE: Final = re.compile(r"client \S+ connected \((\d+) now\)")
@@ -574,6 +574,9 @@ def start_daemon(workdir: Path, args: argparse.Namespace, run: int) -> tuple[Chi
             max_queue_frames=args.max_queue_frames,
             max_queue_mib=args.max_queue_mib,
             max_clients=max(args.readers, 10),
+            send_buffer=""
+            if args.send_buffer == "none"
+            else f'send_buffer = "{args.send_buffer}"\n',
         )
     )
     log = workdir / f"daemon-{run}.log"
@@ -1092,6 +1095,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="threads,loop",
         help="floor relays to measure too, comma-separated: threads (one sending thread per"
         " reader), loop (one thread, one reader after another), or none (default both)",
+    )
+    parser.add_argument(
+        "--send-buffer",
+        default="none",
+        help="the daemon's server send_buffer, e.g. \"4MiB\" (default none: the kernel's"
+        " autotuning)",
     )
     parser.add_argument(
         "--floor-sndbuf",

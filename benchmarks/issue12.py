@@ -638,7 +638,16 @@ def g3_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
     import g3_fanout
 
     g3_args = g3_fanout.parse_args(
-        ["--repeat", "1", "--frames", str(args.g3_frames), "--readers", "10"]
+        [
+            "--repeat",
+            "1",
+            "--frames",
+            str(args.g3_frames),
+            "--readers",
+            "10",
+            "--send-buffer",
+            args.g3_send_buffer,
+        ]
     )
     results: dict[str, list[g3_fanout.Result]] = {"direct": [], "relayed": []}
     print(f"G3 rows ({args.g3_frames} Scan frames of 8 MB to 10 G3Readers):", flush=True)
@@ -681,6 +690,7 @@ def g3_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
         Row(
             "G3 fan-out, 8 MB Scans to 10 real G3Readers",
             f"{r:.1f} frames/s, serving CPU {pr * 1e3:.2f} ms/frame"
+            + ("" if args.g3_send_buffer == "none" else f" (send_buffer {args.g3_send_buffer})")
             + ("" if lossless else " (LOSSY)"),
             f"G3NetworkSender serving directly {d:.1f} frames/s, {pd * 1e3:.2f} ms/frame",
             f"{rate_ratio:.2f} (CPU/frame {cpu_ratio or 0:.2f}x)",
@@ -719,6 +729,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-rate", type=int, default=1000, help="frames per second")
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="per case")
     parser.add_argument("--g3-frames", type=int, default=100, help="Scan frames per G3 case")
+    parser.add_argument(
+        "--g3-send-buffer",
+        default="4MiB",
+        help="the G3 server's send_buffer (default 4MiB, as docs/configuration.md advises for"
+        " frames larger than the autotuned buffer; none: the kernel's autotuning)",
+    )
     # Internal: how the script runs itself as its helper processes.
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
