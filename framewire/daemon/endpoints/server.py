@@ -36,6 +36,7 @@ the same stall (and to the time until the last client has the frame).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import partial
 from typing import ClassVar, Final
@@ -46,7 +47,15 @@ from ... import protocols
 from ...config import ServerConfig
 from ...frame import Buffer, Frame, frame_count
 from ..flow import UnencodableFrames, close_when_peer_leaves, first_error, send_subscription
-from ..stream import DirectWrite, Policy, QueueBounds, Stream, SubscriptionClosed
+from ..stream import (
+    DirectGroup,
+    DirectWrite,
+    Policy,
+    QueueBounds,
+    Stream,
+    Subscription,
+    SubscriptionClosed,
+)
 from ..transport import Connection, HangupWatch, bound_addresses, nbytes_of
 from ._base import ClientInfo, Endpoint, EndpointContext
 
@@ -95,6 +104,8 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         self._direct_data: Buffer | None = None
         self._direct_size = 0
         self._direct_frames = 0
+        #: The idle direct-written clients, served together (made with the first client).
+        self._group: _DirectClients | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -126,6 +137,8 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                             client.subscription.end("the server endpoint is stopping")
                 watching.cancel_scope.cancel()
         finally:
+            if self._group is not None:
+                self._stream.remove_group(self._group)
             self._hangups.close()
             for listener in listeners:
                 with trio.CancelScope(shield=True):
@@ -151,6 +164,10 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 return
             # The endpoint's one stream (a registry never replaces a stream it made).
             served = self._stream = self.context.streams.get(config.stream)
+            if self._direct:
+                if self._group is None:
+                    self._group = _DirectClients(self, served)
+                served.add_group(self._group)
             subscription = served.subscribe(
                 bounds=self._bounds,
                 policy=Policy(config.policy),
@@ -207,9 +224,10 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         # client's subscription when it leaves (its writer then returns); others get a
         # reading task of their own.
         watched = self._hangups.add(connection, feed.peer_left, on_input)
-        if watched is not None and self._direct:
+        if watched is not None and self._group is not None:
             feed.connection = connection
             subscription.direct = feed
+            subscription.group = self._group
         feed_client = partial(
             send_subscription,
             connection,
@@ -239,6 +257,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             if not feed.left:  # else its hang-up broke the write: that is the reason
                 feed.reason = f"connection lost ({first_error(group)})"
         finally:
+            subscription.group = None  # settles what the group owes it
             subscription.direct = None
             feed.connection = None
             if watched is not None:
@@ -328,12 +347,10 @@ class _ClientFeed:
             return _REFUSED
         # Counted whole, the rest too: the connection writes it before anything else.
         status = endpoint.status
-        client = self.client
         frames_sent = endpoint._direct_frames
         status.frames_out += frames_sent
         status.bytes_out += size
-        client.frames_sent += frames_sent
-        client.bytes_sent += size
+        self.client.count_sent(frames_sent, size)
         return _WRITTEN if written == size else _STARTED
 
     def peer_left(self) -> None:
@@ -347,9 +364,7 @@ class _ClientFeed:
         status = self.endpoint.status
         status.frames_out += frames
         status.bytes_out += nbytes
-        client = self.client
-        client.frames_sent += frames
-        client.bytes_sent += nbytes
+        self.client.count_sent(frames, nbytes)
 
     def unencodable(self, frame: Frame, error: ValueError) -> None:
         self.client.frames_unencodable += 1
@@ -365,3 +380,134 @@ class _ClientFeed:
         if self.left:
             return  # peer_left closed the subscription; self.reason says why
         self.reason = closed.reason if closed.graceful else f"closed by the daemon: {closed.reason}"
+
+
+class _DirectClients(DirectGroup[trio.socket.SocketType]):
+    """An endpoint's idle direct-written clients (see :class:`DirectGroup`): a publish is
+    encoded once and written to each idle client's socket in one tight loop, the counters
+    added once for all.
+
+    A member's target is its connection's socket (:meth:`Connection.idle_socket`); its
+    descriptor is looked up from the socket for each write (``fileno()``, -1 once closed,
+    which the write refuses), never kept: a closed client's number may be another's next.
+    """
+
+    def __init__(self, endpoint: ServerEndpoint, stream: Stream) -> None:
+        super().__init__(
+            stream,
+            bounds=endpoint._bounds,
+            blocks_of=endpoint.config.protocol,
+            session_types=endpoint._spec.session_metadata_types,
+        )
+        self.endpoint = endpoint
+        #: Publishes refused whole (too large, unencodable, or to be judged by the queue),
+        #: and members that left one: refused (socket full or closed), started (part
+        #: written), broken. For tests and benchmarks.
+        self.publishes_refused = 0
+        self.members_refused = 0
+        self.members_started = 0
+        self.members_broken = 0
+
+    def target(self, subscription: Subscription) -> trio.socket.SocketType | None:
+        feed = subscription.direct
+        if not isinstance(feed, _ClientFeed) or feed.endpoint is not self.endpoint:
+            return None  # another writer (a test's recorder): it is offered one by one
+        connection = feed.connection
+        return None if connection is None else connection.idle_socket()
+
+    def settle(self, subscription: Subscription, frames: int, written: int) -> None:
+        feed = subscription.direct
+        assert isinstance(feed, _ClientFeed)  # members' writers are this endpoint's feeds
+        feed.client.count_sent(frames, written)
+        connection = feed.connection
+        if connection is not None:
+            connection.bytes_sent += written
+
+    def offer(
+        self, frames: Sequence[Frame], count: int, size: int, metadata: bool, blocks: bool
+    ) -> None:
+        """Write the publish to every idle client (see :meth:`DirectGroup.offer`).
+
+        One ``os.write`` per client, the descriptor looked up from its socket each time. A
+        full socket (nothing taken) or a closed one refuses: the frames are queued. Part
+        taken: the connection keeps the rest and the client's writer is woken to finish it.
+        A broken connection closes that client's subscription with the reason its one
+        disconnect line gives; nothing is raised into the publisher.
+        """
+        endpoint = self.endpoint
+        if not self.may_write(frames, metadata, blocks):
+            self.publishes_refused += 1
+            self.refuse_all(frames)
+            return
+        if id(frames) != endpoint._direct_id or endpoint._direct_publish != (
+            endpoint._stream.publishes
+        ):
+            endpoint._encode_shared(frames)
+        data = endpoint._direct_data
+        if data is None:
+            self.publishes_refused += 1
+            self.refuse_all(frames)
+            return
+        nbytes = endpoint._direct_size
+        members = self.members
+        reached = len(members)
+        write = os.write
+        # The loop every idle client costs: its socket's descriptor, one write. (A copy of
+        # the members: leaving the group changes them.)
+        for subscription, sock in members.copy().items():
+            try:
+                written = write(sock.fileno(), data)
+            except BlockingIOError:
+                reached -= 1
+                self._refused(subscription, frames)
+                continue
+            except OSError as exc:
+                reached -= 1
+                self._broken(subscription, sock, frames, exc)
+                continue
+            if written != nbytes:
+                self._started(subscription, data, written, nbytes, count, size)
+        self.written(count, size, nbytes)
+        status = endpoint.status
+        status.frames_out += reached * count
+        status.bytes_out += reached * nbytes
+
+    def _started(
+        self,
+        subscription: Subscription,
+        data: Buffer,
+        written: int,
+        nbytes: int,
+        count: int,
+        size: int,
+    ) -> None:
+        """Part of the publish's ``nbytes`` went out: the connection keeps the rest, counted
+        whole (as :meth:`_ClientFeed.__call__` counts it), and the writer finishes it."""
+        self.members_started += 1
+        feed = subscription.direct
+        assert isinstance(feed, _ClientFeed)
+        assert feed.connection is not None
+        feed.connection.wrote_directly(data, written, nbytes)
+        feed.client.count_sent(count, nbytes)
+        self.started(subscription, count, size)
+
+    def _refused(self, subscription: Subscription, frames: Sequence[Frame]) -> None:
+        self.members_refused += 1
+        self.refused(subscription, frames)
+
+    def _broken(
+        self,
+        subscription: Subscription,
+        sock: trio.socket.SocketType,
+        frames: Sequence[Frame],
+        exc: OSError,
+    ) -> None:
+        if sock.fileno() < 0:
+            self._refused(subscription, frames)  # closed: queued, as write_nowait refuses
+            return
+        self.members_broken += 1
+        feed = subscription.direct
+        assert isinstance(feed, _ClientFeed)
+        feed.left = True
+        feed.reason = f"connection lost (send failed: {exc})"
+        subscription.close(feed.reason)
