@@ -941,9 +941,13 @@ class DirectGroup(Generic[T]):
         self.written_total += written
 
     def refuse_all(self, frames: Sequence[Frame]) -> None:
-        """The publish cannot go direct: every idle member leaves and gets ``frames`` queued."""
+        """The publish cannot go direct: every idle member leaves and gets ``frames`` queued.
+        One that queued none of them (a repeated session header it skips) stays parked, so
+        it is an idle member again at once."""
         for subscription in list(self.members):
             self.refused(subscription, frames)
+            if subscription._consumer is not None and not subscription._queue:
+                subscription._join_idle()
 
 
 class MetadataLimitExceeded(Exception):
