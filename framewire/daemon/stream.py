@@ -40,6 +40,11 @@ most of what one frame reaching 10,000 clients cost). The writer answers with a
 (the consumer is woken with an empty batch and finishes the write before anything else).
 This module knows nothing of how it writes; the server endpoint's writer is in
 ``endpoints/server.py``.
+
+Many such subscriptions written the same way may share a :class:`DirectGroup`: while one is
+idle (its consumer parked, nothing queued) the stream does not offer it a publish on its own
+but offers the publish once to the group, which writes it to all its idle members in one
+loop; the members' counters are settled lazily and exact whenever read (see there).
 """
 
 from __future__ import annotations
