@@ -5,6 +5,7 @@ counters settled lazily but exact whenever read."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -537,3 +538,26 @@ async def test_members_that_queue_nothing_of_a_refused_publish_stay_idle_members
             assert batches == [[meta(b"header")]]
             nursery.cancel_scope.cancel()
     assert group.written_to == [("a", [data(1)])]
+
+
+async def test_a_connection_gives_its_plain_socket_only_while_nothing_is_being_sent() -> None:
+    from framewire.daemon.transport import Connection
+
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    connection = Connection(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), "pair")
+    with theirs:
+        plain = connection.idle_plain_socket()
+        assert plain is not None
+        assert plain.fileno() == connection.socket_fd
+        # A direct write left unsent: not idle until the connection has sent the rest.
+        data = bytes(1 << 20)
+        written = os.write(plain.fileno(), data)
+        connection.wrote_directly(data, written, len(data))
+        assert connection.has_unsent
+        assert connection.idle_plain_socket() is None
+        assert connection.bytes_sent == len(data)
+        await connection.aclose()
+        assert plain.fileno() == -1  # the very socket trio closed
+    left, _right = trio.testing.memory_stream_pair()
+    assert Connection(left, "memory").idle_plain_socket() is None

@@ -423,20 +423,29 @@ class Connection:
         """Whether bytes :meth:`write_nowait` left are waiting for the next :meth:`send`."""
         return self._sending is not True and self._sending is not False
 
-    def idle_socket(self) -> trio.socket.SocketType | None:
-        """The plain (not TLS) socket of this connection while nothing is being sent on it
-        (no :meth:`send` in progress, nothing left by a direct write); else None.
+    def idle_plain_socket(self) -> socket.socket | trio.socket.SocketType | None:
+        """The standard-library socket under this connection's plain (not TLS) socket, while
+        nothing is being sent on it (no :meth:`send` in progress, nothing left by a direct
+        write); else None.
 
         For a writer that writes to many idle connections at once, as :meth:`write_nowait`
         does to one: it must look the descriptor up from the socket (``fileno()``, -1 once
-        closed) for each write, never keep the number (a closed socket's number may be
-        another client's next), and report what it wrote with :meth:`wrote_directly`.
+        closed: trio closes this very object) for each write, never keep the number (a
+        closed socket's number may be another client's next), and report what it wrote with
+        :meth:`wrote_directly`. (The standard socket rather than trio's wrapper: its
+        ``fileno()`` is one C call, and the loop touches one object per client, not three.)
         """
-        return self._socket if self._sending is False else None
+        sock = self._socket
+        if sock is None or self._sending is not False:
+            return None
+        # trio's wrapper keeps the standard socket as ``_sock`` (not public API: should
+        # that change, the wrapper itself serves, one Python call slower per write).
+        plain = getattr(sock, "_sock", None)
+        return plain if type(plain) is socket.socket else sock
 
     def wrote_directly(self, data: Buffer, written: int, nbytes: int) -> None:
         """``written`` of the ``nbytes`` bytes of ``data`` were written to the socket
-        :meth:`idle_socket` gave, while it was idle, by someone else than this connection:
+        :meth:`idle_plain_socket` gave, while it was idle, by someone else than this connection:
         count them all in :attr:`bytes_sent`, and keep the rest (if any) to go out first
         with the next :meth:`send`, as :meth:`write_nowait` does."""
         self.bytes_sent += nbytes
