@@ -6,7 +6,8 @@ task and the endpoint's direct writer, as ``ServerEndpoint._feed_client`` sets t
 round publishes one 64-byte frame (written straight to every client's socket) and, over the
 same sockets, runs a plain loop of ``os.write`` of the same 97 bytes; the fastest of
 ``--rounds`` of each and their difference per client are printed. ``--stub-write`` replaces
-the daemon's ``os.write`` with one that writes nothing (the Python alone). Every round's
+the daemon's ``os.write`` (the connection's and the endpoint's group's) with one that writes
+nothing (the Python alone). Every round's
 bytes are read out of the peers first, so no socket fills. To compare with another checkout,
 run this file with ``PYTHONPATH=PATH`` from a directory outside this one.
 
@@ -29,6 +30,7 @@ import framewire.daemon.transport as transport
 from framewire import Frame, FrameKind
 from framewire.config._address import parse_address
 from framewire.config._schema import ServerConfig
+from framewire.daemon.endpoints import server
 from framewire.daemon.endpoints._base import ClientInfo, EndpointContext
 from framewire.daemon.endpoints.server import ServerEndpoint
 from framewire.daemon.stream import QueueBounds, StreamRegistry, Subscription
@@ -63,6 +65,13 @@ async def measure(clients: int, rounds: int) -> tuple[float, float]:
     config = endpoint.config
     bounds = QueueBounds(config.max_queue_frames, config.max_queue_bytes)
     sockets: list[tuple[socket.socket, socket.socket]] = []
+    # The endpoint's group of idle clients, as _serve makes it (None in older checkouts,
+    # whose clients are offered each publish one by one).
+    group = None
+    group_type = getattr(server, "_DirectClients", None)
+    if group_type is not None:
+        group = endpoint._group = group_type(endpoint, stream)
+        stream.add_group(group)
 
     async def parked(subscription: Subscription) -> None:
         await subscription.receive_batch()
@@ -84,6 +93,8 @@ async def measure(clients: int, rounds: int) -> tuple[float, float]:
             feed = endpoint._feed_type(client)
             feed.connection = connection
             subscription.direct = feed
+            if group is not None:
+                subscription.group = group
             nursery.start_soon(parked, subscription)
         await trio.testing.wait_all_tasks_blocked()
         frames: Sequence[Frame] = [Frame(FrameKind.DATA, "sample", b"x" * 64, timestamp=1)]
@@ -131,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.stub_write:
         transport.os = _NoWrite()  # type: ignore[attr-defined,assignment]
+        if hasattr(server, "os"):  # where the endpoint's group writes
+            server.os = _NoWrite()
     publish, loop = trio.run(measure, args.clients, args.rounds)
     clients = args.clients
     print(

@@ -40,6 +40,11 @@ most of what one frame reaching 10,000 clients cost). The writer answers with a
 (the consumer is woken with an empty batch and finishes the write before anything else).
 This module knows nothing of how it writes; the server endpoint's writer is in
 ``endpoints/server.py``.
+
+Many such subscriptions written the same way may share a :class:`DirectGroup`: while one is
+idle (its consumer parked, nothing queued) the stream does not offer it a publish on its own
+but offers the publish once to the group, which writes it to all its idle members in one
+loop; the members' counters are settled lazily and exact whenever read (see there).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import enum
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Final
+from typing import Any, Final, Generic, TypeVar
 
 import attrs
 import outcome
@@ -58,6 +63,7 @@ from ..config import StreamConfig
 from ..frame import Frame, FrameBlock, FrameKind
 
 __all__ = [
+    "DirectGroup",
     "DirectWrite",
     "MetadataCache",
     "MetadataLimitExceeded",
@@ -75,6 +81,12 @@ _DEFAULT_STREAM: Final = StreamConfig()
 DEFAULT_METADATA_TYPES: Final = _DEFAULT_STREAM.max_metadata_types
 DEFAULT_METADATA_BYTES: Final = _DEFAULT_STREAM.max_metadata_bytes
 
+
+#: What a direct group writes to for each member (a server's: the client's socket).
+T = TypeVar("T")
+
+#: A default for dict.pop that no value is.
+_MISSING: Final = object()
 
 #: The decimation of a subscription that decimates nothing (see Subscription.decimate).
 _NO_DECIMATION: Final[Mapping[str, int]] = types.MappingProxyType({})
@@ -158,9 +170,17 @@ class Subscription:
     __slots__ = (
         "_block_bytes",
         "_block_frames",
+        "_bytes_out",
         "_closed",
         "_consumer",
+        "_direct",
         "_ending",
+        "_frames_out",
+        "_group",
+        "_idle_in",
+        "_mark_bytes",
+        "_mark_frames",
+        "_mark_written",
         "_queue",
         "_queued_frames",
         "_seen",
@@ -169,13 +189,10 @@ class Subscription:
         "blocks_of",
         "bounds",
         "bytes_dropped",
-        "bytes_out",
         "decimate",
-        "direct",
         "follows_end",
         "frames_decimated",
         "frames_dropped",
-        "frames_out",
         "label",
         "last_batch_bytes",
         "last_batch_frames",
@@ -232,8 +249,10 @@ class Subscription:
         self.queued_bytes = 0
         self.queued_metadata = 0
         self.queued_metadata_bytes = 0
-        self.frames_out = 0
-        self.bytes_out = 0
+        #: Frames and bytes handed out, but for what a direct group still owes (see
+        #: :attr:`frames_out`).
+        self._frames_out = 0
+        self._bytes_out = 0
         self.frames_dropped = 0
         self.bytes_dropped = 0
         self.frames_decimated = 0
@@ -250,7 +269,15 @@ class Subscription:
         #: The consumer's direct writer, or None (see the module docstring): called with
         #: the frames of one publish while the queue is empty and the consumer parked; it
         #: must not raise, and must close the subscription itself if its connection broke.
-        self.direct: Callable[[Sequence[Frame]], DirectWrite] | None = None
+        self._direct: Callable[[Sequence[Frame]], DirectWrite] | None = None
+        #: The consumer's direct group (see :attr:`group`), and the group this subscription
+        #: is an idle member of right now (else None), with the group's totals when it
+        #: joined (what it is owed is the difference).
+        self._group: DirectGroup[Any] | None = None
+        self._idle_in: DirectGroup[Any] | None = None
+        self._mark_frames = 0
+        self._mark_bytes = 0
+        self._mark_written = 0
 
     # -- state -------------------------------------------------------------------------
 
@@ -265,6 +292,104 @@ class Subscription:
     @property
     def close_reason(self) -> str | None:
         return None if self._closed is None else self._closed.reason
+
+    @property
+    def frames_out(self) -> int:
+        """Frames handed out: taken in batches by the consumer or written directly (a block
+        counts its frames). Exact whenever read, also while a direct group owes part of it."""
+        group = self._idle_in
+        if group is None:
+            return self._frames_out
+        return self._frames_out + group.frames_total - self._mark_frames
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes of the frames in :attr:`frames_out` (their sizes), exact whenever read."""
+        group = self._idle_in
+        if group is None:
+            return self._bytes_out
+        return self._bytes_out + group.bytes_total - self._mark_bytes
+
+    @property
+    def direct_owed(self) -> tuple[int, int]:
+        """Frames and bytes *as written* (the writer's bytes, e.g. encoded) that this
+        subscription's direct group wrote for it and has not yet settled (see
+        :class:`DirectGroup`); (0, 0) while it is no idle member."""
+        group = self._idle_in
+        if group is None:
+            return (0, 0)
+        return (group.frames_total - self._mark_frames, group.written_total - self._mark_written)
+
+    @property
+    def direct(self) -> Callable[[Sequence[Frame]], DirectWrite] | None:
+        """The consumer's direct writer, or None (see the module docstring): called with
+        the frames of one publish while the queue is empty and the consumer parked; it must
+        not raise, and must close the subscription itself if its connection broke.
+
+        Setting it takes the subscription out of its direct group's idle members (owed
+        counts are settled first); it joins again only while its writer is the one the
+        group knows for it (:meth:`DirectGroup.target`)."""
+        return self._direct
+
+    @direct.setter
+    def direct(self, writer: Callable[[Sequence[Frame]], DirectWrite] | None) -> None:
+        self._leave_idle()
+        self._direct = writer
+
+    @property
+    def group(self) -> DirectGroup[Any] | None:
+        """The :class:`DirectGroup` that serves this subscription while it is idle, or None.
+
+        Raises ValueError when set to a group of another stream, or for a subscription the
+        group may not serve as one (lossless, decimating, or with other block limits,
+        block protocol or session types than the group's). Setting it (None too) settles
+        and ends an idle membership first."""
+        return self._group
+
+    @group.setter
+    def group(self, group: DirectGroup[Any] | None) -> None:
+        if group is not None:
+            why = group.refuses(self)
+            if why is not None:
+                raise ValueError(f"{self.label}: cannot join the direct group: {why}")
+        self._leave_idle()
+        self._group = group
+
+    def _join_idle(self) -> None:
+        """Become an idle member of :attr:`group`, if it has a target for this subscription
+        now (its consumer is about to park with nothing queued)."""
+        group = self._group
+        if group is None or self._idle_in is not None:
+            return
+        target = group.target(self)
+        if target is None:
+            return
+        stream = self.stream
+        if self not in stream._solo:
+            return  # forgotten by its stream: nothing more is published to it
+        del stream._solo[self]
+        self._idle_in = group
+        self._mark_frames = group.frames_total
+        self._mark_bytes = group.bytes_total
+        self._mark_written = group.written_total
+        group.members[self] = target
+
+    def _leave_idle(self) -> None:
+        """Stop being an idle member of a direct group (if one): settle what the group
+        wrote for it since it joined, and be offered publishes one by one again."""
+        group = self._idle_in
+        if group is None:
+            return
+        self._idle_in = None
+        del group.members[self]
+        frames = group.frames_total - self._mark_frames
+        if frames:
+            self._frames_out += frames
+            self._bytes_out += group.bytes_total - self._mark_bytes
+            group.settle(self, frames, group.written_total - self._mark_written)
+        stream = self.stream
+        if self in stream._lossy:
+            stream._solo[self] = None
 
     def __enter__(self) -> Subscription:
         return self
@@ -305,7 +430,7 @@ class Subscription:
         """
         if self._closed is not None or self._ending is not None:
             return
-        direct = self.direct
+        direct = self._direct
         if (
             direct is not None
             and self._consumer is not None
@@ -318,14 +443,10 @@ class Subscription:
                 return
             done = direct(frames)
             if done is not _REFUSED:
-                self.frames_out += count
-                self.bytes_out += size
+                self._frames_out += count
+                self._bytes_out += size
                 if done is _STARTED:
-                    task = self._consumer
-                    if task is not None:
-                        self._consumer = None
-                        # Woken with True: "finish the write" (an outcome is used once).
-                        trio.lowlevel.reschedule(task, outcome.Value(True))
+                    self._finish_direct_write()
                 return
             if self.closed:  # the writer closed it: its connection broke
                 return
@@ -599,6 +720,8 @@ class Subscription:
             if self._consumer is not None:
                 raise trio.BusyResourceError("another task is receiving from this subscription")
             self._consumer = trio.lowlevel.current_task()
+            if self._group is not None:
+                self._join_idle()
             # Woken with True: a direct write to finish (see _offer). No local for
             # it: each parked consumer's frame would hold one more slot.
             if (
@@ -638,8 +761,8 @@ class Subscription:
         self.queued_bytes -= taken_bytes
         self.queued_metadata -= metadata
         self.queued_metadata_bytes -= metadata_bytes
-        self.frames_out += taken_frames
-        self.bytes_out += taken_bytes
+        self._frames_out += taken_frames
+        self._bytes_out += taken_bytes
         if self._wake_publisher is not None:
             self._wake_publisher.set()
             self._wake_publisher = None
@@ -668,10 +791,25 @@ class Subscription:
         task = self._consumer
         if task is not None:
             self._consumer = None
+            if self._idle_in is not None:
+                self._leave_idle()
             trio.lowlevel.reschedule(task)
+
+    def _finish_direct_write(self) -> None:
+        """Wake the parked consumer to finish a direct write it was left (see
+        :attr:`DirectWrite.STARTED`)."""
+        task = self._consumer
+        if task is not None:
+            self._consumer = None
+            if self._idle_in is not None:
+                self._leave_idle()
+            # Woken with True: "finish the write" (an outcome is used once).
+            trio.lowlevel.reschedule(task, outcome.Value(True))
 
     def _abort_wait(self, raise_cancel: object) -> trio.lowlevel.Abort:
         self._consumer = None  # the waiting consumer was cancelled
+        if self._idle_in is not None:
+            self._leave_idle()
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _wake_all(self) -> None:
@@ -679,6 +817,142 @@ class Subscription:
         if self._wake_publisher is not None:
             self._wake_publisher.set()
         self._wake_publisher = None
+
+
+class DirectGroup(Generic[T]):
+    """Idle subscriptions of one stream that a single writer serves together.
+
+    A consumer that writes many subscriptions' frames the same way (a server endpoint's
+    clients, each a socket) makes one group and sets each subscription's :attr:`~Subscription.
+    group`. While a member's consumer waits in :meth:`Subscription.receive_batch` with nothing
+    queued and :meth:`target` names something to write to, it is an *idle member*: the
+    stream no longer offers it each publish one by one but offers the publish once to the
+    group (:meth:`offer`), which writes it to every idle member in one tight loop. A member
+    stops being idle whenever its consumer is woken (frames queued for it, a write to finish,
+    its subscription closed or ended, its consumer cancelled) and joins again when the
+    consumer waits with nothing left. So a publish never overtakes a queued frame.
+
+    Counters: a publish written whole to every idle member is counted once, in
+    :attr:`frames_total`, :attr:`bytes_total` (the frames' sizes) and :attr:`written_total`
+    (the bytes as written: the writer's encoding); each member is owed the difference from
+    the totals when it joined. :attr:`Subscription.frames_out` and ``bytes_out`` include what
+    is owed whenever read (and :attr:`Subscription.direct_owed` says what it is), and when a
+    member leaves, what it is owed is added to its own counters and reported to
+    :meth:`settle`.
+
+    Subclasses give :meth:`target`, :meth:`offer` and :meth:`settle`; :meth:`offer` uses
+    :meth:`refused`, :meth:`started`, :meth:`written` and :meth:`refuse_all` to report.
+    Members share the group's block limits, block protocol and session types and neither
+    decimate nor wait (lossless); see :meth:`refuses`.
+    """
+
+    def __init__(
+        self,
+        stream: Stream,
+        *,
+        bounds: QueueBounds,
+        blocks_of: str | None,
+        session_types: frozenset[str] = frozenset(),
+    ) -> None:
+        self.stream = stream
+        self.blocks_of = blocks_of
+        self.session_types = session_types
+        self._block_frames = bounds.max_frames // 8
+        self._block_bytes = bounds.max_bytes // 8
+        #: The idle members, each with what its writer writes to (see :meth:`target`).
+        self.members: dict[Subscription, T] = {}
+        #: Frames (a block counts its frames), their bytes and the bytes as written of the
+        #: publishes written whole to every idle member, since the group was made.
+        self.frames_total = 0
+        self.bytes_total = 0
+        self.written_total = 0
+
+    def refuses(self, subscription: Subscription) -> str | None:
+        """Why ``subscription`` may not be a member (None: it may)."""
+        if subscription.stream is not self.stream:
+            return "it is of another stream"
+        if subscription.policy is not Policy.LOSSY:
+            return "it is lossless"
+        if subscription.decimate:
+            return "it decimates"
+        if (
+            subscription.blocks_of != self.blocks_of
+            or subscription._block_frames != self._block_frames
+            or subscription._block_bytes != self._block_bytes
+            or subscription.session_types != self.session_types
+        ):
+            return "its blocks or session types differ from the group's"
+        return None
+
+    def target(self, subscription: Subscription) -> T | None:
+        """What the group writes to for ``subscription``, whose consumer is about to wait
+        with nothing queued; None: it may not be an idle member now (it is then offered
+        publishes one by one). Must not raise."""
+        raise NotImplementedError
+
+    def settle(self, subscription: Subscription, frames: int, written: int) -> None:
+        """``subscription`` leaves the idle members, owed ``frames`` and ``written`` bytes
+        (as written) for the publishes written to it whole since it joined (its own counters
+        already have them): add them to the writer's counters. Must not raise."""
+
+    def offer(
+        self, frames: Sequence[Frame], count: int, size: int, metadata: bool, blocks: bool
+    ) -> None:
+        """Write the publish ``frames`` (``count`` frames of ``size`` bytes, metadata among
+        them or not, blocks among them or not) to every idle member, then call
+        :meth:`written`. A member the write does not reach whole is reported, in the loop:
+        :meth:`refused` (queue the frames instead), :meth:`started` (the rest is its
+        writer's), or its subscription closed (its connection broke). When the publish
+        cannot go direct at all, :meth:`refuse_all`. Must not raise."""
+        raise NotImplementedError
+
+    def may_write(self, frames: Sequence[Frame], metadata: bool, blocks: bool) -> bool:
+        """Whether a publish of ``frames`` may be written to the idle members directly: no
+        session header to judge among them, and every block taken whole."""
+        if metadata and self.session_types:
+            return False
+        if blocks:
+            for frame in frames:
+                if frame.nframes != 1 and not (
+                    frame.wire_protocol == self.blocks_of
+                    and frame.nframes <= self._block_frames
+                    and frame.size <= self._block_bytes
+                ):
+                    return False
+        return True
+
+    def refused(self, subscription: Subscription, frames: Sequence[Frame]) -> None:
+        """Nothing of ``frames`` was written to the member ``subscription``: it leaves the
+        idle members and ``frames`` are queued for it (its consumer is woken)."""
+        subscription._leave_idle()
+        if subscription._closed is None and subscription._ending is None:
+            subscription._enqueue(frames)
+
+    def started(self, subscription: Subscription, count: int, size: int) -> None:
+        """Part of the publish (``count`` frames of ``size`` bytes) was written to the
+        member ``subscription`` and its writer holds the rest: it leaves the idle members,
+        the publish counts as handed out, and its consumer is woken to finish the write.
+        The caller counts it in the writer's own counters."""
+        subscription._leave_idle()
+        subscription._frames_out += count
+        subscription._bytes_out += size
+        subscription._finish_direct_write()
+
+    def written(self, count: int, size: int, written: int) -> None:
+        """The publish, ``count`` frames of ``size`` bytes, ``written`` bytes as written, was
+        written whole to every member still idle: owe it to each."""
+        self.frames_total += count
+        self.bytes_total += size
+        self.written_total += written
+
+    def refuse_all(self, frames: Sequence[Frame]) -> None:
+        """The publish cannot go direct: every idle member leaves and gets ``frames`` queued.
+        One that queued none of them (a repeated session header it skips) stays parked, so
+        it is an idle member again at once."""
+        for subscription in list(self.members):
+            self.refused(subscription, frames)
+            if subscription._consumer is not None and not subscription._queue:
+                subscription._join_idle()
 
 
 class MetadataLimitExceeded(Exception):
@@ -754,7 +1028,12 @@ class Stream:
         self.metadata = MetadataCache(max_types=max_metadata_types, max_bytes=max_metadata_bytes)
         #: Metadata frames refused because they would pass the cache's bounds.
         self.metadata_refused = 0
-        self._lossy: list[Subscription] = []
+        #: Lossy subscriptions in the order they came (a dict: a client leaving is O(1)).
+        self._lossy: dict[Subscription, None] = {}
+        #: Those of them offered each publish one by one: all but the idle members of a
+        #: direct group, which its group takes each publish for all at once.
+        self._solo: dict[Subscription, None] = {}
+        self._groups: list[DirectGroup[Any]] = []
         self._lossless: list[Subscription] = []
         self.frames_in = 0
         self.bytes_in = 0
@@ -764,7 +1043,7 @@ class Stream:
 
     @property
     def subscriptions(self) -> list[Subscription]:
-        return self._lossy + self._lossless
+        return [*self._lossy, *self._lossless]
 
     def subscribe(
         self,
@@ -814,13 +1093,33 @@ class Stream:
             # Replay bypasses the ordinary bounds (it is all metadata) but not the hard cap.
             subscription.offer(cached)
         if not subscription.closed:
-            (self._lossy if policy is Policy.LOSSY else self._lossless).append(subscription)
+            if policy is Policy.LOSSY:
+                self._lossy[subscription] = None
+                self._solo[subscription] = None
+            else:
+                self._lossless.append(subscription)
         return subscription
 
     def _forget(self, subscription: Subscription) -> None:
-        for group in (self._lossy, self._lossless):
-            if subscription in group:
-                group.remove(subscription)
+        subscription._leave_idle()
+        if self._lossy.pop(subscription, _MISSING) is _MISSING and subscription in self._lossless:
+            self._lossless.remove(subscription)
+        self._solo.pop(subscription, None)
+
+    def add_group(self, group: DirectGroup[Any]) -> None:
+        """Offer each publish to ``group``'s idle members through ``group`` (idempotent)."""
+        if group.stream is not self:
+            raise ValueError(f"a direct group of stream {group.stream.name!r}")
+        if group not in self._groups:
+            self._groups.append(group)
+
+    def remove_group(self, group: DirectGroup[Any]) -> None:
+        """Stop offering publishes to ``group``; its idle members (if any) are offered
+        publishes one by one again, their owed counts settled. Idempotent."""
+        for subscription in list(group.members):
+            subscription._leave_idle()
+        if group in self._groups:
+            self._groups.remove(group)
 
     async def publish(self, frames: Sequence[Frame]) -> None:
         """Publish ``frames`` in order to every subscriber.
@@ -876,9 +1175,15 @@ class Stream:
         self.publishes += 1
         blocks = count != len(frames)
         split: Sequence[Frame] | None = None if blocks else frames
-        # A snapshot: offering may end or close a subscription, which removes it from the list.
-        # The publish's facts are worked out once above, not once per subscriber.
-        for subscription in tuple(self._lossy):
+        # A snapshot, taken before the groups run: offering may end or close a subscription,
+        # which removes it, and a group's member that leaves it is offered this publish by
+        # its group. The publish's facts are worked out once above, not once per subscriber.
+        solo = tuple(self._solo)
+        if count:
+            for group in self._groups:
+                if group.members:
+                    group.offer(frames, count, size, metadata, blocks)
+        for subscription in solo:
             if subscription.blocks_of is not None:
                 subscription._offer(frames, count, size, metadata, blocks)
             else:

@@ -423,6 +423,26 @@ class Connection:
         """Whether bytes :meth:`write_nowait` left are waiting for the next :meth:`send`."""
         return self._sending is not True and self._sending is not False
 
+    def idle_plain_socket(self) -> trio.socket.SocketType | None:
+        """This connection's plain (not TLS) socket, while nothing is being sent on it (no
+        :meth:`send` in progress, nothing left by a direct write); else None.
+
+        For a writer that writes to many idle connections at once, as :meth:`write_nowait`
+        does to one: it must look the descriptor up from the socket (``fileno()``, -1 once
+        closed) for each write, never keep the number (a closed socket's number may be
+        another client's next), and report what it wrote with :meth:`wrote_directly`.
+        """
+        return self._socket if self._sending is False else None
+
+    def wrote_directly(self, data: Buffer, written: int, nbytes: int) -> None:
+        """``written`` of the ``nbytes`` bytes of ``data`` were written to the socket
+        :meth:`idle_plain_socket` gave, while it was idle, by someone else than this connection:
+        count them all in :attr:`bytes_sent`, and keep the rest (if any) to go out first
+        with the next :meth:`send`, as :meth:`write_nowait` does."""
+        self.bytes_sent += nbytes
+        if written < nbytes:
+            self._sending = memoryview(data).cast("B")[written:]
+
     def write_nowait(self, data: Buffer, nbytes: int | None = None) -> int:
         """Write ``data`` at once, without waiting and without a checkpoint, if this is an
         idle plain socket: no :meth:`send` in progress and nothing left by an earlier call.

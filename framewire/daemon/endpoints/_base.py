@@ -206,11 +206,42 @@ class ClientInfo:
     subscription: Subscription | None = None
     frames_in: int = 0
     bytes_in: int = 0
-    #: Frames and bytes written to the peer's socket (clients a server feeds).
-    frames_sent: int = 0
-    bytes_sent: int = 0
+    #: Frames and bytes written to the peer's socket (clients a server feeds), but for
+    #: what a direct group still owes: read :attr:`frames_sent` and :attr:`bytes_sent`.
+    _frames_sent: int = 0
+    _bytes_sent: int = 0
     #: Frames left out because the peer's protocol cannot carry them.
     frames_unencodable: int = 0
+
+    def _owed(self) -> tuple[int, int]:
+        subscription = self.subscription
+        if isinstance(subscription, Subscription):
+            return subscription.direct_owed
+        return (0, 0)
+
+    @property
+    def frames_sent(self) -> int:
+        """Frames written to the peer's socket (clients a server feeds), exact whenever read:
+        with what its subscription's direct group wrote and has not yet settled."""
+        return self._frames_sent + self._owed()[0]
+
+    @frames_sent.setter
+    def frames_sent(self, frames: int) -> None:
+        self._frames_sent = frames - self._owed()[0]
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written to the peer's socket, as written (see :attr:`frames_sent`)."""
+        return self._bytes_sent + self._owed()[1]
+
+    @bytes_sent.setter
+    def bytes_sent(self, nbytes: int) -> None:
+        self._bytes_sent = nbytes - self._owed()[1]
+
+    def count_sent(self, frames: int, nbytes: int) -> None:
+        """Add ``frames`` frames and ``nbytes`` bytes written to the peer's socket."""
+        self._frames_sent += frames
+        self._bytes_sent += nbytes
 
 
 class OutgoingQueue:
