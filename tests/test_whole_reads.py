@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import tracemalloc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import trio
@@ -505,7 +505,13 @@ async def test_when_memory_for_a_whole_read_cannot_be_had_it_reads_into_the_buff
     theirs.sendall(encode(frames))
     theirs.shutdown(socket.SHUT_WR)
 
-    async def no_memory(self: Connection, max_bytes: int, *, whole: bool = False) -> bytes:
+    async def no_memory(
+        self: Connection,
+        max_bytes: int,
+        *,
+        whole: bool = False,
+        frame_size: Callable[[bytes], int] | None = None,
+    ) -> bytes:
         raise MemoryError
 
     monkeypatch.setattr(Connection, "receive_bytes", no_memory)
