@@ -63,8 +63,9 @@ __all__ = [
 
 #: Makes one outgoing connection. Raises OSError (or trio errors) when it cannot.
 Connector: TypeAlias = Callable[[], Awaitable[trio.abc.Stream]]
-#: Reads once into a decoder: returns the bytes read (0: the peer closed) and the frames
-#: they completed. See :meth:`Connection.frame_reader`.
+#: Reads into a decoder: returns the bytes read (0: the peer closed) and the frames they
+#: completed (several reads' worth when whole frames were waiting). See
+#: :meth:`Connection.frame_reader`.
 FrameReader: TypeAlias = Callable[[], Awaitable[tuple[int, list[Frame]]]]
 
 #: Writes at most this big are joined into one buffer; bigger ones go out as a gather write.
@@ -405,7 +406,7 @@ class Connection:
         return data
 
     def frame_reader(self, decoder: Decoder) -> FrameReader:
-        """An async function that reads once from this connection into ``decoder`` and
+        """An async function that reads from this connection into ``decoder`` and
         returns the bytes read (0: the peer closed; the decoder is then not told) and the
         frames they completed.
 
@@ -417,9 +418,12 @@ class Connection:
         ``wants_whole``), else with :meth:`receive_into` into ``get_buffer()``, as it does when
         the memory for a new bytes object cannot be had. On TCP a frame the socket holds
         only part of is waited for whole (``whole_frame_size``, SO_RCVLOWAT: see
-        :meth:`receive_bytes`). Other streams and decoders always read into
-        ``get_buffer()``. Raises what those reads raise, and the decoder's
-        :class:`~framewire.protocols.ProtocolError`.
+        :meth:`receive_bytes`). After a whole read that completed frames, the whole frames
+        the socket already holds are read too, each with one read, while the read credit
+        lasts (:data:`RECEIVE_YIELD_READS`, :data:`RECEIVE_YIELD_BYTES`), and returned
+        together: they are then published, queued and written as one batch. Other streams
+        and decoders always read once, into ``get_buffer()``. Raises what those reads
+        raise, and the decoder's :class:`~framewire.protocols.ProtocolError`.
         """
         if self._socket is not None and isinstance(decoder, WholeReadDecoder):
             whole: WholeReadDecoder = decoder
@@ -435,7 +439,20 @@ class Connection:
                     except MemoryError:
                         pass  # nothing was read: read into the decoder's buffer instead
                     else:
-                        return len(data), (whole.bytes_received(data) if data else [])
+                        if not data:
+                            return 0, []
+                        frames = whole.bytes_received(data)
+                        nbytes = len(data)
+                        # Whole frames the socket already holds come along (one publish,
+                        # one write for them all), while the read credit lasts.
+                        while frames:
+                            size = whole.whole_read_size()
+                            more = self._read_held(size) if size else None
+                            if more is None:
+                                break
+                            frames += whole.bytes_received(more)
+                            nbytes += len(more)
+                        return nbytes, frames
                 n = await self.receive_into(whole.get_buffer())
                 return n, (whole.buffer_updated(n) if n else [])
 
@@ -446,6 +463,27 @@ class Connection:
             return n, (decoder.buffer_updated(n) if n else [])
 
         return read_into
+
+    def _read_held(self, size: int) -> bytes | None:
+        """``size`` bytes the plain socket already holds, read at once into a new bytes
+        object, if it holds that many and the read credit lasts; else None, nothing read.
+        Any failure is left to the next ordinary read, which raises it."""
+        sock = self._socket
+        if sock is None or self._read_credit <= 0:
+            return None
+        fd = sock.fileno()
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, _INQ)
+            if _INQ[0] < size:
+                return None
+            data = os.read(fd, size)
+        except (OSError, MemoryError):
+            return None
+        if not data:
+            return None
+        self._spend_read_credit(len(data))
+        self.bytes_received += len(data)
+        return data
 
     async def _take_read_turn(self) -> None:
         """Before a socket read: a cancellation point, and a schedule point once the read
