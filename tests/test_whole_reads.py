@@ -322,6 +322,30 @@ async def test_frames_read_together_stop_where_the_read_credit_ends(
         await read_credit_batches(connection, theirs)
 
 
+async def test_frames_read_together_before_bad_bytes_still_come_out(
+    socket_pair: tuple[Connection, socket.socket],
+) -> None:
+    """A bad frame among the whole frames one call reads: the good ones before it are
+    returned as one call at a time would have; the next call raises the error."""
+    connection, theirs = socket_pair
+    frames = frames_of(SIZE, 4)
+    wire = bytearray(encode(frames))
+    frame_size = len(wire) // 4
+    wire[3 * frame_size : 3 * frame_size + 2] = b"XX"  # the fourth frame's magic
+    theirs.sendall(wire)
+    decoder = NativeDecoder(max_frame_size=1 << 24)
+    read = connection.frame_reader(decoder)
+    got: list[Frame] = []
+    with trio.fail_after(10):
+        while len(got) < 3:
+            n, done = await read()
+            assert n
+            got += done
+        with pytest.raises(ProtocolError, match="bad magic"):
+            await read()
+    assert got == frames[:3]
+
+
 async def read_credit_batches(connection: Connection, theirs: socket.socket) -> None:
     frames = frames_of(SIZE, 9)
     theirs.sendall(encode(frames))

@@ -34,7 +34,7 @@ import trio
 
 from ..config import Address, TLSConfig
 from ..frame import Buffer, Frame
-from ..protocols import Decoder, WholeReadDecoder
+from ..protocols import Decoder, ProtocolError, WholeReadDecoder
 
 __all__ = [
     "ACCEPT_RETRY_ERRNOS",
@@ -421,7 +421,8 @@ class Connection:
         :meth:`receive_bytes`). After a whole read that completed frames, the whole frames
         the socket already holds are read too, each with one read, while the read credit
         lasts (:data:`RECEIVE_YIELD_READS`, :data:`RECEIVE_YIELD_BYTES`), and returned
-        together: they are then published, queued and written as one batch. Other streams
+        together: they are then published, queued and written as one batch (frames before
+        bad bytes among them are returned, and the next call raises the error). Other streams
         and decoders always read once, into ``get_buffer()``. Raises what those reads
         raise, and the decoder's :class:`~framewire.protocols.ProtocolError`.
         """
@@ -450,8 +451,14 @@ class Connection:
                             more = self._read_held(size) if size else None
                             if more is None:
                                 break
-                            frames += whole.bytes_received(more)
                             nbytes += len(more)
+                            try:
+                                frames += whole.bytes_received(more)
+                            except ProtocolError:
+                                # The frames before the bad bytes go out as they would
+                                # have, read one call at a time; the decoder is poisoned,
+                                # so the next call raises this error again.
+                                break
                         return nbytes, frames
                 n = await self.receive_into(whole.get_buffer())
                 return n, (whole.buffer_updated(n) if n else [])
