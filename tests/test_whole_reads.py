@@ -9,9 +9,11 @@ feed bytes by hand; the Connection tests use real socket pairs, where the path m
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import tracemalloc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import trio
@@ -237,6 +239,13 @@ def test_raw_whole_reads_grow_only_up_to_max_frame_size() -> None:
 def socket_pair() -> Iterator[tuple[Connection, socket.socket]]:
     """A connection over one end of a UNIX socket pair with room for a few MiB in flight,
     and the other end (blocking, with a timeout)."""
+    with open_socket_pair() as pair:
+        yield pair
+
+
+@contextlib.contextmanager
+def open_socket_pair() -> Iterator[tuple[Connection, socket.socket]]:
+    """What :func:`socket_pair` gives, made when called."""
     ours, theirs = socket.socketpair()
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -265,7 +274,7 @@ async def collect(
 
 
 async def test_large_frames_the_socket_holds_whole_are_read_one_read_each(
-    socket_pair: tuple[Connection, socket.socket],
+    socket_pair: tuple[Connection, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     connection, theirs = socket_pair
     frames = frames_of(SIZE, 6)
@@ -274,24 +283,87 @@ async def test_large_frames_the_socket_holds_whole_are_read_one_read_each(
     decoder = NativeDecoder(max_frame_size=1 << 24)
     read = connection.frame_reader(decoder)
     assert decoder.whole_reads
+    whole_reads: list[int] = []
+    real_read = os.read
+
+    def counting_read(fd: int, size: int) -> bytes:
+        data = real_read(fd, size)
+        whole_reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "read", counting_read)
     got: list[Frame] = []
-    reads_per_frame = []
-    reads = 0
+    calls = []
     with trio.fail_after(10):
         while True:
             n, done = await read()
-            reads += 1
             if not n:
                 break
-            if done:
-                reads_per_frame.append(reads)
-                reads = 0
+            calls.append(len(done))
             got += done
     decoder.end_of_input()
     assert got == frames
-    assert reads_per_frame[1:] == [1] * 5
+    # The frames after the first are one read(2) each, exactly the frame, and come
+    # together: the socket held them all, so one call took them (within the read credit).
+    frame_size = len(encode(frames[:1]))
+    assert whole_reads[-6:-1] == [frame_size] * 5
+    assert calls[-1] == 5
     assert all(type(frame.wire) is bytes for frame in got[1:])
     assert connection.bytes_received == len(encode(frames))
+
+
+async def test_frames_read_together_stop_where_the_read_credit_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whole frames the socket holds are taken in one call only while the read credit
+    lasts, so a flooding peer still lets the scheduler run between calls."""
+    monkeypatch.setattr(transport, "RECEIVE_YIELD_BYTES", 3 * SIZE)
+    with open_socket_pair() as (connection, theirs):
+        await read_credit_batches(connection, theirs)
+
+
+async def test_frames_read_together_before_bad_bytes_still_come_out(
+    socket_pair: tuple[Connection, socket.socket],
+) -> None:
+    """A bad frame among the whole frames one call reads: the good ones before it are
+    returned as one call at a time would have; the next call raises the error."""
+    connection, theirs = socket_pair
+    frames = frames_of(SIZE, 4)
+    wire = bytearray(encode(frames))
+    frame_size = len(wire) // 4
+    wire[3 * frame_size : 3 * frame_size + 2] = b"XX"  # the fourth frame's magic
+    theirs.sendall(wire)
+    decoder = NativeDecoder(max_frame_size=1 << 24)
+    read = connection.frame_reader(decoder)
+    got: list[Frame] = []
+    with trio.fail_after(10):
+        while len(got) < 3:
+            n, done = await read()
+            assert n
+            got += done
+        with pytest.raises(ProtocolError, match="bad magic"):
+            await read()
+    assert got == frames[:3]
+
+
+async def read_credit_batches(connection: Connection, theirs: socket.socket) -> None:
+    frames = frames_of(SIZE, 9)
+    theirs.sendall(encode(frames))
+    theirs.shutdown(socket.SHUT_WR)
+    decoder = NativeDecoder(max_frame_size=1 << 24)
+    read = connection.frame_reader(decoder)
+    calls = []
+    got: list[Frame] = []
+    with trio.fail_after(10):
+        while True:
+            n, done = await read()
+            if not n:
+                break
+            calls.append(len(done))
+            got += done
+    assert got == frames
+    assert max(calls) <= 3
+    assert sum(calls) == 9
 
 
 async def test_a_frame_that_arrives_in_pieces_is_put_together(
@@ -505,7 +577,13 @@ async def test_when_memory_for_a_whole_read_cannot_be_had_it_reads_into_the_buff
     theirs.sendall(encode(frames))
     theirs.shutdown(socket.SHUT_WR)
 
-    async def no_memory(self: Connection, max_bytes: int, *, whole: bool = False) -> bytes:
+    async def no_memory(
+        self: Connection,
+        max_bytes: int,
+        *,
+        whole: bool = False,
+        frame_size: Callable[[bytes], int] | None = None,
+    ) -> bytes:
         raise MemoryError
 
     monkeypatch.setattr(Connection, "receive_bytes", no_memory)

@@ -34,7 +34,7 @@ import trio
 
 from ..config import Address, TLSConfig
 from ..frame import Buffer, Frame
-from ..protocols import Decoder, WholeReadDecoder
+from ..protocols import Decoder, ProtocolError, WholeReadDecoder
 
 __all__ = [
     "ACCEPT_RETRY_ERRNOS",
@@ -63,8 +63,9 @@ __all__ = [
 
 #: Makes one outgoing connection. Raises OSError (or trio errors) when it cannot.
 Connector: TypeAlias = Callable[[], Awaitable[trio.abc.Stream]]
-#: Reads once into a decoder: returns the bytes read (0: the peer closed) and the frames
-#: they completed. See :meth:`Connection.frame_reader`.
+#: Reads into a decoder: returns the bytes read (0: the peer closed) and the frames they
+#: completed (several reads' worth when whole frames were waiting). See
+#: :meth:`Connection.frame_reader`.
 FrameReader: TypeAlias = Callable[[], Awaitable[tuple[int, list[Frame]]]]
 
 #: Writes at most this big are joined into one buffer; bigger ones go out as a gather write.
@@ -87,6 +88,15 @@ RECEIVE_YIELD_BYTES: Final = 4 << 20
 #: frame's start, so the bytes that arrived early are not copied again into the buffer its
 #: rest is read into.
 WHOLE_READ_HEAD: Final = 64 * 1024
+#: The most bytes a whole read waits for (SO_RCVLOWAT) before it reads a frame that the
+#: socket holds only part of: a larger frame is read as it arrives. The kernel caps the mark
+#: further at what the receive buffer can hold (half of ``tcp_rmem``'s maximum, or of a
+#: fixed SO_RCVBUF) and wakes the reader anyway under memory pressure, at the end of the
+#: stream and on an error, so a mark is never waited for that could not be reached.
+RCVLOWAT_MAX: Final = 4 << 20
+#: How many of the first bytes a socket holds a whole read peeks at to learn the size of the
+#: frame they start (a native header is 28 bytes and its type tag; more is harmless).
+PEEK_BYTES: Final = 512
 #: Where FIONREAD puts how many bytes a socket holds (one task reads it at a time).
 _INQ: Final = array.array("i", [0])
 #: Buffers per writev() call (Linux's IOV_MAX is 1024).
@@ -127,6 +137,16 @@ def _release_handshake(stream: trio.SSLStream[trio.abc.Stream]) -> None:
     if once is not None and getattr(once, "started", False):
         with contextlib.suppress(AttributeError, TypeError):
             once._afn = _handshake_already_done
+
+
+def _peek(sock: trio.socket.SocketType, fd: int, size: int) -> bytes:
+    """Up to ``size`` of the first bytes plain socket ``sock`` (descriptor ``fd``) holds,
+    left there for the next read. Raises OSError (BlockingIOError when it holds none)."""
+    view = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+    try:
+        return view.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    finally:
+        view.detach()  # the descriptor stays trio's
 
 
 def peer_name(stream: trio.abc.Stream) -> str:
@@ -174,6 +194,7 @@ class Connection:
 
     __slots__ = (
         "_already_read",
+        "_lowat",
         "_read_credit",
         "_read_credit_bytes",
         "_sending",
@@ -198,7 +219,11 @@ class Connection:
         self.handshake_timeout = handshake_timeout
         self.peer = peer if peer is not None else peer_name(stream)
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        #: The socket's SO_RCVLOWAT as last set (1: the kernel's default, wake on any byte);
+        #: 0 where epoll does not honour it (UNIX sockets, other streams), never set there.
+        self._lowat = 0
         if self._socket is not None and self._socket.family in (socket.AF_INET, socket.AF_INET6):
+            self._lowat = 1
             with contextlib.suppress(OSError, AttributeError):
                 # trio wakes a writer when less than 16 KiB is unsent, which suits chatty
                 # traffic; a relay writes in bulk, and fewer, larger writes cost ~8% less CPU
@@ -239,6 +264,19 @@ class Connection:
             return None
         fd = sock.fileno()
         return fd if fd >= 0 else None
+
+    def bytes_waiting(self) -> int:
+        """How many received bytes the plain socket holds that nobody has read yet (FIONREAD):
+        0 for other streams, and when it cannot be told (closed)."""
+        sock = self._socket
+        if sock is None:
+            return 0
+        held = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, held)
+        except OSError:
+            return 0
+        return held[0]
 
     async def establish(self) -> None:
         """Finish setting the connection up: the TLS handshake of an accepted TLS stream,
@@ -288,7 +326,13 @@ class Connection:
         self.bytes_received += n
         return n
 
-    async def receive_bytes(self, max_bytes: int, *, whole: bool = False) -> bytes:
+    async def receive_bytes(
+        self,
+        max_bytes: int,
+        *,
+        whole: bool = False,
+        frame_size: Callable[[bytes], int] | None = None,
+    ) -> bytes:
         """Read up to ``max_bytes`` bytes (at least 1) into a new bytes object; ``b""``
         means the peer closed.
 
@@ -296,10 +340,21 @@ class Connection:
         zero-filled, and shrunk to what arrived: it holds only the bytes received. It
         reads, waits and yields as :meth:`receive_into` does. With ``whole``, a socket
         that holds some but fewer than ``max_bytes`` bytes gives at most
-        :data:`WHOLE_READ_HEAD` of them. Other streams use ``receive_some`` (a bytearray
-        it returns is copied into bytes). Raises trio.BrokenResourceError when the
-        connection broke, trio.ClosedResourceError when another task closed it while this
-        one waited.
+        :data:`WHOLE_READ_HEAD` of them, unless ``frame_size`` says more about them.
+
+        ``frame_size`` (with ``whole``, used on TCP sockets only) tells, from the first
+        bytes the socket holds (at most :data:`PEEK_BYTES`, peeked at, not taken), how many
+        bytes the frame they start needs (0: it cannot tell). When the socket holds that
+        many the read takes exactly them, one frame. When it holds fewer, the read waits
+        once, with SO_RCVLOWAT set to that size (at most :data:`RCVLOWAT_MAX`), so the
+        kernel wakes it only when the frame is whole (or the peer closed, or the receive
+        buffer is under pressure), and then takes the frame in one read, or, if the frame
+        is still not whole, at most :data:`WHOLE_READ_HEAD` as above. Nothing is read or
+        allocated for bytes that have not arrived, whatever a header announced.
+
+        Other streams use ``receive_some`` (a bytearray it returns is copied into bytes).
+        Raises trio.BrokenResourceError when the connection broke, trio.ClosedResourceError
+        when another task closed it while this one waited.
         """
         if self._already_read:
             data = self._already_read[:max_bytes]
@@ -310,14 +365,31 @@ class Connection:
         sock = self._socket
         if sock is not None:
             await self._take_read_turn()
+            if not self._lowat:
+                frame_size = None
+            # The frame's size once learnt; the low-water mark the read waits for (once).
+            needed = 0
+            lowat = 1
             while True:
                 fd = sock.fileno()  # a closed socket's -1: EBADF
                 size = max_bytes
                 if whole:
+                    wait = False
                     with contextlib.suppress(OSError):  # the read says why
                         fcntl.ioctl(fd, termios.FIONREAD, _INQ)
-                        if 0 < _INQ[0] < size:
-                            size = min(_INQ[0], WHOLE_READ_HEAD)
+                        held = _INQ[0]
+                        if 0 < held < size or 0 < needed <= held:
+                            size = min(held, WHOLE_READ_HEAD)
+                            if frame_size is not None and not needed:
+                                needed = frame_size(_peek(sock, fd, min(held, PEEK_BYTES)))
+                            if needed and held >= needed:
+                                size = needed  # the frame, whole
+                            elif needed and lowat == 1:
+                                lowat = min(needed, RCVLOWAT_MAX)
+                                wait = True
+                    if wait:
+                        await self._wait_readable(sock, lowat)
+                        continue
                 try:
                     data = os.read(fd, size)
                 except BlockingIOError:
@@ -334,7 +406,7 @@ class Connection:
         return data
 
     def frame_reader(self, decoder: Decoder) -> FrameReader:
-        """An async function that reads once from this connection into ``decoder`` and
+        """An async function that reads from this connection into ``decoder`` and
         returns the bytes read (0: the peer closed; the decoder is then not told) and the
         frames they completed.
 
@@ -344,9 +416,15 @@ class Connection:
         whenever the decoder asks for a read of its own (a large frame expected whole, a
         raw chunk; for a frame that the socket does not hold whole yet, only its start:
         ``wants_whole``), else with :meth:`receive_into` into ``get_buffer()``, as it does when
-        the memory for a new bytes object cannot be had. Other streams and decoders always
-        read into ``get_buffer()``. Raises what those reads raise, and the decoder's
-        :class:`~framewire.protocols.ProtocolError`.
+        the memory for a new bytes object cannot be had. On TCP a frame the socket holds
+        only part of is waited for whole (``whole_frame_size``, SO_RCVLOWAT: see
+        :meth:`receive_bytes`). After a whole read that completed frames, the whole frames
+        the socket already holds are read too, each with one read, while the read credit
+        lasts (:data:`RECEIVE_YIELD_READS`, :data:`RECEIVE_YIELD_BYTES`), and returned
+        together: they are then published, queued and written as one batch (frames before
+        bad bytes among them are returned, and the next call raises the error). Other streams
+        and decoders always read once, into ``get_buffer()``. Raises what those reads
+        raise, and the decoder's :class:`~framewire.protocols.ProtocolError`.
         """
         if self._socket is not None and isinstance(decoder, WholeReadDecoder):
             whole: WholeReadDecoder = decoder
@@ -356,11 +434,32 @@ class Connection:
                 size = whole.whole_read_size()
                 if size:
                     try:
-                        data = await self.receive_bytes(size, whole=whole.wants_whole)
+                        data = await self.receive_bytes(
+                            size, whole=whole.wants_whole, frame_size=whole.whole_frame_size
+                        )
                     except MemoryError:
                         pass  # nothing was read: read into the decoder's buffer instead
                     else:
-                        return len(data), (whole.bytes_received(data) if data else [])
+                        if not data:
+                            return 0, []
+                        frames = whole.bytes_received(data)
+                        nbytes = len(data)
+                        # Whole frames the socket already holds come along (one publish,
+                        # one write for them all), while the read credit lasts.
+                        while frames:
+                            size = whole.whole_read_size()
+                            more = self._read_held(size) if size else None
+                            if more is None:
+                                break
+                            nbytes += len(more)
+                            try:
+                                frames += whole.bytes_received(more)
+                            except ProtocolError:
+                                # The frames before the bad bytes go out as they would
+                                # have, read one call at a time; the decoder is poisoned,
+                                # so the next call raises this error again.
+                                break
+                        return nbytes, frames
                 n = await self.receive_into(whole.get_buffer())
                 return n, (whole.buffer_updated(n) if n else [])
 
@@ -372,6 +471,27 @@ class Connection:
 
         return read_into
 
+    def _read_held(self, size: int) -> bytes | None:
+        """``size`` bytes the plain socket already holds, read at once into a new bytes
+        object, if it holds that many and the read credit lasts; else None, nothing read.
+        Any failure is left to the next ordinary read, which raises it."""
+        sock = self._socket
+        if sock is None or self._read_credit <= 0:
+            return None
+        fd = sock.fileno()
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, _INQ)
+            if _INQ[0] < size:
+                return None
+            data = os.read(fd, size)
+        except (OSError, MemoryError):
+            return None
+        if not data:
+            return None
+        self._spend_read_credit(len(data))
+        self.bytes_received += len(data)
+        return data
+
     async def _take_read_turn(self) -> None:
         """Before a socket read: a cancellation point, and a schedule point once the read
         credit is spent (which then starts afresh)."""
@@ -382,9 +502,20 @@ class Connection:
             self._read_credit = RECEIVE_YIELD_READS
             self._read_credit_bytes = RECEIVE_YIELD_BYTES
 
-    async def _wait_readable(self, sock: trio.socket.SocketType) -> None:
-        """Nothing to read: wait in trio (the reader lets others run meanwhile, so its
-        credit starts afresh)."""
+    async def _wait_readable(self, sock: trio.socket.SocketType, lowat: int = 1) -> None:
+        """Nothing (or not enough) to read: wait in trio until the socket holds ``lowat``
+        bytes (SO_RCVLOWAT, on TCP sockets; elsewhere until it holds any), the peer closed
+        or the connection broke. The reader lets others run meanwhile, so its credit starts
+        afresh. The mark stays set until a wait for another one: every wait sets its own."""
+        if self._lowat and self._lowat != lowat:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            except OSError:
+                # Not to be had (the socket is closing: the read will say so): wake on any
+                # byte, as without a mark.
+                self._lowat = 0
+            else:
+                self._lowat = lowat
         await trio.lowlevel.wait_readable(sock)
         self._read_credit = RECEIVE_YIELD_READS
         self._read_credit_bytes = RECEIVE_YIELD_BYTES

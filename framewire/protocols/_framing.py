@@ -243,6 +243,27 @@ class FrameDecoder:
         """
         return self._whole_size
 
+    def whole_frame_size(self, head: bytes) -> int:
+        """How many bytes the frame that ``head`` starts needs before it can be read whole
+        into a new bytes object (for :meth:`bytes_received`), or 0: it cannot tell.
+
+        ``head`` is the first bytes the input holds (peeked at, not taken); it is looked at
+        only while :meth:`whole_read_size` asks for a read (the stream is at a frame
+        boundary, nothing buffered) and only by a decoder that knows a frame's size from
+        its header (not a stepwise one). Nonzero only for a large frame (over
+        :data:`LARGE_FRAME`) within ``max_frame_size``: bytes that do not start a valid
+        frame, or a frame over the limit, give 0, and the read that takes them fails as any
+        read would. The size is what the header says, so it bounds what the I/O side waits
+        for, never what it allocates: it reads only bytes that have arrived.
+        """
+        if not self._whole_size or self.stepwise or self._failure is not None or self.ended:
+            return 0
+        try:
+            needed = self._measure(memoryview(head), 0, len(head))
+        except ProtocolError:
+            return 0
+        return needed if LARGE_FRAME < needed <= self.max_frame_size else 0
+
     def bytes_received(self, data: bytes) -> list[Frame]:
         """Decode ``data``, read as :meth:`whole_read_size` asked (any length, not empty).
 

@@ -56,6 +56,9 @@ class WholeReadDecoder(Decoder, Protocol):
     wants_whole: bool
 
     def whole_read_size(self) -> int: ...
+    #: From the first bytes the input holds, the size of the frame they start (0: unknown):
+    #: what the I/O side may wait for before reading it whole.
+    def whole_frame_size(self, head: bytes, /) -> int: ...
     def bytes_received(self, data: bytes, /) -> list[Frame]: ...
 
 

@@ -67,6 +67,10 @@ class RawDecoder:
         """How many bytes the next read should take into a new bytes object of its own."""
         return self._size
 
+    def whole_frame_size(self, head: bytes) -> int:
+        """0: raw bytes have no frames to wait for whole (each read takes what is there)."""
+        return 0
+
     def bytes_received(self, data: bytes) -> list[Frame]:
         """One read of at most :meth:`whole_read_size` bytes (not empty): its frame, which
         keeps ``data`` as its payload."""

@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -56,25 +56,44 @@ class _Slot:
 
 
 class _Idle:
-    """One connection's idle timer: when it last read, and the scope to cancel."""
+    """One connection's idle timer: when it last read, the scope to cancel, and how to
+    ask how many bytes wait unread in its socket (and how many did when last asked)."""
 
-    __slots__ = ("last", "scope")
+    __slots__ = ("last", "scope", "seen", "waiting")
 
-    def __init__(self, scope: trio.CancelScope) -> None:
+    def __init__(self, scope: trio.CancelScope, waiting: Callable[[], int] | None) -> None:
         self.scope = scope
         self.last = trio.current_time()
+        self.waiting = waiting
+        self.seen = 0
 
     def active(self) -> None:
         self.last = trio.current_time()
+        self.seen = 0
+
+    def receiving(self) -> bool:
+        """Whether bytes arrived that the connection has not read yet (a whole read waits
+        for the rest of a large frame) beyond those seen when last asked."""
+        if self.waiting is None:
+            return False
+        held = self.waiting()
+        if held > self.seen:
+            self.seen = held
+            return True
+        return False
 
 
 class _IdleWatch:
-    """Cancels the scope of each connection that read nothing for ``idle`` seconds.
+    """Cancels the scope of each connection that received nothing for ``idle`` seconds.
 
     A read only stamps the time (:meth:`_Idle.active`); this one task wakes when the
     earliest connection would time out, and either cancels it or sleeps again until the
     new earliest time. Moving a cancel scope's deadline on every read instead cost each
-    read several microseconds.
+    read several microseconds. A connection whose socket holds more unread bytes than when
+    last asked (its reader waits until a large frame is whole: see
+    :meth:`~framewire.daemon.transport.Connection.receive_bytes`) is still receiving and
+    gets another ``idle`` seconds; a peer that stops sending, even mid-frame, is cancelled
+    within twice ``idle`` of its last bytes.
     """
 
     def __init__(self, idle: float) -> None:
@@ -82,8 +101,8 @@ class _IdleWatch:
         self._timers: dict[int, _Idle] = {}
         self._added = trio.Event()
 
-    def add(self, scope: trio.CancelScope) -> _Idle:
-        timer = self._timers[id(scope)] = _Idle(scope)
+    def add(self, scope: trio.CancelScope, waiting: Callable[[], int] | None = None) -> _Idle:
+        timer = self._timers[id(scope)] = _Idle(scope, waiting)
         if len(self._timers) == 1:
             self._added.set()  # the watch may be waiting with nothing to time
         return timer
@@ -98,6 +117,9 @@ class _IdleWatch:
             due = math.inf
             for key, timer in list(self._timers.items()):
                 expires = timer.last + self.idle
+                if expires <= now and timer.receiving():
+                    timer.last = now
+                    expires = now + self.idle
                 if expires <= now:
                     del self._timers[key]
                     timer.scope.cancel()
@@ -281,7 +303,11 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
 
         try:
             with trio.CancelScope() as idle_scope:
-                timer = self._idle.add(idle_scope) if idle != math.inf else None
+                timer = (
+                    self._idle.add(idle_scope, connection.bytes_waiting)
+                    if idle != math.inf
+                    else None
+                )
                 await receive_frames(
                     connection,
                     decoder,
