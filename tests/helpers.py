@@ -7,10 +7,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from framewire import Frame
 from framewire.config import Config, parse_config
 from framewire.daemon import Daemon
+from framewire.daemon.stream import Subscription
 from framewire.protocols.native import NativeDecoder, NativeEncoder
 
 ENCODER = NativeEncoder()
@@ -91,3 +93,16 @@ async def running_daemon(
 def endpoint_port(daemon: Daemon, name: str) -> int:
     """The port endpoint ``name`` is bound to (its first address)."""
     return port_of(daemon.endpoints[name].status.address[0])
+
+
+async def parked(subscription: Subscription, nursery: trio.Nursery) -> list[list[Frame]]:
+    """Start a consumer of ``subscription`` that records each batch; return once it waits."""
+    batches: list[list[Frame]] = []
+
+    async def consume() -> None:
+        while True:
+            batches.append(await subscription.receive_batch())
+
+    nursery.start_soon(consume)
+    await trio.testing.wait_all_tasks_blocked()
+    return batches

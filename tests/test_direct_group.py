@@ -27,7 +27,7 @@ from framewire.daemon.stream import (
     SubscriptionClosed,
 )
 
-from .helpers import NativePeer, connect, encode, running_daemon, wait_until
+from .helpers import NativePeer, connect, encode, parked, running_daemon, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "socketpair"), reason="needs socketpair")
 
@@ -79,19 +79,6 @@ class Group(DirectGroup[str]):
         self.written(count, size, 2 * size)  # "as written": twice the frames' size
 
 
-async def consumer(subscription: Subscription, nursery: trio.Nursery) -> list[list[Frame]]:
-    """Start a consumer of ``subscription`` that records each batch; return once it waits."""
-    batches: list[list[Frame]] = []
-
-    async def consume() -> None:
-        while True:
-            batches.append(await subscription.receive_batch())
-
-    nursery.start_soon(consume)
-    await trio.testing.wait_all_tasks_blocked()
-    return batches
-
-
 async def test_an_idle_member_is_written_through_its_group_and_its_counters_are_exact() -> None:
     stream = Stream("s")
     group = Group(stream)
@@ -103,7 +90,7 @@ async def test_an_idle_member_is_written_through_its_group_and_its_counters_are_
     size = sum(frame.size for frame in frames)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            batches = await consumer(subscription, nursery)
+            batches = await parked(subscription, nursery)
             assert subscription in group.members  # parked with nothing queued: idle
             stream.publish_nowait(frames)
             stream.publish_nowait([data(3)])
@@ -141,7 +128,7 @@ async def test_a_member_leaves_while_frames_are_queued_and_rejoins_when_it_waits
     assert not group.members
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            batches = await consumer(subscription, nursery)
+            batches = await parked(subscription, nursery)
             assert batches == [[data(1)]]  # the queue first
             assert subscription in group.members  # then idle again
             # Refused: it leaves, the frames are queued and its consumer gets them.
@@ -182,7 +169,7 @@ async def test_a_publish_the_group_may_not_write_is_queued_for_every_member() ->
             for number, subscription in enumerate(subscriptions):
                 group.names[subscription] = str(number)
                 subscription.group = group
-                all_batches.append(await consumer(subscription, nursery))
+                all_batches.append(await parked(subscription, nursery))
             assert len(group.members) == 3
             stream.publish_nowait([meta(b"header"), data(1)])  # a session header to judge
             await trio.testing.wait_all_tasks_blocked()
@@ -212,7 +199,7 @@ async def test_a_closed_member_leaves_its_group_and_its_stream() -> None:
     subscription.group = group
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await consumer(other, nursery)
+            await parked(other, nursery)
 
             async def closed_consumer() -> None:
                 with pytest.raises(SubscriptionClosed, match="gone"):
@@ -259,7 +246,7 @@ async def test_a_subscriber_that_joins_during_a_publish_gets_the_cache_not_the_p
     member.group = group
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await consumer(member, nursery)
+            await parked(member, nursery)
             stream.publish_nowait([meta(b"setup"), data(1)])
             (newcomer,) = joined
             assert newcomer.queued_frames == 1
@@ -528,7 +515,7 @@ async def test_members_that_queue_nothing_of_a_refused_publish_stay_idle_members
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             stream.publish_nowait([meta(b"header")])
-            batches = await consumer(subscription, nursery)
+            batches = await parked(subscription, nursery)
             assert batches == [[meta(b"header")]]
             assert subscription in group.members
             stream.publish_nowait([meta(b"header")])  # the same header again: skipped

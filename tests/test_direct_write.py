@@ -20,7 +20,7 @@ from framewire.daemon.stream import DirectWrite, QueueBounds, Stream, Subscripti
 from framewire.daemon.transport import Connection
 from framewire.protocols.native import NativeBlock
 
-from .helpers import NativePeer, connect, encode, running_daemon, wait_until
+from .helpers import NativePeer, connect, encode, parked, running_daemon, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "socketpair"), reason="needs socketpair")
 
@@ -43,19 +43,6 @@ class Writer:
     def __call__(self, frames: Sequence[Frame]) -> DirectWrite:
         self.calls.append(list(frames))
         return self.answer
-
-
-async def parked(subscription: Subscription, nursery: trio.Nursery) -> list[list[Frame]]:
-    """Start a consumer of ``subscription`` that records each batch; return once it waits."""
-    batches: list[list[Frame]] = []
-
-    async def consume() -> None:
-        while True:
-            batches.append(await subscription.receive_batch())
-
-    nursery.start_soon(consume)
-    await trio.testing.wait_all_tasks_blocked()
-    return batches
 
 
 # -- the stream-level hook (no sockets) ------------------------------------------------------
