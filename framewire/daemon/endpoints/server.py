@@ -29,7 +29,7 @@ from each client's socket for each write, never kept) and adds the endpoint's co
 for all; each client's own counters are settled when it stops being idle and are exact
 whenever read. A client stops being idle whenever its writer is woken (frames queued for
 it, a write to finish, its connection closed) and is idle again when its writer waits with
-nothing left. That loop costs about 0.1 µs of Python per client above the ``os.write``
+nothing left. That loop costs about 0.2 µs of Python per client above the ``os.write``
 itself (benchmarks/fanout_publish.py), against about 1.2 µs when each client was offered
 the publish on its own (which clients outside the group still are: a client whose direct
 writer was replaced, or one whose writer is busy).
