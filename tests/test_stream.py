@@ -315,3 +315,35 @@ async def test_counters() -> None:
 def test_bounds_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_frames"):
         QueueBounds(max_frames=0)
+
+
+async def test_wait_handled_returns_once_the_consumer_comes_back_or_the_subscription_closes() -> (
+    None
+):
+    stream = Stream("s")
+    subscription = stream.subscribe(policy=Policy.LOSSLESS)
+    frames = [Frame(FrameKind.DATA, "t", b"x", timestamp=n) for n in range(3)]
+    await stream.publish(frames)
+    mark = subscription.handled_mark()
+    assert mark == 3
+    handled: list[bool] = []
+
+    async def waiter() -> None:
+        await subscription.wait_handled(mark)
+        handled.append(True)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await subscription.receive_batch() == frames
+            await trio.testing.wait_all_tasks_blocked()
+            assert handled == []  # taken, not yet handled
+            nursery.start_soon(subscription.receive_batch)  # back for more
+            await trio.testing.wait_all_tasks_blocked()
+            assert handled == [True]
+            nursery.cancel_scope.cancel()
+        # A closed subscription's frames are gone with it: nothing more to wait for.
+        await stream.publish(frames)
+        subscription.close("gone")
+        await subscription.wait_handled(subscription.handled_mark() + 3)

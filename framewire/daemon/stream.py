@@ -177,6 +177,7 @@ class Subscription:
         "_ending",
         "_frames_out",
         "_group",
+        "_handled",
         "_idle_in",
         "_mark_bytes",
         "_mark_frames",
@@ -185,6 +186,7 @@ class Subscription:
         "_queued_frames",
         "_seen",
         "_sessions",
+        "_wake_handled",
         "_wake_publisher",
         "blocks_of",
         "bounds",
@@ -264,6 +266,10 @@ class Subscription:
         #: fanned-out frame an allocation per client).
         self._consumer: trio.lowlevel.Task | None = None
         self._wake_publisher: trio.Event | None = None
+        #: Frames its consumer has taken and come back from (see :meth:`wait_handled`), and
+        #: the event of whoever waits for that to grow.
+        self._handled = 0
+        self._wake_handled: trio.Event | None = None
         self._closed: SubscriptionClosed | None = None
         self._ending: str | None = None
         #: The consumer's direct writer, or None (see the module docstring): called with
@@ -288,6 +294,32 @@ class Subscription:
     @property
     def closed(self) -> bool:
         return self._closed is not None
+
+    def handled_mark(self) -> int:
+        """How many frames this subscription has been given so far (taken by its consumer or
+        queued; a block counts its frames): a mark for :meth:`wait_handled`. Meant for
+        lossless subscriptions, which drop nothing."""
+        return self._frames_out + self._queued_frames
+
+    async def wait_handled(self, mark: int) -> None:
+        """Wait until the consumer has handled the first ``mark`` frames it was given: it
+        took them and came back to :meth:`receive_batch` for more (so a recorder has written
+        them, a server's writer has handed them to the kernel), or the subscription closed
+        (what it had not handled then is gone with it). Returns at once if that is so
+        already; otherwise a checkpoint. Raises only trio.Cancelled."""
+        while self._closed is None and self._handled < mark:
+            event = self._wake_handled
+            if event is None:
+                event = self._wake_handled = trio.Event()
+            await event.wait()
+
+    def _came_back(self) -> None:
+        """The consumer asks for more: what it took before is handled."""
+        self._handled = self._frames_out
+        event = self._wake_handled
+        if event is not None:
+            self._wake_handled = None
+            event.set()
 
     @property
     def close_reason(self) -> str | None:
@@ -709,6 +741,7 @@ class Subscription:
         Raises:
             SubscriptionClosed: the subscription was closed, or ended and fully drained.
         """
+        self._came_back()
         queue = self._queue
         waited = False
         while not queue:
@@ -817,6 +850,9 @@ class Subscription:
         if self._wake_publisher is not None:
             self._wake_publisher.set()
         self._wake_publisher = None
+        if self._wake_handled is not None:
+            self._wake_handled.set()
+            self._wake_handled = None
 
 
 class DirectGroup(Generic[T]):
@@ -1044,6 +1080,11 @@ class Stream:
     @property
     def subscriptions(self) -> list[Subscription]:
         return [*self._lossy, *self._lossless]
+
+    @property
+    def lossless(self) -> list[Subscription]:
+        """The lossless subscriptions (a copy)."""
+        return list(self._lossless)
 
     def subscribe(
         self,

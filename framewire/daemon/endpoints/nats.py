@@ -33,7 +33,9 @@ subscriber takes apart; metadata always goes alone.
     the retries go one message at a time until one is stored.
     Subscribing reads ``FW_x`` through a pull consumer (``durable`` names it so it resumes
     where it stopped; unnamed, it starts anew each time): it fetches a batch, publishes it into
-    ``stream``, then acknowledges it (after a full batch, while the next one is fetched).
+    ``stream``, then, once every lossless subscriber of ``stream`` has handled it (taken it
+    and come back for more: a recorder has written it), acknowledges it (after a full batch,
+    while the next one is fetched), so a crash of this daemon loses nothing acknowledged.
     Delivery from JetStream
     is at least once; redeliveries (sequence not above the last one published) are dropped, so
     the stream sees each frame once while the endpoint runs. Messages the consumer skips
@@ -668,6 +670,12 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         detail["frames_incomplete"] = assembler.frames_incomplete
         return frames
 
+    def _stream_lossless_marks(self) -> list[tuple[Subscription, int]]:
+        """The stream's lossless subscriptions, each with how many frames it has been given
+        (see :meth:`Subscription.wait_handled`)."""
+        stream = self.context.streams.get(self.config.stream)
+        return [(subscription, subscription.handled_mark()) for subscription in stream.lossless]
+
     async def _publish_frames(self, frames: list[Frame]) -> None:
         if not frames:
             return
@@ -881,6 +889,12 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                             thread, max(first, last - self._max_ack_pending() + 1), last
                         )
                     await self._publish_frames(self._decode(messages))
+                # Acknowledged means kept: wait until every lossless subscriber (a recorder,
+                # a sender to the pipeline) has handled what it was given, so that a crash
+                # of this daemon loses nothing JetStream no longer holds for it. (The next
+                # batch is being fetched meanwhile.)
+                for subscription, mark in self._stream_lossless_marks():
+                    await subscription.wait_handled(mark)
                 if not self._assembler.assembling:
                     ack_upto = batch[-1] if batch else None
                 else:
