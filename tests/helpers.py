@@ -95,6 +95,18 @@ def endpoint_port(daemon: Daemon, name: str) -> int:
     return port_of(daemon.endpoints[name].status.address[0])
 
 
+async def server_clients(daemon: Daemon, count: int, name: str = "out") -> list[NativePeer]:
+    """``count`` native clients of the server endpoint ``name``, each connected once the
+    server counts the one before (so they are in its client table in this order)."""
+    status = daemon.endpoints[name].status
+    port = endpoint_port(daemon, name)
+    peers: list[NativePeer] = []
+    for _ in range(count):
+        peers.append(await connect(port))
+        await wait_until(lambda: len(status.clients) == len(peers))
+    return peers
+
+
 async def parked(subscription: Subscription, nursery: trio.Nursery) -> list[list[Frame]]:
     """Start a consumer of ``subscription`` that records each batch; return once it waits."""
     batches: list[list[Frame]] = []

@@ -27,7 +27,7 @@ from framewire.daemon.stream import (
     SubscriptionClosed,
 )
 
-from .helpers import NativePeer, connect, encode, parked, running_daemon, wait_until
+from .helpers import NativePeer, connect, encode, parked, running_daemon, server_clients, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "socketpair"), reason="needs socketpair")
 
@@ -283,16 +283,6 @@ def server_of(daemon: Daemon) -> ServerEndpoint:
     return out
 
 
-async def clients_of(daemon: Daemon, count: int) -> list[NativePeer]:
-    out = server_of(daemon)
-    port = int(out.status.address[0].rsplit(":", 1)[1])
-    peers = []
-    for _ in range(count):
-        peers.append(await connect(port))
-        await wait_until(lambda: len(out.status.clients) == len(peers))
-    return peers
-
-
 def subscription_of(daemon: Daemon, peer: NativePeer) -> Subscription:
     """The daemon's subscription for the client ``peer``."""
     assert isinstance(peer.stream, trio.SocketStream)
@@ -309,7 +299,7 @@ async def test_idle_clients_are_written_by_the_group_and_status_is_exact_between
 ):
     frames = [meta(b"first"), data(1), data(2), meta(b"second"), data(3)]
     async with running_daemon(CONFIG) as daemon:
-        peers = await clients_of(daemon, 3)
+        peers = await server_clients(daemon, 3)
         out = server_of(daemon)
         group = out._group
         assert group is not None
@@ -349,7 +339,7 @@ async def test_a_partial_write_leaves_the_group_finishes_first_then_rejoins() ->
     left half done (its writer finishes it), later frames queue behind it, metadata among
     them; once it reads, everything arrives whole and in order, and it is idle again."""
     async with running_daemon(CONFIG) as daemon:
-        slow, quick = await clients_of(daemon, 2)
+        slow, quick = await server_clients(daemon, 2)
         out = server_of(daemon)
         group = out._group
         assert group is not None
@@ -393,7 +383,7 @@ async def test_a_client_that_resets_mid_publish_is_closed_alone_with_one_log_lin
 ) -> None:
     caplog.set_level(logging.INFO, logger="framewire")
     async with running_daemon(CONFIG) as daemon:
-        first, gone, last = await clients_of(daemon, 3)
+        first, gone, last = await server_clients(daemon, 3)
         out = server_of(daemon)
         group = out._group
         assert group is not None
@@ -429,7 +419,7 @@ async def test_a_client_that_resets_mid_publish_is_closed_alone_with_one_log_lin
 
 async def test_a_client_joining_between_publishes_gets_the_cache_first_then_live_frames() -> None:
     async with running_daemon(CONFIG) as daemon:
-        (early,) = await clients_of(daemon, 1)
+        (early,) = await server_clients(daemon, 1)
         out = server_of(daemon)
         group = out._group
         assert group is not None
@@ -474,7 +464,7 @@ async def test_a_closed_socket_is_never_written_through_a_reused_descriptor() ->
     socket) is not written: the group looks the descriptor up from the socket for each
     write, and a closed socket's is -1. The frames are queued for its writer instead."""
     async with running_daemon(CONFIG) as daemon:
-        victim, other = await clients_of(daemon, 2)
+        victim, other = await server_clients(daemon, 2)
         out = server_of(daemon)
         group = out._group
         assert group is not None

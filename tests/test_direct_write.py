@@ -20,7 +20,7 @@ from framewire.daemon.stream import DirectWrite, QueueBounds, Stream, Subscripti
 from framewire.daemon.transport import Connection
 from framewire.protocols.native import NativeBlock
 
-from .helpers import NativePeer, connect, encode, parked, running_daemon, wait_until
+from .helpers import NativePeer, connect, encode, parked, running_daemon, server_clients, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "socketpair"), reason="needs socketpair")
 
@@ -311,11 +311,7 @@ class Recording:
 async def clients_of(daemon: Daemon, count: int) -> list[tuple[NativePeer, Recording]]:
     """``count`` native clients of ``out``, each with its direct writer recorded."""
     out = daemon.endpoints["out"]
-    port = int(out.status.address[0].rsplit(":", 1)[1])
-    peers = []
-    for _ in range(count):
-        peers.append(await connect(port))
-        await wait_until(lambda: len(out.status.clients) == len(peers))
+    peers = await server_clients(daemon, count)
     recordings = {}
     for client in out.status.clients.values():
         assert client.subscription is not None

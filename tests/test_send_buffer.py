@@ -13,10 +13,9 @@ import trio
 import trio.testing
 
 from framewire import Frame, FrameKind
-from framewire.daemon import Daemon
 from framewire.daemon.transport import set_send_buffer
 
-from .helpers import NativePeer, connect, running_daemon, wait_until
+from .helpers import running_daemon, server_clients
 
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="Linux reports SO_SNDBUF doubled"
@@ -45,23 +44,13 @@ send_buffer = {send_buffer}
 """
 
 
-async def clients(daemon: Daemon, count: int) -> list[NativePeer]:
-    out = daemon.endpoints["out"].status
-    port = int(out.address[0].rsplit(":", 1)[1])
-    peers = []
-    for _ in range(count):
-        peers.append(await connect(port))
-        await wait_until(lambda: len(out.clients) == len(peers))
-    return peers
-
-
 @linux_only
 async def test_each_client_gets_the_send_buffer_and_status_shows_what_the_kernel_gave(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING)
     async with running_daemon(config('"256KiB"')) as daemon:
-        peers = await clients(daemon, 2)
+        peers = await server_clients(daemon, 2)
         out = daemon.endpoints["out"].status
         assert out.detail["send_buffer"] == 2 * 256 * 1024
         # The clients are served as before.
@@ -83,7 +72,7 @@ async def test_a_send_buffer_the_kernel_caps_is_one_warning_and_the_truth_in_sta
     cap = CAP
     caplog.set_level(logging.WARNING)
     async with running_daemon(config(str(2 * cap))) as daemon:
-        peers = await clients(daemon, 3)
+        peers = await server_clients(daemon, 3)
         assert daemon.endpoints["out"].status.detail["send_buffer"] == 2 * cap
         for peer in peers:
             await peer.stream.aclose()

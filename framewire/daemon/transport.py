@@ -99,6 +99,12 @@ RCVLOWAT_MAX: Final = 4 << 20
 PEEK_BYTES: Final = 512
 #: Where FIONREAD puts how many bytes a socket holds (one task reads it at a time).
 _INQ: Final = array.array("i", [0])
+
+
+def _bytes_held(fd: int) -> int:
+    """How many received bytes socket ``fd`` holds unread (FIONREAD). Raises OSError."""
+    fcntl.ioctl(fd, termios.FIONREAD, _INQ)
+    return _INQ[0]
 #: Buffers per writev() call (Linux's IOV_MAX is 1024).
 _IOV_MAX: Final = 1024
 #: Mode of a UNIX socket file unless configured: owner and group may connect.
@@ -271,12 +277,10 @@ class Connection:
         sock = self._socket
         if sock is None:
             return 0
-        held = array.array("i", [0])
         try:
-            fcntl.ioctl(sock.fileno(), termios.FIONREAD, held)
+            return _bytes_held(sock.fileno())
         except OSError:
             return 0
-        return held[0]
 
     async def establish(self) -> None:
         """Finish setting the connection up: the TLS handshake of an accepted TLS stream,
@@ -376,8 +380,7 @@ class Connection:
                 if whole:
                     wait = False
                     with contextlib.suppress(OSError):  # the read says why
-                        fcntl.ioctl(fd, termios.FIONREAD, _INQ)
-                        held = _INQ[0]
+                        held = _bytes_held(fd)
                         if 0 < held < size or 0 < needed <= held:
                             size = min(held, WHOLE_READ_HEAD)
                             if frame_size is not None and not needed:
@@ -480,8 +483,7 @@ class Connection:
             return None
         fd = sock.fileno()
         try:
-            fcntl.ioctl(fd, termios.FIONREAD, _INQ)
-            if _INQ[0] < size:
+            if _bytes_held(fd) < size:
                 return None
             data = os.read(fd, size)
         except (OSError, MemoryError):
