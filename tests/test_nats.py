@@ -1016,7 +1016,7 @@ async def test_two_jetstream_publishers_into_one_stream_each_keep_order(
 async def test_a_jetstream_retry_of_a_stored_message_is_a_duplicate_and_order_is_enforced(
     nats_server: NatsServer,
 ) -> None:
-    from framewire.daemon.natsio import AckTracker, refusal_kind
+    from framewire.daemon.nats import AckTracker, refusal_kind
     from framewire.protocols.nats import NatsMessage
 
     async def publish() -> list[list[tuple[bool, int, bool, str]]]:
@@ -1057,7 +1057,7 @@ async def test_a_jetstream_retry_of_a_stored_message_is_a_duplicate_and_order_is
 def test_nats_py_reads_a_mebibyte_at_a_time_never_less_than_it_would() -> None:
     import types
 
-    from framewire.daemon.natsio import READ_SIZE, raise_read_size, require_nats
+    from framewire.daemon.nats import READ_SIZE, raise_read_size, require_nats
 
     require_nats()
     assert nats.aio.client.DEFAULT_BUFFER_SIZE == READ_SIZE
@@ -1071,7 +1071,7 @@ def test_nats_py_reads_a_mebibyte_at_a_time_never_less_than_it_would() -> None:
 
 
 async def test_the_inbox_drops_the_oldest_data_never_metadata_and_wakes_trio_per_batch() -> None:
-    from framewire.daemon.natsio import Inbox, NatsThread
+    from framewire.daemon.nats import Inbox, NatsThread
 
     thread = NatsThread("test")
     thread.start()
@@ -1202,9 +1202,10 @@ async def test_a_required_stream_that_is_missing_is_waited_for(
 async def test_without_nats_py_the_endpoint_fails_at_start_naming_the_extra(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from framewire.daemon import DaemonStartFailed, natsio
+    from framewire.daemon import DaemonStartFailed
+    from framewire.daemon.nats import _thread
 
-    monkeypatch.setattr(natsio, "_nats", None)
+    monkeypatch.setattr(_thread, "_nats", None)
     monkeypatch.setitem(sys.modules, "nats", None)  # import nats raises ImportError
     daemon = Daemon(parse_config(subscriber_toml("nats://127.0.0.1:4222")))
     with pytest.raises(DaemonStartFailed) as caught, trio.fail_after(PATIENCE):

@@ -20,7 +20,7 @@ import trio
 from framewire.cli import render_status
 from framewire.config import ConfigError, NatsServerConfig, parse_config
 from framewire.daemon import Daemon, DaemonStartFailed
-from framewire.daemon.natsserver import (
+from framewire.daemon.nats import (
     NAME,
     EmbeddedNatsServer,
     NatsServerFailed,

@@ -103,7 +103,7 @@ def check_config(config: Config, *, resolve: Resolver = resolve_host) -> CheckRe
 def _embedded_nats(nats: NatsServerConfig) -> list[str]:
     """The embedded nats-server's program, store directory and extra configuration file."""
     # Imported here: the daemon imports the config package.
-    from ..daemon.natsserver import NatsServerFailed, default_store_dir, find_binary
+    from ..daemon.nats import NatsServerFailed, default_store_dir, find_binary
 
     errors: list[str] = []
     try:

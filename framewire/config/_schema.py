@@ -938,7 +938,7 @@ MaxPayload = Annotated[int, Check(_payload)]
 @attrs.frozen
 class NatsServerConfig:
     """``[nats]``: with ``embedded = true``, ``framewire run`` starts a local nats-server with
-    JetStream and supervises it like an endpoint (see framewire/daemon/natsserver.py).
+    JetStream and supervises it like an endpoint (see framewire/daemon/nats/_server.py).
 
     ``nats`` endpoints without ``servers`` connect to it. ``store_dir`` defaults to
     ``$STATE_DIRECTORY/nats`` (systemd's StateDirectory=), else

@@ -25,7 +25,7 @@ from ..config import Address, Config, ConfigError, StatusConfig, check_config, l
 from .backoff import Backoff
 from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, start_order
 from .metrics import DaemonMetrics
-from .natsserver import EmbeddedNatsServer, with_embedded_servers
+from .nats import EmbeddedNatsServer, with_embedded_servers
 from .notify import SystemdNotifier
 from .rates import RateMeter
 from .status import StatusServer, build_snapshot

@@ -51,7 +51,7 @@ from .dashboard import DASHBOARD
 from .lograte import RateLimitedWarning
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricsView
-from .natsserver import EmbeddedNatsServer
+from .nats import EmbeddedNatsServer
 from .rates import RateMeter
 from .transport import ACCEPT_RETRY_ERRNOS, peer_name
 

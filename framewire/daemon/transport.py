@@ -105,6 +105,8 @@ def _bytes_held(fd: int) -> int:
     """How many received bytes socket ``fd`` holds unread (FIONREAD). Raises OSError."""
     fcntl.ioctl(fd, termios.FIONREAD, _INQ)
     return _INQ[0]
+
+
 #: Buffers per writev() call (Linux's IOV_MAX is 1024).
 _IOV_MAX: Final = 1024
 #: Mode of a UNIX socket file unless configured: owner and group may connect.

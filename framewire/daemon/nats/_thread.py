@@ -17,11 +17,7 @@ on the loop when it passes (raising :class:`TimeoutError` in trio), and a trio c
 cancels it too. :meth:`NatsThread.stop` stops the loop and joins the thread in a worker thread,
 so trio never blocks on it.
 
-JetStream publish acks are tracked here (:class:`AckTracker`) rather than with nats-py's
-``publish_async``: nats-py 2.16 never resolves a ``publish_async`` future whose ack carries an
-error (a 429, for instance), so ``publish_async_completed()`` can hang forever. Each message is
-published with its own reply subject under one inbox subscription; the acks are parsed here,
-and every wait for them has ``ack_timeout``.
+JetStream's side (acks, the streams, reading them back) is in :mod:`._jetstream`.
 """
 
 from __future__ import annotations
@@ -30,40 +26,24 @@ import asyncio
 import contextlib
 import functools
 import importlib
-import json
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import Future
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
+from typing import Any, Final, Generic, TypeVar
 
 import attrs
 import trio
 
-from ..protocols.nats import NatsMessage
-
-if TYPE_CHECKING:
-    from nats.aio.client import Client as NatsClient
-    from nats.aio.msg import Msg
-
 __all__ = [
-    "AckOutcome",
-    "AckTracker",
     "Inbox",
-    "MissingStream",
     "NatsThread",
     "NatsUnavailable",
     "PendingCall",
-    "StreamLayout",
     "describe_nats_error",
-    "ensure_streams",
-    "parse_ack",
-    "read_last_metadata",
-    "read_stream_range",
-    "refusal_kind",
+    "raise_read_size",
     "require_nats",
-    "source_sequence",
 ]
 
 T = TypeVar("T")
@@ -423,301 +403,3 @@ class Inbox(Generic[ItemT]):
             self._ready = trio.Event()
         await trio.lowlevel.checkpoint()
         return [slot.item for slot in slots]
-
-
-@attrs.frozen
-class AckOutcome:
-    """What became of one JetStream publish.
-
-    ``ok``: stored (``duplicate``: it had been stored before, by an earlier try with the same
-    ``Nats-Msg-Id``). Otherwise ``code`` is the server's (429 too many requests, 503 no
-    responders, no stream leader or message too large, ...) or 0 for a timeout or a client
-    error, ``err_code`` JetStream's own code (10077: message too large) and ``description``
-    one line.
-    """
-
-    ok: bool
-    sequence: int = 0
-    duplicate: bool = False
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-#: JetStream's error code for a message over its size limit.
-ERR_STORE_FAILED: Final = 10077
-#: JetStream's error code for a message whose ``Nats-Expected-Last-Msg-Id`` is not the id of
-#: the stream's last message: the message before it in its window was not stored (or another
-#: publisher's message came between them).
-ERR_WRONG_LAST_MSG_ID: Final = 10070
-
-
-def refusal_kind(outcome: AckOutcome) -> str:
-    """What a refused publish means: ``too_large``, ``stream_full``, ``throttled`` (429),
-    ``unavailable`` (503: no stream, no leader), ``out_of_order`` (the message before it was
-    not the stream's last: see :data:`ERR_WRONG_LAST_MSG_ID`), ``no_ack`` or ``refused``.
-
-    JetStream reports a full stream (``discard = "new"``: "maximum bytes/messages exceeded")
-    and a message over a limit ("message too large", "message size exceeds maximum allowed")
-    under one error code, 10077 (store failed), so the description decides.
-    """
-    text = outcome.description.lower()
-    if outcome.err_code == ERR_WRONG_LAST_MSG_ID:
-        return "out_of_order"
-    if "too large" in text or "size exceeds" in text:
-        return "too_large"
-    if "exceeded" in text or "insufficient resources" in text or "storage" in text:
-        return "stream_full"
-    if outcome.code == 429:
-        return "throttled"
-    if outcome.code == 503:
-        return "unavailable"
-    return "refused" if outcome.code or outcome.err_code else "no_ack"
-
-
-def parse_ack(msg: Msg) -> AckOutcome:
-    """The outcome a JetStream ack message (or a no-responders status) reports."""
-    headers = msg.headers or {}
-    status = headers.get("Status")
-    if status and not msg.data:
-        code = int(status) if status.isdigit() else 0
-        description = headers.get("Description") or (
-            "no responders: no JetStream stream captures this subject" if code == 503 else ""
-        )
-        return AckOutcome(False, code=code, description=description or f"status {status}")
-    try:
-        reply = json.loads(msg.data)
-    except ValueError:
-        return AckOutcome(False, description="an ack that is not JSON")
-    if not isinstance(reply, dict):
-        return AckOutcome(False, description="an ack that is not a JSON object")
-    error = reply.get("error")
-    if isinstance(error, dict):
-        return AckOutcome(
-            False,
-            code=int(error.get("code") or 0),
-            err_code=int(error.get("err_code") or 0),
-            description=str(error.get("description") or "refused"),
-        )
-    sequence = reply.get("seq")
-    if not isinstance(sequence, int):
-        return AckOutcome(False, description="an ack without a stream sequence")
-    return AckOutcome(True, sequence=sequence, duplicate=bool(reply.get("duplicate")))
-
-
-class AckTracker:
-    """JetStream publishes with their own acks, on the asyncio loop (see the module docstring).
-
-    Make it with :meth:`open` (on the loop, once connected); :meth:`publish` publishes a
-    window of messages in order and waits (at most ``ack_timeout``) for every ack.
-    """
-
-    def __init__(self, client: NatsClient) -> None:
-        self._client = client
-        self._prefix = ""
-        self._futures: dict[str, asyncio.Future[AckOutcome]] = {}
-        self._next = 0
-
-    @classmethod
-    async def open(cls, client: NatsClient) -> AckTracker:
-        tracker = cls(client)
-        tracker._prefix = client.new_inbox()
-        await client.subscribe(f"{tracker._prefix}.*", cb=tracker._on_ack)
-        return tracker
-
-    @property
-    def pending(self) -> int:
-        """Acks awaited now."""
-        return len(self._futures)
-
-    async def _on_ack(self, msg: Msg) -> None:
-        future = self._futures.pop(msg.subject, None)
-        if future is not None and not future.done():
-            future.set_result(parse_ack(msg))
-
-    async def publish(
-        self, messages: Sequence[NatsMessage], ack_timeout: float
-    ) -> list[AckOutcome]:
-        """Publish ``messages`` in order; return each one's outcome (a timeout is one)."""
-        loop = asyncio.get_running_loop()
-        client = self._client
-        waiting: list[tuple[str, asyncio.Future[AckOutcome]]] = []
-        for message in messages:
-            reply = f"{self._prefix}.{self._next}"
-            self._next += 1
-            future: asyncio.Future[AckOutcome] = loop.create_future()
-            self._futures[reply] = future
-            waiting.append((reply, future))
-            try:
-                # A memoryview works: nats-py concatenates the payload to the command.
-                payload = cast("bytes", message.payload)
-                await client.publish(message.subject, payload, reply=reply, headers=message.headers)
-            except Exception as exc:
-                self._futures.pop(reply, None)
-                future.set_result(AckOutcome(False, description=describe_nats_error(exc)))
-        futures = [future for _, future in waiting if not future.done()]
-        try:
-            if futures:
-                await asyncio.wait(futures, timeout=ack_timeout)
-        except BaseException:
-            for reply, _ in waiting:
-                self._futures.pop(reply, None)
-            raise
-        outcomes = []
-        for reply, future in waiting:
-            if future.done():
-                outcomes.append(future.result())
-            else:
-                self._futures.pop(reply, None)
-                future.cancel()
-                outcomes.append(AckOutcome(False, description=f"no ack within {ack_timeout:g}s"))
-        return outcomes
-
-
-class MissingStream(LookupError):
-    """A JetStream stream the configuration requires (``create = false``) does not exist."""
-
-
-@attrs.frozen
-class StreamLayout:
-    """Where a framewire stream lives in JetStream (see ``docs/protocol.md``).
-
-    ``mode = "jetstream"``: ``stream`` captures ``SUBJECT.>`` (data and metadata, one order)
-    and ``meta_stream`` sources ``SUBJECT.meta.>`` from it, keeping one message per subject:
-    the latest metadata of each type, which outlives ``stream``'s limits. ``mode = "core"``:
-    only ``meta_stream``, capturing ``SUBJECT.meta.>`` itself (core publishes land in it).
-    """
-
-    subject: str
-    stream: str
-    meta_stream: str
-    mode: str
-    create: bool
-    replicas: int = 1
-    storage: str = "file"
-    max_bytes: int = 0
-    max_age: float = 0.0
-    discard: str = "old"
-    duplicate_window: float = 120.0
-
-    def configs(self) -> list[Any]:
-        """The nats-py StreamConfig of each stream, the frames' stream first."""
-        api = importlib.import_module("nats.js.api")
-        common: dict[str, Any] = {
-            "storage": api.StorageType(self.storage),
-            "num_replicas": self.replicas,
-        }
-        meta_subjects = f"{self.subject}.meta.>"
-        if self.mode == "core":
-            return [
-                api.StreamConfig(
-                    name=self.meta_stream,
-                    subjects=[meta_subjects],
-                    max_msgs_per_subject=1,
-                    **common,
-                )
-            ]
-        frames = api.StreamConfig(
-            name=self.stream,
-            subjects=[f"{self.subject}.>"],
-            max_bytes=self.max_bytes or -1,
-            max_age=self.max_age or None,
-            discard=api.DiscardPolicy(self.discard),
-            duplicate_window=self.duplicate_window,
-            **common,
-        )
-        meta = api.StreamConfig(
-            name=self.meta_stream,
-            sources=[api.StreamSource(name=self.stream, filter_subject=meta_subjects)],
-            max_msgs_per_subject=1,
-            **common,
-        )
-        return [frames, meta]
-
-
-async def ensure_streams(js: Any, layout: StreamLayout) -> list[str]:
-    """Create the layout's streams (or update them to the configuration), or with
-    ``create = false`` check that they exist. Returns what was done, one line each.
-
-    Raises MissingStream, and nats-py's errors (an APIError says what the server refused).
-    """
-    errors = importlib.import_module("nats.js.errors")
-    done = []
-    for config in layout.configs():
-        try:
-            await js.stream_info(config.name)
-        except errors.NotFoundError:
-            if not layout.create:
-                raise MissingStream(
-                    f"JetStream stream {config.name} does not exist (create = false: make it, "
-                    "or set create = true)"
-                ) from None
-            await js.add_stream(config)
-            done.append(f"created JetStream stream {config.name}")
-            continue
-        if layout.create:
-            await js.update_stream(config)
-    return done
-
-
-async def read_last_metadata(js: Any, layout: StreamLayout) -> list[tuple[int | None, Any]]:
-    """The latest metadata message of each type (nats-py RawStreamMsg objects, in no
-    particular order), each with the sequence it has in the frames' stream (None when that is
-    not known: core mode). Empty when neither stream exists.
-
-    JetStream mode reads the frames' stream first (exact, and not subject to the last-value
-    stream's copying lag), then the last-value stream for the types the frames' stream no
-    longer holds (its limits dropped them).
-    """
-    errors = importlib.import_module("nats.js.errors")
-    found: dict[str, tuple[int | None, Any]] = {}
-    meta_subjects = f"{layout.subject}.meta.>"
-    sources = [layout.meta_stream] if layout.mode == "core" else [layout.stream, layout.meta_stream]
-    for name in sources:
-        try:
-            info = await js.stream_info(name, subjects_filter=meta_subjects)
-        except errors.NotFoundError:
-            continue
-        for subject in info.state.subjects or {}:
-            if subject in found:
-                continue
-            try:
-                message = await js.get_last_msg(name, subject)
-            except errors.NotFoundError:
-                continue
-            origin = message.seq if name == layout.stream else source_sequence(message.headers)
-            found[subject] = (origin, message)
-    return list(found.values())
-
-
-async def read_stream_range(
-    js: Any, stream: str, subject: str, first: int, count: int
-) -> list[tuple[str, dict[str, str] | None, bytes]]:
-    """Messages ``first`` to ``first + count - 1`` of ``stream`` on ``SUBJECT.>`` (subject,
-    headers, payload), in order, read one by one; those the stream no longer holds, and those
-    on other subjects, are left out.
-
-    Raises nats-py's errors but NotFoundError."""
-    errors = importlib.import_module("nats.js.errors")
-    prefix = f"{subject}."
-    found = []
-    for sequence in range(first, first + count):
-        try:
-            message = await js.get_msg(stream, sequence)
-        except errors.NotFoundError:
-            continue
-        if message.subject.startswith(prefix):
-            found.append((message.subject, message.headers, message.data or b""))
-    return found
-
-
-def source_sequence(headers: dict[str, str] | None) -> int | None:
-    """The origin stream sequence a sourced message carries (``Nats-Stream-Source``), or
-    None for a message stored directly."""
-    source = (headers or {}).get("Nats-Stream-Source")
-    if not source:
-        return None
-    parts = source.split()
-    if len(parts) < 2 or not parts[1].isdigit():
-        return None
-    return int(parts[1])

@@ -48,9 +48,9 @@ from typing import Any, Final
 import attrs
 import trio
 
-from ..config import BackoffConfig, Config, EndpointConfig, NatsConfig, NatsServerConfig
-from .backoff import Backoff
-from .supervisor import StartFailed, unwrap_error
+from ...config import BackoffConfig, Config, EndpointConfig, NatsConfig, NatsServerConfig
+from ..backoff import Backoff
+from ..supervisor import StartFailed, unwrap_error
 
 __all__ = [
     "NAME",

@@ -1,0 +1,442 @@
+"""Publishing a framewire stream to NATS: :class:`NatsPublisher` (core and JetStream) and
+:class:`JetStreamPublisher`, the acknowledged, pipelined JetStream path.
+
+The endpoint (:class:`~framewire.daemon.endpoints.nats.NatsEndpoint`) owns the connection,
+the state and the outgoing queue; a publisher takes batches from that queue, lays them out as
+messages (:class:`~framewire.protocols.nats.FramePacker`) and publishes them on the
+endpoint's :class:`~._thread.NatsThread`.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+from ...config import NatsConfig
+from ...frame import FrameKind
+from ...protocols.nats import (
+    HEADER_EXPECTED_LAST_MSG_ID,
+    HEADER_MSG_ID,
+    FrameLayout,
+    FramePacker,
+    NatsMessage,
+    PublishUnit,
+)
+from ..backoff import Backoff
+from ..flow import BATCH_BYTES, BATCH_FRAMES
+from ..stream import MetadataCache, Subscription, SubscriptionClosed
+from ._jetstream import AckOutcome, AckTracker, refusal_kind
+from ._thread import NatsThread, PendingCall
+
+if TYPE_CHECKING:
+    from ..endpoints.nats import NatsEndpoint
+
+__all__ = ["JetStreamPublisher", "NatsPublisher"]
+
+#: JetStream publishes awaiting their acks at most (besides ``max_inflight_bytes``).
+MAX_INFLIGHT_MESSAGES: Final = 8192
+#: A JetStream publish window holds at most ``max_inflight_bytes`` over this (or one
+#: message), so that several are in flight and acks come back while later ones go out.
+WINDOWS_IN_FLIGHT: Final = 4
+
+
+class NatsPublisher:
+    """Takes batches from the endpoint's outgoing queue and publishes them: without acks in
+    core mode (paced by flushes; data nats-py cannot take is dropped and counted, metadata
+    waits and is said again after every reconnect), through a :class:`JetStreamPublisher`
+    in JetStream mode (nothing dropped; the queue back-pressures the stream)."""
+
+    def __init__(self, endpoint: NatsEndpoint, thread: NatsThread) -> None:
+        self.endpoint = endpoint
+        self.thread = thread
+        self.config = endpoint.config
+        #: Data frames nats-py could not take (core, while disconnected), dropped.
+        self.unsent = 0
+        #: Core publish: bytes published since the last flush (a PING/PONG round trip).
+        self._unflushed = [0]
+        self._sent_metadata = MetadataCache()
+
+    def report_queue(self) -> None:
+        """Queue figures in status; ``frames_dropped`` adds what nats-py could not take."""
+        self.endpoint.outgoing.report()
+        self.endpoint.status.frames_dropped += self.unsent
+
+    async def run(self) -> None:
+        """Publish the outgoing queue until it ends gracefully (the endpoint stops)."""
+        endpoint = self.endpoint
+        thread = self.thread
+        config = self.config
+        jetstream = config.mode == "jetstream"
+        await endpoint.wait_connected()
+        acked: JetStreamPublisher | None = None
+        if jetstream:
+            await endpoint.ensure_streams(thread, required=True)
+            client = endpoint.client
+            tracker = await thread.call(
+                lambda: AckTracker.open(client), within=config.connect_timeout
+            )
+            acked = JetStreamPublisher(endpoint, thread, tracker)
+        elif config.create:
+            await endpoint.ensure_streams(thread, required=False)
+        endpoint.set_state("publishing")
+        layout = FrameLayout(config.subject_prefix, secrets.token_hex(6), msg_ids=jetstream)
+        packer = FramePacker(layout, max_frames=config.pack_frames, max_bytes=config.pack_bytes)
+        status = endpoint.status
+        reconnected = endpoint.reconnected
+        while True:
+            subscription = endpoint.outgoing.current
+            assert subscription is not None
+            self.report_queue()
+            if acked is not None and acked.windows and not _backlog(subscription, config):
+                # Less than a batch queued: collect the acks of the oldest window first (and
+                # let the queue gather a batch meanwhile) rather than publish a small window
+                # now; windows go out back to back only while a backlog lasts.
+                await acked.settle_oldest()
+                continue
+            try:
+                batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
+            except SubscriptionClosed as closed:
+                if closed.graceful:
+                    if acked is not None:
+                        await acked.settle_all()
+                    return
+                endpoint.log.warning("the outgoing queue was closed: %s", closed.reason)
+                endpoint.subscribe_outgoing()
+                continue
+            if not jetstream and reconnected.is_set():
+                # Core NATS keeps nothing: after a reconnect, say the metadata again first.
+                reconnected = endpoint.reconnected
+                batch = [*self._sent_metadata, *batch]
+            units = packer.units(batch, endpoint.message_limit(), endpoint.unencodable)
+            if acked is not None:
+                await acked.submit(units)
+            else:
+                await self._publish_core(units)
+            status.detail["packs_published"] = packer.packs
+            for unit in units:
+                if unit.kind is not FrameKind.DATA:
+                    self._sent_metadata.update(unit.frames[0])
+            status.detail["queue_frames"] = subscription.queued_frames
+
+    async def _publish_core(self, frames: list[PublishUnit]) -> None:
+        """Publish without acks, paced by a flush (a round trip to the server) every
+        ``max_inflight_bytes``. Data that nats-py cannot take (disconnected, its buffer full)
+        is dropped and counted; metadata waits for the connection and is tried again."""
+        endpoint = self.endpoint
+        thread = self.thread
+        status = endpoint.status
+        client = endpoint.client
+        unflushed = self._unflushed  # touched on the asyncio thread only
+        pace = self.config.max_inflight_bytes
+        flush_timeout = self.config.ack_timeout
+        start = 0
+        while start < len(frames):
+            todo = frames[start:]
+
+            async def publish(
+                todo: list[PublishUnit] = todo,
+            ) -> list[bool]:
+                """Publish; return whether each unit went, stopping before a metadata
+                frame that could not go."""
+                went = []
+                for unit in todo:
+                    try:
+                        for message in unit.messages:
+                            await client.publish(
+                                message.subject,
+                                message.payload,
+                                headers=message.headers,
+                            )
+                            unflushed[0] += message.size
+                        if unflushed[0] >= pace and client.is_connected:
+                            # Paced: at most max_inflight_bytes ahead of the server, so a
+                            # fast publisher does not get subscribers cut off as slow.
+                            unflushed[0] = 0
+                            await client.flush(timeout=flush_timeout)
+                    except Exception:
+                        if unit.kind is not FrameKind.DATA:
+                            break
+                        went.append(False)
+                        continue
+                    went.append(True)
+                return went
+
+            try:
+                went = await thread.call(publish, within=self.config.ack_timeout)
+            except TimeoutError as exc:
+                # nats-py could not take the batch in time (its buffer full, the server
+                # gone): the data is lost as for a lossy queue, metadata is said again.
+                endpoint.set_state("error", f"NATS publish: {exc}")
+                self.unsent += sum(len(u.frames) for u in todo if u.kind is FrameKind.DATA)
+                frames = [unit for unit in todo if unit.kind is not FrameKind.DATA]
+                start = 0
+                await endpoint.wait_connected()
+                continue
+            for unit, sent in zip(todo, went, strict=False):
+                if sent:
+                    status.frames_out += len(unit.frames)
+                    status.bytes_out += unit.nbytes
+                else:
+                    self.unsent += len(unit.frames)
+            start += len(went)
+            if start < len(frames):
+                # A metadata frame could not go: wait for the connection, then go on.
+                await endpoint.wait_connected()
+                await trio.sleep(0.01)
+
+
+@attrs.define
+class _Window:
+    """Messages published together whose acks are awaited together."""
+
+    messages: list[NatsMessage]
+    nbytes: int
+    acks: PendingCall[list[AckOutcome]]
+
+
+@attrs.define
+class _Unconfirmed:
+    """A unit some of whose messages are not known to be stored yet."""
+
+    unit: PublishUnit
+    messages_left: int
+
+
+class JetStreamPublisher:
+    """JetStream publishing with acks, pipelined: windows of messages (each at most a
+    :data:`WINDOWS_IN_FLIGHT` th of ``max_inflight_bytes``, or one message) are published one
+    after another without waiting for the acks of those before, as long as the windows
+    awaiting acks hold at most ``max_inflight_bytes`` (and :data:`MAX_INFLIGHT_MESSAGES`
+    messages); the acks are collected in order, oldest window first.
+
+    Order and exactly-once storage hold as without pipelining: every message names the one
+    published before it in ``Nats-Expected-Last-Msg-Id`` (the first after a moment with
+    nothing awaiting acks names none), so when one is refused the server refuses every one
+    after it, in its window and in the windows after it, instead of storing them ahead of
+    it. On a refusal (or a missing ack) every window still awaiting acks is collected, and
+    the messages from the first one not stored onwards are published again with the same
+    ``Nats-Msg-Id`` (a message that was stored after all is answered "duplicate"), one at a
+    time after a backoff until one is stored, then in windows again, before anything new.
+
+    Frames count as sent (``frames_out``) when the last message of their unit is stored.
+    Messages awaiting acks are the frames' own payloads: ``detail.inflight_bytes`` is the
+    bytes they hold.
+    """
+
+    def __init__(self, endpoint: NatsEndpoint, thread: NatsThread, tracker: AckTracker) -> None:
+        self.endpoint = endpoint
+        self.thread = thread
+        self.tracker = tracker
+        self.config = endpoint.config
+        self.windows: deque[_Window] = deque()
+        self.inflight_bytes = 0
+        self.inflight_messages = 0
+        self._unconfirmed: deque[_Unconfirmed] = deque()
+        self._last_id: str | None = None
+        self._backoff = Backoff(self.config.reconnect)
+
+    async def submit(self, units: Sequence[PublishUnit]) -> None:
+        """Publish the messages of ``units`` after those submitted before, waiting for acks
+        of earlier windows as far as the bounds need (retrying refused messages there)."""
+        for unit in units:
+            self._unconfirmed.append(_Unconfirmed(unit, len(unit.messages)))
+        pending = deque(message for unit in units for message in unit.messages)
+        limit = self.config.max_inflight_bytes
+        window_limit = limit // WINDOWS_IN_FLIGHT
+        while pending:
+            window: list[NatsMessage] = []
+            nbytes = 0
+            while pending:
+                size = pending[0].size
+                if window and nbytes + size > window_limit:
+                    break
+                if (window or self.windows) and (
+                    self.inflight_bytes + nbytes + size > limit
+                    or self.inflight_messages + len(window) >= MAX_INFLIGHT_MESSAGES
+                ):
+                    break
+                window.append(pending.popleft())
+                nbytes += size
+            if window:
+                self._start(window, nbytes)
+            else:
+                await self.settle_oldest()
+
+    def _start(self, messages: list[NatsMessage], nbytes: int) -> None:
+        """Publish a window now (chained to what awaits acks); its acks are collected later."""
+        previous = self._last_id if self.windows else None
+        for message in messages:
+            headers = message.headers
+            if previous is None:
+                headers.pop(HEADER_EXPECTED_LAST_MSG_ID, None)
+            else:
+                headers[HEADER_EXPECTED_LAST_MSG_ID] = previous
+            previous = headers.get(HEADER_MSG_ID)
+        self._last_id = previous
+        config = self.config
+        acks = self.thread.begin(
+            functools.partial(self.tracker.publish, messages, config.ack_timeout),
+            within=config.ack_timeout + len(messages) * 0.01 + 1,
+        )
+        self.windows.append(_Window(messages, nbytes, acks))
+        self.inflight_bytes += nbytes
+        self.inflight_messages += len(messages)
+        self._report()
+
+    async def _outcomes(self, window: _Window) -> list[AckOutcome]:
+        try:
+            return await window.acks.result()
+        except TimeoutError:
+            return [AckOutcome(False, description="no ack in time")]
+        finally:
+            self.windows.popleft()
+            self.inflight_bytes -= window.nbytes
+            self.inflight_messages -= len(window.messages)
+            self._report()
+
+    async def settle_all(self) -> None:
+        """Collect every window's acks (retrying what was not stored)."""
+        while self.windows:
+            await self.settle_oldest()
+
+    async def settle_oldest(self) -> None:
+        """Wait for the acks of the oldest window; if one of its messages was not stored,
+        collect the later windows too and publish again, in order, everything from that
+        message on, until all of it is stored."""
+        window = self.windows[0]
+        outcomes = await self._outcomes(window)
+        good = _stored_prefix(outcomes)
+        self._confirm(good)
+        if good == len(window.messages):
+            endpoint = self.endpoint
+            if endpoint.status.detail["state"] != "publishing":
+                endpoint.set_state("publishing")
+            self._backoff.reset()
+            return
+        failed = outcomes[good] if good < len(outcomes) else AckOutcome(False)
+        retry = window.messages[good:]
+        while self.windows:
+            # Refused after the failed one (their predecessor was not stored), or stored
+            # after all: published again either way, the second time answered "duplicate".
+            later = self.windows[0]
+            await self._outcomes(later)
+            retry += later.messages
+        await self._retry(retry, failed)
+
+    async def _retry(self, messages: list[NatsMessage], failed: AckOutcome) -> None:
+        """Publish ``messages`` (the first of which got ``failed``) until all are stored,
+        in order: after a refusal one at a time, with a backoff, until one is stored."""
+        endpoint = self.endpoint
+        config = self.config
+        detail = endpoint.status.detail
+        stored = 0
+        one_at_a_time = False
+        refusal: AckOutcome | None = failed
+        while stored < len(messages):
+            if refusal is not None and self._refused(refusal, messages[stored]):
+                one_at_a_time = True
+                await trio.sleep(self._backoff.next_delay())
+                await endpoint.wait_connected()
+            refusal = None
+            window: list[NatsMessage] = []
+            nbytes = 0
+            for message in messages[stored:]:
+                if window and (one_at_a_time or nbytes + message.size > config.max_inflight_bytes):
+                    break
+                window.append(message)
+                nbytes += message.size
+            self._start(window, nbytes)
+            outcomes = await self._outcomes(self.windows[0])
+            good = _stored_prefix(outcomes)
+            stored += good
+            self._confirm(good)
+            if good == len(window):
+                one_at_a_time = False
+            else:
+                refusal = outcomes[good] if good < len(outcomes) else AckOutcome(False)
+        if detail["state"] != "publishing":
+            endpoint.set_state("publishing")
+        self._backoff.reset()
+
+    def _refused(self, failed: AckOutcome, message: NatsMessage) -> bool:
+        """Record a refused JetStream publish; whether to back off before trying again (an
+        ``out_of_order`` refusal is retried at once: its predecessor was stored, yet is not
+        the stream's last message, because another publisher's message came between)."""
+        if refusal_kind(failed) == "out_of_order":
+            self.endpoint.count("order_retries")
+            return False
+        self.endpoint.count("publishes_refused")
+        state, problem = _describe_refusal(failed, self.config, message)
+        self.endpoint.set_state(state, problem)
+        return True
+
+    def _confirm(self, count: int) -> None:
+        """``count`` more messages are stored, in order: count the units they complete."""
+        status = self.endpoint.status
+        unconfirmed = self._unconfirmed
+        while count:
+            first = unconfirmed[0]
+            taken = min(count, first.messages_left)
+            first.messages_left -= taken
+            count -= taken
+            if not first.messages_left:
+                unconfirmed.popleft()
+                status.frames_out += len(first.unit.frames)
+                status.bytes_out += first.unit.nbytes
+
+    def _report(self) -> None:
+        detail = self.endpoint.status.detail
+        detail["inflight_bytes"] = self.inflight_bytes
+        detail["acks_pending"] = self.inflight_messages
+
+
+def _backlog(subscription: Subscription, config: NatsConfig) -> bool:
+    """Whether ``subscription`` holds a full batch (as much as one receive takes), or half
+    of what its bounds let it hold."""
+    return subscription.queued_frames >= min(
+        BATCH_FRAMES, config.max_queue_frames // 2
+    ) or subscription.queued_bytes >= min(BATCH_BYTES, config.max_queue_bytes // 2)
+
+
+def _stored_prefix(outcomes: Sequence[AckOutcome]) -> int:
+    """How many outcomes, from the first, say stored."""
+    good = 0
+    for outcome in outcomes:
+        if not outcome.ok:
+            break
+        good += 1
+    return good
+
+
+def _describe_refusal(
+    outcome: AckOutcome, config: NatsConfig, message: NatsMessage
+) -> tuple[str, str]:
+    """The state and the log line for a refused JetStream publish."""
+    kind = refusal_kind(outcome)
+    what = f"JetStream publish to {message.subject}"
+    code = f" ({outcome.code}" + (f"/{outcome.err_code}" if outcome.err_code else "") + ")"
+    if not outcome.code:
+        code = ""
+    retry = "; retrying with the same message id"
+    if kind == "too_large":
+        return "refused", (
+            f"{what} refused: {outcome.description}{code} for a message of {message.size} "
+            f"bytes; lower chunk_size (now {config.chunk_size}) or raise the stream's "
+            f"max_msg_size{retry}"
+        )
+    if kind == "stream_full":
+        return "stream_full", (
+            f"{what} refused, the stream is full: {outcome.description}{code} (discard = "
+            f'"{config.discard}"; make room or raise max_bytes){retry}'
+        )
+    if kind == "throttled":
+        return "throttled", f"{what} refused: too many requests{code}{retry}"
+    if kind == "no_ack":
+        return "no_ack", f"{what}: {outcome.description}{retry}"
+    return "refused", f"{what} refused: {outcome.description}{code}{retry}"
