@@ -42,7 +42,6 @@ from .config import (
     Config,
     ConfigError,
     TLSConfig,
-    check_config,
     default_config_text,
     format_size,
     load_config,
@@ -51,6 +50,7 @@ from .config import (
 )
 from .daemon import DaemonStartFailed, serve
 from .daemon.backoff import Backoff
+from .daemon.checks import check_config
 from .daemon.flow import receive_frames
 from .daemon.transport import (
     Connection,

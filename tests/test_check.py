@@ -1,5 +1,5 @@
 """``framewire check``: the files, directories and listeners a configuration names, and how its
-endpoints meet in streams (framewire/config/_checks.py; docs/configuration.md)."""
+endpoints meet in streams (framewire/daemon/checks.py; docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from framewire.cli import main
-from framewire.config import CheckReport, check_config, parse_config
-from framewire.config._checks import resolve_host
+from framewire.config import parse_config
+from framewire.daemon.checks import CheckReport, check_config, resolve_host
 
 FRAMEWIRE = [sys.executable, "-m", "framewire"]
 HOSTS = {"localhost": ["127.0.0.1", "::1"], "daq": ["10.0.0.5"], "v6only": ["::1"]}

@@ -849,7 +849,7 @@ async def test_an_unreachable_server_is_a_clear_error_not_ready(
 
 
 def test_check_knows_the_nats_kind(tmp_path: Path) -> None:
-    from framewire.config import check_config
+    from framewire.daemon.checks import check_config
 
     text = publisher_toml("nats://127.0.0.1:4222") + subscriber_toml(
         "nats://127.0.0.1:4222", extra=f'creds = "{tmp_path}/none.creds"'

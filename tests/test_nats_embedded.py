@@ -353,7 +353,7 @@ def test_the_real_process_says_ready_only_with_the_server_up_and_leaves_nothing_
 
 
 def test_framewire_check_looks_at_the_embedded_server(tmp_path: Path) -> None:
-    from framewire.config import check_config
+    from framewire.daemon.checks import check_config
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

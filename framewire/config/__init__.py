@@ -6,8 +6,6 @@ Load a file with :func:`load_config`; every error in it comes back together in o
 
 from ._address import Address as Address
 from ._address import parse_address as parse_address
-from ._checks import CheckReport as CheckReport
-from ._checks import check_config as check_config
 from ._load import ConfigError as ConfigError
 from ._load import default_config_text as default_config_text
 from ._load import load_config as load_config

@@ -21,8 +21,9 @@ from typing import Any, Final
 import trio
 
 from .._version import __version__
-from ..config import Address, Config, ConfigError, StatusConfig, check_config, load_config
+from ..config import Address, Config, ConfigError, StatusConfig, load_config
 from .backoff import Backoff
+from .checks import check_config
 from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, start_order
 from .metrics import DaemonMetrics
 from .nats import EmbeddedNatsServer, with_embedded_servers

@@ -1,9 +1,10 @@
 """What ``framewire check`` verifies beyond the schema: the files, directories and addresses a
 loaded configuration refers to, and how its endpoints meet in streams.
 
-The loader (:func:`~framewire.config.load_config`) checks the file alone, so it gives the same
-answer anywhere. :func:`check_config` looks at this machine as the daemon would see it when
-started from the current directory:
+It lives beside the transports, whose TLS set-up it uses (``framewire.config`` imports
+nothing from the daemon). The loader (:func:`~framewire.config.load_config`) checks the file
+alone, so it gives the same answer anywhere. :func:`check_config` looks at this machine as
+the daemon would see it when started from the current directory:
 
 Errors (``framewire check`` exits with status 2, every one listed):
 
@@ -46,8 +47,8 @@ from typing import Final
 
 import attrs
 
-from ._address import Address
-from ._schema import (
+from ..config import (
+    Address,
     BridgeConfig,
     Config,
     EndpointConfig,
@@ -58,8 +59,8 @@ from ._schema import (
     PubSubConfig,
     RecorderConfig,
     TLSConfig,
+    ZmqAddress,
 )
-from ._zmq_address import ZmqAddress
 
 __all__ = ["CheckReport", "Resolver", "check_config", "resolve_host"]
 
@@ -103,7 +104,7 @@ def check_config(config: Config, *, resolve: Resolver = resolve_host) -> CheckRe
 def _embedded_nats(nats: NatsServerConfig) -> list[str]:
     """The embedded nats-server's program, store directory and extra configuration file."""
     # Imported here: the daemon imports the config package.
-    from ..daemon.nats import NatsServerFailed, default_store_dir, find_binary
+    from .nats import NatsServerFailed, default_store_dir, find_binary
 
     errors: list[str] = []
     try:
@@ -177,7 +178,7 @@ def _tls_files(prefix: str, tls: TLSConfig, *, listening: bool) -> list[str]:
     if errors:
         return errors
     # Imported here: the daemon imports the config package.
-    from ..daemon.transport import client_tls_context, server_tls_context
+    from .transport import client_tls_context, server_tls_context
 
     try:
         (server_tls_context if listening else client_tls_context)(tls)
