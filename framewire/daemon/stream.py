@@ -996,12 +996,15 @@ class MetadataLimitExceeded(Exception):
 
     Raised by :meth:`Stream.publish` after the frames before it were published; the frame
     and those after it were not. The publisher should refuse that producer (close its
-    connection) with :attr:`reason` in one log line; the stream keeps serving.
+    connection) with :attr:`reason` in one log line; the stream keeps serving. A publisher
+    that cannot refuse its producer (frames from NATS) publishes the frames after
+    :attr:`index` (the refused frame's place in what it published) again.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, index: int = 0) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.index = index
 
 
 class MetadataCache:
@@ -1205,7 +1208,7 @@ class Stream:
                 reason = cache.update(frame)
                 if reason is not None:
                     self.metadata_refused += 1
-                    refused = MetadataLimitExceeded(f"stream {self.name!r}: {reason}")
+                    refused = MetadataLimitExceeded(f"stream {self.name!r}: {reason}", index)
                     frames = frames[:index]
                     break
                 metadata = True

@@ -18,10 +18,13 @@ Headers
     each frame header. Header values (and ``Fw-Type``) are percent-encoded where they hold
     ``%``, spaces, control or non-ASCII characters, so NATS's trimming of header values cannot
     change them; header keys are percent-encoded outside ``[A-Za-z0-9_.-]``. JetStream
-    publishes add ``Nats-Msg-Id`` (``PRODUCER-N``, the same on every retry) and, on every
-    message but the first of an in-flight window, ``Nats-Expected-Last-Msg-Id`` (the id of
-    the message before it), so the server refuses a message whose predecessor was refused:
-    the stream keeps the publisher's order.
+    publishes add ``Nats-Msg-Id`` (``PRODUCER-N``: the publisher's run and the message's
+    number in it, the same on every retry) and ``Fw-Seq`` (the number, in that run, of the
+    frame the message carries, or of a pack's first frame), from which a reader drops
+    retries the server stored twice and counts frames the stream lost
+    (:class:`ProducerSequences`); and, on every message but the first of an in-flight
+    window, ``Nats-Expected-Last-Msg-Id`` (the id of the message before it), so the server
+    refuses a message whose predecessor was refused: the stream keeps the publisher's order.
 Chunks
     A frame whose payload is over the chunk limit goes as consecutive messages on the same
     subject, each with every header above plus ``Fw-Chunk: I/N`` (1-based) and ``Fw-Size``
@@ -60,6 +63,7 @@ __all__ = [
     "HEADER_MSG_ID",
     "HEADER_PACK",
     "HEADER_RANK",
+    "HEADER_SEQ",
     "HEADER_SIZE",
     "HEADER_TS",
     "HEADER_TYPE",
@@ -69,7 +73,9 @@ __all__ = [
     "FramePacker",
     "NatsMessage",
     "NotAFrame",
+    "ProducerSequences",
     "PublishUnit",
+    "SequenceCheck",
     "escape_token",
     "header_bytes",
     "unescape_token",
@@ -85,6 +91,7 @@ HEADER_PREFIX: Final = "Fw-H-"
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
 HEADER_EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
 HEADER_PACK: Final = "Fw-Pack"
+HEADER_SEQ: Final = "Fw-Seq"
 #: The most frames one pack may hold.
 MAX_PACK_FRAMES: Final = 65536
 _PACK_COUNT: Final = re.compile(r"[1-9][0-9]{0,5}")
@@ -168,6 +175,7 @@ class FrameLayout:
         self.producer = producer
         self.msg_ids = msg_ids
         self._next_id = 0
+        self._next_frame = 0
         self._ranks: dict[str, int] = {}
         self._types: dict[tuple[FrameKind, str], tuple[str, dict[str, str]]] = {}
 
@@ -210,7 +218,7 @@ class FrameLayout:
         payload = frame.payload
         size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
         if size + header_bytes(headers) + self._id_bytes() <= limit:
-            return [NatsMessage(subject, self._with_id(headers), payload)]
+            return [NatsMessage(subject, self._with_id(headers, self._take_frames(1)), payload)]
         if frame.kind is not FrameKind.DATA:
             raise NotAFrame(
                 f"metadata frame {frame.type!r} of {size} bytes is over the {limit}-byte limit "
@@ -226,6 +234,7 @@ class FrameLayout:
             raise NotAFrame(f"a message limit of {limit} bytes leaves no room for a payload")
         count = -(-size // room)
         view = memoryview(payload).cast("B")
+        number = self._take_frames(1)
         messages = []
         for index in range(count):
             chunk_headers = {
@@ -234,7 +243,7 @@ class FrameLayout:
                 HEADER_SIZE: str(size),
             }
             piece = view[index * room : (index + 1) * room]
-            messages.append(NatsMessage(subject, self._with_id(chunk_headers), piece))
+            messages.append(NatsMessage(subject, self._with_id(chunk_headers, number), piece))
         return messages
 
     def pack(self, frames: Sequence[Frame], payload: Buffer) -> NatsMessage:
@@ -243,7 +252,7 @@ class FrameLayout:
         first = frames[0]
         subject, fixed = self._of_type(first)
         headers = {**fixed, HEADER_TS: str(first.timestamp), HEADER_PACK: str(len(frames))}
-        return NatsMessage(subject, self._with_id(headers), payload)
+        return NatsMessage(subject, self._with_id(headers, self._take_frames(len(frames))), payload)
 
     def pack_room(self, frame: Frame, limit: int) -> int:
         """Payload bytes a pack of ``frame``'s type may hold in a message of ``limit`` bytes."""
@@ -252,14 +261,29 @@ class FrameLayout:
         return limit - header_bytes(widest) - self._id_bytes()
 
     def _id_bytes(self) -> int:
-        # Nats-Msg-Id: PRODUCER-N and Nats-Expected-Last-Msg-Id: PRODUCER-N, N up to 20 digits.
+        # Nats-Msg-Id: PRODUCER-N, Nats-Expected-Last-Msg-Id: PRODUCER-N and Fw-Seq: F, each
+        # number up to 20 digits.
         if not self.msg_ids:
             return 0
-        return len(HEADER_MSG_ID) + len(HEADER_EXPECTED_LAST_MSG_ID) + 2 * len(self.producer) + 50
+        return (
+            len(HEADER_MSG_ID)
+            + len(HEADER_EXPECTED_LAST_MSG_ID)
+            + len(HEADER_SEQ)
+            + 2 * len(self.producer)
+            + 80
+        )
 
-    def _with_id(self, headers: dict[str, str]) -> dict[str, str]:
+    def _take_frames(self, count: int) -> int:
+        """The number of the first of ``count`` frames about to be laid out."""
+        number = self._next_frame
+        if self.msg_ids:
+            self._next_frame += count
+        return number
+
+    def _with_id(self, headers: dict[str, str], frame_number: int) -> dict[str, str]:
         if self.msg_ids:
             headers[HEADER_MSG_ID] = f"{self.producer}-{self._next_id}"
+            headers[HEADER_SEQ] = str(frame_number)
             self._next_id += 1
         return headers
 
@@ -532,3 +556,162 @@ class FrameAssembler:
         self.chunks_reassembled += 1
         # The buffer is handed over, never written again: no copy.
         return _frame_of(subject, partial.headers, partial.buffer)
+
+
+#: Producers whose sequences a :class:`ProducerSequences` remembers, by default.
+MAX_PRODUCERS: Final = 64
+
+
+@attrs.frozen
+class SequenceCheck:
+    """What :meth:`ProducerSequences.check` found about one message.
+
+    ``duplicate``: the message was seen before (a retry the server stored again): drop it.
+    ``lost``: frames of its producer that never came before it (``first_lost`` is the first
+    one's number); the stream discarded them, or they were never stored.
+    """
+
+    producer: str = ""
+    duplicate: bool = False
+    lost: int = 0
+    first_lost: int = 0
+
+
+_ACCEPTED: Final = SequenceCheck()
+
+
+@attrs.define
+class _Mark:
+    #: The number (``Nats-Msg-Id``) of the next message expected.
+    next_message: int
+    #: The number (``Fw-Seq``) of the next frame expected; while a chunked frame is coming,
+    #: that frame's.
+    next_frame: int
+    #: While a chunked frame is coming: the number of its first chunk's message (-1 when
+    #: that chunk was never seen).
+    frame_start: int = -1
+    chunking: bool = False
+    #: The chunked frame still coming was already counted lost (a chunk after its first
+    #: came after a gap).
+    counted: bool = False
+
+
+class ProducerSequences:
+    """A reader's memory of each publisher's messages and frames, from the ``Nats-Msg-Id``
+    (``PRODUCER-N``) and ``Fw-Seq`` headers every JetStream publish carries.
+
+    Feed every message of a stream in the order it is stored to :meth:`check`: a message
+    whose number its producer already passed is a duplicate (a publish retried after the
+    server forgot its id: the ``duplicate_window`` passed); a jump in a producer's frame
+    numbers is frames lost upstream (the stream discarded them under its limits before they
+    were read). Messages without both headers (core publishes, other programs) are
+    accepted and not counted.
+
+    :meth:`snapshot` gives the state as of whole frames (a chunked frame still coming is left
+    out, so the chunks are expected again), for a reader to keep beside its acknowledged
+    position and give back to :meth:`restore` after a restart. A producer seen first after
+    a restore starts from its first message: nothing is counted lost for it. At most
+    ``max_producers`` producers are remembered, the least recently seen forgotten first
+    (each publisher run is a producer: a retry of a forgotten one is not recognised).
+    """
+
+    def __init__(self, max_producers: int = MAX_PRODUCERS) -> None:
+        self.max_producers = max_producers
+        self._marks: dict[str, _Mark] = {}
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    def check(self, headers: Mapping[str, str] | None) -> SequenceCheck:
+        """Record the message with ``headers``; what it is (see :class:`SequenceCheck`)."""
+        if not headers:
+            return _ACCEPTED
+        msg_id = headers.get(HEADER_MSG_ID)
+        frame_text = headers.get(HEADER_SEQ)
+        if msg_id is None or frame_text is None or not _DIGITS.fullmatch(frame_text):
+            return _ACCEPTED
+        producer, _, message_text = msg_id.rpartition("-")
+        if not producer or not _DIGITS.fullmatch(message_text):
+            return _ACCEPTED
+        message = int(message_text)
+        frame = int(frame_text)
+        index, count = 1, 1
+        chunk = headers.get(HEADER_CHUNK)
+        if chunk is not None:
+            match = _CHUNK.fullmatch(chunk)
+            if match is not None:
+                index, count = int(match[1]), int(match[2])
+        pack = headers.get(HEADER_PACK)
+        frames = int(pack) if pack is not None and _PACK_COUNT.fullmatch(pack) else 1
+        marks = self._marks
+        mark = marks.get(producer)
+        lost = 0
+        first_lost = 0
+        counted = False  # this message's frame is counted lost (now or before)
+        if mark is None:
+            if len(marks) >= self.max_producers:
+                del marks[next(iter(marks))]
+            mark = marks[producer] = _Mark(message, frame)
+        else:
+            if next(reversed(marks)) != producer:
+                marks[producer] = marks.pop(producer)
+            if message < mark.next_message:
+                return SequenceCheck(producer, duplicate=True)
+            # A chunked frame still coming, already counted lost: it is not counted again.
+            already = mark.chunking and mark.counted
+            counted = already and frame == mark.next_frame
+            if message > mark.next_message:
+                # Messages are missing: the frames before this one that never completed, and
+                # this frame too when this is a chunk after its first.
+                first_lost = mark.next_frame + (1 if already else 0)
+                lost = max(0, frame - first_lost)
+                if index > 1 and not counted:
+                    lost += 1
+                    counted = True
+        mark.next_message = message + 1
+        if index < count:
+            if index == 1:
+                mark.frame_start = message
+            elif lost or not mark.chunking:
+                mark.frame_start = -1
+            mark.counted = counted
+            mark.chunking = True
+            mark.next_frame = frame
+        else:
+            mark.counted = False
+            mark.chunking = False
+            mark.frame_start = -1
+            mark.next_frame = frame + frames
+        if lost:
+            return SequenceCheck(producer, lost=lost, first_lost=first_lost)
+        return _ACCEPTED
+
+    def snapshot(self) -> dict[str, list[int]]:
+        """Each producer's ``[next message, next frame]`` as of its last whole frame."""
+        state = {}
+        for producer, mark in self._marks.items():
+            if mark.chunking and mark.frame_start >= 0:
+                state[producer] = [mark.frame_start, mark.next_frame]
+            else:
+                state[producer] = [mark.next_message, mark.next_frame]
+        return state
+
+    def restore(self, state: object) -> bool:
+        """Take a :meth:`snapshot` back (from JSON); False (and nothing changed) when it is
+        not one."""
+        if not isinstance(state, dict):
+            return False
+        marks: dict[str, _Mark] = {}
+        for producer, value in state.items():
+            if (
+                not isinstance(producer, str)
+                or not isinstance(value, list)
+                or len(value) != 2
+                or not all(type(number) is int and number >= 0 for number in value)
+            ):
+                return False
+            marks[producer] = _Mark(value[0], value[1])
+        while len(marks) > self.max_producers:
+            del marks[next(iter(marks))]
+        self._marks = marks
+        return True

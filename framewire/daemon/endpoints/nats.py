@@ -117,6 +117,13 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             key="messages_rejected",
             interval=log_interval,
         )
+        self.metadata_refused = RateLimitedWarning(
+            self.log,
+            "dropped metadata frames from NATS that the stream refused",
+            detail=self.status.detail,
+            key="metadata_refused",
+            interval=log_interval,
+        )
         self.unencodable = UnencodableFrames(self.log, "one NATS message", self.status.detail)
         self.outgoing = OutgoingQueue(self.status)
         self._backoff = Backoff(config.reconnect)
@@ -163,7 +170,11 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             packs_unpacked=0,
             frames_incomplete=0,
             messages_rejected=0,
+            metadata_refused=0,
             redeliveries_dropped=0,
+            duplicates_dropped=0,
+            frames_lost_upstream=0,
+            messages_lost_upstream=0,
             gap_messages_read=0,
             order_retries=0,
             connect_errors=0,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -33,6 +34,7 @@ __all__ = [
     "AckOutcome",
     "AckTracker",
     "MissingStream",
+    "ReaderMarks",
     "StreamLayout",
     "ensure_streams",
     "parse_ack",
@@ -218,6 +220,11 @@ class StreamLayout:
     discard: str = "old"
     duplicate_window: float = 120.0
 
+    @property
+    def readers_bucket(self) -> str:
+        """The key-value bucket where durable readers keep what they handled."""
+        return re.sub(r"[^A-Za-z0-9_-]", "_", f"{self.stream}_READERS")
+
     def configs(self) -> list[Any]:
         """The nats-py StreamConfig of each stream, the frames' stream first."""
         api = importlib.import_module("nats.js.api")
@@ -310,23 +317,76 @@ async def read_last_metadata(js: Any, layout: StreamLayout) -> list[tuple[int | 
 
 async def read_stream_range(
     js: Any, stream: str, subject: str, first: int, count: int
-) -> list[tuple[str, dict[str, str] | None, bytes]]:
+) -> tuple[list[tuple[str, dict[str, str] | None, bytes]], int]:
     """Messages ``first`` to ``first + count - 1`` of ``stream`` on ``SUBJECT.>`` (subject,
-    headers, payload), in order, read one by one; those the stream no longer holds, and those
-    on other subjects, are left out.
+    headers, payload), in order, read one by one, and how many of them the stream no longer
+    holds (its limits discarded them); messages on other subjects are left out.
 
     Raises nats-py's errors but NotFoundError."""
     errors = importlib.import_module("nats.js.errors")
     prefix = f"{subject}."
     found = []
+    missing = 0
     for sequence in range(first, first + count):
         try:
             message = await js.get_msg(stream, sequence)
         except errors.NotFoundError:
+            missing += 1
             continue
         if message.subject.startswith(prefix):
             found.append((message.subject, message.headers, message.data or b""))
-    return found
+    return found, missing
+
+
+class ReaderMarks:
+    """Where a durable reader keeps what it has handled of each publisher (a
+    :meth:`~framewire.protocols.nats.ProducerSequences.snapshot`), beside its consumer's
+    position: key ``DURABLE`` of the key-value bucket ``STREAM_READERS`` (made with the
+    stream's replicas and storage when missing). Written before each acknowledgement, so
+    after a restart it is never behind the acknowledged floor.
+    """
+
+    def __init__(self, kv: Any, key: str) -> None:
+        self._kv = kv
+        self.key = re.sub(r"[^-/_=.A-Za-z0-9]", "_", key)
+
+    @classmethod
+    async def open(cls, js: Any, layout: StreamLayout, key: str) -> ReaderMarks:
+        """Open (or make) the bucket. Raises nats-py's errors (no JetStream, no permission)."""
+        errors = importlib.import_module("nats.js.errors")
+        api = importlib.import_module("nats.js.api")
+        bucket = layout.readers_bucket
+        try:
+            kv = await js.key_value(bucket)
+        except errors.BucketNotFoundError:
+            kv = await js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=bucket,
+                    history=1,
+                    replicas=layout.replicas,
+                    storage=api.StorageType(layout.storage),
+                    description=f"framewire readers of {layout.stream}: what each has handled",
+                )
+            )
+        return cls(kv, key)
+
+    async def load(self) -> dict[str, Any] | None:
+        """The record kept (None when there is none, or it is not JSON)."""
+        errors = importlib.import_module("nats.js.errors")
+        try:
+            entry = await self._kv.get(self.key)
+        except errors.KeyNotFoundError:
+            return None
+        try:
+            record = json.loads(entry.value or b"")
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None
+
+    async def save(self, stream_sequence: int, producers: dict[str, list[int]]) -> None:
+        """Keep what was handled up to ``stream_sequence``. Raises nats-py's errors."""
+        record = {"stream_sequence": stream_sequence, "producers": producers}
+        await self._kv.put(self.key, json.dumps(record, separators=(",", ":")).encode())
 
 
 def source_sequence(headers: dict[str, str] | None) -> int | None:

@@ -15,10 +15,16 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from ...frame import Frame
-from ...protocols.nats import HEADER_KIND, HEADER_RANK, FrameAssembler, NotAFrame
+from ...protocols.nats import (
+    HEADER_KIND,
+    HEADER_RANK,
+    FrameAssembler,
+    NotAFrame,
+    ProducerSequences,
+)
 from ..backoff import Backoff
 from ..stream import MetadataLimitExceeded, Subscription
-from ._jetstream import read_last_metadata, read_stream_range
+from ._jetstream import ReaderMarks, read_last_metadata, read_stream_range
 from ._thread import Inbox, NatsThread, PendingCall, describe_nats_error, require_nats
 
 if TYPE_CHECKING:
@@ -45,6 +51,11 @@ class NatsSubscriber:
         self.thread = thread
         self.config = endpoint.config
         self.assembler = FrameAssembler(endpoint.config.max_frame_size)
+        #: What each publisher's messages and frames were, to drop what the server stored
+        #: twice and count what it lost (JetStream).
+        self.sequences = ProducerSequences()
+        self._marks: ReaderMarks | None = None
+        self._lost = _UpstreamLoss(endpoint)
 
     async def run(self) -> None:
         """Read until cancelled (or, in JetStream mode, until a stop request is honoured)."""
@@ -80,10 +91,17 @@ class NatsSubscriber:
         status = self.endpoint.status
         status.frames_in += len(frames)
         status.bytes_in += sum(frame.size for frame in frames)
-        try:
-            await self.endpoint.context.streams.get(self.config.stream).publish(frames)
-        except MetadataLimitExceeded as exc:
-            self.endpoint.rejected(exc.reason)
+        stream = self.endpoint.context.streams.get(self.config.stream)
+        while frames:
+            try:
+                await stream.publish(frames)
+            except MetadataLimitExceeded as exc:
+                # Only the refused frame is dropped: the rest of the batch goes on (a NATS
+                # publisher cannot be refused as a producer on a socket can).
+                self.endpoint.metadata_refused(exc.reason)
+                frames = frames[exc.index + 1 :]
+            else:
+                return
 
     async def _last_metadata(self, thread: NatsThread, before: int | None = None) -> list[_Message]:
         """The latest metadata of each type from the last-value stream, in first-seen order
@@ -180,7 +198,7 @@ class NatsSubscriber:
         if not config.durable:
             consumer.inactive_threshold = 60.0
 
-        async def open_consumer() -> tuple[Any, int]:
+        async def open_consumer() -> tuple[Any, int, int]:
             js = client.jetstream()
             subscription = await js.pull_subscribe(
                 f"{config.subject_prefix}.>",
@@ -191,13 +209,12 @@ class NatsSubscriber:
             )
             info = await subscription.consumer_info()
             stream_info = await js.stream_info(self.endpoint.layout.stream)
-            start = max(info.ack_floor.stream_seq + 1, stream_info.state.first_seq)
-            return subscription, start
+            return subscription, info.ack_floor.stream_seq, stream_info.state.first_seq
 
         backoff = Backoff(config.reconnect)
         while True:
             try:
-                pull, start = await thread.call(open_consumer, within=config.connect_timeout)
+                pull, floor, first = await thread.call(open_consumer, within=config.connect_timeout)
                 break
             except Exception as exc:
                 self.endpoint.set_state(
@@ -207,6 +224,8 @@ class NatsSubscriber:
                 )
                 await trio.sleep(backoff.next_delay())
                 await self.endpoint.wait_connected()
+        start = max(floor + 1, first)
+        await self._open_marks(thread, floor)
         self.endpoint.set_state("subscribed")
         self.endpoint.log.info(
             "reading JetStream stream %s from sequence %d%s",
@@ -214,6 +233,10 @@ class NatsSubscriber:
             start,
             f" (durable consumer {config.durable})" if config.durable else "",
         )
+        if floor and first > floor + 1:
+            # Read up to ``floor`` before; the stream discarded what came next meanwhile.
+            self._lost.messages(floor + 1, first - 1)
+            self._lost.report()
         await self._publish_frames(self._decode(await self._last_metadata(thread, start)))
         last_sequence = start - 1
         # Messages asked for per fetch: half of max_queue_bytes over the largest message of
@@ -288,10 +311,16 @@ class NatsSubscriber:
                         first, last = gap
                         # The consumer cannot have more than max_ack_pending messages sent
                         # and not acknowledged: anything before those left the stream.
-                        await self._fill_gap(
-                            thread, max(first, last - self._max_ack_pending() + 1), last
-                        )
-                    await self._publish_frames(self._decode(messages))
+                        read_from = max(first, last - self._max_ack_pending() + 1)
+                        if read_from > first and self.endpoint.layout.create:
+                            # Never read (the stream made here holds only these subjects).
+                            self._lost.messages(first, read_from - 1)
+                        await self._fill_gap(thread, read_from, last)
+                    # In stream order, after the gap's messages: what the server stored twice
+                    # is dropped here, and frames missing before are counted lost.
+                    kept = [message for message in messages if self._is_new(message[1])]
+                    await self._publish_frames(self._decode(kept))
+                self._lost.report()
                 # Acknowledged means kept: wait until every lossless subscriber (a recorder,
                 # a sender to the pipeline) has handled what it was given, so that a crash
                 # of this daemon loses nothing JetStream no longer holds for it. (The next
@@ -304,6 +333,8 @@ class NatsSubscriber:
                     # Acknowledge up to the message before the frame still being assembled.
                     ack_upto = _before_partial(batch)
                 detail["consumer_pending"] = batch[-1].metadata.num_pending if batch else 0
+                if ack_upto is not None and not await self._save_marks(thread, ack_upto):
+                    ack_upto = None  # the next acknowledgement covers this batch too
                 if ack_upto is not None:
                     with trio.CancelScope(shield=True):
                         try:
@@ -315,6 +346,77 @@ class NatsSubscriber:
             self.endpoint.batch_in_hand = False
             if ahead is not None:
                 ahead.cancel()
+
+    def _is_new(self, headers: dict[str, str] | None) -> bool:
+        """Whether a message from the stream is new: not a retry of a publish the server
+        stored before (dropped, counted in ``duplicates_dropped``). Frames of its publisher
+        that never came before it are counted lost."""
+        check = self.sequences.check(headers)
+        if check.duplicate:
+            self.endpoint.count("duplicates_dropped")
+            return False
+        if check.lost:
+            self._lost.frames(check.producer, check.first_lost, check.lost)
+        return True
+
+    async def _open_marks(self, thread: NatsThread, floor: int) -> None:
+        """A durable reader: open where it keeps what it handled, and take that back (unless
+        it is behind the acknowledged ``floor``: then every publisher starts afresh, nothing
+        counted lost for it)."""
+        config = self.config
+        if not config.durable:
+            return
+        endpoint = self.endpoint
+        client = endpoint.client
+        layout = endpoint.layout
+        try:
+            marks = await thread.call(
+                lambda: ReaderMarks.open(client.jetstream(), layout, config.durable),
+                within=config.connect_timeout,
+            )
+            record = await thread.call(marks.load, within=config.connect_timeout)
+        except Exception as exc:
+            endpoint.log.warning(
+                "cannot keep what this reader handled in JetStream (bucket %s: %s): after a "
+                "restart of this endpoint, a publish the server stored twice (retried after "
+                "its duplicate_window) may be delivered twice",
+                layout.readers_bucket,
+                describe_nats_error(exc),
+            )
+            return
+        self._marks = marks
+        if record is None:
+            return
+        sequence = record.get("stream_sequence")
+        if not isinstance(sequence, int) or sequence < floor:
+            endpoint.log.info(
+                "what this reader handled (bucket %s) is older than its consumer's position "
+                "(%d): every publisher starts afresh",
+                layout.readers_bucket,
+                floor,
+            )
+        elif not self.sequences.restore(record.get("producers")):
+            endpoint.log.warning(
+                "ignored what bucket %s says this reader handled: it is not what framewire "
+                "writes there",
+                layout.readers_bucket,
+            )
+
+    async def _save_marks(self, thread: NatsThread, upto: Any) -> bool:
+        """Keep what was handled up to the message ``upto``, before it is acknowledged;
+        whether that worked (if not, the acknowledgement waits for the next batch's)."""
+        marks = self._marks
+        if marks is None:
+            return True
+        save = functools.partial(
+            marks.save, upto.metadata.sequence.stream, self.sequences.snapshot()
+        )
+        try:
+            await thread.call(save, within=self.config.ack_timeout)
+        except Exception as exc:
+            self.endpoint.log.debug("keeping what was handled failed: %s", exc)
+            return False
+        return True
 
     def _max_ack_pending(self) -> int:
         """The consumer's max_ack_pending: what it may have sent and not had acknowledged."""
@@ -338,7 +440,7 @@ class NatsSubscriber:
         sequence = first
         while sequence <= last:
             count = min(last - sequence + 1, MAX_FETCH)
-            messages = await thread.call(
+            messages, missing = await thread.call(
                 functools.partial(
                     read_stream_range,
                     client.jetstream(),
@@ -351,7 +453,10 @@ class NatsSubscriber:
             )
             found += len(messages)
             self.endpoint.count("gap_messages_read", len(messages))
-            await self._publish_frames(self._decode(messages))
+            if missing:
+                self._lost.messages(sequence, sequence + count - 1, missing)
+            kept = [message for message in messages if self._is_new(message[1])]
+            await self._publish_frames(self._decode(kept))
             sequence += count
         if found:
             self.endpoint.log.info(
@@ -362,6 +467,56 @@ class NatsSubscriber:
                 first,
                 last,
             )
+
+
+class _UpstreamLoss:
+    """Frames and messages lost upstream (discarded by the stream before they were read),
+    counted at once and logged as one WARNING per batch (:meth:`report`)."""
+
+    #: Gaps named in one log line; the rest are summed.
+    MAX_NAMED: Final = 4
+
+    def __init__(self, endpoint: NatsEndpoint) -> None:
+        self.endpoint = endpoint
+        self._frames: list[tuple[str, int, int]] = []
+        self._messages: list[tuple[int, int, int]] = []
+
+    def frames(self, producer: str, first: int, count: int) -> None:
+        self.endpoint.count("frames_lost_upstream", count)
+        self._frames.append((producer, first, count))
+
+    def messages(self, first: int, last: int, count: int | None = None) -> None:
+        """``count`` (default: all) messages between stream sequences ``first`` and ``last``
+        were discarded before they were read."""
+        count = last - first + 1 if count is None else count
+        self.endpoint.count("messages_lost_upstream", count)
+        self._messages.append((first, last, count))
+
+    def report(self) -> None:
+        if not self._frames and not self._messages:
+            return
+        stream = self.endpoint.layout.stream
+        parts = [
+            f"stream {stream} discarded {count} message{'s' if count > 1 else ''} "
+            f"(sequences {first} to {last}) before they were read"
+            for first, last, count in self._messages
+        ]
+        parts += [
+            f"frames {first} to {first + count - 1} of publisher {producer} never came"
+            for producer, first, count in self._frames
+        ]
+        named = "; ".join(parts[: self.MAX_NAMED])
+        if len(parts) > self.MAX_NAMED:
+            named += f"; {len(parts) - self.MAX_NAMED} more gaps"
+        frames = sum(count for _, _, count in self._frames)
+        self.endpoint.log.warning(
+            "lost upstream: %s (%d frames; the stream's max_bytes, max_age or max_msgs "
+            "discarded them while this reader was away or behind)",
+            named,
+            frames,
+        )
+        self._frames.clear()
+        self._messages.clear()
 
 
 def _same_frame(a: _Message, b: _Message) -> bool:

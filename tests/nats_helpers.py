@@ -1,0 +1,236 @@
+"""Helpers of the NATS tests: a real nats-server process, the two daemons' configurations,
+and a TCP proxy that can stop forwarding (a blackholed link)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from framewire import Frame, FrameKind
+from framewire.daemon import Daemon
+from framewire.daemon.endpoints.nats import NatsEndpoint
+
+from .helpers import NativePeer, connect, endpoint_port
+
+SERVER_BINARY = Path(sys.executable).parent / "nats-server"
+PATIENCE = 15.0
+
+
+class NatsServer:
+    """A nats-server process with JetStream in ``store``; restartable on the same port."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.directory = directory
+        self.extra = extra
+        self.port = -1
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = directory / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        ports = self.directory / "ports"
+        ports.mkdir(exist_ok=True)
+        command = [
+            str(SERVER_BINARY),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--ports_file_dir",
+            str(ports),
+            "-js",
+            "-sd",
+            str(self.directory / "store"),
+            "-l",
+            str(self.log),
+            *self.extra,
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        ports_file = ports / f"nats-server_{self.process.pid}.ports"
+        deadline = time.monotonic() + PATIENCE
+        while True:
+            if ports_file.exists():
+                try:
+                    urls = json.loads(ports_file.read_text())["nats"]
+                    break
+                except (ValueError, KeyError):
+                    pass  # written but not complete yet
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {self.process.stderr!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("nats-server wrote no ports file")
+            time.sleep(0.01)
+        self.port = int(urls[0].rsplit(":", 1)[1])
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        process = self.process
+        if process is None:
+            return
+        self.process = None
+        if process.poll() is None:
+            os.kill(process.pid, sig)
+            try:
+                process.wait(PATIENCE)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(PATIENCE)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def frames_of(count: int, *, start: int = 0, size: int = 100) -> list[Frame]:
+    return [
+        Frame(
+            FrameKind.DATA,
+            "sample",
+            bytes([i % 251]) * size,
+            timestamp=1_700_000_000_000_000_000 + i,
+            headers={"seq": str(i)},
+        )
+        for i in range(start, start + count)
+    ]
+
+
+METADATA = [
+    Frame(FrameKind.METADATA, "observation", b"obs-1", timestamp=5, headers={"who": "a b%"}),
+    Frame(FrameKind.METADATA, "calibration.v2", b"\x00cal\xff", timestamp=6),
+]
+
+
+def publisher_toml(url: str, *, mode: str = "core", extra: str = "") -> str:
+    return f"""
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "camera"
+
+[endpoints.to-nats]
+kind = "nats"
+direction = "publish"
+servers = ["{url}"]
+stream = "camera"
+mode = "{mode}"
+reconnect = {{ initial = "0.05s", maximum = "0.5s" }}
+{extra}
+"""
+
+
+def subscriber_toml(url: str, *, mode: str = "core", extra: str = "") -> str:
+    return f"""
+[endpoints.from-nats]
+kind = "nats"
+direction = "subscribe"
+servers = ["{url}"]
+stream = "camera"
+mode = "{mode}"
+reconnect = {{ initial = "0.05s", maximum = "0.5s" }}
+{extra}
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "camera"
+policy = "lossless"
+max_queue_frames = 100000
+max_queue_bytes = "1GiB"
+"""
+
+
+def nats_endpoint(daemon: Daemon, name: str) -> NatsEndpoint:
+    endpoint = daemon.endpoints[name]
+    assert isinstance(endpoint, NatsEndpoint)
+    return endpoint
+
+
+def count(endpoint: NatsEndpoint, key: str) -> int:
+    value = endpoint.status.detail[key]
+    assert isinstance(value, int)
+    return value
+
+
+async def wait_state(endpoint: NatsEndpoint, *states: str) -> None:
+    with trio.fail_after(PATIENCE):
+        await endpoint.wait_for_state(*states)
+
+
+@asynccontextmanager
+async def producer(daemon: Daemon) -> AsyncIterator[NativePeer]:
+    peer = await connect(endpoint_port(daemon, "in"))
+    try:
+        yield peer
+    finally:
+        await peer.stream.aclose()
+
+
+async def read(peer: NativePeer, count: int) -> list[Frame]:
+    with trio.fail_after(PATIENCE):
+        return await peer.read(count)
+
+
+class StallingProxy:
+    """A TCP proxy from an ephemeral port on 127.0.0.1 to ``target_port``, for links that
+    stall: :meth:`hold` stops forwarding in one or both directions (the connections stay
+    open; bytes wait in the proxy and the kernel, as on a blackholed link whose TCP has not
+    given up), :meth:`resume` forwards again. Run it with ``nursery.start(proxy.run)``."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._up = trio.Event()
+        self._down = trio.Event()
+        self._up.set()
+        self._down.set()
+
+    def hold(self, *, upstream: bool = True, downstream: bool = True) -> None:
+        """Stop forwarding client->server (``upstream``) and/or server->client bytes."""
+        if upstream:
+            self._up = trio.Event()
+        if downstream:
+            self._down = trio.Event()
+
+    def resume(self) -> None:
+        self._up.set()
+        self._down.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        try:
+            server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        except OSError:
+            await client.aclose()
+            return
+        async with client, server, trio.open_nursery() as nursery:
+
+            async def pump(source: trio.SocketStream, sink: trio.SocketStream, up: bool) -> None:
+                try:
+                    while True:
+                        await (self._up if up else self._down).wait()
+                        data = await source.receive_some(1 << 16)
+                        if not data:
+                            break
+                        await (self._up if up else self._down).wait()
+                        await sink.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump, client, server, True)
+            nursery.start_soon(pump, server, client, False)
