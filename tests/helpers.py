@@ -62,13 +62,13 @@ async def connect(port: int) -> NativePeer:
     return NativePeer(await trio.open_tcp_stream("127.0.0.1", port))
 
 
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll ``predicate`` until it holds (TooSlowError after 10 seconds).
+async def wait_until(predicate: Callable[[], bool], *, patience: float = 10) -> None:
+    """Poll ``predicate`` until it holds (TooSlowError after ``patience`` seconds).
 
     Only for state that offers no event to wait on, such as log records or an endpoint's
     client table; frames are awaited through a subscription instead.
     """
-    with trio.fail_after(10):
+    with trio.fail_after(patience):
         while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
             await trio.sleep(0.005)
 

@@ -234,9 +234,9 @@ class NatsSubscriber:
             f" (durable consumer {config.durable})" if config.durable else "",
         )
         if floor and first > floor + 1:
-            # Read up to ``floor`` before; the stream discarded what came next meanwhile.
+            # Read up to ``floor`` before; the stream discarded what came next meanwhile
+            # (logged with the frames this costs, once the first batch shows them).
             self._lost.messages(floor + 1, first - 1)
-            self._lost.report()
         await self._publish_frames(self._decode(await self._last_metadata(thread, start)))
         last_sequence = start - 1
         # Messages asked for per fetch: half of max_queue_bytes over the largest message of

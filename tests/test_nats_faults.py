@@ -1,0 +1,182 @@
+"""The NATS endpoint under the faults a site's link meets, against a real nats-server: a link
+whose acks stall for longer than the stream's duplicate_window, a stream whose bounds discard
+what a reader has not read, a metadata frame the far stream refuses. Each test checks what
+the operator is told (counters, log lines) as strictly as what is delivered.
+
+The stalls are real time (the server's duplicate_window is), so these tests last a few
+seconds each; nothing in them asserts on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+import pytest
+import trio
+
+from framewire import Frame, FrameKind
+
+from .helpers import connect, endpoint_port, running_daemon, wait_until
+from .nats_helpers import (
+    PATIENCE,
+    NatsServer,
+    StallingProxy,
+    count,
+    frames_of,
+    nats_endpoint,
+    producer,
+    publisher_toml,
+    read,
+    subscriber_toml,
+    wait_state,
+)
+
+nats = pytest.importorskip("nats")
+
+
+def stored_ids(url: str, stream: str = "FW_camera") -> list[str]:
+    """The Nats-Msg-Id of every message the JetStream stream holds, in order."""
+
+    async def main() -> list[str]:
+        client = await nats.connect(url)
+        try:
+            js = client.jetstream()
+            info = await js.stream_info(stream)
+            ids = []
+            for sequence in range(info.state.first_seq, info.state.last_seq + 1):
+                message = await js.get_msg(stream, sequence)
+                ids.append((message.headers or {}).get("Nats-Msg-Id", ""))
+            return ids
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+async def test_acks_stalled_past_the_duplicate_window_deliver_each_frame_once(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Daemon A publishes at full rate through a link whose server-to-client direction
+    stalls for 6 s, three times the 2 s duplicate_window, with several publish windows in
+    flight. A's retries of publishes whose acks were stuck come back after the server has
+    forgotten their ids, so the stream holds them twice; daemon B, reading it, drops each
+    second copy by the publisher's own numbers and says how many it dropped."""
+    caplog.set_level(logging.INFO, logger="framewire")
+    url = nats_server.url
+    sent = frames_of(3000, size=4096)
+    publisher = 'duplicate_window = "2s"\nack_timeout = "1s"\nmax_inflight_bytes = "1MiB"'
+    async with trio.open_nursery() as nursery:
+        proxy = StallingProxy(nats_server.port)
+        await nursery.start(proxy.run)
+        proxied = f"nats://127.0.0.1:{proxy.port}"
+        async with running_daemon(publisher_toml(proxied, mode="jetstream", extra=publisher)) as a:
+            writer = nats_endpoint(a, "to-nats")
+            await wait_state(writer, "publishing")
+            async with producer(a) as source:
+
+                async def send_all() -> None:
+                    for start in range(0, len(sent), 100):
+                        await source.send(sent[start : start + 100])
+
+                nursery.start_soon(send_all)
+                await wait_until(lambda: writer.status.frames_out >= 500)
+                proxy.hold(upstream=False)  # the acks stall; publishes still reach the server
+                await wait_until(lambda: count(writer, "acks_pending") > 0)
+                await trio.sleep(6)  # three duplicate windows
+                proxy.resume()
+                with trio.fail_after(4 * PATIENCE):
+                    await writer.wait_for_state("publishing")
+                await wait_until(lambda: writer.status.frames_out == len(sent), patience=60)
+        nursery.cancel_scope.cancel()
+    ids = await trio.to_thread.run_sync(stored_ids, url)
+    twice = sum(n - 1 for n in Counter(ids).values())
+    assert twice > 0, "the stall stored nothing twice: the test did not make its fault"
+    durable = 'durable = "archive"\nstart = "all"'
+    async with running_daemon(subscriber_toml(url, mode="jetstream", extra=durable)) as b:
+        reader = nats_endpoint(b, "from-nats")
+        client = await connect(endpoint_port(b, "out"))
+        got = await read(client, len(sent))
+        await wait_until(lambda: count(reader, "duplicates_dropped") == twice, patience=60)
+        await client.stream.aclose()
+    assert got == sent
+    assert count(reader, "frames_lost_upstream") == 0
+    assert count(reader, "messages_lost_upstream") == 0
+    assert not [r for r in caplog.records if "lost upstream" in r.getMessage()]
+
+
+async def test_frames_the_stream_discards_before_they_are_read_are_counted_and_logged(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader away while the stream's max_bytes discards the oldest frames is told, on
+    its return, exactly how many frames of the publisher never came, in one WARNING with
+    the ranges; what the stream still held arrives once, in order."""
+    caplog.set_level(logging.INFO, logger="framewire")
+    url = nats_server.url
+    first = frames_of(100, size=1000)
+    later = frames_of(2000, start=100, size=1000)
+    durable = 'durable = "archive"\nstart = "all"'
+    limited = 'max_bytes = "256KiB"'
+    async with running_daemon(publisher_toml(url, mode="jetstream", extra=limited)) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        async with producer(a) as source:
+            reader_toml = subscriber_toml(url, mode="jetstream", extra=durable + "\n" + limited)
+            async with running_daemon(reader_toml) as b:
+                client = await connect(endpoint_port(b, "out"))
+                await source.send(first)
+                assert await read(client, len(first)) == first
+                reader = nats_endpoint(b, "from-nats")
+                # Acknowledged (and kept) before B goes away.
+                await wait_until(lambda: count(reader, "consumer_pending") == 0)
+                await client.stream.aclose()
+            await source.send(later)
+            await wait_until(lambda: writer.status.frames_out == len(first) + len(later))
+    async with running_daemon(reader_toml) as b:
+        reader = nats_endpoint(b, "from-nats")
+        client = await connect(endpoint_port(b, "out"))
+        await wait_state(reader, "subscribed")
+        # The frames the stream still holds: a tail of ``later``, then nothing more.
+        await wait_until(
+            lambda: reader.status.frames_in > 0 and count(reader, "consumer_pending") == 0
+        )
+        got = await read(client, reader.status.frames_in)
+        await client.stream.aclose()
+    lost = len(later) - len(got)
+    assert 0 < lost < len(later)
+    assert got == later[lost:]
+    assert count(reader, "frames_lost_upstream") == lost
+    assert count(reader, "duplicates_dropped") == 0
+    lines = [r.getMessage() for r in caplog.records if "lost upstream" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert f"frames {len(first)} to {len(first) + lost - 1} of publisher" in lines[0]
+    assert f"({lost} frames;" in lines[0]
+    assert f"discarded {lost} messages" in lines[0]
+
+
+@pytest.mark.parametrize("mode", ["core", "jetstream"])
+async def test_a_refused_metadata_frame_drops_only_itself(
+    nats_server: NatsServer, mode: str
+) -> None:
+    """Daemon B's stream keeps two metadata types; the third type, arriving over NATS in
+    one batch with data after it, is refused alone and counted: the data still arrives."""
+    url = nats_server.url
+    metadata = [Frame(FrameKind.METADATA, name, name.encode(), 1) for name in "ABC"]
+    data = frames_of(10)
+    bounded = "\n[streams.camera]\nmax_metadata_types = 2\n"
+    extra = 'durable = "archive"\nstart = "all"' if mode == "jetstream" else ""
+    async with running_daemon(publisher_toml(url, mode=mode)) as a:
+        writer = nats_endpoint(a, "to-nats")
+        await wait_state(writer, "publishing")
+        async with running_daemon(subscriber_toml(url, mode=mode, extra=extra) + bounded) as b:
+            reader = nats_endpoint(b, "from-nats")
+            await wait_state(reader, "subscribed")
+            client = await connect(endpoint_port(b, "out"))
+            async with producer(a) as source:
+                await source.send(metadata + data)
+                got = await read(client, 2 + len(data))
+            await wait_until(lambda: count(reader, "metadata_refused") == 1)
+            await client.stream.aclose()
+    assert got == metadata[:2] + data
+    assert b.streams.get("camera").metadata_refused == 1
