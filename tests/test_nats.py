@@ -702,24 +702,24 @@ def test_check_knows_the_nats_kind(tmp_path: Path) -> None:
     assert list(report.warnings) == []
 
 
-async def test_jetstream_full_stream_is_a_clear_state_and_loses_nothing(
+async def test_jetstream_full_stream_holds_the_publisher_back_until_the_reader_makes_room(
     nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="framewire")
+    """``discard = "new"`` with ``retention = "interest"``: while the reader is away the
+    stream fills and the publisher waits (one log line, a state, the fill in status);
+    once the reader is back, what it acknowledges leaves the stream, publishing goes on,
+    and every frame arrives once."""
+    caplog.set_level(logging.INFO, logger="framewire")
     url = nats_server.url
     path = tmp_path / "archive" / "run.fw"
-    limited = 'max_bytes = "4KiB"\ndiscard = "new"\nack_timeout = "1s"'
-    sent = frames_of(60)
-
-    async def raise_the_limit() -> None:
-        client = await nats.connect(url)
-        js = client.jetstream()
-        info = await js.stream_info("FW_camera")
-        info.config.max_bytes = -1
-        await js.update_stream(info.config)
-        await client.close()
-
-    async with running_daemon(publisher_toml(url, mode="jetstream", extra=limited)) as a:
+    bounded = 'max_bytes = "16KiB"\ndiscard = "new"\nretention = "interest"'
+    reader = archive_toml(url, path, extra=f'durable = "archive"\nstart = "all"\n{bounded}')
+    sent = frames_of(200, size=1000)
+    async with running_daemon(reader) as b:
+        # The reader's durable consumer exists before anything is published.
+        await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+    publisher = publisher_toml(url, mode="jetstream", extra=bounded + '\nack_timeout = "1s"')
+    async with running_daemon(publisher) as a:
         writer = nats_endpoint(a, "to-nats")
         await wait_state(writer, "publishing")
         async with producer(a) as source:
@@ -728,14 +728,40 @@ async def test_jetstream_full_stream_is_a_clear_state_and_loses_nothing(
             assert writer.status.frames_out < len(sent)
             # Refused again and again: still one log line.
             await wait_until(lambda: count(writer, "publishes_refused") >= 3)
-            # The operator makes room; what was refused is stored, once.
-            await trio.to_thread.run_sync(asyncio.run, raise_the_limit())
-            await wait_until(lambda: writer.status.frames_out == len(sent))
-    await archive_until(url, path, len(sent))
+            await wait_until(lambda: writer.status.detail["stream_fill"] >= 0.8)  # type: ignore[operator]
+            async with running_daemon(reader) as b:
+                recorder = b.endpoints["archive"]
+                await wait_until(lambda: recorder.status.frames_in == len(sent), patience=60)
+            assert writer.status.frames_out == len(sent)
     assert read_archive(path.parent) == [sent]
-    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert len(lines) == 1
-    assert "retrying with the same message id" in lines[0]
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    refused = [line for line in messages if "refused" in line]
+    assert len(refused) == 1
+    assert "retrying with the same message id" in refused[0]
+    full = [line for line in messages if "% full)" in line]
+    assert len(full) == 1
+    assert "publishing waits for the readers to make room" in full[0]
+
+
+def test_discard_new_without_a_retention_that_frees_room_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            publisher_toml("nats://127.0.0.1:4222", mode="jetstream", extra='discard = "new"')
+        )
+    assert 'endpoints.to-nats.discard: "new" with retention = "limits" stops publishing' in str(
+        caught.value
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            publisher_toml(
+                "nats://127.0.0.1:4222",
+                mode="jetstream",
+                extra='max_age = "1m"\nduplicate_window = "2m"',
+            )
+        )
+    assert "endpoints.to-nats.max_age: 1m is shorter than duplicate_window (2m)" in str(
+        caught.value
+    )
 
 
 async def set_max_msg_size(url: str, limit: int) -> None:

@@ -133,15 +133,13 @@ async def test_frames_the_stream_discards_before_they_are_read_are_counted_and_l
                 await client.stream.aclose()
             await source.send(later)
             await wait_until(lambda: writer.status.frames_out == len(first) + len(later))
+    held = await trio.to_thread.run_sync(messages_held, url)
     async with running_daemon(reader_toml) as b:
         reader = nats_endpoint(b, "from-nats")
         client = await connect(endpoint_port(b, "out"))
-        await wait_state(reader, "subscribed")
-        # The frames the stream still holds: a tail of ``later``, then nothing more.
-        await wait_until(
-            lambda: reader.status.frames_in > 0 and count(reader, "consumer_pending") == 0
-        )
-        got = await read(client, reader.status.frames_in)
+        # The frames the stream still holds: a tail of ``later``.
+        got = await read(client, held)
+        await wait_until(lambda: any("lost upstream" in r.getMessage() for r in caplog.records))
         await client.stream.aclose()
     lost = len(later) - len(got)
     assert 0 < lost < len(later)
@@ -180,3 +178,54 @@ async def test_a_refused_metadata_frame_drops_only_itself(
             await client.stream.aclose()
     assert got == metadata[:2] + data
     assert b.streams.get("camera").metadata_refused == 1
+
+
+def messages_held(url: str, stream: str = "FW_camera") -> int:
+    async def main() -> int:
+        client = await nats.connect(url)
+        try:
+            info = await client.jetstream().stream_info(stream)
+            return int(info.state.messages)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def stream_settings(url: str, stream: str = "FW_camera") -> tuple[int, str]:
+    async def main() -> tuple[int, str]:
+        client = await nats.connect(url)
+        try:
+            info = await client.jetstream().stream_info(stream)
+            discard = info.config.discard
+            return info.config.max_bytes, str(getattr(discard, "value", discard))
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+async def test_a_reader_never_rewrites_the_publishers_stream_and_says_how_it_differs(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The publisher owns the stream's settings; a reader that starts later with other
+    settings (and the default ``create = true``) leaves them and says so in one line; a
+    reader that leaves them at their defaults says nothing."""
+    caplog.set_level(logging.INFO, logger="framewire")
+    url = nats_server.url
+    owned = 'max_bytes = "1MiB"'
+    async with running_daemon(publisher_toml(url, mode="jetstream", extra=owned)) as a:
+        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
+    assert await trio.to_thread.run_sync(stream_settings, url) == (1 << 20, "old")
+    for extra in ("", 'max_bytes = "2MiB"\nmax_age = "1h"'):
+        async with running_daemon(subscriber_toml(url, mode="jetstream", extra=extra)) as b:
+            await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+        assert await trio.to_thread.run_sync(stream_settings, url) == (1 << 20, "old")
+    lines = [
+        r.getMessage() for r in caplog.records if "kept as its publisher made it" in r.getMessage()
+    ]
+    assert lines == [
+        "JetStream stream FW_camera is kept as its publisher made it: max_bytes 1MiB "
+        "(configured here: 2MiB); max_age none (configured here: 1h); a reader never "
+        "changes a stream's settings"
+    ]

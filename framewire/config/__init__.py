@@ -28,6 +28,7 @@ from ._schema import ServerConfig as ServerConfig
 from ._schema import StatusConfig as StatusConfig
 from ._schema import StreamConfig as StreamConfig
 from ._schema import TLSConfig as TLSConfig
+from ._units import format_duration as format_duration
 from ._units import format_size as format_size
 from ._units import parse_duration as parse_duration
 from ._units import parse_size as parse_size

@@ -15,7 +15,7 @@ import attrs
 
 from .. import protocols
 from ._address import Address, parse_address
-from ._units import format_size, parse_duration, parse_size
+from ._units import format_duration, format_size, parse_duration, parse_size
 from ._zmq_address import ZmqAddress, parse_zmq_address
 
 __all__ = [
@@ -762,6 +762,7 @@ class NatsConfig:
     max_age: Duration = 0.0
     discard: Literal["old", "new"] = "old"
     duplicate_window: PositiveDuration = 120.0
+    retention: Literal["limits", "interest"] = "limits"
     durable: OptionalJetStreamName = ""
     start: Literal["new", "all"] = "new"
     policy: Policy | None = None
@@ -819,10 +820,43 @@ class NatsConfig:
             raise FieldError(
                 "pack_frames", f"expected 0 (no packing) or 2 to 65536, got {self.pack_frames}"
             )
+        if self.discard == "new" and self.retention == "limits":
+            raise FieldError(
+                "discard",
+                '"new" with retention = "limits" stops publishing for good once max_bytes of '
+                "traffic is stored: a limits stream frees no room when frames are read. Set "
+                'retention = "interest" (frames leave the stream once every consumer has '
+                'acknowledged them) or discard = "old"',
+            )
+        if self.max_age and self.max_age < self.duplicate_window:
+            raise FieldError(
+                "max_age",
+                f"{format_duration(self.max_age)} is shorter than duplicate_window "
+                f"({format_duration(self.duplicate_window)}): nats-server refuses such a "
+                "stream; raise max_age or lower duplicate_window",
+            )
         if self.durable and not (subscribing and self.mode == "jetstream"):
             raise FieldError(
                 "durable", 'applies to direction = "subscribe" with mode = "jetstream" only'
             )
+
+    @property
+    def explicit_stream_settings(self) -> frozenset[str]:
+        """The JetStream stream settings this configuration gives other than by default."""
+        fields = attrs.fields_dict(NatsConfig)
+        return frozenset(
+            key
+            for key in (
+                "max_bytes",
+                "max_age",
+                "discard",
+                "duplicate_window",
+                "replicas",
+                "storage",
+                "retention",
+            )
+            if getattr(self, key) != fields[key].default
+        )
 
     @property
     def subject_prefix(self) -> str:

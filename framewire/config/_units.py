@@ -7,7 +7,7 @@ import re
 from fractions import Fraction
 from typing import Final
 
-__all__ = ["format_size", "parse_duration", "parse_size"]
+__all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
 
 _SIZE_UNITS: Final = {
     "": 1,
@@ -91,3 +91,11 @@ def format_size(nbytes: int) -> str:
                 return f"{nbytes // factor}{unit}"
             return f"{nbytes / factor:.1f}{unit}"
     return f"{nbytes}B"
+
+
+def format_duration(seconds: float) -> str:
+    """``120.0`` → ``"2m"``, ``1.5`` → ``"1.5s"``: as a configuration would write it."""
+    for unit, factor in (("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{seconds:g}s"

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import ssl
 from concurrent.futures import Future
@@ -79,6 +80,7 @@ from ..nats import (
     NatsSubscriber,
     NatsThread,
     StreamLayout,
+    StreamWatch,
     describe_nats_error,
     ensure_streams,
     require_nats,
@@ -94,6 +96,8 @@ DRAIN_TIMEOUT: Final = 2.0
 #: Seconds allowed beyond DRAIN_TIMEOUT for nats-py to flush and close its connection: a
 #: client that is not closed leaves its asyncio transport open when the loop stops.
 CLOSE_TIMEOUT: Final = 2.0
+#: Seconds during which a problem that comes back is not logged again.
+REPEAT_QUIET: Final = 60.0
 #: Bytes kept free of the server's max_payload for headers beyond the layout's own.
 PAYLOAD_MARGIN: Final = 1024
 
@@ -131,6 +135,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._reconnected = trio.Event()
         self._state_changed = trio.Event()
         self._logged_problem: str | None = None
+        #: When each problem logged may be logged again.
+        self._quiet_until: dict[str, float] = {}
         self.client: Any = None
         #: nats-py's first connect (which retries an unreachable server for ever).
         self._connecting: Future[None] | None = None
@@ -142,6 +148,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         self._ever_connected = False
         self._lost_reason: str | None = None
         self._thread: NatsThread | None = None
+        self._nursery: trio.Nursery | None = None
+        self._watch: StreamWatch | None = None
         self._max_payload = 1 << 20
         self.layout = StreamLayout(
             subject=config.subject_prefix,
@@ -155,6 +163,9 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             max_age=config.max_age,
             discard=config.discard,
             duplicate_window=config.duplicate_window,
+            retention=config.retention,
+            owner=config.direction == "publish",
+            explicit=config.explicit_stream_settings,
         )
         self.status.address = list(config.servers)
         self.status.detail.update(
@@ -199,18 +210,29 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             await self._state_changed.wait()
 
     def set_state(self, state: str, problem: str | None = None) -> None:
-        """Record the NATS state; log a problem once per change of reason."""
+        """Record the NATS state; log a problem once per change of reason. A problem that
+        comes back within :data:`REPEAT_QUIET` seconds of its last line (a stream that
+        fills again while its reader drains it) is not logged again, nor is its end."""
         status = self.status
         detail = status.detail
         detail["state"] = state
+        now = trio.current_time()
         if problem is not None:
             detail["last_error"] = problem
             status.record_error(problem)
             if problem != self._logged_problem:
+                quiet = self._quiet_until.get(problem, -math.inf) > now
                 self._logged_problem = problem
-                self.log.warning("%s", problem)
+                if not quiet:
+                    self.log.warning("%s", problem)
+                self._quiet_until[problem] = now + REPEAT_QUIET
+                if len(self._quiet_until) > 64:
+                    self._quiet_until = {problem: now + REPEAT_QUIET}
         elif state in ("connected", "publishing", "subscribed"):
-            if self._logged_problem is not None:
+            if self._logged_problem is not None and (
+                self._quiet_until.get(self._logged_problem, -math.inf) <= now
+                or state == "connected"
+            ):
                 self.log.info("NATS %s again", state)
             self._logged_problem = None
         self._state_changed.set()
@@ -273,11 +295,13 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         thread = self._thread = NatsThread(self.name)
         thread.start()
         publisher: NatsPublisher | None = None
+        self._watch = None
         try:
             self.status.state = "connecting"
             self.set_state("connecting")
             await self._start_client(thread, options)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._stop_when_requested, nursery.cancel_scope)
                 if self.config.direction == "publish":
                     self.subscribe_outgoing()
@@ -462,8 +486,19 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 problem = f"JetStream streams {self.layout.stream}: {describe_nats_error(exc)}"
                 state = "jetstream_unavailable"
             else:
-                for line in done:
+                for line in done.done:
                     self.log.info("%s", line)
+                if self._watch is None and self.config.mode == "jetstream":
+                    assert self._nursery is not None
+                    self._watch = StreamWatch(self, thread)
+                    self._nursery.start_soon(self._watch.run)
+                if done.differences:
+                    self.log.warning(
+                        "JetStream stream %s is kept as its publisher made it: %s; a reader "
+                        "never changes a stream's settings",
+                        self.layout.stream,
+                        "; ".join(done.differences),
+                    )
                 return True
             if not required:
                 self.log.info(

@@ -7,6 +7,7 @@
 - :mod:`._publisher`: a framewire stream to NATS (:class:`NatsPublisher`,
   :class:`JetStreamPublisher`);
 - :mod:`._subscriber`: NATS into a framewire stream (:class:`NatsSubscriber`);
+- :mod:`._spool`: the JetStream stream's health (:class:`StreamWatch`);
 - :mod:`._server`: the embedded nats-server of ``[nats] embedded = true``
   (:class:`EmbeddedNatsServer`).
 
@@ -32,6 +33,7 @@ from ._server import default_store_dir as default_store_dir
 from ._server import find_binary as find_binary
 from ._server import server_config_text as server_config_text
 from ._server import with_embedded_servers as with_embedded_servers
+from ._spool import StreamWatch as StreamWatch
 from ._subscriber import NatsSubscriber as NatsSubscriber
 from ._thread import READ_SIZE as READ_SIZE
 from ._thread import Inbox as Inbox

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import attrs
 
+from ...config import format_duration, format_size
 from ...protocols.nats import NatsMessage
 from ._thread import describe_nats_error
 
@@ -36,6 +37,7 @@ __all__ = [
     "MissingStream",
     "ReaderMarks",
     "StreamLayout",
+    "StreamsEnsured",
     "ensure_streams",
     "parse_ack",
     "read_last_metadata",
@@ -219,6 +221,13 @@ class StreamLayout:
     max_age: float = 0.0
     discard: str = "old"
     duplicate_window: float = 120.0
+    retention: str = "limits"
+    #: Whether this endpoint owns the streams' settings (the publisher): it creates and
+    #: updates them. A reader only creates what is missing and compares the rest.
+    owner: bool = True
+    #: The settings this endpoint's configuration gives (not left at their defaults): a
+    #: reader says when the stream's differ.
+    explicit: frozenset[str] = frozenset()
 
     @property
     def readers_bucket(self) -> str:
@@ -249,6 +258,7 @@ class StreamLayout:
             max_age=self.max_age or None,
             discard=api.DiscardPolicy(self.discard),
             duplicate_window=self.duplicate_window,
+            retention=api.RetentionPolicy(self.retention),
             **common,
         )
         meta = api.StreamConfig(
@@ -260,17 +270,41 @@ class StreamLayout:
         return [frames, meta]
 
 
-async def ensure_streams(js: Any, layout: StreamLayout) -> list[str]:
-    """Create the layout's streams (or update them to the configuration), or with
-    ``create = false`` check that they exist. Returns what was done, one line each.
+@attrs.frozen
+class StreamsEnsured:
+    """What :func:`ensure_streams` did (``done``, one line each) and how the frames' stream
+    differs from a reader's configuration (``differences``: ``key: stream's, configured``)."""
+
+    done: list[str]
+    differences: list[str]
+
+
+#: The stream settings a reader compares: its configuration key and nats-py's name.
+_COMPARED: Final = (
+    ("max_bytes", "max_bytes"),
+    ("max_age", "max_age"),
+    ("discard", "discard"),
+    ("duplicate_window", "duplicate_window"),
+    ("replicas", "num_replicas"),
+    ("storage", "storage"),
+    ("retention", "retention"),
+)
+
+
+async def ensure_streams(js: Any, layout: StreamLayout) -> StreamsEnsured:
+    """Create the layout's streams when missing (``create = true``), or with ``create =
+    false`` check that they exist. An existing stream is updated to the configuration only
+    by its owner (the publisher); a reader never changes it, and the frames' stream's
+    settings that differ from the reader's configuration are returned.
 
     Raises MissingStream, and nats-py's errors (an APIError says what the server refused).
     """
     errors = importlib.import_module("nats.js.errors")
     done = []
-    for config in layout.configs():
+    differences: list[str] = []
+    for index, config in enumerate(layout.configs()):
         try:
-            await js.stream_info(config.name)
+            info = await js.stream_info(config.name)
         except errors.NotFoundError:
             if not layout.create:
                 raise MissingStream(
@@ -280,9 +314,36 @@ async def ensure_streams(js: Any, layout: StreamLayout) -> list[str]:
             await js.add_stream(config)
             done.append(f"created JetStream stream {config.name}")
             continue
-        if layout.create:
+        if layout.create and layout.owner:
             await js.update_stream(config)
-    return done
+        elif index == 0 and layout.mode == "jetstream":
+            differences = _differences(info.config, config, layout.explicit)
+    return StreamsEnsured(done, differences)
+
+
+def _differences(existing: Any, wanted: Any, keys: frozenset[str]) -> list[str]:
+    found = []
+    for key, attribute in _COMPARED:
+        if key not in keys:
+            continue
+        have, want = getattr(existing, attribute, None), getattr(wanted, attribute, None)
+        if key == "max_bytes":
+            have, want = (have if have and have > 0 else 0), (want if want and want > 0 else 0)
+        elif key == "max_age":
+            have, want = have or 0.0, want or 0.0
+        if have != want:
+            show = [_shown(key, value) for value in (have, want)]
+            found.append(f"{key} {show[0]} (configured here: {show[1]})")
+    return found
+
+
+def _shown(key: str, value: Any) -> str:
+    """A stream setting as a configuration writes it."""
+    if key == "max_bytes":
+        return format_size(value) if value else "none"
+    if key in ("max_age", "duplicate_window"):
+        return format_duration(float(value)) if value else "none"
+    return str(getattr(value, "value", value))
 
 
 async def read_last_metadata(js: Any, layout: StreamLayout) -> list[tuple[int | None, Any]]:

@@ -1,0 +1,198 @@
+"""The health of the JetStream stream an endpoint publishes to or reads from: its bytes and
+messages against its bounds, its leader, and (for a stream with ``retention = "interest"``)
+whether any reader keeps frames in it at all.
+
+:class:`StreamWatch` asks the server every :data:`WATCH_INTERVAL` seconds and writes what it
+hears into the endpoint's ``status.detail`` (``stream_*`` keys, see docs/status.md). It logs
+changes only: the publisher (the stream's owner) one WARNING when the stream passes
+:data:`FILL_WARNING` of a bound (and one INFO once it is back below :data:`FILL_REARM`); both
+sides one WARNING when the stream has no leader or cannot be asked, and one INFO when it is
+back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from ...config import format_size
+from ._thread import NatsThread, describe_nats_error
+
+if TYPE_CHECKING:
+    from ..endpoints.nats import NatsEndpoint
+
+__all__ = ["FILL_WARNING", "WATCH_INTERVAL", "StreamWatch"]
+
+#: Seconds between two looks at the stream.
+WATCH_INTERVAL: Final = 2.0
+#: The fill (of max_bytes or max_msgs) at which the publisher warns, once.
+FILL_WARNING: Final = 0.8
+#: The fill below which it says so and may warn again.
+FILL_REARM: Final = 0.7
+
+
+class StreamWatch:
+    """Watches the endpoint's JetStream stream until cancelled. Never raises for what the
+    server says (or does not): that is the state it reports."""
+
+    def __init__(self, endpoint: NatsEndpoint, thread: NatsThread) -> None:
+        self.endpoint = endpoint
+        self.thread = thread
+        self.owner = endpoint.layout.owner
+        self._full_warned = False
+        self._no_reader_warned = False
+        self._problem: str | None = None
+        endpoint.status.detail.update(
+            stream_state="unknown",
+            stream_leader=None,
+            stream_bytes=0,
+            stream_messages=0,
+            stream_max_bytes=0,
+            stream_max_messages=0,
+            stream_fill=0.0,
+        )
+
+    async def run(self) -> None:
+        endpoint = self.endpoint
+        while True:
+            await endpoint.wait_connected()
+            await self.look()
+            await trio.sleep(WATCH_INTERVAL)
+
+    async def look(self) -> None:
+        """Ask the server once and report."""
+        endpoint = self.endpoint
+        layout = endpoint.layout
+        client = endpoint.client
+        interest = self.owner and layout.retention == "interest"
+
+        async def ask() -> tuple[Any, list[Any] | None]:
+            js = client.jetstream()
+            info = await js.stream_info(layout.stream)
+            consumers = await js.consumers_info(layout.stream) if interest else None
+            return info, consumers
+
+        try:
+            info, consumers = await self.thread.call(ask, within=endpoint.config.connect_timeout)
+        except Exception as exc:
+            self._trouble("unavailable", describe_nats_error(exc))
+            return
+        cluster = info.cluster
+        if cluster is not None and not cluster.leader:
+            self._trouble("no_leader", "it has no leader (its replicas cannot elect one)")
+            return
+        self._fine(cluster.leader if cluster is not None else None)
+        try:
+            self._report_fill(info)
+            if consumers is not None:
+                self._report_readers(consumers)
+        except (AttributeError, TypeError, ValueError) as exc:
+            # What the server said is not what nats-py documents: say so, keep publishing.
+            self._trouble("unknown", f"an answer to STREAM.INFO that makes no sense ({exc!r})")
+
+    def _trouble(self, state: str, why: str) -> None:
+        detail = self.endpoint.status.detail
+        detail["stream_state"] = state
+        problem = f"JetStream stream {self.endpoint.layout.stream}: {why}"
+        if problem != self._problem:
+            self._problem = problem
+            self.endpoint.log.warning("%s", problem)
+            self.endpoint.status.record_error(problem)
+
+    def _fine(self, leader: str | None) -> None:
+        detail = self.endpoint.status.detail
+        detail["stream_state"] = "ok"
+        detail["stream_leader"] = leader
+        if self._problem is not None:
+            self._problem = None
+            self.endpoint.log.info(
+                "JetStream stream %s answers again%s",
+                self.endpoint.layout.stream,
+                f" (leader {leader})" if leader else "",
+            )
+
+    def _report_fill(self, info: Any) -> None:
+        endpoint = self.endpoint
+        detail = endpoint.status.detail
+        state, config = info.state, info.config
+        max_bytes = max(config.max_bytes or 0, 0)
+        max_messages = max(config.max_msgs or 0, 0)
+        fills = []
+        if max_bytes:
+            fills.append(state.bytes / max_bytes)
+        if max_messages:
+            fills.append(state.messages / max_messages)
+        fill = max(fills, default=0.0)
+        detail.update(
+            stream_bytes=state.bytes,
+            stream_messages=state.messages,
+            stream_max_bytes=max_bytes,
+            stream_max_messages=max_messages,
+            stream_fill=round(fill, 4),
+        )
+        if not self.owner:
+            return
+        what = (
+            f"JetStream stream {endpoint.layout.stream} holds {format_size(state.bytes)} in "
+            f"{state.messages} messages"
+            + (f" of max_bytes {format_size(max_bytes)}" if max_bytes else "")
+            + (f" and max_msgs {max_messages}" if max_messages else "")
+        )
+        if fill >= FILL_WARNING and not self._full_warned:
+            self._full_warned = True
+            if str(getattr(config.discard, "value", config.discard)) == "new":
+                then = "when it is full, publishing waits for the readers to make room"
+            else:
+                then = "when it is full, its oldest frames go, read or not"
+            endpoint.log.warning("%s (%.0f%% full): %s", what, 100 * fill, then)
+        elif fill < FILL_REARM and self._full_warned:
+            self._full_warned = False
+            endpoint.log.info("%s (%.0f%% full)", what, 100 * fill)
+
+    def _report_readers(self, consumers: list[Any]) -> None:
+        """``retention = "interest"``: frames no consumer's filter covers leave at once."""
+        endpoint = self.endpoint
+        data_subject = f"{endpoint.layout.subject}.data.x"
+        readers = [
+            consumer for consumer in consumers if _covers(_filters(consumer.config), data_subject)
+        ]
+        endpoint.status.detail["stream_readers"] = len(readers)
+        if not readers and not self._no_reader_warned:
+            self._no_reader_warned = True
+            endpoint.log.warning(
+                'JetStream stream %s has no reader\'s consumer (retention = "interest"): '
+                "what is published now is removed at once; start the reading endpoint (its "
+                "durable consumer) first",
+                endpoint.layout.stream,
+            )
+        elif readers and self._no_reader_warned:
+            self._no_reader_warned = False
+            endpoint.log.info(
+                "JetStream stream %s has %d reader(s) again", endpoint.layout.stream, len(readers)
+            )
+
+
+def _filters(config: Any) -> list[str]:
+    """A consumer's filter subjects (none: the whole stream)."""
+    many = getattr(config, "filter_subjects", None)
+    if many:
+        return list(many)
+    one = getattr(config, "filter_subject", None)
+    return [one] if one else [">"]
+
+
+def _covers(filters: list[str], subject: str) -> bool:
+    """Whether any of ``filters`` (NATS wildcards ``*`` and ``>``) matches ``subject``."""
+    tokens = subject.split(".")
+    for pattern in filters:
+        parts = pattern.split(".")
+        for index, part in enumerate(parts):
+            if part == ">":
+                return index < len(tokens)
+            if index >= len(tokens) or (part != "*" and part != tokens[index]):
+                break
+        else:
+            if len(parts) == len(tokens):
+                return True
+    return False
