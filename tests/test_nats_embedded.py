@@ -162,6 +162,26 @@ async def test_a_killed_server_is_restarted_on_its_port_and_stopped_at_shutdown(
     assert not list((tmp_path / "js").glob("*.ports"))
 
 
+async def test_a_suspended_server_is_shown_suspended_not_running(tmp_path: Path) -> None:
+    daemon = Daemon(parse_config(embedded_config(tmp_path / "js")))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(daemon.run)
+        server = daemon.nats_server
+        assert server is not None
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            await wait_until(lambda: server.snapshot()["state"] == "suspended")
+            metrics = daemon.metrics.exposition().decode()
+            assert "framewire_nats_server_up 0.0" in metrics
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert server.snapshot()["state"] == "running"
+        assert "framewire_nats_server_up 1.0" in daemon.metrics.exposition().decode()
+        daemon.request_shutdown()
+
+
 async def test_a_missing_binary_is_a_start_failure_that_says_so(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-nats-server"
     daemon = Daemon(parse_config(embedded_config(tmp_path / "js", extra=f'binary = "{missing}"')))

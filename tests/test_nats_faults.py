@@ -100,6 +100,8 @@ async def test_acks_stalled_past_the_duplicate_window_deliver_each_frame_once(
         got = await read(client, len(sent))
         await wait_until(lambda: count(reader, "duplicates_dropped") == twice, patience=60)
         await client.stream.aclose()
+        metrics = b.metrics.exposition().decode()
+    assert f'framewire_nats_duplicates_dropped_total{{endpoint="from-nats"}} {twice}.0' in metrics
     assert got == sent
     assert count(reader, "frames_lost_upstream") == 0
     assert count(reader, "messages_lost_upstream") == 0
@@ -141,6 +143,7 @@ async def test_frames_the_stream_discards_before_they_are_read_are_counted_and_l
         got = await read(client, held)
         await wait_until(lambda: any("lost upstream" in r.getMessage() for r in caplog.records))
         await client.stream.aclose()
+        metrics = b.metrics.exposition().decode()
     lost = len(later) - len(got)
     assert 0 < lost < len(later)
     assert got == later[lost:]
@@ -151,6 +154,8 @@ async def test_frames_the_stream_discards_before_they_are_read_are_counted_and_l
     assert f"frames {len(first)} to {len(first) + lost - 1} of publisher" in lines[0]
     assert f"({lost} frames;" in lines[0]
     assert f"discarded {lost} messages" in lines[0]
+    assert f'framewire_nats_frames_lost_total{{endpoint="from-nats"}} {lost}.0' in metrics
+    assert f'framewire_nats_messages_lost_total{{endpoint="from-nats"}} {lost}.0' in metrics
 
 
 @pytest.mark.parametrize("mode", ["core", "jetstream"])

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from .._version import __version__
 from .endpoints import Endpoint, EndpointStatus
+from .nats import EmbeddedNatsServer
 from .stream import Stream
 
 __all__ = ["CONTENT_TYPE", "ENDPOINT_STATES", "HEALTHY_STATES", "DaemonMetrics", "MetricsView"]
@@ -72,6 +73,40 @@ _COUNTERS: Final = (
     "decimated",
     "unencodable",
     "restarts",
+    "nats_frames_lost",
+    "nats_messages_lost",
+    "nats_duplicates_dropped",
+)
+#: The NATS endpoint's gauges (``detail`` key, metric name, help).
+_NATS_GAUGES: Final = (
+    (
+        "consumer_pending",
+        "framewire_nats_consumer_pending",
+        "Messages the JetStream consumer has not delivered yet (a reader's backlog in the stream)",
+    ),
+    ("acks_pending", "framewire_nats_acks_pending", "JetStream publishes awaiting their acks"),
+    (
+        "inflight_bytes",
+        "framewire_nats_inflight_bytes",
+        "Bytes of JetStream publishes awaiting their acks",
+    ),
+    ("stream_bytes", "framewire_nats_stream_bytes", "Bytes the JetStream stream holds"),
+    ("stream_messages", "framewire_nats_stream_messages", "Messages the JetStream stream holds"),
+    (
+        "stream_max_bytes",
+        "framewire_nats_stream_max_bytes",
+        "The JetStream stream's max_bytes (0: none)",
+    ),
+    (
+        "stream_max_messages",
+        "framewire_nats_stream_max_messages",
+        "The JetStream stream's max_msgs (0: none)",
+    ),
+    (
+        "stream_fill",
+        "framewire_nats_stream_fill_ratio",
+        "The JetStream stream's fill of its nearest bound, 0 to 1",
+    ),
 )
 
 
@@ -90,12 +125,18 @@ class MetricsView(Protocol):
     def last_reload(self) -> dict[str, Any] | None: ...
     @property
     def reloads(self) -> Mapping[str, int]: ...
+    @property
+    def nats_server(self) -> EmbeddedNatsServer | None: ...
 
 
 def _totals(status: EndpointStatus) -> dict[str, int]:
     """An endpoint's counters now: its own, plus those of its live clients' queues."""
-    unencodable = status.detail.get("frames_unencodable", 0)
+    detail = status.detail
+    unencodable = detail.get("frames_unencodable", 0)
     return {
+        "nats_frames_lost": _int(detail.get("frames_lost_upstream", 0)),
+        "nats_messages_lost": _int(detail.get("messages_lost_upstream", 0)),
+        "nats_duplicates_dropped": _int(detail.get("duplicates_dropped", 0)),
         "frames_in": status.frames_in,
         "bytes_in": status.bytes_in,
         "frames_out": status.frames_out,
@@ -105,6 +146,10 @@ def _totals(status: EndpointStatus) -> dict[str, int]:
         "unencodable": unencodable if isinstance(unencodable, int) else 0,
         "restarts": status.restarts,
     }
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
 
 
 class DaemonMetrics(Collector):
@@ -152,6 +197,7 @@ class DaemonMetrics(Collector):
         yield from self._endpoint_metrics(daemon.endpoints)
         yield from self._client_metrics(daemon.endpoints)
         yield from self._stream_metrics(daemon.streams)
+        yield from self._nats_metrics(daemon.endpoints, daemon.nats_server)
 
     def _reload_metrics(self, daemon: MetricsView) -> Iterable[Metric]:
         reloads = CounterMetricFamily(
@@ -301,3 +347,68 @@ class DaemonMetrics(Collector):
             nbytes.add_metric([stream.name], stream.bytes_in)
             subscribers.add_metric([stream.name], len(stream.subscriptions))
         yield from (frames, nbytes, subscribers)
+
+    def _nats_metrics(
+        self, endpoints: Mapping[str, Endpoint[Any]], server: EmbeddedNatsServer | None
+    ) -> Iterable[Metric]:
+        counters = {
+            "nats_frames_lost": CounterMetricFamily(
+                "framewire_nats_frames_lost",
+                "Frames of a publisher that never reached a reading NATS endpoint (the "
+                "JetStream stream discarded them before they were read)",
+                labels=["endpoint"],
+            ),
+            "nats_messages_lost": CounterMetricFamily(
+                "framewire_nats_messages_lost",
+                "JetStream messages the stream discarded before a reading endpoint read them",
+                labels=["endpoint"],
+            ),
+            "nats_duplicates_dropped": CounterMetricFamily(
+                "framewire_nats_duplicates_dropped",
+                "Messages a reading NATS endpoint dropped as stored twice (retried publishes)",
+                labels=["endpoint"],
+            ),
+        }
+        gauges = {
+            key: GaugeMetricFamily(name, text, labels=["endpoint"])
+            for key, name, text in _NATS_GAUGES
+        }
+        connected = GaugeMetricFamily(
+            "framewire_nats_connected",
+            "1 while a NATS endpoint's connection is up, else 0",
+            labels=["endpoint"],
+        )
+        stream_ok = GaugeMetricFamily(
+            "framewire_nats_stream_ok",
+            "1 while a NATS endpoint's JetStream stream answers and has a leader, else 0",
+            labels=["endpoint"],
+        )
+        for name, endpoint in endpoints.items():
+            status = endpoint.status
+            if status.kind != "nats":
+                continue
+            totals = _totals(status)
+            for key, value in self._retired.get(name, {}).items():
+                totals[key] += value
+            for key, family in counters.items():
+                family.add_metric([name], totals[key])
+            detail = status.detail
+            for key, gauge in gauges.items():
+                reading = detail.get(key)
+                if isinstance(reading, (int, float)) and not isinstance(reading, bool):
+                    gauge.add_metric([name], reading)
+            connected.add_metric([name], 1 if status.state == "connected" else 0)
+            if "stream_state" in detail:
+                stream_ok.add_metric([name], 1 if detail["stream_state"] == "ok" else 0)
+        yield from (*counters.values(), *gauges.values(), connected, stream_ok)
+        if server is not None:
+            yield GaugeMetricFamily(
+                "framewire_nats_server_up",
+                "1 while the embedded nats-server runs (not stopped, not suspended), else 0",
+                value=1 if server.true_state == "running" else 0,
+            )
+            yield CounterMetricFamily(
+                "framewire_nats_server_restarts",
+                "Times the embedded nats-server exited and was started again",
+                value=server.restarts,
+            )

@@ -321,10 +321,19 @@ class EmbeddedNatsServer:
         """Where clients on this machine connect, once the port is known."""
         return None if self.port is None else client_url(self.config, self.port)
 
+    @property
+    def true_state(self) -> str:
+        """:attr:`state`, except that a running process the kernel holds stopped (SIGSTOP,
+        a debugger) is ``suspended``: it answers no one."""
+        pid = self.pid
+        if self.state == "running" and pid is not None and _process_stopped(pid):
+            return "suspended"
+        return self.state
+
     def snapshot(self) -> dict[str, Any]:
         """The server's entry in the status document (``daemon.nats_server``)."""
         return {
-            "state": self.state,
+            "state": self.true_state,
             "pid": self.pid,
             "port": self.port,
             "url": self.url,
@@ -601,6 +610,17 @@ async def _finish_tls_handshake(stream: trio.SocketStream) -> None:
     tls = trio.SSLStream(stream, context)
     with contextlib.suppress(trio.BrokenResourceError, ssl.SSLError, OSError):
         await tls.do_handshake()
+
+
+def _process_stopped(pid: int) -> bool:
+    """Whether the kernel holds process ``pid`` stopped (``T`` or ``t`` in /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (comm) S ...": the state follows the last parenthesis (comm may hold any).
+    fields = stat.rpartition(")")[2].split()
+    return bool(fields) and fields[0] in ("T", "t")
 
 
 def _remove_quietly(path: Path) -> None:
