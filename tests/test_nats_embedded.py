@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -511,3 +512,20 @@ stream = "s"
         assert changes == ["added more"]
         assert daemon.endpoints["to-nats"] is endpoint  # not restarted: its servers resolved alike
         daemon.request_shutdown()
+
+
+def test_the_servers_own_recovery_after_an_unclean_stop_is_info_not_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = parse_config(embedded_config(tmp_path / "js"))
+    assert config.nats is not None
+    server = EmbeddedNatsServer(config.nats, config.daemon.restart)
+    caplog.set_level(logging.DEBUG, logger="framewire.nats-server")
+    server._log_line(
+        b"[7] [WRN] Filestore [FW_camera_META] Sourcing state is outdated; attempting to "
+        b"recover using backward scan (seq 6 to 205)"
+    )
+    server._log_line(b"[7] [WRN] Filestore [FW_camera] Stream state outdated, will rebuild")
+    server._log_line(b"[7] [WRN] Maximum payloads over 8.00 MB are generally discouraged")
+    levels = [(r.levelno, r.getMessage()[:40]) for r in caplog.records]
+    assert [level for level, _ in levels] == [logging.INFO, logging.INFO, logging.WARNING]

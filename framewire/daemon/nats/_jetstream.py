@@ -103,7 +103,11 @@ def parse_ack(msg: Msg) -> AckOutcome:
     status = headers.get("Status")
     if status and not msg.data:
         code = int(status) if status.isdigit() else 0
-        description = headers.get("Description") or (
+        # nats-py 2.16 reads a status line without a description into the Description
+        # header with the next header line after it ("\nNats-Subject: ..."): only a first
+        # line with text is a description.
+        given = str(headers.get("Description") or "")
+        description = given.split("\n", 1)[0].strip() or (
             "no responders: no JetStream stream captures this subject" if code == 503 else ""
         )
         return AckOutcome(False, code=code, description=description or f"status {status}")

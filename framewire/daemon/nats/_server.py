@@ -80,6 +80,12 @@ TAIL_LINES: Final = 20
 
 # nats-server's log line, with logtime off: "[pid] [LVL] message".
 _LINE: Final = re.compile(r"^\[(\d+)\] \[([A-Z]{3})\] ?(.*)$")
+#: nats-server's warnings while it rebuilds a stream's state after an unclean stop (a
+#: SIGKILL, a power loss): logged at INFO.
+_RECOVERY: Final = re.compile(
+    r"Stream state outdated|Recovering stream state|Sourcing state is outdated|"
+    r"Stream state encountered internal inconsistency"
+)
 _LEVELS: Final = {
     "TRC": logging.DEBUG,
     "DBG": logging.DEBUG,
@@ -547,6 +553,10 @@ class EmbeddedNatsServer:
             log.info("%s", line)
             return
         level = _LEVELS.get(match.group(2), logging.INFO)
+        if level == logging.WARNING and _RECOVERY.search(match.group(3)):
+            # The store rebuilding its index after an unclean stop: the stop itself was
+            # already logged; the rebuild is what is expected of it.
+            level = logging.INFO
         log.log(level, "[%s] %s", match.group(1), match.group(3))
 
 

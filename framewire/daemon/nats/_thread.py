@@ -112,6 +112,9 @@ def raise_read_size(client_module: ModuleType) -> None:
 def describe_nats_error(error: BaseException) -> str:
     """One line for an error from nats-py or the server, without the class name when the
     message already says what happened."""
+    api = _api_error_text(error)
+    if api is not None:
+        return api
     text = str(error).strip()
     if text.startswith("nats: "):
         text = text[len("nats: ") :]
@@ -128,6 +131,33 @@ def describe_nats_error(error: BaseException) -> str:
     if "authorization violation" in lowered or "authentication" in lowered:
         return f"authorization violation: the server refused the credentials ({text})"
     return text
+
+
+#: What a JetStream API error without a description means, by its status code.
+_API_STATUS: Final = {
+    400: "the request was refused as malformed",
+    404: "not found",
+    408: "the request timed out on the server",
+    429: "too many requests",
+    500: "the server failed",
+    503: "JetStream did not answer (no responders: JetStream is off, or the stream has no "
+    "leader)",
+}
+
+
+def _api_error_text(error: BaseException) -> str | None:
+    """One line for nats-py's JetStream ``APIError`` family (``code``, ``err_code``,
+    ``description``), whose own text shows ``description='None'`` when the server gave
+    none; None for other errors."""
+    code = getattr(error, "code", None)
+    if not hasattr(error, "err_code") or not isinstance(code, int):
+        return None
+    description = getattr(error, "description", None)
+    if not isinstance(description, str) or not description or description == "None":
+        description = _API_STATUS.get(code, "refused")
+    err_code = getattr(error, "err_code", None)
+    codes = f"{code}/{err_code}" if isinstance(err_code, int) and err_code else str(code)
+    return f"{description} ({codes})"
 
 
 class NatsThread:

@@ -1,0 +1,51 @@
+"""What the NATS endpoint says about errors and acks: one readable line, no Python reprs, no
+raw protocol lines."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from framewire.daemon.nats import describe_nats_error, parse_ack
+
+errors = pytest.importorskip("nats.js.errors")
+
+
+@attrs.define
+class Reply:
+    """An ack message as nats-py hands it over (headers and data)."""
+
+    headers: dict[str, str] | None
+    data: bytes
+
+
+def test_jetstream_api_errors_say_what_happened_without_description_none() -> None:
+    unavailable = errors.ServiceUnavailableError(code=503, err_code=None, description=None)
+    assert describe_nats_error(unavailable) == (
+        "JetStream did not answer (no responders: JetStream is off, or the stream has no "
+        "leader) (503)"
+    )
+    full = errors.APIError(code=503, err_code=10077, description="maximum bytes exceeded")
+    assert describe_nats_error(full) == "maximum bytes exceeded (503/10077)"
+    assert "None" not in describe_nats_error(errors.APIError(code=400))
+
+
+def test_a_status_reply_without_a_description_does_not_leak_the_next_header_line() -> None:
+    # What nats-py 2.16 makes of "NATS/1.0 503\r\nNats-Subject: x": the next header line
+    # inside Description.
+    reply = Reply({"Status": "503", "Description": "\nNats-Subject: x", "Nats-Subject": "x"}, b"")
+    outcome = parse_ack(reply)  # type: ignore[arg-type]
+    assert (outcome.ok, outcome.code) == (False, 503)
+    assert outcome.description == "no responders: no JetStream stream captures this subject"
+    described = parse_ack(Reply({"Status": "408", "Description": "Request Timeout"}, b""))  # type: ignore[arg-type]
+    assert described.description == "Request Timeout"
+
+
+def test_acks_stored_duplicate_and_refused() -> None:
+    stored = parse_ack(Reply(None, b'{"stream":"S","seq":7,"duplicate":true}'))  # type: ignore[arg-type]
+    assert (stored.ok, stored.sequence, stored.duplicate) == (True, 7, True)
+    refused = parse_ack(
+        Reply(None, b'{"error":{"code":503,"err_code":10077,"description":"too large"}}')  # type: ignore[arg-type]
+    )
+    assert (refused.ok, refused.code, refused.err_code) == (False, 503, 10077)
+    assert parse_ack(Reply(None, b"[1]")).description == "an ack that is not a JSON object"  # type: ignore[arg-type]
