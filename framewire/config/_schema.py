@@ -732,6 +732,23 @@ def _replicas(raw: object) -> object:
 NatsServers = Annotated[tuple[str, ...], Check(_nats_servers)]
 NatsSubject = Annotated[str, Check(_nats_subject)]
 JetStreamName = Annotated[str, Check(_jetstream_name)]
+
+
+_DOMAIN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _jetstream_domain(value: object) -> str:
+    text = _strict(str)(value)
+    assert isinstance(text, str)
+    if not _DOMAIN.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not a JetStream domain (letters, digits, '-' and '_', at most 64)"
+        )
+    return text
+
+
+#: A JetStream domain: one subject token (it becomes ``$JS.DOMAIN.API``).
+JetStreamDomain = Annotated[str, Check(_jetstream_domain)]
 OptionalJetStreamName = Annotated[str, Check(_optional_jetstream_name)]
 NatsChunk = Annotated[int, Check(_nats_chunk)]
 NatsPack = Annotated[int, Check(_nats_pack)]
@@ -763,6 +780,11 @@ class NatsConfig:
     discard: Literal["old", "new"] = "old"
     duplicate_window: PositiveDuration = 120.0
     retention: Literal["limits", "interest"] = "limits"
+    #: The JetStream domain the endpoint addresses (its streams and consumers live there).
+    domain: JetStreamDomain | None = None
+    #: Subscribe + jetstream: the domain whose same-named streams this endpoint's own
+    #: streams source, across a leaf node link (a hub reading a site).
+    source_domain: JetStreamDomain | None = None
     durable: OptionalJetStreamName = ""
     start: Literal["new", "all"] = "new"
     policy: Policy | None = None
@@ -835,6 +857,13 @@ class NatsConfig:
                 f"({format_duration(self.duplicate_window)}): nats-server refuses such a "
                 "stream; raise max_age or lower duplicate_window",
             )
+        if self.source_domain is not None:
+            if not (subscribing and self.mode == "jetstream"):
+                raise FieldError(
+                    "source_domain", 'applies to direction = "subscribe" with mode = "jetstream"'
+                )
+            if self.source_domain == self.domain:
+                raise FieldError("source_domain", f"is the endpoint's own domain ({self.domain!r})")
         if self.durable and not (subscribing and self.mode == "jetstream"):
             raise FieldError(
                 "durable", 'applies to direction = "subscribe" with mode = "jetstream" only'
@@ -997,6 +1026,9 @@ class NatsServerConfig:
     #: loses nothing).
     sync_always: StrictBool = False
     server_name: ServerName | None = None
+    #: The JetStream domain of this server (a site's leaf node, a hub): written into the
+    #: generated ``jetstream`` block, so a ``config_file`` never needs one.
+    domain: JetStreamDomain | None = None
     config_file: FilePath | None = None
     #: The nats-server program; default: beside the Python running framewire, then $PATH.
     binary: FilePath | None = None

@@ -15,7 +15,8 @@ Errors (``framewire check`` exits with status 2, every one listed):
 - a ``recorder`` directory that is not writable, or cannot be created (its nearest existing
   parent is not a writable directory);
 - with ``[nats] embedded = true``: no nats-server program to run, a ``store_dir`` that cannot
-  be created or written, a ``config_file`` that cannot be read;
+  be created or written, a ``config_file`` that cannot be read or that has a ``jetstream``
+  block of its own (it would replace the generated one);
 - a UNIX socket (or ZeroMQ ``ipc://``) listening path whose directory does not exist or is not
   writable, or that is taken by a file that is not a socket;
 - listeners that overlap: TCP by port and interface (``*``, ``0.0.0.0`` and ``::`` cover every
@@ -24,7 +25,9 @@ Errors (``framewire check`` exits with status 2, every one listed):
   in the server role binds P and P+1; a ZeroMQ bind naming a network interface is left out),
   UNIX sockets by path; and a listening host name that does not resolve.
 
-Warnings (printed; the file is still usable): a stream with publishers but no subscribers, or
+Warnings (printed; the file is still usable): the embedded nats-server's ``max_store``, or a
+JetStream ``max_bytes`` on it, above the free space of the store's disk; a stream with
+publishers but no subscribers, or
 subscribers but no publishers, and a ``[streams.NAME]`` table no endpoint uses, each with the
 nearest stream name when one looks like a typo.
 
@@ -39,6 +42,8 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
+import shutil
 import socket
 import stat
 from collections.abc import Callable, Iterable
@@ -60,7 +65,9 @@ from ..config import (
     RecorderConfig,
     TLSConfig,
     ZmqAddress,
+    format_size,
 )
+from .nats import NatsServerFailed, default_store_dir, find_binary
 
 __all__ = ["CheckReport", "Resolver", "check_config", "resolve_host"]
 
@@ -95,17 +102,16 @@ def check_config(config: Config, *, resolve: Resolver = resolve_host) -> CheckRe
     errors: list[str] = []
     for name, endpoint in config.endpoints.items():
         errors += _endpoint_files(f"endpoints.{name}", endpoint)
+    warnings = _stream_warnings(config)
     if config.nats is not None and config.nats.embedded:
         errors += _embedded_nats(config.nats)
+        warnings += _embedded_nats_space(config)
     errors += _overlapping_listeners(config, resolve)
-    return CheckReport(tuple(errors), tuple(_stream_warnings(config)))
+    return CheckReport(tuple(errors), tuple(warnings))
 
 
 def _embedded_nats(nats: NatsServerConfig) -> list[str]:
     """The embedded nats-server's program, store directory and extra configuration file."""
-    # Imported here: the daemon imports the config package.
-    from .nats import NatsServerFailed, default_store_dir, find_binary
-
     errors: list[str] = []
     try:
         find_binary(nats.binary)
@@ -119,7 +125,87 @@ def _embedded_nats(nats: NatsServerConfig) -> list[str]:
         problem = _unreadable(nats.config_file)
         if problem:
             errors.append(f"nats.config_file: {problem}")
+        elif "jetstream" in _top_level_keys(Path(nats.config_file).read_text(errors="replace")):
+            errors.append(
+                f"nats.config_file: {nats.config_file} has a jetstream block of its own, which "
+                "would replace framewire's whole (store_dir, max_store, domain); leave it out "
+                "and set the domain with [nats] domain"
+            )
     return errors
+
+
+def _embedded_nats_space(config: Config) -> list[str]:
+    """Warnings: JetStream bounds above the free space of the store's disk."""
+    nats = config.nats
+    assert nats is not None
+    store = Path(nats.store_dir) if nats.store_dir is not None else default_store_dir()
+    while not store.exists() and store != store.parent:
+        store = store.parent
+    try:
+        free = shutil.disk_usage(store).free
+    except OSError:
+        return []
+    where = f"the {format_size(free)} free on the disk of {store}"
+    warnings = []
+    if nats.max_store > free:
+        warnings.append(
+            f"nats.max_store: {format_size(nats.max_store)} is more than {where}: JetStream "
+            "refuses publishes once the disk is full, before its own bound"
+        )
+    for name, endpoint in config.endpoints.items():
+        if (
+            isinstance(endpoint, NatsConfig)
+            and not endpoint.servers
+            and endpoint.mode == "jetstream"
+            and endpoint.max_bytes > free
+        ):
+            warnings.append(
+                f"endpoints.{name}.max_bytes: {format_size(endpoint.max_bytes)} is more than "
+                f"{where}"
+            )
+    return warnings
+
+
+def _top_level_keys(text: str) -> set[str]:
+    """The keys at the top level of a nats-server configuration file (outside every block;
+    comments and quoted strings skipped)."""
+    keys: set[str] = set()
+    depth = 0
+    line_start = True
+    index = 0
+    length = len(text)
+    while index < length:
+        char = text[index]
+        if char == "#" or text.startswith("//", index):
+            index = text.find("\n", index)
+            if index < 0:
+                break
+            continue
+        if char in "\"'":
+            end = text.find(char, index + 1)
+            index = length if end < 0 else end + 1
+            line_start = False
+            continue
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth = max(0, depth - 1)
+        elif char == "\n" or char == ",":
+            line_start = True
+        elif not char.isspace():
+            if line_start and depth == 0:
+                match = _KEY.match(text, index)
+                if match is not None:
+                    keys.add(match.group(0).lower())
+                    index = match.end()
+                    line_start = False
+                    continue
+            line_start = False
+        index += 1
+    return keys
+
+
+_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # -- files and directories ------------------------------------------------------------------

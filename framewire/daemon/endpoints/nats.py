@@ -164,7 +164,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             discard=config.discard,
             duplicate_window=config.duplicate_window,
             retention=config.retention,
-            owner=config.direction == "publish",
+            source_domain=config.source_domain,
+            owner=config.direction == "publish" or config.source_domain is not None,
             explicit=config.explicit_stream_settings,
         )
         self.status.address = list(config.servers)
@@ -198,6 +199,10 @@ class NatsEndpoint(Endpoint[NatsConfig]):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def jetstream(self) -> Any:
+        """nats-py's JetStream context for the configured ``domain``."""
+        return self.client.jetstream(domain=self.config.domain)
 
     @property
     def reconnected(self) -> trio.Event:
@@ -476,7 +481,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             await self.wait_connected()
             try:
                 done = await thread.call(
-                    functools.partial(ensure_streams, self.client.jetstream(), self.layout),
+                    functools.partial(ensure_streams, self.jetstream(), self.layout),
                     within=self.config.connect_timeout,
                 )
             except MissingStream as exc:

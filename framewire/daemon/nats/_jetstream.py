@@ -226,6 +226,9 @@ class StreamLayout:
     discard: str = "old"
     duplicate_window: float = 120.0
     retention: str = "limits"
+    #: The JetStream domain whose same-named streams these source (a hub reading a site),
+    #: or None: the frames' stream captures the subjects itself.
+    source_domain: str | None = None
     #: Whether this endpoint owns the streams' settings (the publisher): it creates and
     #: updates them. A reader only creates what is missing and compares the rest.
     owner: bool = True
@@ -255,14 +258,34 @@ class StreamLayout:
                     **common,
                 )
             ]
+        bounds: dict[str, Any] = {
+            "max_bytes": self.max_bytes or -1,
+            "max_age": self.max_age or None,
+            "discard": api.DiscardPolicy(self.discard),
+            "duplicate_window": self.duplicate_window,
+            "retention": api.RetentionPolicy(self.retention),
+        }
+        if self.source_domain is not None:
+            # A hub's copies of a site's streams, across the leaf node link: no subjects of
+            # their own (they would store every message twice, live and sourced).
+            external = api.ExternalStream(api=f"$JS.{self.source_domain}.API")
+            frames = api.StreamConfig(
+                name=self.stream,
+                sources=[api.StreamSource(name=self.stream, external=external)],
+                **bounds,
+                **common,
+            )
+            meta = api.StreamConfig(
+                name=self.meta_stream,
+                sources=[api.StreamSource(name=self.meta_stream, external=external)],
+                max_msgs_per_subject=1,
+                **common,
+            )
+            return [frames, meta]
         frames = api.StreamConfig(
             name=self.stream,
             subjects=[f"{self.subject}.>"],
-            max_bytes=self.max_bytes or -1,
-            max_age=self.max_age or None,
-            discard=api.DiscardPolicy(self.discard),
-            duplicate_window=self.duplicate_window,
-            retention=api.RetentionPolicy(self.retention),
+            **bounds,
             **common,
         )
         meta = api.StreamConfig(
@@ -375,7 +398,12 @@ async def read_last_metadata(js: Any, layout: StreamLayout) -> list[tuple[int | 
                 message = await js.get_last_msg(name, subject)
             except errors.NotFoundError:
                 continue
-            origin = message.seq if name == layout.stream else source_sequence(message.headers)
+            if name == layout.stream:
+                origin = message.seq
+            elif layout.source_domain is None:
+                origin = source_sequence(message.headers)
+            else:
+                origin = None  # a sequence of the other domain's stream: not comparable
             found[subject] = (origin, message)
     return list(found.values())
 

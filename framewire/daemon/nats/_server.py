@@ -164,6 +164,7 @@ def server_config_text(config: NatsServerConfig, store_dir: Path, port: int) -> 
         f"  max_file_store: {config.max_store}",
         f"  max_memory_store: {config.max_memory_store}",
         *(["  sync_interval: always"] if config.sync_always else []),
+        *([f"  domain: {_quote(config.domain)}"] if config.domain is not None else []),
         "}",
     ]
     if config.server_name is not None:

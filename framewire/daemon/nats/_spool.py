@@ -12,6 +12,7 @@ back.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -30,6 +31,12 @@ WATCH_INTERVAL: Final = 2.0
 FILL_WARNING: Final = 0.8
 #: The fill below which it says so and may warn again.
 FILL_REARM: Final = 0.7
+#: Seconds a stream that sources another domain's may go without hearing from it, while
+#: that domain's stream answers, before the sourcing is restarted (nats-server itself
+#: retries a stalled source only after 10 s times its failures, up to 2 minutes).
+SOURCE_STALL: Final = 15.0
+#: Seconds between two restarts of a stalled sourcing.
+SOURCE_RESTART_INTERVAL: Final = 30.0
 
 
 class StreamWatch:
@@ -43,6 +50,8 @@ class StreamWatch:
         self._full_warned = False
         self._no_reader_warned = False
         self._problem: str | None = None
+        self._source_problem: str | None = None
+        self._next_source_restart = -math.inf
         endpoint.status.detail.update(
             stream_state="unknown",
             stream_leader=None,
@@ -64,11 +73,10 @@ class StreamWatch:
         """Ask the server once and report."""
         endpoint = self.endpoint
         layout = endpoint.layout
-        client = endpoint.client
         interest = self.owner and layout.retention == "interest"
 
         async def ask() -> tuple[Any, list[Any] | None]:
-            js = client.jetstream()
+            js = endpoint.jetstream()
             info = await js.stream_info(layout.stream)
             consumers = await js.consumers_info(layout.stream) if interest else None
             return info, consumers
@@ -87,6 +95,8 @@ class StreamWatch:
             self._report_fill(info)
             if consumers is not None:
                 self._report_readers(consumers)
+            if layout.source_domain is not None:
+                await self._watch_source(info)
         except (AttributeError, TypeError, ValueError) as exc:
             # What the server said is not what nats-py documents: say so, keep publishing.
             self._trouble("unknown", f"an answer to STREAM.INFO that makes no sense ({exc!r})")
@@ -171,6 +181,77 @@ class StreamWatch:
             endpoint.log.info(
                 "JetStream stream %s has %d reader(s) again", endpoint.layout.stream, len(readers)
             )
+
+    async def _watch_source(self, info: Any) -> None:
+        """A stream that sources the same-named stream of another domain (a hub's copy of a
+        site's): report when it last heard from it; restart a sourcing that stalled while
+        the other domain answers."""
+        endpoint = self.endpoint
+        layout = endpoint.layout
+        detail = endpoint.status.detail
+        source = (info.sources or [None])[0]
+        if source is None:
+            return
+        active = (
+            source.active / 1e9 if isinstance(source.active, int) and source.active >= 0 else None
+        )
+        detail["source_active"] = None if active is None else round(active, 1)
+        detail["source_lag"] = source.lag or 0
+        error = source.error
+        if error:
+            description = error.get("description") if isinstance(error, dict) else error
+            self._source_trouble(
+                f"cannot source it from domain {layout.source_domain}: {description}"
+            )
+            return
+        if active is not None and active <= SOURCE_STALL:
+            if self._source_problem is not None:
+                self._source_problem = None
+                endpoint.log.info(
+                    "JetStream stream %s sources from domain %s again",
+                    layout.stream,
+                    layout.source_domain,
+                )
+            return
+        now = trio.current_time()
+        if now < self._next_source_restart:
+            return
+        client = endpoint.client
+        domain = layout.source_domain
+        frames_config = layout.configs()[0]
+
+        async def restart() -> None:
+            # Ask the other domain first: only a link that works is worth a restart.
+            await client.jetstream(domain=domain).stream_info(layout.stream)
+            js = endpoint.jetstream()
+            await js.update_stream(frames_config.evolve(sources=[]))
+            await js.update_stream(frames_config)
+
+        try:
+            await self.thread.call(restart, within=endpoint.config.connect_timeout)
+        except Exception as exc:
+            self._source_trouble(
+                f"has not heard from domain {domain} for "
+                + ("ever" if active is None else f"{active:.0f} s")
+                + f" ({describe_nats_error(exc)})"
+            )
+            return
+        self._next_source_restart = now + SOURCE_RESTART_INTERVAL
+        endpoint.count("source_restarts")
+        endpoint.log.info(
+            "JetStream stream %s had not heard from domain %s for %s while it answers: "
+            "sourcing restarted",
+            layout.stream,
+            domain,
+            "ever" if active is None else f"{active:.0f} s",
+        )
+
+    def _source_trouble(self, why: str) -> None:
+        problem = f"JetStream stream {self.endpoint.layout.stream} {why}"
+        if problem != self._source_problem:
+            self._source_problem = problem
+            self.endpoint.log.warning("%s", problem)
+            self.endpoint.status.record_error(problem)
 
 
 def _filters(config: Any) -> list[str]:

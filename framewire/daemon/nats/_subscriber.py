@@ -107,10 +107,9 @@ class NatsSubscriber:
         """The latest metadata of each type from the last-value stream, in first-seen order
         (``Fw-Rank``); with ``before``, only what was stored before that stream sequence.
         Empty (after a log line) when it cannot be read."""
-        client = self.endpoint.client
         try:
             raw = await thread.call(
-                lambda: read_last_metadata(client.jetstream(), self.endpoint.layout),
+                lambda: read_last_metadata(self.endpoint.jetstream(), self.endpoint.layout),
                 within=self.config.connect_timeout,
             )
         except Exception as exc:
@@ -186,7 +185,6 @@ class NatsSubscriber:
         nats = require_nats()
         api = nats.js.api
         await self.endpoint.ensure_streams(thread, required=True)
-        client = self.endpoint.client
         consumer = api.ConsumerConfig(
             ack_policy=api.AckPolicy.ALL,
             deliver_policy=api.DeliverPolicy.NEW
@@ -199,7 +197,7 @@ class NatsSubscriber:
             consumer.inactive_threshold = 60.0
 
         async def open_consumer() -> tuple[Any, int, int]:
-            js = client.jetstream()
+            js = self.endpoint.jetstream()
             subscription = await js.pull_subscribe(
                 f"{config.subject_prefix}.>",
                 durable=config.durable or None,
@@ -367,11 +365,10 @@ class NatsSubscriber:
         if not config.durable:
             return
         endpoint = self.endpoint
-        client = endpoint.client
         layout = endpoint.layout
         try:
             marks = await thread.call(
-                lambda: ReaderMarks.open(client.jetstream(), layout, config.durable),
+                lambda: ReaderMarks.open(self.endpoint.jetstream(), layout, config.durable),
                 within=config.connect_timeout,
             )
             record = await thread.call(marks.load, within=config.connect_timeout)
@@ -435,7 +432,6 @@ class NatsSubscriber:
         the endpoint again, which resumes from the acknowledged floor).
         """
         config = self.config
-        client = self.endpoint.client
         found = 0
         sequence = first
         while sequence <= last:
@@ -443,7 +439,7 @@ class NatsSubscriber:
             messages, missing = await thread.call(
                 functools.partial(
                     read_stream_range,
-                    client.jetstream(),
+                    self.endpoint.jetstream(),
                     self.endpoint.layout.stream,
                     config.subject_prefix,
                     sequence,

@@ -140,8 +140,7 @@ _API_STATUS: Final = {
     408: "the request timed out on the server",
     429: "too many requests",
     500: "the server failed",
-    503: "JetStream did not answer (no responders: JetStream is off, or the stream has no "
-    "leader)",
+    503: "JetStream did not answer (no responders: JetStream is off, or the stream has no leader)",
 }
 
 
