@@ -8,14 +8,18 @@ import pytest
 
 from framewire.config import default_config_text, load_config, parse_config
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "config").glob("*.toml"))
+EXAMPLES = sorted((Path(__file__).parent.parent / "config").rglob("*.toml"))
 
 
 def test_there_are_examples() -> None:
     assert len(EXAMPLES) >= 3
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    EXAMPLES,
+    ids=lambda p: p.parent.name + "/" + p.name if p.parent.name != "config" else p.name,
+)
 def test_example_config_is_valid(path: Path) -> None:
     assert load_config(path).endpoints
 

@@ -1,13 +1,15 @@
-"""The site-to-datacentre example pair (config/site-instrument.toml, config/nats-site.conf,
-config/datacentre.toml) relays a stream durably, as docs/spanning-machines.md says: the files
-as shipped, with only addresses, certificate paths and directories pointed at this test's
-own (TLS with a trustme CA, the users and passwords of nats-site.conf).
+"""The site-to-datacentre example pair (config/site-instrument.toml and config/nats-site.conf,
+a leaf node in JetStream domain "site"; config/datacentre.toml and config/nats-hub.conf, the
+hub in domain "hub") relays a stream durably, as docs/spanning-machines.md says: the files as
+shipped, with only addresses, certificate paths and directories pointed at this test's own
+(the leaf node link over TLS with a trustme CA, the leaf node user of nats-hub.conf).
 
 Faults on the way: a restart of the data centre's daemon (its durable consumer resumes where
 it stopped), a SIGKILL of the site's embedded nats-server (framewire restarts it; publishing
-retries), and a restart of the whole site daemon (JetStream's files stay). A client of the
-data centre's pipeline gets the frames byte-identical; across the faults, the data centre's
-stream must get the latest metadata first, then every frame once.
+retries; the hub's copy catches up), and a restart of the whole site daemon (JetStream's
+files stay). A client of the data centre's pipeline gets the frames byte-identical; across
+the faults, the data centre's stream must get the latest metadata first, then every frame
+once. The try-it pair (config/try-leaf/) runs too, as shipped but for its ports.
 """
 
 from __future__ import annotations
@@ -50,19 +52,33 @@ def frames(start: int, stop: int) -> list[Frame]:
     ]
 
 
-def localised(name: str, root: Path, nats_port: int) -> str:
-    """An example file with its machine-specific parts pointed into ``root``."""
+def localised(name: str, root: Path, ports: dict[str, int]) -> str:
+    """An example file with its machine-specific parts pointed into ``root`` and at
+    ``ports`` (``site``, ``hub``: the two servers' client ports; ``leaf``: the hub's leaf
+    node port)."""
     text = (CONFIG / name).read_text()
+    half = "hub" if name in ("datacentre.toml", "try-leaf/hub.toml") else "site"
     for old, new in (
         ("/etc/framewire/", f"{root}/etc/"),
         ("/var/lib/framewire/", f"{root}/archive/"),
-        ('listen = "*:4222"', f'listen = "127.0.0.1:{nats_port}"'),
-        ("tls://127.0.0.1:4222", f"tls://127.0.0.1:{nats_port}"),
-        ("tls://site-a.example.org:4222", f"tls://127.0.0.1:{nats_port}"),
+        ('store_dir = "try-leaf-state/', f'store_dir = "{root}/try-state-'),
+        ("config/try-leaf/", f"{root}/etc/try-"),
+        ('listen = "127.0.0.1:4222"', f'listen = "127.0.0.1:{ports[half]}"'),
+        ('listen = "127.0.0.1:4223"', f'listen = "127.0.0.1:{ports[half]}"'),
+        ('listen = "127.0.0.1:4224"', f'listen = "127.0.0.1:{ports[half]}"'),
+        ("0.0.0.0:7422", f"127.0.0.1:{ports['leaf']}"),
+        ("127.0.0.1:7422", f"127.0.0.1:{ports['leaf']}"),
+        ("hub.example.org:7422", f"127.0.0.1:{ports['leaf']}"),
         ("127.0.0.1:8765", "127.0.0.1:0"),
+        ("127.0.0.1:8766", "127.0.0.1:0"),
+        ("127.0.0.1:8767", "127.0.0.1:0"),
     ):
         text = text.replace(old, new)
-    for port in (4536, 4537, 4538):
+    if "store_dir" not in text:
+        text = text.replace(
+            "embedded = true", f'embedded = true\nstore_dir = "{root}/state-{half}"'
+        )
+    for port in (4536, 4537, 4538, 4547):
         text = text.replace(f"tcp://127.0.0.1:{port}", "tcp://127.0.0.1:0")
         text = text.replace(f"tcp://*:{port}", "tcp://127.0.0.1:0")
     return text
@@ -103,22 +119,21 @@ async def take(subscription: Subscription, count: int) -> list[Frame]:
 
 
 async def test_the_example_pair_relays_durably_across_restarts_and_a_killed_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     etc = tmp_path / "etc"
     etc.mkdir()
     (tmp_path / "archive").mkdir()
     ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(etc / "site-ca.pem"))
-    certificate = ca.issue_cert("site-a.example.org", "127.0.0.1")
-    certificate.private_key_pem.write_to_path(str(etc / "site-nats.key"))
-    certificate.cert_chain_pems[0].write_to_path(str(etc / "site-nats.crt"))
-    nats_port = free_port()
-    (etc / "nats-site.conf").write_text(localised("nats-site.conf", tmp_path, nats_port))
-    site = localised("site-instrument.toml", tmp_path, nats_port)
-    datacentre = localised("datacentre.toml", tmp_path, nats_port)
-    # The embedded server keeps JetStream under $STATE_DIRECTORY/nats, as under systemd.
-    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    ca.cert_pem.write_to_path(str(etc / "hub-ca.pem"))
+    certificate = ca.issue_cert("hub.example.org", "127.0.0.1")
+    certificate.private_key_pem.write_to_path(str(etc / "hub-nats.key"))
+    certificate.cert_chain_pems[0].write_to_path(str(etc / "hub-nats.crt"))
+    ports = {"site": free_port(), "hub": free_port(), "leaf": free_port()}
+    for name in ("nats-site.conf", "nats-hub.conf"):
+        (etc / name).write_text(localised(name, tmp_path, ports))
+    site = localised("site-instrument.toml", tmp_path, ports)
+    datacentre = localised("datacentre.toml", tmp_path, ports)
 
     async def produce(daemon: Daemon, sent: list[Frame]) -> None:
         source = await connect(endpoint_port(daemon, "instrument-in"))
@@ -134,7 +149,7 @@ async def test_the_example_pair_relays_durably_across_restarts_and_a_killed_serv
 
     async with daemon_of(site) as a:
         assert a.nats_server is not None
-        assert a.nats_server.store_dir == tmp_path / "state" / "nats"
+        assert a.nats_server.store_dir == tmp_path / "state-site"
         async with daemon_of(datacentre) as b:
             pipeline = await connect(endpoint_port(b, "pipeline"))
             async with pipeline.stream:
@@ -177,3 +192,26 @@ async def test_the_example_pair_relays_durably_across_restarts_and_a_killed_serv
     assert got[0] == METADATA
     assert [int(frame.headers["seq"]) for frame in data] == list(range(100, 400))
     assert data == frames(100, 400)
+
+
+async def test_the_try_it_pair_runs_on_one_machine(tmp_path: Path) -> None:
+    """config/try-leaf/: the commands of docs/spanning-machines.md, as shipped but for the
+    ports and the state directories: the hub's client gets the generator's metadata first,
+    then its frames in order."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    ports = {"site": free_port(), "hub": free_port(), "leaf": free_port()}
+    for name in ("site.conf", "hub.conf"):
+        (etc / f"try-{name}").write_text(localised(f"try-leaf/{name}", tmp_path, ports))
+    hub_toml = localised("try-leaf/hub.toml", tmp_path, ports)
+    async with (
+        daemon_of(hub_toml) as hub,
+        daemon_of(localised("try-leaf/site.toml", tmp_path, ports)),
+    ):
+        client = await connect(endpoint_port(hub, "out"))
+        async with client.stream:
+            got = await read(client, 5)
+    assert got[0].kind is FrameKind.METADATA
+    assert [frame.kind for frame in got[1:]] == [FrameKind.DATA] * 4
+    stamps = [frame.timestamp for frame in got[1:]]
+    assert stamps == sorted(stamps)
