@@ -22,9 +22,9 @@ Headers
     number in it, the same on every retry) and ``Fw-Seq`` (the number, in that run, of the
     frame the message carries, or of a pack's first frame), from which a reader drops
     retries the server stored twice and counts frames the stream lost
-    (:class:`ProducerSequences`); and, on every message but the first of an in-flight
-    window, ``Nats-Expected-Last-Msg-Id`` (the id of the message before it), so the server
-    refuses a message whose predecessor was refused: the stream keeps the publisher's order.
+    (:class:`ProducerSequences`); and ``Nats-Expected-Last-Sequence`` (the stream sequence
+    the message must follow), so the server refuses a message whose predecessor was
+    refused: the stream keeps the publisher's order.
 Chunks
     A frame whose payload is over the chunk limit goes as consecutive messages on the same
     subject, each with every header above plus ``Fw-Chunk: I/N`` (1-based) and ``Fw-Size``
@@ -59,6 +59,7 @@ from .native import NativeDecoder, NativeEncoder
 __all__ = [
     "HEADER_CHUNK",
     "HEADER_EXPECTED_LAST_MSG_ID",
+    "HEADER_EXPECTED_LAST_SEQUENCE",
     "HEADER_KIND",
     "HEADER_MSG_ID",
     "HEADER_PACK",
@@ -90,6 +91,7 @@ HEADER_SIZE: Final = "Fw-Size"
 HEADER_PREFIX: Final = "Fw-H-"
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
 HEADER_EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
+HEADER_EXPECTED_LAST_SEQUENCE: Final = "Nats-Expected-Last-Sequence"
 HEADER_PACK: Final = "Fw-Pack"
 HEADER_SEQ: Final = "Fw-Seq"
 #: The most frames one pack may hold.
@@ -261,15 +263,15 @@ class FrameLayout:
         return limit - header_bytes(widest) - self._id_bytes()
 
     def _id_bytes(self) -> int:
-        # Nats-Msg-Id: PRODUCER-N, Nats-Expected-Last-Msg-Id: PRODUCER-N and Fw-Seq: F, each
-        # number up to 20 digits.
+        # Nats-Msg-Id: PRODUCER-N, Nats-Expected-Last-Sequence: S and Fw-Seq: F, each number
+        # up to 20 digits.
         if not self.msg_ids:
             return 0
         return (
             len(HEADER_MSG_ID)
-            + len(HEADER_EXPECTED_LAST_MSG_ID)
+            + len(HEADER_EXPECTED_LAST_SEQUENCE)
             + len(HEADER_SEQ)
-            + 2 * len(self.producer)
+            + len(self.producer)
             + 80
         )
 

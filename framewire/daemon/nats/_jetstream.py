@@ -72,19 +72,23 @@ ERR_STORE_FAILED: Final = 10077
 #: the stream's last message: the message before it in its window was not stored (or another
 #: publisher's message came between them).
 ERR_WRONG_LAST_MSG_ID: Final = 10070
+#: JetStream's error code for a message whose ``Nats-Expected-Last-Sequence`` is not the
+#: stream's last sequence: a message before it was not stored (or another publisher's came
+#: between them). A replicated stream's leader checks it before it stores anything.
+ERR_WRONG_LAST_SEQUENCE: Final = 10071
 
 
 def refusal_kind(outcome: AckOutcome) -> str:
     """What a refused publish means: ``too_large``, ``stream_full``, ``throttled`` (429),
     ``unavailable`` (503: no stream, no leader), ``out_of_order`` (the message before it was
-    not the stream's last: see :data:`ERR_WRONG_LAST_MSG_ID`), ``no_ack`` or ``refused``.
+    not the stream's last: see :data:`ERR_WRONG_LAST_SEQUENCE`), ``no_ack`` or ``refused``.
 
     JetStream reports a full stream (``discard = "new"``: "maximum bytes/messages exceeded")
     and a message over a limit ("message too large", "message size exceeds maximum allowed")
     under one error code, 10077 (store failed), so the description decides.
     """
     text = outcome.description.lower()
-    if outcome.err_code == ERR_WRONG_LAST_MSG_ID:
+    if outcome.err_code in (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_MSG_ID):
         return "out_of_order"
     if "too large" in text or "size exceeds" in text:
         return "too_large"
@@ -143,6 +147,10 @@ class AckTracker:
         self._prefix = ""
         self._futures: dict[str, asyncio.Future[AckOutcome]] = {}
         self._next = 0
+        #: Windows are published one after another, each whole: nats-py's publish() may
+        #: pause (to flush), and a later window's task must not send meanwhile, or its
+        #: messages would reach the server ahead of the earlier window's.
+        self._writer = asyncio.Lock()
 
     @classmethod
     async def open(cls, client: NatsClient) -> AckTracker:
@@ -168,19 +176,22 @@ class AckTracker:
         loop = asyncio.get_running_loop()
         client = self._client
         waiting: list[tuple[str, asyncio.Future[AckOutcome]]] = []
-        for message in messages:
-            reply = f"{self._prefix}.{self._next}"
-            self._next += 1
-            future: asyncio.Future[AckOutcome] = loop.create_future()
-            self._futures[reply] = future
-            waiting.append((reply, future))
-            try:
-                # A memoryview works: nats-py concatenates the payload to the command.
-                payload = cast("bytes", message.payload)
-                await client.publish(message.subject, payload, reply=reply, headers=message.headers)
-            except Exception as exc:
-                self._futures.pop(reply, None)
-                future.set_result(AckOutcome(False, description=describe_nats_error(exc)))
+        async with self._writer:
+            for message in messages:
+                reply = f"{self._prefix}.{self._next}"
+                self._next += 1
+                future: asyncio.Future[AckOutcome] = loop.create_future()
+                self._futures[reply] = future
+                waiting.append((reply, future))
+                try:
+                    # A memoryview works: nats-py concatenates the payload to the command.
+                    payload = cast("bytes", message.payload)
+                    await client.publish(
+                        message.subject, payload, reply=reply, headers=message.headers
+                    )
+                except Exception as exc:
+                    self._futures.pop(reply, None)
+                    future.set_result(AckOutcome(False, description=describe_nats_error(exc)))
         futures = [future for _, future in waiting if not future.done()]
         try:
             if futures:

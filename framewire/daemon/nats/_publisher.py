@@ -22,6 +22,7 @@ from ...config import NatsConfig
 from ...frame import FrameKind
 from ...protocols.nats import (
     HEADER_EXPECTED_LAST_MSG_ID,
+    HEADER_EXPECTED_LAST_SEQUENCE,
     HEADER_MSG_ID,
     FrameLayout,
     FramePacker,
@@ -82,6 +83,7 @@ class NatsPublisher:
                 lambda: AckTracker.open(client), within=config.connect_timeout
             )
             acked = JetStreamPublisher(endpoint, thread, tracker)
+            await acked.refresh_tail()
         elif config.create:
             await endpoint.ensure_streams(thread, required=False)
         endpoint.set_state("publishing")
@@ -215,14 +217,26 @@ class JetStreamPublisher:
     awaiting acks hold at most ``max_inflight_bytes`` (and :data:`MAX_INFLIGHT_MESSAGES`
     messages); the acks are collected in order, oldest window first.
 
-    Order and exactly-once storage hold as without pipelining: every message names the one
-    published before it in ``Nats-Expected-Last-Msg-Id`` (the first after a moment with
-    nothing awaiting acks names none), so when one is refused the server refuses every one
-    after it, in its window and in the windows after it, instead of storing them ahead of
-    it. On a refusal (or a missing ack) every window still awaiting acks is collected, and
-    the messages from the first one not stored onwards are published again with the same
-    ``Nats-Msg-Id`` (a message that was stored after all is answered "duplicate"), one at a
-    time after a backoff until one is stored, then in windows again, before anything new.
+    Order and exactly-once storage hold as without pipelining. The windows reach the server
+    in order, each whole (one writer: :class:`~._jetstream.AckTracker`), and every message
+    names what it must follow, so when one is refused the server refuses every one after it,
+    in its window and in the windows after it, instead of storing them ahead of it. In a
+    replicated stream, that is the stream sequence (``Nats-Expected-Last-Sequence``: the
+    stream's last sequence when the publisher started or last retried, plus one for each
+    message published since that was not a duplicate), which the stream's leader checks
+    before anything is proposed to the replicas. (``Nats-Expected-Last-Msg-Id`` is checked
+    by nats-server 2.14 and later only when each replica applies the message, and a mismatch
+    there stops the stream on every replica for good: never used on a replicated stream.)
+    On one server it is the id of the message before (``Nats-Expected-Last-Msg-Id``, the
+    first after a moment with nothing awaiting acks names none), which also keeps each
+    publisher's order when several write to one stream; a replicated stream keeps it for
+    one publisher only. On a refusal (or a missing ack)
+    every window still awaiting acks is collected, the stream's last sequence is asked
+    again, and the messages from the first one not stored onwards are published again with
+    the same ``Nats-Msg-Id`` (a message that was stored after all is answered "duplicate"),
+    one at a time after a backoff until one is stored, then in windows again, before
+    anything new. Another publisher writing to the same stream makes a message's expected
+    sequence wrong: it is tried again at once (``detail.order_retries``).
 
     Frames count as sent (``frames_out``) when the last message of their unit is stored.
     Messages awaiting acks are the frames' own payloads: ``detail.inflight_bytes`` is the
@@ -238,8 +252,40 @@ class JetStreamPublisher:
         self.inflight_bytes = 0
         self.inflight_messages = 0
         self._unconfirmed: deque[_Unconfirmed] = deque()
+        #: The stream sequence the last message published is to get (None: not known, so
+        #: messages name none until it is asked again).
+        self._tail: int | None = None
+        #: Whether the stream is replicated: messages then name the sequence they follow
+        #: (checked before anything is stored); on one server, the id of the message before
+        #: them (which keeps each publisher's order when several write to the stream).
+        self._replicated = self.config.replicas > 1
+        #: The id of the last message published (one server).
         self._last_id: str | None = None
         self._backoff = Backoff(self.config.reconnect)
+
+    async def refresh_tail(self) -> bool:
+        """Ask the stream for its last sequence (nothing of ours may be in flight); whether
+        it answered (if not, messages name no sequence until it does)."""
+        endpoint = self.endpoint
+        stream = endpoint.layout.stream
+        try:
+            info = await self.thread.call(
+                lambda: endpoint.jetstream().stream_info(stream),
+                within=self.config.connect_timeout,
+            )
+        except Exception as exc:
+            endpoint.log.debug("asking %s for its last sequence: %s", stream, exc)
+            self._tail = None
+            return False
+        self._tail = int(info.state.last_seq)
+        self._replicated = int(info.config.num_replicas or 1) > 1
+        return True
+
+    def _settled(self, outcomes: Sequence[AckOutcome]) -> None:
+        """A stored message answered "duplicate" took no new sequence: the ones published
+        after it are to get one less."""
+        if self._tail is not None:
+            self._tail -= sum(1 for outcome in outcomes if outcome.ok and outcome.duplicate)
 
     async def submit(self, units: Sequence[PublishUnit]) -> None:
         """Publish the messages of ``units`` after those submitted before, waiting for acks
@@ -269,16 +315,24 @@ class JetStreamPublisher:
                 await self.settle_oldest()
 
     def _start(self, messages: list[NatsMessage], nbytes: int) -> None:
-        """Publish a window now (chained to what awaits acks); its acks are collected later."""
-        previous = self._last_id if self.windows else None
+        """Publish a window now (behind what awaits acks); its acks are collected later."""
+        tail = self._tail if self._replicated else None
+        previous = self._last_id if self.windows and not self._replicated else None
         for message in messages:
             headers = message.headers
-            if previous is None:
-                headers.pop(HEADER_EXPECTED_LAST_MSG_ID, None)
-            else:
+            headers.pop(HEADER_EXPECTED_LAST_SEQUENCE, None)
+            headers.pop(HEADER_EXPECTED_LAST_MSG_ID, None)
+            if tail is not None:
+                headers[HEADER_EXPECTED_LAST_SEQUENCE] = str(tail)
+                tail += 1
+            elif previous is not None:
                 headers[HEADER_EXPECTED_LAST_MSG_ID] = previous
-            previous = headers.get(HEADER_MSG_ID)
-        self._last_id = previous
+            if not self._replicated:
+                previous = headers.get(HEADER_MSG_ID)
+        if self._replicated:
+            self._tail = tail
+        else:
+            self._last_id = previous
         config = self.config
         acks = self.thread.begin(
             functools.partial(self.tracker.publish, messages, config.ack_timeout),
@@ -311,6 +365,7 @@ class JetStreamPublisher:
         message on, until all of it is stored."""
         window = self.windows[0]
         outcomes = await self._outcomes(window)
+        self._settled(outcomes)
         good = _stored_prefix(outcomes)
         self._confirm(good)
         if good == len(window.messages):
@@ -344,6 +399,12 @@ class JetStreamPublisher:
                 await trio.sleep(self._backoff.next_delay())
                 await endpoint.wait_connected()
             refusal = None
+            if not await self.refresh_tail():
+                # The stream does not answer (no leader yet): wait, as for a refusal.
+                one_at_a_time = True
+                await trio.sleep(self._backoff.next_delay())
+                await endpoint.wait_connected()
+                continue
             window: list[NatsMessage] = []
             nbytes = 0
             for message in messages[stored:]:
@@ -353,6 +414,7 @@ class JetStreamPublisher:
                 nbytes += message.size
             self._start(window, nbytes)
             outcomes = await self._outcomes(self.windows[0])
+            self._settled(outcomes)
             good = _stored_prefix(outcomes)
             stored += good
             self._confirm(good)
@@ -366,8 +428,9 @@ class JetStreamPublisher:
 
     def _refused(self, failed: AckOutcome, message: NatsMessage) -> bool:
         """Record a refused JetStream publish; whether to back off before trying again (an
-        ``out_of_order`` refusal is retried at once: its predecessor was stored, yet is not
-        the stream's last message, because another publisher's message came between)."""
+        ``out_of_order`` refusal is retried at once: its predecessor was stored, yet the
+        stream's last sequence is not the one it named, because another publisher's message
+        came between)."""
         if refusal_kind(failed) == "out_of_order":
             self.endpoint.count("order_retries")
             return False
