@@ -12,7 +12,12 @@ nats-py
     never runs more than that ahead of the server); the subscriber's pending limits are wide
     enough that it is never cut off. JetStream: ``publish_async`` with at most 32 MiB and
     4000 messages unacknowledged; the subscriber fetches from a durable pull consumer in
-    batches and acknowledges every message.
+    batches sized by bytes as framewire's reader sizes them (at most 1024 messages, half of
+    its default ``max_queue_frames`` and half of its ``max_queue_bytes`` over the largest
+    message of the last batch: 32 MiB at most), so that a fetch stays within nats-server's
+    ``max_pending`` for a client (64 MiB) and nats-py's pending limit (a fixed 256 messages
+    of 1 MiB did not: the server cut the baseline off as a slow consumer), and acknowledges
+    every message.
 framewire
     a producer process writes native frames into daemon A (a ``receiver``), whose ``nats``
     endpoint (``direction = "publish"``, lossless queue) publishes them to the server;
@@ -21,7 +26,9 @@ framewire
     them to a consumer process. Each daemon is ``python -m framewire run CONFIG``.
 
 The rate is what the last process (subscriber or consumer) receives during ``--duration``
-seconds, starting ``--warmup`` seconds after its first message. CPU time of every process is
+seconds, starting ``--warmup`` seconds after its first message. Slow consumers are looked
+for in every case (the nats-server log, the subscriber's error callback, daemon B's log): a
+case with any says so in a line below its row, and in the summary. CPU time of every process is
 read from /proc over that window: ``CPU s/GB`` is the CPU seconds of all the processes of the
 path (servers and daemons included) per GB of payload delivered. ``others`` is the rest of the
 machine's CPU use during the window (share of one CPU); above 20 % a warning says the figures
@@ -95,9 +102,17 @@ FLUSH_BYTES: Final = 16 * MIB
 #: JetStream publisher: at most this many bytes and messages unacknowledged.
 INFLIGHT_BYTES: Final = 32 * MIB
 INFLIGHT_MESSAGES: Final = 4000
-#: JetStream subscriber: messages and bytes per fetch.
-FETCH_MESSAGES: Final = 256
-FETCH_BYTES: Final = 32 * MIB
+#: JetStream subscriber: messages per fetch as framewire's reader (NatsSubscriber._jetstream)
+#: asks for them with the endpoint's defaults: at most FETCH_MAX, half of QUEUE_FRAMES, and
+#: half of QUEUE_BYTES over the largest message of the last batch (at first, FIRST_LARGEST:
+#: the default chunk_size of 8 MiB and the 1 KiB header margin; never less than 1 KiB).
+#: nats-py 2.16's fetch() takes a number of messages only, no byte budget.
+FETCH_MAX: Final = 1024
+QUEUE_FRAMES: Final = 1024
+QUEUE_BYTES: Final = 64 * MIB
+FIRST_LARGEST: Final = 8 * MIB + KIB
+#: What nats-server logs when it cuts a client off as a slow consumer.
+SERVER_SLOW_CONSUMER: Final = "Slow Consumer"
 #: Every wait on NATS (an ack, a fetch, a flush) is an error after this long.
 NATS_TIMEOUT: Final = 10
 #: The producer sends a pre-encoded block of about this many bytes per sendall().
@@ -211,8 +226,18 @@ def run_nats_subscriber(url: str, mode: str, warmup: float, duration: float) -> 
     measure what arrives and print the result as JSON; stay until terminated."""
     import nats
 
+    slow_consumer = 0
+
+    async def on_error(error: Exception) -> None:
+        nonlocal slow_consumer
+        if isinstance(error, nats.errors.SlowConsumerError):
+            slow_consumer += 1
+        print(f"subscriber: NATS error: {error!r}", file=sys.stderr, flush=True)
+
     async def subscribe() -> dict[str, float]:
-        nc = await nats.connect(url, max_reconnect_attempts=0, connect_timeout=NATS_TIMEOUT)
+        nc = await nats.connect(
+            url, max_reconnect_attempts=0, connect_timeout=NATS_TIMEOUT, error_cb=on_error
+        )
         first = asyncio.get_running_loop().create_future()
         done = asyncio.get_running_loop().create_future()
         counts = {"messages": 0, "bytes": 0}
@@ -252,14 +277,18 @@ def run_nats_subscriber(url: str, mode: str, warmup: float, duration: float) -> 
             sub = await js.pull_subscribe(SUBJECT, durable="bench", stream=JS_STREAM)
             print("ready 0", flush=True)
             deadline = time.monotonic() + START_TIMEOUT + warmup + duration
+            largest = FIRST_LARGEST
             while not done.done():
                 if time.monotonic() > deadline:
                     raise TimeoutError("subscriber: the window did not end in time")
+                want = max(1, min(FETCH_MAX, QUEUE_FRAMES // 2, QUEUE_BYTES // 2 // largest))
                 try:
-                    batch = await sub.fetch(FETCH_MESSAGES, timeout=1.0)
+                    batch = await sub.fetch(want, timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
+                largest = KIB
                 for msg in batch:
+                    largest = max(largest, len(msg.data))
                     count(len(msg.data))
                     await msg.ack()
         return {
@@ -267,6 +296,7 @@ def run_nats_subscriber(url: str, mode: str, warmup: float, duration: float) -> 
             "bytes": counts["bytes"],
             "t0": window["t0"],
             "t1": window["t1"],
+            "slow_consumer": slow_consumer,
         }
 
     result = asyncio.run(subscribe())
@@ -337,6 +367,8 @@ class Result:
     nbytes: float
     seconds: float
     cpu: dict[str, float | None] = field(default_factory=dict)
+    #: Slow-consumer events seen, each as "where: count".
+    slow: list[str] = field(default_factory=list)
 
     @property
     def per_second(self) -> float:
@@ -365,6 +397,22 @@ def run_window(
     timeout = args.warmup + args.duration + 2 * START_TIMEOUT
     line, cpu = sample_until_line(last, pids, timeout)
     return json.loads(line), cpu
+
+
+def slow_consumers(workdir: Path, report: dict[str, Any], daemon_log: str | None) -> list[str]:
+    """The case's slow-consumer events: nats-server's log, the nats-py subscriber's error
+    callback, daemon B's log (framewire logs nats-py's SlowConsumerError there)."""
+    found = []
+    server_log = (workdir / "nats-server.log").read_text(errors="replace")
+    if count := server_log.count(SERVER_SLOW_CONSUMER):
+        found.append(f"nats-server log: {count}")
+    if count := int(report.get("slow_consumer", 0)):
+        found.append(f"subscriber's error callback: {count}")
+    if daemon_log is not None:
+        text = (workdir / daemon_log).read_text(errors="replace").lower()
+        if count := text.count("slow consumer"):
+            found.append(f"{daemon_log}: {count}")
+    return found
 
 
 def result_of(
@@ -403,7 +451,9 @@ def measure_nats_py(workdir: Path, mode: str, size: int, args: argparse.Namespac
                 report, cpu = run_window(subscriber, pids, args)
     finally:
         stop_process(server)
-    return result_of("nats-py", mode, size, report, cpu, list(pids))
+    result = result_of("nats-py", mode, size, report, cpu, list(pids))
+    result.slow = slow_consumers(workdir, report, None)
+    return result
 
 
 def measure_framewire(
@@ -468,7 +518,9 @@ def measure_framewire(
     frames = report["bytes"] / len(relay.encode_frame(size))
     report.update(messages=frames, bytes=frames * size)
     path = f"framewire, pack {pack}" if pack else "framewire"
-    return result_of(path, mode, size, report, cpu, list(pids))
+    result = result_of(path, mode, size, report, cpu, list(pids))
+    result.slow = slow_consumers(workdir, report, "b.log")
+    return result
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -505,6 +557,8 @@ def print_row(result: Result) -> None:
         f"  {'-' if others is None else f'{others / result.seconds:.0%}':>6}",
         flush=True,
     )
+    if result.slow:
+        print(f"{'':>10}slow consumer: {'; '.join(result.slow)}", flush=True)
 
 
 def print_summary(results: dict[tuple[int, str, str], list[Result]]) -> None:
@@ -535,6 +589,16 @@ def print_summary(results: dict[tuple[int, str, str], list[Result]]) -> None:
                     f" {ours_path} {ours:,.1f} frames/s, ratio {ratio:.2f}"
                     f"  (target {target}: {'met' if met else 'NOT met'}){cost}"
                 )
+    slow = [
+        f"{size_text(r.payload_size)} {r.mode} {r.path}"
+        for rs in results.values()
+        for r in rs
+        if r.slow
+    ]
+    print(
+        f"  slow consumers: {'none' if not slow else 'in ' + ', '.join(slow)}"
+        " (nats-server logs, the subscriber's error callback, daemon B's log)"
+    )
     warn_if_busy(
         (r.cpu["others"] / r.seconds for rs in results.values() for r in rs if r.cpu["others"]),
         "rates and ratios are unreliable; compare CPU s/GB, and repeat (--repeat)",
