@@ -53,6 +53,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -345,6 +346,13 @@ def start_nats_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, url
 
 
+def stop_nats_server(process: subprocess.Popen[bytes], workdir: Path) -> None:
+    """Stop a case's nats-server and remove its store (up to 2 GiB, mostly not yet on disk):
+    deleted, its dirty pages are dropped, not written back while the next cases run."""
+    stop_process(process)
+    shutil.rmtree(workdir / "store", ignore_errors=True)
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.terminate()
@@ -450,7 +458,7 @@ def measure_nats_py(workdir: Path, mode: str, size: int, args: argparse.Namespac
                 }
                 report, cpu = run_window(subscriber, pids, args)
     finally:
-        stop_process(server)
+        stop_nats_server(server, workdir)
     result = result_of("nats-py", mode, size, report, cpu, list(pids))
     result.slow = slow_consumers(workdir, report, None)
     return result
@@ -513,7 +521,7 @@ def measure_framewire(
                     }
                     report, cpu = run_window(consumer, pids, args)
     finally:
-        stop_process(server)
+        stop_nats_server(server, workdir)
     # The consumer counts wire bytes: frames, and the payload bytes they carried.
     frames = report["bytes"] / len(relay.encode_frame(size))
     report.update(messages=frames, bytes=frames * size)
@@ -638,7 +646,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " (0: not; default 256)",
     )
     parser.add_argument(
-        "--keep", metavar="DIR", help="work in DIR and keep the logs (default: a temporary one)"
+        "--keep",
+        metavar="DIR",
+        help="work in DIR and keep the logs (default: a temporary one); each case's JetStream"
+        " store is removed when the case ends",
     )
     add_role_options(parser, ["publisher", "subscriber", "producer", "consumer"])
     parser.add_argument("--url", help=argparse.SUPPRESS)
