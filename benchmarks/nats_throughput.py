@@ -60,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,6 +293,10 @@ def run_nats_subscriber(url: str, mode: str, warmup: float, duration: float) -> 
                     largest = max(largest, len(msg.data))
                     count(len(msg.data))
                     await msg.ack()
+        # Measured: close, rather than leave the server a client that no longer reads (it
+        # would cut it off as a slow consumer while the publisher goes on).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), NATS_TIMEOUT)
         return {
             "messages": counts["messages"],
             "bytes": counts["bytes"],
@@ -375,8 +380,11 @@ class Result:
     nbytes: float
     seconds: float
     cpu: dict[str, float | None] = field(default_factory=dict)
-    #: Slow-consumer events seen, each as "where: count".
+    #: Slow-consumer events up to the end of the window, each as "where: count".
     slow: list[str] = field(default_factory=list)
+    #: Those after it, while the case was torn down (the last process has stopped reading
+    #: and the first still writes: not part of the measurement).
+    slow_after: list[str] = field(default_factory=list)
 
     @property
     def per_second(self) -> float:
@@ -407,20 +415,22 @@ def run_window(
     return json.loads(line), cpu
 
 
-def slow_consumers(workdir: Path, report: dict[str, Any], daemon_log: str | None) -> list[str]:
-    """The case's slow-consumer events: nats-server's log, the nats-py subscriber's error
-    callback, daemon B's log (framewire logs nats-py's SlowConsumerError there)."""
-    found = []
+def slow_consumers(workdir: Path, report: dict[str, Any], daemon_log: str | None) -> Counter[str]:
+    """The case's slow-consumer events so far: nats-server's log, the nats-py subscriber's
+    error callback (up to the end of its window), daemon B's log (framewire logs nats-py's
+    SlowConsumerError there)."""
+    found: Counter[str] = collections.Counter()
     server_log = (workdir / "nats-server.log").read_text(errors="replace")
-    if count := server_log.count(SERVER_SLOW_CONSUMER):
-        found.append(f"nats-server log: {count}")
-    if count := int(report.get("slow_consumer", 0)):
-        found.append(f"subscriber's error callback: {count}")
+    found["nats-server log"] = server_log.count(SERVER_SLOW_CONSUMER)
+    found["subscriber's error callback"] = int(report.get("slow_consumer", 0))
     if daemon_log is not None:
         text = (workdir / daemon_log).read_text(errors="replace").lower()
-        if count := text.count("slow consumer"):
-            found.append(f"{daemon_log}: {count}")
-    return found
+        found[daemon_log] = text.count("slow consumer")
+    return +found
+
+
+def slow_text(found: Counter[str]) -> list[str]:
+    return [f"{where}: {count}" for where, count in found.items()]
 
 
 def result_of(
@@ -457,10 +467,12 @@ def measure_nats_py(workdir: Path, mode: str, size: int, args: argparse.Namespac
                     "subscriber": subscriber.pid,
                 }
                 report, cpu = run_window(subscriber, pids, args)
+                during = slow_consumers(workdir, report, None)
     finally:
         stop_nats_server(server, workdir)
     result = result_of("nats-py", mode, size, report, cpu, list(pids))
-    result.slow = slow_consumers(workdir, report, None)
+    result.slow = slow_text(during)
+    result.slow_after = slow_text(slow_consumers(workdir, report, None) - during)
     return result
 
 
@@ -520,6 +532,7 @@ def measure_framewire(
                         "consumer": consumer.pid,
                     }
                     report, cpu = run_window(consumer, pids, args)
+                    during = slow_consumers(workdir, report, "b.log")
     finally:
         stop_nats_server(server, workdir)
     # The consumer counts wire bytes: frames, and the payload bytes they carried.
@@ -527,7 +540,8 @@ def measure_framewire(
     report.update(messages=frames, bytes=frames * size)
     path = f"framewire, pack {pack}" if pack else "framewire"
     result = result_of(path, mode, size, report, cpu, list(pids))
-    result.slow = slow_consumers(workdir, report, "b.log")
+    result.slow = slow_text(during)
+    result.slow_after = slow_text(slow_consumers(workdir, report, "b.log") - during)
     return result
 
 
@@ -567,6 +581,11 @@ def print_row(result: Result) -> None:
     )
     if result.slow:
         print(f"{'':>10}slow consumer: {'; '.join(result.slow)}", flush=True)
+    if result.slow_after:
+        print(
+            f"{'':>10}slow consumer after the window (teardown): {'; '.join(result.slow_after)}",
+            flush=True,
+        )
 
 
 def print_summary(results: dict[tuple[int, str, str], list[Result]]) -> None:
@@ -604,9 +623,14 @@ def print_summary(results: dict[tuple[int, str, str], list[Result]]) -> None:
         if r.slow
     ]
     print(
-        f"  slow consumers: {'none' if not slow else 'in ' + ', '.join(slow)}"
+        f"  slow consumers during the windows: {'none' if not slow else 'in ' + ', '.join(slow)}"
         " (nats-server logs, the subscriber's error callback, daemon B's log)"
     )
+    if after := sum(1 for rs in results.values() for r in rs if r.slow_after):
+        print(
+            f"  ({after} case{'s' if after != 1 else ''} had one after the window, while torn"
+            " down: the last process stopped reading, the first still writing)"
+        )
     warn_if_busy(
         (r.cpu["others"] / r.seconds for rs in results.values() for r in rs if r.cpu["others"]),
         "rates and ratios are unreliable; compare CPU s/GB, and repeat (--repeat)",
