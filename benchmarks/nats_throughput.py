@@ -12,7 +12,12 @@ nats-py
     never runs more than that ahead of the server); the subscriber's pending limits are wide
     enough that it is never cut off. JetStream: ``publish_async`` with at most 32 MiB and
     4000 messages unacknowledged; the subscriber fetches from a durable pull consumer in
-    batches and acknowledges every message.
+    batches sized by bytes as framewire's reader sizes them (at most 1024 messages, half of
+    its default ``max_queue_frames`` and half of its ``max_queue_bytes`` over the largest
+    message of the last batch: 32 MiB at most), so that a fetch stays within nats-server's
+    ``max_pending`` for a client (64 MiB) and nats-py's pending limit (a fixed 256 messages
+    of 1 MiB did not: the server cut the baseline off as a slow consumer), and acknowledges
+    every message.
 framewire
     a producer process writes native frames into daemon A (a ``receiver``), whose ``nats``
     endpoint (``direction = "publish"``, lossless queue) publishes them to the server;
@@ -21,7 +26,9 @@ framewire
     them to a consumer process. Each daemon is ``python -m framewire run CONFIG``.
 
 The rate is what the last process (subscriber or consumer) receives during ``--duration``
-seconds, starting ``--warmup`` seconds after its first message. CPU time of every process is
+seconds, starting ``--warmup`` seconds after its first message. Slow consumers are looked
+for in every case (the nats-server log, the subscriber's error callback, daemon B's log): a
+case with any says so in a line below its row, and in the summary. CPU time of every process is
 read from /proc over that window: ``CPU s/GB`` is the CPU seconds of all the processes of the
 path (servers and daemons included) per GB of payload delivered. ``others`` is the rest of the
 machine's CPU use during the window (share of one CPU); above 20 % a warning says the figures
@@ -46,12 +53,14 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +104,17 @@ FLUSH_BYTES: Final = 16 * MIB
 #: JetStream publisher: at most this many bytes and messages unacknowledged.
 INFLIGHT_BYTES: Final = 32 * MIB
 INFLIGHT_MESSAGES: Final = 4000
-#: JetStream subscriber: messages and bytes per fetch.
-FETCH_MESSAGES: Final = 256
-FETCH_BYTES: Final = 32 * MIB
+#: JetStream subscriber: messages per fetch as framewire's reader (NatsSubscriber._jetstream)
+#: asks for them with the endpoint's defaults: at most FETCH_MAX, half of QUEUE_FRAMES, and
+#: half of QUEUE_BYTES over the largest message of the last batch (at first, FIRST_LARGEST:
+#: the default chunk_size of 8 MiB and the 1 KiB header margin; never less than 1 KiB).
+#: nats-py 2.16's fetch() takes a number of messages only, no byte budget.
+FETCH_MAX: Final = 1024
+QUEUE_FRAMES: Final = 1024
+QUEUE_BYTES: Final = 64 * MIB
+FIRST_LARGEST: Final = 8 * MIB + KIB
+#: What nats-server logs when it cuts a client off as a slow consumer.
+SERVER_SLOW_CONSUMER: Final = "Slow Consumer"
 #: Every wait on NATS (an ack, a fetch, a flush) is an error after this long.
 NATS_TIMEOUT: Final = 10
 #: The producer sends a pre-encoded block of about this many bytes per sendall().
@@ -211,8 +228,18 @@ def run_nats_subscriber(url: str, mode: str, warmup: float, duration: float) -> 
     measure what arrives and print the result as JSON; stay until terminated."""
     import nats
 
+    slow_consumer = 0
+
+    async def on_error(error: Exception) -> None:
+        nonlocal slow_consumer
+        if isinstance(error, nats.errors.SlowConsumerError):
+            slow_consumer += 1
+        print(f"subscriber: NATS error: {error!r}", file=sys.stderr, flush=True)
+
     async def subscribe() -> dict[str, float]:
-        nc = await nats.connect(url, max_reconnect_attempts=0, connect_timeout=NATS_TIMEOUT)
+        nc = await nats.connect(
+            url, max_reconnect_attempts=0, connect_timeout=NATS_TIMEOUT, error_cb=on_error
+        )
         first = asyncio.get_running_loop().create_future()
         done = asyncio.get_running_loop().create_future()
         counts = {"messages": 0, "bytes": 0}
@@ -252,21 +279,30 @@ def run_nats_subscriber(url: str, mode: str, warmup: float, duration: float) -> 
             sub = await js.pull_subscribe(SUBJECT, durable="bench", stream=JS_STREAM)
             print("ready 0", flush=True)
             deadline = time.monotonic() + START_TIMEOUT + warmup + duration
+            largest = FIRST_LARGEST
             while not done.done():
                 if time.monotonic() > deadline:
                     raise TimeoutError("subscriber: the window did not end in time")
+                want = max(1, min(FETCH_MAX, QUEUE_FRAMES // 2, QUEUE_BYTES // 2 // largest))
                 try:
-                    batch = await sub.fetch(FETCH_MESSAGES, timeout=1.0)
+                    batch = await sub.fetch(want, timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
+                largest = KIB
                 for msg in batch:
+                    largest = max(largest, len(msg.data))
                     count(len(msg.data))
                     await msg.ack()
+        # Measured: close, rather than leave the server a client that no longer reads (it
+        # would cut it off as a slow consumer while the publisher goes on).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), NATS_TIMEOUT)
         return {
             "messages": counts["messages"],
             "bytes": counts["bytes"],
             "t0": window["t0"],
             "t1": window["t1"],
+            "slow_consumer": slow_consumer,
         }
 
     result = asyncio.run(subscribe())
@@ -315,6 +351,13 @@ def start_nats_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, url
 
 
+def stop_nats_server(process: subprocess.Popen[bytes], workdir: Path) -> None:
+    """Stop a case's nats-server and remove its store (up to 2 GiB, mostly not yet on disk):
+    deleted, its dirty pages are dropped, not written back while the next cases run."""
+    stop_process(process)
+    shutil.rmtree(workdir / "store", ignore_errors=True)
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.terminate()
@@ -337,6 +380,11 @@ class Result:
     nbytes: float
     seconds: float
     cpu: dict[str, float | None] = field(default_factory=dict)
+    #: Slow-consumer events up to the end of the window, each as "where: count".
+    slow: list[str] = field(default_factory=list)
+    #: Those after it, while the case was torn down (the last process has stopped reading
+    #: and the first still writes: not part of the measurement).
+    slow_after: list[str] = field(default_factory=list)
 
     @property
     def per_second(self) -> float:
@@ -365,6 +413,24 @@ def run_window(
     timeout = args.warmup + args.duration + 2 * START_TIMEOUT
     line, cpu = sample_until_line(last, pids, timeout)
     return json.loads(line), cpu
+
+
+def slow_consumers(workdir: Path, report: dict[str, Any], daemon_log: str | None) -> Counter[str]:
+    """The case's slow-consumer events so far: nats-server's log, the nats-py subscriber's
+    error callback (up to the end of its window), daemon B's log (framewire logs nats-py's
+    SlowConsumerError there)."""
+    found: Counter[str] = collections.Counter()
+    server_log = (workdir / "nats-server.log").read_text(errors="replace")
+    found["nats-server log"] = server_log.count(SERVER_SLOW_CONSUMER)
+    found["subscriber's error callback"] = int(report.get("slow_consumer", 0))
+    if daemon_log is not None:
+        text = (workdir / daemon_log).read_text(errors="replace").lower()
+        found[daemon_log] = text.count("slow consumer")
+    return +found
+
+
+def slow_text(found: Counter[str]) -> list[str]:
+    return [f"{where}: {count}" for where, count in found.items()]
 
 
 def result_of(
@@ -401,9 +467,13 @@ def measure_nats_py(workdir: Path, mode: str, size: int, args: argparse.Namespac
                     "subscriber": subscriber.pid,
                 }
                 report, cpu = run_window(subscriber, pids, args)
+                during = slow_consumers(workdir, report, None)
     finally:
-        stop_process(server)
-    return result_of("nats-py", mode, size, report, cpu, list(pids))
+        stop_nats_server(server, workdir)
+    result = result_of("nats-py", mode, size, report, cpu, list(pids))
+    result.slow = slow_text(during)
+    result.slow_after = slow_text(slow_consumers(workdir, report, None) - during)
+    return result
 
 
 def measure_framewire(
@@ -462,13 +532,17 @@ def measure_framewire(
                         "consumer": consumer.pid,
                     }
                     report, cpu = run_window(consumer, pids, args)
+                    during = slow_consumers(workdir, report, "b.log")
     finally:
-        stop_process(server)
+        stop_nats_server(server, workdir)
     # The consumer counts wire bytes: frames, and the payload bytes they carried.
     frames = report["bytes"] / len(relay.encode_frame(size))
     report.update(messages=frames, bytes=frames * size)
     path = f"framewire, pack {pack}" if pack else "framewire"
-    return result_of(path, mode, size, report, cpu, list(pids))
+    result = result_of(path, mode, size, report, cpu, list(pids))
+    result.slow = slow_text(during)
+    result.slow_after = slow_text(slow_consumers(workdir, report, "b.log") - during)
+    return result
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -505,6 +579,13 @@ def print_row(result: Result) -> None:
         f"  {'-' if others is None else f'{others / result.seconds:.0%}':>6}",
         flush=True,
     )
+    if result.slow:
+        print(f"{'':>10}slow consumer: {'; '.join(result.slow)}", flush=True)
+    if result.slow_after:
+        print(
+            f"{'':>10}slow consumer after the window (teardown): {'; '.join(result.slow_after)}",
+            flush=True,
+        )
 
 
 def print_summary(results: dict[tuple[int, str, str], list[Result]]) -> None:
@@ -535,6 +616,21 @@ def print_summary(results: dict[tuple[int, str, str], list[Result]]) -> None:
                     f" {ours_path} {ours:,.1f} frames/s, ratio {ratio:.2f}"
                     f"  (target {target}: {'met' if met else 'NOT met'}){cost}"
                 )
+    slow = [
+        f"{size_text(r.payload_size)} {r.mode} {r.path}"
+        for rs in results.values()
+        for r in rs
+        if r.slow
+    ]
+    print(
+        f"  slow consumers during the windows: {'none' if not slow else 'in ' + ', '.join(slow)}"
+        " (nats-server logs, the subscriber's error callback, daemon B's log)"
+    )
+    if after := sum(1 for rs in results.values() for r in rs if r.slow_after):
+        print(
+            f"  ({after} case{'s' if after != 1 else ''} had one after the window, while torn"
+            " down: the last process stopped reading, the first still writing)"
+        )
     warn_if_busy(
         (r.cpu["others"] / r.seconds for rs in results.values() for r in rs if r.cpu["others"]),
         "rates and ratios are unreliable; compare CPU s/GB, and repeat (--repeat)",
@@ -574,7 +670,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " (0: not; default 256)",
     )
     parser.add_argument(
-        "--keep", metavar="DIR", help="work in DIR and keep the logs (default: a temporary one)"
+        "--keep",
+        metavar="DIR",
+        help="work in DIR and keep the logs (default: a temporary one); each case's JetStream"
+        " store is removed when the case ends",
     )
     add_role_options(parser, ["publisher", "subscriber", "producer", "consumer"])
     parser.add_argument("--url", help=argparse.SUPPRESS)
