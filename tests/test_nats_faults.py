@@ -234,3 +234,53 @@ async def test_a_reader_never_rewrites_the_publishers_stream_and_says_how_it_dif
         "(configured here: 2MiB); max_age none (configured here: 1h); a reader never "
         "changes a stream's settings"
     ]
+
+
+async def test_a_blackholed_link_is_stale_then_dropped_and_nothing_is_lost(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The link between daemon B and the server stops forwarding anything, both ways, for
+    14 s while daemon A publishes: B says within seconds that the server does not answer
+    (state ``stale``, one WARNING), drops the connection after its unanswered pings (one
+    WARNING), reconnects once the link forwards again, and delivers every frame once."""
+    caplog.set_level(logging.INFO, logger="framewire")
+    url = nats_server.url
+    sent = frames_of(2000, size=2000)
+    reader_settings = (
+        'durable = "archive"\nstart = "all"\nping_interval = "2s"\n'
+        'max_outstanding_pings = 3\nconnect_timeout = "2s"'
+    )
+    async with trio.open_nursery() as nursery:
+        proxy = StallingProxy(nats_server.port)
+        await nursery.start(proxy.run)
+        proxied = f"nats://127.0.0.1:{proxy.port}"
+        async with (
+            running_daemon(publisher_toml(url, mode="jetstream")) as a,
+            running_daemon(subscriber_toml(proxied, mode="jetstream", extra=reader_settings)) as b,
+        ):
+            writer = nats_endpoint(a, "to-nats")
+            reader = nats_endpoint(b, "from-nats")
+            await wait_state(writer, "publishing")
+            await wait_state(reader, "subscribed")
+            client = await connect(endpoint_port(b, "out"))
+            async with producer(a) as source:
+                await source.send(sent[:500])
+                assert await read(client, 500) == sent[:500]
+                proxy.hold()
+                await source.send(sent[500:])
+                await wait_state(reader, "stale")
+                assert b.endpoints["from-nats"].status.state == "stale"
+                await wait_state(reader, "disconnected")
+                await trio.sleep(6)  # longer than the pings and the connect timeout
+                proxy.resume()
+                got = await read(client, len(sent))
+                await client.stream.aclose()
+            await wait_state(reader, "subscribed")
+        nursery.cancel_scope.cancel()
+    assert got == sent
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    stale = [line for line in warnings if "has not answered for" in line]
+    assert len(stale) == 1, warnings
+    assert "the link may be down" in stale[0]
+    dropped = [line for line in warnings if line.startswith("disconnected from NATS")]
+    assert len(dropped) == 1, warnings

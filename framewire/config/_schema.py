@@ -797,6 +797,11 @@ class NatsConfig:
     max_frame_size: FrameSize = 64 << 20
     ack_timeout: PositiveDuration = 10.0
     connect_timeout: PositiveDuration = 10.0
+    #: A PING to the server this often; after ``max_outstanding_pings`` unanswered, the
+    #: connection is taken for dead and made again (a blackholed link is found within
+    #: ``ping_interval * (max_outstanding_pings + 1)``).
+    ping_interval: PositiveDuration = 10.0
+    max_outstanding_pings: PositiveInt = 2
     user: StrictStr | None = None
     password: StrictStr | None = None
     token: StrictStr | None = None

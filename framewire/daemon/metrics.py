@@ -49,6 +49,7 @@ ENDPOINT_STATES: Final = (
     "connecting",
     "connected",
     "reconnecting",
+    "stale",
     "up",
     "recording",
     "restarting",

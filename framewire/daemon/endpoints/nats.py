@@ -83,6 +83,7 @@ from ..nats import (
     StreamWatch,
     describe_nats_error,
     ensure_streams,
+    pings_outstanding,
     require_nats,
 )
 from ..stream import Policy, QueueBounds, Subscription
@@ -96,6 +97,11 @@ DRAIN_TIMEOUT: Final = 2.0
 #: Seconds allowed beyond DRAIN_TIMEOUT for nats-py to flush and close its connection: a
 #: client that is not closed leaves its asyncio transport open when the loop stops.
 CLOSE_TIMEOUT: Final = 2.0
+#: Seconds between two looks at whether the server answers this connection's PINGs.
+LINK_CHECK: Final = 1.0
+#: Seconds a PING may go unanswered before the link is said to be stale (at least; half of
+#: ``ping_interval`` when that is longer).
+STALE_AFTER: Final = 2.0
 #: Seconds during which a problem that comes back is not logged again.
 REPEAT_QUIET: Final = 60.0
 #: Bytes kept free of the server's max_payload for headers beyond the layout's own.
@@ -264,8 +270,47 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             self._reconnected.set()
             self._reconnected = trio.Event()
 
+    async def _watch_link(self) -> None:
+        """Say when the server stops answering: a PING unanswered for :data:`STALE_AFTER`
+        seconds (or half of ``ping_interval``) makes the state ``stale`` (one WARNING) until
+        a PONG comes (one INFO) or nats-py, after ``max_outstanding_pings``, drops the
+        connection (then it is ``reconnecting``, as for any loss)."""
+        config = self.config
+        after = max(STALE_AFTER, config.ping_interval / 2)
+        unanswered_since: float | None = None
+        stale_from: str | None = None  # the state the link was in before it went stale
+        while True:
+            await trio.sleep(LINK_CHECK)
+            client = self.client
+            if client is None or not self.connected:
+                unanswered_since = None
+                stale_from = None
+                continue
+            if pings_outstanding(client) == 0:
+                unanswered_since = None
+                if stale_from is not None:
+                    self.status.state = "connected"
+                    self.set_state(stale_from)  # logs that it is so again
+                    stale_from = None
+                continue
+            now = trio.current_time()
+            if unanswered_since is None:
+                unanswered_since = now
+            elif stale_from is None and now - unanswered_since >= after:
+                stale_from = str(self.status.detail["state"])
+                self.status.state = "stale"
+                self.set_state(
+                    "stale",
+                    f"NATS at {self.status.detail['server']} has not answered for "
+                    f"{now - unanswered_since + LINK_CHECK:.0f} s: the link may be down (the "
+                    f"connection is made again after {config.max_outstanding_pings} unanswered "
+                    f"pings, one every {config.ping_interval:g} s)",
+                )
+
     def _on_disconnected(self) -> None:
         if self._connected.is_set() and not self._closing:
+            if self.status.detail["state"] == "stale":
+                self._lost_reason = self._lost_reason or "it stopped answering (stale link)"
             self._connected = trio.Event()
             self.status.state = "reconnecting"
             reason = f": {self._lost_reason}" if self._lost_reason else ""
@@ -308,6 +353,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._stop_when_requested, nursery.cancel_scope)
+                nursery.start_soon(self._watch_link)
                 if self.config.direction == "publish":
                     self.subscribe_outgoing()
                     publisher = NatsPublisher(self, thread)
@@ -357,6 +403,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             "max_reconnect_attempts": -1,
             "allow_reconnect": True,
             "drain_timeout": DRAIN_TIMEOUT,
+            "ping_interval": config.ping_interval,
+            "max_outstanding_pings": config.max_outstanding_pings,
             "pending_size": max(2 << 20, config.chunk_size + (1 << 20)),
         }
         if config.tls is not None:
@@ -388,6 +436,10 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         to_trio = thread.to_trio
 
         async def error_cb(error: Exception) -> None:
+            if client.is_reconnecting or client.is_connecting:
+                # A connection attempt that failed: nats-py goes on to the next without
+                # closing its socket (left to the garbage collector, which warns).
+                _close_socket(client)
             slow = isinstance(error, errors.SlowConsumerError)
             refused = (
                 isinstance(error, errors.AuthorizationError) or "authoriz" in str(error).lower()

@@ -41,5 +41,7 @@ from ._thread import NatsThread as NatsThread
 from ._thread import NatsUnavailable as NatsUnavailable
 from ._thread import PendingCall as PendingCall
 from ._thread import describe_nats_error as describe_nats_error
+from ._thread import guard_late_pongs as guard_late_pongs
+from ._thread import pings_outstanding as pings_outstanding
 from ._thread import raise_read_size as raise_read_size
 from ._thread import require_nats as require_nats

@@ -42,6 +42,8 @@ __all__ = [
     "NatsUnavailable",
     "PendingCall",
     "describe_nats_error",
+    "guard_late_pongs",
+    "pings_outstanding",
     "raise_read_size",
     "require_nats",
 ]
@@ -86,7 +88,9 @@ def require_nats() -> ModuleType:
                 f"the NATS endpoint needs nats-py 2.16 or newer (found {version}): "
                 "pip install -U 'framewire[nats]'"
             )
-        raise_read_size(importlib.import_module("nats.aio.client"))
+        client_module = importlib.import_module("nats.aio.client")
+        raise_read_size(client_module)
+        guard_late_pongs(client_module)
         _nats = module
     return _nats
 
@@ -107,6 +111,42 @@ def raise_read_size(client_module: ModuleType) -> None:
     current = getattr(client_module, "DEFAULT_BUFFER_SIZE", None)
     if isinstance(current, int) and current < READ_SIZE:
         setattr(client_module, "DEFAULT_BUFFER_SIZE", READ_SIZE)  # noqa: B010 - not in its stubs
+
+
+def guard_late_pongs(client_module: ModuleType) -> None:
+    """Make nats-py 2.16 take a PONG whose waiter has given up without dying.
+
+    nats-py answers each PONG by resolving the oldest PING's future. A ``flush()`` that timed
+    out leaves its future cancelled in that list; when the PONG comes after all (a link that
+    stalled, then came back), setting its result raises ``InvalidStateError`` inside the
+    read loop, which ends it: the client then says it is connected and reads nothing until
+    its pings find the connection stale (minutes with nats-py's defaults). The guarded
+    version skips futures already done. Installed once, on nats-py's Client class.
+    """
+    client = getattr(client_module, "Client", None)
+    original = getattr(client, "_process_pong", None)
+    if client is None or original is None or getattr(original, "_framewire_guarded", False):
+        return
+
+    async def process_pong(self: Any) -> None:
+        pongs = self._pongs
+        if pongs and pongs[0].done():
+            # The PONG of a PING whose waiter gave up: it still says the link is alive.
+            pongs.pop(0)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+            return
+        await original(self)
+
+    process_pong._framewire_guarded = True  # type: ignore[attr-defined]
+    setattr(client, "_process_pong", process_pong)  # noqa: B010 - a private method
+
+
+def pings_outstanding(client: Any) -> int:
+    """PINGs nats-py has sent that no PONG has answered yet (0 when it cannot tell: nats-py
+    keeps the count privately)."""
+    value = getattr(client, "_pings_outstanding", 0)
+    return value if isinstance(value, int) else 0
 
 
 def describe_nats_error(error: BaseException) -> str:
