@@ -284,3 +284,54 @@ async def test_a_blackholed_link_is_stale_then_dropped_and_nothing_is_lost(
     assert "the link may be down" in stale[0]
     dropped = [line for line in warnings if line.startswith("disconnected from NATS")]
     assert len(dropped) == 1, warnings
+
+
+async def test_core_flow_control_keeps_a_reader_of_mebibyte_frames_from_being_cut_off(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Core NATS, 1 MiB frames as fast as the producer can send them: with flow_control the
+    publisher stays within 16 MiB of its reader, so the server never has 64 MiB (its
+    max_pending) queued for it and never cuts it off; every frame arrives."""
+    caplog.set_level(logging.WARNING, logger="framewire")
+    url = nats_server.url
+    sent = frames_of(300, size=1 << 20)
+    publisher = 'flow_control = true\npolicy = "lossless"'
+    async with (
+        running_daemon(publisher_toml(url, mode="core", extra=publisher)) as a,
+        running_daemon(subscriber_toml(url, mode="core")) as b,
+    ):
+        writer = nats_endpoint(a, "to-nats")
+        reader = nats_endpoint(b, "from-nats")
+        await wait_state(writer, "publishing")
+        await wait_state(reader, "subscribed")
+        client = await connect(endpoint_port(b, "out"))
+        async with producer(a) as source, trio.open_nursery() as nursery:
+            nursery.start_soon(source.send, sent)
+            got = await read(client, len(sent))
+        await client.stream.aclose()
+        assert count(writer, "flow_readers") == 1
+    assert got == sent
+    assert count(reader, "reconnects") == 0
+    assert reader.status.frames_dropped == 0
+    assert not [r for r in caplog.records if "disconnected" in r.getMessage()]
+
+
+def test_reader_credit_ignores_garbage_and_waits_only_for_live_readers() -> None:
+    from framewire.daemon.nats._publisher import FLOW_WINDOW, ReaderCredit
+
+    async def main() -> None:
+        credit = ReaderCredit()
+        credit.sent = 3 * FLOW_WINDOW
+        for garbage in (b"", b"x", b"abc 12 3", b"ABC 1", b"a " + b"9" * 30):
+            credit.heard(garbage)
+        assert credit.readers == 0
+        assert not await credit.room(1)  # nobody to wait for
+        credit.heard(b"ab12 10")
+        assert credit.readers == 1
+        with trio.move_on_after(1) as waiting:
+            await credit.room(1)
+        assert waiting.cancelled_caught  # 3 windows ahead of the reader: it waits
+        credit.heard(b"ab12 " + str(3 * FLOW_WINDOW).encode())
+        assert not await credit.room(2 * FLOW_WINDOW)  # caught up: even a big batch goes
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -792,6 +792,9 @@ class NatsConfig:
     max_queue_bytes: PositiveSize = 64 << 20
     max_inflight_bytes: PositiveSize = 32 << 20
     chunk_size: NatsChunk = 8 << 20
+    #: Core publish: wait for the slowest reader that says how far it has read (within
+    #: 16 MiB), so the server never cuts it off as a slow consumer.
+    flow_control: StrictBool = False
     pack_frames: NonNegativeInt = 0
     pack_bytes: NatsPack = 64 << 10
     max_frame_size: FrameSize = 64 << 20
@@ -842,6 +845,12 @@ class NatsConfig:
             raise FieldError(
                 "pack_frames",
                 'applies to direction = "publish" only (a subscriber takes packs apart anyway)',
+            )
+        if self.flow_control and (subscribing or self.mode != "core"):
+            raise FieldError(
+                "flow_control",
+                'applies to direction = "publish" with mode = "core" only (a subscriber always '
+                "says how far it has read; JetStream has its own)",
             )
         if self.pack_frames == 1 or self.pack_frames > 65536:
             raise FieldError(

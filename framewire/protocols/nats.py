@@ -60,6 +60,7 @@ __all__ = [
     "HEADER_CHUNK",
     "HEADER_EXPECTED_LAST_MSG_ID",
     "HEADER_EXPECTED_LAST_SEQUENCE",
+    "HEADER_FLOW",
     "HEADER_KIND",
     "HEADER_MSG_ID",
     "HEADER_PACK",
@@ -94,6 +95,7 @@ HEADER_EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
 HEADER_EXPECTED_LAST_SEQUENCE: Final = "Nats-Expected-Last-Sequence"
 HEADER_PACK: Final = "Fw-Pack"
 HEADER_SEQ: Final = "Fw-Seq"
+HEADER_FLOW: Final = "Fw-Flow"
 #: The most frames one pack may hold.
 MAX_PACK_FRAMES: Final = 65536
 _PACK_COUNT: Final = re.compile(r"[1-9][0-9]{0,5}")

@@ -197,6 +197,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             order_retries=0,
             connect_errors=0,
             publishes_refused=0,
+            closed_by_server=0,
             last_error=None,
         )
 
@@ -313,6 +314,16 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 self._lost_reason = self._lost_reason or "it stopped answering (stale link)"
             self._connected = trio.Event()
             self.status.state = "reconnecting"
+            if self._lost_reason is not None and "unexpected eof" in self._lost_reason.lower():
+                # The server closed the connection without a word: it does so to a client
+                # more than its max_pending (64 MiB by default) behind (a slow consumer),
+                # and when it stops.
+                self.count("closed_by_server")
+                self._lost_reason = (
+                    "the server closed the connection (as it does when it stops, or to a "
+                    "core subscriber more than its max_pending, 64 MiB by default, behind: "
+                    "what was queued for it is lost; see flow_control)"
+                )
             reason = f": {self._lost_reason}" if self._lost_reason else ""
             problem = f"disconnected from NATS at {self.status.detail['server']}{reason}"
             self._lost_reason = None

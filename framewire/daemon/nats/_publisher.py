@@ -10,10 +10,11 @@ endpoint's :class:`~._thread.NatsThread`.
 from __future__ import annotations
 
 import functools
+import re
 import secrets
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -23,6 +24,7 @@ from ...frame import FrameKind
 from ...protocols.nats import (
     HEADER_EXPECTED_LAST_MSG_ID,
     HEADER_EXPECTED_LAST_SEQUENCE,
+    HEADER_FLOW,
     HEADER_MSG_ID,
     FrameLayout,
     FramePacker,
@@ -47,6 +49,73 @@ MAX_INFLIGHT_MESSAGES: Final = 8192
 WINDOWS_IN_FLIGHT: Final = 4
 
 
+#: ``flow_control``: bytes a publisher may be ahead of its slowest live reader.
+FLOW_WINDOW: Final = 16 << 20
+#: Seconds after its last word that a reader is no longer waited for.
+FLOW_LIVE: Final = 2.0
+#: Readers remembered at most (the least recently heard of goes first).
+FLOW_READERS: Final = 1024
+#: The subject prefix where readers say how far they have read a publisher
+#: (``_FW.flow.PRODUCER``), outside every stream's subjects.
+FLOW_SUBJECT: Final = "_FW.flow"
+_FLOW_REPLY: Final = re.compile(rb"([0-9a-f]{1,32}) ([0-9]{1,20})")
+
+
+class ReaderCredit:
+    """Core ``flow_control``: how far each reader has read this publisher, from what the
+    readers say (:data:`FLOW_SUBJECT`), and a wait for room (trio side).
+
+    The publisher marks the last message of each batch with ``Fw-Flow: PRODUCER:BYTES``
+    (the bytes it has published so far); a reader that gets a marked message says
+    ``READER BYTES`` on ``_FW.flow.PRODUCER``. :meth:`room` waits while the publisher is
+    more than :data:`FLOW_WINDOW` ahead of its slowest reader heard of in the last
+    :data:`FLOW_LIVE` seconds (a reader gone silent is not waited for: it is cut off by the
+    server, as without flow control).
+    """
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self._readers: dict[str, tuple[int, float]] = {}
+        self._changed = trio.Event()
+
+    def heard(self, reply: bytes) -> None:
+        """A reader's word (trio side). Garbage is ignored."""
+        match = _FLOW_REPLY.fullmatch(reply)
+        if match is None:
+            return
+        reader = match[1].decode()
+        read = min(int(match[2]), self.sent)
+        readers = self._readers
+        before = readers.pop(reader, (0, 0.0))[0]
+        readers[reader] = (max(before, read), trio.current_time())
+        while len(readers) > FLOW_READERS:
+            del readers[next(iter(readers))]
+        self._changed.set()
+
+    @property
+    def readers(self) -> int:
+        """Readers heard of in the last :data:`FLOW_LIVE` seconds."""
+        now = trio.current_time()
+        return sum(1 for _, heard in self._readers.values() if now - heard <= FLOW_LIVE)
+
+    async def room(self, nbytes: int) -> bool:
+        """Wait until ``nbytes`` more keep the publisher within the window of every live
+        reader; whether it had to wait."""
+        waited = False
+        while True:
+            now = trio.current_time()
+            live = [read for read, heard in self._readers.values() if now - heard <= FLOW_LIVE]
+            # (A batch bigger than the window goes once every reader has read all before.)
+            if not live or self.sent - min(live) <= max(0, FLOW_WINDOW - nbytes):
+                if not waited:
+                    await trio.lowlevel.checkpoint()
+                return waited
+            waited = True
+            with trio.move_on_after(FLOW_LIVE):
+                await self._changed.wait()
+            self._changed = trio.Event()
+
+
 class NatsPublisher:
     """Takes batches from the endpoint's outgoing queue and publishes them: without acks in
     core mode (paced by flushes; data nats-py cannot take is dropped and counted, metadata
@@ -61,7 +130,23 @@ class NatsPublisher:
         self.unsent = 0
         #: Core publish: bytes published since the last flush (a PING/PONG round trip).
         self._unflushed = [0]
+        #: Core publish with ``flow_control``: how far the readers have read.
+        self.credit: ReaderCredit | None = None
         self._sent_metadata = MetadataCache()
+
+    async def _listen_to_readers(self, producer: str) -> None:
+        """Core ``flow_control``: hear the readers on ``_FW.flow.PRODUCER``."""
+        credit = self.credit = ReaderCredit()
+        client = self.endpoint.client
+        to_trio = self.thread.to_trio
+
+        async def on_reply(msg: Any) -> None:
+            to_trio(credit.heard, bytes(msg.data[:64]))
+
+        async def listen() -> None:
+            await client.subscribe(f"{FLOW_SUBJECT}.{producer}", cb=on_reply)
+
+        await self.thread.call(listen, within=self.config.connect_timeout)
 
     def report_queue(self) -> None:
         """Queue figures in status; ``frames_dropped`` adds what nats-py could not take."""
@@ -86,8 +171,12 @@ class NatsPublisher:
             await acked.refresh_tail()
         elif config.create:
             await endpoint.ensure_streams(thread, required=False)
+        producer = secrets.token_hex(6)
+        if not jetstream and config.flow_control:
+            await self._listen_to_readers(producer)
         endpoint.set_state("publishing")
-        layout = FrameLayout(config.subject_prefix, secrets.token_hex(6), msg_ids=jetstream)
+        layout = FrameLayout(config.subject_prefix, producer, msg_ids=jetstream)
+        self._producer = producer
         packer = FramePacker(layout, max_frames=config.pack_frames, max_bytes=config.pack_bytes)
         status = endpoint.status
         reconnected = endpoint.reconnected
@@ -138,8 +227,17 @@ class NatsPublisher:
         pace = self.config.max_inflight_bytes
         flush_timeout = self.config.ack_timeout
         start = 0
+        credit = self.credit
         while start < len(frames):
             todo = frames[start:]
+            if credit is not None and todo:
+                nbytes = sum(message.size for unit in todo for message in unit.messages)
+                if await credit.room(nbytes):
+                    endpoint.count("flow_waits")
+                endpoint.status.detail["flow_readers"] = credit.readers
+                credit.sent += nbytes
+                last = todo[-1].messages[-1]
+                last.headers[HEADER_FLOW] = f"{self._producer}:{credit.sent}"
 
             async def publish(
                 todo: list[PublishUnit] = todo,

@@ -8,7 +8,10 @@ FrameAssembler`) and publishes them into the endpoint's stream.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
+import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -16,6 +19,7 @@ import trio
 
 from ...frame import Frame
 from ...protocols.nats import (
+    HEADER_FLOW,
     HEADER_KIND,
     HEADER_RANK,
     FrameAssembler,
@@ -25,6 +29,7 @@ from ...protocols.nats import (
 from ..backoff import Backoff
 from ..stream import MetadataLimitExceeded, Subscription
 from ._jetstream import ReaderMarks, read_last_metadata, read_stream_range
+from ._publisher import FLOW_SUBJECT
 from ._thread import Inbox, NatsThread, PendingCall, describe_nats_error, require_nats
 
 if TYPE_CHECKING:
@@ -38,6 +43,8 @@ FETCH_WAIT: Final = 1.0
 MAX_FETCH: Final = 1024
 
 _Message = tuple[str, "dict[str, str] | None", bytes]
+#: ``Fw-Flow: PRODUCER:BYTES``, as a publisher with ``flow_control`` marks its batches.
+_FLOW_MARK: Final = re.compile(r"([0-9a-f]{1,32}):([0-9]{1,20})")
 
 
 class NatsSubscriber:
@@ -138,10 +145,17 @@ class NatsSubscriber:
         await self.endpoint.wait_connected()
         client = self.endpoint.client
 
+        reader = secrets.token_hex(6).encode()
+
         async def on_message(msg: Any) -> None:
             headers = msg.headers
             metadata = bool(headers) and headers.get(HEADER_KIND) == "metadata"
             inbox.put((msg.subject, headers, msg.data), len(msg.data), droppable=not metadata)
+
+        async def say_read(marks: dict[str, bytes]) -> None:
+            for producer, read in marks.items():
+                with contextlib.suppress(Exception):
+                    await client.publish(f"{FLOW_SUBJECT}.{producer}", reader + b" " + read)
 
         async def subscribe() -> None:
             inbox.hold()
@@ -160,6 +174,11 @@ class NatsSubscriber:
                 messages = await inbox.take()
                 self.endpoint.status.frames_dropped = inbox.dropped
                 await self._publish_frames(self._decode(messages))
+                marks = _flow_marks(messages)
+                if marks:
+                    # Publishers with flow_control: what they sent up to these marks is in
+                    # the stream now (its lossless subscribers have it queued).
+                    thread.submit(say_read(marks)).add_done_callback(_retrieve)
 
     async def _bootstrap_core(
         self,
@@ -513,6 +532,24 @@ class _UpstreamLoss:
         )
         self._frames.clear()
         self._messages.clear()
+
+
+def _flow_marks(messages: Sequence[_Message]) -> dict[str, bytes]:
+    """The last ``Fw-Flow`` mark of each publisher in ``messages``: producer, bytes."""
+    marks: dict[str, bytes] = {}
+    for _, headers, _ in messages:
+        mark = headers.get(HEADER_FLOW) if headers else None
+        if mark is not None:
+            match = _FLOW_MARK.fullmatch(mark)
+            if match is not None:
+                marks[match[1]] = match[2].encode()
+    return marks
+
+
+def _retrieve(future: Any) -> None:
+    """Mark a finished call's outcome as seen (nothing to do with it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _same_frame(a: _Message, b: _Message) -> bool:
