@@ -23,6 +23,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from framewire import Frame, FrameKind
 
 from .helpers import connect, endpoint_port, running_daemon, wait_until
+from .nats_helpers import NatsServer
 
 CHROMIUM = next(
     (path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None
@@ -216,3 +217,43 @@ async def test_the_page_shows_every_endpoint_live_and_hostile_text_as_text(
             for client in clients:
                 await client.stream.aclose()
         await producer.stream.aclose()
+
+
+async def test_a_jetstream_spool_is_shown_under_its_endpoint(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """A JetStream endpoint's spool (the stream's bytes against its bound, its fill) is a
+    line under the endpoint, amber once it passes 80 % of a bound."""
+    config = f"""
+[status]
+listen = "127.0.0.1:0"
+token = "{TOKEN}"
+
+[endpoints.source]
+kind = "generator"
+stream = "s"
+rate = 200
+size = "1KiB"
+
+[endpoints.to-nats]
+kind = "nats"
+direction = "publish"
+servers = ["{nats_server.url}"]
+pack_frames = 0
+stream = "s"
+mode = "jetstream"
+max_bytes = "64KiB"
+"""
+    async with running_daemon(config) as daemon:
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        async with browser(tmp_path / "profile") as tools:
+            await open_page(tools, f"http://127.0.0.1:{port}/?token={TOKEN}")
+            line = "document.querySelector('tbody[data-endpoint=\"to-nats\"] tr.spool')"
+            text = await page_where(
+                tools,
+                f"{line}?.className + ' | ' + {line}?.textContent",
+                lambda text: bool(text) and "% full" in text and "warn" in text,
+            )
+    assert "JetStream ok" in text
+    assert "MB of 0.07 MB" in text

@@ -160,6 +160,31 @@
     return list;
   }
 
+  // A NATS endpoint's JetStream spool, one line: [text, whether it needs a look].
+  function spoolText(d) {
+    if (d.stream_state === undefined) return null;
+    const parts = [];
+    let warn = d.stream_state !== "ok";
+    parts.push("JetStream " + String(d.stream_state).replace("_", " "));
+    const max = num(d.stream_max_bytes);
+    parts.push(megabytes(d.stream_bytes) + " MB" + (max ? " of " + megabytes(max) + " MB" : "") +
+      ", " + count(d.stream_messages) + " messages");
+    if (num(d.stream_fill) >= 0.8) warn = true;
+    if (num(d.stream_fill) > 0) parts.push(Math.round(100 * num(d.stream_fill)) + "% full");
+    if (d.stream_leader) parts.push("leader " + d.stream_leader);
+    if (d.consumer_pending !== undefined) parts.push(count(d.consumer_pending) + " pending");
+    if (num(d.acks_pending)) parts.push(count(d.acks_pending) + " awaiting acks");
+    if (num(d.frames_lost_upstream)) {
+      warn = true;
+      parts.push(count(d.frames_lost_upstream) + " frames lost upstream");
+    }
+    if (num(d.duplicates_dropped)) parts.push(count(d.duplicates_dropped) + " duplicates dropped");
+    if (d.source_active !== undefined && d.source_active !== null) {
+      parts.push("source heard " + num(d.source_active).toFixed(1) + " s ago");
+    }
+    return [parts.join(" · "), warn];
+  }
+
   function renderEndpoint(name, endpoint, now) {
     const body = el("tbody");
     body.dataset.endpoint = name;
@@ -188,6 +213,12 @@
       error.textContent = (healthy ? "past, " : "") + when + ": " + String(endpoint.last_error);
       error.title = healthy ? "healthy since; kept as history" : "current";
       if (healthy) error.classList.add("past");
+    }
+    const spool = spoolText(endpoint.detail || {});
+    if (spool) {
+      const line = body.appendChild(el("tr", null, "spool" + (spool[1] ? " warn" : "")));
+      const text = cell(line, spool[0]);
+      text.colSpan = 14;
     }
     const clients = endpoint.clients || [];
     if (clients.length) {
