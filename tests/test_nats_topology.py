@@ -133,3 +133,28 @@ stream = "camera"
     leaf.write_text("jetstream { domain: site }\n" + leaf.read_text())
     (error,) = check_config(config).errors
     assert error.startswith(f"nats.config_file: {leaf} has a jetstream block of its own")
+
+
+def test_check_warns_when_the_spool_is_bigger_than_its_disk(tmp_path: Path) -> None:
+    text = f"""
+[nats]
+embedded = true
+store_dir = "{tmp_path / "js"}"
+max_store = "1000TiB"
+
+[endpoints.to-hub]
+kind = "nats"
+direction = "publish"
+stream = "camera"
+mode = "jetstream"
+max_bytes = "900TiB"
+
+[endpoints.gen]
+kind = "generator"
+stream = "camera"
+"""
+    report = check_config(parse_config(text))
+    assert report.errors == ()
+    store, endpoint = (w for w in report.warnings if "free on the disk of" in w)
+    assert store.startswith("nats.max_store: 1000TiB is more than the ")
+    assert endpoint.startswith("endpoints.to-hub.max_bytes: 900TiB is more than the ")

@@ -85,7 +85,7 @@ def parse_duration(value: object) -> float:
 
 def format_size(nbytes: int) -> str:
     """``67108864`` → ``"64MiB"``; exact where possible, else one decimal."""
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if nbytes >= factor:
             if nbytes % factor == 0:
                 return f"{nbytes // factor}{unit}"
