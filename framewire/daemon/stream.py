@@ -13,6 +13,12 @@ Each :class:`Subscription` is one subscriber's bounded queue plus its policy:
     subscription's hard cap the subscription is closed, with a reason, instead.
 ``lossless``
     The publisher waits until the queue has room (back-pressure). Nothing is dropped.
+    While a publish waits for room in a lossless queue, the whole stream is *held* by that
+    subscription's :attr:`~Subscription.owner` (its endpoint): :attr:`Stream.held_by` names
+    the holders, :attr:`Stream.held_seconds` adds up the time held, and a hold that lasts
+    longer than :data:`HELD_WARNING_AFTER` is logged (one WARNING naming the stream, its
+    holders and their queues' fill; one INFO when it flows again). All of that is done only
+    when a publish has to wait: a publish that finds room costs nothing more.
 
 Per-type decimation keeps every Nth DATA frame of a type (the Nth, 2Nth, ...) and drops the
 type entirely for N = 0. Metadata is never decimated.
@@ -49,7 +55,11 @@ loop; the members' counters are settled lazily and exact whenever read (see ther
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import logging
+import math
+import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -59,12 +69,15 @@ import attrs
 import outcome
 import trio
 
-from ..config import StreamConfig
+from ..config import StreamConfig, format_size
 from ..frame import Frame, FrameBlock, FrameKind
 
 __all__ = [
+    "HELD_WARNING_AFTER",
+    "HELD_WARNING_INTERVAL",
     "DirectGroup",
     "DirectWrite",
+    "Hold",
     "MetadataCache",
     "MetadataLimitExceeded",
     "Policy",
@@ -75,7 +88,16 @@ __all__ = [
     "SubscriptionClosed",
 ]
 
+log = logging.getLogger("framewire.stream")
+
 _DATA = FrameKind.DATA
+#: Seconds (trio's clock) a stream must stay held before it is logged: one WARNING then, and
+#: one INFO when it flows again. Shorter holds (a consumer that is merely the slowest, so the
+#: stream waits for it batch by batch) are counted in :attr:`Stream.held_seconds` only.
+HELD_WARNING_AFTER: Final = 1.0
+#: Least seconds between two such WARNINGs of one stream: a stream held again and again for
+#: a little longer than :data:`HELD_WARNING_AFTER` is counted, not logged each time.
+HELD_WARNING_INTERVAL: Final = 30.0
 #: A stream's metadata cache bounds unless configured (``[streams.NAME]``).
 _DEFAULT_STREAM: Final = StreamConfig()
 DEFAULT_METADATA_TYPES: Final = _DEFAULT_STREAM.max_metadata_types
@@ -198,6 +220,7 @@ class Subscription:
         "label",
         "last_batch_bytes",
         "last_batch_frames",
+        "owner",
         "policy",
         "queued_bytes",
         "queued_metadata",
@@ -214,6 +237,7 @@ class Subscription:
         policy: Policy,
         decimate: Mapping[str, int],
         label: str,
+        owner: str = "",
         follows_end: bool = False,
         session_types: frozenset[str] = frozenset(),
         blocks_of: str | None = None,
@@ -229,6 +253,9 @@ class Subscription:
         #: publish reads one shared object, not one per subscriber.
         self.decimate: Mapping[str, int] = dict(decimate) if decimate else _NO_DECIMATION
         self.label = label
+        #: The name of the endpoint that consumes this subscription (what
+        #: :attr:`Stream.held_by` says when it holds the stream); its label without one.
+        self.owner = owner or label
         #: Whether :meth:`Stream.end_of_stream` ends this subscription.
         self.follows_end = follows_end
         #: Metadata types that open a session (``ProtocolSpec.session_metadata_types``): the
@@ -601,18 +628,11 @@ class Subscription:
                     continue
             size = frame.size
             count = frame.nframes
-            while (
-                self._closed is None
-                and self._ending is None
-                and self._queue
-                and (
-                    self._queued_frames + count > bounds.max_frames
-                    or self.queued_bytes + size > bounds.max_bytes
-                )
+            if self._queue and (
+                self._queued_frames + count > bounds.max_frames
+                or self.queued_bytes + size > bounds.max_bytes
             ):
-                if self._wake_publisher is None:
-                    self._wake_publisher = trio.Event()
-                await self._wake_publisher.wait()
+                await self._wait_for_room(count, size)
             if self._closed is not None or self._ending is not None:
                 break
             self._deque().append(frame)
@@ -624,6 +644,42 @@ class Subscription:
             if self._consumer is not None:
                 self._wake_consumer()
         await trio.lowlevel.checkpoint()
+
+    def _lacks_room(self, count: int, size: int) -> bool:
+        """Whether a publisher must wait before it queues ``count`` frames of ``size``
+        bytes: the queue is open, holds something, and they would pass a bound."""
+        bounds = self.bounds
+        return (
+            self._closed is None
+            and self._ending is None
+            and bool(self._queue)
+            and (
+                self._queued_frames + count > bounds.max_frames
+                or self.queued_bytes + size > bounds.max_bytes
+            )
+        )
+
+    async def _wait_for_room(self, count: int, size: int) -> None:
+        """Wait until ``count`` frames of ``size`` bytes fit, or the subscription closes or
+        ends. Meanwhile this subscription holds its stream (see :meth:`Stream.holding`);
+        the waiter whose stream has been held for :data:`HELD_WARNING_AFTER` has it logged."""
+        stream = self.stream
+        stream._hold(self)
+        try:
+            while self._lacks_room(count, size):
+                event = self._wake_publisher
+                if event is None:
+                    event = self._wake_publisher = trio.Event()
+                deadline = stream._warn_at
+                if deadline is None:
+                    await event.wait()
+                    continue
+                with trio.move_on_at(deadline):
+                    await event.wait()
+                if not event.is_set():
+                    stream._held_long()
+        finally:
+            stream._release(self)
 
     def takes_whole(self, block: Frame) -> bool:
         """Whether this subscription queues the :class:`FrameBlock` ``block`` as it is
@@ -1053,6 +1109,19 @@ class MetadataCache:
         return len(self._frames)
 
 
+@attrs.define(eq=False)
+class Hold:
+    """One lossless subscription that holds its stream: publishers wait for room in its
+    queue. See :meth:`Stream.holding`."""
+
+    subscription: Subscription
+    #: When it began to hold the stream: trio's clock, and Unix time.
+    since: float
+    since_unix: float
+    #: Publishes waiting for room in its queue now.
+    waiters: int = 0
+
+
 class Stream:
     """A named channel with a metadata cache. See the module docstring."""
 
@@ -1079,6 +1148,25 @@ class Stream:
         #: Publishes so far. A direct writer keys the encoding it shares among its clients
         #: by it and the identity of the frames it is offered (alive while the publish is).
         self.publishes = 0
+        # Holds (see :meth:`holding`); touched only when a publish has to wait for room.
+        #: The subscriptions that hold the stream now, in the order they began to.
+        self._holds: dict[Subscription, Hold] = {}
+        #: When the stream began to be held, on trio's clock and as Unix time (None: flowing).
+        self._held_at: float | None = None
+        self._held_since_unix: float | None = None
+        #: Seconds held in the holds that are over.
+        self._held_before = 0.0
+        #: Holds so far (each a span of time during which some publish waited).
+        self.holds = 0
+        #: Whether the present hold has lasted :data:`HELD_WARNING_AFTER`, whether it was
+        #: logged (a WARNING; an INFO follows when it ends), and the endpoints that have held
+        #: the stream during it.
+        self._hold_long = False
+        self._hold_logged = False
+        self._hold_owners: dict[str, None] = {}
+        #: When the last WARNING of a hold was logged, and the long holds since not logged.
+        self._last_hold_warning = -math.inf
+        self._hold_warnings_skipped = 0
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -1089,6 +1177,114 @@ class Stream:
         """The lossless subscriptions (a copy)."""
         return list(self._lossless)
 
+    # -- holds ---------------------------------------------------------------------------
+
+    def holding(self) -> list[Hold]:
+        """The lossless subscriptions holding the stream now (publishes wait for room in
+        their queues), in the order they began to; empty while the stream flows."""
+        return list(self._holds.values())
+
+    @property
+    def held_by(self) -> list[str]:
+        """The endpoints (:attr:`Subscription.owner`) holding the stream now, each once."""
+        return list(dict.fromkeys(hold.subscription.owner for hold in self._holds.values()))
+
+    @property
+    def held_since(self) -> float | None:
+        """When the stream began to be held (Unix time), or None while it flows."""
+        return self._held_since_unix
+
+    @property
+    def held_seconds(self) -> float:
+        """Seconds (trio's clock) the stream has been held so far, the present hold
+        included (read from inside trio for that; outside it, the holds that are over)."""
+        total = self._held_before
+        if self._held_at is not None:
+            with contextlib.suppress(RuntimeError):
+                total += trio.current_time() - self._held_at
+        return total
+
+    @property
+    def _warn_at(self) -> float | None:
+        """When the present hold is to be logged (trio's clock); None when it was, or
+        while the stream flows."""
+        if self._held_at is None or self._hold_long:
+            return None
+        return self._held_at + HELD_WARNING_AFTER
+
+    def _hold(self, subscription: Subscription) -> None:
+        """A publish waits for room in ``subscription``'s queue."""
+        hold = self._holds.get(subscription)
+        if hold is None:
+            now = trio.current_time()
+            hold = self._holds[subscription] = Hold(subscription, now, time.time())
+            if self._held_at is None:
+                self._held_at = now
+                self._held_since_unix = hold.since_unix
+                self.holds += 1
+            self._hold_owners[subscription.owner] = None
+        hold.waiters += 1
+
+    def _release(self, subscription: Subscription) -> None:
+        """A publish that waited for room in ``subscription``'s queue goes on (or gave
+        up). The stream flows again once no publish waits."""
+        hold = self._holds.get(subscription)
+        if hold is None:
+            return
+        hold.waiters -= 1
+        if hold.waiters > 0:
+            return
+        del self._holds[subscription]
+        if self._holds or self._held_at is None:
+            return
+        held = trio.current_time() - self._held_at
+        self._held_before += held
+        self._held_at = self._held_since_unix = None
+        owners = ", ".join(self._hold_owners)
+        self._hold_owners = {}
+        self._hold_long = False
+        if self._hold_logged:
+            self._hold_logged = False
+            log.info("stream %r flows again after %.1f s held by %s", self.name, held, owners)
+
+    def _held_long(self) -> None:
+        """A waiting publish saw the present hold last :data:`HELD_WARNING_AFTER`: log it
+        (once per hold; at most once per :data:`HELD_WARNING_INTERVAL` per stream, the
+        others counted in the next line)."""
+        if self._held_at is None or self._hold_long:
+            return
+        now = trio.current_time()
+        if now < self._held_at + HELD_WARNING_AFTER:  # as _warn_at says (floats)
+            return
+        held = now - self._held_at
+        self._hold_long = True
+        if now - self._last_hold_warning < HELD_WARNING_INTERVAL:
+            # Flapping: held again soon after the last warning. Counted, and said when a
+            # hold is logged next; no INFO for this one either.
+            self._hold_warnings_skipped += 1
+            return
+        self._hold_logged = True
+        self._last_hold_warning = now
+        holders = "; ".join(_describe_hold(hold) for hold in self._holds.values())
+        skipped = self._hold_warnings_skipped
+        self._hold_warnings_skipped = 0
+        again = (
+            f" (held over {HELD_WARNING_AFTER:g} s {skipped} more times since the last such line)"
+            if skipped
+            else ""
+        )
+        log.warning(
+            "stream %r is held: its publishers have waited %.1f s for room in the lossless "
+            "queue of %s; no subscriber of the stream gets anything new until it takes "
+            "frames%s",
+            self.name,
+            held,
+            holders,
+            again,
+        )
+
+    # -- subscribers -------------------------------------------------------------------
+
     def subscribe(
         self,
         *,
@@ -1096,6 +1292,7 @@ class Stream:
         policy: Policy = Policy.LOSSY,
         decimate: Mapping[str, int] | None = None,
         label: str = "",
+        owner: str = "",
         follows_end: bool = False,
         replay: bool = True,
         session_types: frozenset[str] = frozenset(),
@@ -1106,7 +1303,9 @@ class Stream:
         With ``replay=False`` it starts with the next frame published instead.
         ``session_types``: see :attr:`Subscription.session_types`; ``blocks_of``: see
         :attr:`Subscription.blocks_of` (a subscriber whose encoder forwards the wire bytes of
-        that protocol's frames may take that protocol's blocks whole).
+        that protocol's frames may take that protocol's blocks whole). ``owner`` is the
+        name of the endpoint that consumes it (see :attr:`held_by`); ``label`` names it in
+        log lines.
 
         If the cached metadata alone passes the hard cap the subscription comes back already
         closed, with the reason, so the caller can log it and disconnect the client.
@@ -1128,6 +1327,7 @@ class Stream:
             policy=policy,
             decimate=decimate or {},
             label=label,
+            owner=owner,
             follows_end=follows_end,
             session_types=session_types,
             blocks_of=blocks_of,
@@ -1252,6 +1452,23 @@ class Stream:
         """End every subscription gracefully (each consumer drains what it has queued)."""
         for subscription in self.subscriptions:
             subscription.end(reason)
+
+
+def _describe_hold(hold: Hold) -> str:
+    """``g3-out (g3-out -> tcp://…): 1024/1024 frames, 1.5MiB/64MiB``: who holds a stream
+    and how full its queue is against its bounds."""
+    subscription = hold.subscription
+    bounds = subscription.bounds
+    label = subscription.label
+    who = (
+        subscription.owner
+        if label in ("", subscription.owner)
+        else f"{subscription.owner} ({label})"
+    )
+    return (
+        f"{who}: {subscription.queued_frames}/{bounds.max_frames} frames, "
+        f"{format_size(subscription.queued_bytes)}/{format_size(bounds.max_bytes)}"
+    )
 
 
 def _split(frames: Sequence[Frame]) -> list[Frame]:

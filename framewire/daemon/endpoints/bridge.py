@@ -106,6 +106,7 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
             bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
             policy=Policy(config.policy),
             label=f"bridge {self.name} -> {self.outbound}",
+            owner=self.name,
         )
         return self._outgoing.use(subscription)
 

@@ -274,6 +274,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             ),
             policy=Policy(config.policy),
             label=f"link {self.name}",
+            owner=self.name,
         )
         return self._outgoing.use(subscription)
 

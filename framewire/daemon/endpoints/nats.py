@@ -585,6 +585,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
             policy=Policy(config.queue_policy),
             label=f"nats {self.name} -> {config.subject_prefix}",
+            owner=self.name,
         )
         return self.outgoing.use(subscription)
 

@@ -134,6 +134,7 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
             bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
             policy=Policy.LOSSY,
             label=f"pubsub {self.name} -> {config.address}",
+            owner=self.name,
         )
         return self._outgoing.use(subscription)
 

@@ -141,6 +141,7 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
             bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
             policy=Policy(config.policy),
             label=f"{self.name} -> {pattern}",
+            owner=self.name,
             follows_end=True,
             replay=replay,
         )

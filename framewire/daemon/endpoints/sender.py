@@ -66,6 +66,7 @@ class SenderEndpoint(Endpoint[SenderConfig]):
             bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
             policy=Policy.LOSSLESS,
             label=f"{self.name} -> {config.connect}",
+            owner=self.name,
             follows_end=config.close_on_end,
             # A new session header (aedat4) ends the subscription, so the connection: the
             # reader takes one header per connection; the next connection gets the new one.

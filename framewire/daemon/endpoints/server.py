@@ -192,6 +192,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 policy=Policy(config.policy),
                 decimate=self._decimate,
                 label=f"{self.name} {connection.peer}",
+                owner=self.name,
                 follows_end=config.close_on_end,
                 session_types=self._spec.session_metadata_types,
                 blocks_of=config.protocol,
