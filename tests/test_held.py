@@ -4,20 +4,29 @@ their rate. Time is trio's MockClock throughout."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
 from framewire import Frame, FrameKind
+from framewire.config import FileConfig, GeneratorConfig
+from framewire.daemon.endpoints import EndpointContext
+from framewire.daemon.endpoints.file import FileEndpoint
+from framewire.daemon.endpoints.generator import GeneratorEndpoint
 from framewire.daemon.stream import (
     HELD_WARNING_AFTER,
     HELD_WARNING_INTERVAL,
     Policy,
     QueueBounds,
     Stream,
+    StreamRegistry,
 )
+
+from .helpers import encode, wait_until
 
 DATA = FrameKind.DATA
 
@@ -179,3 +188,103 @@ async def test_a_closed_holder_lets_the_stream_flow(autojump_clock: trio.testing
         assert stream.held_by == ["x"]  # no owner given: the label
         subscription.close("gone")
     assert stream.held_by == []
+
+
+def generator(streams: StreamRegistry, rate: float) -> GeneratorEndpoint:
+    config = GeneratorConfig(stream="s", rate=rate, size=16)
+    return GeneratorEndpoint("gen", config, EndpointContext(streams))
+
+
+async def test_a_generator_that_was_held_resumes_at_its_rate_with_real_timestamps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Held for 20 s at 100 frames/s, the generator owes 2000 frames by its old schedule: it
+    skips them (a synthetic source has no backlog) and goes on at 100 frames/s from the
+    moment it was let go, each frame stamped when it was made."""
+    streams = StreamRegistry()
+    stream = streams.get("s")
+    subscription = stream.subscribe(
+        bounds=QueueBounds(max_frames=50), policy=Policy.LOSSLESS, owner="reader"
+    )
+    endpoint = generator(streams, rate=100.0)
+    received: list[tuple[float, Frame]] = []
+
+    async def consume() -> None:
+        while True:
+            for frame in await subscription.receive_batch():
+                received.append((trio.current_time(), frame))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.run)
+        await trio.sleep(20)  # nobody reads: held after 50 frames
+        assert stream.held_by == ["reader"]
+        assert endpoint.status.frames_out == 50
+        released = trio.current_time()
+        nursery.start_soon(consume)
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    after = [(at, frame) for at, frame in received if frame.kind is DATA]
+    late = [(at, frame) for at, frame in after if at > released + 0.001]
+    # The backlog is not made up: two seconds after the release, about 200 more frames.
+    assert 195 <= len(late) <= 205
+    # Never a burst: once the queued frames were taken, one frame every 10 ms.
+    times = [at for at, _ in late]
+    assert times[0] == pytest.approx(released + 0.01)
+    assert all(b - a == pytest.approx(0.01) for a, b in itertools.pairwise(times))
+    # Each frame has its own timestamp, in order, about 10 ms apart.
+    stamps = [frame.timestamp for _, frame in late]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert all(gap > 0 for gap in gaps)
+    seqs = [int(frame.headers["seq"]) for _, frame in after]
+    assert seqs == list(range(len(seqs)))  # numbered on, none skipped
+
+
+async def test_a_generator_keeps_its_rate_when_nothing_holds_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    streams = StreamRegistry()
+    stream = streams.get("s")
+    subscription = stream.subscribe(bounds=QueueBounds(max_frames=10_000), owner="monitor")
+    endpoint = generator(streams, rate=1000.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.run)
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert 4990 <= endpoint.status.frames_out - 1 <= 5001
+    assert subscription.frames_dropped == 0
+    assert stream.held_seconds == 0.0
+
+
+async def test_a_file_that_was_held_resumes_at_its_rate(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    path = tmp_path / "frames.fw"
+    path.write_bytes(encode([data(i) for i in range(300)]))
+    streams = StreamRegistry()
+    stream = streams.get("s")
+    subscription = stream.subscribe(
+        bounds=QueueBounds(max_frames=5), policy=Policy.LOSSLESS, owner="reader"
+    )
+    config = FileConfig(path=str(path), stream="s", rate=100.0)
+    endpoint = FileEndpoint("replay", config, EndpointContext(streams))
+    received: list[tuple[float, Frame]] = []
+
+    async def consume() -> None:
+        while True:
+            for frame in await subscription.receive_batch():
+                received.append((trio.current_time(), frame))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.run)
+        # The file is read in a thread (the clock may jump meanwhile): wait for the hold.
+        await wait_until(lambda: stream.held_by == ["reader"], patience=600)
+        await trio.sleep(20)
+        assert endpoint.status.frames_out == 5
+        released = trio.current_time()
+        nursery.start_soon(consume)
+        await wait_until(lambda: len(received) >= 100, patience=600)
+        nursery.cancel_scope.cancel()
+    late = [at for at, _ in received if at > released + 0.001]
+    assert late[0] == pytest.approx(released + 0.01)
+    assert all(b - a == pytest.approx(0.01) for a, b in itertools.pairwise(late))
+    assert [frame.timestamp for _, frame in received] == list(range(len(received)))

@@ -3,10 +3,13 @@
 The file holds frames in ``protocol`` (a ``.g3`` file is ``protocol = "g3"``; a file written
 by ``framewire recv --output`` or a recorder is in that recorder's protocol). A name ending in
 ``.gz`` is decompressed on the fly. Frames are published at ``rate`` frames per second, or as
-fast as the stream takes them with ``rate = 0`` (lossless subscribers set the pace). At the
-end of the file the stream's producer ends (servers with ``close_on_end`` close their
-clients), unless ``loop`` starts the file again. A corrupt or truncated file is a crash: it is
-logged with the position and the endpoint is restarted with backoff.
+fast as the stream takes them with ``rate = 0`` (lossless subscribers set the pace). With a
+rate, a file whose stream was held (see ``stream.py``) resumes at that rate from when it was
+let go, not in a burst of the frames it would have published meanwhile; the frames keep
+the timestamps they were recorded with. At the end of the file the stream's producer ends
+(servers with ``close_on_end`` close their clients), unless ``loop`` starts the file again.
+A corrupt or truncated file is a crash: it is logged with the position and the endpoint is
+restarted with backoff.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -25,6 +29,9 @@ __all__ = ["FileEndpoint"]
 
 #: Bytes read from the file at a time.
 READ_SIZE = 1 << 20
+#: Seconds a file with a ``rate`` may fall behind its schedule and still catch up; further
+#: behind (its stream was held), it resumes at the rate from when it was let go.
+CATCH_UP: Final = 0.05
 
 
 def _open(path: Path) -> io.BufferedIOBase:
@@ -81,8 +88,13 @@ class FileEndpoint(Endpoint[FileConfig]):
                 continue
             for frame in frames:
                 await trio.sleep_until(self._next_at)
-                # Catch up after a stall, but by one frame at most: no bursts.
-                self._next_at = max(self._next_at + interval, trio.current_time() - interval)
                 await stream.publish([frame])
                 status.frames_out += 1
                 status.bytes_out += frame.size
+                now = trio.current_time()
+                if now - self._next_at > max(interval, CATCH_UP):
+                    # This frame went out late (the stream was held, or the machine busy):
+                    # resume at the rate from now, never in a burst of the frames missed.
+                    self._next_at = now + interval
+                else:
+                    self._next_at += interval
