@@ -580,6 +580,8 @@ def render_status(snapshot: dict[str, Any]) -> str:
         if nats["last_error"]:
             line += f"  last error: {nats['last_error']}"
         lines.append(line)
+    # Held streams first: while one is held, nothing new reaches any of its subscribers.
+    lines += _held_streams(snapshot)
     lines.append("")
     header = (
         f"{'endpoint':<18} {'kind':<9} {'state':<12} "
@@ -620,6 +622,29 @@ def render_status(snapshot: dict[str, Any]) -> str:
                 f"  {figures}"
             )
     return "\n".join(lines)
+
+
+def _held_streams(snapshot: dict[str, Any]) -> list[str]:
+    """One line per held stream (``streams.NAME.held_by``), and one per holder under it:
+    its endpoint and queue against its bounds."""
+    lines: list[str] = []
+    for name, stream in (snapshot.get("streams") or {}).items():
+        if not stream.get("held_by"):
+            continue
+        held = f" for {_age(stream['held_for'])}" if "held_for" in stream else ""
+        lines.append(
+            f"HELD: stream {name!r}{held} by {', '.join(stream['held_by'])}: its publishers "
+            f"wait, nothing new reaches its subscribers (held {_age(stream['held_seconds'])} "
+            "in all)"
+        )
+        for holder in stream.get("holders", []):
+            label = holder["subscription"]
+            who = holder["endpoint"] if label in ("", holder["endpoint"]) else label
+            lines.append(
+                f"  {who}: queue {holder['queue_frames']}/{holder['queue_max_frames']} frames, "
+                f"{format_size(holder['queue_bytes'])}/{format_size(holder['queue_max_bytes'])}"
+            )
+    return lines
 
 
 def _rate(per_second: float) -> str:

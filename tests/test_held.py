@@ -5,18 +5,24 @@ their rate. Time is trio's MockClock throughout."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
 
 from framewire import Frame, FrameKind
-from framewire.config import FileConfig, GeneratorConfig
+from framewire.cli import render_status
+from framewire.config import FileConfig, GeneratorConfig, format_size
+from framewire.daemon import Daemon
 from framewire.daemon.endpoints import EndpointContext
 from framewire.daemon.endpoints.file import FileEndpoint
 from framewire.daemon.endpoints.generator import GeneratorEndpoint
+from framewire.daemon.status import build_snapshot
 from framewire.daemon.stream import (
     HELD_WARNING_AFTER,
     HELD_WARNING_INTERVAL,
@@ -25,8 +31,10 @@ from framewire.daemon.stream import (
     Stream,
     StreamRegistry,
 )
+from framewire.protocols.native import NativeDecoder
 
-from .helpers import encode, wait_until
+from .helpers import connect, encode, endpoint_port, running_daemon, wait_until
+from .test_systemd import free_port
 
 DATA = FrameKind.DATA
 
@@ -288,3 +296,155 @@ async def test_a_file_that_was_held_resumes_at_its_rate(
     assert late[0] == pytest.approx(released + 0.01)
     assert all(b - a == pytest.approx(0.01) for a, b in itertools.pairwise(late))
     assert [frame.timestamp for _, frame in received] == list(range(len(received)))
+
+
+# -- through a real daemon and real sockets --------------------------------------------------
+
+
+def held_metric(daemon: Daemon, stream: str) -> float:
+    """``framewire_stream_held_seconds_total{stream}`` as /metrics shows it."""
+    text = daemon.metrics.exposition().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "framewire_stream_held_seconds_total" and sample.labels == {
+                "stream": stream
+            }:
+                return float(sample.value)
+    raise AssertionError(f"no framewire_stream_held_seconds_total for {stream!r}:\n{text}")
+
+
+def stream_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in held_lines(caplog) if r.levelno == level]
+
+
+class Reader:
+    """A native reader on 127.0.0.1: accepts one connection and records each frame with the
+    time (trio's clock) it arrived."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[float, Frame]] = []
+
+    async def serve(self, listener: trio.SocketListener) -> None:
+        async with await listener.accept() as connection:
+            decoder = NativeDecoder(max_frame_size=1 << 20)
+            while data := await connection.receive_some(1 << 16):
+                now = trio.current_time()
+                self.frames += [(now, frame) for frame in decoder.feed(data)]
+
+
+async def test_a_sender_whose_reader_is_down_holds_its_stream_and_says_so(
+    mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generator feeds a sender to a closed port: the stream is held by the sender, in the
+    snapshot, the metric, `framewire status` and one WARNING; when the reader appears, one
+    INFO, nothing holds the stream, and the generator goes on at its rate, no burst."""
+    # Jump the clock only when nothing has happened for 5 ms of real time: not while bytes
+    # are in flight on loopback.
+    mock_clock.autojump_threshold = 0.005
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    config = f"""
+[endpoints.source]
+kind = "generator"
+stream = "camera"
+rate = 100.0
+size = "1KiB"
+
+[endpoints.to-reader]
+kind = "sender"
+connect = "tcp://127.0.0.1:{port}"
+stream = "camera"
+max_queue_frames = 16
+reconnect = {{ initial = "500ms", maximum = "1s" }}
+"""
+    async with running_daemon(config) as daemon:
+        stream = daemon.streams.get("camera")
+        generator = daemon.endpoints["source"].status
+        await trio.sleep(30)
+        snapshot = json.loads(json.dumps(build_snapshot(daemon)))
+        shown = snapshot["streams"]["camera"]
+        assert shown["held_by"] == ["to-reader"]
+        assert 29 < shown["held_seconds"] <= 30
+        assert shown["held_since"] is not None
+        (holder,) = shown["holders"]
+        assert holder["endpoint"] == "to-reader"
+        assert holder["subscription"] == f"to-reader -> tcp://127.0.0.1:{port}"
+        assert holder["queue_frames"] == holder["queue_max_frames"] == 16
+        assert generator.frames_out == 16  # the metadata and 15 frames fill the queue
+        status = render_status(snapshot).splitlines()
+        assert status[1].startswith("HELD: stream 'camera' for 29s by to-reader:")
+        size = format_size(holder["queue_bytes"])
+        assert status[2] == (
+            f"  to-reader -> tcp://127.0.0.1:{port}: queue 16/16 frames, {size}/64MiB"
+        )
+        before = held_metric(daemon, "camera")
+        await trio.sleep(10)
+        assert held_metric(daemon, "camera") == pytest.approx(before + 10, abs=0.01)
+        (warning,) = stream_lines(caplog, logging.WARNING)
+        assert warning.startswith("stream 'camera' is held:")
+        assert f"to-reader (to-reader -> tcp://127.0.0.1:{port}): 16/16 frames" in warning
+        assert stream_lines(caplog, logging.INFO) == []
+
+        reader = Reader()
+        (listener,) = await trio.open_tcp_listeners(port, host="127.0.0.1")
+        async with listener, trio.open_nursery() as nursery:
+            nursery.start_soon(reader.serve, listener)
+            await wait_until(lambda: not stream.held_by, patience=30)
+            released, published = trio.current_time(), generator.frames_out
+            await trio.sleep(1)
+            assert 98 <= generator.frames_out - published <= 102  # 100 frames/s, no burst
+            nursery.cancel_scope.cancel()
+    assert build_snapshot(daemon)["streams"]["camera"]["held_by"] == []
+    (info,) = stream_lines(caplog, logging.INFO)
+    found = re.fullmatch(r"stream 'camera' flows again after ([\d.]+) s held by to-reader", info)
+    assert found is not None
+    assert 39 < float(found.group(1)) < 42  # 40 s, and the sender's next attempt
+    assert len(stream_lines(caplog, logging.WARNING)) == 1
+    data = [(at, frame) for at, frame in reader.frames if frame.kind is DATA]
+    seqs = [int(frame.headers["seq"]) for _, frame in data]
+    assert seqs == list(range(len(seqs)))  # every frame, in order, none skipped
+    late = [at for at, _ in data if at > released + 0.05]
+    assert all(b - a > 0.005 for a, b in itertools.pairwise(late))
+
+
+async def test_a_lossless_client_that_stops_reading_holds_the_stream(
+    mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    mock_clock.autojump_threshold = 0.005
+    caplog.set_level(logging.INFO)
+    config = """
+[endpoints.source]
+kind = "generator"
+stream = "s"
+rate = 200.0
+size = "64KiB"
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+policy = "lossless"
+max_queue_frames = 8
+"""
+    async with running_daemon(config) as daemon:
+        stream = daemon.streams.get("s")
+        client = await connect(endpoint_port(daemon, "out"))
+        (peer,) = [c.peer for c in daemon.endpoints["out"].status.clients.values()]
+        # The socket's buffers fill, then its queue.
+        await wait_until(lambda: bool(stream.held_by), patience=60)
+        await trio.sleep(5)
+        shown = build_snapshot(daemon)["streams"]["s"]
+        assert shown["held_by"] == ["out"]
+        (holder,) = shown["holders"]
+        assert holder["subscription"] == f"out {peer}"
+        assert holder["queue_frames"] == 8
+        (warning,) = stream_lines(caplog, logging.WARNING)
+        assert f"out (out {peer}): 8/8 frames, 512KiB/64MiB" in warning
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.read, 10**9)
+            await wait_until(lambda: not stream.held_by, patience=30)
+            nursery.cancel_scope.cancel()
+        (info,) = stream_lines(caplog, logging.INFO)
+        assert info.startswith("stream 's' flows again after")
+        assert info.endswith("held by out")
+        await client.stream.aclose()

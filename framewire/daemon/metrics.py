@@ -343,11 +343,23 @@ class DaemonMetrics(Collector):
         subscribers = GaugeMetricFamily(
             "framewire_stream_subscribers", "Subscriptions of a stream now", labels=["stream"]
         )
+        held_seconds = CounterMetricFamily(
+            "framewire_stream_held_seconds",
+            "Seconds a stream's publishers waited for room in a lossless subscriber's queue",
+            labels=["stream"],
+        )
+        held = GaugeMetricFamily(
+            "framewire_stream_held",
+            "1 while a lossless subscriber holds the stream back (its queue is full), else 0",
+            labels=["stream"],
+        )
         for stream in list(streams):
             frames.add_metric([stream.name], stream.frames_in)
             nbytes.add_metric([stream.name], stream.bytes_in)
             subscribers.add_metric([stream.name], len(stream.subscriptions))
-        yield from (frames, nbytes, subscribers)
+            held_seconds.add_metric([stream.name], stream.held_seconds)
+            held.add_metric([stream.name], 0 if stream.held_since is None else 1)
+        yield from (frames, nbytes, subscribers, held_seconds, held)
 
     def _nats_metrics(
         self, endpoints: Mapping[str, Endpoint[Any]], server: EmbeddedNatsServer | None

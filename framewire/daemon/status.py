@@ -53,6 +53,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricsView
 from .nats import EmbeddedNatsServer
 from .rates import RateMeter
+from .stream import Stream
 from .transport import ACCEPT_RETRY_ERRNOS, peer_name
 
 __all__ = ["SCHEMA", "DaemonView", "ListenerFactory", "StatusServer", "build_snapshot"]
@@ -150,6 +151,7 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
             "metadata_bytes": stream.metadata.nbytes,
             "metadata_refused": stream.metadata_refused,
             "metadata_types": list(dict.fromkeys(frame.type for frame in stream.metadata)),
+            **_held(stream),
         }
         for stream in daemon.streams
     }
@@ -170,6 +172,31 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
         },
         "endpoints": endpoints,
         "streams": streams,
+    }
+
+
+def _held(stream: Stream) -> dict[str, Any]:
+    """Whether and by whom ``stream`` is held (see docs/status.md, ``streams.NAME``)."""
+    since = stream.held_since
+    return {
+        "held_by": stream.held_by,
+        "held_since": None if since is None else round(since, 3),
+        "held_for": round(stream.held_for, 3),
+        "held_seconds": round(stream.held_seconds, 3),
+        "holds": stream.holds,
+        "holders": [
+            {
+                "endpoint": hold.subscription.owner,
+                "subscription": hold.subscription.label,
+                "since": round(hold.since_unix, 3),
+                "held_for": round(hold.held_for, 3),
+                "queue_frames": hold.subscription.queued_frames,
+                "queue_bytes": hold.subscription.queued_bytes,
+                "queue_max_frames": hold.subscription.bounds.max_frames,
+                "queue_max_bytes": hold.subscription.bounds.max_bytes,
+            }
+            for hold in stream.holding()
+        ],
     }
 
 

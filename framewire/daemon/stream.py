@@ -55,7 +55,6 @@ loop; the members' counters are settled lazily and exact whenever read (see ther
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import math
@@ -665,6 +664,7 @@ class Subscription:
         the waiter whose stream has been held for :data:`HELD_WARNING_AFTER` has it logged."""
         stream = self.stream
         stream._hold(self)
+        gave_up = True
         try:
             while self._lacks_room(count, size):
                 event = self._wake_publisher
@@ -678,8 +678,9 @@ class Subscription:
                     await event.wait()
                 if not event.is_set():
                     stream._held_long()
+            gave_up = False
         finally:
-            stream._release(self)
+            stream._release(self, gave_up=gave_up)
 
     def takes_whole(self, block: Frame) -> bool:
         """Whether this subscription queues the :class:`FrameBlock` ``block`` as it is
@@ -1121,6 +1122,11 @@ class Hold:
     #: Publishes waiting for room in its queue now.
     waiters: int = 0
 
+    @property
+    def held_for(self) -> float:
+        """Seconds (trio's clock) it has held the stream so far."""
+        return _since(self.since)
+
 
 class Stream:
     """A named channel with a metadata cache. See the module docstring."""
@@ -1195,14 +1201,15 @@ class Stream:
         return self._held_since_unix
 
     @property
+    def held_for(self) -> float:
+        """Seconds (trio's clock) the present hold has lasted; 0 while the stream flows."""
+        return 0.0 if self._held_at is None else _since(self._held_at)
+
+    @property
     def held_seconds(self) -> float:
         """Seconds (trio's clock) the stream has been held so far, the present hold
         included (read from inside trio for that; outside it, the holds that are over)."""
-        total = self._held_before
-        if self._held_at is not None:
-            with contextlib.suppress(RuntimeError):
-                total += trio.current_time() - self._held_at
-        return total
+        return self._held_before + self.held_for
 
     @property
     def _warn_at(self) -> float | None:
@@ -1225,9 +1232,10 @@ class Stream:
             self._hold_owners[subscription.owner] = None
         hold.waiters += 1
 
-    def _release(self, subscription: Subscription) -> None:
-        """A publish that waited for room in ``subscription``'s queue goes on (or gave
-        up). The stream flows again once no publish waits."""
+    def _release(self, subscription: Subscription, *, gave_up: bool = False) -> None:
+        """A publish that waited for room in ``subscription``'s queue goes on (or, with
+        ``gave_up``, stopped waiting: its publisher was cancelled). The hold is over once
+        no publish waits."""
         hold = self._holds.get(subscription)
         if hold is None:
             return
@@ -1245,7 +1253,16 @@ class Stream:
         self._hold_long = False
         if self._hold_logged:
             self._hold_logged = False
-            log.info("stream %r flows again after %.1f s held by %s", self.name, held, owners)
+            if gave_up:
+                log.info(
+                    "stream %r is no longer held: its publisher stopped waiting after %.1f s "
+                    "held by %s",
+                    self.name,
+                    held,
+                    owners,
+                )
+            else:
+                log.info("stream %r flows again after %.1f s held by %s", self.name, held, owners)
 
     def _held_long(self) -> None:
         """A waiting publish saw the present hold last :data:`HELD_WARNING_AFTER`: log it
@@ -1452,6 +1469,14 @@ class Stream:
         """End every subscription gracefully (each consumer drains what it has queued)."""
         for subscription in self.subscriptions:
             subscription.end(reason)
+
+
+def _since(then: float) -> float:
+    """Seconds on trio's clock since ``then``; 0 outside trio (no clock to read)."""
+    try:
+        return trio.current_time() - then
+    except RuntimeError:
+        return 0.0
 
 
 def _describe_hold(hold: Hold) -> str:
