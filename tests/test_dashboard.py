@@ -24,6 +24,7 @@ from framewire import Frame, FrameKind
 
 from .helpers import connect, endpoint_port, running_daemon, wait_until
 from .nats_helpers import NatsServer
+from .test_systemd import free_port
 
 CHROMIUM = next(
     (path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None
@@ -257,3 +258,90 @@ max_bytes = "64KiB"
             )
     assert "JetStream ok" in text
     assert "MB of 0.07 MB" in text
+
+
+HELD = """document.getElementById("held") && JSON.stringify({
+  hidden: document.getElementById("held").hidden,
+  streams: [...document.querySelectorAll("#held-streams tbody tr")].map((row) => ({
+    stream: row.dataset.stream,
+    text: row.textContent,
+    holders: [...row.querySelectorAll(".holder")].map((line) => line.dataset.endpoint),
+    colour: getComputedStyle(row.querySelector("td")).color})),
+  first: document.querySelector("tbody[data-endpoint]")?.dataset.endpoint,
+  holding: [...document.querySelectorAll("tbody.holding")].map((body) => body.dataset.endpoint),
+  line: document.querySelector("tbody.holding tr.holding-line")?.textContent,
+  streamRows: [...document.querySelectorAll("#streams tbody tr")].map(
+    (row) => [row.dataset.stream, row.className])})"""
+
+#: The amber of dashboard.css (--warn: #d29922), as the browser computes it.
+AMBER = "rgb(210, 153, 34)"
+
+
+async def test_a_held_stream_and_its_holder_are_at_the_top_in_amber(tmp_path: Path) -> None:
+    """A sender whose reader is down holds its stream: the page shows the held stream and
+    its holder (queue against its bounds) at the top, in amber, puts the holder first among
+    the endpoints and the stream first among the streams; once the reader is there, the
+    section goes away."""
+    port = free_port()
+    config = f"""
+[status]
+listen = "127.0.0.1:0"
+interval = "100ms"
+token = "{TOKEN}"
+
+[endpoints.monitor]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "other"
+
+[endpoints.source]
+kind = "generator"
+stream = "camera"
+rate = 50.0
+size = "1KiB"
+
+[endpoints.to-reader]
+kind = "sender"
+connect = "tcp://127.0.0.1:{port}"
+stream = "camera"
+max_queue_frames = 4
+reconnect = {{ initial = "100ms", maximum = "200ms" }}
+"""
+    async with running_daemon(config) as daemon:
+        assert daemon.status_server is not None
+        daemon.streams.get("other")  # a stream that flows, listed first by the daemon
+        async with browser(tmp_path / "profile") as tools:
+            await open_page(tools, f"http://127.0.0.1:{daemon.status_server.port}/?token={TOKEN}")
+            shown = json.loads(
+                await page_where(
+                    tools, HELD, lambda text: bool(text) and not json.loads(text)["hidden"]
+                )
+            )
+            (row,) = shown["streams"]
+            assert row["stream"] == "camera"
+            assert row["holders"] == ["to-reader"]
+            assert "4 of 4 frames" in row["text"]
+            assert f"to-reader -> tcp://127.0.0.1:{port}" in row["text"]
+            assert row["colour"] == AMBER
+            assert shown["first"] == "to-reader"
+            assert shown["holding"] == ["to-reader"]
+            assert shown["line"].startswith("holds stream camera back for")
+            assert shown["streamRows"][0] == ["camera", "held"]
+            assert "(1 held)" in await tools.evaluate("document.title")
+
+            # The reader comes: the stream flows, the section goes.
+            listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+            async with listeners[0], trio.open_nursery() as nursery:
+                nursery.start_soon(_read_everything, listeners[0])
+                flowing = json.loads(
+                    await page_where(tools, HELD, lambda text: json.loads(text)["hidden"])
+                )
+                nursery.cancel_scope.cancel()
+            assert flowing["holding"] == []
+            assert ["camera", ""] in flowing["streamRows"]
+
+
+async def _read_everything(listener: trio.SocketListener) -> None:
+    async with await listener.accept() as connection:
+        while await connection.receive_some(1 << 16):
+            pass

@@ -107,12 +107,14 @@
     document.title = "framewire " + (daemon.state || "");
   }
 
-  function queueBar(client) {
+  // A queue's depth against its bounds (the fuller of frames and bytes): [bar, fill]. A
+  // holder's queue is full by definition: its bar is amber, as everything about a hold.
+  function queueBar(client, holder) {
     const frames = num(client.queue_frames) / Math.max(1, num(client.queue_max_frames));
     const bytes = num(client.queue_bytes) / Math.max(1, num(client.queue_max_bytes));
     const fill = Math.min(1, Math.max(frames, bytes));
     const bar = el("span", null, "bar");
-    const inner = el("span", null, fill > 0.9 ? "bad" : fill > 0.5 ? "warn" : "");
+    const inner = el("span", null, holder ? "warn" : fill > 0.9 ? "bad" : fill > 0.5 ? "warn" : "");
     inner.style.width = (fill * 100).toFixed(1) + "%";
     bar.appendChild(inner);
     bar.title = count(client.queue_frames) + " of " + count(client.queue_max_frames) + " frames, " +
@@ -185,8 +187,53 @@
     return [parts.join(" · "), warn];
   }
 
-  function renderEndpoint(name, endpoint, now) {
-    const body = el("tbody");
+  // The streams held now, each [name, stream], and what each endpoint holds back:
+  // endpoint name -> [[stream name, stream, holder], ...].
+  function holds(snap) {
+    const held = Object.entries(snap.streams || {}).filter(([, s]) => (s.held_by || []).length);
+    const byEndpoint = new Map();
+    for (const [name, stream] of held) {
+      for (const holder of stream.holders || []) {
+        const list = byEndpoint.get(holder.endpoint) || [];
+        list.push([name, stream, holder]);
+        byEndpoint.set(holder.endpoint, list);
+      }
+    }
+    return [held, byEndpoint];
+  }
+
+  function holderLine(holder) {
+    const line = el("div", null, "holder");
+    line.dataset.endpoint = String(holder.endpoint);
+    line.append(el("span", holder.endpoint, "name"), queueBar(holder, true)[0],
+      el("span", count(holder.queue_frames) + " of " + count(holder.queue_max_frames) +
+        " frames, " + megabytes(holder.queue_bytes) + " of " + megabytes(holder.queue_max_bytes) +
+        " MB"));
+    if (holder.subscription && holder.subscription !== holder.endpoint) {
+      line.appendChild(el("span", holder.subscription, "address"));
+    }
+    return line;
+  }
+
+  function renderHeld(held) {
+    const section = document.getElementById("held");
+    const rows = held.map(([name, stream]) => {
+      const row = el("tr", null, "held");
+      row.dataset.stream = name;
+      cell(row, name, "name");
+      cell(row, "for " + age(stream.held_for) + " (since " + clock(stream.held_since) + ")");
+      const holders = cell(row, null, "holders");
+      for (const holder of stream.holders || []) holders.appendChild(holderLine(holder));
+      cell(row, age(stream.held_seconds), "num");
+      return row;
+    });
+    document.querySelector("#held-streams tbody").replaceChildren(...rows);
+    section.hidden = rows.length === 0;
+    if (rows.length) document.title += " (" + rows.length + " held)";
+  }
+
+  function renderEndpoint(name, endpoint, now, holding) {
+    const body = el("tbody", null, holding ? "holding" : "");
     body.dataset.endpoint = name;
     const row = body.appendChild(el("tr", null, "endpoint"));
     const rates = endpoint.rates || {};
@@ -213,6 +260,14 @@
       error.textContent = (healthy ? "past, " : "") + when + ": " + String(endpoint.last_error);
       error.title = healthy ? "healthy since; kept as history" : "current";
       if (healthy) error.classList.add("past");
+    }
+    for (const [stream, , holder] of holding || []) {
+      const line = body.appendChild(el("tr", null, "holding-line"));
+      const text = cell(line, "holds stream " + stream + " back for " + age(holder.held_for) +
+        ": its queue is full (" + count(holder.queue_frames) + " of " +
+        count(holder.queue_max_frames) + " frames, " + megabytes(holder.queue_bytes) + " of " +
+        megabytes(holder.queue_max_bytes) + " MB)");
+      text.colSpan = 14;
     }
     const spool = spoolText(endpoint.detail || {});
     if (spool) {
@@ -247,22 +302,33 @@
     const body = document.querySelector("#streams tbody");
     const rows = [];
     for (const [name, stream] of Object.entries(snap.streams || {})) {
-      const row = el("tr");
+      const held = (stream.held_by || []).length > 0;
+      const row = el("tr", null, held ? "held" : "");
+      row.dataset.stream = name;
       cell(row, name, "name");
       cell(row, count(stream.frames_in), "num");
       cell(row, megabytes(stream.bytes_in), "num");
       cell(row, count(stream.subscribers), "num");
       cell(row, count(stream.metadata_cached), "num");
       cell(row, (stream.metadata_types || []).join(", "), "types");
-      rows.push(row);
+      if (held) {
+        cell(row, "held for " + age(stream.held_for) + " by " + stream.held_by.join(", "), "held");
+      } else {
+        cell(row, num(stream.held_seconds) ? age(stream.held_seconds) + " in all" : "", "held-past");
+      }
+      rows.push([held, row]);
     }
-    body.replaceChildren(...rows);
+    // Held streams first (a stable sort: the rest keep their order).
+    rows.sort((a, b) => Number(b[0]) - Number(a[0]));
+    body.replaceChildren(...rows.map(([, row]) => row));
   }
 
   function render(snap) {
     const now = num(snap.time);
     const endpoints = snap.endpoints || {};
     renderDaemon(snap);
+    const [held, holding] = holds(snap);
+    renderHeld(held);
     const bodies = [];
     for (const [name, endpoint] of Object.entries(endpoints)) {
       const rates = endpoint.rates || {};
@@ -270,8 +336,10 @@
       points.push({ in: num(rates.frames_in), out: num(rates.frames_out) });
       if (points.length > HISTORY) points.shift();
       history.set(name, points);
-      bodies.push(renderEndpoint(name, endpoint, now));
+      bodies.push(renderEndpoint(name, endpoint, now, holding.get(name)));
     }
+    // The endpoints that hold a stream back first (a stable sort: the rest keep their order).
+    bodies.sort((a, b) => Number(b.classList.contains("holding")) - Number(a.classList.contains("holding")));
     for (const name of history.keys()) if (!(name in endpoints)) history.delete(name);
     table.querySelectorAll("tbody").forEach((body) => body.remove());
     table.append(...bodies);
