@@ -180,6 +180,14 @@ class DaemonMetrics(Collector):
         for key, value in _totals(endpoint.status).items():
             totals[key] += value
 
+    def _lifetime_totals(self, name: str, status: EndpointStatus) -> dict[str, int]:
+        """The counters of the endpoint ``name`` over the daemon's life: its own now plus
+        those of the endpoints of that name it retired."""
+        totals = _totals(status)
+        for key, value in self._retired.get(name, {}).items():
+            totals[key] += value
+        return totals
+
     def exposition(self) -> bytes:
         """Every metric, in the Prometheus text format (:data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
@@ -280,9 +288,7 @@ class DaemonMetrics(Collector):
         )
         for name, endpoint in endpoints.items():
             status = endpoint.status
-            totals = _totals(status)
-            for key, value in self._retired.get(name, {}).items():
-                totals[key] += value
+            totals = self._lifetime_totals(name, status)
             for direction in ("in", "out"):
                 frames.add_metric([name, direction], totals[f"frames_{direction}"])
                 nbytes.add_metric([name, direction], totals[f"bytes_{direction}"])
@@ -388,9 +394,7 @@ class DaemonMetrics(Collector):
             status = endpoint.status
             if status.kind != "nats":
                 continue
-            totals = _totals(status)
-            for key, value in self._retired.get(name, {}).items():
-                totals[key] += value
+            totals = self._lifetime_totals(name, status)
             for key, family in counters.items():
                 family.add_metric([name], totals[key])
             detail = status.detail
