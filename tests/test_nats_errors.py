@@ -49,3 +49,20 @@ def test_acks_stored_duplicate_and_refused() -> None:
     )
     assert (refused.ok, refused.code, refused.err_code) == (False, 503, 10077)
     assert parse_ack(Reply(None, b"[1]")).description == "an ack that is not a JSON object"  # type: ignore[arg-type]
+
+
+def test_asyncios_tls_eof_warning_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """At every disconnection over TLS, asyncio warns that "returning true from
+    eof_received() has no effect when using ssl" (nats-py's TLS upgrade); it says nothing,
+    and is not logged once the NATS endpoint's nats-py is loaded."""
+    import logging
+
+    from framewire.daemon.nats import require_nats
+
+    require_nats()
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    logging.getLogger("asyncio").warning(
+        "returning true from eof_received() has no effect when using ssl"
+    )
+    logging.getLogger("asyncio").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

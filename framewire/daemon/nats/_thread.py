@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import logging
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -91,6 +92,7 @@ def require_nats() -> ModuleType:
         client_module = importlib.import_module("nats.aio.client")
         raise_read_size(client_module)
         guard_late_pongs(client_module)
+        _quiet_tls_eof()
         _nats = module
     return _nats
 
@@ -140,6 +142,23 @@ def guard_late_pongs(client_module: ModuleType) -> None:
 
     process_pong._framewire_guarded = True  # type: ignore[attr-defined]
     setattr(client, "_process_pong", process_pong)  # noqa: B010 - a private method
+
+
+class _TlsEofNoise(logging.Filter):
+    """Drops asyncio's "returning true from eof_received() has no effect when using ssl".
+
+    nats-py upgrades its connection to TLS with a stream protocol made for the plain one, so
+    at every disconnection over TLS asyncio logs this warning, which says nothing about the
+    connection (it closes either way)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+def _quiet_tls_eof() -> None:
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(each, _TlsEofNoise) for each in log.filters):
+        log.addFilter(_TlsEofNoise())
 
 
 def pings_outstanding(client: Any) -> int:
