@@ -376,3 +376,32 @@ def test_the_heap_is_trimmed_on_glibc() -> None:
     burst = [bytearray(256 * 1024) for _ in range(64)]  # 16 MiB, then freed
     del burst
     trim()  # returns 1 when memory was released, 0 when none could be; never fails
+
+
+def test_a_lost_connection_always_says_why() -> None:
+    """``connection lost (...)`` names the cause trio's BrokenResourceError was raised from,
+    and is never empty (a dv writer closing its TLS connection gave ``connection lost ()``)."""
+    import ssl
+
+    from framewire.daemon.flow import describe_loss
+
+    def broken(cause: BaseException | None) -> trio.BrokenResourceError:
+        try:
+            try:
+                if cause is not None:
+                    raise cause
+                raise trio.BrokenResourceError
+            except BaseException as exc:
+                if cause is None:
+                    raise
+                raise trio.BrokenResourceError from exc
+        except trio.BrokenResourceError as error:
+            return error
+
+    eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    assert describe_loss(broken(eof)) == (
+        "the peer closed the TLS connection without saying so (no close_notify)"
+    )
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert describe_loss(broken(reset)) == "connection reset by peer"
+    assert describe_loss(broken(None)) == "BrokenResourceError (no reason given)"

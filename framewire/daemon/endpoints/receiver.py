@@ -29,7 +29,7 @@ from ... import protocols
 from ...config import ReceiverConfig
 from ...frame import Frame, frame_count
 from ..backoff import Backoff
-from ..flow import make_decoder, receive_frames
+from ..flow import describe_loss, make_decoder, receive_frames
 from ..reconnect import Ended, keep_connected
 from ..stream import MetadataLimitExceeded
 from ..transport import Connection, bound_addresses
@@ -334,7 +334,7 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         except _Refused as exc:
             outcome = f"refused: {exc}"
         except trio.BrokenResourceError as exc:
-            return f"connection lost ({exc})"
+            return f"connection lost ({describe_loss(exc)})"
         finally:
             if timer is not None:
                 self._idle.remove(timer)

@@ -59,7 +59,13 @@ import trio
 from ... import protocols
 from ...config import ServerConfig
 from ...frame import Buffer, Frame, frame_count
-from ..flow import UnencodableFrames, close_when_peer_leaves, first_error, send_subscription
+from ..flow import (
+    UnencodableFrames,
+    close_when_peer_leaves,
+    describe_loss,
+    first_error,
+    send_subscription,
+)
 from ..stream import (
     DirectGroup,
     DirectWrite,
@@ -385,7 +391,7 @@ class _ClientFeed:
             written = connection.write_nowait(data, size)
         except trio.BrokenResourceError as exc:
             self.left = True
-            self.reason = f"connection lost ({exc})"
+            self.reason = f"connection lost ({describe_loss(exc)})"
             subscription = self.client.subscription
             if subscription is not None:
                 subscription.close(self.reason)
@@ -587,5 +593,5 @@ class _DirectClients(DirectGroup[_Socket]):
         feed = subscription.direct
         assert isinstance(feed, _ClientFeed)
         feed.left = True
-        feed.reason = f"connection lost (send failed: {exc})"
+        feed.reason = f"connection lost (send failed: {describe_loss(exc)})"
         subscription.close(feed.reason)
