@@ -560,3 +560,24 @@ async def test_bad_requests_free_their_connections_without_a_collection() -> Non
             nursery.cancel_scope.cancel()
     finally:
         gc.enable()
+
+
+async def test_the_page_is_read_at_start_so_an_upgrade_under_the_daemon_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``pip install -U`` under a running daemon replaces (or removes) the page's files; the
+    page was read when the status server started, so ``GET /`` still serves it."""
+    from framewire.daemon import dashboard
+
+    monkeypatch.delitem(dashboard.DASHBOARD.__dict__, "_parts", raising=False)
+    async with trio.open_nursery() as nursery:
+        _, port = await raw_status_server(nursery)
+
+        def gone(package: str) -> Any:
+            raise FileNotFoundError(f"{package}/page.html")
+
+        monkeypatch.setattr(dashboard.resources, "files", gone)
+        response = await send_and_read_to_end(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 200")
+        assert b"<html" in response.lower()
+        nursery.cancel_scope.cancel()

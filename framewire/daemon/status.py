@@ -254,10 +254,14 @@ class StatusServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``task_status.started`` gets the bound port.
 
-        Raises OSError if it cannot listen. After it started, it raises only if a listener
-        fails (an accept error other than running out of descriptors or memory, which are
-        waited out); every connection's own failures stay inside that connection.
+        Raises OSError if it cannot listen, or if the dashboard page's files cannot be read
+        (a broken installation). The page is read here, once: a package upgraded under a
+        running daemon (``pip install -U``) changes nothing it serves. After it started, it
+        raises only if a listener fails (an accept error other than running out of
+        descriptors or memory, which are waited out); every connection's own failures stay
+        inside that connection.
         """
+        _ = DASHBOARD.page  # read now, not at the first request
         listeners = await self._listen()
         try:
             self.refresh()
