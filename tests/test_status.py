@@ -567,6 +567,8 @@ async def test_the_page_is_read_at_start_so_an_upgrade_under_the_daemon_changes_
 ) -> None:
     """``pip install -U`` under a running daemon replaces (or removes) the page's files; the
     page was read when the status server started, so ``GET /`` still serves it."""
+    import importlib.resources
+
     from framewire.daemon import dashboard
 
     monkeypatch.delitem(dashboard.DASHBOARD.__dict__, "_parts", raising=False)
@@ -576,7 +578,7 @@ async def test_the_page_is_read_at_start_so_an_upgrade_under_the_daemon_changes_
         def gone(package: str) -> Any:
             raise FileNotFoundError(f"{package}/page.html")
 
-        monkeypatch.setattr(dashboard.resources, "files", gone)
+        monkeypatch.setattr(importlib.resources, "files", gone)
         response = await send_and_read_to_end(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert response.startswith(b"HTTP/1.1 200")
         assert b"<html" in response.lower()
