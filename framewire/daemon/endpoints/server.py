@@ -66,6 +66,7 @@ from ..flow import (
     first_error,
     send_subscription,
 )
+from ..lograte import RateLimitedWarning
 from ..stream import (
     DirectGroup,
     DirectWrite,
@@ -104,6 +105,12 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         #: Decimation keyed by the type tags frames carry (config may use codes).
         self._decimate = {canonical(key): every for key, every in config.decimate.items()}
         self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
+        self._full = RateLimitedWarning(
+            self.log,
+            f"refused clients: max_clients ({config.max_clients}) reached",
+            detail=self.status.detail,
+            key="clients_refused",
+        )
         #: Each client's queue bounds: one object shared by every client (it is frozen).
         self._bounds = QueueBounds(
             config.max_queue_frames,
@@ -181,9 +188,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             if connection is None:
                 return
             if len(status.clients) >= config.max_clients:
-                self.log.warning(
-                    "refused %s: max_clients (%d) reached", connection.peer, config.max_clients
-                )
+                self._full(f"the last {connection.peer}")
                 return
             if config.send_buffer is not None:
                 self._size_send_buffer(connection, config.send_buffer)
