@@ -32,13 +32,13 @@ from ._errors import (
 )
 from ._format import (
     DEFAULT_MAX_RECORD_SIZE,
+    POSITION_FILE_SIZE,
     POSITION_SLOT_OFFSETS,
     POSITION_SLOT_SIZE,
     RECORD_HEADER_SIZE,
     SEGMENT_APPENDED,
     SEGMENT_CARRIED,
     SEGMENT_HEADER_SIZE,
-    Corrupt,
     Event,
     Record,
     SegmentDecoder,
@@ -373,7 +373,7 @@ class DiskQueue:
             self._after_write()
         except OSError as exc:
             self._undo_write(start_count, start_active, start_size, start_seq, taken)
-            raise self._error(exc, "cannot append") from None
+            raise self._error(exc, "cannot append (the batch was undone)") from None
         return taken
 
     def _flush(self, iov: list[Buffer], nbytes: int, records: int) -> None:
@@ -398,6 +398,7 @@ class DiskQueue:
     def _undo_write(self, count: int, active: _Segment, size: int, seq: int, taken: int) -> None:
         """Cut off what a failed append wrote; close the queue if that fails too."""
         try:
+            rolled = len(self._segments) > count
             for segment in self._segments[count:]:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(segment.path)
@@ -405,10 +406,13 @@ class DiskQueue:
             if active in self._segments:
                 if self._segments[-1] is not active:  # rolled, then the old one was dropped
                     raise OSError(errno.EIO, "cannot undo", active.path)
-                if self._wfd >= 0:
-                    os.close(self._wfd)
-                self._wfd = os.open(active.path, os.O_WRONLY | os.O_CLOEXEC)
-                os.ftruncate(self._wfd, size)
+                if rolled:
+                    if self._wfd >= 0:
+                        os.close(self._wfd)
+                        self._wfd = -1
+                    self._wfd = os.open(active.path, os.O_WRONLY | os.O_CLOEXEC)
+                if rolled or os.fstat(self._wfd).st_size != size:
+                    os.ftruncate(self._wfd, size)
                 os.lseek(self._wfd, size, os.SEEK_SET)
                 active.size = size
                 active.meta = [entry for entry in active.meta if entry[0] < seq]
@@ -700,6 +704,8 @@ class DiskQueue:
                     self._count_corrupt(event.size, 0)
                 index = self._segments.index(segment)
                 self._note_gap(segment, self._segments[index + 1].first_seq)
+                # Whatever of its range is not read by now was dropped or lost.
+                self._read_last = max(self._read_last, self._range_end(index) - 1)
                 self._drop_reader()
                 continue
             want = reader.decoder.wanted()
@@ -733,7 +739,10 @@ class DiskQueue:
         """Open the reader on the segment that holds the next record to decode."""
         wanted = self._read_last + 1
         for index, segment in enumerate(self._segments):
-            if self._range_end(index) <= wanted and segment is not self._segments[-1]:
+            if segment is not self._segments[-1] and (
+                self._range_end(index) <= wanted
+                or (segment.kind == SEGMENT_CARRIED and segment.last_record < wanted)
+            ):
                 continue
             fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
             offset = 0
@@ -907,13 +916,12 @@ class DiskQueue:
         self._delete_delivered()
 
     def _recover_tail(self, segment: _Segment) -> tuple[int, int]:
-        """Scan the last appended segment: index it, cut off a torn tail, count its frames.
-        Returns the last valid sequence number (or first_seq - 1) and the frames at or
-        after the committed position."""
+        """Scan the last appended segment: index its metadata, cut off a torn tail.
+        Returns the last valid sequence number (or first_seq - 1) and the frames from the
+        committed position to it (records lost to corruption among them are subtracted
+        when the reader meets them)."""
         decoder = SegmentDecoder(max_record_size=self.max_record_size)
-        count = 0
         last_seq = segment.first_seq - 1
-        expected = segment.first_seq
         fd = os.open(segment.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             offset = 0
@@ -926,17 +934,12 @@ class DiskQueue:
                     offset += len(data)
                     events = decoder.feed(data)
                 for event in events:
+                    # Corrupt regions are counted when the reader meets them, as in every
+                    # other segment (so they are counted once, and only if not delivered).
                     if isinstance(event, Record):
-                        if event.seq > expected and event.seq > self._committed:
-                            self._corrupt_records += event.seq - max(expected, self._committed)
-                        expected = event.seq + 1
                         last_seq = event.seq
                         if event.metadata:
                             segment.meta.append((event.seq, event.offset, event.size))
-                        if event.seq >= self._committed:
-                            count += 1
-                    elif isinstance(event, Corrupt):
-                        self._count_corrupt(event.size, 0)
                     elif isinstance(event, Torn):
                         self._torn_bytes += event.size
                         os.ftruncate(fd, event.offset)
@@ -949,7 +952,7 @@ class DiskQueue:
             os.close(fd)
         segment.indexed = True
         self._tail_next = last_seq + 1 if decoder.header is not None else -1
-        return last_seq, count
+        return last_seq, max(0, last_seq + 1 - max(segment.first_seq, self._committed))
 
     def _take_lock(self) -> None:
         path = os.path.join(self.directory, LOCK_FILE)
@@ -972,8 +975,13 @@ class DiskQueue:
 
     def _read_position(self) -> None:
         path = os.path.join(self.directory, POSITION_FILE)
-        existed = os.path.exists(path)
         self._pos_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        size = os.fstat(self._pos_fd).st_size
+        existed = size > 0
+        if size < POSITION_FILE_SIZE:
+            # Give both slots their blocks now, so a commit never needs a new block (and
+            # never fails for want of one on a full file system).
+            os.pwrite(self._pos_fd, bytes(POSITION_FILE_SIZE - size), size)
         slots = [os.pread(self._pos_fd, POSITION_SLOT_SIZE, o) for o in POSITION_SLOT_OFFSETS]
         position = decode_position(slots)
         if position is None:
@@ -992,8 +1000,7 @@ class DiskQueue:
         where = exc.filename or self.directory
         if exc.errno in _FULL_ERRNOS:
             return SpoolDiskFull(
-                f"spool {self.directory}: {what}: no space left on the device ({where}); "
-                "the append was undone"
+                f"spool {self.directory}: {what}: no space left on the device ({where})"
             )
         reason = exc.strerror or str(exc)
         gone = "" if self._closed is False else " (the queue is now closed: open it again)"
