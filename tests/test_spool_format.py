@@ -197,3 +197,14 @@ def test_a_frame_whose_kind_disagrees_with_its_record_is_refused() -> None:
     liar = Record(record.seq, True, record.payload, record.offset)
     with pytest.raises(ValueError, match="kind"):
         frame_of(liar)
+
+
+def test_decode_frame_takes_exactly_one_data_or_metadata_frame() -> None:
+    from framewire.protocols import ProtocolError
+    from framewire.protocols.native import KEEPALIVE, decode_frame
+
+    wire = b"".join(bytes(b) for b in ENCODER.encode(frame(3, 600, metadata=True)))
+    assert decode_frame(wire) == frame(3, 600, metadata=True)
+    for bad in (KEEPALIVE, wire[:-1], wire + b"x", b"FW"):
+        with pytest.raises(ProtocolError):
+            decode_frame(bad)
