@@ -138,7 +138,7 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
             "restarts": status.restarts,
             "last_error": status.last_error,
             "last_error_at": status.last_error_at,
-            "detail": dict(status.detail),
+            "detail": status.current_detail(),
             "clients": clients,
         }
     streams = {
