@@ -189,6 +189,14 @@ def test_a_lost_position_file_redelivers_rather_than_loses(spool: Path) -> None:
         assert [f.timestamp for f in drain(queue)] == list(range(10))
 
 
+def test_a_queue_never_committed_has_not_lost_its_position(spool: Path) -> None:
+    with DiskQueue.open(spool, max_size=1 << 20) as queue:
+        queue.append([data(i) for i in range(3)])
+    with DiskQueue.open(spool, max_size=1 << 20) as queue:
+        assert not queue.stats().position_lost
+        assert queue.frames == 3
+
+
 # -- corruption -----------------------------------------------------------------------------
 
 

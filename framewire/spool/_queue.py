@@ -977,7 +977,6 @@ class DiskQueue:
         path = os.path.join(self.directory, POSITION_FILE)
         self._pos_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         size = os.fstat(self._pos_fd).st_size
-        existed = size > 0
         if size < POSITION_FILE_SIZE:
             # Give both slots their blocks now, so a commit never needs a new block (and
             # never fails for want of one on a full file system).
@@ -985,7 +984,8 @@ class DiskQueue:
         slots = [os.pread(self._pos_fd, POSITION_SLOT_SIZE, o) for o in POSITION_SLOT_OFFSETS]
         position = decode_position(slots)
         if position is None:
-            self._position_lost = existed
+            # Lost only if a slot was ever written: a queue never committed has zeros.
+            self._position_lost = any(slot.strip(b"\0") for slot in slots)
             self._generation, self._committed = 0, 0
         else:
             self._generation, self._committed = position
