@@ -105,9 +105,9 @@ class DiskBuffer:
         self._corrupt_before = 0
         self._corrupt_seen = 0
         self._regions_seen = 0
-        self._problem: str | None = None
         self._unsynced = False
         self.state = "opening"
+        self.status.detail["buffer_error"] = None
         self._report()
 
     # -- status ---------------------------------------------------------------------------
@@ -135,15 +135,15 @@ class DiskBuffer:
         detail["buffer_corrupt_records"] = self.corrupt_records
 
     def _set_state(self, state: str, problem: str | None = None) -> None:
-        """Enter ``state``; a fault is logged once (per change of its text), recovery once."""
+        """Enter ``state``; a fault is logged once (when the state changes), recovery once."""
         before = self.state
+        self.status.detail["buffer_error"] = problem
         if problem is not None:
             self.status.record_error(problem)
-            if state != before or problem != self._problem:
+            if state != before:
                 self.log.error("%s", problem)
         elif state == "ok" and before not in ("ok", "full", "opening"):
             self.log.info("disk buffer %s works again (was %s)", self.directory, before)
-        self._problem = problem
         self.state = state
         self._report()
 
