@@ -29,11 +29,13 @@ import pytest
 import trio
 
 from framewire import Frame, FrameKind
+from framewire.config import parse_config
 from framewire.daemon import Daemon
 from framewire.protocols.native import NativeDecoder
 
 from .helpers import NativePeer, connect, encode, endpoint_port, running_daemon, wait_until
 from .hostile_daemon import DaemonProcess
+from .test_metrics import running, scrape, value
 
 MIB = 1 << 20
 
@@ -194,6 +196,46 @@ buffer = {{ when_full = "drop_oldest" }}
             assert got == [sent[0], *sent[-15:]]
             await producer.stream.aclose()
             await reader.stream.aclose()
+
+
+async def test_buffer_metrics_and_a_dropped_total_that_survives_a_reload(tmp_path: Path) -> None:
+    options = 'max_size = "1MiB"\nwhen_full = "drop_oldest"'
+    with reserved_port() as sock:
+        text = '[status]\nlisten = "127.0.0.1:0"\n' + config(
+            sock.getsockname()[1], tmp_path / "buf", options
+        )
+        async with running(text) as (daemon, port):
+            producer = await connect(endpoint_port(daemon, "in"))
+            sent = [meta("config", b"v1")] + [data(i, 16384) for i in range(200)]
+            await producer.send(sent)
+
+            def settled() -> bool:
+                figures = detail(daemon)
+                held, dropped = figures["buffer_frames"], figures["buffer_dropped_frames"]
+                assert isinstance(held, int)
+                assert isinstance(dropped, int)
+                return held + dropped == len(sent)
+
+            await wait_until(settled, patience=30)
+            figures = detail(daemon)
+            samples = await scrape(port)
+            for key in ("buffer_bytes", "buffer_frames", "buffer_max_bytes"):
+                assert value(samples, f"framewire_{key}", endpoint="out") == figures[key]
+            dropped = value(samples, "framewire_buffer_dropped_frames_total", endpoint="out")
+            assert dropped == figures["buffer_dropped_frames"]
+            assert dropped > 0
+            # A reload that changes the sender makes a new endpoint: its total goes on.
+            changed = text.replace("max_queue_frames = 64", "max_queue_frames = 32")
+            assert await daemon.reload(parse_config(changed)) == ["changed out"]
+            await wait_until(lambda: detail(daemon)["buffer_state"] == "ok", patience=20)
+            after = await scrape(port)
+            assert value(after, "framewire_buffer_dropped_frames_total", endpoint="out") == dropped
+            # The same directory, and one more frame: the stream's metadata, replayed to the
+            # new endpoint's subscription.
+            held = figures["buffer_frames"]
+            assert isinstance(held, int)
+            assert value(after, "framewire_buffer_frames", endpoint="out") == held + 1
+            await producer.stream.aclose()
 
 
 # -- faults ----------------------------------------------------------------------------

@@ -77,6 +77,7 @@ _COUNTERS: Final = (
     "nats_frames_lost",
     "nats_messages_lost",
     "nats_duplicates_dropped",
+    "buffer_dropped",
 )
 #: The NATS endpoint's gauges (``detail`` key, metric name, help).
 _NATS_GAUGES: Final = (
@@ -132,9 +133,10 @@ class MetricsView(Protocol):
 
 def _totals(status: EndpointStatus) -> dict[str, int]:
     """An endpoint's counters now: its own, plus those of its live clients' queues."""
-    detail = status.detail
+    detail = status.current_detail()
     unencodable = detail.get("frames_unencodable", 0)
     return {
+        "buffer_dropped": _int(detail.get("buffer_dropped_frames", 0)),
         "nats_frames_lost": _int(detail.get("frames_lost_upstream", 0)),
         "nats_messages_lost": _int(detail.get("messages_lost_upstream", 0)),
         "nats_duplicates_dropped": _int(detail.get("duplicates_dropped", 0)),
@@ -207,6 +209,7 @@ class DaemonMetrics(Collector):
         yield from self._client_metrics(daemon.endpoints)
         yield from self._stream_metrics(daemon.streams)
         yield from self._nats_metrics(daemon.endpoints, daemon.nats_server)
+        yield from self._buffer_metrics(daemon.endpoints)
 
     def _reload_metrics(self, daemon: MetricsView) -> Iterable[Metric]:
         reloads = CounterMetricFamily(
@@ -354,6 +357,39 @@ class DaemonMetrics(Collector):
             nbytes.add_metric([stream.name], stream.bytes_in)
             subscribers.add_metric([stream.name], len(stream.subscriptions))
         yield from (frames, nbytes, subscribers)
+
+    def _buffer_metrics(self, endpoints: Mapping[str, Endpoint[Any]]) -> Iterable[Metric]:
+        """The buffers of consuming endpoints (``[endpoints.NAME.buffer]``)."""
+        gauges = {
+            key: GaugeMetricFamily(name, text, labels=["endpoint"])
+            for key, name, text in (
+                (
+                    "buffer_bytes",
+                    "framewire_buffer_bytes",
+                    "Bytes an endpoint's buffer holds (a disk buffer: its segment files)",
+                ),
+                ("buffer_frames", "framewire_buffer_frames", "Frames an endpoint's buffer holds"),
+                (
+                    "buffer_max_bytes",
+                    "framewire_buffer_max_bytes",
+                    "An endpoint's buffer's bound in bytes (max_size)",
+                ),
+            )
+        }
+        dropped = CounterMetricFamily(
+            "framewire_buffer_dropped_frames",
+            'Data frames an endpoint\'s buffer dropped to make room (when_full = "drop_oldest")',
+            labels=["endpoint"],
+        )
+        for name, endpoint in endpoints.items():
+            status = endpoint.status
+            detail = status.current_detail()
+            if "buffer_type" not in detail:
+                continue
+            for key, gauge in gauges.items():
+                gauge.add_metric([name], _int(detail.get(key, 0)))
+            dropped.add_metric([name], self._lifetime_totals(name, status)["buffer_dropped"])
+        yield from (*gauges.values(), dropped)
 
     def _nats_metrics(
         self, endpoints: Mapping[str, Endpoint[Any]], server: EmbeddedNatsServer | None
