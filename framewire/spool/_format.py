@@ -19,9 +19,10 @@ from ..protocols.native import NativeEncoder, decode_frame
 
 try:
     from google_crc32c import extend as _crc32c_extend
-except ImportError as exc:  # pragma: no cover - the test extra installs it
+except ImportError as exc:  # pragma: no cover - a core dependency
     raise ImportError(
-        "framewire.spool needs the google-crc32c package: pip install 'framewire[crc]'"
+        "framewire.spool needs the google-crc32c package (a dependency of framewire): "
+        "pip install google-crc32c"
     ) from exc
 
 __all__ = [
