@@ -204,8 +204,12 @@ class DiskBuffer:
                     await self._broken_event.wait()
                 if self._broken_event.is_set():
                     self._broken_event = trio.Event()
-                elif self._unsynced and self._queue is not None:
-                    await self._sync()
+                elif (
+                    self._unsynced
+                    and self._queue is not None
+                    and self.config.sync_policy == "interval"
+                ):
+                    await self._sync()  # appends just before a quiet spell reach the disk too
         finally:
             with trio.CancelScope(shield=True):
                 await self._close()

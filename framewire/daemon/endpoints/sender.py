@@ -202,7 +202,11 @@ class SenderEndpoint(Endpoint[SenderConfig]):
                     except SubscriptionClosed as closed:
                         if self.stop_requested:
                             return
-                        self.log.info("subscribing again: %s", closed.reason)
+                        if closed.graceful:
+                            self.log.info("subscribing again: %s", closed.reason)
+                        else:  # cut off (its metadata passed the hard cap): not in a loop
+                            self.log.warning("subscribing again in 1s: %s", closed.reason)
+                            await trio.sleep(1.0)
                         self._subscription = self._subscribe()
                         continue
                 await buffer.put(self._intake)
