@@ -472,8 +472,9 @@ class StatusServer:
     async def _serve_http(self, stream: trio.abc.Stream, request: h11.Request, peer: str) -> None:
         """Answer one plain HTTP request, then close: ``GET /`` (the dashboard page),
         ``/metrics`` (Prometheus), ``/status.json`` (one snapshot); 401 without the token
-        (before anything else), then 405 for other methods, 404 for any other path. A response the client does not take
-        within ``send_timeout`` is abandoned (one log line)."""
+        (before anything else), then 405 for other methods, 404 for any other path. A
+        response the client does not take within ``send_timeout`` is abandoned (one log
+        line)."""
         target = request.target.decode("ascii", "replace")
         path = target.partition("?")[0].partition("#")[0]
         head_only = request.method == b"HEAD"
