@@ -28,6 +28,12 @@ def test_jetstream_api_errors_say_what_happened_without_description_none() -> No
     full = errors.APIError(code=503, err_code=10077, description="maximum bytes exceeded")
     assert describe_nats_error(full) == "maximum bytes exceeded (503/10077)"
     assert "None" not in describe_nats_error(errors.APIError(code=400))
+    # nats-py's own, without a code: the class says it.
+    bare = errors.ServiceUnavailableError()
+    assert describe_nats_error(bare) == (
+        "JetStream did not answer (no responders: JetStream is off, or the stream has no "
+        "leader) (503)"
+    )
 
 
 def test_a_status_reply_without_a_description_does_not_leak_the_next_header_line() -> None:

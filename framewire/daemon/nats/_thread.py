@@ -203,17 +203,32 @@ _API_STATUS: Final = {
 }
 
 
+#: The status code nats-py's JetStream error classes stand for.
+_API_CLASS_STATUS: Final = {
+    "BadRequestError": 400,
+    "NotFoundError": 404,
+    "ServerError": 500,
+    "ServiceUnavailableError": 503,
+}
+
+
 def _api_error_text(error: BaseException) -> str | None:
     """One line for nats-py's JetStream ``APIError`` family (``code``, ``err_code``,
     ``description``), whose own text shows ``description='None'`` when the server gave
     none; None for other errors."""
-    code = getattr(error, "code", None)
-    if not hasattr(error, "err_code") or not isinstance(code, int):
+    if not hasattr(error, "err_code") or not hasattr(error, "description"):
         return None
+    code = getattr(error, "code", None)
+    if not isinstance(code, int):
+        # nats-py makes some without one (a ServiceUnavailableError when JetStream gave no
+        # answer): the class says which.
+        code = _API_CLASS_STATUS.get(type(error).__name__, 0)
     description = getattr(error, "description", None)
     if not isinstance(description, str) or not description or description == "None":
         description = _API_STATUS.get(code, "refused")
     err_code = getattr(error, "err_code", None)
+    if not code:
+        return description
     codes = f"{code}/{err_code}" if isinstance(err_code, int) and err_code else str(code)
     return f"{description} ({codes})"
 
