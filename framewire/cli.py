@@ -132,6 +132,8 @@ def _reason(exc: BaseException) -> str:
         seen.add(id(current))
         if isinstance(current, ssl.SSLCertVerificationError):
             return f"certificate verify failed: {current.verify_message}"
+        if isinstance(current, ssl.SSLError):
+            return _tls_reason(current)
         if isinstance(current, OSError) and current.errno in errno.errorcode:
             text = os.strerror(current.errno or 0)
             return text[:1].lower() + text[1:]
@@ -144,6 +146,35 @@ def _reason(exc: BaseException) -> str:
         elif current.__context__ is not None and not current.__suppress_context__:
             queue.append(current.__context__)
     return fallback or type(exc).__name__
+
+
+def _tls_reason(error: ssl.SSLError) -> str:
+    """What a TLS error means to someone running ``framewire recv`` or ``send`` (an
+    SSLError's errno is OpenSSL's, not the OS's: never read it as one)."""
+    reason = str(error.reason or error).upper()
+    if "CERTIFICATE_REQUIRED" in reason or "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason:
+        return "the server requires a client certificate: give --cert and --key"
+    if any(word in reason for word in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN")):
+        return (
+            "the server refused our client certificate (not signed by a CA it trusts, or "
+            "not for this use): check --cert and --key"
+        )
+    if isinstance(error, ssl.SSLEOFError) or "EOF" in reason:
+        return "the server closed the TLS connection without saying why"
+    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER_FAILURE" in reason:
+        return "the server does not speak TLS there: use tcp://"
+    return f"TLS: {(error.reason or str(error)).lower().replace('_', ' ')}"
+
+
+async def _why_closed(stream: trio.abc.Stream) -> BaseException | None:
+    """After a write failed: what the peer said before it closed (a TLS alert waits in the
+    socket: the server refusing our certificate), if it said anything within a second."""
+    with trio.move_on_after(1):
+        try:
+            await stream.receive_some(1)
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            return exc
+    return None
 
 
 class _OutputClosed(Exception):
@@ -452,6 +483,15 @@ async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) ->
             raise Failure(
                 f"connection to {connection.peer} broke after {received} frames: {_reason(exc)}"
             ) from None
+    if not connection.bytes_received and not isinstance(connection.stream, trio.SSLStream):
+        # A TLS server waits for a ClientHello that a plain client never sends, then hangs
+        # up: that is all a plain client sees of it.
+        print(
+            f"framewire recv: 0 frames: {connection.peer} closed the connection without "
+            "sending a byte (if it speaks TLS, use tls://)",
+            file=sys.stderr,
+        )
+        return EXIT_OK
     print(f"framewire recv: {received} frames", file=sys.stderr)
     return EXIT_OK
 
@@ -514,9 +554,17 @@ async def _send(args: argparse.Namespace, source: io.BufferedIOBase) -> int:
                 "is --protocol right?"
             ) from None
         except trio.BrokenResourceError as exc:
-            raise Failure(
-                f"connection to {address} broke after {sent} frames: {_reason(exc)}"
-            ) from None
+            said = await _why_closed(stream)
+            reason = _reason(said) if isinstance(said, ssl.SSLError) else _reason(exc)
+            if (
+                isinstance(stream, trio.SSLStream)
+                and args.cert is None
+                and "client certificate" not in reason
+            ):
+                # A TLS 1.3 server judges our certificate after we think the handshake is
+                # done; its alert then reaches a sender only as a broken pipe.
+                reason += " (the server may require a client certificate: give --cert and --key)"
+            raise Failure(f"connection to {address} broke after {sent} frames: {reason}") from None
         except OSError as exc:
             raise Failure(f"cannot read {args.file}: {_reason(exc)}") from None
     print(f"framewire send: {sent} frames", file=sys.stderr)

@@ -39,17 +39,16 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        ports = self.directory / "ports"
-        ports.mkdir(exist_ok=True)
-        command = [
+    def command(self) -> list[str]:
+        """The program and its arguments (the ports file goes into ``ports_dir``)."""
+        return [
             str(SERVER_BINARY),
             "-a",
             "127.0.0.1",
             "-p",
             str(self.port),
             "--ports_file_dir",
-            str(ports),
+            str(self.ports_dir),
             "-js",
             "-sd",
             str(self.directory / "store"),
@@ -57,8 +56,17 @@ class NatsServer:
             str(self.log),
             *self.extra,
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        ports_file = ports / f"nats-server_{self.process.pid}.ports"
+
+    @property
+    def ports_dir(self) -> Path:
+        return self.directory / "ports"
+
+    def start(self) -> None:
+        self.ports_dir.mkdir(exist_ok=True)
+        process = self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        ports_file = self.ports_dir / f"nats-server_{process.pid}.ports"
         deadline = time.monotonic() + PATIENCE
         while True:
             if ports_file.exists():
@@ -67,8 +75,9 @@ class NatsServer:
                     break
                 except (ValueError, KeyError):
                     pass  # written but not complete yet
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.process.stderr!r}")
+            if process.poll() is not None:
+                log = self.log.read_text()[-2000:] if self.log.exists() else ""
+                raise RuntimeError(f"nats-server exited: {log}")
             if time.monotonic() > deadline:
                 raise TimeoutError("nats-server wrote no ports file")
             time.sleep(0.01)
@@ -88,6 +97,23 @@ class NatsServer:
                 process.wait(PATIENCE)
         if process.stderr is not None:
             process.stderr.close()
+
+
+class ConfiguredNatsServer(NatsServer):
+    """A nats-server process run on a configuration file (``body`` plus its listen address,
+    ports file and name): a hub or a site's leaf node."""
+
+    def __init__(self, directory: Path, name: str, body: str) -> None:
+        super().__init__(directory / name)
+        self.directory.mkdir(parents=True)
+        self.config = self.directory / "nats-server.conf"
+        self.config.write_text(
+            f'server_name: "{name}"\nlisten: "127.0.0.1:-1"\n'
+            f'ports_file_dir: "{self.ports_dir}"\n{body}\n'
+        )
+
+    def command(self) -> list[str]:
+        return [str(SERVER_BINARY), "-c", str(self.config), "-l", str(self.log)]
 
 
 def frames_of(count: int, *, start: int = 0, size: int = 100) -> list[Frame]:
@@ -234,55 +260,3 @@ class StallingProxy:
 
             nursery.start_soon(pump, client, server, True)
             nursery.start_soon(pump, server, client, False)
-
-
-class ConfiguredNatsServer:
-    """A nats-server process run on a configuration file (``body`` plus the ports file and
-    log settings), its ports read from its ports file: a hub or a site's leaf node."""
-
-    def __init__(self, directory: Path, name: str, body: str) -> None:
-        self.directory = directory / name
-        self.directory.mkdir(parents=True)
-        self.config = self.directory / "nats-server.conf"
-        self.config.write_text(
-            f'server_name: "{name}"\nlisten: "127.0.0.1:-1"\n'
-            f'ports_file_dir: "{self.directory}"\n{body}\n'
-        )
-        self.log = self.directory / "nats-server.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.ports: dict[str, list[str]] = {}
-
-    def url(self, kind: str = "nats") -> str:
-        return self.ports[kind][0]
-
-    def port(self, kind: str = "nats") -> int:
-        return int(self.url(kind).rsplit(":", 1)[1])
-
-    def start(self) -> None:
-        command = [str(SERVER_BINARY), "-c", str(self.config), "-l", str(self.log)]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        ports_file = self.directory / f"nats-server_{self.process.pid}.ports"
-        deadline = time.monotonic() + PATIENCE
-        while True:
-            if ports_file.exists():
-                try:
-                    self.ports = json.loads(ports_file.read_text())
-                    break
-                except ValueError:
-                    pass  # written but not complete yet
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("nats-server wrote no ports file")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        process = self.process
-        if process is None:
-            return
-        self.process = None
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(PATIENCE)
-        if process.stderr is not None:
-            process.stderr.close()

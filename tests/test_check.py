@@ -158,6 +158,63 @@ def test_recorder_directory_must_be_writable(tmp: Path) -> None:
     ]
 
 
+def disk_sender(name: str, path: Path | None, extra: str = "") -> str:
+    where = f'path = "{path}"\n' if path is not None else ""
+    return (
+        f'[endpoints.{name}]\nkind = "sender"\nconnect = "tcp://127.0.0.1:9"\nstream = "s"\n'
+        f'[endpoints.{name}.buffer]\ntype = "disk"\n{where}{extra}'
+    )
+
+
+def test_two_disk_buffers_may_not_share_a_directory(tmp: Path) -> None:
+    text = generator("g", "s") + disk_sender("a", tmp / "buf") + disk_sender("b", tmp / "buf")
+    assert errors(text) == [
+        f"endpoints.b.buffer.path: {tmp / 'buf'} is also the disk buffer of endpoint 'a'; "
+        "give each buffer a directory of its own"
+    ]
+    # The same directory written another way is the same directory.
+    text = generator("g", "s") + disk_sender("a", tmp / "buf") + disk_sender("b", tmp / "x/../buf")
+    assert len(errors(text)) == 1
+    text = generator("g", "s") + disk_sender("a", tmp / "a") + disk_sender("b", tmp / "b")
+    assert errors(text) == []
+
+
+def test_two_default_disk_buffers_are_apart(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp / "state"))
+    text = generator("g", "s") + disk_sender("a", None) + disk_sender("b", None)
+    assert errors(text) == []
+    # One named explicitly as the other's default is the same directory.
+    text = generator("g", "s") + disk_sender("a", None) + disk_sender("b", tmp / "state/buffers/a")
+    assert errors(text) == [
+        f"endpoints.b.buffer.path: {tmp}/state/buffers/a is also the disk buffer of endpoint "
+        "'a'; give each buffer a directory of its own"
+    ]
+
+
+def test_a_disk_buffer_directory_must_be_creatable_and_writable(tmp: Path) -> None:
+    blocker = tmp / "blocker"
+    blocker.write_text("a file where a directory should be")
+    assert errors(generator("g", "s") + disk_sender("a", blocker / "buf")) == [
+        f"endpoints.a.buffer.path: cannot create files in {blocker / 'buf'}: "
+        f"{blocker} is not a directory"
+    ]
+    assert errors(generator("g", "s") + disk_sender("a", blocker)) == [
+        f"endpoints.a.buffer.path: cannot create files in {blocker}: {blocker} is not a directory"
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp / "locked"
+        locked.mkdir(mode=0o500)
+        assert errors(generator("g", "s") + disk_sender("a", locked / "buf")) == [
+            f"endpoints.a.buffer.path: cannot create {locked}/buf: {locked} is not writable"
+        ]
+
+
+def test_a_disk_buffer_larger_than_its_disk_is_a_warning(tmp: Path) -> None:
+    text = generator("g", "s") + disk_sender("a", tmp / "buf", 'max_size = "1000TiB"\n')
+    (warning,) = [w for w in warnings(text) if "buffer" in w]
+    assert warning.startswith("endpoints.a.buffer.max_size: 1000TiB is more than the ")
+
+
 def test_unix_socket_directory_must_exist(tmp: Path) -> None:
     assert errors(server("out", f"unix://{tmp}/nodir/out.sock") + generator("g", "s")) == [
         f"endpoints.out.listen: cannot listen on {tmp}/nodir/out.sock: no directory {tmp}/nodir"

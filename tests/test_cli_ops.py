@@ -388,3 +388,34 @@ stream = "demo"
             done = await finish(process)
     assert frame_lines(done) == LINES
     assert not await trio.Path(path).exists()  # the listener removed its socket file
+
+
+async def test_tls_client_errors_name_their_cause(pki: Pki, recording: Path) -> None:
+    """Against a server that requires a client certificate, recv without one says so (it
+    said "exec format error": the server now sends its alert), send says that it may be
+    (it said "broken pipe": a TLS 1.3 server's verdict reaches a sender only so); recv with
+    tcp:// against a TLS port says it may speak TLS (it said "0 frames")."""
+    table = (
+        f'[endpoints.out.tls]\ncertificate = "{pki.server_cert}"\nkey = "{pki.server_cert}"\n'
+        f'ca = "{pki.ca_file}"\nrequire_client_cert = true\n'
+        f'[endpoints.in]\nkind = "receiver"\nlisten = "tls://127.0.0.1:0"\nstream = "x"\n'
+        f'[endpoints.in.tls]\ncertificate = "{pki.server_cert}"\nkey = "{pki.server_cert}"\n'
+        f'ca = "{pki.ca_file}"\nrequire_client_cert = true\n'
+    )
+    config = SERVED.format(recording=recording, listen="tls://127.0.0.1:0", tls=table)
+    async with running_daemon(config) as daemon:
+        out = port_of(daemon.endpoints["out"].status.address[0])
+        inbound = port_of(daemon.endpoints["in"].status.address[0])
+        needs = "the server requires a client certificate: give --cert and --key"
+        refused = await run_cli("recv", f"tls://127.0.0.1:{out}", "--ca", pki.ca_file)
+        assert refused.returncode == 1
+        assert needs in refused.stderr.decode(), refused.stderr
+        sent = await run_cli(
+            "send", f"tls://127.0.0.1:{inbound}", "--ca", pki.ca_file, str(recording)
+        )
+        assert sent.returncode == 1
+        assert "give --cert and --key" in sent.stderr.decode(), sent.stderr
+        plain = await run_cli("recv", f"tcp://127.0.0.1:{out}")
+        assert "closed the connection without sending a byte (if it speaks TLS, use tls://)" in (
+            plain.stderr.decode()
+        ), plain.stderr

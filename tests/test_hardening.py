@@ -23,7 +23,7 @@ from framewire.daemon.status import build_snapshot
 from framewire.protocols import Decoder, g3
 
 from .g3frames import g3_frame
-from .helpers import connect, port_of, running_daemon, wait_until
+from .helpers import connect, endpoint_port, port_of, running_daemon, wait_until
 
 CONFIG = """
 [streams.camera]
@@ -376,3 +376,61 @@ def test_the_heap_is_trimmed_on_glibc() -> None:
     burst = [bytearray(256 * 1024) for _ in range(64)]  # 16 MiB, then freed
     del burst
     trim()  # returns 1 when memory was released, 0 when none could be; never fails
+
+
+def test_a_lost_connection_always_says_why() -> None:
+    """``connection lost (...)`` names the cause trio's BrokenResourceError was raised from,
+    and is never empty (a dv writer closing its TLS connection gave ``connection lost ()``)."""
+    import ssl
+
+    from framewire.daemon.flow import describe_loss
+
+    def broken(cause: BaseException | None) -> trio.BrokenResourceError:
+        try:
+            try:
+                if cause is not None:
+                    raise cause
+                raise trio.BrokenResourceError
+            except BaseException as exc:
+                if cause is None:
+                    raise
+                raise trio.BrokenResourceError from exc
+        except trio.BrokenResourceError as error:
+            return error
+
+    eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    assert describe_loss(broken(eof)) == (
+        "the peer closed the TLS connection without saying so (no close_notify)"
+    )
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert describe_loss(broken(reset)) == "connection reset by peer"
+    assert describe_loss(broken(None)) == "BrokenResourceError (no reason given)"
+
+
+async def test_clients_refused_by_a_full_server_are_counted_not_a_line_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """200 connections to a server at its max_clients: every one refused and counted, the
+    log has one line for them all (10,000 attempts were 10,000 lines)."""
+    caplog.set_level(logging.INFO, logger="framewire")
+    config = """
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+max_clients = 1
+"""
+    async with running_daemon(config) as daemon:
+        server = daemon.endpoints["out"]
+        port = endpoint_port(daemon, "out")
+        first = await trio.open_tcp_stream("127.0.0.1", port)
+        await wait_until(lambda: len(server.status.clients) == 1)
+        for _ in range(200):
+            extra = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(10):
+                assert await extra.receive_some() == b""  # closed at once
+            await extra.aclose()
+        await wait_until(lambda: server.status.detail.get("clients_refused") == 200)
+        await first.aclose()
+    lines = [r.getMessage() for r in caplog.records if "max_clients (1) reached" in r.getMessage()]
+    assert len(lines) == 1, lines

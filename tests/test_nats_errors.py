@@ -28,6 +28,12 @@ def test_jetstream_api_errors_say_what_happened_without_description_none() -> No
     full = errors.APIError(code=503, err_code=10077, description="maximum bytes exceeded")
     assert describe_nats_error(full) == "maximum bytes exceeded (503/10077)"
     assert "None" not in describe_nats_error(errors.APIError(code=400))
+    # nats-py's own, without a code: the class says it.
+    bare = errors.ServiceUnavailableError()
+    assert describe_nats_error(bare) == (
+        "JetStream did not answer (no responders: JetStream is off, or the stream has no "
+        "leader) (503)"
+    )
 
 
 def test_a_status_reply_without_a_description_does_not_leak_the_next_header_line() -> None:
@@ -49,3 +55,20 @@ def test_acks_stored_duplicate_and_refused() -> None:
     )
     assert (refused.ok, refused.code, refused.err_code) == (False, 503, 10077)
     assert parse_ack(Reply(None, b"[1]")).description == "an ack that is not a JSON object"  # type: ignore[arg-type]
+
+
+def test_asyncios_tls_eof_warning_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """At every disconnection over TLS, asyncio warns that "returning true from
+    eof_received() has no effect when using ssl" (nats-py's TLS upgrade); it says nothing,
+    and is not logged once the NATS endpoint's nats-py is loaded."""
+    import logging
+
+    from framewire.daemon.nats import require_nats
+
+    require_nats()
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    logging.getLogger("asyncio").warning(
+        "returning true from eof_received() has no effect when using ssl"
+    )
+    logging.getLogger("asyncio").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

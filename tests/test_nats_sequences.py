@@ -162,3 +162,57 @@ def test_messages_without_the_headers_are_accepted_and_bad_snapshots_refused() -
     assert sequences.check({HEADER_MSG_ID: "p-4", HEADER_SEQ: "8"}).duplicate
     check = sequences.check({HEADER_MSG_ID: "p-7", HEADER_SEQ: "12"})
     assert (check.lost, check.first_lost) == (3, 9)
+
+
+header_values = st.one_of(
+    st.text(max_size=30),
+    st.from_regex(r"[0-9a-f]{0,14}-[0-9]{0,22}", fullmatch=True),
+    st.from_regex(r"[0-9]{0,22}", fullmatch=True),
+    st.from_regex(r"[0-9]{1,3}/[0-9]{1,3}", fullmatch=True),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from(["Nats-Msg-Id", "Fw-Seq", "Fw-Chunk", "Fw-Pack", "Fw-Kind"]),
+            header_values,
+        ),
+        max_size=40,
+    ),
+    st.one_of(
+        st.none(),
+        st.dictionaries(st.text(max_size=5), st.lists(st.integers(-5, 2**70), max_size=3)),
+        st.lists(st.integers()),
+    ),
+)
+def test_any_headers_and_any_kept_state_never_raise(
+    messages: list[dict[str, str]], kept: object
+) -> None:
+    """What any NATS client may publish, and whatever the bucket holds, is taken without an
+    exception; the memory stays within its bound of producers."""
+    sequences = ProducerSequences(max_producers=4)
+    sequences.restore(kept)
+    for headers in messages:
+        check = sequences.check(headers)
+        assert check.lost >= 0
+    assert len(sequences) <= 4
+    assert sequences.restore(sequences.snapshot())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=70), max_size=20))
+def test_any_flow_reply_is_taken_without_an_exception(replies: list[bytes]) -> None:
+    import trio
+
+    from framewire.daemon.nats._publisher import ReaderCredit
+
+    async def main() -> None:
+        credit = ReaderCredit()
+        credit.sent = 1 << 30
+        for reply in replies:
+            credit.heard(reply)
+        assert credit.readers <= len(replies)
+
+    trio.run(main)

@@ -66,8 +66,8 @@ async def test_a_hub_reads_a_sites_stream_across_the_leaf_link_durably(
     site, hub = site_and_hub
     first = frames_of(300, size=2000)
     later = frames_of(300, start=300, size=2000)
-    reader = subscriber_toml(hub.url(), mode="jetstream", extra=HUB_READER)
-    async with running_daemon(publisher_toml(site.url(), mode="jetstream")) as a:
+    reader = subscriber_toml(hub.url, mode="jetstream", extra=HUB_READER)
+    async with running_daemon(publisher_toml(site.url, mode="jetstream")) as a:
         writer = nats_endpoint(a, "to-nats")
         await wait_state(writer, "publishing")
         async with producer(a) as source:
@@ -90,7 +90,7 @@ async def test_a_hub_reads_a_sites_stream_across_the_leaf_link_durably(
         assert count(subscriber, "frames_lost_upstream") == 0
         await wait_until(lambda: subscriber.status.detail.get("source_active") is not None)
     assert got == METADATA + later
-    assert await trio.to_thread.run_sync(hub_streams, hub.url()) == {
+    assert await trio.to_thread.run_sync(hub_streams, hub.url) == {
         "FW_camera": ["FW_camera@$JS.site.API"],
         "FW_camera_META": ["FW_camera_META@$JS.site.API"],
     }

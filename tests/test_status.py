@@ -282,14 +282,15 @@ async def test_a_non_ascii_host_header_does_not_kill_the_daemon(
 
 async def test_a_path_urlsplit_rejects_is_judged_by_its_token_alone() -> None:
     # urlsplit("//[x/?token=a") raises ValueError("Invalid IPv6 URL"); that once killed
-    # the daemon. The query is read without it: the right token is let in, a wrong one not.
+    # the daemon. The query is read without it: the right token gets past the token check
+    # (to a 404: the websocket is at / only), a wrong one not.
     async with running(token="a") as (daemon, url):
         assert daemon.status_server is not None
         port = daemon.status_server.port
         refused = await send_and_read_to_end(port, upgrade_request(path=b"//[x/?token=b"))
         assert refused.startswith(b"HTTP/1.1 401")
         stream, head = await raw_handshake(port, "//[x/?token=a")
-        assert head.startswith(b"HTTP/1.1 101")
+        assert head.startswith(b"HTTP/1.1 404")
         await stream.aclose()
         await still_serving(daemon, url + "?token=a")
 
@@ -567,3 +568,44 @@ async def test_bad_requests_free_their_connections_without_a_collection() -> Non
             nursery.cancel_scope.cancel()
     finally:
         gc.enable()
+
+
+async def test_the_page_is_read_at_start_so_an_upgrade_under_the_daemon_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``pip install -U`` under a running daemon replaces (or removes) the page's files; the
+    page was read when the status server started, so ``GET /`` still serves it."""
+    import importlib.resources
+
+    from framewire.daemon import dashboard
+
+    monkeypatch.delitem(dashboard.DASHBOARD.__dict__, "_parts", raising=False)
+    async with trio.open_nursery() as nursery:
+        _, port = await raw_status_server(nursery)
+
+        def gone(package: str) -> Any:
+            raise FileNotFoundError(f"{package}/page.html")
+
+        monkeypatch.setattr(importlib.resources, "files", gone)
+        response = await send_and_read_to_end(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 200")
+        assert b"<html" in response.lower()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_websocket_is_at_root_only_and_the_token_comes_before_the_method() -> None:
+    """An upgrade on another path is 404 (docs/status.md says so); a request without the
+    token is 401 whatever its method, so a caller without it learns nothing; with it, a
+    method other than GET and HEAD is 405."""
+    async with trio.open_nursery() as nursery:
+        _, port = await raw_status_server(nursery, token="t")
+        elsewhere = await send_and_read_to_end(port, upgrade_request(path=b"/other?token=t"))
+        assert elsewhere.startswith(b"HTTP/1.1 404")
+        for request, answer in (
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"401"),
+            (b"DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"401"),
+            (b"POST /?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"405"),
+        ):
+            response = await send_and_read_to_end(port, request)
+            assert response.startswith(b"HTTP/1.1 " + answer), (request, response[:40])
+        nursery.cancel_scope.cancel()

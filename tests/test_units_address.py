@@ -203,7 +203,8 @@ def test_parse_duration_huge_string_is_refused() -> None:
         (64 * MiB + 512 * KiB, "64.5MiB"),
         (GiB, "1GiB"),
         (3 * GiB + 1, "3.0GiB"),
-        (TiB, "1024GiB"),
+        (TiB, "1TiB"),
+        (1536 * GiB, "1.5TiB"),
     ],
 )
 def test_format_size(nbytes: int, text: str) -> None:

@@ -12,6 +12,7 @@ from ._load import load_config as load_config
 from ._load import parse_config as parse_config
 from ._schema import BackoffConfig as BackoffConfig
 from ._schema import BridgeConfig as BridgeConfig
+from ._schema import BufferConfig as BufferConfig
 from ._schema import Config as Config
 from ._schema import DaemonConfig as DaemonConfig
 from ._schema import EndpointConfig as EndpointConfig

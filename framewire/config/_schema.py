@@ -21,6 +21,7 @@ from ._zmq_address import ZmqAddress, parse_zmq_address
 __all__ = [
     "BackoffConfig",
     "BridgeConfig",
+    "BufferConfig",
     "Config",
     "DaemonConfig",
     "Duration",
@@ -387,6 +388,87 @@ class ReceiverConfig:
         check_transport("connect", self.connect, self.tls, listening=False)
 
 
+#: The smallest disk buffer: a few segments of a few records (the spool needs 16 KiB).
+MIN_DISK_BUFFER: Final = 1 << 20
+#: A disk buffer's size unless ``max_size`` says otherwise.
+DEFAULT_DISK_BUFFER: Final = 1 << 30
+
+
+@attrs.frozen
+class BufferConfig:
+    """``[endpoints.NAME.buffer]``: what a consuming endpoint holds for its far end.
+
+    ``type = "memory"`` (the default) is the endpoint's bounded queue as it always was:
+    ``max_queue_frames`` and ``max_size`` bytes (``max_queue_bytes`` unless given).
+    ``type = "disk"`` is a write-ahead queue of checksummed segment files in ``path``
+    (:mod:`framewire.spool`) that survives restarts; its segment files never pass
+    ``max_size`` (default 1 GiB). ``path`` defaults to a directory per endpoint under the
+    daemon's state directory (``$STATE_DIRECTORY/buffers/NAME`` under systemd, else
+    ``$XDG_STATE_HOME/framewire/buffers/NAME``, ``~/.local/state/...``); the daemon resolves
+    it, since the file alone cannot.
+
+    ``when_full = "block"`` holds the stream back while the buffer is full;
+    ``"drop_oldest"`` drops the oldest DATA frames to make room (metadata never).
+    ``sync`` (disk only) is the spool's policy: what a power loss can lose, at what cost.
+    """
+
+    type: Literal["memory", "disk"] = "memory"
+    max_size: PositiveSize | None = None
+    when_full: Literal["block", "drop_oldest"] = "block"
+    path: FilePath | None = None
+    sync: Literal["none", "batch", "interval"] | None = None
+    sync_interval: PositiveDuration | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.type == "memory":
+            for key in ("path", "sync", "sync_interval"):
+                if getattr(self, key) is not None:
+                    raise FieldError(key, 'applies to type = "disk" only')
+            return
+        if self.max_size is not None and self.max_size < MIN_DISK_BUFFER:
+            raise FieldError(
+                "max_size",
+                f"a disk buffer needs at least {format_size(MIN_DISK_BUFFER)}, got {self.max_size}",
+            )
+        if self.sync_interval is not None and self.sync != "interval" and self.sync is not None:
+            raise FieldError("sync_interval", 'applies to sync = "interval" only')
+
+    @property
+    def is_disk(self) -> bool:
+        return self.type == "disk"
+
+    @property
+    def disk_max_size(self) -> int:
+        """A disk buffer's bound in bytes on disk."""
+        return self.max_size if self.max_size is not None else DEFAULT_DISK_BUFFER
+
+    @property
+    def sync_policy(self) -> Literal["none", "batch", "interval"]:
+        return self.sync if self.sync is not None else "interval"
+
+    @property
+    def sync_seconds(self) -> float:
+        return self.sync_interval if self.sync_interval is not None else 1.0
+
+
+def check_disk_buffer(buffer: BufferConfig, protocol: str, close_on_end: bool) -> None:
+    """What a disk buffer cannot carry yet. Raises FieldError."""
+    if not buffer.is_disk:
+        return
+    if close_on_end:
+        raise FieldError(
+            "close_on_end",
+            'cannot be combined with a disk buffer (buffer.type = "disk"): the end of a '
+            "stream is not kept in the buffer",
+        )
+    if protocols.get(protocol).session_metadata_types:
+        raise FieldError(
+            "buffer.type",
+            f"a disk buffer cannot carry protocol {protocol!r} yet (its session headers end "
+            "a connection); use a memory buffer",
+        )
+
+
 @attrs.frozen
 class SenderConfig:
     """``kind = "sender"``: deliver a stream to a remote reader, losslessly, reconnecting."""
@@ -402,9 +484,20 @@ class SenderConfig:
     send_timeout: PositiveDuration = 30.0
     close_on_end: StrictBool = False
     tls: TLSConfig | None = None
+    buffer: BufferConfig = attrs.field(factory=BufferConfig)
 
     def __attrs_post_init__(self) -> None:
         check_transport("connect", self.connect, self.tls, listening=False)
+        check_disk_buffer(self.buffer, self.protocol, self.close_on_end)
+
+    @property
+    def queue_bytes(self) -> int:
+        """The memory queue's bound in bytes: the buffer's ``max_size`` for a memory
+        buffer that sets it, else ``max_queue_bytes``."""
+        buffer = self.buffer
+        if not buffer.is_disk and buffer.max_size is not None:
+            return buffer.max_size
+        return self.max_queue_bytes
 
 
 @attrs.frozen

@@ -14,6 +14,9 @@ Errors (``framewire check`` exits with status 2, every one listed):
 - a ``nats`` endpoint's ``nkey_seed`` or ``creds`` file that cannot be read;
 - a ``recorder`` directory that is not writable, or cannot be created (its nearest existing
   parent is not a writable directory);
+- a disk buffer (``[endpoints.NAME.buffer] type = "disk"``) whose directory (``path``, or its
+  default under the state directory) cannot be created or written, or that is also the
+  directory of another endpoint's disk buffer (the second would find it locked);
 - with ``[nats] embedded = true``: no nats-server program to run, a ``store_dir`` that cannot
   be created or written, a ``config_file`` that cannot be read or that has a ``jetstream``
   block of its own (it would replace the generated one);
@@ -26,7 +29,8 @@ Errors (``framewire check`` exits with status 2, every one listed):
   UNIX sockets by path; and a listening host name that does not resolve.
 
 Warnings (printed; the file is still usable): the embedded nats-server's ``max_store``, or a
-JetStream ``max_bytes`` on it, above the free space of the store's disk; a stream with
+JetStream ``max_bytes`` on it, above the free space of the store's disk; a disk buffer's
+``max_size`` above the free space of its disk; a stream with
 publishers but no subscribers, or
 subscribers but no publishers, and a ``[streams.NAME]`` table no endpoint uses, each with the
 nearest stream name when one looks like a typo.
@@ -55,6 +59,7 @@ import attrs
 from ..config import (
     Address,
     BridgeConfig,
+    BufferConfig,
     Config,
     EndpointConfig,
     FileConfig,
@@ -68,6 +73,7 @@ from ..config import (
     format_size,
 )
 from .nats import NatsServerFailed, default_store_dir, find_binary
+from .statedir import default_buffer_dir
 
 __all__ = ["CheckReport", "Resolver", "check_config", "resolve_host"]
 
@@ -107,7 +113,47 @@ def check_config(config: Config, *, resolve: Resolver = resolve_host) -> CheckRe
         errors += _embedded_nats(config.nats)
         warnings += _embedded_nats_space(config)
     errors += _overlapping_listeners(config, resolve)
-    return CheckReport(tuple(errors), tuple(warnings))
+    buffer_errors, buffer_warnings = _disk_buffers(config)
+    return CheckReport(tuple(errors + buffer_errors), tuple(warnings + buffer_warnings))
+
+
+def _disk_buffers(config: Config) -> tuple[list[str], list[str]]:
+    """Each disk buffer's directory: writable, its own, and its disk big enough."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    owners: dict[str, str] = {}
+    for name, endpoint in config.endpoints.items():
+        buffer = getattr(endpoint, "buffer", None)
+        if not isinstance(buffer, BufferConfig) or not buffer.is_disk:
+            continue
+        directory = Path(buffer.path) if buffer.path is not None else default_buffer_dir(name)
+        where = f"endpoints.{name}.buffer.path"
+        key = os.path.realpath(directory)
+        if key in owners:
+            errors.append(
+                f"{where}: {directory} is also the disk buffer of endpoint {owners[key]!r}; "
+                "give each buffer a directory of its own"
+            )
+            continue
+        owners[key] = name
+        problem = _writable_directory(directory)
+        if problem:
+            errors.append(f"{where}: {problem}")
+            continue
+        existing = directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            free = shutil.disk_usage(existing).free
+        except OSError:
+            continue
+        if buffer.disk_max_size > free:
+            warnings.append(
+                f"endpoints.{name}.buffer.max_size: {format_size(buffer.disk_max_size)} is more "
+                f"than the {format_size(free)} free on the disk of {existing}: the buffer will "
+                "find the disk full before its own bound"
+            )
+    return errors, warnings
 
 
 def _embedded_nats(nats: NatsServerConfig) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
@@ -229,4 +230,27 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> str:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    return str(exc) or type(exc).__name__
+    return describe_loss(exc)
+
+
+def describe_loss(exc: BaseException) -> str:
+    """Why a connection was lost, for a log line: the first cause with something to say
+    (trio's BrokenResourceError often says nothing itself; the OS or TLS error it was raised
+    from does), never an empty text."""
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 8:
+        seen += 1
+        if isinstance(cause, ssl.SSLEOFError) or (
+            isinstance(cause, ssl.SSLError) and "EOF" in str(cause)
+        ):
+            return "the peer closed the TLS connection without saying so (no close_notify)"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}".lower()
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror.lower()
+        text = str(cause)
+        if text:
+            return text
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__} (no reason given)"

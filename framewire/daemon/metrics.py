@@ -77,6 +77,7 @@ _COUNTERS: Final = (
     "nats_frames_lost",
     "nats_messages_lost",
     "nats_duplicates_dropped",
+    "buffer_dropped",
 )
 #: The NATS endpoint's gauges (``detail`` key, metric name, help).
 _NATS_GAUGES: Final = (
@@ -132,9 +133,10 @@ class MetricsView(Protocol):
 
 def _totals(status: EndpointStatus) -> dict[str, int]:
     """An endpoint's counters now: its own, plus those of its live clients' queues."""
-    detail = status.detail
+    detail = status.current_detail()
     unencodable = detail.get("frames_unencodable", 0)
     return {
+        "buffer_dropped": _int(detail.get("buffer_dropped_frames", 0)),
         "nats_frames_lost": _int(detail.get("frames_lost_upstream", 0)),
         "nats_messages_lost": _int(detail.get("messages_lost_upstream", 0)),
         "nats_duplicates_dropped": _int(detail.get("duplicates_dropped", 0)),
@@ -180,6 +182,14 @@ class DaemonMetrics(Collector):
         for key, value in _totals(endpoint.status).items():
             totals[key] += value
 
+    def _lifetime_totals(self, name: str, status: EndpointStatus) -> dict[str, int]:
+        """The counters of the endpoint ``name`` over the daemon's life: its own now plus
+        those of the endpoints of that name it retired."""
+        totals = _totals(status)
+        for key, value in self._retired.get(name, {}).items():
+            totals[key] += value
+        return totals
+
     def exposition(self) -> bytes:
         """Every metric, in the Prometheus text format (:data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
@@ -199,6 +209,7 @@ class DaemonMetrics(Collector):
         yield from self._client_metrics(daemon.endpoints)
         yield from self._stream_metrics(daemon.streams)
         yield from self._nats_metrics(daemon.endpoints, daemon.nats_server)
+        yield from self._buffer_metrics(daemon.endpoints)
 
     def _reload_metrics(self, daemon: MetricsView) -> Iterable[Metric]:
         reloads = CounterMetricFamily(
@@ -280,9 +291,7 @@ class DaemonMetrics(Collector):
         )
         for name, endpoint in endpoints.items():
             status = endpoint.status
-            totals = _totals(status)
-            for key, value in self._retired.get(name, {}).items():
-                totals[key] += value
+            totals = self._lifetime_totals(name, status)
             for direction in ("in", "out"):
                 frames.add_metric([name, direction], totals[f"frames_{direction}"])
                 nbytes.add_metric([name, direction], totals[f"bytes_{direction}"])
@@ -361,6 +370,39 @@ class DaemonMetrics(Collector):
             held.add_metric([stream.name], 0 if stream.held_since is None else 1)
         yield from (frames, nbytes, subscribers, held_seconds, held)
 
+    def _buffer_metrics(self, endpoints: Mapping[str, Endpoint[Any]]) -> Iterable[Metric]:
+        """The buffers of consuming endpoints (``[endpoints.NAME.buffer]``)."""
+        gauges = {
+            key: GaugeMetricFamily(name, text, labels=["endpoint"])
+            for key, name, text in (
+                (
+                    "buffer_bytes",
+                    "framewire_buffer_bytes",
+                    "Bytes an endpoint's buffer holds (a disk buffer: its segment files)",
+                ),
+                ("buffer_frames", "framewire_buffer_frames", "Frames an endpoint's buffer holds"),
+                (
+                    "buffer_max_bytes",
+                    "framewire_buffer_max_bytes",
+                    "An endpoint's buffer's bound in bytes (max_size)",
+                ),
+            )
+        }
+        dropped = CounterMetricFamily(
+            "framewire_buffer_dropped_frames",
+            'Data frames an endpoint\'s buffer dropped to make room (when_full = "drop_oldest")',
+            labels=["endpoint"],
+        )
+        for name, endpoint in endpoints.items():
+            status = endpoint.status
+            detail = status.current_detail()
+            if "buffer_type" not in detail:
+                continue
+            for key, gauge in gauges.items():
+                gauge.add_metric([name], _int(detail.get(key, 0)))
+            dropped.add_metric([name], self._lifetime_totals(name, status)["buffer_dropped"])
+        yield from (*gauges.values(), dropped)
+
     def _nats_metrics(
         self, endpoints: Mapping[str, Endpoint[Any]], server: EmbeddedNatsServer | None
     ) -> Iterable[Metric]:
@@ -400,9 +442,7 @@ class DaemonMetrics(Collector):
             status = endpoint.status
             if status.kind != "nats":
                 continue
-            totals = _totals(status)
-            for key, value in self._retired.get(name, {}).items():
-                totals[key] += value
+            totals = self._lifetime_totals(name, status)
             for key, family in counters.items():
                 family.add_metric([name], totals[key])
             detail = status.detail

@@ -139,7 +139,7 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
             "restarts": status.restarts,
             "last_error": status.last_error,
             "last_error_at": status.last_error_at,
-            "detail": dict(status.detail),
+            "detail": status.current_detail(),
             "clients": clients,
         }
     streams = {
@@ -281,10 +281,14 @@ class StatusServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``task_status.started`` gets the bound port.
 
-        Raises OSError if it cannot listen. After it started, it raises only if a listener
-        fails (an accept error other than running out of descriptors or memory, which are
-        waited out); every connection's own failures stay inside that connection.
+        Raises OSError if it cannot listen, or if the dashboard page's files cannot be read
+        (a broken installation). The page is read here, once: a package upgraded under a
+        running daemon (``pip install -U``) changes nothing it serves. After it started, it
+        raises only if a listener fails (an accept error other than running out of
+        descriptors or memory, which are waited out); every connection's own failures stay
+        inside that connection.
         """
+        _ = DASHBOARD.page  # read now, not at the first request
         listeners = await self._listen()
         try:
             self.refresh()
@@ -419,6 +423,10 @@ class StatusServer:
             self._refused(f"{peer}: bad or missing token (HTTP 401)")
             await request.reject(401, body=b"a valid token is required\n")
             return None
+        if request.path.partition("?")[0].partition("#")[0] != "/":
+            # The websocket is at / only: any other path is not found, as for plain HTTP.
+            await request.reject(404, body=_NOT_FOUND)
+            return None
         if self.clients >= self.max_clients:
             self._refused(f"{peer}: too many status clients (HTTP 503)")
             await request.reject(503, body=b"too many status clients\n")
@@ -490,18 +498,20 @@ class StatusServer:
 
     async def _serve_http(self, stream: trio.abc.Stream, request: h11.Request, peer: str) -> None:
         """Answer one plain HTTP request, then close: ``GET /`` (the dashboard page),
-        ``/metrics`` (Prometheus), ``/status.json`` (one snapshot); 404 for any other path,
-        405 for other methods, 401 without the token. A response the client does not take
-        within ``send_timeout`` is abandoned (one log line)."""
+        ``/metrics`` (Prometheus), ``/status.json`` (one snapshot); 401 without the token
+        (before anything else), then 405 for other methods, 404 for any other path. A
+        response the client does not take within ``send_timeout`` is abandoned (one log
+        line)."""
         target = request.target.decode("ascii", "replace")
         path = target.partition("?")[0].partition("#")[0]
         head_only = request.method == b"HEAD"
         response: tuple[int, bytes, str, Sequence[tuple[str, str]]]
-        if request.method not in (b"GET", b"HEAD"):
-            response = 405, b"only GET and HEAD are served here\n", _TEXT, [("allow", "GET, HEAD")]
-        elif not self._has_token(request.headers, target):
+        if not self._has_token(request.headers, target):
+            # First: a caller without the token learns nothing, not even which methods work.
             self._refused(f"{peer}: bad or missing token (HTTP 401)")
             response = 401, b"a valid token is required\n", _TEXT, []
+        elif request.method not in (b"GET", b"HEAD"):
+            response = 405, b"only GET and HEAD are served here\n", _TEXT, [("allow", "GET, HEAD")]
         elif path == "/":
             response = 200, DASHBOARD.page, "text/html; charset=utf-8", DASHBOARD.headers
         elif path == "/metrics" and self._metrics is not None:

@@ -131,6 +131,25 @@ async def _handshake_already_done() -> None:
     """Stands in for a finished TLS handshake's coroutine function (see below)."""
 
 
+#: Seconds a failed handshake's alert may take to leave.
+ALERT_TIMEOUT: Final = 1.0
+
+
+async def _send_alert(stream: trio.SSLStream[trio.abc.Stream]) -> None:
+    """Send the TLS alert that a failed handshake left unsent (why it failed: "certificate
+    required", "unknown CA"), so the peer hears the reason rather than a bare close. trio's
+    SSLStream keeps no public handle on it: without its private outgoing buffer this does
+    nothing. Never raises."""
+    outgoing = getattr(stream, "_outgoing", None)
+    if outgoing is None:
+        return
+    with contextlib.suppress(Exception):
+        alert = outgoing.read()
+        if alert:
+            with trio.move_on_after(ALERT_TIMEOUT):
+                await stream.transport_stream.send_all(alert)
+
+
 def _release_handshake(stream: trio.SSLStream[trio.abc.Stream]) -> None:
     """Break trio.SSLStream's reference cycle once its handshake has run.
 
@@ -304,6 +323,7 @@ class Connection:
                 f"{self.handshake_timeout:g}s"
             ) from None
         except trio.BrokenResourceError as exc:
+            await _send_alert(stream)
             _release_handshake(stream)
             raise HandshakeFailed(
                 f"TLS handshake with {self.peer} failed: {_tls_reason(exc)}"

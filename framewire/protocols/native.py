@@ -42,6 +42,7 @@ __all__ = [
     "NativeBlock",
     "NativeDecoder",
     "NativeEncoder",
+    "decode_frame",
 ]
 
 PROTOCOL: Final = "native"
@@ -311,6 +312,47 @@ class NativeBlock(FrameBlock):
             )
             position += total
         return frames
+
+
+def decode_frame(wire: bytes | bytearray) -> Frame:
+    """The DATA or METADATA frame whose complete encoding is exactly ``wire``.
+
+    For containers that hold one frame per record (the disk spool): ``wire`` becomes the
+    frame's :attr:`~Frame.wire` and its payload a view of it (a copy when it is small), as
+    :class:`NativeDecoder` makes them. Raises :class:`ProtocolError` for anything that is not
+    exactly one valid DATA or METADATA frame (control frames included).
+    """
+    if len(wire) < 28:
+        raise ProtocolError(f"{len(wire)} bytes cannot hold a frame (its header is 28)")
+    magic, version, kind, type_len, flags, count, headers_len, payload_len, timestamp = (
+        HEADER.unpack_from(wire)
+    )
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}, expected b'FW'")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported native protocol version {version} (speaks 1)")
+    if flags:
+        raise ProtocolError(f"unknown flags 0x{flags:02x}")
+    if kind > 1:
+        raise ProtocolError(f"frame kind 0x{kind:02x} is not DATA or METADATA")
+    body = 28 + type_len
+    if body + headers_len + payload_len != len(wire):
+        raise ProtocolError(
+            f"frame header announces {body + headers_len + payload_len} bytes, have {len(wire)}"
+        )
+    try:
+        type_tag = bytes(wire[28:body]).decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("frame type is not valid UTF-8") from None
+    view = memoryview(wire)
+    headers = (
+        _decode_headers(view, body, body + headers_len, count)
+        if headers_len or count
+        else EMPTY_HEADERS
+    )
+    start = body + headers_len
+    payload: Buffer = bytes(view[start:]) if payload_len <= 512 else view[start:]
+    return Frame(_FRAME_KINDS[kind], type_tag, payload, timestamp, headers, wire, PROTOCOL)
 
 
 def _decode_headers(view: memoryview, start: int, end: int, count: int) -> dict[str, str]:

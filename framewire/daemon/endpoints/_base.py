@@ -317,6 +317,15 @@ class EndpointStatus:
     last_error_at: float | None = None
     clients: dict[int, ClientInfo] = attrs.field(factory=dict)
     detail: dict[str, object] = attrs.field(factory=dict)
+    #: Called before :attr:`detail` is read (:meth:`current_detail`), to bring figures that
+    #: change without the endpoint running (a memory buffer's fill) up to date.
+    refresh: Callable[[], None] | None = attrs.field(default=None, repr=False, eq=False)
+
+    def current_detail(self) -> dict[str, object]:
+        """A copy of :attr:`detail`, up to date (see :attr:`refresh`)."""
+        if self.refresh is not None:
+            self.refresh()
+        return dict(self.detail)
 
     @property
     def dropped_total(self) -> int:

@@ -29,7 +29,8 @@ from ... import protocols
 from ...config import ReceiverConfig
 from ...frame import Frame, frame_count
 from ..backoff import Backoff
-from ..flow import make_decoder, receive_frames
+from ..flow import describe_loss, make_decoder, receive_frames
+from ..lograte import RateLimitedWarning
 from ..reconnect import Ended, keep_connected
 from ..stream import MetadataLimitExceeded
 from ..transport import Connection, bound_addresses
@@ -150,6 +151,13 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         self._proven = 0
         self._one_producer = bool(protocols.get(config.protocol).session_metadata_types)
         self._idle = _IdleWatch(config.idle_timeout or math.inf)
+        self._full = RateLimitedWarning(
+            self.log,
+            f"refused producers: max_clients ({config.max_clients}) reached and every "
+            "connection has delivered frames",
+            detail=self.status.detail,
+            key="clients_refused",
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -201,12 +209,7 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                 return
             slot = self._take_slot(connection.peer)
             if slot is None:
-                self.log.warning(
-                    "refused producer %s: max_clients (%d) reached and every connection "
-                    "has delivered frames",
-                    connection.peer,
-                    self.config.max_clients,
-                )
+                self._full(f"the last {connection.peer}")
                 return
             self.log.info("producer %s connected", connection.peer)
             outcome = "closed"
@@ -334,7 +337,7 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         except _Refused as exc:
             outcome = f"refused: {exc}"
         except trio.BrokenResourceError as exc:
-            return f"connection lost ({exc})"
+            return f"connection lost ({describe_loss(exc)})"
         finally:
             if timer is not None:
                 self._idle.remove(timer)

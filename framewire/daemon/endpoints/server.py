@@ -59,7 +59,14 @@ import trio
 from ... import protocols
 from ...config import ServerConfig
 from ...frame import Buffer, Frame, frame_count
-from ..flow import UnencodableFrames, close_when_peer_leaves, first_error, send_subscription
+from ..flow import (
+    UnencodableFrames,
+    close_when_peer_leaves,
+    describe_loss,
+    first_error,
+    send_subscription,
+)
+from ..lograte import RateLimitedWarning
 from ..stream import (
     DirectGroup,
     DirectWrite,
@@ -98,6 +105,12 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         #: Decimation keyed by the type tags frames carry (config may use codes).
         self._decimate = {canonical(key): every for key, every in config.decimate.items()}
         self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
+        self._full = RateLimitedWarning(
+            self.log,
+            f"refused clients: max_clients ({config.max_clients}) reached",
+            detail=self.status.detail,
+            key="clients_refused",
+        )
         #: Each client's queue bounds: one object shared by every client (it is frozen).
         self._bounds = QueueBounds(
             config.max_queue_frames,
@@ -175,9 +188,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             if connection is None:
                 return
             if len(status.clients) >= config.max_clients:
-                self.log.warning(
-                    "refused %s: max_clients (%d) reached", connection.peer, config.max_clients
-                )
+                self._full(f"the last {connection.peer}")
                 return
             if config.send_buffer is not None:
                 self._size_send_buffer(connection, config.send_buffer)
@@ -386,7 +397,7 @@ class _ClientFeed:
             written = connection.write_nowait(data, size)
         except trio.BrokenResourceError as exc:
             self.left = True
-            self.reason = f"connection lost ({exc})"
+            self.reason = f"connection lost ({describe_loss(exc)})"
             subscription = self.client.subscription
             if subscription is not None:
                 subscription.close(self.reason)
@@ -588,5 +599,5 @@ class _DirectClients(DirectGroup[_Socket]):
         feed = subscription.direct
         assert isinstance(feed, _ClientFeed)
         feed.left = True
-        feed.reason = f"connection lost (send failed: {exc})"
+        feed.reason = f"connection lost (send failed: {describe_loss(exc)})"
         subscription.close(feed.reason)

@@ -50,6 +50,7 @@ import trio
 
 from ...config import BackoffConfig, Config, EndpointConfig, NatsConfig, NatsServerConfig
 from ..backoff import Backoff
+from ..statedir import state_directory
 from ..supervisor import StartFailed, unwrap_error
 
 __all__ = [
@@ -136,12 +137,7 @@ def default_store_dir(environ: Mapping[str, str] | None = None) -> Path:
     several are listed); else ``$XDG_STATE_HOME/framewire/nats``, with ``XDG_STATE_HOME``
     defaulting to ``~/.local/state``.
     """
-    env = os.environ if environ is None else environ
-    state = env.get("STATE_DIRECTORY", "")
-    if state:
-        return Path(state.split(":")[0]) / "nats"
-    xdg = env.get("XDG_STATE_HOME", "") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "framewire" / "nats"
+    return state_directory(environ) / "nats"
 
 
 def _quote(text: str) -> str:

@@ -201,7 +201,8 @@ class StreamWatch:
         if error:
             description = error.get("description") if isinstance(error, dict) else error
             self._source_trouble(
-                f"cannot source it from domain {layout.source_domain}: {description}"
+                f"cannot source it from domain {layout.source_domain}: {description}",
+                key=f"error {description}",
             )
             return
         if active is not None and active <= SOURCE_STALL:
@@ -233,7 +234,8 @@ class StreamWatch:
             self._source_trouble(
                 f"has not heard from domain {domain} for "
                 + ("ever" if active is None else f"{active:.0f} s")
-                + f" ({describe_nats_error(exc)})"
+                + f" ({describe_nats_error(exc)})",
+                key=f"silent {domain}",
             )
             return
         self._next_source_restart = now + SOURCE_RESTART_INTERVAL
@@ -246,12 +248,14 @@ class StreamWatch:
             "ever" if active is None else f"{active:.0f} s",
         )
 
-    def _source_trouble(self, why: str) -> None:
+    def _source_trouble(self, why: str, *, key: str) -> None:
+        """One WARNING per trouble (``key``: what stays the same while it lasts, however the
+        text's figures change); the text is the endpoint's last error meanwhile."""
         problem = f"JetStream stream {self.endpoint.layout.stream} {why}"
-        if problem != self._source_problem:
-            self._source_problem = problem
+        self.endpoint.status.record_error(problem)
+        if key != self._source_problem:
+            self._source_problem = key
             self.endpoint.log.warning("%s", problem)
-            self.endpoint.status.record_error(problem)
 
 
 def _filters(config: Any) -> list[str]:

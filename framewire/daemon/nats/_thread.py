@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import logging
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -91,6 +92,7 @@ def require_nats() -> ModuleType:
         client_module = importlib.import_module("nats.aio.client")
         raise_read_size(client_module)
         guard_late_pongs(client_module)
+        _quiet_tls_eof()
         _nats = module
     return _nats
 
@@ -142,6 +144,23 @@ def guard_late_pongs(client_module: ModuleType) -> None:
     setattr(client, "_process_pong", process_pong)  # noqa: B010 - a private method
 
 
+class _TlsEofNoise(logging.Filter):
+    """Drops asyncio's "returning true from eof_received() has no effect when using ssl".
+
+    nats-py upgrades its connection to TLS with a stream protocol made for the plain one, so
+    at every disconnection over TLS asyncio logs this warning, which says nothing about the
+    connection (it closes either way)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+def _quiet_tls_eof() -> None:
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(each, _TlsEofNoise) for each in log.filters):
+        log.addFilter(_TlsEofNoise())
+
+
 def pings_outstanding(client: Any) -> int:
     """PINGs nats-py has sent that no PONG has answered yet (0 when it cannot tell: nats-py
     keeps the count privately)."""
@@ -184,17 +203,32 @@ _API_STATUS: Final = {
 }
 
 
+#: The status code nats-py's JetStream error classes stand for.
+_API_CLASS_STATUS: Final = {
+    "BadRequestError": 400,
+    "NotFoundError": 404,
+    "ServerError": 500,
+    "ServiceUnavailableError": 503,
+}
+
+
 def _api_error_text(error: BaseException) -> str | None:
     """One line for nats-py's JetStream ``APIError`` family (``code``, ``err_code``,
     ``description``), whose own text shows ``description='None'`` when the server gave
     none; None for other errors."""
-    code = getattr(error, "code", None)
-    if not hasattr(error, "err_code") or not isinstance(code, int):
+    if not hasattr(error, "err_code") or not hasattr(error, "description"):
         return None
+    code = getattr(error, "code", None)
+    if not isinstance(code, int):
+        # nats-py makes some without one (a ServiceUnavailableError when JetStream gave no
+        # answer): the class says which.
+        code = _API_CLASS_STATUS.get(type(error).__name__, 0)
     description = getattr(error, "description", None)
     if not isinstance(description, str) or not description or description == "None":
         description = _API_STATUS.get(code, "refused")
     err_code = getattr(error, "err_code", None)
+    if not code:
+        return description
     codes = f"{code}/{err_code}" if isinstance(err_code, int) and err_code else str(code)
     return f"{description} ({codes})"
 

@@ -1,0 +1,192 @@
+"""The disk buffer's engine (framewire.spool.DiskQueue) against plain sequential file I/O.
+
+For each frame size, in one run, several repetitions, the order alternating: write
+``--total`` bytes of native frames to a DiskQueue (``append`` in batches of ``--batch``) and
+read them back (``read_batch`` + ``commit`` until empty); and, as the baseline, write the
+same frames' bytes to one file in the same directory with one ``os.write`` each and read
+the file back sequentially (``readv`` into a reused 1 MiB buffer). MB/s (10^6 bytes of
+frames per second) and the ratio queue/baseline, the median of the ratios within each
+repetition. ``--cold`` drops the page cache before every read (root only), so both read
+from the device; otherwise both read what the write left in the page cache.
+
+    .venv/bin/python benchmarks/disk_buffer.py                 # 64 KiB and 1 MiB, 1 GiB each
+    .venv/bin/python benchmarks/disk_buffer.py --cold --sync batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+from _harness import MIB, machine_text, payload_of, size_label
+
+from framewire.frame import Frame, FrameKind
+from framewire.protocols.native import NativeEncoder
+from framewire.spool import DiskQueue
+
+
+def bench_frame(size: int) -> Frame:
+    """A DATA frame as a native receiver makes it: its wire bytes kept."""
+    frame = Frame(FrameKind.DATA, "bench", payload_of(size), 1)
+    wire = b"".join(bytes(b) for b in NativeEncoder().encode(frame))
+    return Frame(FrameKind.DATA, "bench", memoryview(wire)[-size:], 1, {}, wire, "native")
+
+
+def drop_caches(directory: Path, cold: bool) -> None:
+    if cold:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
+def plain_write(directory: Path, frame: Frame, count: int, sync: str, batch: int) -> float:
+    wire = frame.wire
+    assert wire is not None
+    fd = os.open(directory / "plain", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    start = time.perf_counter()
+    for index in range(count):
+        os.write(fd, wire)
+        if sync == "batch" and index % batch == batch - 1:
+            os.fdatasync(fd)
+    if sync != "none":
+        os.fdatasync(fd)
+    seconds = time.perf_counter() - start
+    os.close(fd)
+    return seconds
+
+
+def plain_read(directory: Path, cold: bool) -> float:
+    drop_caches(directory, cold)
+    buffer = bytearray(MIB)
+    fd = os.open(directory / "plain", os.O_RDONLY)
+    start = time.perf_counter()
+    while os.readv(fd, [buffer]):
+        pass
+    seconds = time.perf_counter() - start
+    os.close(fd)
+    os.unlink(directory / "plain")
+    return seconds
+
+
+def queue_write(directory: Path, frame: Frame, count: int, sync: str, batch: int) -> float:
+    frames = [frame] * batch
+    with DiskQueue.open(
+        directory / "queue",
+        max_size=4 * count * frame.size,
+        sync=sync,  # type: ignore[arg-type]
+    ) as queue:
+        start = time.perf_counter()
+        for _ in range(count // batch):
+            queue.append(frames)
+        if sync != "none":
+            queue.sync()
+        return time.perf_counter() - start
+
+
+def queue_read(
+    directory: Path, frame: Frame, count: int, sync: str, batch: int, cold: bool
+) -> float:
+    drop_caches(directory, cold)
+    with DiskQueue.open(
+        directory / "queue",
+        max_size=4 * count * frame.size,
+        sync=sync,  # type: ignore[arg-type]
+    ) as queue:
+        got = 0
+        start = time.perf_counter()
+        while frames := queue.read_batch(batch, 64 * MIB):
+            got += len(frames)
+            queue.commit(len(frames))
+        seconds = time.perf_counter() - start
+    assert got == count, f"read {got} frames of {count}"
+    shutil.rmtree(directory / "queue")
+    return seconds
+
+
+def run_plain(
+    directory: Path, frame: Frame, count: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Seconds to write and to read the frames' bytes with plain file I/O."""
+    return (
+        plain_write(directory, frame, count, args.sync, args.batch),
+        plain_read(directory, args.cold),
+    )
+
+
+def run_queue(
+    directory: Path, frame: Frame, count: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Seconds to append the frames to a DiskQueue and to read and commit them."""
+    return (
+        queue_write(directory, frame, count, args.sync, args.batch),
+        queue_read(directory, frame, count, args.sync, args.batch, args.cold),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=f"{64 * 1024},{MIB}", help="payload sizes in bytes")
+    parser.add_argument("--total", type=int, default=1024 * MIB, help="bytes per measurement")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="unmeasured rounds first (in a VM, the first touch of guest memory by the page"
+        " cache costs several times the copy itself)",
+    )
+    parser.add_argument("--batch", type=int, default=64, help="frames per append and read")
+    parser.add_argument("--sync", default="none", choices=["none", "batch", "interval"])
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before reads")
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="fw-disk-bench-", dir=args.dir))
+    print(f"# {machine_text()}; {directory} (sync={args.sync}, {'cold' if args.cold else 'hot'})")
+    try:
+        for size in (int(s) for s in args.sizes.split(",")):
+            frame = bench_frame(size)
+            count = max(args.batch, args.total // size // args.batch * args.batch)
+            nbytes = count * len(frame.wire or b"")
+            rates: dict[str, list[float]] = {k: [] for k in ("pw", "pr", "qw", "qr")}
+            ratios: dict[str, list[float]] = {"w": [], "r": []}
+            plain = partial(run_plain, directory, frame, count, args)
+            queued = partial(run_queue, directory, frame, count, args)
+            for _ in range(args.warmup):  # unmeasured: see --warmup
+                plain()
+                queued()
+            for rep in range(args.repeat):
+                if rep % 2:
+                    qw, qr = queued()
+                    pw, pr = plain()
+                else:
+                    pw, pr = plain()
+                    qw, qr = queued()
+                for key, seconds in (("pw", pw), ("pr", pr), ("qw", qw), ("qr", qr)):
+                    rates[key].append(nbytes / seconds / 1e6)
+                ratios["w"].append(pw / qw)
+                ratios["r"].append(pr / qr)
+                print(
+                    f"  {size_label(size)} run {rep + 1}: write {nbytes / qw / 1e6:7.0f} MB/s vs"
+                    f" {nbytes / pw / 1e6:7.0f}, read {nbytes / qr / 1e6:7.0f} MB/s vs"
+                    f" {nbytes / pr / 1e6:7.0f}",
+                    flush=True,
+                )
+            med = {key: statistics.median(values) for key, values in rates.items()}
+            print(
+                f"| {size_label(size)} frames, {nbytes / MIB:.0f} MiB | write {med['qw']:,.0f} MB/s"
+                f" | plain write {med['pw']:,.0f} MB/s | {statistics.median(ratios['w']):.2f}x"
+                f" | read+commit {med['qr']:,.0f} MB/s | plain read {med['pr']:,.0f} MB/s"
+                f" | {statistics.median(ratios['r']):.2f}x |",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
