@@ -30,6 +30,7 @@ from framewire.daemon.stream import (
     QueueBounds,
     Stream,
     StreamRegistry,
+    watch_holds,
 )
 from framewire.protocols.native import NativeDecoder
 
@@ -53,10 +54,13 @@ def held_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 async def test_a_waiting_publish_holds_the_stream_until_there_is_room(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    nursery: trio.Nursery,
 ) -> None:
     caplog.set_level(logging.INFO, "framewire.stream")
     stream = Stream("camera")
+    nursery.start_soon(watch_holds, [stream])  # as the daemon does
     lossless = stream.subscribe(
         bounds=QueueBounds(max_frames=2, max_bytes=1000),
         policy=Policy.LOSSLESS,
@@ -75,9 +79,9 @@ async def test_a_waiting_publish_holds_the_stream_until_there_is_room(
         assert hold.subscription is lossless
         assert hold.waiters == 1
         assert held_since(stream) is not None
-        await trio.sleep(0.5)
+        await trio.sleep(HELD_WARNING_AFTER - 0.01)
         assert held_lines(caplog) == []  # not yet held long enough to be logged
-        await trio.sleep(4.5)
+        await trio.sleep(5 - HELD_WARNING_AFTER + 0.01)
         assert stream.held_seconds == pytest.approx(5.0)
         (warning,) = held_lines(caplog)
         assert warning.levelno == logging.WARNING
@@ -97,12 +101,15 @@ async def test_a_waiting_publish_holds_the_stream_until_there_is_room(
 
 
 async def test_holds_shorter_than_the_threshold_are_counted_not_logged(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    nursery: trio.Nursery,
 ) -> None:
     """A consumer that is merely slow makes the stream wait batch by batch: thousands of
     short holds, each counted in held_seconds, none logged."""
     caplog.set_level(logging.DEBUG, "framewire.stream")
     stream = Stream("s")
+    nursery.start_soon(watch_holds, [stream])  # as the daemon does
     subscription = stream.subscribe(
         bounds=QueueBounds(max_frames=4), policy=Policy.LOSSLESS, owner="slow"
     )
@@ -123,10 +130,13 @@ async def test_holds_shorter_than_the_threshold_are_counted_not_logged(
 
 
 async def test_a_stream_held_again_and_again_warns_once_per_interval(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    nursery: trio.Nursery,
 ) -> None:
     caplog.set_level(logging.INFO, "framewire.stream")
     stream = Stream("s")
+    nursery.start_soon(watch_holds, [stream])  # as the daemon does
     subscription = stream.subscribe(
         bounds=QueueBounds(max_frames=1), policy=Policy.LOSSLESS, owner="sticky"
     )
@@ -154,12 +164,15 @@ async def test_a_stream_held_again_and_again_warns_once_per_interval(
 
 
 async def test_every_waiting_publisher_and_holder_counts(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    nursery: trio.Nursery,
 ) -> None:
     """Two producers wait on one full queue, a third producer's publish on another: the
     stream is held by both holders until the last wait ends; a cancelled publish lets go."""
     caplog.set_level(logging.INFO, "framewire.stream")
     stream = Stream("s")
+    nursery.start_soon(watch_holds, [stream])  # as the daemon does
     first = stream.subscribe(bounds=QueueBounds(max_frames=1), policy=Policy.LOSSLESS, owner="a")
     second = stream.subscribe(bounds=QueueBounds(max_frames=1), policy=Policy.LOSSLESS, owner="b")
     await stream.publish([data(0)])  # both full now

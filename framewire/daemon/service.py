@@ -30,7 +30,7 @@ from .nats import EmbeddedNatsServer, with_embedded_servers
 from .notify import SystemdNotifier
 from .rates import RateMeter
 from .status import StatusServer, build_snapshot
-from .stream import StreamRegistry
+from .stream import StreamRegistry, watch_holds
 from .supervisor import StartFailed, Supervisor, unwrap_error
 from .transport import open_listeners
 
@@ -193,6 +193,8 @@ class Daemon:
             self.supervisor.start_task(self._trim_heap, trim)
         if self.notifier.enabled:
             self.supervisor.start_task(self._report_status)
+        # Log the streams held back by a lossless consumer for longer than a second.
+        self.supervisor.start_task(watch_holds, self.streams)
         self.state = "running"
         log.info(
             "framewire %s running %d endpoints from %s",

@@ -16,9 +16,10 @@ Each :class:`Subscription` is one subscriber's bounded queue plus its policy:
     While a publish waits for room in a lossless queue, the whole stream is *held* by that
     subscription's :attr:`~Subscription.owner` (its endpoint): :attr:`Stream.held_by` names
     the holders, :attr:`Stream.held_seconds` adds up the time held, and a hold that lasts
-    longer than :data:`HELD_WARNING_AFTER` is logged (one WARNING naming the stream, its
-    holders and their queues' fill; one INFO when it flows again). All of that is done only
-    when a publish has to wait: a publish that finds room costs nothing more.
+    longer than :data:`HELD_WARNING_AFTER` is logged by :func:`watch_holds` (one WARNING
+    naming the stream, its holders and their queues' fill; one INFO when it flows again).
+    Only a publish that has to wait does anything for this (two dict operations and a look
+    at the clocks): a publish that finds room costs nothing more.
 
 Per-type decimation keeps every Nth DATA frame of a type (the Nth, 2Nth, ...) and drops the
 type entirely for N = 0. Metadata is never decimated.
@@ -62,7 +63,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NoReturn, TypeVar
 
 import attrs
 import outcome
@@ -74,6 +75,7 @@ from ..frame import Frame, FrameBlock, FrameKind
 __all__ = [
     "HELD_WARNING_AFTER",
     "HELD_WARNING_INTERVAL",
+    "HOLD_CHECK_INTERVAL",
     "DirectGroup",
     "DirectWrite",
     "Hold",
@@ -85,6 +87,7 @@ __all__ = [
     "StreamRegistry",
     "Subscription",
     "SubscriptionClosed",
+    "watch_holds",
 ]
 
 log = logging.getLogger("framewire.stream")
@@ -94,6 +97,9 @@ _DATA = FrameKind.DATA
 #: one INFO when it flows again. Shorter holds (a consumer that is merely the slowest, so the
 #: stream waits for it batch by batch) are counted in :attr:`Stream.held_seconds` only.
 HELD_WARNING_AFTER: Final = 1.0
+#: Seconds between two looks of :func:`watch_holds` for holds to log: a hold is logged
+#: between :data:`HELD_WARNING_AFTER` and this much later.
+HOLD_CHECK_INTERVAL: Final = 0.25
 #: Least seconds between two such WARNINGs of one stream: a stream held again and again for
 #: a little longer than :data:`HELD_WARNING_AFTER` is counted, not logged each time.
 HELD_WARNING_INTERVAL: Final = 30.0
@@ -660,24 +666,17 @@ class Subscription:
 
     async def _wait_for_room(self, count: int, size: int) -> None:
         """Wait until ``count`` frames of ``size`` bytes fit, or the subscription closes or
-        ends. Meanwhile this subscription holds its stream (see :meth:`Stream.holding`);
-        the waiter whose stream has been held for :data:`HELD_WARNING_AFTER` has it logged."""
+        ends. Meanwhile this subscription holds its stream (see :meth:`Stream.holding`).
+        No timer here (a deadline per wait cost a relay of small frames several per cent):
+        :func:`watch_holds` logs a hold that lasts."""
         stream = self.stream
         stream._hold(self)
         gave_up = True
         try:
             while self._lacks_room(count, size):
-                event = self._wake_publisher
-                if event is None:
-                    event = self._wake_publisher = trio.Event()
-                deadline = stream._warn_at
-                if deadline is None:
-                    await event.wait()
-                    continue
-                with trio.move_on_at(deadline):
-                    await event.wait()
-                if not event.is_set():
-                    stream._held_long()
+                if self._wake_publisher is None:
+                    self._wake_publisher = trio.Event()
+                await self._wake_publisher.wait()
             gave_up = False
         finally:
             stream._release(self, gave_up=gave_up)
@@ -1211,14 +1210,6 @@ class Stream:
         included (read from inside trio for that; outside it, the holds that are over)."""
         return self._held_before + self.held_for
 
-    @property
-    def _warn_at(self) -> float | None:
-        """When the present hold is to be logged (trio's clock); None when it was, or
-        while the stream flows."""
-        if self._held_at is None or self._hold_long:
-            return None
-        return self._held_at + HELD_WARNING_AFTER
-
     def _hold(self, subscription: Subscription) -> None:
         """A publish waits for room in ``subscription``'s queue."""
         hold = self._holds.get(subscription)
@@ -1264,14 +1255,15 @@ class Stream:
             else:
                 log.info("stream %r flows again after %.1f s held by %s", self.name, held, owners)
 
-    def _held_long(self) -> None:
-        """A waiting publish saw the present hold last :data:`HELD_WARNING_AFTER`: log it
-        (once per hold; at most once per :data:`HELD_WARNING_INTERVAL` per stream, the
-        others counted in the next line)."""
+    def check_hold(self) -> None:
+        """Log the present hold if it has lasted :data:`HELD_WARNING_AFTER` (once per hold;
+        at most once per :data:`HELD_WARNING_INTERVAL` per stream, the others counted in the
+        next line); nothing otherwise. Called by :func:`watch_holds`; cheap when the stream
+        flows."""
         if self._held_at is None or self._hold_long:
             return
         now = trio.current_time()
-        if now < self._held_at + HELD_WARNING_AFTER:  # as _warn_at says (floats)
+        if now - self._held_at < HELD_WARNING_AFTER:
             return
         held = now - self._held_at
         self._hold_long = True
@@ -1505,6 +1497,19 @@ def _split(frames: Sequence[Frame]) -> list[Frame]:
         else:
             out.append(frame)
     return out
+
+
+async def watch_holds(
+    streams: Iterable[Stream], *, interval: float = HOLD_CHECK_INTERVAL
+) -> NoReturn:
+    """Every ``interval`` seconds (trio's clock), have each of ``streams`` (iterated afresh
+    each time: a :class:`StreamRegistry` will do) log a hold that has lasted
+    :data:`HELD_WARNING_AFTER` (:meth:`Stream.check_hold`). The daemon runs one; a stream
+    nobody watches is held as visibly in its figures, but says nothing in the log."""
+    while True:
+        await trio.sleep(interval)
+        for stream in streams:
+            stream.check_hold()
 
 
 class StreamRegistry:
