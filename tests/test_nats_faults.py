@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from typing import Any
 
 import pytest
 import trio
@@ -335,3 +336,63 @@ def test_reader_credit_ignores_garbage_and_waits_only_for_live_readers() -> None
         assert not await credit.room(2 * FLOW_WINDOW)  # caught up: even a big batch goes
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def readers_record(url: str) -> bytes | None:
+    async def main() -> bytes | None:
+        client = await nats.connect(url)
+        try:
+            kv = await client.jetstream().key_value("FW_camera_READERS")
+            entry = await kv.get("archive")
+            return bytes(entry.value or b"")
+        except Exception:
+            return None
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+async def test_a_reader_that_cannot_open_its_bucket_at_first_tries_again(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bucket where a durable reader keeps what it handled does not open at first (a
+    server busy electing a leader): one WARNING, and it is tried again, so what the reader
+    handles is kept once it opens."""
+    from framewire.daemon.nats import _jetstream, _subscriber
+
+    caplog.set_level(logging.INFO, logger="framewire")
+    failures = [RuntimeError("JetStream system temporarily unavailable")]
+    opened = _jetstream.ReaderMarks.open
+
+    async def flaky_open(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await opened(*args, **kwargs)
+
+    monkeypatch.setattr(_jetstream.ReaderMarks, "open", flaky_open)
+    monkeypatch.setattr(_subscriber, "MARKS_RETRY", 0.0)
+    url = nats_server.url
+    sent = frames_of(50)
+    durable = 'durable = "archive"\nstart = "all"'
+    async with (
+        running_daemon(publisher_toml(url, mode="jetstream")) as a,
+        running_daemon(subscriber_toml(url, mode="jetstream", extra=durable)) as b,
+    ):
+        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
+        await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+        client = await connect(endpoint_port(b, "out"))
+        async with producer(a) as source:
+            await source.send(sent)
+            assert await read(client, len(sent)) == sent
+        await client.stream.aclose()
+        await wait_until(
+            lambda: any(
+                "now" in r.getMessage() and "bucket" in r.getMessage() for r in caplog.records
+            )
+        )
+    record = await trio.to_thread.run_sync(readers_record, url)
+    assert record is not None
+    assert b'"producers"' in record
+    warned = [r for r in caplog.records if "cannot keep what this reader handled" in r.getMessage()]
+    assert len(warned) == 1

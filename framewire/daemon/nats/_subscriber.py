@@ -39,6 +39,8 @@ __all__ = ["NatsSubscriber"]
 
 #: Seconds one pull (fetch) waits for messages before asking again.
 FETCH_WAIT: Final = 1.0
+#: Seconds between two tries to open the readers' bucket after one failed.
+MARKS_RETRY: Final = 30.0
 #: Messages one pull asks for at most.
 MAX_FETCH: Final = 1024
 
@@ -62,6 +64,8 @@ class NatsSubscriber:
         #: twice and count what it lost (JetStream).
         self.sequences = ProducerSequences()
         self._marks: ReaderMarks | None = None
+        #: When to try opening the bucket again, after a failure (None: no need).
+        self._marks_retry_at: float | None = None
         self._lost = _UpstreamLoss(endpoint)
 
     async def run(self) -> None:
@@ -393,12 +397,15 @@ class NatsSubscriber:
             record = await thread.call(marks.load, within=config.connect_timeout)
         except Exception as exc:
             endpoint.log.warning(
-                "cannot keep what this reader handled in JetStream (bucket %s: %s): after a "
-                "restart of this endpoint, a publish the server stored twice (retried after "
-                "its duplicate_window) may be delivered twice",
+                "cannot keep what this reader handled in JetStream (bucket %s: %s; tried "
+                "again every %g s): meanwhile, after a restart of this endpoint, a publish the "
+                "server stored twice (retried after its duplicate_window) may be delivered "
+                "twice",
                 layout.readers_bucket,
                 describe_nats_error(exc),
+                MARKS_RETRY,
             )
+            self._marks_retry_at = trio.current_time() + MARKS_RETRY
             return
         self._marks = marks
         if record is None:
@@ -423,7 +430,9 @@ class NatsSubscriber:
         whether that worked (if not, the acknowledgement waits for the next batch's)."""
         marks = self._marks
         if marks is None:
-            return True
+            marks = await self._reopen_marks(thread)
+            if marks is None:
+                return True
         save = functools.partial(
             marks.save, upto.metadata.sequence.stream, self.sequences.snapshot()
         )
@@ -433,6 +442,30 @@ class NatsSubscriber:
             self.endpoint.log.debug("keeping what was handled failed: %s", exc)
             return False
         return True
+
+    async def _reopen_marks(self, thread: NatsThread) -> ReaderMarks | None:
+        """After :meth:`_open_marks` failed: try again, at most every :data:`MARKS_RETRY`
+        seconds (a server that was busy electing a leader answers later)."""
+        if self._marks_retry_at is None or trio.current_time() < self._marks_retry_at:
+            return None
+        endpoint = self.endpoint
+        layout = endpoint.layout
+        durable = self.config.durable
+        try:
+            marks = await thread.call(
+                lambda: ReaderMarks.open(endpoint.jetstream(), layout, durable),
+                within=self.config.connect_timeout,
+            )
+        except Exception as exc:
+            endpoint.log.debug("bucket %s still cannot be opened: %s", layout.readers_bucket, exc)
+            self._marks_retry_at = trio.current_time() + MARKS_RETRY
+            return None
+        self._marks = marks
+        self._marks_retry_at = None
+        endpoint.log.info(
+            "keeping what this reader handled in bucket %s now", layout.readers_bucket
+        )
+        return marks
 
     def _max_ack_pending(self) -> int:
         """The consumer's max_ack_pending: what it may have sent and not had acknowledged."""
