@@ -345,3 +345,38 @@ async def _read_everything(listener: trio.SocketListener) -> None:
     async with await listener.accept() as connection:
         while await connection.receive_some(1 << 16):
             pass
+
+
+async def test_the_embedded_nats_server_is_shown_with_the_daemon(tmp_path: Path) -> None:
+    config = f"""
+[status]
+listen = "127.0.0.1:0"
+token = "{TOKEN}"
+
+[nats]
+embedded = true
+listen = "127.0.0.1:0"
+store_dir = "{tmp_path / "js"}"
+
+[endpoints.source]
+kind = "generator"
+stream = "s"
+
+[endpoints.to-nats]
+kind = "nats"
+direction = "publish"
+stream = "s"
+"""
+    async with running_daemon(config) as daemon:
+        assert daemon.status_server is not None
+        assert daemon.nats_server is not None
+        pid = daemon.nats_server.pid
+        port = daemon.status_server.port
+        async with browser(tmp_path / "profile") as tools:
+            await open_page(tools, f"http://127.0.0.1:{port}/?token={TOKEN}")
+            text = await page_where(
+                tools,
+                "document.getElementById('daemon')?.textContent",
+                lambda text: bool(text) and "nats-server" in text,
+            )
+    assert f"running (pid {pid}), 0 restarts" in text

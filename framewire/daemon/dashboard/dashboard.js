@@ -98,6 +98,12 @@
     } else {
       items.push(["last reload", "none"]);
     }
+    const nats = daemon.nats_server;
+    if (nats) {
+      // The embedded nats-server's true state: "suspended" when the kernel holds it stopped.
+      items.push(["nats-server", String(nats.state) + (nats.pid ? " (pid " + nats.pid + ")" : "") +
+        ", " + count(nats.restarts) + " restarts" + (nats.last_error ? ", last: " + nats.last_error : "")]);
+    }
     items.push(["snapshot", clock(snap.time)]);
     list.replaceChildren(...items.map(([name, value]) => {
       const pair = el("div");
