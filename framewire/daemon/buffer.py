@@ -37,7 +37,7 @@ from typing import Final, TypeVar, TypeVarTuple
 import trio
 
 from ..config import BackoffConfig, BufferConfig
-from ..frame import Frame, FrameBlock
+from ..frame import Frame
 from ..protocols import ProtocolError
 from ..protocols.native import NativeDecoder, NativeEncoder
 from ..spool import (
@@ -50,6 +50,7 @@ from ..spool import (
 )
 from .backoff import Backoff
 from .endpoints._base import EndpointStatus
+from .stream import split_blocks
 
 __all__ = ["METADATA_FILE", "DiskBuffer"]
 
@@ -331,7 +332,7 @@ class DiskBuffer:
         can be dropped), broken, or the disk is full. A frame too large for the buffer is
         left out, counted and logged (``detail.buffer_refused_frames``).
         """
-        pending = _expand(frames)
+        pending = split_blocks(frames)
         while pending:
             room_seen = self._room_version
             queue = self._queue
@@ -424,16 +425,6 @@ class DiskBuffer:
             self._set_state("ok")
         self._bump_room()
         return True
-
-
-def _expand(frames: Sequence[Frame]) -> list[Frame]:
-    out: list[Frame] = []
-    for frame in frames:
-        if isinstance(frame, FrameBlock):
-            out += frame.frames()
-        else:
-            out.append(frame)
-    return out
 
 
 def _append(queue: DiskQueue, frames: list[Frame]) -> tuple[int, list[Frame], SpoolStats]:

@@ -87,6 +87,7 @@ __all__ = [
     "StreamRegistry",
     "Subscription",
     "SubscriptionClosed",
+    "split_blocks",
     "watch_holds",
 ]
 
@@ -1441,10 +1442,10 @@ class Stream:
                 subscription._offer(frames, count, size, metadata, blocks)
             else:
                 if split is None:
-                    split = _split(frames)
+                    split = split_blocks(frames)
                 subscription._offer(split, count, size, metadata, False)
         if split is None and any(sub.blocks_of is None for sub in self._lossless):
-            split = _split(frames)
+            split = split_blocks(frames)
         return frames, frames if split is None else split, refused
 
     def end_of_stream(self, reason: str) -> None:
@@ -1488,7 +1489,7 @@ def _describe_hold(hold: Hold) -> str:
     )
 
 
-def _split(frames: Sequence[Frame]) -> list[Frame]:
+def split_blocks(frames: Sequence[Frame]) -> list[Frame]:
     """``frames`` with every :class:`FrameBlock` replaced by its frames."""
     out: list[Frame] = []
     for frame in frames:
