@@ -72,6 +72,10 @@ from _harness import free_ports
 from framewire import Frame, FrameKind
 from framewire.protocols.native import NativeDecoder, NativeEncoder
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.nats_helpers
+
+from tests.nats_helpers import StallingProxy as Proxy
+
 HOST: Final = "127.0.0.1"
 ROOT: Final = Path(__file__).resolve().parent.parent
 SERVER_BINARY: Final = Path(sys.executable).parent / "nats-server"
@@ -224,75 +228,6 @@ class NatsServer:
 
 
 # -- a TCP proxy that can blackhole or cut its link -----------------------------------------
-
-
-class Proxy:
-    """A TCP proxy from a port on 127.0.0.1 to ``target``. :meth:`hold` stops forwarding in
-    one or both directions (connections stay open, new ones are accepted and held too: a
-    blackholed link); :meth:`cut` closes every connection and closes new ones at once (a
-    link that is down); :meth:`resume` forwards again."""
-
-    def __init__(self, target: int, port: int = 0) -> None:
-        self.target = target
-        self.port = port
-        self._up = trio.Event()
-        self._down = trio.Event()
-        self._up.set()
-        self._down.set()
-        self._cut = False
-        self._connections: set[trio.CancelScope] = set()
-
-    def hold(self, *, upstream: bool = True, downstream: bool = True) -> None:
-        if upstream:
-            self._up = trio.Event()
-        if downstream:
-            self._down = trio.Event()
-
-    def cut(self) -> None:
-        self._cut = True
-        for scope in list(self._connections):
-            scope.cancel()
-
-    def resume(self) -> None:
-        self._cut = False
-        self._up.set()
-        self._down.set()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host=HOST)
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        if self._cut:
-            await client.aclose()
-            return
-        try:
-            server = await trio.open_tcp_stream(HOST, self.target)
-        except OSError:
-            await client.aclose()
-            return
-        async with client, server, trio.open_nursery() as nursery:
-            self._connections.add(nursery.cancel_scope)
-
-            async def pump(source: trio.SocketStream, sink: trio.SocketStream, up: bool) -> None:
-                try:
-                    while True:
-                        await (self._up if up else self._down).wait()
-                        data = await source.receive_some(1 << 16)
-                        if not data:
-                            break
-                        await (self._up if up else self._down).wait()
-                        await sink.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(pump, client, server, True)
-            nursery.start_soon(pump, server, client, False)
-        self._connections.discard(nursery.cancel_scope)
 
 
 # -- the pipeline: B's sender delivers here ---------------------------------------------------

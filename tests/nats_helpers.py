@@ -206,18 +206,23 @@ async def read(peer: NativePeer, count: int) -> list[Frame]:
 
 
 class StallingProxy:
-    """A TCP proxy from an ephemeral port on 127.0.0.1 to ``target_port``, for links that
-    stall: :meth:`hold` stops forwarding in one or both directions (the connections stay
-    open; bytes wait in the proxy and the kernel, as on a blackholed link whose TCP has not
-    given up), :meth:`resume` forwards again. Run it with ``nursery.start(proxy.run)``."""
+    """A TCP proxy from a port on 127.0.0.1 (ephemeral unless given) to ``target_port``, for
+    links that stall: :meth:`hold` stops forwarding in one or both directions (the
+    connections stay open, new ones are accepted and held too; bytes wait in the proxy and
+    the kernel, as on a blackholed link whose TCP has not given up), :meth:`cut` closes every
+    connection and closes new ones at once (a link that is down), :meth:`resume` forwards
+    again. Run it with ``nursery.start(proxy.run)``. benchmarks/nats_faults.py uses it too.
+    """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, port: int = 0) -> None:
         self.target_port = target_port
-        self.port = 0
+        self.port = port
         self._up = trio.Event()
         self._down = trio.Event()
         self._up.set()
         self._down.set()
+        self._cut = False
+        self._connections: set[trio.CancelScope] = set()
 
     def hold(self, *, upstream: bool = True, downstream: bool = True) -> None:
         """Stop forwarding client->server (``upstream``) and/or server->client bytes."""
@@ -226,24 +231,35 @@ class StallingProxy:
         if downstream:
             self._down = trio.Event()
 
+    def cut(self) -> None:
+        """Close every connection, and every new one at once, until :meth:`resume`."""
+        self._cut = True
+        for scope in list(self._connections):
+            scope.cancel()
+
     def resume(self) -> None:
+        self._cut = False
         self._up.set()
         self._down.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             task_status.started()
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
     async def _handle(self, client: trio.SocketStream) -> None:
+        if self._cut:
+            await client.aclose()
+            return
         try:
             server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
         except OSError:
             await client.aclose()
             return
         async with client, server, trio.open_nursery() as nursery:
+            self._connections.add(nursery.cancel_scope)
 
             async def pump(source: trio.SocketStream, sink: trio.SocketStream, up: bool) -> None:
                 try:
@@ -260,3 +276,4 @@ class StallingProxy:
 
             nursery.start_soon(pump, client, server, True)
             nursery.start_soon(pump, server, client, False)
+        self._connections.discard(nursery.cancel_scope)
