@@ -136,7 +136,6 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         )
         self.unencodable = UnencodableFrames(self.log, "one NATS message", self.status.detail)
         self.outgoing = OutgoingQueue(self.status)
-        self._backoff = Backoff(config.reconnect)
         self._connected = trio.Event()
         self._reconnected = trio.Event()
         self._state_changed = trio.Event()

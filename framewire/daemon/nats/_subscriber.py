@@ -557,11 +557,13 @@ class _UpstreamLoss:
         if len(parts) > self.MAX_NAMED:
             named += f"; {len(parts) - self.MAX_NAMED} more gaps"
         frames = sum(count for _, _, count in self._frames)
+        # Frames are known only for publishers this reader had heard from before the gap.
+        counted = f"{frames} frames; " if frames else ""
         self.endpoint.log.warning(
-            "lost upstream: %s (%d frames; the stream's max_bytes, max_age or max_msgs "
-            "discarded them while this reader was away or behind)",
+            "lost upstream: %s (%sthe stream's max_bytes, max_age or max_msgs discarded "
+            "them while this reader was away or behind)",
             named,
-            frames,
+            counted,
         )
         self._frames.clear()
         self._messages.clear()
