@@ -152,7 +152,7 @@ async def test_lossy_policy_drops_the_oldest_data_instead_of_waiting() -> None:
             for seq in range(100):
                 await streams.get("to-rogue").publish([rogue_frame(seq, 1, 0, b"x")])
         await trio.testing.wait_all_tasks_blocked()
-        endpoint._outgoing.report()
+        endpoint.status.current_detail()
         assert endpoint.status.frames_dropped > 0
         assert send_blocked(endpoint)
 

@@ -227,13 +227,14 @@ async def test_buffer_metrics_and_a_dropped_total_that_survives_a_reload(tmp_pat
             # A reload that changes the sender makes a new endpoint: its total goes on.
             changed = text.replace("max_queue_frames = 64", "max_queue_frames = 32")
             assert await daemon.reload(parse_config(changed)) == ["changed out"]
-            await wait_until(lambda: detail(daemon)["buffer_state"] == "ok", patience=20)
-            after = await scrape(port)
-            assert value(after, "framewire_buffer_dropped_frames_total", endpoint="out") == dropped
             # The same directory, and one more frame: the stream's metadata, replayed to the
-            # new endpoint's subscription.
+            # new endpoint's subscription (once its intake has put it in).
             held = figures["buffer_frames"]
             assert isinstance(held, int)
+            await wait_until(lambda: detail(daemon)["buffer_state"] == "ok", patience=20)
+            await wait_until(lambda: detail(daemon)["buffer_frames"] == held + 1, patience=20)
+            after = await scrape(port)
+            assert value(after, "framewire_buffer_dropped_frames_total", endpoint="out") == dropped
             assert value(after, "framewire_buffer_frames", endpoint="out") == held + 1
             await producer.stream.aclose()
 

@@ -451,8 +451,14 @@ class BufferConfig:
         return self.sync_interval if self.sync_interval is not None else 1.0
 
 
-def check_disk_buffer(buffer: BufferConfig, protocol: str, close_on_end: bool) -> None:
-    """What a disk buffer cannot carry yet. Raises FieldError."""
+def check_disk_buffer(
+    buffer: BufferConfig,
+    protocol: str | None,
+    close_on_end: bool = False,
+    *,
+    policy: str | None = None,
+) -> None:
+    """What a disk buffer cannot carry (yet). Raises FieldError."""
     if not buffer.is_disk:
         return
     if close_on_end:
@@ -461,12 +467,37 @@ def check_disk_buffer(buffer: BufferConfig, protocol: str, close_on_end: bool) -
             'cannot be combined with a disk buffer (buffer.type = "disk"): the end of a '
             "stream is not kept in the buffer",
         )
-    if protocols.get(protocol).session_metadata_types:
+    if policy == "lossy":
+        raise FieldError(
+            "policy",
+            "a disk buffer takes every frame; to drop the oldest data when it is full, set "
+            'buffer.when_full = "drop_oldest"',
+        )
+    if protocol is not None and protocols.get(protocol).session_metadata_types:
         raise FieldError(
             "buffer.type",
             f"a disk buffer cannot carry protocol {protocol!r} yet (its session headers end "
             "a connection); use a memory buffer",
         )
+
+
+def memory_queue_bytes(buffer: BufferConfig, max_queue_bytes: int) -> int:
+    """A memory queue's bound in bytes: the buffer's ``max_size`` for a memory buffer that
+    sets it, else ``max_queue_bytes``."""
+    if not buffer.is_disk and buffer.max_size is not None:
+        return buffer.max_size
+    return max_queue_bytes
+
+
+def buffer_policy(buffer: BufferConfig, policy: str) -> Policy:
+    """The policy of an endpoint's own subscription: a disk buffer's hand-over is
+    lossless; a memory buffer is lossy with ``policy = "lossy"`` or ``when_full =
+    "drop_oldest"``."""
+    if buffer.is_disk:
+        return "lossless"
+    if policy == "lossy" or buffer.when_full == "drop_oldest":
+        return "lossy"
+    return "lossless"
 
 
 @attrs.frozen
@@ -492,12 +523,8 @@ class SenderConfig:
 
     @property
     def queue_bytes(self) -> int:
-        """The memory queue's bound in bytes: the buffer's ``max_size`` for a memory
-        buffer that sets it, else ``max_queue_bytes``."""
-        buffer = self.buffer
-        if not buffer.is_disk and buffer.max_size is not None:
-            return buffer.max_size
-        return self.max_queue_bytes
+        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
+        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
 
 
 @attrs.frozen
@@ -529,6 +556,19 @@ class RecorderConfig:
     policy: Policy = "lossless"
     max_queue_frames: PositiveInt = 1024
     max_queue_bytes: PositiveSize = 64 << 20
+    buffer: BufferConfig = attrs.field(factory=BufferConfig)
+
+    def __attrs_post_init__(self) -> None:
+        check_disk_buffer(self.buffer, self.protocol, policy=self.policy)
+
+    @property
+    def queue_bytes(self) -> int:
+        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
+        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
+
+    @property
+    def queue_policy(self) -> Policy:
+        return buffer_policy(self.buffer, self.policy)
 
 
 @attrs.frozen
@@ -586,10 +626,21 @@ class LinkConfig:
     max_frame_size: FrameSize = 64 << 20
     tls: TLSConfig | None = None
     socket_mode: SocketMode = DEFAULT_SOCKET_MODE
+    buffer: BufferConfig = attrs.field(factory=BufferConfig)
+
+    @property
+    def queue_bytes(self) -> int:
+        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
+        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
+
+    @property
+    def queue_policy(self) -> Policy:
+        return buffer_policy(self.buffer, self.policy)
 
     def __attrs_post_init__(self) -> None:
         if (self.listen is None) == (self.connect is None):
             raise FieldError("listen", "set exactly one of listen or connect")
+        check_disk_buffer(self.buffer, self.protocol, policy=self.policy)
         check_transport("listen", self.listen, self.tls, listening=True)
         check_transport("connect", self.connect, self.tls, listening=False)
         if not protocols.get(self.protocol).has_keepalive:
@@ -692,8 +743,19 @@ class BridgeConfig:
     max_queue_frames: PositiveInt = 1024
     max_queue_bytes: PositiveSize = 64 << 20
     max_frame_size: FrameSize = 64 << 20
+    buffer: BufferConfig = attrs.field(factory=BufferConfig)
+
+    @property
+    def queue_bytes(self) -> int:
+        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
+        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
+
+    @property
+    def queue_policy(self) -> Policy:
+        return buffer_policy(self.buffer, self.policy)
 
     def __attrs_post_init__(self) -> None:
+        check_disk_buffer(self.buffer, None, policy=self.policy)  # Rogue has no sessions
         if self.role == "client":
             _check_connectable(self.address, self.role)
         if self.publish is None and self.subscribe is None:
@@ -905,8 +967,14 @@ class NatsConfig:
     creds: FilePath | None = None
     tls: TLSConfig | None = None
     reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
+    buffer: BufferConfig = attrs.field(factory=BufferConfig)
 
     def __attrs_post_init__(self) -> None:
+        if self.direction == "subscribe" and self.buffer != BufferConfig():
+            raise FieldError(
+                "buffer", 'applies to direction = "publish" (what waits for NATS) only'
+            )
+        check_disk_buffer(self.buffer, None, policy=self.policy)
         tls_servers = bool(self.servers) and self.servers[0].startswith("tls://")
         if tls_servers and self.tls is None:
             raise FieldError("tls", f"servers {self.servers[0]!r} needs a [tls] table")
@@ -1018,9 +1086,16 @@ class NatsConfig:
     def queue_policy(self) -> Policy:
         """The publishing queue's policy: as configured, else lossy for core, lossless for
         JetStream."""
+        if self.buffer.is_disk:
+            return "lossless"
         if self.policy is not None:
-            return self.policy
-        return "lossy" if self.mode == "core" else "lossless"
+            return buffer_policy(self.buffer, self.policy)
+        return "lossy" if self.mode == "core" else buffer_policy(self.buffer, "lossless")
+
+    @property
+    def queue_bytes(self) -> int:
+        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
+        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
 
 
 EndpointConfig: TypeAlias = (

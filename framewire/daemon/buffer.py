@@ -114,6 +114,11 @@ class DiskBuffer:
     # -- status ---------------------------------------------------------------------------
 
     @property
+    def stats(self) -> SpoolStats | None:
+        """The queue's figures as of its last operation (None: not open)."""
+        return self._stats
+
+    @property
     def dropped_frames(self) -> int:
         stats = self._stats
         return self._dropped_before + (stats.dropped_frames if stats else 0)
@@ -377,15 +382,22 @@ class DiskBuffer:
 
     # -- the delivery side ------------------------------------------------------------------
 
-    async def read(self, max_frames: int, max_bytes: int) -> list[Frame]:
-        """The oldest frames (at least one; waits for them), not consumed: the same come
-        again until :meth:`commit`. Corrupt records are skipped and counted."""
+    async def read(self, max_frames: int, max_bytes: int, *, skip: int = 0) -> list[Frame] | None:
+        """The oldest frames after the first ``skip`` (at least one; waits for them), not
+        consumed: the same come again until :meth:`commit`. Corrupt records are skipped and
+        counted. ``max_frames`` and ``max_bytes`` count the skipped frames too.
+
+        Returns None when ``skip`` frames were read from a queue that has since broken and
+        been opened again (they come again from the oldest: read again with ``skip=0``).
+        """
         while True:
             data_seen = self._data_version
             queue = self._queue
+            if skip and queue is not self._read_from:
+                return None
             if queue is not None:
                 try:
-                    batch, stats = await self._hop(_read, queue, max_frames, max_bytes)
+                    batch, stats = await self._hop(_read, queue, max_frames, max_bytes, skip)
                 except SpoolError as exc:
                     if queue is self._queue:
                         await self._broken(exc)
@@ -446,8 +458,10 @@ def _append(queue: DiskQueue, frames: list[Frame]) -> tuple[int, list[Frame], Sp
     return done, refused, queue.stats()
 
 
-def _read(queue: DiskQueue, max_frames: int, max_bytes: int) -> tuple[list[Frame], SpoolStats]:
-    return queue.read_batch(max_frames, max_bytes), queue.stats()
+def _read(
+    queue: DiskQueue, max_frames: int, max_bytes: int, skip: int
+) -> tuple[list[Frame], SpoolStats]:
+    return queue.read_batch(max_frames, max_bytes)[skip:], queue.stats()
 
 
 def _close_quietly(queue: DiskQueue) -> None:

@@ -7,7 +7,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["default_buffer_dir", "state_directory"]
+from ..config import BufferConfig
+
+__all__ = ["buffer_directory", "default_buffer_dir", "state_directory"]
 
 
 def state_directory(environ: Mapping[str, str] | None = None) -> Path:
@@ -29,3 +31,11 @@ def default_buffer_dir(endpoint: str, environ: Mapping[str, str] | None = None) 
     """Where the disk buffer of ``endpoint`` lives unless its ``buffer.path`` says otherwise:
     ``buffers/NAME`` under :func:`state_directory`."""
     return state_directory(environ) / "buffers" / endpoint
+
+
+def buffer_directory(endpoint: str, buffer: BufferConfig) -> Path | None:
+    """The directory of ``endpoint``'s disk buffer (its ``path``, else the default), or None
+    for a memory buffer."""
+    if not buffer.is_disk:
+        return None
+    return Path(buffer.path) if buffer.path is not None else default_buffer_dir(endpoint)

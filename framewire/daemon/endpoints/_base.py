@@ -11,10 +11,8 @@ import attrs
 import trio
 
 from ...config import Address, EndpointConfig, TLSConfig
-from ...frame import Frame
-from ..flow import BATCH_BYTES, BATCH_FRAMES
 from ..lograte import RateLimitedWarning
-from ..stream import StreamRegistry, Subscription, SubscriptionClosed
+from ..stream import StreamRegistry, Subscription
 from ..transport import (
     ACCEPT_RETRY_ERRNOS,
     DEFAULT_SOCKET_MODE,
@@ -35,7 +33,6 @@ __all__ = [
     "Endpoint",
     "EndpointContext",
     "EndpointStatus",
-    "OutgoingQueue",
     "QueueClosed",
     "Transports",
     "stream_label",
@@ -242,56 +239,6 @@ class ClientInfo:
         """Add ``frames`` frames and ``nbytes`` bytes written to the peer's socket."""
         self._frames_sent += frames
         self._bytes_sent += nbytes
-
-
-class OutgoingQueue:
-    """An endpoint's own outgoing subscription, which it may replace (after its stream ended,
-    or its metadata passed the hard cap), with drops counted across replacements.
-
-    :meth:`report` puts the figures in the endpoint's status: ``frames_dropped`` and
-    ``detail.queue_frames`` / ``detail.queue_bytes``.
-    """
-
-    def __init__(self, status: EndpointStatus) -> None:
-        self._status = status
-        self._dropped_before = 0
-        self.current: Subscription | None = None
-
-    def use(self, subscription: Subscription) -> Subscription:
-        """Make ``subscription`` the current one; return it."""
-        if self.current is not None:
-            self._dropped_before += self.current.frames_dropped
-        self.current = subscription
-        return subscription
-
-    def report(self, *, also_pending: int = 0) -> None:
-        """Update the status figures (``also_pending``: frames taken out but not yet sent)."""
-        subscription = self.current
-        if subscription is None:
-            return
-        status = self._status
-        status.frames_dropped = self._dropped_before + subscription.frames_dropped
-        status.detail["queue_frames"] = subscription.queued_frames + also_pending
-        status.detail["queue_bytes"] = subscription.queued_bytes
-
-    async def receive_batch(
-        self, max_frames: int = BATCH_FRAMES, max_bytes: int = BATCH_BYTES
-    ) -> list[Frame] | None:
-        """Report the figures, then wait for the next batch of the current subscription.
-
-        Returns None when the subscription ended gracefully (its stream ended, or the endpoint
-        ended it to stop): the caller then stops, or subscribes again and calls this again.
-        Raises :class:`QueueClosed` when it was cut off (its metadata passed the hard cap).
-        """
-        subscription = self.current
-        assert subscription is not None, "receive_batch() before use()"
-        self.report()
-        try:
-            return await subscription.receive_batch(max_frames, max_bytes)
-        except SubscriptionClosed as closed:
-            if not closed.graceful:
-                raise QueueClosed(f"the outgoing queue was closed: {closed.reason}") from None
-            return None
 
 
 @attrs.define

@@ -52,9 +52,11 @@ from ...protocols import ProtocolError
 from ...protocols.rogue import RogueCodec
 from ..flow import UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
+from ..outbox import Outbox, OutboxCutOff
+from ..statedir import buffer_directory
 from ..stream import MetadataLimitExceeded, Policy, QueueBounds, Subscription
 from ..zeromq import AsyncSocket, open_context, require_zmq
-from ._base import Endpoint, EndpointContext, OutgoingQueue, stream_label
+from ._base import Endpoint, EndpointContext, QueueClosed, stream_label
 
 __all__ = ["BridgeEndpoint"]
 
@@ -83,7 +85,18 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
             interval=log_interval,
         )
         self._unencodable = UnencodableFrames(self.log, "rogue", self.status.detail)
-        self._outgoing = OutgoingQueue(self.status)
+        #: What waits for the peer (the frames of ``subscribe``), in memory or on disk.
+        self.outbox: Outbox | None = None
+        if config.subscribe is not None:
+            self.outbox = Outbox(
+                config.buffer,
+                self._subscribe,
+                status=self.status,
+                log=self.log,
+                directory=buffer_directory(name, config.buffer),
+                queue_bytes=config.queue_bytes,
+                queue_frames=config.max_queue_frames,
+            )
         self.status.detail.update(send_blocked=False, messages_dropped=0)
 
     @property
@@ -98,17 +111,15 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
         address = self.config.address
         return address.with_port(address.port + 1) if self.config.role == "server" else address
 
-    def _subscribe(self) -> Subscription | None:
+    def _subscribe(self) -> Subscription:
         config = self.config
-        if config.subscribe is None:
-            return None
-        subscription = self.context.streams.get(config.subscribe).subscribe(
-            bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
-            policy=Policy(config.policy),
+        assert config.subscribe is not None
+        return self.context.streams.get(config.subscribe).subscribe(
+            bounds=QueueBounds(config.max_queue_frames, config.queue_bytes),
+            policy=Policy(config.queue_policy),
             label=f"bridge {self.name} -> {self.outbound}",
             owner=self.name,
         )
-        return self._outgoing.use(subscription)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         zmq: Any = require_zmq()
@@ -135,30 +146,35 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
                     stream_label(config.publish),
                     stream_label(config.subscribe),
                 )
-                self._subscribe()
+                outbox = self.outbox
                 sent_all = trio.Event()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._stop_when_requested, nursery.cancel_scope, sent_all)
                     nursery.start_soon(self._receive, pull)
-                    if self._outgoing.current is not None:
-                        nursery.start_soon(self._send, push, sent_all)
+                    if outbox is not None:
+                        outbox.start()
+                        nursery.start_soon(outbox.run)
+                        nursery.start_soon(self._send, push, outbox, sent_all)
                     task_status.started()
                 linger = STOP_LINGER_MS if sent_all.is_set() else 0
             finally:
-                if self._outgoing.current is not None:
-                    self._outgoing.current.close("the bridge stopped")
-                self._outgoing.report()
+                if self.outbox is not None:
+                    self.outbox.close("the bridge stopped")
                 pull.close()
                 push.close(linger)
 
     async def _stop_when_requested(
         self, cancel_scope: trio.CancelScope, sent_all: trio.Event
     ) -> None:
-        """On a stop request: send what is queued (while the grace period lasts), then stop."""
+        """On a stop request: send what is queued in memory (while the grace period lasts),
+        or let a disk buffer's intake put the rest into it; then stop."""
         await self._stop_requested.wait()
-        if self._outgoing.current is not None:
-            self._outgoing.current.end("the bridge is stopping")
-            await sent_all.wait()
+        outbox = self.outbox
+        if outbox is not None:
+            outbox.stop("the bridge is stopping")
+            if not outbox.is_disk:
+                await sent_all.wait()
+            await outbox.finished.wait()
         cancel_scope.cancel()
 
     async def _receive(self, pull: AsyncSocket) -> None:
@@ -190,27 +206,31 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
                 assert isinstance(discarded, int)
                 status.detail["frames_discarded"] = discarded + len(frames)
 
-    async def _send(self, push: AsyncSocket, sent_all: trio.Event) -> None:
-        """Send the subscription's frames, waiting while the peer is absent or slow."""
+    async def _send(self, push: AsyncSocket, outbox: Outbox, sent_all: trio.Event) -> None:
+        """Send the outbox's frames, waiting while the peer is absent or slow. What ZeroMQ
+        took counts as delivered (a disk buffer consumes it)."""
         status = self.status
         detail = status.detail
         encode = self._codec.encode
         unencodable = self._unencodable
         while True:
-            batch = await self._outgoing.receive_batch()
+            try:
+                batch = await outbox.take()
+            except OutboxCutOff as cut:
+                raise QueueClosed(f"the outgoing queue was closed: {cut}") from None
             if batch is None:
                 if self.stop_requested:
                     sent_all.set()
                     return
-                self._subscribe()
                 continue
-            sent = sent_bytes = 0
+            sent = sent_bytes = handed = 0
             try:
                 for frame in batch:
                     try:
                         parts = encode(frame)
                     except ValueError as exc:
                         unencodable(frame, exc)
+                        handed += 1
                         continue
                     if not push.send_multipart_nowait(parts, copy=False):
                         detail["send_blocked"] = True
@@ -219,7 +239,9 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
                         finally:
                             detail["send_blocked"] = False
                     sent += 1
+                    handed += 1
                     sent_bytes += frame.size
             finally:
                 status.frames_out += sent
                 status.bytes_out += sent_bytes
+            await outbox.done(handed)

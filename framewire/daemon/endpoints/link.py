@@ -83,16 +83,12 @@ from ..flow import (
     send_frames,
 )
 from ..keepalive import KeepaliveConnection, send_keepalives
+from ..outbox import Outbox, OutboxCutOff
 from ..reconnect import describe_connect_error
-from ..stream import (
-    MetadataCache,
-    MetadataLimitExceeded,
-    Policy,
-    QueueBounds,
-    Subscription,
-)
+from ..statedir import buffer_directory
+from ..stream import MetadataLimitExceeded, Policy, QueueBounds, Subscription
 from ..transport import Connection, bound_addresses, enable_tcp_keepalive, peer_name
-from ._base import ClientInfo, Endpoint, EndpointContext, OutgoingQueue, stream_label
+from ._base import ClientInfo, Endpoint, EndpointContext, QueueClosed, stream_label
 
 #: Bytes a newcomer may send, all accepted by the decoder, before it counts as a peer even
 #: without a complete frame (its first frame is large).
@@ -202,10 +198,18 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
         # Datalink cannot tell metadata from data: replaying metadata would duplicate data.
         self._replay_metadata = config.protocol != "datalink"
-        self._outgoing = OutgoingQueue(self.status)
-        # Metadata as of the next frame to send, and the batch a broken connection interrupted.
-        self._delivered = MetadataCache()
-        self._pending: list[Frame] = []
+        #: What waits for the peer (the frames of ``subscribe``), in memory or on disk.
+        self.outbox: Outbox | None = None
+        if config.subscribe is not None:
+            self.outbox = Outbox(
+                config.buffer,
+                self._subscribe,
+                status=self.status,
+                log=self.log,
+                directory=buffer_directory(name, config.buffer),
+                queue_bytes=config.queue_bytes,
+                queue_frames=config.max_queue_frames,
+            )
         self._session_scope: trio.CancelScope | None = None
         self._session_done: trio.Event | None = None
         self._replaced_by: str | None = None
@@ -249,7 +253,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
 
     def _refresh_figures(self) -> None:
         status = self.status
-        self._outgoing.report(also_pending=len(self._pending))
+        if self.outbox is not None:
+            self.outbox.report()
         decoder = self._decoder
         received = self.keepalives_received + (decoder.keepalives if decoder is not None else 0)
         status.detail["keepalives_received"] = received
@@ -264,29 +269,29 @@ class LinkEndpoint(Endpoint[LinkConfig]):
     def _subscribe(self) -> Subscription:
         config = self.config
         assert config.subscribe is not None
-        self._delivered.clear()
-        subscription = self.context.streams.get(config.subscribe).subscribe(
+        return self.context.streams.get(config.subscribe).subscribe(
             bounds=QueueBounds(
                 config.max_queue_frames,
-                config.max_queue_bytes,
+                config.queue_bytes,
                 config.max_metadata_frames,
                 config.max_metadata_bytes,
             ),
-            policy=Policy(config.policy),
+            policy=Policy(config.queue_policy),
             label=f"link {self.name}",
             owner=self.name,
         )
-        return self._outgoing.use(subscription)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
-        if config.subscribe is not None:
-            self._subscribe()
-        self._pending = []
+        outbox = self.outbox
+        if outbox is not None:
+            outbox.start()
         try:
             async with trio.open_nursery() as nursery:
+                if outbox is not None:
+                    nursery.start_soon(outbox.run)
                 nursery.start_soon(self._stop_when_requested, nursery.cancel_scope)
                 nursery.start_soon(self._refresh_status)
                 if config.listen is not None:
@@ -295,18 +300,22 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     await nursery.start(self._connect_forever, nursery.cancel_scope)
                 task_status.started()
         finally:
-            if self._outgoing.current is not None:
-                self._outgoing.current.close("the link stopped")
+            if outbox is not None:
+                outbox.close("the link stopped")
             self._refresh_figures()
 
     async def _stop_when_requested(self, cancel_scope: trio.CancelScope) -> None:
-        """On a stop request: if up, send what is queued and end the stream; then stop."""
+        """On a stop request: with a memory buffer, if up, send what is queued and end the
+        stream; a disk buffer keeps what waits (its intake puts the rest in first). Then
+        stop."""
         await self._stop_requested.wait()
-        subscription = self._outgoing.current
-        done = self._session_done
-        if subscription is not None and self.status.state == "up" and done is not None:
-            subscription.end("the link endpoint is stopping")
-            await done.wait()
+        outbox = self.outbox
+        if outbox is not None:
+            done = self._session_done
+            outbox.stop("the link endpoint is stopping")
+            if not outbox.is_disk and self.status.state == "up" and done is not None:
+                await done.wait()
+            await outbox.finished.wait()
         cancel_scope.cancel()
 
     # -- connect mode ------------------------------------------------------------------
@@ -629,8 +638,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 self._session_scope = nursery.cancel_scope
                 nursery.start_soon(self._receive_side, connection, decoder, client, outcome)
                 nursery.start_soon(self._keepalive_side, connection)
-                if self._outgoing.current is not None:
-                    nursery.start_soon(self._send_side, connection, outcome)
+                if self.outbox is not None:
+                    nursery.start_soon(self._send_side, connection, self.outbox, outcome)
         except* protocols.ProtocolError as group:
             outcome.reason = f"bad bytes from the peer: {first_error(group)}"
         except* MetadataLimitExceeded as group:
@@ -718,44 +727,39 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             on_sent=sent,
         )
 
-    async def _send_side(self, connection: Connection, outcome: _Outcome) -> None:
-        """Send the metadata replay, the interrupted batch, then the queue, until stopped."""
+    async def _send_side(self, connection: Connection, outbox: Outbox, outcome: _Outcome) -> None:
+        """Send the metadata replay, the frames a broken connection interrupted, then the
+        outbox, until stopped."""
         config = self.config
         status = self.status
         send_timeout = config.send_timeout
-        if self._replay_metadata:
-            replay = list(self._delivered)
-            if replay:
-                with trio.fail_after(send_timeout):
-                    await connection.send(self._encode(replay))
+        outbox.rewind()
+        replay = await outbox.metadata()
+        if replay and self._replay_metadata:
+            with trio.fail_after(send_timeout):
+                await connection.send(self._encode(replay))
         while True:
-            if not self._pending:
-                batch = await self._outgoing.receive_batch()
-                if batch is None:
-                    if self.stop_requested:
-                        marker = self._encoder.end_of_stream()
-                        if marker:
-                            with trio.fail_after(send_timeout):
-                                await connection.send([marker])
-                        outcome.reason = "the link is stopping"
-                        outcome.stopping = True
-                        self._end_session()
-                        return
-                    self._subscribe()
-                    continue
-                self._pending = batch
-            batch = self._pending
+            try:
+                batch = await outbox.take()
+            except OutboxCutOff as cut:
+                raise QueueClosed(f"the outgoing queue was closed: {cut}") from None
+            if batch is None:
+                if self.stop_requested:
+                    marker = self._encoder.end_of_stream()
+                    if marker:
+                        with trio.fail_after(send_timeout):
+                            await connection.send([marker])
+                    outcome.reason = "the link is stopping"
+                    outcome.stopping = True
+                    self._end_session()
+                    return
+                continue
             frames, nbytes = await send_frames(
                 connection, self._encoder, batch, self._unencodable, send_timeout=send_timeout
             )
-            if self._replay_metadata:
-                delivered = self._delivered
-                for frame in batch:
-                    if frame.kind is not _DATA:
-                        delivered.update(frame)
-            self._pending = []
             status.frames_out += frames
             status.bytes_out += nbytes
+            await outbox.done(len(batch))
 
     def _encode(self, frames: list[Frame]) -> list[Buffer]:
         return encode_frames(self._encoder, frames, self._unencodable)

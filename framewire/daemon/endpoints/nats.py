@@ -86,9 +86,11 @@ from ..nats import (
     pings_outstanding,
     require_nats,
 )
+from ..outbox import Outbox
+from ..statedir import buffer_directory
 from ..stream import Policy, QueueBounds, Subscription
 from ..transport import client_tls_context
-from ._base import Endpoint, EndpointContext, OutgoingQueue
+from ._base import Endpoint, EndpointContext
 
 __all__ = ["NatsEndpoint"]
 
@@ -135,7 +137,19 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             interval=log_interval,
         )
         self.unencodable = UnencodableFrames(self.log, "one NATS message", self.status.detail)
-        self.outgoing = OutgoingQueue(self.status)
+        #: What waits for NATS (publish), in memory or on disk.
+        self.outbox: Outbox | None = None
+        if config.direction == "publish":
+            self.outbox = Outbox(
+                config.buffer,
+                self._subscribe,
+                status=self.status,
+                log=self.log,
+                directory=buffer_directory(name, config.buffer),
+                queue_bytes=config.queue_bytes,
+                queue_frames=config.max_queue_frames,
+            )
+        self._publisher: NatsPublisher | None = None
         self._connected = trio.Event()
         self._reconnected = trio.Event()
         self._state_changed = trio.Event()
@@ -364,21 +378,25 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 self._nursery = nursery
                 nursery.start_soon(self._stop_when_requested, nursery.cancel_scope)
                 nursery.start_soon(self._watch_link)
-                if self.config.direction == "publish":
-                    self.subscribe_outgoing()
-                    publisher = NatsPublisher(self, thread)
+                if self.outbox is not None:
+                    self.outbox.start()
+                    nursery.start_soon(self.outbox.run)
+                    publisher = self._publisher = NatsPublisher(self, thread)
                     task_status.started()
                     await publisher.run()
+                    # Stopping: a disk buffer's intake first puts what the subscription
+                    # holds into it (within the grace period).
+                    await self.outbox.finished.wait()
                 else:
                     task_status.started()
                     await NatsSubscriber(self, thread).run()
                 nursery.cancel_scope.cancel()
         finally:
-            if self.outgoing.current is not None:
-                self.outgoing.report()
+            self._publisher = None
+            if self.outbox is not None:
+                self.outbox.close("the NATS endpoint stopped")
                 if publisher is not None:
                     self.status.frames_dropped += publisher.unsent
-                self.outgoing.current.close("the NATS endpoint stopped")
             with trio.CancelScope(shield=True):
                 await self._close_client(thread)
                 await thread.stop()
@@ -392,9 +410,18 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         ``NatsSubscriber._fill_gap``), or stops the endpoint at once (never connected; core
         subscribe; a reader waiting for a fetch, the connection or a backoff)."""
         await self._stop_requested.wait()
-        if self.outgoing.current is not None and self._ever_connected:
+        outbox = self.outbox
+        if outbox is not None and outbox.is_disk:
+            # The disk buffer keeps what waits; what is in flight is acknowledged first.
+            outbox.stop("the NATS endpoint is stopping")
+            if self._publisher is not None and self._ever_connected:
+                self._publisher.stop_taking()
+            else:
+                await outbox.finished.wait()
+                cancel_scope.cancel()
+        elif outbox is not None and self._ever_connected:
             # What is queued goes out while the grace period lasts.
-            self.outgoing.current.end("the NATS endpoint is stopping")
+            outbox.stop("the NATS endpoint is stopping")
         elif self.batch_in_hand:
             # The batch in hand is published and acknowledged; no new one is waited for.
             pass
@@ -578,15 +605,14 @@ class NatsEndpoint(Endpoint[NatsConfig]):
 
     # -- for the publisher and subscriber --------------------------------------------------
 
-    def subscribe_outgoing(self) -> Subscription:
+    def _subscribe(self) -> Subscription:
         config = self.config
-        subscription = self.context.streams.get(config.stream).subscribe(
-            bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
+        return self.context.streams.get(config.stream).subscribe(
+            bounds=QueueBounds(config.max_queue_frames, config.queue_bytes),
             policy=Policy(config.queue_policy),
             label=f"nats {self.name} -> {config.subject_prefix}",
             owner=self.name,
         )
-        return self.outgoing.use(subscription)
 
     def message_limit(self) -> int:
         """The largest message (headers and payload) to publish: a frame whose payload is at

@@ -37,12 +37,13 @@ from typing import Any
 
 import trio
 
-from ...config import PubSubConfig
+from ...config import BufferConfig, PubSubConfig
 from ...frame import Frame, FrameKind
 from ..lograte import INTERVAL, RateLimitedWarning
+from ..outbox import Outbox, OutboxCutOff
 from ..stream import Policy, QueueBounds, Subscription
 from ..zeromq import AsyncSocket, open_context, require_zmq
-from ._base import Endpoint, EndpointContext, OutgoingQueue
+from ._base import Endpoint, EndpointContext, QueueClosed
 
 __all__ = ["PubSubEndpoint"]
 
@@ -68,7 +69,17 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
             key="messages_dropped",
             interval=log_interval,
         )
-        self._outgoing = OutgoingQueue(self.status)
+        #: The publisher's lossy queue (always in memory: XPUB never waits).
+        self.outbox: Outbox | None = None
+        if config.role == "publisher":
+            self.outbox = Outbox(
+                BufferConfig(),
+                self._subscribe,
+                status=self.status,
+                log=self.log,
+                queue_bytes=config.max_queue_bytes,
+                queue_frames=config.max_queue_frames,
+            )
         self._subscribers_changed = trio.Event()
         if config.role == "publisher":
             self.status.detail["subscribers"] = 0
@@ -114,29 +125,27 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
-                        if publisher:
-                            self._subscribe()
+                        if self.outbox is not None:
+                            self.outbox.start()
                             nursery.start_soon(self._count_subscribers, socket)
-                            nursery.start_soon(self._publish, socket)
+                            nursery.start_soon(self._publish, socket, self.outbox)
                         else:
                             nursery.start_soon(self._receive, socket)
                         task_status.started()
                 finally:
-                    if self._outgoing.current is not None:
-                        self._outgoing.report()
-                        self._outgoing.current.close("the publisher stopped")
+                    if self.outbox is not None:
+                        self.outbox.close("the publisher stopped")
 
     # -- publisher ---------------------------------------------------------------------
 
     def _subscribe(self) -> Subscription:
         config = self.config
-        subscription = self.context.streams.get(config.stream).subscribe(
+        return self.context.streams.get(config.stream).subscribe(
             bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
             policy=Policy.LOSSY,
             label=f"pubsub {self.name} -> {config.address}",
             owner=self.name,
         )
-        return self._outgoing.use(subscription)
 
     async def _count_subscribers(self, socket: AsyncSocket) -> None:
         """Read the XPUB's subscription messages; keep ``detail.subscribers`` current."""
@@ -155,13 +164,16 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
             self._subscribers_changed.set()
             self._subscribers_changed = trio.Event()
 
-    async def _publish(self, socket: AsyncSocket) -> None:
+    async def _publish(self, socket: AsyncSocket, outbox: Outbox) -> None:
         """Send every frame's payload as one message; XPUB never waits for subscribers."""
         status = self.status
+        outbox.rewind()  # what a crash interrupted goes first
         while True:
-            batch = await self._outgoing.receive_batch()
+            try:
+                batch = await outbox.take()
+            except OutboxCutOff as cut:
+                raise QueueClosed(f"the outgoing queue was closed: {cut}") from None
             if batch is None:
-                self._subscribe()
                 continue
             sent = sent_bytes = 0
             try:
@@ -174,6 +186,7 @@ class PubSubEndpoint(Endpoint[PubSubConfig]):
             finally:
                 status.frames_out += sent
                 status.bytes_out += sent_bytes
+            await outbox.done(len(batch))
 
     # -- subscriber --------------------------------------------------------------------
 

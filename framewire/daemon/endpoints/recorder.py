@@ -16,10 +16,18 @@ directory), moved away or replaced is logged as a warning, counted in ``detail.f
 and followed by the next numbered file, its directory recreated and the run's metadata first;
 frames written into a removed file since the last check are lost with it. If the directory cannot
 be (re)created the endpoint fails with an OSError naming it, and the supervisor restarts it.
+
+With a disk buffer (``[buffer] type = "disk"``: an :class:`~framewire.daemon.outbox.Outbox`)
+the stream goes to the buffer first, so a slow recording disk never holds it back; a batch is
+done (removed from the buffer) once written. A file that cannot be written then does not stop
+the recorder: one ERROR line, state ``writing_failed``, and after a backoff delay the batch is
+written again into the next numbered file while the buffer takes in the stream. The buffer
+does not keep where the producer ended its stream: files then split at ``max_file_size`` only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -30,17 +38,27 @@ from typing import Final
 import trio
 
 from ... import protocols
-from ...config import RecorderConfig
+from ...config import BackoffConfig, RecorderConfig
 from ...frame import Buffer, Frame
+from ..backoff import Backoff
 from ..flow import UnencodableFrames, encode_frames
-from ..stream import MetadataCache, Policy, QueueBounds, SubscriptionClosed
+from ..outbox import Outbox, OutboxCutOff
+from ..statedir import buffer_directory
+from ..stream import MetadataCache, Policy, QueueBounds, Subscription
 from ..transport import nbytes_of
-from ._base import Endpoint
+from ._base import Endpoint, EndpointContext
 
 __all__ = ["RecorderEndpoint", "numbered_path"]
 
 #: Seconds between two checks that the file being written is still at its path.
 FILE_CHECK_INTERVAL: Final = 1.0
+#: Delays between attempts to write again after a failed write (disk buffer only).
+WRITE_RETRY: Final = BackoffConfig(initial=1.0, maximum=30.0, factor=2.0, stable_after=60.0)
+
+
+def _reason(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    return f"{exc.filename}: {text}" if exc.filename else text
 
 
 def numbered_path(pattern: Path, index: int) -> Path:
@@ -109,6 +127,34 @@ def _write(handle: io.BufferedIOBase, buffers: list[Buffer]) -> None:
 class RecorderEndpoint(Endpoint[RecorderConfig]):
     kind = "recorder"
 
+    def __init__(self, name: str, config: RecorderConfig, context: EndpointContext) -> None:
+        super().__init__(name, config, context)
+        self._backoff = Backoff(WRITE_RETRY)
+        #: Whether the next subscription replays the stream's metadata: only the first (an
+        #: ended run's metadata belongs to the files already written).
+        self._replay = True
+        self.outbox = Outbox(
+            config.buffer,
+            self._subscribe,
+            status=self.status,
+            log=self.log,
+            directory=buffer_directory(name, config.buffer),
+            queue_bytes=config.queue_bytes,
+            queue_frames=config.max_queue_frames,
+        )
+
+    def _subscribe(self) -> Subscription:
+        config = self.config
+        replay, self._replay = self._replay, False
+        return self.context.streams.get(config.stream).subscribe(
+            bounds=QueueBounds(config.max_queue_frames, config.queue_bytes),
+            policy=Policy(config.queue_policy),
+            label=f"{self.name} -> {config.path}",
+            owner=self.name,
+            follows_end=True,
+            replay=replay,
+        )
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         pattern = Path(config.path)
@@ -121,43 +167,97 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
         self._file_bytes = 0
         self._next_check = 0.0
         self.status.address = [str(pattern)]
-        # Fail now, not at the first frame, if the files cannot be made there.
-        await trio.to_thread.run_sync(_make_directory, pattern.parent)
+        if not config.buffer.is_disk:
+            # Fail now, not at the first frame, if the files cannot be made there (with a
+            # disk buffer the recorder waits for its directory instead: _write_or_wait).
+            await trio.to_thread.run_sync(_make_directory, pattern.parent)
+        outbox = self.outbox
+        outbox.start()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
+                nursery.start_soon(outbox.run)
+                recording = trio.CancelScope()
+                nursery.start_soon(self._stop_when_requested, recording)
                 task_status.started()
-                replay = True
-                while True:
-                    await self._record_until_end(pattern, replay=replay)
-                    # The ended run's metadata belongs to the files already written.
-                    replay = False
+                with recording:
+                    await self._record(pattern, outbox)
+                # Stopping: a disk buffer's intake first puts what the subscription holds
+                # into it (within the grace period).
+                await outbox.finished.wait()
+                nursery.cancel_scope.cancel()
         finally:
+            outbox.close("the recorder stopped")
             await self._close_file()
 
-    async def _record_until_end(self, pattern: Path, *, replay: bool) -> None:
+    async def _stop_when_requested(self, recording: trio.CancelScope) -> None:
+        await self._stop_requested.wait()
+        recording.cancel()
+        self.outbox.stop("the recorder stopped")
+
+    async def _record(self, pattern: Path, outbox: Outbox) -> None:
+        """Write what the outbox holds; close the file when the stream ends (a memory
+        buffer only: a disk buffer does not keep the ends of the stream)."""
         config = self.config
-        subscription = self.context.streams.get(config.stream).subscribe(
-            bounds=QueueBounds(config.max_queue_frames, config.max_queue_bytes),
-            policy=Policy(config.policy),
-            label=f"{self.name} -> {pattern}",
-            owner=self.name,
-            follows_end=True,
-            replay=replay,
-        )
         self.status.state = "recording"
-        with subscription:
-            while True:
-                try:
-                    batch = await subscription.receive_batch()
-                except SubscriptionClosed as closed:
-                    self.log.info("stream %r ended (%s)", config.stream, closed.reason)
-                    if await self._still_in_place(pattern, then="the stream has ended"):
-                        await self._close_file()
-                    self._written.clear()
-                    return
+        if outbox.is_disk:
+            # The metadata the files had when the daemon stopped: each file stands alone.
+            for frame in await outbox.metadata():
+                self._written.update(frame)
+        while True:
+            try:
+                batch = await outbox.take()
+            except OutboxCutOff as cut:  # its metadata passed the hard cap
+                self.log.warning("subscribing again: %s", cut)
+                outbox.resubscribe()
+                continue
+            if batch is None:
+                self.log.info("stream %r ended (%s)", config.stream, outbox.end_reason)
+                if await self._still_in_place(pattern, then="the stream has ended"):
+                    await self._close_file()
+                self._written.clear()
+                continue
+            if not outbox.is_disk:
                 await self._write(pattern, batch)
-                self.status.frames_dropped = subscription.frames_dropped
+            elif not await self._write_or_wait(pattern, batch):
+                outbox.rewind()  # the batch is written again, into a new file
+                continue
+            await outbox.done(len(batch))
+
+    async def _write_or_wait(self, pattern: Path, batch: list[Frame]) -> bool:
+        """With a disk buffer, a file that cannot be written (its disk full or gone, its
+        directory unmakeable) does not stop the recorder: one ERROR line, state
+        ``writing_failed``, the file closed, and after a backoff delay the batch is written
+        again into the next file, while the buffer takes in the stream. Whether it worked."""
+        try:
+            await self._write(pattern, batch)
+        except OSError as exc:
+            problem = f"cannot write {self._path}: {_reason(exc)}; the disk buffer holds the stream"
+            self.status.record_error(problem)
+            if self.status.state != "writing_failed":
+                self.log.error("%s (retrying with backoff)", problem)
+            self.status.state = "writing_failed"
+            await self._forget_file()
+            await trio.sleep(self._backoff.next_delay())
+            return False
+        if self.status.state == "writing_failed":
+            self.log.info("writing %s again", self._path)
+            self.status.state = "recording"
+        self._backoff.reset()
+        return True
+
+    async def _forget_file(self) -> None:
+        """Forget a file that failed (closing it may fail too: the frames are written again
+        into the next one, its metadata first)."""
+        handle, self._handle = self._handle, None
+        self.status.detail.pop("file", None)
+        if handle is not None:
+
+            def close() -> None:
+                with contextlib.suppress(OSError):
+                    handle.close()
+
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(close)
 
     async def _write(self, pattern: Path, frames: list[Frame]) -> None:
         """Write ``frames``, starting a new file wherever the current one would get too big."""

@@ -2,9 +2,11 @@
 :class:`JetStreamPublisher`, the acknowledged, pipelined JetStream path.
 
 The endpoint (:class:`~framewire.daemon.endpoints.nats.NatsEndpoint`) owns the connection,
-the state and the outgoing queue; a publisher takes batches from that queue, lays them out as
-messages (:class:`~framewire.protocols.nats.FramePacker`) and publishes them on the
-endpoint's :class:`~._thread.NatsThread`.
+the state and the :class:`~framewire.daemon.outbox.Outbox` (in memory or on disk); a
+publisher takes batches from it, lays them out as messages
+(:class:`~framewire.protocols.nats.FramePacker`) and publishes them on the endpoint's
+:class:`~._thread.NatsThread`. Frames are done (a disk buffer consumes them) when published
+(core) or stored (JetStream: the acks of every message of their unit came back), in order.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from ...protocols.nats import (
 )
 from ..backoff import Backoff
 from ..flow import BATCH_BYTES, BATCH_FRAMES
-from ..stream import MetadataCache, Subscription, SubscriptionClosed
+from ..outbox import Outbox, OutboxCutOff
+from ..stream import MetadataCache
 from ._jetstream import AckOutcome, AckTracker, refusal_kind
 from ._thread import NatsThread, PendingCall
 
@@ -133,6 +136,11 @@ class NatsPublisher:
         #: Core publish with ``flow_control``: how far the readers have read.
         self.credit: ReaderCredit | None = None
         self._sent_metadata = MetadataCache()
+        outbox = endpoint.outbox
+        assert outbox is not None, "a publishing endpoint has an outbox"
+        self.outbox: Outbox = outbox
+        self._stopping = False
+        self._taking = trio.CancelScope()
 
     async def _listen_to_readers(self, producer: str) -> None:
         """Core ``flow_control``: hear the readers on ``_FW.flow.PRODUCER``."""
@@ -150,11 +158,17 @@ class NatsPublisher:
 
     def report_queue(self) -> None:
         """Queue figures in status; ``frames_dropped`` adds what nats-py could not take."""
-        self.endpoint.outgoing.report()
+        self.outbox.report()
         self.endpoint.status.frames_dropped += self.unsent
 
+    def stop_taking(self) -> None:
+        """Take nothing more from the outbox: collect the acks of what is in flight, then
+        return (a disk buffer keeps the rest for the next start)."""
+        self._stopping = True
+        self._taking.cancel()
+
     async def run(self) -> None:
-        """Publish the outgoing queue until it ends gracefully (the endpoint stops)."""
+        """Publish the outbox until it ends gracefully, or :meth:`stop_taking`."""
         endpoint = self.endpoint
         thread = self.thread
         config = self.config
@@ -180,40 +194,57 @@ class NatsPublisher:
         packer = FramePacker(layout, max_frames=config.pack_frames, max_bytes=config.pack_bytes)
         status = endpoint.status
         reconnected = endpoint.reconnected
+        outbox = self.outbox
         while True:
-            subscription = endpoint.outgoing.current
-            assert subscription is not None
             self.report_queue()
-            if acked is not None and acked.windows and not _backlog(subscription, config):
-                # Less than a batch queued: collect the acks of the oldest window first (and
-                # let the queue gather a batch meanwhile) rather than publish a small window
-                # now; windows go out back to back only while a backlog lasts.
-                await acked.settle_oldest()
-                continue
-            try:
-                batch = await subscription.receive_batch(BATCH_FRAMES, BATCH_BYTES)
-            except SubscriptionClosed as closed:
-                if closed.graceful:
+            if acked is not None:
+                await self._done(acked)
+                if acked.windows and (self._stopping or not _backlog(outbox, config)):
+                    # Less than a batch waiting: collect the acks of the oldest window first
+                    # (and let the outbox gather a batch meanwhile) rather than publish a
+                    # small window now; windows go out back to back only while a backlog
+                    # lasts.
+                    await acked.settle_oldest()
+                    continue
+            if self._stopping:
+                return
+            batch = None
+            with trio.CancelScope() as self._taking:  # stop_taking() cancels it
+                try:
+                    batch = await outbox.take(BATCH_FRAMES, BATCH_BYTES)
+                except OutboxCutOff as cut:
+                    endpoint.log.warning("the outgoing queue was closed: %s", cut)
+                    outbox.resubscribe()
+                    continue
+            if batch is None:
+                if self._stopping or endpoint.stop_requested:
                     if acked is not None:
                         await acked.settle_all()
+                        await self._done(acked)
                     return
-                endpoint.log.warning("the outgoing queue was closed: %s", closed.reason)
-                endpoint.subscribe_outgoing()
                 continue
+            taken = len(batch)
             if not jetstream and reconnected.is_set():
                 # Core NATS keeps nothing: after a reconnect, say the metadata again first.
                 reconnected = endpoint.reconnected
                 batch = [*self._sent_metadata, *batch]
             units = packer.units(batch, endpoint.message_limit(), endpoint.unencodable)
             if acked is not None:
-                await acked.submit(units)
+                left_out = len(batch) - sum(len(unit.frames) for unit in units)
+                await acked.submit(units, left_out=left_out)
             else:
                 await self._publish_core(units)
+                await outbox.done(taken)
             status.detail["packs_published"] = packer.packs
             for unit in units:
                 if unit.kind is not FrameKind.DATA:
                     self._sent_metadata.update(unit.frames[0])
-            status.detail["queue_frames"] = subscription.queued_frames
+
+    async def _done(self, acked: JetStreamPublisher) -> None:
+        """The frames stored since the last call are done, in order."""
+        count, acked.stored_frames = acked.stored_frames, 0
+        if count:
+            await self.outbox.done(count)
 
     async def _publish_core(self, frames: list[PublishUnit]) -> None:
         """Publish without acks, paced by a flush (a round trip to the server) every
@@ -302,10 +333,12 @@ class _Window:
 
 @attrs.define
 class _Unconfirmed:
-    """A unit some of whose messages are not known to be stored yet."""
+    """A unit some of whose messages are not known to be stored yet, or (``unit`` None)
+    frames that were never published (unencodable) and are done with what went before."""
 
-    unit: PublishUnit
+    unit: PublishUnit | None
     messages_left: int
+    frames: int
 
 
 class JetStreamPublisher:
@@ -350,6 +383,8 @@ class JetStreamPublisher:
         self.inflight_bytes = 0
         self.inflight_messages = 0
         self._unconfirmed: deque[_Unconfirmed] = deque()
+        #: Frames whose units are stored, not yet reported done to the outbox.
+        self.stored_frames = 0
         #: The stream sequence the last message published is to get (None: not known, so
         #: messages name none until it is asked again).
         self._tail: int | None = None
@@ -385,11 +420,18 @@ class JetStreamPublisher:
         if self._tail is not None:
             self._tail -= sum(1 for outcome in outcomes if outcome.ok and outcome.duplicate)
 
-    async def submit(self, units: Sequence[PublishUnit]) -> None:
+    async def submit(self, units: Sequence[PublishUnit], *, left_out: int = 0) -> None:
         """Publish the messages of ``units`` after those submitted before, waiting for acks
-        of earlier windows as far as the bounds need (retrying refused messages there)."""
+        of earlier windows as far as the bounds need (retrying refused messages there).
+        ``left_out``: frames of the batch no unit carries (unencodable), done in their turn.
+        """
         for unit in units:
-            self._unconfirmed.append(_Unconfirmed(unit, len(unit.messages)))
+            self._unconfirmed.append(_Unconfirmed(unit, len(unit.messages), len(unit.frames)))
+        if left_out:
+            if self._unconfirmed:
+                self._unconfirmed.append(_Unconfirmed(None, 0, left_out))
+            else:
+                self.stored_frames += left_out
         pending = deque(message for unit in units for message in unit.messages)
         limit = self.config.max_inflight_bytes
         window_limit = limit // WINDOWS_IN_FLIGHT
@@ -546,10 +588,12 @@ class JetStreamPublisher:
             taken = min(count, first.messages_left)
             first.messages_left -= taken
             count -= taken
-            if not first.messages_left:
-                unconfirmed.popleft()
-                status.frames_out += len(first.unit.frames)
-                status.bytes_out += first.unit.nbytes
+            while unconfirmed and not unconfirmed[0].messages_left:
+                done = unconfirmed.popleft()
+                self.stored_frames += done.frames
+                if done.unit is not None:
+                    status.frames_out += done.frames
+                    status.bytes_out += done.unit.nbytes
 
     def _report(self) -> None:
         detail = self.endpoint.status.detail
@@ -557,12 +601,13 @@ class JetStreamPublisher:
         detail["acks_pending"] = self.inflight_messages
 
 
-def _backlog(subscription: Subscription, config: NatsConfig) -> bool:
-    """Whether ``subscription`` holds a full batch (as much as one receive takes), or half
-    of what its bounds let it hold."""
-    return subscription.queued_frames >= min(
-        BATCH_FRAMES, config.max_queue_frames // 2
-    ) or subscription.queued_bytes >= min(BATCH_BYTES, config.max_queue_bytes // 2)
+def _backlog(outbox: Outbox, config: NatsConfig) -> bool:
+    """Whether ``outbox`` holds a full batch (as much as one take takes), or half of what
+    its bounds let it hold, beyond what was taken."""
+    frames, nbytes = outbox.waiting()
+    return frames >= min(BATCH_FRAMES, config.max_queue_frames // 2) or nbytes >= min(
+        BATCH_BYTES, config.queue_bytes // 2
+    )
 
 
 def _stored_prefix(outcomes: Sequence[AckOutcome]) -> int:
