@@ -179,6 +179,18 @@ def test_two_disk_buffers_may_not_share_a_directory(tmp: Path) -> None:
     assert errors(text) == []
 
 
+def test_a_link_and_a_recorder_may_not_share_a_disk_buffer_directory(tmp: Path) -> None:
+    directory = tmp / "buf"
+    buffer = f'[endpoints.{{}}.buffer]\ntype = "disk"\npath = "{directory}"\n'
+    link = '[endpoints.l]\nkind = "link"\nlisten = "tcp://127.0.0.1:0"\nsubscribe = "s"\n'
+    recorder = f'[endpoints.r]\nkind = "recorder"\npath = "{tmp}/run.fw"\nstream = "s"\n'
+    text = generator("g", "s") + link + buffer.format("l") + recorder + buffer.format("r")
+    assert errors(text) == [
+        f"endpoints.r.buffer.path: {directory} is also the disk buffer of endpoint 'l'; "
+        "give each buffer a directory of its own"
+    ]
+
+
 def test_two_default_disk_buffers_are_apart(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp / "state"))
     text = generator("g", "s") + disk_sender("a", None) + disk_sender("b", None)
