@@ -283,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config, source = _load_or_fail(args.config)
-    report = check_config(config)
+    report = check_config(config, config_file=args.config)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.errors:

@@ -113,6 +113,7 @@ EXPECTED: dict[str, Any] = {
         "listen": {"scheme": "tcp", "host": "127.0.0.1", "port": 9000, "path": None},
         "interval": 0.5,
         "token": "s3cret",
+        "token_file": None,
         "max_clients": 4,
         "metrics_max_clients": 20,
     },

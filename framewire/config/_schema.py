@@ -961,8 +961,12 @@ class NatsConfig:
     ping_interval: PositiveDuration = 10.0
     max_outstanding_pings: PositiveInt = 2
     user: StrictStr | None = None
-    password: StrictStr | None = None
-    token: StrictStr | None = None
+    #: Secrets (``password``, ``token``) are left out of the repr: never in a log line.
+    password: StrictStr | None = attrs.field(default=None, repr=False)
+    #: A file holding the password (or token); see docs/configuration.md#secrets.
+    password_file: FilePath | None = None
+    token: StrictStr | None = attrs.field(default=None, repr=False)
+    token_file: FilePath | None = None
     nkey_seed: FilePath | None = None
     creds: FilePath | None = None
     tls: TLSConfig | None = None
@@ -988,6 +992,7 @@ class NatsConfig:
             for name, value in (
                 ("user", self.user),
                 ("token", self.token),
+                ("token_file", self.token_file),
                 ("nkey_seed", self.nkey_seed),
                 ("creds", self.creds),
             )
@@ -997,8 +1002,11 @@ class NatsConfig:
             raise FieldError(
                 methods[1], f"set one way to authenticate, not {' and '.join(methods)}"
             )
-        if self.password is not None and self.user is None:
-            raise FieldError("password", "needs user")
+        if self.password is not None and self.password_file is not None:
+            raise FieldError("password_file", "set password or password_file, not both")
+        for key in ("password", "password_file"):
+            if getattr(self, key) is not None and self.user is None:
+                raise FieldError(key, "needs user")
         subscribing = self.direction == "subscribe"
         if self.policy is not None and subscribing:
             raise FieldError("policy", 'applies to direction = "publish" (the queue to NATS) only')
@@ -1142,10 +1150,17 @@ class StatusConfig:
 
     listen: HostPort = DEFAULT_STATUS_ADDRESS
     interval: PositiveDuration = 1.0
-    token: StrictStr | None = None
+    #: Left out of the repr: never in a log line.
+    token: StrictStr | None = attrs.field(default=None, repr=False)
+    #: A file holding the token; see docs/configuration.md#secrets.
+    token_file: FilePath | None = None
     max_clients: PositiveInt = 32
     #: Clients (of all endpoints) with series of their own in /metrics; the rest are summed.
     metrics_max_clients: PositiveInt = 100
+
+    def __attrs_post_init__(self) -> None:
+        if self.token is not None and self.token_file is not None:
+            raise FieldError("token_file", "set token or token_file, not both")
 
 
 #: Where the embedded server listens unless configured: NATS's own default port, loopback.

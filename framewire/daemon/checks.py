@@ -12,6 +12,11 @@ Errors (``framewire check`` exits with status 2, every one listed):
   (:func:`framewire.daemon.transport.server_tls_context` / ``client_tls_context``) refuses;
 - a ``file`` endpoint's input that cannot be opened (or a ``.gz`` one that is not gzip);
 - a ``nats`` endpoint's ``nkey_seed`` or ``creds`` file that cannot be read;
+- a secret file (``[status] token_file``, a ``nats`` endpoint's ``password_file`` or
+  ``token_file``) that cannot be read, is empty or holds more than one line; secret paths
+  (these, ``nkey_seed``, ``creds`` and TLS files) are looked up as the daemon does, a
+  relative one in ``$CREDENTIALS_DIRECTORY`` when that is set
+  (:mod:`framewire.daemon.credentials`);
 - a ``recorder`` directory that is not writable, or cannot be created (its nearest existing
   parent is not a writable directory);
 - a disk buffer (``[endpoints.NAME.buffer] type = "disk"``) whose directory (``path``, or its
@@ -28,9 +33,11 @@ Errors (``framewire check`` exits with status 2, every one listed):
   in the server role binds P and P+1; a ZeroMQ bind naming a network interface is left out),
   UNIX sockets by path; and a listening host name that does not resolve.
 
-Warnings (printed; the file is still usable): the embedded nats-server's ``max_store``, or a
-JetStream ``max_bytes`` on it, above the free space of the store's disk; a disk buffer's
-``max_size`` above the free space of its disk; a stream with
+Warnings (printed; the file is still usable): a secret (``token``, ``password``, an NKey
+seed) written inline in a configuration file that every user may read, and a password in an
+embedded nats-server's ``config_file`` that every user may read; the embedded
+nats-server's ``max_store``, or a JetStream ``max_bytes`` on it, above the free space of the
+store's disk; a disk buffer's ``max_size`` above the free space of its disk; a stream with
 publishers but no subscribers, or
 subscribers but no publishers, and a ``[streams.NAME]`` table no endpoint uses, each with the
 nearest stream name when one looks like a typo.
@@ -72,6 +79,7 @@ from ..config import (
     ZmqAddress,
     format_size,
 )
+from .credentials import with_secrets
 from .nats import NatsServerFailed, default_store_dir, find_binary
 from .statedir import default_buffer_dir
 
@@ -102,16 +110,22 @@ def resolve_host(host: str) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def check_config(config: Config, *, resolve: Resolver = resolve_host) -> CheckReport:
+def check_config(
+    config: Config, *, resolve: Resolver = resolve_host, config_file: str | Path | None = None
+) -> CheckReport:
     """Check ``config`` against this machine. Never raises for a problem it finds: every one
-    is a line of the report. ``resolve`` looks up listening host names (tests pass their own)."""
-    errors: list[str] = []
+    is a line of the report. ``resolve`` looks up listening host names (tests pass their own).
+    ``config_file``, the file ``config`` was loaded from, is looked at for secrets written
+    inline in it while others may read it (a warning each)."""
+    inline = _inline_secrets(config, Path(config_file)) if config_file is not None else []
+    config, secret_problems = with_secrets(config)
+    errors: list[str] = [str(problem) for problem in secret_problems]
     for name, endpoint in config.endpoints.items():
         errors += _endpoint_files(f"endpoints.{name}", endpoint)
-    warnings = _stream_warnings(config)
+    warnings = inline + _stream_warnings(config)
     if config.nats is not None and config.nats.embedded:
         errors += _embedded_nats(config.nats)
-        warnings += _embedded_nats_space(config)
+        warnings += _embedded_nats_space(config) + _nats_config_secrets(config.nats)
     errors += _overlapping_listeners(config, resolve)
     buffer_errors, buffer_warnings = _disk_buffers(config)
     return CheckReport(tuple(errors + buffer_errors), tuple(warnings + buffer_warnings))
@@ -252,6 +266,71 @@ def _top_level_keys(text: str) -> set[str]:
 
 
 _KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+#: An NKey seed as ``nk`` writes it: "S", the key type, 56 base32 characters.
+_NKEY_SEED: Final = re.compile(r"S[UAONCPX][A-Z2-7]{56}")
+
+
+def _inline_secrets(config: Config, config_file: Path) -> list[str]:
+    """A warning for each secret written in ``config_file`` while users other than its owner
+    and group may read the file (mode & 0o004); none when it cannot be read or is private."""
+    try:
+        mode = stat.S_IMODE(os.stat(config_file).st_mode)
+    except OSError:
+        return []
+    if not mode & stat.S_IROTH:
+        return []
+    found: list[tuple[str, str]] = []
+    if config.status is not None and config.status.token is not None:
+        found.append(("status.token", "status.token_file"))
+    for name, endpoint in config.endpoints.items():
+        if not isinstance(endpoint, NatsConfig):
+            continue
+        where = f"endpoints.{name}"
+        if endpoint.password is not None:
+            found.append((f"{where}.password", f"{where}.password_file"))
+        if endpoint.token is not None:
+            found.append((f"{where}.token", f"{where}.token_file"))
+        for key in ("nkey_seed", "creds"):
+            value: str | None = getattr(endpoint, key)
+            if value is not None and _NKEY_SEED.search(value):
+                found.append((f"{where}.{key}", f"{where}.{key} (the path of a file holding it)"))
+    return [
+        f"{key}: a secret written inline in {config_file}, which every user of this machine "
+        f"can read (mode {mode:04o}); name a file with {instead} (see Secrets in "
+        f"docs/configuration.md), or make the file private (chmod o-r {config_file})"
+        for key, instead in found
+    ]
+
+
+#: A password in nats-server's configuration syntax: a ``password``/``pass``/``token`` key,
+#: or a URL with ``user:password@``.
+_NATS_SECRET: Final = re.compile(
+    r"^\s*(?:password|pass|token|auth_token)\s*[:=]|\w://[^\s/@:\"']+:[^\s/@\"']+@",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def _nats_config_secrets(nats: NatsServerConfig) -> list[str]:
+    """A warning when ``[nats] config_file`` holds a password and every user may read it."""
+    if nats.config_file is None:
+        return []
+    try:
+        mode = stat.S_IMODE(os.stat(nats.config_file).st_mode)
+        text = Path(nats.config_file).read_text(errors="replace")
+    except OSError:
+        return []  # an error of its own (_embedded_nats)
+    lines = (line for line in text.splitlines() if not line.lstrip().startswith(("#", "//")))
+    if not mode & stat.S_IROTH or not _NATS_SECRET.search("\n".join(lines)):
+        return []
+    return [
+        f"nats.config_file: {nats.config_file} holds a password, and every user of this "
+        f"machine can read it (mode {mode:04o}); make it private (chmod o-r "
+        f"{nats.config_file}; see Secrets in docs/configuration.md for the service)"
+    ]
 
 
 # -- files and directories ------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .._version import __version__
 from ..config import Address, Config, ConfigError, StatusConfig, load_config
 from .backoff import Backoff
 from .checks import check_config
+from .credentials import nats_server_secrets, with_secrets
 from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, start_order
 from .metrics import DaemonMetrics
 from .nats import EmbeddedNatsServer, with_embedded_servers
@@ -112,7 +113,9 @@ class Daemon:
         #: The nats-server started for ``[nats] embedded = true``, else None.
         self.nats_server: EmbeddedNatsServer | None = None
         if config.nats is not None and config.nats.embedded:
-            self.nats_server = EmbeddedNatsServer(config.nats, config.daemon.restart)
+            self.nats_server = EmbeddedNatsServer(
+                nats_server_secrets(config.nats), config.daemon.restart
+            )
         self._status_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
@@ -146,9 +149,21 @@ class Daemon:
         """Start every endpoint, say READY, run until :meth:`request_shutdown`, shut down.
 
         Raises :class:`DaemonStartFailed` (before anything is reported ready) when endpoints
-        cannot take their local resources; those that did start are stopped again.
+        cannot take their local resources; those that did start are stopped again. A secret
+        file that cannot be read (:mod:`framewire.daemon.credentials`) fails the start
+        before anything is started.
         """
+        self.config, problems = with_secrets(self.config)
         failures: list[StartFailed] = []
+        for problem in problems:
+            failure = StartFailed(problem.owner, str(problem))
+            failures.append(failure)
+            log.error("%s", failure)
+        if failures:
+            self.state = "failed"
+            names = ", ".join(dict.fromkeys(failure.name for failure in failures))
+            await self.notifier.status(f"cannot start: {names}")
+            raise DaemonStartFailed(failures)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.supervisor.run)
@@ -336,10 +351,16 @@ class Daemon:
         grace period); changed and new ones are started. A changed endpoint on the same
         address hands its listening socket to its successor, so the address never stops
         accepting. Should a start still fail, the previous configuration is restored and
-        :class:`ReloadRefused` says why.
+        :class:`ReloadRefused` says why. Secret files (``token_file``, ``password_file``) are
+        read again first: one that cannot be read refuses the reload; a changed one changes
+        the endpoint (or status) that uses it, which is restarted.
         """
         async with self._reload_lock:
             old = self.config
+            # Secret files are read again: a changed one changes what uses it.
+            config, secret_problems = with_secrets(config)
+            if secret_problems:
+                raise ReloadRefused([str(problem) for problem in secret_problems])
             if config.nats != old.nats:
                 raise ReloadRefused(
                     [

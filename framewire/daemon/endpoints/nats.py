@@ -449,6 +449,9 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             options["tls"] = context
             if config.tls.server_name is not None:
                 options["tls_hostname"] = config.tls.server_name
+        for key in ("password_file", "token_file"):
+            if getattr(config, key) is not None:  # the daemon reads them: with_secrets
+                raise ValueError(f"{key} was not read (framewire.daemon.credentials)")
         if config.user is not None:
             options["user"] = config.user
             options["password"] = config.password or ""
