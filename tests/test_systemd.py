@@ -80,6 +80,39 @@ def test_unit_verifies_cleanly(unit: Path, tmp_path: Path) -> None:
     assert result.stderr.strip() == ""
 
 
+def test_units_show_load_credential_for_a_token_a_key_and_a_password() -> None:
+    for unit in UNITS:
+        names = re.findall(r"^#LoadCredential=(\S+)$", unit.read_text(), re.M)
+        prefix = "framewire-%i-" if "@" in unit.name else "framewire-"
+        assert names == [f"{prefix}{name}" for name in ("status-token", "tls.key", "nats-password")]
+
+
+def test_the_readme_service_section_loads_the_credentials_the_unit_names() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Running it as a service", 1)[1].split("\n## ", 1)[0]
+    unit = re.findall(r"^#(LoadCredential=\S+)$", UNITS[0].read_text(), re.M)
+    assert re.findall(r"^(LoadCredential=\S+)$", section, re.M) == unit
+    for line in unit:  # each credential is written to the store and named in the TOML
+        name = line.removeprefix("LoadCredential=")
+        assert f"/etc/credstore/{name}\n" in section
+        assert f'= "{name}"' in section
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_unit_with_its_credentials_verifies_cleanly(unit: Path, tmp_path: Path) -> None:
+    """The commented LoadCredential= lines, taken in, are a unit systemd accepts."""
+    assert ANALYZE is not None
+    copy = installed_copy(unit, tmp_path)
+    copy.write_text(copy.read_text().replace("#LoadCredential=", "LoadCredential="))
+    assert "\nLoadCredential=" in copy.read_text()
+    result = subprocess.run(
+        [ANALYZE, "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""
+
+
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_unit_security_exposure_at_most_2(unit: Path, tmp_path: Path) -> None:
