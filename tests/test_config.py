@@ -422,7 +422,7 @@ ERROR_CASES: list[tuple[str, str]] = [
         'max_frame_size = "2TiB"',
         "endpoints.r.max_frame_size: 2199023255552 bytes is over the ceiling for one frame (4GiB)",
     ),
-    ("[status]\ntoken = 5", "status.token: expected a string, got 5"),
+    ("[status]\ntoken = 5", "status.token: expected a string, got an integer"),
     ("[status]\nmax_clients = 0", "status.max_clients: expected a positive integer, got 0"),
     (
         "[status]\nlisten = 'nohost'",

@@ -198,6 +198,29 @@ servers = ["nats://127.0.0.1:4222"]
         assert caught.value.errors == [error]
 
 
+def test_credentials_in_a_nats_address_are_refused_without_showing_them() -> None:
+    toml = subscriber_toml("nats://fw:hunter2@127.0.0.1:4222")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(toml)
+    assert caught.value.errors == [
+        "endpoints.from-nats.servers: 'nats://...@127.0.0.1:4222': put credentials in user "
+        "and password (or password_file), token (or token_file), nkey_seed or creds, not in "
+        "the address"
+    ]
+
+
+def test_a_secret_of_the_wrong_type_is_refused_without_showing_it() -> None:
+    toml = "[status]\ntoken = 918273645\n" + subscriber_toml(
+        "nats://127.0.0.1:4222", extra='user = "fw"\npassword = 918273.645'
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(toml)
+    assert caught.value.errors == [
+        "status.token: expected a string, got an integer",
+        "endpoints.from-nats.password: expected a string, got a number",
+    ]
+
+
 # -- the status token -----------------------------------------------------------------------
 
 

@@ -184,6 +184,18 @@ def _file_path(value: object) -> str:
 #: A file system path.
 FilePath = Annotated[str, Check(_file_path)]
 
+
+def _secret(value: object) -> str:
+    """A string; an error names the type of a bad value, never the value (a password)."""
+    if type(value) is not str:
+        words = {int: "an integer", float: "a number", bool: "a boolean"}
+        raise ValueError(f"expected a string, got {words.get(type(value), describe(value))}")
+    return value
+
+
+#: A password or token written inline: a string, never shown in an error.
+Secret = Annotated[str, Check(_secret)]
+
 #: A growth factor: a number >= 1.
 Growth = Annotated[float, Check(_at_least_one)]
 ProtocolName = Annotated[str, Check(check_protocol)]
@@ -808,9 +820,10 @@ def _nats_server(value: object) -> str:
     if not sep or scheme not in _NATS_SCHEMES:
         raise ValueError(f"{text!r}: expected nats://host:port or tls://host:port")
     if "@" in rest:
+        shown = f"{scheme}://...@{rest.rpartition('@')[2]}"  # never the secret itself
         raise ValueError(
-            f"{text!r}: put credentials in user/password, token, nkey_seed or creds, "
-            "not in the address"
+            f"{shown!r}: put credentials in user and password (or password_file), token (or "
+            "token_file), nkey_seed or creds, not in the address"
         )
     host, colon, port = rest.rstrip("/").rpartition(":")
     if not colon:
@@ -962,10 +975,10 @@ class NatsConfig:
     max_outstanding_pings: PositiveInt = 2
     user: StrictStr | None = None
     #: Secrets (``password``, ``token``) are left out of the repr: never in a log line.
-    password: StrictStr | None = attrs.field(default=None, repr=False)
+    password: Secret | None = attrs.field(default=None, repr=False)
     #: A file holding the password (or token); see docs/configuration.md#secrets.
     password_file: FilePath | None = None
-    token: StrictStr | None = attrs.field(default=None, repr=False)
+    token: Secret | None = attrs.field(default=None, repr=False)
     token_file: FilePath | None = None
     nkey_seed: FilePath | None = None
     creds: FilePath | None = None
@@ -1151,7 +1164,7 @@ class StatusConfig:
     listen: HostPort = DEFAULT_STATUS_ADDRESS
     interval: PositiveDuration = 1.0
     #: Left out of the repr: never in a log line.
-    token: StrictStr | None = attrs.field(default=None, repr=False)
+    token: Secret | None = attrs.field(default=None, repr=False)
     #: A file holding the token; see docs/configuration.md#secrets.
     token_file: FilePath | None = None
     max_clients: PositiveInt = 32
