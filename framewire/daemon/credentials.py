@@ -39,6 +39,7 @@ from ..config import (
 
 __all__ = [
     "CREDENTIALS_DIRECTORY",
+    "MAX_SECRET_SIZE",
     "NKEYS_MISSING",
     "SecretProblem",
     "SecretUnreadable",
@@ -67,6 +68,10 @@ def nkeys_installed() -> bool:
         return importlib.util.find_spec("nkeys") is not None
     except (ImportError, ValueError):
         return False
+
+
+#: The largest token or password file read (a bigger one is a mistake: a wrong path).
+MAX_SECRET_SIZE: Final = 64 << 10
 
 
 class SecretUnreadable(Exception):
@@ -98,15 +103,20 @@ def secret_path(path: str, environ: Mapping[str, str] | None = None) -> str:
 def read_secret(path: str) -> str:
     """The secret in the file ``path``, less one trailing newline.
 
-    Raises :class:`SecretUnreadable` when the file cannot be read, is not UTF-8, is empty, or
-    holds more than one line (a line break inside a token or password is a mistake, and in
-    an HTTP header an attack). The message never contains the file's content.
+    Raises :class:`SecretUnreadable` when the file cannot be read, is larger than
+    :data:`MAX_SECRET_SIZE`, is not UTF-8, is empty, or holds more than one line (a line
+    break inside a token or password is a mistake, and in an HTTP header an attack). The
+    message never contains the file's content.
     """
     try:
         with open(path, "rb") as file:
-            data = file.read(1 << 16)
+            data = file.read(MAX_SECRET_SIZE + 1)
     except OSError as exc:
         raise SecretUnreadable(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SECRET_SIZE:
+        raise SecretUnreadable(
+            f"{path} is larger than {MAX_SECRET_SIZE >> 10} KiB: not a token or password"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -114,7 +124,7 @@ def read_secret(path: str) -> str:
     text = text.removesuffix("\n").removesuffix("\r")
     if not text:
         raise SecretUnreadable(f"{path} is empty")
-    if "\n" in text or "\r" in text or len(data) == 1 << 16:
+    if "\n" in text or "\r" in text:
         raise SecretUnreadable(
             f"{path} holds more than one line (a secret file holds the secret and at most one "
             "trailing newline)"
