@@ -66,6 +66,7 @@ max_frame_size = "256MiB"
 max_clients = 4
 connect_timeout = "5s"
 idle_timeout = "2m"
+frame_timeout = "15m"
 
 [endpoints.g3-in.reconnect]
 initial = "250ms"
@@ -130,6 +131,7 @@ EXPECTED: dict[str, Any] = {
             "reconnect": {"initial": 0.25, "maximum": 10.0, "factor": 1.5, "stable_after": 3600.0},
             "connect_timeout": 5.0,
             "idle_timeout": 120.0,
+            "frame_timeout": 900.0,
             "verify_crc": False,
             "tls": None,
             "socket_mode": 0o660,
@@ -145,6 +147,7 @@ EXPECTED: dict[str, Any] = {
             "reconnect": {"initial": 0.5, "maximum": 30.0, "factor": 2.0, "stable_after": 10.0},
             "connect_timeout": 10.0,
             "idle_timeout": 0.0,
+            "frame_timeout": None,
             "verify_crc": False,
             "tls": None,
             "socket_mode": 0o660,
@@ -184,6 +187,7 @@ EXPECTED: dict[str, Any] = {
 SERVER = '[endpoints.g3-out]\nkind = "server"\nlisten = "tcp://*:4537"\nstream = "g3"\n'
 RECEIVER = '[endpoints.in]\nkind = "receiver"\nstream = "g3"\nlisten = "tcp://*:4536"\n'
 CONNECTOR = '[endpoints.in]\nkind = "receiver"\nstream = "g3"\nconnect = "tcp://host:4536"\n'
+LINK = '[endpoints.l]\nkind = "link"\npublish = "p"\nlisten = "tcp://*:4550"\n'
 GENERATOR = '[endpoints.gen]\nkind = "generator"\nstream = "g3"\n'
 
 
@@ -282,6 +286,24 @@ def test_int_accepted_where_a_number_is_expected(
         obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
     assert obj == value
     assert type(obj) is type(value)
+
+
+@pytest.mark.parametrize("base", [RECEIVER, CONNECTOR, LINK])
+def test_frame_timeout_default_meets_the_largest_frame_at_1_mib_per_second(base: str) -> None:
+    """Unset: 10 minutes, or max_frame_size at 1 MiB/s if that is longer (a 4 GiB frame on
+    an 8.4 Mbit/s link); 0 turns it off; a value is taken as written."""
+
+    def seconds(extra: str) -> float:
+        endpoint: Any = next(iter(parse_config(base + extra).endpoints.values()))
+        timeout: float = endpoint.frame_timeout_seconds
+        return timeout
+
+    assert seconds("") == 600.0
+    assert seconds('max_frame_size = "4GiB"') == 4096.0
+    assert seconds('max_frame_size = "1GiB"') == 1024.0
+    assert seconds('frame_timeout = "90s"') == 90.0
+    assert seconds('frame_timeout = "2h"\nmax_frame_size = "4GiB"') == 7200.0
+    assert seconds("frame_timeout = 0") == float("inf")
 
 
 def test_listening_on_port_zero_twice_is_not_a_duplicate() -> None:
@@ -498,6 +520,15 @@ ERROR_CASES: list[tuple[str, str]] = [
     (
         SERVER + "send_buffer = 0",
         "endpoints.g3-out.send_buffer: expected a positive integer, got 0",
+    ),
+    (
+        CONNECTOR + 'frame_timeout = "-5m"',
+        'endpoints.in.frame_timeout: expected a duration such as "5s", "250ms" or "2m", '
+        "got '-5m'",
+    ),
+    (
+        LINK + "frame_timeout = true",
+        'endpoints.l.frame_timeout: expected a duration such as "5s", got True',
     ),
 ]
 

@@ -7,6 +7,7 @@ Validators raise :class:`FieldError`, which the loader turns into ``path: messag
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from collections.abc import Callable
 from typing import Annotated, Final, Literal, TypeAlias
@@ -374,6 +375,23 @@ def check_crc(protocol: str, verify_crc: bool) -> None:
         )
 
 
+#: ``frame_timeout`` when unset is the time a frame of ``max_frame_size`` takes at this many
+#: bytes a second (1 MiB/s, 8.4 Mbit/s) ...
+FRAME_TIMEOUT_RATE: Final = 1 << 20
+#: ... but never less than this many seconds (10 minutes).
+FRAME_TIMEOUT_FLOOR: Final = 600.0
+
+
+def frame_timeout_for(frame_timeout: float | None, max_frame_size: int) -> float:
+    """The seconds a frame in progress may take to arrive whole: ``frame_timeout`` as
+    configured (0: no limit, ``inf``), or, unset, the default: the time ``max_frame_size``
+    takes at :data:`FRAME_TIMEOUT_RATE`, at least :data:`FRAME_TIMEOUT_FLOOR` (10 minutes
+    for the default 64 MiB, 68 minutes for a 4 GiB frame)."""
+    if frame_timeout is None:
+        return max(FRAME_TIMEOUT_FLOOR, max_frame_size / FRAME_TIMEOUT_RATE)
+    return frame_timeout or math.inf
+
+
 @attrs.frozen
 class ReceiverConfig:
     """``kind = "receiver"``: take frames from producers (listen) or one upstream (connect)."""
@@ -388,6 +406,7 @@ class ReceiverConfig:
     reconnect: BackoffConfig = attrs.field(factory=BackoffConfig)
     connect_timeout: PositiveDuration = 10.0
     idle_timeout: Duration = 0.0
+    frame_timeout: Duration | None = None
     verify_crc: StrictBool = False
     tls: TLSConfig | None = None
     socket_mode: SocketMode = DEFAULT_SOCKET_MODE
@@ -398,6 +417,12 @@ class ReceiverConfig:
         check_crc(self.protocol, self.verify_crc)
         check_transport("listen", self.listen, self.tls, listening=True)
         check_transport("connect", self.connect, self.tls, listening=False)
+
+    @property
+    def frame_timeout_seconds(self) -> float:
+        """How long a frame in progress may take (``inf``: no limit); see
+        :func:`frame_timeout_for`."""
+        return frame_timeout_for(self.frame_timeout, self.max_frame_size)
 
 
 #: The smallest disk buffer: a few segments of a few records (the spool needs 16 KiB).
@@ -636,6 +661,7 @@ class LinkConfig:
     max_metadata_frames: PositiveInt = 1024
     max_metadata_bytes: PositiveSize = 64 << 20
     max_frame_size: FrameSize = 64 << 20
+    frame_timeout: Duration | None = None
     tls: TLSConfig | None = None
     socket_mode: SocketMode = DEFAULT_SOCKET_MODE
     buffer: BufferConfig = attrs.field(factory=BufferConfig)
@@ -648,6 +674,12 @@ class LinkConfig:
     @property
     def queue_policy(self) -> Policy:
         return buffer_policy(self.buffer, self.policy)
+
+    @property
+    def frame_timeout_seconds(self) -> float:
+        """How long a frame in progress may take (``inf``: no limit); see
+        :func:`frame_timeout_for`."""
+        return frame_timeout_for(self.frame_timeout, self.max_frame_size)
 
     def __attrs_post_init__(self) -> None:
         if (self.listen is None) == (self.connect is None):

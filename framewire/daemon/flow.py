@@ -16,6 +16,7 @@ import trio
 from .. import protocols
 from ..frame import Buffer, Frame, frame_count
 from ..protocols import Decoder, Encoder
+from .frametimeout import FrameClock
 from .stream import Subscription, SubscriptionClosed
 from .transport import Connection
 
@@ -136,14 +137,20 @@ async def receive_frames(
     publish: Callable[[Sequence[Frame]], Awaitable[None]],
     *,
     on_activity: Callable[[], None] | None = None,
+    frame_clock: FrameClock | None = None,
 ) -> None:
     """Read ``connection`` until the peer closes or ends its stream; publish every frame.
 
-    Returns normally on a clean end (EOF at a frame boundary, or the protocol's
-    end-of-stream). Raises :class:`ProtocolError` for bad bytes (including EOF inside a
-    frame) and trio.BrokenResourceError when the connection breaks.
+    With ``frame_clock`` the clock knows, after every read, whether a frame is in progress
+    (and the connection tells it when a whole read waits for a frame whose start arrived):
+    see :mod:`~framewire.daemon.frametimeout`. Returns normally on a clean end (EOF at a
+    frame boundary, or the protocol's end-of-stream). Raises :class:`ProtocolError` for bad
+    bytes (including EOF inside a frame) and trio.BrokenResourceError when the connection
+    breaks.
     """
     read = connection.frame_reader(decoder)
+    if frame_clock is not None:
+        connection.frame_waiting = frame_clock.frame_waiting
     while not decoder.ended:
         nbytes, frames = await read()
         if on_activity is not None:
@@ -152,7 +159,11 @@ async def receive_frames(
             decoder.end_of_input()
             return
         if frames:
+            if frame_clock is not None:
+                frame_clock.frames_done()
             await publish(frames)
+        if frame_clock is not None:
+            frame_clock.reading(decoder.buffered)
 
 
 async def send_subscription(

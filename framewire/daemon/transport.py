@@ -228,6 +228,7 @@ class Connection:
         "_socket",
         "bytes_received",
         "bytes_sent",
+        "frame_waiting",
         "handshake_timeout",
         "peer",
         "send_timeout",
@@ -259,6 +260,9 @@ class Connection:
                 self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: Told the size of a frame whose start arrived when a whole read waits for the
+        #: rest of it in the socket (see :meth:`receive_bytes`): no read returns meanwhile.
+        self.frame_waiting: Callable[[int], None] | None = None
         self._already_read = b""
         # Reads and bytes receive_into may still take before it must yield.
         self._read_credit = RECEIVE_YIELD_READS
@@ -413,6 +417,8 @@ class Connection:
                                 lowat = min(needed, RCVLOWAT_MAX)
                                 wait = True
                     if wait:
+                        if self.frame_waiting is not None:
+                            self.frame_waiting(needed)
                         await self._wait_readable(sock, lowat)
                         continue
                 try:

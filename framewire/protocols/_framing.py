@@ -133,6 +133,8 @@ class FrameDecoder:
         self._large_needed = 0
         # The size of the last large frame completed: what the next one may start with.
         self._last_large = 0
+        # What the partial frame in the receive buffer was last measured to need.
+        self._partial_needed = 0
         # With whole reads: the size of the last large frame, when the stream is right
         # after it (nothing buffered), else 0: what whole_read_size() asks for.
         self._whole_size = 0
@@ -315,6 +317,16 @@ class FrameDecoder:
         return self._large_filled if self._large is not None else self._end - self._start
 
     @property
+    def pending_frame_size(self) -> int:
+        """How many bytes the frame in progress needs, as far as its bytes so far tell: its
+        announced size once its header is whole (for a stepwise protocol such as G3, whose
+        sizes come field by field, at least this many; while its header is incomplete, the
+        header's size). 0 when no frame is in progress (nothing :attr:`buffered`)."""
+        if self._large is not None:
+            return self._large_needed
+        return self._partial_needed if self._end > self._start else 0
+
+    @property
     def failed(self) -> bool:
         """Whether the decoder has raised a :class:`ProtocolError` (and is now unusable)."""
         return self._failure is not None
@@ -475,6 +487,8 @@ class FrameDecoder:
                     if needed > LARGE_FRAME:
                         self._start_large(view, start, end, needed)
                         start = end
+                    else:
+                        self._partial_needed = needed
                     break
                 frame = make(view[start : start + needed].tobytes())
                 start += needed

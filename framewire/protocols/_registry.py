@@ -39,6 +39,9 @@ class Decoder(Protocol):
     def end_of_input(self) -> None: ...
     @property
     def buffered(self) -> int: ...
+    #: What the frame in progress needs as far as its bytes tell (0: none in progress).
+    @property
+    def pending_frame_size(self) -> int: ...
 
 
 @runtime_checkable

@@ -105,6 +105,11 @@ class RawDecoder:
     def buffered(self) -> int:
         return 0
 
+    @property
+    def pending_frame_size(self) -> int:
+        """0: raw bytes have no frames in progress (each read is a frame)."""
+        return 0
+
 
 class RawEncoder(FrameEncoder):
     """Writes each frame's payload bytes."""

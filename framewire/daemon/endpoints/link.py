@@ -17,7 +17,10 @@ Liveness
     dead-peer timeout: it never hangs up on a silent peer (a Datalink server reads the
     hang-up as "no data" and may never accept again), and TCP finds a dead one: failed
     writes, ``send_timeout``, and TCP keepalive with TCP_USER_TIMEOUT set to
-    ``dead_host_timeout`` on every link socket (:func:`enable_tcp_keepalive`).
+    ``dead_host_timeout`` on every link socket (:func:`enable_tcp_keepalive`). A peer that
+    keeps sending a byte now and then inside one frame is never silent: ``frame_timeout``
+    drops it once a frame is not complete that long after its first bytes
+    (:mod:`~framewire.daemon.frametimeout`).
 Up and down
     A connection counts as *up* once the peer has said something valid (a frame or a
     keepalive), or, without the peer's keepalives, as soon as it is connected. Connect mode
@@ -82,6 +85,7 @@ from ..flow import (
     receive_frames,
     send_frames,
 )
+from ..frametimeout import FrameWatch, describe_expiry
 from ..keepalive import KeepaliveConnection, send_keepalives
 from ..outbox import Outbox, OutboxCutOff
 from ..reconnect import describe_connect_error
@@ -179,6 +183,10 @@ class _WatchedDecoder:
     def buffered(self) -> int:
         return self.inner.buffered
 
+    @property
+    def pending_frame_size(self) -> int:
+        return self.inner.pending_frame_size
+
 
 class LinkEndpoint(Endpoint[LinkConfig]):
     kind = "link"
@@ -226,6 +234,9 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         self._announce_up = True
         self.keepalives_sent = 0
         self.keepalives_received = 0
+        self._frame_watch = FrameWatch(config.frame_timeout_seconds)
+        #: Connections closed because a frame did not arrive whole within frame_timeout.
+        self.frames_timed_out = 0
         #: Connections that came up (the peer said something valid).
         self.connections = 0
 
@@ -294,6 +305,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     nursery.start_soon(outbox.run)
                 nursery.start_soon(self._stop_when_requested, nursery.cancel_scope)
                 nursery.start_soon(self._refresh_status)
+                if self._frame_watch.timeout != math.inf:
+                    nursery.start_soon(self._frame_watch.run)
                 if config.listen is not None:
                     await nursery.start(self._listen)
                 else:
@@ -371,7 +384,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     if stable or outcome.reason != flapping:
                         self.log.log(
                             logging.INFO if outcome.ended else logging.WARNING,
-                            "link down: %s; reconnecting",
+                            "link down: %s: %s; reconnecting",
+                            peer,
                             outcome.reason,
                         )
                     # Up on connecting, then dropped before the peer said anything valid.
@@ -680,7 +694,11 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         # Without the peer's keepalives silence proves nothing: TCP finds a dead peer.
         timeout = config.timeout if config.expects_peer_keepalives else math.inf
         stream = self.context.streams.get(config.publish) if config.publish is not None else None
+        watch = self._frame_watch
+        clock = None
         with trio.CancelScope(deadline=trio.current_time() + timeout) as alive:
+            if watch.timeout != math.inf:
+                clock = watch.add(alive)
 
             def activity() -> None:
                 alive.deadline = trio.current_time() + timeout
@@ -700,7 +718,13 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 finally:
                     alive.deadline = trio.current_time() + timeout
 
-            await receive_frames(connection, decoder, publish, on_activity=activity)
+            try:
+                await receive_frames(
+                    connection, decoder, publish, on_activity=activity, frame_clock=clock
+                )
+            finally:
+                if clock is not None:
+                    watch.remove(clock)
             if decoder.ended:
                 outcome.reason = "the peer ended its stream"
                 outcome.ended = True
@@ -708,7 +732,11 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                     stream.end_of_stream(f"the link peer {connection.peer} ended its stream")
             else:
                 outcome.reason = "the peer closed the connection"
-        if alive.cancelled_caught:
+        if clock is not None and clock.expired:
+            outcome.reason = describe_expiry(clock, decoder, connection, watch.timeout)
+            self.frames_timed_out += 1
+            status.detail["frames_timed_out"] = self.frames_timed_out
+        elif alive.cancelled_caught:
             outcome.reason = f"heard nothing from the peer for {timeout:g}s"
         self._end_session()
 

@@ -8,7 +8,10 @@ newcomer refused. A protocol that takes one producer at a time (aedat4) admits t
 connection to prove itself; one that proves itself while another is producing is refused,
 so a silent or invalid connection never holds the stream against a real producer. Nothing
 is closed for being slow to start: a producer may connect and send its first frame minutes
-later, as a connect-mode G3NetworkSender does. Connect mode keeps one
+later, as a connect-mode G3NetworkSender does; but a frame that is not complete within
+``frame_timeout`` of its first bytes closes its connection (see
+:mod:`~framewire.daemon.frametimeout`), so a producer trickling inside a frame frees its
+slot. Connect mode keeps one
 connection to an upstream, reconnecting with exponential backoff and jitter whenever it is
 refused, times out, closes, breaks or sends bad bytes; the backoff starts over after a
 connection that stayed up for ``reconnect.stable_after``. Logs one line per change of state,
@@ -30,6 +33,7 @@ from ...config import ReceiverConfig
 from ...frame import Frame, frame_count
 from ..backoff import Backoff
 from ..flow import describe_loss, make_decoder, receive_frames
+from ..frametimeout import FrameClock, FrameWatch, describe_expiry
 from ..lograte import RateLimitedWarning
 from ..reconnect import Ended, keep_connected
 from ..stream import MetadataLimitExceeded
@@ -151,6 +155,9 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         self._proven = 0
         self._one_producer = bool(protocols.get(config.protocol).session_metadata_types)
         self._idle = _IdleWatch(config.idle_timeout or math.inf)
+        self._frame_watch = FrameWatch(config.frame_timeout_seconds)
+        #: Connections closed because a frame did not arrive whole within frame_timeout.
+        self.frames_timed_out = 0
         self._full = RateLimitedWarning(
             self.log,
             f"refused producers: max_clients ({config.max_clients}) reached and every "
@@ -164,6 +171,8 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
             nursery.start_soon(self._until_stop_requested, nursery.cancel_scope)
             if self._idle.idle != math.inf:
                 nursery.start_soon(self._idle.run)
+            if self._frame_watch.timeout != math.inf:
+                nursery.start_soon(self._frame_watch.run)
             if self.config.listen is not None:
                 await nursery.start(self._listen)
             else:
@@ -286,6 +295,7 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         status.clients[id(client)] = client
         idle = self._idle.idle
         timer: _Idle | None = None
+        clock: FrameClock | None = None
 
         async def publish(frames: Sequence[Frame]) -> None:
             if slot is not None and not slot.proven:
@@ -305,17 +315,18 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
             await stream.publish(frames)
 
         try:
-            with trio.CancelScope() as idle_scope:
+            with trio.CancelScope() as watched:
                 timer = (
-                    self._idle.add(idle_scope, connection.bytes_waiting)
-                    if idle != math.inf
-                    else None
+                    self._idle.add(watched, connection.bytes_waiting) if idle != math.inf else None
                 )
+                if self._frame_watch.timeout != math.inf:
+                    clock = self._frame_watch.add(watched)
                 await receive_frames(
                     connection,
                     decoder,
                     publish,
                     on_activity=None if timer is None else timer.active,
+                    frame_clock=clock,
                 )
                 ended = Ended(
                     "ended its stream"
@@ -327,7 +338,14 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
                 if client.frames_in and len(status.clients) == 1:
                     stream.end_of_stream(f"the producer {connection.peer} {ended}")
                 return ended
-            return f"sent nothing for {idle:g}s; dropped the connection"
+            if clock is not None and clock.expired:
+                reason = describe_expiry(clock, decoder, connection, self._frame_watch.timeout)
+                self.frames_timed_out += 1
+                status.detail["frames_timed_out"] = self.frames_timed_out
+                status.record_error(f"{connection.peer}: {reason}")
+                outcome = f"closed: {reason}"
+            else:
+                return f"sent nothing for {idle:g}s; dropped the connection"
         except protocols.ProtocolError as exc:
             status.record_error(f"{connection.peer}: {exc}")
             outcome = f"closed: {exc}"
@@ -341,6 +359,8 @@ class ReceiverEndpoint(Endpoint[ReceiverConfig]):
         finally:
             if timer is not None:
                 self._idle.remove(timer)
+            if clock is not None:
+                self._frame_watch.remove(clock)
             del status.clients[id(client)]
         if slot is not None:
             slot.failed = True
