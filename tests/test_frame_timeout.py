@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import tempfile
 from collections.abc import Sequence
 
 import pytest
@@ -19,7 +20,14 @@ import trio
 import trio.testing
 
 from framewire import Frame, FrameKind
-from framewire.config import Address, BackoffConfig, LinkConfig, ReceiverConfig
+from framewire.config import (
+    Address,
+    BackoffConfig,
+    LinkConfig,
+    ReceiverConfig,
+    TLSConfig,
+    parse_address,
+)
 from framewire.daemon.endpoints import EndpointContext, Transports
 from framewire.daemon.endpoints.link import LinkEndpoint
 from framewire.daemon.endpoints.receiver import ReceiverEndpoint
@@ -384,6 +392,55 @@ async def test_max_clients_slots_held_by_tricklers_are_freed(
         assert record.levelno == logging.WARNING
         assert re.match(r"producer 127\.0\.0\.1:\d+: closed: its frame of", record.getMessage())
         assert int(match.group(1)) == len(BIG)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+async def test_a_trickler_over_unix_or_tls_is_closed_after_frame_timeout(
+    transport: str, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The decoder sees the frame in progress whatever carries the bytes: a UNIX socket
+    (no whole reads) or TLS (each trickled byte a record of its own)."""
+    caplog.set_level(logging.INFO, logger="framewire")
+    with tempfile.TemporaryDirectory(prefix="fw-") as directory:
+        tls: TLSConfig | None = None
+        client_tls: TLSConfig | None = None
+        if transport == "tls":
+            trustme = pytest.importorskip("trustme")
+            ca = trustme.CA()
+            chain = f"{directory}/server.pem"
+            ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(chain)
+            ca.cert_pem.write_to_path(f"{directory}/ca.pem")
+            tls = TLSConfig(certificate=chain, key=chain)
+            client_tls = TLSConfig(ca=f"{directory}/ca.pem")
+            listen = parse_address("tls://127.0.0.1:0", listening=True)
+        else:
+            listen = parse_address(f"unix://{directory}/in.sock", listening=True)
+        streams = StreamRegistry()
+        config = ReceiverConfig(stream="s", listen=listen, tls=tls, frame_timeout=TIMEOUT)
+        transports = Transports()
+        endpoint = ReceiverEndpoint("in", config, EndpointContext(streams, transports))
+        published = streams.get("s").subscribe()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(endpoint.run)
+            bound = endpoint.status.address[0]  # "tls 127.0.0.1:PORT" or "unix:PATH"
+            address = f"tls://127.0.0.1:{port_of(bound)}" if transport == "tls" else str(listen)
+            with trio.fail_after(600):
+                producer = await transports.dial(parse_address(address), tls=client_tls)()
+                await producer.send_all(encode([data(1)]) + BIG[:100])
+                assert [frame.timestamp for frame in await published.receive_batch()] == [1]
+                began = trio.current_time()
+                sent = await trickle(producer, BIG[100:])
+            assert began + TIMEOUT <= trio.current_time() <= began + TIMEOUT + 2
+            assert endpoint.status.detail["frames_timed_out"] == 1
+            assert not endpoint.status.clients
+            nursery.cancel_scope.cancel()
+        await producer.aclose()
+    [(record, match)] = expiries(caplog)
+    assert record.getMessage().startswith("producer ")
+    size, timeout, received = (int(group) for group in match.groups())
+    assert (size, timeout) == (len(BIG), TIMEOUT)
+    assert TIMEOUT - 1 <= sent - 1 <= TIMEOUT + 1
+    assert 100 + TIMEOUT - 1 <= received <= 100 + TIMEOUT + 1
 
 
 # -- the link ---------------------------------------------------------------------------------
