@@ -2,7 +2,8 @@
 
 Each names the promise it keeps: memory bounded by bytes received and by configuration, never
 by lengths a peer announces or by how many bad connections come and go; a bounded metadata
-cache; idle connections that cannot lock real producers out; a pathological G3 frame that
+cache; idle connections that cannot lock real producers out, nor producers trickling inside
+a frame (``frame_timeout``); a pathological G3 frame that
 does not stop another stream. Memory is read from /proc (VmRSS) and polled for a few seconds
 before judging; nothing asserts how long anything took.
 """
@@ -307,6 +308,90 @@ def test_an_idle_connection_does_not_lock_a_camera_out(
     finally:
         close_abruptly(squatter)
         close_abruptly(client)
+
+
+class Trickler:
+    """A peer sending ``rest`` a byte every ``interval`` seconds from a thread, until the
+    daemon closes the connection (or ``stop``)."""
+
+    def __init__(self, sock: socket.socket, rest: bytes, interval: float = 0.2) -> None:
+        self.sock = sock
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(rest, interval), daemon=True)
+        self.thread.start()
+
+    def _run(self, rest: bytes, interval: float) -> None:
+        for i in range(len(rest)):
+            try:
+                self.sock.sendall(rest[i : i + 1])
+            except OSError:
+                return
+            if self.stop.wait(interval):
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        close_abruptly(self.sock)
+
+
+#: The log line of a frame timeout: peer, announced size, bytes received, the timeout.
+FRAME_TIMED_OUT = (
+    r"127\.0\.0\.1:\d+: (?:closed: )?its frame of {size} bytes was not complete within "
+    r"frame_timeout \(2s\): \d+ bytes of it received"
+)
+
+
+def test_tricklers_inside_a_frame_do_not_hold_their_slots_for_ever(
+    start_daemon: StartDaemon,
+) -> None:
+    """Issue #23: two proven producers each announce a 4 MiB frame and send a byte every
+    0.2 s, holding both of a receiver's slots (a newcomer is refused) and a link; with
+    frame_timeout = 2s each is closed with one line and a new producer gets in."""
+    daemon = start_daemon(
+        relay("s", "native", 'max_clients = 2\nframe_timeout = "2s"\n')
+        + '[endpoints.l]\nkind = "link"\nlisten = "tcp://127.0.0.1:0"\npublish = "l"\n'
+        + 'frame_timeout = "2s"\n',
+        "s-in",
+        "s-out",
+        "l",
+    )
+    big = native_bytes([Frame(FrameKind.DATA, "huge", bytes(4 * MIB))])
+    timed_out = FRAME_TIMED_OUT.format(size=len(big))
+    client = connect(daemon.addresses["s-out"], timeout=10)
+    tricklers: list[Trickler] = []
+    try:
+        daemon.wait_log(r"s-out: client \S+ connected")
+        decoder = NativeDecoder(max_frame_size=1 << 23)
+        producers = [connect(daemon.addresses["s-in"]) for _ in range(2)]
+        for producer in producers:
+            producer.sendall(native_bytes([Frame(FrameKind.DATA, "proof", b"x")]))
+            receive_one(client, decoder, "proof")
+        refused = connect(daemon.addresses["s-in"])
+        try:
+            assert refused.recv(10) == b"", "a third producer got a slot"
+        finally:
+            close_abruptly(refused)
+        peer = connect(daemon.addresses["l"])
+        peer.sendall(NATIVE_KEEPALIVE + native_bytes([Frame(FrameKind.DATA, "proof", b"x")]))
+        daemon.wait_log(r"link up: ")
+        for sock in [*producers, peer]:
+            sock.sendall(big[:100])
+            tricklers.append(Trickler(sock, big[100:]))
+        daemon.wait_log(r"producer " + timed_out, count=2)
+        daemon.wait_log(r"link down: " + timed_out)
+        newcomer = connect(daemon.addresses["s-in"])
+        try:
+            newcomer.sendall(native_bytes([Frame(FrameKind.DATA, "real", b"data")]))
+            receive_one(client, decoder, "real")
+        finally:
+            close_abruptly(newcomer)
+    finally:
+        for trickler in tricklers:
+            trickler.close()
+        close_abruptly(client)
+    assert len(re.findall(timed_out, daemon.log())) == 3
+    assert not re.findall(r"Traceback", daemon.log())
 
 
 @pytest.mark.parametrize("stranger_says", [b"", b"XX"], ids=["silent", "garbage"])
