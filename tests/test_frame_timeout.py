@@ -439,7 +439,7 @@ async def test_a_trickler_over_unix_or_tls_is_closed_after_frame_timeout(
     assert record.getMessage().startswith("producer ")
     size, timeout, received = (int(group) for group in match.groups())
     assert (size, timeout) == (len(BIG), TIMEOUT)
-    assert TIMEOUT - 1 <= sent - 1 <= TIMEOUT + 1
+    assert TIMEOUT <= sent <= TIMEOUT + 3  # the last one or two may go out after the close
     assert 100 + TIMEOUT - 1 <= received <= 100 + TIMEOUT + 1
 
 
