@@ -1,0 +1,130 @@
+"""What a connection leaves behind once it is gone: nothing that waits for the collector.
+
+The daemon runs the cyclic garbage collector rarely (``tune_garbage_collector``), so state
+that only a collection frees stays resident for a long time: a client that left kept its
+subscription, connection, socket and their frames (a few KiB each) in a reference cycle
+until then. These tests disable the collector and count what is left.
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from framewire import Frame, FrameKind
+from framewire.daemon.endpoints._base import ClientInfo
+from framewire.daemon.stream import QueueBounds, StreamRegistry, Subscription, SubscriptionClosed
+from framewire.daemon.transport import Connection
+
+from .helpers import endpoint_port, running_daemon, wait_until
+
+CONFIG = """
+[daemon]
+grace_period = "1s"
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+protocol = "native"
+stream = "big"
+max_queue_frames = 4
+"""
+
+
+@pytest.fixture
+def gc_disabled() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def held(kind: type) -> int:
+    """Objects of exactly ``kind`` the collector tracks: alive, or garbage not yet freed
+    (with the collector disabled, garbage in a reference cycle stays)."""
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+def frame(size: int) -> Frame:
+    return Frame(FrameKind.DATA, "sample", b"\x5a" * size)
+
+
+async def leave(how: str, port: int, publish: trio.abc.SendChannel[int]) -> None:
+    """One client of the server on ``port``: it connects, gets a frame published to it
+    (``publish.send(size)``) and leaves ``how``."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    sock = stream.socket
+    with trio.fail_after(10):
+        if how == "reads, then closes":
+            await publish.send(64 * 1024)
+            got = 0
+            while got < 64 * 1024:
+                got += len(await stream.receive_some(1 << 16))
+            await stream.aclose()
+        elif how == "resets mid-frame":
+            # A frame larger than the socket buffers: the daemon is still writing it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await publish.send(8 << 20)
+            await stream.receive_some(1000)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()
+        else:  # never reads: its frames stay queued until it closes
+            await publish.send(64 * 1024)
+            await stream.aclose()
+
+
+@pytest.mark.usefixtures("gc_disabled")
+@pytest.mark.parametrize("how", ["reads, then closes", "resets mid-frame", "never reads"])
+async def test_clients_that_left_are_freed_without_a_collection(how: str) -> None:
+    async with running_daemon(CONFIG) as daemon:
+        port = endpoint_port(daemon, "out")
+        status = daemon.endpoints["out"].status
+        big = daemon.streams.get("big")
+        send, receive = trio.open_memory_channel[int](0)
+
+        async def publisher() -> None:
+            async for size in receive:
+                # Published once the client is in the server's table, so it gets it.
+                await wait_until(lambda: len(status.clients) == 1)
+                await big.publish([frame(size)])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publisher)
+            before = {kind: held(kind) for kind in (Connection, Subscription, ClientInfo)}
+            for _ in range(10):
+                await leave(how, port, send)
+                await wait_until(lambda: not status.clients)
+            # Every client's state went with its last reference, not with a collection.
+            await wait_until(
+                lambda: all(held(kind) == count for kind, count in before.items()), patience=10
+            )
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.usefixtures("gc_disabled")
+@pytest.mark.parametrize("graceful", [True, False])
+async def test_a_closed_subscription_raises_an_exception_that_does_not_hold_it(
+    graceful: bool,
+) -> None:
+    """The SubscriptionClosed a consumer gets has a traceback whose frames hold the
+    subscription; the subscription must not hold that exception in turn."""
+    stream = StreamRegistry().get("s")
+    before = held(Subscription)
+    subscription = stream.subscribe(bounds=QueueBounds(4, 1 << 20))
+    if graceful:
+        subscription.end("the stream ended")
+    else:
+        subscription.close("cut off")
+    for _ in range(2):  # asked again, it says so again
+        with pytest.raises(SubscriptionClosed) as raised:
+            await subscription.receive_batch()
+        assert raised.value.graceful is graceful
+    del raised, subscription
+    assert held(Subscription) == before
