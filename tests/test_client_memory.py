@@ -11,12 +11,15 @@ from __future__ import annotations
 import gc
 import socket
 import struct
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from framewire import Frame, FrameKind
+from framewire.daemon import service
 from framewire.daemon.endpoints._base import ClientInfo
 from framewire.daemon.stream import QueueBounds, StreamRegistry, Subscription, SubscriptionClosed
 from framewire.daemon.transport import Connection
@@ -128,3 +131,34 @@ async def test_a_closed_subscription_raises_an_exception_that_does_not_hold_it(
         assert raised.value.graceful is graceful
     del raised, subscription
     assert held(Subscription) == before
+
+
+@pytest.mark.usefixtures("gc_disabled")
+@pytest.mark.parametrize("allocator_trims", [True, False])
+async def test_cyclic_garbage_is_freed_before_each_heap_trim(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    allocator_trims: bool,
+) -> None:
+    """Every HEAP_TRIM_INTERVAL the daemon runs a full collection, then trims the heap, so
+    whatever still forms reference cycles is given back, on a quiet daemon too."""
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    garbage = Cycle()
+    collected = weakref.ref(garbage)
+    del garbage
+    trims: list[bool] = []  # for each trim: was the garbage freed by then?
+
+    def heap_trimmer() -> Callable[[], object] | None:
+        return (lambda: trims.append(collected() is None)) if allocator_trims else None
+
+    monkeypatch.setattr(service, "heap_trimmer", heap_trimmer)
+    async with running_daemon(CONFIG):
+        await trio.sleep(service.HEAP_TRIM_INTERVAL - 1)
+        assert collected() is not None  # nothing collects it in between
+        await trio.sleep(2)
+        assert collected() is None
+        assert trims == ([True] if allocator_trims else [])
