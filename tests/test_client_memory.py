@@ -21,7 +21,14 @@ import trio.testing
 from framewire import Frame, FrameKind
 from framewire.daemon import service
 from framewire.daemon.endpoints._base import ClientInfo
-from framewire.daemon.stream import QueueBounds, StreamRegistry, Subscription, SubscriptionClosed
+from framewire.daemon.endpoints.server import ServerEndpoint
+from framewire.daemon.stream import (
+    QueueBounds,
+    Stream,
+    StreamRegistry,
+    Subscription,
+    SubscriptionClosed,
+)
 from framewire.daemon.transport import Connection
 
 from .helpers import endpoint_port, running_daemon, wait_until
@@ -59,56 +66,60 @@ def frame(size: int) -> Frame:
     return Frame(FrameKind.DATA, "sample", b"\x5a" * size)
 
 
-async def leave(how: str, port: int, publish: trio.abc.SendChannel[int]) -> None:
-    """One client of the server on ``port``: it connects, gets a frame published to it
-    (``publish.send(size)``) and leaves ``how``."""
+async def leave(how: str, port: int, server: ServerEndpoint, served: Stream) -> None:
+    """One client of ``server`` (listening on ``port``): it connects, gets a frame
+    published into ``served`` once the server has it, and leaves ``how``."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     sock = stream.socket
     with trio.fail_after(10):
-        if how == "reads, then closes":
-            await publish.send(64 * 1024)
+        await wait_until(lambda: len(server.status.clients) == 1)
+        if how == "resets before a frame is written to it":
+            await trio.testing.wait_all_tasks_blocked()  # its writer waits: it is idle
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            # No checkpoint in between: the server's write to the idle client fails.
+            await served.publish([frame(1024)])
+        elif how == "reads, then closes":
+            await served.publish([frame(64 * 1024)])
             got = 0
             while got < 64 * 1024:
                 got += len(await stream.receive_some(1 << 16))
-            await stream.aclose()
         elif how == "resets mid-frame":
             # A frame larger than the socket buffers: the daemon is still writing it.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            await publish.send(8 << 20)
+            await served.publish([frame(8 << 20)])
             await stream.receive_some(1000)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            await stream.aclose()
         else:  # never reads: its frames stay queued until it closes
-            await publish.send(64 * 1024)
-            await stream.aclose()
+            await served.publish([frame(64 * 1024)] * 8)
+        await stream.aclose()
+        await wait_until(lambda: not server.status.clients)
+
+
+WAYS_OUT = [
+    "reads, then closes",
+    "resets mid-frame",
+    "never reads",
+    "resets before a frame is written to it",
+]
 
 
 @pytest.mark.usefixtures("gc_disabled")
-@pytest.mark.parametrize("how", ["reads, then closes", "resets mid-frame", "never reads"])
+@pytest.mark.parametrize("how", WAYS_OUT)
 async def test_clients_that_left_are_freed_without_a_collection(how: str) -> None:
     async with running_daemon(CONFIG) as daemon:
-        port = endpoint_port(daemon, "out")
-        status = daemon.endpoints["out"].status
-        big = daemon.streams.get("big")
-        send, receive = trio.open_memory_channel[int](0)
-
-        async def publisher() -> None:
-            async for size in receive:
-                # Published once the client is in the server's table, so it gets it.
-                await wait_until(lambda: len(status.clients) == 1)
-                await big.publish([frame(size)])
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(publisher)
-            before = {kind: held(kind) for kind in (Connection, Subscription, ClientInfo)}
-            for _ in range(10):
-                await leave(how, port, send)
-                await wait_until(lambda: not status.clients)
-            # Every client's state went with its last reference, not with a collection.
-            await wait_until(
-                lambda: all(held(kind) == count for kind, count in before.items()), patience=10
-            )
-            nursery.cancel_scope.cancel()
+        server = daemon.endpoints["out"]
+        assert isinstance(server, ServerEndpoint)
+        served = daemon.streams.get("big")
+        before = {kind: held(kind) for kind in (Connection, Subscription, ClientInfo, Frame)}
+        for _ in range(10):
+            await leave(how, endpoint_port(daemon, "out"), server, served)
+        if how == "resets before a frame is written to it":
+            assert server._group is not None
+            assert server._group.members_broken == 10  # the write failed, not the watch
+        # Every client's state went with its last reference, not with a collection; and
+        # so did the frames published to it.
+        await wait_until(lambda: all(held(kind) == count for kind, count in before.items()))
 
 
 @pytest.mark.usefixtures("gc_disabled")
