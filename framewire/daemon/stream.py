@@ -803,10 +803,10 @@ class Subscription:
         waited = False
         while not queue:
             if self._closed is not None:
-                raise self._closed
+                raise self._closed_error()
             if self._ending is not None:
                 self._closed = SubscriptionClosed(self._ending, graceful=True)
-                raise self._closed
+                raise self._closed_error()
             if self._consumer is not None:
                 raise trio.BusyResourceError("another task is receiving from this subscription")
             self._consumer = trio.lowlevel.current_task()
@@ -824,7 +824,7 @@ class Subscription:
             waited = True  # that was a checkpoint: no second trip through the scheduler
             queue = self._queue  # a publisher may have made it
         if self._closed is not None:
-            raise self._closed
+            raise self._closed_error()
         assert isinstance(queue, deque)  # it holds frames
         batch: list[Frame] = []
         append, popleft = batch.append, queue.popleft
@@ -859,6 +859,20 @@ class Subscription:
         if not waited:
             await trio.lowlevel.checkpoint()
         return batch
+
+    def _closed_error(self) -> SubscriptionClosed:
+        """A new :class:`SubscriptionClosed` saying why the subscription closed, to raise.
+
+        The one kept in ``_closed`` is never raised itself: raising it would give it a
+        traceback whose frames hold this subscription (and through its consumer's frames
+        the client's connection and socket), a reference cycle that only the garbage
+        collector frees, and the daemon runs that collector rarely
+        (:func:`~framewire.daemon.service.tune_garbage_collector`). Every client that left
+        kept a few KiB that way until then.
+        """
+        closed = self._closed
+        assert closed is not None
+        return SubscriptionClosed(closed.reason, graceful=closed.graceful)
 
     def end(self, reason: str) -> None:
         """End gracefully: the consumer gets what is queued, then :class:`SubscriptionClosed`."""

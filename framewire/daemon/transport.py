@@ -821,6 +821,8 @@ class HangupWatch:
                 watched = self._watched.get(fd)
                 if watched is not None:
                     self._peer_ready(fd, *watched)
+            # Not kept while waiting: the last peer's callbacks hold its client's state.
+            watched = None
 
     def _peer_ready(
         self, fd: int, on_gone: Callable[[], None], on_input: Callable[[int], None] | None

@@ -523,7 +523,10 @@ class _DirectClients(DirectGroup[_Socket]):
             except OSError as exc:
                 if missed is None:
                     missed = []
-                missed.append((sock, exc))
+                # Kept without its traceback, whose frame (this one) holds ``missed``: a
+                # reference cycle, with the publish's frames and the sockets, that only the
+                # garbage collector would free.
+                missed.append((sock, exc.with_traceback(None)))
                 continue
             if written != nbytes:
                 if missed is None:
