@@ -158,13 +158,20 @@ async def test_metrics_count_the_drops_of_a_stalled_client() -> None:
         samples = await scrape(port)
         dropped = value(samples, "framewire_frames_dropped_total", endpoint="out")
         assert dropped == subscription.frames_dropped > 0
-        (client,) = daemon.endpoints["out"].status.clients.values()
-        queued = value(samples, "framewire_client_queue_frames", endpoint="out", client=client.peer)
+        # Its series are keyed by its host, never by its ephemeral port.
+        queued = value(samples, "framewire_client_queue_frames", endpoint="out", host="127.0.0.1")
         assert queued == subscription.queued_frames <= 8
         assert (
-            value(samples, "framewire_client_queue_bytes", endpoint="out", client=client.peer)
+            value(samples, "framewire_client_queue_bytes", endpoint="out", host="127.0.0.1")
             == subscription.queued_bytes
         )
+        fill = max(subscription.queued_frames / 8, subscription.queued_bytes / (1 << 20))
+        assert fill > 0.5
+        assert (
+            value(samples, "framewire_client_queue_fill_ratio", endpoint="out", host="127.0.0.1")
+            == fill
+        )
+        assert value(samples, "framewire_client_connections", endpoint="out", host="127.0.0.1") == 1
         await stalled.aclose()
         # The client is gone; its drops stay counted.
         await wait_until(lambda: not daemon.endpoints["out"].status.clients)
@@ -201,18 +208,58 @@ async def test_counters_never_go_backwards_across_a_reload_that_changes_an_endpo
         await producer.stream.aclose()
 
 
+async def connect_from(host: str, port: int) -> trio.SocketStream:
+    """A connection to 127.0.0.1:``port`` from the loopback address ``host``."""
+    return await trio.open_tcp_stream("127.0.0.1", port, local_address=host)
+
+
+def client_series(samples: Samples, name: str = "framewire_client_queue_frames") -> set[str]:
+    """The host labels of the series ``name``."""
+    return {dict(labels)["host"] for metric, labels in samples if metric == name}
+
+
 async def test_per_client_series_are_bounded() -> None:
     async with running(config(max_clients=1)) as (daemon, port):
-        peers = [await connect(endpoint_port(daemon, "out")) for _ in range(3)]
+        out = endpoint_port(daemon, "out")
         status = daemon.endpoints["out"].status
-        await wait_until(lambda: len(status.clients) == 3)
+        first = [await connect_from("127.0.0.1", out) for _ in range(2)]
+        await wait_until(lambda: len(status.clients) == 2)
+        later = [await connect_from("127.0.0.2", out) for _ in range(3)]
+        await wait_until(lambda: len(status.clients) == 5)
         samples = await scrape(port)
-        series = [labels for name, labels in samples if name == "framewire_client_queue_frames"]
-        clients = sorted(dict(labels)["client"] for labels in series)
-        first = next(iter(status.clients.values())).peer
-        assert clients == sorted([first, "other"])
-        for peer in peers:
-            await peer.stream.aclose()
+        # One series per (endpoint, host), the first host's; the second is beyond the bound.
+        assert client_series(samples) == {"127.0.0.1", "other"}
+        connections = "framewire_client_connections"
+        assert value(samples, connections, endpoint="out", host="127.0.0.1") == 2
+        assert value(samples, connections, endpoint="out", host="other") == 3
+        for stream in first + later:
+            await stream.aclose()
+
+
+async def test_a_client_that_reconnects_keeps_its_series() -> None:
+    async with running(config()) as (daemon, port):
+        out = endpoint_port(daemon, "out")
+        status = daemon.endpoints["out"].status
+        peers: list[tuple[str, int]] = []
+        seen: list[set[str]] = []
+        for _ in range(3):
+            stream = await connect_from("127.0.0.2", out)
+            peers.append(stream.socket.getsockname())
+            await wait_until(lambda: len(status.clients) == 1)
+            samples = await scrape(port)
+            seen.append(
+                client_series(samples) | client_series(samples, "framewire_client_connections")
+            )
+            await stream.aclose()
+            await wait_until(lambda: not status.clients)
+        assert len({port for _, port in peers}) == 3  # three ephemeral ports ...
+        assert seen == [{"127.0.0.2"}] * 3  # ... one series
+        # The port stays in the status snapshot, per client.
+        stream = await connect_from("127.0.0.2", out)
+        await wait_until(lambda: len(status.clients) == 1)
+        (client,) = status.clients.values()
+        assert client.peer == f"127.0.0.2:{stream.socket.getsockname()[1]}"
+        await stream.aclose()
 
 
 async def test_status_json_is_one_snapshot_and_other_paths_are_404() -> None:
@@ -356,3 +403,108 @@ def test_the_status_table_shows_rates_and_bytes_beside_totals() -> None:
     assert row.split()[3:11] == ["0", "0.0", "0B", "0B/s", "600", "12.5", "3MiB", "64KiB/s"]
     (client_line,) = [line for line in lines if "client" in line]
     assert "sent 600 (12.5/s, 3MiB, 64KiB/s)  dropped 1" in client_line
+
+
+class FakeClock:
+    """A clock for the last-frame stamps that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_last_frame_age_is_the_time_since_the_last_frame_each_way() -> None:
+    clock = FakeClock()
+    async with running(config()) as (daemon, port):
+        for name in ("in", "out"):
+            daemon.endpoints[name].status.clock = clock
+        age = "framewire_endpoint_last_frame_age_seconds"
+        samples = await scrape(port)
+        assert not [labels for name, labels in samples if name == age]  # no frame yet: absent
+        client = await connect(endpoint_port(daemon, "out"))
+        producer = await connect(endpoint_port(daemon, "in"))
+        await wait_until(lambda: len(daemon.streams.get("s").subscriptions) == 1)
+        await producer.send([data(i) for i in range(3)])
+        with trio.fail_after(10):
+            await client.read(3)
+        await wait_until(lambda: daemon.endpoints["out"].status.frames_out == 3)
+        clock.now += 7.5
+        samples = await scrape(port)
+        assert value(samples, age, endpoint="in", direction="in") == 7.5
+        assert value(samples, age, endpoint="out", direction="out") == 7.5
+        # A receiver sends nothing, a server receives nothing: no series those ways.
+        assert (age, frozenset({("endpoint", "in"), ("direction", "out")})) not in samples
+        assert (age, frozenset({("endpoint", "out"), ("direction", "in")})) not in samples
+        # One more frame in: that way starts again, the other goes on ageing.
+        await producer.send([data(3)])
+        await wait_until(lambda: daemon.endpoints["in"].status.frames_in == 4)
+        with trio.fail_after(10):
+            await client.read(4)
+        await wait_until(lambda: daemon.endpoints["out"].status.frames_out == 4)
+        clock.now += 2
+        samples = await scrape(port)
+        assert value(samples, age, endpoint="in", direction="in") == 2
+        await producer.stream.aclose()
+        # A reload that replaces the endpoint keeps its last frame: the age goes on.
+        old = daemon.endpoints["in"]
+        await daemon.reload(parse_config(config(receiver_extra='max_frame_size = "1MiB"')))
+        assert daemon.endpoints["in"] is not old
+        daemon.endpoints["in"].status.clock = clock
+        clock.now += 3
+        samples = await scrape(port)
+        assert value(samples, age, endpoint="in", direction="in") == 5
+        await client.stream.aclose()
+
+
+QUEUES = """
+[status]
+listen = "127.0.0.1:0"
+
+[endpoints.link]
+kind = "link"
+listen = "tcp://127.0.0.1:0"
+subscribe = "s"
+policy = "lossy"
+max_queue_frames = 4
+max_queue_bytes = "2MiB"
+
+[endpoints.sender]
+kind = "sender"
+connect = "tcp://127.0.0.1:{refusing}"
+stream = "s"
+max_queue_frames = 6
+max_queue_bytes = "3MiB"
+reconnect = {{ initial = "10s" }}
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+"""
+
+
+async def test_endpoint_queues_and_their_bounds() -> None:
+    with trio.socket.socket() as refusing:  # bound, not listening: connects are refused
+        await refusing.bind(("127.0.0.1", 0))
+        text = QUEUES.format(refusing=refusing.getsockname()[1])
+        async with running(text) as (daemon, port):
+            stream = daemon.streams.get("s")
+            await stream.publish([data(i) for i in range(3)])
+            link = daemon.endpoints["link"].status
+            await wait_until(lambda: link.current_detail().get("queue_frames") == 3)
+            samples = await scrape(port)
+            queue = "framewire_endpoint_queue_"
+            assert value(samples, queue + "frames", endpoint="link") == 3
+            assert value(samples, queue + "bytes", endpoint="link") == link.detail["queue_bytes"]
+            assert link.detail["queue_bytes"] == 3 * data(0).size
+            assert value(samples, queue + "max_frames", endpoint="link") == 4
+            assert value(samples, queue + "max_bytes", endpoint="link") == 2 << 20
+            # The sender's queue is its memory buffer, bounded by its own settings.
+            assert value(samples, queue + "frames", endpoint="sender") == 3
+            assert value(samples, queue + "bytes", endpoint="sender") == 3 * data(0).size
+            assert value(samples, queue + "max_frames", endpoint="sender") == 6
+            assert value(samples, queue + "max_bytes", endpoint="sender") == 3 << 20
+            # A server has no queue of its own (its clients' are the client series).
+            assert (queue + "frames", frozenset({("endpoint", "out")})) not in samples

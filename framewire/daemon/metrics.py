@@ -10,13 +10,21 @@ it retires to :meth:`DaemonMetrics.retire`, which keeps that endpoint's final to
 its name and adds them to whatever endpoint bears the name later (also after it was removed
 and added back). A crash restart keeps the endpoint object, and its counters, anyway.
 
-Per-client series are bounded: the first ``max_clients`` clients (by endpoint, then by
-connection order) get series of their own, labelled with their peer; the queues of the
-rest are summed under ``client="other"``.
+Client series are keyed by what stays the same when a client reconnects: its endpoint and
+its peer's host (never the ephemeral port, which would start a new series at every
+reconnect); the clients of one host on one endpoint are summed (their queues), or the
+fullest is taken (:func:`fill_ratio`). They are bounded: the first ``max_clients`` (endpoint,
+host) pairs (by endpoint, then by the order their first client connected) get series of
+their own; the rest are summed per endpoint under ``host="other"``. Per-client detail (the
+peer's port included) is in the status snapshot only.
+
+An endpoint's last frame is exported as an age (seconds since its ``frames_in`` or
+``frames_out`` last grew), with no series before its first frame in that direction.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
@@ -35,9 +43,17 @@ from prometheus_client.registry import Collector
 from .._version import __version__
 from .endpoints import Endpoint, EndpointStatus
 from .nats import EmbeddedNatsServer
-from .stream import Stream
+from .stream import Stream, Subscription
 
-__all__ = ["CONTENT_TYPE", "ENDPOINT_STATES", "HEALTHY_STATES", "DaemonMetrics", "MetricsView"]
+__all__ = [
+    "CONTENT_TYPE",
+    "ENDPOINT_STATES",
+    "HEALTHY_STATES",
+    "DaemonMetrics",
+    "MetricsView",
+    "fill_ratio",
+    "peer_host",
+]
 
 #: The content type of the exposition (Prometheus text format 0.0.4).
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -61,8 +77,10 @@ ENDPOINT_STATES: Final = (
 HEALTHY_STATES: Final = frozenset(
     {"running", "listening", "connected", "up", "recording", "finished"}
 )
-#: The client label of the series that sums the clients beyond ``max_clients``.
+#: The host label of the series that sums the clients beyond ``max_clients``.
 OTHER_CLIENTS: Final = "other"
+#: A peer named ``host:port`` or ``[v6 host]:port`` (see transport.peer_name).
+_HOST_PORT: Final = re.compile(r"\[(?P<v6>[^\]]*)\]:\d+|(?P<host>[^:\[\]]+):\d+")
 
 #: The counters kept across an endpoint's replacement: name in :class:`_Totals`.
 _COUNTERS: Final = (
@@ -155,6 +173,32 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) else 0
 
 
+def _number(value: object) -> float | None:
+    """``value`` if it is a number (not a bool), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def peer_host(peer: str) -> str:
+    """The host part of a client's peer name: ``10.0.0.5`` for ``10.0.0.5:40112``, ``::1``
+    for ``[::1]:40112``; any other name (``unix:/run/x.sock``, a memory stream's) as it is."""
+    match = _HOST_PORT.fullmatch(peer)
+    if match is None:
+        return peer
+    return match["v6"] if match["v6"] is not None else match["host"]
+
+
+def fill_ratio(subscription: Subscription) -> float:
+    """How full ``subscription``'s queue is: its fill of the nearer of its two bounds (frames,
+    bytes), 0 when empty, 1 (or a little over, for one large frame) when full."""
+    bounds = subscription.bounds
+    return max(
+        subscription.queued_frames / bounds.max_frames,
+        subscription.queued_bytes / bounds.max_bytes,
+    )
+
+
 class DaemonMetrics(Collector):
     """The daemon's metrics (see docs/status.md for the list), for one daemon's lifetime.
 
@@ -168,6 +212,8 @@ class DaemonMetrics(Collector):
         self._max_clients = max_clients
         #: Final totals of endpoints the daemon retired, by name.
         self._retired: dict[str, dict[str, int]] = {}
+        #: When the endpoints of that name it retired last moved a frame, by direction.
+        self._retired_frame_at: dict[str, dict[str, float]] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         # The standard process_*, python_info and python_gc_* metrics, on our registry.
@@ -181,6 +227,26 @@ class DaemonMetrics(Collector):
         totals = self._retired.setdefault(name, dict.fromkeys(_COUNTERS, 0))
         for key, value in _totals(endpoint.status).items():
             totals[key] += value
+        last = self._retired_frame_at.setdefault(name, {})
+        for direction in ("in", "out"):
+            at = endpoint.status.last_frame_at(direction)
+            if at is not None:
+                last[direction] = max(at, last.get(direction, at))
+
+    def _last_frame_age(self, name: str, status: EndpointStatus, direction: str) -> float | None:
+        """Seconds since the endpoint ``name`` (this one, or one it replaced) last moved a
+        frame in ``direction``; None if none ever did."""
+        stamps = [
+            at
+            for at in (
+                status.last_frame_at(direction),
+                self._retired_frame_at.get(name, {}).get(direction),
+            )
+            if at is not None
+        ]
+        if not stamps:
+            return None
+        return max(0.0, status.clock() - max(stamps))
 
     def _lifetime_totals(self, name: str, status: EndpointStatus) -> dict[str, int]:
         """The counters of the endpoint ``name`` over the daemon's life: its own now plus
@@ -206,6 +272,7 @@ class DaemonMetrics(Collector):
         )
         yield from self._reload_metrics(daemon)
         yield from self._endpoint_metrics(daemon.endpoints)
+        yield from self._queue_metrics(daemon.endpoints)
         yield from self._client_metrics(daemon.endpoints)
         yield from self._stream_metrics(daemon.streams)
         yield from self._nats_metrics(daemon.endpoints, daemon.nats_server)
@@ -289,12 +356,21 @@ class DaemonMetrics(Collector):
         clients = GaugeMetricFamily(
             "framewire_clients", "Connections an endpoint has now", labels=["endpoint"]
         )
+        last_frame = GaugeMetricFamily(
+            "framewire_endpoint_last_frame_age_seconds",
+            "Seconds since an endpoint last received (in) or wrote or published (out) a frame "
+            "(no series before its first)",
+            labels=["endpoint", "direction"],
+        )
         for name, endpoint in endpoints.items():
             status = endpoint.status
             totals = self._lifetime_totals(name, status)
             for direction in ("in", "out"):
                 frames.add_metric([name, direction], totals[f"frames_{direction}"])
                 nbytes.add_metric([name, direction], totals[f"bytes_{direction}"])
+                age = self._last_frame_age(name, status, direction)
+                if age is not None:
+                    last_frame.add_metric([name, direction], age)
             for key, family in simple.items():
                 family.add_metric([name], totals[key])
             info.add_metric([name], {"kind": status.kind})
@@ -306,41 +382,85 @@ class DaemonMetrics(Collector):
             if "link" in status.detail:
                 link.add_metric([name], 1 if status.detail["link"] == "up" else 0)
             clients.add_metric([name], len(status.clients))
-        yield from (frames, nbytes, *simple.values(), info, up, state, error_at, link, clients)
+        yield from (
+            frames,
+            nbytes,
+            *simple.values(),
+            info,
+            up,
+            state,
+            error_at,
+            link,
+            clients,
+            last_frame,
+        )
+
+    def _queue_metrics(self, endpoints: Mapping[str, Endpoint[Any]]) -> Iterable[Metric]:
+        """What waits in memory for the far end of a consuming endpoint (a sender, link,
+        bridge, recorder, pubsub or NATS publisher), and the bounds of that queue, read from
+        its status detail (``queue_*``): its stream subscription's queue and the frames taken
+        and not yet delivered; with a disk buffer, the hand-over queue in front of it (the
+        buffer itself is the ``framewire_buffer_*`` series)."""
+        families = {
+            key: GaugeMetricFamily(f"framewire_endpoint_{key}", text, labels=["endpoint"])
+            for key, text in (
+                ("queue_frames", "Frames waiting in memory for an endpoint's far end"),
+                ("queue_bytes", "Bytes waiting in memory for an endpoint's far end"),
+                ("queue_max_frames", "The bound of an endpoint's queue, in frames"),
+                ("queue_max_bytes", "The bound of an endpoint's queue, in bytes"),
+            )
+        }
+        for name, endpoint in endpoints.items():
+            detail = endpoint.status.current_detail()
+            for key, family in families.items():
+                reading = _number(detail.get(key))
+                if reading is not None:
+                    family.add_metric([name], reading)
+        yield from families.values()
 
     def _client_metrics(self, endpoints: Mapping[str, Endpoint[Any]]) -> Iterable[Metric]:
+        """Per (endpoint, peer host): connections, and the queues of the clients fed."""
+        connections = GaugeMetricFamily(
+            "framewire_client_connections",
+            f"An endpoint's connections from one host now (host={OTHER_CLIENTS!r}: the sum "
+            "over hosts beyond [status] metrics_max_clients)",
+            labels=["endpoint", "host"],
+        )
         queue_frames = GaugeMetricFamily(
             "framewire_client_queue_frames",
-            f"Frames queued for a server's client (client={OTHER_CLIENTS!r}: the sum over "
-            "clients beyond [status] metrics_max_clients)",
-            labels=["endpoint", "client"],
+            f"Frames queued for a server's clients on one host (host={OTHER_CLIENTS!r}: as above)",
+            labels=["endpoint", "host"],
         )
         queue_bytes = GaugeMetricFamily(
             "framewire_client_queue_bytes",
-            f"Bytes queued for a server's client (client={OTHER_CLIENTS!r}: as above)",
-            labels=["endpoint", "client"],
+            f"Bytes queued for a server's clients on one host (host={OTHER_CLIENTS!r}: as above)",
+            labels=["endpoint", "host"],
+        )
+        queue_fill = GaugeMetricFamily(
+            "framewire_client_queue_fill_ratio",
+            "The fullest queue of a server's clients on one host: its fill of its nearer "
+            "bound (frames, bytes), 0 to 1",
+            labels=["endpoint", "host"],
         )
         room = self._max_clients()
         for name, endpoint in endpoints.items():
-            other_frames = other_bytes = 0
-            others = False
+            hosts: dict[str, list[Subscription | None]] = {}
             for client in list(endpoint.status.clients.values()):
-                subscription = client.subscription
-                if subscription is None:
-                    continue
-                if room > 0:
+                host = peer_host(client.peer)
+                if host not in hosts and room <= 0:
+                    host = OTHER_CLIENTS
+                elif host not in hosts:
                     room -= 1
-                    queue_frames.add_metric([name, client.peer], subscription.queued_frames)
-                    queue_bytes.add_metric([name, client.peer], subscription.queued_bytes)
-                else:
-                    others = True
-                    other_frames += subscription.queued_frames
-                    other_bytes += subscription.queued_bytes
-            if others:
-                queue_frames.add_metric([name, OTHER_CLIENTS], other_frames)
-                queue_bytes.add_metric([name, OTHER_CLIENTS], other_bytes)
-        yield queue_frames
-        yield queue_bytes
+                hosts.setdefault(host, []).append(client.subscription)
+            for host, subscriptions in hosts.items():
+                connections.add_metric([name, host], len(subscriptions))
+                fed = [each for each in subscriptions if each is not None]
+                if not fed:
+                    continue
+                queue_frames.add_metric([name, host], sum(each.queued_frames for each in fed))
+                queue_bytes.add_metric([name, host], sum(each.queued_bytes for each in fed))
+                queue_fill.add_metric([name, host], max(fill_ratio(each) for each in fed))
+        yield from (connections, queue_frames, queue_bytes, queue_fill)
 
     def _stream_metrics(self, streams: Iterable[Stream]) -> Iterable[Metric]:
         frames = CounterMetricFamily(
@@ -447,8 +567,8 @@ class DaemonMetrics(Collector):
                 family.add_metric([name], totals[key])
             detail = status.detail
             for key, gauge in gauges.items():
-                reading = detail.get(key)
-                if isinstance(reading, (int, float)) and not isinstance(reading, bool):
+                reading = _number(detail.get(key))
+                if reading is not None:
                     gauge.add_metric([name], reading)
             connected.add_metric([name], 1 if status.state == "connected" else 0)
             if "stream_state" in detail:

@@ -307,8 +307,9 @@ class Outbox:
     def report(self) -> None:
         """Bring the endpoint's status up to date: ``frames_dropped``,
         ``detail.queue_frames`` and ``detail.queue_bytes`` (what waits in memory: the
-        subscription's queue and the frames taken and not yet done), and a memory buffer's
-        ``detail.buffer_*`` (a disk buffer reports its own)."""
+        subscription's queue and the frames taken and not yet done) with the queue's bounds
+        ``detail.queue_max_frames`` and ``detail.queue_max_bytes`` (once subscribed), and a
+        memory buffer's ``detail.buffer_*`` (a disk buffer reports its own)."""
         status = self.status
         detail = status.detail
         subscription = self.subscription
@@ -318,6 +319,9 @@ class Outbox:
         status.frames_dropped = self.frames_dropped
         detail["queue_frames"] = queued_frames + taken
         detail["queue_bytes"] = queued_bytes
+        if subscription is not None:
+            detail["queue_max_frames"] = subscription.bounds.max_frames
+            detail["queue_max_bytes"] = subscription.bounds.max_bytes
         if self.disk is not None:
             return
         full = subscription is not None and (

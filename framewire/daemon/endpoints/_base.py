@@ -243,14 +243,19 @@ class ClientInfo:
 
 @attrs.define
 class EndpointStatus:
-    """Live figures of one endpoint. Counters only grow; restarts survive restarts."""
+    """Live figures of one endpoint. Counters only grow; restarts survive restarts.
+
+    Raising :attr:`frames_in` or :attr:`frames_out` (endpoints add a whole batch at once)
+    also stamps when a frame last went that way, on :attr:`clock`: see
+    :meth:`last_frame_at`.
+    """
 
     kind: str
     state: str = "starting"
     address: list[str] = attrs.field(factory=list)
-    frames_in: int = 0
+    _frames_in: int = 0
     bytes_in: int = 0
-    frames_out: int = 0
+    _frames_out: int = 0
     bytes_out: int = 0
     frames_dropped: int = 0
     #: Frames decimation left out for clients that have gone (live clients' are added in
@@ -267,6 +272,43 @@ class EndpointStatus:
     #: Called before :attr:`detail` is read (:meth:`current_detail`), to bring figures that
     #: change without the endpoint running (a memory buffer's fill) up to date.
     refresh: Callable[[], None] | None = attrs.field(default=None, repr=False, eq=False)
+    #: The clock of the last-frame stamps (seconds; only differences mean anything).
+    clock: Callable[[], float] = attrs.field(default=time.monotonic, repr=False, eq=False)
+    #: When :attr:`frames_in` and :attr:`frames_out` last grew, on :attr:`clock`.
+    _frame_in_at: float | None = attrs.field(default=None, init=False, repr=False, eq=False)
+    _frame_out_at: float | None = attrs.field(default=None, init=False, repr=False, eq=False)
+
+    @property
+    def frames_in(self) -> int:
+        """Frames the endpoint received (from peers, or read from its source)."""
+        return self._frames_in
+
+    @frames_in.setter
+    def frames_in(self, frames: int) -> None:
+        if frames > self._frames_in:
+            self._frame_in_at = self.clock()
+        self._frames_in = frames
+
+    @property
+    def frames_out(self) -> int:
+        """Frames the endpoint wrote to peers or published into a stream."""
+        return self._frames_out
+
+    @frames_out.setter
+    def frames_out(self, frames: int) -> None:
+        if frames > self._frames_out:
+            self._frame_out_at = self.clock()
+        self._frames_out = frames
+
+    def last_frame_at(self, direction: str) -> float | None:
+        """When :attr:`frames_in` (``direction`` "in") or :attr:`frames_out` ("out") last
+        grew, on :attr:`clock`; None if it never has. Raises ValueError for another
+        ``direction``."""
+        if direction == "in":
+            return self._frame_in_at
+        if direction == "out":
+            return self._frame_out_at
+        raise ValueError(f"no direction {direction!r}: 'in' or 'out'")
 
     def current_detail(self) -> dict[str, object]:
         """A copy of :attr:`detail`, up to date (see :attr:`refresh`)."""
