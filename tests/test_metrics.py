@@ -508,3 +508,16 @@ async def test_endpoint_queues_and_their_bounds() -> None:
             assert value(samples, queue + "max_bytes", endpoint="sender") == 3 << 20
             # A server has no queue of its own (its clients' are the client series).
             assert (queue + "frames", frozenset({("endpoint", "out")})) not in samples
+
+
+def test_a_peer_host_is_its_name_without_the_port() -> None:
+    from framewire.daemon.metrics import peer_host
+
+    assert peer_host("10.0.0.5:40112") == "10.0.0.5"
+    assert peer_host("[::1]:40112") == "::1"
+    assert peer_host("[fe80::1%eth0]:5") == "fe80::1%eth0"
+    assert peer_host("camera.example.org:4536") == "camera.example.org"
+    # UNIX sockets and other streams have no port to leave out: their name is kept.
+    assert peer_host("unix:/run/framewire/cam.sock") == "unix:/run/framewire/cam.sock"
+    assert peer_host("disconnected peer") == "disconnected peer"
+    assert peer_host("MemoryStream") == "MemoryStream"
