@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from framewire import Frame, FrameKind
@@ -521,3 +523,25 @@ def test_a_peer_host_is_its_name_without_the_port() -> None:
     assert peer_host("unix:/run/framewire/cam.sock") == "unix:/run/framewire/cam.sock"
     assert peer_host("disconnected peer") == "disconnected peer"
     assert peer_host("MemoryStream") == "MemoryStream"
+
+
+async def test_an_endpoint_queue_is_read_as_it_is_while_the_endpoint_waits_on_its_peer() -> None:
+    pytest.importorskip("zmq")
+    from .rogue_peer import consecutive_free_ports
+    from .test_bridge import bridge, rogue_frame, send_blocked
+    from .test_bridge import running as bridge_running
+
+    endpoint, streams = bridge("server", consecutive_free_ports(), max_queue_frames=4)
+    outgoing = streams.get("to-rogue")
+    async with bridge_running(endpoint):
+        await outgoing.publish([rogue_frame(0, 1, 0, b"first")])
+        await trio.testing.wait_all_tasks_blocked()
+        assert send_blocked(endpoint)  # no peer: its first frame waits in a send
+        for seq in range(1, 4):
+            await outgoing.publish([rogue_frame(seq, 1, 0, b"more")])
+        await trio.testing.wait_all_tasks_blocked()
+        # The bridge takes nothing more meanwhile, and its status says what waits: the frame
+        # in the send and the three queued, at the queue's bound.
+        detail = endpoint.status.current_detail()
+        assert detail["queue_frames"] == 4
+        assert detail["queue_max_frames"] == 4
