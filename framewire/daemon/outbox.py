@@ -314,11 +314,12 @@ class Outbox:
         detail = status.detail
         subscription = self.subscription
         taken = frame_count(self._taken)
+        taken_bytes = sum(frame.size for frame in self._taken)
         queued_frames = subscription.queued_frames if subscription is not None else 0
         queued_bytes = subscription.queued_bytes if subscription is not None else 0
         status.frames_dropped = self.frames_dropped
         detail["queue_frames"] = queued_frames + taken
-        detail["queue_bytes"] = queued_bytes
+        detail["queue_bytes"] = queued_bytes + taken_bytes
         if subscription is not None:
             detail["queue_max_frames"] = subscription.bounds.max_frames
             detail["queue_max_bytes"] = subscription.bounds.max_bytes
@@ -332,6 +333,6 @@ class Outbox:
         detail["buffer_max_bytes"] = self._queue_bytes
         detail["buffer_corrupt_records"] = 0
         detail["buffer_frames"] = queued_frames + taken
-        detail["buffer_bytes"] = queued_bytes
+        detail["buffer_bytes"] = queued_bytes + taken_bytes
         detail["buffer_dropped_frames"] = self.frames_dropped
         detail["buffer_state"] = "full" if full else "ok"
