@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -15,7 +16,8 @@ import trio
 from framewire import Frame, FrameKind
 from framewire.config import Address, load_config
 from framewire.daemon import Daemon
-from framewire.daemon.endpoints import Endpoint, Transports
+from framewire.daemon.endpoints import Endpoint, ServerEndpoint, Transports
+from framewire.daemon.status import build_snapshot
 from framewire.protocols.native import END_OF_STREAM
 
 from .helpers import NativePeer, connect, port_of, running_daemon, wait_until
@@ -55,6 +57,7 @@ kind = "server"
 listen = "tcp://127.0.0.1:0"
 stream = "s"
 max_queue_frames = 200
+policy = "lossless"
 
 [endpoints.add]
 kind = "server"
@@ -89,6 +92,8 @@ async def test_reload_keeps_unchanged_clients(tmp_path: Path) -> None:
         with trio.fail_after(10):
             assert await kept.read(1) == [frame(0)]
 
+        # "change" changes a bound (which could be applied in place) and its policy (which
+        # cannot): a restart, as before.
         path.write_text(NEW)
         with trio.fail_after(20):
             assert await daemon.reload_from_file()
@@ -288,14 +293,190 @@ async def test_a_changed_endpoint_hands_its_listening_socket_to_its_successor(
             await real_start(endpoint, **kwargs)
 
         monkeypatch.setattr(daemon.supervisor, "start_endpoint", start_after_a_connect)
-        path.write_text(server("a", port_a, "max_queue_frames = 7"))
+        path.write_text(server("a", port_a, 'policy = "lossless"'))
         assert await daemon.reload_from_file()
         after = daemon.endpoints["a"]
         assert after is not before
-        assert after.config.max_queue_frames == 7
+        assert after.config.policy == "lossless"
         (client,) = between
         await wait_until(lambda: len(after.status.clients) == 1)
         await daemon.streams.get("s").publish([frame(4)])
         with trio.fail_after(10):
             assert await client.read(1) == [frame(4)]
         await client.stream.aclose()
+
+
+# -- changes applied in place: the clients stay connected ----------------------------------
+
+
+def big(i: int) -> Frame:
+    """A 64 KiB frame: 400 of them are more than any socket buffers hold."""
+    return Frame(FrameKind.DATA, "d", i.to_bytes(4, "big") * (16 << 10), timestamp=i)
+
+
+async def stall_one_of_two(daemon: Daemon) -> tuple[ServerEndpoint, trio.SocketStream, NativePeer]:
+    """A client of server "out" that never reads, and one that keeps up; 400 big frames
+    published, so the first one's queue is full and its writer waits."""
+    endpoint = daemon.endpoints["out"]
+    assert isinstance(endpoint, ServerEndpoint)
+    stalled = await trio.open_tcp_stream("127.0.0.1", port(daemon, "out"))
+    await wait_until(lambda: len(endpoint.status.clients) == 1)
+    fast = await connect(port(daemon, "out"))
+    await wait_until(lambda: len(endpoint.status.clients) == 2)
+    stream = daemon.streams.get("s")
+    frames = [big(i) for i in range(400)]
+    with trio.fail_after(30):
+        for start in range(0, len(frames), 8):
+            await stream.publish(frames[start : start + 8])
+            assert (await fast.read(start + 8))[-1] == frames[start + 7]
+    return endpoint, stalled, fast
+
+
+async def test_a_reload_changing_only_bounds_keeps_every_client(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="framewire")
+    path = tmp_path / "fw.toml"
+    path.write_text(server("out", 0, "max_queue_frames = 64"))
+    async with running(path) as daemon:
+        endpoint, stalled, fast = await stall_one_of_two(daemon)
+        clients = list(endpoint.status.clients.values())
+        slow = clients[0].subscription
+        assert slow is not None
+        queued, dropped = slow.queued_frames, slow.frames_dropped
+        assert queued > 8
+
+        path.write_text(server("out", 0, "max_queue_frames = 8"))
+        with trio.fail_after(20):
+            assert await daemon.reload_from_file()  # as SIGHUP does
+        line = "changed in place out (max_queue_frames 64 -> 8)"
+        assert daemon.last_reload is not None
+        assert daemon.last_reload["changes"] == [line]
+        assert line in caplog.text
+        # The same endpoint, the same clients with the same queues: nobody reconnected.
+        assert daemon.endpoints["out"] is endpoint
+        assert list(endpoint.status.clients.values()) == clients
+        assert daemon.config.endpoints["out"] == endpoint.config
+        assert endpoint.config.max_queue_frames == 8
+        # Status shows the new bound, and it holds: the lossy queue dropped its oldest data.
+        snapshot = build_snapshot(daemon)["endpoints"]["out"]["clients"]
+        assert [client["queue_max_frames"] for client in snapshot] == [8, 8]
+        assert slow.queued_frames == 8
+        assert slow.frames_dropped == dropped + queued - 8
+        stream = daemon.streams.get("s")
+        more = [big(i) for i in range(400, 420)]
+        with trio.fail_after(30):
+            for start in range(0, len(more), 4):
+                await stream.publish(more[start : start + 4])
+                assert slow.queued_frames <= 8
+                assert (await fast.read(400 + start + 4))[-1] == more[start + 3]
+        # The client that keeps up got every frame on its one connection.
+        assert fast.frames == [big(i) for i in range(420)]
+        assert clients[1].frames_sent == 420
+        assert clients[1].subscription is not None
+        assert clients[1].subscription.frames_dropped == 0
+        await stalled.aclose()
+        await fast.stream.aclose()
+
+
+async def test_a_reload_changing_decimation_keeps_the_client(tmp_path: Path) -> None:
+    path = tmp_path / "fw.toml"
+    path.write_text(server("out", 0))
+    async with running(path) as daemon:
+        endpoint = daemon.endpoints["out"]
+        assert isinstance(endpoint, ServerEndpoint)
+        stream = daemon.streams.get("s")
+        client = await connect(port(daemon, "out"))
+        await wait_until(lambda: len(endpoint.status.clients) == 1)
+        (info,) = endpoint.status.clients.values()
+        subscription = info.subscription
+        assert subscription is not None
+
+        async def publish(first: int, last: int) -> None:
+            for i in range(first, last + 1):  # one by one: each may go direct
+                await stream.publish([frame(i)])
+
+        async def reload(extra: str) -> list[str]:
+            path.write_text(server("out", 0, extra))
+            with trio.fail_after(20):
+                assert await daemon.reload_from_file()
+            assert daemon.last_reload is not None
+            assert daemon.endpoints["out"] is endpoint
+            return list(daemon.last_reload["changes"])
+
+        await publish(0, 1)
+        with trio.fail_after(10):
+            assert await client.read(2) == [frame(0), frame(1)]
+        assert subscription.group is not None  # written directly while idle
+
+        assert await reload("decimate = { d = 2 }") == [
+            "changed in place out (decimate {} -> {d = 2})"
+        ]
+        assert subscription.group is None  # a decimating client takes its queue
+        await publish(2, 5)
+        assert await reload("decimate = { d = 3 }") == [
+            "changed in place out (decimate {d = 2} -> {d = 3})"
+        ]
+        await publish(6, 8)  # the count goes on: the 6th frame seen is kept
+        assert await reload("") == ["changed in place out (decimate {d = 3} -> {})"]
+        assert subscription.group is not None  # and direct writes again
+        await publish(9, 10)
+        with trio.fail_after(10):
+            assert await client.read(7) == [frame(i) for i in (0, 1, 3, 5, 7, 9, 10)]
+        assert subscription.frames_decimated == 4
+        snapshot = build_snapshot(daemon)["endpoints"]["out"]
+        assert snapshot["clients"][0]["frames_decimated"] == 4
+        assert info.frames_sent == 7
+        await client.stream.aclose()
+
+
+async def test_a_reload_changing_send_timeout_applies_to_a_waiting_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stalled client's write waits under a 60 s send_timeout; the reload makes it 0.2 s:
+    that client is disconnected for it (the test waits 20 s at most), the other stays."""
+    caplog.set_level(logging.INFO, logger="framewire")
+    path = tmp_path / "fw.toml"
+    path.write_text(server("out", 0, 'send_timeout = "60s"'))
+    async with running(path) as daemon:
+        endpoint, stalled, fast = await stall_one_of_two(daemon)
+        kept = list(endpoint.status.clients.values())[1]
+        path.write_text(server("out", 0, 'send_timeout = "0.2s"'))
+        with trio.fail_after(20):
+            assert await daemon.reload_from_file()
+        assert daemon.last_reload is not None
+        assert daemon.last_reload["changes"] == ["changed in place out (send_timeout 60 -> 0.2)"]
+        await wait_until(lambda: len(endpoint.status.clients) == 1, patience=20)
+        assert list(endpoint.status.clients.values()) == [kept]
+        assert "send stalled for more than 0.2s" in caplog.text
+        await daemon.streams.get("s").publish([big(400)])
+        with trio.fail_after(10):
+            assert (await fast.read(401))[-1] == big(400)
+        await stalled.aclose()
+        await fast.stream.aclose()
+
+
+@pytest.mark.parametrize("extra", ["", "max_queue_frames = 8"], ids=["address", "and bounds"])
+async def test_a_reload_changing_the_address_still_restarts(tmp_path: Path, extra: str) -> None:
+    path = tmp_path / "fw.toml"
+    port_a, port_b = free_tcp_port(), free_tcp_port()
+    path.write_text(server("out", port_a))
+    async with running(path) as daemon:
+        before = daemon.endpoints["out"]
+        client = await connect(port_a)
+        await wait_until(lambda: len(before.status.clients) == 1)
+        path.write_text(server("out", port_b, extra))
+        with trio.fail_after(20):
+            assert await daemon.reload_from_file()
+        assert daemon.last_reload is not None
+        assert daemon.last_reload["changes"] == ["changed out"]
+        assert daemon.endpoints["out"] is not before
+        with trio.fail_after(10):
+            assert await client.read_to_end() == []  # its client was let go
+        again = await connect(port_b)
+        await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+        await daemon.streams.get("s").publish([frame(5)])
+        with trio.fail_after(10):
+            assert await again.read(1) == [frame(5)]
+        await client.stream.aclose()
+        await again.stream.aclose()

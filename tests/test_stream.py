@@ -347,3 +347,82 @@ async def test_wait_handled_returns_once_the_consumer_comes_back_or_the_subscrip
         await stream.publish(frames)
         subscription.close("gone")
         await subscription.wait_handled(subscription.handled_mark() + 3)
+
+
+# -- settings changed on a live subscription (a reload applied in place) -------------------
+
+
+async def test_a_lowered_bound_drops_a_lossy_queues_oldest_data_at_once() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=5))
+    await stream.publish([data("D1"), meta("C", "C1"), data("D2"), data("D3"), data("D4")])
+    sub.reconfigure(bounds=QueueBounds(max_frames=2))
+    assert sub.bounds.max_frames == 2
+    assert (sub.queued_frames, sub.frames_dropped) == (2, 3)
+    await stream.publish([data("D5")])  # and the new bound holds from then on
+    assert names(await receive_all(sub)) == ["C1", "D5"]
+    assert sub.frames_dropped == 4
+
+
+async def test_a_lowered_bound_drops_nothing_of_a_lossless_queue_and_holds_the_publisher() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=4), policy=Policy.LOSSLESS)
+    await stream.publish([data(f"D{i}") for i in range(4)])
+    sub.reconfigure(bounds=QueueBounds(max_frames=2))
+    assert (sub.queued_frames, sub.frames_dropped) == (4, 0)
+    published = trio.Event()
+
+    async def publish() -> None:
+        await stream.publish([data("D4")])
+        published.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publish)
+        await trio.testing.wait_all_tasks_blocked()
+        assert stream.held_by == [sub.label]
+        assert names(await sub.receive_batch(max_frames=2)) == ["D0", "D1"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert not published.is_set()  # 2 queued: still no room under the new bound
+        assert names(await sub.receive_batch(max_frames=1)) == ["D2"]
+        with trio.fail_after(5):
+            await published.wait()
+    assert names(await receive_all(sub)) == ["D3", "D4"]
+
+
+async def test_a_raised_bound_releases_a_waiting_lossless_publisher() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(bounds=QueueBounds(max_frames=1), policy=Policy.LOSSLESS)
+    await stream.publish([data("D1")])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.publish, [data("D2")])
+        await trio.testing.wait_all_tasks_blocked()
+        assert stream.held_by == [sub.label]
+        sub.reconfigure(bounds=QueueBounds(max_frames=2))
+        with trio.fail_after(5):
+            while stream.held_by:
+                await trio.testing.wait_all_tasks_blocked()
+    assert names(await receive_all(sub)) == ["D1", "D2"]
+
+
+async def test_changed_decimation_goes_on_counting_where_it_was() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe(decimate={"d": 2})
+    await stream.publish([data(f"D{i}") for i in range(1, 4)])  # keeps D2
+    sub.reconfigure(decimate={"d": 3, "e": 0})
+    await stream.publish([data(f"D{i}") for i in range(4, 8)] + [data("E", type_="e")])
+    sub.reconfigure(decimate={})
+    await stream.publish([data("D8")])
+    assert names(await receive_all(sub)) == ["D2", "D6", "D8"]
+    assert sub.frames_decimated == 6
+    with pytest.raises(ValueError, match=r"decimate\.d must be 0 or more"):
+        sub.reconfigure(decimate={"d": -1})
+    assert sub.decimate == {}
+
+
+async def test_follows_end_can_change() -> None:
+    stream = Stream("s")
+    sub = stream.subscribe()
+    sub.reconfigure(follows_end=True)
+    stream.end_of_stream("done")
+    with pytest.raises(SubscriptionClosed, match="done"):
+        await sub.receive_batch()

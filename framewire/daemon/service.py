@@ -356,8 +356,12 @@ class Daemon:
         overlapping listeners, and a trial bind of every address no running endpoint holds);
         if any cannot, :class:`ReloadRefused` is raised and nothing was touched. Then
         endpoints whose configuration is unchanged keep running and keep their clients;
-        changed and removed ones are stopped (their clients get what is queued, within the
-        grace period); changed and new ones are started. A changed endpoint on the same
+        so do changed ones whose changes are all to fields they take live
+        (:attr:`Endpoint.live_fields`: bounds, decimation, timeouts...), which are applied to
+        the running endpoint and its clients (``changed in place NAME (field old -> new,
+        ...)``) once everything else succeeded; other changed and removed ones are stopped
+        (their clients get what is queued, within the grace period); those changed and new
+        ones are started. A changed endpoint on the same
         address hands its listening socket to its successor, so the address never stops
         accepting. Should a start still fail, the previous configuration is restored and
         :class:`ReloadRefused` says why. Secret files (``token_file``, ``password_file``) are
@@ -378,15 +382,16 @@ class Daemon:
                     ]
                 )
             config = self._with_embedded_nats(config)
+            live = self._live_changes(old, config)
             touched = [
                 name
                 for name, endpoint_config in config.endpoints.items()
-                if old.endpoints.get(name) != endpoint_config
+                if old.endpoints.get(name) != endpoint_config and name not in live
             ]
             leaving = [
                 name
                 for name, endpoint_config in old.endpoints.items()
-                if config.endpoints.get(name) != endpoint_config
+                if config.endpoints.get(name) != endpoint_config and name not in live
             ]
             # The addresses of endpoints about to stop are held for their successors (and
             # so need no trial bind: they are ours).
@@ -396,18 +401,32 @@ class Daemon:
                 if isinstance(address, Address):
                     transports.hold(address)
             try:
-                problems = await self._preflight(config, touched)
+                problems = await self._preflight(config, touched, list(live))
                 if problems:
                     raise ReloadRefused(problems)
-                return await self._apply(old, config, touched, leaving)
+                return await self._apply(old, config, touched, leaving, live)
             finally:
                 await transports.release()
 
-    async def _preflight(self, config: Config, touched: list[str]) -> list[str]:
-        """What would stop the new or changed endpoints from starting, one line each."""
+    def _live_changes(self, old: Config, config: Config) -> dict[str, list[str]]:
+        """The running endpoints whose change to ``config`` can be applied in place, each
+        with its changes (see :meth:`Endpoint.live_changes`)."""
+        live: dict[str, list[str]] = {}
+        for name, endpoint_config in config.endpoints.items():
+            endpoint = self.endpoints.get(name)
+            if endpoint is None or old.endpoints.get(name) in (None, endpoint_config):
+                continue
+            changes = endpoint.live_changes(endpoint_config)
+            if changes is not None:
+                live[name] = changes
+        return live
+
+    async def _preflight(self, config: Config, touched: list[str], live: list[str]) -> list[str]:
+        """What would stop the new or changed endpoints from starting (or the ones changed
+        in place from taking their new settings), one line each."""
         problems: list[str] = []
-        if touched:
-            problems += await self._check_endpoints(config, touched)
+        if touched or live:
+            problems += await self._check_endpoints(config, touched + live)
         return problems + await self._trial_binds(config, touched)
 
     async def _check_endpoints(self, config: Config, touched: list[str]) -> list[str]:
@@ -445,7 +464,12 @@ class Daemon:
         return problems
 
     async def _apply(
-        self, old: Config, config: Config, touched: list[str], leaving: list[str]
+        self,
+        old: Config,
+        config: Config,
+        touched: list[str],
+        leaving: list[str],
+        live: dict[str, list[str]],
     ) -> list[str]:
         grace = old.daemon.grace_period
         changes: list[str] = []
@@ -487,6 +511,10 @@ class Daemon:
         if config.streams != old.streams:
             self.streams.configure(config.streams)
             changes.append("stream settings")
+        for name, lines in live.items():
+            # Once nothing can fail: the endpoint and its clients take the new values.
+            self.endpoints[name].reconfigure(config.endpoints[name])
+            changes.append(f"changed in place {name} ({', '.join(lines)})")
         if config.status != old.status:
             try:
                 await self._start_status(config.status)

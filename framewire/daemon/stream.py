@@ -456,6 +456,58 @@ class Subscription:
         if self in stream._lossy:
             stream._solo[self] = None
 
+    def reconfigure(
+        self,
+        *,
+        bounds: QueueBounds | None = None,
+        decimate: Mapping[str, int] | None = None,
+        follows_end: bool | None = None,
+    ) -> None:
+        """Apply new settings to this live subscription (a reload that changed them in
+        place); what is not given stays. Its consumer and what it has queued stay too.
+
+        New ``bounds`` are the stream's effective bounds for them (see
+        :meth:`Stream.effective_bounds`). A lossy queue above a lowered bound drops its
+        oldest DATA frames at once, counted in :attr:`frames_dropped`, as it would have to
+        queue one more; a lossless one drops nothing: its publishers wait until the consumer
+        has taken it below the new bound (a raised bound wakes them at once). New
+        ``decimate`` keeps each type's count of frames seen, so "every Nth" goes on where it
+        was. A lowered hard cap on metadata is judged at the next metadata frame queued.
+        Raises ValueError for a negative decimation (nothing is changed then), or when
+        the subscription's :attr:`group` could not take it (detach it first).
+        """
+        if decimate is not None:
+            for type_tag, every in decimate.items():
+                if every < 0:
+                    raise ValueError(f"decimate.{type_tag} must be 0 or more")
+            if decimate and self._group is not None:
+                raise ValueError(f"{self.label}: a member of a direct group cannot decimate")
+        if bounds is not None:
+            bounds = self.stream.effective_bounds(bounds)
+            blocks = (bounds.max_frames // 8, bounds.max_bytes // 8)
+            group = self._group
+            if group is not None and blocks != (group._block_frames, group._block_bytes):
+                raise ValueError(f"{self.label}: its direct group has other block limits")
+        if follows_end is not None:
+            self.follows_end = follows_end
+        if decimate is not None:
+            seen = self._seen or {}
+            self.decimate = dict(decimate) if decimate else _NO_DECIMATION
+            self._seen = {key: seen.get(key, 0) for key in decimate} if decimate else None
+        if bounds is None or self._closed is not None:
+            return
+        self.bounds = bounds
+        self._block_frames, self._block_bytes = bounds.max_frames // 8, bounds.max_bytes // 8
+        if self.policy is Policy.LOSSY:
+            if self._queued_frames > bounds.max_frames or self.queued_bytes > bounds.max_bytes:
+                self._make_room(0, 0)
+                if not self._queue:
+                    self._queue = _EMPTY
+        elif self._wake_publisher is not None:
+            # A publisher waiting for room judges the new bounds (it waits on if lowered).
+            self._wake_publisher.set()
+            self._wake_publisher = None
+
     def __enter__(self) -> Subscription:
         return self
 
@@ -974,6 +1026,12 @@ class DirectGroup(Generic[T]):
         self.bytes_total = 0
         self.written_total = 0
 
+    def rebound(self, bounds: QueueBounds) -> None:
+        """Take the block limits of its members' new ``bounds`` (a reload changed them in
+        place): reconfigure every member right after, before anything is published."""
+        self._block_frames = bounds.max_frames // 8
+        self._block_bytes = bounds.max_bytes // 8
+
     def refuses(self, subscription: Subscription) -> str | None:
         """Why ``subscription`` may not be a member (None: it may)."""
         if subscription.stream is not self.stream:
@@ -1334,17 +1392,7 @@ class Stream:
         If the cached metadata alone passes the hard cap the subscription comes back already
         closed, with the reason, so the caller can log it and disconnect the client.
         """
-        bounds = bounds or QueueBounds()
-        cache = self.metadata
-        if (cache.max_types or 0) > bounds.max_metadata_frames or (
-            cache.max_bytes or 0
-        ) > bounds.max_metadata_bytes:
-            # The cache's own size must never cut a new subscriber off at its replay.
-            bounds = attrs.evolve(
-                bounds,
-                max_metadata_frames=max(bounds.max_metadata_frames, cache.max_types or 0),
-                max_metadata_bytes=max(bounds.max_metadata_bytes, cache.max_bytes or 0),
-            )
+        bounds = self.effective_bounds(bounds or QueueBounds())
         subscription = Subscription(
             self,
             bounds=bounds,
@@ -1356,7 +1404,7 @@ class Stream:
             session_types=session_types,
             blocks_of=blocks_of,
         )
-        cached = list(cache) if replay else []
+        cached = list(self.metadata) if replay else []
         if cached:
             # Replay bypasses the ordinary bounds (it is all metadata) but not the hard cap.
             subscription.offer(cached)
@@ -1367,6 +1415,21 @@ class Stream:
             else:
                 self._lossless.append(subscription)
         return subscription
+
+    def effective_bounds(self, bounds: QueueBounds) -> QueueBounds:
+        """``bounds`` as a subscriber of this stream gets them: the hard cap on metadata
+        raised to the metadata cache's own bounds, so that the cache's replay never cuts a
+        new subscriber off."""
+        cache = self.metadata
+        if (cache.max_types or 0) > bounds.max_metadata_frames or (
+            cache.max_bytes or 0
+        ) > bounds.max_metadata_bytes:
+            return attrs.evolve(
+                bounds,
+                max_metadata_frames=max(bounds.max_metadata_frames, cache.max_types or 0),
+                max_metadata_bytes=max(bounds.max_metadata_bytes, cache.max_bytes or 0),
+            )
+        return bounds
 
     def _forget(self, subscription: Subscription) -> None:
         subscription._leave_idle()

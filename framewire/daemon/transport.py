@@ -224,6 +224,7 @@ class Connection:
         "_lowat",
         "_read_credit",
         "_read_credit_bytes",
+        "_send_scope",
         "_sending",
         "_socket",
         "bytes_received",
@@ -271,6 +272,8 @@ class Connection:
         #: raises trio.TooSlowError (and the connection is unusable). Only time spent
         #: waiting counts: a write the kernel takes at once never times out.
         self.send_timeout = math.inf
+        #: The deadline of the write :meth:`send` waits to finish, while it waits.
+        self._send_scope: trio.CancelScope | None = None
         #: Whether :meth:`send` is always a schedule point (as trio's ``send_all`` is). A
         #: writer whose loop yields elsewhere anyway (it waits on a subscription) turns it
         #: off: a write the kernel takes at once then costs no trip through the scheduler,
@@ -671,11 +674,21 @@ class Connection:
             if self.send_timeout == math.inf:
                 await self._send_waiting(rest)
             else:
-                with trio.fail_after(self.send_timeout):
+                with trio.fail_after(self.send_timeout) as self._send_scope:
                     await self._send_waiting(rest)
         finally:
             self._sending = False
+            self._send_scope = None
         self.bytes_sent += total
+
+    def change_send_timeout(self, seconds: float) -> None:
+        """Make :attr:`send_timeout` ``seconds`` (a reload changed it), for a write waiting
+        now too: its deadline becomes ``seconds`` after it began to wait (so it may pass at
+        once). A write that waits with no deadline (the timeout was infinite) keeps none."""
+        scope = self._send_scope
+        if scope is not None:
+            scope.deadline += seconds - self.send_timeout
+        self.send_timeout = seconds
 
     def _write_now(self, buffers: Sequence[Buffer], total: int) -> Sequence[Buffer]:
         """Write what the socket takes without waiting; return what is left.

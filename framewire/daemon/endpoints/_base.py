@@ -355,6 +355,11 @@ class Endpoint(Generic[ConfigT]):
     #: frame is published.
     starts_last: ClassVar[bool] = False
 
+    #: The configuration fields a reload may change on the running endpoint, keeping its
+    #: connections (see :meth:`live_changes` and :meth:`reconfigure`); a change to any other
+    #: field restarts it.
+    live_fields: ClassVar[frozenset[str]] = frozenset()
+
     def __init__(self, name: str, config: ConfigT, context: EndpointContext) -> None:
         self.name = name
         self.config = config
@@ -368,6 +373,31 @@ class Endpoint(Generic[ConfigT]):
             detail=self.status.detail,
             key="accept_failures",
         )
+
+    def live_changes(self, config: EndpointConfig) -> list[str] | None:
+        """What a reload to ``config`` changes, one ``field old -> new`` each (nested tables
+        field by field: ``reconnect.initial 0.5 -> 1``), when every change is to one of
+        :attr:`live_fields` and :meth:`reconfigure` can apply it; None when the endpoint must
+        be restarted for it (another kind, or any other field changed). Never raises."""
+        current = self.config
+        if type(config) is not type(current):
+            return None
+        changes: list[str] = []
+        for field in attrs.fields(type(config)):
+            old, new = getattr(current, field.name), getattr(config, field.name)
+            if old == new:
+                continue
+            if field.name not in self.live_fields:
+                return None
+            changes += _describe_change(field.name, old, new)
+        return changes
+
+    def reconfigure(self, config: ConfigT) -> None:
+        """Apply ``config``, whose changes :meth:`live_changes` accepted, to the running
+        endpoint and its connections (a reload). Subclasses that declare
+        :attr:`live_fields` push the new values into what exists; this base swaps
+        :attr:`config`, which is read wherever a value is used anew. Must not raise."""
+        self.config = config
 
     def request_stop(self) -> None:
         """Ask the endpoint to finish gracefully: stop accepting, let clients drain, return."""
@@ -433,6 +463,27 @@ class Endpoint(Generic[ConfigT]):
         """Cancel ``cancel_scope`` once a stop is requested (run it in the scope's nursery)."""
         await self._stop_requested.wait()
         cancel_scope.cancel()
+
+
+def _describe_change(name: str, old: object, new: object) -> list[str]:
+    """``name old -> new`` for a reload's log line; a nested table field by field."""
+    kind = type(old)
+    if attrs.has(kind) and type(new) is kind:
+        lines: list[str] = []
+        for field in attrs.fields(kind):
+            before, after = getattr(old, field.name), getattr(new, field.name)
+            if before != after:
+                lines += _describe_change(f"{name}.{field.name}", before, after)
+        return lines
+    return [f"{name} {_show(old)} -> {_show(new)}"]
+
+
+def _show(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_show(item)}" for key, item in value.items()) + "}"
+    return str(value)
 
 
 class QueueClosed(RuntimeError):

@@ -97,6 +97,19 @@ _STARTED: Final = DirectWrite.STARTED
 
 class ServerEndpoint(Endpoint[ServerConfig]):
     kind = "server"
+    #: What a reload changes for the connected clients too (see :meth:`reconfigure`).
+    live_fields = frozenset(
+        {
+            "max_clients",
+            "max_queue_frames",
+            "max_queue_bytes",
+            "max_metadata_frames",
+            "max_metadata_bytes",
+            "decimate",
+            "send_timeout",
+            "close_on_end",
+        }
+    )
 
     def __init__(self, name: str, config: ServerConfig, context: EndpointContext) -> None:
         super().__init__(name, config, context)
@@ -136,6 +149,67 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         self._direct_frames = 0
         #: The idle direct-written clients, served together (made with the first client).
         self._group: _DirectClients | None = None
+        #: Each client's connection while it is fed, by ``id`` of its ClientInfo (a reload
+        #: gives them a new send_timeout).
+        self._connections: dict[int, Connection] = {}
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Apply a reload's live changes (:attr:`live_fields`) to the running server and
+        every connected client, which stays connected: each client's queue takes the new
+        bounds (a lossy queue over a lowered bound drops its oldest data at once, see
+        :meth:`Subscription.reconfigure`), decimation (counts go on) and ``close_on_end``;
+        each connection the new ``send_timeout`` (a write waiting now too, counted from
+        when it began to wait); ``max_clients`` judges the next connection. Clients leave the direct
+        writes while they decimate; ones that were direct-written take them up again when
+        decimation ends (clients that connected while it was on keep their queue)."""
+        super().reconfigure(config)
+        canonical = self._spec.canonical_type or (lambda type_tag: type_tag)
+        decimate = {canonical(key): every for key, every in config.decimate.items()}
+        bounds = QueueBounds(
+            config.max_queue_frames,
+            config.max_queue_bytes,
+            config.max_metadata_frames,
+            config.max_metadata_bytes,
+        )
+        direct = config.policy == Policy.LOSSY.value and not decimate
+        self._full.what = f"refused clients: max_clients ({config.max_clients}) reached"
+        clients = [c.subscription for c in self.status.clients.values() if c.subscription]
+        group = self._group
+        if group is not None and not direct:
+            for subscription in clients:
+                subscription.group = None
+            self._stream.remove_group(group)
+            group = self._group = None
+        self._bounds, self._decimate, self._direct = bounds, decimate, direct
+        if group is not None:
+            group.rebound(bounds)
+        for subscription in clients:
+            subscription.reconfigure(
+                bounds=bounds, decimate=decimate, follows_end=config.close_on_end
+            )
+        if direct:
+            self._direct_again(clients)
+        for connection in self._connections.values():
+            connection.change_send_timeout(config.send_timeout)
+
+    def _direct_again(self, subscriptions: list[Subscription]) -> None:
+        """Join the clients whose writer can write directly (they were direct-written
+        before decimation began) to the endpoint's direct group, made if need be."""
+        writable = [
+            subscription
+            for subscription in subscriptions
+            if isinstance(subscription.direct, _ClientFeed)
+            and subscription.direct.connection is not None
+            and subscription.group is None
+            and not subscription.closed
+        ]
+        if not writable:
+            return
+        if self._group is None:
+            self._group = _DirectClients(self, self._stream)
+        self._stream.add_group(self._group)
+        for subscription in writable:
+            subscription.group = self._group
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -187,6 +261,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             connection = await self._establish(stream)
             if connection is None:
                 return
+            config = self.config  # a reload may have changed it during the handshake
             if len(status.clients) >= config.max_clients:
                 self._full(f"the last {connection.peer}")
                 return
@@ -267,6 +342,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             unencodable=feed.unencodable,
             on_sent=feed.sent,
         )
+        self._connections[id(client)] = connection
         try:
             if watched is not None:
                 feed.closed(await feed_client())
@@ -291,6 +367,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             subscription.group = None  # settles what the group owes it
             subscription.direct = None
             feed.connection = None
+            del self._connections[id(client)]
             if watched is not None:
                 self._hangups.remove(watched)
         return feed.reason
