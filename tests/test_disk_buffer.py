@@ -224,8 +224,11 @@ async def test_buffer_metrics_and_a_dropped_total_that_survives_a_reload(tmp_pat
             dropped = value(samples, "framewire_buffer_dropped_frames_total", endpoint="out")
             assert dropped == figures["buffer_dropped_frames"]
             assert dropped > 0
-            # A reload that changes the sender makes a new endpoint: its total goes on.
-            changed = text.replace("max_queue_frames = 64", "max_queue_frames = 32")
+            # A reload that restarts the sender (a change to its disk buffer: never applied
+            # in place) makes a new endpoint: its total goes on.
+            changed = text.replace(
+                'when_full = "drop_oldest"', 'when_full = "drop_oldest"\nsync = "batch"'
+            )
             assert await daemon.reload(parse_config(changed)) == ["changed out"]
             # The same directory, and one more frame: the stream's metadata, replayed to the
             # new endpoint's subscription (once its intake has put it in).

@@ -7,6 +7,7 @@ import logging
 import socket
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import trio
 from framewire import Frame, FrameKind
 from framewire.config import Address, load_config
 from framewire.daemon import Daemon
-from framewire.daemon.endpoints import Endpoint, ServerEndpoint, Transports
+from framewire.daemon.endpoints import Endpoint, SenderEndpoint, ServerEndpoint, Transports
 from framewire.daemon.status import build_snapshot
 from framewire.protocols.native import END_OF_STREAM
 
@@ -407,19 +408,24 @@ async def test_a_reload_changing_decimation_keeps_the_client(tmp_path: Path) -> 
         await publish(0, 1)
         with trio.fail_after(10):
             assert await client.read(2) == [frame(0), frame(1)]
-        assert subscription.group is not None  # written directly while idle
+
+        def written_directly() -> bool:
+            assert subscription is not None
+            return subscription.group is not None
+
+        assert written_directly()  # while idle
 
         assert await reload("decimate = { d = 2 }") == [
             "changed in place out (decimate {} -> {d = 2})"
         ]
-        assert subscription.group is None  # a decimating client takes its queue
+        assert not written_directly()  # a decimating client takes its queue
         await publish(2, 5)
         assert await reload("decimate = { d = 3 }") == [
             "changed in place out (decimate {d = 2} -> {d = 3})"
         ]
         await publish(6, 8)  # the count goes on: the 6th frame seen is kept
         assert await reload("") == ["changed in place out (decimate {d = 3} -> {})"]
-        assert subscription.group is not None  # and direct writes again
+        assert written_directly()  # again
         await publish(9, 10)
         with trio.fail_after(10):
             assert await client.read(7) == [frame(i) for i in (0, 1, 3, 5, 7, 9, 10)]
@@ -480,3 +486,107 @@ async def test_a_reload_changing_the_address_still_restarts(tmp_path: Path, extr
             assert await again.read(1) == [frame(5)]
         await client.stream.aclose()
         await again.stream.aclose()
+
+
+def consumer(kind: str, tmp_path: Path, far: int, queue: str) -> str:
+    """An endpoint ``x`` of ``kind`` that takes stream "s" through an outbox, with ``queue``
+    (its bounds); its far end (port ``far``) is absent, which changes nothing here."""
+    tables = {
+        "sender": f'kind = "sender"\nconnect = "tcp://127.0.0.1:{far}"\nstream = "s"',
+        "recorder": f'kind = "recorder"\npath = "{tmp_path / "out.fw"}"\nstream = "s"',
+        "link": f'kind = "link"\nconnect = "tcp://127.0.0.1:{far}"\nsubscribe = "s"',
+        "bridge": (
+            f'kind = "bridge"\nrole = "client"\naddress = "tcp://127.0.0.1:{far}"\nsubscribe = "s"'
+        ),
+        "pubsub": (
+            'kind = "pubsub"\nrole = "publisher"\naddress = "tcp://127.0.0.1:0"\nstream = "s"'
+        ),
+    }
+    return f"[endpoints.x]\n{tables[kind]}\n{queue}\n"
+
+
+@pytest.mark.parametrize("kind", ["sender", "recorder", "link", "bridge", "pubsub"])
+async def test_a_reload_changing_a_consumers_bounds_applies_them_in_place(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "fw.toml"
+    far = free_tcp_port()
+    path.write_text(consumer(kind, tmp_path, far, "max_queue_frames = 100"))
+    async with running(path) as daemon:
+        endpoint = daemon.endpoints["x"]
+        outbox = getattr(endpoint, "outbox", None)
+        assert outbox is not None
+        await wait_until(lambda: outbox.subscription is not None)
+        subscription = outbox.subscription
+        assert subscription.bounds.max_frames == 100
+        path.write_text(
+            consumer(kind, tmp_path, far, 'max_queue_frames = 200\nmax_queue_bytes = "1MiB"')
+        )
+        with trio.fail_after(20):
+            assert await daemon.reload_from_file()
+        assert daemon.last_reload is not None
+        assert daemon.last_reload["changes"] == [
+            "changed in place x (max_queue_frames 100 -> 200, max_queue_bytes 67108864 -> 1048576)"
+        ]
+        assert daemon.endpoints["x"] is endpoint
+        assert outbox.subscription is subscription
+        assert (subscription.bounds.max_frames, subscription.bounds.max_bytes) == (200, 1 << 20)
+        status = build_snapshot(daemon)["endpoints"]["x"]
+        assert status["detail"]["buffer_max_bytes"] == 1 << 20
+
+
+async def test_a_reload_changing_a_senders_bound_keeps_its_connection(tmp_path: Path) -> None:
+    """A lossy sender whose reader stalls: the lowered bound drops its oldest frames at once,
+    and the reader, on the one connection it accepted, then gets the newest frames."""
+    accepted: list[trio.SocketStream] = []
+    got_one = trio.Event()
+
+    async def reader(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        got_one.set()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, reader, 0, host="127.0.0.1"))
+        reader_port = listener.socket.getsockname()[1]
+        sender = (
+            f'[endpoints.x]\nkind = "sender"\nconnect = "tcp://127.0.0.1:{reader_port}"\n'
+            'stream = "s"\nbuffer.when_full = "drop_oldest"\n'
+        )
+        path = tmp_path / "fw.toml"
+        path.write_text(sender + "max_queue_frames = 64\n")
+        async with running(path) as daemon:
+            endpoint = daemon.endpoints["x"]
+            assert isinstance(endpoint, SenderEndpoint)
+            outbox = endpoint.outbox
+            with trio.fail_after(10):
+                await got_one.wait()
+            stream = daemon.streams.get("s")
+            for start in range(0, 400, 8):  # 25 MiB: the connection stalls
+                await stream.publish([big(i) for i in range(start, start + 8)])
+            await stream.publish([big(i) for i in range(400, 464)])  # the queue is full
+            subscription = outbox.subscription
+            assert subscription is not None
+            assert subscription.queued_frames == 64
+            dropped = subscription.frames_dropped
+
+            path.write_text(sender + "max_queue_frames = 8\n")
+            with trio.fail_after(20):
+                assert await daemon.reload_from_file()
+            assert daemon.last_reload is not None
+            assert daemon.last_reload["changes"] == [
+                "changed in place x (max_queue_frames 64 -> 8)"
+            ]
+            assert outbox.subscription is subscription
+            assert subscription.queued_frames == 8
+            assert subscription.frames_dropped == dropped + 56
+            assert endpoint.status.current_detail()["queue_frames"] == 8 + outbox.taken_frames
+            # The reader reads now: the same connection brings the newest frames, last.
+            peer = NativePeer(accepted[0])
+            with trio.fail_after(30):
+                while not peer.frames or peer.frames[-1] != big(463):
+                    await peer.read(len(peer.frames) + 1)
+            assert [frame.timestamp for frame in peer.frames[-8:]] == list(range(456, 464))
+            assert len(accepted) == 1
+            assert endpoint.status.state == "connected"
+        nursery.cancel_scope.cancel()

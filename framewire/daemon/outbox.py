@@ -47,7 +47,7 @@ from ..frame import Frame, frame_count
 from .buffer import DiskBuffer
 from .endpoints._base import EndpointStatus
 from .flow import BATCH_BYTES, BATCH_FRAMES
-from .stream import MetadataCache, Subscription, SubscriptionClosed
+from .stream import MetadataCache, QueueBounds, Subscription, SubscriptionClosed
 
 __all__ = ["Outbox", "OutboxCutOff"]
 
@@ -135,6 +135,19 @@ class Outbox:
             self.delivered.clear()
         self.report()
         return self.subscription
+
+    def rebound(self, bounds: QueueBounds, *, queue_frames: int, queue_bytes: int) -> None:
+        """A reload changed the endpoint's queue bounds in place: the live subscription takes
+        ``bounds`` now (a lossy one drops its oldest data above a lowered bound; a lossless
+        one drops nothing: see :meth:`Subscription.reconfigure`), status reports
+        ``queue_frames`` and ``queue_bytes`` as the memory queue's bounds. The endpoint's
+        ``subscribe`` makes the next subscription with them too. A disk buffer's own bounds
+        are its ``[buffer]`` table's, never changed here."""
+        self._queue_frames, self._queue_bytes = queue_frames, queue_bytes
+        subscription = self.subscription
+        if subscription is not None and not subscription.closed:
+            subscription.reconfigure(bounds=bounds)
+        self.report()
 
     def stop(self, reason: str) -> None:
         """The endpoint is stopping: end the subscription gracefully (see the module doc)."""

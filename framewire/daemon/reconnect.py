@@ -83,7 +83,7 @@ async def keep_connected(
     use: Callable[[Connection], Awaitable[str]],
     *,
     backoff: Backoff,
-    connect_timeout: float,
+    connect_timeout: float | Callable[[], float],
     status: EndpointStatus,
     log: logging.Logger,
 ) -> NoReturn:
@@ -93,17 +93,19 @@ async def keep_connected(
     ended, for the log: an :class:`Ended` for a normal end (logged at INFO), any other
     string for a problem (a WARNING). A connection that lasted
     ``backoff.config.stable_after`` resets the backoff. Connection failures (OSError, or no
-    answer within ``connect_timeout``) are retried; any other exception from ``connector``
+    answer within ``connect_timeout``, or what it returns when called before each attempt:
+    a reload may change it) are retried; any other exception from ``connector``
     or ``use`` propagates.
     """
     last_problem: str | None = None
     while True:
         status.state = "connecting"
+        timeout = connect_timeout() if callable(connect_timeout) else connect_timeout
         try:
-            with trio.fail_after(connect_timeout):
+            with trio.fail_after(timeout):
                 stream = await connector()
         except (OSError, trio.TooSlowError) as exc:
-            problem = describe_connect_error(exc, connect_timeout)
+            problem = describe_connect_error(exc, timeout)
             if problem != last_problem:
                 log.warning("cannot connect to %s: %s; retrying with backoff", address, problem)
                 last_problem = problem

@@ -380,7 +380,7 @@ class Endpoint(Generic[ConfigT]):
         :attr:`live_fields` and :meth:`reconfigure` can apply it; None when the endpoint must
         be restarted for it (another kind, or any other field changed). Never raises."""
         current = self.config
-        if type(config) is not type(current):
+        if type(config) is not type(current) or not self.takes_live_changes():
             return None
         changes: list[str] = []
         for field in attrs.fields(type(config)):
@@ -391,6 +391,11 @@ class Endpoint(Generic[ConfigT]):
                 return None
             changes += _describe_change(field.name, old, new)
         return changes
+
+    def takes_live_changes(self) -> bool:
+        """Whether :attr:`live_fields` apply to this endpoint as configured (a link without
+        ``subscribe`` has no queue to change, say); else every change restarts it."""
+        return True
 
     def reconfigure(self, config: ConfigT) -> None:
         """Apply ``config``, whose changes :meth:`live_changes` accepted, to the running

@@ -66,6 +66,23 @@ STOP_LINGER_MS: Final = 1000
 
 class BridgeEndpoint(Endpoint[BridgeConfig]):
     kind = "bridge"
+    #: What a reload changes on the running endpoint, its connections kept: its queue's
+    #: bounds, when it has a queue (see :meth:`reconfigure`).
+    live_fields = frozenset({"max_queue_frames", "max_queue_bytes"})
+
+    def takes_live_changes(self) -> bool:
+        return self.outbox is not None
+
+    def reconfigure(self, config: BridgeConfig) -> None:
+        """Apply a reload's live changes: the queue's new bounds, at once (see
+        :meth:`Outbox.rebound`)."""
+        super().reconfigure(config)
+        if self.outbox is not None:
+            self.outbox.rebound(
+                QueueBounds(config.max_queue_frames, config.queue_bytes),
+                queue_frames=config.max_queue_frames,
+                queue_bytes=config.queue_bytes,
+            )
 
     def __init__(
         self,

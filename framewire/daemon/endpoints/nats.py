@@ -113,6 +113,23 @@ PAYLOAD_MARGIN: Final = 1024
 
 class NatsEndpoint(Endpoint[NatsConfig]):
     kind = "nats"
+    #: What a reload changes on the running endpoint, its connections kept: its queue's
+    #: bounds, when it has a queue (see :meth:`reconfigure`).
+    live_fields = frozenset({"max_queue_frames", "max_queue_bytes"})
+
+    def takes_live_changes(self) -> bool:
+        return self.outbox is not None
+
+    def reconfigure(self, config: NatsConfig) -> None:
+        """Apply a reload's live changes: the queue's new bounds, at once (see
+        :meth:`Outbox.rebound`)."""
+        super().reconfigure(config)
+        if self.outbox is not None:
+            self.outbox.rebound(
+                QueueBounds(config.max_queue_frames, config.queue_bytes),
+                queue_frames=config.max_queue_frames,
+                queue_bytes=config.queue_bytes,
+            )
 
     def __init__(
         self,

@@ -126,6 +126,8 @@ def _write(handle: io.BufferedIOBase, buffers: list[Buffer]) -> None:
 
 class RecorderEndpoint(Endpoint[RecorderConfig]):
     kind = "recorder"
+    #: What a reload changes on the running recorder, its file kept open.
+    live_fields = frozenset({"max_queue_frames", "max_queue_bytes", "max_file_size"})
 
     def __init__(self, name: str, config: RecorderConfig, context: EndpointContext) -> None:
         super().__init__(name, config, context)
@@ -141,6 +143,17 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
             directory=buffer_directory(name, config.buffer),
             queue_bytes=config.queue_bytes,
             queue_frames=config.max_queue_frames,
+        )
+
+    def reconfigure(self, config: RecorderConfig) -> None:
+        """Apply a reload's live changes: the queue's bounds at once (see
+        :meth:`Outbox.rebound`); ``max_file_size`` from the next frame written. The file
+        being written stays open."""
+        super().reconfigure(config)
+        self.outbox.rebound(
+            QueueBounds(config.max_queue_frames, config.queue_bytes),
+            queue_frames=config.max_queue_frames,
+            queue_bytes=config.queue_bytes,
         )
 
     def _subscribe(self) -> Subscription:

@@ -55,6 +55,11 @@ __all__ = ["SenderEndpoint"]
 
 class SenderEndpoint(Endpoint[SenderConfig]):
     kind = "sender"
+    #: What a reload changes on the running sender, its connection kept (see
+    #: :meth:`reconfigure`).
+    live_fields = frozenset(
+        {"max_queue_frames", "max_queue_bytes", "send_timeout", "connect_timeout", "reconnect"}
+    )
 
     def __init__(
         self,
@@ -77,6 +82,23 @@ class SenderEndpoint(Endpoint[SenderConfig]):
             queue_bytes=config.queue_bytes,
             queue_frames=config.max_queue_frames,
         )
+        #: The connection to the reader while frames are sent on it.
+        self._connection: Connection | None = None
+
+    def reconfigure(self, config: SenderConfig) -> None:
+        """Apply a reload's live changes: the queue's bounds at once (see
+        :meth:`Outbox.rebound`), ``send_timeout`` to the connection's writes (one waiting
+        now too), ``reconnect`` to the next delay and ``connect_timeout`` to the next
+        attempt. The connection to the reader stays."""
+        super().reconfigure(config)
+        self.outbox.rebound(
+            QueueBounds(config.max_queue_frames, config.queue_bytes),
+            queue_frames=config.max_queue_frames,
+            queue_bytes=config.queue_bytes,
+        )
+        self.backoff.config = config.reconnect
+        if self._connection is not None:
+            self._connection.change_send_timeout(config.send_timeout)
 
     def _subscribe(self) -> Subscription:
         config = self.config
@@ -117,7 +139,7 @@ class SenderEndpoint(Endpoint[SenderConfig]):
                         config.connect,
                         self._deliver,
                         backoff=self.backoff,
-                        connect_timeout=config.connect_timeout,
+                        connect_timeout=lambda: self.config.connect_timeout,
                         status=self.status,
                         log=self.log,
                     )
@@ -145,6 +167,8 @@ class SenderEndpoint(Endpoint[SenderConfig]):
             outcome = f"a write stalled for more than {self.config.send_timeout:g}s"
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
             outcome = f"connection lost ({first_error(group)})"
+        finally:
+            self._connection = None
         return outcome
 
     async def _send_all(self, connection: Connection) -> str:
@@ -155,6 +179,7 @@ class SenderEndpoint(Endpoint[SenderConfig]):
         # scope per batch); the loop waits on the outbox between writes, which yields, so a
         # write the kernel takes at once need not.
         connection.send_timeout = self.config.send_timeout
+        self._connection = connection
         connection.yield_on_send = False
         outbox.rewind()
         replay = await outbox.metadata()
