@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from framewire import Frame, FrameKind
-from framewire.config import Address, load_config
+from framewire.config import Address, load_config, parse_config
 from framewire.daemon import Daemon
 from framewire.daemon.endpoints import Endpoint, SenderEndpoint, ServerEndpoint, Transports
 from framewire.daemon.status import build_snapshot
@@ -451,7 +451,7 @@ async def test_a_reload_changing_send_timeout_applies_to_a_waiting_write(
         with trio.fail_after(20):
             assert await daemon.reload_from_file()
         assert daemon.last_reload is not None
-        assert daemon.last_reload["changes"] == ["changed in place out (send_timeout 60 -> 0.2)"]
+        assert daemon.last_reload["changes"] == ["changed in place out (send_timeout 1m -> 0.2s)"]
         await wait_until(lambda: len(endpoint.status.clients) == 1, patience=20)
         assert list(endpoint.status.clients.values()) == [kept]
         assert "send stalled for more than 0.2s" in caplog.text
@@ -526,7 +526,7 @@ async def test_a_reload_changing_a_consumers_bounds_applies_them_in_place(
             assert await daemon.reload_from_file()
         assert daemon.last_reload is not None
         assert daemon.last_reload["changes"] == [
-            "changed in place x (max_queue_frames 100 -> 200, max_queue_bytes 67108864 -> 1048576)"
+            "changed in place x (max_queue_frames 100 -> 200, max_queue_bytes 64MiB -> 1MiB)"
         ]
         assert daemon.endpoints["x"] is endpoint
         assert outbox.subscription is subscription
@@ -590,3 +590,48 @@ async def test_a_reload_changing_a_senders_bound_keeps_its_connection(tmp_path: 
             assert len(accepted) == 1
             assert endpoint.status.state == "connected"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_senders_timeouts_and_backoff_change_in_place() -> None:
+    far = free_tcp_port()
+    table = f'[endpoints.x]\nkind = "sender"\nconnect = "tcp://127.0.0.1:{far}"\nstream = "s"\n'
+    async with running_daemon(table) as daemon:
+        endpoint = daemon.endpoints["x"]
+        assert isinstance(endpoint, SenderEndpoint)
+        changed = table + 'send_timeout = "5s"\nconnect_timeout = "2s"\nreconnect.initial = "1s"\n'
+        with trio.fail_after(20):
+            changes = await daemon.reload(parse_config(changed))
+        assert changes == [
+            "changed in place x (reconnect.initial 0.5s -> 1s, connect_timeout 10s -> 2s, "
+            "send_timeout 30s -> 5s)"
+        ]
+        assert daemon.endpoints["x"] is endpoint
+        assert isinstance(endpoint, SenderEndpoint)
+        assert endpoint.backoff.config.initial == 1.0
+        assert endpoint.config.connect_timeout == 2.0
+
+
+async def test_a_lowered_max_clients_keeps_the_connected_clients_and_refuses_the_next(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "fw.toml"
+    path.write_text(server("out", 0, "max_clients = 4"))
+    async with running(path) as daemon:
+        endpoint = daemon.endpoints["out"]
+        first, second = await connect(port(daemon, "out")), await connect(port(daemon, "out"))
+        await wait_until(lambda: len(endpoint.status.clients) == 2)
+        path.write_text(server("out", 0, "max_clients = 1"))
+        with trio.fail_after(20):
+            assert await daemon.reload_from_file()
+        assert daemon.last_reload is not None
+        assert daemon.last_reload["changes"] == ["changed in place out (max_clients 4 -> 1)"]
+        third = await connect(port(daemon, "out"))
+        with trio.fail_after(10):
+            assert await third.read_to_end() == []  # refused: closed at once
+        assert endpoint.status.detail["clients_refused"] == 1
+        await daemon.streams.get("s").publish([frame(1)])
+        with trio.fail_after(10):
+            assert await first.read(1) == [frame(1)]
+            assert await second.read(1) == [frame(1)]
+        for peer in (first, second, third):
+            await peer.stream.aclose()

@@ -10,7 +10,7 @@ from typing import ClassVar, Final, Generic, TypeVar
 import attrs
 import trio
 
-from ...config import Address, EndpointConfig, TLSConfig
+from ...config import Address, EndpointConfig, TLSConfig, format_duration, format_size
 from ..lograte import RateLimitedWarning
 from ..stream import StreamRegistry, Subscription
 from ..transport import (
@@ -389,7 +389,7 @@ class Endpoint(Generic[ConfigT]):
                 continue
             if field.name not in self.live_fields:
                 return None
-            changes += _describe_change(field.name, old, new)
+            changes += _describe_change(field.name, old, new, _type_name(type(config), field.name))
         return changes
 
     def takes_live_changes(self) -> bool:
@@ -470,24 +470,37 @@ class Endpoint(Generic[ConfigT]):
         cancel_scope.cancel()
 
 
-def _describe_change(name: str, old: object, new: object) -> list[str]:
-    """``name old -> new`` for a reload's log line; a nested table field by field."""
-    kind = type(old)
-    if attrs.has(kind) and type(new) is kind:
+def _describe_change(name: str, old: object, new: object, kind: str) -> list[str]:
+    """``name old -> new`` for a reload's log line, values as a file would write them (of
+    the field type ``kind``: sizes and durations with their units); a nested table field by
+    field."""
+    cls = type(old)
+    if attrs.has(cls) and type(new) is cls:
         lines: list[str] = []
-        for field in attrs.fields(kind):
+        for field in attrs.fields(cls):
             before, after = getattr(old, field.name), getattr(new, field.name)
             if before != after:
-                lines += _describe_change(f"{name}.{field.name}", before, after)
+                kind = _type_name(cls, field.name)
+                lines += _describe_change(f"{name}.{field.name}", before, after, kind)
         return lines
-    return [f"{name} {_show(old)} -> {_show(new)}"]
+    return [f"{name} {_show(old, kind)} -> {_show(new, kind)}"]
 
 
-def _show(value: object) -> str:
+def _type_name(cls: type, name: str) -> str:
+    """The annotation of field ``name`` of the config class ``cls`` as written
+    (``PositiveDuration``); the field's own type is resolved (an Annotated type)."""
+    return str(getattr(cls, "__annotations__", {}).get(name, ""))
+
+
+def _show(value: object, kind: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and kind.endswith("Size"):
+        return format_size(value)
+    if isinstance(value, int | float) and kind.endswith("Duration"):
+        return format_duration(value)
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {_show(item)}" for key, item in value.items()) + "}"
+        return "{" + ", ".join(f"{key} = {item}" for key, item in value.items()) + "}"
     return str(value)
 
 
