@@ -159,9 +159,10 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         bounds (a lossy queue over a lowered bound drops its oldest data at once, see
         :meth:`Subscription.reconfigure`), decimation (counts go on) and ``close_on_end``;
         each connection the new ``send_timeout`` (a write waiting now too, counted from
-        when it began to wait); ``max_clients`` judges the next connection. Clients leave the direct
-        writes while they decimate; ones that were direct-written take them up again when
-        decimation ends (clients that connected while it was on keep their queue)."""
+        when it began to wait); ``max_clients`` judges the next connection. Clients leave
+        the direct writes while they decimate; ones that were direct-written take them up
+        again when decimation ends (clients that connected while it was on keep their
+        queue). Never raises: the new values passed the same checks as at start."""
         super().reconfigure(config)
         canonical = self._spec.canonical_type or (lambda type_tag: type_tag)
         decimate = {canonical(key): every for key, every in config.decimate.items()}
