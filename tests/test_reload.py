@@ -19,7 +19,7 @@ from framewire.config import Address, load_config, parse_config
 from framewire.daemon import Daemon
 from framewire.daemon.endpoints import Endpoint, SenderEndpoint, ServerEndpoint, Transports
 from framewire.daemon.status import build_snapshot
-from framewire.protocols.native import END_OF_STREAM
+from framewire.protocols.native import END_OF_STREAM, KEEPALIVE
 
 from .helpers import NativePeer, connect, port_of, running_daemon, wait_until
 
@@ -635,3 +635,53 @@ async def test_a_lowered_max_clients_keeps_the_connected_clients_and_refuses_the
             assert await second.read(1) == [frame(1)]
         for peer in (first, second, third):
             await peer.stream.aclose()
+
+
+async def test_a_links_bounds_and_backoff_change_in_place_on_its_connection(
+    tmp_path: Path,
+) -> None:
+    accepted: list[trio.SocketStream] = []
+    got_one = trio.Event()
+
+    async def peer(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await stream.send_all(KEEPALIVE)  # the link is up once its peer said something
+        got_one.set()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, peer, 0, host="127.0.0.1"))
+        table = (
+            f'[endpoints.x]\nkind = "link"\nconnect = "tcp://127.0.0.1:'
+            f'{listener.socket.getsockname()[1]}"\nsubscribe = "s"\ntimeout = "1h"\n'
+        )
+        path = tmp_path / "fw.toml"
+        path.write_text(table)
+        async with running(path) as daemon:
+            endpoint = daemon.endpoints["x"]
+            with trio.fail_after(10):
+                await got_one.wait()
+            await wait_until(lambda: endpoint.status.state == "up")
+            path.write_text(
+                table + 'max_queue_frames = 8\nconnect_timeout = "2s"\nreconnect.maximum = "5s"\n'
+            )
+            with trio.fail_after(20):
+                assert await daemon.reload_from_file()
+            assert daemon.last_reload is not None
+            assert daemon.last_reload["changes"] == [
+                "changed in place x (reconnect.maximum 30s -> 5s, connect_timeout 10s -> 2s, "
+                "max_queue_frames 1024 -> 8)"
+            ]
+            assert daemon.endpoints["x"] is endpoint
+            assert getattr(endpoint, "backoff").config.maximum == 5.0  # noqa: B009
+            outbox = getattr(endpoint, "outbox")  # noqa: B009
+            assert outbox.subscription.bounds.max_frames == 8
+            # The same connection carries the next frame.
+            await daemon.streams.get("s").publish([frame(9)])
+            reader = NativePeer(accepted[0])
+            with trio.fail_after(10):
+                while frame(9) not in reader.frames:
+                    await reader.read(len(reader.frames) + 1)
+            assert len(accepted) == 1
+            assert endpoint.status.state == "up"
+        nursery.cancel_scope.cancel()

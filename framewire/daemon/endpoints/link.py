@@ -190,19 +190,25 @@ class _WatchedDecoder:
 
 class LinkEndpoint(Endpoint[LinkConfig]):
     kind = "link"
-    #: What a reload changes on the running endpoint, its connections kept: its queue's
-    #: bounds, when it has a queue (see :meth:`reconfigure`).
+    #: What a reload changes on the running endpoint, its connection kept (see
+    #: :meth:`reconfigure`).
     live_fields = frozenset(
-        {"max_queue_frames", "max_queue_bytes", "max_metadata_frames", "max_metadata_bytes"}
+        {
+            "max_queue_frames",
+            "max_queue_bytes",
+            "max_metadata_frames",
+            "max_metadata_bytes",
+            "connect_timeout",
+            "reconnect",
+        }
     )
-
-    def takes_live_changes(self) -> bool:
-        return self.outbox is not None
 
     def reconfigure(self, config: LinkConfig) -> None:
         """Apply a reload's live changes: the queue's new bounds, at once (see
-        :meth:`Outbox.rebound`)."""
+        :meth:`Outbox.rebound`; a link without ``subscribe`` has no queue), ``reconnect``
+        to the next delay and ``connect_timeout`` to the next attempt (connect mode)."""
         super().reconfigure(config)
+        self.backoff.config = config.reconnect
         if self.outbox is not None:
             self.outbox.rebound(
                 QueueBounds(
@@ -383,11 +389,12 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         while True:
             self._set_state("connecting")
             problem: str | None
+            timeout = self.config.connect_timeout  # a reload may change it
             try:
-                with trio.fail_after(config.connect_timeout):
+                with trio.fail_after(timeout):
                     stream = await connector()
             except (OSError, trio.TooSlowError) as exc:
-                problem = "cannot connect: " + describe_connect_error(exc, config.connect_timeout)
+                problem = "cannot connect: " + describe_connect_error(exc, timeout)
             else:
                 connected_at = trio.current_time()
                 self._announce_up = flapping is None
@@ -402,7 +409,8 @@ class LinkEndpoint(Endpoint[LinkConfig]):
                 problem = None if outcome.heard else outcome.reason
                 if outcome.heard:
                     last_problem = None
-                    stable = trio.current_time() - connected_at >= config.reconnect.stable_after
+                    stable_after = self.backoff.config.stable_after
+                    stable = trio.current_time() - connected_at >= stable_after
                     if stable:
                         self.backoff.reset()
                     if stable or outcome.reason != flapping:
