@@ -116,7 +116,9 @@ EXPECTED: dict[str, Any] = {
         "max_clients": 4,
         "metrics_max_clients": 20,
     },
-    "streams": {"camera": {"max_metadata_types": 32, "max_metadata_bytes": 8 << 20}},
+    "streams": {
+        "camera": {"max_metadata_types": 32, "max_metadata_bytes": 8 << 20, "history": None}
+    },
     "endpoints": {
         "g3-in": {
             "kind": "receiver",
@@ -415,6 +417,18 @@ ERROR_CASES: list[tuple[str, str]] = [
     (
         "[streams.cam]\nmax_types = 5",
         "streams.cam.max_types: unknown key (did you mean 'max_metadata_types'?)",
+    ),
+    (
+        "[streams.cam.history]\nmax_bytes = '16KiB'",
+        "streams.cam.history.max_bytes: a history needs at least 1MiB, got 16384",
+    ),
+    (
+        "[streams.cam.history]\nmax_bytes = '16MiB'\nmax_age = -1",
+        "streams.cam.history.max_age: expected a duration of 0 or more seconds, got -1",
+    ),
+    (
+        "[streams.cam.history]\nmax_age = '10s'",
+        "streams.cam.history.max_bytes: required key missing",
     ),
     (
         '[endpoints.r]\nkind = "receiver"\nlisten = "tcp://127.0.0.1:1"\nstream = "s"\n'

@@ -22,6 +22,7 @@ __all__ = [
     "BackoffConfig",
     "BridgeConfig",
     "BufferConfig",
+    "HistoryConfig",
     "Config",
     "DaemonConfig",
     "Duration",
@@ -1220,13 +1221,43 @@ class NatsServerConfig:
     stop_timeout: PositiveDuration = 10.0
 
 
+#: The least a stream's history may be bounded to.
+MIN_HISTORY: Final = 1 << 20
+
+
+@attrs.frozen
+class HistoryConfig:
+    """``[streams.NAME.history]``: keep the stream's recent frames on disk, time-indexed
+    (:class:`framewire.spool.StreamHistory`), so native clients can rewind (``--since``).
+
+    ``max_bytes`` bounds the files on disk (the oldest segment goes first), ``max_age``
+    (seconds; optional) drops what is older. ``path`` defaults to ``history/NAME`` under the
+    daemon's state directory (resolved by the daemon). ``max_queue_bytes`` bounds what the
+    stream hands to the history's writer and it has not written yet: beyond it, frames are
+    dropped from the history (and counted), never held back from the live stream.
+    """
+
+    max_bytes: PositiveSize
+    max_age: PositiveDuration | None = None
+    path: FilePath | None = None
+    max_queue_bytes: PositiveSize = 64 << 20
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_bytes < MIN_HISTORY:
+            raise FieldError(
+                "max_bytes",
+                f"a history needs at least {format_size(MIN_HISTORY)}, got {self.max_bytes}",
+            )
+
+
 @attrs.frozen
 class StreamConfig:
     """``[streams.NAME]``: bounds of one stream's metadata cache (streams not listed get the
-    defaults). A producer whose metadata would pass them is refused."""
+    defaults; a producer whose metadata would pass them is refused), and its history."""
 
     max_metadata_types: PositiveInt = 256
     max_metadata_bytes: PositiveSize = 64 << 20
+    history: HistoryConfig | None = None
 
 
 @attrs.frozen
