@@ -225,3 +225,27 @@ def test_bounds_hold_and_replay_is_an_ordered_suffix(
     if number:
         assert got == [str(i) for i in range(number - len(got), number)]
         assert got  # the newest batch is always kept
+
+
+def test_reader_from_a_sequence_number_goes_on_without_metadata(tmp_path: Path) -> None:
+    with StreamHistory.open(tmp_path / "h", max_bytes=1 << 20, segment_size=500) as history:
+        history.append([meta("Cal", 0)], T0)
+        for i in range(30):
+            history.append([data(i), data(100 + i)], T0 + i * S)
+        assert history.stats().segments > 3
+        # Frame 0 is the metadata; data i is 1 + 2i, data 100 + i is 2 + 2i.
+        got = ids(read_all(history.reader_from(1 + 2 * 12 + 1, 1 + 2 * 20)))
+        assert got == ["112", *[x for i in range(13, 20) for x in (str(i), str(100 + i))]]
+        reader = history.reader_from(history.next_seq, history.next_seq)
+        assert read_all(reader) == []
+        assert reader.frames_missed == 0
+
+
+def test_a_seq_gap_counts_frames_missed(tmp_path: Path) -> None:
+    with StreamHistory.open(tmp_path / "h", max_bytes=1 << 20) as history:
+        history.append([data(0)], T0)
+        history.append([data(1)], T0 + S, seq=5)
+        assert history.next_seq == 6
+        reader = history.reader(0)
+        assert ids(read_all(reader)) == ["0", "1"]
+        assert reader.frames_missed == 4

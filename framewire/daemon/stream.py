@@ -63,7 +63,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final, Generic, NoReturn, TypeVar
+from typing import Any, Final, Generic, NoReturn, Protocol, TypeVar
 
 import attrs
 import outcome
@@ -1128,6 +1128,12 @@ class Hold:
         return _since(self.since)
 
 
+class HistorySink(Protocol):
+    """What a stream hands each publish to when it keeps a history."""
+
+    def offer(self, frames: Sequence[Frame], count: int, size: int) -> None: ...
+
+
 class Stream:
     """A named channel with a metadata cache. See the module docstring."""
 
@@ -1151,6 +1157,10 @@ class Stream:
         self._lossless: list[Subscription] = []
         self.frames_in = 0
         self.bytes_in = 0
+        #: Where every publish is also offered, synchronously, when the stream keeps a
+        #: history (:class:`~framewire.daemon.history.HistoryWriter`); its ``offer`` never
+        #: waits or raises.
+        self.history: HistorySink | None = None
         #: Publishes so far. A direct writer keys the encoding it shares among its clients
         #: by it and the identity of the frames it is offered (alive while the publish is).
         self.publishes = 0
@@ -1427,6 +1437,8 @@ class Stream:
         self.frames_in += count
         self.bytes_in += size
         self.publishes += 1
+        if self.history is not None and count:
+            self.history.offer(frames, count, size)
         blocks = count != len(frames)
         split: Sequence[Frame] | None = None if blocks else frames
         # A snapshot, taken before the groups run: offering may end or close a subscription,

@@ -50,7 +50,7 @@ Failures: :class:`SpoolLocked` (another history has the directory open),
 :class:`SpoolIOError` / :class:`SpoolDiskFull` (an append could not be written: it is cut
 off again and the caller counts the frames as dropped), :class:`SpoolClosed`. Corruption in
 a kept segment never raises: the reader skips bad records (as the spool's decoder does) and
-counts them in :attr:`HistoryReader.corrupt_records`.
+counts them in :attr:`HistoryReader.frames_missed`.
 
 Threads: appends and trims come from one thread at a time (the daemon's writer task, one
 ``trio.to_thread`` hop per batch). Readers (:meth:`StreamHistory.reader`) may run in other
@@ -360,9 +360,15 @@ class StreamHistory:
         """The sequence number the next frame appended will get."""
         return self._next_seq
 
-    def append(self, frames: Sequence[Frame], arrival_ns: int | None = None) -> int:
+    def append(
+        self, frames: Sequence[Frame], arrival_ns: int | None = None, *, seq: int | None = None
+    ) -> int:
         """Append ``frames`` (one batch: one index entry, arrival ``arrival_ns``, default
         the clock's now); blocks are split. Return the sequence number of the first.
+
+        ``seq`` (at least :attr:`next_seq`) numbers the first frame: the numbers skipped
+        stand for frames the history lost on the way in (a reader counts them in
+        :attr:`HistoryReader.frames_missed`).
 
         Rolls to a new segment when the active one is full, then deletes the oldest
         segments until the files are within ``max_bytes`` and drops segments older than
@@ -381,7 +387,7 @@ class StreamHistory:
                 flat += frame.frames()
             else:
                 flat.append(frame)
-        first = self._next_seq
+        first = self._next_seq if seq is None else max(seq, self._next_seq)
         if not flat:
             return first
         records: list[bytes] = []
@@ -527,6 +533,16 @@ class StreamHistory:
             metadata_now = list(self._metadata.values())
         return HistoryReader(self, segments, since_ns, end, metadata_now)
 
+    def reader_from(self, seq: int, end_seq: int) -> HistoryReader:
+        """A reader of the frames numbered from ``seq`` up to ``end_seq``, without the
+        metadata prefix (for a reader that goes on where another stopped). Frames of the
+        range no longer kept are counted in :attr:`HistoryReader.frames_missed`."""
+        if self._closed:
+            raise SpoolClosed(f"history {self.path} is closed")
+        with self._lock:
+            segments = [attrs.evolve(s) for s in self._segments]
+        return HistoryReader(self, segments, 0, end_seq, [], from_seq=seq)
+
     def stats(self) -> HistoryStats:
         with self._lock:
             segments = list(self._segments)
@@ -630,15 +646,17 @@ class HistoryReader:
         since_ns: int,
         end_seq: int,
         metadata_now: list[Frame],
+        *,
+        from_seq: int | None = None,
     ) -> None:
         self._history = history
         self.end_seq = end_seq
         #: Set when the time asked for was before the oldest frame kept: the reader starts
         #: at the oldest instead (its arrival time here).
         self.clamped: int | None = None
-        #: Frames skipped because their records were corrupt, or their segment was deleted
+        #: Frames in the range read that it could not return: lost on the way in (the
+        #: writer was behind or a write failed), corrupt on disk, or in a segment deleted
         #: (trimmed) before the reader reached it.
-        self.corrupt_records = 0
         self.frames_missed = 0
         self._segments = [s for s in segments if s.first_seq < end_seq]
         self._pending: list[tuple[int, Frame]] = []
@@ -653,7 +671,43 @@ class HistoryReader:
         #: 0 when there is none).
         self.start_seq = end_seq
         self.start_ns = 0
-        self._start(since_ns, metadata_now)
+        self._from = -1
+        if from_seq is None:
+            self._start(since_ns, metadata_now)
+        else:
+            self._start_at(from_seq)
+
+    def _start_at(self, seq: int) -> None:
+        segments = self._segments
+        # The last segment that starts at or before seq (or the first one).
+        while len(segments) > 1 and segments[1].first_seq <= seq:
+            segments.pop(0)
+        if not segments or seq >= self.end_seq:
+            self._done = True
+            self.frames_missed += max(0, self.end_seq - seq)
+            return
+        segment = segments[0]
+        entries = self._history._read_index(segment.first_seq)
+        before = [entry for entry in entries if entry.seq <= seq]
+        start = before[-1] if before else (entries[0] if entries else None)
+        fd = self._open(segment) if start is not None else -1
+        if start is None or fd < 0:
+            self._decoder = None  # read() moves on to the next segment
+            self._next = seq
+            return
+        if start.seq > seq:
+            self.frames_missed += start.seq - seq
+        self._from = seq
+        self.start_seq, self.start_ns = max(seq, start.seq), start.time_ns
+        self._entries, self._entry = entries, entries.index(start)
+        self._file = fd
+        self._position = start.offset
+        self._decoder = SegmentDecoder(
+            max_record_size=self._history.max_record_size,
+            offset=start.offset,
+            last_seq=start.seq - 1,
+        )
+        self._next = start.seq
 
     def _start(self, since_ns: int, metadata_now: list[Frame]) -> None:
         history = self._history
@@ -749,15 +803,18 @@ class HistoryReader:
             if event.seq >= self.end_seq:
                 self._done = True
                 break
+            if event.seq < self._from:
+                self._next = event.seq + 1
+                continue
             if event.seq != self._next:
-                self.corrupt_records += event.seq - self._next
+                self.frames_missed += event.seq - self._next
             self._next = event.seq + 1
             while self._entry + 1 < len(entries) and entries[self._entry + 1].seq <= event.seq:
                 self._entry += 1
             try:
                 frame = frame_of(event)
             except ProtocolError:
-                self.corrupt_records += 1
+                self.frames_missed += 1
                 continue
             arrival = entries[self._entry].time_ns if entries else self.start_ns
             out.append((arrival, frame))
