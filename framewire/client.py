@@ -32,6 +32,7 @@ for frames you move yourself. Datalink frames carry no headers, so arrays need `
 from __future__ import annotations
 
 import collections
+import datetime
 import importlib.util
 import math
 import socket
@@ -42,6 +43,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import trio
 
 from . import protocols
@@ -49,6 +51,7 @@ from .config import Address, parse_address
 from .daemon.keepalive import KeepaliveConnection, send_keepalives
 from .daemon.transport import connector_for, tls_connector
 from .frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
+from .protocols import native
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -57,9 +60,12 @@ __all__ = [
     "BlockingClient",
     "Client",
     "ConnectionClosed",
+    "RewindRefused",
+    "RewindStart",
     "array_from_frame",
     "frame_from_array",
     "open_client",
+    "rewind_request",
 ]
 
 #: Default largest frame a client accepts.
@@ -77,6 +83,76 @@ class ConnectionClosed(ConnectionError):
     def __init__(self, message: str, *, clean: bool) -> None:
         super().__init__(message)
         self.clean = clean
+
+
+class RewindRefused(ConnectionError):
+    """A rewind (``since=``) the server did not serve: it refused it (the message says
+    why: a time in the future, a bad rate...), or it did not answer at all (its stream
+    keeps no history, or it is an older framewire): then it serves live frames only."""
+
+
+@attrs.frozen
+class RewindStart:
+    """The server's answer to a rewind: the arrival time (ns since the epoch, the server's
+    clock) of the first frame it replays, the time asked for, and whether the history
+    starts later than asked (``clamped``)."""
+
+    start_ns: int
+    asked_ns: int
+    clamped: bool
+    rate: str
+
+
+def rewind_request(
+    since: float | datetime.timedelta | datetime.datetime, rate: str | float = "full"
+) -> bytes:
+    """The REQUEST frame for a rewind (docs/protocol.md): ``since`` is a span back from the
+    server's now (seconds, or a timedelta) or a time (an aware datetime); ``rate`` is
+    ``"full"``, ``"original"`` or a factor of the original speed. Raises ValueError for a
+    naive datetime or a negative span (the server checks the rest and refuses politely)."""
+    headers: dict[str, str] = {}
+    if isinstance(since, datetime.datetime):
+        if since.tzinfo is None:
+            raise ValueError("since: a datetime needs a time zone (e.g. datetime.UTC)")
+        delta = since - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+        headers["since_ns"] = str(
+            (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+        )
+    else:
+        seconds = since.total_seconds() if isinstance(since, datetime.timedelta) else since
+        if not seconds >= 0:
+            raise ValueError(f"since: expected a span of 0 or more seconds, got {since!r}")
+        headers["ago_ns"] = str(round(seconds * 1e9))
+    headers["rate"] = rate if isinstance(rate, str) else repr(float(rate))
+    return native.encode_control(native.KIND_REQUEST, headers)
+
+
+def rewind_answer(notices: list[native.Notice], frames_before: bool) -> RewindStart | None:
+    """The server's answer to a rewind, from the NOTICE frames decoded so far: a
+    :class:`RewindStart`, or None while none came and no frame either. Raises
+    :class:`RewindRefused` for a refusal, or when a frame came first (no answer will come)."""
+    for notice in notices:
+        if notice.what == "refused":
+            raise RewindRefused(
+                f"the server refused the rewind: {notice.headers.get('reason', 'no reason')}"
+            )
+        if notice.what == "rewind":
+            headers = notice.headers
+            try:
+                return RewindStart(
+                    int(headers.get("start_ns", "0")),
+                    int(headers.get("asked_ns", "0")),
+                    headers.get("clamped") == "1",
+                    headers.get("rate", "full"),
+                )
+            except ValueError:
+                raise RewindRefused(f"a rewind answer that makes no sense: {headers}") from None
+    if frames_before:
+        raise RewindRefused(
+            "the server did not answer the rewind request: its stream keeps no history, or "
+            "it is an older framewire (it serves live frames only)"
+        )
+    return None
 
 
 def _parse(
@@ -208,6 +284,26 @@ class Client:
         self._encoder = spec.make_encoder()
         self._decoder = spec.make_decoder(max_frame_size)
         self._received: collections.deque[Frame] = collections.deque()
+        #: After a rewind (``since=``): where the server's replay starts.
+        self.rewind: RewindStart | None = None
+        self._rewind_pending = False
+
+    def _expect_rewind(self) -> None:
+        decoder = self._decoder
+        if not isinstance(decoder, native.NativeDecoder):
+            raise ValueError("since= needs protocol='native'")
+        decoder.notices = []
+        self._rewind_pending = True
+
+    def _check_rewind(self) -> None:
+        decoder = self._decoder
+        assert isinstance(decoder, native.NativeDecoder)
+        assert decoder.notices is not None
+        answer = rewind_answer(decoder.notices, bool(self._received) or decoder.ended)
+        if answer is not None:
+            self.rewind = answer
+            self._rewind_pending = False
+            decoder.notices.clear()
 
     async def send(self, frame: Frame) -> None:
         """Send one frame. Raises trio.BrokenResourceError if the peer is gone, ValueError
@@ -232,13 +328,19 @@ class Client:
         received, decoder = self._received, self._decoder
         while not received:
             if decoder.ended:
+                if self._rewind_pending:
+                    self._check_rewind()
                 raise ConnectionClosed("the peer ended its stream", clean=True)
             with trio.move_on_after(math.inf if self.peer_timeout is None else self.peer_timeout):
                 nbytes = await self.connection.receive_into(decoder.get_buffer())
                 if nbytes == 0:
+                    if self._rewind_pending:
+                        self._check_rewind()
                     decoder.end_of_input()
                     raise ConnectionClosed("the peer closed the connection", clean=True)
                 received.extend(decoder.buffer_updated(nbytes))
+                if self._rewind_pending:
+                    self._check_rewind()
                 continue
             raise TimeoutError(f"nothing from the peer for {self.peer_timeout:g}s")
         return received.popleft()
@@ -285,6 +387,8 @@ async def open_client(
     max_frame_size: int = MAX_FRAME_SIZE,
     ssl_context: ssl.SSLContext | None = None,
     server_name: str | None = None,
+    since: float | datetime.timedelta | datetime.datetime | None = None,
+    rate: str | float = "full",
 ) -> AsyncIterator[Client]:
     """Connect to ``address`` and yield a :class:`Client`.
 
@@ -300,7 +404,16 @@ async def open_client(
     trio.TooSlowError when connecting (handshake included) takes longer than
     ``connect_timeout``, ValueError for a bad address or protocol, or TLS settings for an
     address that is not ``tls://``. The connection is closed on the way out.
+
+    Rewind (native servers whose stream keeps a history): ``since`` asks to start that many
+    seconds (or a timedelta) back, or at a time (an aware datetime); ``rate`` is ``"full"``
+    (as fast as the client reads), ``"original"`` or a factor of it. The client receives
+    the metadata current then, the history, then the live stream with no gap or duplicate;
+    :attr:`Client.rewind` says where the replay started once the first frame is received.
+    :meth:`Client.receive` raises :class:`RewindRefused` if the server refused (a time in
+    the future, an absurd rate) or did not answer (no history there, or an older server).
     """
+    request = None if since is None else rewind_request(since, rate)
     parsed, context = _parse(address, ssl_context, server_name)
     protocols.get(protocol)
     connect = connector_for(parsed)
@@ -318,6 +431,9 @@ async def open_client(
         stream, protocol=protocol, max_frame_size=max_frame_size, peer_timeout=peer_timeout
     )
     try:
+        if request is not None:
+            client._expect_rewind()
+            await client.connection.send([request])
         async with trio.open_nursery() as nursery:
             if keepalive is not None:
                 nursery.start_soon(

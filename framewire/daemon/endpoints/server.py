@@ -50,22 +50,26 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import ClassVar, Final, TypeAlias
+from typing import ClassVar, Final, Literal, TypeAlias
 
 import trio
 
 from ... import protocols
 from ...config import ServerConfig
 from ...frame import Buffer, Frame, frame_count
+from ...protocols import ProtocolError
+from ...spool import SpoolError
 from ..flow import (
     UnencodableFrames,
     close_when_peer_leaves,
     describe_loss,
     first_error,
+    send_frames,
     send_subscription,
 )
+from ..history import HistoryWriter
 from ..lograte import RateLimitedWarning
 from ..stream import (
     DirectGroup,
@@ -78,6 +82,14 @@ from ..stream import (
 )
 from ..transport import Connection, HangupWatch, bound_addresses, nbytes_of, set_send_buffer
 from ._base import ClientInfo, Endpoint, EndpointContext
+from ._rewind import (
+    RewindRefused,
+    RewindRequest,
+    parse_rewind,
+    read_request,
+    refuse,
+    replay_history,
+)
 
 __all__ = ["DIRECT_MAX_BYTES", "ServerEndpoint"]
 
@@ -136,6 +148,8 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         self._direct_frames = 0
         #: The idle direct-written clients, served together (made with the first client).
         self._group: _DirectClients | None = None
+        #: Frames rewinds lacked because the history had not kept them.
+        self._rewind_missed = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -194,35 +208,52 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 self._size_send_buffer(connection, config.send_buffer)
             # The endpoint's one stream (a registry never replaces a stream it made).
             served = self._stream = self.context.streams.get(config.stream)
+            rewind = await self._rewind_request(connection, served)
+            if rewind is False:
+                return
             if self._direct:
                 if self._group is None:
                     self._group = _DirectClients(self, served)
                 served.add_group(self._group)
-            subscription = served.subscribe(
-                bounds=self._bounds,
-                policy=Policy(config.policy),
-                decimate=self._decimate,
-                label=f"{self.name} {connection.peer}",
-                owner=self.name,
-                follows_end=config.close_on_end,
-                session_types=self._spec.session_metadata_types,
-                blocks_of=config.protocol,
-            )
-            client = ClientInfo(connection.peer, subscription=subscription)
+
+            def subscribe(replay: bool = True) -> Subscription:
+                return served.subscribe(
+                    bounds=self._bounds,
+                    policy=Policy(config.policy),
+                    decimate=self._decimate,
+                    label=f"{self.name} {connection.peer}",
+                    owner=self.name,
+                    follows_end=config.close_on_end,
+                    replay=replay,
+                    session_types=self._spec.session_metadata_types,
+                    blocks_of=config.protocol,
+                )
+
+            client = ClientInfo(connection.peer)
+            if rewind is None:
+                client.subscription = subscribe()
             key = id(client)
             status.clients[key] = client
             self.log.info("client %s connected (%d now)", connection.peer, len(status.clients))
             try:
-                reason = await self._feed_client(connection, client)
+                reason = None
+                if rewind is not None:
+                    reason = await self._rewind(connection, client, served, rewind, subscribe)
+                if reason is None:
+                    reason = await self._feed_client(connection, client)
             finally:
-                subscription.close("client gone")
+                subscription = client.subscription
+                if subscription is not None:
+                    subscription.close("client gone")
+                    status.frames_dropped += subscription.frames_dropped
+                    status.frames_decimated += subscription.frames_decimated
                 del status.clients[key]
-                status.frames_dropped += subscription.frames_dropped
-                status.frames_decimated += subscription.frames_decimated
+            dropped = subscription.frames_dropped if subscription is not None else 0
+            decimated = subscription.frames_decimated if subscription is not None else 0
             left_out = [
                 f"{count} {what}"
                 for count, what in (
-                    (subscription.frames_decimated, "decimated"),
+                    (decimated, "decimated"),
                     (client.frames_unencodable, f"not {config.protocol}"),
                 )
                 if count
@@ -233,11 +264,84 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 reason,
                 client.frames_sent,
                 client.bytes_sent,
-                subscription.frames_dropped,
+                dropped,
                 "".join(f"; {text}" for text in left_out),
             )
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _rewind_request(
+        self, connection: Connection, served: Stream
+    ) -> RewindRequest | Literal[False] | None:
+        """The rewind a native client of a stream with a history asks for (see
+        :mod:`._rewind`): None when it asks for none (or the stream keeps no history: then
+        nothing is read and nothing waited for), False when the client was refused or sent
+        a bad request (one log line; the caller closes the connection)."""
+        writer = served.history
+        if self.config.protocol != "native" or not isinstance(writer, HistoryWriter):
+            return None
+        try:
+            headers = await read_request(connection)
+            return None if headers is None else parse_rewind(headers, writer.clock())
+        except RewindRefused as refusal:
+            self.log.info("client %s: rewind refused: %s", connection.peer, refusal)
+            await refuse(connection, str(refusal))
+        except (ProtocolError, trio.TooSlowError) as exc:
+            why = "no whole request in time" if isinstance(exc, trio.TooSlowError) else exc
+            self.log.info("client %s: bad request, disconnected: %s", connection.peer, why)
+        except trio.BrokenResourceError as exc:
+            self.log.info("client %s: connection lost (%s)", connection.peer, describe_loss(exc))
+        return False
+
+    async def _rewind(
+        self,
+        connection: Connection,
+        client: ClientInfo,
+        served: Stream,
+        request: RewindRequest,
+        subscribe: Callable[[bool], Subscription],
+    ) -> str | None:
+        """Replay the history to ``client`` from the time asked for, up to the seam with the
+        live stream; set the client's live subscription. Returns why the client is done if
+        the replay ended it, else None (then feed it live)."""
+        writer = served.history
+        assert isinstance(writer, HistoryWriter)
+        config = self.config
+        status = self.status
+        encoder = self._spec.make_encoder()
+
+        def unencodable(frame: Frame, error: ValueError) -> None:
+            client.frames_unencodable += 1
+            self._unencodable(frame, error)
+
+        async def send(frames: list[Frame]) -> None:
+            count, nbytes = await send_frames(
+                connection, encoder, frames, unencodable, send_timeout=config.send_timeout
+            )
+            status.frames_out += count
+            status.bytes_out += nbytes
+            client.count_sent(count, nbytes)
+
+        try:
+            subscription, missed = await replay_history(
+                connection, writer, request, lambda: subscribe(False), send
+            )
+        except SpoolError as exc:
+            return f"the rewind failed: {exc}"
+        except trio.TooSlowError:
+            return f"send stalled for more than {config.send_timeout:g}s"
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            return f"connection lost ({describe_loss(exc)})"
+        client.subscription = subscription
+        if missed:
+            self._rewind_missed += missed
+            status.detail["rewind_frames_missed"] = self._rewind_missed
+            self.log.info(
+                "client %s: the rewind lacked %d frames the history did not keep",
+                connection.peer,
+                missed,
+            )
+        return None
 
     async def _feed_client(self, connection: Connection, client: ClientInfo) -> str:
         subscription = client.subscription

@@ -1,0 +1,284 @@
+"""Stream history and rewind through a real daemon and real sockets: the seam with the live
+stream, the metadata at the point, pacing, restarts, refusals, old clients, transports.
+
+Frames are published into the daemon's stream by the test, and the history's arrival clock
+is replaced by one the test moves 50 ms per frame: a 20 frame/s stream without waiting for
+it (the rewind itself runs on real sockets and the real worker threads)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from framewire import Frame, FrameKind
+from framewire.client import Client, RewindRefused, open_client, rewind_request
+from framewire.daemon import Daemon
+from framewire.daemon.history import HistoryWriter
+from framewire.protocols.native import KIND_REQUEST, encode_control
+
+from .helpers import connect, endpoint_port, running_daemon, wait_until
+from .test_tls_unix import Pki, tmp  # noqa: F401 - tmp is a fixture
+
+S = 1_000_000_000
+T0 = 1_800_000_000 * S
+STEP = S // 20  # 20 frames a second
+
+CONFIG = """
+[streams.s.history]
+max_bytes = "16MiB"
+path = "{path}"
+
+[endpoints.out]
+kind = "server"
+listen = "{listen}"
+protocol = "native"
+stream = "s"
+max_queue_frames = 100000
+{extra}
+"""
+
+
+class FakeArrival:
+    """The history's arrival clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def data(i: int) -> Frame:
+    return Frame(FrameKind.DATA, "d", b"x" * 32, i, {"seq": str(i)})
+
+
+def cal(version: int) -> Frame:
+    return Frame(FrameKind.METADATA, "cal", b"cal%d" % version, 0)
+
+
+@asynccontextmanager
+async def daemon_with_history(
+    directory: Path, listen: str = "tcp://127.0.0.1:0", extra: str = ""
+) -> AsyncIterator[tuple[Daemon, FakeArrival]]:
+    config = CONFIG.format(path=directory / "history", listen=listen, extra=extra)
+    async with running_daemon(config) as daemon:
+        clock = FakeArrival()
+        daemon.histories["s"].clock = clock  # type: ignore[assignment]
+        yield daemon, clock
+
+
+async def publish(daemon: Daemon, clock: FakeArrival, first: int, count: int) -> None:
+    """Frames ``first`` .. ``first + count - 1``, one per 50 ms of arrival time; a new
+    calibration at frame 150."""
+    stream = daemon.streams.get("s")
+    for i in range(first, first + count):
+        if i == 150:
+            await stream.publish([cal(2)])
+        await stream.publish([data(i)])
+        clock.now += STEP
+
+
+async def written(daemon: Daemon) -> None:
+    writer = daemon.histories["s"]
+    with trio.fail_after(10):
+        await writer.wait_written(writer.assigned)
+
+
+def seqs(frames: list[Frame]) -> list[int]:
+    return [int(frame.headers["seq"]) for frame in frames if not frame.is_metadata]
+
+
+async def receive(client: Client, count: int) -> list[Frame]:
+    frames: list[Frame] = []
+    with trio.fail_after(20):
+        while len(frames) < count:
+            frames.append(await client.receive())
+    return frames
+
+
+def address_of(daemon: Daemon) -> str:
+    return f"tcp://127.0.0.1:{endpoint_port(daemon, 'out')}"
+
+
+async def test_rewind_10s_then_live_without_gap_or_duplicate(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await daemon.streams.get("s").publish([cal(1)])
+        await publish(daemon, clock, 0, 400)  # 20 s at 20 frames/s
+        await written(daemon)
+        async with trio.open_nursery() as nursery:
+            # The producer goes on while the client rewinds: the seam falls somewhere in it.
+            async def go_on() -> None:
+                for start in range(400, 1400, 10):
+                    await publish(daemon, clock, start, 10)
+                    await trio.sleep(0.001)
+
+            async with open_client(address_of(daemon), since=10) as client:
+                nursery.start_soon(go_on)
+                frames = await receive(client, 1 + 1200)
+                assert client.rewind is not None
+                assert client.rewind.start_ns == T0 + 200 * STEP
+                assert not client.rewind.clamped
+        # The calibration current 10 s back (the second one), then every frame once.
+        assert frames[0] == cal(2)
+        assert seqs(frames[1:]) == list(range(200, 1400))
+        assert all(not frame.is_metadata for frame in frames[1:])
+
+
+async def test_the_metadata_comes_in_order_within_the_replay(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await daemon.streams.get("s").publish([cal(1)])
+        await publish(daemon, clock, 0, 200)
+        await written(daemon)
+        async with open_client(address_of(daemon), since=(clock.now - (T0 + 140 * STEP)) / S) as c:
+            frames = await receive(c, 1 + 10 + 1 + 50)
+        assert frames[0] == cal(1)
+        assert seqs(frames[1:11]) == list(range(140, 150))
+        assert frames[11] == cal(2)
+        assert seqs(frames[12:]) == list(range(150, 200))
+
+
+async def test_a_time_given_as_a_datetime(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await publish(daemon, clock, 0, 100)
+        await written(daemon)
+        when = datetime.datetime.fromtimestamp((T0 + 60 * STEP) / S, tz=datetime.UTC)
+        async with open_client(address_of(daemon), since=when) as client:
+            frames = await receive(client, 40)
+            assert client.rewind is not None
+            assert client.rewind.asked_ns == T0 + 60 * STEP
+        assert seqs(frames) == list(range(60, 100))
+
+
+async def test_original_rate_paces_the_replay(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await publish(daemon, clock, 0, 200)
+        await written(daemon)
+        # 5 s of history at 10 times the original speed: the last frame (4.95 s after the
+        # first) no sooner than 0.495 s after the request.
+        began = trio.current_time()
+        async with open_client(address_of(daemon), since=5, rate=10) as client:
+            first = await receive(client, 1)
+            rest = await receive(client, 100)  # with the calibration at 150
+            took = trio.current_time() - began
+            assert client.rewind is not None
+            assert client.rewind.rate == "10"
+        assert seqs(first + rest) == list(range(100, 200))
+        assert took >= 99 * STEP / S / 10
+
+
+async def test_restart_keeps_the_history(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await daemon.streams.get("s").publish([cal(1)])
+        await publish(daemon, clock, 0, 100)
+        await written(daemon)
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        clock.now = T0 + 200 * STEP
+        await publish(daemon, clock, 100, 20)
+        await written(daemon)
+        async with open_client(address_of(daemon), since=3600) as client:
+            frames = await receive(client, 1 + 120)
+            assert client.rewind is not None
+            assert client.rewind.clamped  # the history starts later than an hour back
+        assert frames[0] == cal(1)  # from the first run, on disk
+        assert seqs(frames[1:]) == list(range(120))
+
+
+async def test_refusals_are_clear(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await publish(daemon, clock, 0, 10)
+        future = datetime.datetime.fromtimestamp((clock.now + 3600 * S) / S, tz=datetime.UTC)
+        for since, rate, why in (
+            (future, "full", "in the future"),
+            (1, "1e9", "at most 1000"),
+            (1, "0", "above 0"),
+            (1, "fast", "expected full, original or a factor"),
+        ):
+            async with open_client(address_of(daemon), since=since, rate=rate) as client:
+                with trio.fail_after(10), pytest.raises(RewindRefused, match=why):
+                    await client.receive()
+
+
+async def test_an_oversized_request_closes_the_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="framewire")
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await publish(daemon, clock, 0, 10)
+        peer = await connect(endpoint_port(daemon, "out"))
+        # Headers 60 KiB long: over the 4 KiB a request may have. One log line, closed.
+        big = encode_control(KIND_REQUEST, {"a": "b"})[:28]
+        big = big[:8] + (60_000).to_bytes(4, "little") + big[12:]
+        await peer.stream.send_all(big)
+        with trio.fail_after(10):
+            assert await peer.read_to_end() == []
+        await peer.stream.aclose()
+    bad = [r.getMessage() for r in caplog.records if "bad request" in r.getMessage()]
+    assert len(bad) == 1
+    assert "a control frame of 60028 bytes (at most 4096)" in bad[0]
+
+
+async def test_an_old_client_that_sends_nothing_is_served_as_ever(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await daemon.streams.get("s").publish([cal(1)])
+        await publish(daemon, clock, 0, 10)
+        peer = await connect(endpoint_port(daemon, "out"))
+        await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+        await publish(daemon, clock, 10, 5)
+        with trio.fail_after(10):
+            frames = await peer.read(6)
+        assert frames[0] == cal(1)
+        assert seqs(frames[1:]) == list(range(10, 15))
+        await peer.stream.aclose()
+
+
+async def test_a_server_without_history_does_not_answer(tmp_path: Path) -> None:
+    config = CONFIG.replace("[streams.s.history]", "[streams.other.history]").format(
+        path=tmp_path / "h", listen="tcp://127.0.0.1:0", extra=""
+    )
+    async with running_daemon(config) as daemon:
+        await daemon.streams.get("s").publish([cal(1)])
+        async with open_client(address_of(daemon), since=10) as client:
+            with trio.fail_after(10), pytest.raises(RewindRefused, match="did not answer"):
+                await client.receive()
+
+
+async def test_rewind_over_unix_and_tls(tmp: Path) -> None:  # noqa: F811 - the fixture
+    pki = Pki(tmp)
+    tls = f'[endpoints.out.tls]\ncertificate = "{pki.server_cert}"\nkey = "{pki.server_cert}"'
+    context = ssl.create_default_context(cafile=pki.ca_file)
+    for listen, extra in ((f"unix://{tmp}/out.sock", ""), ("tls://127.0.0.1:0", tls)):
+        async with daemon_with_history(tmp / listen[:3], listen, extra) as (daemon, clock):
+            await publish(daemon, clock, 0, 100)
+            await written(daemon)
+            address = listen if listen.startswith("unix") else address_of(daemon)
+            address = address.replace("tcp://", "tls://")
+            kwargs = {"ssl_context": context} if "tls" in address else {}
+            async with open_client(address, since=1, **kwargs) as client:  # type: ignore[arg-type]
+                frames = await receive(client, 20)
+        assert seqs(frames) == list(range(80, 100))
+
+
+def test_the_request_frame() -> None:
+    with pytest.raises(ValueError, match="time zone"):
+        rewind_request(datetime.datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="0 or more"):
+        rewind_request(-1)
+    assert rewind_request(0.5, "original")[3] == KIND_REQUEST
+
+
+async def test_history_figures(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await publish(daemon, clock, 0, 100)
+        await written(daemon)
+        writer: HistoryWriter = daemon.histories["s"]
+        detail = writer.detail()
+        assert detail["frames_dropped"] == 0
+        assert detail["queued_frames"] == 0
+        assert detail["span_seconds"] == pytest.approx(99 * STEP / S)
