@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import logging
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -282,3 +284,48 @@ async def test_history_figures(tmp_path: Path) -> None:
         assert detail["frames_dropped"] == 0
         assert detail["queued_frames"] == 0
         assert detail["span_seconds"] == pytest.approx(99 * STEP / S)
+
+
+async def run_recv(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [sys.executable, "-m", "framewire", "recv", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+async def test_framewire_recv_since(tmp: Path) -> None:  # noqa: F811 - the fixture
+    pki = Pki(tmp)
+    tls = f'[endpoints.out.tls]\ncertificate = "{pki.server_cert}"\nkey = "{pki.server_cert}"'
+    for listen, extra in (
+        ("tcp://127.0.0.1:0", ""),
+        (f"unix://{tmp}/out.sock", ""),
+        ("tls://127.0.0.1:0", tls),
+    ):
+        async with daemon_with_history(tmp / listen[:3], listen, extra) as (daemon, clock):
+            await daemon.streams.get("s").publish([cal(1)])
+            await publish(daemon, clock, 0, 100)
+            await written(daemon)
+            address = listen
+            if not listen.startswith("unix"):
+                address = address_of(daemon).replace("tcp://", listen[:6])
+            ca = ["--ca", pki.ca_file] if listen.startswith("tls") else []
+            done = await run_recv(address, *ca, "--since", "2s", "--count", "41")
+            assert done.returncode == 0, done.stderr
+            lines = done.stdout.decode().splitlines()
+            assert lines[0].split()[:2] == ["METADATA", "cal"]
+            assert [int(line.split()[-1]) for line in lines[1:]] == list(range(60, 100))
+            assert "framewire recv: rewound to 2027-01-15T08:00:03.000Z" in done.stderr.decode()
+            refused = await run_recv(address, *ca, "--since", "2s", "--rate", "1e9")
+            assert refused.returncode != 0
+            assert "the server refused the rewind: rate '1e9'" in refused.stderr.decode()
+
+
+async def test_framewire_recv_since_usage() -> None:
+    done = await run_recv("tcp://127.0.0.1:9", "--since", "2026-12-07T10:00:00")
+    assert done.returncode == 2
+    assert b"give the time zone" in done.stderr
+    done = await run_recv("tcp://127.0.0.1:9", "--rate", "original")
+    assert b"--rate: applies to --since only" in done.stderr
