@@ -23,6 +23,7 @@ from framewire import Frame, FrameKind
 from framewire.client import Client, RewindRefused, open_client, rewind_request
 from framewire.daemon import Daemon
 from framewire.daemon.history import HistoryWriter
+from framewire.daemon.status import build_snapshot
 from framewire.protocols.native import KIND_REQUEST, encode_control
 
 from .helpers import connect, endpoint_port, running_daemon, wait_until
@@ -329,3 +330,15 @@ async def test_framewire_recv_since_usage() -> None:
     assert b"give the time zone" in done.stderr
     done = await run_recv("tcp://127.0.0.1:9", "--rate", "original")
     assert b"--rate: applies to --since only" in done.stderr
+
+
+async def test_status_shows_the_history(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await publish(daemon, clock, 0, 20)
+        await written(daemon)
+        streams = build_snapshot(daemon)["streams"]
+        history = streams["s"]["history"]
+        assert history["frames_dropped"] == 0
+        assert history["oldest_ns"] == T0
+        assert history["newest_ns"] == T0 + 19 * STEP
+        assert history["bytes"] > 20 * 60
