@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from framewire.frame import Frame, FrameKind
+from framewire.protocols.native import NativeBlock, NativeEncoder
 from framewire.spool import SpoolLocked, StreamHistory
 from framewire.spool._history import (
     INDEX_ENTRY_SIZE,
@@ -249,3 +250,41 @@ def test_a_seq_gap_counts_frames_missed(tmp_path: Path) -> None:
         reader = history.reader(0)
         assert ids(read_all(reader)) == ["0", "1"]
         assert reader.frames_missed == 4
+
+
+def native_block(first: int, count: int) -> NativeBlock:
+    frames = [
+        Frame(FrameKind.DATA, "d", i.to_bytes(4, "little") * 8, i)
+        for i in range(first, first + count)
+    ]
+    wire = b"".join(bytes(b) for f in frames for b in NativeEncoder().encode(f))
+    return NativeBlock("d", wire, count, first)
+
+
+def test_a_native_block_is_one_record_of_many_frames(tmp_path: Path) -> None:
+    path = tmp_path / "h"
+    with StreamHistory.open(path, max_bytes=1 << 20) as history:
+        history.append([meta("Cal", 0)], T0)
+        history.append([native_block(0, 50), data(50)], T0 + S)
+        history.append([native_block(51, 20)], T0 + 2 * S)
+        assert history.next_seq == 1 + 71
+        got = read_all(history.reader(T0 + S // 2))
+        assert [type(f) for _, f in got] == [Frame, NativeBlock, Frame, NativeBlock]
+        assert [f.nframes for _, f in got] == [1, 50, 1, 20]
+        assert got[1][1].wire == native_block(0, 50).wire
+        block = got[1][1]
+        assert isinstance(block, NativeBlock)
+        assert ids([(0, f) for f in block.frames()]) == list(map(str, range(50)))
+    # A damaged block costs its frames, counted; the rest is read.
+    segment = next(path.glob("*.seg"))
+    raw = bytearray(segment.read_bytes())
+    wire = native_block(0, 50).wire
+    assert isinstance(wire, bytes)
+    at = raw.find(wire) + 500
+    raw[at] ^= 0xFF
+    segment.write_bytes(bytes(raw))
+    with StreamHistory.open(path, max_bytes=1 << 20) as history:
+        reader = history.reader(T0 + S // 2)
+        got = read_all(reader)
+        assert [f.nframes for _, f in got] == [1, 1, 20]
+        assert reader.frames_missed == 50

@@ -80,10 +80,11 @@ import attrs
 
 from ..frame import Buffer, Frame, FrameBlock
 from ..protocols import ProtocolError
-from ..protocols.native import NativeEncoder
+from ..protocols.native import HEADER, NativeBlock, NativeEncoder
 from ._errors import RecordTooLarge, SpoolClosed, SpoolDiskFull, SpoolIOError, SpoolLocked
 from ._format import (
     DEFAULT_MAX_RECORD_SIZE,
+    RECORD_HEADER_SIZE,
     SEGMENT_APPENDED,
     SEGMENT_HEADER_SIZE,
     Record,
@@ -93,6 +94,7 @@ from ._format import (
     crc32c,
     encode_record,
     frame_of,
+    pack_record_header,
     parse_segment_name,
     segment_name,
 )
@@ -112,6 +114,9 @@ INDEX_ENTRY_SIZE: Final = 32
 _CRC: Final = struct.Struct("<I")
 _MAX_SEGMENT: Final = 64 << 20
 _READ_CHUNK: Final = 1 << 20
+_IOV_MAX: Final = 1024
+#: Records at least this large are read one by one, straight into their own objects.
+_LARGE_RECORD: Final = 16 << 10
 
 
 # -- the time index, sans-IO ----------------------------------------------------------------
@@ -381,66 +386,82 @@ class StreamHistory:
         if self._closed:
             raise SpoolClosed(f"history {self.path} is closed")
         now = self._clock() if arrival_ns is None else arrival_ns
-        flat: list[Frame] = []
-        for frame in frames:
-            if isinstance(frame, FrameBlock):
-                flat += frame.frames()
-            else:
-                flat.append(frame)
+        # Each record: its buffers, its size, its frames (a native block is one record of
+        # several frames, one sequence number each; other blocks are split).
+        records: list[tuple[list[Buffer], int, Frame]] = []
         first = self._next_seq if seq is None else max(seq, self._next_seq)
-        if not flat:
+        number = first
+        for frame in frames:
+            parts = (
+                [frame]
+                if not isinstance(frame, FrameBlock) or _native_block(frame)
+                else frame.frames()
+            )
+            for part in parts:
+                buffers: list[Buffer] = []
+                if isinstance(part, FrameBlock):
+                    wire = part.wire
+                    assert wire is not None
+                    buffers += (
+                        pack_record_header(number, False, len(wire), crc32c(wire), block=True),
+                        wire,
+                    )
+                    size = RECORD_HEADER_SIZE + len(wire)
+                else:
+                    size = encode_record(number, part, self._encoder, buffers)
+                if size > self.max_record_size:
+                    raise RecordTooLarge(
+                        f"history {self.path}: a frame of {size} bytes is over the record "
+                        f"limit of {self.max_record_size}"
+                    )
+                records.append((buffers, size, part))
+                number += part.nframes
+        if not records:
             return first
-        records: list[bytes] = []
-        for offset, frame in enumerate(flat):
-            buffers: list[Buffer] = []
-            size = encode_record(first + offset, frame, self._encoder, buffers)
-            if size > self.max_record_size:
-                raise RecordTooLarge(
-                    f"history {self.path}: a frame of {size} bytes is over the record limit "
-                    f"of {self.max_record_size}"
-                )
-            records.append(b"".join(buffers))
         # A batch larger than a segment is cut into chunks, each in one segment with an
         # index entry of its own (the same arrival time).
         start = 0
-        while start < len(flat):
-            stop, size = start + 1, len(records[start])
-            while stop < len(flat) and size + len(records[stop]) <= self.segment_size:
-                size += len(records[stop])
+        chunk_first = first
+        while start < len(records):
+            stop, size = start + 1, records[start][1]
+            while stop < len(records) and size + records[stop][1] <= self.segment_size:
+                size += records[stop][1]
                 stop += 1
-            self._append_chunk(first + start, flat[start:stop], records[start:stop], now)
+            chunk = records[start:stop]
+            self._append_chunk(chunk_first, chunk, size, now)
+            chunk_first += sum(part.nframes for _, _, part in chunk)
             start = stop
         return first
 
     def _append_chunk(
-        self, first: int, frames: Sequence[Frame], records: list[bytes], now: int
+        self, first: int, records: list[tuple[list[Buffer], int, Frame]], nbytes: int, now: int
     ) -> None:
-        data = b"".join(records)
         if self._seg_fd < 0 or (
-            self._seg_size > SEGMENT_HEADER_SIZE and self._seg_size + len(data) > self.segment_size
+            self._seg_size > SEGMENT_HEADER_SIZE and self._seg_size + nbytes > self.segment_size
         ):
             self._roll(first, now)
         segment = self._segments[-1]
         offset = self._seg_size
         entry = encode_index_entry(IndexEntry(first, now, offset))
         try:
-            _write_all(self._seg_fd, data)
+            _writev_all(self._seg_fd, [buffer for buffers, _, _ in records for buffer in buffers])
             _write_all(self._idx_fd, entry)
         except OSError as exc:
             self._undo(offset)
             raise _io_error(self.path, "append", exc) from exc
-        self._seg_size += len(data)
+        self._seg_size += nbytes
         self._idx_size += INDEX_ENTRY_SIZE
+        count = sum(part.nframes for _, _, part in records)
         with self._lock:
             if not segment.first_time:
                 segment.first_time = now
             segment.last_time = max(segment.last_time, now)
-            segment.nbytes += len(data) + INDEX_ENTRY_SIZE
-            self._next_seq = first + len(frames)
-        for frame in frames:
+            segment.nbytes += nbytes + INDEX_ENTRY_SIZE
+            self._next_seq = first + count
+        for _, _, frame in records:
             if frame.is_metadata:
                 self._metadata[frame.type] = frame
-        self.frames_appended += len(frames)
+        self.frames_appended += count
         self.trim(now)
 
     def _undo(self, offset: int) -> None:
@@ -672,6 +693,7 @@ class HistoryReader:
         self.start_seq = end_seq
         self.start_ns = 0
         self._from = -1
+        self._large = False
         if from_seq is None:
             self._start(since_ns, metadata_now)
         else:
@@ -791,7 +813,14 @@ class HistoryReader:
         if decoder is None or self._file < 0:
             self._next_segment()
             return 0
-        chunk = os.pread(self._file, _READ_CHUNK, self._position)
+        # Large records are read as the decoder asks (header, then exactly the payload, which
+        # it then keeps without a copy); small ones a chunk at a time.
+        want = decoder.wanted()
+        chunk = os.pread(
+            self._file,
+            want if self._large or want >= _LARGE_RECORD else _READ_CHUNK,
+            self._position,
+        )
         if not chunk:
             self._next_segment()
             return 0
@@ -800,6 +829,7 @@ class HistoryReader:
         for event in decoder.feed(chunk):
             if not isinstance(event, Record):
                 continue
+            self._large = len(event.payload) >= _LARGE_RECORD
             if event.seq >= self.end_seq:
                 self._done = True
                 break
@@ -812,10 +842,12 @@ class HistoryReader:
             while self._entry + 1 < len(entries) and entries[self._entry + 1].seq <= event.seq:
                 self._entry += 1
             try:
-                frame = frame_of(event)
+                frame = _block_of(event) if event.block else frame_of(event)
             except ProtocolError:
+                # A block's other frames are counted from the gap to the next record.
                 self.frames_missed += 1
                 continue
+            self._next = event.seq + frame.nframes
             arrival = entries[self._entry].time_ns if entries else self.start_ns
             out.append((arrival, frame))
             size += frame.size
@@ -871,6 +903,60 @@ class HistoryReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _native_block(frame: FrameBlock) -> bool:
+    """Whether ``frame`` is kept as one BLOCK record: a native block (its wire is native
+    DATA frames back to back, as :class:`~framewire.protocols.native.NativeBlock` holds)."""
+    return frame.wire_protocol == "native" and frame.wire is not None
+
+
+def _block_of(record: Record) -> FrameBlock:
+    """The native block a BLOCK record holds. Raises :class:`ProtocolError` unless its
+    payload is DATA frames of one type without headers or flags, back to back, exactly."""
+    wire = record.payload
+    unpack = HEADER.unpack_from
+    position, end, count = 0, len(wire), 0
+    type_raw = b""
+    timestamp = 0
+    while position < end:
+        if end - position < 28:
+            raise ProtocolError(f"record {record.seq}: a block that ends inside a header")
+        magic, version, kind, type_len, flags, headers, _, payload_len, stamp = unpack(
+            wire, position
+        )
+        raw = wire[position + 28 : position + 28 + type_len]
+        if count == 0:
+            type_raw, timestamp = raw, stamp
+        if magic != b"FW" or version != 1 or kind or flags or headers or raw != type_raw:
+            raise ProtocolError(f"record {record.seq}: a block holds a frame it may not")
+        position += 28 + type_len + payload_len
+        count += 1
+    if position != end or not count:
+        raise ProtocolError(f"record {record.seq}: a block's frames do not add up")
+    try:
+        type_tag = type_raw.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"record {record.seq}: a type that is not UTF-8") from None
+    return NativeBlock(type_tag, wire, count, timestamp)
+
+
+def _writev_all(fd: int, buffers: list[Buffer]) -> None:
+    """Write ``buffers`` in order with as few ``writev`` calls as the kernel allows."""
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    index = 0
+    while index < len(views):
+        written = os.writev(fd, views[index : index + _IOV_MAX])
+        while written:
+            view = views[index]
+            if written >= len(view):
+                written -= len(view)
+                index += 1
+            else:
+                views[index] = view[written:]
+                written = 0
+        while index < len(views) and not len(views[index]):
+            index += 1
 
 
 def _write_all(fd: int, data: bytes) -> None:

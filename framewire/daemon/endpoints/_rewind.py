@@ -197,26 +197,46 @@ async def _replay(
     send: Callable[[list[Frame]], Awaitable[None]],
     pace: _Pacer | None,
 ) -> int:
-    """Send what ``reader`` reads, paced or not; return the sequence number it ends at."""
+    """Send what ``reader`` reads, paced or not; return the sequence number it ends at.
+    The next batch is read (in a worker thread) while the last one is sent: at most three
+    batches are in memory at once."""
+    batches, ready = trio.open_memory_channel[list[tuple[int, Frame]]](1)
+
+    async def read() -> None:
+        with batches:
+            while batch := await trio.to_thread.run_sync(reader.read, _BATCH_FRAMES, _BATCH_BYTES):
+                await batches.send(batch)
+
     try:
-        while batch := await trio.to_thread.run_sync(reader.read, _BATCH_FRAMES, _BATCH_BYTES):
-            if pace is None:
-                await send([frame for _, frame in batch])
-                continue
-            pending: list[Frame] = []
-            for arrival, frame in batch:
-                due = pace.due(arrival)
-                if due is not None and due > trio.current_time():
-                    if pending:
-                        await send(pending)
-                        pending = []
-                    await trio.sleep_until(due)
-                pending.append(frame)
-            if pending:
-                await send(pending)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            with ready:
+                async for batch in ready:
+                    await _send_batch(batch, send, pace)
     finally:
         reader.close()
     return reader.end_seq
+
+
+async def _send_batch(
+    batch: list[tuple[int, Frame]],
+    send: Callable[[list[Frame]], Awaitable[None]],
+    pace: _Pacer | None,
+) -> None:
+    if pace is None:
+        await send([frame for _, frame in batch])
+        return
+    pending: list[Frame] = []
+    for arrival, frame in batch:
+        due = pace.due(arrival)
+        if due is not None and due > trio.current_time():
+            if pending:
+                await send(pending)
+                pending = []
+            await trio.sleep_until(due)
+        pending.append(frame)
+    if pending:
+        await send(pending)
 
 
 async def replay_history(
