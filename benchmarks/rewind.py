@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _harness import MIB, free_port, machine_text, payload_of, size_label, wait_for_port
@@ -165,10 +166,16 @@ def measure(size: int, args: argparse.Namespace) -> None:
             files.stdin.flush()
             return files_bytes / read_socket(files_port, files_bytes)[1] / 1e6
 
-        steps = {
-            "rewind": lambda: frames_bytes / rewind(port, frames_bytes)[1] / 1e6,
+        def rewound() -> float:
+            return frames_bytes / rewind(port, frames_bytes)[1] / 1e6
+
+        def read() -> float:
+            return files_bytes / read_files(path)[1] / 1e6
+
+        steps: dict[str, Callable[[], float]] = {
+            "rewind": rewound,
             "socket": anchor,
-            "read": lambda: files_bytes / read_files(path)[1] / 1e6,
+            "read": read,
         }
         got: dict[str, list[float]] = {name: [] for name in steps}
         ratios: dict[str, list[float]] = {"socket": [], "read": []}

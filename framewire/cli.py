@@ -37,7 +37,7 @@ from trio_websocket import (
 from . import protocols
 from ._logging import LOG_FORMATS, LogFormat, setup_logging, stderr_is_journal
 from ._version import __version__
-from .client import RewindRefused, rewind_answer, rewind_request
+from .client import RewindRefused, gap_of, rewind_answer, rewind_request
 from .config import (
     Address,
     BackoffConfig,
@@ -479,23 +479,19 @@ async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) ->
         connection = Connection(stream, peer=str(address))
     received = 0
     rewinding = args.since is not None
-    if rewinding:
+    if rewinding or args.gaps:
         assert isinstance(decoder, native.NativeDecoder)  # checked with the arguments
-        decoder.notices = []
-        await connection.send([rewind_request(args.since_value, args.rate)])
+        decoder.accept_notices = True
+        request = rewind_request(args.since_value, args.rate, gaps=args.gaps)
+        await connection.send([request])
 
-    def rewind_answered(frames_before: bool) -> None:
-        """Print where the replay starts once the server answered; raise if it refused."""
-        nonlocal rewinding
-        assert isinstance(decoder, native.NativeDecoder)
-        assert decoder.notices is not None
+    def rewind_answered(first: Frame) -> None:
+        """Print where the replay starts (``first`` is the server's answer); raise if it
+        refused or did not answer."""
         try:
-            start = rewind_answer(decoder.notices, frames_before)
+            start = rewind_answer(first)
         except RewindRefused as exc:
             raise Failure(str(exc)) from None
-        if start is None:
-            return
-        rewinding = False
         later = "; the history starts later" if start.clamped else ""
         print(
             f"framewire recv: rewound to {_iso(start.start_ns)} (asked {_iso(start.asked_ns)}"
@@ -504,16 +500,33 @@ async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) ->
             flush=True,
         )
 
+    def notice(item: native.Notice) -> None:
+        """A gap: a line among the frames (on stderr when the frames go to a file)."""
+        if item.what != "gap":
+            return
+        gap = gap_of(item)
+        line = (
+            f"GAP      {gap.frames} frames ({gap.bytes} bytes) dropped by the server between "
+            f"{gap.after_ns} and {gap.before_ns}"
+        )
+        print(line, file=out if sink is None else sys.stderr, flush=True)
+
     class Enough(Exception):
         pass
 
     async def take(frames: Sequence[Frame]) -> None:
-        nonlocal received
-        if rewinding:
-            rewind_answered(True)
+        nonlocal received, rewinding
         try:
             try:
                 for frame in frames:
+                    if rewinding:
+                        rewinding = False
+                        rewind_answered(frame)
+                        if isinstance(frame, native.Notice):
+                            continue
+                    if isinstance(frame, native.Notice):
+                        notice(frame)
+                        continue
                     if sink is not None:
                         for buffer in encoder.encode(frame):
                             sink.write(buffer)
@@ -533,7 +546,9 @@ async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) ->
             with contextlib.suppress(Enough):
                 await receive_frames(connection, decoder, take)
             if rewinding:
-                rewind_answered(True)
+                raise Failure(
+                    f"{connection.peer} closed the connection without answering the rewind"
+                )
         except protocols.ProtocolError as exc:
             raise Failure(
                 f"bad {args.protocol} data from {connection.peer} after {received} frames: "
@@ -564,8 +579,11 @@ def _check_recv_args(args: argparse.Namespace) -> None:
         )
     if args.count < 0:
         raise Failure("--count: expected 0 (no limit) or a positive number", EXIT_USAGE)
-    if args.since is not None and (args.listen is not None or args.protocol != "native"):
-        raise Failure("--since: rewind needs a native server to connect to", EXIT_USAGE)
+    if (args.since is not None or args.gaps) and (
+        args.listen is not None or args.protocol != "native"
+    ):
+        raise Failure("--since and --gaps need a native server to connect to", EXIT_USAGE)
+    args.since_value = None
     if args.rate != "full" and args.since is None:
         raise Failure("--rate: applies to --since only", EXIT_USAGE)
     if args.since is not None:
@@ -1007,6 +1025,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WHEN",
         help="rewind first (a native server whose stream keeps a history): a span back "
         "such as 10s, or a time such as 2026-12-07T10:00:00Z; live follows",
+    )
+    recv.add_argument(
+        "--gaps",
+        action="store_true",
+        help="ask a native server with gap_frames to say where it drops frames for this "
+        "client (a GAP line at that point)",
     )
     recv.add_argument(
         "--rate",

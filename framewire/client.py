@@ -60,11 +60,15 @@ __all__ = [
     "BlockingClient",
     "Client",
     "ConnectionClosed",
+    "FramesLost",
+    "Gap",
     "RewindRefused",
     "RewindStart",
     "array_from_frame",
     "frame_from_array",
+    "gap_of",
     "open_client",
+    "rewind_answer",
     "rewind_request",
 ]
 
@@ -104,12 +108,17 @@ class RewindStart:
 
 
 def rewind_request(
-    since: float | datetime.timedelta | datetime.datetime, rate: str | float = "full"
+    since: float | datetime.timedelta | datetime.datetime | None,
+    rate: str | float = "full",
+    *,
+    gaps: bool = False,
 ) -> bytes:
-    """The REQUEST frame for a rewind (docs/protocol.md): ``since`` is a span back from the
-    server's now (seconds, or a timedelta) or a time (an aware datetime); ``rate`` is
-    ``"full"``, ``"original"`` or a factor of the original speed. Raises ValueError for a
-    naive datetime or a negative span (the server checks the rest and refuses politely)."""
+    """The REQUEST frame a client sends first (docs/protocol.md): a rewind when ``since``
+    is given (a span back from the server's now, in seconds or a timedelta, or a time, an
+    aware datetime; ``rate`` ``"full"``, ``"original"`` or a factor of the original speed),
+    and with ``gaps`` a GAP notice wherever the server drops frames for this client.
+    Raises ValueError for a naive datetime or a negative span (the server checks the rest
+    and refuses politely)."""
     headers: dict[str, str] = {}
     if isinstance(since, datetime.datetime):
         if since.tzinfo is None:
@@ -118,26 +127,29 @@ def rewind_request(
         headers["since_ns"] = str(
             (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
         )
-    else:
+    elif since is not None:
         seconds = since.total_seconds() if isinstance(since, datetime.timedelta) else since
         if not seconds >= 0:
             raise ValueError(f"since: expected a span of 0 or more seconds, got {since!r}")
         headers["ago_ns"] = str(round(seconds * 1e9))
-    headers["rate"] = rate if isinstance(rate, str) else repr(float(rate))
+    if since is not None:
+        headers["rate"] = rate if isinstance(rate, str) else repr(float(rate))
+    if gaps:
+        headers["gaps"] = "1"
     return native.encode_control(native.KIND_REQUEST, headers)
 
 
-def rewind_answer(notices: list[native.Notice], frames_before: bool) -> RewindStart | None:
-    """The server's answer to a rewind, from the NOTICE frames decoded so far: a
-    :class:`RewindStart`, or None while none came and no frame either. Raises
-    :class:`RewindRefused` for a refusal, or when a frame came first (no answer will come)."""
-    for notice in notices:
-        if notice.what == "refused":
+def rewind_answer(first: Frame) -> RewindStart:
+    """The server's answer to a rewind, from the first thing it sent (a
+    :class:`~framewire.protocols.native.Notice` or a frame). Raises :class:`RewindRefused`
+    for a refusal, or when a frame came first (no answer will come)."""
+    if isinstance(first, native.Notice):
+        if first.what == "refused":
             raise RewindRefused(
-                f"the server refused the rewind: {notice.headers.get('reason', 'no reason')}"
+                f"the server refused the rewind: {first.headers.get('reason', 'no reason')}"
             )
-        if notice.what == "rewind":
-            headers = notice.headers
+        if first.what == "rewind":
+            headers = first.headers
             try:
                 return RewindStart(
                     int(headers.get("start_ns", "0")),
@@ -147,12 +159,50 @@ def rewind_answer(notices: list[native.Notice], frames_before: bool) -> RewindSt
                 )
             except ValueError:
                 raise RewindRefused(f"a rewind answer that makes no sense: {headers}") from None
-    if frames_before:
-        raise RewindRefused(
-            "the server did not answer the rewind request: its stream keeps no history, or "
-            "it is an older framewire (it serves live frames only)"
+    raise RewindRefused(
+        "the server did not answer the rewind request: its stream keeps no history, or "
+        "it is an older framewire (it serves live frames only)"
+    )
+
+
+@attrs.frozen
+class Gap:
+    """Frames the server dropped for this client (it was too slow), where they were
+    dropped: ``frames`` and ``bytes`` lost, between the frame stamped ``after_ns`` (the
+    last one sent before, 0 if none) and the one stamped ``before_ns`` (the next one)."""
+
+    frames: int
+    bytes: int
+    after_ns: int
+    before_ns: int
+
+
+class FramesLost(Exception):
+    """Raised by :meth:`Client.receive` at the point where the server dropped frames (a
+    client that asked for ``gaps``); the next :meth:`Client.receive` returns the frame
+    after the loss. :attr:`gap` says how many."""
+
+    def __init__(self, gap: Gap) -> None:
+        super().__init__(
+            f"the server dropped {gap.frames} frames ({gap.bytes} bytes) here: this client "
+            "did not keep up"
         )
-    return None
+        self.gap = gap
+
+
+def gap_of(notice: native.Notice) -> Gap:
+    """The :class:`Gap` a ``gap`` notice tells of. Raises ProtocolError if it makes no
+    sense."""
+    headers = notice.headers
+    try:
+        return Gap(
+            int(headers["frames"]),
+            int(headers["bytes"]),
+            int(headers.get("after_ns", "0")),
+            int(headers.get("before_ns", "0")),
+        )
+    except (KeyError, ValueError):
+        raise protocols.ProtocolError(f"a gap notice that makes no sense: {headers}") from None
 
 
 def _parse(
@@ -288,22 +338,13 @@ class Client:
         self.rewind: RewindStart | None = None
         self._rewind_pending = False
 
-    def _expect_rewind(self) -> None:
+    def _asked(self, *, rewind: bool) -> None:
+        """A request went out: accept the server's notices (and await its rewind answer)."""
         decoder = self._decoder
         if not isinstance(decoder, native.NativeDecoder):
-            raise ValueError("since= needs protocol='native'")
-        decoder.notices = []
-        self._rewind_pending = True
-
-    def _check_rewind(self) -> None:
-        decoder = self._decoder
-        assert isinstance(decoder, native.NativeDecoder)
-        assert decoder.notices is not None
-        answer = rewind_answer(decoder.notices, bool(self._received) or decoder.ended)
-        if answer is not None:
-            self.rewind = answer
-            self._rewind_pending = False
-            decoder.notices.clear()
+            raise ValueError("since= and gaps= need protocol='native'")
+        decoder.accept_notices = True
+        self._rewind_pending = rewind
 
     async def send(self, frame: Frame) -> None:
         """Send one frame. Raises trio.BrokenResourceError if the peer is gone, ValueError
@@ -323,24 +364,42 @@ class Client:
         Raises :class:`ConnectionClosed` when the peer closed or ended its stream,
         :class:`~framewire.protocols.ProtocolError` for bad bytes, TimeoutError when
         ``peer_timeout`` is set and nothing at all (not even a keepalive) arrived for that long,
-        trio.BrokenResourceError if the connection broke.
+        trio.BrokenResourceError if the connection broke; after a rewind request
+        :class:`RewindRefused` if the server refused it or did not answer; with ``gaps``
+        :class:`FramesLost` where the server dropped frames (call again for the next frame),
+        or use :meth:`receive_with_gaps` to have the :class:`Gap` returned instead.
         """
+        item = await self.receive_with_gaps()
+        if isinstance(item, Gap):
+            raise FramesLost(item)
+        return item
+
+    async def receive_with_gaps(self) -> Frame | Gap:
+        """The next frame, or a :class:`Gap` where the server dropped frames (a client that
+        asked for ``gaps``). Raises as :meth:`receive` does (but for FramesLost)."""
+        while True:
+            frame = await self._receive_frame()
+            if self._rewind_pending:
+                self.rewind = rewind_answer(frame)
+                self._rewind_pending = False
+                continue
+            if isinstance(frame, native.Notice):
+                if frame.what == "gap":
+                    return gap_of(frame)
+                continue  # a notice of a later version: nothing to do with it
+            return frame
+
+    async def _receive_frame(self) -> Frame:
         received, decoder = self._received, self._decoder
         while not received:
             if decoder.ended:
-                if self._rewind_pending:
-                    self._check_rewind()
                 raise ConnectionClosed("the peer ended its stream", clean=True)
             with trio.move_on_after(math.inf if self.peer_timeout is None else self.peer_timeout):
                 nbytes = await self.connection.receive_into(decoder.get_buffer())
                 if nbytes == 0:
-                    if self._rewind_pending:
-                        self._check_rewind()
                     decoder.end_of_input()
                     raise ConnectionClosed("the peer closed the connection", clean=True)
                 received.extend(decoder.buffer_updated(nbytes))
-                if self._rewind_pending:
-                    self._check_rewind()
                 continue
             raise TimeoutError(f"nothing from the peer for {self.peer_timeout:g}s")
         return received.popleft()
@@ -389,6 +448,7 @@ async def open_client(
     server_name: str | None = None,
     since: float | datetime.timedelta | datetime.datetime | None = None,
     rate: str | float = "full",
+    gaps: bool = False,
 ) -> AsyncIterator[Client]:
     """Connect to ``address`` and yield a :class:`Client`.
 
@@ -412,8 +472,12 @@ async def open_client(
     :attr:`Client.rewind` says where the replay started once the first frame is received.
     :meth:`Client.receive` raises :class:`RewindRefused` if the server refused (a time in
     the future, an absurd rate) or did not answer (no history there, or an older server).
+
+    ``gaps`` asks a native server with ``gap_frames = true`` to say where it drops frames
+    for this client: :meth:`Client.receive` raises :class:`FramesLost` there,
+    :meth:`Client.receive_with_gaps` returns a :class:`Gap`.
     """
-    request = None if since is None else rewind_request(since, rate)
+    request = rewind_request(since, rate, gaps=gaps) if since is not None or gaps else None
     parsed, context = _parse(address, ssl_context, server_name)
     protocols.get(protocol)
     connect = connector_for(parsed)
@@ -432,7 +496,7 @@ async def open_client(
     )
     try:
         if request is not None:
-            client._expect_rewind()
+            client._asked(rewind=since is not None)
             await client.connection.send([request])
         async with trio.open_nursery() as nursery:
             if keepalive is not None:

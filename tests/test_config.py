@@ -165,6 +165,7 @@ EXPECTED: dict[str, Any] = {
             "send_timeout": 2.0,
             "close_on_end": False,
             "send_buffer": None,
+            "gap_frames": False,
             "tls": None,
             "socket_mode": 0o660,
         },
@@ -417,6 +418,10 @@ ERROR_CASES: list[tuple[str, str]] = [
     (
         "[streams.cam]\nmax_types = 5",
         "streams.cam.max_types: unknown key (did you mean 'max_metadata_types'?)",
+    ),
+    (
+        SERVER + "protocol = 'g3'\ngap_frames = true",
+        "endpoints.g3-out.gap_frames: native servers only: other protocols have no GAP",
     ),
     (
         "[streams.cam.history]\nmax_bytes = '16KiB'",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import signal
 import ssl
 import subprocess
 import sys
@@ -20,7 +21,14 @@ import pytest
 import trio
 
 from framewire import Frame, FrameKind
-from framewire.client import Client, RewindRefused, open_client, rewind_request
+from framewire.client import (
+    Client,
+    FramesLost,
+    Gap,
+    RewindRefused,
+    open_client,
+    rewind_request,
+)
 from framewire.daemon import Daemon
 from framewire.daemon.history import HistoryWriter
 from framewire.daemon.status import build_snapshot
@@ -342,3 +350,119 @@ async def test_status_shows_the_history(tmp_path: Path) -> None:
         assert history["oldest_ns"] == T0
         assert history["newest_ns"] == T0 + 19 * STEP
         assert history["bytes"] > 20 * 60
+
+
+GAP_SERVER = """
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+protocol = "native"
+stream = "s"
+max_queue_frames = 4
+gap_frames = true
+"""
+
+
+def big(i: int) -> Frame:
+    return Frame(FrameKind.DATA, "big", b"%08d" % i * (32 << 10), i)
+
+
+async def flood(daemon: Daemon, count: int) -> None:
+    """``count`` frames of 256 KiB, far more than the socket buffers and a queue of 4 hold."""
+    stream = daemon.streams.get("s")
+    for i in range(count):
+        await stream.publish([big(i)])
+
+
+def check_gaps(items: list[Frame | Gap], count: int) -> int:
+    """Every frame once, and each gap exactly the frames missing where it stands; returns
+    the frames the gaps account for."""
+    lost = 0
+    last = -1
+    for index, item in enumerate(items):
+        if isinstance(item, Gap):
+            after = items[index + 1]
+            assert isinstance(after, Frame)
+            assert item.frames == after.timestamp - last - 1
+            assert item.bytes == item.frames * big(0).size
+            assert item.after_ns == max(last, 0)
+            assert item.before_ns == after.timestamp
+            lost += item.frames
+        else:
+            assert item.timestamp > last
+            assert item.timestamp == last + 1 or isinstance(items[index - 1], Gap)
+            last = item.timestamp
+    assert last == count - 1
+    assert lost + sum(1 for item in items if not isinstance(item, Gap)) == count
+    return lost
+
+
+async def test_gap_frames_tell_a_slow_client_exactly_what_it_lost() -> None:
+    async with running_daemon(GAP_SERVER) as daemon:
+        async with open_client(address_of(daemon), gaps=True) as client:
+            await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+            await flood(daemon, 200)
+            items: list[Frame | Gap] = []
+            with trio.fail_after(30):
+                while not items or isinstance(items[-1], Gap) or items[-1].timestamp < 199:
+                    items.append(await client.receive_with_gaps())
+        assert check_gaps(items, 200) > 0
+
+
+async def test_receive_raises_frames_lost_and_goes_on() -> None:
+    async with running_daemon(GAP_SERVER) as daemon:
+        async with open_client(address_of(daemon), gaps=True) as client:
+            await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+            await flood(daemon, 100)
+            items: list[Frame | Gap] = []
+            with trio.fail_after(30):
+                while not items or isinstance(items[-1], Gap) or items[-1].timestamp < 99:
+                    try:
+                        items.append(await client.receive())
+                    except FramesLost as lost:
+                        items.append(lost.gap)
+        assert check_gaps(items, 100) > 0
+
+
+async def test_a_client_that_did_not_ask_gets_no_gap_frames() -> None:
+    async with running_daemon(GAP_SERVER) as daemon:
+        peer = await connect(endpoint_port(daemon, "out"))
+        await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+        await flood(daemon, 100)
+        daemon.streams.get("s").end_subscriptions("done")
+        with trio.fail_after(30):
+            frames = await peer.read_to_end()  # a NOTICE would be a protocol error here
+        await peer.stream.aclose()
+        assert frames[-1].timestamp == 99
+        assert len(frames) < 100
+
+
+async def test_framewire_recv_gaps_prints_them() -> None:
+    async with running_daemon(GAP_SERVER) as daemon:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "framewire", "recv", address_of(daemon), "--gaps"],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+            process.send_signal(signal.SIGSTOP)  # a reader that stalls
+            await flood(daemon, 100)
+            process.send_signal(signal.SIGCONT)
+            daemon.streams.get("s").end_subscriptions("done")
+            assert process.stdout is not None
+            output = b""
+            with trio.fail_after(30):
+                while chunk := await process.stdout.receive_some(1 << 16):
+                    output += chunk
+                await process.wait()
+        finally:
+            process.kill()
+            await process.wait()
+    items: list[Frame | Gap] = []
+    for line in output.decode().splitlines():
+        words = line.split()
+        if words[0] == "GAP":
+            items.append(Gap(int(words[1]), int(words[3][1:]), int(words[-3]), int(words[-1])))
+        else:
+            items.append(big(int(words[-1])))
+    assert check_gaps(items, 100) > 0

@@ -318,6 +318,9 @@ class ServerConfig:
     close_on_end: StrictBool = False
     #: SO_SNDBUF for each client's socket; None: the kernel's own autotuning.
     send_buffer: PositiveSize | None = None
+    #: Native only: tell clients that ask (a REQUEST with ``gaps``) where their frames were
+    #: dropped, with a GAP notice at that point.
+    gap_frames: StrictBool = False
     tls: TLSConfig | None = None
     socket_mode: SocketMode = DEFAULT_SOCKET_MODE
 
@@ -330,6 +333,8 @@ class ServerConfig:
                 f"at most {MAX_SEND_BUFFER >> 20}MiB (the kernel doubles it, into a C int), "
                 f"got {self.send_buffer}",
             )
+        if self.gap_frames and self.protocol != "native":
+            raise FieldError("gap_frames", "native servers only: other protocols have no GAP")
 
 
 def check_decimation(protocol: str, decimate: dict[str, int]) -> None:

@@ -114,10 +114,10 @@ class NativeDecoder(FrameDecoder):
             super().__init__(max_frame_size=max_frame_size, buffer_size=buffer_size)
         #: Keepalive frames seen (they are consumed, not returned).
         self.keepalives = 0
-        #: NOTICE frames (consumed, not returned) are kept here when it is a list; while
-        #: it is None (the default: a peer that did not ask for notices sends none) a
-        #: NOTICE is an unknown kind.
-        self.notices: list[Notice] | None = None
+        #: Whether NOTICE frames are accepted: each is returned in its place among the
+        #: frames, as a :class:`Notice`. False by default (a peer that did not ask for
+        #: notices sends none): a NOTICE is then an unknown kind.
+        self.accept_notices = False
         self._types: dict[bytes, str] = {}
         # Block cutting: frames to decode one by one before the next try, and the current
         # step between tries (it doubles while tries fail).
@@ -252,7 +252,7 @@ class NativeDecoder(FrameDecoder):
         if (
             kind > 1
             and kind not in (KIND_KEEPALIVE, KIND_END_OF_STREAM)
-            and (kind != KIND_NOTICE or self.notices is None)
+            and (kind != KIND_NOTICE or not self.accept_notices)
         ):
             raise ProtocolError(f"unknown frame kind 0x{kind:02x}")
         total: int = 28 + type_len + headers_len + payload_len
@@ -262,9 +262,8 @@ class NativeDecoder(FrameDecoder):
 
     def _make_frame(self, wire: bytes | bytearray) -> Frame | None:
         _, _, kind, type_len, _, count, headers_len, _, timestamp = HEADER.unpack_from(wire)
-        if kind == KIND_NOTICE and self.notices is not None:
-            self.notices.append(Notice(parse_control(wire, KIND_NOTICE)))
-            return None
+        if kind == KIND_NOTICE and self.accept_notices:
+            return Notice(parse_control(wire, KIND_NOTICE))
         if kind > 1:
             if len(wire) != 28 or count:
                 raise ProtocolError("a control frame must have no type, headers or payload")
@@ -379,18 +378,20 @@ def decode_frame(wire: bytes | bytearray) -> Frame:
     return Frame(_FRAME_KINDS[kind], type_tag, payload, timestamp, headers, wire, PROTOCOL)
 
 
-class Notice:
-    """A NOTICE frame a server sent: ``what`` (its ``notice`` header: ``rewind``,
-    ``refused``, ``gap``) and all its headers."""
+class Notice(Frame):
+    """A NOTICE frame a server sent, in its place among the frames (only from a decoder
+    with :attr:`NativeDecoder.accept_notices`): ``what`` (its ``notice`` header:
+    ``rewind``, ``refused``, ``gap``) and all its :attr:`headers`. Never published into a
+    stream: it is for the client that asked."""
 
-    __slots__ = ("headers", "what")
+    __slots__ = ("what",)
 
     def __init__(self, headers: Mapping[str, str]) -> None:
-        self.headers = dict(headers)
+        super().__init__(FrameKind.DATA, "", b"", 0, dict(headers))
         self.what = self.headers.get("notice", "")
 
     def __repr__(self) -> str:
-        return f"Notice({self.headers!r})"
+        return f"Notice({dict(self.headers)!r})"
 
 
 def encode_control(kind: int, headers: Mapping[str, str]) -> bytes:

@@ -29,19 +29,20 @@ speed until the client has caught up with the live stream.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Final
 
 import attrs
 import trio
 
-from ...frame import Frame
+from ...frame import Buffer, Frame
 from ...protocols import ProtocolError
 from ...protocols.native import (
     END_OF_STREAM,
     KIND_NOTICE,
     KIND_REQUEST,
     MAX_CONTROL_SIZE,
+    NativeEncoder,
     control_size,
     encode_control,
     parse_control,
@@ -55,6 +56,7 @@ __all__ = [
     "CATCH_UP_FRAMES",
     "MAX_RATE",
     "REQUEST_WAIT",
+    "GapReporter",
     "RewindRefused",
     "RewindRequest",
     "parse_rewind",
@@ -291,3 +293,38 @@ async def replay_history(
         subscription.close("the rewind failed")
         raise
     return subscription, missed
+
+
+class GapReporter(NativeEncoder):
+    """A native encoder for a client that asked for gaps: before the first batch after its
+    subscription dropped frames, a ``gap`` NOTICE with how many frames and bytes were
+    dropped, between the timestamp of the last DATA frame sent (``after_ns``; a block's
+    first frame's) and that of the next (``before_ns``). A lossy queue drops its oldest
+    frames, so the loss lies exactly between the last batch sent and the next one."""
+
+    def __init__(self, subscription: Subscription) -> None:
+        self.subscription = subscription
+        self._frames = subscription.frames_dropped
+        self._bytes = subscription.bytes_dropped
+        self._last_ns = 0
+
+    def encode_batch(self, frames: Iterable[Frame]) -> list[Buffer]:
+        frames = list(frames)
+        out = super().encode_batch(frames)  # first: it raises for an unencodable frame
+        subscription = self.subscription
+        data = [frame.timestamp for frame in frames if not frame.is_metadata]
+        lost = subscription.frames_dropped - self._frames
+        if lost:
+            nbytes = subscription.bytes_dropped - self._bytes
+            self._frames, self._bytes = subscription.frames_dropped, subscription.bytes_dropped
+            headers = {
+                "notice": "gap",
+                "frames": str(lost),
+                "bytes": str(nbytes),
+                "after_ns": str(self._last_ns),
+                "before_ns": str(data[0] if data else 0),
+            }
+            out.insert(0, notice(headers))
+        if data:
+            self._last_ns = data[-1]
+        return out

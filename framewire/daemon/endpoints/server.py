@@ -52,7 +52,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import ClassVar, Final, Literal, TypeAlias
+from typing import ClassVar, Final, TypeAlias
 
 import trio
 
@@ -83,6 +83,7 @@ from ..stream import (
 from ..transport import Connection, HangupWatch, bound_addresses, nbytes_of, set_send_buffer
 from ._base import ClientInfo, Endpoint, EndpointContext
 from ._rewind import (
+    GapReporter,
     RewindRefused,
     RewindRequest,
     parse_rewind,
@@ -208,9 +209,10 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 self._size_send_buffer(connection, config.send_buffer)
             # The endpoint's one stream (a registry never replaces a stream it made).
             served = self._stream = self.context.streams.get(config.stream)
-            rewind = await self._rewind_request(connection, served)
-            if rewind is False:
+            asked = await self._client_request(connection, served)
+            if asked is None:
                 return
+            rewind, gaps = asked
             if self._direct:
                 if self._group is None:
                     self._group = _DirectClients(self, served)
@@ -240,7 +242,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 if rewind is not None:
                     reason = await self._rewind(connection, client, served, rewind, subscribe)
                 if reason is None:
-                    reason = await self._feed_client(connection, client)
+                    reason = await self._feed_client(connection, client, gaps=gaps)
             finally:
                 subscription = client.subscription
                 if subscription is not None:
@@ -270,19 +272,30 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _rewind_request(
+    async def _client_request(
         self, connection: Connection, served: Stream
-    ) -> RewindRequest | Literal[False] | None:
-        """The rewind a native client of a stream with a history asks for (see
-        :mod:`._rewind`): None when it asks for none (or the stream keeps no history: then
-        nothing is read and nothing waited for), False when the client was refused or sent
-        a bad request (one log line; the caller closes the connection)."""
+    ) -> tuple[RewindRequest | None, bool] | None:
+        """What a native client asks for (see :mod:`._rewind`): the rewind (None: none)
+        and whether it gets GAP notices. Only a native server whose stream keeps a history
+        or that has ``gap_frames`` reads (and waits for) a request; others ask nothing.
+        None when the client was refused or sent a bad request (one log line; the caller
+        closes the connection)."""
+        config = self.config
         writer = served.history
-        if self.config.protocol != "native" or not isinstance(writer, HistoryWriter):
-            return None
+        if config.protocol != "native" or not (
+            config.gap_frames or isinstance(writer, HistoryWriter)
+        ):
+            return None, False
         try:
             headers = await read_request(connection)
-            return None if headers is None else parse_rewind(headers, writer.clock())
+            if headers is None:
+                return None, False
+            gaps = config.gap_frames and headers.get("gaps") == "1"
+            if not isinstance(writer, HistoryWriter):
+                if "since_ns" in headers or "ago_ns" in headers:
+                    raise RewindRefused(f"stream {config.stream!r} keeps no history")
+                return None, gaps
+            return parse_rewind(headers, writer.clock()), gaps
         except RewindRefused as refusal:
             self.log.info("client %s: rewind refused: %s", connection.peer, refusal)
             await refuse(connection, str(refusal))
@@ -291,7 +304,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             self.log.info("client %s: bad request, disconnected: %s", connection.peer, why)
         except trio.BrokenResourceError as exc:
             self.log.info("client %s: connection lost (%s)", connection.peer, describe_loss(exc))
-        return False
+        return None
 
     async def _rewind(
         self,
@@ -343,7 +356,9 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             )
         return None
 
-    async def _feed_client(self, connection: Connection, client: ClientInfo) -> str:
+    async def _feed_client(
+        self, connection: Connection, client: ClientInfo, *, gaps: bool = False
+    ) -> str:
         subscription = client.subscription
         assert subscription is not None
         feed = self._feed_type(client)
@@ -354,12 +369,13 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         # yield; a write that cannot finish at once may wait send_timeout for the client.
         connection.yield_on_send = False
         connection.send_timeout = self.config.send_timeout
-        encoder = self._spec.make_encoder()
+        # A client told of its gaps is written by its own task only, which sees each loss.
+        encoder = GapReporter(subscription) if gaps else self._spec.make_encoder()
         # Plain sockets are watched by the endpoint's one hang-up watch, which closes the
         # client's subscription when it leaves (its writer then returns); others get a
         # reading task of their own.
         watched = self._hangups.add(connection, feed.peer_left, on_input)
-        if watched is not None and self._group is not None:
+        if watched is not None and self._group is not None and not gaps:
             feed.connection = connection
             subscription.direct = feed
             subscription.group = self._group
