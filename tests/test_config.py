@@ -117,7 +117,12 @@ EXPECTED: dict[str, Any] = {
         "metrics_max_clients": 20,
     },
     "streams": {
-        "camera": {"max_metadata_types": 32, "max_metadata_bytes": 8 << 20, "history": None}
+        "camera": {
+            "max_metadata_types": 32,
+            "max_metadata_bytes": 8 << 20,
+            "history": None,
+            "run_starts": (),
+        }
     },
     "endpoints": {
         "g3-in": {
@@ -422,6 +427,14 @@ ERROR_CASES: list[tuple[str, str]] = [
     (
         SERVER + "protocol = 'g3'\ngap_frames = true",
         "endpoints.g3-out.gap_frames: native servers only: other protocols have no GAP",
+    ),
+    (
+        "[streams.cam]\nrun_starts = 'Observation'",
+        "streams.cam.run_starts: expected an array of frame type names, got 'Observation'",
+    ),
+    (
+        "[streams.cam]\nrun_starts = ['']",
+        "streams.cam.run_starts: a frame type name is a non-empty string, got ''",
     ),
     (
         "[streams.cam.history]\nmax_bytes = '16KiB'",

@@ -288,3 +288,19 @@ def test_a_native_block_is_one_record_of_many_frames(tmp_path: Path) -> None:
         got = read_all(reader)
         assert [f.nframes for _, f in got] == [1, 1, 20]
         assert reader.frames_missed == 50
+
+
+def test_a_run_start_retires_the_previous_runs_metadata(tmp_path: Path) -> None:
+    with StreamHistory.open(
+        tmp_path / "h", max_bytes=1 << 20, segment_size=400, run_starts=frozenset({"Obs"})
+    ) as history:
+        history.append([meta("Obs", 1), meta("Wiring", 1), meta("Cal", 1)], T0)
+        for i in range(10):
+            history.append([data(i)], T0 + (1 + i) * S)
+        history.append([meta("Obs", 2), meta("Cal", 2)], T0 + 20 * S)
+        for i in range(10, 20):
+            history.append([data(i)], T0 + (11 + i) * S)
+        assert history.stats().segments > 3
+        assert ids(read_all(history.reader(T0 + 5 * S)))[:3] == ["m:Obs1", "m:Wiring1", "m:Cal1"]
+        # After the second Observation: its run's metadata only (the segment's .meta too).
+        assert ids(read_all(history.reader(T0 + 28 * S))) == ["m:Obs2", "m:Cal2", "17", "18", "19"]

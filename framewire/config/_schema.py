@@ -1226,6 +1226,20 @@ class NatsServerConfig:
     stop_timeout: PositiveDuration = 10.0
 
 
+def _type_names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected an array of frame type names, got {describe(value)}")
+    names = []
+    for item in value:
+        if type(item) is not str or not item:
+            raise ValueError(f"a frame type name is a non-empty string, got {describe(item)}")
+        names.append(item)
+    return tuple(dict.fromkeys(names))
+
+
+#: Metadata frame types, each a non-empty string (duplicates dropped).
+TypeNames = Annotated[tuple[str, ...], Check(_type_names)]
+
 #: The least a stream's history may be bounded to.
 MIN_HISTORY: Final = 1 << 20
 
@@ -1263,6 +1277,9 @@ class StreamConfig:
     max_metadata_types: PositiveInt = 256
     max_metadata_bytes: PositiveSize = 64 << 20
     history: HistoryConfig | None = None
+    #: Metadata types that start a run (``["Observation"]`` for G3): when one arrives, the
+    #: metadata cached from the previous run is retired (see docs/configuration.md).
+    run_starts: TypeNames = ()
 
 
 @attrs.frozen

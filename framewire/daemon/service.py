@@ -239,7 +239,11 @@ class Daemon:
             try:
                 history = await trio.to_thread.run_sync(
                     partial(
-                        StreamHistory.open, path, max_bytes=config.max_bytes, max_age=config.max_age
+                        StreamHistory.open,
+                        path,
+                        max_bytes=config.max_bytes,
+                        max_age=config.max_age,
+                        run_starts=frozenset(stream_config.run_starts),
                     )
                 )
             except (SpoolError, OSError) as exc:

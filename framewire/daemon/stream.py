@@ -1146,6 +1146,8 @@ class Stream:
     ) -> None:
         self.name = name
         self.metadata = MetadataCache(max_types=max_metadata_types, max_bytes=max_metadata_bytes)
+        #: Metadata types that start a run: one arriving retires the cached metadata first.
+        self.run_starts: frozenset[str] = frozenset()
         #: Metadata frames refused because they would pass the cache's bounds.
         self.metadata_refused = 0
         #: Lossy subscriptions in the order they came (a dict: a client leaving is O(1)).
@@ -1425,6 +1427,8 @@ class Stream:
         metadata = False
         for index, frame in enumerate(frames):
             if frame.kind is not _DATA:
+                if frame.type in self.run_starts:
+                    cache.clear()  # a new run: the previous run's metadata is retired
                 reason = cache.update(frame)
                 if reason is not None:
                     self.metadata_refused += 1
@@ -1541,6 +1545,7 @@ class StreamRegistry:
             config = self._config_of(stream.name)
             stream.metadata.max_types = config.max_metadata_types
             stream.metadata.max_bytes = config.max_metadata_bytes
+            stream.run_starts = frozenset(config.run_starts)
 
     def _config_of(self, name: str) -> StreamConfig:
         return self._configs.get(name) or _DEFAULT_STREAM
@@ -1554,6 +1559,7 @@ class StreamRegistry:
                 max_metadata_types=config.max_metadata_types,
                 max_metadata_bytes=config.max_metadata_bytes,
             )
+            stream.run_starts = frozenset(config.run_starts)
         return stream
 
     def __iter__(self) -> Iterator[Stream]:

@@ -211,8 +211,12 @@ class StreamHistory:
         segment_size: int,
         max_record_size: int,
         clock: Callable[[], int],
+        run_starts: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
+        #: Metadata types that start a run: the metadata current after one is its own and
+        #: what came after it (as the stream's cache keeps it).
+        self.run_starts = run_starts
         self.max_bytes = max_bytes
         self.max_age_ns = max_age_ns
         self.segment_size = segment_size
@@ -246,6 +250,7 @@ class StreamHistory:
         segment_size: int | None = None,
         max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
         clock: Callable[[], int] = time.time_ns,
+        run_starts: frozenset[str] = frozenset(),
     ) -> StreamHistory:
         """Open (creating it if need be) the history in ``path``, recovering a torn tail.
 
@@ -263,6 +268,7 @@ class StreamHistory:
             segment_size=size,
             max_record_size=min(max_record_size, max_bytes // 2),
             clock=clock,
+            run_starts=run_starts,
         )
         try:
             history._open()
@@ -356,7 +362,7 @@ class StreamHistory:
         if record.metadata:
             with contextlib.suppress(ProtocolError):
                 frame = frame_of(record)
-                self._metadata[frame.type] = frame
+                _keep_metadata(self._metadata, frame, self.run_starts)
 
     # -- appending --------------------------------------------------------------------------
 
@@ -460,7 +466,7 @@ class StreamHistory:
             self._next_seq = first + count
         for _, _, frame in records:
             if frame.is_metadata:
-                self._metadata[frame.type] = frame
+                _keep_metadata(self._metadata, frame, self.run_starts)
         self.frames_appended += count
         self.trim(now)
 
@@ -780,7 +786,7 @@ class HistoryReader:
                     if isinstance(event, Record) and event.metadata:
                         with contextlib.suppress(ProtocolError):
                             frame = frame_of(event)
-                            metadata[frame.type] = frame
+                            _keep_metadata(metadata, frame, history.run_starts)
         self._pending = [(start.time_ns, frame) for frame in metadata.values()]
         self._file = fd
         self._position = start.offset
@@ -903,6 +909,13 @@ class HistoryReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _keep_metadata(metadata: dict[str, Frame], frame: Frame, run_starts: frozenset[str]) -> None:
+    """Keep ``frame`` as the latest of its type; a type that starts a run retires the rest."""
+    if frame.type in run_starts:
+        metadata.clear()
+    metadata[frame.type] = frame
 
 
 def _native_block(frame: FrameBlock) -> bool:
