@@ -466,3 +466,19 @@ async def test_framewire_recv_gaps_prints_them() -> None:
         else:
             items.append(big(int(words[-1])))
     assert check_gaps(items, 100) > 0
+
+
+async def test_replay_gives_a_client_that_asks_nothing_the_last_seconds(tmp_path: Path) -> None:
+    async with daemon_with_history(tmp_path, extra='replay = "2s"') as (daemon, clock):
+        await daemon.streams.get("s").publish([cal(1)])
+        await publish(daemon, clock, 0, 100)
+        await written(daemon)
+        peer = await connect(endpoint_port(daemon, "out"))  # an old client: no request
+        await wait_until(lambda: len(daemon.endpoints["out"].status.clients) == 1)
+        await publish(daemon, clock, 100, 10)
+        with trio.fail_after(10):
+            frames = await peer.read(1 + 50)
+        await peer.stream.aclose()
+        # No NOTICE (it did not ask): the metadata current 2 s back, 40 frames, then live.
+        assert frames[0] == cal(1)
+        assert seqs(frames[1:]) == list(range(60, 110))

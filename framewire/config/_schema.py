@@ -321,6 +321,9 @@ class ServerConfig:
     #: Native only: tell clients that ask (a REQUEST with ``gaps``) where their frames were
     #: dropped, with a GAP notice at that point.
     gap_frames: StrictBool = False
+    #: Give every new client the last this many seconds of the stream's history before
+    #: live (needs ``[streams.NAME.history]``), in the server's protocol.
+    replay: PositiveDuration | None = None
     tls: TLSConfig | None = None
     socket_mode: SocketMode = DEFAULT_SOCKET_MODE
 

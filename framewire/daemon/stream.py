@@ -702,6 +702,15 @@ class Subscription:
             else:
                 yield frame
 
+    def given_session(self, frame: Frame) -> None:
+        """The consumer was given the session header ``frame`` another way (a replay from
+        the stream's history): an identical one is not queued again, a different one ends
+        the subscription, as if it had been queued here."""
+        if frame.type in self.session_types:
+            if self._sessions is None:
+                self._sessions = {}
+            self._sessions[frame.type] = frame
+
     def _admit_session(self, frame: Frame) -> bool | None:
         """Whether to queue the metadata ``frame``, given :attr:`session_types`.
 

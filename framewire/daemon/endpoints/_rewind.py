@@ -88,6 +88,9 @@ class RewindRequest:
 
     since_ns: int
     rate: float
+    #: Whether the client asked (it gets a NOTICE first); a server's ``replay`` gives every
+    #: client a rewind it did not ask for, and answers nothing.
+    answer: bool = True
 
 
 async def read_request(connection: Connection) -> dict[str, str] | None:
@@ -267,7 +270,8 @@ async def replay_history(
     }
     if reader.clamped is not None:
         headers["clamped"] = "1"  # the history starts later than asked
-    await connection.send([notice(headers)])
+    if request.answer:
+        await connection.send([notice(headers)])
     pace = _Pacer(request.rate, reader.start_ns, now) if request.rate else None
     missed = 0
     history = writer.history

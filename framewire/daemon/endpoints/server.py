@@ -151,6 +151,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         self._group: _DirectClients | None = None
         #: Frames rewinds lacked because the history had not kept them.
         self._rewind_missed = 0
+        self._warned_replay = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -213,6 +214,9 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             if asked is None:
                 return
             rewind, gaps = asked
+            if rewind is None and config.replay is not None:
+                # Every client that asked for nothing gets the last ``replay`` seconds first.
+                rewind = self._replay_request(served)
             if self._direct:
                 if self._group is None:
                     self._group = _DirectClients(self, served)
@@ -306,6 +310,26 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             self.log.info("client %s: connection lost (%s)", connection.peer, describe_loss(exc))
         return None
 
+    def _replay_request(self, served: Stream) -> RewindRequest | None:
+        """The rewind ``replay`` gives a client: the last ``replay`` seconds of the stream's
+        history at full speed, without a NOTICE (the client did not ask). None (and one
+        warning per endpoint start) when the stream keeps no history."""
+        writer = served.history
+        replay = self.config.replay
+        assert replay is not None
+        if not isinstance(writer, HistoryWriter):
+            if not self._warned_replay:
+                self._warned_replay = True
+                self.log.warning(
+                    "replay = %gs needs a history of stream %r ([streams.%s.history]): "
+                    "clients get the live stream only",
+                    replay,
+                    self.config.stream,
+                    self.config.stream,
+                )
+            return None
+        return RewindRequest(writer.clock() - int(replay * 1e9), 0.0, answer=False)
+
     async def _rewind(
         self,
         connection: Connection,
@@ -322,12 +346,18 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         config = self.config
         status = self.status
         encoder = self._spec.make_encoder()
+        session_types = self._spec.session_metadata_types
+        #: Session headers (aedat4's IOHeader) the replay gave: the live subscription must
+        #: not give the client another.
+        sessions: dict[str, Frame] = {}
 
         def unencodable(frame: Frame, error: ValueError) -> None:
             client.frames_unencodable += 1
             self._unencodable(frame, error)
 
         async def send(frames: list[Frame]) -> None:
+            if session_types:
+                frames = [f for f in frames if _first_session(sessions, session_types, f)]
             count, nbytes = await send_frames(
                 connection, encoder, frames, unencodable, send_timeout=config.send_timeout
             )
@@ -335,10 +365,16 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             status.bytes_out += nbytes
             client.count_sent(count, nbytes)
 
+        def live() -> Subscription:
+            subscription = subscribe(False)
+            for frame in sessions.values():
+                subscription.given_session(frame)
+            return subscription
+
         try:
-            subscription, missed = await replay_history(
-                connection, writer, request, lambda: subscribe(False), send
-            )
+            subscription, missed = await replay_history(connection, writer, request, live, send)
+        except _SessionChanged as changed:
+            return f"the history holds a new {changed.type} (a new session) after the start"
         except SpoolError as exc:
             return f"the rewind failed: {exc}"
         except trio.TooSlowError:
@@ -462,6 +498,27 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             self._direct_data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
             self._direct_size = size
             self._direct_frames = frame_count(frames)
+
+
+def _first_session(sessions: dict[str, Frame], session_types: frozenset[str], frame: Frame) -> bool:
+    """Whether a replay sends ``frame``: not a session header the client already has (the
+    same bytes again); raises :class:`_SessionChanged` for a different one."""
+    if not frame.is_metadata or frame.type not in session_types:
+        return True
+    given = sessions.setdefault(frame.type, frame)
+    if given is frame:
+        return True
+    if memoryview(given.payload) == memoryview(frame.payload):
+        return False
+    raise _SessionChanged(frame.type)
+
+
+class _SessionChanged(Exception):
+    """A replay met a second, different session header: the client cannot take it."""
+
+    def __init__(self, type_tag: str) -> None:
+        super().__init__(type_tag)
+        self.type = type_tag
 
 
 class _ClientFeed:
