@@ -171,6 +171,7 @@ EXPECTED: dict[str, Any] = {
             "close_on_end": False,
             "send_buffer": None,
             "gap_frames": False,
+            "replay": None,
             "tls": None,
             "socket_mode": 0o660,
         },
