@@ -304,3 +304,16 @@ def test_a_run_start_retires_the_previous_runs_metadata(tmp_path: Path) -> None:
         assert ids(read_all(history.reader(T0 + 5 * S)))[:3] == ["m:Obs1", "m:Wiring1", "m:Cal1"]
         # After the second Observation: its run's metadata only (the segment's .meta too).
         assert ids(read_all(history.reader(T0 + 28 * S))) == ["m:Obs2", "m:Cal2", "17", "18", "19"]
+
+
+def test_a_history_bounded_at_16_mib_keeps_only_the_newest(tmp_path: Path) -> None:
+    path = tmp_path / "h"
+    limit = 16 << 20
+    with StreamHistory.open(path, max_bytes=limit) as history:
+        for i in range(768):  # 48 MiB of 64 KiB frames, 8 a batch
+            history.append([data(8 * i + k, 64 << 10) for k in range(8)], T0 + i * S)
+            assert sum(p.stat().st_size for p in path.iterdir() if p.name != "lock") <= limit
+        got = [int(x) for x in ids(read_all(history.reader(0), batch=64))]
+    assert got == list(range(got[0], 8 * 768))
+    assert 8 * 768 - len(got) > 2 * len(got)  # two thirds and more went, oldest first
+    assert len(got) * (64 << 10) > limit * 3 // 4  # and what is kept nearly fills the bound
