@@ -348,6 +348,12 @@ def start_daemon(
             max_queue_bytes=args.max_queue_bytes,
         )
     )
+    if args.history and tree is None:
+        with config.open("a") as file:
+            file.write(
+                f'\n[streams.{STREAM}.history]\nmax_bytes = "{args.history}"\n'
+                f'path = "{workdir / "history"}"\n'
+            )
     profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
     argv = daemon_argv(config, *profile)
     log = daemon_log(workdir, protocol, tree)
@@ -481,6 +487,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--baseline",
         metavar="PATH",
         help="a checkout whose framewire relays every case too, in the same run",
+    )
+    parser.add_argument(
+        "--history",
+        metavar="SIZE",
+        help="give this checkout's daemon (not the baseline's) a stream history of SIZE "
+        "(e.g. 1GiB): with --baseline . the two differ in the history only",
     )
     parser.add_argument("--keep-log", action="store_true", help="print the daemon's log at the end")
     # Internal: how the script runs itself as the producer and the consumer.

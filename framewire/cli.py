@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import errno
 import io
 import json
@@ -36,6 +37,7 @@ from trio_websocket import (
 from . import protocols
 from ._logging import LOG_FORMATS, LogFormat, setup_logging, stderr_is_journal
 from ._version import __version__
+from .client import RewindRefused, gap_of, rewind_answer, rewind_request
 from .config import (
     Address,
     BackoffConfig,
@@ -47,6 +49,7 @@ from .config import (
     load_config,
     parse_address,
     parse_config,
+    parse_duration,
 )
 from .daemon import DaemonStartFailed, serve
 from .daemon.backoff import Backoff
@@ -64,6 +67,7 @@ from .daemon.transport import (
     tls_connector,
 )
 from .frame import Frame
+from .protocols import native
 
 __all__ = ["Failure", "build_parser", "main", "render_status", "status_url"]
 
@@ -436,6 +440,33 @@ async def _first_sender(
         return connection
 
 
+def _parse_since(text: str) -> float | datetime.datetime:
+    """``--since``: a span back (``10s``, ``1.5m``, ``250ms``) or a time with its zone
+    (``2026-12-07T10:00:00Z``)."""
+    try:
+        return parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise Failure(
+            f"--since {text!r}: expected a span such as 10s or a time such as 2026-12-07T10:00:00Z",
+            EXIT_USAGE,
+        ) from None
+    if when.tzinfo is None:
+        raise Failure(f"--since {text!r}: give the time zone (Z for UTC)", EXIT_USAGE)
+    return when
+
+
+def _iso(ns: int) -> str:
+    return (
+        datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
 async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) -> int:
     spec = protocols.get(args.protocol)
     decoder = spec.make_decoder(args.max_frame_size)
@@ -447,15 +478,55 @@ async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) ->
         stream = await _connect(args, address, "is a framewire server listening there?")
         connection = Connection(stream, peer=str(address))
     received = 0
+    rewinding = args.since is not None
+    if rewinding or args.gaps:
+        assert isinstance(decoder, native.NativeDecoder)  # checked with the arguments
+        decoder.accept_notices = True
+        request = rewind_request(args.since_value, args.rate, gaps=args.gaps)
+        await connection.send([request])
+
+    def rewind_answered(first: Frame) -> None:
+        """Print where the replay starts (``first`` is the server's answer); raise if it
+        refused or did not answer."""
+        try:
+            start = rewind_answer(first)
+        except RewindRefused as exc:
+            raise Failure(str(exc)) from None
+        later = "; the history starts later" if start.clamped else ""
+        print(
+            f"framewire recv: rewound to {_iso(start.start_ns)} (asked {_iso(start.asked_ns)}"
+            f"{later}), rate {start.rate}; live follows",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def notice(item: native.Notice) -> None:
+        """A gap: a line among the frames (on stderr when the frames go to a file)."""
+        if item.what != "gap":
+            return
+        gap = gap_of(item)
+        line = (
+            f"GAP      {gap.frames} frames ({gap.bytes} bytes) dropped by the server between "
+            f"{gap.after_ns} and {gap.before_ns}"
+        )
+        print(line, file=out if sink is None else sys.stderr, flush=True)
 
     class Enough(Exception):
         pass
 
     async def take(frames: Sequence[Frame]) -> None:
-        nonlocal received
+        nonlocal received, rewinding
         try:
             try:
                 for frame in frames:
+                    if rewinding:
+                        rewinding = False
+                        rewind_answered(frame)
+                        if isinstance(frame, native.Notice):
+                            continue
+                    if isinstance(frame, native.Notice):
+                        notice(frame)
+                        continue
                     if sink is not None:
                         for buffer in encoder.encode(frame):
                             sink.write(buffer)
@@ -474,6 +545,10 @@ async def _recv(args: argparse.Namespace, out: TextIO, sink: BinaryIO | None) ->
         try:
             with contextlib.suppress(Enough):
                 await receive_frames(connection, decoder, take)
+            if rewinding:
+                raise Failure(
+                    f"{connection.peer} closed the connection without answering the rewind"
+                )
         except protocols.ProtocolError as exc:
             raise Failure(
                 f"bad {args.protocol} data from {connection.peer} after {received} frames: "
@@ -504,6 +579,19 @@ def _check_recv_args(args: argparse.Namespace) -> None:
         )
     if args.count < 0:
         raise Failure("--count: expected 0 (no limit) or a positive number", EXIT_USAGE)
+    if (args.since is not None or args.gaps) and (
+        args.listen is not None or args.protocol != "native"
+    ):
+        raise Failure("--since and --gaps need a native server to connect to", EXIT_USAGE)
+    args.since_value = None
+    if args.rate != "full" and args.since is None:
+        raise Failure("--rate: applies to --since only", EXIT_USAGE)
+    if args.since is not None:
+        args.since_value = _parse_since(args.since)
+        try:
+            rewind_request(args.since_value, args.rate)
+        except ValueError as exc:
+            raise Failure(f"--since: {exc}", EXIT_USAGE) from None
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
@@ -932,6 +1020,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", metavar="FILE", help="write the frames to FILE (- for stdout) instead"
     )
     recv.add_argument("--max-frame-size", type=_size, default=64 << 20, help="default 64MiB")
+    recv.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="rewind first (a native server whose stream keeps a history): a span back "
+        "such as 10s, or a time such as 2026-12-07T10:00:00Z; live follows",
+    )
+    recv.add_argument(
+        "--gaps",
+        action="store_true",
+        help="ask a native server with gap_frames to say where it drops frames for this "
+        "client (a GAP line at that point)",
+    )
+    recv.add_argument(
+        "--rate",
+        default="full",
+        metavar="RATE",
+        help="with --since: full (default), original, or a factor of the original speed",
+    )
     _add_tls_flags(recv, listening=True)
     recv.set_defaults(func=cmd_recv)
 

@@ -32,6 +32,7 @@ for frames you move yourself. Datalink frames carry no headers, so arrays need `
 from __future__ import annotations
 
 import collections
+import datetime
 import importlib.util
 import math
 import socket
@@ -42,6 +43,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import trio
 
 from . import protocols
@@ -49,6 +51,7 @@ from .config import Address, parse_address
 from .daemon.keepalive import KeepaliveConnection, send_keepalives
 from .daemon.transport import connector_for, tls_connector
 from .frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
+from .protocols import native
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -57,9 +60,16 @@ __all__ = [
     "BlockingClient",
     "Client",
     "ConnectionClosed",
+    "FramesLost",
+    "Gap",
+    "RewindRefused",
+    "RewindStart",
     "array_from_frame",
     "frame_from_array",
+    "gap_of",
     "open_client",
+    "rewind_answer",
+    "rewind_request",
 ]
 
 #: Default largest frame a client accepts.
@@ -77,6 +87,122 @@ class ConnectionClosed(ConnectionError):
     def __init__(self, message: str, *, clean: bool) -> None:
         super().__init__(message)
         self.clean = clean
+
+
+class RewindRefused(ConnectionError):
+    """A rewind (``since=``) the server did not serve: it refused it (the message says
+    why: a time in the future, a bad rate...), or it did not answer at all (its stream
+    keeps no history, or it is an older framewire): then it serves live frames only."""
+
+
+@attrs.frozen
+class RewindStart:
+    """The server's answer to a rewind: the arrival time (ns since the epoch, the server's
+    clock) of the first frame it replays, the time asked for, and whether the history
+    starts later than asked (``clamped``)."""
+
+    start_ns: int
+    asked_ns: int
+    clamped: bool
+    rate: str
+
+
+def rewind_request(
+    since: float | datetime.timedelta | datetime.datetime | None,
+    rate: str | float = "full",
+    *,
+    gaps: bool = False,
+) -> bytes:
+    """The REQUEST frame a client sends first (docs/protocol.md): a rewind when ``since``
+    is given (a span back from the server's now, in seconds or a timedelta, or a time, an
+    aware datetime; ``rate`` ``"full"``, ``"original"`` or a factor of the original speed),
+    and with ``gaps`` a GAP notice wherever the server drops frames for this client.
+    Raises ValueError for a naive datetime or a negative span (the server checks the rest
+    and refuses politely)."""
+    headers: dict[str, str] = {}
+    if isinstance(since, datetime.datetime):
+        if since.tzinfo is None:
+            raise ValueError("since: a datetime needs a time zone (e.g. datetime.UTC)")
+        delta = since - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+        headers["since_ns"] = str(
+            (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+        )
+    elif since is not None:
+        seconds = since.total_seconds() if isinstance(since, datetime.timedelta) else since
+        if not seconds >= 0:
+            raise ValueError(f"since: expected a span of 0 or more seconds, got {since!r}")
+        headers["ago_ns"] = str(round(seconds * 1e9))
+    if since is not None:
+        headers["rate"] = rate if isinstance(rate, str) else repr(float(rate))
+    if gaps:
+        headers["gaps"] = "1"
+    return native.encode_control(native.KIND_REQUEST, headers)
+
+
+def rewind_answer(first: Frame) -> RewindStart:
+    """The server's answer to a rewind, from the first thing it sent (a
+    :class:`~framewire.protocols.native.Notice` or a frame). Raises :class:`RewindRefused`
+    for a refusal, or when a frame came first (no answer will come)."""
+    if isinstance(first, native.Notice):
+        if first.what == "refused":
+            raise RewindRefused(
+                f"the server refused the rewind: {first.headers.get('reason', 'no reason')}"
+            )
+        if first.what == "rewind":
+            headers = first.headers
+            try:
+                return RewindStart(
+                    int(headers.get("start_ns", "0")),
+                    int(headers.get("asked_ns", "0")),
+                    headers.get("clamped") == "1",
+                    headers.get("rate", "full"),
+                )
+            except ValueError:
+                raise RewindRefused(f"a rewind answer that makes no sense: {headers}") from None
+    raise RewindRefused(
+        "the server did not answer the rewind request: its stream keeps no history, or "
+        "it is an older framewire (it serves live frames only)"
+    )
+
+
+@attrs.frozen
+class Gap:
+    """Frames the server dropped for this client (it was too slow), where they were
+    dropped: ``frames`` and ``bytes`` lost, between the frame stamped ``after_ns`` (the
+    last one sent before, 0 if none) and the one stamped ``before_ns`` (the next one)."""
+
+    frames: int
+    bytes: int
+    after_ns: int
+    before_ns: int
+
+
+class FramesLost(Exception):
+    """Raised by :meth:`Client.receive` at the point where the server dropped frames (a
+    client that asked for ``gaps``); the next :meth:`Client.receive` returns the frame
+    after the loss. :attr:`gap` says how many."""
+
+    def __init__(self, gap: Gap) -> None:
+        super().__init__(
+            f"the server dropped {gap.frames} frames ({gap.bytes} bytes) here: this client "
+            "did not keep up"
+        )
+        self.gap = gap
+
+
+def gap_of(notice: native.Notice) -> Gap:
+    """The :class:`Gap` a ``gap`` notice tells of. Raises ProtocolError if it makes no
+    sense."""
+    headers = notice.headers
+    try:
+        return Gap(
+            int(headers["frames"]),
+            int(headers["bytes"]),
+            int(headers.get("after_ns", "0")),
+            int(headers.get("before_ns", "0")),
+        )
+    except (KeyError, ValueError):
+        raise protocols.ProtocolError(f"a gap notice that makes no sense: {headers}") from None
 
 
 def _parse(
@@ -208,6 +334,17 @@ class Client:
         self._encoder = spec.make_encoder()
         self._decoder = spec.make_decoder(max_frame_size)
         self._received: collections.deque[Frame] = collections.deque()
+        #: After a rewind (``since=``): where the server's replay starts.
+        self.rewind: RewindStart | None = None
+        self._rewind_pending = False
+
+    def _asked(self, *, rewind: bool) -> None:
+        """A request went out: accept the server's notices (and await its rewind answer)."""
+        decoder = self._decoder
+        if not isinstance(decoder, native.NativeDecoder):
+            raise ValueError("since= and gaps= need protocol='native'")
+        decoder.accept_notices = True
+        self._rewind_pending = rewind
 
     async def send(self, frame: Frame) -> None:
         """Send one frame. Raises trio.BrokenResourceError if the peer is gone, ValueError
@@ -227,8 +364,32 @@ class Client:
         Raises :class:`ConnectionClosed` when the peer closed or ended its stream,
         :class:`~framewire.protocols.ProtocolError` for bad bytes, TimeoutError when
         ``peer_timeout`` is set and nothing at all (not even a keepalive) arrived for that long,
-        trio.BrokenResourceError if the connection broke.
+        trio.BrokenResourceError if the connection broke; after a rewind request
+        :class:`RewindRefused` if the server refused it or did not answer; with ``gaps``
+        :class:`FramesLost` where the server dropped frames (call again for the next frame),
+        or use :meth:`receive_with_gaps` to have the :class:`Gap` returned instead.
         """
+        item = await self.receive_with_gaps()
+        if isinstance(item, Gap):
+            raise FramesLost(item)
+        return item
+
+    async def receive_with_gaps(self) -> Frame | Gap:
+        """The next frame, or a :class:`Gap` where the server dropped frames (a client that
+        asked for ``gaps``). Raises as :meth:`receive` does (but for FramesLost)."""
+        while True:
+            frame = await self._receive_frame()
+            if self._rewind_pending:
+                self.rewind = rewind_answer(frame)
+                self._rewind_pending = False
+                continue
+            if isinstance(frame, native.Notice):
+                if frame.what == "gap":
+                    return gap_of(frame)
+                continue  # a notice of a later version: nothing to do with it
+            return frame
+
+    async def _receive_frame(self) -> Frame:
         received, decoder = self._received, self._decoder
         while not received:
             if decoder.ended:
@@ -285,6 +446,9 @@ async def open_client(
     max_frame_size: int = MAX_FRAME_SIZE,
     ssl_context: ssl.SSLContext | None = None,
     server_name: str | None = None,
+    since: float | datetime.timedelta | datetime.datetime | None = None,
+    rate: str | float = "full",
+    gaps: bool = False,
 ) -> AsyncIterator[Client]:
     """Connect to ``address`` and yield a :class:`Client`.
 
@@ -300,7 +464,20 @@ async def open_client(
     trio.TooSlowError when connecting (handshake included) takes longer than
     ``connect_timeout``, ValueError for a bad address or protocol, or TLS settings for an
     address that is not ``tls://``. The connection is closed on the way out.
+
+    Rewind (native servers whose stream keeps a history): ``since`` asks to start that many
+    seconds (or a timedelta) back, or at a time (an aware datetime); ``rate`` is ``"full"``
+    (as fast as the client reads), ``"original"`` or a factor of it. The client receives
+    the metadata current then, the history, then the live stream with no gap or duplicate;
+    :attr:`Client.rewind` says where the replay started once the first frame is received.
+    :meth:`Client.receive` raises :class:`RewindRefused` if the server refused (a time in
+    the future, an absurd rate) or did not answer (no history there, or an older server).
+
+    ``gaps`` asks a native server with ``gap_frames = true`` to say where it drops frames
+    for this client: :meth:`Client.receive` raises :class:`FramesLost` there,
+    :meth:`Client.receive_with_gaps` returns a :class:`Gap`.
     """
+    request = rewind_request(since, rate, gaps=gaps) if since is not None or gaps else None
     parsed, context = _parse(address, ssl_context, server_name)
     protocols.get(protocol)
     connect = connector_for(parsed)
@@ -318,6 +495,9 @@ async def open_client(
         stream, protocol=protocol, max_frame_size=max_frame_size, peer_timeout=peer_timeout
     )
     try:
+        if request is not None:
+            client._asked(rewind=since is not None)
+            await client.connection.send([request])
         async with trio.open_nursery() as nursery:
             if keepalive is not None:
                 nursery.start_soon(

@@ -227,6 +227,26 @@ def test_a_disk_buffer_larger_than_its_disk_is_a_warning(tmp: Path) -> None:
     assert warning.startswith("endpoints.a.buffer.max_size: 1000TiB is more than the ")
 
 
+def test_replay_without_a_history_is_a_warning(tmp: Path) -> None:
+    text = server("out", "tcp://127.0.0.1:4600", extra='replay = "30s"\n') + generator("g", "s")
+    assert warnings(text) == [
+        "endpoints.out.replay: stream 's' keeps no history (add [streams.s.history]): its "
+        "clients get the live stream only"
+    ]
+    history = f'[streams.s.history]\nmax_bytes = "1GiB"\npath = "{tmp}/h"\n'
+    assert warnings(text + history) == []
+
+
+def test_a_history_directory_must_be_writable(tmp: Path) -> None:
+    (tmp / "file").write_text("")
+    text = generator("g", "s") + server("out", "tcp://127.0.0.1:4600")
+    text += f'[streams.s.history]\nmax_bytes = "1GiB"\npath = "{tmp}/file/h"\n'
+    assert errors(text) == [
+        f"streams.s.history.path: cannot create files in {tmp}/file/h: {tmp}/file is not a "
+        "directory"
+    ]
+
+
 def test_unix_socket_directory_must_exist(tmp: Path) -> None:
     assert errors(server("out", f"unix://{tmp}/nodir/out.sock") + generator("g", "s")) == [
         f"endpoints.out.listen: cannot listen on {tmp}/nodir/out.sock: no directory {tmp}/nodir"

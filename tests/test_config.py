@@ -118,7 +118,14 @@ EXPECTED: dict[str, Any] = {
         "max_clients": 4,
         "metrics_max_clients": 20,
     },
-    "streams": {"camera": {"max_metadata_types": 32, "max_metadata_bytes": 8 << 20}},
+    "streams": {
+        "camera": {
+            "max_metadata_types": 32,
+            "max_metadata_bytes": 8 << 20,
+            "history": None,
+            "run_starts": (),
+        }
+    },
     "endpoints": {
         "g3-in": {
             "kind": "receiver",
@@ -167,6 +174,8 @@ EXPECTED: dict[str, Any] = {
             "send_timeout": 2.0,
             "close_on_end": False,
             "send_buffer": None,
+            "gap_frames": False,
+            "replay": None,
             "tls": None,
             "socket_mode": 0o660,
         },
@@ -438,6 +447,30 @@ ERROR_CASES: list[tuple[str, str]] = [
     (
         "[streams.cam]\nmax_types = 5",
         "streams.cam.max_types: unknown key (did you mean 'max_metadata_types'?)",
+    ),
+    (
+        SERVER + "protocol = 'g3'\ngap_frames = true",
+        "endpoints.g3-out.gap_frames: native servers only: other protocols have no GAP",
+    ),
+    (
+        "[streams.cam]\nrun_starts = 'Observation'",
+        "streams.cam.run_starts: expected an array of frame type names, got 'Observation'",
+    ),
+    (
+        "[streams.cam]\nrun_starts = ['']",
+        "streams.cam.run_starts: a frame type name is a non-empty string, got ''",
+    ),
+    (
+        "[streams.cam.history]\nmax_bytes = '16KiB'",
+        "streams.cam.history.max_bytes: a history needs at least 1MiB, got 16384",
+    ),
+    (
+        "[streams.cam.history]\nmax_bytes = '16MiB'\nmax_age = -1",
+        "streams.cam.history.max_age: expected a duration of 0 or more seconds, got -1",
+    ),
+    (
+        "[streams.cam.history]\nmax_age = '10s'",
+        "streams.cam.history.max_bytes: required key missing",
     ),
     (
         '[endpoints.r]\nkind = "receiver"\nlisten = "tcp://127.0.0.1:1"\nstream = "s"\n'

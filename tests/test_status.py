@@ -105,6 +105,7 @@ async def test_snapshot_on_connect_and_figures_match_traffic() -> None:
             "metadata_bytes": 28 + len("m") + len(b"{}"),  # the native frame's wire size
             "metadata_refused": 0,
             "metadata_types": ["m"],
+            "history": None,
             # A lossy client holds nothing back: the stream flows.
             "held_by": [],
             "held_since": None,

@@ -18,6 +18,7 @@ from ._schema import DaemonConfig as DaemonConfig
 from ._schema import EndpointConfig as EndpointConfig
 from ._schema import FileConfig as FileConfig
 from ._schema import GeneratorConfig as GeneratorConfig
+from ._schema import HistoryConfig as HistoryConfig
 from ._schema import LinkConfig as LinkConfig
 from ._schema import NatsConfig as NatsConfig
 from ._schema import NatsServerConfig as NatsServerConfig

@@ -30,6 +30,7 @@ __all__ = [
     "FieldError",
     "FileConfig",
     "GeneratorConfig",
+    "HistoryConfig",
     "LinkConfig",
     "ListenAddress",
     "NatsConfig",
@@ -330,6 +331,12 @@ class ServerConfig:
     close_on_end: StrictBool = False
     #: SO_SNDBUF for each client's socket; None: the kernel's own autotuning.
     send_buffer: PositiveSize | None = None
+    #: Native only: tell clients that ask (a REQUEST with ``gaps``) where their frames were
+    #: dropped, with a GAP notice at that point.
+    gap_frames: StrictBool = False
+    #: Give every new client the last this many seconds of the stream's history before
+    #: live (needs ``[streams.NAME.history]``), in the server's protocol.
+    replay: PositiveDuration | None = None
     tls: TLSConfig | None = None
     socket_mode: SocketMode = DEFAULT_SOCKET_MODE
 
@@ -342,6 +349,8 @@ class ServerConfig:
                 f"at most {MAX_SEND_BUFFER >> 20}MiB (the kernel doubles it, into a C int), "
                 f"got {self.send_buffer}",
             )
+        if self.gap_frames and self.protocol != "native":
+            raise FieldError("gap_frames", "native servers only: other protocols have no GAP")
 
 
 def check_decimation(protocol: str, decimate: dict[str, int]) -> None:
@@ -1280,13 +1289,60 @@ class NatsServerConfig:
     stop_timeout: PositiveDuration = 10.0
 
 
+def _type_names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected an array of frame type names, got {describe(value)}")
+    names = []
+    for item in value:
+        if type(item) is not str or not item:
+            raise ValueError(f"a frame type name is a non-empty string, got {describe(item)}")
+        names.append(item)
+    return tuple(dict.fromkeys(names))
+
+
+#: Metadata frame types, each a non-empty string (duplicates dropped).
+TypeNames = Annotated[tuple[str, ...], Check(_type_names)]
+
+#: The least a stream's history may be bounded to.
+MIN_HISTORY: Final = 1 << 20
+
+
+@attrs.frozen
+class HistoryConfig:
+    """``[streams.NAME.history]``: keep the stream's recent frames on disk, time-indexed
+    (:class:`framewire.spool.StreamHistory`), so native clients can rewind (``--since``).
+
+    ``max_bytes`` bounds the files on disk (the oldest segment goes first), ``max_age``
+    (seconds; optional) drops what is older. ``path`` defaults to ``history/NAME`` under the
+    daemon's state directory (resolved by the daemon). ``max_queue_bytes`` bounds what the
+    stream hands to the history's writer and it has not written yet: beyond it, frames are
+    dropped from the history (and counted), never held back from the live stream.
+    """
+
+    max_bytes: PositiveSize
+    max_age: PositiveDuration | None = None
+    path: FilePath | None = None
+    max_queue_bytes: PositiveSize = 64 << 20
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_bytes < MIN_HISTORY:
+            raise FieldError(
+                "max_bytes",
+                f"a history needs at least {format_size(MIN_HISTORY)}, got {self.max_bytes}",
+            )
+
+
 @attrs.frozen
 class StreamConfig:
     """``[streams.NAME]``: bounds of one stream's metadata cache (streams not listed get the
-    defaults). A producer whose metadata would pass them is refused."""
+    defaults; a producer whose metadata would pass them is refused), and its history."""
 
     max_metadata_types: PositiveInt = 256
     max_metadata_bytes: PositiveSize = 64 << 20
+    history: HistoryConfig | None = None
+    #: Metadata types that start a run (``["Observation"]`` for G3): when one arrives, the
+    #: metadata cached from the previous run is retired (see docs/configuration.md).
+    run_starts: TypeNames = ()
 
 
 @attrs.frozen

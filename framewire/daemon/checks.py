@@ -82,7 +82,7 @@ from ..config import (
 )
 from .credentials import NKEYS_MISSING, nkeys_installed, with_secrets
 from .nats import NatsServerFailed, default_store_dir, find_binary
-from .statedir import default_buffer_dir
+from .statedir import default_buffer_dir, default_history_dir
 
 __all__ = ["CheckReport", "Resolver", "check_config", "resolve_host"]
 
@@ -129,7 +129,40 @@ def check_config(
         warnings += _embedded_nats_space(config) + _nats_config_secrets(config.nats)
     errors += _overlapping_listeners(config, resolve)
     buffer_errors, buffer_warnings = _disk_buffers(config)
+    errors += _histories(config)
+    warnings += _replays(config)
     return CheckReport(tuple(errors + buffer_errors), tuple(warnings + buffer_warnings))
+
+
+def _histories(config: Config) -> list[str]:
+    """Each stream history's directory: writable."""
+    errors: list[str] = []
+    for name, stream in config.streams.items():
+        history = stream.history
+        if history is None:
+            continue
+        directory = Path(history.path) if history.path is not None else default_history_dir(name)
+        problem = _writable_directory(directory)
+        if problem:
+            errors.append(f"streams.{name}.history.path: {problem}")
+    return errors
+
+
+def _replays(config: Config) -> list[str]:
+    """A server's ``replay`` needs its stream's history."""
+    warnings: list[str] = []
+    for name, endpoint in config.endpoints.items():
+        replay = getattr(endpoint, "replay", None)
+        stream = getattr(endpoint, "stream", None)
+        if replay is None or not isinstance(stream, str):
+            continue
+        settings = config.streams.get(stream)
+        if settings is None or settings.history is None:
+            warnings.append(
+                f"endpoints.{name}.replay: stream {stream!r} keeps no history (add "
+                f"[streams.{stream}.history]): its clients get the live stream only"
+            )
+    return warnings
 
 
 def _disk_buffers(config: Config) -> tuple[list[str], list[str]]:

@@ -15,6 +15,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,14 +23,17 @@ import trio
 
 from .._version import __version__
 from ..config import Address, Config, ConfigError, StatusConfig, load_config
+from ..spool import SpoolError, StreamHistory
 from .backoff import Backoff
 from .checks import check_config
 from .credentials import nats_server_secrets, with_secrets
 from .endpoints import Endpoint, EndpointContext, Transports, make_endpoint, start_order
+from .history import ArrivalClock, HistoryWriter
 from .metrics import DaemonMetrics
 from .nats import EmbeddedNatsServer, with_embedded_servers
 from .notify import SystemdNotifier
 from .rates import RateMeter
+from .statedir import default_history_dir
 from .status import StatusServer, build_snapshot
 from .stream import StreamRegistry, watch_holds
 from .supervisor import StartFailed, Supervisor, unwrap_error
@@ -73,6 +77,8 @@ log = logging.getLogger("framewire.daemon")
 
 #: Seconds between updates of systemd's STATUS= line.
 STATUS_INTERVAL = 5.0
+#: The longest shutdown waits for the history writers to write what they hold (seconds).
+HISTORY_CLOSE_TIMEOUT = 10.0
 
 
 class Daemon:
@@ -121,6 +127,8 @@ class Daemon:
         self._shutdown = trio.Event()
         self._running = trio.Event()
         self._reload_lock = trio.Lock()
+        #: The writers of the streams that keep a history, by stream name.
+        self.histories: dict[str, HistoryWriter] = {}
 
     @property
     def endpoints(self) -> dict[str, Endpoint[Any]]:
@@ -167,6 +175,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.supervisor.run)
+            failures += await self._open_histories(nursery)
             if self.nats_server is not None:
                 # First, so that nats endpoints find it; READY=1 waits for it like the rest.
                 try:
@@ -192,6 +201,7 @@ class Daemon:
                 await self.notifier.status(f"cannot start: {names}")
                 await self.supervisor.stop_all(0)
                 await self._stop_nats_server()
+                await self._close_histories()
                 nursery.cancel_scope.cancel()
             else:
                 await self._serve(nursery, task_status)
@@ -226,7 +236,57 @@ class Daemon:
         await self.supervisor.stop_all(grace)
         # Last: the nats endpoints have drained into it by now.
         await self._stop_nats_server()
+        await self._close_histories()
         nursery.cancel_scope.cancel()
+
+    async def _open_histories(self, nursery: trio.Nursery) -> list[StartFailed]:
+        """Open the history of every stream that keeps one and start its writer; a history
+        that cannot be opened (locked by another daemon, not writable) is a failure to
+        start, named ``streams.NAME.history``."""
+        failures: list[StartFailed] = []
+        for name, stream_config in self.config.streams.items():
+            config = stream_config.history
+            if config is None:
+                continue
+            path = Path(config.path) if config.path is not None else default_history_dir(name)
+            try:
+                history = await trio.to_thread.run_sync(
+                    partial(
+                        StreamHistory.open,
+                        path,
+                        max_bytes=config.max_bytes,
+                        max_age=config.max_age,
+                        run_starts=frozenset(stream_config.run_starts),
+                    )
+                )
+            except (SpoolError, OSError) as exc:
+                log.error("streams.%s.history cannot open %s: %s", name, path, exc)
+                failures.append(StartFailed(f"streams.{name}.history", str(exc)))
+                continue
+            writer = HistoryWriter(
+                name, history, max_queue_bytes=config.max_queue_bytes, clock=ArrivalClock()
+            )
+            stats = history.stats()
+            log.info(
+                "stream %r keeps its history in %s (%d segments, %d bytes kept)",
+                name,
+                path,
+                stats.segments,
+                stats.bytes,
+            )
+            self.streams.get(name).history = writer
+            self.histories[name] = writer
+            nursery.start_soon(writer.run)
+        return failures
+
+    async def _close_histories(self) -> None:
+        """Stop the streams' history writers: each writes what is queued and closes."""
+        for name, writer in self.histories.items():
+            self.streams.get(name).history = None
+            writer.stop()
+        with trio.move_on_after(HISTORY_CLOSE_TIMEOUT):
+            for writer in self.histories.values():
+                await writer.finished.wait()
 
     def _with_embedded_nats(self, config: Config) -> Config:
         """``config`` with the embedded server as the ``servers`` of nats endpoints giving
@@ -511,6 +571,10 @@ class Daemon:
         if config.streams != old.streams:
             self.streams.configure(config.streams)
             changes.append("stream settings")
+            if {n: c.history for n, c in config.streams.items()} != {
+                n: c.history for n, c in old.streams.items()
+            }:
+                changes.append("history settings (they take effect at the next start)")
         for name, lines in live.items():
             # Once nothing can fail: the endpoint and its clients take the new values.
             self.endpoints[name].reconfigure(config.endpoints[name])

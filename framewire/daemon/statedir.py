@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import BufferConfig
 
-__all__ = ["buffer_directory", "default_buffer_dir", "state_directory"]
+__all__ = ["buffer_directory", "default_buffer_dir", "default_history_dir", "state_directory"]
 
 
 def state_directory(environ: Mapping[str, str] | None = None) -> Path:
@@ -39,3 +39,9 @@ def buffer_directory(endpoint: str, buffer: BufferConfig) -> Path | None:
     if not buffer.is_disk:
         return None
     return Path(buffer.path) if buffer.path is not None else default_buffer_dir(endpoint)
+
+
+def default_history_dir(stream: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the history of ``stream`` lives unless its ``history.path`` says otherwise:
+    ``history/NAME`` under :func:`state_directory`."""
+    return state_directory(environ) / "history" / stream

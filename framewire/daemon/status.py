@@ -48,6 +48,7 @@ from trio_websocket import (
 
 from .._version import __version__
 from .dashboard import DASHBOARD
+from .history import HistoryWriter
 from .lograte import RateLimitedWarning
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricsView
@@ -151,6 +152,9 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
             "metadata_bytes": stream.metadata.nbytes,
             "metadata_refused": stream.metadata_refused,
             "metadata_types": list(dict.fromkeys(frame.type for frame in stream.metadata)),
+            "history": stream.history.detail()
+            if isinstance(stream.history, HistoryWriter)
+            else None,
             **_held(stream),
         }
         for stream in daemon.streams

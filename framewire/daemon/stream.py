@@ -63,7 +63,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final, Generic, NoReturn, TypeVar
+from typing import Any, Final, Generic, NoReturn, Protocol, TypeVar
 
 import attrs
 import outcome
@@ -754,6 +754,15 @@ class Subscription:
             else:
                 yield frame
 
+    def given_session(self, frame: Frame) -> None:
+        """The consumer was given the session header ``frame`` another way (a replay from
+        the stream's history): an identical one is not queued again, a different one ends
+        the subscription, as if it had been queued here."""
+        if frame.type in self.session_types:
+            if self._sessions is None:
+                self._sessions = {}
+            self._sessions[frame.type] = frame
+
     def _admit_session(self, frame: Frame) -> bool | None:
         """Whether to queue the metadata ``frame``, given :attr:`session_types`.
 
@@ -1200,6 +1209,12 @@ class Hold:
         return _since(self.since)
 
 
+class HistorySink(Protocol):
+    """What a stream hands each publish to when it keeps a history."""
+
+    def offer(self, frames: Sequence[Frame], count: int, size: int) -> None: ...
+
+
 class Stream:
     """A named channel with a metadata cache. See the module docstring."""
 
@@ -1212,6 +1227,8 @@ class Stream:
     ) -> None:
         self.name = name
         self.metadata = MetadataCache(max_types=max_metadata_types, max_bytes=max_metadata_bytes)
+        #: Metadata types that start a run: one arriving retires the cached metadata first.
+        self.run_starts: frozenset[str] = frozenset()
         #: Metadata frames refused because they would pass the cache's bounds.
         self.metadata_refused = 0
         #: Lossy subscriptions in the order they came (a dict: a client leaving is O(1)).
@@ -1223,6 +1240,10 @@ class Stream:
         self._lossless: list[Subscription] = []
         self.frames_in = 0
         self.bytes_in = 0
+        #: Where every publish is also offered, synchronously, when the stream keeps a
+        #: history (:class:`~framewire.daemon.history.HistoryWriter`); its ``offer`` never
+        #: waits or raises.
+        self.history: HistorySink | None = None
         #: Publishes so far. A direct writer keys the encoding it shares among its clients
         #: by it and the identity of the frames it is offered (alive while the publish is).
         self.publishes = 0
@@ -1492,6 +1513,8 @@ class Stream:
         metadata = False
         for index, frame in enumerate(frames):
             if frame.kind is not _DATA:
+                if frame.type in self.run_starts:
+                    cache.clear()  # a new run: the previous run's metadata is retired
                 reason = cache.update(frame)
                 if reason is not None:
                     self.metadata_refused += 1
@@ -1504,6 +1527,8 @@ class Stream:
         self.frames_in += count
         self.bytes_in += size
         self.publishes += 1
+        if self.history is not None and count:
+            self.history.offer(frames, count, size)
         blocks = count != len(frames)
         split: Sequence[Frame] | None = None if blocks else frames
         # A snapshot, taken before the groups run: offering may end or close a subscription,
@@ -1606,6 +1631,7 @@ class StreamRegistry:
             config = self._config_of(stream.name)
             stream.metadata.max_types = config.max_metadata_types
             stream.metadata.max_bytes = config.max_metadata_bytes
+            stream.run_starts = frozenset(config.run_starts)
 
     def _config_of(self, name: str) -> StreamConfig:
         return self._configs.get(name) or _DEFAULT_STREAM
@@ -1619,6 +1645,7 @@ class StreamRegistry:
                 max_metadata_types=config.max_metadata_types,
                 max_metadata_bytes=config.max_metadata_bytes,
             )
+            stream.run_starts = frozenset(config.run_starts)
         return stream
 
     def __iter__(self) -> Iterator[Stream]:

@@ -35,6 +35,8 @@ __all__ = [
     "HEADER",
     "KIND_END_OF_STREAM",
     "KIND_KEEPALIVE",
+    "KIND_NOTICE",
+    "KIND_REQUEST",
     "MAGIC",
     "MAX_BLOCK_BYTES",
     "MAX_BLOCK_FRAMES",
@@ -42,7 +44,10 @@ __all__ = [
     "NativeBlock",
     "NativeDecoder",
     "NativeEncoder",
+    "Notice",
     "decode_frame",
+    "encode_control",
+    "parse_control",
 ]
 
 PROTOCOL: Final = "native"
@@ -51,6 +56,12 @@ VERSION: Final = 1
 HEADER: Final = struct.Struct("<2sBBBBHIQq")
 KIND_KEEPALIVE: Final = 0x80
 KIND_END_OF_STREAM: Final = 0x81
+#: A client's request to a server (rewind, gap frames): the first frame a client sends.
+KIND_REQUEST: Final = 0x82
+#: A server's notice to a client that asked for one (rewind's answer, a gap).
+KIND_NOTICE: Final = 0x83
+#: The largest request or notice accepted (they carry a few short headers).
+MAX_CONTROL_SIZE: Final = 4096
 _HEADER_ENTRY: Final = struct.Struct("<BH")
 _MAX_KEY: Final = 0xFF
 _MAX_VALUE: Final = 0xFFFF
@@ -103,6 +114,10 @@ class NativeDecoder(FrameDecoder):
             super().__init__(max_frame_size=max_frame_size, buffer_size=buffer_size)
         #: Keepalive frames seen (they are consumed, not returned).
         self.keepalives = 0
+        #: Whether NOTICE frames are accepted: each is returned in its place among the
+        #: frames, as a :class:`Notice`. False by default (a peer that did not ask for
+        #: notices sends none): a NOTICE is then an unknown kind.
+        self.accept_notices = False
         self._types: dict[bytes, str] = {}
         # Block cutting: frames to decode one by one before the next try, and the current
         # step between tries (it doubles while tries fail).
@@ -234,13 +249,21 @@ class NativeDecoder(FrameDecoder):
             raise ProtocolError(f"unsupported native protocol version {version} (speaks 1)")
         if flags:
             raise ProtocolError(f"unknown flags 0x{flags:02x}")
-        if kind > 1 and kind not in (KIND_KEEPALIVE, KIND_END_OF_STREAM):
+        if (
+            kind > 1
+            and kind not in (KIND_KEEPALIVE, KIND_END_OF_STREAM)
+            and (kind != KIND_NOTICE or not self.accept_notices)
+        ):
             raise ProtocolError(f"unknown frame kind 0x{kind:02x}")
         total: int = 28 + type_len + headers_len + payload_len
+        if kind == KIND_NOTICE and total > MAX_CONTROL_SIZE:
+            raise ProtocolError(f"a notice of {total} bytes (at most {MAX_CONTROL_SIZE})")
         return total
 
     def _make_frame(self, wire: bytes | bytearray) -> Frame | None:
         _, _, kind, type_len, _, count, headers_len, _, timestamp = HEADER.unpack_from(wire)
+        if kind == KIND_NOTICE and self.accept_notices:
+            return Notice(parse_control(wire, KIND_NOTICE))
         if kind > 1:
             if len(wire) != 28 or count:
                 raise ProtocolError("a control frame must have no type, headers or payload")
@@ -353,6 +376,62 @@ def decode_frame(wire: bytes | bytearray) -> Frame:
     start = body + headers_len
     payload: Buffer = bytes(view[start:]) if payload_len <= 512 else view[start:]
     return Frame(_FRAME_KINDS[kind], type_tag, payload, timestamp, headers, wire, PROTOCOL)
+
+
+class Notice(Frame):
+    """A NOTICE frame a server sent, in its place among the frames (only from a decoder
+    with :attr:`NativeDecoder.accept_notices`): ``what`` (its ``notice`` header:
+    ``rewind``, ``refused``, ``gap``) and all its :attr:`headers`. Never published into a
+    stream: it is for the client that asked."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, headers: Mapping[str, str]) -> None:
+        super().__init__(FrameKind.DATA, "", b"", 0, dict(headers))
+        self.what = self.headers.get("notice", "")
+
+    def __repr__(self) -> str:
+        return f"Notice({dict(self.headers)!r})"
+
+
+def encode_control(kind: int, headers: Mapping[str, str]) -> bytes:
+    """A REQUEST or NOTICE frame: no type or payload, ``headers`` only. Raises ValueError
+    for another kind or headers over :data:`MAX_CONTROL_SIZE` in all."""
+    if kind not in (KIND_REQUEST, KIND_NOTICE):
+        raise ValueError(f"kind 0x{kind:02x} is not REQUEST or NOTICE")
+    block = encode_headers(headers)
+    if 28 + len(block) > MAX_CONTROL_SIZE:
+        raise ValueError(f"a control frame of {28 + len(block)} bytes (at most {MAX_CONTROL_SIZE})")
+    return HEADER.pack(MAGIC, VERSION, kind, 0, 0, len(headers), len(block), 0, 0) + block
+
+
+def control_size(head: Buffer) -> int | None:
+    """From the first 28 bytes a peer sent: the size of the REQUEST (or NOTICE) frame they
+    start, or None if they start something else (an old client's bytes, a data frame).
+    Raises :class:`ProtocolError` for a control frame over :data:`MAX_CONTROL_SIZE`."""
+    magic, version, kind, type_len, flags, _, headers_len, payload_len, _ = HEADER.unpack_from(head)
+    if magic != MAGIC or version != VERSION or kind not in (KIND_REQUEST, KIND_NOTICE):
+        return None
+    total: int = 28 + type_len + headers_len + payload_len
+    if flags or total > MAX_CONTROL_SIZE:
+        raise ProtocolError(f"a control frame of {total} bytes (at most {MAX_CONTROL_SIZE})")
+    return total
+
+
+def parse_control(wire: Buffer, kind: int) -> dict[str, str]:
+    """The headers of the complete REQUEST or NOTICE frame ``wire`` (of ``kind``). Raises
+    :class:`ProtocolError` for anything else: another kind, a type or payload, bad headers."""
+    view = memoryview(wire)
+    if len(view) < 28:
+        raise ProtocolError("a control frame is at least 28 bytes")
+    magic, version, got, type_len, flags, count, headers_len, payload_len, _ = HEADER.unpack_from(
+        view
+    )
+    if magic != MAGIC or version != VERSION or flags or got != kind:
+        raise ProtocolError(f"expected a control frame of kind 0x{kind:02x}")
+    if type_len or payload_len or 28 + headers_len != len(view):
+        raise ProtocolError("a control frame carries headers only")
+    return _decode_headers(view, 28, 28 + headers_len, count)
 
 
 def _decode_headers(view: memoryview, start: int, end: int, count: int) -> dict[str, str]:

@@ -174,6 +174,9 @@ from ._errors import SpoolError as SpoolError
 from ._errors import SpoolIOError as SpoolIOError
 from ._errors import SpoolLocked as SpoolLocked
 from ._format import SegmentDecoder as SegmentDecoder
+from ._history import HistoryReader as HistoryReader
+from ._history import HistoryStats as HistoryStats
+from ._history import StreamHistory as StreamHistory
 from ._queue import DEFAULT_SEGMENT_SIZE as DEFAULT_SEGMENT_SIZE
 from ._queue import DiskQueue as DiskQueue
 from ._queue import SpoolStats as SpoolStats

@@ -63,8 +63,11 @@ VERSION: Final = 1
 _RECORD_HEAD: Final = struct.Struct("<4sBBHQII")
 _CRC: Final = struct.Struct("<I")
 RECORD_HEADER_SIZE: Final = _RECORD_HEAD.size + 4  # 28
-#: Record flags: bit 0 is set for a METADATA frame. Every other bit must be 0.
+#: Record flags: bit 0 is set for a METADATA frame; bit 1 (a stream history's only, never a
+#: queue's) for a BLOCK: DATA frames of one type back to back, without headers, each one
+#: sequence number (see :mod:`._history`). Every other bit must be 0, and not both.
 FLAG_METADATA: Final = 0x01
+FLAG_BLOCK: Final = 0x02
 
 #: magic, version, kind, reserved, first sequence number, end sequence number, record count;
 #: then a CRC-32C over those 28 bytes.
@@ -120,15 +123,20 @@ class RecordHeader:
         return bool(self.flags & FLAG_METADATA)
 
     @property
+    def block(self) -> bool:
+        return bool(self.flags & FLAG_BLOCK)
+
+    @property
     def size(self) -> int:
         """The whole record's size: header and payload."""
         return RECORD_HEADER_SIZE + self.length
 
 
-def pack_record_header(seq: int, metadata: bool, length: int, payload_crc: int) -> bytes:
-    head = _RECORD_HEAD.pack(
-        RECORD_MAGIC, VERSION, FLAG_METADATA if metadata else 0, 0, seq, length, payload_crc
-    )
+def pack_record_header(
+    seq: int, metadata: bool, length: int, payload_crc: int, *, block: bool = False
+) -> bytes:
+    flags = (FLAG_METADATA if metadata else 0) | (FLAG_BLOCK if block else 0)
+    head = _RECORD_HEAD.pack(RECORD_MAGIC, VERSION, flags, 0, seq, length, payload_crc)
     return head + _CRC.pack(crc32c(head))
 
 
@@ -142,7 +150,13 @@ def parse_record_header(
     magic, version, flags, reserved, seq, length, payload_crc = _RECORD_HEAD.unpack_from(
         data, offset
     )
-    if magic != RECORD_MAGIC or version != VERSION or flags & ~FLAG_METADATA or reserved:
+    if (
+        magic != RECORD_MAGIC
+        or version != VERSION
+        or flags & ~(FLAG_METADATA | FLAG_BLOCK)
+        or flags == FLAG_METADATA | FLAG_BLOCK
+        or reserved
+    ):
         return None
     (check,) = _CRC.unpack_from(data, offset + _RECORD_HEAD.size)
     if check != crc32c(bytes(data[offset : offset + _RECORD_HEAD.size])):
@@ -183,6 +197,8 @@ class Record:
     payload: bytes
     #: Where the record starts in its segment.
     offset: int
+    #: A BLOCK record (a history's; its payload is several DATA frames).
+    block: bool = False
 
     @property
     def size(self) -> int:
@@ -472,7 +488,7 @@ class SegmentDecoder:
         if self._bad_start is not None:
             events.append(Corrupt(self._bad_start, start - self._bad_start))
             self._bad_start = None
-        events.append(Record(header.seq, header.metadata, payload, start))
+        events.append(Record(header.seq, header.metadata, payload, start, header.block))
         self._last_seq = header.seq
         self._good_end = start + header.size
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import ClassVar, Final, TypeAlias
 
@@ -59,13 +59,17 @@ import trio
 from ... import protocols
 from ...config import ServerConfig
 from ...frame import Buffer, Frame, frame_count
+from ...protocols import ProtocolError
+from ...spool import SpoolError
 from ..flow import (
     UnencodableFrames,
     close_when_peer_leaves,
     describe_loss,
     first_error,
+    send_frames,
     send_subscription,
 )
+from ..history import HistoryWriter
 from ..lograte import RateLimitedWarning
 from ..stream import (
     DirectGroup,
@@ -78,6 +82,15 @@ from ..stream import (
 )
 from ..transport import Connection, HangupWatch, bound_addresses, nbytes_of, set_send_buffer
 from ._base import ClientInfo, Endpoint, EndpointContext
+from ._rewind import (
+    GapReporter,
+    RewindRefused,
+    RewindRequest,
+    parse_rewind,
+    read_request,
+    refuse,
+    replay_history,
+)
 
 __all__ = ["DIRECT_MAX_BYTES", "ServerEndpoint"]
 
@@ -152,6 +165,9 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         #: Each client's connection while it is fed, by ``id`` of its ClientInfo (a reload
         #: gives them a new send_timeout).
         self._connections: dict[int, Connection] = {}
+        #: Frames rewinds lacked because the history had not kept them.
+        self._rewind_missed = 0
+        self._warned_replay = False
 
     def reconfigure(self, config: ServerConfig) -> None:
         """Apply a reload's live changes (:attr:`live_fields`) to the running server and
@@ -270,35 +286,56 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 self._size_send_buffer(connection, config.send_buffer)
             # The endpoint's one stream (a registry never replaces a stream it made).
             served = self._stream = self.context.streams.get(config.stream)
+            asked = await self._client_request(connection, served)
+            if asked is None:
+                return
+            rewind, gaps = asked
+            if rewind is None and config.replay is not None:
+                # Every client that asked for nothing gets the last ``replay`` seconds first.
+                rewind = self._replay_request(served)
             if self._direct:
                 if self._group is None:
                     self._group = _DirectClients(self, served)
                 served.add_group(self._group)
-            subscription = served.subscribe(
-                bounds=self._bounds,
-                policy=Policy(config.policy),
-                decimate=self._decimate,
-                label=f"{self.name} {connection.peer}",
-                owner=self.name,
-                follows_end=config.close_on_end,
-                session_types=self._spec.session_metadata_types,
-                blocks_of=config.protocol,
-            )
-            client = ClientInfo(connection.peer, subscription=subscription)
+
+            def subscribe(replay: bool = True) -> Subscription:
+                return served.subscribe(
+                    bounds=self._bounds,
+                    policy=Policy(config.policy),
+                    decimate=self._decimate,
+                    label=f"{self.name} {connection.peer}",
+                    owner=self.name,
+                    follows_end=config.close_on_end,
+                    replay=replay,
+                    session_types=self._spec.session_metadata_types,
+                    blocks_of=config.protocol,
+                )
+
+            client = ClientInfo(connection.peer)
+            if rewind is None:
+                client.subscription = subscribe()
             key = id(client)
             status.clients[key] = client
             self.log.info("client %s connected (%d now)", connection.peer, len(status.clients))
             try:
-                reason = await self._feed_client(connection, client)
+                reason = None
+                if rewind is not None:
+                    reason = await self._rewind(connection, client, served, rewind, subscribe)
+                if reason is None:
+                    reason = await self._feed_client(connection, client, gaps=gaps)
             finally:
-                subscription.close("client gone")
+                subscription = client.subscription
+                if subscription is not None:
+                    subscription.close("client gone")
+                    status.frames_dropped += subscription.frames_dropped
+                    status.frames_decimated += subscription.frames_decimated
                 del status.clients[key]
-                status.frames_dropped += subscription.frames_dropped
-                status.frames_decimated += subscription.frames_decimated
+            dropped = subscription.frames_dropped if subscription is not None else 0
+            decimated = subscription.frames_decimated if subscription is not None else 0
             left_out = [
                 f"{count} {what}"
                 for count, what in (
-                    (subscription.frames_decimated, "decimated"),
+                    (decimated, "decimated"),
                     (client.frames_unencodable, f"not {config.protocol}"),
                 )
                 if count
@@ -309,13 +346,131 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 reason,
                 client.frames_sent,
                 client.bytes_sent,
-                subscription.frames_dropped,
+                dropped,
                 "".join(f"; {text}" for text in left_out),
             )
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _feed_client(self, connection: Connection, client: ClientInfo) -> str:
+    async def _client_request(
+        self, connection: Connection, served: Stream
+    ) -> tuple[RewindRequest | None, bool] | None:
+        """What a native client asks for (see :mod:`._rewind`): the rewind (None: none)
+        and whether it gets GAP notices. Only a native server whose stream keeps a history
+        or that has ``gap_frames`` reads (and waits for) a request; others ask nothing.
+        None when the client was refused or sent a bad request (one log line; the caller
+        closes the connection)."""
+        config = self.config
+        writer = served.history
+        if config.protocol != "native" or not (
+            config.gap_frames or isinstance(writer, HistoryWriter)
+        ):
+            return None, False
+        try:
+            headers = await read_request(connection)
+            if headers is None:
+                return None, False
+            gaps = config.gap_frames and headers.get("gaps") == "1"
+            if not isinstance(writer, HistoryWriter):
+                if "since_ns" in headers or "ago_ns" in headers:
+                    raise RewindRefused(f"stream {config.stream!r} keeps no history")
+                return None, gaps
+            return parse_rewind(headers, writer.clock()), gaps
+        except RewindRefused as refusal:
+            self.log.info("client %s: rewind refused: %s", connection.peer, refusal)
+            await refuse(connection, str(refusal))
+        except (ProtocolError, trio.TooSlowError) as exc:
+            why = "no whole request in time" if isinstance(exc, trio.TooSlowError) else exc
+            self.log.info("client %s: bad request, disconnected: %s", connection.peer, why)
+        except trio.BrokenResourceError as exc:
+            self.log.info("client %s: connection lost (%s)", connection.peer, describe_loss(exc))
+        return None
+
+    def _replay_request(self, served: Stream) -> RewindRequest | None:
+        """The rewind ``replay`` gives a client: the last ``replay`` seconds of the stream's
+        history at full speed, without a NOTICE (the client did not ask). None (and one
+        warning per endpoint start) when the stream keeps no history."""
+        writer = served.history
+        replay = self.config.replay
+        assert replay is not None
+        if not isinstance(writer, HistoryWriter):
+            if not self._warned_replay:
+                self._warned_replay = True
+                self.log.warning(
+                    "replay = %gs needs a history of stream %r ([streams.%s.history]): "
+                    "clients get the live stream only",
+                    replay,
+                    self.config.stream,
+                    self.config.stream,
+                )
+            return None
+        return RewindRequest(writer.clock() - int(replay * 1e9), 0.0, answer=False)
+
+    async def _rewind(
+        self,
+        connection: Connection,
+        client: ClientInfo,
+        served: Stream,
+        request: RewindRequest,
+        subscribe: Callable[[bool], Subscription],
+    ) -> str | None:
+        """Replay the history to ``client`` from the time asked for, up to the seam with the
+        live stream; set the client's live subscription. Returns why the client is done if
+        the replay ended it, else None (then feed it live)."""
+        writer = served.history
+        assert isinstance(writer, HistoryWriter)
+        config = self.config
+        status = self.status
+        encoder = self._spec.make_encoder()
+        session_types = self._spec.session_metadata_types
+        #: Session headers (aedat4's IOHeader) the replay gave: the live subscription must
+        #: not give the client another.
+        sessions: dict[str, Frame] = {}
+
+        def unencodable(frame: Frame, error: ValueError) -> None:
+            client.frames_unencodable += 1
+            self._unencodable(frame, error)
+
+        async def send(frames: list[Frame]) -> None:
+            if session_types:
+                frames = [f for f in frames if _first_session(sessions, session_types, f)]
+            count, nbytes = await send_frames(
+                connection, encoder, frames, unencodable, send_timeout=config.send_timeout
+            )
+            status.frames_out += count
+            status.bytes_out += nbytes
+            client.count_sent(count, nbytes)
+
+        def live() -> Subscription:
+            subscription = subscribe(False)
+            for frame in sessions.values():
+                subscription.given_session(frame)
+            return subscription
+
+        try:
+            subscription, missed = await replay_history(connection, writer, request, live, send)
+        except _SessionChanged as changed:
+            return f"the history holds a new {changed.type} (a new session) after the start"
+        except SpoolError as exc:
+            return f"the rewind failed: {exc}"
+        except trio.TooSlowError:
+            return f"send stalled for more than {config.send_timeout:g}s"
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            return f"connection lost ({describe_loss(exc)})"
+        client.subscription = subscription
+        if missed:
+            self._rewind_missed += missed
+            status.detail["rewind_frames_missed"] = self._rewind_missed
+            self.log.info(
+                "client %s: the rewind lacked %d frames the history did not keep",
+                connection.peer,
+                missed,
+            )
+        return None
+
+    async def _feed_client(
+        self, connection: Connection, client: ClientInfo, *, gaps: bool = False
+    ) -> str:
         subscription = client.subscription
         assert subscription is not None
         feed = self._feed_type(client)
@@ -326,12 +481,13 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         # yield; a write that cannot finish at once may wait send_timeout for the client.
         connection.yield_on_send = False
         connection.send_timeout = self.config.send_timeout
-        encoder = self._spec.make_encoder()
+        # A client told of its gaps is written by its own task only, which sees each loss.
+        encoder = GapReporter(subscription) if gaps else self._spec.make_encoder()
         # Plain sockets are watched by the endpoint's one hang-up watch, which closes the
         # client's subscription when it leaves (its writer then returns); others get a
         # reading task of their own.
         watched = self._hangups.add(connection, feed.peer_left, on_input)
-        if watched is not None and self._group is not None:
+        if watched is not None and self._group is not None and not gaps:
             feed.connection = connection
             subscription.direct = feed
             subscription.group = self._group
@@ -420,6 +576,27 @@ class ServerEndpoint(Endpoint[ServerConfig]):
             self._direct_data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
             self._direct_size = size
             self._direct_frames = frame_count(frames)
+
+
+def _first_session(sessions: dict[str, Frame], session_types: frozenset[str], frame: Frame) -> bool:
+    """Whether a replay sends ``frame``: not a session header the client already has (the
+    same bytes again); raises :class:`_SessionChanged` for a different one."""
+    if not frame.is_metadata or frame.type not in session_types:
+        return True
+    given = sessions.setdefault(frame.type, frame)
+    if given is frame:
+        return True
+    if memoryview(given.payload) == memoryview(frame.payload):
+        return False
+    raise _SessionChanged(frame.type)
+
+
+class _SessionChanged(Exception):
+    """A replay met a second, different session header: the client cannot take it."""
+
+    def __init__(self, type_tag: str) -> None:
+        super().__init__(type_tag)
+        self.type = type_tag
 
 
 class _ClientFeed:

@@ -1,0 +1,225 @@
+"""Rewinding a stream's history to one client against reading the same segment files.
+
+Builds a history of ``--total`` bytes of native DATA frames of each ``--sizes`` (in
+``--dir``, default a temporary directory), starts a daemon (a child process) whose stream
+keeps that history and serves it natively, then, in one run, ``--repeat`` times, the order
+alternating:
+
+* **rewind**: a client connects, sends the rewind request (``since`` an hour back: the
+  whole history) and reads everything the server sends (``recv_into`` a reused 1 MiB buffer,
+  discarded) until it has the history's frames;
+* **files->socket**: the anchor: a plain child process reads the same segment files
+  sequentially (``readv`` into a 1 MiB buffer) and ``sendall``s them to the same client
+  reader over loopback TCP, as ``cat segments | nc`` would;
+* **files read**: the segment files read sequentially, nothing else (what the page cache
+  gives a ``cat`` to /dev/null).
+
+All read from the page cache (the history was just written; 1 GiB fits). MB/s are 10^6
+bytes per second (of frames for the rewind, of segment files for the others); each ratio
+(rewind over anchor) is the median of the ratios within each repetition. The target of
+issue 25 is 0.8.
+
+    .venv/bin/python benchmarks/rewind.py                     # 64 KiB and 1 MiB, 1 GiB each
+    .venv/bin/python benchmarks/rewind.py --total 256MiB --sizes 64KiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from _harness import MIB, free_port, machine_text, payload_of, size_label, wait_for_port
+
+from framewire.client import rewind_request
+from framewire.config import parse_size
+from framewire.frame import Frame, FrameKind
+from framewire.protocols.native import NativeEncoder
+from framewire.spool import StreamHistory
+
+CONFIG = """
+[streams.s.history]
+max_bytes = {max_bytes}
+path = "{path}"
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:{port}"
+protocol = "native"
+stream = "s"
+"""
+
+
+def bench_frame(size: int) -> Frame:
+    frame = Frame(FrameKind.DATA, "bench", payload_of(size), 1)
+    wire = b"".join(bytes(b) for b in NativeEncoder().encode(frame))
+    return Frame(FrameKind.DATA, "bench", memoryview(wire)[-size:], 1, {}, wire, "native")
+
+
+def build(path: Path, size: int, total: int) -> int:
+    """Write a history of ``total`` bytes of ``size``-byte frames; return the frames' bytes."""
+    frame = bench_frame(size)
+    wire = frame.wire
+    assert wire is not None
+    count = max(1, total // len(wire))
+    batch = max(1, (4 * MIB) // len(wire))
+    now = time.time_ns() - 60 * 1_000_000_000  # a minute ago, a frame a microsecond
+    with StreamHistory.open(path, max_bytes=2 * total + 64 * MIB) as history:
+        for first in range(0, count, batch):
+            n = min(batch, count - first)
+            history.append([frame] * n, now + first * 1000)
+    return count * len(wire)
+
+
+def read_files(path: Path) -> tuple[int, float]:
+    buffer = bytearray(MIB)
+    total = 0
+    start = time.perf_counter()
+    for segment in sorted(path.glob("*.seg")):
+        fd = os.open(segment, os.O_RDONLY)
+        try:
+            while n := os.readv(fd, [buffer]):
+                total += n
+        finally:
+            os.close(fd)
+    return total, time.perf_counter() - start
+
+
+def serve_files(port: int, path: Path) -> None:
+    """The child behind the files-to-a-socket anchor: accept one client per line of stdin,
+    send it the segment files (``readv`` into a 1 MiB buffer, then ``sendall``), close."""
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        print("ready", flush=True)
+        while sys.stdin.readline():
+            client, _ = listener.accept()
+            with client:
+                buffer = bytearray(MIB)
+                view = memoryview(buffer)
+                for segment in sorted(path.glob("*.seg")):
+                    fd = os.open(segment, os.O_RDONLY)
+                    try:
+                        while n := os.readv(fd, [buffer]):
+                            client.sendall(view[:n])
+                    finally:
+                        os.close(fd)
+
+
+def read_socket(port: int, expected: int, request: bytes = b"") -> tuple[int, float]:
+    """Connect, send ``request``, read ``expected`` bytes (into a reused 1 MiB buffer)."""
+    buffer = bytearray(MIB)
+    total = 0
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        if request:
+            sock.sendall(request)
+        while total < expected:
+            n = sock.recv_into(buffer)
+            if not n:
+                raise RuntimeError(f"the server closed after {total} of {expected} bytes")
+            total += n
+    return total, time.perf_counter() - start
+
+
+def rewind(port: int, expected: int) -> tuple[int, float]:
+    return read_socket(port, expected, rewind_request(3600.0))
+
+
+def measure(size: int, args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="fw-rewind-", dir=args.dir))
+    children: list[subprocess.Popen[str]] = []
+    try:
+        path = root / "history"
+        frames_bytes = build(path, size, args.total)
+        files_bytes = sum(p.stat().st_size for p in path.glob("*.seg"))
+        port, files_port = free_port(), free_port()
+        config = root / "config.toml"
+        config.write_text(CONFIG.format(max_bytes=2 * args.total + 64 * MIB, path=path, port=port))
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "framewire", "run", str(config)],
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        children.append(daemon)
+        files = subprocess.Popen(
+            [sys.executable, __file__, "--serve-files", str(files_port), "--dir", str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        children.append(files)
+        assert files.stdin is not None
+        assert files.stdout is not None
+        files.stdout.readline()
+        wait_for_port(port, 30)
+
+        def anchor() -> float:
+            assert files.stdin is not None
+            files.stdin.write("go\n")
+            files.stdin.flush()
+            return files_bytes / read_socket(files_port, files_bytes)[1] / 1e6
+
+        def rewound() -> float:
+            return frames_bytes / rewind(port, frames_bytes)[1] / 1e6
+
+        def read() -> float:
+            return files_bytes / read_files(path)[1] / 1e6
+
+        steps: dict[str, Callable[[], float]] = {
+            "rewind": rewound,
+            "socket": anchor,
+            "read": read,
+        }
+        got: dict[str, list[float]] = {name: [] for name in steps}
+        ratios: dict[str, list[float]] = {"socket": [], "read": []}
+        for index in range(args.repeat):
+            names = list(steps) if index % 2 == 0 else list(reversed(steps))
+            run = {name: steps[name]() for name in names}
+            for name, value in run.items():
+                got[name].append(value)
+            for name in ratios:
+                ratios[name].append(run["rewind"] / run[name])
+        median = statistics.median
+        print(
+            f"{size_label(size):>8} {median(got['rewind']):>12.0f} {median(got['socket']):>13.0f}"
+            f" {median(ratios['socket']):>6.2f} {median(got['read']):>11.0f}"
+            f" {median(ratios['read']):>6.2f}",
+            flush=True,
+        )
+    finally:
+        for child in children:
+            child.terminate()
+            child.wait(30)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--total", type=parse_size, default=1 << 30)
+    parser.add_argument("--sizes", default="64KiB,1MiB")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--serve-files", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_files is not None:
+        serve_files(args.serve_files, args.dir)
+        return
+    print(machine_text())
+    print(f"history of {args.total / MIB:.0f} MiB per size; {args.repeat} repetitions\n")
+    print(
+        f"{'frame':>8} {'rewind MB/s':>12} {'files->socket':>13} {'ratio':>6}"
+        f" {'files read':>11} {'ratio':>6}"
+    )
+    for size in map(parse_size, args.sizes.split(",")):
+        measure(size, args)
+
+
+if __name__ == "__main__":
+    main()
