@@ -15,7 +15,7 @@ import functools
 import re
 import secrets
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -182,6 +182,7 @@ class NatsPublisher:
                 lambda: AckTracker.open(client), within=config.connect_timeout
             )
             acked = JetStreamPublisher(endpoint, thread, tracker)
+            acked.on_stored = self.outbox.done
             await acked.refresh_tail()
         elif config.create:
             await endpoint.ensure_streams(thread, required=False)
@@ -242,9 +243,7 @@ class NatsPublisher:
 
     async def _done(self, acked: JetStreamPublisher) -> None:
         """The frames stored since the last call are done, in order."""
-        count, acked.stored_frames = acked.stored_frames, 0
-        if count:
-            await self.outbox.done(count)
+        await acked.report_stored()
 
     async def _publish_core(self, frames: list[PublishUnit]) -> None:
         """Publish without acks, paced by a flush (a round trip to the server) every
@@ -383,8 +382,11 @@ class JetStreamPublisher:
         self.inflight_bytes = 0
         self.inflight_messages = 0
         self._unconfirmed: deque[_Unconfirmed] = deque()
-        #: Frames whose units are stored, not yet reported done to the outbox.
+        #: Frames whose units are stored, not yet reported done (:meth:`report_stored`).
         self.stored_frames = 0
+        #: Told how many more frames are stored, in order (the outbox's ``done``), each time
+        #: acks were collected: what was stored before a stop is never published again.
+        self.on_stored: Callable[[int], Awaitable[None]] | None = None
         #: The stream sequence the last message published is to get (None: not known, so
         #: messages name none until it is asked again).
         self._tail: int | None = None
@@ -494,6 +496,12 @@ class JetStreamPublisher:
             self.inflight_messages -= len(window.messages)
             self._report()
 
+    async def report_stored(self) -> None:
+        """Tell :attr:`on_stored` the frames stored since the last call."""
+        count, self.stored_frames = self.stored_frames, 0
+        if count and self.on_stored is not None:
+            await self.on_stored(count)
+
     async def settle_all(self) -> None:
         """Collect every window's acks (retrying what was not stored)."""
         while self.windows:
@@ -508,6 +516,7 @@ class JetStreamPublisher:
         self._settled(outcomes)
         good = _stored_prefix(outcomes)
         self._confirm(good)
+        await self.report_stored()
         if good == len(window.messages):
             endpoint = self.endpoint
             if endpoint.status.detail["state"] != "publishing":
@@ -558,6 +567,7 @@ class JetStreamPublisher:
             good = _stored_prefix(outcomes)
             stored += good
             self._confirm(good)
+            await self.report_stored()
             if good == len(window):
                 one_at_a_time = False
             else:
