@@ -4,10 +4,13 @@ For each frame size, in one run, several repetitions, the order alternating: wri
 ``--total`` bytes of native frames to a DiskQueue (``append`` in batches of ``--batch``) and
 read them back (``read_batch`` + ``commit`` until empty); and, as the baseline, write the
 same frames' bytes to one file in the same directory with one ``os.write`` each and read
-the file back sequentially (``readv`` into a reused 1 MiB buffer). MB/s (10^6 bytes of
-frames per second) and the ratio queue/baseline, the median of the ratios within each
-repetition. ``--cold`` drops the page cache before every read (root only), so both read
-from the device; otherwise both read what the write left in the page cache.
+the file back sequentially, twice: ``readv`` into a reused 1 MiB buffer (the strictest
+baseline: a bare copy into cache-warm memory), and one ``os.read`` per frame into memory of
+its own, the last ``--batch`` of them kept until the next batch is read (what a reader
+that hands frames on must do, as the queue does). MB/s (10^6 bytes of frames per second)
+and the ratios queue/baseline, the median of the ratios within each repetition.
+``--cold`` drops the page cache before every read (root only), so all read from the
+device; otherwise all read what the write left in the page cache.
 
     .venv/bin/python benchmarks/disk_buffer.py                 # 64 KiB and 1 MiB, 1 GiB each
     .venv/bin/python benchmarks/disk_buffer.py --cold --sync batch
@@ -61,6 +64,7 @@ def plain_write(directory: Path, frame: Frame, count: int, sync: str, batch: int
 
 
 def plain_read(directory: Path, cold: bool) -> float:
+    """Read the file into one reused 1 MiB buffer."""
     drop_caches(directory, cold)
     buffer = bytearray(MIB)
     fd = os.open(directory / "plain", os.O_RDONLY)
@@ -68,6 +72,24 @@ def plain_read(directory: Path, cold: bool) -> float:
     while os.readv(fd, [buffer]):
         pass
     seconds = time.perf_counter() - start
+    os.close(fd)
+    return seconds
+
+
+def plain_read_owned(directory: Path, frame_size: int, batch: int, cold: bool) -> float:
+    """Read the file one frame at a time, each into memory of its own (``bytes``), keeping
+    the last ``batch`` frames until the next batch is read; then delete the file."""
+    drop_caches(directory, cold)
+    fd = os.open(directory / "plain", os.O_RDONLY)
+    start = time.perf_counter()
+    frames: list[bytes] = []
+    while True:
+        batch_frames = [os.read(fd, frame_size) for _ in range(batch)]
+        if not batch_frames[-1]:
+            break
+        frames = batch_frames
+    seconds = time.perf_counter() - start
+    del frames
     os.close(fd)
     os.unlink(directory / "plain")
     return seconds
@@ -110,11 +132,13 @@ def queue_read(
 
 def run_plain(
     directory: Path, frame: Frame, count: int, args: argparse.Namespace
-) -> tuple[float, float]:
-    """Seconds to write and to read the frames' bytes with plain file I/O."""
+) -> tuple[float, float, float]:
+    """Seconds to write the frames' bytes with plain file I/O, to read them into one reused
+    buffer, and to read them into memory of their own."""
     return (
         plain_write(directory, frame, count, args.sync, args.batch),
         plain_read(directory, args.cold),
+        plain_read_owned(directory, len(frame.wire or b""), args.batch, args.cold),
     )
 
 
@@ -152,8 +176,8 @@ def main() -> None:
             frame = bench_frame(size)
             count = max(args.batch, args.total // size // args.batch * args.batch)
             nbytes = count * len(frame.wire or b"")
-            rates: dict[str, list[float]] = {k: [] for k in ("pw", "pr", "qw", "qr")}
-            ratios: dict[str, list[float]] = {"w": [], "r": []}
+            rates: dict[str, list[float]] = {k: [] for k in ("pw", "pr", "po", "qw", "qr")}
+            ratios: dict[str, list[float]] = {"w": [], "r": [], "o": []}
             plain = partial(run_plain, directory, frame, count, args)
             queued = partial(run_queue, directory, frame, count, args)
             for _ in range(args.warmup):  # unmeasured: see --warmup
@@ -162,26 +186,30 @@ def main() -> None:
             for rep in range(args.repeat):
                 if rep % 2:
                     qw, qr = queued()
-                    pw, pr = plain()
+                    pw, pr, po = plain()
                 else:
-                    pw, pr = plain()
+                    pw, pr, po = plain()
                     qw, qr = queued()
-                for key, seconds in (("pw", pw), ("pr", pr), ("qw", qw), ("qr", qr)):
+                for key, seconds in (("pw", pw), ("pr", pr), ("po", po), ("qw", qw), ("qr", qr)):
                     rates[key].append(nbytes / seconds / 1e6)
                 ratios["w"].append(pw / qw)
                 ratios["r"].append(pr / qr)
+                ratios["o"].append(po / qr)
                 print(
                     f"  {size_label(size)} run {rep + 1}: write {nbytes / qw / 1e6:7.0f} MB/s vs"
                     f" {nbytes / pw / 1e6:7.0f}, read {nbytes / qr / 1e6:7.0f} MB/s vs"
-                    f" {nbytes / pr / 1e6:7.0f}",
+                    f" {nbytes / pr / 1e6:7.0f} (reused buffer),"
+                    f" {nbytes / po / 1e6:7.0f} (own memory)",
                     flush=True,
                 )
             med = {key: statistics.median(values) for key, values in rates.items()}
             print(
                 f"| {size_label(size)} frames, {nbytes / MIB:.0f} MiB | write {med['qw']:,.0f} MB/s"
                 f" | plain write {med['pw']:,.0f} MB/s | {statistics.median(ratios['w']):.2f}x"
-                f" | read+commit {med['qr']:,.0f} MB/s | plain read {med['pr']:,.0f} MB/s"
-                f" | {statistics.median(ratios['r']):.2f}x |",
+                f" | read+commit {med['qr']:,.0f} MB/s | plain read, reused buffer"
+                f" {med['pr']:,.0f} MB/s | {statistics.median(ratios['r']):.2f}x"
+                f" | plain read, own memory {med['po']:,.0f} MB/s"
+                f" | {statistics.median(ratios['o']):.2f}x |",
                 flush=True,
             )
     finally:
