@@ -15,6 +15,7 @@ device; otherwise all read what the write left in the page cache.
     .venv/bin/python benchmarks/disk_buffer.py                 # 64 KiB and 1 MiB, 1 GiB each
     .venv/bin/python benchmarks/disk_buffer.py --cold --sync batch
     .venv/bin/python benchmarks/disk_buffer.py --clock cpu     # CPU time: a busy machine
+    .venv/bin/python benchmarks/disk_buffer.py --keep-open     # one queue open throughout
 """
 
 from __future__ import annotations
@@ -101,38 +102,33 @@ def plain_read_owned(directory: Path, frame_size: int, batch: int, cold: bool) -
     return seconds
 
 
-def queue_write(directory: Path, frame: Frame, count: int, sync: str, batch: int) -> float:
+def open_queue(directory: Path, frame: Frame, count: int, sync: str) -> DiskQueue:
+    return DiskQueue.open(
+        directory / "queue",
+        max_size=4 * count * frame.size,
+        sync=sync,  # type: ignore[arg-type]
+    )
+
+
+def queue_write(queue: DiskQueue, frame: Frame, count: int, sync: str, batch: int) -> float:
     frames = [frame] * batch
-    with DiskQueue.open(
-        directory / "queue",
-        max_size=4 * count * frame.size,
-        sync=sync,  # type: ignore[arg-type]
-    ) as queue:
-        start = clock()
-        for _ in range(count // batch):
-            queue.append(frames)
-        if sync != "none":
-            queue.sync()
-        return clock() - start
+    start = clock()
+    for _ in range(count // batch):
+        queue.append(frames)
+    if sync != "none":
+        queue.sync()
+    return clock() - start
 
 
-def queue_read(
-    directory: Path, frame: Frame, count: int, sync: str, batch: int, cold: bool
-) -> float:
+def queue_read(queue: DiskQueue, directory: Path, count: int, batch: int, cold: bool) -> float:
     drop_caches(directory, cold)
-    with DiskQueue.open(
-        directory / "queue",
-        max_size=4 * count * frame.size,
-        sync=sync,  # type: ignore[arg-type]
-    ) as queue:
-        got = 0
-        start = clock()
-        while frames := queue.read_batch(batch, 64 * MIB):
-            got += len(frames)
-            queue.commit(len(frames))
-        seconds = clock() - start
+    got = 0
+    start = clock()
+    while frames := queue.read_batch(batch, 64 * MIB):
+        got += len(frames)
+        queue.commit(len(frames))
+    seconds = clock() - start
     assert got == count, f"read {got} frames of {count}"
-    shutil.rmtree(directory / "queue")
     return seconds
 
 
@@ -149,13 +145,26 @@ def run_plain(
 
 
 def run_queue(
-    directory: Path, frame: Frame, count: int, args: argparse.Namespace
+    directory: Path,
+    frame: Frame,
+    count: int,
+    args: argparse.Namespace,
+    kept: DiskQueue | None = None,
 ) -> tuple[float, float]:
-    """Seconds to append the frames to a DiskQueue and to read and commit them."""
-    return (
-        queue_write(directory, frame, count, args.sync, args.batch),
-        queue_read(directory, frame, count, args.sync, args.batch, args.cold),
-    )
+    """Seconds to append the frames to a DiskQueue and to read and commit them: in the queue
+    ``kept`` open (``--keep-open``), else in a new queue opened for the writes and again for
+    the reads, deleted after."""
+    if kept is not None:
+        return (
+            queue_write(kept, frame, count, args.sync, args.batch),
+            queue_read(kept, directory, count, args.batch, args.cold),
+        )
+    with open_queue(directory, frame, count, args.sync) as queue:
+        write = queue_write(queue, frame, count, args.sync, args.batch)
+    with open_queue(directory, frame, count, args.sync) as queue:
+        read = queue_read(queue, directory, count, args.batch, args.cold)
+    shutil.rmtree(directory / "queue")
+    return write, read
 
 
 def main() -> None:
@@ -181,13 +190,19 @@ def main() -> None:
         help="measure wall time, or this process's CPU time (for hot runs on a busy machine:"
         " it leaves out waits for the device and for the CPU)",
     )
+    parser.add_argument(
+        "--keep-open",
+        action="store_true",
+        help="one queue per frame size, open for all rounds (as a daemon keeps its buffer's),"
+        " instead of a new one opened for each round's writes and again for its reads",
+    )
     args = parser.parse_args()
     global clock
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     directory = Path(tempfile.mkdtemp(prefix="fw-disk-bench-", dir=args.dir))
     print(
         f"# {machine_text()}; {directory} (sync={args.sync}, {'cold' if args.cold else 'hot'},"
-        f" {args.clock} clock)"
+        f" {args.clock} clock{', queue kept open' if args.keep_open else ''})"
     )
     try:
         for size in (int(s) for s in args.sizes.split(",")):
@@ -196,8 +211,9 @@ def main() -> None:
             nbytes = count * len(frame.wire or b"")
             rates: dict[str, list[float]] = {k: [] for k in ("pw", "pr", "po", "qw", "qr")}
             ratios: dict[str, list[float]] = {"w": [], "r": [], "o": []}
+            kept = open_queue(directory, frame, count, args.sync) if args.keep_open else None
             plain = partial(run_plain, directory, frame, count, args)
-            queued = partial(run_queue, directory, frame, count, args)
+            queued = partial(run_queue, directory, frame, count, args, kept)
             for _ in range(args.warmup):  # unmeasured: see --warmup
                 plain()
                 queued()
@@ -230,6 +246,9 @@ def main() -> None:
                 f" | {statistics.median(ratios['o']):.2f}x |",
                 flush=True,
             )
+            if kept is not None:
+                kept.close()
+                shutil.rmtree(directory / "queue")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
