@@ -390,11 +390,19 @@ stream = "demo"
     assert not await trio.Path(path).exists()  # the listener removed its socket file
 
 
-async def test_tls_client_errors_name_their_cause(pki: Pki, recording: Path) -> None:
+async def test_tls_client_errors_name_their_cause(
+    pki: Pki, recording: Path, tmp_path: Path
+) -> None:
     """Against a server that requires a client certificate, recv without one says so (it
     said "exec format error": the server now sends its alert), send says that it may be
     (it said "broken pipe": a TLS 1.3 server's verdict reaches a sender only so); recv with
     tcp:// against a TLS port says it may speak TLS (it said "0 frames")."""
+    # A TLS 1.3 client thinks the handshake done before the server has judged it, so a few
+    # frames fit in the socket buffers and a sender can be gone before the verdict comes
+    # (on a busy machine it was): 32 MiB cannot be written until the server reads, which it
+    # never does, so the sender must hear the verdict however slow the machine.
+    big = tmp_path / "big.fw"
+    big.write_bytes(encode([Frame(FrameKind.DATA, "d", bytes(1 << 20))] * 32))
     table = (
         f'[endpoints.out.tls]\ncertificate = "{pki.server_cert}"\nkey = "{pki.server_cert}"\n'
         f'ca = "{pki.ca_file}"\nrequire_client_cert = true\n'
@@ -410,9 +418,7 @@ async def test_tls_client_errors_name_their_cause(pki: Pki, recording: Path) -> 
         refused = await run_cli("recv", f"tls://127.0.0.1:{out}", "--ca", pki.ca_file)
         assert refused.returncode == 1
         assert needs in refused.stderr.decode(), refused.stderr
-        sent = await run_cli(
-            "send", f"tls://127.0.0.1:{inbound}", "--ca", pki.ca_file, str(recording)
-        )
+        sent = await run_cli("send", f"tls://127.0.0.1:{inbound}", "--ca", pki.ca_file, str(big))
         assert sent.returncode == 1
         assert "give --cert and --key" in sent.stderr.decode(), sent.stderr
         plain = await run_cli("recv", f"tcp://127.0.0.1:{out}")
