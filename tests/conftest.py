@@ -7,9 +7,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from .nats_helpers import SERVER_BINARY, ConfiguredNatsServer, NatsServer
 from .test_systemd import free_port
+
+# Hypothesis judges each example by wall time by default (a 200 ms deadline, and a health
+# check that fails when generating data is slow): timing assertions that a machine whose
+# CPUs are busy with other work fails at random. Here no property is about speed; a test's
+# own settings still override these.
+settings.register_profile("framewire", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("framewire")
 
 
 @pytest.fixture

@@ -62,11 +62,13 @@ async def connect(port: int) -> NativePeer:
     return NativePeer(await trio.open_tcp_stream("127.0.0.1", port))
 
 
-async def wait_until(predicate: Callable[[], bool], *, patience: float = 10) -> None:
+async def wait_until(predicate: Callable[[], bool], *, patience: float = 30) -> None:
     """Poll ``predicate`` until it holds (TooSlowError after ``patience`` seconds).
 
     Only for state that offers no event to wait on, such as log records or an endpoint's
-    client table; frames are awaited through a subscription instead.
+    client table; frames are awaited through a subscription instead. ``patience`` is only a
+    last guard against a hang, so it is generous: on a machine whose CPUs are busy with other
+    work, what takes milliseconds alone can take seconds.
     """
     with trio.fail_after(patience):
         while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself

@@ -249,9 +249,12 @@ class DaemonProcess:
         self,
         good: Callable[[], bool],
         *,
-        timeout: float = 5.0,
+        timeout: float = 30.0,
     ) -> bool:
-        """Poll ``good()`` until it holds or ``timeout`` seconds pass; its last answer."""
+        """Poll ``good()`` until it holds or ``timeout`` seconds pass; its last answer.
+
+        The default is generous, a last guard: it ends as soon as ``good()`` holds, and a
+        daemon on a machine whose CPUs are busy may take seconds to close what it must."""
         deadline = time.monotonic() + timeout
         while not good():
             if time.monotonic() > deadline:

@@ -22,7 +22,10 @@ from framewire.daemon.endpoints.nats import NatsEndpoint
 from .helpers import NativePeer, connect, endpoint_port
 
 SERVER_BINARY = Path(sys.executable).parent / "nats-server"
-PATIENCE = 15.0
+#: A last guard on each wait, not a measure of speed: every wait ends on its event, and a
+#: machine whose CPUs are busy with other work can take many seconds over what is instant
+#: alone (starting a process, a reconnect, a store's catch-up).
+PATIENCE = 60.0
 
 
 class NatsServer:

@@ -24,7 +24,10 @@ import zmq
 
 from framewire.daemon.zeromq import AsyncSocket, open_context
 
-PATIENCE = 10.0
+#: A last guard on each wait, not a measure of speed: every wait ends on its event, and a
+#: machine whose CPUs are busy with other work can take many seconds over what is instant
+#: alone (starting a process, a reconnect, a store's catch-up).
+PATIENCE = 60.0
 
 
 #: Where Linux says its ephemeral ports are (the ports a connect takes).

@@ -32,6 +32,11 @@ stream = "s"
 
 FRAMEWIRE = [sys.executable, "-m", "framewire"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+#: The last guard on waiting for a child process (a log line, its exit). Every wait is on an
+#: event; this only ends a test that would hang. It is generous because on a machine whose
+#: CPUs are busy with other work, starting a Python process and importing framewire alone
+#: can take many seconds, and one wait may span two such starts (recv waits for the send).
+PATIENCE = 120.0
 
 
 class DaemonProcess:
@@ -42,7 +47,7 @@ class DaemonProcess:
     async def wait_for(self, pattern: str, count: int = 1) -> re.Match[str]:
         """Read the daemon's log until ``pattern`` has appeared ``count`` times."""
         assert self.process.stderr is not None
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             while len(matches := list(re.finditer(pattern, self.log))) < count:
                 chunk = await self.process.stderr.receive_some(4096)
                 if not chunk:
@@ -52,7 +57,7 @@ class DaemonProcess:
 
 
 async def run_cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(30):
+    with trio.fail_after(PATIENCE):
         return await trio.run_process(
             [*FRAMEWIRE, *args],
             stdin=stdin,
@@ -114,7 +119,7 @@ async def test_run_recv_send_and_sigterm(tmp_path: Path) -> None:
         assert saved.read_bytes() == encode([frames[0], *frames[1:3]])
     finally:
         process.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             code = await process.wait()
         assert process.stderr is not None
         await process.stderr.aclose()

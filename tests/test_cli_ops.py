@@ -19,7 +19,7 @@ import trio
 from framewire import Frame, FrameKind
 
 from .helpers import encode, port_of, running_daemon
-from .test_cli import ENV, FRAMEWIRE, DaemonProcess, run_cli
+from .test_cli import ENV, FRAMEWIRE, PATIENCE, DaemonProcess, run_cli
 from .test_tls_unix import Pki, tmp  # noqa: F401 - tmp is a fixture
 
 trustme = pytest.importorskip("trustme")
@@ -153,7 +153,7 @@ async def status_daemon(directory: Path, port: int = 0) -> AsyncIterator[tuple[D
         yield daemon, int(match.group(1))
     finally:
         process.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             await process.wait()
         assert process.stderr is not None
         await process.stderr.aclose()
@@ -163,7 +163,7 @@ async def run_status(*args: str, token: str | None = None) -> subprocess.Complet
     env = {key: value for key, value in ENV.items() if key != "FRAMEWIRE_STATUS_TOKEN"}
     if token is not None:
         env["FRAMEWIRE_STATUS_TOKEN"] = token
-    with trio.fail_after(30):
+    with trio.fail_after(PATIENCE):
         return await trio.run_process(
             [*FRAMEWIRE, "status", *args],
             capture_stdout=True,
@@ -231,7 +231,7 @@ async def test_status_watch_reconnects_when_the_daemon_restarts(tmp_path: Path) 
             nonlocal out, err
             stream = watch.stderr if stderr else watch.stdout
             assert stream is not None
-            with trio.fail_after(20):
+            with trio.fail_after(PATIENCE):
                 while len(re.findall(pattern, err if stderr else out)) < count:
                     chunk = await stream.receive_some(65536)
                     assert chunk, (out.decode(), err.decode())
@@ -245,12 +245,12 @@ async def test_status_watch_reconnects_when_the_daemon_restarts(tmp_path: Path) 
             first_pid = re.findall(rb"pid (\d+)", out)[0]
             daemon.process.send_signal(signal.SIGTERM)
             await read_until(rb"status server gone; reconnecting\n", stderr=True)
-            with trio.fail_after(20):
+            with trio.fail_after(PATIENCE):
                 await daemon.process.wait()  # its port is free again
             async with status_daemon(tmp_path, port):
                 await read_until(rb"pid (?!" + first_pid + rb"\b)\d+")
             watch.send_signal(signal.SIGINT)
-            with trio.fail_after(20):
+            with trio.fail_after(PATIENCE):
                 code = await watch.wait()
         finally:
             if watch.returncode is None:
@@ -321,7 +321,7 @@ async def listening_recv(*args: str) -> AsyncIterator[tuple[trio.Process, str]]:
     assert process.stderr is not None
     log = ""
     try:
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             while not (match := re.search(r"listening on (?:tls )?(\S+)\n", log)):
                 chunk = await process.stderr.receive_some(4096)
                 assert chunk, log
@@ -329,7 +329,7 @@ async def listening_recv(*args: str) -> AsyncIterator[tuple[trio.Process, str]]:
         yield process, match.group(1)
     finally:
         if process.returncode is None:
-            with trio.move_on_after(20):
+            with trio.move_on_after(PATIENCE):
                 await process.wait()
         if process.returncode is None:
             process.kill()
@@ -341,7 +341,7 @@ async def finish(process: trio.Process) -> subprocess.CompletedProcess[bytes]:
     assert process.stdout is not None
     assert process.stderr is not None
     out = err = b""
-    with trio.fail_after(20):
+    with trio.fail_after(PATIENCE):
         while chunk := await process.stdout.receive_some(65536):
             out += chunk
         while chunk := await process.stderr.receive_some(65536):
@@ -390,11 +390,19 @@ stream = "demo"
     assert not await trio.Path(path).exists()  # the listener removed its socket file
 
 
-async def test_tls_client_errors_name_their_cause(pki: Pki, recording: Path) -> None:
+async def test_tls_client_errors_name_their_cause(
+    pki: Pki, recording: Path, tmp_path: Path
+) -> None:
     """Against a server that requires a client certificate, recv without one says so (it
     said "exec format error": the server now sends its alert), send says that it may be
     (it said "broken pipe": a TLS 1.3 server's verdict reaches a sender only so); recv with
     tcp:// against a TLS port says it may speak TLS (it said "0 frames")."""
+    # A TLS 1.3 client thinks the handshake done before the server has judged it, so a few
+    # frames fit in the socket buffers and a sender can be gone before the verdict comes
+    # (on a busy machine it was): 32 MiB cannot be written until the server reads, which it
+    # never does, so the sender must hear the verdict however slow the machine.
+    big = tmp_path / "big.fw"
+    big.write_bytes(encode([Frame(FrameKind.DATA, "d", bytes(1 << 20))] * 32))
     table = (
         f'[endpoints.out.tls]\ncertificate = "{pki.server_cert}"\nkey = "{pki.server_cert}"\n'
         f'ca = "{pki.ca_file}"\nrequire_client_cert = true\n'
@@ -410,9 +418,7 @@ async def test_tls_client_errors_name_their_cause(pki: Pki, recording: Path) -> 
         refused = await run_cli("recv", f"tls://127.0.0.1:{out}", "--ca", pki.ca_file)
         assert refused.returncode == 1
         assert needs in refused.stderr.decode(), refused.stderr
-        sent = await run_cli(
-            "send", f"tls://127.0.0.1:{inbound}", "--ca", pki.ca_file, str(recording)
-        )
+        sent = await run_cli("send", f"tls://127.0.0.1:{inbound}", "--ca", pki.ca_file, str(big))
         assert sent.returncode == 1
         assert "give --cert and --key" in sent.stderr.decode(), sent.stderr
         plain = await run_cli("recv", f"tcp://127.0.0.1:{out}")

@@ -398,9 +398,12 @@ def test_tricklers_inside_a_frame_do_not_hold_their_slots_for_ever(
 def test_a_stray_connection_does_not_take_a_link_from_its_peer(
     start_daemon: StartDaemon, stranger_says: bytes
 ) -> None:
+    # The peer sends one keepalive and then nothing until its frame, seconds later on a busy
+    # machine: the link's dead-peer timeout is far beyond that, so only the stranger can
+    # cost the peer its link.
     daemon = start_daemon(
         '[endpoints.l]\nkind = "link"\nlisten = "tcp://127.0.0.1:0"\npublish = "a"\n'
-        'timeout = "5s"\n'
+        'timeout = "60s"\n'
         '[endpoints.out]\nkind = "server"\nlisten = "tcp://127.0.0.1:0"\nstream = "a"\n',
         "l",
         "out",

@@ -25,7 +25,7 @@ from framewire._logging import (
     syslog_priority,
 )
 
-from .test_cli import ENV, FRAMEWIRE
+from .test_cli import ENV, FRAMEWIRE, PATIENCE
 
 # A server whose certificate is missing: the daemon logs why and exits with status 1.
 MISSING_CERTIFICATE = """
@@ -74,7 +74,7 @@ async def run_daemon(config: Path, *options: str, journal: bool = False) -> tupl
     log = b""
     async with trio.lowlevel.FdStream(read_end) as stderr:
         try:
-            with trio.fail_after(20):
+            with trio.fail_after(PATIENCE):
                 while chunk := await stderr.receive_some(65536):
                     log += chunk
                 code = await process.wait()
@@ -153,7 +153,7 @@ async def test_a_bad_configuration_under_journald_is_an_error(tmp_path: Path) ->
 
 
 async def test_a_bad_log_format_is_a_usage_error() -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(PATIENCE):
         result = await trio.run_process(
             [*FRAMEWIRE, "run", "--log-format", "xml"],
             capture_stderr=True,

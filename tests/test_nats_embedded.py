@@ -33,6 +33,7 @@ from framewire.daemon.notify import SystemdNotifier
 from framewire.daemon.status import build_snapshot
 
 from .helpers import wait_until
+from .nats_helpers import PATIENCE
 from .test_systemd import NotifySocket, free_port
 
 BINARY = Path(sys.executable).parent / "nats-server"
@@ -107,14 +108,14 @@ async def test_it_runs_jetstream_before_the_daemon_is_ready(tmp_path: Path) -> N
 
     daemon = Daemon(parse_config(embedded_config(tmp_path / "js")), notifier=ProbingNotifier(None))
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             await nursery.start(daemon.run)
         assert ProbingNotifier.answered_at_ready is True
         server = daemon.nats_server
         assert server is not None
         assert server.url is not None
         assert server.pid is not None
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             data = await trio.to_thread.run_sync(jetstream_roundtrip, server.url)
         assert data == [b"m0", b"m1", b"m2"]
         assert (tmp_path / "js" / "jetstream").is_dir()
@@ -136,7 +137,7 @@ async def test_a_killed_server_is_restarted_on_its_port_and_stopped_at_shutdown(
 ) -> None:
     daemon = Daemon(parse_config(embedded_config(tmp_path / "js")))
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             await nursery.start(daemon.run)
         server = daemon.nats_server
         assert server is not None
@@ -151,7 +152,7 @@ async def test_a_killed_server_is_restarted_on_its_port_and_stopped_at_shutdown(
         assert gone(first_pid)
         assert "killed by SIGKILL; restarting it in" in caplog.text
         assert server.url is not None
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             data = await trio.to_thread.run_sync(jetstream_roundtrip, server.url)
         assert data == [b"m0", b"m1", b"m2"]
         second_pid = server.pid
@@ -166,7 +167,7 @@ async def test_a_killed_server_is_restarted_on_its_port_and_stopped_at_shutdown(
 async def test_a_suspended_server_is_shown_suspended_not_running(tmp_path: Path) -> None:
     daemon = Daemon(parse_config(embedded_config(tmp_path / "js")))
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             await nursery.start(daemon.run)
         server = daemon.nats_server
         assert server is not None
@@ -186,7 +187,7 @@ async def test_a_suspended_server_is_shown_suspended_not_running(tmp_path: Path)
 async def test_a_missing_binary_is_a_start_failure_that_says_so(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-nats-server"
     daemon = Daemon(parse_config(embedded_config(tmp_path / "js", extra=f'binary = "{missing}"')))
-    with pytest.raises(DaemonStartFailed) as info, trio.fail_after(20):
+    with pytest.raises(DaemonStartFailed) as info, trio.fail_after(PATIENCE):
         await daemon.run()
     (failure,) = info.value.failures
     assert failure.name == NAME
@@ -214,7 +215,7 @@ async def test_a_taken_port_is_a_start_failure_that_says_so(tmp_path: Path) -> N
         taken.listen()
         port = taken.getsockname()[1]
         daemon = Daemon(parse_config(embedded_config(tmp_path / "js", f"127.0.0.1:{port}")))
-        with pytest.raises(DaemonStartFailed) as info, trio.fail_after(20):
+        with pytest.raises(DaemonStartFailed) as info, trio.fail_after(PATIENCE):
             await daemon.run()
     (failure,) = info.value.failures
     assert failure.name == NAME
@@ -228,7 +229,7 @@ async def test_an_unusable_store_dir_is_a_start_failure(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     daemon = Daemon(parse_config(embedded_config(blocker / "js")))
-    with pytest.raises(DaemonStartFailed) as info, trio.fail_after(20):
+    with pytest.raises(DaemonStartFailed) as info, trio.fail_after(PATIENCE):
         await daemon.run()
     (failure,) = info.value.failures
     assert f"cannot use store_dir {blocker / 'js'}" in failure.reason
@@ -291,7 +292,7 @@ async def test_config_file_settings_reach_the_server(tmp_path: Path) -> None:
         parse_config(embedded_config(tmp_path / "js", extra=f'config_file = "{extra}"'))
     )
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             await nursery.start(daemon.run)
         server = daemon.nats_server
         assert server is not None
@@ -323,7 +324,7 @@ async def test_changing_nats_on_reload_is_refused(tmp_path: Path) -> None:
 
     daemon = Daemon(parse_config(embedded_config(tmp_path / "js")))
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             await nursery.start(daemon.run)
         with pytest.raises(ReloadRefused, match=r"nats: changes to \[nats\]"):
             await daemon.reload(parse_config(embedded_config(tmp_path / "other")))
@@ -444,7 +445,7 @@ policy = "lossless"
     )
     daemon = Daemon(config)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             await nursery.start(daemon.run)
         server = daemon.nats_server
         assert server is not None
@@ -460,7 +461,7 @@ policy = "lossless"
             *(Frame(FrameKind.DATA, "sample", bytes([i]) * 1000, timestamp=i) for i in range(50)),
         ]
         await source.send(sent)
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             got = await client.read(len(sent))
         assert got == sent
         await source.stream.aclose()
@@ -474,7 +475,7 @@ async def test_a_server_that_exits_while_starting_says_why(tmp_path: Path) -> No
     daemon = Daemon(
         parse_config(embedded_config(tmp_path / "js", extra=f'config_file = "{extra}"'))
     )
-    with pytest.raises(DaemonStartFailed) as info, trio.fail_after(20):
+    with pytest.raises(DaemonStartFailed) as info, trio.fail_after(PATIENCE):
         await daemon.run()
     (failure,) = info.value.failures
     assert failure.reason == (
@@ -498,10 +499,10 @@ stream = "s"
     )
     daemon = Daemon(parse_config(text))
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             await nursery.start(daemon.run)
         endpoint = daemon.endpoints["to-nats"]
-        with trio.fail_after(20):
+        with trio.fail_after(PATIENCE):
             changes = await daemon.reload(
                 parse_config(
                     text

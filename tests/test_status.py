@@ -202,27 +202,6 @@ async def test_a_client_that_sends_junk_is_closed() -> None:
         await stream.aclose()
 
 
-async def test_a_stuck_status_client_is_closed_and_stalls_no_one() -> None:
-    big = {"padding": "x" * (1 << 20)}  # 1 MiB snapshots fill socket buffers quickly
-    server = StatusServer(lambda: big, host="127.0.0.1", port=0, interval=0.02, send_timeout=0.5)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(server.run)
-        url = f"ws://127.0.0.1:{port}/"
-        stuck, head = await raw_handshake(port)  # accepted, then never reads
-        assert head.startswith(b"HTTP/1.1 101")
-        await wait_until(lambda: server.clients == 1)
-        received = 0
-        async with open_websocket_url(url, connect_timeout=5, max_message_size=2 << 20) as ws:
-            with trio.fail_after(20):
-                # The reader keeps getting snapshots while the stuck one is dropped.
-                while server.clients == 2 or received < 5:
-                    await ws.get_message()
-                    received += 1
-        await wait_until(lambda: server.clients == 0)
-        await stuck.aclose()
-        nursery.cancel_scope.cancel()
-
-
 UPGRADE = (
     b"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -335,6 +314,80 @@ async def memory_client_snapshot(listener: ScriptedListener) -> dict[str, Any]:
             snapshot: dict[str, Any] = json.loads(await ws.get_message())
             await ws.aclose()
     return snapshot
+
+
+class NeverReads(trio.abc.Stream):
+    """The server's end of a client that reads the response to its handshake, then nothing
+    more: every later send waits, as on a socket whose buffers are full, until cancelled."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._responded = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._responded:
+            await trio.sleep_forever()
+        self._responded = True
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def test_a_stuck_status_client_is_closed_and_stalls_no_one(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Time is the MockClock's: send_timeout is judged in the server's own seconds, so a
+    # busy machine cannot make the good reader look stuck too.
+    caplog.set_level(logging.INFO, "framewire.status")
+    listener = ScriptedListener()
+
+    async def listen() -> Sequence[trio.abc.Listener[trio.abc.Stream]]:
+        return [listener]
+
+    snapshot = {"padding": "x" * 4096}
+    server = StatusServer(
+        lambda: snapshot, host="memory", port=0, interval=0.02, send_timeout=0.5, listen=listen
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        stuck, stuck_server_side = trio.testing.memory_stream_pair()
+        await listener.send.send(NeverReads(stuck_server_side))
+        head = b""
+        with trio.fail_after(5):
+            await stuck.send_all(upgrade_request())
+            while b"\r\n\r\n" not in head:
+                head += await stuck.receive_some()
+        assert head.startswith(b"HTTP/1.1 101")  # accepted, then never reads again
+        await wait_until(lambda: server.clients == 1)
+        good, good_server_side = trio.testing.memory_stream_pair()
+        await listener.send.send(good_server_side)
+        received = received_while_stuck = 0
+        async with trio.open_nursery() as reader:
+            # Typed for sockets, but any trio Stream works.
+            ws = await wrap_client_stream(reader, good, "127.0.0.1", "/")  # type: ignore[arg-type]
+            with trio.fail_after(20):
+                # The reader keeps getting snapshots while the stuck one waits to be dropped.
+                while server.clients == 2 or received < 5:
+                    assert json.loads(await ws.get_message()) == snapshot
+                    received += 1
+                    received_while_stuck += server.clients == 2
+            await ws.aclose()
+        assert trio.current_time() >= 0.5
+        # A fresh snapshot every 0.02 s through the 0.5 s the stuck one was given.
+        assert received_while_stuck >= 10
+        await wait_until(lambda: server.clients == 0)
+        await stuck.aclose()
+        nursery.cancel_scope.cancel()
+    (line,) = [r for r in caplog.records if "not reading" in r.getMessage()]
+    assert line.levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_accept_waits_out_running_out_of_descriptors(

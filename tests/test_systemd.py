@@ -22,6 +22,8 @@ from framewire.daemon import Daemon
 from framewire.daemon.notify import SystemdNotifier, monotonic_usec
 from framewire.daemon.service import raise_open_files_limit
 
+from .test_cli import PATIENCE
+
 UNITS = sorted((Path(__file__).parent.parent / "systemd").glob("*.service"))
 ANALYZE = shutil.which("systemd-analyze")
 
@@ -135,7 +137,7 @@ class NotifySocket:
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(path if not path.startswith("@") else "\0" + path[1:])
-        self.sock.settimeout(20)
+        self.sock.settimeout(PATIENCE)  # the daemon is a child process: a last guard
         self.address = path
 
     def receive(self) -> dict[str, str]:
@@ -197,7 +199,7 @@ def test_notify_lifecycle_of_the_real_process(tmp_path: Path, abstract: bool) ->
 
         process.send_signal(signal.SIGTERM)
         assert notify.receive() == {"STOPPING": "1"}
-        assert process.wait(timeout=20) == 0
+        assert process.wait(timeout=PATIENCE) == 0
     finally:
         if process.poll() is None:
             process.kill()

@@ -2,7 +2,8 @@
 
     python g3_peer.py send HOST PORT SCRIPT      G3NetworkSender in connect mode
     python g3_peer.py serve PORT SCRIPT          G3NetworkSender in listen mode ('*')
-    python g3_peer.py read URL [--delay S]       G3Reader ('tcp://h:p' or 'tcp://*:p')
+    python g3_peer.py read URL [--stalled]       G3Reader ('tcp://h:p' or 'tcp://*:p'); stalled,
+                                                 it reads nothing until a line on stdin
     python g3_peer.py write PATH SCRIPT          G3Writer
 
 SCRIPT is a comma-separated list of frames to make: a one-letter type code optionally
@@ -86,7 +87,7 @@ def main() -> None:
         sender(core.G3Frame(core.G3FrameType.EndProcessing))
     elif role == "read":
         url = sys.argv[2]
-        delay = float(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--delay" else 0.0
+        stalled = sys.argv[3:] == ["--stalled"]
         if url.startswith("tcp://*"):
             print("listening", flush=True)
             reader = core.G3Reader(url)
@@ -100,7 +101,8 @@ def main() -> None:
                 except RuntimeError:
                     time.sleep(0.1)
             print("connected", flush=True)
-        time.sleep(delay)
+        if stalled:
+            sys.stdin.readline()
         while True:
             got = reader.Process(None)
             if not got:

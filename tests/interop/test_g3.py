@@ -91,10 +91,13 @@ async def test_sender_to_two_readers_the_late_one_gets_metadata_first() -> None:
 
 
 async def test_a_stalled_reader_loses_only_scans_and_timepoints() -> None:
-    async with running_daemon(RELAY.format(queue=5)) as daemon:
+    # The reader reads nothing until the sender is done, however long that takes on a busy
+    # machine; so that it is not dropped as too slow meanwhile, send_timeout is far off.
+    relay = RELAY.format(queue=5) + 'send_timeout = "1h"\n'
+    async with running_daemon(relay) as daemon:
         out = f"tcp://127.0.0.1:{port(daemon, 'g3-out')}"
         clients = daemon.endpoints["g3-out"].status.clients
-        async with g3_peer("read", out, "--delay", "4") as stalled:
+        async with g3_peer("read", out, "--stalled") as stalled:
             await stalled.expect("connected")
             await wait_until(lambda: len(clients) == 1)
             items = ["O", "W"]
@@ -105,6 +108,7 @@ async def test_a_stalled_reader_loses_only_scans_and_timepoints() -> None:
             ) as sender:
                 sent = await sender.rest()
                 assert await sender.wait() == 0
+                await stalled.tell("read")
                 got = await stalled.frames_until("end")
     kept_data = [line for line in got if line[0] in "ST"]
     assert [line for line in got if line[0] not in "ST"] == [

@@ -68,6 +68,8 @@ async def test_publisher_to_framewire_to_two_subscribers_the_late_one_from_when_
         async with (
             xdas_peer("publish", f"tcp://127.0.0.1:{upstream}") as source,
             xdas_peer("subscribe", out) as early,
+            # Started now, so that its imports are done by the time it is to join.
+            xdas_peer("subscribe-on-cue", out) as late,
         ):
             # The source waits for framewire's subscription; the early subscriber for
             # framewire's welcome.
@@ -75,22 +77,25 @@ async def test_publisher_to_framewire_to_two_subscribers_the_late_one_from_when_
             await early.expect("subscribed")
             with trio.fail_after(PATIENCE):
                 await publisher_endpoint.wait_for_subscribers(1)
+            await late.expect("loaded")
             await source.tell("send 0 4")
             first = await lines(source, 5)
             assert await lines(early, 5) == [line.replace("sent", "got") for line in first]
-            async with xdas_peer("subscribe", out) as late:
-                await late.expect("subscribed")
-                with trio.fail_after(PATIENCE):
-                    await publisher_endpoint.wait_for_subscribers(2)
-                await source.tell("send 5 9")
-                second = await lines(source, 5)
-                expected = [line.replace("sent", "got") for line in second]
-                assert await lines(early, 5) == expected
-                # The late subscriber gets what was published from when it joined on.
-                assert await lines(late, 5) == expected
-            # A subscriber that leaves is no longer counted.
+            await late.tell("subscribe")
+            await late.expect("subscribed")
             with trio.fail_after(PATIENCE):
-                await wait_until(lambda: publisher_endpoint.subscribers == 1)
+                await publisher_endpoint.wait_for_subscribers(2)
+            await source.tell("send 5 9")
+            second = await lines(source, 5)
+            expected = [line.replace("sent", "got") for line in second]
+            assert await lines(early, 5) == expected
+            # The late subscriber gets what was published from when it joined on.
+            assert await lines(late, 5) == expected
+            late.process.kill()
+            with trio.fail_after(PATIENCE):
+                await late.process.wait()
+            # A subscriber that leaves is no longer counted.
+            await wait_until(lambda: publisher_endpoint.subscribers == 1, patience=PATIENCE)
         subscriber_status = daemon.endpoints["from-xdas"].status
         assert subscriber_status.frames_in == 10
         assert subscriber_status.detail["welcomes"] == 1

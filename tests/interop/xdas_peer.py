@@ -2,11 +2,15 @@
 
     python xdas_peer.py publish ADDRESS      ZMQPublisher bound to ADDRESS
     python xdas_peer.py subscribe ADDRESS    ZMQSubscriber connected to ADDRESS
+    python xdas_peer.py subscribe-on-cue ADDRESS
+                                             the same, once a line "subscribe" is read
 
 The publisher prints "ready" once a subscriber (framewire) is subscribed, then reads lines
 "send FIRST LAST" from stdin and submits packets FIRST..LAST, printing "sent <n> <digest>"
 for each. The subscriber prints "subscribed" once the publisher's welcome arrived, then
-"got <n> <digest>" for every packet it decodes. Packet n is a deterministic DataArray (time
+"got <n> <digest>" for every packet it decodes. Importing xdas can take many seconds on a
+busy machine: a subscriber that is to join late starts early as subscribe-on-cue, prints
+"loaded", and connects only when told. Packet n is a deterministic DataArray (time
 samples n*10 .. n*10+9, 8 distances); the digest is a SHA-256 of its values and coordinates,
 so equal digests mean the decoded array equals the one submitted.
 """
@@ -72,6 +76,11 @@ def main() -> None:
     if role == "publish":
         publish(address)
     elif role == "subscribe":
+        subscribe(address)
+    elif role == "subscribe-on-cue":
+        print("loaded", flush=True)
+        if sys.stdin.readline().strip() != "subscribe":
+            raise SystemExit("expected the line 'subscribe'")
         subscribe(address)
     else:
         raise SystemExit(f"unknown role {role!r}")
