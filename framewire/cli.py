@@ -16,8 +16,10 @@ import io
 import json
 import logging
 import os
+import signal
 import ssl
 import sys
+import textwrap
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, NoReturn, TextIO
@@ -52,6 +54,7 @@ from .daemon import DaemonStartFailed, serve
 from .daemon.backoff import Backoff
 from .daemon.checks import check_config
 from .daemon.flow import receive_frames
+from .daemon.status import pid_namespace
 from .daemon.transport import (
     Connection,
     Connector,
@@ -65,7 +68,7 @@ from .daemon.transport import (
 )
 from .frame import Frame
 
-__all__ = ["Failure", "build_parser", "main", "render_status", "status_url"]
+__all__ = ["Failure", "build_parser", "main", "render_status", "status_url", "terminal_width"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -608,8 +611,10 @@ def _age(seconds: float) -> str:
 _TROUBLED: Final = frozenset({"restarting", "reconnecting", "connecting", "failed", "stopped"})
 
 
-def render_status(snapshot: dict[str, Any]) -> str:
-    """A status snapshot as a terminal table."""
+def render_status(snapshot: dict[str, Any], width: int | None = None) -> str:
+    """A status snapshot as a terminal table. With ``width``, no line is longer: the table
+    leaves out its least telling columns (totals first, then bytes/s, restarts) and shortens
+    addresses and names until it fits, and the other lines wrap."""
     daemon = snapshot["daemon"]
     lines = [
         f"framewire {daemon['version']}  pid {daemon['pid']}  {daemon['state']}  "
@@ -631,20 +636,22 @@ def render_status(snapshot: dict[str, Any]) -> str:
     # Held streams first: while one is held, nothing new reaches any of its subscribers.
     lines += _held_streams(snapshot)
     lines.append("")
-    header = (
-        f"{'endpoint':<18} {'kind':<9} {'state':<12} "
-        f"{'frames in':>11} {'/s':>8} {'bytes in':>9} {'/s':>9} "
-        f"{'frames out':>11} {'/s':>8} {'bytes out':>9} {'/s':>9} "
-        f"{'dropped':>9} {'restarts':>8}  address"
-    )
-    lines += [header, "-" * len(header)]
+    rows: list[list[str]] = []
+    below: list[str | int] = []  # under the header: a row of the table (its index), or a line
     for name, endpoint in snapshot["endpoints"].items():
         rates = endpoint.get("rates", {})
-        lines.append(
-            f"{name:<18} {endpoint['kind']:<9} {endpoint['state']:<12} "
-            f"{_figures(endpoint, rates, 'in')} {_figures(endpoint, rates, 'out')} "
-            f"{endpoint['frames_dropped']:>9} {endpoint['restarts']:>8}  "
-            f"{', '.join(endpoint['address'])}"
+        below.append(len(rows))
+        rows.append(
+            [
+                name,
+                endpoint["kind"],
+                endpoint["state"],
+                *_figures(endpoint, rates, "in"),
+                *_figures(endpoint, rates, "out"),
+                str(endpoint["frames_dropped"]),
+                str(endpoint["restarts"]),
+                ", ".join(endpoint["address"]),
+            ]
         )
         now = snapshot["time"]
         if endpoint["last_error"]:
@@ -652,7 +659,7 @@ def render_status(snapshot: dict[str, Any]) -> str:
             age = f" {_age(now - when)} ago" if when else ""
             # Kept as history: say whether the endpoint is still in trouble.
             past = "" if endpoint["state"] in _TROUBLED else ", healthy since"
-            lines.append(f"{'':<18} last error{age}{past}: {endpoint['last_error']}")
+            below.append(f"{'':<18} last error{age}{past}: {endpoint['last_error']}")
         for client in endpoint["clients"]:
             rates = client.get("rates", {})
             if "queue_frames" in client:
@@ -665,11 +672,106 @@ def render_status(snapshot: dict[str, Any]) -> str:
                     figures += f"  unencodable {client['frames_unencodable']}"
             else:
                 figures = f"received {_flow(client, rates, 'received')}"
-            lines.append(
+            below.append(
                 f"{'':<18} client {client['peer']:<22} for {_age(now - client['connected_since'])}"
                 f"  {figures}"
             )
+    header, table = _table(rows, width)
+    lines += [header, "-" * len(header)]
+    lines += [table[item] if isinstance(item, int) else item for item in below]
+    if width is not None:
+        lines = [part for line in lines for part in _wrap(line, width)]
     return "\n".join(lines)
+
+
+#: The table's columns: header, alignment, default width, and how soon it goes when the
+#: table must be narrower (0: never; higher: sooner). The last one, the address, takes the
+#: room that is left.
+_COLUMNS: Final = (
+    ("endpoint", "<", 18, 0),
+    ("kind", "<", 9, 2),
+    ("state", "<", 12, 1),
+    ("frames in", ">", 11, 9),
+    ("/s", ">", 8, 3),
+    ("bytes in", ">", 9, 11),
+    ("/s", ">", 9, 6),
+    ("frames out", ">", 11, 10),
+    ("/s", ">", 8, 4),
+    ("bytes out", ">", 9, 12),
+    ("/s", ">", 9, 7),
+    ("dropped", ">", 9, 5),
+    ("restarts", ">", 8, 8),
+)
+#: A rate column's header when its total is left out.
+_RATE_HEADERS: Final = {4: "in/s", 6: "in B/s", 8: "out/s", 10: "out B/s"}
+#: The address column is shown only with at least this many characters of room.
+_MIN_ADDRESS: Final = 12
+
+
+def _table(rows: list[list[str]], width: int | None) -> tuple[str, list[str]]:
+    """The header and the rows of the endpoint table, ``width`` characters at most."""
+    kept = list(range(len(_COLUMNS)))
+
+    def headers() -> list[str]:
+        return [
+            _RATE_HEADERS[i] if i in _RATE_HEADERS and i - 1 not in kept else _COLUMNS[i][0]
+            for i in range(len(_COLUMNS))
+        ]
+
+    def sizes_of(names: list[str]) -> list[int]:
+        return [
+            max(
+                [len(names[i]) if width is not None else _COLUMNS[i][2]]
+                + [len(row[i]) for row in rows]
+            )
+            for i in range(len(_COLUMNS))
+        ]
+
+    sizes = sizes_of(headers())
+    if width is not None:  # as narrow as the cells allow, then fewer columns
+        while len(kept) > 1 and sum(sizes[i] + 1 for i in kept) - 1 > width:
+            kept.remove(max(kept, key=lambda i: _COLUMNS[i][3]))
+            sizes = sizes_of(headers())
+        sizes[0] = min(sizes[0], width)  # a name longer than the terminal
+    names = headers()
+
+    def line(cells: list[str]) -> str:
+        parts = []
+        for i in kept:
+            cell = _shorten(cells[i], sizes[i])
+            parts.append(f"{cell:{_COLUMNS[i][1]}{sizes[i]}}")
+        return " ".join(parts)
+
+    header = line(names)
+    room = None if width is None else width - len(header) - 2
+    show_address = room is None or room >= _MIN_ADDRESS
+    if show_address:
+        header += "  address"
+    elif width is not None:
+        header = header.rstrip()
+    table = []
+    for row in rows:
+        text = line(row)
+        if show_address:
+            text += "  " + (row[-1] if room is None else _shorten(row[-1], room))
+        table.append(text.rstrip() if width is not None else text)
+    return header, table
+
+
+def _shorten(text: str, size: int) -> str:
+    """``text``, cut to ``size`` characters with a ``…`` when longer."""
+    return text if len(text) <= size else text[: max(size - 1, 0)] + "…"
+
+
+def _wrap(line: str, width: int) -> list[str]:
+    """``line`` wrapped to ``width``, its continuations indented two more than it."""
+    if len(line) <= width:
+        return [line]
+    lead = len(line) - len(line.lstrip(" "))
+    indent = " " * min(lead + 2, width // 2)
+    return textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False) or [
+        line[:width]
+    ]
 
 
 def _held_streams(snapshot: dict[str, Any]) -> list[str]:
@@ -699,14 +801,15 @@ def _rate(per_second: float) -> str:
     return f"{per_second:.0f}" if per_second >= 100 else f"{per_second:.1f}"
 
 
-def _figures(endpoint: dict[str, Any], rates: dict[str, float], direction: str) -> str:
-    """Frames, frames/s, bytes, bytes/s of one direction, in the table's columns."""
+def _figures(endpoint: dict[str, Any], rates: dict[str, float], direction: str) -> list[str]:
+    """Frames, frames/s, bytes, bytes/s of one direction: the table's cells."""
     frames, nbytes = f"frames_{direction}", f"bytes_{direction}"
-    return (
-        f"{endpoint[frames]:>11} {_rate(rates.get(frames, 0.0)):>8} "
-        f"{format_size(endpoint.get(nbytes, 0)):>9} "
-        f"{format_size(int(rates.get(nbytes, 0.0))) + '/s':>9}"
-    )
+    return [
+        str(endpoint[frames]),
+        _rate(rates.get(frames, 0.0)),
+        format_size(endpoint.get(nbytes, 0)),
+        format_size(int(rates.get(nbytes, 0.0))) + "/s",
+    ]
 
 
 def _flow(client: dict[str, Any], rates: dict[str, float], what: str) -> str:
@@ -796,6 +899,20 @@ def _status_failure(url: str, exc: BaseException, token: str | None) -> Failure:
     return Failure(f"the status server at {url}: {_reason(exc)}")
 
 
+def terminal_width() -> int | None:
+    """How wide the status table may be: ``$COLUMNS`` when set, else the width of the
+    terminal standard output is on; None (no limit) when it is not a terminal."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        if os.isatty(sys.stdout.fileno()):
+            return os.get_terminal_size(sys.stdout.fileno()).columns or None
+    except (OSError, ValueError):  # no file descriptor (captured), or not a terminal
+        pass
+    return None
+
+
 def _render(url: str, message: str | bytes, *, as_json: bool = False) -> str:
     try:
         if as_json:
@@ -803,7 +920,7 @@ def _render(url: str, message: str | bytes, *, as_json: bool = False) -> str:
             if not isinstance(document, dict) or "schema" not in document:
                 raise ValueError("not a status snapshot")
             return json.dumps(document, separators=(",", ":"))
-        return render_status(json.loads(message))
+        return render_status(json.loads(message), terminal_width())
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise Failure(
             f"{url} sent a document this framewire cannot show ({type(exc).__name__}: {exc}); "
@@ -822,7 +939,7 @@ async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
     elif args.ca is not None:
         raise Failure("--ca: only for a wss:// or https:// URL", EXIT_USAGE)
     backoff = Backoff(WATCH_BACKOFF)
-    shown = False  # at least one snapshot: from then on --watch reconnects
+    shown = False  # at least one snapshot: the daemon was up
     gone = False
     while True:
         try:
@@ -847,8 +964,16 @@ async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
             trio.TooSlowError,
         ) as exc:
             failure = _status_failure(url, exc, token)
-            if not (args.watch and shown) or failure.code == EXIT_USAGE:
+            if not args.watch or failure.code == EXIT_USAGE:
                 raise failure from None
+            if not shown and not gone:  # not up yet: wait for it, as for a restart
+                print(
+                    f"framewire status: no status server at {url} yet ({_reason(exc)}); "
+                    "waiting for it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                gone = True
         if not gone:
             print("framewire status: status server gone; reconnecting", file=sys.stderr, flush=True)
             gone = True
@@ -862,6 +987,175 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _run(_status, args, url, token)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+# -- reload -------------------------------------------------------------------------------
+
+#: ``framewire reload`` waits this long (seconds, ``--timeout``) for the daemon to report
+#: the reload it asked for.
+RELOAD_TIMEOUT: Final = 60.0
+
+
+def _pid_from_file(path: str) -> int:
+    """The process id written in ``path``. Raises :class:`Failure` saying why there is none."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Failure(f"cannot read the pid file {path}: {_reason(exc)}") from None
+    if not text.isdigit() or int(text) <= 0:
+        raise Failure(f"the pid file {path} holds {text[:40]!r}, not a process id", EXIT_USAGE)
+    return int(text)
+
+
+async def _read_status(
+    url: str,
+    token: str | None,
+    context: ssl.SSLContext | None,
+    until: Callable[[dict[str, Any]], bool],
+    *,
+    retry: bool,
+) -> dict[str, Any]:
+    """The first snapshot from the status server at ``url`` for which ``until`` is true.
+    Without ``retry`` the first failure to read raises :class:`Failure`; with it, the
+    connection is made again (with backoff) until the caller's deadline, as after a reload
+    that restarted [status], and only a failure retrying cannot cure (a refused token) raises."""
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+    backoff = Backoff(WATCH_BACKOFF)
+    while True:
+        try:
+            async with open_websocket_url(
+                url, context, extra_headers=headers, connect_timeout=5, disconnect_timeout=1
+            ) as connection:
+                while True:
+                    with trio.fail_after(STATUS_SILENCE):
+                        message = await connection.get_message()
+                    try:
+                        snapshot = json.loads(message)
+                        if not isinstance(snapshot["daemon"]["pid"], int):
+                            raise TypeError("daemon.pid is not a number")
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise Failure(
+                            f"{url} sent a document this framewire cannot read "
+                            f"({type(exc).__name__}: {exc}); is it a framewire status server?"
+                        ) from None
+                    backoff.reset()
+                    if until(snapshot):
+                        return dict(snapshot)
+        except (
+            HandshakeError,
+            ConnectionClosed,
+            DisconnectionTimeout,
+            OSError,
+            trio.TooSlowError,
+        ) as exc:
+            failure = _status_failure(url, exc, token)
+            if not retry or failure.code == EXIT_USAGE:
+                raise failure from None
+        await trio.sleep(backoff.next_delay())
+
+
+def _signal_reload(pid: int, source: str) -> None:
+    """Send SIGHUP to ``pid``. Raises :class:`Failure` saying why it could not."""
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise Failure(f"no process {pid} ({source}): is the daemon running?") from None
+    except PermissionError:
+        raise Failure(
+            f"not allowed to signal the daemon (pid {pid}, {source}): run framewire reload as "
+            "its user or as root, or use systemctl reload for a systemd service"
+        ) from None
+
+
+def _describe_reload(reload: dict[str, Any]) -> str:
+    changes = reload.get("changes") or []
+    return "; ".join(changes) if changes else "nothing changed"
+
+
+async def _reload(args: argparse.Namespace, url: str, token: str | None) -> int:
+    context: ssl.SSLContext | None = None
+    if url.startswith("wss:"):
+        try:
+            context = ssl.create_default_context(cafile=args.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise Failure(f"cannot load the CA file {args.ca}: {_reason(exc)}") from None
+    elif args.ca is not None:
+        raise Failure("--ca: only for a wss:// or https:// URL", EXIT_USAGE)
+    filed = _pid_from_file(args.pid_file) if args.pid_file is not None else None
+    try:
+        with trio.fail_after(args.timeout):
+            snapshot = await _read_status(url, token, context, lambda _: True, retry=False)
+    except (Failure, trio.TooSlowError) as exc:
+        failure = (
+            exc
+            if isinstance(exc, Failure)
+            else Failure(f"the status server at {url} sent nothing for {args.timeout:g}s")
+        )
+        if filed is None:
+            raise failure from None
+        _signal_reload(filed, f"from {args.pid_file}")
+        raise Failure(
+            f"sent SIGHUP to pid {filed} (from {args.pid_file}) but cannot tell what the reload "
+            f"did: {failure}; the daemon's log says"
+        ) from None
+    daemon = snapshot["daemon"]
+    pid: int = daemon["pid"]
+    here = daemon.get("pid_namespace") is not None and daemon["pid_namespace"] == pid_namespace()
+    if filed is not None:
+        if here and filed != pid:
+            raise Failure(
+                f"the pid file {args.pid_file} says {filed}, but the daemon at {url} is pid {pid}",
+                EXIT_USAGE,
+            )
+        pid, source = filed, f"from {args.pid_file}"
+    elif not here:
+        raise Failure(
+            f"the daemon at {url} (pid {pid}) runs on another machine or in another PID "
+            "namespace: run framewire reload there, or give --pid-file",
+            EXIT_USAGE,
+        )
+    else:
+        source = f"from {url}"
+    if daemon.get("state") == "reloading":
+        raise Failure(f"the daemon at {url} is reloading already; try again when it is done")
+    if daemon.get("state") != "running":
+        raise Failure(f"the daemon at {url} is {daemon.get('state')}, not running")
+    before = daemon.get("last_reload")
+
+    def reloaded(snapshot: dict[str, Any]) -> bool:
+        after = snapshot["daemon"].get("last_reload")
+        return bool(after) and after != before
+
+    _signal_reload(pid, source)
+    try:
+        with trio.fail_after(args.timeout):
+            snapshot = await _read_status(url, token, context, reloaded, retry=True)
+    except trio.TooSlowError:
+        raise Failure(
+            f"sent SIGHUP to pid {pid}, but the status server at {url} reported no reload "
+            f"within {args.timeout:g}s; the daemon's log says what happened"
+        ) from None
+    after = snapshot["daemon"]["last_reload"]
+    config = snapshot["daemon"].get("config", "")
+    if not after.get("ok"):
+        error = str(after.get("error", "")).rstrip()
+        raise Failure(
+            f"pid {pid} did not reload {config}; it still runs the previous configuration:\n"
+            + error
+        )
+    _show(f"framewire reload: pid {pid} reloaded {config}: {_describe_reload(after)}")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    url = status_url(args.url)
+    token = _token(args)
+    if args.timeout <= 0:
+        raise Failure("--timeout: expected a positive number of seconds", EXIT_USAGE)
+    try:
+        return _run(_reload, args, url, token)
+    except KeyboardInterrupt:
+        return 130
 
 
 # -- the parser ---------------------------------------------------------------------------
@@ -967,6 +1261,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--ca", metavar="FILE", help="for wss://: verify against this CA file")
     status.set_defaults(func=cmd_status)
+
+    reload = commands.add_parser(
+        "reload",
+        help="make a running daemon re-read its configuration file and say what changed",
+    )
+    reload.add_argument(
+        "url",
+        nargs="?",
+        default="ws://127.0.0.1:8765/",
+        metavar="URL",
+        help="its status server: host:port, ws://, wss://, http:// or https:// "
+        "(default %(default)s)",
+    )
+    reload.add_argument(
+        "--pid-file",
+        metavar="PATH",
+        help="signal the pid in PATH (default: the pid the status server reports, when it runs "
+        "on this machine)",
+    )
+    reload.add_argument("--token-file", metavar="PATH", help="read the [status] token from PATH")
+    reload.add_argument(
+        "--token",
+        help=f"the [status] token (visible to other users in ps: prefer --token-file or "
+        f"${TOKEN_VARIABLE})",
+    )
+    reload.add_argument("--ca", metavar="FILE", help="for wss://: verify against this CA file")
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=RELOAD_TIMEOUT,
+        metavar="SECONDS",
+        help="give up waiting for the outcome after this long (default %(default)g)",
+    )
+    reload.set_defaults(func=cmd_reload)
     return parser
 
 

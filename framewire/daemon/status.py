@@ -34,6 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Final, Protocol, TypeAlias
 from urllib.parse import parse_qs
 
@@ -56,7 +57,14 @@ from .rates import RateMeter
 from .stream import Stream
 from .transport import ACCEPT_RETRY_ERRNOS, peer_name
 
-__all__ = ["SCHEMA", "DaemonView", "ListenerFactory", "StatusServer", "build_snapshot"]
+__all__ = [
+    "SCHEMA",
+    "DaemonView",
+    "ListenerFactory",
+    "StatusServer",
+    "build_snapshot",
+    "pid_namespace",
+]
 
 log = logging.getLogger("framewire.status")
 
@@ -89,6 +97,17 @@ class DaemonView(MetricsView, Protocol):
     def status_server(self) -> StatusServer | None: ...
     @property
     def nats_server(self) -> EmbeddedNatsServer | None: ...
+
+
+def pid_namespace() -> str | None:
+    """Which machine boot and PID namespace this process's pid belongs to (Linux:
+    ``BOOT_ID/pid:[INODE]``), so that ``framewire reload`` can tell whether the pid in a status
+    snapshot is one it may signal; None where the system does not say."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
 
 
 def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[str, Any]:
@@ -162,6 +181,7 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
         "daemon": {
             "version": __version__,
             "pid": os.getpid(),
+            "pid_namespace": pid_namespace(),
             "state": daemon.state,
             "started_at": round(daemon.started_at, 3),
             "uptime": round(now - daemon.started_at, 3),
