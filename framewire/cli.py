@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
@@ -43,9 +44,11 @@ from .config import (
     BackoffConfig,
     Config,
     ConfigError,
+    KeyPositions,
     TLSConfig,
     default_config_text,
     format_size,
+    key_positions,
     load_config,
     parse_address,
     parse_config,
@@ -246,14 +249,56 @@ def _load_or_fail(path: str | None) -> tuple[Config, str]:
     try:
         return _load(path)
     except ConfigError as exc:
-        raise _config_failure(exc) from None
+        raise _config_failure(exc.errors, path or exc.source, _positions(path)) from None
 
 
-def _config_failure(error: ConfigError) -> Failure:
-    """One problem: one line. Several: a count, then one indented line each."""
-    if len(error.errors) == 1:
-        return Failure(f"{error.source}: {error.errors[0]}", EXIT_USAGE)
-    return Failure(str(error), EXIT_USAGE, prefixed=False)
+def _positions(path: str | None) -> KeyPositions | None:
+    """Where the keys of the file at ``path`` are, or None if it cannot be read."""
+    if path is None:
+        return key_positions(default_config_text())
+    try:
+        return key_positions(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+#: Where tomllib says a syntax error is.
+_TOML_AT: Final = re.compile(r" ?\(at line (\d+), column (\d+)\)$")
+
+
+def _diagnostic(file: str, severity: str, problem: str, positions: KeyPositions | None) -> str:
+    """``FILE:LINE:COLUMN: SEVERITY: PATH: MESSAGE`` for a ``PATH: MESSAGE`` problem of a
+    configuration file (``FILE: SEVERITY: ...`` when it cannot be placed), as compilers write
+    them and editors read them."""
+    where = ""
+    at = _TOML_AT.search(problem)
+    if at is not None:
+        where, problem = f"{at[1]}:{at[2]}", problem[: at.start()]
+    else:
+        path, colon, rest = problem.partition(": ")
+        if colon and positions is not None and path and " " not in path:
+            position = positions.locate(path, key=rest.startswith("unknown key"))
+            where = "" if position is None else str(position)
+    return f"{file}:{where}: {severity}: {problem}" if where else f"{file}: {severity}: {problem}"
+
+
+def _sorted_diagnostics(
+    file: str, severity: str, problems: Sequence[str], positions: KeyPositions | None
+) -> list[str]:
+    """Each problem as a diagnostic line, in the order of the file (unplaced ones first)."""
+    lines = [_diagnostic(file, severity, problem, positions) for problem in problems]
+
+    def place(line: str) -> tuple[int, int]:
+        match = re.match(re.escape(file) + r":(\d+):(\d+): ", line)
+        return (int(match[1]), int(match[2])) if match else (0, 0)
+
+    return sorted(lines, key=place)
+
+
+def _config_failure(problems: Sequence[str], file: str, positions: KeyPositions | None) -> Failure:
+    """Every problem of a configuration file, one diagnostic line each."""
+    lines = _sorted_diagnostics(file, "error", problems, positions)
+    return Failure("\n".join(lines), EXIT_USAGE, prefixed=False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -285,14 +330,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config, source = _load_or_fail(args.config)
-    report = check_config(config)
-    for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    if report.errors:
-        raise _config_failure(ConfigError(source, list(report.errors)))
+    file: str = args.config
+    positions = _positions(file)
+    try:
+        config = load_config(file)
+        errors: list[str] = []
+    except ConfigError as exc:
+        if exc.config is None:  # not a configuration at all: nothing more to check
+            raise _config_failure(exc.errors, file, positions) from None
+        config, errors = exc.config, exc.errors  # only the checks across tables failed
+    report = check_config(config, offline=args.offline)
+    # The machine's check of the listeners names every listener each one overlaps: it
+    # replaces the file's own check of identical addresses.
+    checked = {error.partition(": ")[0] for error in report.errors}
+    errors = [error for error in errors if error.partition(": ")[0] not in checked]
+    errors += report.errors
+    for line in _sorted_diagnostics(file, "warning", report.warnings, positions):
+        print(line, file=sys.stderr)
+    if errors:
+        raise _config_failure(errors, file, positions)
     count = len(config.endpoints)
-    print(f"{source}: OK, {count} endpoint{'s' if count != 1 else ''}")
+    offline = " (offline: the file alone, not this machine)" if args.offline else ""
+    print(f"{file}: OK, {count} endpoint{'s' if count != 1 else ''}{offline}")
     for line in _summary(config):
         print(line)
     return EXIT_OK
@@ -1211,6 +1270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a configuration file")
     check.add_argument("config", metavar="CONFIG")
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the file alone, as CI on another machine can: resolve no host names and "
+        "look at nothing on this machine (files, directories, sockets, free space)",
+    )
     check.set_defaults(func=cmd_check)
 
     protocol_help = f"wire protocol ({', '.join(protocols.names())}; default native)"
