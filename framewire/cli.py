@@ -81,6 +81,8 @@ EXIT_USAGE = 2
 CONNECT_TIMEOUT: Final = 10.0
 #: The status server sends a snapshot at least this often, or it is considered gone.
 STATUS_SILENCE: Final = 30.0
+#: The status server ``framewire status`` and ``reload`` read without a URL: the demo's.
+STATUS_URL: Final = "ws://127.0.0.1:8765/"
 #: The environment variable ``framewire status`` takes the token from.
 TOKEN_VARIABLE: Final = "FRAMEWIRE_STATUS_TOKEN"
 #: ``status --watch`` waits between reconnect attempts: 0.5 s doubling up to 5 s, jittered.
@@ -1248,9 +1250,81 @@ def _add_tls_flags(parser: argparse.ArgumentParser, *, listening: bool) -> None:
     )
 
 
+#: Each command's examples for its ``--help``: a command line (shell pipes allowed) and what
+#: it does. tests/test_operator_cli.py parses every one.
+EXAMPLES: Final[dict[str, list[tuple[str, str]]]] = {
+    "run": [
+        ("framewire run", "the embedded demo: a generator served on tcp://127.0.0.1:4540"),
+        ("framewire run config/relay.toml", "a relay: producers on 4536, clients on 4537"),
+        (
+            "framewire run /etc/framewire/framewire.toml --log-format json",
+            "one JSON object per log line, for a log shipper",
+        ),
+    ],
+    "check": [
+        (
+            "framewire check /etc/framewire/framewire.toml",
+            "before a reload: every problem, at its line and column",
+        ),
+        (
+            "framewire check --offline config/site-instrument.toml",
+            "in CI: the file alone (no name resolved, no file looked at)",
+        ),
+    ],
+    "recv": [
+        ("framewire recv tcp://127.0.0.1:4540", "one line per frame: kind, type, size, time"),
+        (
+            "framewire recv tcp://127.0.0.1:4540 --count 100 --output run.fw",
+            "save 100 frames to a file",
+        ),
+        ("framewire recv tls://relay.example:4537 --ca ca.pem", "over TLS, verified by ca.pem"),
+        ("framewire recv --listen tcp://127.0.0.1:4540", "wait for one sender instead"),
+    ],
+    "send": [
+        ("framewire send tcp://127.0.0.1:4536 run.fw", "send a recorded file to a receiver"),
+        (
+            "framewire recv tcp://127.0.0.1:4540 --output - | framewire send tcp://127.0.0.1:4536",
+            "pipe one daemon's stream into another",
+        ),
+        ("framewire send unix:///run/framewire/in.sock --protocol raw capture.bin", "raw bytes"),
+    ],
+    "status": [
+        ("framewire status", "the demo's status (ws://127.0.0.1:8765/)"),
+        ("framewire status 127.0.0.1:8766 --watch", "keep it updating; wait for the daemon"),
+        (
+            "framewire status 127.0.0.1:8766 --json --token-file /etc/framewire/status.token",
+            "one line of JSON, for scripts",
+        ),
+    ],
+    "reload": [
+        ("framewire reload 127.0.0.1:8766", "re-read the file; print what changed, or why not"),
+        (
+            "framewire reload 127.0.0.1:8766 --pid-file /run/framewire.pid",
+            "signal the pid in the file",
+        ),
+    ],
+}
+
+
+def _examples(command: str | None) -> str:
+    """The ``examples:`` section of a ``--help`` (of every command's, without ``command``)."""
+    lines = ["examples:"]
+    for name, examples in EXAMPLES.items():
+        if command is None:
+            lines.append(f"  {examples[0][0]}\n      {examples[0][1]}")
+        elif name == command:
+            lines += [f"  {line}\n      {what}" for line, what in examples]
+    if command is None:
+        lines.append("\nEach command's options and examples: framewire COMMAND --help")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="framewire", description="Relay framed data streams between instruments and monitors."
+        prog="framewire",
+        description="Relay framed data streams between instruments and monitors.",
+        epilog=_examples(None),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"framewire {__version__}")
     commands = parser.add_subparsers(
@@ -1306,9 +1380,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "url",
         nargs="?",
-        default="ws://127.0.0.1:8765/",
+        default=STATUS_URL,
         metavar="URL",
-        help="host:port, ws://, wss://, http:// or https:// (default %(default)s)",
+        # Not %(default)s: argparse hides a positional's default while it parses intermixed
+        # options, and --help is such an option.
+        help=f"host:port, ws://, wss://, http:// or https:// (default {STATUS_URL})",
     )
     status.add_argument(
         "--watch", action="store_true", help="keep updating; reconnect if the daemon goes away"
@@ -1334,10 +1410,10 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument(
         "url",
         nargs="?",
-        default="ws://127.0.0.1:8765/",
+        default=STATUS_URL,
         metavar="URL",
         help="its status server: host:port, ws://, wss://, http:// or https:// "
-        "(default %(default)s)",
+        f"(default {STATUS_URL})",
     )
     reload.add_argument(
         "--pid-file",
@@ -1360,6 +1436,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up waiting for the outcome after this long (default %(default)g)",
     )
     reload.set_defaults(func=cmd_reload)
+    for name, command in commands.choices.items():
+        command.epilog = _examples(name)
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 

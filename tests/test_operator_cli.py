@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -13,10 +14,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from framewire.cli import render_status
+from framewire.cli import EXAMPLES, build_parser, main, render_status
 
 from .test_cli import ENV, FRAMEWIRE, DaemonProcess
 from .test_cli_ops import closed_port
@@ -332,3 +334,30 @@ def test_every_line_of_the_table_fits_any_width() -> None:
         assert max(len(line) for line in text.splitlines()) <= width, (width, text)
         assert "refused" in text  # the error wraps; it is never cut off
         assert "camera-in-north-wing" in text
+
+
+# -- --help ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [None, "run", "check", "recv", "send", "status", "reload"])
+def test_help_shows_examples_that_are_real_command_lines(
+    command: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--help"] if command is None else [command, "--help"]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "\nexamples:\n" in out
+    shown = [line.strip() for line in out.split("\nexamples:\n")[1].splitlines()]
+    commands = [line for line in shown if line.startswith("framewire ")]
+    assert commands, out
+    if command is not None:
+        assert commands == [line for line, _ in EXAMPLES[command]]
+    for line in commands:
+        for part in line.split(" | "):
+            words = shlex.split(part)
+            assert words[0] == "framewire"
+            args, extra = build_parser().parse_known_args(words[1:])
+            assert extra == [], line
+            assert args.command in EXAMPLES
