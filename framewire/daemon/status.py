@@ -28,6 +28,7 @@ This module does not know the daemon: :func:`build_snapshot` reads anything shap
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -99,6 +100,7 @@ class DaemonView(MetricsView, Protocol):
     def nats_server(self) -> EmbeddedNatsServer | None: ...
 
 
+@functools.cache
 def pid_namespace() -> str | None:
     """Which machine boot and PID namespace this process's pid belongs to (Linux:
     ``BOOT_ID/pid:[INODE]``), so that ``framewire reload`` can tell whether the pid in a status
