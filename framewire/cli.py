@@ -746,23 +746,24 @@ def render_status(snapshot: dict[str, Any], width: int | None = None) -> str:
 
 
 #: The table's columns: header, alignment, default width, and how soon it goes when the
-#: table must be narrower (0: never; higher: sooner). The last one, the address, takes the
-#: room that is left.
+#: table must be narrower (0: never; higher: sooner). The address comes last and takes the
+#: room that is left; it goes when its turn (_ADDRESS_GOES) comes.
 _COLUMNS: Final = (
     ("endpoint", "<", 18, 0),
     ("kind", "<", 9, 2),
     ("state", "<", 12, 1),
-    ("frames in", ">", 11, 9),
+    ("frames in", ">", 11, 10),
     ("/s", ">", 8, 3),
-    ("bytes in", ">", 9, 11),
-    ("/s", ">", 9, 6),
-    ("frames out", ">", 11, 10),
-    ("/s", ">", 8, 4),
-    ("bytes out", ">", 9, 12),
+    ("bytes in", ">", 9, 12),
     ("/s", ">", 9, 7),
+    ("frames out", ">", 11, 11),
+    ("/s", ">", 8, 4),
+    ("bytes out", ">", 9, 13),
+    ("/s", ">", 9, 8),
     ("dropped", ">", 9, 5),
-    ("restarts", ">", 8, 8),
+    ("restarts", ">", 8, 9),
 )
+_ADDRESS_GOES: Final = 6
 #: A rate column's header when its total is left out.
 _RATE_HEADERS: Final = {4: "in/s", 6: "in B/s", 8: "out/s", 10: "out B/s"}
 #: The address column is shown only with at least this many characters of room.
@@ -789,9 +790,14 @@ def _table(rows: list[list[str]], width: int | None) -> tuple[str, list[str]]:
         ]
 
     sizes = sizes_of(headers())
+    address = 2 + _MIN_ADDRESS  # the room the address needs, 0 once it is left out
     if width is not None:  # as narrow as the cells allow, then fewer columns
-        while len(kept) > 1 and sum(sizes[i] + 1 for i in kept) - 1 > width:
-            kept.remove(max(kept, key=lambda i: _COLUMNS[i][3]))
+        while len(kept) > 1 and sum(sizes[i] + 1 for i in kept) - 1 + address > width:
+            going = max(kept, key=lambda i: _COLUMNS[i][3])
+            if address and _COLUMNS[going][3] < _ADDRESS_GOES:
+                address = 0  # the address goes first
+                continue
+            kept.remove(going)
             sizes = sizes_of(headers())
         sizes[0] = min(sizes[0], width)  # a name longer than the terminal
     names = headers()
@@ -805,7 +811,7 @@ def _table(rows: list[list[str]], width: int | None) -> tuple[str, list[str]]:
 
     header = line(names)
     room = None if width is None else width - len(header) - 2
-    show_address = room is None or room >= _MIN_ADDRESS
+    show_address = room is None or (address > 0 and room >= _MIN_ADDRESS)
     if show_address:
         header += "  address"
     elif width is not None:
