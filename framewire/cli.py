@@ -674,8 +674,8 @@ _TROUBLED: Final = frozenset({"restarting", "reconnecting", "connecting", "faile
 
 def render_status(snapshot: dict[str, Any], width: int | None = None) -> str:
     """A status snapshot as a terminal table. With ``width``, no line is longer: the table
-    leaves out its least telling columns (totals first, then bytes/s, restarts) and shortens
-    addresses and names until it fits, and the other lines wrap."""
+    leaves out its least telling columns (totals first, then restarts, bytes/s, the address)
+    and shortens addresses and names until it fits, and the other lines wrap."""
     daemon = snapshot["daemon"]
     lines = [
         f"framewire {daemon['version']}  pid {daemon['pid']}  {daemon['state']}  "
