@@ -1162,8 +1162,8 @@ async def _reload(args: argparse.Namespace, url: str, token: str | None) -> int:
             raise failure from None
         _signal_reload(filed, f"from {args.pid_file}")
         raise Failure(
-            f"sent SIGHUP to pid {filed} (from {args.pid_file}) but cannot tell what the reload "
-            f"did: {failure}; the daemon's log says"
+            f"sent SIGHUP to pid {filed} (from {args.pid_file}); the daemon's log says what the "
+            f"reload did, its status server cannot: {failure}"
         ) from None
     daemon = snapshot["daemon"]
     pid: int = daemon["pid"]

@@ -167,6 +167,38 @@ async def test_reload_through_a_pid_file(tmp_path: Path) -> None:
             await sleeper.wait()
 
 
+async def test_reload_through_a_pid_file_of_a_daemon_without_status(tmp_path: Path) -> None:
+    """No status server to read the outcome from: the signal is sent, and reload says it cannot
+    tell what the reload did (exit 1); the daemon's log does."""
+    config = tmp_path / "quiet.toml"
+    text = config_text()
+    config.write_text(text[: text.index("[status]")] + text[text.index("[endpoints.source]") :])
+    process = await trio.lowlevel.open_process(
+        [*FRAMEWIRE, "run", str(config)], stderr=subprocess.PIPE, env=ENV
+    )
+    daemon = DaemonProcess(process)
+    try:
+        await daemon.wait_for(r"serving stream 'demo'")
+        pid_file = tmp_path / "quiet.pid"
+        pid_file.write_text(f"{process.pid}\n")
+        with closed_port() as port:
+            result = await cli("reload", "--pid-file", str(pid_file), f"127.0.0.1:{port}")
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            f"framewire reload: sent SIGHUP to pid {process.pid} (from {pid_file}); the daemon's "
+            "log says what the reload did, its status server cannot: cannot reach the status "
+            f"server at ws://127.0.0.1:{port}/: connection refused; is the daemon running with a "
+            "[status] table?"
+        ]
+        await daemon.wait_for(r"reloaded .*: nothing changed")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            await process.wait()
+        assert process.stderr is not None
+        await process.stderr.aclose()
+
+
 async def test_reload_without_a_daemon_fails_in_one_line(tmp_path: Path) -> None:
     with closed_port() as port:
         result = await cli("reload", f"127.0.0.1:{port}")
