@@ -347,8 +347,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     checked = {error.partition(": ")[0] for error in report.errors}
     errors = [error for error in errors if error.partition(": ")[0] not in checked]
     errors += report.errors
+    priority = "<4>" if stderr_is_journal() else ""  # findable with journalctl -p warning
     for line in _sorted_diagnostics(file, "warning", report.warnings, positions):
-        print(line, file=sys.stderr)
+        print(f"{priority}{line}", file=sys.stderr)
     if errors:
         raise _config_failure(errors, file, positions)
     count = len(config.endpoints)

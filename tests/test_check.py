@@ -561,3 +561,25 @@ def test_offline_overlaps_of_names_and_wildcards() -> None:
     ]
     # Whether a name is 127.0.0.1 is not known offline: not reported.
     assert offline(receiver("a", "tcp://127.0.0.1:4536") + server("b", "tcp://daq:4536")) == []
+
+
+def test_under_journald_warnings_and_errors_carry_their_priorities(tmp: Path) -> None:
+    """As an ExecStartPre= of a unit: journalctl -p warning finds both, -p err the errors."""
+    path = tmp / "j.toml"
+    path.write_text(generator("gen", "camera") + server("out", "unix:///proc/fw.sock", "camrea"))
+    read_end, write_end = os.pipe()
+    info = os.fstat(write_end)
+    env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+    try:
+        process = subprocess.Popen(
+            [*FRAMEWIRE, "check", str(path)], stderr=write_end, stdout=subprocess.DEVNULL, env=env
+        )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as stderr:
+        text = stderr.read().decode()
+    assert process.wait(timeout=60) == 2
+    lines = text.splitlines()
+    assert [line[:3] for line in lines] == ["<4>", "<4>", "<3>"], text
+    assert lines[0].startswith(f"<4>{path}:3:10: warning: endpoints.gen.stream: ")
+    assert lines[2].startswith(f"<3>{path}:6:10: error: endpoints.out.listen: ")
