@@ -17,8 +17,11 @@ import io
 import json
 import logging
 import os
+import re
+import signal
 import ssl
 import sys
+import textwrap
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, NoReturn, TextIO
@@ -43,9 +46,11 @@ from .config import (
     BackoffConfig,
     Config,
     ConfigError,
+    KeyPositions,
     TLSConfig,
     default_config_text,
     format_size,
+    key_positions,
     load_config,
     parse_address,
     parse_config,
@@ -55,6 +60,7 @@ from .daemon import DaemonStartFailed, serve
 from .daemon.backoff import Backoff
 from .daemon.checks import check_config
 from .daemon.flow import receive_frames
+from .daemon.status import pid_namespace
 from .daemon.transport import (
     Connection,
     Connector,
@@ -69,7 +75,7 @@ from .daemon.transport import (
 from .frame import Frame
 from .protocols import native
 
-__all__ = ["Failure", "build_parser", "main", "render_status", "status_url"]
+__all__ = ["Failure", "build_parser", "main", "render_status", "status_url", "terminal_width"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -79,6 +85,8 @@ EXIT_USAGE = 2
 CONNECT_TIMEOUT: Final = 10.0
 #: The status server sends a snapshot at least this often, or it is considered gone.
 STATUS_SILENCE: Final = 30.0
+#: The status server ``framewire status`` and ``reload`` read without a URL: the demo's.
+STATUS_URL: Final = "ws://127.0.0.1:8765/"
 #: The environment variable ``framewire status`` takes the token from.
 TOKEN_VARIABLE: Final = "FRAMEWIRE_STATUS_TOKEN"
 #: ``status --watch`` waits between reconnect attempts: 0.5 s doubling up to 5 s, jittered.
@@ -247,14 +255,56 @@ def _load_or_fail(path: str | None) -> tuple[Config, str]:
     try:
         return _load(path)
     except ConfigError as exc:
-        raise _config_failure(exc) from None
+        raise _config_failure(exc.errors, path or exc.source, _positions(path)) from None
 
 
-def _config_failure(error: ConfigError) -> Failure:
-    """One problem: one line. Several: a count, then one indented line each."""
-    if len(error.errors) == 1:
-        return Failure(f"{error.source}: {error.errors[0]}", EXIT_USAGE)
-    return Failure(str(error), EXIT_USAGE, prefixed=False)
+def _positions(path: str | None) -> KeyPositions | None:
+    """Where the keys of the file at ``path`` are, or None if it cannot be read."""
+    if path is None:
+        return key_positions(default_config_text())
+    try:
+        return key_positions(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+#: Where tomllib says a syntax error is.
+_TOML_AT: Final = re.compile(r" ?\(at line (\d+), column (\d+)\)$")
+
+
+def _diagnostic(file: str, severity: str, problem: str, positions: KeyPositions | None) -> str:
+    """``FILE:LINE:COLUMN: SEVERITY: PATH: MESSAGE`` for a ``PATH: MESSAGE`` problem of a
+    configuration file (``FILE: SEVERITY: ...`` when it cannot be placed), as compilers write
+    them and editors read them."""
+    where = ""
+    at = _TOML_AT.search(problem)
+    if at is not None:
+        where, problem = f"{at[1]}:{at[2]}", problem[: at.start()]
+    else:
+        path, colon, rest = problem.partition(": ")
+        if colon and positions is not None and path and " " not in path:
+            position = positions.locate(path, key=rest.startswith("unknown key"))
+            where = "" if position is None else str(position)
+    return f"{file}:{where}: {severity}: {problem}" if where else f"{file}: {severity}: {problem}"
+
+
+def _sorted_diagnostics(
+    file: str, severity: str, problems: Sequence[str], positions: KeyPositions | None
+) -> list[str]:
+    """Each problem as a diagnostic line, in the order of the file (unplaced ones first)."""
+    lines = [_diagnostic(file, severity, problem, positions) for problem in problems]
+
+    def place(line: str) -> tuple[int, int]:
+        match = re.match(re.escape(file) + r":(\d+):(\d+): ", line)
+        return (int(match[1]), int(match[2])) if match else (0, 0)
+
+    return sorted(lines, key=place)
+
+
+def _config_failure(problems: Sequence[str], file: str, positions: KeyPositions | None) -> Failure:
+    """Every problem of a configuration file, one diagnostic line each."""
+    lines = _sorted_diagnostics(file, "error", problems, positions)
+    return Failure("\n".join(lines), EXIT_USAGE, prefixed=False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -286,14 +336,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config, source = _load_or_fail(args.config)
-    report = check_config(config, config_file=args.config)
-    for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    if report.errors:
-        raise _config_failure(ConfigError(source, list(report.errors)))
+    file: str = args.config
+    positions = _positions(file)
+    try:
+        config = load_config(file)
+        errors: list[str] = []
+    except ConfigError as exc:
+        if exc.config is None:  # not a configuration at all: nothing more to check
+            raise _config_failure(exc.errors, file, positions) from None
+        config, errors = exc.config, exc.errors  # only the checks across tables failed
+    report = check_config(config, config_file=file, offline=args.offline)
+    # The machine's check of the listeners names every listener each one overlaps: it
+    # replaces the file's own check of identical addresses.
+    checked = {error.partition(": ")[0] for error in report.errors}
+    errors = [error for error in errors if error.partition(": ")[0] not in checked]
+    errors += report.errors
+    priority = "<4>" if stderr_is_journal() else ""  # findable with journalctl -p warning
+    for line in _sorted_diagnostics(file, "warning", report.warnings, positions):
+        print(f"{priority}{line}", file=sys.stderr)
+    if errors:
+        raise _config_failure(errors, file, positions)
     count = len(config.endpoints)
-    print(f"{source}: OK, {count} endpoint{'s' if count != 1 else ''}")
+    offline = " (offline: the file alone, not this machine)" if args.offline else ""
+    print(f"{file}: OK, {count} endpoint{'s' if count != 1 else ''}{offline}")
     for line in _summary(config):
         print(line)
     return EXIT_OK
@@ -696,8 +761,10 @@ def _age(seconds: float) -> str:
 _TROUBLED: Final = frozenset({"restarting", "reconnecting", "connecting", "failed", "stopped"})
 
 
-def render_status(snapshot: dict[str, Any]) -> str:
-    """A status snapshot as a terminal table."""
+def render_status(snapshot: dict[str, Any], width: int | None = None) -> str:
+    """A status snapshot as a terminal table. With ``width``, no line is longer: the table
+    leaves out its least telling columns (totals first, then restarts, bytes/s, the address)
+    and shortens addresses and names until it fits, and the other lines wrap."""
     daemon = snapshot["daemon"]
     lines = [
         f"framewire {daemon['version']}  pid {daemon['pid']}  {daemon['state']}  "
@@ -719,20 +786,22 @@ def render_status(snapshot: dict[str, Any]) -> str:
     # Held streams first: while one is held, nothing new reaches any of its subscribers.
     lines += _held_streams(snapshot)
     lines.append("")
-    header = (
-        f"{'endpoint':<18} {'kind':<9} {'state':<12} "
-        f"{'frames in':>11} {'/s':>8} {'bytes in':>9} {'/s':>9} "
-        f"{'frames out':>11} {'/s':>8} {'bytes out':>9} {'/s':>9} "
-        f"{'dropped':>9} {'restarts':>8}  address"
-    )
-    lines += [header, "-" * len(header)]
+    rows: list[list[str]] = []
+    below: list[str | int] = []  # under the header: a row of the table (its index), or a line
     for name, endpoint in snapshot["endpoints"].items():
         rates = endpoint.get("rates", {})
-        lines.append(
-            f"{name:<18} {endpoint['kind']:<9} {endpoint['state']:<12} "
-            f"{_figures(endpoint, rates, 'in')} {_figures(endpoint, rates, 'out')} "
-            f"{endpoint['frames_dropped']:>9} {endpoint['restarts']:>8}  "
-            f"{', '.join(endpoint['address'])}"
+        below.append(len(rows))
+        rows.append(
+            [
+                name,
+                endpoint["kind"],
+                endpoint["state"],
+                *_figures(endpoint, rates, "in"),
+                *_figures(endpoint, rates, "out"),
+                str(endpoint["frames_dropped"]),
+                str(endpoint["restarts"]),
+                ", ".join(endpoint["address"]),
+            ]
         )
         now = snapshot["time"]
         if endpoint["last_error"]:
@@ -740,7 +809,7 @@ def render_status(snapshot: dict[str, Any]) -> str:
             age = f" {_age(now - when)} ago" if when else ""
             # Kept as history: say whether the endpoint is still in trouble.
             past = "" if endpoint["state"] in _TROUBLED else ", healthy since"
-            lines.append(f"{'':<18} last error{age}{past}: {endpoint['last_error']}")
+            below.append(f"{'':<18} last error{age}{past}: {endpoint['last_error']}")
         for client in endpoint["clients"]:
             rates = client.get("rates", {})
             if "queue_frames" in client:
@@ -753,11 +822,112 @@ def render_status(snapshot: dict[str, Any]) -> str:
                     figures += f"  unencodable {client['frames_unencodable']}"
             else:
                 figures = f"received {_flow(client, rates, 'received')}"
-            lines.append(
+            below.append(
                 f"{'':<18} client {client['peer']:<22} for {_age(now - client['connected_since'])}"
                 f"  {figures}"
             )
+    header, table = _table(rows, width)
+    lines += [header, "-" * len(header)]
+    lines += [table[item] if isinstance(item, int) else item for item in below]
+    if width is not None:
+        lines = [part for line in lines for part in _wrap(line, width)]
     return "\n".join(lines)
+
+
+#: The table's columns: header, alignment, default width, and how soon it goes when the
+#: table must be narrower (0: never; higher: sooner). The address comes last and takes the
+#: room that is left; it goes when its turn (_ADDRESS_GOES) comes.
+_COLUMNS: Final = (
+    ("endpoint", "<", 18, 0),
+    ("kind", "<", 9, 2),
+    ("state", "<", 12, 1),
+    ("frames in", ">", 11, 10),
+    ("/s", ">", 8, 3),
+    ("bytes in", ">", 9, 12),
+    ("/s", ">", 9, 7),
+    ("frames out", ">", 11, 11),
+    ("/s", ">", 8, 4),
+    ("bytes out", ">", 9, 13),
+    ("/s", ">", 9, 8),
+    ("dropped", ">", 9, 5),
+    ("restarts", ">", 8, 9),
+)
+_ADDRESS_GOES: Final = 6
+#: A rate column's header when its total is left out.
+_RATE_HEADERS: Final = {4: "in/s", 6: "in B/s", 8: "out/s", 10: "out B/s"}
+#: The address column is shown only with at least this many characters of room.
+_MIN_ADDRESS: Final = 12
+
+
+def _table(rows: list[list[str]], width: int | None) -> tuple[str, list[str]]:
+    """The header and the rows of the endpoint table, ``width`` characters at most."""
+    kept = list(range(len(_COLUMNS)))
+
+    def headers() -> list[str]:
+        return [
+            _RATE_HEADERS[i] if i in _RATE_HEADERS and i - 1 not in kept else _COLUMNS[i][0]
+            for i in range(len(_COLUMNS))
+        ]
+
+    def sizes_of(names: list[str]) -> list[int]:
+        return [
+            max(
+                [len(names[i]) if width is not None else _COLUMNS[i][2]]
+                + [len(row[i]) for row in rows]
+            )
+            for i in range(len(_COLUMNS))
+        ]
+
+    sizes = sizes_of(headers())
+    address = 2 + _MIN_ADDRESS  # the room the address needs, 0 once it is left out
+    if width is not None:  # as narrow as the cells allow, then fewer columns
+        while len(kept) > 1 and sum(sizes[i] + 1 for i in kept) - 1 + address > width:
+            going = max(kept, key=lambda i: _COLUMNS[i][3])
+            if address and _COLUMNS[going][3] < _ADDRESS_GOES:
+                address = 0  # the address goes first
+                continue
+            kept.remove(going)
+            sizes = sizes_of(headers())
+        sizes[0] = min(sizes[0], width)  # a name longer than the terminal
+    names = headers()
+
+    def line(cells: list[str]) -> str:
+        parts = []
+        for i in kept:
+            cell = _shorten(cells[i], sizes[i])
+            parts.append(f"{cell:{_COLUMNS[i][1]}{sizes[i]}}")
+        return " ".join(parts)
+
+    header = line(names)
+    room = None if width is None else width - len(header) - 2
+    show_address = room is None or (address > 0 and room >= _MIN_ADDRESS)
+    if show_address:
+        header += "  address"
+    elif width is not None:
+        header = header.rstrip()
+    table = []
+    for row in rows:
+        text = line(row)
+        if show_address:
+            text += "  " + (row[-1] if room is None else _shorten(row[-1], room))
+        table.append(text.rstrip() if width is not None else text)
+    return header, table
+
+
+def _shorten(text: str, size: int) -> str:
+    """``text``, cut to ``size`` characters with a ``…`` when longer."""
+    return text if len(text) <= size else text[: max(size - 1, 0)] + "…"
+
+
+def _wrap(line: str, width: int) -> list[str]:
+    """``line`` wrapped to ``width``, its continuations indented two more than it."""
+    if len(line) <= width:
+        return [line]
+    lead = len(line) - len(line.lstrip(" "))
+    indent = " " * min(lead + 2, width // 2)
+    return textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False) or [
+        line[:width]
+    ]
 
 
 def _held_streams(snapshot: dict[str, Any]) -> list[str]:
@@ -787,14 +957,15 @@ def _rate(per_second: float) -> str:
     return f"{per_second:.0f}" if per_second >= 100 else f"{per_second:.1f}"
 
 
-def _figures(endpoint: dict[str, Any], rates: dict[str, float], direction: str) -> str:
-    """Frames, frames/s, bytes, bytes/s of one direction, in the table's columns."""
+def _figures(endpoint: dict[str, Any], rates: dict[str, float], direction: str) -> list[str]:
+    """Frames, frames/s, bytes, bytes/s of one direction: the table's cells."""
     frames, nbytes = f"frames_{direction}", f"bytes_{direction}"
-    return (
-        f"{endpoint[frames]:>11} {_rate(rates.get(frames, 0.0)):>8} "
-        f"{format_size(endpoint.get(nbytes, 0)):>9} "
-        f"{format_size(int(rates.get(nbytes, 0.0))) + '/s':>9}"
-    )
+    return [
+        str(endpoint[frames]),
+        _rate(rates.get(frames, 0.0)),
+        format_size(endpoint.get(nbytes, 0)),
+        format_size(int(rates.get(nbytes, 0.0))) + "/s",
+    ]
 
 
 def _flow(client: dict[str, Any], rates: dict[str, float], what: str) -> str:
@@ -884,6 +1055,20 @@ def _status_failure(url: str, exc: BaseException, token: str | None) -> Failure:
     return Failure(f"the status server at {url}: {_reason(exc)}")
 
 
+def terminal_width() -> int | None:
+    """How wide the status table may be: ``$COLUMNS`` when set, else the width of the
+    terminal standard output is on; None (no limit) when it is not a terminal."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        if os.isatty(sys.stdout.fileno()):
+            return os.get_terminal_size(sys.stdout.fileno()).columns or None
+    except (OSError, ValueError):  # no file descriptor (captured), or not a terminal
+        pass
+    return None
+
+
 def _render(url: str, message: str | bytes, *, as_json: bool = False) -> str:
     try:
         if as_json:
@@ -891,7 +1076,7 @@ def _render(url: str, message: str | bytes, *, as_json: bool = False) -> str:
             if not isinstance(document, dict) or "schema" not in document:
                 raise ValueError("not a status snapshot")
             return json.dumps(document, separators=(",", ":"))
-        return render_status(json.loads(message))
+        return render_status(json.loads(message), terminal_width())
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise Failure(
             f"{url} sent a document this framewire cannot show ({type(exc).__name__}: {exc}); "
@@ -910,7 +1095,7 @@ async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
     elif args.ca is not None:
         raise Failure("--ca: only for a wss:// or https:// URL", EXIT_USAGE)
     backoff = Backoff(WATCH_BACKOFF)
-    shown = False  # at least one snapshot: from then on --watch reconnects
+    shown = False  # at least one snapshot: the daemon was up
     gone = False
     while True:
         try:
@@ -935,8 +1120,16 @@ async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
             trio.TooSlowError,
         ) as exc:
             failure = _status_failure(url, exc, token)
-            if not (args.watch and shown) or failure.code == EXIT_USAGE:
+            if not args.watch or failure.code == EXIT_USAGE:
                 raise failure from None
+            if not shown and not gone:  # not up yet: wait for it, as for a restart
+                print(
+                    f"framewire status: no status server at {url} yet ({_reason(exc)}); "
+                    "waiting for it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                gone = True
         if not gone:
             print("framewire status: status server gone; reconnecting", file=sys.stderr, flush=True)
             gone = True
@@ -950,6 +1143,175 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _run(_status, args, url, token)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+# -- reload -------------------------------------------------------------------------------
+
+#: ``framewire reload`` waits this long (seconds, ``--timeout``) for the daemon to report
+#: the reload it asked for.
+RELOAD_TIMEOUT: Final = 60.0
+
+
+def _pid_from_file(path: str) -> int:
+    """The process id written in ``path``. Raises :class:`Failure` saying why there is none."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Failure(f"cannot read the pid file {path}: {_reason(exc)}") from None
+    if not text.isdigit() or int(text) <= 0:
+        raise Failure(f"the pid file {path} holds {text[:40]!r}, not a process id", EXIT_USAGE)
+    return int(text)
+
+
+async def _read_status(
+    url: str,
+    token: str | None,
+    context: ssl.SSLContext | None,
+    until: Callable[[dict[str, Any]], bool],
+    *,
+    retry: bool,
+) -> dict[str, Any]:
+    """The first snapshot from the status server at ``url`` for which ``until`` is true.
+    Without ``retry`` the first failure to read raises :class:`Failure`; with it, the
+    connection is made again (with backoff) until the caller's deadline, as after a reload
+    that restarted [status], and only a failure retrying cannot cure (a refused token) raises."""
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+    backoff = Backoff(WATCH_BACKOFF)
+    while True:
+        try:
+            async with open_websocket_url(
+                url, context, extra_headers=headers, connect_timeout=5, disconnect_timeout=1
+            ) as connection:
+                while True:
+                    with trio.fail_after(STATUS_SILENCE):
+                        message = await connection.get_message()
+                    try:
+                        snapshot = json.loads(message)
+                        if not isinstance(snapshot["daemon"]["pid"], int):
+                            raise TypeError("daemon.pid is not a number")
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise Failure(
+                            f"{url} sent a document this framewire cannot read "
+                            f"({type(exc).__name__}: {exc}); is it a framewire status server?"
+                        ) from None
+                    backoff.reset()
+                    if until(snapshot):
+                        return dict(snapshot)
+        except (
+            HandshakeError,
+            ConnectionClosed,
+            DisconnectionTimeout,
+            OSError,
+            trio.TooSlowError,
+        ) as exc:
+            failure = _status_failure(url, exc, token)
+            if not retry or failure.code == EXIT_USAGE:
+                raise failure from None
+        await trio.sleep(backoff.next_delay())
+
+
+def _signal_reload(pid: int, source: str) -> None:
+    """Send SIGHUP to ``pid``. Raises :class:`Failure` saying why it could not."""
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise Failure(f"no process {pid} ({source}): is the daemon running?") from None
+    except PermissionError:
+        raise Failure(
+            f"not allowed to signal the daemon (pid {pid}, {source}): run framewire reload as "
+            "its user or as root, or use systemctl reload for a systemd service"
+        ) from None
+
+
+def _describe_reload(reload: dict[str, Any]) -> str:
+    changes = reload.get("changes") or []
+    return "; ".join(changes) if changes else "nothing changed"
+
+
+async def _reload(args: argparse.Namespace, url: str, token: str | None) -> int:
+    context: ssl.SSLContext | None = None
+    if url.startswith("wss:"):
+        try:
+            context = ssl.create_default_context(cafile=args.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise Failure(f"cannot load the CA file {args.ca}: {_reason(exc)}") from None
+    elif args.ca is not None:
+        raise Failure("--ca: only for a wss:// or https:// URL", EXIT_USAGE)
+    filed = _pid_from_file(args.pid_file) if args.pid_file is not None else None
+    try:
+        with trio.fail_after(args.timeout):
+            snapshot = await _read_status(url, token, context, lambda _: True, retry=False)
+    except (Failure, trio.TooSlowError) as exc:
+        failure = (
+            exc
+            if isinstance(exc, Failure)
+            else Failure(f"the status server at {url} sent nothing for {args.timeout:g}s")
+        )
+        if filed is None:
+            raise failure from None
+        _signal_reload(filed, f"from {args.pid_file}")
+        raise Failure(
+            f"sent SIGHUP to pid {filed} (from {args.pid_file}); the daemon's log says what the "
+            f"reload did, its status server cannot: {failure}"
+        ) from None
+    daemon = snapshot["daemon"]
+    pid: int = daemon["pid"]
+    here = daemon.get("pid_namespace") is not None and daemon["pid_namespace"] == pid_namespace()
+    if filed is not None:
+        if here and filed != pid:
+            raise Failure(
+                f"the pid file {args.pid_file} says {filed}, but the daemon at {url} is pid {pid}",
+                EXIT_USAGE,
+            )
+        pid, source = filed, f"from {args.pid_file}"
+    elif not here:
+        raise Failure(
+            f"the daemon at {url} (pid {pid}) runs on another machine or in another PID "
+            "namespace: run framewire reload there, or give --pid-file",
+            EXIT_USAGE,
+        )
+    else:
+        source = f"from {url}"
+    if daemon.get("state") == "reloading":
+        raise Failure(f"the daemon at {url} is reloading already; try again when it is done")
+    if daemon.get("state") != "running":
+        raise Failure(f"the daemon at {url} is {daemon.get('state')}, not running")
+    before = daemon.get("last_reload")
+
+    def reloaded(snapshot: dict[str, Any]) -> bool:
+        after = snapshot["daemon"].get("last_reload")
+        return bool(after) and after != before
+
+    _signal_reload(pid, source)
+    try:
+        with trio.fail_after(args.timeout):
+            snapshot = await _read_status(url, token, context, reloaded, retry=True)
+    except trio.TooSlowError:
+        raise Failure(
+            f"sent SIGHUP to pid {pid}, but the status server at {url} reported no reload "
+            f"within {args.timeout:g}s; the daemon's log says what happened"
+        ) from None
+    after = snapshot["daemon"]["last_reload"]
+    config = snapshot["daemon"].get("config", "")
+    if not after.get("ok"):
+        error = str(after.get("error", "")).rstrip()
+        raise Failure(
+            f"pid {pid} did not reload {config}; it still runs the previous configuration:\n"
+            + error
+        )
+    _show(f"framewire reload: pid {pid} reloaded {config}: {_describe_reload(after)}")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    url = status_url(args.url)
+    token = _token(args)
+    if args.timeout <= 0:
+        raise Failure("--timeout: expected a positive number of seconds", EXIT_USAGE)
+    try:
+        return _run(_reload, args, url, token)
+    except KeyboardInterrupt:
+        return 130
 
 
 # -- the parser ---------------------------------------------------------------------------
@@ -983,9 +1345,81 @@ def _add_tls_flags(parser: argparse.ArgumentParser, *, listening: bool) -> None:
     )
 
 
+#: Each command's examples for its ``--help``: a command line (shell pipes allowed) and what
+#: it does. tests/test_operator_cli.py parses every one.
+EXAMPLES: Final[dict[str, list[tuple[str, str]]]] = {
+    "run": [
+        ("framewire run", "the embedded demo: a generator served on tcp://127.0.0.1:4540"),
+        ("framewire run config/relay.toml", "a relay: producers on 4536, clients on 4537"),
+        (
+            "framewire run /etc/framewire/framewire.toml --log-format json",
+            "one JSON object per log line, for a log shipper",
+        ),
+    ],
+    "check": [
+        (
+            "framewire check /etc/framewire/framewire.toml",
+            "before a reload: every problem, at its line and column",
+        ),
+        (
+            "framewire check --offline config/site-instrument.toml",
+            "in CI: the file alone (no name resolved, no file looked at)",
+        ),
+    ],
+    "recv": [
+        ("framewire recv tcp://127.0.0.1:4540", "one line per frame: kind, type, size, time"),
+        (
+            "framewire recv tcp://127.0.0.1:4540 --count 100 --output run.fw",
+            "save 100 frames to a file",
+        ),
+        ("framewire recv tls://relay.example:4537 --ca ca.pem", "over TLS, verified by ca.pem"),
+        ("framewire recv --listen tcp://127.0.0.1:4540", "wait for one sender instead"),
+    ],
+    "send": [
+        ("framewire send tcp://127.0.0.1:4536 run.fw", "send a recorded file to a receiver"),
+        (
+            "framewire recv tcp://127.0.0.1:4540 --output - | framewire send tcp://127.0.0.1:4536",
+            "pipe one daemon's stream into another",
+        ),
+        ("framewire send unix:///run/framewire/in.sock --protocol raw capture.bin", "raw bytes"),
+    ],
+    "status": [
+        ("framewire status", "the demo's status (ws://127.0.0.1:8765/)"),
+        ("framewire status 127.0.0.1:8766 --watch", "keep it updating; wait for the daemon"),
+        (
+            "framewire status 127.0.0.1:8766 --json --token-file /etc/framewire/status.token",
+            "one line of JSON, for scripts",
+        ),
+    ],
+    "reload": [
+        ("framewire reload 127.0.0.1:8766", "re-read the file; print what changed, or why not"),
+        (
+            "framewire reload 127.0.0.1:8766 --pid-file /run/framewire.pid",
+            "signal the pid in the file",
+        ),
+    ],
+}
+
+
+def _examples(command: str | None) -> str:
+    """The ``examples:`` section of a ``--help`` (of every command's, without ``command``)."""
+    lines = ["examples:"]
+    for name, examples in EXAMPLES.items():
+        if command is None:
+            lines.append(f"  {examples[0][0]}\n      {examples[0][1]}")
+        elif name == command:
+            lines += [f"  {line}\n      {what}" for line, what in examples]
+    if command is None:
+        lines.append("\nEach command's options and examples: framewire COMMAND --help")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="framewire", description="Relay framed data streams between instruments and monitors."
+        prog="framewire",
+        description="Relay framed data streams between instruments and monitors.",
+        epilog=_examples(None),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"framewire {__version__}")
     commands = parser.add_subparsers(
@@ -1005,6 +1439,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a configuration file")
     check.add_argument("config", metavar="CONFIG")
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the file alone, as CI on another machine can: resolve no host names and "
+        "look at nothing on this machine (files, directories, sockets, free space)",
+    )
     check.set_defaults(func=cmd_check)
 
     protocol_help = f"wire protocol ({', '.join(protocols.names())}; default native)"
@@ -1053,9 +1493,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "url",
         nargs="?",
-        default="ws://127.0.0.1:8765/",
+        default=STATUS_URL,
         metavar="URL",
-        help="host:port, ws://, wss://, http:// or https:// (default %(default)s)",
+        # Not %(default)s: argparse hides a positional's default while it parses intermixed
+        # options, and --help is such an option.
+        help=f"host:port, ws://, wss://, http:// or https:// (default {STATUS_URL})",
     )
     status.add_argument(
         "--watch", action="store_true", help="keep updating; reconnect if the daemon goes away"
@@ -1073,6 +1515,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--ca", metavar="FILE", help="for wss://: verify against this CA file")
     status.set_defaults(func=cmd_status)
+
+    reload = commands.add_parser(
+        "reload",
+        help="make a running daemon re-read its configuration file and say what changed",
+    )
+    reload.add_argument(
+        "url",
+        nargs="?",
+        default=STATUS_URL,
+        metavar="URL",
+        help="its status server: host:port, ws://, wss://, http:// or https:// "
+        f"(default {STATUS_URL})",
+    )
+    reload.add_argument(
+        "--pid-file",
+        metavar="PATH",
+        help="signal the pid in PATH (default: the pid the status server reports, when it runs "
+        "on this machine)",
+    )
+    reload.add_argument("--token-file", metavar="PATH", help="read the [status] token from PATH")
+    reload.add_argument(
+        "--token",
+        help=f"the [status] token (visible to other users in ps: prefer --token-file or "
+        f"${TOKEN_VARIABLE})",
+    )
+    reload.add_argument("--ca", metavar="FILE", help="for wss://: verify against this CA file")
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=RELOAD_TIMEOUT,
+        metavar="SECONDS",
+        help="give up waiting for the outcome after this long (default %(default)g)",
+    )
+    reload.set_defaults(func=cmd_reload)
+    for name, command in commands.choices.items():
+        command.epilog = _examples(name)
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 

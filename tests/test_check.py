@@ -269,8 +269,10 @@ def test_three_listeners_on_one_port() -> None:
     assert errors(text) == [
         "endpoints.b.listen: tcp://*:4536 overlaps tcp://127.0.0.1:4536 of endpoint 'a' "
         "(both take 127.0.0.1, port 4536)",
+        # Every listener it overlaps, not only the first.
         "endpoints.c.listen: tcp://localhost:4536 overlaps tcp://127.0.0.1:4536 of endpoint 'a' "
-        "(both take 127.0.0.1, port 4536)",
+        "(both take 127.0.0.1, port 4536); and tcp://*:4536 of endpoint 'b' (both take "
+        "127.0.0.1, port 4536)",
     ]
 
 
@@ -431,12 +433,13 @@ def test_check_prints_warnings_and_still_succeeds(
     path.write_text(generator("gen", "camera") + server("out", "tcp://127.0.0.1:0", "camrea"))
     assert main(["check", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith(f"{path.resolve()}: OK, 2 endpoints\n")
+    assert out.startswith(f"{path}: OK, 2 endpoints\n")
+    # Each warning names the file, and the line and column of the value it is about.
     assert err.splitlines() == [
-        "warning: endpoints.gen.stream: stream 'camera' has no subscribers (published by 'gen'): "
-        "its frames go nowhere (did you mean 'camrea'?)",
-        "warning: endpoints.out.stream: stream 'camrea' has no publishers (read by 'out'): "
-        "nothing will arrive (did you mean 'camera'?)",
+        f"{path}:3:10: warning: endpoints.gen.stream: stream 'camera' has no subscribers "
+        "(published by 'gen'): its frames go nowhere (did you mean 'camrea'?)",
+        f"{path}:7:10: warning: endpoints.out.stream: stream 'camrea' has no publishers "
+        "(read by 'out'): nothing will arrive (did you mean 'camera'?)",
     ]
 
 
@@ -455,7 +458,7 @@ def test_an_empty_file_is_refused_by_check_and_run(tmp_path: Path) -> None:
         assert result.stdout == ""
         # One problem: one line (framewire/cli.py); several are listed under a count.
         assert result.stderr.splitlines() == [
-            f"framewire {command}: {path}: no endpoints configured; a configuration needs at "
+            f"{path}: error: no endpoints configured; a configuration needs at "
             "least one [endpoints.NAME] table (to stop every endpoint, stop the daemon)",
         ]
 
@@ -477,14 +480,138 @@ def test_check_reports_every_problem_of_a_file_together(tmp: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
+    # One style for every line: FILE:LINE:COLUMN: SEVERITY: PATH: MESSAGE, in file order.
     assert result.stderr.splitlines() == [
-        "warning: endpoints.out.stream: stream 'camera' has no publishers (read by 'out'): "
-        "nothing will arrive (did you mean 'camrea'?)",
-        f"{path}: 5 errors in the configuration",
-        f"  endpoints.out.tls.certificate: cannot read {tmp}/x.pem: No such file or directory",
-        f"  endpoints.out.tls.key: cannot read {tmp}/x.pem: No such file or directory",
-        f"  endpoints.replay.path: cannot read {tmp}/none.fw: No such file or directory",
-        f"  endpoints.sock.listen: cannot listen on {tmp}/no/fw.sock: no directory {tmp}/no",
-        "  endpoints.any.listen: tcp://*:4536 overlaps tls://127.0.0.1:4536 of endpoint 'out' "
-        "(both take 127.0.0.1, port 4536)",
+        f"{path}:4:10: warning: endpoints.out.stream: stream 'camera' has no publishers (read by "
+        "'out'): nothing will arrive (did you mean 'camrea'?)",
+        f"{path}:6:15: error: endpoints.out.tls.certificate: cannot read {tmp}/x.pem: No such "
+        "file or directory",
+        f"{path}:7:7: error: endpoints.out.tls.key: cannot read {tmp}/x.pem: No such file or "
+        "directory",
+        f"{path}:10:10: error: endpoints.any.listen: tcp://*:4536 overlaps tls://127.0.0.1:4536 "
+        "of endpoint 'out' (both take 127.0.0.1, port 4536)",
+        f"{path}:14:8: error: endpoints.replay.path: cannot read {tmp}/none.fw: No such file or "
+        "directory",
+        f"{path}:18:10: error: endpoints.sock.listen: cannot listen on {tmp}/no/fw.sock: no "
+        f"directory {tmp}/no",
     ]
+
+
+def test_two_port_conflicts_are_both_reported(tmp: Path) -> None:
+    """An identical address (which the loader refuses by itself) and an overlap (which only the
+    machine's check sees) in one file: both are reported, each at its line and column."""
+    path = tmp / "two.toml"
+    path.write_text(
+        receiver("a", "tcp://127.0.0.1:4536")
+        + server("b", "tcp://127.0.0.1:4536")
+        + receiver("c", "tcp://0.0.0.0:4540")
+        + server("d", "tcp://127.0.0.1:4540")
+    )
+    result = run_cli("check", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{path}:7:10: error: endpoints.b.listen: tcp://127.0.0.1:4536 overlaps "
+        "tcp://127.0.0.1:4536 of endpoint 'a' (both take 127.0.0.1, port 4536)",
+        f"{path}:15:10: error: endpoints.d.listen: tcp://127.0.0.1:4540 overlaps "
+        "tcp://0.0.0.0:4540 of endpoint 'c' (both take 127.0.0.1, port 4540)",
+    ]
+
+
+def test_a_syntax_error_and_a_missing_key_are_placed(tmp: Path) -> None:
+    path = tmp / "broken.toml"
+    path.write_text('[endpoints.a]\nkind = "server"\nstream = \n')
+    result = run_cli("check", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{path}:3:10: error: not valid TOML: Invalid value"]
+    path.write_text('# a server\n\n[endpoints.a]\nkind = "server"\nstream = "s"\n')
+    result = run_cli("check", str(path))
+    assert result.stderr.splitlines() == [  # at the table that lacks it
+        f"{path}:3:1: error: endpoints.a.listen: required key missing"
+    ]
+
+
+def test_a_unix_socket_under_proc_is_refused(tmp: Path) -> None:
+    """/proc accepts no socket file (even from root, whom its permissions let write): the daemon
+    would fail to bind at start."""
+    assert errors(server("out", "unix:///proc/fw.sock") + generator("g", "s")) == [
+        "endpoints.out.listen: cannot listen on /proc/fw.sock: /proc is a proc filesystem, which "
+        "cannot hold a socket file; choose a directory on a real filesystem, such as "
+        "/run/framewire"
+    ]
+    publisher = (
+        '[endpoints.p]\nkind = "pubsub"\nrole = "publisher"\naddress = "ipc:///sys/kernel/fw"\n'
+        'stream = "s"\n'
+    )
+    [line] = errors(generator("g", "s") + publisher)
+    assert line.startswith("endpoints.p.address: cannot listen on /sys/kernel/fw: /sys")
+    assert "is a sysfs filesystem, which cannot hold a socket file" in line
+    # A real filesystem is fine, and so is a directory that merely has "proc" in its name.
+    (tmp / "proc").mkdir()
+    assert errors(server("out", f"unix://{tmp}/proc/fw.sock") + generator("g", "s")) == []
+
+
+@pytest.mark.parametrize("example", ["site-instrument.toml", "datacentre.toml"])
+def test_offline_accepts_the_shipped_examples(example: str) -> None:
+    """Their hosts, files and directories are the site's and the data centre's, not CI's."""
+    path = Path(__file__).parent.parent / "config" / example
+    result = run_cli("check", "--offline", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}: OK, ")
+    assert "(offline: the file alone, not this machine)" in result.stdout.splitlines()[0]
+
+
+def test_offline_still_reports_what_the_file_alone_shows(tmp: Path) -> None:
+    path = tmp / "bad.toml"
+    path.write_text(
+        server("out", "tcp://127.0.0.1:4536", extra="max_queue_frames = -1\n")
+        + receiver("in", "tcp://daq.invalid:4537")  # not resolved: no error
+        + server("again", "tcp://daq.invalid:4537")  # the same name: the same address
+        + server("sock", "unix:///proc/fw.sock")  # not looked at
+        + generator("g", "s")
+    )
+    result = run_cli("check", "--offline", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{path}:5:20: error: endpoints.out.max_queue_frames: expected a positive integer, got -1"
+    ]
+    path.write_text(path.read_text().replace("max_queue_frames = -1\n", ""))
+    result = run_cli("check", "--offline", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{path}:11:10: error: endpoints.again.listen: tcp://daq.invalid:4537 overlaps "
+        "tcp://daq.invalid:4537 of endpoint 'in' (both take daq.invalid, port 4537)"
+    ]
+
+
+def test_offline_overlaps_of_names_and_wildcards() -> None:
+    def offline(text: str) -> list[str]:
+        return list(check_config(parse_config(text), offline=True).errors)
+
+    assert offline(receiver("a", "tcp://*:4536") + server("b", "tcp://daq.invalid:4536")) == [
+        "endpoints.b.listen: tcp://daq.invalid:4536 overlaps tcp://*:4536 of endpoint 'a' "
+        "(both take every interface, port 4536)"
+    ]
+    # Whether a name is 127.0.0.1 is not known offline: not reported.
+    assert offline(receiver("a", "tcp://127.0.0.1:4536") + server("b", "tcp://daq:4536")) == []
+
+
+def test_under_journald_warnings_and_errors_carry_their_priorities(tmp: Path) -> None:
+    """As an ExecStartPre= of a unit: journalctl -p warning finds both, -p err the errors."""
+    path = tmp / "j.toml"
+    path.write_text(generator("gen", "camera") + server("out", "unix:///proc/fw.sock", "camrea"))
+    read_end, write_end = os.pipe()
+    info = os.fstat(write_end)
+    env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+    try:
+        process = subprocess.Popen(
+            [*FRAMEWIRE, "check", str(path)], stderr=write_end, stdout=subprocess.DEVNULL, env=env
+        )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as stderr:
+        text = stderr.read().decode()
+    assert process.wait(timeout=60) == 2
+    lines = text.splitlines()
+    assert [line[:3] for line in lines] == ["<4>", "<4>", "<3>"], text
+    assert lines[0].startswith(f"<4>{path}:3:10: warning: endpoints.gen.stream: ")
+    assert lines[2].startswith(f"<3>{path}:6:10: error: endpoints.out.listen: ")

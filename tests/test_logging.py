@@ -148,7 +148,8 @@ async def test_a_bad_configuration_under_journald_is_an_error(tmp_path: Path) ->
     config.write_text('[endpoints.x]\nkind = "nope"\n')
     code, text = await run_daemon(config, journal=True)
     assert code == 2
-    assert text.startswith(f"<3>framewire run: {config}: endpoints.x.kind: unknown endpoint kind")
+    # As framewire check writes it: the file, the line and column of the value.
+    assert text.startswith(f"<3>{config}:2:8: error: endpoints.x.kind: unknown endpoint kind")
     assert text.count("\n") == 1
 
 

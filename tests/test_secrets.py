@@ -733,7 +733,10 @@ def test_framewire_check_prints_the_warning(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.startswith(f"warning: status.token: a secret written inline in {path}")
+    # check's one style: FILE:LINE:COLUMN: warning: PATH: MESSAGE (the value's position)
+    assert result.stderr.startswith(
+        f"{path}:4:9: warning: status.token: a secret written inline in {path}"
+    )
 
 
 def test_check_warns_of_a_password_in_a_nats_config_file_others_may_read(tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ from ._load import ConfigError as ConfigError
 from ._load import default_config_text as default_config_text
 from ._load import load_config as load_config
 from ._load import parse_config as parse_config
+from ._positions import KeyPositions as KeyPositions
+from ._positions import Position as Position
+from ._positions import key_positions as key_positions
 from ._schema import BackoffConfig as BackoffConfig
 from ._schema import BridgeConfig as BridgeConfig
 from ._schema import BufferConfig as BufferConfig

@@ -39,11 +39,15 @@ __all__ = ["ConfigError", "default_config_text", "load_config", "parse_config"]
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used. ``errors`` lists every problem, one per line."""
+    """A configuration that cannot be used. ``errors`` lists every problem, one per line.
+    ``config`` is the configuration when the text was well formed and only the checks across
+    its tables failed (``framewire check`` goes on to check it against the machine), else
+    None."""
 
-    def __init__(self, source: str, errors: list[str]) -> None:
+    def __init__(self, source: str, errors: list[str], *, config: Config | None = None) -> None:
         self.source = source
         self.errors = errors
+        self.config = config
         super().__init__(f"{source}: " + "; ".join(errors))
 
     def __str__(self) -> str:
@@ -234,7 +238,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError(source, list(dict.fromkeys(_errors(exc, "")))) from None
     problems = ([] if config.endpoints else [NO_ENDPOINTS]) + _cross_checks(config)
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, problems, config=config)
     return config
 
 

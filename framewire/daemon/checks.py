@@ -26,13 +26,15 @@ Errors (``framewire check`` exits with status 2, every one listed):
 - with ``[nats] embedded = true``: no nats-server program to run, a ``store_dir`` that cannot
   be created or written, a ``config_file`` that cannot be read or that has a ``jetstream``
   block of its own (it would replace the generated one);
-- a UNIX socket (or ZeroMQ ``ipc://``) listening path whose directory does not exist or is not
-  writable, or that is taken by a file that is not a socket;
+- a UNIX socket (or ZeroMQ ``ipc://``) listening path whose directory does not exist, is on a
+  filesystem that cannot hold a socket file (``/proc``, ``/sys``: the kernel's views of
+  itself) or is not writable, or that is taken by a file that is not a socket;
 - listeners that overlap: TCP by port and interface (``*``, ``0.0.0.0`` and ``::`` cover every
   address of their family on the port, ``*`` both families, and ZeroMQ binds ``::``
   dual-stack; host names are resolved and overlap when they share an address; a Rogue bridge
   in the server role binds P and P+1; a ZeroMQ bind naming a network interface is left out),
-  UNIX sockets by path; and a listening host name that does not resolve.
+  UNIX sockets by path (one line per listener, naming every listener before it that it
+  overlaps); and a listening host name that does not resolve.
 
 Warnings (printed; the file is still usable): a secret (``token``, ``password``, an NKey
 seed) written inline in a configuration file that every user may read, and a password in an
@@ -112,25 +114,37 @@ def resolve_host(host: str) -> list[str]:
 
 
 def check_config(
-    config: Config, *, resolve: Resolver = resolve_host, config_file: str | Path | None = None
+    config: Config,
+    *,
+    resolve: Resolver = resolve_host,
+    config_file: str | Path | None = None,
+    offline: bool = False,
 ) -> CheckReport:
     """Check ``config`` against this machine. Never raises for a problem it finds: every one
     is a line of the report. ``resolve`` looks up listening host names (tests pass their own).
     ``config_file``, the file ``config`` was loaded from, is looked at for secrets written
-    inline in it while others may read it (a warning each)."""
+    inline in it while others may read it (a warning each).
+
+    ``offline`` (``framewire check --offline``, for CI on another machine) looks at the file
+    alone: no host name is resolved (listeners overlap only when they name the same host, or
+    one takes every interface) and nothing on this machine is looked at (files, directories,
+    sockets, free space, secret files, stream histories, the nats-server program); two disk
+    buffers in one directory and how endpoints meet in streams are still checked.
+    """
     inline = _inline_secrets(config, Path(config_file)) if config_file is not None else []
-    config, secret_problems = with_secrets(config)
-    errors: list[str] = [str(problem) for problem in secret_problems]
-    for name, endpoint in config.endpoints.items():
-        errors += _endpoint_files(f"endpoints.{name}", endpoint)
-    warnings = inline + _stream_warnings(config)
-    if config.nats is not None and config.nats.embedded:
-        errors += _embedded_nats(config.nats)
-        warnings += _embedded_nats_space(config) + _nats_config_secrets(config.nats)
-    errors += _overlapping_listeners(config, resolve)
-    buffer_errors, buffer_warnings = _disk_buffers(config)
-    errors += _histories(config)
-    warnings += _replays(config)
+    errors: list[str] = []
+    warnings = inline + _stream_warnings(config) + _replays(config)
+    if not offline:
+        config, secret_problems = with_secrets(config)
+        errors += [str(problem) for problem in secret_problems]
+        for name, endpoint in config.endpoints.items():
+            errors += _endpoint_files(f"endpoints.{name}", endpoint)
+        if config.nats is not None and config.nats.embedded:
+            errors += _embedded_nats(config.nats)
+            warnings += _embedded_nats_space(config) + _nats_config_secrets(config.nats)
+        errors += _histories(config)
+    errors += _overlapping_listeners(config, None if offline else resolve)
+    buffer_errors, buffer_warnings = _disk_buffers(config, offline=offline)
     return CheckReport(tuple(errors + buffer_errors), tuple(warnings + buffer_warnings))
 
 
@@ -165,8 +179,9 @@ def _replays(config: Config) -> list[str]:
     return warnings
 
 
-def _disk_buffers(config: Config) -> tuple[list[str], list[str]]:
-    """Each disk buffer's directory: writable, its own, and its disk big enough."""
+def _disk_buffers(config: Config, *, offline: bool = False) -> tuple[list[str], list[str]]:
+    """Each disk buffer's directory: its own, and (unless ``offline``) writable, its disk big
+    enough."""
     errors: list[str] = []
     warnings: list[str] = []
     owners: dict[str, str] = {}
@@ -184,6 +199,8 @@ def _disk_buffers(config: Config) -> tuple[list[str], list[str]]:
             )
             continue
         owners[key] = name
+        if offline:
+            continue
         problem = _writable_directory(directory)
         if problem:
             errors.append(f"{where}: {problem}")
@@ -463,6 +480,14 @@ def _socket_path(prefix: str, path: str) -> list[str]:
     directory = Path(path).parent
     if not directory.is_dir():
         return [f"{prefix}: cannot listen on {path}: no directory {directory}"]
+    mounted = _filesystem_of(directory)
+    if mounted is not None and mounted[1] in _NO_SOCKETS:
+        mount, kind = mounted
+        return [
+            f"{prefix}: cannot listen on {path}: {mount} is a {kind} filesystem, which cannot "
+            "hold a socket file; choose a directory on a real filesystem, such as "
+            "/run/framewire"
+        ]
     if not os.access(directory, os.W_OK | os.X_OK):
         return [f"{prefix}: cannot listen on {path}: {directory} is not writable"]
     try:
@@ -472,6 +497,59 @@ def _socket_path(prefix: str, path: str) -> list[str]:
     if not stat.S_ISSOCK(mode):
         return [f"{prefix}: cannot listen on {path}: it exists and is not a socket"]
     return []
+
+
+#: Filesystems of the kernel's views of itself, where no socket file can be created (root's
+#: permission to write there notwithstanding).
+_NO_SOCKETS: Final = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "cgroup",
+        "cgroup2",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "efivarfs",
+        "fusectl",
+        "binfmt_misc",
+        "mqueue",
+        "nsfs",
+        "selinuxfs",
+        "devpts",
+        "hugetlbfs",
+        "rpc_pipefs",
+    }
+)
+
+
+def _filesystem_of(directory: Path) -> tuple[str, str] | None:
+    """The mount point and filesystem type ``directory`` is on (from /proc/self/mountinfo),
+    or None where the system does not say."""
+    try:
+        table = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    target = os.path.realpath(directory)
+    found: tuple[str, str] | None = None
+    for line in table.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 10 or "-" not in fields[6:]:
+            continue
+        mount = _unescape(fields[4])
+        kind = fields[fields.index("-", 6) + 1]
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and (found is None or len(mount) >= len(found[0])):
+            found = (mount, kind)  # the last of equal mount points is the one on top
+    return found
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: spaces, tabs, newlines and backslashes are written as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 # -- listeners ------------------------------------------------------------------------------
@@ -520,19 +598,25 @@ def _zmq(path: str, owner: str, address: ZmqAddress) -> _Listener:
     return _Listener(path, owner, str(address), address.host, address.port, dual_stack=True)
 
 
-_Bound = frozenset[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]]
+#: What a listener binds: (IP version, address) pairs; offline, a host name is (0, name).
+_Bound = frozenset[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address | str]]
 _ANY4: Final = ipaddress.IPv4Address("0.0.0.0")
 _ANY6: Final = ipaddress.IPv6Address("::")
+_EVERYWHERE: Final[_Bound] = frozenset({(4, _ANY4), (6, _ANY6)})
 
 
-def _bound(listener: _Listener, resolve: Resolver) -> _Bound:
-    """The (IP version, address) pairs ``listener`` binds. Raises OSError from ``resolve``."""
+def _bound(listener: _Listener, resolve: Resolver | None) -> _Bound:
+    """The (IP version, address) pairs ``listener`` binds; without ``resolve``, a host name
+    stands for itself. Raises OSError from ``resolve``."""
     if listener.host is None:
-        return frozenset({(4, _ANY4), (6, _ANY6)})
+        return _EVERYWHERE
     try:
         ips = [ipaddress.ip_address(listener.host)]
     except ValueError:
+        if resolve is None:
+            return frozenset({(0, listener.host)})
         ips = [ipaddress.ip_address(ip.partition("%")[0]) for ip in resolve(listener.host)]
+    bound: set[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address | str]]
     bound = {(ip.version, ip) for ip in ips}
     if listener.dual_stack and _ANY6 in ips:
         bound.add((4, _ANY4))
@@ -547,9 +631,21 @@ def _interface_names() -> set[str]:
 
 
 def _shared(a: _Bound, b: _Bound) -> str | None:
-    """An address both bound sets take on their port, in words, or None if they are apart."""
+    """An address both bound sets take on their port, in words, or None if they are apart
+    (or, for an unresolved host name, not known to overlap)."""
+    names = {ip for version, ip in a if version == 0}
+    other_names = {ip for version, ip in b if version == 0}
+    if names or other_names:
+        same = sorted(str(name) for name in names & other_names)
+        if same:
+            return same[0]
+        if (names and b >= _EVERYWHERE) or (other_names and a >= _EVERYWHERE):
+            return "every interface"
+        return None
     for version, ip in sorted(a, key=str):
         for other_version, other in sorted(b, key=str):
+            assert not isinstance(ip, str)
+            assert not isinstance(other, str)
             if version != other_version or not (
                 ip == other or ip.is_unspecified or other.is_unspecified
             ):
@@ -561,7 +657,9 @@ def _shared(a: _Bound, b: _Bound) -> str | None:
     return None
 
 
-def _overlapping_listeners(config: Config, resolve: Resolver) -> list[str]:
+def _overlapping_listeners(config: Config, resolve: Resolver | None) -> list[str]:
+    """One line per listener that overlaps listeners before it, naming each of them. Without
+    ``resolve`` (offline) a host name binds only itself."""
     errors = []
     seen: list[tuple[_Listener, _Bound]] = []
     for listener in _listeners(config):
@@ -582,16 +680,17 @@ def _overlapping_listeners(config: Config, resolve: Resolver) -> list[str]:
         except OSError as exc:
             errors.append(f"{listener.path}: cannot resolve {listener.host!r}: {_reason(exc)}")
             continue
+        overlaps = []
         for other, other_bound in seen:
             if other.socket_path is not None or other.port != listener.port:
                 continue
             shared = _shared(bound, other_bound)
-            if shared is not None:  # the first one it overlaps: one line per listener
-                errors.append(
-                    f"{listener.path}: {listener.shown} overlaps {other.shown} of {other.owner} "
-                    f"(both take {shared}, port {listener.port})"
+            if shared is not None:
+                overlaps.append(
+                    f"{other.shown} of {other.owner} (both take {shared}, port {listener.port})"
                 )
-                break
+        if overlaps:
+            errors.append(f"{listener.path}: {listener.shown} overlaps {'; and '.join(overlaps)}")
         seen.append((listener, bound))
     return errors
 

@@ -28,12 +28,14 @@ This module does not know the daemon: :func:`build_snapshot` reads anything shap
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Final, Protocol, TypeAlias
 from urllib.parse import parse_qs
 
@@ -57,7 +59,14 @@ from .rates import RateMeter
 from .stream import Stream
 from .transport import ACCEPT_RETRY_ERRNOS, peer_name
 
-__all__ = ["SCHEMA", "DaemonView", "ListenerFactory", "StatusServer", "build_snapshot"]
+__all__ = [
+    "SCHEMA",
+    "DaemonView",
+    "ListenerFactory",
+    "StatusServer",
+    "build_snapshot",
+    "pid_namespace",
+]
 
 log = logging.getLogger("framewire.status")
 
@@ -90,6 +99,18 @@ class DaemonView(MetricsView, Protocol):
     def status_server(self) -> StatusServer | None: ...
     @property
     def nats_server(self) -> EmbeddedNatsServer | None: ...
+
+
+@functools.cache
+def pid_namespace() -> str | None:
+    """Which machine boot and PID namespace this process's pid belongs to (Linux:
+    ``BOOT_ID/pid:[INODE]``), so that ``framewire reload`` can tell whether the pid in a status
+    snapshot is one it may signal; None where the system does not say."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
 
 
 def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[str, Any]:
@@ -166,6 +187,7 @@ def build_snapshot(daemon: DaemonView, rates: RateMeter | None = None) -> dict[s
         "daemon": {
             "version": __version__,
             "pid": os.getpid(),
+            "pid_namespace": pid_namespace(),
             "state": daemon.state,
             "started_at": round(daemon.started_at, 3),
             "uptime": round(now - daemon.started_at, 3),
