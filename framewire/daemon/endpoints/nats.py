@@ -71,6 +71,7 @@ from typing import Any, Final
 import trio
 
 from ...config import NatsConfig
+from ...protocols.nats import ProducerSequences
 from ..backoff import Backoff
 from ..credentials import NKEYS_MISSING, nkeys_installed
 from ..flow import UnencodableFrames
@@ -168,6 +169,8 @@ class NatsEndpoint(Endpoint[NatsConfig]):
                 queue_frames=config.max_queue_frames,
             )
         self._publisher: NatsPublisher | None = None
+        #: A reader's knowledge of each publisher's numbers (see NatsSubscriber.sequences).
+        self.reader_sequences = ProducerSequences()
         self._connected = trio.Event()
         self._reconnected = trio.Event()
         self._state_changed = trio.Event()

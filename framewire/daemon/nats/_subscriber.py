@@ -24,7 +24,6 @@ from ...protocols.nats import (
     HEADER_RANK,
     FrameAssembler,
     NotAFrame,
-    ProducerSequences,
 )
 from ..backoff import Backoff
 from ..stream import MetadataLimitExceeded, Subscription
@@ -61,8 +60,10 @@ class NatsSubscriber:
         self.config = endpoint.config
         self.assembler = FrameAssembler(endpoint.config.max_frame_size)
         #: What each publisher's messages and frames were, to drop what the server stored
-        #: twice and count what it lost (JetStream).
-        self.sequences = ProducerSequences()
+        #: twice and count what it lost (JetStream). The endpoint's, so it outlives a
+        #: restart of the endpoint: what it handled before a crash is known even when the
+        #: crash came before it could be kept in the readers' bucket.
+        self.sequences = endpoint.reader_sequences
         self._marks: ReaderMarks | None = None
         #: When to try opening the bucket again, after a failure (None: no need).
         self._marks_retry_at: float | None = None
@@ -409,6 +410,10 @@ class NatsSubscriber:
             return
         self._marks = marks
         if record is None:
+            return
+        if len(self.sequences):
+            # This daemon ran the endpoint before (it restarted): what it knows is at least
+            # as new as what it kept in the bucket.
             return
         sequence = record.get("stream_sequence")
         if not isinstance(sequence, int) or sequence < floor:
