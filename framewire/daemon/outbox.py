@@ -259,7 +259,10 @@ class Outbox:
                     self._resubscribe()
                 return None
             self.last_batch_frames = subscription.last_batch_frames
-            self._taken += frames
+            if self._taken:
+                self._taken += frames
+            else:
+                self._taken = list(frames)
             self._handed = len(self._taken)
             return frames
         self._taken += frames
@@ -270,7 +273,11 @@ class Outbox:
     async def done(self, count: int) -> None:
         """The oldest ``count`` frames taken were delivered: forget them (a disk buffer
         consumes them, and saves the metadata delivered so far if they changed it)."""
-        delivered, self._taken = self._taken[:count], self._taken[count:]
+        taken = self._taken
+        if count >= len(taken):
+            delivered, self._taken = taken, []
+        else:
+            delivered, self._taken = taken[:count], taken[count:]
         self._handed = max(0, self._handed - count)
         changed = False
         for frame in delivered:
@@ -283,8 +290,6 @@ class Outbox:
                 # The buffer broke and was opened again: everything comes again.
                 self._taken = []
                 self._handed = 0
-        else:
-            self.report()
 
     @property
     def taken_frames(self) -> int:
