@@ -546,8 +546,33 @@ def buffer_policy(buffer: BufferConfig, policy: str) -> Policy:
     return "lossless"
 
 
+class _Queued:
+    """What every endpoint with a queue for its far end and a ``[buffer]`` table has."""
+
+    __slots__ = ()
+    buffer: BufferConfig
+    max_queue_bytes: int
+
+    @property
+    def queue_bytes(self) -> int:
+        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
+        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
+
+
+class _QueuedWithPolicy(_Queued):
+    """An endpoint with a queue, a ``[buffer]`` table and a ``policy``."""
+
+    __slots__ = ()
+    policy: Policy
+
+    @property
+    def queue_policy(self) -> Policy:
+        """Its own subscription's policy (see :func:`buffer_policy`)."""
+        return buffer_policy(self.buffer, self.policy)
+
+
 @attrs.frozen
-class SenderConfig:
+class SenderConfig(_Queued):
     """``kind = "sender"``: deliver a stream to a remote reader, losslessly, reconnecting."""
 
     connect: ConnectAddress
@@ -566,11 +591,6 @@ class SenderConfig:
     def __attrs_post_init__(self) -> None:
         check_transport("connect", self.connect, self.tls, listening=False)
         check_disk_buffer(self.buffer, self.protocol, self.close_on_end)
-
-    @property
-    def queue_bytes(self) -> int:
-        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
-        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
 
 
 @attrs.frozen
@@ -591,7 +611,7 @@ class FileConfig:
 
 
 @attrs.frozen
-class RecorderConfig:
+class RecorderConfig(_QueuedWithPolicy):
     """``kind = "recorder"``: write a stream to files (``.gz`` compresses), rotating by size."""
 
     path: FilePath
@@ -606,15 +626,6 @@ class RecorderConfig:
 
     def __attrs_post_init__(self) -> None:
         check_disk_buffer(self.buffer, self.protocol, policy=self.policy)
-
-    @property
-    def queue_bytes(self) -> int:
-        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
-        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
-
-    @property
-    def queue_policy(self) -> Policy:
-        return buffer_policy(self.buffer, self.policy)
 
 
 @attrs.frozen
@@ -639,7 +650,7 @@ MIN_DEAD_HOST_TIMEOUT: Final = 3.0
 
 
 @attrs.frozen
-class LinkConfig:
+class LinkConfig(_QueuedWithPolicy):
     """``kind = "link"``: a bidirectional link that keeps itself up (Datalink-style).
 
     It publishes what the peer sends into ``publish`` and sends what ``subscribe`` carries;
@@ -674,15 +685,6 @@ class LinkConfig:
     tls: TLSConfig | None = None
     socket_mode: SocketMode = DEFAULT_SOCKET_MODE
     buffer: BufferConfig = attrs.field(factory=BufferConfig)
-
-    @property
-    def queue_bytes(self) -> int:
-        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
-        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
-
-    @property
-    def queue_policy(self) -> Policy:
-        return buffer_policy(self.buffer, self.policy)
 
     @property
     def frame_timeout_seconds(self) -> float:
@@ -778,7 +780,7 @@ def _check_connectable(address: ZmqAddress, role: str) -> None:
 
 
 @attrs.frozen
-class BridgeConfig:
+class BridgeConfig(_QueuedWithPolicy):
     """``kind = "bridge"``: Rogue's two-port stream bridge (TcpServer/TcpClient) over ZeroMQ.
 
     Frames from the peer are published into ``publish``; frames of ``subscribe`` are sent to
@@ -797,15 +799,6 @@ class BridgeConfig:
     max_queue_bytes: PositiveSize = 64 << 20
     max_frame_size: FrameSize = 64 << 20
     buffer: BufferConfig = attrs.field(factory=BufferConfig)
-
-    @property
-    def queue_bytes(self) -> int:
-        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
-        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
-
-    @property
-    def queue_policy(self) -> Policy:
-        return buffer_policy(self.buffer, self.policy)
 
     def __attrs_post_init__(self) -> None:
         check_disk_buffer(self.buffer, None, policy=self.policy)  # Rogue has no sessions
@@ -965,7 +958,7 @@ Replicas = Annotated[int, Check(_replicas)]
 
 
 @attrs.frozen
-class NatsConfig:
+class NatsConfig(_Queued):
     """``kind = "nats"``: publish a stream to NATS, or subscribe from NATS into a stream.
 
     ``mode = "core"``: live and lossy, no acks; ``mode = "jetstream"``: durable, acked, read
@@ -1153,11 +1146,6 @@ class NatsConfig:
         if self.policy is not None:
             return buffer_policy(self.buffer, self.policy)
         return "lossy" if self.mode == "core" else buffer_policy(self.buffer, "lossless")
-
-    @property
-    def queue_bytes(self) -> int:
-        """The memory queue's bound in bytes (see :func:`memory_queue_bytes`)."""
-        return memory_queue_bytes(self.buffer, self.max_queue_bytes)
 
 
 EndpointConfig: TypeAlias = (

@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -47,9 +48,21 @@ from ..frame import Frame, frame_count
 from .buffer import DiskBuffer
 from .endpoints._base import EndpointStatus
 from .flow import BATCH_BYTES, BATCH_FRAMES
+from .statedir import buffer_directory
 from .stream import MetadataCache, QueueBounds, Subscription, SubscriptionClosed
 
-__all__ = ["Outbox", "OutboxCutOff"]
+__all__ = ["Outbox", "OutboxCutOff", "QueuedConfig"]
+
+
+class QueuedConfig(Protocol):
+    """The configuration of an endpoint with a queue for its far end and a ``[buffer]``."""
+
+    @property
+    def buffer(self) -> BufferConfig: ...
+    @property
+    def max_queue_frames(self) -> int: ...
+    @property
+    def queue_bytes(self) -> int: ...
 
 
 class OutboxCutOff(Exception):
@@ -106,6 +119,34 @@ class Outbox:
         #: Why the last subscription ended (when :meth:`take` returned None).
         self.end_reason = ""
         status.refresh = self.report
+
+    @classmethod
+    def of(
+        cls,
+        endpoint: str,
+        config: QueuedConfig,
+        subscribe: Callable[[], Subscription],
+        *,
+        status: EndpointStatus,
+        log: logging.Logger,
+    ) -> Outbox:
+        """The outbox of endpoint ``endpoint``, as its ``[buffer]`` table and queue bounds
+        say (a disk buffer in its ``path``, else under the state directory)."""
+        return cls(
+            config.buffer,
+            subscribe,
+            status=status,
+            log=log,
+            directory=buffer_directory(endpoint, config.buffer),
+            queue_bytes=config.queue_bytes,
+            queue_frames=config.max_queue_frames,
+        )
+
+    def rebound_to(self, config: QueuedConfig, bounds: QueueBounds | None = None) -> None:
+        """:meth:`rebound` to the queue bounds of ``config`` (``bounds``: the subscription's,
+        when they say more than frames and bytes)."""
+        bounds = bounds or QueueBounds(config.max_queue_frames, config.queue_bytes)
+        self.rebound(bounds, queue_frames=config.max_queue_frames, queue_bytes=config.queue_bytes)
 
     @property
     def is_disk(self) -> bool:

@@ -53,7 +53,6 @@ from ...protocols.rogue import RogueCodec
 from ..flow import UnencodableFrames
 from ..lograte import INTERVAL, RateLimitedWarning
 from ..outbox import Outbox, OutboxCutOff
-from ..statedir import buffer_directory
 from ..stream import MetadataLimitExceeded, Policy, QueueBounds, Subscription
 from ..zeromq import AsyncSocket, open_context, require_zmq
 from ._base import Endpoint, EndpointContext, QueueClosed, stream_label
@@ -78,11 +77,7 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
         :meth:`Outbox.rebound`)."""
         super().reconfigure(config)
         if self.outbox is not None:
-            self.outbox.rebound(
-                QueueBounds(config.max_queue_frames, config.queue_bytes),
-                queue_frames=config.max_queue_frames,
-                queue_bytes=config.queue_bytes,
-            )
+            self.outbox.rebound_to(config)
 
     def __init__(
         self,
@@ -105,15 +100,7 @@ class BridgeEndpoint(Endpoint[BridgeConfig]):
         #: What waits for the peer (the frames of ``subscribe``), in memory or on disk.
         self.outbox: Outbox | None = None
         if config.subscribe is not None:
-            self.outbox = Outbox(
-                config.buffer,
-                self._subscribe,
-                status=self.status,
-                log=self.log,
-                directory=buffer_directory(name, config.buffer),
-                queue_bytes=config.queue_bytes,
-                queue_frames=config.max_queue_frames,
-            )
+            self.outbox = Outbox.of(name, config, self._subscribe, status=self.status, log=self.log)
         self.status.detail.update(send_blocked=False, messages_dropped=0)
 
     @property

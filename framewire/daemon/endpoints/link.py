@@ -89,7 +89,6 @@ from ..frametimeout import FrameWatch, describe_expiry
 from ..keepalive import KeepaliveConnection, send_keepalives
 from ..outbox import Outbox, OutboxCutOff
 from ..reconnect import describe_connect_error
-from ..statedir import buffer_directory
 from ..stream import MetadataLimitExceeded, Policy, QueueBounds, Subscription
 from ..transport import Connection, bound_addresses, enable_tcp_keepalive, peer_name
 from ._base import ClientInfo, Endpoint, EndpointContext, QueueClosed, stream_label
@@ -203,6 +202,16 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         }
     )
 
+    @staticmethod
+    def _bounds(config: LinkConfig) -> QueueBounds:
+        """The outgoing queue's bounds, metadata caps included."""
+        return QueueBounds(
+            config.max_queue_frames,
+            config.queue_bytes,
+            config.max_metadata_frames,
+            config.max_metadata_bytes,
+        )
+
     def reconfigure(self, config: LinkConfig) -> None:
         """Apply a reload's live changes: the queue's new bounds, at once (see
         :meth:`Outbox.rebound`; a link without ``subscribe`` has no queue), ``reconnect``
@@ -210,16 +219,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         super().reconfigure(config)
         self.backoff.config = config.reconnect
         if self.outbox is not None:
-            self.outbox.rebound(
-                QueueBounds(
-                    config.max_queue_frames,
-                    config.queue_bytes,
-                    config.max_metadata_frames,
-                    config.max_metadata_bytes,
-                ),
-                queue_frames=config.max_queue_frames,
-                queue_bytes=config.queue_bytes,
-            )
+            self.outbox.rebound_to(config, self._bounds(config))
 
     def __init__(
         self,
@@ -239,15 +239,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         #: What waits for the peer (the frames of ``subscribe``), in memory or on disk.
         self.outbox: Outbox | None = None
         if config.subscribe is not None:
-            self.outbox = Outbox(
-                config.buffer,
-                self._subscribe,
-                status=self.status,
-                log=self.log,
-                directory=buffer_directory(name, config.buffer),
-                queue_bytes=config.queue_bytes,
-                queue_frames=config.max_queue_frames,
-            )
+            self.outbox = Outbox.of(name, config, self._subscribe, status=self.status, log=self.log)
         self._session_scope: trio.CancelScope | None = None
         self._session_done: trio.Event | None = None
         self._replaced_by: str | None = None
@@ -311,12 +303,7 @@ class LinkEndpoint(Endpoint[LinkConfig]):
         config = self.config
         assert config.subscribe is not None
         return self.context.streams.get(config.subscribe).subscribe(
-            bounds=QueueBounds(
-                config.max_queue_frames,
-                config.queue_bytes,
-                config.max_metadata_frames,
-                config.max_metadata_bytes,
-            ),
+            bounds=self._bounds(config),
             policy=Policy(config.queue_policy),
             label=f"link {self.name}",
             owner=self.name,

@@ -89,7 +89,6 @@ from ..nats import (
     require_nats,
 )
 from ..outbox import Outbox
-from ..statedir import buffer_directory
 from ..stream import Policy, QueueBounds, Subscription
 from ..transport import client_tls_context
 from ._base import Endpoint, EndpointContext
@@ -126,11 +125,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         :meth:`Outbox.rebound`)."""
         super().reconfigure(config)
         if self.outbox is not None:
-            self.outbox.rebound(
-                QueueBounds(config.max_queue_frames, config.queue_bytes),
-                queue_frames=config.max_queue_frames,
-                queue_bytes=config.queue_bytes,
-            )
+            self.outbox.rebound_to(config)
 
     def __init__(
         self,
@@ -159,15 +154,7 @@ class NatsEndpoint(Endpoint[NatsConfig]):
         #: What waits for NATS (publish), in memory or on disk.
         self.outbox: Outbox | None = None
         if config.direction == "publish":
-            self.outbox = Outbox(
-                config.buffer,
-                self._subscribe,
-                status=self.status,
-                log=self.log,
-                directory=buffer_directory(name, config.buffer),
-                queue_bytes=config.queue_bytes,
-                queue_frames=config.max_queue_frames,
-            )
+            self.outbox = Outbox.of(name, config, self._subscribe, status=self.status, log=self.log)
         self._publisher: NatsPublisher | None = None
         #: A reader's knowledge of each publisher's numbers (see NatsSubscriber.sequences).
         self.reader_sequences = ProducerSequences()

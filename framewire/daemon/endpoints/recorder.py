@@ -43,7 +43,6 @@ from ...frame import Buffer, Frame
 from ..backoff import Backoff
 from ..flow import UnencodableFrames, encode_frames
 from ..outbox import Outbox, OutboxCutOff
-from ..statedir import buffer_directory
 from ..stream import MetadataCache, Policy, QueueBounds, Subscription
 from ..transport import nbytes_of
 from ._base import Endpoint, EndpointContext
@@ -135,26 +134,14 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
         #: Whether the next subscription replays the stream's metadata: only the first (an
         #: ended run's metadata belongs to the files already written).
         self._replay = True
-        self.outbox = Outbox(
-            config.buffer,
-            self._subscribe,
-            status=self.status,
-            log=self.log,
-            directory=buffer_directory(name, config.buffer),
-            queue_bytes=config.queue_bytes,
-            queue_frames=config.max_queue_frames,
-        )
+        self.outbox = Outbox.of(name, config, self._subscribe, status=self.status, log=self.log)
 
     def reconfigure(self, config: RecorderConfig) -> None:
         """Apply a reload's live changes: the queue's bounds at once (see
         :meth:`Outbox.rebound`); ``max_file_size`` from the next frame written. The file
         being written stays open."""
         super().reconfigure(config)
-        self.outbox.rebound(
-            QueueBounds(config.max_queue_frames, config.queue_bytes),
-            queue_frames=config.max_queue_frames,
-            queue_bytes=config.queue_bytes,
-        )
+        self.outbox.rebound_to(config)
 
     def _subscribe(self) -> Subscription:
         config = self.config

@@ -45,7 +45,6 @@ from ..flow import (
 )
 from ..outbox import Outbox, OutboxCutOff
 from ..reconnect import Ended, keep_connected
-from ..statedir import buffer_directory
 from ..stream import Policy, QueueBounds, Subscription
 from ..transport import Connection
 from ._base import Endpoint, EndpointContext
@@ -73,15 +72,7 @@ class SenderEndpoint(Endpoint[SenderConfig]):
         self.backoff = Backoff(config.reconnect, rng)
         self._encoder = protocols.get(config.protocol).make_encoder()
         self._unencodable = UnencodableFrames(self.log, config.protocol, self.status.detail)
-        self.outbox = Outbox(
-            config.buffer,
-            self._subscribe,
-            status=self.status,
-            log=self.log,
-            directory=buffer_directory(name, config.buffer),
-            queue_bytes=config.queue_bytes,
-            queue_frames=config.max_queue_frames,
-        )
+        self.outbox = Outbox.of(name, config, self._subscribe, status=self.status, log=self.log)
         #: The connection to the reader while frames are sent on it.
         self._connection: Connection | None = None
 
@@ -91,11 +82,7 @@ class SenderEndpoint(Endpoint[SenderConfig]):
         now too), ``reconnect`` to the next delay and ``connect_timeout`` to the next
         attempt. The connection to the reader stays."""
         super().reconfigure(config)
-        self.outbox.rebound(
-            QueueBounds(config.max_queue_frames, config.queue_bytes),
-            queue_frames=config.max_queue_frames,
-            queue_bytes=config.queue_bytes,
-        )
+        self.outbox.rebound_to(config)
         self.backoff.config = config.reconnect
         if self._connection is not None:
             self._connection.change_send_timeout(config.send_timeout)
