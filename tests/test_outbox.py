@@ -168,3 +168,51 @@ def test_a_memory_outbox_delivers_everything_in_order(plan: list[Step]) -> None:
 def test_a_disk_outbox_delivers_everything_in_order_across_restarts(plan: list[Step]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         run_steps(plan, Path(directory) / "buf")
+
+
+def test_frames_taken_before_a_disk_buffer_reopened_are_never_consumed_for_others(
+    tmp_path: Path,
+) -> None:
+    """Two batches in flight (a publisher's windows), then the disk buffer breaks and is
+    opened again: the next take starts again from the oldest frame. The dones of the two
+    old batches must consume nothing (their frames were taken again), or frames never
+    taken would be consumed: lost."""
+    from framewire.spool import SpoolError
+
+    async def main() -> None:
+        stream = Stream("s")
+        outbox = Outbox(
+            BufferConfig(type="disk", path=str(tmp_path / "buf")),
+            lambda: stream.subscribe(bounds=QueueBounds(1000, 1 << 30), policy=Policy.LOSSLESS),
+            status=EndpointStatus("test"),
+            log=LOG,
+            directory=tmp_path / "buf",
+        )
+        outbox.start()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            await stream.publish([frame(i) for i in range(1, 41)])
+            with trio.fail_after(10):
+                first = await outbox.take(10, 1 << 30)
+                second = await outbox.take(10, 1 << 30)
+            assert first is not None
+            assert second is not None
+            assert [f.timestamp for f in first + second] == list(range(1, 21))
+            disk = outbox.disk
+            assert disk is not None
+            await disk._broken(SpoolError("the test breaks it"))  # reopened with backoff
+            with trio.fail_after(10):
+                again = await outbox.take(20, 1 << 30)
+            assert again is not None
+            assert again[0].timestamp == 1  # from the oldest again
+            await outbox.done(10)  # the first window's acks: stale
+            await outbox.done(10)  # the second's: stale
+            await outbox.done(len(again))
+            with trio.fail_after(10):
+                rest = await outbox.take(1000, 1 << 30)
+            assert rest is not None
+            assert rest[0].timestamp == len(again) + 1  # nothing skipped
+            nursery.cancel_scope.cancel()
+        outbox.close("end")
+
+    trio.run(main)

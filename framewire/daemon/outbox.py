@@ -108,6 +108,8 @@ class Outbox:
         self._taken: list[Frame] = []
         #: How many of :attr:`_taken` have been handed out since the last rewind.
         self._handed = 0
+        #: Frames taken from a disk buffer before it was opened again, not yet done.
+        self._stale = 0
         #: Frames each taken batch stands for (a block of frames counts its frames).
         self.last_batch_frames = 0
         self._dropped_before = 0
@@ -284,8 +286,8 @@ class Outbox:
                 if frames is not None:
                     break
                 # The buffer was opened again: what was taken comes again from its start.
-                self._taken = []
-                self._handed = skip = held = 0
+                self._forget_taken()
+                skip = held = 0
         else:
             subscription = self.subscription
             assert subscription is not None, "take() before start()"
@@ -313,7 +315,17 @@ class Outbox:
 
     async def done(self, count: int) -> None:
         """The oldest ``count`` frames taken were delivered: forget them (a disk buffer
-        consumes them, and saves the metadata delivered so far if they changed it)."""
+        consumes them, and saves the metadata delivered so far if they changed it).
+
+        Frames taken before a disk buffer broke and was opened again are not consumed
+        when they are done: they were taken again from the reopened buffer, and are
+        consumed when those are done (delivered twice, never lost)."""
+        if self._stale:
+            absorbed = min(count, self._stale)
+            self._stale -= absorbed
+            count -= absorbed
+            if not count:
+                return
         taken = self._taken
         if count >= len(taken):
             delivered, self._taken = taken, []
@@ -329,8 +341,14 @@ class Outbox:
             saved = list(self.delivered) if changed else None
             if not await self.disk.commit(count, saved):
                 # The buffer broke and was opened again: everything comes again.
-                self._taken = []
-                self._handed = 0
+                self._forget_taken()
+
+    def _forget_taken(self) -> None:
+        """The disk buffer was opened again: what was taken comes again from its oldest
+        frame; frames of the old reading still to be done are stale (see :meth:`done`)."""
+        self._stale += len(self._taken)
+        self._taken = []
+        self._handed = 0
 
     @property
     def taken_frames(self) -> int:
