@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from framewire.config import parse_config
 from framewire.daemon import Daemon
 from framewire.daemon.status import HANDSHAKE_SLOTS, SCHEMA, StatusServer
 
-from .helpers import connect, endpoint_port, port_of, wait_until
+from .helpers import connect, endpoint_port, port_of, running_daemon, wait_until
 
 CONFIG = """
 [status]
@@ -663,3 +664,48 @@ async def test_the_websocket_is_at_root_only_and_the_token_comes_before_the_meth
             response = await send_and_read_to_end(port, request)
             assert response.startswith(b"HTTP/1.1 " + answer), (request, response[:40])
         nursery.cancel_scope.cancel()
+
+
+async def status_json(port: int, query: str = "") -> dict[str, Any]:
+    """One snapshot from ``GET /status.json`` (``query``: e.g. ``?history=1``)."""
+    response = await send_and_read_to_end(
+        port, f"GET /status.json{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    )
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    snapshot: dict[str, Any] = json.loads(body)
+    return snapshot
+
+
+async def test_a_recorders_bytes_in_are_the_bytes_it_took_from_the_stream(
+    tmp_path: Path,
+) -> None:
+    """``bytes_in`` of a recorder: the bytes of the frames it took from its stream. Then the
+    producer leaves (its stream ends) and the daemon stops at once: the recorder, stopping
+    just as its stream ended, stops (it used to spin without a checkpoint, for ever)."""
+    config = f"""
+[status]
+listen = "127.0.0.1:0"
+
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+
+[endpoints.archive]
+kind = "recorder"
+path = "{tmp_path / "run.fw"}"
+stream = "s"
+"""
+    async with running_daemon(config) as daemon:
+        assert daemon.status_server is not None
+        producer = await connect(endpoint_port(daemon, "in"))
+        await producer.send([data(i, size=1000) for i in range(5)])
+        recorder = daemon.endpoints["archive"].status
+        await wait_until(lambda: recorder.frames_in == 5)
+        snapshot = await status_json(daemon.status_server.port)
+        archive = snapshot["endpoints"]["archive"]
+        assert archive["frames_in"] == 5
+        # Every byte the stream took in (frames as they came off the wire), no more.
+        assert archive["bytes_in"] == snapshot["streams"]["s"]["bytes_in"] > 5 * 1000
+        await producer.stream.aclose()
