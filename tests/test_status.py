@@ -677,6 +677,46 @@ async def status_json(port: int, query: str = "") -> dict[str, Any]:
     return snapshot
 
 
+async def test_every_configured_stream_is_listed_before_any_traffic(tmp_path: Path) -> None:
+    """A stream whose producer never came (a receiver's, a server's, one named in
+    [streams]) is in the snapshot at once, with zeros; so is one a reload adds."""
+    config = f"""
+[status]
+listen = "127.0.0.1:0"
+
+[streams.configured-only]
+max_metadata_types = 8
+
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "quiet"
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "also-quiet"
+
+[endpoints.archive]
+kind = "recorder"
+path = "{tmp_path / "run.fw"}"
+stream = "recorded"
+"""
+    async with running_daemon(config) as daemon:
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        streams = (await status_json(port))["streams"]
+        assert set(streams) == {"configured-only", "quiet", "also-quiet", "recorded"}
+        assert streams["quiet"]["frames_in"] == 0
+        assert streams["also-quiet"]["subscribers"] == 0
+        added = config + (
+            '\n[endpoints.late]\nkind = "receiver"\nlisten = "tcp://127.0.0.1:0"\n'
+            'stream = "added-by-reload"\n'
+        )
+        await daemon.reload(parse_config(added))
+        assert "added-by-reload" in (await status_json(port))["streams"]
+
+
 async def test_a_recorders_bytes_in_are_the_bytes_it_took_from_the_stream(
     tmp_path: Path,
 ) -> None:

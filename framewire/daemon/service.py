@@ -105,6 +105,7 @@ class Daemon:
         self.config_path = config_path
         self.streams = StreamRegistry()
         self.streams.configure(config.streams)
+        _make_configured_streams(self.streams, config)
         self.context = EndpointContext(self.streams, transports or Transports())
         self.supervisor = Supervisor(config.daemon.restart)
         self.notifier = notifier or SystemdNotifier(None)
@@ -568,6 +569,7 @@ class Daemon:
                 [f"endpoints.{failure.name}: {failure.reason}" for failure in failures],
                 restored=True,
             )
+        _make_configured_streams(self.streams, config)
         if config.streams != old.streams:
             self.streams.configure(config.streams)
             changes.append("stream settings")
@@ -635,6 +637,20 @@ class Daemon:
             else f"reload failed, running the previous config; {self.summary()}"
         )
         return ok
+
+
+def _make_configured_streams(streams: StreamRegistry, config: Config) -> None:
+    """Make every stream ``config`` names (``[streams.NAME]``, and each endpoint's
+    ``stream``, ``publish`` and ``subscribe``) now, not when its first producer or client
+    comes: status and the dashboard list a stream that has seen no traffic yet."""
+    names = list(config.streams)
+    for endpoint in config.endpoints.values():
+        for field in ("stream", "publish", "subscribe"):
+            name = getattr(endpoint, field, None)
+            if isinstance(name, str):
+                names.append(name)
+    for name in names:
+        streams.get(name)
 
 
 async def _cannot_bind(address: Address) -> str | None:
