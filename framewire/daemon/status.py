@@ -447,7 +447,7 @@ class StatusServer:
         )
         if not self._authorised(request):
             self._refused(f"{peer}: bad or missing token (HTTP 401)")
-            await request.reject(401, body=b"a valid token is required\n")
+            await request.reject(401, body=_UNAUTHORISED)
             return None
         if request.path.partition("?")[0].partition("#")[0] != "/":
             # The websocket is at / only: any other path is not found, as for plain HTTP.
@@ -535,7 +535,7 @@ class StatusServer:
         if not self._has_token(request.headers, target):
             # First: a caller without the token learns nothing, not even which methods work.
             self._refused(f"{peer}: bad or missing token (HTTP 401)")
-            response = 401, b"a valid token is required\n", _TEXT, []
+            response = 401, _UNAUTHORISED, _TEXT, []
         elif request.method not in (b"GET", b"HEAD"):
             response = 405, b"only GET and HEAD are served here\n", _TEXT, [("allow", "GET, HEAD")]
         elif path == "/":
@@ -664,6 +664,14 @@ def _is_upgrade(request: h11.Request) -> bool:
 
 
 _TEXT: Final = "text/plain; charset=utf-8"
+#: The answer to a request without the token: how to give it.
+_UNAUTHORISED: Final = (
+    b"a valid token is required: this status port has a token ([status] token or token_file "
+    b"in the daemon's configuration).\n"
+    b"In a browser, add it to the address: http://HOST:PORT/?token=YOUR_TOKEN\n"
+    b"Other clients may send the header instead: Authorization: Bearer YOUR_TOKEN\n"
+    b"(framewire status --token-file PATH, or $FRAMEWIRE_STATUS_TOKEN)\n"
+)
 _NOT_FOUND: Final = b"not found: this port serves /, /metrics, /status.json and the websocket\n"
 _PHRASES: Final = {
     200: "OK",
