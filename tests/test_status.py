@@ -749,3 +749,39 @@ stream = "s"
         # Every byte the stream took in (frames as they came off the wire), no more.
         assert archive["bytes_in"] == snapshot["streams"]["s"]["bytes_in"] > 5 * 1000
         await producer.stream.aclose()
+
+
+async def test_the_rate_history_comes_when_asked_for() -> None:
+    """``?history=1``: the websocket's first snapshot and /status.json carry each endpoint's
+    recent rates (one point per interval, the newest the snapshot's own rates); without it,
+    no snapshot does."""
+    async with running() as (daemon, url):
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        producer = await connect(endpoint_port(daemon, "in"))
+        for i in range(5):
+            await producer.send([data(i)])
+            points = len(daemon.rates.history()["times"])
+            await wait_until(lambda: len(daemon.rates.history()["times"]) > points)  # noqa: B023
+        plain = await snapshot_where(url, lambda s: True)
+        assert "history" not in plain
+        assert "history" not in await status_json(port)
+        async with open_websocket_url(url + "?history=1", connect_timeout=5) as ws:
+            with trio.fail_after(10):
+                first = json.loads(await ws.get_message())
+                second = json.loads(await ws.get_message())
+        assert "history" not in second  # once, on connect
+        history = first["history"]
+        assert history["points"] == 900  # 15 minutes at 50 ms: bounded at 900
+        series = history["endpoints"]["in"]
+        assert len(history["times"]) >= 5
+        assert history["times"] == sorted(history["times"])
+        assert len(series["frames_in"]) == len(history["times"])
+        assert series["frames_in"][-1] == first["endpoints"]["in"]["rates"]["frames_in"]
+        # The frames sent showed up as rates; nothing went out (no client).
+        assert max(series["frames_in"]) > 0
+        assert max(series["bytes_in"]) > 0
+        assert set(history["endpoints"]["out"]["frames_out"]) == {0.0}
+        json_history = (await status_json(port, "?history=1"))["history"]
+        assert set(json_history["endpoints"]) == {"in", "out"}
+        await producer.stream.aclose()

@@ -32,7 +32,7 @@ from .history import ArrivalClock, HistoryWriter
 from .metrics import DaemonMetrics
 from .nats import EmbeddedNatsServer, with_embedded_servers
 from .notify import SystemdNotifier
-from .rates import RateMeter
+from .rates import RateMeter, history_points
 from .statedir import default_history_dir
 from .status import StatusServer, build_snapshot
 from .stream import StreamRegistry, watch_holds
@@ -355,7 +355,9 @@ class Daemon:
             max_clients=config.max_clients,
             tick=lambda: self.rates.sample(self.endpoints, time.time()),
             metrics=self.metrics.exposition,
+            history=self.rates.history,
         )
+        self.rates.keep_history(history_points(config.interval))
         self.status_server = server
         self._status_scope = trio.CancelScope()
         await self._nursery.start(self._supervise_status, server, config, self._status_scope)

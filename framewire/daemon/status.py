@@ -236,13 +236,17 @@ class StatusServer:
     """Serves snapshots from ``snapshot()`` every ``interval`` seconds to websocket clients.
 
     With ``token`` set, a client must send ``Authorization: Bearer <token>`` or put
-    ``?token=<token>`` in the URL; others are refused with HTTP 401. Beyond ``max_clients``
+    ``?token=<token>`` in the URL; others are refused with HTTP 401 (a body that says
+    both ways). Beyond ``max_clients``
     clients are refused with HTTP 503. A client that does not finish its handshake within
     ``handshake_timeout``, sends any message, or does not take a snapshot within
     ``send_timeout`` is closed.
 
     ``listen`` opens the listeners (by default TCP on ``host``:``port``); tests pass their
-    own. :attr:`state` becomes "running" once :meth:`run` listens; whoever restarts the
+    own. ``history``, when given, is what a client that asks with ``?history=1`` (on the
+    websocket, its first snapshot; on /status.json) gets as the snapshot's ``history``
+    field: the recent rates a dashboard draws at once. :attr:`state` becomes "running"
+    once :meth:`run` listens; whoever restarts the
     server (the daemon) keeps :attr:`restarts`, :attr:`last_error` and the other states.
     The snapshot shows all three. Refusals and dropped connections are logged at most once
     per 10 s each, with counts.
@@ -262,8 +266,10 @@ class StatusServer:
         listen: ListenerFactory | None = None,
         tick: Callable[[], None] | None = None,
         metrics: Callable[[], bytes] | None = None,
+        history: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._history = history
         self._tick = tick
         self._metrics = metrics
         self.host, self.port = host, port
@@ -287,8 +293,12 @@ class StatusServer:
         self._refused = RateLimitedWarning(log, "status client refused")
         self._accept_failed = RateLimitedWarning(log, "status websocket cannot accept")
 
-    def _encode(self) -> bytes:
-        return json.dumps(self._snapshot(), separators=(",", ":")).encode()
+    def _encode(self, *, history: bool = False) -> bytes:
+        """A snapshot, encoded; with ``history`` (and a source of it), its ``history`` too."""
+        snapshot = self._snapshot()
+        if history and self._history is not None:
+            snapshot["history"] = self._history()
+        return json.dumps(snapshot, separators=(",", ":")).encode()
 
     def refresh(self) -> None:
         """Take the interval's readings (``tick``), build a new snapshot now and wake every
@@ -471,8 +481,10 @@ class StatusServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._refuse_input, connection, peer, nursery.cancel_scope)
                 sent = self._generation
+                history = _query_flag(connection.path or "", "history")
                 with trio.fail_after(self.send_timeout):
-                    await connection.send_message(self._encode())  # a fresh one on connect
+                    # A fresh one on connect, with the rate history if asked for.
+                    await connection.send_message(self._encode(history=history))
                 while True:
                     if sent == self._generation:
                         await self._changed.wait()
@@ -543,7 +555,8 @@ class StatusServer:
         elif path == "/metrics" and self._metrics is not None:
             response = 200, self._metrics(), METRICS_CONTENT_TYPE, []
         elif path == "/status.json":
-            response = 200, self._encode(), "application/json", []
+            body = self._encode(history=_query_flag(target, "history"))
+            response = 200, body, "application/json", []
         else:
             response = 404, _NOT_FOUND, _TEXT, []
         status, body, content_type, headers = response
@@ -722,6 +735,15 @@ def _query_token(target: str) -> str:
     """
     query = target.partition("?")[2].partition("#")[0]
     return parse_qs(query).get("token", [""])[0]
+
+
+def _query_flag(target: str, name: str) -> bool:
+    """Whether the query of request target ``target`` sets ``name`` to 1 (``?history=1``).
+    Never raises."""
+    try:
+        return parse_qs(target.partition("?")[2].partition("#")[0]).get(name, [""])[0] == "1"
+    except ValueError:
+        return False
 
 
 def _reason(error: BaseException) -> str:
