@@ -257,7 +257,7 @@ max_bytes = "64KiB"
                 lambda text: bool(text) and "% full" in text and "warn" in text,
             )
     assert "JetStream ok" in text
-    assert "MB of 0.07 MB" in text
+    assert " of 65.5 kB" in text  # max_bytes = "64KiB", in the page's units
 
 
 HELD = """document.getElementById("held") && JSON.stringify({
@@ -380,3 +380,178 @@ stream = "s"
                 lambda text: bool(text) and "nats-server" in text,
             )
     assert f"running (pid {pid}), 0 restarts" in text
+
+
+#: Counts the snapshots the page has been handed (its socket's onmessage calls), without
+#: touching the page: a page whose sparkline has more points than that drew history.
+COUNT_SNAPSHOTS = """
+window.__snapshots = 0;
+window.WebSocket = class extends window.WebSocket {
+  set onmessage(handler) {
+    super.onmessage = (event) => { handler(event); window.__snapshots += 1; };
+  }
+  get onmessage() { return super.onmessage; }
+};
+"""
+
+FIRST_LOOK = """document.querySelector('tbody[data-endpoint="source"] svg.spark')
+  && JSON.stringify({
+  snapshots: window.__snapshots,
+  points: document.querySelector('tbody[data-endpoint="source"] svg.spark polyline.out')
+    .getAttribute("points").trim().split(" ").length,
+  order: [...document.querySelectorAll("tbody[data-endpoint]")].map((b) => b.dataset.endpoint),
+  failing: [...document.querySelectorAll("tbody.failing")].map((b) => b.dataset.endpoint),
+  summary: Object.fromEntries([...document.querySelectorAll("#summary [data-what]")].map(
+    (part) => [part.dataset.what, part.textContent])),
+  streams: [...document.querySelectorAll("#streams tbody tr")].map((row) => row.dataset.stream),
+  rate: document.querySelector('tbody[data-endpoint="source"] .bytes_out_rate').textContent,
+  heads: [...document.querySelectorAll("#endpoints th")].map((th) => th.textContent)})"""
+
+SUMMARY = """JSON.stringify(Object.fromEntries(
+  [...document.querySelectorAll("#summary [data-what]")].map(
+    (part) => [part.dataset.what, part.textContent])))"""
+
+GREYED = """JSON.stringify({
+  badge: document.getElementById("connection").textContent,
+  disconnected: document.body.classList.contains("disconnected"),
+  main: getComputedStyle(document.querySelector("main")).filter,
+  opacity: getComputedStyle(document.querySelector("main")).opacity,
+  title: document.title})"""
+
+
+async def test_the_page_draws_history_at_once_failing_rows_first_and_greys_when_the_daemon_goes(
+    tmp_path: Path,
+) -> None:
+    """Opened after a few seconds of traffic, the page draws the daemon's rate history at
+    once (more points than snapshots it got); a summary line counts endpoints down, streams
+    held and clients dropping; a failing endpoint's row comes first; a stream with no
+    traffic is listed; rates have units that fit (a 10 KiB/s stream is not "0.00"); when
+    the daemon goes, everything is greyed and the badge says since when."""
+    nothing_there = free_port()
+    config = f"""
+[status]
+listen = "127.0.0.1:0"
+interval = "100ms"
+token = "{TOKEN}"
+
+[endpoints.source]
+kind = "generator"
+stream = "demo"
+rate = 10.0
+size = "1KiB"
+
+[endpoints.demo-out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "demo"
+max_queue_frames = 4
+
+[endpoints.upstream]
+kind = "receiver"
+connect = "tcp://127.0.0.1:{nothing_there}"
+stream = "quiet"
+reconnect = {{ initial = "100ms", maximum = "200ms" }}
+"""
+    async with browser(tmp_path / "profile") as tools:
+        async with running_daemon(config) as daemon:
+            assert daemon.status_server is not None
+            port = daemon.status_server.port
+
+            def source_points() -> int:
+                series = daemon.rates.history()["endpoints"].get("source", {})
+                return len(series.get("frames_out", []))
+
+            await wait_until(lambda: source_points() >= 10)  # a second of traffic
+            target = await tools.call("Target.createTarget", url="about:blank")
+            attached = await tools.call(
+                "Target.attachToTarget", targetId=target["targetId"], flatten=True
+            )
+            tools.session = attached["sessionId"]
+            await tools.call("Page.enable")
+            await tools.call("Runtime.enable")
+            await tools.call("Page.addScriptToEvaluateOnNewDocument", source=COUNT_SNAPSHOTS)
+            await tools.call("Page.navigate", url=f"http://127.0.0.1:{port}/?token={TOKEN}")
+            first = json.loads(await page_where(tools, FIRST_LOOK, bool))
+            # History drawn on first load: more points than snapshots the page was handed.
+            assert first["points"] >= 10
+            assert first["points"] > first["snapshots"]
+            assert first["order"][0] == "upstream"  # last in the file, first on the page
+            assert first["failing"] == ["upstream"]
+            assert first["summary"] == {
+                "down": "1 of 3 endpoints down: upstream",
+                "held": "no stream held",
+                "dropping": "no client dropping",
+            }
+            assert "quiet" in first["streams"]  # no producer ever came
+            assert "out bytes/s" in first["heads"]
+
+            # 10 frames/s of 1 KiB: about 10 kB/s, never "0.00" (a window with no frame
+            # reads "0 B/s").
+            rate = await page_where(
+                tools,
+                "document.querySelector('tbody[data-endpoint=\"source\"] .bytes_out_rate')"
+                ".textContent",
+                lambda text: text.endswith(" kB/s"),
+            )
+            assert re.fullmatch(r"\d+(\.\d+)? kB/s", rate)
+
+            # A client that does not read, and a burst far beyond its queue and its socket
+            # buffers: it drops, and the summary says so.
+            stalled = await connect(endpoint_port(daemon, "demo-out"))
+            summary = "document.querySelector('tbody[data-endpoint=\"demo-out\"] summary')"
+            await page_where(tools, f"{summary}?.textContent", lambda text: text == "1 client")
+            stream = daemon.streams.get("demo")
+            for i in range(400):  # 25 MiB
+                await stream.publish([Frame(FrameKind.DATA, "d", bytes(64 * 1024), timestamp=i)])
+            dropping = json.loads(
+                await page_where(
+                    tools,
+                    SUMMARY,
+                    lambda text: json.loads(text)["dropping"] != "no client dropping",
+                )
+            )
+            assert dropping["dropping"] == "1 client dropping (last 10 s)"
+            await stalled.stream.aclose()
+        # The daemon is gone: the page says so, greyed.
+        greyed = json.loads(
+            await page_where(tools, GREYED, lambda text: json.loads(text)["disconnected"])
+        )
+    assert re.fullmatch(r"disconnected \(since \d\d:\d\d:\d\d\), reconnecting", greyed["badge"]), (
+        greyed
+    )
+    assert "grayscale(1)" in greyed["main"]
+    assert float(greyed["opacity"]) < 1
+    assert greyed["title"] == "framewire disconnected"
+
+
+FORMATS = """JSON.stringify([0, 999, 1000, 10240, 51200, 999499, 1e6, 2.5e6, 12.34e6, 3e9, 7.5e12]
+  .map((x) => window.framewireUnits.bytesPerSecond(x)))"""
+
+
+async def test_rates_and_sizes_have_units_that_fit(tmp_path: Path) -> None:
+    """The page's one formatter for every rate and size: B, kB, MB, GB, TB (powers of
+    1000), about three significant figures."""
+    async with running_daemon(
+        f'[status]\nlisten = "127.0.0.1:0"\ntoken = "{TOKEN}"\n'
+        '[endpoints.source]\nkind = "generator"\nstream = "s"\n'
+    ) as daemon:
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        async with browser(tmp_path / "profile") as tools:
+            await open_page(tools, f"http://127.0.0.1:{port}/?token={TOKEN}")
+            shown = json.loads(await page_where(tools, "window.framewireUnits && " + FORMATS, bool))
+            size = await tools.evaluate("window.framewireUnits.bytes(65536)")
+    assert shown == [
+        "0 B/s",
+        "999 B/s",
+        "1.00 kB/s",
+        "10.2 kB/s",
+        "51.2 kB/s",
+        "999 kB/s",
+        "1.00 MB/s",
+        "2.50 MB/s",
+        "12.3 MB/s",
+        "3.00 GB/s",
+        "7.50 TB/s",
+    ]
+    assert size == "65.5 kB"

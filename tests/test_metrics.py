@@ -294,7 +294,11 @@ async def test_the_token_guards_every_path() -> None:
     async with running(config(token="s3cret")) as (_, port):
         for target in ("/", "/metrics", "/status.json", "/nothing"):
             status, _, body = await http_get(port, target)
-            assert (status, body) == (401, b"a valid token is required\n")
+            assert status == 401
+            # It says how to give the token: in the address, or in a header.
+            assert body.startswith(b"a valid token is required")
+            assert b"/?token=YOUR_TOKEN" in body
+            assert b"Authorization: Bearer YOUR_TOKEN" in body
             status, _, _ = await http_get(port, target + "?token=wrong")
             assert status == 401
         for target in ("/", "/status.json"):

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from framewire.config import parse_config
 from framewire.daemon import Daemon
 from framewire.daemon.status import HANDSHAKE_SLOTS, SCHEMA, StatusServer
 
-from .helpers import connect, endpoint_port, port_of, wait_until
+from .helpers import connect, endpoint_port, port_of, running_daemon, wait_until
 
 CONFIG = """
 [status]
@@ -663,3 +664,124 @@ async def test_the_websocket_is_at_root_only_and_the_token_comes_before_the_meth
             response = await send_and_read_to_end(port, request)
             assert response.startswith(b"HTTP/1.1 " + answer), (request, response[:40])
         nursery.cancel_scope.cancel()
+
+
+async def status_json(port: int, query: str = "") -> dict[str, Any]:
+    """One snapshot from ``GET /status.json`` (``query``: e.g. ``?history=1``)."""
+    response = await send_and_read_to_end(
+        port, f"GET /status.json{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    )
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    snapshot: dict[str, Any] = json.loads(body)
+    return snapshot
+
+
+async def test_every_configured_stream_is_listed_before_any_traffic(tmp_path: Path) -> None:
+    """A stream whose producer never came (a receiver's, a server's, one named in
+    [streams]) is in the snapshot at once, with zeros; so is one a reload adds."""
+    config = f"""
+[status]
+listen = "127.0.0.1:0"
+
+[streams.configured-only]
+max_metadata_types = 8
+
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "quiet"
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+stream = "also-quiet"
+
+[endpoints.archive]
+kind = "recorder"
+path = "{tmp_path / "run.fw"}"
+stream = "recorded"
+"""
+    async with running_daemon(config) as daemon:
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        streams = (await status_json(port))["streams"]
+        assert set(streams) == {"configured-only", "quiet", "also-quiet", "recorded"}
+        assert streams["quiet"]["frames_in"] == 0
+        assert streams["also-quiet"]["subscribers"] == 0
+        added = config + (
+            '\n[endpoints.late]\nkind = "receiver"\nlisten = "tcp://127.0.0.1:0"\n'
+            'stream = "added-by-reload"\n'
+        )
+        await daemon.reload(parse_config(added))
+        assert "added-by-reload" in (await status_json(port))["streams"]
+
+
+async def test_a_recorders_bytes_in_are_the_bytes_it_took_from_the_stream(
+    tmp_path: Path,
+) -> None:
+    """``bytes_in`` of a recorder: the bytes of the frames it took from its stream. Then the
+    producer leaves (its stream ends) and the daemon stops at once: the recorder, stopping
+    just as its stream ended, stops (it used to spin without a checkpoint, for ever)."""
+    config = f"""
+[status]
+listen = "127.0.0.1:0"
+
+[endpoints.in]
+kind = "receiver"
+listen = "tcp://127.0.0.1:0"
+stream = "s"
+
+[endpoints.archive]
+kind = "recorder"
+path = "{tmp_path / "run.fw"}"
+stream = "s"
+"""
+    async with running_daemon(config) as daemon:
+        assert daemon.status_server is not None
+        producer = await connect(endpoint_port(daemon, "in"))
+        await producer.send([data(i, size=1000) for i in range(5)])
+        recorder = daemon.endpoints["archive"].status
+        await wait_until(lambda: recorder.frames_in == 5)
+        snapshot = await status_json(daemon.status_server.port)
+        archive = snapshot["endpoints"]["archive"]
+        assert archive["frames_in"] == 5
+        # Every byte the stream took in (frames as they came off the wire), no more.
+        assert archive["bytes_in"] == snapshot["streams"]["s"]["bytes_in"] > 5 * 1000
+        await producer.stream.aclose()
+
+
+async def test_the_rate_history_comes_when_asked_for() -> None:
+    """``?history=1``: the websocket's first snapshot and /status.json carry each endpoint's
+    recent rates (one point per interval, the newest the snapshot's own rates); without it,
+    no snapshot does."""
+    async with running() as (daemon, url):
+        assert daemon.status_server is not None
+        port = daemon.status_server.port
+        producer = await connect(endpoint_port(daemon, "in"))
+        for i in range(5):
+            await producer.send([data(i)])
+            points = len(daemon.rates.history()["times"])
+            await wait_until(lambda: len(daemon.rates.history()["times"]) > points)  # noqa: B023
+        plain = await snapshot_where(url, lambda s: True)
+        assert "history" not in plain
+        assert "history" not in await status_json(port)
+        async with open_websocket_url(url + "?history=1", connect_timeout=5) as ws:
+            with trio.fail_after(10):
+                first = json.loads(await ws.get_message())
+                second = json.loads(await ws.get_message())
+        assert "history" not in second  # once, on connect
+        history = first["history"]
+        assert history["points"] == 900  # 15 minutes at 50 ms: bounded at 900
+        series = history["endpoints"]["in"]
+        assert len(history["times"]) >= 5
+        assert history["times"] == sorted(history["times"])
+        assert len(series["frames_in"]) == len(history["times"])
+        assert series["frames_in"][-1] == first["endpoints"]["in"]["rates"]["frames_in"]
+        # The frames sent showed up as rates; nothing went out (no client).
+        assert max(series["frames_in"]) > 0
+        assert max(series["bytes_in"]) > 0
+        assert set(history["endpoints"]["out"]["frames_out"]) == {0.0}
+        json_history = (await status_json(port, "?history=1"))["history"]
+        assert set(json_history["endpoints"]) == {"in", "out"}
+        await producer.stream.aclose()

@@ -32,7 +32,7 @@ from .history import ArrivalClock, HistoryWriter
 from .metrics import DaemonMetrics
 from .nats import EmbeddedNatsServer, with_embedded_servers
 from .notify import SystemdNotifier
-from .rates import RateMeter
+from .rates import RateMeter, history_points
 from .statedir import default_history_dir
 from .status import StatusServer, build_snapshot
 from .stream import StreamRegistry, watch_holds
@@ -105,6 +105,7 @@ class Daemon:
         self.config_path = config_path
         self.streams = StreamRegistry()
         self.streams.configure(config.streams)
+        _make_configured_streams(self.streams, config)
         self.context = EndpointContext(self.streams, transports or Transports())
         self.supervisor = Supervisor(config.daemon.restart)
         self.notifier = notifier or SystemdNotifier(None)
@@ -354,7 +355,9 @@ class Daemon:
             max_clients=config.max_clients,
             tick=lambda: self.rates.sample(self.endpoints, time.time()),
             metrics=self.metrics.exposition,
+            history=self.rates.history,
         )
+        self.rates.keep_history(history_points(config.interval))
         self.status_server = server
         self._status_scope = trio.CancelScope()
         await self._nursery.start(self._supervise_status, server, config, self._status_scope)
@@ -568,6 +571,7 @@ class Daemon:
                 [f"endpoints.{failure.name}: {failure.reason}" for failure in failures],
                 restored=True,
             )
+        _make_configured_streams(self.streams, config)
         if config.streams != old.streams:
             self.streams.configure(config.streams)
             changes.append("stream settings")
@@ -635,6 +639,20 @@ class Daemon:
             else f"reload failed, running the previous config; {self.summary()}"
         )
         return ok
+
+
+def _make_configured_streams(streams: StreamRegistry, config: Config) -> None:
+    """Make every stream ``config`` names (``[streams.NAME]``, and each endpoint's
+    ``stream``, ``publish`` and ``subscribe``) now, not when its first producer or client
+    comes: status and the dashboard list a stream that has seen no traffic yet."""
+    names = list(config.streams)
+    for endpoint in config.endpoints.values():
+        for field in ("stream", "publish", "subscribe"):
+            name = getattr(endpoint, field, None)
+            if isinstance(name, str):
+                names.append(name)
+    for name in names:
+        streams.get(name)
 
 
 async def _cannot_bind(address: Address) -> str | None:

@@ -236,13 +236,17 @@ class StatusServer:
     """Serves snapshots from ``snapshot()`` every ``interval`` seconds to websocket clients.
 
     With ``token`` set, a client must send ``Authorization: Bearer <token>`` or put
-    ``?token=<token>`` in the URL; others are refused with HTTP 401. Beyond ``max_clients``
+    ``?token=<token>`` in the URL; others are refused with HTTP 401 (a body that says
+    both ways). Beyond ``max_clients``
     clients are refused with HTTP 503. A client that does not finish its handshake within
     ``handshake_timeout``, sends any message, or does not take a snapshot within
     ``send_timeout`` is closed.
 
     ``listen`` opens the listeners (by default TCP on ``host``:``port``); tests pass their
-    own. :attr:`state` becomes "running" once :meth:`run` listens; whoever restarts the
+    own. ``history``, when given, is what a client that asks with ``?history=1`` (on the
+    websocket, its first snapshot; on /status.json) gets as the snapshot's ``history``
+    field: the recent rates a dashboard draws at once. :attr:`state` becomes "running"
+    once :meth:`run` listens; whoever restarts the
     server (the daemon) keeps :attr:`restarts`, :attr:`last_error` and the other states.
     The snapshot shows all three. Refusals and dropped connections are logged at most once
     per 10 s each, with counts.
@@ -262,8 +266,10 @@ class StatusServer:
         listen: ListenerFactory | None = None,
         tick: Callable[[], None] | None = None,
         metrics: Callable[[], bytes] | None = None,
+        history: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._history = history
         self._tick = tick
         self._metrics = metrics
         self.host, self.port = host, port
@@ -287,8 +293,12 @@ class StatusServer:
         self._refused = RateLimitedWarning(log, "status client refused")
         self._accept_failed = RateLimitedWarning(log, "status websocket cannot accept")
 
-    def _encode(self) -> bytes:
-        return json.dumps(self._snapshot(), separators=(",", ":")).encode()
+    def _encode(self, *, history: bool = False) -> bytes:
+        """A snapshot, encoded; with ``history`` (and a source of it), its ``history`` too."""
+        snapshot = self._snapshot()
+        if history and self._history is not None:
+            snapshot["history"] = self._history()
+        return json.dumps(snapshot, separators=(",", ":")).encode()
 
     def refresh(self) -> None:
         """Take the interval's readings (``tick``), build a new snapshot now and wake every
@@ -447,7 +457,7 @@ class StatusServer:
         )
         if not self._authorised(request):
             self._refused(f"{peer}: bad or missing token (HTTP 401)")
-            await request.reject(401, body=b"a valid token is required\n")
+            await request.reject(401, body=_UNAUTHORISED)
             return None
         if request.path.partition("?")[0].partition("#")[0] != "/":
             # The websocket is at / only: any other path is not found, as for plain HTTP.
@@ -471,8 +481,10 @@ class StatusServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._refuse_input, connection, peer, nursery.cancel_scope)
                 sent = self._generation
+                history = _query_flag(connection.path or "", "history")
                 with trio.fail_after(self.send_timeout):
-                    await connection.send_message(self._encode())  # a fresh one on connect
+                    # A fresh one on connect, with the rate history if asked for.
+                    await connection.send_message(self._encode(history=history))
                 while True:
                     if sent == self._generation:
                         await self._changed.wait()
@@ -535,7 +547,7 @@ class StatusServer:
         if not self._has_token(request.headers, target):
             # First: a caller without the token learns nothing, not even which methods work.
             self._refused(f"{peer}: bad or missing token (HTTP 401)")
-            response = 401, b"a valid token is required\n", _TEXT, []
+            response = 401, _UNAUTHORISED, _TEXT, []
         elif request.method not in (b"GET", b"HEAD"):
             response = 405, b"only GET and HEAD are served here\n", _TEXT, [("allow", "GET, HEAD")]
         elif path == "/":
@@ -543,7 +555,8 @@ class StatusServer:
         elif path == "/metrics" and self._metrics is not None:
             response = 200, self._metrics(), METRICS_CONTENT_TYPE, []
         elif path == "/status.json":
-            response = 200, self._encode(), "application/json", []
+            body = self._encode(history=_query_flag(target, "history"))
+            response = 200, body, "application/json", []
         else:
             response = 404, _NOT_FOUND, _TEXT, []
         status, body, content_type, headers = response
@@ -664,6 +677,14 @@ def _is_upgrade(request: h11.Request) -> bool:
 
 
 _TEXT: Final = "text/plain; charset=utf-8"
+#: The answer to a request without the token: how to give it.
+_UNAUTHORISED: Final = (
+    b"a valid token is required: this status port has a token ([status] token or token_file "
+    b"in the daemon's configuration).\n"
+    b"In a browser, add it to the address: http://HOST:PORT/?token=YOUR_TOKEN\n"
+    b"Other clients may send the header instead: Authorization: Bearer YOUR_TOKEN\n"
+    b"(framewire status --token-file PATH, or $FRAMEWIRE_STATUS_TOKEN)\n"
+)
 _NOT_FOUND: Final = b"not found: this port serves /, /metrics, /status.json and the websocket\n"
 _PHRASES: Final = {
     200: "OK",
@@ -714,6 +735,15 @@ def _query_token(target: str) -> str:
     """
     query = target.partition("?")[2].partition("#")[0]
     return parse_qs(query).get("token", [""])[0]
+
+
+def _query_flag(target: str, name: str) -> bool:
+    """Whether the query of request target ``target`` sets ``name`` to 1 (``?history=1``).
+    Never raises."""
+    try:
+        return parse_qs(target.partition("?")[2].partition("#")[0]).get(name, [""])[0] == "1"
+    except ValueError:
+        return False
 
 
 def _reason(error: BaseException) -> str:

@@ -3,12 +3,16 @@
 // it is only ever put in the page as text (textContent, attribute properties), never as HTML.
 "use strict";
 (function () {
-  const HISTORY = 300; // snapshots kept per endpoint for its sparkline
+  // Points kept per endpoint for its sparkline: the daemon's bound (history.points in the
+  // first snapshot), 900 until it says.
+  let historyPoints = 900;
+  const DROPPING_WINDOW = 10; // seconds: a client whose drops grew within it is "dropping"
   const MAX_CLIENT_ROWS = 200; // per endpoint; the rest are counted, not drawn
   const HEALTHY = new Set(["running", "listening", "connected", "up", "recording", "finished"]);
   const SVG = "http://www.w3.org/2000/svg";
   const token = new URLSearchParams(location.search).get("token");
   const history = new Map(); // endpoint name -> [{in, out}] frames/s, oldest first
+  const dropsSeen = new Map(); // client key -> [frames_dropped, when it last grew]
   const unfolded = new Set(); // endpoints whose clients are shown
   const table = document.getElementById("endpoints");
   const badge = document.getElementById("connection");
@@ -29,9 +33,23 @@
     const v = num(x);
     return v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2);
   }
-  function megabytes(x) {
-    return (num(x) / 1e6).toFixed(2);
+  // Bytes with a unit that fits (B, kB, MB, GB, TB: powers of 1000), three figures or so.
+  function bytes(x) {
+    let v = num(x);
+    const units = ["B", "kB", "MB", "GB", "TB"];
+    let i = 0;
+    while (Math.abs(v) >= 999.5 && i < units.length - 1) {
+      v /= 1000;
+      i++;
+    }
+    const digits = i === 0 || Math.abs(v) >= 99.95 ? 0 : Math.abs(v) >= 9.995 ? 1 : 2;
+    return v.toFixed(digits) + " " + units[i];
   }
+  function bytesPerSecond(x) {
+    return bytes(x) + "/s";
+  }
+  // The formatters, for the page's tests (read-only).
+  window.framewireUnits = Object.freeze({ bytes, bytesPerSecond, rate });
   function age(seconds) {
     let s = Math.max(0, Math.floor(num(seconds)));
     const d = Math.floor(s / 86400); s -= d * 86400;
@@ -65,8 +83,8 @@
       const line = document.createElementNS(SVG, "polyline");
       line.setAttribute("class", key);
       // A page opened a moment ago spreads its few points over the width; from 60 on they
-      // close up, until HISTORY of them fill it.
-      const step = width / (Math.max(points.length, 60) - 1);
+      // close up, until the history bound (historyPoints) fills it.
+      const step = width / (Math.max(points.length, 60, 2) - 1);
       const x0 = width - step * (points.length - 1);
       line.setAttribute("points", points.map((p, i) =>
         (x0 + i * step).toFixed(1) + "," + (height - 1 - (p[key] / top) * (height - 2)).toFixed(1)
@@ -74,7 +92,7 @@
       svg.appendChild(line);
     }
     const title = document.createElementNS(SVG, "title");
-    title.textContent = "frames/s in (blue) and out (violet), last " + points.length + " snapshots";
+    title.textContent = "frames/s in (blue) and out (violet), last " + points.length + " points";
     svg.appendChild(title);
     return svg;
   }
@@ -117,14 +135,14 @@
   // holder's queue is full by definition: its bar is amber, as everything about a hold.
   function queueBar(client, holder) {
     const frames = num(client.queue_frames) / Math.max(1, num(client.queue_max_frames));
-    const bytes = num(client.queue_bytes) / Math.max(1, num(client.queue_max_bytes));
-    const fill = Math.min(1, Math.max(frames, bytes));
+    const byteFill = num(client.queue_bytes) / Math.max(1, num(client.queue_max_bytes));
+    const fill = Math.min(1, Math.max(frames, byteFill));
     const bar = el("span", null, "bar");
     const inner = el("span", null, holder ? "warn" : fill > 0.9 ? "bad" : fill > 0.5 ? "warn" : "");
     inner.style.width = (fill * 100).toFixed(1) + "%";
     bar.appendChild(inner);
     bar.title = count(client.queue_frames) + " of " + count(client.queue_max_frames) + " frames, " +
-      megabytes(client.queue_bytes) + " of " + megabytes(client.queue_max_bytes) + " MB";
+      bytes(client.queue_bytes) + " of " + bytes(client.queue_max_bytes);
     return [bar, fill];
   }
 
@@ -134,8 +152,8 @@
     const list = el("table", null, "clients");
     const head = el("tr");
     const names = served
-      ? ["peer", "connected", "queue", "", "sent", "frames/s", "MB/s", "dropped"]
-      : ["peer", "connected", "received", "frames/s", "MB/s"];
+      ? ["peer", "connected", "queue", "", "sent", "frames/s", "bytes/s", "dropped"]
+      : ["peer", "connected", "received", "frames/s", "bytes/s"];
     for (const name of names) head.appendChild(el("th", name));
     list.appendChild(el("thead")).appendChild(head);
     const body = list.appendChild(el("tbody"));
@@ -148,15 +166,15 @@
       const r = c.rates || {};
       if (served) {
         cell(row).appendChild(bar[0]);
-        cell(row, count(c.queue_frames) + " frames, " + megabytes(c.queue_bytes) + " MB", "num");
+        cell(row, count(c.queue_frames) + " frames, " + bytes(c.queue_bytes), "num");
         cell(row, count(c.frames_sent), "num");
         cell(row, rate(r.frames_sent), "num");
-        cell(row, megabytes(r.bytes_sent), "num");
+        cell(row, bytesPerSecond(r.bytes_sent), "num");
         cell(row, count(c.frames_dropped), num(c.frames_dropped) ? "num dropped" : "num");
       } else {
         cell(row, count(c.frames_received), "num");
         cell(row, rate(r.frames_received), "num");
-        cell(row, megabytes(r.bytes_received), "num");
+        cell(row, bytesPerSecond(r.bytes_received), "num");
       }
     }
     if (rows.length > MAX_CLIENT_ROWS) {
@@ -175,7 +193,7 @@
     let warn = d.stream_state !== "ok";
     parts.push("JetStream " + String(d.stream_state).replace("_", " "));
     const max = num(d.stream_max_bytes);
-    parts.push(megabytes(d.stream_bytes) + " MB" + (max ? " of " + megabytes(max) + " MB" : "") +
+    parts.push(bytes(d.stream_bytes) + (max ? " of " + bytes(max) : "") +
       ", " + count(d.stream_messages) + " messages");
     if (num(d.stream_fill) >= 0.8) warn = true;
     if (num(d.stream_fill) > 0) parts.push(Math.round(100 * num(d.stream_fill)) + "% full");
@@ -213,8 +231,7 @@
     line.dataset.endpoint = String(holder.endpoint);
     line.append(el("span", holder.endpoint, "name"), queueBar(holder, true)[0],
       el("span", count(holder.queue_frames) + " of " + count(holder.queue_max_frames) +
-        " frames, " + megabytes(holder.queue_bytes) + " of " + megabytes(holder.queue_max_bytes) +
-        " MB"));
+        " frames, " + bytes(holder.queue_bytes) + " of " + bytes(holder.queue_max_bytes)));
     if (holder.subscription && holder.subscription !== holder.endpoint) {
       line.appendChild(el("span", holder.subscription, "address"));
     }
@@ -239,7 +256,8 @@
   }
 
   function renderEndpoint(name, endpoint, now, holding) {
-    const body = el("tbody", null, holding ? "holding" : "");
+    const failing = !HEALTHY.has(endpoint.state);
+    const body = el("tbody", null, (holding ? "holding" : "") + (failing ? " failing" : ""));
     body.dataset.endpoint = name;
     const row = body.appendChild(el("tr", null, "endpoint"));
     const rates = endpoint.rates || {};
@@ -249,9 +267,9 @@
     cell(row, null, "state").appendChild(stateBadge(String(endpoint.state)));
     cell(row, (endpoint.address || []).join(", "), "address");
     cell(row, rate(rates.frames_in), "num frames_in_rate");
-    cell(row, megabytes(rates.bytes_in), "num bytes_in_rate");
+    cell(row, bytesPerSecond(rates.bytes_in), "num bytes_in_rate");
     cell(row, rate(rates.frames_out), "num frames_out_rate");
-    cell(row, megabytes(rates.bytes_out), "num bytes_out_rate");
+    cell(row, bytesPerSecond(rates.bytes_out), "num bytes_out_rate");
     cell(row, null, "spark").appendChild(sparkline(points));
     cell(row, count(endpoint.frames_in), "num frames_in");
     cell(row, count(endpoint.frames_out), "num frames_out");
@@ -271,8 +289,8 @@
       const line = body.appendChild(el("tr", null, "holding-line"));
       const text = cell(line, "holds stream " + stream + " back for " + age(holder.held_for) +
         ": its queue is full (" + count(holder.queue_frames) + " of " +
-        count(holder.queue_max_frames) + " frames, " + megabytes(holder.queue_bytes) + " of " +
-        megabytes(holder.queue_max_bytes) + " MB)");
+        count(holder.queue_max_frames) + " frames, " + bytes(holder.queue_bytes) + " of " +
+        bytes(holder.queue_max_bytes) + ")");
       text.colSpan = 14;
     }
     const spool = spoolText(endpoint.detail || {});
@@ -313,7 +331,7 @@
       row.dataset.stream = name;
       cell(row, name, "name");
       cell(row, count(stream.frames_in), "num");
-      cell(row, megabytes(stream.bytes_in), "num");
+      cell(row, bytes(stream.bytes_in), "num bytes_in");
       cell(row, count(stream.subscribers), "num");
       cell(row, count(stream.metadata_cached), "num");
       cell(row, (stream.metadata_types || []).join(", "), "types");
@@ -329,23 +347,89 @@
     body.replaceChildren(...rows.map(([, row]) => row));
   }
 
+  // The daemon's rate history (the first snapshot of a connection): the sparklines start
+  // from it, not from nothing. Its newest point is the snapshot's own rates.
+  function loadHistory(kept) {
+    historyPoints = Math.max(2, num(kept.points) || historyPoints);
+    history.clear();
+    for (const [name, series] of Object.entries(kept.endpoints || {})) {
+      const frames_in = series.frames_in || [];
+      const frames_out = series.frames_out || [];
+      history.set(name, frames_in.slice(-historyPoints).map((value, i, kept_in) => ({
+        in: num(value), out: num(frames_out[frames_out.length - kept_in.length + i]),
+      })));
+    }
+  }
+
+  // Clients whose drops grew within DROPPING_WINDOW seconds (by this page's snapshots).
+  function droppingClients(endpoints, now) {
+    const seen = new Map();
+    let dropping = 0;
+    for (const [name, endpoint] of Object.entries(endpoints)) {
+      for (const client of endpoint.clients || []) {
+        if (!("frames_dropped" in client)) continue;
+        const key = name + " " + client.peer + " " + client.connected_since;
+        const dropped = num(client.frames_dropped);
+        const before = dropsSeen.get(key);
+        let grew = before ? before[1] : null;
+        if (before && dropped > before[0]) grew = now;
+        seen.set(key, [dropped, grew]);
+        if (grew !== null && now - grew <= DROPPING_WINDOW) dropping++;
+      }
+    }
+    dropsSeen.clear();
+    for (const [key, value] of seen) dropsSeen.set(key, value);
+    return dropping;
+  }
+
+  // One line at the top: endpoints down, streams held, clients dropping.
+  function renderSummary(endpoints, held, now) {
+    const names = Object.keys(endpoints);
+    const down = names.filter((name) => !HEALTHY.has(endpoints[name].state));
+    const dropping = droppingClients(endpoints, now);
+    const parts = [];
+    const part = (what, text, cls) => {
+      const span = el("span", text, "badge " + cls);
+      span.dataset.what = what;
+      parts.push(span);
+    };
+    if (down.length) {
+      const shown = down.slice(0, 5).join(", ") + (down.length > 5 ? ", …" : "");
+      part("down", down.length + " of " + names.length + (names.length === 1 ? " endpoint" : " endpoints") +
+        " down: " + shown, "bad");
+    } else {
+      part("down", names.length === 1 ? "the endpoint is up" : "all " + names.length + " endpoints up", "ok");
+    }
+    part("held", held.length ? held.length + (held.length === 1 ? " stream held" : " streams held")
+      : "no stream held", held.length ? "warn" : "ok");
+    part("dropping", dropping ? dropping + (dropping === 1 ? " client" : " clients") +
+      " dropping (last " + DROPPING_WINDOW + " s)" : "no client dropping", dropping ? "warn" : "ok");
+    document.getElementById("summary").replaceChildren(...parts);
+  }
+
   function render(snap) {
     const now = num(snap.time);
     const endpoints = snap.endpoints || {};
     renderDaemon(snap);
     const [held, holding] = holds(snap);
     renderHeld(held);
+    renderSummary(endpoints, held, now);
+    if (snap.history) loadHistory(snap.history);
     const bodies = [];
     for (const [name, endpoint] of Object.entries(endpoints)) {
-      const rates = endpoint.rates || {};
       const points = history.get(name) || [];
-      points.push({ in: num(rates.frames_in), out: num(rates.frames_out) });
-      if (points.length > HISTORY) points.shift();
+      if (!snap.history) {
+        const rates = endpoint.rates || {};
+        points.push({ in: num(rates.frames_in), out: num(rates.frames_out) });
+        while (points.length > historyPoints) points.shift();
+      }
       history.set(name, points);
       bodies.push(renderEndpoint(name, endpoint, now, holding.get(name)));
     }
-    // The endpoints that hold a stream back first (a stable sort: the rest keep their order).
-    bodies.sort((a, b) => Number(b.classList.contains("holding")) - Number(a.classList.contains("holding")));
+    // The endpoints that hold a stream back first, then those not healthy (a stable sort:
+    // the rest keep their order).
+    const rank = (body) => body.classList.contains("holding") ? 0 : body.classList.contains("failing") ? 1 : 2;
+    bodies.sort((a, b) => rank(a) - rank(b));
     for (const name of history.keys()) if (!(name in endpoints)) history.delete(name);
     table.querySelectorAll("tbody").forEach((body) => body.remove());
     table.append(...bodies);
@@ -353,15 +437,25 @@
     renderStreams(snap);
   }
 
+  function hms(date) {
+    return [date.getHours(), date.getMinutes(), date.getSeconds()]
+      .map((n) => String(n).padStart(2, "0")).join(":");
+  }
+
   const decoder = new TextDecoder();
   let delay = 500;
+  let disconnectedSince = null; // when the daemon went away (the first close of an outage)
   function connect() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const url = scheme + "//" + location.host + "/" + (token ? "?token=" + encodeURIComponent(token) : "");
+    // history=1: the first snapshot carries the daemon's recent rates, for the sparklines.
+    const url = scheme + "//" + location.host + "/?history=1" +
+      (token ? "&token=" + encodeURIComponent(token) : "");
     const socket = new WebSocket(url);
     socket.binaryType = "arraybuffer"; // the daemon sends each snapshot as UTF-8 bytes
     socket.onopen = () => {
       delay = 500;
+      disconnectedSince = null;
+      document.body.classList.remove("disconnected");
       badge.textContent = "live";
       badge.className = "badge ok";
     };
@@ -376,9 +470,13 @@
       render(snap);
     };
     socket.onclose = () => {
-      badge.textContent = "disconnected; retrying";
+      // Everything shown is now the past: greyed, and the badge says since when.
+      if (disconnectedSince === null) disconnectedSince = new Date();
+      document.body.classList.add("disconnected");
+      badge.textContent = "disconnected (since " + hms(disconnectedSince) + "), reconnecting";
       badge.className = "badge bad";
-      setTimeout(connect, delay);
+      document.title = "framewire disconnected";
+      setTimeout(connect, delay * (0.5 + Math.random() / 2)); // backoff with jitter
       delay = Math.min(delay * 2, 10000);
     };
   }

@@ -215,6 +215,9 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
                 if await self._still_in_place(pattern, then="the stream has ended"):
                     await self._close_file()
                 self._written.clear()
+                # A checkpoint: stopping just as the stream ended, take() answers None at
+                # once, again and again, and only a checkpoint lets the stop's cancel land.
+                await trio.lowlevel.checkpoint()
                 continue
             if not outbox.is_disk:
                 await self._write(pattern, batch)
@@ -284,7 +287,9 @@ class RecorderEndpoint(Endpoint[RecorderConfig]):
             if frame.is_metadata:
                 self._written.update(frame)
         await self._flush(pending, pending_size)
+        # What it took from the stream (bytes_out counts what it wrote: encoded, replays too).
         self.status.frames_in += len(frames)
+        self.status.bytes_in += sum(frame.size for frame in frames)
 
     async def _flush(self, buffers: list[Buffer], size: int) -> None:
         if buffers and self._handle is not None:
