@@ -300,6 +300,10 @@ class Outbox:
                     raise OutboxCutOff(closed.reason) from None
                 if not self._stopping:
                     self._resubscribe()
+                else:
+                    # An ended subscription answers at once: a caller that takes again
+                    # while stopping must still reach a checkpoint (and its cancellation).
+                    await trio.lowlevel.checkpoint()
                 return None
             self.last_batch_frames = subscription.last_batch_frames
             if self._taken:
