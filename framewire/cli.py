@@ -22,7 +22,7 @@ import signal
 import ssl
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, NoReturn, TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -1084,8 +1084,36 @@ def _render(url: str, message: str | bytes, *, as_json: bool = False) -> str:
         ) from None
 
 
-async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
+#: What reading a status server can fail with (see :func:`_status_failure`).
+_STATUS_ERRORS = (
+    HandshakeError,
+    ConnectionClosed,
+    DisconnectionTimeout,
+    OSError,
+    trio.TooSlowError,
+)
+
+
+@contextlib.asynccontextmanager
+async def _status_socket(
+    url: str, token: str | None, context: ssl.SSLContext | None
+) -> AsyncIterator[Callable[[], Awaitable[str | bytes]]]:
+    """A websocket to the status server at ``url``; yields a function that returns its next
+    message, raising trio.TooSlowError after :data:`STATUS_SILENCE` seconds without one
+    (the other failures are in :data:`_STATUS_ERRORS`)."""
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+    async with open_websocket_url(
+        url, context, extra_headers=headers, connect_timeout=5, disconnect_timeout=1
+    ) as connection:
+
+        async def next_message() -> str | bytes:
+            with trio.fail_after(STATUS_SILENCE):
+                return await connection.get_message()
+
+        yield next_message
+
+
+async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
     context: ssl.SSLContext | None = None
     if url.startswith("wss:"):
         try:
@@ -1099,12 +1127,9 @@ async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
     gone = False
     while True:
         try:
-            async with open_websocket_url(
-                url, context, extra_headers=headers, connect_timeout=5, disconnect_timeout=1
-            ) as connection:
+            async with _status_socket(url, token, context) as next_message:
                 while True:
-                    with trio.fail_after(STATUS_SILENCE):
-                        message = await connection.get_message()
+                    message = await next_message()
                     text = _render(url, message, as_json=args.json)
                     if not args.watch:
                         _show(text)
@@ -1112,13 +1137,7 @@ async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
                     _show(text if args.json else "\x1b[H\x1b[2J" + text, flush=True)
                     shown, gone = True, False
                     backoff.reset()
-        except (
-            HandshakeError,
-            ConnectionClosed,
-            DisconnectionTimeout,
-            OSError,
-            trio.TooSlowError,
-        ) as exc:
+        except _STATUS_ERRORS as exc:
             failure = _status_failure(url, exc, token)
             if not args.watch or failure.code == EXIT_USAGE:
                 raise failure from None
@@ -1175,16 +1194,12 @@ async def _read_status(
     Without ``retry`` the first failure to read raises :class:`Failure`; with it, the
     connection is made again (with backoff) until the caller's deadline, as after a reload
     that restarted [status], and only a failure retrying cannot cure (a refused token) raises."""
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
     backoff = Backoff(WATCH_BACKOFF)
     while True:
         try:
-            async with open_websocket_url(
-                url, context, extra_headers=headers, connect_timeout=5, disconnect_timeout=1
-            ) as connection:
+            async with _status_socket(url, token, context) as next_message:
                 while True:
-                    with trio.fail_after(STATUS_SILENCE):
-                        message = await connection.get_message()
+                    message = await next_message()
                     try:
                         snapshot = json.loads(message)
                         if not isinstance(snapshot["daemon"]["pid"], int):
@@ -1197,13 +1212,7 @@ async def _read_status(
                     backoff.reset()
                     if until(snapshot):
                         return dict(snapshot)
-        except (
-            HandshakeError,
-            ConnectionClosed,
-            DisconnectionTimeout,
-            OSError,
-            trio.TooSlowError,
-        ) as exc:
+        except _STATUS_ERRORS as exc:
             failure = _status_failure(url, exc, token)
             if not retry or failure.code == EXIT_USAGE:
                 raise failure from None
