@@ -216,3 +216,23 @@ def test_frames_taken_before_a_disk_buffer_reopened_are_never_consumed_for_other
         outbox.close("end")
 
     trio.run(main)
+
+
+def test_frames_dropped_after_taking_stay_counted_whenever_status_is_read() -> None:
+    """A consumer that drops frames it took (a core NATS publisher nats-py could not take
+    them from) counts them in the outbox: status, refreshed on every read, keeps them."""
+    stream = Stream("s")
+    status = EndpointStatus("test")
+    outbox = Outbox(
+        BufferConfig(),
+        lambda: stream.subscribe(bounds=QueueBounds(1000, 1 << 30), policy=Policy.LOSSY),
+        status=status,
+        log=LOG,
+    )
+    outbox.start()
+    outbox.dropped_after_taking += 5
+    status.current_detail()
+    assert status.frames_dropped == 5
+    outbox.resubscribe()
+    status.current_detail()
+    assert status.frames_dropped == 5

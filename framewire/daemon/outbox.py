@@ -110,6 +110,9 @@ class Outbox:
         self._handed = 0
         #: Frames taken from a disk buffer before it was opened again, not yet done.
         self._stale = 0
+        #: DATA frames the endpoint dropped after taking them (a core NATS publisher that
+        #: could not hand them to nats-py), counted in :attr:`frames_dropped`.
+        self.dropped_after_taking = 0
         #: Frames each taken batch stands for (a block of frames counts its frames).
         self.last_batch_frames = 0
         self._dropped_before = 0
@@ -380,7 +383,7 @@ class Outbox:
     def frames_dropped(self) -> int:
         """DATA frames the buffer dropped (a full ``drop_oldest`` buffer, a lossy queue)."""
         current = self.subscription.frames_dropped if self.subscription is not None else 0
-        dropped = self._dropped_before + current
+        dropped = self._dropped_before + current + self.dropped_after_taking
         if self.disk is not None:
             dropped += self.disk.dropped_frames
         return dropped

@@ -403,8 +403,6 @@ class NatsEndpoint(Endpoint[NatsConfig]):
             self._publisher = None
             if self.outbox is not None:
                 self.outbox.close("the NATS endpoint stopped")
-                if publisher is not None:
-                    self.status.frames_dropped += publisher.unsent
             with trio.CancelScope(shield=True):
                 await self._close_client(thread)
                 await thread.stop()

@@ -157,9 +157,13 @@ class NatsPublisher:
         await self.thread.call(listen, within=self.config.connect_timeout)
 
     def report_queue(self) -> None:
-        """Queue figures in status; ``frames_dropped`` adds what nats-py could not take."""
+        """Queue figures in status (``frames_dropped`` counts what nats-py could not take)."""
         self.outbox.report()
-        self.endpoint.status.frames_dropped += self.unsent
+
+    def _unsent(self, frames: int) -> None:
+        """``frames`` DATA frames nats-py could not take were dropped."""
+        self.unsent += frames
+        self.outbox.dropped_after_taking += frames
 
     def stop_taking(self) -> None:
         """Take nothing more from the outbox: collect the acks of what is in flight, then
@@ -303,7 +307,7 @@ class NatsPublisher:
                 # nats-py could not take the batch in time (its buffer full, the server
                 # gone): the data is lost as for a lossy queue, metadata is said again.
                 endpoint.set_state("error", f"NATS publish: {exc}")
-                self.unsent += sum(len(u.frames) for u in todo if u.kind is FrameKind.DATA)
+                self._unsent(sum(len(u.frames) for u in todo if u.kind is FrameKind.DATA))
                 frames = [unit for unit in todo if unit.kind is not FrameKind.DATA]
                 start = 0
                 await endpoint.wait_connected()
@@ -313,7 +317,7 @@ class NatsPublisher:
                     status.frames_out += len(unit.frames)
                     status.bytes_out += unit.nbytes
                 else:
-                    self.unsent += len(unit.frames)
+                    self._unsent(len(unit.frames))
             start += len(went)
             if start < len(frames):
                 # A metadata frame could not go: wait for the connection, then go on.
