@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from framewire import Frame, FrameKind
+from framewire.config import parse_config
 
 from .helpers import connect, endpoint_port, running_daemon, wait_until
 from .nats_helpers import (
@@ -396,3 +397,60 @@ async def test_a_reader_that_cannot_open_its_bucket_at_first_tries_again(
     assert b'"producers"' in record
     warned = [r for r in caplog.records if "cannot keep what this reader handled" in r.getMessage()]
     assert len(warned) == 1
+
+
+@pytest.mark.parametrize("how", ["crash", "reload"])
+async def test_a_restarted_reader_does_not_give_live_clients_the_metadata_again(
+    nats_server: NatsServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """A JetStream reader starts by publishing the metadata current where it starts reading,
+    for a daemon that has none yet. When the reader endpoint starts again in a running
+    daemon (after a crash, or a reload that changed it), the stream already holds that
+    metadata: a live client of the stream gets it once, not once per restart."""
+    from framewire.daemon.nats import _subscriber
+
+    caplog.set_level(logging.INFO, logger="framewire")
+    url = nats_server.url
+    metadata = Frame(FrameKind.METADATA, "observation", b"obs-1", timestamp=1)
+    before, after = frames_of(50), frames_of(50, start=50)
+    durable = 'durable = "archive"\nstart = "all"'
+    save_marks = _subscriber.NatsSubscriber._save_marks
+    fault: list[None] = []
+
+    async def save_then_maybe_crash(self: Any, thread: Any, upto: Any) -> bool:
+        if fault:
+            fault.pop()
+            raise RuntimeError("a reader's fault, for the test")
+        return await save_marks(self, thread, upto)
+
+    monkeypatch.setattr(_subscriber.NatsSubscriber, "_save_marks", save_then_maybe_crash)
+    async with (
+        running_daemon(publisher_toml(url, mode="jetstream")) as a,
+        running_daemon(subscriber_toml(url, mode="jetstream", extra=durable)) as b,
+    ):
+        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
+        await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+        client = await connect(endpoint_port(b, "out"))
+        async with producer(a) as source:
+            await source.send([metadata, *before])
+            assert await read(client, 1 + len(before)) == [metadata, *before]
+            if how == "crash":
+                fault.append(None)  # the next batch's marks fail: the endpoint dies
+                await source.send(after[:1])
+                await wait_until(
+                    lambda: any(
+                        "endpoint from-nats failed" in r.getMessage() for r in caplog.records
+                    )
+                )
+            else:
+                extra = durable + '\nack_timeout = "3s"'
+                changed = subscriber_toml(url, mode="jetstream", extra=extra)
+                assert await b.reload(parse_config(changed)) == ["changed from-nats"]
+            await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+            await source.send(after if how == "reload" else after[1:])
+            got = await read(client, 1 + len(before) + len(after))
+    await client.stream.aclose()
+    assert got == [metadata, *before, *after]

@@ -1180,6 +1180,10 @@ class MetadataCache:
         self.nbytes = nbytes
         return None
 
+    def get(self, type_: str) -> Frame | None:
+        """The latest METADATA frame of type ``type_`` (None when there is none)."""
+        return self._frames.get(type_)
+
     def clear(self) -> None:
         self._frames.clear()
         self.nbytes = 0

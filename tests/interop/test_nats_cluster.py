@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,35 @@ def stream_leader(urls: list[str], stream: str) -> tuple[str, list[str]]:
     return result
 
 
+def stream_tail(urls: list[str], stream: str, count: int) -> str:
+    """The headers of the stream's last ``count`` messages, for a failure message."""
+
+    async def tail() -> str:
+        nc = await nats.connect(urls, connect_timeout=5)
+        try:
+            js = nc.jetstream(timeout=5)
+            last = (await js.stream_info(stream)).state.last_seq
+            lines = []
+            for seq in range(max(1, last - count + 1), last + 1):
+                try:
+                    msg = await js.get_msg(stream, seq)
+                except Exception as exc:
+                    lines.append(f"{seq}: {exc!r}")
+                    continue
+                headers = {
+                    key: value
+                    for key, value in (msg.headers or {}).items()
+                    if key.startswith(("Nats-Msg", "Fw-"))
+                }
+                lines.append(f"{seq}: {headers}")
+            return "\n".join(lines)
+        finally:
+            await nc.close()
+
+    result: str = run_nats(tail)
+    return result
+
+
 def frames(start: int, count: int) -> list[Frame]:
     """Numbered frames of 4 bytes to 64 KiB (1 to 16384 copies of the number)."""
     return [
@@ -289,7 +319,14 @@ async def test_publishing_at_full_rate_survives_a_sigkill_of_the_stream_leader(
             await wait_until(lambda: publisher.status.frames_out >= 1 + len(sent))
             with trio.move_on_after(2):
                 extra = await client.read(len(got) + 1)
-                pytest.fail(f"a frame arrived twice: {extra[-1]}")
+                seen = Counter(repr(frame) for frame in extra)
+                twice = [text for text, n in seen.items() if n > 1]
+                tail = await trio.to_thread.run_sync(stream_tail, urls, "FW_camera", 40)
+                state = describe({"A": a, "B": b}, cluster)
+                pytest.fail(
+                    f"{len(extra)} frames arrived for {len(got)} sent; twice: {twice}\n"
+                    f"the stream's last messages:\n{tail}\n{state}"
+                )
         finally:
             await source.stream.aclose()
             await client.stream.aclose()

@@ -91,6 +91,14 @@ class NatsSubscriber:
         detail["frames_incomplete"] = assembler.frames_incomplete
         return frames
 
+    def _not_in_stream(self, metadata: list[Frame]) -> list[Frame]:
+        """Of the metadata current where reading starts, what the stream does not already
+        hold as its latest of that type. After a restart of this endpoint (a crash, a
+        reload) the stream has it from the run before, and its live subscribers must not
+        be given it a second time."""
+        stream = self.endpoint.context.streams.get(self.config.stream)
+        return [frame for frame in metadata if stream.metadata.get(frame.type) != frame]
+
     def _stream_lossless_marks(self) -> list[tuple[Subscription, int]]:
         """The stream's lossless subscriptions, each with how many frames it has been given
         (see :meth:`Subscription.wait_handled`)."""
@@ -259,7 +267,9 @@ class NatsSubscriber:
             # Read up to ``floor`` before; the stream discarded what came next meanwhile
             # (logged with the frames this costs, once the first batch shows them).
             self._lost.messages(floor + 1, first - 1)
-        await self._publish_frames(self._decode(await self._last_metadata(thread, start)))
+        await self._publish_frames(
+            self._not_in_stream(self._decode(await self._last_metadata(thread, start)))
+        )
         last_sequence = start - 1
         # Messages asked for per fetch: half of max_queue_bytes over the largest message of
         # the last fetch (at first, the largest a message can be), at most half of
