@@ -454,3 +454,74 @@ async def test_a_restarted_reader_does_not_give_live_clients_the_metadata_again(
             got = await read(client, 1 + len(before) + len(after))
     await client.stream.aclose()
     assert got == [metadata, *before, *after]
+
+
+async def test_a_reader_that_cannot_read_a_skipped_range_tries_again_without_failing(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the reader endpoint died with a batch unacknowledged, its next run reads the
+    messages the consumer skipped from the stream itself. When that read fails (a stream
+    electing a leader does not answer), the endpoint says so (state ``error``, one WARNING)
+    and tries again: it does not fail a second time, and every frame arrives once, in
+    order."""
+    from framewire.daemon.nats import _subscriber
+
+    caplog.set_level(logging.INFO, logger="framewire")
+    url = nats_server.url
+    before, after = frames_of(50), frames_of(50, start=50)
+    durable = 'durable = "archive"\nstart = "all"'
+    save_marks = _subscriber.NatsSubscriber._save_marks
+    read_range = _subscriber.read_stream_range
+    crash: list[None] = []
+    read_faults: list[None] = []
+    states: list[str] = []
+
+    async def save_then_maybe_crash(self: Any, thread: Any, upto: Any) -> bool:
+        if crash:
+            crash.pop()
+            read_faults.append(None)  # the next run's first read of the stream fails
+            raise RuntimeError("a reader's fault, for the test")
+        return await save_marks(self, thread, upto)
+
+    async def failing_read(*args: Any, **kwargs: Any) -> Any:
+        if read_faults:
+            read_faults.pop()
+            raise TimeoutError("the stream does not answer, for the test")
+        return await read_range(*args, **kwargs)
+
+    monkeypatch.setattr(_subscriber.NatsSubscriber, "_save_marks", save_then_maybe_crash)
+    monkeypatch.setattr(_subscriber, "read_stream_range", failing_read)
+    async with (
+        running_daemon(publisher_toml(url, mode="jetstream")) as a,
+        running_daemon(subscriber_toml(url, mode="jetstream", extra=durable)) as b,
+    ):
+        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
+        await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+        client = await connect(endpoint_port(b, "out"))
+        async with producer(a) as source:
+            await source.send(before)
+            assert await read(client, len(before)) == before
+            crash.append(None)
+            await source.send(after[:1])
+            await wait_until(
+                lambda: any("endpoint from-nats failed" in r.getMessage() for r in caplog.records)
+            )
+            await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+            reader = nats_endpoint(b, "from-nats")
+            await source.send(after[1:])
+            got = await read(client, len(before) + len(after))
+            states.append(str(reader.status.detail.get("last_error")))
+    await client.stream.aclose()
+    assert got == [*before, *after]
+    assert not read_faults, "the test's fault was never met: no range was read"
+    failed = [r for r in caplog.records if "endpoint from-nats failed" in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in failed]
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "skipped by the consumer" in r.getMessage()
+    ]
+    assert len(warned) == 1, warned
+    assert "no answer from NATS" in warned[0]
+    assert states and "skipped by the consumer" in states[0]
+    assert count(reader, "gap_messages_read") >= 1

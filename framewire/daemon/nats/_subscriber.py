@@ -495,38 +495,57 @@ class NatsSubscriber:
         and so are messages on subjects the consumer does not read (a stream made elsewhere,
         ``create = false``, that captures more than ``SUBJECT.>``: each costs a read).
 
-        Raises what reading the stream raises (the fetch loop is left; the supervisor starts
-        the endpoint again, which resumes from the acknowledged floor).
+        A read that fails (a stream electing a leader does not answer) sets the state
+        ``error`` with the reason and is tried again after a backoff, from where it stopped;
+        the batch in hand waits meanwhile. Raises what reading raises only when the endpoint
+        is asked to stop (nothing is acknowledged: a later start reads it again).
         """
         config = self.config
+        endpoint = self.endpoint
         found = 0
         sequence = first
+        backoff = Backoff(config.reconnect)
         while sequence <= last:
             count = min(last - sequence + 1, MAX_FETCH)
-            messages, missing = await thread.call(
-                functools.partial(
-                    read_stream_range,
-                    self.endpoint.jetstream(),
-                    self.endpoint.layout.stream,
-                    config.subject_prefix,
-                    sequence,
-                    count,
-                ),
-                within=config.ack_timeout + count * 0.01,
-            )
+            try:
+                messages, missing = await thread.call(
+                    functools.partial(
+                        read_stream_range,
+                        endpoint.jetstream(),
+                        endpoint.layout.stream,
+                        config.subject_prefix,
+                        sequence,
+                        count,
+                    ),
+                    within=config.ack_timeout + count * 0.01,
+                )
+            except Exception as exc:
+                if endpoint.stop_requested:
+                    raise
+                endpoint.set_state(
+                    "error",
+                    f"reading {endpoint.layout.stream} (sequences {sequence} to "
+                    f"{sequence + count - 1}, skipped by the consumer): "
+                    f"{describe_nats_error(exc)}",
+                )
+                await trio.sleep(backoff.next_delay())
+                await endpoint.wait_connected()
+                continue
+            if endpoint.status.detail["state"] != "subscribed":
+                endpoint.set_state("subscribed")
             found += len(messages)
-            self.endpoint.count("gap_messages_read", len(messages))
+            endpoint.count("gap_messages_read", len(messages))
             if missing:
                 self._lost.messages(sequence, sequence + count - 1, missing)
             kept = [message for message in messages if self._is_new(message[1])]
             await self._publish_frames(self._decode(kept))
             sequence += count
         if found:
-            self.endpoint.log.info(
+            endpoint.log.info(
                 "read %d messages of %s (sequences %d to %d) from the stream: the consumer had "
                 "sent them before and they were never acknowledged",
                 found,
-                self.endpoint.layout.stream,
+                endpoint.layout.stream,
                 first,
                 last,
             )
