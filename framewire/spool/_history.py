@@ -46,6 +46,11 @@ Durability: no ``fsync`` except at :meth:`StreamHistory.close`: a history is a w
 recent past, not a ledger. A crash of the process loses nothing appended; a power loss can
 lose what the kernel had not yet written (the torn tail is cut off at the next open).
 
+A directory removed under an open history (by hand, a disk unmounted) is made again at
+the next append, which starts a new segment there; the segments that went with it are
+forgotten. Bounds changed while open (:meth:`StreamHistory.set_bounds`, a reload) apply
+at once; segments started after the change are sized for the new bound.
+
 Failures: :class:`SpoolLocked` (another history has the directory open),
 :class:`SpoolIOError` / :class:`SpoolDiskFull` (an append could not be written: it is cut
 off again and the caller counts the frames as dropped), :class:`SpoolClosed`. Corruption in
@@ -190,6 +195,9 @@ class HistoryStats:
     oldest_ns: int
     newest_ns: int
     next_seq: int
+    #: Frames numbered from the oldest kept segment's first up to :attr:`next_seq` (frames
+    #: the history left out in between, such as those its writer dropped, are counted too).
+    frames: int
     frames_appended: int
     segments_dropped: int
     torn_bytes: int
@@ -237,6 +245,10 @@ class StreamHistory:
         self.frames_appended = 0
         self.segments_dropped = 0
         self.torn_bytes = 0
+        #: Times the directory was found gone and made again (see :meth:`append`).
+        self.directory_lost = 0
+        #: The record limit asked for at :meth:`open` (the bound may lower it).
+        self._record_limit = max_record_size
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -259,17 +271,17 @@ class StreamHistory:
         """
         if max_bytes < 4 * SEGMENT_HEADER_SIZE:
             raise ValueError(f"max_bytes {max_bytes} is too small for a history")
-        size = segment_size or min(_MAX_SEGMENT, max(max_bytes // 8, 4096))
-        size = max(SEGMENT_HEADER_SIZE * 2, min(size, max_bytes // 4))
+        size, record_size = _sizes(max_bytes, segment_size, max_record_size)
         history = cls(
             Path(path),
             max_bytes=max_bytes,
             max_age_ns=None if max_age is None else int(max_age * 1e9),
             segment_size=size,
-            max_record_size=min(max_record_size, max_bytes // 2),
+            max_record_size=record_size,
             clock=clock,
             run_starts=run_starts,
         )
+        history._record_limit = max_record_size
         try:
             history._open()
         except OSError as exc:
@@ -381,7 +393,9 @@ class StreamHistory:
         stand for frames the history lost on the way in (a reader counts them in
         :attr:`HistoryReader.frames_missed`).
 
-        Rolls to a new segment when the active one is full, then deletes the oldest
+        Rolls to a new segment when the active one is full, or when the directory is gone
+        (removed under the history: it is made again, its lost segments forgotten and
+        counted in :attr:`directory_lost`), then deletes the oldest
         segments until the files are within ``max_bytes`` and drops segments older than
         ``max_age``. Raises :class:`RecordTooLarge` (nothing written) for a frame over the
         record limit (half of ``max_bytes`` at most), :class:`SpoolDiskFull` or
@@ -442,8 +456,12 @@ class StreamHistory:
     def _append_chunk(
         self, first: int, records: list[tuple[list[Buffer], int, Frame]], nbytes: int, now: int
     ) -> None:
-        if self._seg_fd < 0 or (
-            self._seg_size > SEGMENT_HEADER_SIZE and self._seg_size + nbytes > self.segment_size
+        if (
+            self._seg_fd < 0
+            or (
+                self._seg_size > SEGMENT_HEADER_SIZE and self._seg_size + nbytes > self.segment_size
+            )
+            or not self.path.is_dir()
         ):
             self._roll(first, now)
         segment = self._segments[-1]
@@ -481,6 +499,8 @@ class StreamHistory:
         """Start segment ``first``: its ``.meta`` (the metadata current now) first, then its
         header. The active segment's files are closed."""
         self._close_active()
+        if not self.path.is_dir():
+            self._start_again()
         meta: list[Buffer] = [SegmentHeader(SEGMENT_APPENDED, 0).pack()]
         for seq, frame in enumerate(self._metadata.values()):
             encode_record(seq, frame, self._encoder, meta)
@@ -505,6 +525,42 @@ class StreamHistory:
         segment = _Segment(first, nbytes=SEGMENT_HEADER_SIZE + sum(map(len, meta)))
         with self._lock:
             self._segments.append(segment)
+
+    def set_bounds(
+        self, *, max_bytes: int, max_age: float | None, now_ns: int | None = None
+    ) -> int:
+        """Bound the history anew (a reload): ``max_bytes`` and ``max_age`` (seconds, None:
+        by bytes only) as :meth:`open` takes them. Segments started from now on are sized
+        for the new bound; what the new bounds no longer allow goes at once (oldest first;
+        the active segment stays until the next roll, as ever). Returns how many segments
+        went (``now_ns``: the arrival clock's now, default the history's clock). Call it
+        from the thread that appends. Raises ValueError for a ``max_bytes`` :meth:`open`
+        would refuse (nothing changes then)."""
+        if max_bytes < 4 * SEGMENT_HEADER_SIZE:
+            raise ValueError(f"max_bytes {max_bytes} is too small for a history")
+        self.max_bytes = max_bytes
+        self.max_age_ns = None if max_age is None else int(max_age * 1e9)
+        self.segment_size, self.max_record_size = _sizes(max_bytes, None, self._record_limit)
+        return self.trim(now_ns)
+
+    def _start_again(self) -> None:
+        """The directory went (removed by hand, an unmounted disk): forget the segments that
+        went with it (readers count their frames as missed) and make it again, locked, so
+        the history goes on from the next frame. Raises OSError if it cannot be made."""
+        with self._lock:
+            self.segments_dropped += len(self._segments)
+            self._segments.clear()
+        self.directory_lost += 1
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = -1
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = fd
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
     def trim(self, now_ns: int | None = None) -> int:
         """Delete the oldest segments while the files pass ``max_bytes`` (never the active
@@ -573,12 +629,14 @@ class StreamHistory:
     def stats(self) -> HistoryStats:
         with self._lock:
             segments = list(self._segments)
+        next_seq = self._next_seq
         return HistoryStats(
             segments=len(segments),
             bytes=sum(s.nbytes for s in segments),
             oldest_ns=self.oldest_ns,
             newest_ns=self.newest_ns,
-            next_seq=self._next_seq,
+            next_seq=next_seq,
+            frames=next_seq - segments[0].first_seq if segments else 0,
             frames_appended=self.frames_appended,
             segments_dropped=self.segments_dropped,
             torn_bytes=self.torn_bytes,
@@ -909,6 +967,14 @@ class HistoryReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _sizes(max_bytes: int, segment_size: int | None, max_record_size: int) -> tuple[int, int]:
+    """The segment size (``segment_size``, or an eighth of ``max_bytes`` up to 64 MiB; a
+    quarter at most) and the record limit (half of ``max_bytes`` at most) for a bound."""
+    size = segment_size or min(_MAX_SEGMENT, max(max_bytes // 8, 4096))
+    size = max(SEGMENT_HEADER_SIZE * 2, min(size, max_bytes // 4))
+    return size, min(max_record_size, max_bytes // 2)
 
 
 def _keep_metadata(metadata: dict[str, Frame], frame: Frame, run_starts: frozenset[str]) -> None:

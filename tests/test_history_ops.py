@@ -1,0 +1,244 @@
+"""A stream's history in operation, through a real daemon: a history that cannot keep up
+(dropped from the history, never held back from the live stream), a failing disk, status
+and metrics, SIGHUP reloads of its settings, and the pace of ``--rate original``."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from framewire import Frame, FrameKind
+from framewire.client import RewindRefused, open_client
+from framewire.daemon import Daemon
+from framewire.daemon.history import ArrivalClock, HistoryWriter
+from framewire.daemon.status import build_snapshot
+from framewire.spool import StreamHistory
+from framewire.spool import _history as spool_history
+
+from .helpers import endpoint_port, running_daemon, wait_until
+
+MIB = 1 << 20
+
+CONFIG = """
+[streams.s.history]
+max_bytes = "{max_bytes}"
+path = "{path}"
+max_queue_bytes = "{queue}"
+{age}
+
+[endpoints.out]
+kind = "server"
+listen = "tcp://127.0.0.1:0"
+protocol = "native"
+stream = "s"
+max_queue_frames = 100000
+"""
+
+
+def config(
+    directory: Path, *, max_bytes: str = "16MiB", queue: str = "64MiB", age: str = ""
+) -> str:
+    return CONFIG.format(max_bytes=max_bytes, path=directory / "history", queue=queue, age=age)
+
+
+def data(i: int, size: int = 32) -> Frame:
+    return Frame(FrameKind.DATA, "d", b"x" * size, i, {"seq": str(i)})
+
+
+def seqs(frames: Sequence[Frame]) -> list[int]:
+    return [int(frame.headers["seq"]) for frame in frames if not frame.is_metadata]
+
+
+async def written(writer: HistoryWriter) -> None:
+    with trio.fail_after(10):
+        await writer.wait_written(writer.assigned)
+
+
+def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def address(daemon: Daemon) -> str:
+    return f"tcp://127.0.0.1:{endpoint_port(daemon, 'out')}"
+
+
+class Later:
+    """An arrival clock ``offset_ns`` ahead of another."""
+
+    def __init__(self, clock: ArrivalClock, offset_ns: int) -> None:
+        self.clock = clock
+        self.offset_ns = offset_ns
+
+    def __call__(self) -> int:
+        return self.clock() + self.offset_ns
+
+
+class StalledDisk:
+    """Makes a history's appends wait (in its thread) until released: a disk that cannot
+    keep up."""
+
+    def __init__(self, history: StreamHistory, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        append = history.append
+
+        def stalled(*args: object, **kwargs: object) -> int:
+            self.entered.set()
+            self.release.wait(30)
+            return append(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(history, "append", stalled)
+
+
+async def test_a_history_that_cannot_keep_up_drops_and_never_holds_the_live_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "framewire.history")
+    async with running_daemon(config(tmp_path, queue="2KiB")) as daemon:
+        writer = daemon.histories["s"]
+        disk = StalledDisk(writer.history, monkeypatch)
+        stream = daemon.streams.get("s")
+        async with open_client(address(daemon)) as client:
+            try:
+                with trio.fail_after(10):
+                    await wait_until(lambda: bool(stream.subscriptions))
+                    await stream.publish([data(0)])
+                    await trio.to_thread.run_sync(disk.entered.wait, 10)
+                    # The writer is stuck in the disk: 200 frames of 60-odd bytes go past a
+                    # 2 KiB queue, and every publish returns at once.
+                    for i in range(1, 201):
+                        await stream.publish([data(i)])
+                    assert writer.state == "behind"
+                    assert writer.frames_dropped > 100
+                    status = build_snapshot(daemon)["streams"]["s"]["history"]
+                    assert status["state"] == "behind"
+                    assert status["frames_dropped"] == writer.frames_dropped
+                    # The live client gets every frame all the same.
+                    got: list[Frame] = []
+                    while len(got) < 201:
+                        got.append(await client.receive())
+                    assert seqs(got) == list(range(201))
+            finally:
+                disk.release.set()
+            await written(writer)
+            await stream.publish([data(201)])
+            await written(writer)
+        assert writer.state == "ok"
+        assert writer.frames_written + writer.frames_dropped == 202
+        assert len(lines(caplog, "the history is behind")) == 1
+        assert lines(caplog, "the history has caught up") == [
+            f"stream 's': the history has caught up ({writer.frames_dropped} frames were "
+            "left out of it since the last such line)"
+        ]
+
+
+async def test_status_and_metrics_show_the_history_and_the_rewinds(tmp_path: Path) -> None:
+    async with running_daemon(config(tmp_path, age='max_age = "1h"')) as daemon:
+        writer = daemon.histories["s"]
+        stream = daemon.streams.get("s")
+        for i in range(20):
+            await stream.publish([data(i)])
+        await written(writer)
+        history = build_snapshot(daemon)["streams"]["s"]["history"]
+        assert history["state"] == "ok"
+        assert history["last_error"] is None
+        assert history["frames"] == 20
+        assert history["frames_written"] == 20
+        assert history["segments"] == 1
+        assert history["max_bytes"] == 16 * MIB
+        assert history["max_age"] == 3600
+        assert history["bytes"] == sum(
+            p.stat().st_size for p in (tmp_path / "history").iterdir() if p.name != "lock"
+        )
+        async with open_client(address(daemon), since=3600) as client:
+            with trio.fail_after(10):
+                assert seqs([await client.receive() for _ in range(20)]) == list(range(20))
+        async with open_client(address(daemon), since=1, rate=1e9) as refused:
+            with trio.fail_after(10), pytest.raises(RewindRefused):
+                await refused.receive()
+        text = daemon.metrics.exposition().decode()
+        for line in (
+            f'framewire_history_bytes{{stream="s"}} {float(history["bytes"])}',
+            'framewire_history_frames{stream="s"} 20.0',
+            'framewire_history_segments{stream="s"} 1.0',
+            'framewire_history_frames_written_total{stream="s"} 20.0',
+            'framewire_history_frames_dropped_total{stream="s"} 0.0',
+            'framewire_history_frames_failed_total{stream="s"} 0.0',
+            'framewire_history_state{state="ok",stream="s"} 1.0',
+            'framewire_history_state{state="failing",stream="s"} 0.0',
+            'framewire_rewinds_total{endpoint="out",outcome="served"} 1.0',
+            'framewire_rewinds_total{endpoint="out",outcome="refused"} 1.0',
+        ):
+            assert line in text.splitlines(), line
+        assert 'framewire_history_oldest_age_seconds{stream="s"}' in text
+
+
+async def test_a_full_disk_is_one_log_line_and_a_state_and_it_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "framewire.history")
+    async with running_daemon(config(tmp_path)) as daemon:
+        writer = daemon.histories["s"]
+        stream = daemon.streams.get("s")
+        await stream.publish([data(0)])
+        await written(writer)
+
+        def full(fd: int, buffers: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(spool_history, "_writev_all", full)
+            for i in range(1, 11):  # ten rounds, each failing
+                await stream.publish([data(i)])
+                await written(writer)
+            status = build_snapshot(daemon)["streams"]["s"]["history"]
+            assert status["state"] == "failing"
+            assert "the disk is full" in status["last_error"]
+            assert status["frames_failed"] == 10
+            text = daemon.metrics.exposition().decode()
+            assert 'framewire_history_state{state="failing",stream="s"} 1.0' in text
+            assert 'framewire_history_frames_failed_total{stream="s"} 10.0' in text
+        await stream.publish([data(11)])
+        await written(writer)
+        assert writer.state == "ok"
+        assert len(lines(caplog, "the history cannot write")) == 1
+        assert lines(caplog, "the history writes again") == [
+            "stream 's': the history writes again (10 frames were lost meanwhile)"
+        ]
+        # What the history kept: the frames before and after the failure, nothing torn.
+        async with open_client(address(daemon), since=3600) as client:
+            with trio.fail_after(10):
+                assert seqs([await client.receive() for _ in range(2)]) == [0, 11]
+
+
+async def test_a_removed_directory_is_one_log_line_and_made_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "framewire.history")
+    async with running_daemon(config(tmp_path)) as daemon:
+        writer = daemon.histories["s"]
+        stream = daemon.streams.get("s")
+        for i in range(5):
+            await stream.publish([data(i)])
+        await written(writer)
+        shutil.rmtree(tmp_path / "history")
+        for i in range(5, 10):
+            await stream.publish([data(i)])
+            await written(writer)
+        assert writer.state == "ok"
+        assert len(lines(caplog, "was gone; made again")) == 1
+        assert (tmp_path / "history").is_dir()
+        history = build_snapshot(daemon)["streams"]["s"]["history"]
+        assert history["frames"] == 5
+        assert history["segments"] == 1
+        async with open_client(address(daemon), since=3600) as client:
+            with trio.fail_after(10):
+                assert seqs([await client.receive() for _ in range(5)]) == list(range(5, 10))
