@@ -242,3 +242,82 @@ async def test_a_removed_directory_is_one_log_line_and_made_again(
         async with open_client(address(daemon), since=3600) as client:
             with trio.fail_after(10):
                 assert seqs([await client.receive() for _ in range(5)]) == list(range(5, 10))
+
+
+# -- reload ---------------------------------------------------------------------------------
+
+
+async def test_reload_applies_max_bytes_and_max_age_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "framewire")
+    path = tmp_path / "fw.toml"
+    path.write_text(config(tmp_path))
+    async with running_daemon(path.read_text(), config_path=path) as daemon:
+        writer = daemon.histories["s"]
+        stream = daemon.streams.get("s")
+        for i in range(120):  # 120 frames of 64 KiB: 7.5 MiB in 1 MiB segments
+            await stream.publish([data(i, 64 << 10)])
+        await written(writer)
+        assert writer.history.stats().bytes > 7 * MIB
+        path.write_text(config(tmp_path, max_bytes="4MiB", age='max_age = "1h"'))
+        with trio.fail_after(20):
+            assert await daemon.reload_from_file()  # as SIGHUP does
+        assert daemon.histories["s"] is writer  # the same history, not reopened
+        assert daemon.last_reload is not None
+        assert (
+            "history of stream s changed in place (max_bytes 16MiB -> 4MiB, max_age none -> 3600s)"
+        ) in daemon.last_reload["changes"]
+        history = build_snapshot(daemon)["streams"]["s"]["history"]
+        assert history["max_bytes"] == 4 * MIB
+        assert history["max_age"] == 3600
+        assert history["bytes"] <= 4 * MIB
+        kept = sum(p.stat().st_size for p in (tmp_path / "history").iterdir())
+        assert kept <= 4 * MIB + 64
+        # max_age in place: a minute later, with max_age = "1s", the frames so far go.
+        path.write_text(config(tmp_path, max_bytes="4MiB", age='max_age = "1s"'))
+        writer.clock = Later(writer.clock, 60 * 10**9)  # type: ignore[assignment]
+        with trio.fail_after(20):
+            assert await daemon.reload_from_file()
+        await stream.publish([data(999)])
+        await written(writer)
+        assert writer.history.stats().frames == 1
+
+
+async def test_reload_removes_and_adds_a_history(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "framewire")
+    path = tmp_path / "fw.toml"
+    path.write_text(config(tmp_path))
+    without = config(tmp_path).split("[endpoints.out]")[1]
+    async with running_daemon(path.read_text(), config_path=path) as daemon:
+        stream = daemon.streams.get("s")
+        for i in range(5):
+            await stream.publish([data(i)])
+        await written(daemon.histories["s"])
+
+        path.write_text("[endpoints.out]" + without)
+        with trio.fail_after(20):
+            assert await daemon.reload_from_file()
+        assert daemon.last_reload is not None
+        assert (
+            f"history of stream s removed (its files stay in {tmp_path / 'history'})"
+            in daemon.last_reload["changes"]
+        )
+        assert "s" not in daemon.histories
+        assert stream.history is None
+        assert build_snapshot(daemon)["streams"]["s"]["history"] is None
+        await stream.publish([data(5)])  # not kept: no history
+
+        path.write_text(config(tmp_path))
+        with trio.fail_after(20):
+            assert await daemon.reload_from_file()
+        assert "history of stream s added" in daemon.last_reload["changes"]
+        writer = daemon.histories["s"]
+        for i in range(6, 8):
+            await stream.publish([data(i)])
+        await written(writer)
+        async with open_client(address(daemon), since=3600) as client:
+            with trio.fail_after(10):
+                assert seqs([await client.receive() for _ in range(7)]) == [0, 1, 2, 3, 4, 6, 7]
