@@ -18,8 +18,11 @@ import trio.testing
 from framewire import Frame, FrameKind
 from framewire.client import RewindRefused, open_client
 from framewire.daemon import Daemon
+from framewire.daemon.endpoints._rewind import RewindRequest, replay_history
 from framewire.daemon.history import ArrivalClock, HistoryWriter
 from framewire.daemon.status import build_snapshot
+from framewire.daemon.stream import Stream
+from framewire.daemon.transport import Connection
 from framewire.spool import StreamHistory
 from framewire.spool import _history as spool_history
 
@@ -321,3 +324,70 @@ async def test_reload_removes_and_adds_a_history(
         async with open_client(address(daemon), since=3600) as client:
             with trio.fail_after(10):
                 assert seqs([await client.receive() for _ in range(7)]) == [0, 1, 2, 3, 4, 6, 7]
+
+
+# -- pacing ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def paced_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps once every task has waited 20 ms of real time: the history's
+    threads (which trio cannot see) get that long before the clock moves on without them."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+async def test_original_rate_paces_what_arrives_during_the_replay_too(
+    tmp_path: Path, paced_clock: trio.testing.MockClock
+) -> None:
+    """20 frames 50 ms apart are in the history when the rewind starts; 20 more arrive,
+    50 ms apart, while it runs. At the original rate each frame goes out no sooner than its
+    arrival's distance from the first. (A thread slower than 20 ms lets the clock jump, but
+    only to the next deadline, and a ticker keeps one within 1 s: frames can only go out
+    later, never sooner, and the guards stay far away.)"""
+    stream = Stream("s")
+    history = StreamHistory.open(tmp_path / "h", max_bytes=16 * MIB)
+    writer = HistoryWriter("s", history, max_queue_bytes=64 * MIB, clock=ArrivalClock())
+    stream.history = writer
+    arrivals: dict[int, int] = {}
+    sent: list[tuple[float, int]] = []
+
+    async def produce(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            await stream.publish([data(i)])
+            arrivals[i] = writer.clock()
+            await trio.sleep(0.05)
+
+    async def send(frames: list[Frame]) -> None:
+        now = trio.current_time()
+        sent.extend((now, seq) for seq in seqs(frames))
+
+    async def tick() -> None:
+        for _ in range(3600):  # a deadline always within 1 s (see the docstring)
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        nursery.start_soon(tick)
+        await produce(0, 20)
+        await written(writer)
+        left, _right = trio.testing.memory_stream_pair()
+        connection = Connection(left, "test")
+        asked_at = trio.current_time()
+        request = RewindRequest(arrivals[0], 1.0, answer=False)
+        nursery.start_soon(produce, 20, 20)
+        with trio.fail_after(60):
+            subscription, missed = await replay_history(
+                connection, writer, request, lambda: stream.subscribe(replay=False), send
+            )
+        subscription.close("done")
+        writer.stop()
+        await writer.finished.wait()
+        nursery.cancel_scope.cancel()
+    assert missed == 0
+    replayed = [seq for _, seq in sent]
+    assert replayed == list(range(len(replayed)))
+    late = [seq for seq in replayed if seq >= 20]
+    assert len(late) >= 10  # frames that reached the history while the replay ran
+    for at, seq in sent:
+        due = asked_at + (arrivals[seq] - arrivals[0]) / 1e9
+        assert at >= due - 1e-6, (seq, at - asked_at, due - asked_at)
