@@ -23,7 +23,7 @@ from framewire.daemon.history import ArrivalClock, HistoryWriter
 from framewire.daemon.status import build_snapshot
 from framewire.daemon.stream import Stream
 from framewire.daemon.transport import Connection
-from framewire.spool import StreamHistory
+from framewire.spool import SpoolError, StreamHistory
 from framewire.spool import _history as spool_history
 
 from .helpers import endpoint_port, running_daemon, wait_until
@@ -91,14 +91,16 @@ class StalledDisk:
     def __init__(self, history: StreamHistory, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = threading.Event()
         self.entered = threading.Event()
-        append = history.append
+        append = history.append_batches
 
-        def stalled(*args: object, **kwargs: object) -> int:
+        def stalled(
+            batches: Sequence[tuple[Sequence[Frame], int, int]],
+        ) -> tuple[int, int, SpoolError | None]:
             self.entered.set()
             self.release.wait(30)
-            return append(*args, **kwargs)  # type: ignore[arg-type]
+            return append(batches)
 
-        monkeypatch.setattr(history, "append", stalled)
+        monkeypatch.setattr(history, "append_batches", stalled)
 
 
 async def test_a_history_that_cannot_keep_up_drops_and_never_holds_the_live_stream(
@@ -391,3 +393,29 @@ async def test_original_rate_paces_what_arrives_during_the_replay_too(
     for at, seq in sent:
         due = asked_at + (arrivals[seq] - arrivals[0]) / 1e9
         assert at >= due - 1e-6, (seq, at - asked_at, due - asked_at)
+
+
+# -- several batches in one write ------------------------------------------------------------
+
+
+def test_append_batches_keeps_each_batch_and_its_time(tmp_path: Path) -> None:
+    """Batches appended together: one index entry (arrival time) each, across segment
+    rolls; a frame over the record limit fails its own batch only; numbers skipped for
+    it are missed frames to a reader."""
+    history = StreamHistory.open(tmp_path / "h", max_bytes=1 * MIB, segment_size=4096)
+    batches: list[tuple[Sequence[Frame], int, int]] = []
+    for i in range(40):  # 40 batches of 3 frames of ~100 bytes: rolls every ~12 batches
+        batches.append(([data(3 * i + k, 64) for k in range(3)], 1_000 + i, 3 * i))
+    batches.insert(20, ([data(999, 600 << 10)], 1_019, 60))  # over the limit (512 KiB)
+    batches[21:] = [(frames, arrival, seq + 1) for frames, arrival, seq in batches[21:]]
+    written, failed, error = history.append_batches(batches)
+    assert (written, failed) == (120, 1)
+    assert error is not None and "over the record limit" in str(error)
+    assert history.stats().segments > 2
+    with history.reader(0) as reader:
+        got: list[tuple[int, Frame]] = []
+        while more := reader.read():
+            got += more
+    assert [int(frame.headers["seq"]) for _, frame in got] == list(range(120))
+    assert [arrival for arrival, _ in got] == [1_000 + i // 3 for i in range(120)]
+    assert reader.frames_missed == 1

@@ -311,24 +311,17 @@ class HistoryWriter:
     def _append_all(
         self, batches: list[tuple[Sequence[Frame], int, int]]
     ) -> tuple[int, int, int, str | None]:
-        """In the history's thread: append each batch. Returns the sequence number after
-        the last batch, the frames written, the frames of failed batches, and the error of
-        the last failed batch (None: every one was written)."""
-        history = self.history
-        end = self.written
-        written = failed = 0
-        error: str | None = None
-        for frames, arrival, first in batches:
-            count = sum(frame.nframes for frame in frames)
-            try:
-                history.append(frames, arrival, seq=first)
-            except SpoolError as exc:
-                failed += count
-                error = str(exc)
-            else:
-                written += count
-            end = first + count
-        return end, written, failed, error
+        """In the history's thread: append the round's batches (as few writes as the
+        segments allow). Returns the sequence number after the last batch, the frames
+        written, the frames of failed batches, and the last error (None: none)."""
+        last_frames, _, last_first = batches[-1]
+        end = last_first + sum(frame.nframes for frame in last_frames)
+        try:
+            written, failed, error = self.history.append_batches(batches)
+        except SpoolError as exc:  # closed under the writer: only while stopping
+            count = end - batches[0][2]
+            return end, 0, count, str(exc)
+        return end, written, failed, None if error is None else str(error)
 
     def _trim(self, now: int) -> None:
         try:

@@ -86,7 +86,14 @@ import attrs
 from ..frame import Buffer, Frame, FrameBlock
 from ..protocols import ProtocolError
 from ..protocols.native import HEADER, NativeBlock, NativeEncoder
-from ._errors import RecordTooLarge, SpoolClosed, SpoolDiskFull, SpoolIOError, SpoolLocked
+from ._errors import (
+    RecordTooLarge,
+    SpoolClosed,
+    SpoolDiskFull,
+    SpoolError,
+    SpoolIOError,
+    SpoolLocked,
+)
 from ._format import (
     DEFAULT_MAX_RECORD_SIZE,
     RECORD_HEADER_SIZE,
@@ -184,6 +191,21 @@ class _Segment:
     nbytes: int = 0
     #: Whether its ``.meta`` file exists (else its start metadata is unknown).
     has_meta: bool = True
+
+
+#: A record to append: its buffers, its size, its frame.
+_Record = tuple[list[Buffer], int, Frame]
+
+
+@attrs.define
+class _Batch:
+    """Records appended together (one index entry): the number of the first, the arrival
+    time, the records, and how many frames they number."""
+
+    first: int
+    arrival: int
+    records: list[_Record]
+    count: int
 
 
 @attrs.define
@@ -406,10 +428,92 @@ class StreamHistory:
         if self._closed:
             raise SpoolClosed(f"history {self.path} is closed")
         now = self._clock() if arrival_ns is None else arrival_ns
-        # Each record: its buffers, its size, its frames (a native block is one record of
-        # several frames, one sequence number each; other blocks are split).
-        records: list[tuple[list[Buffer], int, Frame]] = []
         first = self._next_seq if seq is None else max(seq, self._next_seq)
+        records, _ = self._records(frames, first)
+        if records and self._seg_fd >= 0 and not self.path.is_dir():
+            self._close_active()  # the next write rolls, and makes the directory again
+        self._append_split(first, now, records)
+        return first
+
+    def append_batches(
+        self, batches: Sequence[tuple[Sequence[Frame], int, int]]
+    ) -> tuple[int, int, SpoolError | None]:
+        """Append several batches, each ``(frames, arrival_ns, seq)`` as :meth:`append`
+        takes them, with as few writes as the segments allow: the records of consecutive
+        batches that fit in the active segment go in one ``writev`` and their index entries
+        (one per batch, as ever) in one write. Whether the directory is still there is
+        checked once per call.
+
+        Returns the frames written, the frames of the batches that failed, and the error of
+        the last failure (None: none). A frame over the record limit fails its own batch; a
+        failed write fails the batches written with it (they are cut off again) and the
+        ones after go on. Raises :class:`SpoolClosed` after :meth:`close`.
+        """
+        if self._closed:
+            raise SpoolClosed(f"history {self.path} is closed")
+        written = failed = 0
+        error: SpoolError | None = None
+        if self._seg_fd >= 0 and not self.path.is_dir():
+            self._close_active()  # the next write rolls, and makes the directory again
+        pending: list[_Batch] = []
+        pending_size = 0
+
+        def flush() -> None:
+            nonlocal written, failed, error, pending_size
+            if not pending:
+                return
+            count = sum(batch.count for batch in pending)
+            try:
+                self._write_chunk(pending)
+            except SpoolError as exc:
+                failed, error = failed + count, exc
+            else:
+                written += count
+            pending.clear()
+            pending_size = 0
+
+        following = 0  # the number after the last batch taken
+        for frames, arrival, seq in batches:
+            first = max(seq, self._next_seq, following)
+            try:
+                records, count = self._records(frames, first)
+            except RecordTooLarge as exc:
+                failed += sum(frame.nframes for frame in frames)
+                error = exc
+                continue
+            if not records:
+                continue
+            size = sum(record[1] for record in records)
+            if size > self.segment_size:
+                flush()
+                try:
+                    self._append_split(first, arrival, records)
+                except SpoolError as exc:
+                    failed, error = failed + count, exc
+                else:
+                    written += count
+                following = first + count
+                continue
+            room = (
+                self.segment_size - self._seg_size
+                if self._seg_fd >= 0 and self._seg_size > SEGMENT_HEADER_SIZE
+                else self.segment_size
+            )
+            if pending and pending_size + size > room:
+                flush()
+            pending.append(_Batch(first, arrival, records, count))
+            pending_size += size
+            following = first + count
+        flush()
+        self.trim(batches[-1][1] if batches else None)
+        return written, failed, error
+
+    def _records(self, frames: Sequence[Frame], first: int) -> tuple[list[_Record], int]:
+        """Each frame's record (its buffers, its size, its frame), numbered from ``first``
+        (a native block is one record of several frames, one sequence number each; other
+        blocks are split), and how many frames they number. Raises
+        :class:`RecordTooLarge` for a frame over the record limit."""
+        records: list[_Record] = []
         number = first
         for frame in frames:
             parts = (
@@ -436,10 +540,11 @@ class StreamHistory:
                     )
                 records.append((buffers, size, part))
                 number += part.nframes
-        if not records:
-            return first
-        # A batch larger than a segment is cut into chunks, each in one segment with an
-        # index entry of its own (the same arrival time).
+        return records, number - first
+
+    def _append_split(self, first: int, now: int, records: list[_Record]) -> None:
+        """Write one batch's records, cut into chunks that each fit a segment (each with an
+        index entry of its own, the same arrival time), trimming after each."""
         start = 0
         chunk_first = first
         while start < len(records):
@@ -448,45 +553,51 @@ class StreamHistory:
                 size += records[stop][1]
                 stop += 1
             chunk = records[start:stop]
-            self._append_chunk(chunk_first, chunk, size, now)
-            chunk_first += sum(part.nframes for _, _, part in chunk)
+            count = sum(part.nframes for _, _, part in chunk)
+            self._write_chunk([_Batch(chunk_first, now, chunk, count)])
+            self.trim(now)
+            chunk_first += count
             start = stop
-        return first
 
-    def _append_chunk(
-        self, first: int, records: list[tuple[list[Buffer], int, Frame]], nbytes: int, now: int
-    ) -> None:
-        if (
-            self._seg_fd < 0
-            or (
-                self._seg_size > SEGMENT_HEADER_SIZE and self._seg_size + nbytes > self.segment_size
-            )
-            or not self.path.is_dir()
+    def _write_chunk(self, batches: list[_Batch]) -> None:
+        """Write ``batches`` (together within one segment) with one ``writev`` and their
+        index entries with one write, rolling to a new segment first if they do not fit.
+        Raises :class:`SpoolIOError` / :class:`SpoolDiskFull` (all cut off again)."""
+        nbytes = sum(size for batch in batches for _, size, _ in batch.records)
+        first = batches[0].first
+        if self._seg_fd < 0 or (
+            self._seg_size > SEGMENT_HEADER_SIZE and self._seg_size + nbytes > self.segment_size
         ):
-            self._roll(first, now)
+            self._roll(first, batches[0].arrival)
         segment = self._segments[-1]
-        offset = self._seg_size
-        entry = encode_index_entry(IndexEntry(first, now, offset))
+        offset = position = self._seg_size
+        buffers: list[Buffer] = []
+        entries: list[bytes] = []
+        for batch in batches:
+            entries.append(encode_index_entry(IndexEntry(batch.first, batch.arrival, position)))
+            for parts, size, _ in batch.records:
+                buffers += parts
+                position += size
         try:
-            _writev_all(self._seg_fd, [buffer for buffers, _, _ in records for buffer in buffers])
-            _write_all(self._idx_fd, entry)
+            _writev_all(self._seg_fd, buffers)
+            _write_all(self._idx_fd, b"".join(entries))
         except OSError as exc:
             self._undo(offset)
             raise _io_error(self.path, "append", exc) from exc
         self._seg_size += nbytes
-        self._idx_size += INDEX_ENTRY_SIZE
-        count = sum(part.nframes for _, _, part in records)
+        self._idx_size += INDEX_ENTRY_SIZE * len(batches)
+        last = batches[-1]
         with self._lock:
             if not segment.first_time:
-                segment.first_time = now
-            segment.last_time = max(segment.last_time, now)
-            segment.nbytes += nbytes + INDEX_ENTRY_SIZE
-            self._next_seq = first + count
-        for _, _, frame in records:
-            if frame.is_metadata:
-                _keep_metadata(self._metadata, frame, self.run_starts)
-        self.frames_appended += count
-        self.trim(now)
+                segment.first_time = batches[0].arrival
+            segment.last_time = max(segment.last_time, last.arrival)
+            segment.nbytes += nbytes + INDEX_ENTRY_SIZE * len(batches)
+            self._next_seq = last.first + last.count
+        for batch in batches:
+            for _, _, frame in batch.records:
+                if frame.is_metadata:
+                    _keep_metadata(self._metadata, frame, self.run_starts)
+            self.frames_appended += batch.count
 
     def _undo(self, offset: int) -> None:
         """Cut a failed append off again (the index first: it points into the segment)."""
