@@ -410,7 +410,8 @@ def test_append_batches_keeps_each_batch_and_its_time(tmp_path: Path) -> None:
     batches[21:] = [(frames, arrival, seq + 1) for frames, arrival, seq in batches[21:]]
     written, failed, error = history.append_batches(batches)
     assert (written, failed) == (120, 1)
-    assert error is not None and "over the record limit" in str(error)
+    assert error is not None
+    assert "over the record limit" in str(error)
     assert history.stats().segments > 2
     with history.reader(0) as reader:
         got: list[tuple[int, Frame]] = []
