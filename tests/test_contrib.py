@@ -186,6 +186,10 @@ listen = "127.0.0.1:0"
 store_dir = "{store}"
 stop_timeout = "5s"
 
+[streams.camera.history]
+max_bytes = "1MiB"
+path = "{store}/history"
+
 [endpoints.in]
 kind = "receiver"
 listen = "tcp://127.0.0.1:0"

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from .._version import __version__
 from .endpoints import Endpoint, EndpointStatus
+from .history import history_metrics
 from .nats import EmbeddedNatsServer
 from .stream import Stream, Subscription
 
@@ -96,6 +97,8 @@ _COUNTERS: Final = (
     "nats_messages_lost",
     "nats_duplicates_dropped",
     "buffer_dropped",
+    "rewinds_served",
+    "rewinds_refused",
 )
 #: The NATS endpoint's gauges (``detail`` key, metric name, help).
 _NATS_GAUGES: Final = (
@@ -166,6 +169,8 @@ def _totals(status: EndpointStatus) -> dict[str, int]:
         "decimated": status.decimated_total,
         "unencodable": unencodable if isinstance(unencodable, int) else 0,
         "restarts": status.restarts,
+        "rewinds_served": _int(detail.get("rewinds", 0)),
+        "rewinds_refused": _int(detail.get("rewinds_refused", 0)),
     }
 
 
@@ -277,6 +282,8 @@ class DaemonMetrics(Collector):
         yield from self._stream_metrics(daemon.streams)
         yield from self._nats_metrics(daemon.endpoints, daemon.nats_server)
         yield from self._buffer_metrics(daemon.endpoints)
+        yield from self._rewind_metrics(daemon.endpoints)
+        yield from history_metrics(daemon.streams)
 
     def _reload_metrics(self, daemon: MetricsView) -> Iterable[Metric]:
         reloads = CounterMetricFamily(
@@ -489,6 +496,21 @@ class DaemonMetrics(Collector):
             held_seconds.add_metric([stream.name], stream.held_seconds)
             held.add_metric([stream.name], 0 if stream.held_since is None else 1)
         yield from (frames, nbytes, subscribers, held_seconds, held)
+
+    def _rewind_metrics(self, endpoints: Mapping[str, Endpoint[Any]]) -> Iterable[Metric]:
+        """Rewinds (a client's ``--since``, a ``replay``) of every server, by outcome."""
+        rewinds = CounterMetricFamily(
+            "framewire_rewinds",
+            "Rewinds a server began (served) or refused (a time or rate it cannot serve, a "
+            "stream without history)",
+            labels=["endpoint", "outcome"],
+        )
+        for name, endpoint in endpoints.items():
+            if endpoint.status.kind == "server":
+                totals = self._lifetime_totals(name, endpoint.status)
+                rewinds.add_metric([name, "served"], totals["rewinds_served"])
+                rewinds.add_metric([name, "refused"], totals["rewinds_refused"])
+        yield rewinds
 
     def _buffer_metrics(self, endpoints: Mapping[str, Endpoint[Any]]) -> Iterable[Metric]:
         """The buffers of consuming endpoints (``[endpoints.NAME.buffer]``)."""

@@ -22,7 +22,16 @@ from typing import Any, Final
 import trio
 
 from .._version import __version__
-from ..config import Address, Config, ConfigError, StatusConfig, load_config
+from ..config import (
+    Address,
+    Config,
+    ConfigError,
+    HistoryConfig,
+    StatusConfig,
+    StreamConfig,
+    format_size,
+    load_config,
+)
 from ..spool import SpoolError, StreamHistory
 from .backoff import Backoff
 from .checks import check_config
@@ -246,39 +255,106 @@ class Daemon:
         start, named ``streams.NAME.history``."""
         failures: list[StartFailed] = []
         for name, stream_config in self.config.streams.items():
-            config = stream_config.history
-            if config is None:
-                continue
-            path = Path(config.path) if config.path is not None else default_history_dir(name)
-            try:
-                history = await trio.to_thread.run_sync(
-                    partial(
-                        StreamHistory.open,
-                        path,
-                        max_bytes=config.max_bytes,
-                        max_age=config.max_age,
-                        run_starts=frozenset(stream_config.run_starts),
-                    )
-                )
-            except (SpoolError, OSError) as exc:
-                log.error("streams.%s.history cannot open %s: %s", name, path, exc)
-                failures.append(StartFailed(f"streams.{name}.history", str(exc)))
-                continue
-            writer = HistoryWriter(
-                name, history, max_queue_bytes=config.max_queue_bytes, clock=ArrivalClock()
-            )
-            stats = history.stats()
-            log.info(
-                "stream %r keeps its history in %s (%d segments, %d bytes kept)",
-                name,
-                path,
-                stats.segments,
-                stats.bytes,
-            )
-            self.streams.get(name).history = writer
-            self.histories[name] = writer
-            nursery.start_soon(writer.run)
+            if stream_config.history is not None:
+                failure = await self._open_history(name, stream_config, nursery)
+                if failure is not None:
+                    failures.append(failure)
         return failures
+
+    async def _open_history(
+        self, name: str, stream_config: StreamConfig, nursery: trio.Nursery
+    ) -> StartFailed | None:
+        """Open the history of stream ``name`` and start its writer in ``nursery``; or log
+        why it cannot be opened and return that."""
+        config = stream_config.history
+        assert config is not None
+        path = Path(config.path) if config.path is not None else default_history_dir(name)
+        try:
+            history = await trio.to_thread.run_sync(
+                partial(
+                    StreamHistory.open,
+                    path,
+                    max_bytes=config.max_bytes,
+                    max_age=config.max_age,
+                    run_starts=frozenset(stream_config.run_starts),
+                )
+            )
+        except (SpoolError, OSError) as exc:
+            log.error("streams.%s.history cannot open %s: %s", name, path, exc)
+            return StartFailed(f"streams.{name}.history", str(exc))
+        writer = HistoryWriter(
+            name, history, max_queue_bytes=config.max_queue_bytes, clock=ArrivalClock()
+        )
+        stats = history.stats()
+        log.info(
+            "stream %r keeps its history in %s (%d segments, %d bytes kept)",
+            name,
+            path,
+            stats.segments,
+            stats.bytes,
+        )
+        self.streams.get(name).history = writer
+        self.histories[name] = writer
+        nursery.start_soon(writer.run)
+        return None
+
+    async def _close_history(self, name: str) -> None:
+        """Stop the writer of stream ``name``'s history: it writes what is queued (within
+        :data:`HISTORY_CLOSE_TIMEOUT`) and closes."""
+        writer = self.histories.pop(name)
+        self.streams.get(name).history = None
+        writer.stop()
+        with trio.move_on_after(HISTORY_CLOSE_TIMEOUT):
+            await writer.finished.wait()
+
+    async def _reload_histories(self, old: Config, config: Config) -> list[str]:
+        """Apply the history settings of a reload; one line per stream whose history
+        changed. Bounds (``max_bytes``, ``max_age``, ``max_queue_bytes``) and ``run_starts``
+        apply in place; a history added is opened, one removed is closed (its files stay),
+        one whose ``path`` changed is closed and the new one opened. A history that cannot
+        be opened is logged and said in the line; the rest of the reload stands."""
+        changes: list[str] = []
+        names = dict.fromkeys([*old.streams, *config.streams])
+        for name in names:
+            before = old.streams.get(name)
+            after = config.streams.get(name)
+            was = before.history if before is not None else None
+            now = after.history if after is not None else None
+            run_starts = after.run_starts if after is not None else ()
+            writer = self.histories.get(name)
+            if was == now and (
+                writer is None or writer.history.run_starts == frozenset(run_starts)
+            ):
+                continue
+            if now is None:
+                if writer is not None:
+                    path = writer.history.path
+                    await self._close_history(name)
+                    changes.append(f"history of stream {name} removed (its files stay in {path})")
+                continue
+            assert after is not None
+            if writer is not None and was is not None and was.path == now.path:
+                try:
+                    await writer.set_bounds(
+                        max_bytes=now.max_bytes,
+                        max_age=now.max_age,
+                        max_queue_bytes=now.max_queue_bytes,
+                        run_starts=frozenset(run_starts),
+                    )
+                except SpoolError as exc:  # pragma: no cover - closed only when stopping
+                    changes.append(f"history of stream {name} unchanged: {exc}")
+                    continue
+                changes.append(f"history of stream {name} changed in place ({_bounds(was, now)})")
+                continue
+            if writer is not None:
+                await self._close_history(name)
+            assert self._nursery is not None
+            failure = await self._open_history(name, after, self._nursery)
+            if failure is not None:
+                changes.append(f"history of stream {name} cannot open: {failure.reason}")
+            else:
+                changes.append(f"history of stream {name} {'moved' if writer else 'added'}")
+        return changes
 
     async def _close_histories(self) -> None:
         """Stop the streams' history writers: each writes what is queued and closes."""
@@ -575,10 +651,7 @@ class Daemon:
         if config.streams != old.streams:
             self.streams.configure(config.streams)
             changes.append("stream settings")
-            if {n: c.history for n, c in config.streams.items()} != {
-                n: c.history for n, c in old.streams.items()
-            }:
-                changes.append("history settings (they take effect at the next start)")
+            changes += await self._reload_histories(old, config)
         for name, lines in live.items():
             # Once nothing can fail: the endpoint and its clients take the new values.
             self.endpoints[name].reconfigure(config.endpoints[name])
@@ -790,3 +863,20 @@ async def serve(config: Config, source: str, config_path: Path | None = None) ->
         notifier.close()
     if failed is not None:
         raise failed
+
+
+def _bounds(was: HistoryConfig, now: HistoryConfig) -> str:
+    """What a reload changed of a history's settings, ``field old -> new`` each."""
+    lines = []
+    for field in ("max_bytes", "max_age", "max_queue_bytes"):
+        before, after = getattr(was, field), getattr(now, field)
+        if before != after:
+            if field == "max_age":
+                lines.append(f"max_age {_age(before)} -> {_age(after)}")
+            else:
+                lines.append(f"{field} {format_size(before)} -> {format_size(after)}")
+    return ", ".join(lines) or "run_starts"
+
+
+def _age(seconds: float | None) -> str:
+    return "none" if seconds is None else f"{seconds:g}s"

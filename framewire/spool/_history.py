@@ -46,6 +46,11 @@ Durability: no ``fsync`` except at :meth:`StreamHistory.close`: a history is a w
 recent past, not a ledger. A crash of the process loses nothing appended; a power loss can
 lose what the kernel had not yet written (the torn tail is cut off at the next open).
 
+A directory removed under an open history (by hand, a disk unmounted) is made again at
+the next append, which starts a new segment there; the segments that went with it are
+forgotten. Bounds changed while open (:meth:`StreamHistory.set_bounds`, a reload) apply
+at once; segments started after the change are sized for the new bound.
+
 Failures: :class:`SpoolLocked` (another history has the directory open),
 :class:`SpoolIOError` / :class:`SpoolDiskFull` (an append could not be written: it is cut
 off again and the caller counts the frames as dropped), :class:`SpoolClosed`. Corruption in
@@ -81,7 +86,14 @@ import attrs
 from ..frame import Buffer, Frame, FrameBlock
 from ..protocols import ProtocolError
 from ..protocols.native import HEADER, NativeBlock, NativeEncoder
-from ._errors import RecordTooLarge, SpoolClosed, SpoolDiskFull, SpoolIOError, SpoolLocked
+from ._errors import (
+    RecordTooLarge,
+    SpoolClosed,
+    SpoolDiskFull,
+    SpoolError,
+    SpoolIOError,
+    SpoolLocked,
+)
 from ._format import (
     DEFAULT_MAX_RECORD_SIZE,
     RECORD_HEADER_SIZE,
@@ -181,6 +193,21 @@ class _Segment:
     has_meta: bool = True
 
 
+#: A record to append: its buffers, its size, its frame.
+_Record = tuple[list[Buffer], int, Frame]
+
+
+@attrs.define
+class _Batch:
+    """Records appended together (one index entry): the number of the first, the arrival
+    time, the records, and how many frames they number."""
+
+    first: int
+    arrival: int
+    records: list[_Record]
+    count: int
+
+
 @attrs.define
 class HistoryStats:
     """What a history holds and has done. ``frames``/``bytes`` are on disk now."""
@@ -190,6 +217,9 @@ class HistoryStats:
     oldest_ns: int
     newest_ns: int
     next_seq: int
+    #: Frames numbered from the oldest kept segment's first up to :attr:`next_seq` (frames
+    #: the history left out in between, such as those its writer dropped, are counted too).
+    frames: int
     frames_appended: int
     segments_dropped: int
     torn_bytes: int
@@ -237,6 +267,10 @@ class StreamHistory:
         self.frames_appended = 0
         self.segments_dropped = 0
         self.torn_bytes = 0
+        #: Times the directory was found gone and made again (see :meth:`append`).
+        self.directory_lost = 0
+        #: The record limit asked for at :meth:`open` (the bound may lower it).
+        self._record_limit = max_record_size
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -259,17 +293,17 @@ class StreamHistory:
         """
         if max_bytes < 4 * SEGMENT_HEADER_SIZE:
             raise ValueError(f"max_bytes {max_bytes} is too small for a history")
-        size = segment_size or min(_MAX_SEGMENT, max(max_bytes // 8, 4096))
-        size = max(SEGMENT_HEADER_SIZE * 2, min(size, max_bytes // 4))
+        size, record_size = _sizes(max_bytes, segment_size, max_record_size)
         history = cls(
             Path(path),
             max_bytes=max_bytes,
             max_age_ns=None if max_age is None else int(max_age * 1e9),
             segment_size=size,
-            max_record_size=min(max_record_size, max_bytes // 2),
+            max_record_size=record_size,
             clock=clock,
             run_starts=run_starts,
         )
+        history._record_limit = max_record_size
         try:
             history._open()
         except OSError as exc:
@@ -381,7 +415,9 @@ class StreamHistory:
         stand for frames the history lost on the way in (a reader counts them in
         :attr:`HistoryReader.frames_missed`).
 
-        Rolls to a new segment when the active one is full, then deletes the oldest
+        Rolls to a new segment when the active one is full, or when the directory is gone
+        (removed under the history: it is made again, its lost segments forgotten and
+        counted in :attr:`directory_lost`), then deletes the oldest
         segments until the files are within ``max_bytes`` and drops segments older than
         ``max_age``. Raises :class:`RecordTooLarge` (nothing written) for a frame over the
         record limit (half of ``max_bytes`` at most), :class:`SpoolDiskFull` or
@@ -392,10 +428,92 @@ class StreamHistory:
         if self._closed:
             raise SpoolClosed(f"history {self.path} is closed")
         now = self._clock() if arrival_ns is None else arrival_ns
-        # Each record: its buffers, its size, its frames (a native block is one record of
-        # several frames, one sequence number each; other blocks are split).
-        records: list[tuple[list[Buffer], int, Frame]] = []
         first = self._next_seq if seq is None else max(seq, self._next_seq)
+        records, _ = self._records(frames, first)
+        if records and self._seg_fd >= 0 and not self.path.is_dir():
+            self._close_active()  # the next write rolls, and makes the directory again
+        self._append_split(first, now, records)
+        return first
+
+    def append_batches(
+        self, batches: Sequence[tuple[Sequence[Frame], int, int]]
+    ) -> tuple[int, int, SpoolError | None]:
+        """Append several batches, each ``(frames, arrival_ns, seq)`` as :meth:`append`
+        takes them, with as few writes as the segments allow: the records of consecutive
+        batches that fit in the active segment go in one ``writev`` and their index entries
+        (one per batch, as ever) in one write. Whether the directory is still there is
+        checked once per call.
+
+        Returns the frames written, the frames of the batches that failed, and the error of
+        the last failure (None: none). A frame over the record limit fails its own batch; a
+        failed write fails the batches written with it (they are cut off again) and the
+        ones after go on. Raises :class:`SpoolClosed` after :meth:`close`.
+        """
+        if self._closed:
+            raise SpoolClosed(f"history {self.path} is closed")
+        written = failed = 0
+        error: SpoolError | None = None
+        if self._seg_fd >= 0 and not self.path.is_dir():
+            self._close_active()  # the next write rolls, and makes the directory again
+        pending: list[_Batch] = []
+        pending_size = 0
+
+        def flush() -> None:
+            nonlocal written, failed, error, pending_size
+            if not pending:
+                return
+            count = sum(batch.count for batch in pending)
+            try:
+                self._write_chunk(pending)
+            except SpoolError as exc:
+                failed, error = failed + count, exc
+            else:
+                written += count
+            pending.clear()
+            pending_size = 0
+
+        following = 0  # the number after the last batch taken
+        for frames, arrival, seq in batches:
+            first = max(seq, self._next_seq, following)
+            try:
+                records, count = self._records(frames, first)
+            except RecordTooLarge as exc:
+                failed += sum(frame.nframes for frame in frames)
+                error = exc
+                continue
+            if not records:
+                continue
+            size = sum(record[1] for record in records)
+            if size > self.segment_size:
+                flush()
+                try:
+                    self._append_split(first, arrival, records)
+                except SpoolError as exc:
+                    failed, error = failed + count, exc
+                else:
+                    written += count
+                following = first + count
+                continue
+            room = (
+                self.segment_size - self._seg_size
+                if self._seg_fd >= 0 and self._seg_size > SEGMENT_HEADER_SIZE
+                else self.segment_size
+            )
+            if pending and pending_size + size > room:
+                flush()
+            pending.append(_Batch(first, arrival, records, count))
+            pending_size += size
+            following = first + count
+        flush()
+        self.trim(batches[-1][1] if batches else None)
+        return written, failed, error
+
+    def _records(self, frames: Sequence[Frame], first: int) -> tuple[list[_Record], int]:
+        """Each frame's record (its buffers, its size, its frame), numbered from ``first``
+        (a native block is one record of several frames, one sequence number each; other
+        blocks are split), and how many frames they number. Raises
+        :class:`RecordTooLarge` for a frame over the record limit."""
+        records: list[_Record] = []
         number = first
         for frame in frames:
             parts = (
@@ -422,10 +540,11 @@ class StreamHistory:
                     )
                 records.append((buffers, size, part))
                 number += part.nframes
-        if not records:
-            return first
-        # A batch larger than a segment is cut into chunks, each in one segment with an
-        # index entry of its own (the same arrival time).
+        return records, number - first
+
+    def _append_split(self, first: int, now: int, records: list[_Record]) -> None:
+        """Write one batch's records, cut into chunks that each fit a segment (each with an
+        index entry of its own, the same arrival time), trimming after each."""
         start = 0
         chunk_first = first
         while start < len(records):
@@ -434,41 +553,51 @@ class StreamHistory:
                 size += records[stop][1]
                 stop += 1
             chunk = records[start:stop]
-            self._append_chunk(chunk_first, chunk, size, now)
-            chunk_first += sum(part.nframes for _, _, part in chunk)
+            count = sum(part.nframes for _, _, part in chunk)
+            self._write_chunk([_Batch(chunk_first, now, chunk, count)])
+            self.trim(now)
+            chunk_first += count
             start = stop
-        return first
 
-    def _append_chunk(
-        self, first: int, records: list[tuple[list[Buffer], int, Frame]], nbytes: int, now: int
-    ) -> None:
+    def _write_chunk(self, batches: list[_Batch]) -> None:
+        """Write ``batches`` (together within one segment) with one ``writev`` and their
+        index entries with one write, rolling to a new segment first if they do not fit.
+        Raises :class:`SpoolIOError` / :class:`SpoolDiskFull` (all cut off again)."""
+        nbytes = sum(size for batch in batches for _, size, _ in batch.records)
+        first = batches[0].first
         if self._seg_fd < 0 or (
             self._seg_size > SEGMENT_HEADER_SIZE and self._seg_size + nbytes > self.segment_size
         ):
-            self._roll(first, now)
+            self._roll(first, batches[0].arrival)
         segment = self._segments[-1]
-        offset = self._seg_size
-        entry = encode_index_entry(IndexEntry(first, now, offset))
+        offset = position = self._seg_size
+        buffers: list[Buffer] = []
+        entries: list[bytes] = []
+        for batch in batches:
+            entries.append(encode_index_entry(IndexEntry(batch.first, batch.arrival, position)))
+            for parts, size, _ in batch.records:
+                buffers += parts
+                position += size
         try:
-            _writev_all(self._seg_fd, [buffer for buffers, _, _ in records for buffer in buffers])
-            _write_all(self._idx_fd, entry)
+            _writev_all(self._seg_fd, buffers)
+            _write_all(self._idx_fd, b"".join(entries))
         except OSError as exc:
             self._undo(offset)
             raise _io_error(self.path, "append", exc) from exc
         self._seg_size += nbytes
-        self._idx_size += INDEX_ENTRY_SIZE
-        count = sum(part.nframes for _, _, part in records)
+        self._idx_size += INDEX_ENTRY_SIZE * len(batches)
+        last = batches[-1]
         with self._lock:
             if not segment.first_time:
-                segment.first_time = now
-            segment.last_time = max(segment.last_time, now)
-            segment.nbytes += nbytes + INDEX_ENTRY_SIZE
-            self._next_seq = first + count
-        for _, _, frame in records:
-            if frame.is_metadata:
-                _keep_metadata(self._metadata, frame, self.run_starts)
-        self.frames_appended += count
-        self.trim(now)
+                segment.first_time = batches[0].arrival
+            segment.last_time = max(segment.last_time, last.arrival)
+            segment.nbytes += nbytes + INDEX_ENTRY_SIZE * len(batches)
+            self._next_seq = last.first + last.count
+        for batch in batches:
+            for _, _, frame in batch.records:
+                if frame.is_metadata:
+                    _keep_metadata(self._metadata, frame, self.run_starts)
+            self.frames_appended += batch.count
 
     def _undo(self, offset: int) -> None:
         """Cut a failed append off again (the index first: it points into the segment)."""
@@ -481,6 +610,8 @@ class StreamHistory:
         """Start segment ``first``: its ``.meta`` (the metadata current now) first, then its
         header. The active segment's files are closed."""
         self._close_active()
+        if not self.path.is_dir():
+            self._start_again()
         meta: list[Buffer] = [SegmentHeader(SEGMENT_APPENDED, 0).pack()]
         for seq, frame in enumerate(self._metadata.values()):
             encode_record(seq, frame, self._encoder, meta)
@@ -505,6 +636,42 @@ class StreamHistory:
         segment = _Segment(first, nbytes=SEGMENT_HEADER_SIZE + sum(map(len, meta)))
         with self._lock:
             self._segments.append(segment)
+
+    def set_bounds(
+        self, *, max_bytes: int, max_age: float | None, now_ns: int | None = None
+    ) -> int:
+        """Bound the history anew (a reload): ``max_bytes`` and ``max_age`` (seconds, None:
+        by bytes only) as :meth:`open` takes them. Segments started from now on are sized
+        for the new bound; what the new bounds no longer allow goes at once (oldest first;
+        the active segment stays until the next roll, as ever). Returns how many segments
+        went (``now_ns``: the arrival clock's now, default the history's clock). Call it
+        from the thread that appends. Raises ValueError for a ``max_bytes`` :meth:`open`
+        would refuse (nothing changes then)."""
+        if max_bytes < 4 * SEGMENT_HEADER_SIZE:
+            raise ValueError(f"max_bytes {max_bytes} is too small for a history")
+        self.max_bytes = max_bytes
+        self.max_age_ns = None if max_age is None else int(max_age * 1e9)
+        self.segment_size, self.max_record_size = _sizes(max_bytes, None, self._record_limit)
+        return self.trim(now_ns)
+
+    def _start_again(self) -> None:
+        """The directory went (removed by hand, an unmounted disk): forget the segments that
+        went with it (readers count their frames as missed) and make it again, locked, so
+        the history goes on from the next frame. Raises OSError if it cannot be made."""
+        with self._lock:
+            self.segments_dropped += len(self._segments)
+            self._segments.clear()
+        self.directory_lost += 1
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = -1
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = fd
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
     def trim(self, now_ns: int | None = None) -> int:
         """Delete the oldest segments while the files pass ``max_bytes`` (never the active
@@ -573,12 +740,14 @@ class StreamHistory:
     def stats(self) -> HistoryStats:
         with self._lock:
             segments = list(self._segments)
+        next_seq = self._next_seq
         return HistoryStats(
             segments=len(segments),
             bytes=sum(s.nbytes for s in segments),
             oldest_ns=self.oldest_ns,
             newest_ns=self.newest_ns,
-            next_seq=self._next_seq,
+            next_seq=next_seq,
+            frames=next_seq - segments[0].first_seq if segments else 0,
             frames_appended=self.frames_appended,
             segments_dropped=self.segments_dropped,
             torn_bytes=self.torn_bytes,
@@ -909,6 +1078,14 @@ class HistoryReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _sizes(max_bytes: int, segment_size: int | None, max_record_size: int) -> tuple[int, int]:
+    """The segment size (``segment_size``, or an eighth of ``max_bytes`` up to 64 MiB; a
+    quarter at most) and the record limit (half of ``max_bytes`` at most) for a bound."""
+    size = segment_size or min(_MAX_SEGMENT, max(max_bytes // 8, 4096))
+    size = max(SEGMENT_HEADER_SIZE * 2, min(size, max_bytes // 4))
+    return size, min(max_record_size, max_bytes // 2)
 
 
 def _keep_metadata(metadata: dict[str, Frame], frame: Frame, run_starts: frozenset[str]) -> None:

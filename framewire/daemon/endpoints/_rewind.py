@@ -21,9 +21,13 @@ Frames the history lost on the way in (its writer was behind) are missing from t
 and counted (``detail.rewind_frames_missed``).
 
 Rate: ``full`` sends the history as fast as the client takes it; ``original`` (or a factor
-``F``: F times the original speed) paces the frames that had arrived by the time of the
-request by their arrival times; what came in during the paced replay then follows at full
-speed until the client has caught up with the live stream.
+``F``: F times the original speed) paces every frame the replay reads by its arrival time,
+the frames that reached the history while the replay ran included, up to the seam; after
+the seam the live stream flows as it comes. At a factor above 1 the replay gains on the
+live stream and reaches the seam (once fewer than :data:`CATCH_UP_FRAMES` frames are left);
+at ``original`` it keeps the distance it started with: the client gets a copy of the stream
+delayed by that much, read from the history, and joins the live stream only if the stream
+pauses long enough (or holds fewer frames than that over the distance).
 """
 
 from __future__ import annotations
@@ -186,18 +190,16 @@ async def refuse(connection: Connection, reason: str) -> None:
 
 
 class _Pacer:
-    """When each replayed frame is due on trio's clock: frames that had arrived by
-    ``until_ns`` keep their spacing (divided by ``rate``); later ones are due at once."""
+    """When each replayed frame is due on trio's clock: every frame the replay reads from
+    the history, those that arrived while it ran included, keeps its spacing from the start
+    (divided by ``rate``)."""
 
-    def __init__(self, rate: float, start_ns: int, until_ns: int) -> None:
+    def __init__(self, rate: float, start_ns: int) -> None:
         self.rate = rate
         self.start_ns = start_ns
-        self.until_ns = until_ns
         self.t0 = trio.current_time()
 
-    def due(self, arrival_ns: int) -> float | None:
-        if arrival_ns > self.until_ns:
-            return None
+    def due(self, arrival_ns: int) -> float:
         return self.t0 + (arrival_ns - self.start_ns) / 1e9 / self.rate
 
 
@@ -238,7 +240,7 @@ async def _send_batch(
     pending: list[Frame] = []
     for arrival, frame in batch:
         due = pace.due(arrival)
-        if due is not None and due > trio.current_time():
+        if due > trio.current_time():
             if pending:
                 await send(pending)
                 pending = []
@@ -276,7 +278,7 @@ async def replay_history(
         headers["clamped"] = "1"  # the history starts later than asked
     if request.answer:
         await connection.send([notice(headers)])
-    pace = _Pacer(request.rate, reader.start_ns, now) if request.rate else None
+    pace = _Pacer(request.rate, reader.start_ns or now) if request.rate else None
     missed = 0
     history = writer.history
     position = await _replay(reader, send, pace)

@@ -377,6 +377,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
                 return None, gaps
             return parse_rewind(headers, writer.clock()), gaps
         except RewindRefused as refusal:
+            self._count_rewind("rewinds_refused")
             self.log.info("client %s: rewind refused: %s", connection.peer, refusal)
             await refuse(connection, str(refusal))
         except (ProtocolError, trio.TooSlowError) as exc:
@@ -385,6 +386,12 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         except trio.BrokenResourceError as exc:
             self.log.info("client %s: connection lost (%s)", connection.peer, describe_loss(exc))
         return None
+
+    def _count_rewind(self, key: str) -> None:
+        """One more rewind begun (``rewinds``) or refused (``rewinds_refused``) in status."""
+        detail = self.status.detail
+        count = detail.get(key, 0)
+        detail[key] = (count if isinstance(count, int) else 0) + 1
 
     def _replay_request(self, served: Stream) -> RewindRequest | None:
         """The rewind ``replay`` gives a client: the last ``replay`` seconds of the stream's
@@ -419,6 +426,7 @@ class ServerEndpoint(Endpoint[ServerConfig]):
         the replay ended it, else None (then feed it live)."""
         writer = served.history
         assert isinstance(writer, HistoryWriter)
+        self._count_rewind("rewinds")
         config = self.config
         status = self.status
         encoder = self._spec.make_encoder()
