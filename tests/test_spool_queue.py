@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -439,3 +440,50 @@ def test_every_sync_policy_round_trips(spool: Path, sync: str) -> None:
         queue.append(frames[25:])
         queue.sync()
         assert drain(queue) == frames
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rnd=st.randoms(use_true_random=False), segment_size=st.sampled_from([1 << 20, 4 << 20]))
+def test_reads_at_the_writers_heels_as_an_outbox_reads_deliver_everything_once(
+    rnd: random.Random, segment_size: int
+) -> None:
+    # Appends of random batches interleaved with reads that take the frames held so far
+    # again (skip, as the outbox does) and commits of random counts: every frame comes out
+    # once, in order, whole, though reads stop at the writer and go on in place later.
+    # Reads take about 1 MiB of whole records at a time: a backlog of several MiB cuts
+    # records at the ends of reads, which are then read again whole.
+    sizes = [100, 20_000, 70_000, 300_000]
+    with tempfile.TemporaryDirectory() as tmp:
+        queue = DiskQueue.open(Path(tmp) / "q", max_size=64 << 20, segment_size=segment_size)
+        appended: list[Frame] = []
+        delivered: list[Frame] = []
+        taken: list[Frame] = []
+
+        def take(more: int) -> None:
+            held = sum(f.size for f in taken)
+            taken.extend(
+                queue.read_batch(len(taken) + more, held + rnd.choice([1, 200_000]))[len(taken) :]
+            )
+
+        for _ in range(60):
+            if rnd.random() < 0.5:
+                batch = [
+                    data(len(appended) + j, rnd.choice(sizes)) for j in range(rnd.randint(1, 6))
+                ]
+                appended += batch[: queue.append(batch)]
+            else:
+                take(rnd.randint(1, 5))
+                if taken and rnd.random() < 0.6:
+                    count = rnd.randint(1, len(taken))
+                    queue.commit(count)
+                    delivered += taken[:count]
+                    del taken[:count]
+        while True:
+            take(10)
+            if not taken:
+                break
+            queue.commit(len(taken))
+            delivered += taken
+            taken.clear()
+        queue.close()
+    assert delivered == appended
