@@ -16,8 +16,11 @@ alternating:
 
 All read from the page cache (the history was just written; 1 GiB fits). MB/s are 10^6
 bytes per second (of frames for the rewind, of segment files for the others); each ratio
-(rewind over anchor) is the median of the ratios within each repetition. The target of
-issue 25 is 0.8.
+(rewind over anchor) is the median of the ratios within each repetition. Also the CPU
+time (user and system, from /proc) per GB of the daemon during the rewind and of the
+files->socket child during its run, and their ratio (anchor over daemon: 1 is the daemon
+as frugal as the anchor), which a busy machine disturbs far less than the rates. The
+target of issue 25 is 0.8 (of the rates).
 
     .venv/bin/python benchmarks/rewind.py                     # 64 KiB and 1 MiB, 1 GiB each
     .venv/bin/python benchmarks/rewind.py --total 256MiB --sizes 64KiB
@@ -37,7 +40,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _harness import MIB, free_port, machine_text, payload_of, size_label, wait_for_port
+from _harness import (
+    MIB,
+    cpu_seconds,
+    free_port,
+    machine_text,
+    payload_of,
+    size_label,
+    wait_for_port,
+)
 
 from framewire.client import rewind_request
 from framewire.config import parse_size
@@ -160,14 +171,22 @@ def measure(size: int, args: argparse.Namespace) -> None:
         files.stdout.readline()
         wait_for_port(port, 30)
 
+        cpu: dict[str, list[float]] = {"rewind": [], "socket": []}
+
         def anchor() -> float:
             assert files.stdin is not None
+            before = cpu_seconds(files.pid) or 0.0
             files.stdin.write("go\n")
             files.stdin.flush()
-            return files_bytes / read_socket(files_port, files_bytes)[1] / 1e6
+            seconds = read_socket(files_port, files_bytes)[1]
+            cpu["socket"].append(((cpu_seconds(files.pid) or 0.0) - before) / files_bytes * 1e9)
+            return files_bytes / seconds / 1e6
 
         def rewound() -> float:
-            return frames_bytes / rewind(port, frames_bytes)[1] / 1e6
+            before = cpu_seconds(daemon.pid) or 0.0
+            seconds = rewind(port, frames_bytes)[1]
+            cpu["rewind"].append(((cpu_seconds(daemon.pid) or 0.0) - before) / frames_bytes * 1e9)
+            return frames_bytes / seconds / 1e6
 
         def read() -> float:
             return files_bytes / read_files(path)[1] / 1e6
@@ -187,10 +206,12 @@ def measure(size: int, args: argparse.Namespace) -> None:
             for name in ratios:
                 ratios[name].append(run["rewind"] / run[name])
         median = statistics.median
+        cpu_ratio = median(a / r for a, r in zip(cpu["socket"], cpu["rewind"], strict=True))
         print(
             f"{size_label(size):>8} {median(got['rewind']):>12.0f} {median(got['socket']):>13.0f}"
             f" {median(ratios['socket']):>6.2f} {median(got['read']):>11.0f}"
-            f" {median(ratios['read']):>6.2f}",
+            f" {median(ratios['read']):>6.2f} {median(cpu['rewind']):>10.2f}"
+            f" {median(cpu['socket']):>10.2f} {cpu_ratio:>6.2f}",
             flush=True,
         )
     finally:
@@ -215,7 +236,7 @@ def main() -> None:
     print(f"history of {args.total / MIB:.0f} MiB per size; {args.repeat} repetitions\n")
     print(
         f"{'frame':>8} {'rewind MB/s':>12} {'files->socket':>13} {'ratio':>6}"
-        f" {'files read':>11} {'ratio':>6}"
+        f" {'files read':>11} {'ratio':>6} {'CPU s/GB':>10} {'anchor CPU':>10} {'ratio':>6}"
     )
     for size in map(parse_size, args.sizes.split(",")):
         measure(size, args)
