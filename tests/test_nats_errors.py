@@ -3,10 +3,15 @@ raw protocol lines."""
 
 from __future__ import annotations
 
+import logging
+import types
+
 import attrs
 import pytest
+import trio
+import trio.testing
 
-from framewire.daemon.nats import describe_nats_error, parse_ack
+from framewire.daemon.nats import _spool, describe_nats_error, parse_ack
 
 errors = pytest.importorskip("nats.js.errors")
 
@@ -72,3 +77,42 @@ def test_asyncios_tls_eof_warning_is_not_logged(caplog: pytest.LogCaptureFixture
     )
     logging.getLogger("asyncio").warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+async def test_a_stream_filling_again_while_a_backlog_drains_is_one_warning(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bounded stream that a reader works through fills and drains again and again: the
+    owner warns once and says once that it drained; a new fill after FILL_QUIET is news."""
+    endpoint = types.SimpleNamespace(
+        layout=types.SimpleNamespace(owner=True, stream="FW_camera"),
+        status=types.SimpleNamespace(detail={}),
+        log=logging.getLogger("framewire.endpoint.to-nats"),
+    )
+    watch = _spool.StreamWatch(endpoint, None)  # type: ignore[arg-type]
+
+    def look(fill: float) -> None:
+        info = types.SimpleNamespace(
+            state=types.SimpleNamespace(bytes=int(fill * 16384), messages=1),
+            config=types.SimpleNamespace(max_bytes=16384, max_msgs=-1, discard="new"),
+        )
+        watch._report_fill(info)
+
+    caplog.set_level(logging.INFO, logger="framewire")
+    for _ in range(5):  # full, drained, full, ... within a few seconds
+        look(0.97)
+        await trio.sleep(1)
+        look(0.1)
+        await trio.sleep(1)
+    look(0.97)  # and it stays full: status says so, the log already did
+    lines = [r.getMessage() for r in caplog.records if "% full" in r.getMessage()]
+    assert len(lines) == 2
+    assert "97% full): when it is full, publishing waits" in lines[0]
+    assert lines[1].endswith("(10% full)")
+    assert endpoint.status.detail["stream_fill"] == 0.97
+    await trio.sleep(_spool.FILL_QUIET)
+    look(0.1)
+    look(0.9)  # a minute after the last line: news again
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2
+    assert "90% full" in warned[1].getMessage()

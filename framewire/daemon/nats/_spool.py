@@ -5,9 +5,11 @@ whether any reader keeps frames in it at all.
 :class:`StreamWatch` asks the server every :data:`WATCH_INTERVAL` seconds and writes what it
 hears into the endpoint's ``status.detail`` (``stream_*`` keys, see docs/status.md). It logs
 changes only: the publisher (the stream's owner) one WARNING when the stream passes
-:data:`FILL_WARNING` of a bound (and one INFO once it is back below :data:`FILL_REARM`); both
-sides one WARNING when the stream has no leader or cannot be asked, and one INFO when it is
-back.
+:data:`FILL_WARNING` of a bound (and one INFO once it is back below :data:`FILL_REARM`; a
+stream that fills again within :data:`FILL_QUIET` seconds of that INFO, as a bounded stream
+does while a reader works through a backlog, is not logged again, nor is its next drain:
+``stream_fill`` in status says where it is); both sides one WARNING when the stream has no
+leader or cannot be asked, and one INFO when it is back.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ WATCH_INTERVAL: Final = 2.0
 FILL_WARNING: Final = 0.8
 #: The fill below which it says so and may warn again.
 FILL_REARM: Final = 0.7
+#: Seconds after the INFO that the stream is below :data:`FILL_REARM` again during which
+#: it fills and drains without a log line.
+FILL_QUIET: Final = 60.0
 #: Seconds a stream that sources another domain's may go without hearing from it, while
 #: that domain's stream answers, before the sourcing is restarted (nats-server itself
 #: retries a stalled source only after 10 s times its failures, up to 2 minutes).
@@ -48,6 +53,10 @@ class StreamWatch:
         self.thread = thread
         self.owner = endpoint.layout.owner
         self._full_warned = False
+        #: Whether the last crossing of FILL_WARNING was logged (not within FILL_QUIET).
+        self._full_logged = False
+        #: Until when (trio's clock) a new crossing of FILL_WARNING is not logged.
+        self._fill_quiet_until = -math.inf
         self._no_reader_warned = False
         self._problem: str | None = None
         self._source_problem: str | None = None
@@ -151,6 +160,9 @@ class StreamWatch:
         )
         if fill >= FILL_WARNING and not self._full_warned:
             self._full_warned = True
+            self._full_logged = trio.current_time() >= self._fill_quiet_until
+            if not self._full_logged:
+                return
             if str(getattr(config.discard, "value", config.discard)) == "new":
                 then = "when it is full, publishing waits for the readers to make room"
             else:
@@ -158,7 +170,9 @@ class StreamWatch:
             endpoint.log.warning("%s (%.0f%% full): %s", what, 100 * fill, then)
         elif fill < FILL_REARM and self._full_warned:
             self._full_warned = False
-            endpoint.log.info("%s (%.0f%% full)", what, 100 * fill)
+            if self._full_logged:
+                self._fill_quiet_until = trio.current_time() + FILL_QUIET
+                endpoint.log.info("%s (%.0f%% full)", what, 100 * fill)
 
     def _report_readers(self, consumers: list[Any]) -> None:
         """``retention = "interest"``: frames no consumer's filter covers leave at once."""
