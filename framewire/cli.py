@@ -188,8 +188,8 @@ class _TLSVerdict:
     done, so its refusal (an alert) comes while we send, or after we have sent everything.
     Only a receive that is already waiting when a write breaks can read it (a broken
     SSLStream reads nothing more), so :meth:`listen` waits in one from the start; and
-    :meth:`confirm` closes our side and waits for the server's close, which comes after
-    its alert if it sent one. Neither raises: each returns what it heard."""
+    :meth:`confirm` waits for the server's close, which comes after its alert if it sent
+    one. None of them raises: each says what it heard."""
 
     def __init__(self, stream: trio.SSLStream[trio.abc.Stream]) -> None:
         self._stream = stream
@@ -201,8 +201,8 @@ class _TLSVerdict:
     async def listen(self) -> None:
         """Read (and drop: a receiver sends a sender nothing) until the server closes, the
         connection breaks (its refusal, or a reset), or :meth:`confirm` stops us."""
-        # Cancelled, trio's SSLStream receive can only have been waiting for the socket
-        # (what it read is decrypted before it waits again), so the stream stays usable.
+        # trio's SSLStream stays usable after a cancelled receive unless a handshake was
+        # in progress, and ours was done before we were started (the connector waits).
         with self._listening:
             try:
                 while await self._stream.receive_some():
