@@ -83,6 +83,9 @@ EXIT_USAGE = 2
 
 #: Connecting (and a TLS handshake) gives up after this many seconds.
 CONNECT_TIMEOUT: Final = 10.0
+#: Seconds ``framewire send`` waits after its last frame for a TLS server to close, and so to
+#: show that it accepted us (a TLS 1.3 server may refuse our certificate that late).
+CLOSE_PATIENCE: Final = 10.0
 #: The status server sends a snapshot at least this often, or it is considered gone.
 STATUS_SILENCE: Final = 30.0
 #: The status server ``framewire status`` and ``reload`` read without a URL: the demo's.
@@ -178,14 +181,76 @@ def _tls_reason(error: ssl.SSLError) -> str:
     return f"TLS: {(error.reason or str(error)).lower().replace('_', ' ')}"
 
 
-async def _why_closed(stream: trio.abc.Stream) -> BaseException | None:
-    """After a write failed: what the peer said before it closed (a TLS alert waits in the
-    socket: the server refusing our certificate), if it said anything within a second."""
-    with trio.move_on_after(1):
-        try:
-            await stream.receive_some(1)
-        except (trio.BrokenResourceError, ssl.SSLError) as exc:
-            return exc
+class _TLSVerdict:
+    """What a TLS server says of a client that only sends (``framewire send``).
+
+    A TLS 1.3 server judges the client's certificate after the client thinks the handshake
+    done, so its refusal (an alert) comes while we send, or after we have sent everything.
+    Only a receive that is already waiting when a write breaks can read it (a broken
+    SSLStream reads nothing more), so :meth:`listen` waits in one from the start; and
+    :meth:`confirm` waits for the server's close, which comes after its alert if it sent
+    one. None of them raises: each says what it heard."""
+
+    def __init__(self, stream: trio.SSLStream[trio.abc.Stream]) -> None:
+        self._stream = stream
+        self._listening = trio.CancelScope()
+        self._done = trio.Event()
+        self._closed = False  # the server's close_notify came
+        self._broken: trio.BrokenResourceError | None = None
+
+    async def listen(self) -> None:
+        """Read (and drop: a receiver sends a sender nothing) until the server closes, the
+        connection breaks (its refusal, or a reset), or :meth:`confirm` stops us."""
+        # trio's SSLStream stays usable after a cancelled receive unless a handshake was
+        # in progress, and ours was done before we were started (the connector waits).
+        with self._listening:
+            try:
+                while await self._stream.receive_some():
+                    pass
+                self._closed = True
+            except trio.BrokenResourceError as exc:
+                self._broken = exc
+        self._done.set()
+
+    async def after_break(self) -> trio.BrokenResourceError | None:
+        """After a write broke: how the connection broke as our reader saw it (a TLS alert
+        in its cause if the server refused us). What broke the write came after the alert,
+        so the alert is read at once; the wait is a last guard."""
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            await self._done.wait()
+        return self._broken
+
+    async def confirm(self, patience: float, *, ended: bool) -> trio.BrokenResourceError | bool:
+        """After the last write: wait up to ``patience`` seconds for the server to close.
+        After an end-of-stream marker (``ended``) a framewire receiver closes by itself;
+        otherwise we close our side of TLS first (close_notify). True when the server
+        closed (it had read all we sent), False when it did not in time, the error when
+        the connection broke (a TLS alert in its cause if the server refused us)."""
+        with trio.move_on_after(patience):
+            if ended:
+                await self._done.wait()
+            else:
+                self._listening.cancel()
+                await self._done.wait()
+                if not self._closed and self._broken is None:
+                    try:
+                        await self._stream.unwrap()
+                    except trio.BrokenResourceError as exc:
+                        self._broken = exc
+            closed = self._broken
+            # A server that closes without a close_notify (as framewire's receiver does)
+            # had read all we sent, or its close would have been a reset.
+            if closed is None or isinstance(closed.__cause__, ssl.SSLEOFError):
+                return True
+            return closed
+        return False
+
+
+def _refused(error: BaseException | None) -> ssl.SSLError | None:
+    """The TLS alert behind ``error``, if the peer sent one (not a bare end of connection)."""
+    cause = error.__cause__ if error is not None else None
+    if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLEOFError):
+        return cause
     return None
 
 
@@ -679,49 +744,73 @@ def cmd_recv(args: argparse.Namespace) -> int:
 
 
 async def _send(args: argparse.Namespace, source: io.BufferedIOBase) -> int:
+    address = _address(args.address)
+    stream = await _connect(args, address, "is a framewire receiver listening there?")
+    verdict = _TLSVerdict(stream) if isinstance(stream, trio.SSLStream) else None
+    async with stream, trio.open_nursery() as nursery:
+        if verdict is not None:
+            nursery.start_soon(verdict.listen)
+        await _send_frames(args, source, address, stream, verdict)
+        nursery.cancel_scope.cancel()
+    return EXIT_OK
+
+
+async def _send_frames(
+    args: argparse.Namespace,
+    source: io.BufferedIOBase,
+    address: Address,
+    stream: trio.abc.Stream,
+    verdict: _TLSVerdict | None,
+) -> None:
+    """Send ``source`` over ``stream`` and say how many frames went; over TLS, hear the
+    server's verdict first. Raises :class:`Failure` saying why not."""
     spec = protocols.get(args.protocol)
     decoder = spec.make_decoder(args.max_frame_size)
     encoder = spec.make_encoder()
-    address = _address(args.address)
-    stream = await _connect(args, address, "is a framewire receiver listening there?")
     connection = Connection(stream, peer=str(address))
     sent = 0
-    async with stream:
-        try:
-            while True:
-                # read1: whatever is available (up to 1 MiB), so a live pipe is not held back.
-                chunk = await trio.to_thread.run_sync(source.read1, 1 << 20)
-                if not chunk:
-                    decoder.end_of_input()
-                    break
-                frames = decoder.feed(chunk)
-                if frames:
-                    await connection.send(encoder.encode_batch(frames))
-                    sent += len(frames)
-            marker = encoder.end_of_stream()
-            if marker:
-                await connection.send([marker])
-        except protocols.ProtocolError as exc:
-            raise Failure(
-                f"{args.file} is not {args.protocol} data after {sent} frames: {exc}; "
-                "is --protocol right?"
-            ) from None
-        except trio.BrokenResourceError as exc:
-            said = await _why_closed(stream)
-            reason = _reason(said) if isinstance(said, ssl.SSLError) else _reason(exc)
-            if (
-                isinstance(stream, trio.SSLStream)
-                and args.cert is None
-                and "client certificate" not in reason
-            ):
-                # A TLS 1.3 server judges our certificate after we think the handshake is
-                # done; its alert then reaches a sender only as a broken pipe.
-                reason += " (the server may require a client certificate: give --cert and --key)"
-            raise Failure(f"connection to {address} broke after {sent} frames: {reason}") from None
-        except OSError as exc:
-            raise Failure(f"cannot read {args.file}: {_reason(exc)}") from None
-    print(f"framewire send: {sent} frames", file=sys.stderr)
-    return EXIT_OK
+    confirmed: trio.BrokenResourceError | bool = True
+    try:
+        while True:
+            # read1: whatever is available (up to 1 MiB), so a live pipe is not held back.
+            chunk = await trio.to_thread.run_sync(source.read1, 1 << 20)
+            if not chunk:
+                decoder.end_of_input()
+                break
+            frames = decoder.feed(chunk)
+            if frames:
+                await connection.send(encoder.encode_batch(frames))
+                sent += len(frames)
+        marker = encoder.end_of_stream()
+        if marker:
+            await connection.send([marker])
+        if verdict is not None:
+            confirmed = await verdict.confirm(CLOSE_PATIENCE, ended=bool(marker))
+    except protocols.ProtocolError as exc:
+        raise Failure(
+            f"{args.file} is not {args.protocol} data after {sent} frames: {exc}; "
+            "is --protocol right?"
+        ) from None
+    except trio.BrokenResourceError as exc:
+        heard = await verdict.after_break() if verdict is not None else None
+        confirmed = heard if heard is not None and _refused(heard) is not None else exc
+    except OSError as exc:
+        raise Failure(f"cannot read {args.file}: {_reason(exc)}") from None
+    if isinstance(confirmed, trio.BrokenResourceError):
+        reason = _reason(confirmed)
+        if verdict is not None and args.cert is None and "client certificate" not in reason:
+            # A TLS 1.3 server judges our certificate after we think the handshake is done:
+            # whatever broke the connection, it may have been that.
+            reason += " (the server may require a client certificate: give --cert and --key)"
+        raise Failure(f"connection to {address} broke after {sent} frames: {reason}")
+    if confirmed:
+        print(f"framewire send: {sent} frames", file=sys.stderr)
+    else:
+        print(
+            f"framewire send: {sent} frames (not confirmed: the server had not closed "
+            f"{CLOSE_PATIENCE:g}s after the last; it may still be reading)",
+            file=sys.stderr,
+        )
 
 
 def cmd_send(args: argparse.Namespace) -> int:

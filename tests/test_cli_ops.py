@@ -4,10 +4,12 @@ across a daemon restart, tokens kept out of ps, recv and send over TLS and UNIX 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
 import socket
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -16,7 +18,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from framewire import Frame, FrameKind
+from framewire import Frame, FrameKind, cli
+from framewire.daemon import Policy
+from framewire.protocols.native import NativeDecoder
 
 from .helpers import encode, port_of, running_daemon
 from .test_cli import ENV, FRAMEWIRE, PATIENCE, DaemonProcess, run_cli
@@ -367,10 +371,50 @@ async def test_recv_listens_for_framewire_send_over_tcp_and_tls(pki: Pki, record
         assert "certificate verify failed" in untrusting.stderr.decode()
         sent = await run_cli("send", f"tls://{where}", str(recording), "--ca", pki.ca_file)
         assert sent.returncode == 0, sent.stderr
+        assert sent.stderr.decode() == "framewire send: 4 frames\n"  # recv closed: confirmed
         done = await finish(process)
         assert frame_lines(done) == LINES
         assert "TLS handshake with" in done.stderr.decode()
         assert "still listening" in done.stderr.decode()
+
+
+async def test_send_over_tls_says_when_the_server_never_closes(
+    pki: Pki, recording: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TLS server that takes send's frames but never closes: send cannot know that it
+    accepted them, so after CLOSE_PATIENCE it says the count is not confirmed (exit 0).
+    ``main`` runs in a thread of this process so that the patience can be short; the server
+    never closes, so no speed of the machine changes the outcome."""
+    monkeypatch.setattr(cli, "CLOSE_PATIENCE", 0.2)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert)
+    tcp = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = tcp.socket.getsockname()[1]
+    listener = trio.SSLListener(tcp, context)
+    decoder = NativeDecoder(max_frame_size=1 << 20)
+    frames: list[Frame] = []
+
+    async def hold_one() -> None:
+        """Accept one sender, read everything, and never close before it does."""
+        stream = await listener.accept()
+        with contextlib.suppress(trio.BrokenResourceError):
+            while data := await stream.receive_some():
+                frames.extend(decoder.feed(data))
+        await stream.aclose()
+
+    argv = ["send", f"tls://127.0.0.1:{port}", "--ca", pki.ca_file, str(recording)]
+    async with listener:
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold_one)
+                code = await trio.to_thread.run_sync(cli.main, argv)
+    assert code == 0
+    assert capsys.readouterr().err == (
+        "framewire send: 4 frames (not confirmed: the server had not closed 0.2s after the "
+        "last; it may still be reading)\n"
+    )
+    assert frames == FRAMES
+    assert decoder.ended
 
 
 async def test_recv_listens_for_a_sender_endpoint_over_unix(tmp: Path, recording: Path) -> None:  # noqa: F811
@@ -397,9 +441,10 @@ async def test_tls_client_errors_name_their_cause(
     pki: Pki, recording: Path, tmp_path: Path
 ) -> None:
     """Against a server that requires a client certificate, recv without one says so (it
-    said "exec format error": the server now sends its alert), send says that it may be
-    (it said "broken pipe": a TLS 1.3 server's verdict reaches a sender only so); recv with
-    tcp:// against a TLS port says it may speak TLS (it said "0 frames")."""
+    said "exec format error": the server now sends its alert), and so does send, whose
+    writes break on the refusal (it said "broken pipe": a broken TLS stream reads no alert,
+    so send reads in a task of its own from the start); recv with tcp:// against a TLS port
+    says it may speak TLS (it said "0 frames")."""
     # A TLS 1.3 client thinks the handshake done before the server has judged it, so a few
     # frames fit in the socket buffers and a sender can be gone before the verdict comes
     # (on a busy machine it was): 32 MiB cannot be written until the server reads, which it
@@ -423,8 +468,56 @@ async def test_tls_client_errors_name_their_cause(
         assert needs in refused.stderr.decode(), refused.stderr
         sent = await run_cli("send", f"tls://127.0.0.1:{inbound}", "--ca", pki.ca_file, str(big))
         assert sent.returncode == 1
-        assert "give --cert and --key" in sent.stderr.decode(), sent.stderr
+        assert needs in sent.stderr.decode(), sent.stderr
         plain = await run_cli("recv", f"tcp://127.0.0.1:{out}")
         assert "closed the connection without sending a byte (if it speaks TLS, use tls://)" in (
             plain.stderr.decode()
         ), plain.stderr
+
+
+@pytest.mark.parametrize("protocol", ["native", "raw"])
+async def test_send_of_a_few_frames_hears_a_tls_servers_verdict(
+    pki: Pki, recording: Path, protocol: str
+) -> None:
+    """A TLS 1.3 server judges the client's certificate after the client thinks the
+    handshake done, so a few small frames fit in the socket buffers before the verdict
+    comes: send waits for the server to close (after native's end of stream; after our
+    close_notify for raw, which has none) before it says the frames went. It exited 0,
+    "4 frames", when the server had refused it. With a certificate the frames arrive and
+    send says so."""
+    config = (
+        f'[endpoints.in]\nkind = "receiver"\nlisten = "tls://127.0.0.1:0"\nstream = "x"\n'
+        f'protocol = "{protocol}"\n'
+        f'[endpoints.in.tls]\ncertificate = "{pki.server_cert}"\nkey = "{pki.server_cert}"\n'
+        f'ca = "{pki.ca_file}"\nrequire_client_cert = true\n'
+    )
+    send = ["send", "--protocol", protocol, "--ca", pki.ca_file]
+    async with running_daemon(config) as daemon:
+        address = f"tls://127.0.0.1:{port_of(daemon.endpoints['in'].status.address[0])}"
+        refused = await run_cli(*send, address, str(recording))
+        assert refused.returncode == 1, refused.stderr
+        # The frames written before the alert arrived, or none once it had.
+        assert re.fullmatch(
+            f"framewire send: connection to {re.escape(address)} broke after [0-4] frames: "
+            "the server requires a client certificate: give --cert and --key\n",
+            refused.stderr.decode(),
+        ), refused.stderr
+        with daemon.streams.get("x").subscribe(policy=Policy.LOSSLESS) as subscription:
+            client = ["--cert", pki.client_cert, "--key", pki.client_cert]
+            accepted = await run_cli(*send, *client, address, str(recording))
+            assert accepted.returncode == 0, accepted.stderr
+            got: list[Frame] = []
+            size = len(encode(FRAMES))  # the recording's bytes
+            with trio.fail_after(PATIENCE):
+                while (
+                    len(got) < len(FRAMES)
+                    if protocol == "native"
+                    else sum(len(frame.payload) for frame in got) < size
+                ):
+                    got += await subscription.receive_batch()
+        if protocol == "native":
+            assert accepted.stderr.decode() == "framewire send: 4 frames\n"
+            assert got == FRAMES
+        else:
+            assert accepted.stderr.decode() == f"framewire send: {len(got)} frames\n"
+            assert b"".join(bytes(frame.payload) for frame in got) == encode(FRAMES)

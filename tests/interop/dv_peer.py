@@ -4,7 +4,9 @@
         A NetworkWriter on ADDRESS ("PORT" on 127.0.0.1, or an absolute UNIX socket path)
         serving an EventStream (id 0, 640x480). Prints "ready", then obeys stdin lines:
         "clients N" (wait until N clients are connected, print "clients N"), "write B T0 E"
-        (write B batches of E events from timestamp T0 us, print "wrote <digest>"), "exit".
+        (write B batches of E events from timestamp T0 us, print "wrote <digest>"), "write B
+        T0 E paced" (the same, but after each batch is sent print "batch <index>" and wait
+        for a line before the next), "exit".
     python dv_peer.py read ADDRESS FROM COUNT [--tls CERT KEY]
         A NetworkReader. Prints "connected <camera> <compression>", then reads until it has
         COUNT events with timestamps >= FROM and prints "done <total events> <digest>", or
@@ -43,6 +45,13 @@ def rows(batch: dv.EventStore) -> np.ndarray:
     )
 
 
+def sent(writer: dv.io.NetworkWriter) -> None:
+    """Wait (up to PATIENCE) until the writer's IO thread has sent every queued packet."""
+    deadline = time.monotonic() + PATIENCE
+    while writer.getQueuedPacketCount() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def write(args: list[str]) -> None:
     address = args[0]
     stream = dv.io.Stream.EventStream(0, "events", "DVXplorer_test", (WIDTH, HEIGHT))
@@ -64,16 +73,18 @@ def write(args: list[str]) -> None:
                 time.sleep(0.01)
             print(f"clients {writer.getClientCount()}", flush=True)
         elif command[0] == "write":
-            batches, t0, size = map(int, command[1:])
+            batches, t0, size = map(int, command[1:4])
+            paced = command[4:] == ["paced"]
             digest = hashlib.sha256()
             for index in range(batches):
                 batch = events(t0 + index * size, size)
                 writer.writeEvents(batch)
                 digest.update(rows(batch).tobytes())
-            # Let the IO thread send everything before anyone ends this process.
-            deadline = time.monotonic() + PATIENCE
-            while writer.getQueuedPacketCount() and time.monotonic() < deadline:
-                time.sleep(0.01)
+                if paced:
+                    sent(writer)
+                    print(f"batch {index}", flush=True)
+                    sys.stdin.readline()
+            sent(writer)  # before anyone ends this process
             print(f"wrote {digest.hexdigest()}", flush=True)
         elif command[0] == "exit":
             break

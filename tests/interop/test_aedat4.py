@@ -229,14 +229,28 @@ async def test_a_stalled_reader_does_not_slow_another_and_memory_stays_bounded()
                     async with dv_peer("read", address, str(ROUND_B), str(batches * size)) as fast:
                         await connected(fast, "CompressionType.NONE")
                         await wait_until_patient(lambda: len(server.status.clients) == 2)
-                        await writer.tell(f"write {batches} {ROUND_B} {size}")
+                        peer = f"127.0.0.1:{stalled.getsockname()[1]}"
+                        clients = server.status.clients.values()
+                        stalled_client = next(c for c in clients if c.peer == peer)
+                        fast_client = next(c for c in clients if c.peer != peer)
+                        received = daemon.endpoints["dv-in"].status
+                        # Paced by the fast reader's progress, not its speed: each batch goes
+                        # once framewire has written the last one to the fast reader, so on
+                        # a machine too busy to run that reader at once its queue (2 MiB)
+                        # never fills, while the stalled reader's does.
+                        await writer.tell(f"write {batches} {ROUND_B} {size} paced")
+                        for index in range(batches):
+                            assert await writer.line() == f"batch {index}"
+                            await wait_until_patient(
+                                lambda: (
+                                    received.frames_in >= index + 2  # noqa: B023
+                                    and fast_client.frames_sent >= received.frames_in
+                                )
+                            )
+                            await writer.tell("next")
                         written = (await writer.line()).split()[1]
                         result = (await fast.line()).split()
                     assert result == ["done", str(batches * size), written]
-                    peer = f"127.0.0.1:{stalled.getsockname()[1]}"
-                    stalled_client = next(
-                        client for client in server.status.clients.values() if client.peer == peer
-                    )
                     subscription = stalled_client.subscription
                     assert subscription is not None
                     assert subscription.frames_dropped > 0
