@@ -8,12 +8,17 @@ arrival (TCP_NODELAY on both ends). Cases:
 
 - **direct**: the producer connects straight to the consumer;
 - **relayed**: through a framewire daemon (``receiver`` then ``server``, native, lossy,
-  default settings), its own process.
+  default settings), its own process;
+- with ``--history SIZE``, **relayed, history**: the same daemon whose stream also keeps a
+  history of SIZE (``[streams.lat.history]``, a fresh directory each run, removed after).
 
 ``--baseline PATH`` adds a relayed case run with the framewire package at PATH (another
-checkout), so before and after come from one run. Prints p50/p99/p99.9 of each case
-(median over ``--repeat`` runs), the relay's CPU per frame, and the targets of issue 12
-(relayed p99 < 0.5 ms, p99.9 < 1 ms). Percentiles depend heavily on what else the machine
+checkout), and with ``--history`` one whose stream keeps a history too, so before and after
+come from one run. The cases alternate within each of the
+``--repeat`` runs. Prints p50/p99/p99.9/max of each case (median over the runs; max is the
+largest of any run), the relay's CPU per frame, the frames the history left out (it drops
+what it cannot write rather than hold the relay), and the targets of issue 12 (relayed p99
+< 0.5 ms, p99.9 < 1 ms). Percentiles depend heavily on what else the machine
 does: see "others" (the share of one CPU other processes used; above 20% a warning
 follows). The one home of issue 12's latency row: issue12.py imports :func:`measure`.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -52,14 +58,20 @@ from _harness import (
     worst,
 )
 
+from framewire.config import parse_size
 from framewire.frame import Frame, FrameKind
 from framewire.protocols.native import NativeEncoder
+from framewire.spool import StreamHistory
 
 #: The ``tree`` of the case without a relay.
 DIRECT: Final = "direct"
 TYPE: Final = "lat"
 TARGET_P99_US: Final = 500.0
 TARGET_P999_US: Final = 1000.0
+#: How long the consumer gives the daemon's server to subscribe it before the first frame:
+#: a server whose stream keeps a history first waits up to 250 ms for a rewind request.
+SUBSCRIBE_WAIT: Final = 0.3
+SUBSCRIBE_WAIT_HISTORY: Final = 0.8
 
 
 def wire_of(payload_size: int) -> bytearray:
@@ -124,14 +136,17 @@ def percentile(values: Sequence[float], share: float) -> float:
 
 @dataclass
 class LatencyResult:
-    """One case's latency percentiles in microseconds, the relay's CPU per frame (None when
-    direct) and the share of one CPU that other processes used meanwhile."""
+    """One case's latency percentiles and largest latency in microseconds, the relay's CPU
+    per frame (None when direct), the share of one CPU that other processes used meanwhile,
+    and, for a daemon with a history, how many of the frames sent it left out (else None)."""
 
     p50: float
     p99: float
     p999: float
     daemon_cpu_us: float | None
     others: float | None
+    max: float = 0.0
+    history_dropped: int | None = None
 
     @property
     def percentiles(self) -> tuple[float, float, float]:
@@ -150,15 +165,56 @@ listen = "tcp://{host}:{server_port}"
 stream = "lat"
 """
 
+HISTORY_CONFIG: Final = """
+[streams.lat.history]
+max_bytes = "{max_bytes}"
+path = "{path}"
+"""
+
 
 def measure(
-    workdir: Path, tree: str | None, *, rate: float, payload_size: int, duration: float
+    workdir: Path,
+    tree: str | None,
+    *,
+    rate: float,
+    payload_size: int,
+    duration: float,
+    history: str | None = None,
 ) -> LatencyResult:
     """One case: ``tree`` DIRECT (producer straight to this process), or through a daemon
-    running the framewire of checkout ``tree`` (None: this one's). ``duration`` seconds of
-    frames at ``rate``; the first 0.5 s (at most a quarter) are left out."""
+    running the framewire of checkout ``tree`` (None: this one's), whose stream keeps a
+    history of ``history`` bytes (a size, "256MiB"; None: no history) in a fresh directory
+    under ``workdir``, removed afterwards. ``duration`` seconds of frames at ``rate``; the
+    first 0.5 s (at most a quarter) are left out.
+
+    RuntimeError / TimeoutError as :func:`consume` (a frame lost on the way, the relay
+    stalled); a daemon that does not start raises from :func:`wait_for_listen`."""
     count = int(rate * duration)
     skip = min(int(rate * 0.5), count // 4)
+    history_path = Path(tempfile.mkdtemp(prefix="history-", dir=workdir)) if history else None
+    try:
+        result = _measure(workdir, tree, rate, payload_size, count, skip, history, history_path)
+        if history_path is not None:
+            # Every frame the history kept got the next sequence number; the directory is
+            # fresh, so the number after the last one is how many it kept.
+            with StreamHistory.open(history_path, max_bytes=parse_size(history)) as kept:
+                result.history_dropped = count - kept.stats().next_seq
+        return result
+    finally:
+        if history_path is not None:
+            shutil.rmtree(history_path, ignore_errors=True)
+
+
+def _measure(
+    workdir: Path,
+    tree: str | None,
+    rate: float,
+    payload_size: int,
+    count: int,
+    skip: int,
+    history: str | None,
+    history_path: Path | None,
+) -> LatencyResult:
     with all_stopped() as children:
         daemon: Child | None = None
         if tree == DIRECT:
@@ -171,11 +227,12 @@ def measure(
         else:
             receiver_port, server_port = free_ports(2)
             config = workdir / "latency.toml"
-            config.write_text(
-                LATENCY_CONFIG.format(
-                    host=HOST, receiver_port=receiver_port, server_port=server_port
-                )
+            text = LATENCY_CONFIG.format(
+                host=HOST, receiver_port=receiver_port, server_port=server_port
             )
+            if history is not None:
+                text += HISTORY_CONFIG.format(max_bytes=history, path=history_path)
+            config.write_text(text)
             daemon = Child(
                 "daemon",
                 daemon_argv(config),
@@ -187,7 +244,8 @@ def measure(
             wait_for_listen(receiver_port, daemon)
             wait_for_listen(server_port, daemon)
             sock = socket.create_connection((HOST, server_port), timeout=START_TIMEOUT)
-            time.sleep(0.3)  # subscribed before the first frame
+            # subscribed before the first frame
+            time.sleep(SUBSCRIBE_WAIT if history is None else SUBSCRIBE_WAIT_HISTORY)
             producer = start_producer(children, receiver_port, rate, payload_size, count)
         with sock:
             sock.settimeout(IO_TIMEOUT)
@@ -205,6 +263,7 @@ def measure(
         p50=percentile(latencies, 0.5),
         p99=percentile(latencies, 0.99),
         p999=percentile(latencies, 0.999),
+        max=max(latencies),
         daemon_cpu_us=None if used is None else used / count * 1e6,
         others=others_during(cpu, t0, t1),
     )
@@ -230,6 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per case")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--baseline", help="checkout whose framewire runs as a baseline too")
+    parser.add_argument(
+        "--history",
+        metavar="SIZE",
+        help="add a case whose daemon keeps a stream history of SIZE (e.g. 256MiB) beside "
+        "the one without (with --baseline, for the baseline's daemon too)",
+    )
     parser.add_argument("--role", choices=["producer"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
@@ -237,46 +302,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role == "producer":
         run_producer(args)
         return 0
+    if args.history is not None:
+        try:
+            parse_size(args.history)
+        except ValueError as exc:
+            parser.error(f"--history: {exc}")
     exit_on_sigterm()
-    cases: list[tuple[str, str | None]] = [("direct", DIRECT)]
+    cases: list[tuple[str, str | None, str | None]] = [("direct", DIRECT, None)]
     if args.baseline:
-        cases.append((f"relayed, {args.baseline}", args.baseline))
-    cases.append(("relayed, this tree", None))
+        cases.append((f"relayed, {args.baseline}", args.baseline, None))
+    cases.append(("relayed, this tree", None, None))
+    if args.history:
+        if args.baseline:
+            cases.append((f"history {args.history}, {args.baseline}", args.baseline, args.history))
+        cases.append((f"relayed, history {args.history}", None, args.history))
     print(f"framewire latency benchmark: {machine_text()}")
     print(
         f"{args.payload_size} B payloads at {args.rate:g} Hz, {args.duration:g} s per case,"
-        f" medians of {args.repeat} runs (the first 0.5 s of each is left out)"
+        f" medians of {args.repeat} runs, the cases alternating (the first 0.5 s of each is"
+        " left out; max: the largest of any run)"
     )
-    print(f"{'case':<32} {'p50':>8} {'p99':>8} {'p99.9':>8} {'daemon CPU/frame':>17} {'others':>7}")
-    others: list[float | None] = []
+    runs: dict[str, list[LatencyResult]] = {label: [] for label, _, _ in cases}
     with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
-        for label, tree in cases:
-            runs = [
-                measure(
+        for run in range(args.repeat):
+            for label, tree, history in cases:
+                result = measure(
                     Path(tmp),
                     tree,
                     rate=args.rate,
                     payload_size=args.payload_size,
                     duration=args.duration,
+                    history=history,
                 )
-                for _ in range(args.repeat)
-            ]
-            others += [run.others for run in runs]
-            p50, p99, p999 = (statistics.median(r.percentiles[i] for r in runs) for i in range(3))
-            cpu = median(run.daemon_cpu_us for run in runs)
-            busiest = worst(run.others for run in runs)
-            print(
-                f"{label:<32} {p50:5.0f} us {p99:5.0f} us {p999:5.0f} us"
-                f" {'-' if cpu is None else f'{cpu:11.1f} us':>17}"
-                f" {'-' if busiest is None else f'{busiest:.0%}':>7}",
-                flush=True,
-            )
-            if tree != DIRECT:
-                met = p99 < TARGET_P99_US and p999 < TARGET_P999_US
+                runs[label].append(result)
                 print(
-                    f"{'':<32} target p99 < {TARGET_P99_US:g} us and p99.9 <"
-                    f" {TARGET_P999_US:g} us: {'met' if met else 'NOT met'}"
+                    f"  run {run + 1} of {args.repeat}, {label}: p50/p99/p99.9/max"
+                    f" {'/'.join(f'{v:.0f}' for v in (*result.percentiles, result.max))} us",
+                    flush=True,
                 )
+    print(
+        f"{'case':<32} {'p50':>8} {'p99':>8} {'p99.9':>8} {'max':>8}"
+        f" {'daemon CPU/frame':>17} {'others':>7} {'history left out':>17}"
+    )
+    others: list[float | None] = []
+    for label, tree, _ in cases:
+        results = runs[label]
+        others += [run.others for run in results]
+        p50, p99, p999 = (statistics.median(r.percentiles[i] for r in results) for i in range(3))
+        largest = max(run.max for run in results)
+        cpu = median(run.daemon_cpu_us for run in results)
+        busiest = worst(run.others for run in results)
+        dropped = [run.history_dropped for run in results if run.history_dropped is not None]
+        print(
+            f"{label:<32} {p50:5.0f} us {p99:5.0f} us {p999:5.0f} us {largest:5.0f} us"
+            f" {'-' if cpu is None else f'{cpu:11.1f} us':>17}"
+            f" {'-' if busiest is None else f'{busiest:.0%}':>7}"
+            f" {'/'.join(map(str, dropped)) if dropped else '-':>17}",
+            flush=True,
+        )
+        if tree != DIRECT:
+            met = p99 < TARGET_P99_US and p999 < TARGET_P999_US
+            print(
+                f"{'':<32} target p99 < {TARGET_P99_US:g} us and p99.9 <"
+                f" {TARGET_P999_US:g} us: {'met' if met else 'NOT met'}"
+            )
     warn_if_busy([o for o in others if o is not None], "percentiles are unreliable")
     return 0
 

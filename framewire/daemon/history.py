@@ -74,8 +74,12 @@ log = logging.getLogger("framewire.history")
 #: How often a quiet history is trimmed by ``max_age`` (seconds).
 TRIM_INTERVAL = 1.0
 #: How much lower the CPU priority of a history's thread is than the daemon's (Linux
-#: niceness; 0 where a thread's own priority cannot be set).
-WRITER_NICENESS: Final = 10
+#: niceness; 0 where a thread's own priority cannot be set). Mild on purpose: the thread
+#: holds Python's GIL for its records' bookkeeping, and one that the kernel sets aside while
+#: it holds the GIL stalls the relay's thread until it runs again. At +10 on a busy machine
+#: that stalled the relay for up to hundreds of milliseconds (benchmarks/README.md, the
+#: latency section); at +3 the relay still gets about twice its share of a CPU.
+WRITER_NICENESS: Final = 3
 
 #: A history that falls behind again and again says so at most once this often (seconds),
 #: and that it has caught up (with the frames left out since the last such line) after
