@@ -1202,15 +1202,21 @@ async def _status_socket(
         yield next_message
 
 
+def _status_tls(args: argparse.Namespace, url: str) -> ssl.SSLContext | None:
+    """The TLS context for a status URL (``--ca`` for ``wss://``); None for ``ws://``.
+    Raises :class:`Failure` for a CA file that cannot be loaded, or ``--ca`` without TLS."""
+    if not url.startswith("wss:"):
+        if args.ca is not None:
+            raise Failure("--ca: only for a wss:// or https:// URL", EXIT_USAGE)
+        return None
+    try:
+        return ssl.create_default_context(cafile=args.ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise Failure(f"cannot load the CA file {args.ca}: {_reason(exc)}") from None
+
+
 async def _status(args: argparse.Namespace, url: str, token: str | None) -> int:
-    context: ssl.SSLContext | None = None
-    if url.startswith("wss:"):
-        try:
-            context = ssl.create_default_context(cafile=args.ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise Failure(f"cannot load the CA file {args.ca}: {_reason(exc)}") from None
-    elif args.ca is not None:
-        raise Failure("--ca: only for a wss:// or https:// URL", EXIT_USAGE)
+    context = _status_tls(args, url)
     backoff = Backoff(WATCH_BACKOFF)
     shown = False  # at least one snapshot: the daemon was up
     gone = False
@@ -1327,14 +1333,7 @@ def _describe_reload(reload: dict[str, Any]) -> str:
 
 
 async def _reload(args: argparse.Namespace, url: str, token: str | None) -> int:
-    context: ssl.SSLContext | None = None
-    if url.startswith("wss:"):
-        try:
-            context = ssl.create_default_context(cafile=args.ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise Failure(f"cannot load the CA file {args.ca}: {_reason(exc)}") from None
-    elif args.ca is not None:
-        raise Failure("--ca: only for a wss:// or https:// URL", EXIT_USAGE)
+    context = _status_tls(args, url)
     filed = _pid_from_file(args.pid_file) if args.pid_file is not None else None
     try:
         with trio.fail_after(args.timeout):
