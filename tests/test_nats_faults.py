@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ import trio
 
 from framewire import Frame, FrameKind
 from framewire.config import parse_config
+from framewire.daemon import Daemon
 
 from .helpers import connect, endpoint_port, running_daemon, wait_until
 from .nats_helpers import (
@@ -55,6 +58,23 @@ def stored_ids(url: str, stream: str = "FW_camera") -> list[str]:
             await client.close()
 
     return asyncio.run(main())
+
+
+#: A durable JetStream reader that reads the whole stream.
+DURABLE = 'durable = "archive"\nstart = "all"'
+
+
+@asynccontextmanager
+async def durable_pair(url: str) -> AsyncIterator[tuple[Daemon, Daemon]]:
+    """Daemon A publishing to JetStream at ``url`` and daemon B reading it with the durable
+    consumer ``archive``, each once its endpoint is publishing / subscribed."""
+    async with (
+        running_daemon(publisher_toml(url, mode="jetstream")) as a,
+        running_daemon(subscriber_toml(url, mode="jetstream", extra=DURABLE)) as b,
+    ):
+        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
+        await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+        yield a, b
 
 
 async def test_acks_stalled_past_the_duplicate_window_deliver_each_frame_once(
@@ -95,8 +115,7 @@ async def test_acks_stalled_past_the_duplicate_window_deliver_each_frame_once(
     ids = await trio.to_thread.run_sync(stored_ids, url)
     twice = sum(n - 1 for n in Counter(ids).values())
     assert twice > 0, "the stall stored nothing twice: the test did not make its fault"
-    durable = 'durable = "archive"\nstart = "all"'
-    async with running_daemon(subscriber_toml(url, mode="jetstream", extra=durable)) as b:
+    async with running_daemon(subscriber_toml(url, mode="jetstream", extra=DURABLE)) as b:
         reader = nats_endpoint(b, "from-nats")
         client = await connect(endpoint_port(b, "out"))
         got = await read(client, len(sent))
@@ -120,13 +139,12 @@ async def test_frames_the_stream_discards_before_they_are_read_are_counted_and_l
     url = nats_server.url
     first = frames_of(100, size=1000)
     later = frames_of(2000, start=100, size=1000)
-    durable = 'durable = "archive"\nstart = "all"'
     limited = 'max_bytes = "256KiB"'
     async with running_daemon(publisher_toml(url, mode="jetstream", extra=limited)) as a:
         writer = nats_endpoint(a, "to-nats")
         await wait_state(writer, "publishing")
         async with producer(a) as source:
-            reader_toml = subscriber_toml(url, mode="jetstream", extra=durable + "\n" + limited)
+            reader_toml = subscriber_toml(url, mode="jetstream", extra=DURABLE + "\n" + limited)
             async with running_daemon(reader_toml) as b:
                 client = await connect(endpoint_port(b, "out"))
                 await source.send(first)
@@ -170,7 +188,7 @@ async def test_a_refused_metadata_frame_drops_only_itself(
     metadata = [Frame(FrameKind.METADATA, name, name.encode(), 1) for name in "ABC"]
     data = frames_of(10)
     bounded = "\n[streams.camera]\nmax_metadata_types = 2\n"
-    extra = 'durable = "archive"\nstart = "all"' if mode == "jetstream" else ""
+    extra = DURABLE if mode == "jetstream" else ""
     async with running_daemon(publisher_toml(url, mode=mode)) as a:
         writer = nats_endpoint(a, "to-nats")
         await wait_state(writer, "publishing")
@@ -375,13 +393,7 @@ async def test_a_reader_that_cannot_open_its_bucket_at_first_tries_again(
     monkeypatch.setattr(_subscriber, "MARKS_RETRY", 0.0)
     url = nats_server.url
     sent = frames_of(50)
-    durable = 'durable = "archive"\nstart = "all"'
-    async with (
-        running_daemon(publisher_toml(url, mode="jetstream")) as a,
-        running_daemon(subscriber_toml(url, mode="jetstream", extra=durable)) as b,
-    ):
-        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
-        await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+    async with durable_pair(url) as (a, b):
         client = await connect(endpoint_port(b, "out"))
         async with producer(a) as source:
             await source.send(sent)
@@ -416,7 +428,6 @@ async def test_a_restarted_reader_does_not_give_live_clients_the_metadata_again(
     url = nats_server.url
     metadata = Frame(FrameKind.METADATA, "observation", b"obs-1", timestamp=1)
     before, after = frames_of(50), frames_of(50, start=50)
-    durable = 'durable = "archive"\nstart = "all"'
     save_marks = _subscriber.NatsSubscriber._save_marks
     fault: list[None] = []
 
@@ -427,12 +438,7 @@ async def test_a_restarted_reader_does_not_give_live_clients_the_metadata_again(
         return await save_marks(self, thread, upto)
 
     monkeypatch.setattr(_subscriber.NatsSubscriber, "_save_marks", save_then_maybe_crash)
-    async with (
-        running_daemon(publisher_toml(url, mode="jetstream")) as a,
-        running_daemon(subscriber_toml(url, mode="jetstream", extra=durable)) as b,
-    ):
-        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
-        await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+    async with durable_pair(url) as (a, b):
         client = await connect(endpoint_port(b, "out"))
         async with producer(a) as source:
             await source.send([metadata, *before])
@@ -446,7 +452,7 @@ async def test_a_restarted_reader_does_not_give_live_clients_the_metadata_again(
                     )
                 )
             else:
-                extra = durable + '\nack_timeout = "3s"'
+                extra = DURABLE + '\nack_timeout = "3s"'
                 changed = subscriber_toml(url, mode="jetstream", extra=extra)
                 assert await b.reload(parse_config(changed)) == ["changed from-nats"]
             await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
@@ -469,7 +475,6 @@ async def test_a_reader_that_cannot_read_a_skipped_range_tries_again_without_fai
     caplog.set_level(logging.INFO, logger="framewire")
     url = nats_server.url
     before, after = frames_of(50), frames_of(50, start=50)
-    durable = 'durable = "archive"\nstart = "all"'
     save_marks = _subscriber.NatsSubscriber._save_marks
     read_range = _jetstream.read_stream_range
     crash: list[None] = []
@@ -491,12 +496,7 @@ async def test_a_reader_that_cannot_read_a_skipped_range_tries_again_without_fai
 
     monkeypatch.setattr(_subscriber.NatsSubscriber, "_save_marks", save_then_maybe_crash)
     monkeypatch.setattr(_subscriber, "read_stream_range", failing_read)
-    async with (
-        running_daemon(publisher_toml(url, mode="jetstream")) as a,
-        running_daemon(subscriber_toml(url, mode="jetstream", extra=durable)) as b,
-    ):
-        await wait_state(nats_endpoint(a, "to-nats"), "publishing")
-        await wait_state(nats_endpoint(b, "from-nats"), "subscribed")
+    async with durable_pair(url) as (a, b):
         client = await connect(endpoint_port(b, "out"))
         async with producer(a) as source:
             await source.send(before)
