@@ -15,18 +15,22 @@ import pytest
 import trio
 import trio.testing
 
+from framewire import Frame, FrameKind
 from framewire.config import Address, ConfigError, TLSConfig, parse_address, parse_config
 from framewire.daemon import Daemon
 from framewire.daemon.endpoints import Transports
+from framewire.daemon.stream import Policy
 from framewire.daemon.transport import (
     Connection,
     HandshakeFailed,
     TLSListener,
+    TLSRefused,
     open_unix_listener,
     server_tls_context,
 )
 
-from .helpers import NativePeer, port_of, wait_until
+from .helpers import NativePeer, port_of, running_daemon, wait_until
+from .test_systemd import free_port
 
 trustme = pytest.importorskip("trustme")
 
@@ -164,6 +168,192 @@ async def test_mutual_tls_and_a_failed_handshake_is_one_line(
         # The listener kept accepting: a client with a good certificate is served.
         await read_some_frames(await dial(address, client_tls(pki, cert=pki.client_cert)))
         running.daemon.request_shutdown()
+
+
+RECEIVER = """
+[endpoints.in]
+kind = "receiver"
+listen = "tls://127.0.0.1:0"
+stream = "s"
+{tls}
+"""
+
+SENDER = """
+[endpoints.source]
+kind = "generator"
+stream = "s"
+rate = 1000.0
+count = 20
+
+[endpoints.out]
+kind = "sender"
+connect = "{connect}"
+stream = "s"
+reconnect = {{ initial = "50ms", maximum = "200ms" }}
+
+[endpoints.out.tls]
+ca = "{ca}"
+{cert}
+"""
+
+
+async def test_a_sender_refused_by_a_tls_13_receiver_writes_nothing_and_says_why(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TLS 1.3 finishes a client's handshake before the server judges its certificate: a
+    sender without the certificate a receiver requires used to write frames into the refused
+    connection and count them sent. Now it writes nothing and says why, once; when the
+    receiver stops requiring one, it delivers every frame."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    listen = RECEIVER.replace("127.0.0.1:0", f"127.0.0.1:{port}")
+    mutual = pki.server_table(f'ca = "{pki.ca_file}"', "require_client_cert = true")
+    connect = f"tls://127.0.0.1:{port}"
+    async with running_daemon(SENDER.format(connect=connect, ca=pki.ca_file, cert="")) as sending:
+        out = sending.endpoints["out"].status
+        source = sending.endpoints["source"].status
+        async with running_daemon(listen.format(tls=mutual.replace(".out.", ".in."))) as receiver:
+            refused = receiver.endpoints["in"].status
+
+            def refusals() -> int:
+                return sum("TLS handshake with" in r.getMessage() for r in caplog.records)
+
+            await wait_until(lambda: source.frames_out == 21)  # the metadata and 20 frames
+            # Several refused attempts (a backoff of at most 200 ms), none written into.
+            await wait_until(lambda: refusals() >= 3)
+            assert out.last_error == (
+                "the server requires a client certificate ([tls] certificate and key)"
+            )
+            assert out.frames_out == 0
+            assert refused.frames_in == 0
+            warnings = [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno >= logging.WARNING and r.name.endswith(".out")
+            ]
+            # Once (the first, before the receiver was up, is "connection refused").
+            assert warnings[1:] == [
+                f"cannot connect to {connect}: the server requires a client certificate "
+                "([tls] certificate and key); retrying with backoff"
+            ]
+        # The receiver comes back without requiring a client certificate: nothing was lost.
+        async with running_daemon(
+            listen.format(tls=pki.server_table().replace(".out.", ".in."))
+        ) as receiver:
+            accepted = receiver.endpoints["in"].status
+            await wait_until(lambda: accepted.frames_in == 21)
+            assert out.frames_out == 21
+
+
+LINK = """
+[endpoints.l]
+kind = "link"
+{where}
+publish = "in"
+subscribe = "out"
+reconnect = {{ initial = "50ms", maximum = "200ms" }}
+
+[endpoints.l.tls]
+{tls}
+"""
+
+
+async def test_a_link_refused_by_a_tls_13_peer_loses_nothing(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connecting link without the certificate its peer requires writes nothing into the
+    refused connection: its frames wait, and reach the peer once it accepts the link."""
+    port = free_port()
+    where = f'listen = "tls://127.0.0.1:{port}"'
+    served = f'certificate = "{pki.server_cert}"\nkey = "{pki.server_cert}"'
+    mutual = f'{served}\nca = "{pki.ca_file}"\nrequire_client_cert = true'
+    dialing = LINK.format(where=f'connect = "tls://127.0.0.1:{port}"', tls=f'ca = "{pki.ca_file}"')
+    frames = [Frame(FrameKind.METADATA, "m", b"meta"), Frame(FrameKind.DATA, "d", b"x" * 1000, 1)]
+    async with running_daemon(dialing) as dialer:
+        link = dialer.endpoints["l"].status
+        async with running_daemon(LINK.format(where=where, tls=mutual)) as peer:
+            await dialer.streams.get("out").publish(frames)
+            await wait_until(
+                lambda: sum("TLS handshake with" in r.getMessage() for r in caplog.records) >= 3
+            )
+            assert link.last_error == (
+                "cannot connect: the server requires a client certificate ([tls] certificate "
+                "and key)"
+            )
+            assert link.frames_out == 0
+            assert peer.endpoints["l"].status.frames_in == 0
+        async with running_daemon(LINK.format(where=where, tls=served)) as peer:
+            # Subscribed before the link can deliver (it waits TLS_VERDICT_WAIT first).
+            arrived = peer.streams.get("in").subscribe(policy=Policy.LOSSLESS)
+            got: list[Frame] = []
+            with trio.fail_after(30):
+                while len(got) < len(frames):
+                    got += await arrived.receive_batch()
+            assert [(f.kind, f.type, bytes(f.payload)) for f in got] == [
+                (f.kind, f.type, bytes(f.payload)) for f in frames
+            ]
+
+
+async def test_a_sending_client_hears_a_refusal_or_waits_its_patience(pki: Pki) -> None:
+    """framewire's receivers send a TLS 1.3 client nothing before their first write: an
+    accepted client hears nothing within its patience; a refused one hears the alert, with
+    the reason."""
+    table = pki.server_table(f'ca = "{pki.ca_file}"', "require_client_cert = true")
+    async with running_daemon(RECEIVER.format(tls=table.replace(".out.", ".in."))) as receiver:
+        address = f"tls://127.0.0.1:{port_of(receiver.endpoints['in'].status.address[0])}"
+        stream = await dial(address, client_tls(pki, cert=pki.client_cert))
+        with trio.fail_after(10):
+            assert await Connection(stream).hear_tls_verdict(patience=0.05) is False
+        await stream.aclose()
+        for cert, reason in (
+            (None, "the server requires a client certificate"),
+            (pki.stranger_cert, "the server refused our client certificate"),
+        ):
+            stream = await dial(address, client_tls(pki, cert=cert))
+            with pytest.raises(TLSRefused, match=reason), trio.fail_after(10):
+                await Connection(stream).hear_tls_verdict(patience=60)
+            await trio.aclose_forcefully(stream)
+
+
+@pytest.mark.parametrize("speaks_first", [False, True])
+def test_a_sending_client_hears_an_openssl_servers_session_ticket_at_once(
+    pki: Pki, speaks_first: bool
+) -> None:
+    """An OpenSSL server (the ssl module's, as stunnel's or nginx's) sends its session
+    tickets when it accepts a client: the client goes on at once, however long its patience;
+    what the server sent meanwhile is read next."""
+    context = server_tls_context(TLSConfig(certificate=pki.server_cert, key=pki.server_cert))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            with listener.accept()[0] as raw, context.wrap_socket(raw, server_side=True) as tls:
+                tls.settimeout(30)
+                if not speaks_first:
+                    assert tls.recv(1) == b"?"
+                tls.sendall(b"hello")
+                tls.recv(1)  # until the client closes
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, serve)
+                stream = await dial(f"tls://127.0.0.1:{port}", client_tls(pki))
+                connection = Connection(stream)
+                with trio.fail_after(30):
+                    assert await connection.hear_tls_verdict(patience=3600) is True
+                    if not speaks_first:
+                        assert isinstance(stream, trio.SSLStream)
+                        assert stream.session is not None
+                        assert stream.session.has_ticket
+                        await connection.send([b"?"])
+                    buffer = memoryview(bytearray(5))
+                    got = 0
+                    while got < 5:
+                        got += await connection.receive_into(buffer[got:])
+                assert bytes(buffer) == b"hello"
+                await trio.aclose_forcefully(stream)
+
+        trio.run(main)
 
 
 def test_tls_12_is_allowed_by_default_and_13_can_be_required(pki: Pki) -> None:

@@ -86,6 +86,7 @@ async def keep_connected(
     connect_timeout: float | Callable[[], float],
     status: EndpointStatus,
     log: logging.Logger,
+    hear_verdict: bool = False,
 ) -> NoReturn:
     """Connect to ``address`` and run ``use(connection)``, again and again, until cancelled.
 
@@ -96,15 +97,26 @@ async def keep_connected(
     answer within ``connect_timeout``, or what it returns when called before each attempt:
     a reload may change it) are retried; any other exception from ``connector``
     or ``use`` propagates.
+
+    With ``hear_verdict`` (an endpoint that only sends) a TLS 1.3 connection is used only
+    once the server has not refused our certificate
+    (:meth:`~framewire.daemon.transport.Connection.hear_tls_verdict`); a refusal is a
+    connection failure like the others, so frames are never written into it.
     """
     last_problem: str | None = None
     while True:
         status.state = "connecting"
         timeout = connect_timeout() if callable(connect_timeout) else connect_timeout
+        stream: trio.abc.Stream | None = None
         try:
             with trio.fail_after(timeout):
                 stream = await connector()
+            connection = Connection(stream, peer=str(address))
+            if hear_verdict:
+                await connection.hear_tls_verdict()  # bounded by TLS_VERDICT_WAIT
         except (OSError, trio.TooSlowError) as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
             problem = describe_connect_error(exc, timeout)
             if problem != last_problem:
                 log.warning("cannot connect to %s: %s; retrying with backoff", address, problem)
@@ -116,7 +128,7 @@ async def keep_connected(
             status.state = "connected"
             log.info("connected to %s", address)
             try:
-                outcome = await use(Connection(stream, peer=str(address)))
+                outcome = await use(connection)
             finally:
                 await trio.aclose_forcefully(stream)
             level = logging.INFO if isinstance(outcome, Ended) else logging.WARNING

@@ -12,6 +12,16 @@ handshake has not happened yet, so a slow or hostile client never holds up ``acc
 the endpoint calls :meth:`Connection.establish` in the client's own task, which runs the
 handshake under the listener's timeout and raises :class:`HandshakeFailed` with one line
 that says who and why.
+
+TLS 1.3 moved the server's verdict on a client's certificate after the client's handshake:
+a client that only sends (a ``sender``) would write its first frames before a refusal
+reaches it, and they would be lost. So a sending client first waits for the verdict
+(:meth:`Connection.hear_tls_verdict`): an alert (refused: :class:`TLSRefused`, saying why),
+a session ticket (accepted: OpenSSL servers send them at once), or :data:`TLS_VERDICT_WAIT`
+seconds without a refusal. framewire's own servers send no tickets before their first write
+(trio's choice: a client that only sends and never reads would close on unread bytes, and
+its kernel would then reset the connection and drop what it had not yet sent), so a sender
+waits that long on each connection to them.
 """
 
 from __future__ import annotations
@@ -39,12 +49,14 @@ from ..protocols import Decoder, ProtocolError, WholeReadDecoder
 __all__ = [
     "ACCEPT_RETRY_ERRNOS",
     "DEFAULT_SOCKET_MODE",
+    "TLS_VERDICT_WAIT",
     "Connection",
     "Connector",
     "FrameReader",
     "HandshakeFailed",
     "HangupWatch",
     "TLSListener",
+    "TLSRefused",
     "UnixSocketListener",
     "client_tls_context",
     "connector_for",
@@ -122,6 +134,20 @@ class HandshakeFailed(trio.BrokenResourceError):
     """A TLS handshake failed or timed out. Its message is one log line: peer and reason."""
 
 
+class TLSRefused(ConnectionError):
+    """A TLS 1.3 server refused us after our side of the handshake was done (our client
+    certificate: missing, or not signed by a CA it trusts). Its message says why."""
+
+
+#: Seconds a sending TLS 1.3 client waits for the server's verdict on its certificate when
+#: the server sends no session ticket (one that sends one is heard at once). A refusal
+#: comes a round trip after the handshake; one that takes longer than this is heard only
+#: when the first write fails, and what was written before it is lost.
+TLS_VERDICT_WAIT: Final = 1.0
+#: How often :meth:`Connection.hear_tls_verdict` looks for a session ticket while it waits.
+_VERDICT_POLL: Final = 0.002
+
+
 def nbytes_of(buffer: Buffer) -> int:
     """How many bytes ``buffer`` holds (a memoryview's ``len`` counts items)."""
     return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
@@ -148,6 +174,22 @@ async def _send_alert(stream: trio.SSLStream[trio.abc.Stream]) -> None:
         if alert:
             with trio.move_on_after(ALERT_TIMEOUT):
                 await stream.transport_stream.send_all(alert)
+
+
+def _refusal_reason(error: BaseException) -> str:
+    """What a TLS alert in ``error``'s chain means for a client: why the server refused it."""
+    reason = _tls_reason(error)
+    upper = reason.upper().replace(" ", "_")
+    if "CERTIFICATE_REQUIRED" in upper or "PEER_DID_NOT_RETURN_A_CERTIFICATE" in upper:
+        return "the server requires a client certificate ([tls] certificate and key)"
+    if any(word in upper for word in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN")):
+        return (
+            "the server refused our client certificate (not signed by a CA it trusts, or "
+            f"not for this use): {reason}"
+        )
+    if "EOF" in upper:
+        return "the server closed the TLS connection without saying why"
+    return reason
 
 
 def _release_handshake(stream: trio.SSLStream[trio.abc.Stream]) -> None:
@@ -289,6 +331,12 @@ class Connection:
         returns them first."""
         self._already_read = data + self._already_read
 
+    def take_back(self) -> bytes:
+        """What :meth:`give_back` holds that nobody has read yet, no longer held here (for a
+        connection that hands its stream on)."""
+        data, self._already_read = self._already_read, b""
+        return data
+
     @property
     def socket_fd(self) -> int | None:
         """The descriptor of the plain (not TLS) socket this connection is, while it is
@@ -336,6 +384,54 @@ class Connection:
                 f"TLS handshake with {self.peer} failed: {_tls_reason(exc)}"
             ) from None
         _release_handshake(stream)
+
+    async def hear_tls_verdict(self, patience: float = TLS_VERDICT_WAIT) -> bool:
+        """On a TLS 1.3 client connection, before sending anything: wait for the server's
+        verdict on our certificate (see the module docstring).
+
+        Returns True when the server said it accepted us (a session ticket, or data, which
+        :meth:`receive_into` then returns first), False when it said nothing within
+        ``patience`` seconds (a server that sends no tickets; it did not refuse us in that
+        time). At once True for other connections (TLS 1.2 checks the certificate within the
+        handshake). Raises :class:`TLSRefused` saying why when the server refused us or
+        closed the connection.
+        """
+        stream = self.stream
+        if (
+            not isinstance(stream, trio.SSLStream)
+            or stream.server_side
+            or stream.version() != "TLSv1.3"
+        ):
+            return True
+        heard: bytes | bytearray | trio.BrokenResourceError | None = None
+
+        def ticket() -> bool:
+            session = stream.session
+            return session is not None and session.has_ticket
+
+        async with trio.open_nursery() as nursery:
+
+            async def listen() -> None:
+                nonlocal heard
+                try:
+                    heard = await stream.receive_some()
+                except trio.BrokenResourceError as exc:
+                    heard = exc
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(listen)
+            with trio.move_on_after(patience):
+                while not ticket():  # noqa: ASYNC110 - OpenSSL takes a ticket in silently
+                    await trio.sleep(_VERDICT_POLL)
+            nursery.cancel_scope.cancel()
+        if isinstance(heard, trio.BrokenResourceError):
+            raise TLSRefused(_refusal_reason(heard)) from None
+        if heard == b"":
+            raise TLSRefused("the server closed the connection after the TLS handshake")
+        if heard:
+            self.give_back(bytes(heard))
+            return True
+        return ticket()
 
     async def receive_into(self, buffer: memoryview) -> int:
         """Read up to ``len(buffer)`` bytes into ``buffer``; 0 means the peer closed.

@@ -7,7 +7,10 @@ reader (G3NetworkSender's connect mode buffers without bound instead). It connec
 sends the metadata that was current for the next frame to deliver (the latest frame of each
 metadata type it has delivered, or that the stream had when it subscribed), then the batch a
 broken connection interrupted, then the queue. Delivery is at least once for that
-interrupted batch: a reader that got part of it gets it again.
+interrupted batch: a reader that got part of it gets it again. Over TLS 1.3 nothing is
+written until the reader's server has not refused our certificate (see
+:meth:`~framewire.daemon.transport.Connection.hear_tls_verdict`): a refusal is a failed
+connect, logged once with its reason, and no frame is written into a refused connection.
 
 With ``close_on_end`` the connection is closed at a frame boundary when the stream's
 producer ends its stream (a G3Reader then ends its pipeline cleanly); the sender then starts
@@ -129,6 +132,7 @@ class SenderEndpoint(Endpoint[SenderConfig]):
                         connect_timeout=lambda: self.config.connect_timeout,
                         status=self.status,
                         log=self.log,
+                        hear_verdict=True,
                     )
                 # Stopping: a disk buffer's intake first puts what the subscription holds
                 # into it (within the grace period).
