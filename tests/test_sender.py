@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from framewire import Frame, FrameKind
-from framewire.config import Address, BackoffConfig, SenderConfig
+from framewire.config import Address, BackoffConfig, SenderConfig, format_size
 from framewire.daemon.endpoints import EndpointContext, Transports
 from framewire.daemon.endpoints.sender import SenderEndpoint
 from framewire.daemon.stream import StreamRegistry
@@ -210,3 +210,30 @@ async def test_a_write_the_reader_never_takes_ends_the_connection_after_send_tim
             await wait_until(lambda: readers.attempts >= 2)
         assert "a write stalled for more than 5s" in caplog.text
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stopped_sender_says_what_it_held_and_lost(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A memory buffer cannot outlive its endpoint: what a sender held when it stopped (its
+    reader away) is lost, and it says so once, with the count, in the log and in
+    ``frames_dropped``."""
+    readers = Readers()
+    endpoint, streams = sender(readers)
+    stream = streams.get("s")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.run)
+        held = [meta("config", b"v1"), *(data(i) for i in range(5))]
+        await stream.publish(held)
+        await trio.sleep(10)
+        assert readers.attempts > 1
+        caplog.clear()
+        endpoint.request_stop()
+    lost = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    size = format_size(sum(frame.size for frame in held))
+    assert lost == [
+        f"6 frames ({size}) it held were not delivered and are lost: the sender stopped "
+        '(a [buffer] of type = "disk" keeps them for the next start)'
+    ]
+    assert endpoint.status.frames_dropped == 5  # DATA frames; the metadata is not counted
+    assert endpoint.status.frames_out == 0

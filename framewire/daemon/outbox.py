@@ -43,7 +43,7 @@ from typing import Protocol
 
 import trio
 
-from ..config import BufferConfig
+from ..config import BufferConfig, format_size
 from ..frame import Frame, frame_count
 from .buffer import DiskBuffer
 from .endpoints._base import EndpointStatus
@@ -204,9 +204,29 @@ class Outbox:
             self.finished.set()
 
     def close(self, reason: str) -> None:
-        """The endpoint stopped: close the subscription (the stream forgets it)."""
-        if self.subscription is not None:
-            self.subscription.close(reason)
+        """The endpoint stopped: close the subscription (the stream forgets it). What a
+        memory buffer still held (queued, or taken and not done) is lost: one WARNING says
+        how much, and its DATA frames count in ``frames_dropped``. (A disk buffer keeps its
+        frames for the next start.)"""
+        subscription = self.subscription
+        if subscription is not None and self.disk is None:
+            frames = subscription.queued_frames + frame_count(self._taken)
+            nbytes = subscription.queued_bytes + sum(frame.size for frame in self._taken)
+            if frames:
+                taken = [frame for frame in self._taken if not frame.is_metadata]
+                data = frame_count(taken) + subscription.queued_data_frames
+                self.dropped_after_taking += data
+                self.log.warning(
+                    "%d frames (%s) it held were not delivered and are lost: %s "
+                    '(a [buffer] of type = "disk" keeps them for the next start)',
+                    frames,
+                    format_size(nbytes),
+                    reason,
+                )
+            self._taken = []
+            self._handed = 0
+        if subscription is not None:
+            subscription.close(reason)
         self.report()
 
     # -- the disk buffer's own work --------------------------------------------------------

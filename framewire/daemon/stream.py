@@ -325,6 +325,11 @@ class Subscription:
         return self._queued_frames
 
     @property
+    def queued_data_frames(self) -> int:
+        """The DATA frames among :attr:`queued_frames` (counted each time: for a close)."""
+        return sum(frame.nframes for frame in self._queue if not frame.is_metadata)
+
+    @property
     def closed(self) -> bool:
         return self._closed is not None
 
