@@ -232,7 +232,7 @@ async def test_a_stopped_sender_says_what_it_held_and_lost(
     lost = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     size = format_size(sum(frame.size for frame in held))
     assert lost == [
-        f"6 frames ({size}) it held were not delivered and are lost: the sender stopped "
+        f"6 frames ({size}) it still held are lost: the sender stopped "
         '(a [buffer] of type = "disk" keeps them for the next start)'
     ]
     assert endpoint.status.frames_dropped == 5  # DATA frames; the metadata is not counted

@@ -217,7 +217,7 @@ class Outbox:
                 data = frame_count(taken) + subscription.queued_data_frames
                 self.dropped_after_taking += data
                 self.log.warning(
-                    "%d frames (%s) it held were not delivered and are lost: %s "
+                    "%d frames (%s) it still held are lost: %s "
                     '(a [buffer] of type = "disk" keeps them for the next start)',
                     frames,
                     format_size(nbytes),
