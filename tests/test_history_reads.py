@@ -1,21 +1,34 @@
 """HistoryReader's reads: whole records into the reader's buffer, checked there, from the page
 cache on the caller's thread (``read_nowait``) or waiting in a worker thread (``read``);
 damage met by such a read, reads that would wait, short reads, records larger than the
-buffer, a kernel without RWF_NOWAIT."""
+buffer, a kernel without RWF_NOWAIT, and a replay through a daemon whose reads fall back."""
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from framewire.frame import Frame, FrameKind
 from framewire.spool import StreamHistory, _history
 from framewire.spool._format import RECORD_HEADER_SIZE, Record, SegmentDecoder
 from framewire.spool._history import HistoryReader
+
+from .test_rewind import (
+    address_of,
+    cal,
+    daemon_with_history,
+    publish,
+    receive,
+    seqs,
+    written,
+)
 
 S = 1_000_000_000
 T0 = 1_800_000_000 * S
@@ -246,3 +259,69 @@ def test_pages_dropped_from_the_page_cache_are_read_by_read(tmp_path: Path) -> N
     assert [number(f) for f in frames] == list(range(200))
     assert reader.uncached_reads >= 1
     assert waited >= reader.uncached_reads
+
+
+async def test_rewind_with_uncached_reads_then_live_without_gap_or_duplicate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a daemon: the replay's reads find their bytes uncached every other time
+    (worker thread) while the stream goes on; the client gets the metadata, then every
+    frame once, across the seam."""
+    preadv: Any = Preadv(uncached=lambda call: call % 2 == 0)
+    if not hasattr(os, "RWF_NOWAIT"):
+        preadv = os.preadv
+    monkeypatch.setattr(_history, "_preadv", preadv)
+    from framewire.client import open_client
+
+    async with daemon_with_history(tmp_path) as (daemon, clock):
+        await daemon.streams.get("s").publish([cal(1)])
+        await publish(daemon, clock, 0, 400)
+        await written(daemon)
+        async with trio.open_nursery() as nursery:
+
+            async def go_on() -> None:
+                for start in range(400, 1400, 10):
+                    await publish(daemon, clock, start, 10)
+                    await trio.sleep(0.001)
+
+            async with open_client(address_of(daemon), since=10) as client:
+                nursery.start_soon(go_on)
+                frames = await receive(client, 1 + 1200)
+    assert frames[0] == cal(2)
+    assert seqs(frames[1:]) == list(range(200, 1400))
+    if isinstance(preadv, Preadv):
+        assert preadv.waiting_calls >= 1
+        assert preadv.nowait_calls >= 1
+
+
+async def test_a_replay_whose_sends_write_nothing_still_lets_other_tasks_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads from the page cache do not yield, and a send with nothing to write (every
+    frame left out) does not either: the replay yields every few batches all the same."""
+    from framewire.daemon.endpoints import _rewind
+
+    monkeypatch.setattr(_rewind, "_BATCH_BYTES", 1)  # a batch per read (1 MiB: 5 frames)
+    sends = 0
+    seen: list[int] = []
+
+    async def send(frames: list[Frame]) -> None:
+        nonlocal sends
+        sends += 1  # writes nothing: no checkpoint
+
+    async def other() -> None:
+        while True:
+            seen.append(sends)
+            await trio.lowlevel.checkpoint()
+
+    with build(tmp_path / "h", [200_000] * 200, segment_size=64 * MIB) as history:
+        reader = history.reader(0)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other)
+                await trio.lowlevel.checkpoint()  # other starts
+                await _rewind._replay(reader, send, None)
+                nursery.cancel_scope.cancel()
+    assert sends >= 2 * _rewind._YIELD_BATCHES
+    steps = [b - a for a, b in itertools.pairwise(seen)]
+    assert max(steps) <= _rewind._YIELD_BATCHES
