@@ -301,7 +301,8 @@ async def test_a_replay_whose_sends_write_nothing_still_lets_other_tasks_run(
     frame left out) does not either: the replay yields every few batches all the same."""
     from framewire.daemon.endpoints import _rewind
 
-    monkeypatch.setattr(_rewind, "_BATCH_BYTES", 1)  # a batch per read (1 MiB: 5 frames)
+    monkeypatch.setattr(_rewind, "_BATCH_BYTES", 1)  # a batch per read
+    monkeypatch.setattr(_history, "_READ_BUFFER", 64 << 10)  # a read: 3 frames
     sends = 0
     seen: list[int] = []
 
@@ -314,7 +315,7 @@ async def test_a_replay_whose_sends_write_nothing_still_lets_other_tasks_run(
             seen.append(sends)
             await trio.lowlevel.checkpoint()
 
-    with build(tmp_path / "h", [200_000] * 200, segment_size=64 * MIB) as history:
+    with build(tmp_path / "h", [20_000] * 400, segment_size=64 * MIB) as history:
         reader = history.reader(0)
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -322,6 +323,8 @@ async def test_a_replay_whose_sends_write_nothing_still_lets_other_tasks_run(
                 await trio.lowlevel.checkpoint()  # other starts
                 await _rewind._replay(reader, send, None)
                 nursery.cancel_scope.cancel()
-    assert sends >= 2 * _rewind._YIELD_BATCHES
+    assert sends > 100
+    # Trio runs the tasks ready at a checkpoint in either order: other may see the
+    # replay's sends in steps of up to two yields' worth.
     steps = [b - a for a, b in itertools.pairwise(seen)]
-    assert max(steps) <= _rewind._YIELD_BATCHES
+    assert max(steps) <= 2 * _rewind._YIELD_BATCHES
