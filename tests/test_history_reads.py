@@ -194,6 +194,27 @@ def test_short_reads_from_the_page_cache_lose_and_repeat_nothing(
     assert reader.frames_missed == 0
 
 
+def test_records_alike_are_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read takes as many whole records of the size last read as fit the buffer: a stream
+    of records alike is read with no record cut at the end of a read and read again (the
+    first read, which knows no size yet, cuts one)."""
+    got: list[int] = []
+
+    def counting(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        got.append(os.preadv(fd, buffers, offset, flags))
+        return got[-1]
+
+    monkeypatch.setattr(_history, "_preadv", counting)
+    path = tmp_path / "h"
+    with build(path, [65536] * 100, segment_size=16 * MIB) as history:
+        (segment,) = path.glob("*.seg")
+        reader = history.reader(0)
+        frames, _ = read_nowait_all(reader)
+    assert len(frames) == 100
+    record = RECORD_HEADER_SIZE + len(frames[0].wire or b"")
+    assert sum(got) <= segment.stat().st_size + record
+
+
 @pytest.mark.parametrize("error", [errno.EOPNOTSUPP, errno.EINVAL])
 def test_a_filesystem_that_refuses_rwf_nowait_is_read_by_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int

@@ -66,8 +66,9 @@ is guarded by a lock. A segment deleted under a reader (trimmed) stays readable 
 reader's open descriptor; one deleted before the reader reached it is skipped, and its
 frames counted in :attr:`HistoryReader.frames_missed`.
 
-Reads: a reader reads whole records from a record boundary, about 1 MiB at a time (one
-record whole when it is larger, up to 8 MiB), with one ``preadv`` into a buffer of its own
+Reads: a reader reads whole records from a record boundary, as many of the size it last
+met as fit 1 MiB (one record whole when it is larger, up to 8 MiB; a record cut by the end
+of a read is read again whole next time), with one ``preadv`` into a buffer of its own
 that it reuses; it checks each record there as the segment decoder would (header, order,
 payload CRC-32C) and copies it out into ``bytes`` of its own, so every frame it returns owns
 its memory and the buffer never leaves the reader. Anything irregular (damage, a torn tail)
@@ -898,9 +899,10 @@ class HistoryReader:
         self._position = 0
         #: The sequence number of the last record read (whole-record reads check order).
         self._last_seq = -1
-        #: At least how much the next whole-record read reads: the size of the record the
-        #: last one cut short, else of the last record it read (a stream's records tend to
-        #: be alike: a read ends on a boundary rather than cut the next one again).
+        #: The record size the next whole-record read expects: that of the record the last
+        #: one cut short, else of the last record it read. It reads as many of that size as
+        #: fill the buffer (at least one): a stream's records tend to be alike, so a read
+        #: ends on a record boundary rather than cut a record that must be read again.
         self._need = 0
         self._buffer = bytearray()
         #: Whether this read may only take what the page cache holds (:meth:`read_nowait`).
@@ -1110,7 +1112,10 @@ class HistoryReader:
                 last_seq=self._last_seq,
             )
             return self._read_bytewise()
-        view = self._view(max(_READ_BUFFER, self._need))
+        need = self._need
+        # A whole number of records of the size expected fills the buffer: a stream of
+        # records alike is read with no record cut (and read again) at the end of a read.
+        view = self._view(max(need, _READ_BUFFER // need * need) if need else _READ_BUFFER)
         got = self._fill(view, start)
         if not got:
             return None
