@@ -1120,7 +1120,7 @@ class HistoryReader:
         if not got:
             return None
         events: list[Event] = []
-        pos, last, need = 0, self._last_seq, self._need
+        pos, last = 0, self._last_seq
         limit = self._history.max_record_size
         unpack = _RECORD_HEADER.unpack_from
         while got - pos >= RECORD_HEADER_SIZE:
