@@ -22,8 +22,14 @@ files->socket child during its run, and their ratio (anchor over daemon: 1 is th
 as frugal as the anchor), which a busy machine disturbs far less than the rates. The
 target of issue 25 is 0.8 (of the rates).
 
+``--baseline PATH`` rewinds the same history (its files hard-linked into a directory of its
+own) through a second daemon running the framewire of the checkout at PATH (e.g. the main
+branch), interleaved with the others in each repetition: a second row per size, and a
+change is compared with what it changes in the same run.
+
     .venv/bin/python benchmarks/rewind.py                     # 64 KiB and 1 MiB, 1 GiB each
     .venv/bin/python benchmarks/rewind.py --total 256MiB --sizes 64KiB
+    .venv/bin/python benchmarks/rewind.py --baseline ../main --repeat 9
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from _harness import (
     machine_text,
     payload_of,
     size_label,
+    tree_env,
     wait_for_port,
 )
 
@@ -159,6 +166,29 @@ def measure(size: int, args: argparse.Namespace) -> None:
             text=True,
         )
         children.append(daemon)
+        daemons = {"rewind": (daemon, port)}
+        if args.baseline:
+            # The same segment files (and so the same cached pages), in a directory of its
+            # own (each history locks its directory).
+            other = root / "baseline-history"
+            other.mkdir()
+            for file in path.iterdir():
+                if file.name != "lock":
+                    os.link(file, other / file.name)
+            other_port = free_port()
+            other_config = root / "baseline.toml"
+            other_config.write_text(
+                CONFIG.format(max_bytes=2 * args.total + 64 * MIB, path=other, port=other_port)
+            )
+            baseline = subprocess.Popen(
+                [sys.executable, "-m", "framewire", "run", str(other_config)],
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=tree_env(args.baseline),
+                cwd=root,
+            )
+            children.append(baseline)
+            daemons["baseline"] = (baseline, other_port)
         files = subprocess.Popen(
             [sys.executable, __file__, "--serve-files", str(files_port), "--dir", str(path)],
             stdin=subprocess.PIPE,
@@ -169,9 +199,10 @@ def measure(size: int, args: argparse.Namespace) -> None:
         assert files.stdin is not None
         assert files.stdout is not None
         files.stdout.readline()
-        wait_for_port(port, 30)
+        for _, daemon_port in daemons.values():
+            wait_for_port(daemon_port, 30)
 
-        cpu: dict[str, list[float]] = {"rewind": [], "socket": []}
+        cpu: dict[str, list[float]] = {name: [] for name in [*daemons, "socket"]}
 
         def anchor() -> float:
             assert files.stdin is not None
@@ -182,38 +213,44 @@ def measure(size: int, args: argparse.Namespace) -> None:
             cpu["socket"].append(((cpu_seconds(files.pid) or 0.0) - before) / files_bytes * 1e9)
             return files_bytes / seconds / 1e6
 
-        def rewound() -> float:
-            before = cpu_seconds(daemon.pid) or 0.0
-            seconds = rewind(port, frames_bytes)[1]
-            cpu["rewind"].append(((cpu_seconds(daemon.pid) or 0.0) - before) / frames_bytes * 1e9)
-            return frames_bytes / seconds / 1e6
+        def rewound(name: str) -> Callable[[], float]:
+            def step() -> float:
+                child, daemon_port = daemons[name]
+                before = cpu_seconds(child.pid) or 0.0
+                seconds = rewind(daemon_port, frames_bytes)[1]
+                used = (cpu_seconds(child.pid) or 0.0) - before
+                cpu[name].append(used / frames_bytes * 1e9)
+                return frames_bytes / seconds / 1e6
+
+            return step
 
         def read() -> float:
             return files_bytes / read_files(path)[1] / 1e6
 
-        steps: dict[str, Callable[[], float]] = {
-            "rewind": rewound,
-            "socket": anchor,
-            "read": read,
-        }
+        steps: dict[str, Callable[[], float]] = {name: rewound(name) for name in daemons}
+        steps |= {"socket": anchor, "read": read}
         got: dict[str, list[float]] = {name: [] for name in steps}
-        ratios: dict[str, list[float]] = {"socket": [], "read": []}
+        ratios: dict[tuple[str, str], list[float]] = {
+            (name, anchor_name): [] for name in daemons for anchor_name in ("socket", "read")
+        }
         for index in range(args.repeat):
             names = list(steps) if index % 2 == 0 else list(reversed(steps))
             run = {name: steps[name]() for name in names}
             for name, value in run.items():
                 got[name].append(value)
-            for name in ratios:
-                ratios[name].append(run["rewind"] / run[name])
+            for name, anchor_name in ratios:
+                ratios[name, anchor_name].append(run[name] / run[anchor_name])
         median = statistics.median
-        cpu_ratio = median(a / r for a, r in zip(cpu["socket"], cpu["rewind"], strict=True))
-        print(
-            f"{size_label(size):>8} {median(got['rewind']):>12.0f} {median(got['socket']):>13.0f}"
-            f" {median(ratios['socket']):>6.2f} {median(got['read']):>11.0f}"
-            f" {median(ratios['read']):>6.2f} {median(cpu['rewind']):>10.2f}"
-            f" {median(cpu['socket']):>10.2f} {cpu_ratio:>6.2f}",
-            flush=True,
-        )
+        for name in daemons:
+            cpu_ratio = median(a / r for a, r in zip(cpu["socket"], cpu[name], strict=True))
+            label = size_label(size) if name == "rewind" else "baseline"
+            print(
+                f"{label:>8} {median(got[name]):>12.0f} {median(got['socket']):>13.0f}"
+                f" {median(ratios[name, 'socket']):>6.2f} {median(got['read']):>11.0f}"
+                f" {median(ratios[name, 'read']):>6.2f} {median(cpu[name]):>10.2f}"
+                f" {median(cpu['socket']):>10.2f} {cpu_ratio:>6.2f}",
+                flush=True,
+            )
     finally:
         for child in children:
             child.terminate()
@@ -227,13 +264,22 @@ def main() -> None:
     parser.add_argument("--sizes", default="64KiB,1MiB")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="a checkout whose framewire rewinds the same history too, in the same run",
+    )
     parser.add_argument("--serve-files", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_files is not None:
         serve_files(args.serve_files, args.dir)
         return
     print(machine_text())
-    print(f"history of {args.total / MIB:.0f} MiB per size; {args.repeat} repetitions\n")
+    print(
+        f"history of {args.total / MIB:.0f} MiB per size; {args.repeat} repetitions"
+        + (f"; baseline {args.baseline}" if args.baseline else "")
+        + "\n"
+    )
     print(
         f"{'frame':>8} {'rewind MB/s':>12} {'files->socket':>13} {'ratio':>6}"
         f" {'files read':>11} {'ratio':>6} {'CPU s/GB':>10} {'anchor CPU':>10} {'ratio':>6}"

@@ -65,6 +65,17 @@ records below its end once :attr:`StreamHistory.next_seq` has passed them); the 
 is guarded by a lock. A segment deleted under a reader (trimmed) stays readable through the
 reader's open descriptor; one deleted before the reader reached it is skipped, and its
 frames counted in :attr:`HistoryReader.frames_missed`.
+
+Reads: a reader reads whole records from a record boundary, as many of the size it last
+met as fit 1 MiB (one record whole when it is larger, up to 8 MiB; a record cut by the end
+of a read is read again whole next time), with one ``preadv`` into a buffer of its own
+that it reuses; it checks each record there as the segment decoder would (header, order,
+payload CRC-32C) and copies it out into ``bytes`` of its own, so every frame it returns owns
+its memory and the buffer never leaves the reader. Anything irregular (damage, a torn tail)
+and records over 8 MiB go through :class:`SegmentDecoder` as bytes read for it, until the
+next record boundary. :meth:`HistoryReader.read_nowait` reads only what the page cache holds
+(``RWF_NOWAIT``), for a caller on an event loop; what it cannot read is left to
+:meth:`HistoryReader.read`, which waits for the disk (in a worker thread).
 """
 
 from __future__ import annotations
@@ -96,9 +107,14 @@ from ._errors import (
 )
 from ._format import (
     DEFAULT_MAX_RECORD_SIZE,
+    FLAG_BLOCK,
+    FLAG_METADATA,
     RECORD_HEADER_SIZE,
+    RECORD_MAGIC,
     SEGMENT_APPENDED,
     SEGMENT_HEADER_SIZE,
+    VERSION,
+    Event,
     Record,
     SegmentDecoder,
     SegmentHeader,
@@ -127,8 +143,25 @@ _CRC: Final = struct.Struct("<I")
 _MAX_SEGMENT: Final = 64 << 20
 _READ_CHUNK: Final = 1 << 20
 _IOV_MAX: Final = 1024
-#: Records at least this large are read one by one, straight into their own objects.
+#: Records at least this large are read one by one, straight into their own objects (by
+#: the segment decoder, after damage, and for records over :data:`_READ_BUFFER_MAX`).
 _LARGE_RECORD: Final = 16 << 10
+#: A reader's read buffer: each ``preadv`` fills it with whole records from a record
+#: boundary, which are checked there and copied out one by one (every frame owns its bytes).
+#: Sized to stay in a core's cache (1 MiB of L2 here), reused from read to read.
+_READ_BUFFER: Final = 1 << 20
+#: The read buffer grows to hold one record whole up to this size; a larger record is read
+#: by the segment decoder into memory of its own (a replay does that in a worker thread).
+_READ_BUFFER_MAX: Final = 8 << 20
+#: ``preadv`` (the module's, so that tests can make a read find its bytes uncached) and the
+#: flag with which it fails (EAGAIN), or reads less, rather than wait for the disk.
+_preadv: Callable[..., int] = os.preadv
+_RWF_NOWAIT: Final[int | None] = getattr(os, "RWF_NOWAIT", None)
+#: A record header (:mod:`._format`): its 24 checked bytes, then their CRC-32C.
+_RECORD_HEADER: Final = struct.Struct("<4sBBHQIII")
+_HEADER_CRC_START: Final = 24
+#: The flags a record may have: none, METADATA or BLOCK (never both).
+_RECORD_FLAGS: Final = (0, FLAG_METADATA, FLAG_BLOCK)
 
 
 # -- the time index, sans-IO ----------------------------------------------------------------
@@ -856,8 +889,26 @@ class HistoryReader:
         self.frames_missed = 0
         self._segments = [s for s in segments if s.first_seq < end_seq]
         self._pending: list[tuple[int, Frame]] = []
+        #: Reads that found their bytes not in the page cache (or could not tell: no
+        #: ``RWF_NOWAIT`` here), so :meth:`read_nowait` left them to :meth:`read`.
+        self.uncached_reads = 0
+        #: Set after damage: the segment decoder reads bytewise (see :meth:`_irregular`)
+        #: until the next record boundary; None while whole records are read in place.
         self._decoder: SegmentDecoder | None = None
         self._file: int = -1
+        self._position = 0
+        #: The sequence number of the last record read (whole-record reads check order).
+        self._last_seq = -1
+        #: The record size the next whole-record read expects: that of the record the last
+        #: one cut short, else of the last record it read. It reads as many of that size as
+        #: fill the buffer (at least one): a stream's records tend to be alike, so a read
+        #: ends on a record boundary rather than cut a record that must be read again.
+        self._need = 0
+        self._buffer = bytearray()
+        #: Whether this read may only take what the page cache holds (:meth:`read_nowait`).
+        self._nowait = False
+        #: Whether the kernel reads this history's files with RWF_NOWAIT (else never tried).
+        self._nowait_works = _RWF_NOWAIT is not None
         self._entries: list[IndexEntry] = []
         self._entry = 0
         self._time = 0
@@ -889,8 +940,7 @@ class HistoryReader:
         start = before[-1] if before else (entries[0] if entries else None)
         fd = self._open(segment) if start is not None else -1
         if start is None or fd < 0:
-            self._decoder = None  # read() moves on to the next segment
-            self._next = seq
+            self._next = seq  # read() moves on to the next segment (no file open)
             return
         if start.seq > seq:
             self.frames_missed += start.seq - seq
@@ -898,12 +948,7 @@ class HistoryReader:
         self.start_seq, self.start_ns = max(seq, start.seq), start.time_ns
         self._entries, self._entry = entries, entries.index(start)
         self._file = fd
-        self._position = start.offset
-        self._decoder = SegmentDecoder(
-            max_record_size=self._history.max_record_size,
-            offset=start.offset,
-            last_seq=start.seq - 1,
-        )
+        self._begin(start.offset, start.seq - 1)
         self._next = start.seq
 
     def _start(self, since_ns: int, metadata_now: list[Frame]) -> None:
@@ -958,10 +1003,7 @@ class HistoryReader:
                             _keep_metadata(metadata, frame, history.run_starts)
         self._pending = [(start.time_ns, frame) for frame in metadata.values()]
         self._file = fd
-        self._position = start.offset
-        self._decoder = SegmentDecoder(
-            max_record_size=history.max_record_size, offset=start.offset, last_seq=start.seq - 1
-        )
+        self._begin(start.offset, start.seq - 1)
         self._next = start.seq
 
     def _open(self, segment: _Segment) -> int:
@@ -970,38 +1012,62 @@ class HistoryReader:
         except FileNotFoundError:
             return -1
 
+    def _begin(self, offset: int, last_seq: int) -> None:
+        """Read on from ``offset``, a record boundary after record ``last_seq``."""
+        self._position = offset
+        self._last_seq = last_seq
+        self._need = 0
+        self._decoder = None
+
     def read(self, max_frames: int = 1024, max_bytes: int = 4 << 20) -> list[tuple[int, Frame]]:
         """The next frames (at least one unless the reader is at its end): ``(arrival_ns,
         frame)`` pairs. Raises :class:`SpoolIOError` if a read failed."""
+        out = self._read(max_frames, max_bytes, nowait=False)
+        assert out is not None
+        return out
+
+    def read_nowait(
+        self, max_frames: int = 1024, max_bytes: int = 4 << 20
+    ) -> list[tuple[int, Frame]] | None:
+        """As :meth:`read`, but for a caller on an event loop: it never waits for the disk
+        (``preadv`` with ``RWF_NOWAIT``: only what the page cache holds) and opens no file.
+        Returns the frames read before a read would have waited (at least one, or the empty
+        list at the end), or None if it could read nothing so: then :meth:`read` (in a
+        worker thread) reads on from the same place. Always None where the kernel cannot
+        read without waiting (no ``RWF_NOWAIT``, or a filesystem that refuses it). Raises
+        :class:`SpoolIOError` if a read failed."""
+        return self._read(max_frames, max_bytes, nowait=True)
+
+    def _read(
+        self, max_frames: int, max_bytes: int, *, nowait: bool
+    ) -> list[tuple[int, Frame]] | None:
         out = self._pending
         self._pending = []
         size = sum(frame.size for _, frame in out)
+        self._nowait = nowait
         try:
             while not self._done and len(out) < max_frames and size < max_bytes:
                 size += self._read_some(out, max_frames - len(out))
+        except _WouldBlock:
+            if not out:
+                return None
         except OSError as exc:
             raise _io_error(self._history.path, "read", exc) from exc
+        finally:
+            self._nowait = False
         return out
 
     def _read_some(self, out: list[tuple[int, Frame]], room: int) -> int:
-        decoder = self._decoder
-        if decoder is None or self._file < 0:
-            self._next_segment()
+        if self._file < 0:
+            self._next_segment_now()
             return 0
-        # Large records are read as the decoder asks (header, then exactly the payload, which
-        # it then keeps without a copy); small ones a chunk at a time.
-        want = decoder.wanted()
-        chunk = os.pread(
-            self._file,
-            want if self._large or want >= _LARGE_RECORD else _READ_CHUNK,
-            self._position,
-        )
-        if not chunk:
-            self._next_segment()
+        events = self._read_records() if self._decoder is None else self._read_bytewise()
+        if events is None:
+            self._next_segment_now()
             return 0
         size = 0
         entries = self._entries
-        for event in decoder.feed(chunk):
+        for event in events:
             if not isinstance(event, Record):
                 continue
             self._large = len(event.payload) >= _LARGE_RECORD
@@ -1026,11 +1092,144 @@ class HistoryReader:
             arrival = entries[self._entry].time_ns if entries else self.start_ns
             out.append((arrival, frame))
             size += frame.size
-        # Read on from where the decoder's consumed bytes end (it keeps a partial record).
-        self._position += len(chunk)
         if self._next >= self.end_seq:
             self._done = True
         return max(size, 1)
+
+    def _read_records(self) -> list[Event] | None:
+        """Whole records from :attr:`_position` on, read into the read buffer with one
+        ``preadv`` and checked there (header, order, payload CRC-32C) as the segment decoder
+        checks them; each valid record's payload is copied out into ``bytes`` of its own. A
+        record the read cut short is read again whole next time; anything irregular is left
+        to the decoder (:meth:`_irregular`). None at the end of the file (or inside a record
+        there: a torn tail, which the next segment's numbers account for)."""
+        start = self._position
+        if self._need > _READ_BUFFER_MAX:
+            # Too large for the buffer: the decoder reads it into memory of its own.
+            self._decoder = SegmentDecoder(
+                max_record_size=self._history.max_record_size,
+                offset=start,
+                last_seq=self._last_seq,
+            )
+            return self._read_bytewise()
+        need = self._need
+        # A whole number of records of the size expected fills the buffer: a stream of
+        # records alike is read with no record cut (and read again) at the end of a read.
+        view = self._view(max(need, _READ_BUFFER // need * need) if need else _READ_BUFFER)
+        got = self._fill(view, start)
+        if not got:
+            return None
+        events: list[Event] = []
+        pos, last = 0, self._last_seq
+        limit = self._history.max_record_size
+        unpack = _RECORD_HEADER.unpack_from
+        while got - pos >= RECORD_HEADER_SIZE:
+            # parse_record_header's checks, inline (this runs once per record).
+            magic, version, flags, reserved, seq, length, payload_crc, check = unpack(view, pos)
+            if (
+                magic != RECORD_MAGIC
+                or version != VERSION
+                or flags not in _RECORD_FLAGS
+                or reserved
+                or seq <= last
+                or length > limit
+                or crc32c(bytes(view[pos : pos + _HEADER_CRC_START])) != check
+            ):
+                return self._irregular(events, view[pos:got], start + pos, last)
+            end = pos + RECORD_HEADER_SIZE + length
+            if end > got:
+                need = end - pos
+                break
+            payload = bytes(view[pos + RECORD_HEADER_SIZE : end])
+            if crc32c(payload) != payload_crc:
+                return self._irregular(events, view[pos:got], start + pos, last)
+            events.append(
+                Record(seq, flags == FLAG_METADATA, payload, start + pos, flags == FLAG_BLOCK)
+            )
+            last, need, pos = seq, end - pos, end
+        if not events and got < len(view):
+            if self._nowait:
+                raise _WouldBlock  # perhaps only the rest is not cached: read() tells
+            return None  # the file ends inside a record
+        self._position, self._last_seq, self._need = start + pos, last, need
+        return events
+
+    def _irregular(
+        self, events: list[Event], rest: memoryview, offset: int, last_seq: int
+    ) -> list[Event]:
+        """``rest`` (at ``offset``, after record ``last_seq``) does not start with the next
+        valid record: from there the segment decoder reads bytewise, as it reads any damage
+        (it finds the next valid record and skips what lies between), until the next record
+        boundary; then whole-record reads go on. ``events``: the records before it."""
+        self._decoder = SegmentDecoder(
+            max_record_size=self._history.max_record_size, offset=offset, last_seq=last_seq
+        )
+        events += self._decoder.feed(bytes(rest))
+        self._position = offset + len(rest)
+        self._settle()
+        return events
+
+    def _read_bytewise(self) -> list[Event] | None:
+        """The next bytes through the segment decoder: large records as it asks (header,
+        then exactly the payload, which it keeps without a copy when read into memory of its
+        own), small ones a chunk at a time. None at the end of the file."""
+        decoder = self._decoder
+        assert decoder is not None
+        want = decoder.wanted()
+        size = want if self._large or want >= _LARGE_RECORD else _READ_CHUNK
+        if not self._nowait:
+            chunk = os.pread(self._file, size, self._position)
+        else:
+            if size > _READ_BUFFER_MAX:
+                raise _WouldBlock  # read() reads it into memory of its own
+            view = self._view(size)
+            chunk = bytes(view[: self._fill(view, self._position)])
+        if not chunk:
+            return None
+        events = decoder.feed(chunk)
+        # Read on from where the decoder's consumed bytes end (it keeps a partial record).
+        self._position += len(chunk)
+        self._settle()
+        return events
+
+    def _settle(self) -> None:
+        """Back to whole-record reads once the decoder stands at a record boundary with
+        nothing buffered and no damage open (its offset is the end of its last record)."""
+        decoder = self._decoder
+        if decoder is not None and decoder.offset == decoder.good_end:
+            self._begin(decoder.offset, decoder.last_seq)
+
+    def _view(self, size: int) -> memoryview:
+        """The first ``size`` bytes of the read buffer (grown to hold them)."""
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        return memoryview(self._buffer)[:size]
+
+    def _fill(self, view: memoryview, offset: int) -> int:
+        """Read the file into ``view`` from ``offset``; how many bytes came (0: its end).
+        In :meth:`read_nowait`, only what the page cache holds, perhaps less than asked;
+        raises :class:`_WouldBlock` if that is nothing (and records it)."""
+        if not self._nowait:
+            return _preadv(self._file, [view], offset)
+        if not self._nowait_works or _RWF_NOWAIT is None:
+            self.uncached_reads += 1
+            raise _WouldBlock
+        try:
+            return _preadv(self._file, [view], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            self.uncached_reads += 1
+            raise _WouldBlock from None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait_works = False  # a filesystem that cannot: read() reads all
+            self.uncached_reads += 1
+            raise _WouldBlock from None
+
+    def _next_segment_now(self) -> None:
+        if self._nowait:
+            raise _WouldBlock  # it opens a file and reads its index
+        self._next_segment()
 
     def _next_segment(self) -> None:
         if self._file >= 0:
@@ -1049,15 +1248,10 @@ class HistoryReader:
             if segment.first_seq > self._next:
                 self.frames_missed += segment.first_seq - self._next
             self._file = fd
-            self._position = SEGMENT_HEADER_SIZE
             self._entries = self._history._read_index(segment.first_seq)
             self._entry = 0
             self._next = segment.first_seq
-            self._decoder = SegmentDecoder(
-                max_record_size=self._history.max_record_size,
-                offset=SEGMENT_HEADER_SIZE,
-                last_seq=segment.first_seq - 1,
-            )
+            self._begin(SEGMENT_HEADER_SIZE, segment.first_seq - 1)
             return
         self._decoder = None
         if self._next < self.end_seq:
@@ -1072,12 +1266,17 @@ class HistoryReader:
                 os.close(self._file)
             self._file = -1
         self._done = True
+        self._buffer = bytearray()
 
     def __enter__(self) -> HistoryReader:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _WouldBlock(Exception):
+    """A :meth:`HistoryReader.read_nowait` read would wait for the disk (or open a file)."""
 
 
 def _sizes(max_bytes: int, segment_size: int | None, max_record_size: int) -> tuple[int, int]:

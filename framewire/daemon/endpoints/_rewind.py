@@ -32,6 +32,7 @@ pauses long enough (or holds fewer frames than that over the distance).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Final
@@ -78,7 +79,10 @@ FUTURE_SLACK_NS: Final = 1_000_000_000
 #: again before joining the live stream (which queues what comes during the last part).
 CATCH_UP_FRAMES: Final = 1024
 _BATCH_FRAMES: Final = 1024
-_BATCH_BYTES: Final = 4 << 20
+#: A replay reads about this much, then sends it (one gather write).
+_BATCH_BYTES: Final = 1 << 20
+#: A replay yields to the other tasks at least once every this many batches.
+_YIELD_BATCHES: Final = 16
 
 
 class RewindRefused(Exception):
@@ -209,21 +213,26 @@ async def _replay(
     pace: _Pacer | None,
 ) -> int:
     """Send what ``reader`` reads, paced or not; return the sequence number it ends at.
-    The next batch is read (in a worker thread) while the last one is sent: at most three
-    batches are in memory at once."""
-    batches, ready = trio.open_memory_channel[list[tuple[int, Frame]]](1)
 
-    async def read() -> None:
-        with batches:
-            while batch := await trio.to_thread.run_sync(reader.read, _BATCH_FRAMES, _BATCH_BYTES):
-                await batches.send(batch)
-
+    Each batch (about :data:`_BATCH_BYTES`) is read on this thread, from the page cache
+    (:meth:`~framewire.spool.HistoryReader.read_nowait`), then sent, as ``cat | nc`` does:
+    the bytes a read copies out are still in this core's cache when they are sent. Only a
+    read that would wait for the disk (or open the next segment) goes to a worker thread,
+    so a cold disk never holds up the event loop. Every frame owns its bytes: nothing sent
+    refers to the reader's buffer.
+    """
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
-            with ready:
-                async for batch in ready:
-                    await _send_batch(batch, send, pace)
+        for count in itertools.count(1):
+            batch = reader.read_nowait(_BATCH_FRAMES, _BATCH_BYTES)
+            if batch is None:
+                batch = await trio.to_thread.run_sync(reader.read, _BATCH_FRAMES, _BATCH_BYTES)
+            if not batch:
+                break
+            await _send_batch(batch, send, pace)
+            if not count % _YIELD_BATCHES:
+                # A send yields, but one that had nothing to write (every frame left out as
+                # unencodable, or a session header again) does not.
+                await trio.lowlevel.checkpoint()
     finally:
         reader.close()
     return reader.end_seq
