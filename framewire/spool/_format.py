@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Sequence
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 import attrs
 
@@ -61,6 +61,8 @@ VERSION: Final = 1
 #: magic, version, flags, reserved, sequence number, payload length, payload CRC-32C; then
 #: the header's own CRC-32C over those 24 bytes.
 _RECORD_HEAD: Final = struct.Struct("<4sBBHQII")
+#: The same with the header's CRC after it: the whole header in one unpack.
+_RECORD_HEAD_AND_CRC: Final = struct.Struct("<4sBBHQIII")
 _CRC: Final = struct.Struct("<I")
 RECORD_HEADER_SIZE: Final = _RECORD_HEAD.size + 4  # 28
 #: Record flags: bit 0 is set for a METADATA frame; bit 1 (a stream history's only, never a
@@ -68,6 +70,8 @@ RECORD_HEADER_SIZE: Final = _RECORD_HEAD.size + 4  # 28
 #: sequence number (see :mod:`._history`). Every other bit must be 0, and not both.
 FLAG_METADATA: Final = 0x01
 FLAG_BLOCK: Final = 0x02
+#: The flags a record may have: none, METADATA or BLOCK (never both).
+_RECORD_FLAGS: Final = frozenset({0, FLAG_METADATA, FLAG_BLOCK})
 
 #: magic, version, kind, reserved, first sequence number, end sequence number, record count;
 #: then a CRC-32C over those 28 bytes.
@@ -109,9 +113,9 @@ def crc32c(data: Buffer, crc: int = 0) -> int:
 # -- records --------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class RecordHeader:
-    """A record's header, checked (its CRC matched and its fields are in range)."""
+class RecordHeader(NamedTuple):
+    """A record's header, checked (its CRC matched and its fields are in range). A tuple:
+    one is made per record read, and a tuple is the cheapest thing to make."""
 
     seq: int
     flags: int
@@ -147,19 +151,16 @@ def parse_record_header(
     valid one: wrong magic, version or flags, a CRC mismatch, or a length over
     ``max_record_size`` (the CRC is checked first, so a valid header's length is what was
     written). ``data`` must hold the 28 bytes."""
-    magic, version, flags, reserved, seq, length, payload_crc = _RECORD_HEAD.unpack_from(
-        data, offset
+    magic, version, flags, reserved, seq, length, payload_crc, check = (
+        _RECORD_HEAD_AND_CRC.unpack_from(data, offset)
     )
     if (
         magic != RECORD_MAGIC
         or version != VERSION
-        or flags & ~(FLAG_METADATA | FLAG_BLOCK)
-        or flags == FLAG_METADATA | FLAG_BLOCK
+        or flags not in _RECORD_FLAGS
         or reserved
+        or check != crc32c(bytes(data[offset : offset + _RECORD_HEAD.size]))
     ):
-        return None
-    (check,) = _CRC.unpack_from(data, offset + _RECORD_HEAD.size)
-    if check != crc32c(bytes(data[offset : offset + _RECORD_HEAD.size])):
         return None
     if length > max_record_size:
         return None

@@ -110,10 +110,8 @@ from ._format import (
     FLAG_BLOCK,
     FLAG_METADATA,
     RECORD_HEADER_SIZE,
-    RECORD_MAGIC,
     SEGMENT_APPENDED,
     SEGMENT_HEADER_SIZE,
-    VERSION,
     Event,
     Record,
     SegmentDecoder,
@@ -123,6 +121,7 @@ from ._format import (
     encode_record,
     frame_of,
     pack_record_header,
+    parse_record_header,
     parse_segment_name,
     segment_name,
 )
@@ -157,11 +156,6 @@ _READ_BUFFER_MAX: Final = 8 << 20
 #: flag with which it fails (EAGAIN), or reads less, rather than wait for the disk.
 _preadv: Callable[..., int] = os.preadv
 _RWF_NOWAIT: Final[int | None] = getattr(os, "RWF_NOWAIT", None)
-#: A record header (:mod:`._format`): its 24 checked bytes, then their CRC-32C.
-_RECORD_HEADER: Final = struct.Struct("<4sBBHQIII")
-_HEADER_CRC_START: Final = 24
-#: The flags a record may have: none, METADATA or BLOCK (never both).
-_RECORD_FLAGS: Final = (0, FLAG_METADATA, FLAG_BLOCK)
 
 
 # -- the time index, sans-IO ----------------------------------------------------------------
@@ -1122,26 +1116,17 @@ class HistoryReader:
         events: list[Event] = []
         pos, last = 0, self._last_seq
         limit = self._history.max_record_size
-        unpack = _RECORD_HEADER.unpack_from
         while got - pos >= RECORD_HEADER_SIZE:
-            # parse_record_header's checks, inline (this runs once per record).
-            magic, version, flags, reserved, seq, length, payload_crc, check = unpack(view, pos)
-            if (
-                magic != RECORD_MAGIC
-                or version != VERSION
-                or flags not in _RECORD_FLAGS
-                or reserved
-                or seq <= last
-                or length > limit
-                or crc32c(bytes(view[pos : pos + _HEADER_CRC_START])) != check
-            ):
+            header = parse_record_header(view, pos, max_record_size=limit)
+            if header is None or header.seq <= last:
                 return self._irregular(events, view[pos:got], start + pos, last)
+            seq, flags, length = header.seq, header.flags, header.length
             end = pos + RECORD_HEADER_SIZE + length
             if end > got:
                 need = end - pos
                 break
             payload = bytes(view[pos + RECORD_HEADER_SIZE : end])
-            if crc32c(payload) != payload_crc:
+            if crc32c(payload) != header.payload_crc:
                 return self._irregular(events, view[pos:got], start + pos, last)
             events.append(
                 Record(seq, flags == FLAG_METADATA, payload, start + pos, flags == FLAG_BLOCK)
