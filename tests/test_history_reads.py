@@ -20,15 +20,7 @@ from framewire.spool import StreamHistory, _history
 from framewire.spool._format import RECORD_HEADER_SIZE, Record, SegmentDecoder
 from framewire.spool._history import HistoryReader
 
-from .test_rewind import (
-    address_of,
-    cal,
-    daemon_with_history,
-    publish,
-    receive,
-    seqs,
-    written,
-)
+from .test_rewind import cal, rewind_10s_while_live, seqs
 
 S = 1_000_000_000
 T0 = 1_800_000_000 * S
@@ -292,22 +284,7 @@ async def test_rewind_with_uncached_reads_then_live_without_gap_or_duplicate(
     if not hasattr(os, "RWF_NOWAIT"):
         preadv = os.preadv
     monkeypatch.setattr(_history, "_preadv", preadv)
-    from framewire.client import open_client
-
-    async with daemon_with_history(tmp_path) as (daemon, clock):
-        await daemon.streams.get("s").publish([cal(1)])
-        await publish(daemon, clock, 0, 400)
-        await written(daemon)
-        async with trio.open_nursery() as nursery:
-
-            async def go_on() -> None:
-                for start in range(400, 1400, 10):
-                    await publish(daemon, clock, start, 10)
-                    await trio.sleep(0.001)
-
-            async with open_client(address_of(daemon), since=10) as client:
-                nursery.start_soon(go_on)
-                frames = await receive(client, 1 + 1200)
+    frames, _ = await rewind_10s_while_live(tmp_path)
     assert frames[0] == cal(2)
     assert seqs(frames[1:]) == list(range(200, 1400))
     if isinstance(preadv, Preadv):

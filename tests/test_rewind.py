@@ -26,6 +26,7 @@ from framewire.client import (
     FramesLost,
     Gap,
     RewindRefused,
+    RewindStart,
     open_client,
     rewind_request,
 )
@@ -118,7 +119,10 @@ def address_of(daemon: Daemon) -> str:
     return f"tcp://127.0.0.1:{endpoint_port(daemon, 'out')}"
 
 
-async def test_rewind_10s_then_live_without_gap_or_duplicate(tmp_path: Path) -> None:
+async def rewind_10s_while_live(tmp_path: Path) -> tuple[list[Frame], RewindStart | None]:
+    """A client rewinds 10 s of a 20 frame/s stream (metadata, then 400 frames) while the
+    producer goes on (1,000 more): the frames it gets (metadata first), and its rewind's
+    start."""
     async with daemon_with_history(tmp_path) as (daemon, clock):
         await daemon.streams.get("s").publish([cal(1)])
         await publish(daemon, clock, 0, 400)  # 20 s at 20 frames/s
@@ -133,13 +137,18 @@ async def test_rewind_10s_then_live_without_gap_or_duplicate(tmp_path: Path) -> 
             async with open_client(address_of(daemon), since=10) as client:
                 nursery.start_soon(go_on)
                 frames = await receive(client, 1 + 1200)
-                assert client.rewind is not None
-                assert client.rewind.start_ns == T0 + 200 * STEP
-                assert not client.rewind.clamped
-        # The calibration current 10 s back (the second one), then every frame once.
-        assert frames[0] == cal(2)
-        assert seqs(frames[1:]) == list(range(200, 1400))
-        assert all(not frame.is_metadata for frame in frames[1:])
+    return frames, client.rewind
+
+
+async def test_rewind_10s_then_live_without_gap_or_duplicate(tmp_path: Path) -> None:
+    frames, rewind = await rewind_10s_while_live(tmp_path)
+    assert rewind is not None
+    assert rewind.start_ns == T0 + 200 * STEP
+    assert not rewind.clamped
+    # The calibration current 10 s back (the second one), then every frame once.
+    assert frames[0] == cal(2)
+    assert seqs(frames[1:]) == list(range(200, 1400))
+    assert all(not frame.is_metadata for frame in frames[1:])
 
 
 async def test_the_metadata_comes_in_order_within_the_replay(tmp_path: Path) -> None:
