@@ -49,7 +49,13 @@ import trio
 from . import protocols
 from .config import Address, parse_address
 from .daemon.keepalive import KeepaliveConnection, send_keepalives
-from .daemon.transport import connector_for, tls_connector
+from .daemon.transport import (
+    TLS_VERDICT_WAIT,
+    TLSRefused,
+    connector_for,
+    tls_connector,
+    tls_refusal_reason,
+)
 from .frame import EMPTY_HEADERS, Buffer, Frame, FrameKind
 from .protocols import native
 
@@ -456,7 +462,11 @@ async def open_client(
     ``tls://host:port``. TLS uses ``ssl_context`` (e.g.
     ``ssl.create_default_context(cafile="ca.pem")``, with ``load_cert_chain`` for a client
     certificate), by default one that verifies the server against the system's trust store;
-    the certificate must name ``server_name`` (default: the address's host).
+    the certificate must name ``server_name`` (default: the address's host). A TLS 1.3
+    server judges the client's certificate after the handshake: the client waits for that
+    verdict before it is yielded (until the server sends anything, or up to 1 s from a
+    server that sends nothing, as framewire's receivers do), so that a refused client raises
+    ConnectionError saying why instead of sending frames the server drops.
 
     With ``keepalive`` (seconds; None for none) a background task sends keepalives while the
     client sends nothing. ``peer_timeout``: see :meth:`Client.receive`. Raises OSError when the
@@ -498,6 +508,11 @@ async def open_client(
         if request is not None:
             client._asked(rewind=since is not None)
             await client.connection.send([request])
+        try:
+            # TLS 1.3: the server's verdict on our certificate comes after the handshake.
+            await client.connection.hear_tls_verdict()
+        except TLSRefused as exc:
+            raise ConnectionError(f"TLS connection to {parsed} refused: {exc}") from None
         async with trio.open_nursery() as nursery:
             if keepalive is not None:
                 nursery.start_soon(
@@ -518,7 +533,8 @@ class BlockingClient:
     ``address`` is ``tcp://host:port`` (or ``host:port``), ``unix:///path`` or
     ``tls://host:port``; TLS is the ssl module's, with ``ssl_context`` and ``server_name``
     as for :func:`open_client` (by default the server is verified against the system's
-    trust store).
+    trust store; over TLS 1.3 the client waits for the server's verdict on its certificate
+    as :func:`open_client` does).
 
     ``timeout`` bounds every operation: a connect (and TLS handshake), a write that makes no
     progress, and a :meth:`receive` during which nothing at all (not even a keepalive)
@@ -550,6 +566,13 @@ class BlockingClient:
         self._received: collections.deque[Frame] = collections.deque()
         self._sock = _connect_blocking(parsed, context, server_name, timeout)
         self._last_sent = -math.inf
+        try:
+            early = _hear_verdict_blocking(self._sock)
+        except ConnectionError as exc:
+            self._sock.close()
+            raise ConnectionError(f"TLS connection to {parsed} refused: {exc}") from None
+        if early:  # the server spoke first: its bytes are the first received
+            self._take_in(early)
 
     @property
     def tls_version(self) -> str | None:
@@ -613,6 +636,18 @@ class BlockingClient:
 
     # -- receiving ------------------------------------------------------------------------
 
+    def _take_in(self, data: bytes) -> None:
+        """Decode bytes already read from the socket (the server's first, read while the
+        client waited for its TLS verdict)."""
+        decoder = self._decoder
+        view = memoryview(data)
+        while view:
+            buffer = decoder.get_buffer()
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            self._received.extend(decoder.buffer_updated(n))
+            view = view[n:]
+
     def receive(self) -> Frame:
         """The next frame.
 
@@ -659,6 +694,37 @@ class BlockingClient:
     def receive_array(self, *, copy: bool = False) -> npt.NDArray[Any]:
         """Receive the next frame as an array (see :func:`array_from_frame`)."""
         return array_from_frame(self.receive(), copy=copy)
+
+
+def _hear_verdict_blocking(sock: socket.socket, patience: float = TLS_VERDICT_WAIT) -> bytes:
+    """On a TLS 1.3 socket, wait for the server's verdict on our certificate (see
+    :meth:`framewire.daemon.transport.Connection.hear_tls_verdict`): return what the server
+    sent meanwhile (b"" after a session ticket, or after ``patience`` seconds of silence);
+    raise ConnectionError saying why when it refused us or closed. Other sockets: b"" at
+    once. The socket's timeout is left as it was."""
+    if not isinstance(sock, ssl.SSLSocket) or sock.version() != "TLSv1.3":
+        return b""
+    timeout = sock.gettimeout()
+    deadline = time.monotonic() + patience
+    try:
+        while (session := sock.session) is None or not session.has_ticket:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b""
+            # Short waits: OpenSSL takes a ticket in without returning from recv.
+            sock.settimeout(min(left, 0.01))
+            try:
+                data = sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except (ssl.SSLError, OSError) as exc:
+                raise ConnectionError(tls_refusal_reason(exc)) from None
+            if not data:
+                raise ConnectionError("the server closed the connection after the TLS handshake")
+            return data
+        return b""
+    finally:
+        sock.settimeout(timeout)
 
 
 def _connect_blocking(

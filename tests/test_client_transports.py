@@ -147,3 +147,61 @@ async def test_both_clients_over_unix_sockets(tmp: Path) -> None:  # noqa: F811
             pass
     with pytest.raises(FileNotFoundError):
         BlockingClient(missing, timeout=10)
+
+
+RECEIVER = """
+[endpoints.in]
+kind = "receiver"
+listen = "tls://127.0.0.1:0"
+stream = "s"
+
+[endpoints.in.tls]
+certificate = "{cert}"
+key = "{cert}"
+ca = "{ca}"
+require_client_cert = true
+"""
+
+
+def client_context(pki: Pki, cert: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca_file)
+    if cert is not None:
+        context.load_cert_chain(cert)
+    return context
+
+
+async def test_a_client_refused_by_a_tls_13_receiver_is_told_before_it_sends(pki: Pki) -> None:
+    """A TLS 1.3 receiver judges the client's certificate after the handshake: both clients
+    wait for that verdict, so a refused one raises, saying why, instead of sending frames the
+    receiver drops; an accepted one sends, and its frames arrive."""
+    config = RECEIVER.format(cert=pki.server_cert, ca=pki.ca_file)
+    async with running_daemon(config) as daemon:
+        address = f"tls://127.0.0.1:{port_of(daemon.endpoints['in'].status.address[0])}"
+        arrived = daemon.streams.get("s").subscribe(policy=Policy.LOSSLESS)
+        for cert, reason in (
+            (None, "the server requires a client certificate"),
+            (pki.stranger_cert, "the server refused our client certificate"),
+        ):
+            with pytest.raises(ConnectionError, match=reason), trio.fail_after(30):
+                async with open_client(address, ssl_context=client_context(pki, cert)):
+                    pass
+
+            def blocking(cert: str | None = cert) -> None:
+                BlockingClient(address, timeout=10, ssl_context=client_context(pki, cert))
+
+            with pytest.raises(ConnectionError, match=reason), trio.fail_after(30):
+                await trio.to_thread.run_sync(blocking)
+        context = client_context(pki, pki.client_cert)
+        async with open_client(address, ssl_context=context) as client:
+            await client.send(data(1))
+
+        def send_blocking() -> None:
+            with BlockingClient(address, timeout=10, ssl_context=context) as client:
+                client.send(data(2))
+
+        await trio.to_thread.run_sync(send_blocking)
+        got: list[Frame] = []
+        with trio.fail_after(30):
+            while len(got) < 2:
+                got += await arrived.receive_batch()
+        assert got == [data(1), data(2)]

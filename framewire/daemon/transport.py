@@ -70,6 +70,7 @@ __all__ = [
     "tcp_connector",
     "tcp_socket_of",
     "tls_connector",
+    "tls_refusal_reason",
     "unix_connector",
 ]
 
@@ -176,8 +177,9 @@ async def _send_alert(stream: trio.SSLStream[trio.abc.Stream]) -> None:
                 await stream.transport_stream.send_all(alert)
 
 
-def _refusal_reason(error: BaseException) -> str:
-    """What a TLS alert in ``error``'s chain means for a client: why the server refused it."""
+def tls_refusal_reason(error: BaseException) -> str:
+    """What a TLS alert in ``error``'s chain means for a client: why the server refused it
+    (for a client that heard the alert after its handshake: see the module docstring)."""
     reason = _tls_reason(error)
     upper = reason.upper().replace(" ", "_")
     if "CERTIFICATE_REQUIRED" in upper or "PEER_DID_NOT_RETURN_A_CERTIFICATE" in upper:
@@ -425,7 +427,7 @@ class Connection:
                     await trio.sleep(_VERDICT_POLL)
             nursery.cancel_scope.cancel()
         if isinstance(heard, trio.BrokenResourceError):
-            raise TLSRefused(_refusal_reason(heard)) from None
+            raise TLSRefused(tls_refusal_reason(heard)) from None
         if heard == b"":
             raise TLSRefused("the server closed the connection after the TLS handshake")
         if heard:
