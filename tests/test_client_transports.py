@@ -18,7 +18,7 @@ from framewire.client import BlockingClient, open_client
 from framewire.daemon import Daemon, Policy
 
 from .helpers import port_of, running_daemon
-from .test_tls_unix import Pki, tmp  # noqa: F401 - tmp is a fixture
+from .test_tls_unix import RECEIVER, Pki, tmp  # noqa: F401 - tmp is a fixture
 
 trustme = pytest.importorskip("trustme")
 
@@ -149,20 +149,6 @@ async def test_both_clients_over_unix_sockets(tmp: Path) -> None:  # noqa: F811
         BlockingClient(missing, timeout=10)
 
 
-RECEIVER = """
-[endpoints.in]
-kind = "receiver"
-listen = "tls://127.0.0.1:0"
-stream = "s"
-
-[endpoints.in.tls]
-certificate = "{cert}"
-key = "{cert}"
-ca = "{ca}"
-require_client_cert = true
-"""
-
-
 def client_context(pki: Pki, cert: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=pki.ca_file)
     if cert is not None:
@@ -174,7 +160,8 @@ async def test_a_client_refused_by_a_tls_13_receiver_is_told_before_it_sends(pki
     """A TLS 1.3 receiver judges the client's certificate after the handshake: both clients
     wait for that verdict, so a refused one raises, saying why, instead of sending frames the
     receiver drops; an accepted one sends, and its frames arrive."""
-    config = RECEIVER.format(cert=pki.server_cert, ca=pki.ca_file)
+    table = pki.server_table(f'ca = "{pki.ca_file}"', "require_client_cert = true")
+    config = RECEIVER.format(tls=table.replace(".out.", ".in."))
     async with running_daemon(config) as daemon:
         address = f"tls://127.0.0.1:{port_of(daemon.endpoints['in'].status.address[0])}"
         arrived = daemon.streams.get("s").subscribe(policy=Policy.LOSSLESS)

@@ -107,16 +107,17 @@ async def keep_connected(
     while True:
         status.state = "connecting"
         timeout = connect_timeout() if callable(connect_timeout) else connect_timeout
-        stream: trio.abc.Stream | None = None
         try:
             with trio.fail_after(timeout):
                 stream = await connector()
             connection = Connection(stream, peer=str(address))
             if hear_verdict:
-                await connection.hear_tls_verdict()  # bounded by TLS_VERDICT_WAIT
+                try:
+                    await connection.hear_tls_verdict()  # bounded by TLS_VERDICT_WAIT
+                except BaseException:  # refused, or cancelled: the stream is ours to close
+                    await trio.aclose_forcefully(stream)
+                    raise
         except (OSError, trio.TooSlowError) as exc:
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
             problem = describe_connect_error(exc, timeout)
             if problem != last_problem:
                 log.warning("cannot connect to %s: %s; retrying with backoff", address, problem)

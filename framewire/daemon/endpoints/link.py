@@ -377,16 +377,17 @@ class LinkEndpoint(Endpoint[LinkConfig]):
             self._set_state("connecting")
             problem: str | None
             timeout = self.config.connect_timeout  # a reload may change it
-            stream: trio.abc.Stream | None = None
             try:
                 with trio.fail_after(timeout):
                     stream = await connector()
                 # Over TLS 1.3, nothing goes into a connection whose server refused us.
                 verdict = Connection(stream, peer)
-                await verdict.hear_tls_verdict()
-            except (OSError, trio.TooSlowError) as exc:
-                if stream is not None:
+                try:
+                    await verdict.hear_tls_verdict()
+                except BaseException:  # refused, or cancelled: the stream is ours to close
                     await trio.aclose_forcefully(stream)
+                    raise
+            except (OSError, trio.TooSlowError) as exc:
                 problem = "cannot connect: " + describe_connect_error(exc, timeout)
             else:
                 connected_at = trio.current_time()
